@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""MapCLIP's one entry point for people and CI (standard library only).
+
+    python3 build.py setup     QGIS (Debian), .venv, pinned requirements; idempotent
+    python3 build.py test      setup, then the whole test suite headless
+    python3 build.py demo      setup, then the offline demo (synthetic scene, demo model)
+    python3 build.py bench     setup, then the benchmarks (figures printed, nothing asserted)
+    python3 build.py package   the plugin zip in dist/, installable with QGIS "Install from ZIP"
+
+Extra arguments after `test` go to pytest, after `bench` and `demo` to their scripts.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+VENV_PY = VENV / "bin" / "python"
+STAMP = VENV / ".mapclip-requirements.sha256"
+SYSTEM_PY = "/usr/bin/python3"
+PLUGIN_NAME = "mapclip"
+DEBIAN_PACKAGES = ["qgis", "python3-qgis", "qgis-providers"]
+# What goes into the plugin zip (the repository root is the plugin folder).
+PACKAGE_INCLUDE = ["__init__.py", "metadata.txt", "LICENSE", "README.md", "requirements.txt",
+                   "plugin", "engine", "resources"]
+PACKAGE_EXCLUDE_PARTS = {"__pycache__", ".pytest_cache", "tests"}
+PACKAGE_EXCLUDE_SUFFIXES = {".pyc", ".pyo", ".part"}
+
+
+def say(msg: str) -> None:
+    print(f"[build] {msg}", flush=True)
+
+
+def run(cmd, **kw) -> int:
+    return subprocess.call([str(c) for c in cmd], **kw)
+
+
+def qgis_importable() -> bool:
+    if not Path(SYSTEM_PY).exists():
+        return False
+    return run([SYSTEM_PY, "-c", "import qgis.core"], stdout=subprocess.DEVNULL,
+               stderr=subprocess.DEVNULL) == 0
+
+
+def ensure_qgis() -> None:
+    if qgis_importable():
+        return
+    can_apt = shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0
+    if not can_apt:
+        sys.exit("[build] QGIS's Python bindings are missing for /usr/bin/python3.\n"
+                 "        Install them, then run this again:\n"
+                 f"        sudo apt-get install {' '.join(DEBIAN_PACKAGES)}")
+    say(f"installing QGIS from Debian packages: {' '.join(DEBIAN_PACKAGES)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    if run(["apt-get", "update", "-q"], env=env) != 0 or \
+            run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES], env=env) != 0:
+        sys.exit("[build] apt-get could not install QGIS; see the messages above.")
+    if not qgis_importable():
+        sys.exit("[build] QGIS was installed but `import qgis.core` still fails under /usr/bin/python3.")
+
+
+def requirements_hash() -> str:
+    data = (ROOT / "requirements.txt").read_bytes() + sys.version.encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def ensure_venv() -> None:
+    if not VENV_PY.exists():
+        say(f"creating {VENV} from {SYSTEM_PY} (with system site packages, for QGIS)")
+        if run([SYSTEM_PY, "-m", "venv", "--system-site-packages", VENV]) != 0:
+            sys.exit("[build] could not create the virtual environment; "
+                     "on Debian install python3-venv (apt-get install python3-venv).")
+    want = requirements_hash()
+    if STAMP.exists() and STAMP.read_text().strip() == want:
+        return
+    say("installing pinned requirements into .venv (first time: several minutes)")
+    pip = [VENV_PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    if run([*pip, "-r", ROOT / "requirements.txt"]) != 0:
+        sys.exit("[build] pip could not install requirements.txt; see the messages above.")
+    STAMP.write_text(want)
+
+
+def setup() -> None:
+    ensure_qgis()
+    ensure_venv()
+
+
+def venv_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("QT_QPA_PLATFORM", "offscreen")
+    env.setdefault("XDG_RUNTIME_DIR", "/tmp/runtime-mapclip")
+    Path(env["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, exist_ok=True)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def cmd_test(extra) -> int:
+    setup()
+    rc = run([VENV_PY, "-m", "pytest", "tests", *extra], cwd=ROOT, env=venv_env())
+    return 0 if rc == 5 and extra else rc  # 5: no test selected by the caller's filter
+
+
+def cmd_demo(extra) -> int:
+    setup()
+    return run([VENV_PY, ROOT / "scripts" / "demo.py", *extra], cwd=ROOT, env=venv_env())
+
+
+def cmd_bench(extra) -> int:
+    setup()
+    return run([VENV_PY, ROOT / "bench" / "run.py", *extra], cwd=ROOT, env=venv_env())
+
+
+def package_files():
+    for name in PACKAGE_INCLUDE:
+        path = ROOT / name
+        if path.is_file():
+            yield path
+        elif path.is_dir():
+            for f in sorted(path.rglob("*")):
+                rel = f.relative_to(ROOT)
+                if f.is_file() and not (set(rel.parts) & PACKAGE_EXCLUDE_PARTS) \
+                        and f.suffix not in PACKAGE_EXCLUDE_SUFFIXES:
+                    yield f
+
+
+def plugin_version() -> str:
+    for line in (ROOT / "metadata.txt").read_text(encoding="utf-8").splitlines():
+        if line.startswith("version="):
+            return line.split("=", 1)[1].strip()
+    return "0"
+
+
+def cmd_package(extra) -> int:
+    out_dir = ROOT / "dist"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / f"{PLUGIN_NAME}-{plugin_version()}.zip"
+    tmp = out.with_suffix(".zip.part")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in package_files():
+            zf.write(f, f"{PLUGIN_NAME}/{f.relative_to(ROOT).as_posix()}")
+    os.replace(tmp, out)
+    say(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+COMMANDS = {"setup": lambda extra: (setup(), 0)[1], "test": cmd_test, "demo": cmd_demo,
+            "bench": cmd_bench, "package": cmd_package}
+
+
+def main(argv) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,100 @@
+"""The `python -m engine` command line.
+
+Each subcommand lives in its own module in this package and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to a
+function taking the parsed arguments and returning an exit code. Errors the
+user can cause (:class:`engine.errors.MapClipError`) print one line naming the
+problem and one naming the fix, and exit with the error's code (2 for usage);
+nothing else is caught, so real bugs keep their tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import threading
+from typing import Any, List, Optional
+
+from ..errors import Cancelled, MapClipError
+
+#: subcommand modules, in the order ``--help`` lists them
+COMMANDS = ("models", "detect", "index", "search", "count", "finetune", "convert", "dedup")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine",
+        description="MapCLIP: search rasters by free text with remote-sensing CLIP models.")
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"MapCLIP {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue  # command not built into this version
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Cancelled:
+        print("cancelled", file=sys.stderr)
+        return Cancelled.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except MapClipError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  fix: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+
+
+# ---------------------------------------------------------------- helpers --
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """--model, --device, --precision, shared by every command that runs a model."""
+    from ..models import DEFAULT_MODEL
+    p.add_argument("--model", required=required, default=None if required else DEFAULT_MODEL,
+                   metavar="SPEC",
+                   help="preset name, ARCH:TAG, ARCH:CHECKPOINT, hf-hub:ORG/NAME or a model folder "
+                        "(see `python -m engine models`)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="default: bf16 on CUDA (fp16 without bf16), fp32 elsewhere")
+
+
+def tqdm_progress(desc: str, unit: str = "it"):
+    """A progress(done, total) callback drawing a tqdm bar on stderr."""
+    from tqdm import tqdm
+    bar = tqdm(total=0, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+               disable=None)
+
+    def progress(done: int, total: int) -> None:
+        if total and bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.n = done
+        bar.refresh()
+
+    progress.close = bar.close  # type: ignore[attr-defined]
+    return progress
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def cancel_event() -> threading.Event:
+    """A cancel flag for engine calls made from the command line (Ctrl-C stops them)."""
+    return threading.Event()

@@ -1,0 +1,31 @@
+"""Fixtures shared by the whole suite.
+
+Every test runs with $MAPCLIP_CACHE in a temporary folder, so no test reads or
+writes a user's model cache, and none can reach a network download by accident.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.getbasetemp() / "mapclip-cache"
+    monkeypatch.setenv("MAPCLIP_CACHE", str(cache))
+    yield cache
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The seeded random tiny model (test-tiny) on the CPU, fp32."""
+    from engine.models import load_model
+    return load_model("test-tiny", device="cpu")
