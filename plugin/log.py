@@ -1,0 +1,82 @@
+"""One place for MapCLIP's messages: the log panel (tag "MapCLIP") and the message bar.
+
+Errors are shown short in the message bar and in full (traceback included) in
+the log panel, so a user sees what went wrong and a developer sees where.
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Optional
+
+from qgis.core import Qgis, QgsMessageLog
+
+TAG = "MapCLIP"
+BAR_SECONDS = 8
+
+
+def info(message: str) -> None:
+    QgsMessageLog.logMessage(message, TAG, Qgis.Info)
+
+
+def warning(message: str) -> None:
+    QgsMessageLog.logMessage(message, TAG, Qgis.Warning)
+
+
+def critical(message: str) -> None:
+    QgsMessageLog.logMessage(message, TAG, Qgis.Critical)
+
+
+def _bar(iface):
+    if iface is None:
+        return None
+    try:
+        return iface.messageBar()
+    except Exception:  # headless runners (qgis_process) have no message bar
+        return None
+
+
+def bar_info(iface, text: str, title: str = TAG, seconds: int = BAR_SECONDS) -> None:
+    info(text)
+    bar = _bar(iface)
+    if bar is not None:
+        bar.pushMessage(title, text, Qgis.Info, seconds)
+
+
+def bar_success(iface, text: str, title: str = TAG, seconds: int = BAR_SECONDS) -> None:
+    info(text)
+    bar = _bar(iface)
+    if bar is not None:
+        bar.pushMessage(title, text, Qgis.Success, seconds)
+
+
+def bar_warning(iface, text: str, title: str = TAG, seconds: int = BAR_SECONDS) -> None:
+    warning(text)
+    bar = _bar(iface)
+    if bar is not None:
+        bar.pushMessage(title, text, Qgis.Warning, seconds)
+
+
+def error_text(exc: BaseException) -> str:
+    """The one line a user reads: MapClipError message and fix, else type and message."""
+    message = getattr(exc, "message", None)
+    if message is not None:
+        hint = getattr(exc, "hint", None)
+        return f"{message} (fix: {hint})" if hint else str(message)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def bar_error(iface, what: str, exc: Optional[BaseException] = None,
+              details: Optional[str] = None) -> str:
+    """Show ``what`` failed in the message bar; log the full story. Returns the bar text."""
+    text = what if exc is None else f"{what}: {error_text(exc)}"
+    full = text
+    if details:
+        full += "\n" + details
+    elif exc is not None and exc.__traceback__ is not None:
+        full += "\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    critical(full)
+    bar = _bar(iface)
+    if bar is not None:
+        bar.pushMessage(TAG, text + " (details in the log panel, tab MapCLIP)", Qgis.Critical, 0)
+    return text
