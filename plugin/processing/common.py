@@ -1,0 +1,219 @@
+"""What every MapCLIP Processing algorithm shares.
+
+The algorithms are thin: they turn Processing parameters into the same plain
+values and options dataclasses the command line builds, call the same engine
+function, and turn its result into Processing outputs. This module holds the
+plumbing for that:
+
+- :class:`FeedbackBridge` gives the engine its ``progress(done, total)``
+  callback and its cancel flag (anything with ``is_set()``) from a
+  ``QgsProcessingFeedback``, so the progress bar moves per batch and Cancel
+  stops the job within one batch;
+- :func:`engine_errors` turns an engine :class:`MapClipError` into a
+  ``QgsProcessingException`` carrying the message and the fix;
+- :func:`get_model` keeps the last loaded model, so batch mode and models that
+  call an algorithm many times do not reload the weights for every run;
+- :class:`MapClipAlgorithm`, the base class (names, groups, help, icon).
+
+Torch-heavy engine modules are imported inside ``processAlgorithm`` only, so
+the provider loads (and lists its algorithms) where torch is missing.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from qgis.core import (QgsProcessingAlgorithm, QgsProcessingException,
+                       QgsProcessingFeedback, QgsRasterLayer)
+from qgis.PyQt.QtGui import QIcon
+
+from ...engine.errors import Cancelled, MapClipError
+
+ICON_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                         "resources", "icon.svg")
+
+#: group id -> group name shown in the toolbox
+GROUPS = {
+    "search": "Search rasters",
+    "archive": "Archive index",
+    "training": "Training data",
+}
+
+#: packages the engine needs, with the pip name to suggest
+REQUIRED_PACKAGES = {"torch": "torch", "open_clip": "open_clip_torch", "rasterio": "rasterio",
+                     "numpy": "numpy"}
+
+
+class FeedbackBridge:
+    """The engine's progress callback and cancel flag, backed by Processing feedback.
+
+    ``start`` and ``span`` (percent) map one engine call onto part of the bar,
+    for algorithms that make more than one call.
+    """
+
+    def __init__(self, feedback: Optional[QgsProcessingFeedback], start: float = 0.0,
+                 span: float = 100.0):
+        self.feedback = feedback
+        self.start = start
+        self.span = span
+
+    def progress(self, done: int, total: int) -> None:
+        if self.feedback is None:
+            return
+        frac = (done / total) if total else 0.0
+        self.feedback.setProgress(self.start + self.span * min(max(frac, 0.0), 1.0))
+
+    def is_set(self) -> bool:
+        return bool(self.feedback is not None and self.feedback.isCanceled())
+
+
+def error_text(exc: MapClipError) -> str:
+    """The message and the fix, the way the CLI prints them."""
+    return f"{exc.message}\nFix: {exc.hint}" if exc.hint else exc.message
+
+
+@contextmanager
+def engine_errors() -> Iterator[None]:
+    """Turn engine errors and missing packages into QgsProcessingException."""
+    try:
+        yield
+    except Cancelled as exc:
+        raise QgsProcessingException("Cancelled: nothing was written.") from exc
+    except MapClipError as exc:
+        raise QgsProcessingException(error_text(exc)) from exc
+    except ImportError as exc:
+        name = (getattr(exc, "name", None) or "").split(".")[0]
+        if name in REQUIRED_PACKAGES:
+            raise QgsProcessingException(
+                f"MapCLIP needs the Python package '{REQUIRED_PACKAGES[name]}', which QGIS's "
+                f"Python cannot import ({exc}).\nFix: install it from the MapCLIP plugin "
+                f"(Plugins > MapCLIP > Install dependencies) or with pip into QGIS's Python.") from exc
+        raise
+
+
+# ------------------------------------------------------------------ models --
+_PINNED: Dict[str, Any] = {}
+
+
+def pin_model(name: str, loaded_model: Any) -> None:
+    """Make the model name ``name`` resolve to an already loaded model.
+
+    For models that exist only in memory (a rigged test model, a model the
+    dock holds); every other name is a spec that the engine loads.
+    """
+    _PINNED[name] = loaded_model
+
+
+def unpin_model(name: str) -> None:
+    _PINNED.pop(name, None)
+
+
+def get_model(spec: str, device: Optional[str] = None,
+              feedback: Optional[QgsProcessingFeedback] = None):
+    """The loaded model for ``spec``, through the plugin's model cache (plugin/tasks.py),
+    so the dock, the dialogs and Processing share one copy of the weights."""
+    spec = (spec or "").strip()
+    if spec in _PINNED:
+        return _PINNED[spec]
+    from ..tasks import get_model as cached_model
+    if feedback is not None:
+        feedback.pushInfo(f"Model: {spec} (device: {device or 'best available'})")
+    return cached_model(spec, device or None)
+
+
+def default_model() -> str:
+    from ...engine.models import DEFAULT_MODEL
+    return DEFAULT_MODEL
+
+
+def model_help() -> str:
+    """One line per preset, for the help text of the model parameter."""
+    from ...engine.models import list_presets
+    return ", ".join(p.name for p in list_presets())
+
+
+# ------------------------------------------------------------------ inputs --
+def split_prompts(text: str) -> List[str]:
+    """Prompts typed one per line or separated by ';' (commas stay inside a prompt)."""
+    parts: List[str] = []
+    for line in (text or "").replace("\r", "\n").split("\n"):
+        parts.extend(p.strip() for p in line.split(";"))
+    return [p for p in parts if p]
+
+
+def parse_bands(text: str) -> Optional[List[int]]:
+    """'1,2,3' -> [1, 2, 3]; empty -> None (the engine's default band choice)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        bands = [int(b) for b in text.replace(";", ",").replace(" ", ",").split(",") if b]
+    except ValueError as exc:
+        raise QgsProcessingException(
+            f"bands '{text}' are not band numbers\nFix: give 1-based band numbers such as 1,2,3") from exc
+    if any(b < 1 for b in bands):
+        raise QgsProcessingException(f"bands '{text}' must be 1 or more\nFix: band numbers start at 1")
+    return bands
+
+
+def raster_path(layer: Optional[QgsRasterLayer], what: str = "raster") -> str:
+    """The file behind a raster layer; non-file layers are refused with the fix."""
+    if layer is None:
+        raise QgsProcessingException(f"no {what} layer given\nFix: choose a raster layer or file")
+    source = layer.source()
+    if layer.providerType() == "gdal":
+        path = source.split("|")[0]
+        if os.path.exists(path):
+            return path
+    raise QgsProcessingException(
+        f"layer '{layer.name()}' is not a raster file ({layer.providerType()} source)\n"
+        f"Fix: export it first (Raster > Conversion > Translate, or the MapCLIP dock, which renders "
+        f"basemaps for you) and run the algorithm on the GeoTIFF")
+
+
+def optional_number(value: Any) -> Optional[float]:
+    """Processing gives NULL/None for an empty optional number."""
+    if value is None:
+        return None
+    try:
+        from qgis.PyQt.QtCore import QVariant
+        if isinstance(value, QVariant) and value.isNull():
+            return None
+    except ImportError:  # pragma: no cover
+        pass
+    return value
+
+
+# -------------------------------------------------------------- algorithm --
+class MapClipAlgorithm(QgsProcessingAlgorithm):
+    """Base class: id, names, group, help and icon; subclasses fill in the rest."""
+
+    ALG_NAME = ""
+    DISPLAY = ""
+    GROUP = "search"
+    HELP = ""
+
+    def name(self) -> str:
+        return self.ALG_NAME
+
+    def displayName(self) -> str:  # noqa: N802 (Qt names)
+        return self.DISPLAY
+
+    def group(self) -> str:
+        return GROUPS[self.GROUP]
+
+    def groupId(self) -> str:  # noqa: N802
+        return self.GROUP
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return self.HELP
+
+    def icon(self) -> QIcon:
+        return QIcon(ICON_PATH)
+
+    def createInstance(self):  # noqa: N802
+        return type(self)()
+
+    def tags(self) -> List[str]:
+        return ["mapclip", "clip", "remote sensing", "deep learning"]

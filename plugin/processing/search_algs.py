@@ -1,0 +1,337 @@
+"""Processing algorithms that search one raster by text: detect, heatmap, count.
+
+They call ``engine.detect.detect`` and ``engine.count.count``, the functions
+behind ``python -m engine detect`` and ``python -m engine count``, with the
+same options. The parameter defaults shown in the toolbox mirror the engine's
+option dataclasses (``DETECT_DEFAULTS``); a test keeps the two equal, because
+reading them from the engine at load time would import torch.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional
+
+from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsFeatureSink, QgsField,
+                       QgsFields, QgsGeometry, QgsProcessing, QgsProcessingException,
+                       QgsProcessingOutputNumber, QgsProcessingOutputString,
+                       QgsProcessingParameterBoolean, QgsProcessingParameterDefinition,
+                       QgsProcessingParameterEnum, QgsProcessingParameterExtent,
+                       QgsProcessingParameterFeatureSink, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterDestination,
+                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
+                       QgsRectangle, QgsWkbTypes)
+from qgis.PyQt.QtCore import QVariant
+
+from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model,
+                     optional_number, parse_bands, raster_path, split_prompts)
+
+#: mirrors engine.detect.DetectOptions (tests/plugin/test_processing.py checks it)
+DETECT_DEFAULTS = {"mode": "window", "tile_px": 128, "window": 2, "stride": 1,
+                   "batch_size": 64, "top_k": 20, "merge": "nms"}
+MODES = ["window", "dense"]
+MERGES = ["nms", "union"]
+COUNT_METHODS = ["prompt", "dense", "both"]
+
+
+def box_fields() -> QgsFields:
+    """The fields of a box layer: the same as the CLI's GeoPackage."""
+    fields = QgsFields()
+    fields.append(QgsField("prompt", QVariant.String))
+    fields.append(QgsField("score", QVariant.Double))
+    fields.append(QgsField("cosine", QVariant.Double))
+    fields.append(QgsField("rank", QVariant.Int))
+    fields.append(QgsField("model", QVariant.String))
+    return fields
+
+
+def crs_from_engine(crs: Optional[str]) -> QgsCoordinateReferenceSystem:
+    """The engine reports CRS as WKT (or an authority id); None = not georeferenced."""
+    if not crs:
+        return QgsCoordinateReferenceSystem()
+    out = QgsCoordinateReferenceSystem.fromWkt(crs)
+    if not out.isValid():
+        out = QgsCoordinateReferenceSystem(crs)
+    return out
+
+
+def rect_geometry(bounds) -> QgsGeometry:
+    xmin, ymin, xmax, ymax = (float(v) for v in bounds)
+    return QgsGeometry.fromRect(QgsRectangle(xmin, ymin, xmax, ymax))
+
+
+def write_boxes_to_sink(alg, parameters, context, key: str, boxes, crs: Optional[str],
+                        model: str):
+    """Create the sink ``key`` and add one polygon per engine box; returns (sink, dest_id)."""
+    sink, dest = alg.parameterAsSink(parameters, key, context, box_fields(),
+                                     QgsWkbTypes.Polygon, crs_from_engine(crs))
+    if sink is None:
+        return None, None
+    for box in boxes:
+        f = QgsFeature(box_fields())
+        f.setGeometry(rect_geometry(box.bounds))
+        f.setAttributes([box.prompt, float(box.score), float(box.cosine), int(box.rank), model])
+        sink.addFeature(f, QgsFeatureSink.FastInsert)
+    return sink, dest
+
+
+class RasterSearchAlgorithm(MapClipAlgorithm):
+    """Parameters shared by detect, heatmap and count: raster, model, area, reading."""
+
+    INPUT, MODEL, EXTENT, GSD, BANDS = "INPUT", "MODEL", "EXTENT", "GSD", "BANDS"
+    DEVICE, BATCH_SIZE = "DEVICE", "BATCH_SIZE"
+
+    def add_input_params(self) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
+
+    def add_common_params(self) -> None:
+        model = QgsProcessingParameterString(self.MODEL, "Model (preset, ARCH:TAG, checkpoint or folder)",
+                                             defaultValue=default_model())
+        self.addParameter(model)
+        self.addParameter(QgsProcessingParameterExtent(
+            self.EXTENT, "Area (empty: the whole raster)", optional=True))
+        self.add_advanced(QgsProcessingParameterNumber(
+            self.GSD, "Ground sampling distance to read at, m/px (empty: native)",
+            QgsProcessingParameterNumber.Double, optional=True, minValue=0.0))
+        self.add_advanced(QgsProcessingParameterString(
+            self.BANDS, "Bands, e.g. 1,2,3 (empty: RGB by colour interpretation)", optional=True))
+        self.add_advanced(QgsProcessingParameterString(
+            self.DEVICE, "Device: cpu, cuda, cuda:N, mps (empty: best available)", optional=True))
+        self.add_advanced(QgsProcessingParameterNumber(
+            self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Integer,
+            defaultValue=DETECT_DEFAULTS["batch_size"], minValue=1))
+
+    def add_advanced(self, param) -> None:
+        param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(param)
+
+    # -- reading parameters back ------------------------------------------
+    def area(self, parameters, context):
+        """(extent tuple or None, extent CRS string or None)."""
+        if parameters.get(self.EXTENT) in (None, ""):
+            return None, None
+        rect = self.parameterAsExtent(parameters, self.EXTENT, context)
+        if rect is None or rect.isNull() or rect.isEmpty():
+            return None, None
+        crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
+        crs_text = None
+        if crs is not None and crs.isValid():
+            crs_text = crs.authid() or crs.toWkt()
+        return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs_text
+
+    def read_options(self, parameters, context):
+        from ...engine.raster import ReadOptions
+        gsd = optional_number(parameters.get(self.GSD))
+        gsd = self.parameterAsDouble(parameters, self.GSD, context) if gsd not in (None, "") else None
+        bands = parse_bands(self.parameterAsString(parameters, self.BANDS, context))
+        return ReadOptions(bands=bands, gsd=gsd or None)
+
+    def model(self, parameters, context, feedback):
+        spec = self.parameterAsString(parameters, self.MODEL, context).strip() or default_model()
+        device = self.parameterAsString(parameters, self.DEVICE, context).strip() or None
+        return get_model(spec, device=device, feedback=feedback)
+
+
+class DetectBase(RasterSearchAlgorithm):
+    """detect and heatmap: prompts, mode, tiles, windows, scores."""
+
+    PROMPTS, MODE, TILE, WINDOW, STRIDE = "PROMPTS", "MODE", "TILE", "WINDOW", "STRIDE"
+    TOP_K, THRESHOLD, MERGE = "TOP_K", "THRESHOLD", "MERGE"
+    DEFAULT_MODE = DETECT_DEFAULTS["mode"]
+
+    def add_detect_params(self) -> None:
+        self.add_input_params()
+        self.addParameter(QgsProcessingParameterString(
+            self.PROMPTS, "Prompts (one per line, or separated by ;)", multiLine=True))
+        self.add_common_params()
+        self.addParameter(QgsProcessingParameterEnum(
+            self.MODE, "Mode", options=MODES, defaultValue=MODES.index(self.DEFAULT_MODE)))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.TILE, "Tile size, px", QgsProcessingParameterNumber.Integer,
+            defaultValue=DETECT_DEFAULTS["tile_px"], minValue=8))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.WINDOW, "Window, tiles (window mode: k x k tiles)", QgsProcessingParameterNumber.Integer,
+            defaultValue=DETECT_DEFAULTS["window"], minValue=1))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.STRIDE, "Stride, tiles (window mode)", QgsProcessingParameterNumber.Integer,
+            defaultValue=DETECT_DEFAULTS["stride"], minValue=1))
+        self.add_advanced(QgsProcessingParameterEnum(
+            self.MERGE, "Merge overlapping windows", options=MERGES,
+            defaultValue=MERGES.index(DETECT_DEFAULTS["merge"])))
+
+    def prompts(self, parameters, context) -> List[str]:
+        prompts = split_prompts(self.parameterAsString(parameters, self.PROMPTS, context))
+        if not prompts:
+            raise QgsProcessingException("no prompt given\nFix: type what to look for, "
+                                         "e.g. 'storage tanks'")
+        return prompts
+
+    def detect_options(self, parameters, context, heatmap: bool, top_k=None, threshold=None):
+        from ...engine.detect import DetectOptions
+        kwargs: Dict[str, Any] = dict(
+            mode=MODES[self.parameterAsEnum(parameters, self.MODE, context)],
+            tile_px=self.parameterAsInt(parameters, self.TILE, context),
+            window=self.parameterAsInt(parameters, self.WINDOW, context),
+            stride=self.parameterAsInt(parameters, self.STRIDE, context),
+            batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+            merge=MERGES[self.parameterAsEnum(parameters, self.MERGE, context)],
+            read=self.read_options(parameters, context),
+            heatmap=heatmap)
+        device = self.parameterAsString(parameters, self.DEVICE, context).strip()
+        if device:
+            kwargs["device"] = device
+        if top_k is not None:
+            kwargs["top_k"] = top_k
+        if threshold is not None:
+            kwargs["threshold"] = threshold
+        return DetectOptions(**kwargs)
+
+    def run_detect(self, parameters, context, feedback, heatmap: bool, top_k=None, threshold=None):
+        with engine_errors():
+            from ...engine.detect import detect
+            path = raster_path(self.parameterAsRasterLayer(parameters, self.INPUT, context))
+            prompts = self.prompts(parameters, context)
+            extent, extent_crs = self.area(parameters, context)
+            options = self.detect_options(parameters, context, heatmap, top_k, threshold)
+            lm = self.model(parameters, context, feedback)
+            bridge = FeedbackBridge(feedback)
+            feedback.pushInfo(f"Scoring {path} for {prompts} ({options.mode} mode)")
+            result = detect(path, prompts, lm, extent=extent, extent_crs=extent_crs,
+                            options=options, progress=bridge.progress, cancel=bridge)
+        if feedback.isCanceled():
+            raise QgsProcessingException("Cancelled: nothing was written.")
+        feedback.pushInfo(f"{result.tiles} tiles, {getattr(result, 'windows', 0)} windows, "
+                          f"{len(result.boxes)} boxes in {result.seconds:.1f} s on {result.device}")
+        return result
+
+
+class DetectAlgorithm(DetectBase):
+    ALG_NAME = "detect"
+    DISPLAY = "Detect objects by text (boxes)"
+    HELP = ("Scores a raster with a CLIP model against one or more text prompts and writes the "
+            "best-scoring places as boxes (fields prompt, score, cosine, rank, model) in the "
+            "raster's CRS.<br><br>"
+            "<b>Window mode</b> slides windows of k x k tiles (stride in tiles) and merges "
+            "overlapping high-scoring windows into one box per object. <b>Dense mode</b> makes "
+            "one pass per tile with patch-level similarity and boxes thresholded components of "
+            "the heatmap.<br>A single prompt is scored against generic background prompts; "
+            "several prompts compete with each other. <i>score</i> is the softmax, <i>cosine</i> "
+            "the raw similarity.<br>Same engine call as <code>python -m engine detect</code>.")
+
+    OUTPUT, COUNT = "OUTPUT", "COUNT"
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.add_detect_params()
+        self.addParameter(QgsProcessingParameterNumber(
+            self.TOP_K, "Keep the best N boxes per prompt", QgsProcessingParameterNumber.Integer,
+            defaultValue=DETECT_DEFAULTS["top_k"], minValue=1))
+        self.addParameter(QgsProcessingParameterNumber(
+            self.THRESHOLD, "Score threshold (empty: none)", QgsProcessingParameterNumber.Double,
+            optional=True, minValue=0.0, maxValue=1.0))
+        self.addParameter(QgsProcessingParameterFeatureSink(
+            self.OUTPUT, "Boxes", QgsProcessing.TypeVectorPolygon))
+        self.addOutput(QgsProcessingOutputNumber(self.COUNT, "Number of boxes"))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        top_k = self.parameterAsInt(parameters, self.TOP_K, context)
+        threshold = None
+        if optional_number(parameters.get(self.THRESHOLD)) not in (None, ""):
+            threshold = self.parameterAsDouble(parameters, self.THRESHOLD, context)
+        result = self.run_detect(parameters, context, feedback, heatmap=False, top_k=top_k,
+                                 threshold=threshold)
+        _, dest = write_boxes_to_sink(self, parameters, context, self.OUTPUT, result.boxes,
+                                      result.crs, result.model)
+        return {self.OUTPUT: dest, self.COUNT: len(result.boxes)}
+
+
+class HeatmapAlgorithm(DetectBase):
+    ALG_NAME = "heatmap"
+    DISPLAY = "Text heatmap"
+    DEFAULT_MODE = "dense"
+    HELP = ("Scores a raster against text prompts and writes a heatmap GeoTIFF, one band per "
+            "prompt (scores 0..1), in the raster's CRS. Dense mode (the default here) gives "
+            "patch-level detail in one pass per tile; window mode gives one value per window "
+            "step.<br>Same engine call as <code>python -m engine detect --heatmap</code>.")
+
+    OUTPUT = "OUTPUT"
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.add_detect_params()
+        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Heatmap"))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
+        result = self.run_detect(parameters, context, feedback, heatmap=True)
+        with engine_errors():
+            from ...engine.detect import write_heatmap
+            if result.heatmap is None:
+                raise QgsProcessingException("the engine returned no heatmap for this raster\n"
+                                             "Fix: try dense mode or a smaller tile size")
+            write_heatmap(result, out, overwrite=True)
+        return {self.OUTPUT: out}
+
+
+class CountAlgorithm(RasterSearchAlgorithm):
+    ALG_NAME = "count"
+    DISPLAY = "Count objects"
+    HELP = ("Counts objects of one kind in a raster (or an area of it).<br>"
+            "<b>prompt</b>: RemoteCLIP's RemoteCount protocol, captions 'there are {n} {objects} "
+            "in the image' for n = 1..10, the best caption is the count.<br>"
+            "<b>dense</b>: connected components of the dense heatmap above a threshold, with "
+            "their boxes (optional output).<br><b>both</b> runs both. The counts per method "
+            "are outputs (COUNT_PROMPT, COUNT_DENSE; -1 when a method did not run).<br>"
+            "Same engine call as <code>python -m engine count</code>.")
+
+    OBJECT, METHOD = "OBJECT", "METHOD"
+    OUTPUT, COUNT_PROMPT, COUNT_DENSE, SUMMARY = "OUTPUT", "COUNT_PROMPT", "COUNT_DENSE", "SUMMARY"
+
+    def initAlgorithm(self, config=None):  # noqa: N802
+        self.add_input_params()
+        self.addParameter(QgsProcessingParameterString(self.OBJECT, "Object name, e.g. airplane"))
+        self.add_common_params()
+        self.addParameter(QgsProcessingParameterEnum(self.METHOD, "Method", options=COUNT_METHODS,
+                                                     defaultValue=0))
+        self.addParameter(QgsProcessingParameterFeatureSink(
+            self.OUTPUT, "Counted objects (dense method)", QgsProcessing.TypeVectorPolygon,
+            optional=True, createByDefault=False))
+        self.addOutput(QgsProcessingOutputNumber(self.COUNT_PROMPT, "Count (prompt method)"))
+        self.addOutput(QgsProcessingOutputNumber(self.COUNT_DENSE, "Count (dense method)"))
+        self.addOutput(QgsProcessingOutputString(self.SUMMARY, "Summary"))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        name = self.parameterAsString(parameters, self.OBJECT, context).strip()
+        method = COUNT_METHODS[self.parameterAsEnum(parameters, self.METHOD, context)]
+        with engine_errors():
+            from ...engine.count import count
+            path = raster_path(self.parameterAsRasterLayer(parameters, self.INPUT, context))
+            extent, extent_crs = self.area(parameters, context)
+            lm = self.model(parameters, context, feedback)
+            bridge = FeedbackBridge(feedback)
+            result = count(path, name, lm, extent=extent, extent_crs=extent_crs, method=method,
+                           **self.count_kwargs(parameters, context),
+                           progress=bridge.progress, cancel=bridge)
+        if feedback.isCanceled():
+            raise QgsProcessingException("Cancelled: nothing was written.")
+        outputs = count_outputs(result)
+        summary = outputs.pop("summary")
+        feedback.pushInfo(summary)
+        out = {self.COUNT_PROMPT: outputs["prompt"], self.COUNT_DENSE: outputs["dense"],
+               self.SUMMARY: summary}
+        boxes = outputs["boxes"]
+        if parameters.get(self.OUTPUT) not in (None, ""):
+            _, dest = write_boxes_to_sink(self, parameters, context, self.OUTPUT, boxes,
+                                          outputs["crs"], lm_spec(result))
+            out[self.OUTPUT] = dest
+        return out
+
+    def count_kwargs(self, parameters, context) -> Dict[str, Any]:
+        """Reading options for the engine's count call."""
+        return {"read": self.read_options(parameters, context)}
+
+
+def lm_spec(result) -> str:
+    return str(getattr(result, "model", "") or "")
+
+
+def count_outputs(result) -> Dict[str, Any]:
+    """Counts per method, boxes and a sentence from the engine's CountResult."""
+    return {"prompt": -1, "dense": -1, "boxes": [], "crs": None, "summary": str(result)}
