@@ -1,0 +1,835 @@
+"""The MapCLIP dock: text search over a raster layer, and the archive tab.
+
+Search tab: raster layer, model, prompts (several, one per line or separated by
+";", with history), mode (boxes / heatmap / count), area (visible extent,
+whole layer, selected polygons), an Advanced group (collapsed) whose values
+are stored per model, Run / Cancel, progress and a status line, and the
+results list (double-click zooms to a box).
+
+Archive tab: build or open an index, query it by text or by clicking a place
+on the map, hits as a layer and a list.
+
+The dock only gathers plain values and hands them to an engine job in a
+:class:`~.tasks.EngineTask`; layers are made in the task's ``finished()``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from functools import partial
+from typing import Any, List, Optional, Sequence, Tuple
+
+from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry,
+                       QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsRectangle,
+                       QgsWkbTypes)
+from qgis.gui import (QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget,
+                      QgsMapLayerComboBox)
+from qgis.PyQt.QtCore import Qt, pyqtSignal
+from qgis.PyQt.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox,
+                                 QFileDialog, QFormLayout, QHBoxLayout, QInputDialog, QLabel,
+                                 QLineEdit, QMenu, QMessageBox, QProgressBar, QPushButton,
+                                 QSpinBox, QTabWidget, QToolButton, QTreeWidget,
+                                 QTreeWidgetItem, QVBoxLayout, QWidget)
+
+from . import deps, layers, log, render, tasks
+from .settings import DEVICES, METHODS, SearchParams, Settings
+
+MODES = (("boxes", "Boxes"), ("heatmap", "Heatmap (and boxes)"), ("count", "Count"))
+AREAS = (("extent", "Visible map extent"), ("layer", "Whole layer"),
+         ("selection", "Selected features of a polygon layer"))
+COUNT_METHODS = ("both", "prompt", "dense")
+#: architectures offered for a checkpoint file (editable: any open_clip name works)
+COMMON_ARCHS = ("ViT-B-32-quickgelu", "ViT-L-14-quickgelu", "RN50-quickgelu", "ViT-B-32",
+                "ViT-B-16", "ViT-L-14", "RN50")
+ROLE_BOUNDS = Qt.UserRole + 1
+ROLE_CRS = Qt.UserRole + 2
+
+
+def split_prompts(text: str) -> List[str]:
+    """Prompts from the prompt field: one per line or separated by ';', blanks dropped."""
+    seen, out = set(), []
+    for part in re.split(r"[;\n]", text or ""):
+        p = " ".join(part.split())
+        if p and p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def crs_text(crs: QgsCoordinateReferenceSystem) -> Optional[str]:
+    """The CRS as the engine takes it: an authid where there is one, else WKT."""
+    if crs is None or not crs.isValid():
+        return None
+    return crs.authid() or crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED_GDAL)
+
+
+class MapClipDock(QgsDockWidget):
+    """The search dock. ``run_finished(outcome)`` fires after every run ("done", "error", "cancelled")."""
+
+    run_finished = pyqtSignal(str)
+
+    def __init__(self, iface, parent=None):
+        super().__init__("MapCLIP", parent)
+        self.setObjectName("MapClipDock")
+        self.iface = iface
+        self.settings = Settings()
+        self.task: Optional[tasks.EngineTask] = None
+        self.renderer: Optional[render.AsyncRender] = None
+        self.last_layers: List[Any] = []
+        self.last_result: Any = None
+        self.last_count: Optional[str] = None
+        self.pick_tool = None
+        self._prev_tool = None
+        self._temp_files: List[str] = []
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self._build_search_tab(), "Search")
+        self.tabs.addTab(self._build_archive_tab(), "Archive")
+        self.setWidget(self.tabs)
+        self._load_settings()
+
+    # ------------------------------------------------------------------ UI --
+    def _build_search_tab(self) -> QWidget:
+        page = QWidget()
+        outer = QVBoxLayout(page)
+        form = QFormLayout()
+        self.layer_combo = QgsMapLayerComboBox()
+        self.layer_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.layer_combo.setToolTip("the raster layer to search (files are read directly, "
+                                    "basemaps are rendered first)")
+        form.addRow("Layer", self.layer_combo)
+
+        model_row = QHBoxLayout()
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip("the CLIP model that scores tiles")
+        self.add_model_button = QToolButton()
+        self.add_model_button.setText("…")
+        self.add_model_button.setToolTip("add a checkpoint or model folder")
+        self.add_model_button.setPopupMode(QToolButton.InstantPopup)
+        menu = QMenu(self.add_model_button)
+        menu.addAction("Add checkpoint…", self.add_checkpoint)
+        menu.addAction("Add model folder…", self.add_model_folder)
+        menu.addAction("Remove this model from the list", self.remove_current_model)
+        self.add_model_button.setMenu(menu)
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(self.add_model_button)
+        form.addRow("Model", model_row)
+
+        self.prompt_combo = QComboBox()
+        self.prompt_combo.setEditable(True)
+        self.prompt_combo.setInsertPolicy(QComboBox.NoInsert)
+        self.prompt_combo.lineEdit().setPlaceholderText("storage tanks; a harbor with ships")
+        self.prompt_combo.setToolTip("what to look for; several prompts separated by ';'")
+        self.prompt_combo.lineEdit().returnPressed.connect(self.run)
+        form.addRow("Prompts", self.prompt_combo)
+
+        mode_row = QHBoxLayout()
+        self.mode_combo = QComboBox()
+        for key, label in MODES:
+            self.mode_combo.addItem(label, key)
+        self.count_method_combo = QComboBox()
+        for m in COUNT_METHODS:
+            self.count_method_combo.addItem(m, m)
+        self.count_method_combo.setToolTip("count by prompt scores, dense patch features, or both")
+        mode_row.addWidget(self.mode_combo, 1)
+        mode_row.addWidget(self.count_method_combo)
+        form.addRow("Mode", mode_row)
+
+        self.area_combo = QComboBox()
+        for key, label in AREAS:
+            self.area_combo.addItem(label, key)
+        form.addRow("Area", self.area_combo)
+        self.polygon_combo = QgsMapLayerComboBox()
+        self.polygon_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
+        self.polygon_combo.setAllowEmptyLayer(True)
+        form.addRow("Polygons", self.polygon_combo)
+        outer.addLayout(form)
+
+        self.advanced = QgsCollapsibleGroupBox("Advanced")
+        self.advanced.setObjectName("mapclipAdvanced")
+        adv = QFormLayout(self.advanced)
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(list(METHODS))
+        self.method_combo.setToolTip("window: score windows of tiles; dense: patch-level scores in one pass")
+        adv.addRow("Method", self.method_combo)
+        self.tile_spin = QSpinBox()
+        self.tile_spin.setRange(16, 4096)
+        self.tile_spin.setSuffix(" px")
+        adv.addRow("Tile size", self.tile_spin)
+        self.window_spin = QSpinBox()
+        self.window_spin.setRange(1, 16)
+        self.window_spin.setSuffix(" tiles")
+        adv.addRow("Window", self.window_spin)
+        self.stride_spin = QSpinBox()
+        self.stride_spin.setRange(1, 16)
+        self.stride_spin.setSuffix(" tiles")
+        adv.addRow("Stride", self.stride_spin)
+        self.gsd_spin = QDoubleSpinBox()
+        self.gsd_spin.setRange(0.0, 10000.0)
+        self.gsd_spin.setDecimals(3)
+        self.gsd_spin.setSpecialValueText("native")
+        self.gsd_spin.setSuffix(" m/px")
+        adv.addRow("GSD", self.gsd_spin)
+        self.topk_spin = QSpinBox()
+        self.topk_spin.setRange(1, 10000)
+        adv.addRow("Top-k", self.topk_spin)
+        self.threshold_spin = QDoubleSpinBox()
+        self.threshold_spin.setRange(-1.0, 1.0)
+        self.threshold_spin.setDecimals(3)
+        self.threshold_spin.setSingleStep(0.01)
+        self.threshold_spin.setSpecialValueText("off")
+        adv.addRow("Threshold", self.threshold_spin)
+        self.bands_edit = QLineEdit()
+        self.bands_edit.setPlaceholderText("auto (RGB), or e.g. 4,3,2")
+        adv.addRow("Bands", self.bands_edit)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(list(DEVICES))
+        adv.addRow("Device", self.device_combo)
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(1, 4096)
+        adv.addRow("Batch size", self.batch_spin)
+        save_row = QHBoxLayout()
+        self.save_check = QCheckBox("Save to GeoPackage")
+        self.gpkg_widget = QgsFileWidget()
+        self.gpkg_widget.setStorageMode(QgsFileWidget.SaveFile)
+        self.gpkg_widget.setFilter("GeoPackage (*.gpkg)")
+        save_row.addWidget(self.save_check)
+        save_row.addWidget(self.gpkg_widget, 1)
+        adv.addRow(save_row)
+        self.reset_button = QPushButton("Defaults for this model")
+        self.reset_button.clicked.connect(self.reset_params)
+        adv.addRow(self.reset_button)
+        self.advanced.setCollapsed(True)
+        outer.addWidget(self.advanced)
+
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.run_button.setDefault(True)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        outer.addLayout(buttons)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        outer.addWidget(self.progress)
+        self.status_label = QLabel("Ready")
+        self.status_label.setWordWrap(True)
+        outer.addWidget(self.status_label)
+
+        self.results = QTreeWidget()
+        self.results.setHeaderLabels(["#", "Prompt", "Score"])
+        self.results.setRootIsDecorated(False)
+        self.results.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.results.setToolTip("double-click a result to zoom to it")
+        self.results.itemDoubleClicked.connect(self.zoom_to_item)
+        outer.addWidget(self.results, 1)
+
+        self.mode_combo.currentIndexChanged.connect(self._mode_changed)
+        self.area_combo.currentIndexChanged.connect(self._area_changed)
+        self.model_combo.currentIndexChanged.connect(self._model_changed)
+        return page
+
+    def _build_archive_tab(self) -> QWidget:
+        page = QWidget()
+        outer = QVBoxLayout(page)
+        form = QFormLayout()
+        self.index_widget = QgsFileWidget()
+        self.index_widget.setStorageMode(QgsFileWidget.GetFile)
+        self.index_widget.setToolTip("an index built by MapCLIP (`python -m engine index`)")
+        form.addRow("Index", self.index_widget)
+        build_row = QHBoxLayout()
+        self.build_sources = QgsFileWidget()
+        self.build_sources.setStorageMode(QgsFileWidget.GetDirectory)
+        self.build_sources.setToolTip("a folder of rasters or images to index")
+        self.build_button = QPushButton("Build index")
+        self.build_button.clicked.connect(self.build_index)
+        build_row.addWidget(self.build_sources, 1)
+        build_row.addWidget(self.build_button)
+        form.addRow("Sources", build_row)
+        self.archive_query = QLineEdit()
+        self.archive_query.setPlaceholderText("an airport with parked planes")
+        self.archive_query.returnPressed.connect(self.search_archive)
+        form.addRow("Query", self.archive_query)
+        self.archive_topk = QSpinBox()
+        self.archive_topk.setRange(1, 10000)
+        self.archive_topk.setValue(int(self.settings.get("archive_top_k", 20)))
+        form.addRow("Top-k", self.archive_topk)
+        outer.addLayout(form)
+        row = QHBoxLayout()
+        self.archive_search_button = QPushButton("Search")
+        self.archive_search_button.clicked.connect(self.search_archive)
+        self.pick_button = QPushButton("More like a place…")
+        self.pick_button.setCheckable(True)
+        self.pick_button.setToolTip("click a place on the map to find similar places in the archive")
+        self.pick_button.toggled.connect(self._pick_toggled)
+        row.addWidget(self.archive_search_button)
+        row.addWidget(self.pick_button)
+        outer.addLayout(row)
+        self.archive_status = QLabel("")
+        self.archive_status.setWordWrap(True)
+        outer.addWidget(self.archive_status)
+        self.archive_results = QTreeWidget()
+        self.archive_results.setHeaderLabels(["#", "Source", "Score"])
+        self.archive_results.setRootIsDecorated(False)
+        self.archive_results.itemDoubleClicked.connect(self.zoom_to_item)
+        outer.addWidget(self.archive_results, 1)
+        return page
+
+    # ------------------------------------------------------------ settings --
+    def _fill_models(self) -> None:
+        from ..engine.models import PRESETS
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        for name, preset in PRESETS.items():
+            if name.startswith("test-") and not self.settings.get("show_test_models", False):
+                continue
+            self.model_combo.addItem(name, name)
+            self.model_combo.setItemData(self.model_combo.count() - 1, preset.description,
+                                         Qt.ToolTipRole)
+        for item in self.settings.custom_models():
+            self.model_combo.addItem(item["label"], item["spec"])
+            self.model_combo.setItemData(self.model_combo.count() - 1, item["spec"], Qt.ToolTipRole)
+        self.model_combo.blockSignals(False)
+
+    def select_model(self, spec: str) -> None:
+        """Make ``spec`` current in the picker, adding it if unknown."""
+        idx = self.model_combo.findData(spec)
+        if idx < 0:
+            self.model_combo.addItem(spec, spec)
+            idx = self.model_combo.count() - 1
+        self.model_combo.setCurrentIndex(idx)
+        self._model_changed()
+
+    def refresh_models(self) -> None:
+        """Re-read presets and added models (after the fine-tune dialog adds one)."""
+        current = self.current_model()
+        self._fill_models()
+        self.select_model(current)
+
+    def _load_settings(self) -> None:
+        self._fill_models()
+        model = self.settings.model
+        if self.model_combo.findData(model) < 0 and model.startswith("test-"):
+            self.model_combo.addItem(model, model)
+        self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(model)))
+        self.prompt_combo.addItems(self.settings.prompt_history())
+        self.prompt_combo.setEditText("")
+        self._set_combo_data(self.mode_combo, self.settings.get("mode", "boxes"))
+        self._set_combo_data(self.area_combo, self.settings.get("area", "extent"))
+        self._set_combo_data(self.count_method_combo, self.settings.get("count_method", "both"))
+        self.index_widget.setFilePath(self.settings.get("index_path", ""))
+        self.show_params(self.settings.params(self.current_model()))
+        self._mode_changed()
+        self._area_changed()
+
+    @staticmethod
+    def _set_combo_data(combo: QComboBox, value: Any) -> None:
+        idx = combo.findData(value)
+        if idx >= 0:
+            combo.setCurrentIndex(idx)
+
+    def current_model(self) -> str:
+        return str(self.model_combo.currentData() or self.model_combo.currentText())
+
+    def show_params(self, p: SearchParams) -> None:
+        self.method_combo.setCurrentText(p.method)
+        self.tile_spin.setValue(int(p.tile_px))
+        self.window_spin.setValue(int(p.window))
+        self.stride_spin.setValue(int(p.stride))
+        self.gsd_spin.setValue(float(p.gsd or 0.0))
+        self.topk_spin.setValue(int(p.top_k))
+        self.threshold_spin.setValue(self.threshold_spin.minimum() if p.threshold is None
+                                     else float(p.threshold))
+        self.bands_edit.setText(p.bands or "")
+        self.device_combo.setCurrentText(p.device or "auto")
+        self.batch_spin.setValue(int(p.batch_size))
+
+    def params(self) -> SearchParams:
+        thr = self.threshold_spin.value()
+        return SearchParams(tile_px=self.tile_spin.value(), window=self.window_spin.value(),
+                            stride=self.stride_spin.value(), gsd=self.gsd_spin.value(),
+                            top_k=self.topk_spin.value(),
+                            threshold=None if thr <= self.threshold_spin.minimum() else thr,
+                            bands=self.bands_edit.text().strip(),
+                            device=self.device_combo.currentText(),
+                            batch_size=self.batch_spin.value(),
+                            method=self.method_combo.currentText())
+
+    def save_settings(self) -> None:
+        model = self.current_model()
+        self.settings.model = model
+        self.settings.set_params(model, self.params())
+        self.settings.set("mode", self.mode_combo.currentData())
+        self.settings.set("area", self.area_combo.currentData())
+        self.settings.set("count_method", self.count_method_combo.currentData())
+        self.settings.set("index_path", self.index_widget.filePath())
+        self.settings.set("archive_top_k", self.archive_topk.value())
+
+    def reset_params(self) -> None:
+        self.settings.reset_params(self.current_model())
+        self.show_params(self.settings.params(self.current_model()))
+
+    def _model_changed(self, *_):
+        self.show_params(self.settings.params(self.current_model()))
+
+    def _mode_changed(self, *_):
+        self.count_method_combo.setVisible(self.mode_combo.currentData() == "count")
+
+    def _area_changed(self, *_):
+        self.polygon_combo.setEnabled(self.area_combo.currentData() == "selection")
+
+    # -------------------------------------------------------------- models --
+    def add_checkpoint(self) -> Optional[str]:
+        path, _ = QFileDialog.getOpenFileName(self, "Add a checkpoint", "",
+                                              "Checkpoints (*.pt *.pth *.bin *.safetensors)")
+        if not path:
+            return None
+        archs = list(COMMON_ARCHS)
+        try:
+            import open_clip
+            from ..engine.models import _register_configs
+            _register_configs()
+            archs += [a for a in open_clip.list_models() if a not in archs]
+        except Exception:
+            pass
+        guess = 0
+        low = os.path.basename(path).lower()
+        for i, a in enumerate(archs):
+            if a.lower().replace("-quickgelu", "").replace("-", "") in low.replace("_", "").replace("-", ""):
+                guess = i
+                break
+        arch, ok = QInputDialog.getItem(self, "Architecture",
+                                        "open_clip architecture of this checkpoint\n"
+                                        "(RemoteCLIP/GeoRSCLIP: a -quickgelu one)",
+                                        archs, guess, True)
+        if not ok or not arch:
+            return None
+        return self.add_model(f"{arch}:{path}", f"{os.path.basename(path)} ({arch})")
+
+    def add_model_folder(self) -> Optional[str]:
+        folder = QFileDialog.getExistingDirectory(self, "Add a model folder (open_clip_config.json)")
+        if not folder:
+            return None
+        if not os.path.isfile(os.path.join(folder, "open_clip_config.json")):
+            log.bar_warning(self.iface, f"{folder} has no open_clip_config.json: not a model folder")
+            return None
+        return self.add_model(folder, os.path.basename(folder.rstrip("/\\")) or folder)
+
+    def add_model(self, spec: str, label: Optional[str] = None) -> str:
+        self.settings.add_custom_model(spec, label)
+        self._fill_models()
+        self.select_model(spec)
+        return spec
+
+    def remove_current_model(self) -> None:
+        spec = self.current_model()
+        if any(m["spec"] == spec for m in self.settings.custom_models()):
+            self.settings.remove_custom_model(spec)
+            self._fill_models()
+
+    # ---------------------------------------------------------------- area --
+    def canvas(self):
+        return self.iface.mapCanvas() if self.iface is not None else None
+
+    def area(self) -> Tuple[Optional[QgsRectangle], Optional[QgsCoordinateReferenceSystem]]:
+        """The search area as (rectangle, its CRS); (None, None) for the whole layer."""
+        mode = self.area_combo.currentData()
+        if mode == "layer":
+            return None, None
+        if mode == "selection":
+            layer = self.polygon_combo.currentLayer()
+            if layer is None or layer.selectedFeatureCount() == 0:
+                raise ValueError("select one or more polygons in the polygon layer "
+                                 "(or choose another area)")
+            geom = QgsGeometry.unaryUnion([f.geometry() for f in layer.selectedFeatures()])
+            return geom.boundingBox(), layer.crs()
+        canvas = self.canvas()
+        if canvas is None:
+            return None, None
+        return canvas.extent(), canvas.mapSettings().destinationCrs()
+
+    # ----------------------------------------------------------------- run --
+    def prompts(self) -> List[str]:
+        return split_prompts(self.prompt_combo.currentText())
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if running:
+            self.progress.setValue(0)
+
+    def run(self) -> bool:
+        """Start a search with the dock's values; False (and a message) if it cannot start."""
+        if self.task is not None or self.renderer is not None:
+            return False
+        layer = self.layer_combo.currentLayer()
+        prompts = self.prompts()
+        if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
+            log.bar_warning(self.iface, "choose a raster layer to search")
+            return False
+        if not prompts:
+            log.bar_warning(self.iface, "type what to look for in the prompt field")
+            return False
+        missing = deps.missing_modules()
+        if missing:
+            log.bar_warning(self.iface, deps.missing_message(missing))
+            return False
+        try:
+            params = self.params()
+            bands = params.band_list()
+            rect, rect_crs = self.area()
+        except ValueError as exc:
+            log.bar_warning(self.iface, str(exc))
+            return False
+        self.save_settings()
+        self.settings.add_prompt("; ".join(prompts))
+        self._refresh_history("; ".join(prompts))
+        model = self.current_model()
+        mode = self.mode_combo.currentData()
+        source = render.raster_source(layer)
+        self.results.clear()
+        self.last_layers, self.last_result, self.last_count = [], None, None
+        self._set_running(True)
+        if source is not None:
+            extent = None if rect is None else (rect.xMinimum(), rect.yMinimum(),
+                                                rect.xMaximum(), rect.yMaximum())
+            self._start_job(source, prompts, model, mode, params, bands, extent,
+                            crs_text(rect_crs) if rect is not None else None, layer.crs(),
+                            gsd=params.gsd or None)
+            return True
+        # not a file: QGIS renders it at the GSD first
+        try:
+            plan = render.plan_render(layer, rect, rect_crs,
+                                      params.gsd or self._canvas_gsd(layer))
+        except ValueError as exc:
+            self._set_running(False)
+            log.bar_warning(self.iface, str(exc))
+            return False
+        self.status_label.setText(f"Rendering {layer.name()} at {plan.gsd:.2f} m/px "
+                                  f"({plan.width}×{plan.height} px)…")
+        self.renderer = render.AsyncRender(layer, plan, parent=self)
+        self._temp_files.append(self.renderer.path)
+        self.renderer.done.connect(partial(self._rendered, prompts, model, mode, params, bands, plan))
+        self.renderer.failed.connect(self._render_failed)
+        self.renderer.start()
+        return True
+
+    def _canvas_gsd(self, layer) -> Optional[float]:
+        """The map's current pixel size, as a default GSD for basemaps."""
+        canvas = self.canvas()
+        if canvas is None:
+            return None
+        crs = render.render_crs(layer, canvas.mapSettings().destinationCrs())
+        ext = canvas.extent()
+        src = canvas.mapSettings().destinationCrs()
+        if src != crs:
+            ext = QgsCoordinateTransform(src, crs, QgsProject.instance()).transformBoundingBox(ext)
+        width = max(1, canvas.width())
+        return ext.width() / width if ext.width() > 0 else None
+
+    def _rendered(self, prompts, model, mode, params, bands, plan, path: str) -> None:
+        self.renderer = None
+        # the rendered image is the area: search all of it, at its own pixel size
+        self._start_job(path, prompts, model, mode, params, bands, None, None, plan.crs, gsd=None)
+
+    def _render_failed(self, message: str) -> None:
+        self.renderer = None
+        self._set_running(False)
+        if message == "cancelled":
+            self.status_label.setText("Cancelled")
+            self.run_finished.emit("cancelled")
+        else:
+            log.bar_error(self.iface, f"rendering failed: {message}")
+            self.status_label.setText("Rendering failed")
+            self.run_finished.emit("error")
+
+    def _start_job(self, source: str, prompts: List[str], model: str, mode: str,
+                   params: SearchParams, bands, extent, extent_crs, layer_crs, gsd) -> None:
+        device = None if params.device == "auto" else params.device
+        run_time = _dt.datetime.now(_dt.timezone.utc)
+        if mode == "count":
+            req = tasks.CountRequest(raster=source, object_name=prompts[0], model=model,
+                                     model_name=model,
+                                     method=self.count_method_combo.currentData(),
+                                     extent=extent, extent_crs=extent_crs, device=device)
+            fn = partial(tasks.run_count, req)
+            title = f"MapCLIP: count '{prompts[0]}'"
+            on_done = partial(self._count_done, req, layer_crs, run_time)
+        else:
+            req = tasks.DetectRequest(raster=source, prompts=prompts, model=model, model_name=model,
+                                      extent=extent, extent_crs=extent_crs,
+                                      tile_px=params.tile_px, window=params.window,
+                                      stride=params.stride, gsd=gsd, top_k=params.top_k,
+                                      threshold=params.threshold, bands=bands, device=device,
+                                      batch_size=params.batch_size, method=params.method,
+                                      heatmap=(mode == "heatmap"))
+            fn = partial(tasks.run_detect, req)
+            title = f"MapCLIP: search '{'; '.join(prompts)[:40]}'"
+            gpkg = self.gpkg_widget.filePath() if self.save_check.isChecked() else None
+            on_done = partial(self._detect_done, req, layer_crs, run_time, gpkg, mode)
+        self.status_label.setText(f"Loading {model}…")
+        self.task = tasks.EngineTask(title, fn, on_done=on_done, on_error=self._job_error,
+                                     on_cancel=self._job_cancelled, iface=self.iface)
+        self.task.stepped.connect(self._stepped)
+        tasks.start(self.task)
+
+    def _stepped(self, done: int, total: int) -> None:
+        task = self.task
+        if task is None:
+            return
+        self.progress.setValue(int(100 * done / total) if total else 0)
+        device = self.device_combo.currentText()
+        self.status_label.setText(f"{done}/{total} tiles · {task.rate():.1f} tiles/s · {device}")
+
+    def _finish(self, outcome: str) -> None:
+        self.task = None
+        self._set_running(False)
+        self._cleanup_temp()
+        self.run_finished.emit(outcome)
+
+    def _detect_done(self, req: tasks.DetectRequest, layer_crs, run_time, gpkg, mode, result) -> None:
+        self.last_result = result
+        try:
+            _, made = layers.add_detect_result(result, req.prompts, req.model_name, crs=layer_crs,
+                                               gpkg=gpkg or None, boxes=True,
+                                               heatmap=(mode == "heatmap"), run_time=run_time)
+        except Exception as exc:
+            log.bar_error(self.iface, "adding the result layers failed", exc)
+            self._finish("error")
+            return
+        self.last_layers = made
+        crs = layers.result_crs(result.crs, layer_crs)
+        for box in sorted(result.boxes, key=lambda b: (-b.score, b.prompt)):
+            item = QTreeWidgetItem([str(box.rank), box.prompt, f"{box.score:.3f}"])
+            item.setData(0, ROLE_BOUNDS, list(box.bounds))
+            item.setData(0, ROLE_CRS, crs)
+            self.results.addTopLevelItem(item)
+        for col in range(3):
+            self.results.resizeColumnToContents(col)
+        rate = result.tiles / result.seconds if result.seconds else 0.0
+        self.progress.setValue(100)
+        self.status_label.setText(f"{len(result.boxes)} boxes · {result.tiles} tiles in "
+                                  f"{result.seconds:.1f} s ({rate:.1f} tiles/s) · {result.device}")
+        self._finish("done")
+
+    def _count_done(self, req: tasks.CountRequest, layer_crs, run_time, result) -> None:
+        self.last_result = result
+        text = layers.count_text(result)
+        self.last_count = text
+        try:
+            boxes = getattr(result, "boxes", None)
+            if boxes:
+                layer = layers.boxes_layer(boxes, req.object_name, req.model_name,
+                                           layers.result_crs(getattr(result, "crs", None), layer_crs),
+                                           run_time)
+                layers.set_abstract(layer, f"MapCLIP count of '{req.object_name}' "
+                                           f"with {req.model_name}: {text}")
+                group = layers.run_group(f"MapCLIP count: {req.object_name}")
+                layers.add_to_group(layer, group)
+                self.last_layers = [layer]
+        except Exception as exc:
+            log.bar_error(self.iface, "adding the count layer failed", exc)
+        self.progress.setValue(100)
+        self.status_label.setText(f"Count of '{req.object_name}': {text}")
+        log.bar_success(self.iface, f"count of '{req.object_name}': {text}")
+        self._finish("done")
+
+    def _job_error(self, exc: BaseException, details: str) -> None:
+        text = log.bar_error(self.iface, "search failed", exc, details)
+        self.status_label.setText(text)
+        self._finish("error")
+
+    def _job_cancelled(self) -> None:
+        self.status_label.setText("Cancelled: nothing added")
+        self.progress.setValue(0)
+        self._finish("cancelled")
+
+    def cancel(self) -> None:
+        if self.renderer is not None:
+            self.renderer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+        self.status_label.setText("Cancelling…")
+
+    def _cleanup_temp(self) -> None:
+        for path in self._temp_files:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        self._temp_files = []
+
+    def _refresh_history(self, current: str) -> None:
+        self.prompt_combo.blockSignals(True)
+        self.prompt_combo.clear()
+        self.prompt_combo.addItems(self.settings.prompt_history())
+        self.prompt_combo.setEditText(current)
+        self.prompt_combo.blockSignals(False)
+
+    # ------------------------------------------------------------- results --
+    def zoom_to_item(self, item: QTreeWidgetItem, column: int = 0) -> bool:
+        bounds = item.data(0, ROLE_BOUNDS)
+        crs = item.data(0, ROLE_CRS)
+        canvas = self.canvas()
+        if not bounds or canvas is None:
+            return False
+        rect = QgsRectangle(*[float(v) for v in bounds])
+        dest = canvas.mapSettings().destinationCrs()
+        if isinstance(crs, QgsCoordinateReferenceSystem) and crs.isValid() and crs != dest:
+            rect = QgsCoordinateTransform(crs, dest, QgsProject.instance()).transformBoundingBox(rect)
+        canvas.setExtent(rect.buffered(max(rect.width(), rect.height()) * 0.5))
+        canvas.refresh()
+        try:
+            canvas.flashGeometries([QgsGeometry.fromRect(rect)], dest)
+        except Exception:
+            pass
+        return True
+
+    # ------------------------------------------------------------- archive --
+    def index_path(self) -> str:
+        return self.index_widget.filePath().strip()
+
+    def build_index(self) -> bool:
+        folder = self.build_sources.filePath().strip()
+        out = self.index_path()
+        if not folder or not os.path.isdir(folder):
+            log.bar_warning(self.iface, "choose a folder of rasters or images to index")
+            return False
+        if not out:
+            out, _ = QFileDialog.getSaveFileName(self, "Save the index as", folder)
+            if not out:
+                return False
+            self.index_widget.setFilePath(out)
+        missing = deps.missing_modules()
+        if missing:
+            log.bar_warning(self.iface, deps.missing_message(missing))
+            return False
+        model = self.current_model()
+        device = None if self.device_combo.currentText() == "auto" else self.device_combo.currentText()
+
+        def job(progress, cancel):
+            from ..engine import index as eindex
+            return eindex.build_index([folder], out, tasks.get_model(model, device),
+                                      progress=progress, cancel=cancel)
+
+        def done(info):
+            self.archive_status.setText(f"Index written: {out}")
+            self.settings.set("index_path", out)
+            log.bar_success(self.iface, f"index built: {out}")
+
+        return self._start_archive_task(f"MapCLIP: index {folder}", job, done)
+
+    def search_archive(self, like=None) -> bool:
+        index = self.index_path()
+        text = self.archive_query.text().strip()
+        if not index or not os.path.exists(index):
+            log.bar_warning(self.iface, "open or build an index first")
+            return False
+        if like is None and not text:
+            log.bar_warning(self.iface, "type a query, or click a place on the map")
+            return False
+        missing = deps.missing_modules()
+        if missing:
+            log.bar_warning(self.iface, deps.missing_message(missing))
+            return False
+        self.save_settings()
+        model = self.current_model()
+        device = None if self.device_combo.currentText() == "auto" else self.device_combo.currentText()
+        top_k = self.archive_topk.value()
+        query = text if like is None else "like ({:.1f}, {:.1f})".format(like[0], like[1])
+
+        def job(progress, cancel):
+            from ..engine import index as eindex
+            kwargs = {"k": top_k, "progress": progress, "cancel": cancel}
+            if like is None:
+                kwargs["text"] = text
+            else:
+                kwargs["like"] = like
+            return eindex.search_index(index, model=tasks.get_model(model, device), **kwargs)
+
+        def done(hits):
+            self._show_hits(hits or [], query, model)
+
+        return self._start_archive_task(f"MapCLIP: archive search '{query}'", job, done)
+
+    def _start_archive_task(self, title, job, done) -> bool:
+        if self.task is not None:
+            return False
+        self.archive_status.setText(title + "…")
+
+        def on_done(result):
+            try:
+                done(result)
+            finally:
+                self._finish("done")
+
+        self.task = tasks.EngineTask(title, job, on_done=on_done, on_error=self._archive_error,
+                                     on_cancel=self._job_cancelled, iface=self.iface)
+        self.task.stepped.connect(self._stepped)
+        self._set_running(True)
+        tasks.start(self.task)
+        return True
+
+    def _archive_error(self, exc, details) -> None:
+        self.archive_status.setText(log.bar_error(self.iface, "archive job failed", exc, details))
+        self._finish("error")
+
+    def _show_hits(self, hits: Sequence[Any], query: str, model: str) -> None:
+        self.archive_results.clear()
+        layer = layers.hits_layer(hits, query, model)
+        if layer.featureCount():
+            group = layers.run_group(f"MapCLIP archive: {query[:50]}")
+            layers.add_to_group(layer, group)
+            self.last_layers = [layer]
+        for i, hit in enumerate(hits):
+            src = str(getattr(hit, "path", getattr(hit, "source", "")))
+            item = QTreeWidgetItem([str(getattr(hit, "rank", i + 1)), os.path.basename(src),
+                                    f"{float(getattr(hit, 'score', 0.0)):.3f}"])
+            item.setToolTip(1, src)
+            if getattr(hit, "bounds", None) is not None:
+                item.setData(0, ROLE_BOUNDS, list(hit.bounds))
+                item.setData(0, ROLE_CRS, layer.crs())
+            self.archive_results.addTopLevelItem(item)
+        self.archive_status.setText(f"{len(hits)} hits for {query}")
+
+    def _pick_toggled(self, on: bool) -> None:
+        canvas = self.canvas()
+        if canvas is None:
+            return
+        if on:
+            from .maptool import PickPlaceTool
+            if self.pick_tool is None:
+                self.pick_tool = PickPlaceTool(canvas)
+                self.pick_tool.picked.connect(self._place_picked)
+            self._prev_tool = canvas.mapTool()
+            canvas.setMapTool(self.pick_tool)
+        elif self.pick_tool is not None and canvas.mapTool() is self.pick_tool:
+            canvas.unsetMapTool(self.pick_tool)
+            if self._prev_tool is not None:
+                canvas.setMapTool(self._prev_tool)
+
+    def _place_picked(self, point, crs) -> None:
+        self.pick_button.setChecked(False)
+        self.search_archive(like=(point.x(), point.y(), crs_text(crs)))
+
+    # ------------------------------------------------------------- cleanup --
+    def shutdown(self) -> None:
+        """Stop what runs and release the map tool (plugin unload)."""
+        if self.task is not None:
+            self.task.on_done = self.task.on_error = self.task.on_cancel = None
+            self.task.cancel()
+            self.task = None
+        if self.renderer is not None:
+            self.renderer.cancel()
+            self.renderer = None
+        canvas = self.canvas()
+        if canvas is not None and self.pick_tool is not None:
+            if canvas.mapTool() is self.pick_tool:
+                canvas.unsetMapTool(self.pick_tool)
+            self.pick_tool.deleteLater()
+            self.pick_tool = None
+        self._cleanup_temp()

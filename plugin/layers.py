@@ -1,0 +1,311 @@
+"""Engine results -> QGIS layers.
+
+- Boxes: one polygon layer per prompt, named after the prompt, in the raster's
+  CRS, fields prompt, score, cosine, rank, model, run_time; styled from
+  ``resources/styles/boxes.qml`` (graduated by score, score labels) with the
+  classes recomputed for the run's scores. Memory layers by default; saved to
+  a GeoPackage when the user asks.
+- Heatmap: a single-band GeoTIFF per prompt with a pseudocolour ramp whose low
+  end is transparent, so only high-scoring places tint the map.
+- Archive hits: a point/polygon layer with rank, score and source.
+- Each run gets its own layer group at the top of the layer tree.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import tempfile
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from qgis.core import (QgsColorRampShader, QgsCoordinateReferenceSystem, QgsFeature,
+                       QgsField, QgsFields, QgsGeometry, QgsGraduatedSymbolRenderer,
+                       QgsLayerTreeGroup, QgsMapLayer, QgsPointXY, QgsProject,
+                       QgsRasterLayer, QgsRasterShader, QgsRectangle,
+                       QgsSingleBandPseudoColorRenderer, QgsVectorFileWriter,
+                       QgsVectorLayer)
+from qgis.PyQt.QtCore import QDateTime, Qt, QVariant
+from qgis.PyQt.QtGui import QColor
+
+from . import log
+
+STYLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "resources", "styles")
+BOXES_STYLE = os.path.join(STYLES_DIR, "boxes.qml")
+HITS_STYLE = os.path.join(STYLES_DIR, "hits.qml")
+BOX_FIELDS = (("prompt", QVariant.String), ("score", QVariant.Double),
+              ("cosine", QVariant.Double), ("rank", QVariant.Int),
+              ("model", QVariant.String), ("run_time", QVariant.DateTime))
+HIT_FIELDS = (("rank", QVariant.Int), ("score", QVariant.Double), ("source", QVariant.String),
+              ("model", QVariant.String), ("query", QVariant.String))
+#: heatmap ramp: (position 0..1 between the low cut and the maximum, colour, alpha)
+HEAT_RAMP = ((0.0, "#2c7bb6", 0), (0.35, "#abd9e9", 110), (0.6, "#ffffbf", 160),
+             (0.8, "#fdae61", 200), (1.0, "#d7191c", 230))
+HEAT_LOW_QUANTILE = 0.5  # scores below the median are fully transparent
+
+
+def _as_crs(crs: Any) -> QgsCoordinateReferenceSystem:
+    if isinstance(crs, QgsCoordinateReferenceSystem):
+        return crs
+    out = QgsCoordinateReferenceSystem()
+    if crs:
+        text = str(crs)
+        if re.match(r"^[A-Za-z]+:\d+$", text):
+            out = QgsCoordinateReferenceSystem(text)
+        else:
+            out = QgsCoordinateReferenceSystem.fromWkt(text)
+    return out
+
+
+def result_crs(result_crs_text: Optional[str], fallback: Any = None) -> QgsCoordinateReferenceSystem:
+    """The CRS a result is in: the fallback (the raster layer's own CRS) when valid, else the WKT."""
+    fb = _as_crs(fallback) if fallback is not None else QgsCoordinateReferenceSystem()
+    if fb.isValid():
+        return fb
+    return _as_crs(result_crs_text)
+
+
+def _fields(spec) -> QgsFields:
+    fields = QgsFields()
+    for name, kind in spec:
+        fields.append(QgsField(name, kind))
+    return fields
+
+
+def _rect_geometry(bounds: Sequence[float]) -> QgsGeometry:
+    xmin, ymin, xmax, ymax = (float(v) for v in bounds)
+    return QgsGeometry.fromRect(QgsRectangle(xmin, ymin, xmax, ymax))
+
+
+def layer_name(prompt: str, suffix: str = "") -> str:
+    name = " ".join(prompt.split())[:60] or "MapCLIP"
+    return f"{name} {suffix}".strip()
+
+
+def boxes_layer(boxes: Iterable[Any], prompt: str, model: str, crs: QgsCoordinateReferenceSystem,
+                run_time: Optional[_dt.datetime] = None) -> QgsVectorLayer:
+    """A memory polygon layer of the boxes of one prompt, styled by score."""
+    run_time = run_time or _dt.datetime.now(_dt.timezone.utc)
+    layer = QgsVectorLayer("Polygon", layer_name(prompt), "memory")
+    layer.setCrs(crs)
+    provider = layer.dataProvider()
+    provider.addAttributes(list(_fields(BOX_FIELDS)))
+    layer.updateFields()
+    stamp = QDateTime(run_time.astimezone(_dt.timezone.utc).replace(tzinfo=None))
+    stamp.setTimeSpec(Qt.UTC)
+    feats = []
+    for box in boxes:
+        feat = QgsFeature(layer.fields())
+        feat.setGeometry(_rect_geometry(box.bounds))
+        feat.setAttributes([box.prompt, float(box.score), float(box.cosine), int(box.rank),
+                            model, stamp])
+        feats.append(feat)
+    provider.addFeatures(feats)
+    layer.updateExtents()
+    style_boxes(layer)
+    return layer
+
+
+def style_boxes(layer: QgsVectorLayer) -> None:
+    """Apply boxes.qml, then spread its graduated classes over this layer's scores."""
+    if os.path.isfile(BOXES_STYLE):
+        _, ok = layer.loadNamedStyle(BOXES_STYLE)
+        if not ok:
+            log.warning(f"could not load style {BOXES_STYLE}")
+    renderer = layer.renderer()
+    if isinstance(renderer, QgsGraduatedSymbolRenderer) and layer.featureCount():
+        classes = max(1, min(5, len(renderer.ranges()) or 5, layer.featureCount()))
+        renderer.updateClasses(layer, QgsGraduatedSymbolRenderer.EqualInterval, classes)
+    layer.triggerRepaint()
+
+
+def set_abstract(layer: QgsMapLayer, text: str) -> None:
+    """Write ``text`` into the layer's metadata abstract (Layer Properties > Metadata)."""
+    md = layer.metadata()
+    md.setAbstract(text)
+    layer.setMetadata(md)
+
+
+def run_group(title: str, project: Optional[QgsProject] = None) -> QgsLayerTreeGroup:
+    """A new layer group at the top of the tree for one run."""
+    project = project or QgsProject.instance()
+    return project.layerTreeRoot().insertGroup(0, title)
+
+
+def add_to_group(layer: QgsMapLayer, group: Optional[QgsLayerTreeGroup],
+                 project: Optional[QgsProject] = None) -> QgsMapLayer:
+    project = project or QgsProject.instance()
+    project.addMapLayer(layer, group is None)
+    if group is not None:
+        group.addLayer(layer)
+    return layer
+
+
+def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> QgsVectorLayer:
+    """Write ``layer`` into the GeoPackage ``path`` (as table ``table``); return the saved layer."""
+    table = table or re.sub(r"[^0-9A-Za-z_]+", "_", layer.name()).strip("_") or "boxes"
+    opts = QgsVectorFileWriter.SaveVectorOptions()
+    opts.driverName = "GPKG"
+    opts.layerName = table
+    opts.actionOnExistingFile = (QgsVectorFileWriter.CreateOrOverwriteLayer if os.path.exists(path)
+                                 else QgsVectorFileWriter.CreateOrOverwriteFile)
+    ctx = QgsProject.instance().transformContext()
+    res = QgsVectorFileWriter.writeAsVectorFormatV3(layer, path, ctx, opts) \
+        if hasattr(QgsVectorFileWriter, "writeAsVectorFormatV3") \
+        else QgsVectorFileWriter.writeAsVectorFormatV2(layer, path, ctx, opts)
+    if res[0] != QgsVectorFileWriter.NoError:
+        raise OSError(f"could not write {path}: {res[1]}")
+    saved = QgsVectorLayer(f"{path}|layername={table}", layer.name(), "ogr")
+    saved.setRenderer(layer.renderer().clone())
+    saved.setLabeling(layer.labeling().clone() if layer.labeling() else None)
+    saved.setLabelsEnabled(layer.labelsEnabled())
+    saved.setMetadata(layer.metadata())
+    return saved
+
+
+# --------------------------------------------------------------------------- #
+# Heatmaps
+# --------------------------------------------------------------------------- #
+def write_heat_tiff(array, transform, crs_wkt: Optional[str], path: str) -> str:
+    """Write one (H, W) float32 score plane as a georeferenced GeoTIFF (GDAL)."""
+    import numpy as np
+    from osgeo import gdal
+    arr = np.asarray(array, dtype="float32")
+    h, w = arr.shape
+    drv = gdal.GetDriverByName("GTiff")
+    ds = drv.Create(path, w, h, 1, gdal.GDT_Float32, ["COMPRESS=DEFLATE"])
+    a, b, c, d, e, f = (transform.a, transform.b, transform.c, transform.d, transform.e,
+                        transform.f)
+    ds.SetGeoTransform((c, a, b, f, d, e))
+    if crs_wkt:
+        ds.SetProjection(str(crs_wkt))
+    band = ds.GetRasterBand(1)
+    band.SetNoDataValue(float("nan"))
+    band.WriteArray(arr)
+    band.FlushCache()
+    ds = None
+    return path
+
+
+def style_heatmap(layer: QgsRasterLayer, low: float, high: float) -> None:
+    """Singleband pseudocolour, transparent below ``low`` and warm toward ``high``."""
+    if not high > low:
+        high = low + 1e-6
+    shader_fn = QgsColorRampShader(low, high)
+    shader_fn.setColorRampType(QgsColorRampShader.Interpolated)
+    items = []
+    for pos, colour, alpha in HEAT_RAMP:
+        c = QColor(colour)
+        c.setAlpha(alpha)
+        value = low + pos * (high - low)
+        items.append(QgsColorRampShader.ColorRampItem(value, c, f"{value:.3f}"))
+    shader_fn.setColorRampItemList(items)
+    shader_fn.setClip(False)
+    shader = QgsRasterShader()
+    shader.setRasterShaderFunction(shader_fn)
+    renderer = QgsSingleBandPseudoColorRenderer(layer.dataProvider(), 1, shader)
+    renderer.setClassificationMin(low)
+    renderer.setClassificationMax(high)
+    layer.setRenderer(renderer)
+    layer.triggerRepaint()
+
+
+def heatmap_layer(array, transform, crs_wkt: Optional[str], prompt: str,
+                  crs: Optional[QgsCoordinateReferenceSystem] = None,
+                  folder: Optional[str] = None) -> QgsRasterLayer:
+    """A styled raster layer of one prompt's score plane, written to ``folder`` (temp)."""
+    import numpy as np
+    folder = folder or tempfile.mkdtemp(prefix="mapclip-heat-")
+    slug = re.sub(r"[^0-9A-Za-z]+", "_", prompt).strip("_")[:40] or "heatmap"
+    path = os.path.join(folder, f"{slug}.tif")
+    write_heat_tiff(array, transform, crs_wkt, path)
+    layer = QgsRasterLayer(path, layer_name(prompt, "(heatmap)"), "gdal")
+    if crs is not None and crs.isValid() and not layer.crs().isValid():
+        layer.setCrs(crs)
+    finite = np.asarray(array, dtype="float64")
+    finite = finite[np.isfinite(finite)]
+    if finite.size:
+        low, high = float(np.quantile(finite, HEAT_LOW_QUANTILE)), float(finite.max())
+    else:
+        low, high = 0.0, 1.0
+    style_heatmap(layer, low, high)
+    return layer
+
+
+# --------------------------------------------------------------------------- #
+# Detect / count / archive results -> layers in a run group
+# --------------------------------------------------------------------------- #
+def add_detect_result(result: Any, prompts: Sequence[str], model: str,
+                      crs: Optional[QgsCoordinateReferenceSystem] = None,
+                      gpkg: Optional[str] = None, boxes: bool = True, heatmap: bool = False,
+                      project: Optional[QgsProject] = None,
+                      run_time: Optional[_dt.datetime] = None) -> Tuple[QgsLayerTreeGroup, List[QgsMapLayer]]:
+    """Add one run's layers (boxes per prompt, heatmaps on request) in a new group."""
+    project = project or QgsProject.instance()
+    run_time = run_time or _dt.datetime.now(_dt.timezone.utc)
+    crs = result_crs(getattr(result, "crs", None), crs)
+    title = f"MapCLIP {run_time.astimezone().strftime('%H:%M:%S')}: {'; '.join(prompts)[:50]}"
+    made: List[QgsMapLayer] = []
+    if boxes:
+        for prompt in prompts:
+            own = [b for b in result.boxes if b.prompt == prompt]
+            layer = boxes_layer(own, prompt, model, crs, run_time)
+            set_abstract(layer, f"MapCLIP boxes for '{prompt}', model {model}, "
+                                f"{len(own)} boxes, {result.tiles} tiles in {result.seconds:.1f} s "
+                                f"on {result.device}.")
+            if gpkg:
+                layer = save_gpkg(layer, gpkg)
+            made.append(layer)
+    heat = getattr(result, "heatmap", None)
+    if heatmap and heat is not None and getattr(result, "heatmap_transform", None) is not None:
+        folder = tempfile.mkdtemp(prefix="mapclip-heat-")
+        for i, prompt in enumerate(prompts[: heat.shape[0]]):
+            made.append(heatmap_layer(heat[i], result.heatmap_transform, result.crs, prompt,
+                                      crs, folder))
+    group = run_group(title, project)
+    for layer in made:
+        add_to_group(layer, group, project)
+    return group, made
+
+
+def count_text(result: Any) -> str:
+    """'prompt: 12, dense: 9' from a CountResult (any object with ``counts``)."""
+    counts = getattr(result, "counts", None)
+    if counts is None and isinstance(result, dict):
+        counts = result.get("counts")
+    if isinstance(counts, dict):
+        return ", ".join(f"{k}: {v}" for k, v in counts.items())
+    return str(counts if counts is not None else result)
+
+
+def hits_layer(hits: Sequence[Any], query: str, model: str,
+               crs: Optional[QgsCoordinateReferenceSystem] = None) -> QgsVectorLayer:
+    """Archive-search hits as polygons (their footprints) with rank, score and source."""
+    layer = QgsVectorLayer("Polygon", layer_name(query, "(archive)"), "memory")
+    if crs is not None:
+        layer.setCrs(crs)
+    provider = layer.dataProvider()
+    provider.addAttributes(list(_fields(HIT_FIELDS)))
+    layer.updateFields()
+    feats = []
+    for i, hit in enumerate(hits):
+        bounds = getattr(hit, "bounds", None)
+        if bounds is None:
+            continue
+        hit_crs = getattr(hit, "crs", None)
+        if not layer.crs().isValid() and hit_crs:
+            layer.setCrs(_as_crs(hit_crs))
+        feat = QgsFeature(layer.fields())
+        feat.setGeometry(_rect_geometry(bounds))
+        feat.setAttributes([int(getattr(hit, "rank", i + 1)), float(getattr(hit, "score", 0.0)),
+                            str(getattr(hit, "path", getattr(hit, "source", ""))), model, query])
+        feats.append(feat)
+    provider.addFeatures(feats)
+    layer.updateExtents()
+    if os.path.isfile(HITS_STYLE):
+        layer.loadNamedStyle(HITS_STYLE)
+        renderer = layer.renderer()
+        if isinstance(renderer, QgsGraduatedSymbolRenderer) and layer.featureCount():
+            renderer.updateClasses(layer, QgsGraduatedSymbolRenderer.EqualInterval,
+                                   max(1, min(5, layer.featureCount())))
+    return layer

@@ -1,0 +1,243 @@
+"""MapClipPlugin: what QGIS loads (classFactory), its menu, toolbar, dock and provider.
+
+- Menu *Raster > MapCLIP*: the search dock, Fine-tune…, Convert annotations…,
+  De-duplicate images…, Install dependencies…; a "MapCLIP" toolbar with the
+  dock toggle.
+- The Processing provider is registered in :meth:`initProcessing` (QGIS calls
+  it on its own for ``qgis_process``, where there is no ``iface``).
+- Missing torch/open_clip/rasterio: the plugin loads anyway, the message bar
+  names what is missing and offers to install it (see :mod:`.deps`).
+- :meth:`unload` removes everything it added: actions, menu entries, the
+  toolbar, the dock, the provider, running tasks and the map tool.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+from qgis.core import Qgis
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QIcon
+from qgis.PyQt.QtWidgets import QAction, QProgressBar
+
+from . import deps, log, tasks
+
+MENU = "&MapCLIP"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ICON = os.path.join(ROOT, "resources", "icon.svg")
+#: menu entry -> (module in plugin/dialogs, class names to look for)
+DIALOGS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
+    "finetune": ("finetune_dialog", ("FinetuneDialog",)),
+    "convert": ("convert_dialog", ("ConvertDialog",)),
+    "dedup": ("dedup_dialog", ("DedupDialog", "DeduplicateDialog")),
+}
+DIALOG_LABELS = {"finetune": "Fine-tune a model…", "convert": "Convert annotations…",
+                 "dedup": "De-duplicate images…"}
+
+
+def dialog_class(key: str):
+    """The dialog class for ``key`` from plugin/dialogs, or None when that module is missing."""
+    module_name, names = DIALOGS[key]
+    try:
+        module = importlib.import_module(f"{__package__}.dialogs.{module_name}")
+    except ImportError as exc:
+        log.warning(f"dialog {module_name} is not available: {exc}")
+        return None
+    for name in names:
+        if hasattr(module, name):
+            return getattr(module, name)
+    return None
+
+
+class MapClipPlugin:
+    """The object QGIS holds for the plugin."""
+
+    def __init__(self, iface):
+        self.iface = iface
+        self.actions: List[QAction] = []
+        self.menu_actions: List[QAction] = []
+        self.toolbar = None
+        self.dock = None
+        self.dock_action: Optional[QAction] = None
+        self.provider = None
+        self.missing: List[str] = []
+        self.deps_item = None
+        self.installer = None
+        self.dialogs: Dict[str, Any] = {}
+        deps.add_deps_path()
+
+    # ------------------------------------------------------------ Processing --
+    def initProcessing(self) -> None:  # noqa: N802 (QGIS's name)
+        if self.provider is not None:
+            return
+        try:
+            from .processing import add_provider
+        except ImportError as exc:
+            log.warning(f"the Processing provider is not available: {exc}")
+            return
+        try:
+            self.provider = add_provider()
+        except Exception as exc:  # a broken provider must not stop the plugin
+            log.bar_error(self.iface, "registering the MapCLIP Processing provider failed", exc)
+
+    # ------------------------------------------------------------------- GUI --
+    def _action(self, text: str, slot, menu: bool = True, checkable: bool = False) -> QAction:
+        action = QAction(QIcon(ICON), text, self.iface.mainWindow())
+        action.setCheckable(checkable)
+        action.setObjectName("mapclip_" + "".join(c for c in text.lower() if c.isalnum()))
+        (action.toggled if checkable else action.triggered).connect(slot)
+        self.actions.append(action)
+        if menu:
+            self.iface.addPluginToRasterMenu(MENU, action)
+            self.menu_actions.append(action)
+        return action
+
+    def initGui(self) -> None:  # noqa: N802 (QGIS's name)
+        self.initProcessing()
+        self.toolbar = self.iface.addToolBar("MapCLIP")
+        self.toolbar.setObjectName("MapCLIPToolbar")
+        self.dock_action = self._action("MapCLIP search", self.toggle_dock, checkable=True)
+        self.dock_action.setToolTip("search the map by text (MapCLIP)")
+        self.toolbar.addAction(self.dock_action)
+        for key in ("finetune", "convert", "dedup"):
+            self._action(DIALOG_LABELS[key], lambda _=False, k=key: self.open_dialog(k))
+        self._action("Install dependencies…", self.install_deps)
+        self.check_deps()
+
+    def check_deps(self) -> List[str]:
+        """Say in the message bar what is missing, with an Install button."""
+        self.missing = deps.missing_modules()
+        if self.missing:
+            self.deps_item = deps.offer_install(self.iface, self.missing, self.install_deps)
+        return self.missing
+
+    # ------------------------------------------------------------------ dock --
+    def ensure_dock(self):
+        if self.dock is None:
+            from .dock import MapClipDock
+            self.dock = MapClipDock(self.iface, self.iface.mainWindow())
+            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+            self.dock.visibilityChanged.connect(self._dock_visibility)
+        return self.dock
+
+    def toggle_dock(self, on: bool) -> None:
+        if on:
+            self.ensure_dock().show()
+            self.dock.raise_()
+        elif self.dock is not None:
+            self.dock.hide()
+
+    def _dock_visibility(self, visible: bool) -> None:
+        if self.dock_action is not None and self.dock_action.isChecked() != visible:
+            self.dock_action.blockSignals(True)
+            self.dock_action.setChecked(visible)
+            self.dock_action.blockSignals(False)
+
+    # --------------------------------------------------------------- dialogs --
+    def open_dialog(self, key: str):
+        cls = dialog_class(key)
+        if cls is None:
+            log.bar_warning(self.iface, f"{DIALOG_LABELS[key].rstrip('…')} is not available "
+                                        f"in this version")
+            return None
+        dlg = self.dialogs.get(key)
+        if dlg is None:
+            kwargs = {}
+            if key == "finetune":
+                kwargs["on_model_ready"] = self.add_model
+            try:
+                dlg = cls(self.iface, self.iface.mainWindow(), **kwargs)
+            except TypeError:
+                dlg = cls(self.iface, self.iface.mainWindow())
+            self.dialogs[key] = dlg
+        dlg.show()
+        dlg.raise_()
+        return dlg
+
+    def add_model(self, spec: str, label: Optional[str] = None) -> None:
+        """Add a model (the fine-tune result) to the dock's picker."""
+        from .settings import Settings
+        Settings().add_custom_model(spec, label)
+        if self.dock is not None:
+            self.dock.refresh_models()
+            self.dock.select_model(spec)
+        log.bar_success(self.iface, f"model {label or spec} added to the MapCLIP dock")
+
+    # ---------------------------------------------------------- dependencies --
+    def install_deps(self) -> None:
+        """pip install the engine's packages into the plugin's folder (QProcess)."""
+        if self.installer is not None:
+            return
+        plan = deps.pip_plan()
+        log.info("running: " + " ".join(plan.command()))
+        bar = self.iface.messageBar()
+        if self.deps_item is not None:
+            try:
+                bar.popWidget(self.deps_item)
+            except Exception:
+                pass
+            self.deps_item = None
+        item = bar.createMessage("MapCLIP", f"installing packages into {plan.target} "
+                                            f"({'CUDA' if plan.cuda else 'CPU'} torch)…")
+        progress = QProgressBar(item)
+        progress.setRange(0, 0)  # busy: pip does not say how much is left
+        item.layout().addWidget(progress)
+        bar.pushWidget(item, Qgis.Info, 0)
+        self.installer = deps.PipInstaller(plan)
+
+        def stepped(n: int, line: str) -> None:
+            item.setText(line)
+
+        def finished(ok: bool, message: str) -> None:
+            try:
+                bar.popWidget(item)
+            except Exception:
+                pass
+            self.installer = None
+            if ok:
+                self.missing = deps.missing_modules()
+                log.bar_success(self.iface, f"MapCLIP's packages are installed: {message}")
+            else:
+                log.bar_error(self.iface, f"installing MapCLIP's packages failed: {message}")
+
+        self.installer.step.connect(stepped)
+        self.installer.finished.connect(finished)
+        self.installer.start()
+
+    # ---------------------------------------------------------------- unload --
+    def unload(self) -> None:
+        tasks.cancel_all()
+        if self.installer is not None:
+            self.installer.cancel()
+            self.installer = None
+        for dlg in self.dialogs.values():
+            try:
+                dlg.close()
+                dlg.deleteLater()
+            except RuntimeError:
+                pass
+        self.dialogs.clear()
+        if self.dock is not None:
+            self.dock.shutdown()
+            self.iface.removeDockWidget(self.dock)
+            self.dock.deleteLater()
+            self.dock = None
+        for action in self.menu_actions:
+            self.iface.removePluginRasterMenu(MENU, action)
+        if self.toolbar is not None:
+            for action in self.actions:
+                self.toolbar.removeAction(action)
+            self.toolbar.deleteLater()
+            self.toolbar = None
+        for action in self.actions:
+            action.deleteLater()
+        self.actions, self.menu_actions = [], []
+        self.dock_action = None
+        if self.provider is not None:
+            try:
+                from .processing import remove_provider
+                remove_provider(self.provider)
+            except ImportError:
+                pass
+            self.provider = None

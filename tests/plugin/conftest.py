@@ -1,0 +1,196 @@
+"""Plugin tests run in a real QGIS: one offscreen QgsApplication for the session.
+
+The repository is imported as the package ``mapclip`` (as QGIS installs it),
+through a symlink in a temporary folder, whatever the checkout is called.
+:class:`IfaceStub` stands in for QGIS's ``iface``: its main window, map canvas
+and message bar are real widgets, and everything a plugin adds through it
+(docks, toolbar icons, toolbars, menu entries) is tracked, so tests can assert
+that ``unload()`` leaves nothing behind.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="runtime-mapclip-"))
+
+ROOT = Path(__file__).resolve().parents[2]
+
+from qgis.core import QgsApplication  # noqa: E402
+
+_APP = QgsApplication.instance()
+if _APP is None:
+    _PROFILE = tempfile.mkdtemp(prefix="mapclip-qgis-profile-")
+    QgsApplication.setOrganizationName("MapCLIPTests")
+    QgsApplication.setApplicationName("MapCLIPTests")
+    _APP = QgsApplication([], True, _PROFILE)
+    _APP.initQgis()
+
+
+def _import_mapclip():
+    if "mapclip" not in sys.modules:
+        holder = Path(tempfile.mkdtemp(prefix="mapclip-pkg-"))
+        os.symlink(ROOT, holder / "mapclip")
+        sys.path.insert(0, str(holder))
+    import mapclip
+    return mapclip
+
+
+_import_mapclip()
+
+from qgis.core import QgsProject  # noqa: E402
+from qgis.gui import QgsMapCanvas, QgsMessageBar  # noqa: E402
+from qgis.PyQt.QtCore import QCoreApplication, QEvent  # noqa: E402
+from qgis.PyQt.QtWidgets import QMainWindow, QMenu, QToolBar  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def qgis_app():
+    """The session's QgsApplication (offscreen, initialised)."""
+    return _APP
+
+
+@pytest.fixture(scope="session")
+def qapp(qgis_app):
+    """pytest-qt's application is QGIS's."""
+    return qgis_app
+
+
+@pytest.fixture(scope="session")
+def mapclip():
+    """The repository imported as package ``mapclip``."""
+    return _import_mapclip()
+
+
+def process_deletes() -> None:
+    """Run deleteLater()s and queued events now."""
+    QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+    QCoreApplication.processEvents()
+
+
+class IfaceStub:
+    """A QGIS interface with real widgets that records what a plugin adds."""
+
+    def __init__(self):
+        self.main_window = QMainWindow()
+        self.canvas = QgsMapCanvas(self.main_window)
+        self.canvas.resize(600, 400)
+        self.main_window.setCentralWidget(self.canvas)
+        self.bar = QgsMessageBar(self.main_window)
+        self.docks = []
+        self.toolbar_icons = []
+        self.toolbars = []
+        self.menus = {}          # (menu kind, menu name) -> [actions]
+        self.plugin_toolbar = QToolBar("Plugins", self.main_window)
+        self.main_window.addToolBar(self.plugin_toolbar)
+        self._active = None
+
+    # -- what plugins call -----------------------------------------------
+    def mainWindow(self):  # noqa: N802
+        return self.main_window
+
+    def mapCanvas(self):  # noqa: N802
+        return self.canvas
+
+    def messageBar(self):  # noqa: N802
+        return self.bar
+
+    def activeLayer(self):  # noqa: N802
+        return self._active
+
+    def setActiveLayer(self, layer):  # noqa: N802
+        self._active = layer
+
+    def addDockWidget(self, area, dock):  # noqa: N802
+        self.main_window.addDockWidget(area, dock)
+        self.docks.append(dock)
+
+    def removeDockWidget(self, dock):  # noqa: N802
+        self.main_window.removeDockWidget(dock)
+        if dock in self.docks:
+            self.docks.remove(dock)
+
+    def addToolBarIcon(self, action):  # noqa: N802
+        self.plugin_toolbar.addAction(action)
+        self.toolbar_icons.append(action)
+
+    def removeToolBarIcon(self, action):  # noqa: N802
+        self.plugin_toolbar.removeAction(action)
+        if action in self.toolbar_icons:
+            self.toolbar_icons.remove(action)
+
+    def addToolBar(self, name):  # noqa: N802
+        toolbar = QToolBar(name, self.main_window)
+        self.main_window.addToolBar(toolbar)
+        self.toolbars.append(toolbar)
+        return toolbar
+
+    def _add_menu(self, kind, name, action):
+        self.menus.setdefault((kind, name), []).append(action)
+
+    def _remove_menu(self, kind, name, action):
+        actions = self.menus.get((kind, name), [])
+        if action in actions:
+            actions.remove(action)
+        if not actions:
+            self.menus.pop((kind, name), None)
+
+    def addPluginToMenu(self, name, action):  # noqa: N802
+        self._add_menu("plugins", name, action)
+
+    def removePluginMenu(self, name, action):  # noqa: N802
+        self._remove_menu("plugins", name, action)
+
+    def addPluginToRasterMenu(self, name, action):  # noqa: N802
+        self._add_menu("raster", name, action)
+
+    def removePluginRasterMenu(self, name, action):  # noqa: N802
+        self._remove_menu("raster", name, action)
+
+    # -- what tests look at ------------------------------------------------
+    def live_toolbars(self):
+        from qgis.PyQt import sip
+        return [t for t in self.toolbars if not sip.isdeleted(t)]
+
+    def bar_texts(self):
+        """Title and text of every message-bar item (newest last)."""
+        out = []
+        for item in self.bar.items():
+            out.append(f"{item.title()} {item.text()}".strip())
+        return out
+
+    def close(self):
+        self.bar.clearWidgets()
+        self.canvas.setLayers([])
+        self.main_window.close()
+        self.main_window.deleteLater()
+        process_deletes()
+
+
+@pytest.fixture
+def iface(qgis_app):
+    stub = IfaceStub()
+    yield stub
+    stub.close()
+
+
+@pytest.fixture
+def clean_project(qgis_app):
+    """An empty project before and after the test."""
+    QgsProject.instance().clear()
+    yield QgsProject.instance()
+    QgsProject.instance().clear()
+
+
+@pytest.fixture
+def qgis_settings(qgis_app):
+    """MapCLIP's settings group emptied before and after the test."""
+    from qgis.core import QgsSettings
+    QgsSettings().remove("mapclip")
+    yield QgsSettings()
+    QgsSettings().remove("mapclip")
