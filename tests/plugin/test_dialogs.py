@@ -1,0 +1,169 @@
+"""MapCLIP's dialogs in real QGIS (offscreen): they build, refuse incomplete input with
+a message naming the field, and run their engine job as a QgsTask on tiny inputs."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def qgis(tmp_path_factory):
+    """QGIS (GUI-enabled, offscreen) and the repository importable as ``mapclip``."""
+    if "mapclip" not in sys.modules:
+        holder = tmp_path_factory.mktemp("pkg")
+        os.symlink(ROOT, holder / "mapclip")
+        sys.path.insert(0, str(holder))
+    from qgis.core import QgsApplication
+    if QgsApplication.instance() is None:
+        app = QgsApplication([], True)
+        app.initQgis()
+        qgis.app = app
+    yield QgsApplication.instance()
+
+
+def wait_task(qtbot, dialog, timeout=120_000):
+    qtbot.waitUntil(lambda: dialog.task is not None and dialog.task.is_finished, timeout=timeout)
+    return dialog.task.outcome
+
+
+def write_png(path: Path, rgb, size=(32, 32)) -> Path:
+    from PIL import Image
+    Image.new("RGB", size, tuple(int(v) for v in rgb)).save(path)
+    return path
+
+
+# --------------------------------------------------------------- fine-tune --
+def caption_set(folder: Path, n: int = 8) -> Path:
+    names = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black"]
+    colours = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 20), (20, 220, 220),
+               (220, 20, 220), (250, 250, 250), (5, 5, 5)]
+    rows = ["image,caption"]
+    for i in range(n):
+        write_png(folder / f"im{i}.png", colours[i % 8])
+        rows.append(f"im{i}.png,a {names[i % 8]} square")
+    data = folder / "pairs.csv"
+    data.write_text("\n".join(rows) + "\n")
+    return data
+
+
+def test_finetune_dialog_refuses_missing_fields(qtbot):
+    from mapclip.plugin.dialogs.finetune_dialog import FinetuneDialog
+    dlg = FinetuneDialog()
+    qtbot.addWidget(dlg)
+    dlg.lr.setText("fast")
+    assert dlg.start() is None  # nothing runs
+    assert dlg.task is None
+    assert "Image-caption file" in dlg.last_error and "Output folder" in dlg.last_error
+    assert "Learning rate" in dlg.last_error
+    assert dlg.status.text().startswith("Image-caption file")
+
+
+def test_finetune_dialog_runs_plots_and_offers_the_model(qtbot, tmp_path):
+    from mapclip.plugin.dialogs.finetune_dialog import FinetuneDialog
+    offered = []
+    dlg = FinetuneDialog(on_model_ready=lambda path, name: offered.append((path, name)))
+    qtbot.addWidget(dlg)
+    dlg.data.setFilePath(str(caption_set(tmp_path)))
+    dlg.model.setCurrentText("test-tiny")
+    dlg.epochs.setValue(2)
+    dlg.batch_size.setValue(4)
+    dlg.lr.setText("1e-4")
+    dlg.val_split.setValue(0.25)
+    dlg.device.setText("cpu")
+    dlg.out.setFilePath(str(tmp_path / "run"))
+    assert dlg.validate() == []
+    assert dlg.start() is not None
+    assert wait_task(qtbot, dlg) == "done", dlg.last_error
+    assert dlg.progress.value() == 100
+    assert len(dlg.plot.loss) >= 2 and len(dlg.plot.recall) == 3  # before + 2 epochs
+    assert all(0.0 <= r <= 100.0 for _, r in dlg.plot.recall)
+    # the plot paints without error once it has lines
+    dlg.plot.resize(300, 140)
+    dlg.plot.grab()
+    assert dlg.add_button.isEnabled() and not offered
+    dlg.add_button.click()
+    assert offered == [(str(tmp_path / "run" / "best"), "run")]
+    assert (tmp_path / "run" / "best" / "open_clip_config.json").is_file()
+
+
+def test_finetune_dialog_resume_needs_existing_run(qtbot, tmp_path):
+    from mapclip.plugin.dialogs.finetune_dialog import FinetuneDialog
+    dlg = FinetuneDialog()
+    qtbot.addWidget(dlg)
+    dlg.data.setFilePath(str(caption_set(tmp_path)))
+    dlg.out.setFilePath(str(tmp_path / "nothing-here"))
+    dlg.resume.setChecked(True)
+    assert any("nothing to resume" in p for p in dlg.validate())
+
+
+# ----------------------------------------------------------------- convert --
+def test_convert_dialog_validates_each_tab(qtbot, tmp_path):
+    from mapclip.plugin.dialogs.convert_dialog import ConvertDialog
+    dlg = ConvertDialog()
+    qtbot.addWidget(dlg)
+    problems = dlg.validate()
+    assert any(p.startswith("Annotations") for p in problems)
+    assert any(p.startswith("Captions file") for p in problems)
+    dlg.b2c_format.setCurrentText("yolo")
+    dlg.b2c_annotations.setFilePath(str(tmp_path))
+    assert any("YOLO" in p for p in dlg.validate())
+    dlg.tabs.setCurrentIndex(1)
+    problems = dlg.validate()
+    assert any(p.startswith("Mask folder") for p in problems)
+    assert any(p.startswith("Classes") for p in problems)
+    assert any(p.startswith("Boxes file") for p in problems)
+
+
+def test_convert_dialog_box_to_caption_and_mask_to_box(qtbot, tmp_path):
+    from PIL import Image
+    from mapclip.plugin.dialogs.convert_dialog import ConvertDialog
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}],
+            "categories": [{"id": 1, "name": "ship"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [30, 30, 4, 4]}]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    dlg = ConvertDialog()
+    qtbot.addWidget(dlg)
+    dlg.b2c_annotations.setFilePath(str(tmp_path / "ann.json"))
+    dlg.b2c_out.setFilePath(str(tmp_path / "caps.csv"))
+    assert dlg.start() is not None
+    assert wait_task(qtbot, dlg) == "done", dlg.last_error
+    rows = [r for r in csv.reader((tmp_path / "caps.csv").open()) if r and r[0] != "image"]
+    assert len(rows) == 5 and "5 captions" in dlg.status.text()
+    # Mask-to-Box
+    (tmp_path / "masks").mkdir()
+    m = np.zeros((16, 16), np.uint8)
+    m[4:8, 2:12] = 1
+    Image.fromarray(m).save(tmp_path / "masks" / "m.png")
+    (tmp_path / "classes.json").write_text(json.dumps({"1": "building"}))
+    dlg.tabs.setCurrentIndex(1)
+    dlg.m2b_masks.setFilePath(str(tmp_path / "masks"))
+    dlg.m2b_classes.setFilePath(str(tmp_path / "classes.json"))
+    dlg.m2b_ignore.setValue(0)
+    dlg.m2b_out.setFilePath(str(tmp_path / "boxes.json"))
+    assert dlg.start() is not None
+    assert wait_task(qtbot, dlg) == "done", dlg.last_error
+    boxes = [a["bbox"] for a in json.loads((tmp_path / "boxes.json").read_text())["annotations"]]
+    assert boxes == [[2, 4, 10, 4]]
+    assert "1 boxes" in dlg.status.text() or "building 1" in dlg.status.text()
+
+
+def test_convert_dialog_engine_error_goes_to_message_bar(qtbot, tmp_path):
+    from mapclip.plugin.dialogs.convert_dialog import ConvertDialog
+    (tmp_path / "bad.json").write_text("{oops")
+    dlg = ConvertDialog()
+    qtbot.addWidget(dlg)
+    dlg.b2c_annotations.setFilePath(str(tmp_path / "bad.json"))
+    dlg.b2c_out.setFilePath(str(tmp_path / "caps.csv"))
+    dlg.start()
+    assert wait_task(qtbot, dlg) == "error"
+    assert "bad.json" in dlg.last_error and "fix" in dlg.last_error
+    assert dlg.bar.currentItem() is not None
+    assert dlg.run_button.isEnabled() and not (tmp_path / "caps.csv").exists()
