@@ -271,4 +271,36 @@ class DeduplicateAlgorithm(MapClipAlgorithm):
         self.addOutput(QgsProcessingOutputFile(self.MANIFEST_OUT, "Move manifest"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        raise NotImplementedError
+        folders = [self.parameterAsFile(parameters, self.FOLDER, context)]
+        folders += split_paths(self.parameterAsString(parameters, self.MORE, context))
+        against = self.parameterAsFile(parameters, self.AGAINST, context) or None
+        out = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
+        move_to = None
+        if parameters.get(self.MOVE_TO) not in (None, ""):
+            move_to = self.parameterAsString(parameters, self.MOVE_TO, context) or None
+        segments = None
+        if optional_number(parameters.get(self.SEGMENTS)) not in (None, ""):
+            segments = self.parameterAsInt(parameters, self.SEGMENTS, context)
+        with engine_errors():
+            from ...engine.dedup import DedupOptions, find_duplicates, move_duplicates
+            options = DedupOptions(max_distance=self.parameterAsInt(parameters, self.DISTANCE, context),
+                                   hash_size=self.parameterAsInt(parameters, self.HASH_SIZE, context),
+                                   segments=segments, overwrite=True)
+            find = FeedbackBridge(feedback, 0.0, 80.0 if move_to else 100.0)
+            result = find_duplicates(folders, out, against=[against] if against else None,
+                                     options=options, progress=find.progress, cancel=find)
+            feedback.pushInfo(f"{result.images} images, {len(result.groups)} duplicate groups, "
+                              f"{len(result.contaminated)} duplicating the test folder; "
+                              f"{len(result.remove)} not kept")
+            for path, reason in result.unreadable[:20]:
+                feedback.pushWarning(f"unreadable, skipped: {path} ({reason})")
+            manifest = ""
+            if move_to and result.remove:
+                move = FeedbackBridge(feedback, 80.0, 20.0)
+                moved = move_duplicates(result, move_to, progress=move.progress, cancel=move)
+                manifest = moved.manifest
+                feedback.pushInfo(f"moved {moved.moved} images to {move_to}; undo with "
+                                  f"python -m engine dedup --undo {manifest}")
+        return {self.OUTPUT: result.report or out, self.GROUPS_OUT: len(result.groups),
+                self.DUPLICATES_OUT: len(result.remove), self.MANIFEST_OUT: manifest,
+                self.MOVE_TO: move_to or ""}

@@ -11,22 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def qgis(tmp_path_factory):
-    """QGIS (GUI-enabled, offscreen) and the repository importable as ``mapclip``."""
-    if "mapclip" not in sys.modules:
-        holder = tmp_path_factory.mktemp("pkg")
-        os.symlink(ROOT, holder / "mapclip")
-        sys.path.insert(0, str(holder))
-    from qgis.core import QgsApplication
-    if QgsApplication.instance() is None:
-        app = QgsApplication([], True)
-        app.initQgis()
-        qgis.app = app
-    yield QgsApplication.instance()
+@pytest.fixture(autouse=True)
+def _mapclip(mapclip):
+    """conftest's QGIS application and the repository as package ``mapclip``."""
+    return mapclip
 
 
 def wait_task(qtbot, dialog, timeout=120_000):
@@ -167,3 +157,56 @@ def test_convert_dialog_engine_error_goes_to_message_bar(qtbot, tmp_path):
     assert "bad.json" in dlg.last_error and "fix" in dlg.last_error
     assert dlg.bar.currentItem() is not None
     assert dlg.run_button.isEnabled() and not (tmp_path / "caps.csv").exists()
+
+
+# ------------------------------------------------------------------- dedup --
+def duplicate_folders(tmp_path: Path):
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    train, test = tmp_path / "train", tmp_path / "test"
+    train.mkdir()
+    test.mkdir()
+    a = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
+    b = (np.add.outer(np.arange(48), np.arange(48))[..., None] * [2, 1, 3] % 255).astype(np.uint8)
+    Image.fromarray(a).save(train / "a.png")
+    Image.fromarray(a).save(train / "a_copy.png")
+    Image.fromarray(b).save(train / "b.png")
+    Image.fromarray(b).save(test / "b_test.png")
+    return train, test
+
+
+def test_dedup_dialog_validates(qtbot, tmp_path):
+    from mapclip.plugin.dialogs.dedup_dialog import DedupDialog
+    dlg = DedupDialog()
+    qtbot.addWidget(dlg)
+    assert dlg.start() is None and "Image folders" in dlg.last_error
+    dlg.add_folder(str(tmp_path / "missing"))
+    assert any("does not exist" in p for p in dlg.validate())
+    assert dlg.move_to_quarantine() is None and "find duplicates first" in dlg.last_error
+    assert not dlg.move_button.isEnabled()
+
+
+def test_dedup_dialog_finds_groups_moves_on_request_and_undoes(qtbot, tmp_path):
+    from mapclip.plugin.dialogs.dedup_dialog import DedupDialog
+    train, test = duplicate_folders(tmp_path)
+    dlg = DedupDialog()
+    qtbot.addWidget(dlg)
+    dlg.add_folder(str(train))
+    dlg.test_folder.setFilePath(str(test))
+    assert dlg.start() is not None
+    assert wait_task(qtbot, dlg) == "done", dlg.last_error
+    actions = sorted(dlg.table.item(r, 2).text() for r in range(dlg.table.rowCount()))
+    assert actions == ["contaminated", "duplicate", "keep"]
+    assert not dlg.table.item(0, 1).icon().isNull()  # thumbnail
+    assert len(list(train.iterdir())) == 3           # finding moves nothing
+    assert dlg.move_button.isEnabled() and not dlg.undo_button.isEnabled()
+    # the move needs a quarantine folder
+    assert dlg.move_to_quarantine() is None and "Quarantine folder" in dlg.last_error
+    dlg.quarantine.setFilePath(str(tmp_path / "q"))
+    assert dlg.move_to_quarantine() is not None
+    assert wait_task(qtbot, dlg) == "done", dlg.last_error
+    assert len(list(train.iterdir())) == 1 and dlg.manifest and os.path.isfile(dlg.manifest)
+    assert dlg.undo_button.isEnabled() and not dlg.move_button.isEnabled()
+    assert dlg.undo() is not None
+    assert wait_task(qtbot, dlg) == "done", dlg.last_error
+    assert len(list(train.iterdir())) == 3 and dlg.manifest is None

@@ -24,31 +24,16 @@ ALGORITHMS = ("detect", "heatmap", "count", "buildindex", "searchindex", "finetu
 
 # ------------------------------------------------------------------ set-up --
 @pytest.fixture(scope="session")
-def mapclip(tmp_path_factory):
-    """The repository imported as package ``mapclip``, as QGIS loads it."""
-    if "mapclip" not in sys.modules:
-        holder = tmp_path_factory.mktemp("pkg")
-        os.symlink(ROOT, holder / "mapclip")
-        sys.path.insert(0, str(holder))
-    import mapclip
-    return mapclip
-
-
-@pytest.fixture(scope="session")
-def provider(mapclip):
-    """QGIS with Processing initialised and the MapCLIP provider registered."""
+def provider(qgis_app, mapclip):
+    """Processing initialised and the MapCLIP provider registered (conftest gives QGIS
+    and the repository as package ``mapclip``)."""
     from qgis.core import QgsApplication
-    if QgsApplication.instance() is None:
-        app = QgsApplication([], True)
-        app.initQgis()
-        provider.app = app  # keep it alive for the session
     if QGIS_PLUGINS not in sys.path:
         sys.path.append(QGIS_PLUGINS)
     from processing.core.Processing import Processing
     Processing.initialize()
     from mapclip.plugin.processing import add_provider
-    registry = QgsApplication.processingRegistry()
-    existing = registry.providerById("mapclip")
+    existing = QgsApplication.processingRegistry().providerById("mapclip")
     return existing if existing is not None else add_provider()
 
 
@@ -89,6 +74,10 @@ def test_toolbox_defaults_mirror_the_engine(provider):
     ft = defaults(FinetuneOptions)
     for key, value in training_algs.FINETUNE_DEFAULTS.items():
         assert ft[key] == value, key
+    from mapclip.engine.dedup import DedupOptions
+    dd = defaults(DedupOptions)
+    for key, value in training_algs.DEDUP_DEFAULTS.items():
+        assert dd[key] == value, key
     mo = defaults(MaskOptions)
     for key, value in training_algs.MASK_DEFAULTS.items():
         assert mo[key] == value, key
@@ -175,3 +164,37 @@ def test_finetune_writes_a_loadable_best_model(provider, tmp_path):
     assert best.parent == out and (best / "open_clip_config.json").is_file()
     assert 0.0 <= res["MEAN_RECALL"] <= 100.0
     assert (out / "metrics.jsonl").read_text().count('"type": "step"') >= 1
+
+
+def near_duplicate_folders(tmp_path: Path):
+    """train/: a, a copy of a, b; test/: a copy of b."""
+    rng = np.random.default_rng(1)
+    from PIL import Image
+    train, test = tmp_path / "train", tmp_path / "test"
+    train.mkdir()
+    test.mkdir()
+    a = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
+    b = (np.add.outer(np.arange(48), np.arange(48))[..., None] * [2, 1, 3] % 255).astype(np.uint8)
+    Image.fromarray(a).save(train / "a.png")
+    Image.fromarray(a).save(train / "a_copy.png")
+    Image.fromarray(b).save(train / "b.png")
+    Image.fromarray(b).save(test / "b_test.png")
+    return train, test
+
+
+def test_deduplicate_reports_and_moves_only_when_asked(provider, tmp_path):
+    train, test = near_duplicate_folders(tmp_path)
+    report = tmp_path / "report.csv"
+    res = run("deduplicate", {"FOLDER": str(train), "AGAINST": str(test), "OUTPUT": str(report)})
+    assert res["GROUPS"] == 1 and res["DUPLICATES"] == 2  # a_copy (or a) and contaminated b
+    assert report.is_file() and "b.png" in report.read_text()
+    assert len(list(train.iterdir())) == 3  # nothing moved without a quarantine folder
+    assert res["MANIFEST"] == ""
+    quarantine = tmp_path / "quarantine"
+    res = run("deduplicate", {"FOLDER": str(train), "AGAINST": str(test), "OUTPUT": str(report),
+                              "MOVE_TO": str(quarantine)})
+    assert sorted(p.name for p in train.iterdir()) in (["a.png"], ["a_copy.png"])
+    assert Path(res["MANIFEST"]).is_file()
+    from mapclip.engine.dedup import undo_move
+    undo_move(res["MANIFEST"])
+    assert len(list(train.iterdir())) == 3
