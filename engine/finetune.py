@@ -547,6 +547,20 @@ def _fingerprint(o: FinetuneOptions, data: List[str]) -> Dict[str, Any]:
     return fp
 
 
+def options_from_run(run_dir: Union[str, os.PathLike], **overrides: Any) -> FinetuneOptions:
+    """The options of the run in ``run_dir`` (for resuming it), with ``overrides``."""
+    run = _read_run(Path(run_dir).expanduser())
+    if run is None:
+        raise UsageError(f"{run_dir} holds no run", "give the folder a run was started in")
+    fp = dict(run["fingerprint"])
+    fp["crop_scale"] = tuple(fp.get("crop_scale") or (0.5, 1.0))
+    known = set(FinetuneOptions.__dataclass_fields__)
+    values = {k: v for k, v in fp.items() if k in known}
+    values.update(out=str(run_dir), resume=True)
+    values.update(overrides)
+    return FinetuneOptions(**values)
+
+
 def _write_json(path: Path, obj: Any) -> None:
     part = path.with_name(path.name + ".part")
     part.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
