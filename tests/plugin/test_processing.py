@@ -198,3 +198,47 @@ def test_deduplicate_reports_and_moves_only_when_asked(provider, tmp_path):
     from mapclip.engine.dedup import undo_move
     undo_move(res["MANIFEST"])
     assert len(list(train.iterdir())) == 3
+
+
+# ------------------------------------------------------------ qgis_process --
+def qgis_process_exe() -> str:
+    """Debian's ``qgis_process`` wrapper passes --noversioncheck (from /etc/default/qgis),
+    which 3.22's executable refuses, so call the executable behind it where it exists."""
+    return shutil.which("qgis_process.bin") or shutil.which("qgis_process") or "qgis_process"
+
+
+@pytest.fixture(scope="module")
+def qgis_profile(tmp_path_factory):
+    """A QGIS settings folder whose default profile has MapCLIP installed (a symlink to
+    the repository) and enabled, and the environment qgis_process needs to load it."""
+    base = tmp_path_factory.mktemp("qgis-config")
+    profile = base / "profiles" / "default"
+    (profile / "python" / "plugins").mkdir(parents=True)
+    (profile / "QGIS").mkdir()
+    os.symlink(ROOT, profile / "python" / "plugins" / "mapclip")
+    (profile / "QGIS" / "QGIS3.ini").write_text("[PythonPlugins]\nmapclip=true\n")
+    env = dict(os.environ, QGIS_CUSTOM_CONFIG_PATH=str(base), QT_QPA_PLATFORM="offscreen")
+    # qgis_process runs the system python3: give it the venv's packages
+    site = sysconfig.get_paths()["purelib"]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def test_qgis_process_lists_the_provider(qgis_profile):
+    proc = subprocess.run([qgis_process_exe(), "list"], env=qgis_profile, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    listed = [line.split()[0] for line in proc.stdout.splitlines() if line.strip().startswith("mapclip:")]
+    assert sorted(listed) == sorted(f"mapclip:{a}" for a in ALGORITHMS)
+
+
+def test_qgis_process_runs_box_to_caption(qgis_profile, tmp_path):
+    out = tmp_path / "captions.csv"
+    proc = subprocess.run([qgis_process_exe(), "--json", "run", "mapclip:boxtocaption", "--",
+                           f"ANNOTATIONS={coco_file(tmp_path)}", "FORMAT=0", "SEED=1",
+                           f"OUTPUT={out}"],
+                          env=qgis_profile, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(proc.stdout[proc.stdout.index("{"):])["results"]
+    assert results["CAPTION_COUNT"] == 10 and results["OUTPUT"] == str(out)
+    assert len(out.read_text().strip().splitlines()) == 11  # header + 10 captions
