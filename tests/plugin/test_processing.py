@@ -78,6 +78,10 @@ def test_toolbox_defaults_mirror_the_engine(provider):
     dd = defaults(DedupOptions)
     for key, value in training_algs.DEDUP_DEFAULTS.items():
         assert dd[key] == value, key
+    from mapclip.engine.index import IndexOptions, SearchOptions
+    from mapclip.plugin.processing import archive_algs
+    assert archive_algs.INDEX_DEFAULTS == {"top_k": defaults(SearchOptions)["top_k"],
+                                           "batch_size": defaults(IndexOptions)["batch_size"]}
     mo = defaults(MaskOptions)
     for key, value in training_algs.MASK_DEFAULTS.items():
         assert mo[key] == value, key
@@ -242,3 +246,66 @@ def test_qgis_process_runs_box_to_caption(qgis_profile, tmp_path):
     results = json.loads(proc.stdout[proc.stdout.index("{"):])["results"]
     assert results["CAPTION_COUNT"] == 10 and results["OUTPUT"] == str(out)
     assert len(out.read_text().strip().splitlines()) == 11  # header + 10 captions
+
+
+# ------------------------------------------------------------ rasters, models --
+GREY, RED, BLUE = (128, 128, 128), (255, 0, 0), (0, 0, 255)
+
+
+@pytest.fixture(scope="session")
+def rigged_folder(tmp_path_factory):
+    """The rigged model (tests/rigged.py) as a model folder: any algorithm loads it by path."""
+    from tests.rigged import save_rigged_folder
+    return str(save_rigged_folder(tmp_path_factory.mktemp("models") / "rigged"))
+
+
+def scene(path: Path, red=(160, 64, 32, 32), blue=None, width=256, height=192) -> Path:
+    """A grainy grey GeoTIFF (EPSG:32633, 0.5 m, origin 500000/4000000) with a red square at
+    ``red`` = (col, row, w, h) (and a blue one where asked)."""
+    from tests.raster_fixtures import make_raster
+    grain = np.random.default_rng(0).integers(-12, 13, (height, width))
+    data = np.empty((3, height, width), np.uint8)
+    data[:] = (128 + grain).astype(np.uint8)  # grey with grain: not an "empty" tile
+    for box, colour in ((red, RED), (blue, BLUE)):
+        if box:
+            c, r, w, h = box
+            data[:, r:r + h, c:c + w] = np.array(colour, np.uint8)[:, None, None]
+    return make_raster(path, width=width, height=height, data=data)
+
+
+def map_xy(col: float, row: float):
+    return 500000.0 + 0.5 * col, 4000000.0 - 0.5 * row
+
+
+def test_build_and_search_index_by_text_and_location(provider, tmp_path, rigged_folder):
+    from qgis.core import QgsVectorLayer
+    raster = scene(tmp_path / "scene.tif")
+    index = tmp_path / "index"
+    res = run("buildindex", {"INPUT": [str(raster)], "MODEL": rigged_folder, "TILE": 64,
+                             "OUTPUT": str(index)})
+    assert res["ROWS"] == 12 and res["EMBEDDED"] == 12 and res["RASTERS"] == 1  # 4 x 3 tiles
+    assert (index / "manifest.json").is_file()
+    # the red square (cols 160-191, rows 64-95) lies in tile col 2, row 1
+    out = tmp_path / "hits.gpkg"
+    res = run("searchindex", {"INDEX": str(index), "TEXT": "red roof", "TOP_K": 3,
+                              "OUTPUT": str(out)})
+    layer = QgsVectorLayer(str(out), "hits", "ogr")
+    assert layer.isValid() and layer.featureCount() == 3 == res["COUNT"]
+    assert layer.crs().authid() == "EPSG:32633"
+    assert [f.name() for f in layer.fields()][1:9] == ["rank", "score", "cosine", "raster",
+                                                       "tile_px", "col", "row", "model"]
+    best = min(layer.getFeatures(), key=lambda f: f["rank"])
+    assert (best["col"], best["row"]) == (128, 64)
+    x, y = map_xy(176, 80)
+    assert best.geometry().boundingBox().contains(x, y)
+    # more places like the one at the red square: its own tile first, no model needed
+    res = run("searchindex", {"INDEX": str(index), "POINT": f"{x},{y} [EPSG:32633]", "TOP_K": 1,
+                              "OUTPUT": "memory:"})
+    hit = next(res["OUTPUT"].getFeatures())
+    assert (hit["col"], hit["row"]) == (128, 64)
+
+
+def test_search_index_needs_exactly_one_query(provider, tmp_path):
+    from qgis.core import QgsProcessingException
+    with pytest.raises(QgsProcessingException, match="exactly one query"):
+        run("searchindex", {"INDEX": str(tmp_path), "OUTPUT": "memory:"})
