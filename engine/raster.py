@@ -126,8 +126,25 @@ class RasterWarning(UserWarning):
     """Something about a raster the user should know (no georeferencing, ...)."""
 
 
-class RasterReadError(MapClipError):
-    """Reading a window failed (a corrupt or truncated file, an I/O error)."""
+class RasterReadError(UsageError):
+    """Reading a window failed in GDAL (a corrupt or truncated file, an I/O error)."""
+
+
+class ReaderThreadError(MapClipError):
+    """A reader thread failed for another reason (reported with its cause chained)."""
+
+
+def _gdal_message(exc: BaseException) -> str:
+    """The most specific message in an exception's cause chain (GDAL's own text)."""
+    msgs = []
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).strip()
+        if text and "see previous exception" not in text.lower():
+            msgs.append(text.splitlines()[0])
+        exc = exc.__cause__ or exc.__context__
+    return msgs[-1] if msgs else "unknown GDAL error"
 
 
 @dataclass(frozen=True)
@@ -520,7 +537,7 @@ class RasterReader:
         try:
             raw, valid = self._read_raw(self._dataset(), window, out_shape)
         except RasterioError as exc:
-            raise RasterReadError(f"reading {self.path} at {window} failed: {exc}",
+            raise RasterReadError(f"reading {self.path} at {window} failed: {_gdal_message(exc)}",
                                   "check that the file is complete and readable "
                                   "(gdalinfo -checksum FILE)") from exc
         rgb = self._to_rgb(raw)
@@ -918,13 +935,13 @@ class TileBatches:
                 w = tiles[0].window()
                 raise RasterReadError(
                     f"reading {self.reader.path} failed near pixel window "
-                    f"col={w.col} row={w.row}: {exc}",
+                    f"col={w.col} row={w.row}: {_gdal_message(exc)}",
                     "check that the file is complete and readable (gdalinfo -checksum FILE)"
                 ) from exc
             except Exception as exc:
                 self.close()
                 w = tiles[0].window()
-                raise RasterReadError(
+                raise ReaderThreadError(
                     f"the raster reader thread failed on {self.reader.path} near pixel window "
                     f"col={w.col} row={w.row}: {type(exc).__name__}: {exc}",
                     "this is a bug or an I/O problem; the traceback above the error has details"
