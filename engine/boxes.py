@@ -1,0 +1,154 @@
+"""Boxes in pixel space: suppression, union merging, heatmap components, map transform.
+
+Boxes here are float arrays ``(N, 4)`` of ``col0, row0, col1, row1`` in
+native raster pixels, the end exclusive (a box of one pixel at (3, 4) is
+``3, 4, 4, 5``). Every function is pure numpy (plus OpenCV for connected
+components), so it runs the same for the engine, the tests and the plugin.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import numpy as np
+
+Bounds = Tuple[float, float, float, float]
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+
+
+def iou_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """Intersection over union of one box with many."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    iw = np.clip(np.minimum(box[2], b[:, 2]) - np.maximum(box[0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(box[3], b[:, 3]) - np.maximum(box[1], b[:, 1]), 0, None)
+    inter = iw * ih
+    union = box_area(box[None])[0] + box_area(b) - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def rank_order(scores: np.ndarray, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """Indices best first: by ``scores``, equal scores by ``tiebreak`` (higher first)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if tiebreak is None:
+        return np.argsort(-scores, kind="stable")
+    return np.lexsort((-np.asarray(tiebreak, dtype=np.float64), -scores))
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.0,
+        max_keep: int | None = None, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the boxes greedy non-maximum suppression keeps, best first.
+
+    A box is dropped when its IoU with a kept, higher-ranked box exceeds
+    ``iou``. The default 0 drops every box that overlaps a kept one at all:
+    overlapping windows of a sliding grid see the same object (even
+    diagonal neighbours, whose IoU is small), and one box per object is
+    wanted; raise it to keep neighbouring objects apart.
+    ``tiebreak`` orders boxes of equal score (e.g. the cosine beside a
+    saturated softmax).
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    order = rank_order(scores, tiebreak)
+    keep: List[int] = []
+    alive = np.ones(len(order), dtype=bool)
+    for pos, i in enumerate(order):
+        if not alive[pos]:
+            continue
+        keep.append(int(i))
+        if max_keep is not None and len(keep) >= max_keep:
+            break
+        rest = order[pos + 1:]
+        over = iou_one(boxes[i], boxes[rest]) > iou
+        alive[pos + 1:] &= ~over
+    return np.asarray(keep, dtype=np.int64)
+
+
+def union_merge(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.0,
+                ratio: float = 0.8, max_keep: int | None = None,
+                tiebreak: np.ndarray | None = None
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Suppression that grows each kept box to the union of its strong neighbours.
+
+    Like :func:`nms`, the best remaining box is kept and every box overlapping
+    it by more than ``iou`` is removed; the kept box is then widened to the
+    union of the removed boxes that score at least ``ratio`` times its own
+    score, so an object larger than one window comes back as one box that
+    covers it. Growth is one hop (no chaining across a scene).
+
+    Returns ``(merged boxes (K, 4), scores (K,), seed indices (K,))``.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = rank_order(scores, tiebreak)
+    alive = np.ones(len(order), dtype=bool)
+    out_boxes, out_scores, seeds = [], [], []
+    for pos, i in enumerate(order):
+        if not alive[pos]:
+            continue
+        rest = order[pos + 1:]
+        over = (iou_one(boxes[i], boxes[rest]) > iou) & alive[pos + 1:]
+        group = rest[over & (scores[rest] >= ratio * scores[i])]
+        members = np.concatenate([[i], group]).astype(np.int64)
+        merged = np.array([boxes[members, 0].min(), boxes[members, 1].min(),
+                           boxes[members, 2].max(), boxes[members, 3].max()])
+        alive[pos + 1:] &= ~over
+        out_boxes.append(merged)
+        out_scores.append(scores[i])
+        seeds.append(int(i))
+        if max_keep is not None and len(seeds) >= max_keep:
+            break
+    if not seeds:
+        return np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.stack(out_boxes), np.asarray(out_scores), np.asarray(seeds, dtype=np.int64)
+
+
+@dataclass
+class Component:
+    """One connected region of a thresholded heatmap, in heatmap cells."""
+
+    box: Tuple[int, int, int, int]  # col0, row0, col1, row1 (end exclusive)
+    peak: float                     # highest value inside
+    mean: float                     # mean value inside
+    area: int                       # cells
+    peak_cell: Tuple[int, int]      # (row, col) of the peak
+
+
+def heatmap_components(heat: np.ndarray, threshold: float, min_area: int = 1,
+                       connectivity: int = 8) -> List[Component]:
+    """Connected regions of ``heat >= threshold`` (NaN counts as below), best peak first."""
+    import cv2
+    h = np.asarray(heat, dtype=np.float32)
+    mask = np.nan_to_num(h, nan=-np.inf) >= threshold
+    if not mask.any():
+        return []
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=connectivity)
+    comps: List[Component] = []
+    filled = np.nan_to_num(h, nan=-np.inf)
+    for lab in range(1, n):
+        x, y, w, hh, area = (int(v) for v in stats[lab])
+        if area < min_area:
+            continue
+        sub_lab = labels[y:y + hh, x:x + w] == lab
+        sub = filled[y:y + hh, x:x + w]
+        vals = sub[sub_lab]
+        flat = np.where(sub_lab, sub, -np.inf)
+        r, c = np.unravel_index(int(np.argmax(flat)), flat.shape)
+        comps.append(Component((x, y, x + w, y + hh), float(vals.max()), float(vals.mean()),
+                               area, (y + int(r), x + int(c))))
+    comps.sort(key=lambda c: -c.peak)
+    return comps
+
+
+def pixel_to_bounds(transform, box) -> Bounds:
+    """A pixel box (col0, row0, col1, row1) -> map bounds (xmin, ymin, xmax, ymax).
+
+    All four corners go through the affine transform (engine.tiling's
+    window_bounds, the one place that maps pixels to the map), so flipped
+    transforms still give the box's true extent.
+    """
+    from .tiling import window_bounds
+    c0, r0, c1, r1 = (float(v) for v in box)
+    return window_bounds(transform, c0, r0, c1 - c0, r1 - r0)

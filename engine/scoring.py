@@ -1,0 +1,118 @@
+"""Text prompts against image embeddings: softmax scores and raw cosines.
+
+A CLIP softmax only means something when the prompt competes with
+alternatives. As in the Ibaraki thesis, a single prompt is therefore scored
+against a set of generic *background* prompts; several prompts compete with
+each other and with the background. The score of prompt ``p`` for an image is
+
+    softmax(logit_scale * cos(image, [prompts..., background...]))[p]
+
+with the model's own (learned) logit scale, and the raw cosine
+``cos(image, prompt p)`` is reported beside it, since a softmax hides how
+close the match is in absolute terms.
+
+The background prompts below are the one editable default (DetectOptions and
+the index/count engines take them from here). A background prompt that
+equals one of the user's prompts (case-insensitive) is dropped so a prompt
+never competes with itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .encode import clean_prompts, encode_text
+from .models import LoadedModel
+
+#: generic scene content a target is scored against (edit here, or pass
+#: ``background=`` to the engine calls)
+DEFAULT_BACKGROUND_PROMPTS: Tuple[str, ...] = (
+    "a satellite image",
+    "an aerial photo",
+    "bare ground",
+    "grass",
+    "trees",
+    "a road",
+    "water",
+)
+
+#: the largest logit scale used (CLIP clamps its learned scale at 100)
+MAX_LOGIT_SCALE = 100.0
+
+
+@dataclass
+class PromptBank:
+    """Prompts and background prompts encoded once, ready to score images.
+
+    ``text`` holds the normalised embeddings of ``prompts`` followed by
+    ``background`` (float32, on the model's device).
+    """
+
+    prompts: List[str]
+    background: List[str]
+    text: torch.Tensor
+    logit_scale: float
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompts)
+
+
+def effective_background(prompts: Sequence[str], background: Sequence[str]) -> List[str]:
+    """Background prompts minus any that equal a user prompt, order kept, no repeats."""
+    taken = {p.strip().lower() for p in prompts}
+    out: List[str] = []
+    for b in background or ():
+        b = str(b).strip()
+        if b and b.lower() not in taken:
+            taken.add(b.lower())
+            out.append(b)
+    return out
+
+
+def model_logit_scale(lm: LoadedModel) -> float:
+    """The model's learned softmax temperature, exp(logit_scale), clamped to 100."""
+    raw = getattr(lm.model, "logit_scale", None)
+    if raw is None:
+        return MAX_LOGIT_SCALE
+    value = float(torch.as_tensor(raw).float().exp().item())
+    return min(value, MAX_LOGIT_SCALE)
+
+
+def build_bank(lm: LoadedModel, prompts: Sequence[str],
+               background: Sequence[str] = DEFAULT_BACKGROUND_PROMPTS) -> PromptBank:
+    """Encode the prompts and the (deduplicated) background prompts in one pass."""
+    prompts = clean_prompts(prompts)
+    seen = set()
+    unique = []
+    for p in prompts:
+        if p.lower() not in seen:
+            seen.add(p.lower())
+            unique.append(p)
+    bg = effective_background(unique, background)
+    text = encode_text(lm, unique + bg)
+    return PromptBank(unique, bg, text, model_logit_scale(lm))
+
+
+def score_embeddings(image: torch.Tensor, bank: PromptBank) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores for ``image`` embeddings (N, D), normalised.
+
+    Returns ``(probs, cosine)``, both (N, P) float32 for the P user prompts:
+    the softmax share of each prompt among prompts + background, and the raw
+    cosine similarity.
+    """
+    cos_all = image.float() @ bank.text.T
+    probs = torch.softmax(cos_all * bank.logit_scale, dim=-1)
+    p = bank.n_prompts
+    return probs[:, :p], cos_all[:, :p]
+
+
+def score_maps(features: torch.Tensor, bank: PromptBank) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch scores for dense features (B, h, w, D) -> two (B, P, h, w) maps."""
+    b, h, w, d = features.shape
+    probs, cos = score_embeddings(features.reshape(-1, d), bank)
+    p = bank.n_prompts
+    return (probs.reshape(b, h, w, p).permute(0, 3, 1, 2),
+            cos.reshape(b, h, w, p).permute(0, 3, 1, 2))
