@@ -238,8 +238,8 @@ class MapClipDock(QgsDockWidget):
         outer = QVBoxLayout(page)
         form = QFormLayout()
         self.index_widget = QgsFileWidget()
-        self.index_widget.setStorageMode(QgsFileWidget.GetFile)
-        self.index_widget.setToolTip("an index built by MapCLIP (`python -m engine index`)")
+        self.index_widget.setStorageMode(QgsFileWidget.GetDirectory)
+        self.index_widget.setToolTip("an index folder built by MapCLIP (`python -m engine index`)")
         form.addRow("Index", self.index_widget)
         build_row = QHBoxLayout()
         self.build_sources = QgsFileWidget()
@@ -700,7 +700,7 @@ class MapClipDock(QgsDockWidget):
             log.bar_warning(self.iface, "choose a folder of rasters or images to index")
             return False
         if not out:
-            out, _ = QFileDialog.getSaveFileName(self, "Save the index as", folder)
+            out = QFileDialog.getExistingDirectory(self, "Folder for the new index", folder)
             if not out:
                 return False
             self.index_widget.setFilePath(out)
@@ -713,7 +713,8 @@ class MapClipDock(QgsDockWidget):
 
         def job(progress, cancel):
             from ..engine import index as eindex
-            return eindex.build_index([folder], out, tasks.get_model(model, device),
+            options = eindex.IndexOptions(device=device)
+            return eindex.build_index([folder], out, tasks.get_model(model, device), options,
                                       progress=progress, cancel=cancel)
 
         def done(info):
@@ -744,12 +745,14 @@ class MapClipDock(QgsDockWidget):
 
         def job(progress, cancel):
             from ..engine import index as eindex
-            kwargs = {"k": top_k, "progress": progress, "cancel": cancel}
+            idx = eindex.open_index(index)
+            spec = (idx.model or {}).get("spec") or model
+            options = eindex.SearchOptions(top_k=top_k, device=device)
+            kwargs = {"model": tasks.get_model(spec, device), "options": options,
+                      "progress": progress, "cancel": cancel}
             if like is None:
-                kwargs["text"] = text
-            else:
-                kwargs["like"] = like
-            return eindex.search_index(index, model=tasks.get_model(model, device), **kwargs)
+                return eindex.search_index(idx, text=text, **kwargs)
+            return eindex.search_index(idx, like=(like[0], like[1]), like_crs=like[2], **kwargs)
 
         def done(hits):
             self._show_hits(hits or [], query, model)
@@ -786,12 +789,13 @@ class MapClipDock(QgsDockWidget):
             layers.add_to_group(layer, group)
             self.last_layers = [layer]
         for i, hit in enumerate(hits):
-            src = str(getattr(hit, "path", getattr(hit, "source", "")))
+            src = str(getattr(hit, "raster", getattr(hit, "path", "")))
             item = QTreeWidgetItem([str(getattr(hit, "rank", i + 1)), os.path.basename(src),
                                     f"{float(getattr(hit, 'score', 0.0)):.3f}"])
             item.setToolTip(1, src)
-            if getattr(hit, "bounds", None) is not None:
-                item.setData(0, ROLE_BOUNDS, list(hit.bounds))
+            bounds = layers.hit_bounds(hit, layer)
+            if bounds is not None:
+                item.setData(0, ROLE_BOUNDS, list(bounds))
                 item.setData(0, ROLE_CRS, layer.crs())
             self.archive_results.addTopLevelItem(item)
         self.archive_status.setText(f"{len(hits)} hits for {query}")

@@ -106,6 +106,13 @@ def boxes_layer(boxes: Iterable[Any], prompt: str, model: str, crs: QgsCoordinat
     return layer
 
 
+def _update_classes(renderer: QgsGraduatedSymbolRenderer, layer: QgsVectorLayer, n: int) -> None:
+    """Equal-interval classes over this layer's scores, keeping the style's colours."""
+    from qgis.core import QgsClassificationEqualInterval
+    renderer.setClassificationMethod(QgsClassificationEqualInterval())
+    renderer.updateClasses(layer, n)
+
+
 def style_boxes(layer: QgsVectorLayer) -> None:
     """Apply boxes.qml, then spread its graduated classes over this layer's scores."""
     if os.path.isfile(BOXES_STYLE):
@@ -115,7 +122,7 @@ def style_boxes(layer: QgsVectorLayer) -> None:
     renderer = layer.renderer()
     if isinstance(renderer, QgsGraduatedSymbolRenderer) and layer.featureCount():
         classes = max(1, min(5, len(renderer.ranges()) or 5, layer.featureCount()))
-        renderer.updateClasses(layer, QgsGraduatedSymbolRenderer.EqualInterval, classes)
+        _update_classes(renderer, layer, classes)
     layer.triggerRepaint()
 
 
@@ -278,27 +285,29 @@ def count_text(result: Any) -> str:
     return str(counts if counts is not None else result)
 
 
-def hits_layer(hits: Sequence[Any], query: str, model: str,
-               crs: Optional[QgsCoordinateReferenceSystem] = None) -> QgsVectorLayer:
-    """Archive-search hits as polygons (their footprints) with rank, score and source."""
+def hits_layer(hits: Sequence[Any], query: str, model: str) -> QgsVectorLayer:
+    """Archive-search hits as footprint polygons with rank, score and raster.
+
+    Hits from rasters that share one CRS are drawn in it; hits from rasters
+    in several CRSs are drawn from their WGS84 bounds in EPSG:4326.
+    """
+    crses = {getattr(h, "crs", None) for h in hits}
+    shared = len(crses) == 1 and None not in crses
+    crs = _as_crs(next(iter(crses))) if shared else QgsCoordinateReferenceSystem("EPSG:4326")
     layer = QgsVectorLayer("Polygon", layer_name(query, "(archive)"), "memory")
-    if crs is not None:
-        layer.setCrs(crs)
+    layer.setCrs(crs)
     provider = layer.dataProvider()
     provider.addAttributes(list(_fields(HIT_FIELDS)))
     layer.updateFields()
     feats = []
     for i, hit in enumerate(hits):
-        bounds = getattr(hit, "bounds", None)
+        bounds = getattr(hit, "bounds", None) if shared else getattr(hit, "wgs84", None)
         if bounds is None:
             continue
-        hit_crs = getattr(hit, "crs", None)
-        if not layer.crs().isValid() and hit_crs:
-            layer.setCrs(_as_crs(hit_crs))
         feat = QgsFeature(layer.fields())
         feat.setGeometry(_rect_geometry(bounds))
         feat.setAttributes([int(getattr(hit, "rank", i + 1)), float(getattr(hit, "score", 0.0)),
-                            str(getattr(hit, "path", getattr(hit, "source", ""))), model, query])
+                            str(getattr(hit, "raster", getattr(hit, "path", ""))), model, query])
         feats.append(feat)
     provider.addFeatures(feats)
     layer.updateExtents()
@@ -306,6 +315,14 @@ def hits_layer(hits: Sequence[Any], query: str, model: str,
         layer.loadNamedStyle(HITS_STYLE)
         renderer = layer.renderer()
         if isinstance(renderer, QgsGraduatedSymbolRenderer) and layer.featureCount():
-            renderer.updateClasses(layer, QgsGraduatedSymbolRenderer.EqualInterval,
-                                   max(1, min(5, layer.featureCount())))
+            _update_classes(renderer, layer, max(1, min(5, layer.featureCount())))
     return layer
+
+
+def hit_bounds(hit: Any, layer: QgsVectorLayer) -> Optional[Sequence[float]]:
+    """The bounds of ``hit`` in ``layer``'s CRS (see :func:`hits_layer`)."""
+    if layer.crs().authid() == "EPSG:4326" and getattr(hit, "wgs84", None) is not None:
+        crs = getattr(hit, "crs", None)
+        if crs is None or _as_crs(crs) != layer.crs():
+            return hit.wgs84
+    return getattr(hit, "bounds", None)

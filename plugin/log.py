@@ -56,8 +56,16 @@ def bar_warning(iface, text: str, title: str = TAG, seconds: int = BAR_SECONDS) 
         bar.pushMessage(title, text, Qgis.Warning, seconds)
 
 
+MAX_BAR_TEXT = 400
+
+
 def error_text(exc: BaseException) -> str:
     """The one line a user reads: MapClipError message and fix, else type and message."""
+    text = _error_text(exc)
+    return text if len(text) <= MAX_BAR_TEXT else text[:MAX_BAR_TEXT - 1] + "…"
+
+
+def _error_text(exc: BaseException) -> str:
     message = getattr(exc, "message", None)
     if message is not None:
         hint = getattr(exc, "hint", None)

@@ -105,8 +105,8 @@ def plan_render(layer: QgsRasterLayer, extent: Optional[QgsRectangle],
     longest = max(extent.width(), extent.height()) / gsd
     if longest > max_px:
         gsd = max(extent.width(), extent.height()) / max_px
-    width = max(1, int(math.ceil(extent.width() / gsd)))
-    height = max(1, int(math.ceil(extent.height() / gsd)))
+    width = max(1, int(math.ceil(extent.width() / gsd - 1e-6)))
+    height = max(1, int(math.ceil(extent.height() / gsd - 1e-6)))
     # snap the extent to whole pixels so the geotransform is exact
     extent = QgsRectangle(extent.xMinimum(), extent.yMaximum() - height * gsd,
                           extent.xMinimum() + width * gsd, extent.yMaximum())

@@ -194,3 +194,56 @@ def qgis_settings(qgis_app):
     QgsSettings().remove("mapclip")
     yield QgsSettings()
     QgsSettings().remove("mapclip")
+
+
+def make_geotiff(path, width=256, height=256, origin=(500000.0, 4000000.0), gsd=1.0,
+                 epsg=32633, squares=((96, 64, 32, "red"),)):
+    """A grey RGB GeoTIFF with coloured squares (col, row, size, colour); returns path.
+
+    Red and blue squares are what tests.rigged.rigged_model() responds to.
+    """
+    import numpy as np
+    from osgeo import gdal, osr
+    rgb = {"red": (255, 0, 0), "blue": (0, 0, 255)}
+    arr = np.full((3, height, width), 128, dtype=np.uint8)
+    for col, row, size, colour in squares:
+        for b, v in enumerate(rgb[colour]):
+            arr[b, row:row + size, col:col + size] = v
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), width, height, 3, gdal.GDT_Byte,
+                                              ["TILED=YES", "PHOTOMETRIC=RGB"])
+    ds.SetGeoTransform((origin[0], gsd, 0.0, origin[1], 0.0, -gsd))
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(epsg)
+    ds.SetProjection(srs.ExportToWkt())
+    for b in range(3):
+        ds.GetRasterBand(b + 1).WriteArray(arr[b])
+    ds.FlushCache()
+    ds = None
+    return str(path)
+
+
+WEB_MERCATOR_HALF = 20037508.342789244
+
+
+def make_xyz_tiles(folder, z=16, x=35000, y=22000, squares=((64, 96, 40, "red"),)):
+    """One 256 px XYZ tile (grey, coloured squares at col, row, size) under folder/z/x/y.png.
+
+    Returns (the QGIS "wms" provider URI of a file:// XYZ source, the tile's
+    extent in EPSG:3857): a basemap QGIS treats as non-file, without network.
+    """
+    import os
+    from qgis.core import QgsRectangle
+    from qgis.PyQt.QtGui import QColor, QImage, QPainter
+    rgb = {"red": QColor(255, 0, 0), "blue": QColor(0, 0, 255)}
+    os.makedirs(os.path.join(folder, str(z), str(x)), exist_ok=True)
+    img = QImage(256, 256, QImage.Format_RGB32)
+    img.fill(QColor(128, 128, 128))
+    painter = QPainter(img)
+    for col, row, size, colour in squares:
+        painter.fillRect(col, row, size, size, rgb[colour])
+    painter.end()
+    img.save(os.path.join(folder, str(z), str(x), f"{y}.png"))
+    url = "file://" + os.path.abspath(folder) + "/{z}/{x}/{y}.png"
+    size = 2 * WEB_MERCATOR_HALF / 2 ** z
+    xmin, ymax = -WEB_MERCATOR_HALF + x * size, WEB_MERCATOR_HALF - y * size
+    return f"type=xyz&url={url}&zmin={z}&zmax={z}", QgsRectangle(xmin, ymax - size, xmin + size, ymax)

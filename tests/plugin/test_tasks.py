@@ -1,0 +1,313 @@
+"""EngineTask in QGIS's real task manager, and search runs from the dock end to end."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from qgis.core import QgsApplication
+
+
+def _wait(qtbot, task, timeout=60000):
+    qtbot.waitUntil(lambda: task.is_finished, timeout=timeout)
+
+
+def test_engine_task_reports_progress_and_delivers_result_on_main_thread(qtbot, iface, mapclip):
+    from mapclip.plugin.tasks import EngineTask, start
+    from qgis.PyQt.QtCore import QThread
+    seen, where = [], {}
+
+    def job(progress, cancel):
+        where["job"] = QThread.currentThread()
+        for i in range(1, 5):
+            progress(i, 4)
+        return {"answer": 42}
+
+    def done(result):
+        where["done"] = QThread.currentThread()
+        seen.append(result)
+
+    task = EngineTask("test job", job, on_done=done, iface=iface)
+    steps, percents = [], []
+    task.stepped.connect(lambda d, t: steps.append((d, t)))
+    task.progressChanged.connect(percents.append)
+    start(task)
+    _wait(qtbot, task)
+    assert task.outcome == "done" and seen == [{"answer": 42}]
+    assert where["done"] is QgsApplication.instance().thread()
+    assert where["job"] is not where["done"]          # ran in a worker thread
+    qtbot.waitUntil(lambda: steps and steps[-1] == (4, 4), timeout=5000)
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert percents and percents[-1] == pytest.approx(100.0)
+
+
+def test_cancel_stops_the_job_within_a_batch_and_calls_only_on_cancel(qtbot, iface, mapclip):
+    from mapclip.engine.jobs import Job
+    from mapclip.plugin.tasks import EngineTask, start
+    began = threading.Event()
+    batches = []
+
+    def job(progress, cancel):
+        j = Job(progress, cancel, total=10000)
+        for i in range(10000):
+            began.set()
+            time.sleep(0.005)      # one "batch"
+            batches.append(i)
+            j.step()
+        return "finished"
+
+    calls = []
+    task = EngineTask("long job", job, on_done=lambda r: calls.append("done"),
+                      on_cancel=lambda: calls.append("cancel"), iface=iface)
+    start(task)
+    assert began.wait(10)
+    task.cancel()
+    n_at_cancel = len(batches)
+    _wait(qtbot, task)
+    assert task.outcome == "cancelled" and calls == ["cancel"]
+    assert len(batches) <= n_at_cancel + 1      # stopped within one batch
+    assert task.result is None
+
+
+def test_engine_error_becomes_message_bar_error_and_log_entry(qtbot, iface, mapclip):
+    from qgis.core import QgsMessageLog
+    from mapclip.engine.errors import UsageError
+    from mapclip.plugin.tasks import EngineTask, start
+    logged = []
+
+    def on_log(message, tag, level):
+        logged.append((tag, message))
+
+    QgsApplication.messageLog().messageReceived.connect(on_log)
+    try:
+        def job(progress, cancel):
+            raise UsageError("raster /nope.tif does not exist", "choose an existing file")
+
+        task = EngineTask("failing job", job, iface=iface)
+        start(task)
+        _wait(qtbot, task)
+    finally:
+        QgsApplication.messageLog().messageReceived.disconnect(on_log)
+    assert task.outcome == "error"
+    texts = iface.bar_texts()
+    assert any("raster /nope.tif does not exist" in t and "choose an existing file" in t
+               for t in texts), texts
+    assert any(tag == "MapCLIP" and "Traceback" in msg and "UsageError" in msg
+               for tag, msg in logged)
+
+
+# --------------------------------------------------------------------------- #
+# Real searches from the dock (rigged model: responds to red squares)
+# --------------------------------------------------------------------------- #
+from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsRectangle  # noqa: E402
+
+from .conftest import make_geotiff, make_xyz_tiles  # noqa: E402
+
+RIGGED = "rigged-test-model"
+
+
+@pytest.fixture(scope="module")
+def rigged(mapclip):
+    # tests.rigged builds it with the top-level ``engine``; the plugin runs
+    # ``mapclip.engine``, whose LoadedModel class is another object: re-wrap.
+    import dataclasses
+    from mapclip.engine.models import LoadedModel
+    from tests.rigged import rigged_model
+    lm = rigged_model()
+    return LoadedModel(**{f.name: getattr(lm, f.name) for f in dataclasses.fields(lm)})
+
+
+@pytest.fixture
+def search_dock(iface, mapclip, qgis_settings, clean_project, rigged):
+    from mapclip.plugin import tasks
+    from mapclip.plugin.dock import MapClipDock
+    tasks._MODELS[(RIGGED, "auto")] = rigged        # the dock's model cache holds the rigged model
+    dock = MapClipDock(iface, iface.main_window)
+    dock.select_model(RIGGED)
+    dock.tile_spin.setValue(32)
+    dock.window_spin.setValue(1)
+    dock.stride_spin.setValue(1)
+    dock.batch_spin.setValue(16)
+    dock.topk_spin.setValue(3)
+    dock.prompt_combo.setEditText("red roof")
+    yield dock
+    dock.shutdown()
+    dock.deleteLater()
+    tasks._MODELS.pop((RIGGED, "auto"), None)
+
+
+def _run(qtbot, dock, timeout=60000):
+    outcomes = []
+    dock.run_finished.connect(outcomes.append)
+    assert dock.run()
+    qtbot.waitUntil(lambda: bool(outcomes), timeout=timeout)
+    if outcomes[0] == "error":
+        print("status:", dock.status_label.text(), dock.iface.bar_texts())
+    return outcomes[0]
+
+
+def _group_layers(project):
+    root = project.layerTreeRoot()
+    groups = root.findGroups()
+    return groups, [l for l in project.mapLayers().values()]
+
+
+def test_detect_run_adds_boxes_layer_with_fields_crs_and_the_red_square(qtbot, search_dock, tmp_path,
+                                                                          clean_project):
+    tif = make_geotiff(tmp_path / "scene.tif", squares=((96, 64, 32, "red"),))
+    raster = QgsRasterLayer(tif, "scene", "gdal")
+    clean_project.addMapLayer(raster)
+    search_dock.layer_combo.setLayer(raster)
+    search_dock.area_combo.setCurrentIndex(search_dock.area_combo.findData("layer"))
+    assert _run(qtbot, search_dock) == "done"
+    groups, layers = _group_layers(clean_project)
+    assert len(groups) == 1 and groups[0].name().startswith("MapCLIP")
+    boxes = [l for l in layers if l.name() == "red roof"]
+    assert len(boxes) == 1
+    layer = boxes[0]
+    assert groups[0].findLayer(layer.id()) is not None
+    assert [f.name() for f in layer.fields()] == ["prompt", "score", "cosine", "rank", "model",
+                                                  "run_time"]
+    assert layer.crs().authid() == "EPSG:32633"
+    feats = sorted(layer.getFeatures(), key=lambda f: f["rank"])
+    assert 1 <= len(feats) <= 3
+    best = feats[0]
+    assert best["prompt"] == "red roof" and best["model"] == RIGGED and best["rank"] == 1
+    assert best["run_time"] is not None and not best["run_time"].isNull()
+    # the red square spans x 500096..500128, y 3999904..3999936
+    bb = best.geometry().boundingBox()
+    assert bb.intersects(QgsRectangle(500096, 3999904, 500128, 3999936))
+    assert bb.contains(QgsRectangle(500100, 3999908, 500124, 3999932)) or \
+        QgsRectangle(500096, 3999904, 500128, 3999936).contains(bb.center())
+    assert type(layer.renderer()).__name__ == "QgsGraduatedSymbolRenderer"
+    assert layer.renderer().classAttribute() == "score" and layer.labelsEnabled()
+    # the results list zooms to a box on double-click
+    item = search_dock.results.topLevelItem(0)
+    assert item.text(1) == "red roof"
+    canvas = search_dock.iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:32633"))
+    assert search_dock.zoom_to_item(item)
+    assert canvas.extent().contains(bb.center())
+    assert "tiles/s" in search_dock.status_label.text()
+
+
+def test_extent_in_map_crs_limits_the_search(qtbot, search_dock, tmp_path, clean_project):
+    tif = make_geotiff(tmp_path / "two.tif", squares=((16, 16, 32, "red"), (200, 200, 32, "red")))
+    raster = QgsRasterLayer(tif, "two", "gdal")
+    clean_project.addMapLayer(raster)
+    search_dock.layer_combo.setLayer(raster)
+    canvas = search_dock.iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    # the lower-right quarter of the raster, in web mercator
+    from qgis.core import QgsCoordinateTransform
+    quarter = QgsRectangle(500128, 3999744, 500256, 3999872)
+    tr = QgsCoordinateTransform(raster.crs(), canvas.mapSettings().destinationCrs(), clean_project)
+    canvas.setExtent(tr.transformBoundingBox(quarter))
+    search_dock.area_combo.setCurrentIndex(search_dock.area_combo.findData("extent"))
+    assert _run(qtbot, search_dock) == "done"
+    layer = next(l for l in clean_project.mapLayers().values() if l.name() == "red roof")
+    best = min(layer.getFeatures(), key=lambda f: f["rank"])
+    c = best.geometry().boundingBox().center()
+    assert c.x() > 500128 and c.y() < 3999872           # the square inside the view, not the other
+
+
+def test_cancel_adds_no_layer(qtbot, search_dock, tmp_path, clean_project, monkeypatch):
+    from mapclip.plugin import tasks
+    tif = make_geotiff(tmp_path / "scene.tif", width=512, height=512)
+    raster = QgsRasterLayer(tif, "scene", "gdal")
+    clean_project.addMapLayer(raster)
+    search_dock.layer_combo.setLayer(raster)
+    search_dock.area_combo.setCurrentIndex(search_dock.area_combo.findData("layer"))
+    search_dock.batch_spin.setValue(1)
+    real = tasks.run_detect
+
+    calls = []
+
+    def slow(req, progress, cancel):
+        def prog(done, total):
+            progress(done, total)
+            calls.append((done, total))
+            time.sleep(0.05)                # slow batches, so the click lands mid-run
+        return real(req, prog, cancel)
+
+    monkeypatch.setattr(tasks, "run_detect", slow)
+    before = set(clean_project.mapLayers())
+    outcomes = []
+    search_dock.run_finished.connect(outcomes.append)
+    assert search_dock.run()
+    qtbot.waitUntil(lambda: any(0 < d < t for d, t in calls), timeout=30000)
+    assert search_dock.cancel_button.isEnabled()
+    search_dock.cancel_button.click()
+    qtbot.waitUntil(lambda: bool(outcomes), timeout=30000)
+    assert outcomes == ["cancelled"]
+    done_at_end = max(d for d, t in calls)
+    assert done_at_end < calls[-1][1]               # stopped before the end
+    assert set(clean_project.mapLayers()) == before
+    assert clean_project.layerTreeRoot().findGroups() == []
+    assert search_dock.results.topLevelItemCount() == 0
+    assert search_dock.run_button.isEnabled() and not search_dock.cancel_button.isEnabled()
+
+
+def test_xyz_basemap_is_rendered_then_searched(qtbot, search_dock, tmp_path, clean_project):
+    uri, tile = make_xyz_tiles(str(tmp_path / "tiles"), squares=((160, 32, 40, "red"),))
+    xyz = QgsRasterLayer(uri, "basemap", "wms")
+    assert xyz.isValid()
+    from mapclip.plugin import render
+    assert render.raster_source(xyz) is None          # QGIS must render it
+    clean_project.addMapLayer(xyz)
+    search_dock.layer_combo.setLayer(xyz)
+    canvas = search_dock.iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    canvas.setExtent(tile)
+    search_dock.area_combo.setCurrentIndex(search_dock.area_combo.findData("extent"))
+    gsd = tile.width() / 256
+    search_dock.gsd_spin.setValue(gsd)
+    assert _run(qtbot, search_dock) == "done"
+    layer = next(l for l in clean_project.mapLayers().values() if l.name() == "red roof")
+    assert layer.crs().authid() == "EPSG:3857"
+    best = min(layer.getFeatures(), key=lambda f: f["rank"])
+    red = QgsRectangle(tile.xMinimum() + 160 * gsd, tile.yMaximum() - 72 * gsd,
+                       tile.xMinimum() + 200 * gsd, tile.yMaximum() - 32 * gsd)
+    assert best.geometry().boundingBox().intersects(red)
+    assert red.contains(best.geometry().boundingBox().center()) or \
+        best.geometry().boundingBox().contains(red.center())
+    assert search_dock._temp_files == []               # the rendered GeoTIFF is cleaned up
+
+
+def test_heatmap_mode_adds_a_styled_heat_layer(qtbot, search_dock, tmp_path, clean_project):
+    tif = make_geotiff(tmp_path / "scene.tif")
+    raster = QgsRasterLayer(tif, "scene", "gdal")
+    clean_project.addMapLayer(raster)
+    search_dock.layer_combo.setLayer(raster)
+    search_dock.area_combo.setCurrentIndex(search_dock.area_combo.findData("layer"))
+    search_dock.mode_combo.setCurrentIndex(search_dock.mode_combo.findData("heatmap"))
+    assert _run(qtbot, search_dock) == "done"
+    heat = [l for l in clean_project.mapLayers().values() if l.name().endswith("(heatmap)")]
+    assert len(heat) == 1
+    h = heat[0]
+    assert h.crs().authid() == "EPSG:32633"
+    assert type(h.renderer()).__name__ == "QgsSingleBandPseudoColorRenderer"
+    items = h.renderer().shader().rasterShaderFunction().colorRampItemList()
+    assert items[0].color.alpha() == 0 and items[-1].color.alpha() > 150
+    # the heat is highest over the red square
+    ident = h.dataProvider().identify
+    from qgis.core import QgsPointXY, QgsRaster
+    hot = ident(QgsPointXY(500112, 3999920), QgsRaster.IdentifyFormatValue).results()[1]
+    cold = ident(QgsPointXY(500230, 3999780), QgsRaster.IdentifyFormatValue).results()[1]
+    assert hot is not None and hot == hot            # scored, not NaN
+    assert cold is None or cold != cold or hot > cold
+
+
+def test_saving_to_geopackage(qtbot, search_dock, tmp_path, clean_project):
+    tif = make_geotiff(tmp_path / "scene.tif")
+    raster = QgsRasterLayer(tif, "scene", "gdal")
+    clean_project.addMapLayer(raster)
+    search_dock.layer_combo.setLayer(raster)
+    search_dock.area_combo.setCurrentIndex(search_dock.area_combo.findData("layer"))
+    gpkg = tmp_path / "out.gpkg"
+    search_dock.save_check.setChecked(True)
+    search_dock.gpkg_widget.setFilePath(str(gpkg))
+    assert _run(qtbot, search_dock) == "done"
+    layer = next(l for l in clean_project.mapLayers().values() if l.name() == "red roof")
+    assert layer.providerType() == "ogr" and gpkg.is_file()
+    assert layer.featureCount() >= 1 and layer.crs().authid() == "EPSG:32633"
