@@ -438,9 +438,25 @@ def epoch_plan(items: Sequence[CaptionItem], seed: int, epoch: int, used: int
     return order, plan
 
 
+def worker_count(workers: int) -> int:
+    """Decoding processes to use: ``workers``, or 0 where worker processes cannot start.
+
+    Worker processes fork on Linux; elsewhere they spawn a new interpreter from
+    ``sys.executable``, which inside QGIS is the QGIS program, not Python. There
+    decoding stays in the calling process.
+    """
+    import multiprocessing
+    import sys
+    if workers <= 0:
+        return 0
+    if multiprocessing.get_start_method(allow_none=True) in (None, "fork") and sys.platform.startswith("linux"):
+        return int(workers)
+    return int(workers) if Path(sys.executable).name.lower().startswith("python") else 0
+
+
 def _loader(dataset, batch_size: int, workers: int):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                       num_workers=max(0, int(workers)), collate_fn=collate)
+                                       num_workers=worker_count(workers), collate_fn=collate)
 
 
 def split_items(items: List[CaptionItem], val_split: float, seed: int
@@ -832,21 +848,21 @@ def finetune(options: FinetuneOptions, progress: Optional[ProgressFn] = None,
                     loss = train_step(model, optimizer, micro, amp, scaler, grad_vision, grad_text,
                                       check=job.check)
                     dt = time.perf_counter() - t0
-                    train_seconds += dt
                     train_samples += n_pairs
                     losses.append(loss)
                     last_loss = loss
                     emit({"type": "step", "epoch": epoch + 1, "step": step + 1, "loss": loss,
                           "lr": optimizer.param_groups[0]["lr"],
                           "temperature": float(model.logit_scale.detach().exp()),
-                          "samples_per_s": n_pairs / dt if dt > 0 else None})
+                          "step_samples_per_s": n_pairs / dt if dt > 0 else None})
                 step += 1
                 micro = []
                 job.step()
         del batches, loader
+        epoch_seconds = time.perf_counter() - t_epoch
+        train_seconds += epoch_seconds
         emit({"type": "epoch", "epoch": epoch + 1, "step": step,
-              "loss": float(np.mean(losses)) if losses else None,
-              "seconds": time.perf_counter() - t_epoch})
+              "loss": float(np.mean(losses)) if losses else None, "seconds": epoch_seconds})
         after = evaluate(model, lm.tokenizer, eval_items, facts, device, amp,
                          o.eval_batch_size, o.workers, job)
         emit(dict(type="eval", epoch=epoch + 1, split=eval_split, **after))
