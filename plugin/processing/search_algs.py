@@ -31,6 +31,8 @@ DETECT_DEFAULTS = {"mode": "window", "tile_px": 128, "window": 2, "stride": 1,
 MODES = ["window", "dense"]
 MERGES = ["nms", "union"]
 COUNT_METHODS = ["prompt", "dense", "both"]
+#: mirrors engine.count.CountOptions
+COUNT_DEFAULTS = {"min_area": 1}
 
 
 def box_fields() -> QgsFields:
@@ -135,7 +137,7 @@ class DetectBase(RasterSearchAlgorithm):
     """detect and heatmap: prompts, mode, tiles, windows, scores."""
 
     PROMPTS, MODE, TILE, WINDOW, STRIDE = "PROMPTS", "MODE", "TILE", "WINDOW", "STRIDE"
-    TOP_K, THRESHOLD, MERGE = "TOP_K", "THRESHOLD", "MERGE"
+    TOP_K, THRESHOLD, MERGE, BACKGROUND = "TOP_K", "THRESHOLD", "MERGE", "BACKGROUND"
     DEFAULT_MODE = DETECT_DEFAULTS["mode"]
 
     def add_detect_params(self) -> None:
@@ -157,6 +159,9 @@ class DetectBase(RasterSearchAlgorithm):
         self.add_advanced(QgsProcessingParameterEnum(
             self.MERGE, "Merge overlapping windows", options=MERGES,
             defaultValue=MERGES.index(DETECT_DEFAULTS["merge"])))
+        self.add_advanced(QgsProcessingParameterString(
+            self.BACKGROUND, "Background prompts, separated by ; (empty: the engine's generic set)",
+            optional=True))
 
     def prompts(self, parameters, context) -> List[str]:
         prompts = split_prompts(self.parameterAsString(parameters, self.PROMPTS, context))
@@ -179,6 +184,9 @@ class DetectBase(RasterSearchAlgorithm):
         device = self.parameterAsString(parameters, self.DEVICE, context).strip()
         if device:
             kwargs["device"] = device
+        background = split_prompts(self.parameterAsString(parameters, self.BACKGROUND, context))
+        if background:
+            kwargs["background"] = background
         if top_k is not None:
             kwargs["top_k"] = top_k
         if threshold is not None:
@@ -199,6 +207,8 @@ class DetectBase(RasterSearchAlgorithm):
                             options=options, progress=bridge.progress, cancel=bridge)
         if feedback.isCanceled():
             raise QgsProcessingException("Cancelled: nothing was written.")
+        for warning in getattr(result, "warnings", []):
+            feedback.pushWarning(warning)
         feedback.pushInfo(f"{result.tiles} tiles, {getattr(result, 'windows', 0)} windows, "
                           f"{len(result.boxes)} boxes in {result.seconds:.1f} s on {result.device}")
         return result
@@ -270,18 +280,30 @@ class HeatmapAlgorithm(DetectBase):
         return {self.OUTPUT: out}
 
 
+def count_fields() -> QgsFields:
+    """Fields of the dense count's object boxes."""
+    fields = QgsFields()
+    fields.append(QgsField("object", QVariant.String))
+    fields.append(QgsField("score", QVariant.Double))
+    fields.append(QgsField("area", QVariant.Int))
+    fields.append(QgsField("model", QVariant.String))
+    return fields
+
+
 class CountAlgorithm(RasterSearchAlgorithm):
     ALG_NAME = "count"
     DISPLAY = "Count objects"
     HELP = ("Counts objects of one kind in a raster (or an area of it).<br>"
             "<b>prompt</b>: RemoteCLIP's RemoteCount protocol, captions 'there are {n} {objects} "
-            "in the image' for n = 1..10, the best caption is the count.<br>"
-            "<b>dense</b>: connected components of the dense heatmap above a threshold, with "
-            "their boxes (optional output).<br><b>both</b> runs both. The counts per method "
-            "are outputs (COUNT_PROMPT, COUNT_DENSE; -1 when a method did not run).<br>"
+            "in the image' for n = 1..10 (words and digits), the best caption is the count; "
+            "over the whole area as one image, or per tile and summed when a tile size is "
+            "given.<br><b>dense</b>: connected components of the dense heatmap above a "
+            "threshold, with their boxes (the optional output layer).<br><b>both</b> runs both. "
+            "The counts per method are outputs COUNT_PROMPT and COUNT_DENSE (-1 when a method "
+            "did not run), SUMMARY says it in words ('a ship', '3 ships').<br>"
             "Same engine call as <code>python -m engine count</code>.")
 
-    OBJECT, METHOD = "OBJECT", "METHOD"
+    OBJECT, METHOD, TILE, THRESHOLD, MIN_AREA = "OBJECT", "METHOD", "TILE", "THRESHOLD", "MIN_AREA"
     OUTPUT, COUNT_PROMPT, COUNT_DENSE, SUMMARY = "OUTPUT", "COUNT_PROMPT", "COUNT_DENSE", "SUMMARY"
 
     def initAlgorithm(self, config=None):  # noqa: N802
@@ -290,6 +312,15 @@ class CountAlgorithm(RasterSearchAlgorithm):
         self.add_common_params()
         self.addParameter(QgsProcessingParameterEnum(self.METHOD, "Method", options=COUNT_METHODS,
                                                      defaultValue=0))
+        self.add_advanced(QgsProcessingParameterNumber(
+            self.TILE, "Prompt method: count per tile of this size, px (empty: the area as one image)",
+            QgsProcessingParameterNumber.Integer, optional=True, minValue=8))
+        self.add_advanced(QgsProcessingParameterNumber(
+            self.THRESHOLD, "Dense method: heatmap threshold (empty: the engine's default)",
+            QgsProcessingParameterNumber.Double, optional=True, minValue=0.0, maxValue=1.0))
+        self.add_advanced(QgsProcessingParameterNumber(
+            self.MIN_AREA, "Dense method: smallest component, heatmap cells",
+            QgsProcessingParameterNumber.Integer, defaultValue=COUNT_DEFAULTS["min_area"], minValue=1))
         self.addParameter(QgsProcessingParameterFeatureSink(
             self.OUTPUT, "Counted objects (dense method)", QgsProcessing.TypeVectorPolygon,
             optional=True, createByDefault=False))
@@ -301,37 +332,39 @@ class CountAlgorithm(RasterSearchAlgorithm):
         name = self.parameterAsString(parameters, self.OBJECT, context).strip()
         method = COUNT_METHODS[self.parameterAsEnum(parameters, self.METHOD, context)]
         with engine_errors():
-            from ...engine.count import count
+            from ...engine.count import CountOptions, count
             path = raster_path(self.parameterAsRasterLayer(parameters, self.INPUT, context))
             extent, extent_crs = self.area(parameters, context)
+            kwargs: Dict[str, Any] = dict(
+                min_area=self.parameterAsInt(parameters, self.MIN_AREA, context),
+                batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+                read=self.read_options(parameters, context))
+            if optional_number(parameters.get(self.TILE)) not in (None, ""):
+                kwargs["tile_px"] = self.parameterAsInt(parameters, self.TILE, context)
+            if optional_number(parameters.get(self.THRESHOLD)) not in (None, ""):
+                kwargs["threshold"] = self.parameterAsDouble(parameters, self.THRESHOLD, context)
+            device = self.parameterAsString(parameters, self.DEVICE, context).strip()
+            if device:
+                kwargs["device"] = device
             lm = self.model(parameters, context, feedback)
             bridge = FeedbackBridge(feedback)
             result = count(path, name, lm, extent=extent, extent_crs=extent_crs, method=method,
-                           **self.count_kwargs(parameters, context),
-                           progress=bridge.progress, cancel=bridge)
-        if feedback.isCanceled():
-            raise QgsProcessingException("Cancelled: nothing was written.")
-        outputs = count_outputs(result)
-        summary = outputs.pop("summary")
+                           options=CountOptions(**kwargs), progress=bridge.progress, cancel=bridge)
+        for warning in result.warnings:
+            feedback.pushWarning(warning)
+        summary = result.summary()
         feedback.pushInfo(summary)
-        out = {self.COUNT_PROMPT: outputs["prompt"], self.COUNT_DENSE: outputs["dense"],
+        out = {self.COUNT_PROMPT: result.prompt.count if result.prompt is not None else -1,
+               self.COUNT_DENSE: result.dense.count if result.dense is not None else -1,
                self.SUMMARY: summary}
-        boxes = outputs["boxes"]
         if parameters.get(self.OUTPUT) not in (None, ""):
-            _, dest = write_boxes_to_sink(self, parameters, context, self.OUTPUT, boxes,
-                                          outputs["crs"], lm_spec(result))
-            out[self.OUTPUT] = dest
+            sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, count_fields(),
+                                              QgsWkbTypes.Polygon, crs_from_engine(result.crs))
+            if sink is not None:
+                for box in result.boxes:
+                    f = QgsFeature(count_fields())
+                    f.setGeometry(rect_geometry(box.bounds))
+                    f.setAttributes([name, float(box.score), int(box.area), result.model])
+                    sink.addFeature(f, QgsFeatureSink.FastInsert)
+                out[self.OUTPUT] = dest
         return out
-
-    def count_kwargs(self, parameters, context) -> Dict[str, Any]:
-        """Reading options for the engine's count call."""
-        return {"read": self.read_options(parameters, context)}
-
-
-def lm_spec(result) -> str:
-    return str(getattr(result, "model", "") or "")
-
-
-def count_outputs(result) -> Dict[str, Any]:
-    """Counts per method, boxes and a sentence from the engine's CountResult."""
-    return {"prompt": -1, "dense": -1, "boxes": [], "crs": None, "summary": str(result)}

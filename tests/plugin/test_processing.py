@@ -78,6 +78,13 @@ def test_toolbox_defaults_mirror_the_engine(provider):
     dd = defaults(DedupOptions)
     for key, value in training_algs.DEDUP_DEFAULTS.items():
         assert dd[key] == value, key
+    from mapclip.engine.count import CountOptions
+    from mapclip.engine.detect import DetectOptions
+    from mapclip.plugin.processing import search_algs
+    do = defaults(DetectOptions)
+    for key, value in search_algs.DETECT_DEFAULTS.items():
+        assert do[key] == value, key
+    assert search_algs.COUNT_DEFAULTS == {"min_area": defaults(CountOptions)["min_area"]}
     from mapclip.engine.index import IndexOptions, SearchOptions
     from mapclip.plugin.processing import archive_algs
     assert archive_algs.INDEX_DEFAULTS == {"top_k": defaults(SearchOptions)["top_k"],
@@ -309,3 +316,93 @@ def test_search_index_needs_exactly_one_query(provider, tmp_path):
     from qgis.core import QgsProcessingException
     with pytest.raises(QgsProcessingException, match="exactly one query"):
         run("searchindex", {"INDEX": str(tmp_path), "OUTPUT": "memory:"})
+
+
+def test_detect_puts_the_box_on_the_planted_square(provider, tmp_path, rigged_folder):
+    from qgis.core import QgsRasterLayer, QgsVectorLayer
+    raster = scene(tmp_path / "scene.tif")
+    layer = QgsRasterLayer(str(raster), "scene")
+    out = tmp_path / "boxes.gpkg"
+    steps = []
+
+    from qgis.core import QgsProcessingFeedback
+    feedback = QgsProcessingFeedback()
+    feedback.progressChanged.connect(steps.append)
+    res = run("detect", {"INPUT": layer, "PROMPTS": "red roof", "MODEL": rigged_folder,
+                         "MODE": 0, "TILE": 32, "WINDOW": 2, "STRIDE": 1, "TOP_K": 1,
+                         "DEVICE": "cpu", "OUTPUT": str(out)}, feedback)
+    boxes = QgsVectorLayer(str(out), "boxes", "ogr")
+    assert boxes.isValid() and boxes.featureCount() == 1 == res["COUNT"]
+    assert boxes.crs().authid() == "EPSG:32633"
+    assert [f.name() for f in boxes.fields()][1:] == ["prompt", "score", "cosine", "rank", "model"]
+    box = next(boxes.getFeatures())
+    assert box["prompt"] == "red roof" and box["rank"] == 1 and box["score"] > 0.5
+    bb = box.geometry().boundingBox()
+    assert bb.contains(*map_xy(176, 80))                       # the square's centre
+    assert bb.width() <= 0.5 * 128 and bb.height() <= 0.5 * 128  # one window, not the scene
+    assert steps and max(steps) == pytest.approx(100.0)
+
+
+def test_detect_in_an_extent_given_in_another_crs(provider, tmp_path, rigged_folder):
+    """Extent in WGS84 around the left half: the red square (right half) is not found there."""
+    from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProject,
+                           QgsRectangle)
+    raster = scene(tmp_path / "scene.tif", blue=(16, 64, 32, 32))
+    utm = QgsRectangle(*map_xy(0, 192), *map_xy(128, 0))
+    tr = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:32633"),
+                                QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance())
+    geo = tr.transformBoundingBox(utm)
+    extent = f"{geo.xMinimum()},{geo.xMaximum()},{geo.yMinimum()},{geo.yMaximum()} [EPSG:4326]"
+    res = run("detect", {"INPUT": str(raster), "PROMPTS": "red roof; blue pool",
+                         "MODEL": rigged_folder, "TILE": 32, "TOP_K": 1, "EXTENT": extent,
+                         "OUTPUT": "memory:"})
+    feats = {f["prompt"]: f for f in res["OUTPUT"].getFeatures()}
+    assert "blue pool" in feats
+    assert feats["blue pool"].geometry().boundingBox().contains(*map_xy(32, 80))
+    for f in feats.values():  # nothing outside the asked extent (WGS84 box, slightly wider)
+        assert f.geometry().boundingBox().xMaximum() <= map_xy(140, 0)[0]
+
+
+def test_heatmap_is_a_georeferenced_raster_hot_at_the_square(provider, tmp_path, rigged_folder):
+    from qgis.core import QgsRasterLayer
+    raster = scene(tmp_path / "scene.tif")
+    out = tmp_path / "heat.tif"
+    res = run("heatmap", {"INPUT": str(raster), "PROMPTS": "red roof", "MODEL": rigged_folder,
+                          "TILE": 64, "OUTPUT": str(out)})
+    assert res["OUTPUT"] == str(out)
+    heat = QgsRasterLayer(str(out), "heat")
+    assert heat.isValid() and heat.bandCount() == 1 and heat.crs().authid() == "EPSG:32633"
+    import rasterio
+    with rasterio.open(out) as ds:
+        data = ds.read(1)
+        row, col = np.unravel_index(np.nanargmax(data), data.shape)
+        x, y = ds.xy(row, col)
+    assert 500000 + 0.5 * 150 <= x <= 500000 + 0.5 * 202
+    assert 4000000 - 0.5 * 106 <= y <= 4000000 - 0.5 * 54
+
+
+def test_count_reports_each_method_and_dense_boxes(provider, tmp_path, rigged_folder):
+    raster = scene(tmp_path / "scene.tif", blue=(16, 16, 24, 24))
+    raster2 = scene(tmp_path / "two.tif", red=(32, 32, 24, 24), blue=None)
+    res = run("count", {"INPUT": str(raster), "OBJECT": "red roof", "MODEL": rigged_folder,
+                        "METHOD": 2, "OUTPUT": "memory:"})
+    assert res["COUNT_DENSE"] == 1 and 0 <= res["COUNT_PROMPT"] <= 10
+    assert "prompt" in res["SUMMARY"] and "dense" in res["SUMMARY"]
+    boxes = list(res["OUTPUT"].getFeatures())
+    assert len(boxes) == 1 and boxes[0]["object"] == "red roof"
+    assert boxes[0].geometry().boundingBox().contains(*map_xy(176, 80))
+    res = run("count", {"INPUT": str(raster2), "OBJECT": "red roof", "MODEL": rigged_folder,
+                        "METHOD": 1})
+    assert res["COUNT_DENSE"] == 1 and res["COUNT_PROMPT"] == -1 and "OUTPUT" not in res
+
+
+def test_detect_refuses_empty_prompt_and_non_file_layer(provider, tmp_path):
+    from qgis.core import QgsProcessingException, QgsRasterLayer
+    raster = scene(tmp_path / "scene.tif")
+    with pytest.raises(QgsProcessingException, match="no prompt"):
+        run("detect", {"INPUT": str(raster), "PROMPTS": " ; ", "MODEL": "test-tiny",
+                       "OUTPUT": "memory:"})
+    wms = QgsRasterLayer("type=xyz&url=file:///nowhere/{z}/{x}/{y}.png", "basemap", "wms")
+    from mapclip.plugin.processing.common import raster_path
+    with pytest.raises(QgsProcessingException, match="not a raster file"):
+        raster_path(wms)
