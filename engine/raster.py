@@ -437,6 +437,16 @@ class RasterReader:
             luts.append(np.clip(np.floor(y + 0.5), 0, 255).astype(np.uint8))
         return np.stack(luts)
 
+    def grid(self, area: Optional[PixelWindow] = None, tile_px: int = 224,
+             stride_px: Optional[int] = None, align: bool = True) -> TileGrid:
+        """Tile grid over ``area`` (default: the whole raster) honouring ``options.gsd``.
+
+        Without a GSD, ``tile_px``/``stride_px`` are native pixels; with one
+        they are output pixels (see :meth:`engine.tiling.TileGrid.for_raster`).
+        """
+        return TileGrid.for_raster(self.info, area, tile_px, stride_px,
+                                   gsd=self.options.gsd, align=align)
+
     # -- handles --
     def _dataset(self):
         ds = getattr(self._local, "ds", None)
