@@ -19,7 +19,8 @@ Georeferencing
     warp the raster north-up first (``gdalwarp in.tif out.tif``).
 
 Bands (``ReadOptions.bands``, 1-based)
-    Three bands -> R, G, B; one band -> repeated to grey RGB. Default: the
+    Three bands -> R, G, B; one band -> repeated to grey RGB, except that a
+    paletted band (colour table) expands to its colours. Default: the
     bands whose colour interpretation is red, green, blue; else the first
     three; a one- or two-band raster uses band 1 as grey (band 2 is usually
     alpha). Asking for a band that does not exist, or for 2 or more than 3
@@ -191,7 +192,7 @@ class ReadOptions:
 class Stretch:
     """Per-band linear map to 8 bit, for the unique bands read (in that order)."""
 
-    kind: str                            # "identity", "linear" or "clip"
+    kind: str                            # "identity", "linear", "clip" or "palette"
     lo: Tuple[float, ...] = ()
     hi: Tuple[float, ...] = ()
 
@@ -354,8 +355,33 @@ class RasterReader:
             self.nodata = None
             if self.mask_mode == "nodata":
                 self.mask_mode = "none"
-        self.stretch = self._make_stretch(ds)
-        self._lut = self._make_lut()
+        self.palette = self._palette(ds, opts)
+        if self.palette is not None:
+            # one paletted band expands to the three colour planes of its colour table
+            self.band_slot = (0, 1, 2)
+            self.stretch = Stretch("palette")
+            self._lut = None
+        else:
+            self.stretch = self._make_stretch(ds)
+            self._lut = self._make_lut()
+
+    def _palette(self, ds, opts: ReadOptions) -> Optional[np.ndarray]:
+        """(3, N) uint8 colour table for a one-band paletted raster read by default."""
+        b = self.unique_bands[0]
+        if (len(self.unique_bands) != 1 or self.dtype.kind != "u" or self.dtype.itemsize > 2
+                or ds.colorinterp[b - 1] != ColorInterp.palette
+                or (opts.bands is not None and len(opts.bands) == 3)):
+            return None
+        try:
+            cmap = ds.colormap(b)
+        except ValueError:
+            return None
+        n = int(np.iinfo(self.dtype).max) + 1
+        table = np.zeros((3, n), np.uint8)
+        for idx, rgba in cmap.items():
+            if 0 <= idx < n:
+                table[:, idx] = rgba[:3]
+        return table
 
     def _make_stretch(self, ds) -> Stretch:
         o = self.options
@@ -607,6 +633,12 @@ class RasterReader:
         if s.kind == "identity":
             return raw
         n, h, w = raw.shape
+        if s.kind == "palette":
+            conv = scratch.get("u8", (3, h, w), np.uint8) if scratch is not None \
+                else np.empty((3, h, w), np.uint8)
+            for k in range(3):
+                np.take(self.palette[k], raw[0], out=conv[k])
+            return conv
         conv = scratch.get("u8", (n, h, w), np.uint8) if scratch is not None \
             else np.empty((n, h, w), np.uint8)
         if self._lut is not None:

@@ -85,6 +85,7 @@ def make_raster(path, width: int = 256, height: int = 192, *, bands: int = 3,
                 alpha_box: Optional[Tuple[int, int, int, int]] = None,
                 mask_box: Optional[Tuple[int, int, int, int]] = None,
                 colorinterp: Optional[Sequence[ColorInterp]] = None,
+                colormap: Optional[dict] = None,
                 overviews: Sequence[int] = (), compress: Optional[str] = None,
                 driver: str = "GTiff") -> Path:
     """Write a small raster and return its path.
@@ -93,7 +94,8 @@ def make_raster(path, width: int = 256, height: int = 192, *, bands: int = 3,
     (col, row, w, h) is set to ``nodata`` in every band; ``fill_box`` to
     ``fill_value`` without declaring nodata (an "empty" constant area);
     ``alpha_box`` adds an alpha band that is 0 there (255 elsewhere);
-    ``mask_box`` writes an internal mask that is 0 there. Default geometry:
+    ``mask_box`` writes an internal mask that is 0 there; ``colormap``
+    ({index: (r, g, b, a)}) makes band 1 paletted. Default geometry:
     EPSG:32633 -> origin 500000/4000000, 0.5 m; EPSG:4326 -> 13E/52.5N,
     1e-4 degrees; ``crs=None`` writes no georeferencing at all.
     """
@@ -143,6 +145,8 @@ def make_raster(path, width: int = 256, height: int = 192, *, bands: int = 3,
                 ds.colorinterp = ci
             if colorinterp is not None:
                 ds.colorinterp = list(colorinterp)
+            if colormap is not None:
+                ds.write_colormap(1, colormap)
             if mask_box is not None:
                 m = np.full((height, width), 255, np.uint8)
                 c, r, w, h = mask_box

@@ -168,6 +168,20 @@ def test_one_band_is_repeated_to_grey(tmp_path):
         assert r.bands == (3, 3, 3)
 
 
+def test_paletted_band_expands_to_its_colours(tmp_path):
+    data = (np.arange(32 * 32).reshape(1, 32, 32) % 3).astype(np.uint8)
+    cmap = {0: (255, 0, 0, 255), 1: (0, 128, 0, 255), 2: (10, 20, 30, 255)}
+    p = make_raster(tmp_path / "pal.tif", data=data, colormap=cmap, block=None)
+    with open_raster(p) as r:
+        rgb, _ = r.read(PixelWindow(0, 0, 32, 32))
+        tiles, arrays = collect(iter_tile_batches(r, TileGrid.for_raster(r.info, None, 16).tiles, 4))
+    assert tuple(rgb[0, 0]) == (255, 0, 0) and tuple(rgb[0, 1]) == (0, 128, 0)
+    assert tuple(rgb[0, 2]) == (10, 20, 30)
+    assert np.array_equal(arrays[0], rgb[:16, :16])
+    with open_raster(p, ReadOptions(bands=[1, 1, 1])) as r:   # explicit: raw indices as grey
+        assert tuple(r.read(PixelWindow(0, 0, 4, 4))[0][0, 2]) == (2, 2, 2)
+
+
 @pytest.mark.parametrize("bands", [[5], [1, 2, 9], [0, 1, 2]])
 def test_absent_band_names_the_band_count(tmp_path, bands):
     p = make_raster(tmp_path / "four.tif", 32, 32, bands=4, block=None)
@@ -389,6 +403,18 @@ def test_gsd_sets_native_tile_size_and_resamples(tmp_path):
     mean = native.reshape(3, 64, 2, 64, 2).mean(axis=(2, 4)).transpose(1, 2, 0)
     assert np.abs(a - mean).max() <= 1.0                         # 2x2 average
     assert t.bounds(r.info.transform) == (500064.0, 3999936.0, 500128.0, 4000000.0)
+
+
+def test_reader_grid_applies_the_gsd_option(tmp_path):
+    p = make_raster(tmp_path / "a.tif", 256, 128, block=64)
+    with open_raster(p, ReadOptions(gsd=2.0)) as r:
+        grid = r.grid(tile_px=32)
+        assert [(t.col, t.width, t.height, t.out_px) for t in grid.tiles[:2]] == \
+            [(0, 128, 128, 32), (128, 128, 128, 32)]
+        _, arrays = collect(iter_tile_batches(r, grid.tiles, 4))
+        assert [a.shape for a in arrays] == [(32, 32, 3)] * 2
+    with open_raster(p) as r:
+        assert r.grid(tile_px=32).tiles[0].width == 32
 
 
 def test_pixel_size_in_metres_for_geographic_rasters(tmp_path):
