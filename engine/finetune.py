@@ -455,8 +455,10 @@ def worker_count(workers: int) -> int:
 
 
 def _loader(dataset, batch_size: int, workers: int):
+    # one batch gains nothing from worker processes, and starting them costs seconds
+    n = worker_count(workers) if len(dataset) > batch_size else 0
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                       num_workers=worker_count(workers), collate_fn=collate)
+                                       num_workers=n, collate_fn=collate)
 
 
 def split_items(items: List[CaptionItem], val_split: float, seed: int
@@ -766,10 +768,13 @@ def finetune(options: FinetuneOptions, progress: Optional[ProgressFn] = None,
     lm = load_base_model(o.model, o.seed, o.device)
     device = lm.device
     amp = resolve_amp(device, o.precision)
-    model = lm.model.float().train()
+    model = lm.model.float()
     trainable = set_trainable(model, o.freeze, o.unlock_last)
-    if o.freeze == "vision":
-        model.visual.eval()  # keeps batch-norm statistics of a frozen ResNet tower
+
+    def train_mode() -> None:
+        model.train()
+        if o.freeze == "vision":
+            model.visual.eval()  # keeps batch-norm statistics of a frozen ResNet tower
     grad_vision, grad_text = trainable["vision"] > 0, trainable["text"] > 0
     optimizer = make_optimizer(model, o.lr, o.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
@@ -817,14 +822,15 @@ def finetune(options: FinetuneOptions, progress: Optional[ProgressFn] = None,
         if on_metrics is not None:
             on_metrics(dict(record))
 
-    job.set_total(total_steps)
     job.done = step
+    job.set_total(total_steps)
     if before is None:
         before = evaluate(model, lm.tokenizer, eval_items, facts, device, amp,
                           o.eval_batch_size, o.workers, job)
         emit(dict(type="eval", epoch=0, split=eval_split, **before))
     train_seconds, train_samples, last_loss = 0.0, 0, None
     for epoch in range(start_epoch, o.epochs):
+        train_mode()
         order, plan = epoch_plan(train_items, o.seed, epoch, used)
         loader = _loader(PairDataset(plan, lm.image_size, o.crop_scale), o.batch_size, o.workers)
         losses, micro = [], []
