@@ -555,7 +555,9 @@ class MapClipDock(QgsDockWidget):
             req = tasks.CountRequest(raster=source, object_name=prompts[0], model=model,
                                      model_name=model,
                                      method=self.count_method_combo.currentData(),
-                                     extent=extent, extent_crs=extent_crs, device=device)
+                                     extent=extent, extent_crs=extent_crs, device=device,
+                                     threshold=params.threshold, batch_size=params.batch_size,
+                                     bands=bands, gsd=gsd)
             fn = partial(tasks.run_count, req)
             title = f"MapCLIP: count '{prompts[0]}'"
             on_done = partial(self._count_done, req, layer_crs, run_time)
@@ -621,16 +623,10 @@ class MapClipDock(QgsDockWidget):
         text = layers.count_text(result)
         self.last_count = text
         try:
-            boxes = getattr(result, "boxes", None)
-            if boxes:
-                layer = layers.boxes_layer(boxes, req.object_name, req.model_name,
-                                           layers.result_crs(getattr(result, "crs", None), layer_crs),
-                                           run_time)
-                layers.set_abstract(layer, f"MapCLIP count of '{req.object_name}' "
-                                           f"with {req.model_name}: {text}")
-                group = layers.run_group(f"MapCLIP count: {req.object_name}")
-                layers.add_to_group(layer, group)
-                self.last_layers = [layer]
+            layer = layers.count_layer(result, req.model_name, layer_crs, run_time)
+            group = layers.run_group(f"MapCLIP count: {req.object_name}")
+            layers.add_to_group(layer, group)
+            self.last_layers = [layer]
         except Exception as exc:
             log.bar_error(self.iface, "adding the count layer failed", exc)
         self.progress.setValue(100)
@@ -746,9 +742,8 @@ class MapClipDock(QgsDockWidget):
         def job(progress, cancel):
             from ..engine import index as eindex
             idx = eindex.open_index(index)
-            spec = (idx.model or {}).get("spec") or model
             options = eindex.SearchOptions(top_k=top_k, device=device)
-            kwargs = {"model": tasks.get_model(spec, device), "options": options,
+            kwargs = {"model": tasks.model_for_index(idx, model, device), "options": options,
                       "progress": progress, "cancel": cancel}
             if like is None:
                 return eindex.search_index(idx, text=text, **kwargs)

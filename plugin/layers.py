@@ -94,11 +94,13 @@ def boxes_layer(boxes: Iterable[Any], prompt: str, model: str, crs: QgsCoordinat
     stamp = QDateTime(run_time.astimezone(_dt.timezone.utc).replace(tzinfo=None))
     stamp.setTimeSpec(Qt.UTC)
     feats = []
-    for box in boxes:
+    for i, box in enumerate(boxes):
         feat = QgsFeature(layer.fields())
         feat.setGeometry(_rect_geometry(box.bounds))
-        feat.setAttributes([box.prompt, float(box.score), float(box.cosine), int(box.rank),
-                            model, stamp])
+        cosine = getattr(box, "cosine", None)
+        feat.setAttributes([getattr(box, "prompt", prompt), float(box.score),
+                            None if cosine is None else float(cosine),
+                            int(getattr(box, "rank", i + 1)), model, stamp])
         feats.append(feat)
     provider.addFeatures(feats)
     layer.updateExtents()
@@ -276,13 +278,44 @@ def add_detect_result(result: Any, prompts: Sequence[str], model: str,
 
 
 def count_text(result: Any) -> str:
-    """'prompt: 12, dense: 9' from a CountResult (any object with ``counts``)."""
-    counts = getattr(result, "counts", None)
-    if counts is None and isinstance(result, dict):
-        counts = result.get("counts")
-    if isinstance(counts, dict):
-        return ", ".join(f"{k}: {v}" for k, v in counts.items())
-    return str(counts if counts is not None else result)
+    """'prompt: 12, dense: 9' from an engine CountResult (the count per method)."""
+    parts = []
+    for method in ("prompt", "dense"):
+        part = getattr(result, method, None)
+        if part is not None:
+            parts.append(f"{method}: {part.count}")
+    return ", ".join(parts) if parts else str(getattr(result, "count", result))
+
+
+def count_layer(result: Any, model: str, crs: Optional[QgsCoordinateReferenceSystem] = None,
+                run_time: Optional[_dt.datetime] = None) -> QgsVectorLayer:
+    """The counted objects (dense boxes) or, for prompt-only counts, the counted area.
+
+    The count per method is in the layer name and in its metadata abstract.
+    """
+    text = count_text(result)
+    name = getattr(result, "object", "objects")
+    boxes = list(getattr(result, "boxes", []) or [])
+    crs = result_crs(getattr(result, "crs", None), crs)
+    if boxes:
+        layer = boxes_layer(boxes, name, model, crs, run_time)
+    else:
+        layer = QgsVectorLayer("Polygon", name, "memory")
+        layer.setCrs(crs)
+        layer.dataProvider().addAttributes(list(_fields(
+            (("object", QVariant.String), ("count", QVariant.Int), ("model", QVariant.String)))))
+        layer.updateFields()
+        extent = getattr(result, "extent", None)
+        if extent is not None:
+            feat = QgsFeature(layer.fields())
+            feat.setGeometry(_rect_geometry(extent))
+            feat.setAttributes([name, int(getattr(result, "count", 0)), model])
+            layer.dataProvider().addFeatures([feat])
+            layer.updateExtents()
+    layer.setName(f"{name} (count {text})")
+    set_abstract(layer, f"MapCLIP count of '{name}' with {model}: {text}. "
+                        f"{getattr(result, 'summary', lambda: '')()}")
+    return layer
 
 
 def hits_layer(hits: Sequence[Any], query: str, model: str) -> QgsVectorLayer:

@@ -170,6 +170,24 @@ def get_model(model: Any, device: Optional[str] = None):
         return _MODELS[key]
 
 
+def model_for_index(index: Any, fallback: str, device: Optional[str] = None):
+    """The model an index was built with (its recorded spec), else ``fallback``.
+
+    The engine checks that the model embeds into the index's space and says so
+    when it does not.
+    """
+    spec = (getattr(index, "model", None) or {}).get("spec")
+    dev = None if device in (None, "", "auto") else device
+    if spec and (spec, dev or "auto") in _MODELS:
+        return _MODELS[(spec, dev or "auto")]
+    if spec and spec != fallback:
+        try:
+            return get_model(spec, device)
+        except Exception as exc:  # not loadable here (moved checkpoint, no network)
+            log.warning(f"index model {spec} cannot be loaded ({exc}); using {fallback}")
+    return get_model(fallback, device)
+
+
 def forget_models() -> None:
     with _MODELS_LOCK:
         _MODELS.clear()
@@ -227,6 +245,8 @@ def run_detect(req: DetectRequest, progress: ProgressFn, cancel: threading.Event
 
 @dataclass
 class CountRequest:
+    """One count over a raster file (engine.count), in plain values."""
+
     raster: str
     object_name: str
     model: Any
@@ -235,11 +255,19 @@ class CountRequest:
     extent: Optional[Tuple[float, float, float, float]] = None
     extent_crs: Optional[str] = None
     device: Optional[str] = None
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    threshold: Optional[float] = None
+    batch_size: int = 64
+    bands: Optional[Sequence[int]] = None
+    gsd: Optional[float] = None
 
 
 def run_count(req: CountRequest, progress: ProgressFn, cancel: threading.Event):
-    from ..engine.count import count
+    """The count job: load the model (cached), then engine.count.count."""
+    from ..engine.count import CountOptions, count
+    from ..engine.raster import ReadOptions
     lm = get_model(req.model, req.device)
+    read = ReadOptions(bands=list(req.bands) if req.bands else None, gsd=req.gsd or None)
+    options = CountOptions(threshold=req.threshold, batch_size=req.batch_size, read=read,
+                           device=None if req.device in (None, "", "auto") else req.device)
     return count(req.raster, req.object_name, lm, extent=req.extent, extent_crs=req.extent_crs,
-                 method=req.method, progress=progress, cancel=cancel, **req.kwargs)
+                 method=req.method, options=options, progress=progress, cancel=cancel)

@@ -205,7 +205,9 @@ def make_geotiff(path, width=256, height=256, origin=(500000.0, 4000000.0), gsd=
     import numpy as np
     from osgeo import gdal, osr
     rgb = {"red": (255, 0, 0), "blue": (0, 0, 255)}
-    arr = np.full((3, height, width), 128, dtype=np.uint8)
+    # grey with a little unsaturated texture (a uniform tile counts as empty)
+    grey = np.random.default_rng(0).integers(118, 139, size=(height, width), dtype=np.uint8)
+    arr = np.repeat(grey[None], 3, axis=0)
     for col, row, size, colour in squares:
         for b, v in enumerate(rgb[colour]):
             arr[b, row:row + size, col:col + size] = v

@@ -122,6 +122,7 @@ def search_dock(iface, mapclip, qgis_settings, clean_project, rigged):
     from mapclip.plugin import tasks
     from mapclip.plugin.dock import MapClipDock
     tasks._MODELS[(RIGGED, "auto")] = rigged        # the dock's model cache holds the rigged model
+    tasks._MODELS[(rigged.spec, "auto")] = rigged   # and under its own spec (what an index records)
     dock = MapClipDock(iface, iface.main_window)
     dock.select_model(RIGGED)
     dock.tile_spin.setValue(32)
@@ -134,6 +135,7 @@ def search_dock(iface, mapclip, qgis_settings, clean_project, rigged):
     dock.shutdown()
     dock.deleteLater()
     tasks._MODELS.pop((RIGGED, "auto"), None)
+    tasks._MODELS.pop((rigged.spec, "auto"), None)
 
 
 def _run(qtbot, dock, timeout=60000):
@@ -294,8 +296,7 @@ def test_heatmap_mode_adds_a_styled_heat_layer(qtbot, search_dock, tmp_path, cle
     from qgis.core import QgsPointXY, QgsRaster
     hot = ident(QgsPointXY(500112, 3999920), QgsRaster.IdentifyFormatValue).results()[1]
     cold = ident(QgsPointXY(500230, 3999780), QgsRaster.IdentifyFormatValue).results()[1]
-    assert hot is not None and hot == hot            # scored, not NaN
-    assert cold is None or cold != cold or hot > cold
+    assert hot is not None and cold is not None and hot > cold
 
 
 def test_saving_to_geopackage(qtbot, search_dock, tmp_path, clean_project):
@@ -311,3 +312,68 @@ def test_saving_to_geopackage(qtbot, search_dock, tmp_path, clean_project):
     layer = next(l for l in clean_project.mapLayers().values() if l.name() == "red roof")
     assert layer.providerType() == "ogr" and gpkg.is_file()
     assert layer.featureCount() >= 1 and layer.crs().authid() == "EPSG:32633"
+
+
+def test_count_mode_shows_counts_per_method_in_dock_and_layer_metadata(qtbot, search_dock, tmp_path,
+                                                                        clean_project):
+    tif = make_geotiff(tmp_path / "scene.tif", squares=((32, 32, 24, "red"), (160, 160, 24, "red")))
+    raster = QgsRasterLayer(tif, "scene", "gdal")
+    clean_project.addMapLayer(raster)
+    search_dock.layer_combo.setLayer(raster)
+    search_dock.area_combo.setCurrentIndex(search_dock.area_combo.findData("layer"))
+    search_dock.mode_combo.setCurrentIndex(search_dock.mode_combo.findData("count"))
+    search_dock.count_method_combo.setCurrentIndex(search_dock.count_method_combo.findData("both"))
+    assert search_dock.count_method_combo.isVisibleTo(search_dock)
+    assert _run(qtbot, search_dock) == "done"
+    text = search_dock.last_count
+    result = search_dock.last_result
+    assert text == f"prompt: {result.prompt.count}, dense: {result.dense.count}"
+    assert text in search_dock.status_label.text()
+    layer = next(l for l in clean_project.mapLayers().values() if "(count" in l.name())
+    assert text in layer.metadata().abstract() and text in layer.name()
+    assert layer.crs().authid() == "EPSG:32633"
+    assert layer.featureCount() == (len(result.boxes) or 1)
+
+
+def test_archive_tab_builds_an_index_and_finds_the_red_place_by_text_and_by_click(
+        qtbot, search_dock, tmp_path, clean_project):
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    make_geotiff(folder / "a.tif", squares=((64, 128, 64, "red"),))
+    make_geotiff(folder / "b.tif", origin=(600000.0, 4000000.0), squares=((0, 0, 64, "blue"),))
+    dock = search_dock
+    dock.tabs.setCurrentIndex(1)
+    dock.build_sources.setFilePath(str(folder))
+    dock.index_widget.setFilePath(str(tmp_path / "idx"))
+    outcomes = []
+    dock.run_finished.connect(outcomes.append)
+    assert dock.build_index()
+    qtbot.waitUntil(lambda: bool(outcomes), timeout=60000)
+    assert outcomes == ["done"], dock.archive_status.text()
+    assert (tmp_path / "idx" / "manifest.json").is_file()
+
+    dock.archive_query.setText("red roof")
+    dock.archive_topk.setValue(3)
+    assert dock.search_archive()
+    qtbot.waitUntil(lambda: len(outcomes) == 2, timeout=60000)
+    assert outcomes[1] == "done", dock.archive_status.text()
+    assert dock.archive_results.topLevelItemCount() == 3
+    top = dock.archive_results.topLevelItem(0)
+    assert top.text(1) == "a.tif"
+    layer = next(l for l in clean_project.mapLayers().values() if l.name().endswith("(archive)"))
+    assert layer.featureCount() == 3 and layer.crs().authid() == "EPSG:32633"
+    best = min(layer.getFeatures(), key=lambda f: f["rank"])
+    red = QgsRectangle(500064, 3999808, 500128, 3999872)
+    assert best.geometry().boundingBox().intersects(red)
+
+    # "more like this": click the blue place of b.tif on the map
+    from qgis.core import QgsPointXY
+    canvas = dock.iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:32633"))
+    dock.pick_button.setChecked(True)
+    assert canvas.mapTool() is dock.pick_tool
+    dock.pick_tool.picked.emit(QgsPointXY(600032, 3999968), canvas.mapSettings().destinationCrs())
+    qtbot.waitUntil(lambda: len(outcomes) == 3, timeout=60000)
+    assert outcomes[2] == "done", dock.archive_status.text()
+    assert not dock.pick_button.isChecked() and canvas.mapTool() is not dock.pick_tool
+    assert dock.archive_results.topLevelItem(0).text(1) == "b.tif"
