@@ -64,7 +64,7 @@ def test_finetune_dialog_runs_plots_and_offers_the_model(qtbot, tmp_path):
     dlg.data.setFilePath(str(caption_set(tmp_path)))
     dlg.model.setCurrentText("test-tiny")
     dlg.epochs.setValue(2)
-    dlg.batch_size.setValue(4)
+    dlg.batch_size.setValue(8)  # one batch: no loader worker processes to start
     dlg.lr.setText("1e-4")
     dlg.val_split.setValue(0.25)
     dlg.device.setText("cpu")

@@ -169,7 +169,7 @@ def caption_set(tmp_path: Path, n: int = 8) -> Path:
 def test_finetune_writes_a_loadable_best_model(provider, tmp_path):
     data = caption_set(tmp_path)
     out = tmp_path / "run"
-    res = run("finetune", {"DATA": str(data), "MODEL": "test-tiny", "EPOCHS": 1, "BATCH_SIZE": 4,
+    res = run("finetune", {"DATA": str(data), "MODEL": "test-tiny", "EPOCHS": 1, "BATCH_SIZE": 8,
                            "LR": 1e-4, "VAL_SPLIT": 0.25, "DEVICE": "cpu", "OUTPUT": str(out)})
     best = Path(res["BEST_MODEL"])
     assert best.parent == out and (best / "open_clip_config.json").is_file()
