@@ -190,6 +190,20 @@ def test_run_dir_refusals(tmp_path):
         ft.finetune(opts(data, tmp_path / "fresh", resume=True))
 
 
+class _NotATensor:
+    pass
+
+
+def test_training_state_is_untrusted_input(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"format": ft.STATE_FORMAT, "payload": _NotATensor()}, str(path))
+    with pytest.raises(UsageError, match="cannot read training state"):
+        ft.load_state(path)                       # weights_only refuses the pickled object
+    torch.save({"format": ft.STATE_FORMAT, "model": {}}, str(path))
+    with pytest.raises(UsageError, match="not a MapCLIP training state"):
+        ft.load_state(path)
+
+
 def test_freeze_and_unlock_last_choose_trainable_parameters(tiny_model):
     import copy
     model = copy.deepcopy(tiny_model.model)
