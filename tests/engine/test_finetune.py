@@ -1,10 +1,8 @@
 """Fine-tuning with the tiny model on generated image-caption pairs."""
 from __future__ import annotations
 
-import io
 import json
 import threading
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
