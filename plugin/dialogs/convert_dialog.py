@@ -8,7 +8,7 @@ boxes per class, images without objects) shows in the dialog.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List
 
 from qgis.gui import QgsFileWidget
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QSpinBox, QTabWidget,

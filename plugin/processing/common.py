@@ -11,8 +11,8 @@ plumbing for that:
   stops the job within one batch;
 - :func:`engine_errors` turns an engine :class:`MapClipError` into a
   ``QgsProcessingException`` carrying the message and the fix;
-- :func:`get_model` keeps the last loaded model, so batch mode and models that
-  call an algorithm many times do not reload the weights for every run;
+- :func:`get_model` loads models through the plugin's cache, so batch mode and
+  models that call an algorithm many times do not reload the weights every run;
 - :class:`MapClipAlgorithm`, the base class (names, groups, help, icon).
 
 Torch-heavy engine modules are imported inside ``processAlgorithm`` only, so
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional
 
 from qgis.core import (QgsProcessingAlgorithm, QgsProcessingException,
                        QgsProcessingFeedback, QgsRasterLayer)
@@ -93,30 +93,13 @@ def engine_errors() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ models --
-_PINNED: Dict[str, Any] = {}
-
-
-def pin_model(name: str, loaded_model: Any) -> None:
-    """Make the model name ``name`` resolve to an already loaded model.
-
-    For models that exist only in memory (a rigged test model, a model the
-    dock holds); every other name is a spec that the engine loads.
-    """
-    _PINNED[name] = loaded_model
-
-
-def unpin_model(name: str) -> None:
-    _PINNED.pop(name, None)
-
-
 def get_model(spec: str, device: Optional[str] = None,
               feedback: Optional[QgsProcessingFeedback] = None):
     """The loaded model for ``spec``, through the plugin's model cache (plugin/tasks.py),
-    so the dock, the dialogs and Processing share one copy of the weights."""
-    spec = (spec or "").strip()
-    if spec in _PINNED:
-        return _PINNED[spec]
+    so the dock, the dialogs and Processing share one copy of the weights and batch
+    runs load them once."""
     from ..tasks import get_model as cached_model
+    spec = (spec or "").strip()
     if feedback is not None:
         feedback.pushInfo(f"Model: {spec} (device: {device or 'best available'})")
     return cached_model(spec, device or None)
@@ -125,12 +108,6 @@ def get_model(spec: str, device: Optional[str] = None,
 def default_model() -> str:
     from ...engine.models import DEFAULT_MODEL
     return DEFAULT_MODEL
-
-
-def model_help() -> str:
-    """One line per preset, for the help text of the model parameter."""
-    from ...engine.models import list_presets
-    return ", ".join(p.name for p in list_presets())
 
 
 # ------------------------------------------------------------------ inputs --

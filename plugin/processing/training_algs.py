@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from qgis.core import (QgsProcessingException, QgsProcessingOutputFile,
+from qgis.core import (QgsProcessingOutputFile,
                        QgsProcessingOutputFolder, QgsProcessingOutputNumber,
                        QgsProcessingParameterBoolean, QgsProcessingParameterEnum,
                        QgsProcessingParameterFile, QgsProcessingParameterFileDestination,

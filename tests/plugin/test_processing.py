@@ -39,7 +39,7 @@ def provider(qgis_app, mapclip):
 
 def run(alg: str, params: dict, feedback=None) -> dict:
     import processing
-    from qgis.core import QgsProcessingContext, QgsProcessingFeedback
+    from qgis.core import QgsProcessingFeedback
     return processing.run(f"mapclip:{alg}", params, feedback=feedback or QgsProcessingFeedback())
 
 
