@@ -69,9 +69,9 @@ import warnings
 from collections import deque
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -118,7 +118,7 @@ GDAL_CACHE_MB = 128
 STATS_SAMPLE_PX = 4_000_000
 #: smallest long side of an overview used for statistics
 STATS_MIN_SIDE = 1024
-#: pixel value of an ungeoreferenced image's transform: x = col, y = -row
+#: transform given to rasters with no georeferencing: x = column, y = -row (as QGIS shows them)
 PIXEL_TRANSFORM = affine.Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 STRETCHES = ("auto", "percentile", "minmax", "none")
 

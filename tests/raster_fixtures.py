@@ -177,7 +177,11 @@ def write_blockwise(path, width: int, height: int, *, bands: int = 3, dtype: str
         profile["compress"] = compress
     rng = np.random.default_rng(seed)
     hi = 250 if np.dtype(dtype) == np.uint8 else 4000
-    base = rng.integers(1, hi, (bands, block, width + block)).astype(dtype)
+    shape = (bands, block, width + block)
+    if np.dtype(dtype).kind == "f":
+        base = rng.uniform(1, hi, shape).astype(dtype)
+    else:
+        base = rng.integers(1, hi, shape, dtype=dtype)
     with rasterio.open(path, "w", **profile) as ds:
         for k, r in enumerate(range(0, height, block)):
             h = min(block, height - r)
