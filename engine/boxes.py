@@ -76,7 +76,8 @@ def union_merge(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.0,
     it by more than ``iou`` is removed; the kept box is then widened to the
     union of the removed boxes that score at least ``ratio`` times its own
     score, so an object larger than one window comes back as one box that
-    covers it. Growth is one hop (no chaining across a scene).
+    covers it, and boxes overlapping the grown box are removed too. Growth
+    is one hop (no chaining across a scene).
 
     Returns ``(merged boxes (K, 4), scores (K,), seed indices (K,))``.
     """
@@ -94,7 +95,7 @@ def union_merge(boxes: np.ndarray, scores: np.ndarray, iou: float = 0.0,
         members = np.concatenate([[i], group]).astype(np.int64)
         merged = np.array([boxes[members, 0].min(), boxes[members, 1].min(),
                            boxes[members, 2].max(), boxes[members, 3].max()])
-        alive[pos + 1:] &= ~over
+        alive[pos + 1:] &= ~(over | (iou_one(merged, boxes[rest]) > iou))
         out_boxes.append(merged)
         out_scores.append(scores[i])
         seeds.append(int(i))

@@ -199,3 +199,19 @@ def save_rigged_folder(folder) -> Path:
     lm = rigged_model()
     return save_model_folder(lm.model, RIGGED_CFG, Path(folder), "mapclip-rigged",
                              mean=OPENAI_MEAN, std=OPENAI_STD)
+
+
+def tiny_resnet():
+    """A small random open_clip ModifiedResNet as a LoadedModel (for fallbacks: no patch tokens)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from engine.models import OPENAI_MEAN, OPENAI_STD, LoadedModel, build_model
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
+           "text_cfg": {"context_length": CONTEXT, "vocab_size": 49408, "width": 32, "heads": 2,
+                        "layers": 1}}
+    torch.manual_seed(0)
+    model = build_model(cfg).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=SimpleTokenizer(context_length=CONTEXT),
+                       spec="rn-tiny", arch="rn-tiny", image_size=64, mean=OPENAI_MEAN,
+                       std=OPENAI_STD, embed_dim=32, device=torch.device("cpu"), precision="fp32",
+                       model_cfg=cfg)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from engine import dense
 from engine.encode import encode_images, encode_text, to_model_input
 from engine.scoring import build_bank, score_embeddings
-from tests.rigged import BLUE, BLUE_PROMPT, GREY, RED, RED_PROMPT, rigged_model
+from tests.rigged import BLUE, BLUE_PROMPT, GREY, RED, RED_PROMPT, rigged_model, tiny_resnet
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +101,7 @@ def test_changed_last_block_is_what_keeps_patches_local(rig):
 
 
 def test_resnet_is_reported_unsupported():
-    from engine.models import LoadedModel, build_model
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                        "layers": 1}}
-    model = build_model(cfg).eval()
-    from open_clip.tokenizer import SimpleTokenizer
-    lm = LoadedModel(model=model, tokenizer=SimpleTokenizer(context_length=16), spec="rn-tiny",
-                     arch="rn-tiny", image_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, embed_dim=32,
-                     device=torch.device("cpu"), precision="fp32", model_cfg=cfg)
+    lm = tiny_resnet()
     reason = dense.dense_unsupported(lm)
     assert reason and "not a ViT" in reason
     with pytest.raises(ValueError):

@@ -1,0 +1,152 @@
+"""`python -m engine detect`: score a raster against text prompts, write boxes (and a heatmap)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from . import add_model_args, print_json, tqdm_progress
+from ..errors import UsageError
+
+
+def _floats(text: str, n: int, what: str, example: str) -> Tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != n:
+        raise UsageError(f"{what} {text!r} is not {n} comma-separated numbers", f"e.g. {example}")
+    return vals
+
+
+def _bands(text: Optional[str]) -> Optional[List[int]]:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"--bands {text!r} is not a list of band numbers",
+                         "e.g. --bands 1,2,3 or --bands 4,3,2") from None
+
+
+def register(sub) -> None:
+    from ..detect import DetectOptions
+    from ..dense import ATTENTION_MODES
+    d = DetectOptions()
+    p = sub.add_parser(
+        "detect", help="find what text prompts describe in a raster: boxes and a heatmap",
+        description="Score a raster (within an extent) against one or more text prompts with a "
+                    "CLIP model and write georeferenced, scored boxes (GeoPackage or GeoJSON, in "
+                    "the raster's CRS, fields prompt, score, cosine, rank, model) and optionally "
+                    "a heatmap GeoTIFF. Window mode slides windows of K x K tiles (the thesis "
+                    "method); dense mode gets patch-level scores from one pass per tile.")
+    p.add_argument("raster", help="raster file GDAL can read (GeoTIFF, VRT, JPEG2000, PNG, ...)")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="what to look for; repeat for several prompts that compete")
+    add_model_args(p)
+    p.add_argument("--mode", choices=["window", "dense"], default=d.mode,
+                   help=f"window (K x K tiles per window) or dense (patch-level); default {d.mode}")
+    p.add_argument("--tile", type=int, default=d.tile_px, metavar="PX",
+                   help=f"tile size in pixels (output pixels with --gsd); default {d.tile_px}")
+    p.add_argument("--window", type=int, default=d.window, metavar="K",
+                   help=f"window mode: windows of K x K tiles; default {d.window}")
+    p.add_argument("--stride", type=int, default=d.stride, metavar="K",
+                   help=f"window mode: stride in tiles; default {d.stride}")
+    p.add_argument("--gsd", type=float, default=None, metavar="M",
+                   help="resample to this many metres per pixel on read (default: native)")
+    p.add_argument("--bands", default=None, metavar="B,G,R",
+                   help="1-based bands read as R,G,B (or one band as grey); default: RGB by "
+                        "colour interpretation, else the first three")
+    p.add_argument("--extent", default=None, metavar="XMIN,YMIN,XMAX,YMAX",
+                   help="only this extent (default: the whole raster)")
+    p.add_argument("--extent-crs", default=None, metavar="EPSG:N",
+                   help="CRS of --extent (default: the raster's CRS)")
+    p.add_argument("--top-k", type=int, default=d.top_k, metavar="N",
+                   help=f"at most N boxes per prompt; default {d.top_k}")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="minimum softmax score of a box, 0..1 (default: none in window mode, "
+                        "0.5 in dense mode)")
+    p.add_argument("--merge", choices=["nms", "union"], default=d.merge,
+                   help="window mode: keep the best window per object (nms) or the union of "
+                        f"its strong neighbours (union); default {d.merge}")
+    p.add_argument("--iou", type=float, default=d.iou,
+                   help=f"windows overlapping more than this IoU are one object; default {d.iou} "
+                        "(any overlap)")
+    p.add_argument("--background", action="append", default=None, metavar="TEXT",
+                   help="background prompt (repeat); replaces the defaults in engine/scoring.py")
+    p.add_argument("--attention", choices=list(ATTENTION_MODES), default=d.attention,
+                   help=f"dense mode: self-self attention of the last block; default {d.attention}")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"images per model call; default {d.batch_size}")
+    p.add_argument("--out", required=True, metavar="OUT.gpkg|OUT.geojson",
+                   help="boxes output (.gpkg or .geojson)")
+    p.add_argument("--heatmap", default=None, metavar="OUT.tif",
+                   help="also write the heatmap (one float32 band per prompt)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (tiles, windows, boxes, seconds, "
+                        "tiles_per_s, device, precision, model, ...)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..detect import DetectOptions, detect, vector_driver, write_boxes, write_heatmap
+    from ..jobs import check_output_path
+    from ..raster import ReadOptions
+    from ..scoring import DEFAULT_BACKGROUND_PROMPTS
+    from . import cancel_event
+
+    # refuse bad outputs before any work
+    vector_driver(args.out)
+    check_output_path(args.out, args.overwrite)
+    if args.heatmap:
+        if Path(args.heatmap).suffix.lower() not in (".tif", ".tiff"):
+            raise UsageError(f"heatmap {args.heatmap} must be a GeoTIFF", "name it .tif")
+        check_output_path(args.heatmap, args.overwrite)
+        if Path(args.heatmap).resolve() == Path(args.out).resolve():
+            raise UsageError("--out and --heatmap name the same file", "give two paths")
+    if not Path(args.raster).exists():
+        raise UsageError(f"raster {args.raster} does not exist", "check the path")
+    extent = _floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
+        if args.extent else None
+    if args.extent_crs and not extent:
+        raise UsageError("--extent-crs given without --extent", "add --extent xmin,ymin,xmax,ymax")
+    opts = DetectOptions(
+        mode=args.mode, tile_px=args.tile, window=args.window, stride=args.stride,
+        batch_size=args.batch_size, top_k=args.top_k, threshold=args.threshold,
+        merge=args.merge, iou=args.iou, attention=args.attention,
+        background=tuple(args.background) if args.background else DEFAULT_BACKGROUND_PROMPTS,
+        read=ReadOptions(bands=_bands(args.bands), gsd=args.gsd),
+        device=args.device, precision=args.precision, heatmap=bool(args.heatmap))
+    bar = tqdm_progress("detect", unit="img")
+    try:
+        result = detect(args.raster, args.prompt, args.model, extent=extent,
+                        extent_crs=args.extent_crs, options=opts, progress=bar,
+                        cancel=cancel_event())
+    finally:
+        bar.close()
+    write_boxes(result, args.out, overwrite=args.overwrite)
+    if args.heatmap:
+        try:
+            write_heatmap(result, args.heatmap, overwrite=args.overwrite)
+        except BaseException:
+            Path(args.out).unlink(missing_ok=True)  # both outputs or neither
+            raise
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    if args.json:
+        info = result.to_json()
+        info["out"] = str(args.out)
+        info["heatmap"] = str(args.heatmap) if args.heatmap else None
+        print_json(info)
+    else:
+        print(f"{len(result.boxes)} boxes -> {args.out}"
+              + (f", heatmap -> {args.heatmap}" if args.heatmap else ""))
+        print(f"{result.tiles} tiles, {result.windows} windows, {result.skipped} skipped, "
+              f"{result.seconds:.1f} s ({result.tiles_per_s:.1f} tiles/s) on {result.device} "
+              f"{result.precision}")
+        for b in result.boxes[:10]:
+            print(f"  #{b.rank} {b.prompt!r} score {b.score:.3f} cosine {b.cosine:.3f} "
+                  f"bounds {', '.join(f'{v:.6g}' for v in b.bounds)}")
+    return 0

@@ -1,0 +1,630 @@
+"""Text prompts -> scored, georeferenced boxes and a heatmap over a raster.
+
+Two methods (``DetectOptions.mode``):
+
+``"window"`` (the method of Ibaraki's thesis, made fast)
+    The extent is cut into base tiles of ``tile_px`` pixels; windows of
+    ``window`` x ``window`` tiles slide over them ``stride`` tiles at a time.
+    Each base tile is read ONCE (by the reader threads of engine.raster) and
+    pasted into a band of tile rows on the model's device; every window is a
+    slice of that band, resized and normalised on the device, and scored in
+    batches against prompts encoded once. Overlapping high-scoring windows
+    are merged into one box per object (``merge="nms"``, or ``"union"``
+    which grows the kept window to the union of its strong neighbours).
+    Windows at the raster's right/bottom edge are shifted inward, so every
+    pixel of the extent is in some window and no window leaves the raster.
+
+``"dense"`` (training-free dense CLIP, see engine.dense)
+    Tiles of ``tile_px`` pixels overlapping by ``overlap`` of a tile give one
+    patch-level score map each in one forward pass; maps are upsampled
+    (x2), weighted by a linear ramp toward tile borders and blended into one
+    heatmap for the extent. Boxes are the connected components of
+    ``heatmap >= threshold`` (default 0.5). Models without ViT patch tokens
+    (ResNets) fall back to window mode, with a warning in the result.
+
+Scores (engine.scoring): the softmax share of each prompt among the prompts
+and the background prompts, with the model's logit scale; the raw cosine is
+reported too. Ties in the (often saturated) softmax are broken by cosine.
+
+Geometry: all box arithmetic is in native raster pixels; map bounds come
+from the raster's affine transform (engine.boxes.pixel_to_bounds), so boxes
+are exact in the raster's CRS. The heatmap is returned with its own affine
+transform (one cell per base tile in window mode, per half patch in dense
+mode), cropped to the cells that touch the extent; cells never scored are NaN.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .boxes import heatmap_components, nms, pixel_to_bounds, union_merge
+from .dense import ATTENTION_MODES, DEFAULT_ATTENTION, dense_features, dense_unsupported
+from .encode import clean_prompts, to_model_input
+from .errors import MapClipError, UsageError
+from .jobs import Job, atomic_path, check_output_path
+from .models import LoadedModel, load_model
+from .raster import ReadOptions, RasterWarning, iter_tile_batches, open_raster
+from .scoring import DEFAULT_BACKGROUND_PROMPTS, PromptBank, build_bank, score_embeddings, score_maps
+from .tiling import PixelWindow, TileGrid
+
+MODES = ("window", "dense")
+MERGES = ("nms", "union")
+#: dense heatmap cells per patch side
+DENSE_UPSAMPLE = 2
+#: dense mode's default threshold on the softmax score
+DENSE_THRESHOLD = 0.5
+VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
+
+
+@dataclass
+class DetectOptions:
+    """How to detect (defaults are the documented CLI defaults)."""
+
+    mode: str = "window"            # "window" | "dense"
+    tile_px: int = 128              # base tile (window mode) / tile (dense), output px
+    window: int = 2                 # window mode: windows of k x k tiles
+    stride: int = 1                 # window mode: stride in tiles
+    batch_size: int = 64
+    top_k: int = 20                 # boxes per prompt
+    threshold: Optional[float] = None   # minimum softmax score of a box (dense: default 0.5)
+    merge: str = "nms"              # "nms" | "union"
+    background: Sequence[str] = DEFAULT_BACKGROUND_PROMPTS
+    read: ReadOptions = field(default_factory=ReadOptions)
+    device: Optional[str] = None
+    precision: Optional[str] = None
+    heatmap: bool = True
+    iou: float = 0.0                # windows overlapping more (IoU) are one object; 0 = any overlap
+    min_valid: float = 0.5          # tiles with less valid (non-nodata) area are skipped
+    overlap: float = 0.125          # dense: tile overlap, share of a tile
+    attention: str = DEFAULT_ATTENTION  # dense: "qq" (ClearCLIP), "qq+kk" (SCLIP), "kk", "vv"
+    cls_weight: float = 0.0         # dense: share of the class token subtracted (SegEarth-OV)
+    workers: int = 2                # reader threads
+    prefetch: int = 2               # batches read ahead
+
+
+@dataclass
+class Box:
+    """One detection: prompt, scores and where it is."""
+
+    prompt: str
+    score: float
+    cosine: float
+    rank: int
+    bounds: Tuple[float, float, float, float]   # raster CRS
+    pixel: Tuple[int, int, int, int]            # col0, row0, col1, row1 native pixels
+
+    def to_json(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["bounds"] = list(self.bounds)
+        d["pixel"] = list(self.pixel)
+        return d
+
+
+@dataclass
+class DetectResult:
+    """Boxes (best first per prompt), heatmap and run facts."""
+
+    boxes: List[Box]
+    crs: Optional[str]
+    heatmap: Optional[np.ndarray]          # (P, H, W) float32 softmax score per prompt, NaN = unscored
+    heatmap_transform: Any                 # affine.Affine of the heatmap cells
+    tiles: int
+    windows: int
+    skipped: int
+    seconds: float
+    device: str
+    precision: str
+    model: str
+    mode: str = "window"
+    prompts: List[str] = field(default_factory=list)
+    background: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "mode": self.mode, "model": self.model, "device": self.device,
+            "precision": self.precision, "prompts": list(self.prompts),
+            "background": list(self.background), "crs": self.crs,
+            "tiles": self.tiles, "windows": self.windows, "skipped": self.skipped,
+            "seconds": round(self.seconds, 4), "tiles_per_s": round(self.tiles_per_s, 2),
+            "windows_per_s": round(self.windows / self.seconds, 2) if self.seconds > 0 else 0.0,
+            "boxes": [b.to_json() for b in self.boxes],
+            "heatmap_shape": list(self.heatmap.shape) if self.heatmap is not None else None,
+            "warnings": list(self.warnings),
+        }
+
+
+# --------------------------------------------------------------------------- #
+# Running the model on batches, with a CUDA out-of-memory fallback.
+# --------------------------------------------------------------------------- #
+def model_input(lm: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> model input, for batches on the CPU or already on the device."""
+    if batch.device.type == "cpu":
+        return to_model_input(lm, batch)
+    # already on the device: resize + normalise there (to_model_input pins CPU memory only)
+    compute = lm.dtype
+    x = batch.permute(0, 3, 1, 2).to(compute).div_(255.0)
+    if x.shape[-2:] != (lm.image_size, lm.image_size):
+        x = F.interpolate(x, size=(lm.image_size, lm.image_size), mode="bilinear",
+                          antialias=True, align_corners=False)
+    mean = torch.tensor(lm.mean, device=x.device, dtype=compute).view(1, 3, 1, 1)
+    std = torch.tensor(lm.std, device=x.device, dtype=compute).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class _Runner:
+    """Runs a batch function in chunks; halves the chunk on CUDA out-of-memory."""
+
+    def __init__(self, batch_size: int):
+        self.chunk = max(1, int(batch_size))
+        self.notes: List[str] = []
+
+    def __call__(self, fn, batch: torch.Tensor) -> Any:
+        outs = []
+        i = 0
+        while i < len(batch):
+            part = batch[i:i + self.chunk]
+            try:
+                outs.append(fn(part))
+            except torch.cuda.OutOfMemoryError:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if self.chunk == 1:
+                    raise MapClipError("the GPU ran out of memory even with a batch of 1",
+                                       "use a smaller model, close other GPU programs, "
+                                       "or run with --device cpu") from None
+                self.chunk = max(1, self.chunk // 2)
+                note = (f"CUDA ran out of memory; continued with a batch of {self.chunk} "
+                        f"(pass --batch-size {self.chunk} to start there)")
+                if note not in self.notes:
+                    self.notes.append(note)
+                continue
+            i += len(part)
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(x) for x in zip(*outs))
+        return torch.cat(outs)
+
+
+# --------------------------------------------------------------------------- #
+# Public API.
+# --------------------------------------------------------------------------- #
+def _check_options(o: DetectOptions) -> None:
+    if o.mode not in MODES:
+        raise UsageError(f"unknown mode {o.mode!r}", "use --mode window or --mode dense")
+    if o.merge not in MERGES:
+        raise UsageError(f"unknown merge {o.merge!r}", "use nms or union")
+    for name, value, low in (("tile size", o.tile_px, 8), ("window", o.window, 1),
+                             ("stride", o.stride, 1), ("batch size", o.batch_size, 1),
+                             ("top-k", o.top_k, 1)):
+        if int(value) != value or value < low:
+            raise UsageError(f"{name} must be a whole number >= {low}, got {value}",
+                             f"e.g. --tile 128 --window 2 --stride 1 --top-k 20")
+    if o.threshold is not None and not 0.0 <= o.threshold <= 1.0:
+        raise UsageError(f"threshold {o.threshold} is not a softmax score between 0 and 1",
+                         "e.g. --threshold 0.5")
+    if not 0.0 <= o.overlap < 0.5:
+        raise UsageError(f"overlap {o.overlap} must be in [0, 0.5)", "e.g. 0.125")
+    if o.attention not in ATTENTION_MODES:
+        raise UsageError(f"unknown dense attention {o.attention!r}",
+                         f"use one of {', '.join(ATTENTION_MODES)}")
+
+
+def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
+           extent: Optional[Tuple[float, float, float, float]] = None,
+           extent_crs: Optional[str] = None, options: Optional[DetectOptions] = None,
+           progress=None, cancel=None) -> DetectResult:
+    """Score ``raster`` (within ``extent``) against ``prompts``; see the module doc.
+
+    ``model`` is a spec for :func:`engine.models.load_model` or a loaded
+    model. ``progress(done, total)`` is called once per batch (windows in
+    window mode, tiles in dense mode); setting ``cancel`` stops the run
+    within one batch (raising :class:`engine.errors.Cancelled`).
+    """
+    t0 = time.perf_counter()
+    opts = options or DetectOptions()
+    _check_options(opts)
+    prompts = clean_prompts(prompts)
+    job = Job(progress, cancel)
+    notes: List[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RasterWarning)  # kept in reader.warnings instead
+        reader = open_raster(raster, opts.read)
+    with reader:
+        info = reader.info
+        notes.extend(reader.warnings)
+        area = _extent_window(info, extent, extent_crs)
+        job.check()
+        lm = model if isinstance(model, LoadedModel) else load_model(
+            model, device=opts.device, precision=opts.precision)
+        bank = build_bank(lm, prompts, opts.background)
+        mode = opts.mode
+        if mode == "dense":
+            reason = dense_unsupported(lm)
+            if reason:
+                notes.append(f"dense mode is not available: {reason}; used window mode instead")
+                mode = "window"
+        runner = _Runner(opts.batch_size)
+        run = _run_window if mode == "window" else _run_dense
+        out = run(reader, area, lm, bank, opts, job, runner)
+        notes.extend(runner.notes)
+    boxes, heat, heat_tf, n_tiles, n_windows, skipped = out
+    return DetectResult(boxes=boxes, crs=info.crs, heatmap=heat, heatmap_transform=heat_tf,
+                        tiles=n_tiles, windows=n_windows, skipped=skipped,
+                        seconds=time.perf_counter() - t0, device=str(lm.device),
+                        precision=lm.precision, model=lm.spec, mode=mode,
+                        prompts=list(bank.prompts), background=list(bank.background),
+                        warnings=notes)
+
+
+def _extent_window(info, extent, extent_crs) -> PixelWindow:
+    from .raster import extent_to_window
+    return extent_to_window(info, extent, extent_crs)
+
+
+def _grid(info, area: PixelWindow, opts: DetectOptions, stride_px: Optional[int] = None) -> TileGrid:
+    return TileGrid.for_raster(info, area, int(opts.tile_px), stride_px=stride_px,
+                               gsd=opts.read.gsd)
+
+
+def _make_boxes(prompt: str, pix: np.ndarray, scores: np.ndarray, cosine: np.ndarray,
+                transform, raster_size: Tuple[int, int], start_rank: int = 1) -> List[Box]:
+    out = []
+    w, h = raster_size
+    for k in range(len(scores)):
+        c0, r0, c1, r1 = (int(round(v)) for v in pix[k])
+        c0, r0 = max(0, c0), max(0, r0)
+        c1, r1 = min(w, c1), min(h, r1)
+        out.append(Box(prompt, float(scores[k]), float(cosine[k]), start_rank + k,
+                       pixel_to_bounds(transform, (c0, r0, c1, r1)), (c0, r0, c1, r1)))
+    return out
+
+
+def _crop_heat(heat: np.ndarray, origin: Tuple[float, float], cell: Tuple[float, float],
+               area: PixelWindow, transform):
+    """Crop a heat grid to the cells touching ``area``; return (heat, cell transform)."""
+    from affine import Affine
+    ox, oy = origin
+    cx, cy = cell
+    j0 = max(0, int(math.floor((area.col - ox) / cx + 1e-9)))
+    i0 = max(0, int(math.floor((area.row - oy) / cy + 1e-9)))
+    j1 = min(heat.shape[2], int(math.ceil((area.col_end - ox) / cx - 1e-9)))
+    i1 = min(heat.shape[1], int(math.ceil((area.row_end - oy) / cy - 1e-9)))
+    heat = np.ascontiguousarray(heat[:, i0:i1, j0:j1])
+    tf = transform @ Affine.translation(ox + j0 * cx, oy + i0 * cy) @ Affine.scale(cx, cy)
+    return heat, tf
+
+
+# --------------------------------------------------------------------------- #
+# Window mode.
+# --------------------------------------------------------------------------- #
+def _window_starts(n: int, k: int, stride: int) -> List[int]:
+    """First tile index of each window along an axis of ``n`` tiles (last one flush)."""
+    k = min(k, n)
+    starts = list(range(0, n - k + 1, stride))
+    if starts[-1] != n - k:
+        starts.append(n - k)
+    return starts
+
+
+def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job, runner: _Runner):
+    info = reader.info
+    grid = _grid(info, area, opts)
+    cov = grid.covered()
+    S = grid.out_px
+    sx, sy = S / grid.tile_width, S / grid.tile_height          # mosaic px per native px
+    posx = [int(round((c - cov.col) * sx)) for c in grid.col_starts]
+    posy = [int(round((r - cov.row) * sy)) for r in grid.row_starts]
+    Wm, Hm = posx[-1] + S, posy[-1] + S                         # mosaic of the covered window
+    k = int(opts.window)
+    wx, wy = min(k * S, Wm), min(k * S, Hm)                     # window size in mosaic px
+    xs = list(dict.fromkeys(min(posx[j], Wm - wx) for j in _window_starts(grid.n_cols, k, opts.stride)))
+    ys = list(dict.fromkeys(min(posy[i], Hm - wy) for i in _window_starts(grid.n_rows, k, opts.stride)))
+
+    def overlapping(pos: List[int], a: int, size: int) -> List[int]:
+        return [t for t, p in enumerate(pos) if p < a + size and p + S > a]
+
+    cols_of = [overlapping(posx, x0, wx) for x0 in xs]
+    rows_of = [overlapping(posy, y0, wy) for y0 in ys]
+    last_need = {}
+    for a, rows in enumerate(rows_of):
+        for r in rows:
+            last_need[r] = a
+    job.set_total(len(xs) * len(ys))
+
+    dev = lm.device
+    P = bank.n_prompts
+    strips: Dict[int, torch.Tensor] = {}
+    valid = np.zeros((grid.n_rows, grid.n_cols), bool)
+    win_boxes: List[np.ndarray] = []
+    win_probs: List[np.ndarray] = []
+    win_cos: List[np.ndarray] = []
+    pending: List[torch.Tensor] = []
+    pending_meta: List[Tuple[int, int]] = []
+    cell_cols = math.ceil(Wm / S)
+    cell_rows = math.ceil(Hm / S)
+    heat = np.full((P, cell_rows, cell_cols), -1.0, np.float32) if opts.heatmap else None
+    cell_cx = (np.arange(cell_cols) * S + np.minimum(np.arange(1, cell_cols + 1) * S, Wm)) / 2.0
+    cell_cy = (np.arange(cell_rows) * S + np.minimum(np.arange(1, cell_rows + 1) * S, Hm)) / 2.0
+    n_scored = 0
+
+    def encode(batch: torch.Tensor):
+        emb = F.normalize(lm.model.encode_image(model_input(lm, batch)).float(), dim=-1)
+        return score_embeddings(emb, bank)
+
+    def flush(force: bool = False) -> None:
+        nonlocal pending, pending_meta, n_scored
+        while pending and (force or len(pending) >= opts.batch_size):
+            take = pending[:opts.batch_size]
+            meta = pending_meta[:opts.batch_size]
+            pending, pending_meta = pending[opts.batch_size:], pending_meta[opts.batch_size:]
+            with torch.inference_mode():
+                probs, cos = runner(encode, torch.stack(take))
+            probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
+            boxes = np.array([[cov.col + x0 / sx, cov.row + y0 / sy,
+                               cov.col + (x0 + wx) / sx, cov.row + (y0 + wy) / sy]
+                              for x0, y0 in meta], dtype=np.float64)
+            win_boxes.append(boxes)
+            win_probs.append(probs)
+            win_cos.append(cos)
+            if heat is not None:
+                for (x0, y0), pr in zip(meta, probs):
+                    # cells whose centre (of the part inside the raster) the window covers
+                    j0, j1 = np.searchsorted(cell_cx, [x0, x0 + wx])
+                    i0, i1 = np.searchsorted(cell_cy, [y0, y0 + wy])
+                    view = heat[:, i0:i1, j0:j1]
+                    np.maximum(view, pr[:, None, None], out=view)
+            n_scored += len(take)
+            job.step(len(take))
+
+    def window_row(a: int) -> None:
+        y0 = ys[a]
+        band = torch.zeros((wy, Wm, 3), dtype=torch.uint8, device=dev)
+        for r in rows_of[a]:
+            strip = strips.get(r)
+            if strip is None:
+                continue
+            top = posy[r] - y0
+            s0, s1 = max(0, -top), min(S, wy - top)
+            band[top + s0: top + s1] = strip[s0:s1]
+        rows = rows_of[a]
+        skipped_here = 0
+        for j, x0 in enumerate(xs):
+            cells = valid[np.ix_(rows, cols_of[j])]
+            if cells.mean() < 0.5:
+                skipped_here += 1
+                continue
+            pending.append(band[:, x0:x0 + wx])
+            pending_meta.append((x0, y0))
+        if skipped_here:
+            job.step(skipped_here)
+        flush()
+        for r in rows:
+            if last_need.get(r) == a:
+                strips.pop(r, None)
+
+    next_row = 0
+    batches = iter_tile_batches(reader, grid.tiles, opts.batch_size, job=job,
+                                prefetch=opts.prefetch, workers=opts.workers,
+                                min_valid=opts.min_valid)
+    with batches:
+        for tiles, arr in batches:
+            data = torch.from_numpy(arr).to(dev)
+            for t, img in zip(tiles, data):
+                r, c = divmod(t.index, grid.n_cols)
+                strip = strips.get(r)
+                if strip is None:
+                    strip = strips[r] = torch.zeros((S, Wm, 3), dtype=torch.uint8, device=dev)
+                strip[:, posx[c]:posx[c] + S] = img
+                valid[r, c] = True
+            done_rows = tiles[-1].index // grid.n_cols  # rows before this one are complete
+            while next_row < len(ys) and max(rows_of[next_row]) < done_rows:
+                window_row(next_row)
+                next_row += 1
+            job.check()
+        skipped = batches.skipped
+    while next_row < len(ys):
+        window_row(next_row)
+        next_row += 1
+    flush(force=True)
+
+    boxes_all = np.concatenate(win_boxes) if win_boxes else np.zeros((0, 4))
+    probs_all = np.concatenate(win_probs) if win_probs else np.zeros((0, P), np.float32)
+    cos_all = np.concatenate(win_cos) if win_cos else np.zeros((0, P), np.float32)
+    out_boxes: List[Box] = []
+    for p, prompt in enumerate(bank.prompts):
+        sc, co = probs_all[:, p].astype(np.float64), cos_all[:, p].astype(np.float64)
+        keep_idx = np.arange(len(sc))
+        if opts.threshold is not None:
+            keep_idx = keep_idx[sc >= opts.threshold]
+        if not len(keep_idx):
+            continue
+        b, s, c = boxes_all[keep_idx], sc[keep_idx], co[keep_idx]
+        if opts.merge == "nms":
+            kept = nms(b, s, iou=opts.iou, max_keep=opts.top_k, tiebreak=c)
+            pix, s, c = b[kept], s[kept], c[kept]
+        else:
+            pix, _, seeds = union_merge(b, s, iou=opts.iou, max_keep=opts.top_k, tiebreak=c)
+            s, c = s[seeds], c[seeds]
+        out_boxes.extend(_make_boxes(prompt, pix, s, c, info.transform, (info.width, info.height)))
+
+    heat_out, heat_tf = None, None
+    if heat is not None:
+        heat[heat < 0] = np.nan
+        heat_out, heat_tf = _crop_heat(heat, (cov.col, cov.row), (S / sx, S / sy), area,
+                                       info.transform)
+    return out_boxes, heat_out, heat_tf, len(grid.tiles), n_scored, skipped
+
+
+# --------------------------------------------------------------------------- #
+# Dense mode.
+# --------------------------------------------------------------------------- #
+def _ramp(n: int, ramp: float) -> np.ndarray:
+    """Blend weights along one tile axis: 1 inside, linear toward the borders."""
+    i = np.arange(n, dtype=np.float32) + 0.5
+    w = np.minimum(1.0, np.minimum(i, n - i) / max(ramp, 1.0))
+    return np.maximum(w, 1e-3).astype(np.float32)
+
+
+def _run_dense(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job, runner: _Runner):
+    info = reader.info
+    t = int(opts.tile_px)
+    ov = int(round(t * opts.overlap))
+    grid = _grid(info, area, opts, stride_px=max(1, t - ov))
+    cov = grid.covered()
+    gh = gw = max(1, lm.image_size // max(1, lm.patch_size))
+    hh, hw = gh * DENSE_UPSAMPLE, gw * DENSE_UPSAMPLE           # heat cells per tile
+    cx, cy = grid.tile_width / hw, grid.tile_height / hh         # native px per heat cell
+    Wh, Hh = int(math.ceil(cov.width / cx - 1e-9)), int(math.ceil(cov.height / cy - 1e-9))
+    P = bank.n_prompts
+    acc = np.zeros((P, Hh, Wh), np.float32)
+    acc_cos = np.zeros((P, Hh, Wh), np.float32)
+    wsum = np.zeros((Hh, Wh), np.float32)
+    ramp_cells = max(1.0, ov / max(cx, 1e-9))
+    weight = np.outer(_ramp(hh, ramp_cells), _ramp(hw, ramp_cells))
+    job.set_total(len(grid.tiles))
+
+    def encode(batch: torch.Tensor):
+        feats = dense_features(lm, batch, mode=opts.attention, cls_weight=opts.cls_weight)
+        probs, cos = score_maps(feats, bank)
+        both = torch.cat([probs, cos], dim=1)
+        both = F.interpolate(both, size=(hh, hw), mode="bilinear", align_corners=False)
+        return both[:, :P], both[:, P:]
+
+    batches = iter_tile_batches(reader, grid.tiles, opts.batch_size, job=job,
+                                prefetch=opts.prefetch, workers=opts.workers,
+                                min_valid=opts.min_valid)
+    done = 0
+    with batches:
+        for tiles, arr in batches:
+            probs, cos = runner(encode, torch.from_numpy(arr))
+            probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
+            for tile, pr, co in zip(tiles, probs, cos):
+                x = int(round((tile.col - cov.col) / cx))
+                y = int(round((tile.row - cov.row) / cy))
+                x1, y1 = min(Wh, x + hw), min(Hh, y + hh)
+                w = weight[:y1 - y, :x1 - x]
+                acc[:, y:y1, x:x1] += pr[:, :y1 - y, :x1 - x] * w
+                acc_cos[:, y:y1, x:x1] += co[:, :y1 - y, :x1 - x] * w
+                wsum[y:y1, x:x1] += w
+            job.step(batches.done - done)
+            done = batches.done
+        skipped = batches.skipped
+    if batches.done > done:
+        job.step(batches.done - done)
+    covered = wsum > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        heat = np.where(covered, acc / np.where(covered, wsum, 1.0), np.nan).astype(np.float32)
+        heat_cos = np.where(covered, acc_cos / np.where(covered, wsum, 1.0), np.nan)
+    del acc, acc_cos
+    # boxes only from the cells that touch the requested area
+    heat_a, heat_tf = _crop_heat(heat, (cov.col, cov.row), (cx, cy), area, info.transform)
+    cos_a, _ = _crop_heat(heat_cos, (cov.col, cov.row), (cx, cy), area, info.transform)
+    j0 = int(math.floor((area.col - cov.col) / cx + 1e-9))
+    i0 = int(math.floor((area.row - cov.row) / cy + 1e-9))
+    base_c, base_r = cov.col + max(0, j0) * cx, cov.row + max(0, i0) * cy
+    thr = DENSE_THRESHOLD if opts.threshold is None else opts.threshold
+    out_boxes: List[Box] = []
+    for p, prompt in enumerate(bank.prompts):
+        comps = heatmap_components(heat_a[p], thr)[:opts.top_k]
+        if not comps:
+            continue
+        pix = np.array([[base_c + c.box[0] * cx, base_r + c.box[1] * cy,
+                         base_c + c.box[2] * cx, base_r + c.box[3] * cy] for c in comps])
+        pix = np.column_stack([np.floor(pix[:, 0]), np.floor(pix[:, 1]),
+                               np.ceil(pix[:, 2]), np.ceil(pix[:, 3])])
+        scores = np.array([c.peak for c in comps])
+        cosines = []
+        for c in comps:
+            x0, y0, x1, y1 = c.box
+            sub_h = heat_a[p, y0:y1, x0:x1]
+            sub_c = cos_a[p, y0:y1, x0:x1]
+            mask = np.nan_to_num(sub_h, nan=-1.0) >= thr
+            cosines.append(float(np.nanmax(np.where(mask, sub_c, np.nan))))
+        out_boxes.extend(_make_boxes(prompt, pix, scores, np.array(cosines), info.transform,
+                                     (info.width, info.height)))
+    return (out_boxes, heat_a if opts.heatmap else None, heat_tf if opts.heatmap else None,
+            len(grid.tiles), 0, skipped)
+
+
+# --------------------------------------------------------------------------- #
+# Writing results.
+# --------------------------------------------------------------------------- #
+def _polygon_wkb(bounds: Tuple[float, float, float, float]) -> bytes:
+    import struct
+    xmin, ymin, xmax, ymax = bounds
+    ring = [(xmin, ymin), (xmax, ymin), (xmax, ymax), (xmin, ymax), (xmin, ymin)]
+    return (struct.pack("<BII", 1, 3, 1) + struct.pack("<I", len(ring))
+            + b"".join(struct.pack("<dd", x, y) for x, y in ring))
+
+
+def vector_driver(path) -> str:
+    """OGR driver for an output path (.gpkg or .geojson), or a UsageError."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in VECTOR_DRIVERS:
+        raise UsageError(f"cannot write boxes to {path}: unknown format {suffix or '(none)'}",
+                         "name the output .gpkg or .geojson")
+    return VECTOR_DRIVERS[suffix]
+
+
+def write_boxes(result: DetectResult, path, overwrite: bool = False) -> Path:
+    """Write the boxes as polygons (.gpkg or .geojson) in the raster's CRS.
+
+    Fields: prompt, score, cosine, rank, model. Written atomically; an
+    existing file is refused unless ``overwrite``.
+    """
+    import pyogrio.raw
+    driver = vector_driver(path)
+    out = check_output_path(path, overwrite)
+    geoms = np.array([_polygon_wkb(b.bounds) for b in result.boxes], dtype=object)
+    fields = ["prompt", "score", "cosine", "rank", "model"]
+    data = [np.array([b.prompt for b in result.boxes], dtype=object),
+            np.array([b.score for b in result.boxes], dtype=np.float64),
+            np.array([b.cosine for b in result.boxes], dtype=np.float64),
+            np.array([b.rank for b in result.boxes], dtype=np.int32),
+            np.array([result.model for _ in result.boxes], dtype=object)]
+    with atomic_path(out) as tmp:
+        tmp_file = tmp.with_suffix(out.suffix)  # GDAL picks layer options by extension
+        try:
+            pyogrio.raw.write(str(tmp_file), geoms, data, fields, driver=driver,
+                              geometry_type="Polygon", crs=result.crs, layer="detections")
+            tmp_file.replace(tmp)
+        finally:
+            if tmp_file.exists():
+                tmp_file.unlink()
+    return out
+
+
+def write_heatmap(result: DetectResult, path, overwrite: bool = False) -> Path:
+    """Write the heatmap as a float32 GeoTIFF, one band per prompt (NaN = not scored)."""
+    import rasterio
+    if result.heatmap is None:
+        raise UsageError("this result has no heatmap", "run detect with heatmap=True")
+    out = check_output_path(path, overwrite)
+    heat = np.asarray(result.heatmap, dtype=np.float32)
+    p, h, w = heat.shape
+    profile = dict(driver="GTiff", width=w, height=h, count=p, dtype="float32",
+                   transform=result.heatmap_transform, nodata=float("nan"), compress="deflate")
+    if result.crs:
+        profile["crs"] = result.crs
+    if h >= 256 and w >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    with atomic_path(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(tmp, "w", **profile) as ds:
+                ds.write(heat)
+                for i, prompt in enumerate(result.prompts[:p], start=1):
+                    ds.set_band_description(i, prompt)
+    return out
