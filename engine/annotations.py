@@ -169,8 +169,9 @@ def _files(path: Path, suffix: str) -> List[Path]:
     return found
 
 
-def _find_image(stem_path: Path, images: Optional[Path], default_ext: str) -> Tuple[str, str]:
-    """(name, path) of the image for a label file, by stem."""
+def find_image(stem_path: Path, images: Optional[Path], default_ext: str) -> Tuple[str, str]:
+    """(name, path) of the image named like a label or mask file (same stem) in
+    ``images``; the stem plus ``default_ext`` when none is found."""
     stem = stem_path.stem
     if images is not None:
         for ext in IMAGE_EXTENSIONS:
@@ -241,7 +242,7 @@ def read_dota(path: Path, images: Optional[Path] = None) -> AnnotationSet:
     out: List[ImageAnnotation] = []
     cats = set()
     for f in _files(path, ".txt"):
-        name, ipath = _find_image(f, images, ".png")
+        name, ipath = find_image(f, images, ".png")
         im = ImageAnnotation(name=name, path=ipath)
         for lineno, line in enumerate(_read_lines(f), 1):
             toks = line.split()
@@ -339,7 +340,7 @@ def read_yolo(path: Path, images: Optional[Path] = None) -> AnnotationSet:
     out: List[ImageAnnotation] = []
     cats = set()
     for f in _files(path, ".txt"):
-        name, ipath = _find_image(f, images, ".jpg")
+        name, ipath = find_image(f, images, ".jpg")
         im = ImageAnnotation(name=name, path=ipath, normalised=True)
         for lineno, line in enumerate(_read_lines(f), 1):
             toks = line.split()

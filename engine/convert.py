@@ -52,8 +52,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
-from .annotations import (FORMATS, AnnotationSet, ImageAnnotation, ObjectBox, read_annotations,
-                          resolve_sizes)
+from .annotations import (AnnotationSet, ImageAnnotation, ObjectBox, find_image,
+                          read_annotations, resolve_sizes)
 from .errors import UsageError
 from .jobs import CancelFlag, Job, ProgressFn, atomic_path, check_output_path
 
@@ -560,8 +560,7 @@ def mask_to_box(masks: PathLike, classes: Union[PathLike, Mapping, Sequence], ou
             if v not in names and v != o.ignore_index:
                 unknown[int(v)] += int(n)
         if images_dir is not None:
-            from .annotations import _find_image
-            file_name, ipath = _find_image(f, images_dir, f.suffix)
+            file_name, ipath = find_image(f, images_dir, f.suffix)
         else:
             file_name, ipath = f.name, str(f)
         coco_images.append({"id": image_id, "file_name": file_name, "width": int(w),
