@@ -391,3 +391,32 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
     return CountResult(object=name, method=method, prompt=prompt_res, dense=dense_res, crs=info.crs,
                        model=str(lm.spec), device=str(lm.device), seconds=time.perf_counter() - t0,
                        extent=area.bounds(info.transform), warnings=notes)
+
+
+def write_count_boxes(result: CountResult, path, overwrite: bool = False):
+    """Write the dense method's boxes (.gpkg or .geojson) in the raster's CRS, atomically.
+    Fields: object, rank, score, area, method, model."""
+    from pathlib import Path
+
+    from .index import _write_table
+    from .jobs import atomic_path, check_output_path
+    out = Path(path)
+    if out.suffix.lower() not in (".gpkg", ".geojson", ".json"):
+        raise UsageError(f"cannot write boxes to {out}", "name the output .gpkg or .geojson")
+    if result.dense is None:
+        raise UsageError("this count has no boxes (the prompt method does not localise)",
+                         "count with method dense or both")
+    out = check_output_path(out, overwrite)
+    name = singular(result.object)
+    rows = [{"object": name, "rank": i + 1, "score": float(b.score), "area": int(b.area),
+             "method": "dense", "model": result.model} for i, b in enumerate(result.dense.boxes)]
+    boxes = np.asarray([b.bounds for b in result.dense.boxes], dtype=np.float64).reshape(-1, 4)
+    with atomic_path(out) as tmp:
+        tmp_file = tmp.with_suffix(out.suffix)
+        try:
+            _write_table(tmp_file, rows, boxes, result.crs, "objects",
+                         ("object", "rank", "score", "area", "method", "model"))
+            tmp_file.replace(tmp)
+        finally:
+            tmp_file.unlink(missing_ok=True)
+    return out

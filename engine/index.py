@@ -64,6 +64,8 @@ WGS84 = "EPSG:4326"
 APPROX_MIN_ROWS = 100_000
 #: vectors the product quantiser is trained on (a random sample of the index)
 APPROX_TRAIN_ROWS = 65_536
+#: fewer rows than this are always searched exactly (too few to train on)
+APPROX_MIN_TRAIN = 256
 #: candidates re-ranked exactly: max(APPROX_MIN_CANDIDATES, factor * k, rows * fraction)
 APPROX_MIN_CANDIDATES = 2_000
 APPROX_K_FACTOR = 20
@@ -545,6 +547,24 @@ class Index:
                    crs=r.get("crs"), wgs84=None if np.isnan(wgs).any() else wgs)
 
 
+def index_from_arrays(emb: np.ndarray, tiles: Optional[np.ndarray] = None,
+                      model: Optional[Dict[str, Any]] = None) -> Index:
+    """An in-memory Index over given vectors (benchmarks, tests); nothing is cached on disk."""
+    emb = np.ascontiguousarray(emb, dtype=np.float16)
+    n, d = emb.shape
+    idx = Index.__new__(Index)
+    idx.path = None
+    idx.manifest = {"format": FORMAT, "version": FORMAT_VERSION,
+                    "model": dict(model or {}, embed_dim=d), "options": {}, "rasters": [],
+                    "shards": [{"id": 1, "raster": 0, "rows": n, "emb": "", "tiles": ""}]}
+    idx.rasters = {}
+    idx._emb = emb
+    idx._emb32 = None
+    idx._tiles = tiles if tiles is not None else np.zeros(n, TILE_DTYPE)
+    idx._approx = None
+    return idx
+
+
 def open_index(path: Union[str, os.PathLike, Index]) -> Index:
     return path if isinstance(path, Index) else Index(path)
 
@@ -569,6 +589,10 @@ def build_approx(emb: np.ndarray, seed: int = 0):
     import faiss
     n, d = emb.shape
     index = faiss.index_factory(d, approx_factory(d), faiss.METRIC_INNER_PRODUCT)
+    pq = getattr(faiss.downcast_index(index), "pq", None)
+    if pq is not None:   # small samples are fine for 16-centroid sub-quantisers: no warnings
+        pq.cp.min_points_per_centroid = 1
+        pq.cp.verbose = False
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, APPROX_TRAIN_ROWS), replace=False))
     index.train(np.ascontiguousarray(emb[sample], dtype=np.float32))
@@ -589,6 +613,8 @@ def load_or_build_approx(index: Index):
     works: the faiss index is then built in memory for this session only.
     """
     import faiss
+    if index.path is None:
+        return build_approx(index.embeddings())
     path = approx_path(index)
     if path.is_file():
         try:
@@ -756,10 +782,14 @@ def ranked_rows(index: Index, score_q: np.ndarray, k: int, method: str = "auto"
         raise UsageError(f"unknown search method {method!r}", "use auto, exact or approx")
     n = index.rows
     use = method if method != "auto" else ("approx" if n >= APPROX_MIN_ROWS else "exact")
+    params: Dict[str, Any] = {"threshold_rows": APPROX_MIN_ROWS}
+    if use == "approx" and n < APPROX_MIN_TRAIN:
+        use = "exact"
+        params["note"] = f"approximate search needs {APPROX_MIN_TRAIN} rows or more; searched exactly"
     if use == "exact":
         scores = index.exact_scores(score_q)
         top = _top(scores, k)
-        return top, scores[top], "exact", {"threshold_rows": APPROX_MIN_ROWS}
+        return top, scores[top], "exact", params
     fi = index.approx()
     kc = approx_candidates(k, n)
     _, cand = fi.search(np.asarray(score_q, np.float32)[None], kc)
@@ -1219,6 +1249,16 @@ def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, read
 # --------------------------------------------------------------------------- #
 # footprints.gpkg: every tile as a polygon, for GIS users.
 # --------------------------------------------------------------------------- #
+def _pyogrio_raw():
+    """pyogrio.raw, imported without the warning a system pyproj lacking its data prints
+    (pyogrio imports pyproj only to describe CRSs, which we pass as WKT)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Valid PROJ data directory not found")
+        import pyogrio.raw
+    return pyogrio.raw
+
+
 def _polygon_wkb(xmin: np.ndarray, ymin: np.ndarray, xmax: np.ndarray, ymax: np.ndarray) -> np.ndarray:
     """WKB polygons (little-endian, one ring of 5 points) for boxes."""
     head = struct.pack("<BIII", 1, 3, 1, 5)
@@ -1240,27 +1280,6 @@ def output_crs(crss: Iterable[Optional[str]]) -> Optional[str]:
     if all(_same_crs(first, c) for c in crss):
         return first
     return WGS84
-
-
-def write_vector(path: Path, rows: List[Dict[str, Any]], boxes: np.ndarray, crs: Optional[str],
-                 layer: str) -> None:
-    """Write box polygons with attribute ``rows`` (dicts of equal keys) to a .gpkg or .geojson."""
-    import pyogrio.raw
-    names = list(rows[0].keys()) if rows else ["row"]
-    data = []
-    for name in names:
-        vals = [r[name] for r in rows]
-        if vals and all(isinstance(v, (int, np.integer)) for v in vals):
-            data.append(np.asarray(vals, dtype=np.int64))
-        elif vals and all(isinstance(v, (float, int, np.floating, np.integer)) for v in vals):
-            data.append(np.asarray(vals, dtype=np.float64))
-        else:
-            data.append(np.asarray(["" if v is None else str(v) for v in vals], dtype=object))
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    geom = _polygon_wkb(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
-    driver = "GeoJSON" if path.suffix.lower() in (".geojson", ".json") else "GPKG"
-    pyogrio.raw.write(str(path), geom, data, names, layer=layer, driver=driver,
-                      geometry_type="Polygon", crs=crs)
 
 
 def _rows_in_crs(tiles: np.ndarray, rasters: Dict[int, Dict[str, Any]], crs: Optional[str]) -> np.ndarray:
@@ -1314,12 +1333,12 @@ def write_footprints(writer: IndexWriter) -> None:
             "px_col": tiles["col"].astype(np.int64), "px_row": tiles["row"].astype(np.int64),
             "px_width": tiles["width"].astype(np.int64), "px_height": tiles["height"].astype(np.int64),
             "xmin": tiles["xmin"], "ymin": tiles["ymin"], "xmax": tiles["xmax"], "ymax": tiles["ymax"]}
-    import pyogrio.raw
+    raw = _pyogrio_raw()
     tmp = folder / (FOOTPRINTS + ".part.gpkg")
     tmp.unlink(missing_ok=True)
     try:
         geom = _polygon_wkb(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
-        pyogrio.raw.write(str(tmp), geom, list(cols.values()), list(cols.keys()),
+        raw.write(str(tmp), geom, list(cols.values()), list(cols.keys()),
                           layer=FOOTPRINTS_LAYER, driver="GPKG", geometry_type="Polygon", crs=crs)
         os.replace(tmp, final)
     finally:
@@ -1327,3 +1346,65 @@ def write_footprints(writer: IndexWriter) -> None:
     m["footprints"] = {"file": FOOTPRINTS, "layer": FOOTPRINTS_LAYER, "content": content_id(m),
                        "crs": short_crs(crs)}
     writer.save()
+
+
+# --------------------------------------------------------------------------- #
+# Writing hits.
+# --------------------------------------------------------------------------- #
+HIT_FIELDS = ("rank", "score", "cosine", "raster", "tile_px", "px_col", "px_row", "px_width",
+              "px_height", "model", "query")
+
+
+def write_hits(result: SearchResult, path: Union[str, os.PathLike], overwrite: bool = False) -> Path:
+    """Write hits as footprint polygons (.gpkg or .geojson), atomically.
+
+    CRS: the one the hits' rasters share (exact native footprints), else
+    WGS84 (EPSG:4326) from the stored lon/lat bounds. Fields: HIT_FIELDS.
+    """
+    from .jobs import atomic_path
+    out = Path(path)
+    if out.suffix.lower() not in (".gpkg", ".geojson", ".json"):
+        raise UsageError(f"cannot write hits to {out}: unknown format {out.suffix or '(none)'}",
+                         "name the output .gpkg or .geojson")
+    out = check_output_path(out, overwrite)
+    crs = output_crs(h.crs for h in result.hits)
+    query = json.dumps({k: v for k, v in result.query.items() if k in ("text", "image", "like", "negative")})
+    rows, boxes = [], []
+    for h in result.hits:
+        box = h.bounds if (_same_crs(h.crs, crs) or not crs) else h.wgs84
+        if box is None:
+            continue
+        boxes.append(box)
+        rows.append({"rank": h.rank, "score": float(h.score), "cosine": float(h.cosine),
+                     "raster": h.raster, "tile_px": h.tile_px, "px_col": h.pixel[0],
+                     "px_row": h.pixel[1], "px_width": h.pixel[2], "px_height": h.pixel[3],
+                     "model": result.model, "query": query})
+    if not rows:
+        rows = []
+    with atomic_path(out) as tmp:
+        tmp_file = tmp.with_suffix(out.suffix)   # GDAL picks the driver's options by extension
+        try:
+            _write_table(tmp_file, rows, np.asarray(boxes, dtype=np.float64).reshape(-1, 4), crs,
+                         "hits", HIT_FIELDS)
+            tmp_file.replace(tmp)
+        finally:
+            tmp_file.unlink(missing_ok=True)
+    return out
+
+
+def _write_table(path: Path, rows: List[Dict[str, Any]], boxes: np.ndarray, crs: Optional[str],
+                 layer: str, names: Sequence[str]) -> None:
+    """Polygons for ``boxes`` with the ``names`` columns of ``rows`` (types from the values)."""
+    data = []
+    for name in names:
+        vals = [r[name] for r in rows]
+        if vals and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vals):
+            data.append(np.asarray(vals, dtype=np.int64))
+        elif vals and all(isinstance(v, (float, int, np.floating, np.integer)) for v in vals):
+            data.append(np.asarray(vals, dtype=np.float64))
+        else:
+            data.append(np.asarray(["" if v is None else str(v) for v in vals], dtype=object))
+    geom = _polygon_wkb(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
+    driver = "GeoJSON" if path.suffix.lower() in (".geojson", ".json") else "GPKG"
+    _pyogrio_raw().write(str(path), geom, data, list(names), layer=layer, driver=driver,
+                      geometry_type="Polygon", crs=crs)

@@ -1,0 +1,89 @@
+"""`python -m engine count`: count objects of one kind in a raster (RemoteCount prompts, dense components)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import add_model_args, cancel_event, print_json, tqdm_progress
+from ..errors import UsageError
+
+
+def register(sub) -> None:
+    from ..count import METHODS, CountOptions
+    d = CountOptions()
+    p = sub.add_parser(
+        "count", help="count objects of one kind in a raster or an extent of it",
+        description="Count objects: 'prompt' scores RemoteCLIP's RemoteCount captions ('there "
+                    "are {n} {objects} in the image', n = 1..10, number words and digits) and "
+                    "takes the best; 'dense' counts connected components of the dense heatmap "
+                    "above a threshold, with their boxes; 'both' runs both.")
+    p.add_argument("raster", help="raster file GDAL can read")
+    p.add_argument("--object", required=True, metavar="NAME", help="what to count, e.g. airplane")
+    add_model_args(p)
+    p.add_argument("--method", choices=list(METHODS), default="prompt",
+                   help="prompt (RemoteCount), dense (heatmap components) or both; default prompt")
+    p.add_argument("--extent", default=None, metavar="XMIN,YMIN,XMAX,YMAX",
+                   help="only this extent (default: the whole raster)")
+    p.add_argument("--extent-crs", default=None, metavar="EPSG:N",
+                   help="CRS of --extent (default: the raster's CRS)")
+    p.add_argument("--tile", type=int, default=None, metavar="PX",
+                   help="prompt method: count per tile of PX pixels and sum (default: the whole "
+                        "extent as one image)")
+    p.add_argument("--dense-tile", type=int, default=None, metavar="PX",
+                   help="dense method: tile size (default: the model's input size)")
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help="dense method: heatmap score threshold 0..1 (default: detect's dense "
+                        "threshold, 0.5)")
+    p.add_argument("--min-area", type=int, default=d.min_area, metavar="N",
+                   help=f"dense method: smallest component in heatmap cells; default {d.min_area}")
+    p.add_argument("--bands", default=None, metavar="R,G,B", help="1-based bands read as R,G,B")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--out", default=None, metavar="boxes.gpkg",
+                   help="dense method: write the counted objects' boxes (.gpkg or .geojson)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..count import CountOptions, count, write_count_boxes
+    from ..jobs import check_output_path
+    from ..raster import ReadOptions
+    from .detect import _bands, _floats
+
+    if args.out:
+        if args.method == "prompt":
+            raise UsageError("--out writes the dense method's boxes", "add --method dense or both")
+        if Path(args.out).suffix.lower() not in (".gpkg", ".geojson", ".json"):
+            raise UsageError(f"cannot write boxes to {args.out}", "name the output .gpkg or .geojson")
+        check_output_path(args.out, args.overwrite)
+    extent = _floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
+        if args.extent else None
+    if args.extent_crs and not extent:
+        raise UsageError("--extent-crs given without --extent", "add --extent xmin,ymin,xmax,ymax")
+    opts = CountOptions(tile_px=args.tile, dense_tile_px=args.dense_tile, threshold=args.threshold,
+                        min_area=args.min_area, batch_size=args.batch_size,
+                        read=ReadOptions(bands=_bands(args.bands)), device=args.device,
+                        precision=args.precision)
+    bar = tqdm_progress("count", unit="img")
+    try:
+        result = count(args.raster, args.object, args.model, extent=extent,
+                       extent_crs=args.extent_crs, method=args.method, options=opts,
+                       progress=bar, cancel=cancel_event())
+    finally:
+        bar.close()
+    if args.out:
+        write_count_boxes(result, args.out, overwrite=args.overwrite)
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    if args.json:
+        info = result.to_json()
+        info["out"] = str(args.out) if args.out else None
+        print_json(info)
+    else:
+        print(result.summary())
+        if args.out:
+            print(f"{len(result.boxes)} boxes -> {args.out}")
+    return 0
