@@ -373,6 +373,21 @@ def test_extent_in_another_crs_is_transformed(tmp_path):
     assert abs(win.col - target.col) <= 2 and abs(win.row - target.row) <= 2
 
 
+def test_projected_extent_on_a_geographic_raster(tmp_path):
+    from rasterio.warp import transform_bounds
+    p = make_raster(tmp_path / "g.tif", 300, 300, crs="EPSG:4326", block=64)
+    with open_raster(p) as r:
+        info = r.info
+    target = PixelWindow(50, 60, 100, 80)
+    geo_box = target.bounds(info.transform)
+    utm_box = transform_bounds("EPSG:4326", "EPSG:32633", *geo_box, densify_pts=21)
+    win = extent_to_window(info, utm_box, "EPSG:32633")
+    assert win.contains(target)
+    # the UTM box encloses the slightly rotated geographic rectangle (meridian
+    # convergence about 1.6 degrees at 13 E), so it grows by a few pixels
+    assert win.width - target.width <= 10 and win.height - target.height <= 10
+
+
 def test_extent_that_misses_is_a_usage_error(tmp_path):
     p = make_raster(tmp_path / "a.tif", 100, 100, block=None)
     with open_raster(p) as r:
