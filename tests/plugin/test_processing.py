@@ -406,3 +406,74 @@ def test_detect_refuses_empty_prompt_and_non_file_layer(provider, tmp_path):
     from mapclip.plugin.processing.common import raster_path
     with pytest.raises(QgsProcessingException, match="not a raster file"):
         raster_path(wms)
+
+
+# ------------------------------------------------------- cancel, modeler --
+class CancelOnFirstProgress:
+    """A feedback that presses Cancel as soon as the engine reports progress."""
+
+    def __new__(cls):
+        from qgis.core import QgsProcessingFeedback
+        feedback = QgsProcessingFeedback()
+        feedback.progressChanged.connect(lambda p: feedback.cancel() if p > 0 else None)
+        return feedback
+
+
+def test_cancel_stops_detect_and_writes_nothing(provider, tmp_path, rigged_folder):
+    from qgis.core import QgsProcessingException
+    raster = scene(tmp_path / "scene.tif")
+    out = tmp_path / "boxes.gpkg"
+    with pytest.raises(QgsProcessingException, match="Cancelled"):
+        run("detect", {"INPUT": str(raster), "PROMPTS": "red roof", "MODEL": rigged_folder,
+                       "TILE": 16, "BATCH_SIZE": 4, "OUTPUT": str(out)}, CancelOnFirstProgress())
+    assert not out.exists()
+
+
+def test_algorithms_chain_in_a_model(provider, tmp_path):
+    """Mask-to-Box's COCO output feeds Box-to-Caption inside a graphical-modeler model."""
+    from PIL import Image
+    from qgis.core import (QgsProcessingContext, QgsProcessingFeedback, QgsProcessingModelAlgorithm,
+                           QgsProcessingModelChildAlgorithm, QgsProcessingModelChildParameterSource,
+                           QgsProcessingModelOutput, QgsProcessingModelParameter,
+                           QgsProcessingParameterFile)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    m = np.zeros((40, 40), np.uint8)
+    m[15:25, 15:25] = 1
+    Image.fromarray(m).save(masks / "tile.png")
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps({"1": "storage-tank"}))
+
+    model = QgsProcessingModelAlgorithm("masks to captions", "test")
+    for name, behavior in (("masks", QgsProcessingParameterFile.Folder),
+                           ("classes", QgsProcessingParameterFile.File)):
+        model.addModelParameter(QgsProcessingParameterFile(name, name, behavior=behavior),
+                                QgsProcessingModelParameter(name))
+    m2b = QgsProcessingModelChildAlgorithm("mapclip:masktobox")
+    m2b.setChildId("m2b")
+    m2b.addParameterSources("MASKS", [QgsProcessingModelChildParameterSource.fromModelParameter("masks")])
+    m2b.addParameterSources("CLASSES", [QgsProcessingModelChildParameterSource.fromModelParameter("classes")])
+    # the modeler's dialog fills these with the defaults; a model built in code names them
+    m2b.addParameterSources("IGNORE_INDEX", [QgsProcessingModelChildParameterSource.fromStaticValue(0)])
+    m2b.addParameterSources("MIN_AREA", [QgsProcessingModelChildParameterSource.fromStaticValue(0)])
+    model.addChildAlgorithm(m2b)
+    b2c = QgsProcessingModelChildAlgorithm("mapclip:boxtocaption")
+    b2c.setChildId("b2c")
+    b2c.addParameterSources("ANNOTATIONS", [QgsProcessingModelChildParameterSource.fromChildOutput("m2b", "OUTPUT")])
+    b2c.addParameterSources("FORMAT", [QgsProcessingModelChildParameterSource.fromStaticValue(0)])
+    b2c.addParameterSources("SEED", [QgsProcessingModelChildParameterSource.fromStaticValue(0)])
+    out = QgsProcessingModelOutput("captions")
+    out.setChildOutputName("OUTPUT")
+    b2c.setModelOutputs({"captions": out})
+    model.addChildAlgorithm(b2c)
+    ok, errors = model.validate()
+    assert ok, errors
+    captions = tmp_path / "captions.csv"
+    context = QgsProcessingContext()
+    results, ok = model.run({"masks": str(masks), "classes": str(classes),
+                             "b2c:captions": str(captions)}, context, QgsProcessingFeedback())
+    assert ok
+    rows = [r for r in csv.reader(captions.open()) if r and r[0] != "image"]
+    assert len(rows) == 5 and rows[0][0].endswith("tile.png")
+    # one object in the centre: caption 1 and the three counting captions name it
+    assert sum("storage tank" in r[1] for r in rows) == 4
