@@ -142,7 +142,8 @@ class MapClipDock(QgsDockWidget):
         self.polygon_combo = QgsMapLayerComboBox()
         self.polygon_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
         self.polygon_combo.setAllowEmptyLayer(True)
-        form.addRow("Polygons", self.polygon_combo)
+        self.polygon_label = QLabel("Polygons")
+        form.addRow(self.polygon_label, self.polygon_combo)
         outer.addLayout(form)
 
         self.advanced = QgsCollapsibleGroupBox("Advanced")
@@ -380,7 +381,10 @@ class MapClipDock(QgsDockWidget):
         self.count_method_combo.setVisible(self.mode_combo.currentData() == "count")
 
     def _area_changed(self, *_):
-        self.polygon_combo.setEnabled(self.area_combo.currentData() == "selection")
+        on = self.area_combo.currentData() == "selection"
+        self.polygon_combo.setEnabled(on)
+        self.polygon_combo.setVisible(on)
+        self.polygon_label.setVisible(on)
 
     # -------------------------------------------------------------- models --
     def add_checkpoint(self) -> Optional[str]:

@@ -42,6 +42,10 @@ HIT_FIELDS = (("rank", QVariant.Int), ("score", QVariant.Double), ("source", QVa
 HEAT_RAMP = ((0.0, "#2c7bb6", 0), (0.35, "#abd9e9", 110), (0.6, "#ffffbf", 160),
              (0.8, "#fdae61", 200), (1.0, "#d7191c", 230))
 HEAT_LOW_QUANTILE = 0.5  # scores below the median are fully transparent
+#: box outlines from the lowest to the highest score class; fills stay faint
+BOX_RAMP = ("#ffd000", "#d7191c")
+HIT_RAMP = ("#6baed6", "#08306b")
+FILL_ALPHA = 40
 
 
 def _as_crs(crs: Any) -> QgsCoordinateReferenceSystem:
@@ -108,11 +112,23 @@ def boxes_layer(boxes: Iterable[Any], prompt: str, model: str, crs: QgsCoordinat
     return layer
 
 
-def _update_classes(renderer: QgsGraduatedSymbolRenderer, layer: QgsVectorLayer, n: int) -> None:
-    """Equal-interval classes over this layer's scores, keeping the style's colours."""
-    from qgis.core import QgsClassificationEqualInterval
+def _update_classes(renderer: QgsGraduatedSymbolRenderer, layer: QgsVectorLayer, n: int,
+                    ramp: Sequence[str] = BOX_RAMP) -> None:
+    """Equal-interval classes over this layer's scores: strong outlines, faint fills."""
+    from qgis.core import QgsClassificationEqualInterval, QgsGradientColorRamp
     renderer.setClassificationMethod(QgsClassificationEqualInterval())
     renderer.updateClasses(layer, n)
+    renderer.updateColorRamp(QgsGradientColorRamp(QColor(ramp[0]), QColor(ramp[1])))
+    for i, rng in enumerate(renderer.ranges()):
+        symbol = rng.symbol().clone()
+        colour = QColor(symbol.color())
+        fill = QColor(colour)
+        fill.setAlpha(FILL_ALPHA)
+        sl = symbol.symbolLayer(0)
+        if hasattr(sl, "setFillColor"):
+            sl.setFillColor(fill)
+            sl.setStrokeColor(colour)
+        renderer.updateRangeSymbol(i, symbol)
 
 
 def style_boxes(layer: QgsVectorLayer) -> None:
@@ -348,7 +364,7 @@ def hits_layer(hits: Sequence[Any], query: str, model: str) -> QgsVectorLayer:
         layer.loadNamedStyle(HITS_STYLE)
         renderer = layer.renderer()
         if isinstance(renderer, QgsGraduatedSymbolRenderer) and layer.featureCount():
-            _update_classes(renderer, layer, max(1, min(5, layer.featureCount())))
+            _update_classes(renderer, layer, max(1, min(5, layer.featureCount())), HIT_RAMP)
     return layer
 
 
