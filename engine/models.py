@@ -4,7 +4,8 @@ A *spec* names a model in one of these forms:
 
 - a preset name from :data:`PRESETS` (``remoteclip-vit-b-32``, ``demo``, ...);
 - ``ARCH:TAG``, an open_clip architecture and pretrained tag
-  (``ViT-B-32-quickgelu:openai``);
+  (``ViT-B-32-quickgelu:openai``); ``ARCH:random`` is a seeded random
+  initialisation of that architecture (tests, training from scratch);
 - ``ARCH:PATH``, an open_clip architecture and a local checkpoint file
   (``.pt``, ``.pth``, ``.bin`` or ``.safetensors``);
 - ``hf-hub:org/name``, an open_clip model folder on the Hugging Face hub;
@@ -34,6 +35,7 @@ RESOURCES_DIR = Path(__file__).resolve().parent.parent / "resources"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 MODEL_CONFIG_FILE = "open_clip_config.json"
 MODEL_WEIGHTS_FILE = "open_clip_model.safetensors"
+RANDOM_TAG = "random"  # ARCH:random -> seeded random initialisation
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
@@ -301,6 +303,8 @@ def resolve(spec: str, progress: Optional[DownloadProgress] = None) -> Resolved:
                          "use a preset from `python -m engine models`, ARCH:TAG, ARCH:CHECKPOINT, "
                          "hf-hub:ORG/NAME or a model folder")
     cfg = _arch_config(arch)
+    if rest == RANDOM_TAG:
+        return Resolved(arch, cfg, {}, None)
     ckpt = Path(rest).expanduser()
     if ckpt.suffix.lower() in CHECKPOINT_SUFFIXES or ckpt.exists():
         if not ckpt.is_file():
@@ -492,6 +496,8 @@ def save_model_folder(model, model_cfg: Dict[str, Any], folder: Path, arch: str,
           for k, v in model.state_dict().items()}
     tmp_w = folder / (MODEL_WEIGHTS_FILE + ".part")
     save_file(sd, str(tmp_w))
+    for tmp in (tmp_cfg, tmp_w):
+        os.chmod(tmp, 0o644)  # safetensors writes owner-only files; a model folder is shared
     os.replace(tmp_cfg, folder / MODEL_CONFIG_FILE)
     os.replace(tmp_w, folder / MODEL_WEIGHTS_FILE)
     return folder

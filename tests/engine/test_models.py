@@ -131,6 +131,7 @@ def test_model_folder_round_trip(tmp_path, tiny_model):
                                       arch="mapclip-tiny", extra={"note": "test"})
     meta = json.loads((folder / models.MODEL_CONFIG_FILE).read_text())
     assert meta["mapclip"]["arch"] == "mapclip-tiny" and "model_cfg" in meta
+    assert oct((folder / models.MODEL_WEIGHTS_FILE).stat().st_mode & 0o777) == "0o644"
     lm = models.load_model(str(folder), device="cpu")
     x = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8).numpy()
     assert torch.allclose(encode_images(lm, x), encode_images(tiny_model, x), atol=1e-6)
@@ -164,3 +165,10 @@ def test_cli_error_is_one_line_with_fix_and_exit_code_2():
     assert r.returncode == 2
     assert r.stderr.startswith("error: unknown model 'nope-model'")
     assert "fix:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_arch_random_is_a_seeded_random_init():
+    a = models.load_model("mapclip-tiny:random", device="cpu")
+    b = models.load_model("mapclip-tiny:random", device="cpu")
+    assert a.arch == "mapclip-tiny" and a.embed_dim == 64
+    assert torch.equal(a.model.visual.conv1.weight, b.model.visual.conv1.weight)
