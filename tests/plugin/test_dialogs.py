@@ -209,3 +209,32 @@ def test_dedup_dialog_finds_groups_moves_on_request_and_undoes(qtbot, tmp_path):
     assert dlg.undo() is not None
     assert wait_task(qtbot, dlg) == "done", dlg.last_error
     assert len(list(train.iterdir())) == 3 and dlg.manifest is None
+
+
+def test_finetune_dialog_cancel_then_resume(qtbot, tmp_path):
+    """Cancel after the first epoch's evaluation; Resume finishes the second epoch only."""
+    from qgis.PyQt.QtCore import Qt
+    from mapclip.plugin.dialogs.finetune_dialog import FinetuneDialog
+    dlg = FinetuneDialog()
+    qtbot.addWidget(dlg)
+    dlg.data.setFilePath(str(caption_set(tmp_path)))
+    dlg.model.setCurrentText("test-tiny")
+    dlg.epochs.setValue(2)
+    dlg.batch_size.setValue(8)
+    dlg.device.setText("cpu")
+    dlg.out.setFilePath(str(tmp_path / "run"))
+
+    def cancel_after_epoch_1(record):  # runs in the worker thread (direct connection)
+        if record.get("type") == "eval" and record.get("epoch") == 1:
+            dlg.task.cancel()
+
+    dlg.metrics_arrived.connect(cancel_after_epoch_1, Qt.DirectConnection)
+    dlg.start()
+    assert wait_task(qtbot, dlg) == "cancelled"
+    assert "cancelled" in dlg.status.text() and not dlg.add_button.isEnabled()
+    dlg.metrics_arrived.disconnect(cancel_after_epoch_1)
+    dlg.resume.setChecked(True)
+    assert dlg.start() is not None
+    assert wait_task(qtbot, dlg) == "done", dlg.last_error
+    assert dlg.result.resumed_from_epoch == 1 and dlg.result.epochs_run == 1
+    assert dlg.add_button.isEnabled()
