@@ -578,6 +578,7 @@ class MapClipDock(QgsDockWidget):
             gpkg = self.gpkg_widget.filePath() if self.save_check.isChecked() else None
             on_done = partial(self._detect_done, req, layer_crs, run_time, gpkg, mode)
         self.status_label.setText(f"Loading {model}…")
+        self._run_info = req.info
         self.task = tasks.EngineTask(title, fn, on_done=on_done, on_error=self._job_error,
                                      on_cancel=self._job_cancelled, iface=self.iface)
         self.task.stepped.connect(self._stepped)
@@ -588,7 +589,7 @@ class MapClipDock(QgsDockWidget):
         if task is None:
             return
         self.progress.setValue(int(100 * done / total) if total else 0)
-        device = self.device_combo.currentText()
+        device = getattr(self, "_run_info", {}).get("device") or self.device_combo.currentText()
         self.status_label.setText(f"{done}/{total} tiles · {task.rate():.1f} tiles/s · {device}")
 
     def _finish(self, outcome: str) -> None:
@@ -769,6 +770,7 @@ class MapClipDock(QgsDockWidget):
             finally:
                 self._finish("done")
 
+        self._run_info = {}
         self.task = tasks.EngineTask(title, job, on_done=on_done, on_error=self._archive_error,
                                      on_cancel=self._job_cancelled, iface=self.iface)
         self.task.stepped.connect(self._stepped)

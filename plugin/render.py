@@ -29,6 +29,8 @@ from qgis.PyQt.QtGui import QColor, QImage, QPainter
 
 #: largest side of a rendered image, in pixels; a larger request raises the GSD
 MAX_RENDER_PX = 8192
+#: providers of web maps (tiles, services): searching "the whole layer" makes no sense
+SERVICE_PROVIDERS = ("wms", "wcs", "arcgismapserver")
 #: GDAL prefixes that name something other than a local file but that the engine
 #: (rasterio/GDAL) still opens directly
 _GDAL_READABLE_PREFIXES = ("/vsizip/", "/vsigzip/", "/vsitar/", "/vsis3/", "/vsicurl/",
@@ -85,6 +87,9 @@ def plan_render(layer: QgsRasterLayer, extent: Optional[QgsRectangle],
                 max_px: int = MAX_RENDER_PX) -> RenderPlan:
     """Work out the extent (in a projected CRS) and pixel size to render ``layer`` at."""
     extent_crs = extent_crs if extent_crs is not None and extent_crs.isValid() else layer.crs()
+    if (extent is None or extent.isEmpty()) and layer.providerType() in SERVICE_PROVIDERS:
+        raise ValueError(f"{layer.name()} is a web map without a whole-layer extent to search: "
+                         f"choose the visible map extent or selected polygons as the area")
     if extent is None or extent.isEmpty():
         extent = layer.extent()
         extent_crs = layer.crs()

@@ -218,6 +218,8 @@ class DetectRequest:
     method: str = "window"
     heatmap: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
+    #: filled by the job for the status line: "device" once the model is loaded
+    info: Dict[str, str] = field(default_factory=dict)
 
 
 def detect_options(req: DetectRequest):
@@ -236,6 +238,7 @@ def run_detect(req: DetectRequest, progress: ProgressFn, cancel: threading.Event
     """The detect job: load the model (cached), then engine.detect.detect."""
     from ..engine.detect import detect
     lm = get_model(req.model, req.device)
+    req.info["device"] = str(lm.device)
     if cancel.is_set():
         from ..engine.errors import Cancelled
         raise Cancelled()
@@ -259,6 +262,7 @@ class CountRequest:
     batch_size: int = 64
     bands: Optional[Sequence[int]] = None
     gsd: Optional[float] = None
+    info: Dict[str, str] = field(default_factory=dict)
 
 
 def run_count(req: CountRequest, progress: ProgressFn, cancel: threading.Event):
@@ -266,6 +270,7 @@ def run_count(req: CountRequest, progress: ProgressFn, cancel: threading.Event):
     from ..engine.count import CountOptions, count
     from ..engine.raster import ReadOptions
     lm = get_model(req.model, req.device)
+    req.info["device"] = str(lm.device)
     read = ReadOptions(bands=list(req.bands) if req.bands else None, gsd=req.gsd or None)
     options = CountOptions(threshold=req.threshold, batch_size=req.batch_size, read=read,
                            device=None if req.device in (None, "", "auto") else req.device)

@@ -179,3 +179,31 @@ def test_render_writes_a_georeferenced_geotiff_of_a_non_file_layer(tmp_path, map
     inside = arr[0, 6:14, 11:19]
     outside = arr[0, 25:33, 30:45]
     assert inside.mean() > outside.mean() + 60
+
+
+def test_whole_layer_of_a_web_basemap_is_refused_with_a_message(dock, iface, tmp_path, clean_project,
+                                                                 monkeypatch):
+    from mapclip.plugin import deps
+    from .conftest import make_xyz_tiles
+    monkeypatch.setattr(deps, "missing_modules", lambda required=None: [])
+    uri, tile = make_xyz_tiles(str(tmp_path / "tiles"))
+    xyz = QgsRasterLayer(uri, "basemap", "wms")
+    clean_project.addMapLayer(xyz)
+    dock.layer_combo.setLayer(xyz)
+    dock.prompt_combo.setEditText("ships")
+    dock.area_combo.setCurrentIndex(dock.area_combo.findData("layer"))
+    assert not dock.run()
+    assert any("visible map extent" in t for t in iface.bar_texts())
+    assert dock.run_button.isEnabled() and dock.task is None
+
+
+def test_run_refuses_without_prompt_or_layer_and_says_why(dock, iface, tmp_path, clean_project):
+    assert not dock.run()
+    assert any("raster layer" in t for t in iface.bar_texts())
+    raster = QgsRasterLayer(make_geotiff(tmp_path / "s.tif"), "s", "gdal")
+    clean_project.addMapLayer(raster)
+    dock.layer_combo.setLayer(raster)
+    dock.prompt_combo.setEditText(" ; ")
+    assert not dock.run()
+    assert any("prompt" in t for t in iface.bar_texts())
+    assert dock.task is None
