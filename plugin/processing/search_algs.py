@@ -26,7 +26,9 @@ from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_err
 
 #: mirrors engine.detect.DetectOptions (tests/plugin/test_processing.py checks it)
 DETECT_DEFAULTS = {"mode": "window", "tile_px": 128, "window": 2, "stride": 1,
-                   "batch_size": 64, "top_k": 20, "merge": "nms"}
+                   "batch_size": 64, "top_k": 20, "merge": "nms", "iou": 0.0, "attention": "qq"}
+#: mirrors engine.dense.ATTENTION_MODES
+ATTENTION_MODES = ["qq", "qq+kk", "kk", "vv"]
 MODES = ["window", "dense"]
 MERGES = ["nms", "union"]
 COUNT_METHODS = ["prompt", "dense", "both"]
@@ -137,6 +139,7 @@ class DetectBase(RasterSearchAlgorithm):
 
     PROMPTS, MODE, TILE, WINDOW, STRIDE = "PROMPTS", "MODE", "TILE", "WINDOW", "STRIDE"
     TOP_K, THRESHOLD, MERGE, BACKGROUND = "TOP_K", "THRESHOLD", "MERGE", "BACKGROUND"
+    IOU, ATTENTION = "IOU", "ATTENTION"
     DEFAULT_MODE = DETECT_DEFAULTS["mode"]
 
     def add_detect_params(self) -> None:
@@ -158,6 +161,13 @@ class DetectBase(RasterSearchAlgorithm):
         self.add_advanced(QgsProcessingParameterEnum(
             self.MERGE, "Merge overlapping windows", options=MERGES,
             defaultValue=MERGES.index(DETECT_DEFAULTS["merge"])))
+        self.add_advanced(QgsProcessingParameterNumber(
+            self.IOU, "Window mode: windows overlapping more than this IoU are one object (0: any overlap)",
+            QgsProcessingParameterNumber.Double, defaultValue=DETECT_DEFAULTS["iou"],
+            minValue=0.0, maxValue=1.0))
+        self.add_advanced(QgsProcessingParameterEnum(
+            self.ATTENTION, "Dense mode: last-block attention (qq = ClearCLIP, qq+kk = SCLIP)",
+            options=ATTENTION_MODES, defaultValue=ATTENTION_MODES.index(DETECT_DEFAULTS["attention"])))
         self.add_advanced(QgsProcessingParameterString(
             self.BACKGROUND, "Background prompts, separated by ; (empty: the engine's generic set)",
             optional=True))
@@ -178,6 +188,8 @@ class DetectBase(RasterSearchAlgorithm):
             stride=self.parameterAsInt(parameters, self.STRIDE, context),
             batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
             merge=MERGES[self.parameterAsEnum(parameters, self.MERGE, context)],
+            iou=self.parameterAsDouble(parameters, self.IOU, context),
+            attention=ATTENTION_MODES[self.parameterAsEnum(parameters, self.ATTENTION, context)],
             read=self.read_options(parameters, context),
             heatmap=heatmap)
         device = self.parameterAsString(parameters, self.DEVICE, context).strip()

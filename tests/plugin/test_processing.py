@@ -84,6 +84,8 @@ def test_toolbox_defaults_mirror_the_engine(provider):
     do = defaults(DetectOptions)
     for key, value in search_algs.DETECT_DEFAULTS.items():
         assert do[key] == value, key
+    from mapclip.engine.dense import ATTENTION_MODES
+    assert tuple(search_algs.ATTENTION_MODES) == ATTENTION_MODES
     assert search_algs.COUNT_DEFAULTS == {"min_area": defaults(CountOptions)["min_area"]}
     from mapclip.engine.index import IndexOptions, SearchOptions
     from mapclip.plugin.processing import archive_algs
