@@ -136,6 +136,8 @@ class FinetuneDialog(JobDialog):
         from ...engine.models import DEFAULT_MODEL
         self.data = file_widget(QgsFileWidget.GetFile,
                                 "Caption files (*.csv *.tsv *.txt *.jsonl *.ndjson *.json);;All files (*)")
+        self.images = file_widget(QgsFileWidget.GetDirectory)
+        self.images.lineEdit().setPlaceholderText("the data file's folder")
         self.model = QComboBox()
         self.model.setEditable(True)
         self.model.addItems(model_choices())
@@ -158,6 +160,7 @@ class FinetuneDialog(JobDialog):
         self.out = file_widget(QgsFileWidget.GetDirectory)
         self.set_defaults()
         self.form.addRow("Image-caption file", self.data)
+        self.form.addRow("Images folder (relative paths)", self.images)
         self.form.addRow("Base model", self.model)
         self.form.addRow("Epochs", self.epochs)
         self.form.addRow("Batch size", self.batch_size)
@@ -202,6 +205,8 @@ class FinetuneDialog(JobDialog):
     def validate(self) -> List[str]:
         problems: List[str] = []
         need_file(problems, "Image-caption file", self.data.filePath())
+        if self.images.filePath().strip():
+            need_file(problems, "Images folder", self.images.filePath(), folder=True)
         if not self.model.currentText().strip():
             problems.append("Base model: empty (choose a preset or give a model folder)")
         if self.learning_rate() is None:
@@ -221,7 +226,8 @@ class FinetuneDialog(JobDialog):
                     batch_size=self.batch_size.value(), lr=self.learning_rate(),
                     val_split=self.val_split.value(), freeze=self.freeze.currentText(),
                     unlock_last=self.unlock_last.value(), resume=self.resume.isChecked(),
-                    device=self.device.text().strip() or None)
+                    device=self.device.text().strip() or None,
+                    image_root=self.images.filePath().strip() or None)
 
     def make_job(self) -> Callable:
         kwargs = self.options_kwargs()

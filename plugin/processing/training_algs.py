@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from qgis.core import (QgsProcessingOutputFile,
+from qgis.core import (QgsProcessingOutputFile, QgsProcessingParameterDefinition,
                        QgsProcessingOutputFolder, QgsProcessingOutputNumber,
                        QgsProcessingParameterBoolean, QgsProcessingParameterEnum,
                        QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
@@ -19,7 +19,7 @@ from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_err
                      optional_number)
 
 #: mirror engine defaults (tests/plugin/test_processing.py checks them)
-FINETUNE_DEFAULTS = {"epochs": 10, "batch_size": 64, "lr": 1e-5, "val_split": 0.1,
+FINETUNE_DEFAULTS = {"accum": 1, "epochs": 10, "batch_size": 64, "lr": 1e-5, "val_split": 0.1,
                      "freeze": "none", "unlock_last": 0}
 MASK_DEFAULTS = {"min_area": 0}
 DEDUP_DEFAULTS = {"max_distance": 1, "hash_size": 8}
@@ -50,9 +50,13 @@ class FinetuneAlgorithm(MapClipAlgorithm):
     DATA, MODEL, OUTPUT, EPOCHS, BATCH_SIZE, LR = "DATA", "MODEL", "OUTPUT", "EPOCHS", "BATCH_SIZE", "LR"
     VAL_SPLIT, FREEZE_P, UNLOCK_LAST, RESUME, DEVICE = "VAL_SPLIT", "FREEZE", "UNLOCK_LAST", "RESUME", "DEVICE"
     BEST, MEAN_RECALL = "BEST_MODEL", "MEAN_RECALL"
+    IMAGES, ACCUM = "IMAGES", "ACCUM"
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterFile(self.DATA, "Image-caption file (CSV, TSV, JSONL, JSON)"))
+        self.addParameter(QgsProcessingParameterFile(
+            self.IMAGES, "Image folder for relative paths (empty: the data file's folder)",
+            behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(QgsProcessingParameterString(self.MODEL, "Base model", defaultValue=default_model()))
         self.addParameter(QgsProcessingParameterNumber(
             self.EPOCHS, "Epochs", QgsProcessingParameterNumber.Integer,
@@ -60,6 +64,12 @@ class FinetuneAlgorithm(MapClipAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Integer,
             defaultValue=FINETUNE_DEFAULTS["batch_size"], minValue=2))
+        accum = QgsProcessingParameterNumber(
+            self.ACCUM, "Gradient accumulation: micro-batches per step (contrastive batch = "
+                        "batch size x this)", QgsProcessingParameterNumber.Integer,
+            defaultValue=FINETUNE_DEFAULTS["accum"], minValue=1)
+        accum.setFlags(accum.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(accum)
         self.addParameter(QgsProcessingParameterNumber(
             self.LR, "Learning rate", QgsProcessingParameterNumber.Double,
             defaultValue=FINETUNE_DEFAULTS["lr"], minValue=0.0))
@@ -91,6 +101,8 @@ class FinetuneAlgorithm(MapClipAlgorithm):
                 out=out,
                 epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
                 batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+                accum=self.parameterAsInt(parameters, self.ACCUM, context),
+                image_root=self.parameterAsFile(parameters, self.IMAGES, context) or None,
                 lr=self.parameterAsDouble(parameters, self.LR, context),
                 val_split=self.parameterAsDouble(parameters, self.VAL_SPLIT, context),
                 freeze=FREEZE[self.parameterAsEnum(parameters, self.FREEZE_P, context)],
