@@ -609,6 +609,8 @@ class MapClipDock(QgsDockWidget):
             self._finish("error")
             return
         self.last_layers = made
+        for note in getattr(result, "warnings", None) or []:
+            log.bar_warning(self.iface, str(note))
         crs = layers.result_crs(result.crs, layer_crs)
         for box in sorted(result.boxes, key=lambda b: (-b.score, b.prompt)):
             item = QTreeWidgetItem([str(box.rank), box.prompt, f"{box.score:.3f}"])

@@ -65,7 +65,13 @@ def error_text(exc: BaseException) -> str:
     return text if len(text) <= MAX_BAR_TEXT else text[:MAX_BAR_TEXT - 1] + "…"
 
 
+INSTALL_HINT = "install MapCLIP's packages: Raster > MapCLIP > Install dependencies…"
+
+
 def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, ImportError):
+        name = getattr(exc, "name", None) or str(exc)
+        return f"a Python package is missing or broken ({name}); {INSTALL_HINT}"
     message = getattr(exc, "message", None)
     if message is not None:
         hint = getattr(exc, "hint", None)

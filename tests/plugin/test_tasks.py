@@ -96,6 +96,19 @@ def test_engine_error_becomes_message_bar_error_and_log_entry(qtbot, iface, mapc
                for tag, msg in logged)
 
 
+def test_missing_package_at_run_time_points_to_the_installer(qtbot, iface, mapclip):
+    from mapclip.plugin.tasks import EngineTask, start
+
+    def job(progress, cancel):
+        raise ModuleNotFoundError("No module named 'open_clip'", name="open_clip")
+
+    task = EngineTask("search", job, iface=iface)
+    start(task)
+    _wait(qtbot, task)
+    assert task.outcome == "error"
+    assert any("open_clip" in t and "Install dependencies" in t for t in iface.bar_texts())
+
+
 # --------------------------------------------------------------------------- #
 # Real searches from the dock (rigged model: responds to red squares)
 # --------------------------------------------------------------------------- #
