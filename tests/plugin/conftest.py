@@ -25,7 +25,11 @@ from qgis.core import QgsApplication  # noqa: E402
 
 _APP = QgsApplication.instance()
 if _APP is None:
+    from qgis.PyQt.QtCore import QSettings
     _PROFILE = tempfile.mkdtemp(prefix="mapclip-qgis-profile-")
+    # settings go to the temporary profile, never to the user's QGIS settings
+    QSettings.setDefaultFormat(QSettings.IniFormat)
+    QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, _PROFILE)
     QgsApplication.setOrganizationName("MapCLIPTests")
     QgsApplication.setApplicationName("MapCLIPTests")
     _APP = QgsApplication([], True, _PROFILE)
