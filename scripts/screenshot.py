@@ -45,6 +45,21 @@ def wait(app, predicate, timeout: float = 600.0) -> bool:
     return True
 
 
+def fill_extent(ext, width: int, height: int):
+    """The centred part of ``ext`` with the canvas's aspect ratio (no blank bands)."""
+    from qgis.core import QgsRectangle
+    if width <= 0 or height <= 0:
+        return ext
+    want = width / height
+    if ext.width() / ext.height() > want:
+        w = ext.height() * want
+        x0 = ext.center().x() - w / 2
+        return QgsRectangle(x0, ext.yMinimum(), x0 + w, ext.yMaximum())
+    h = ext.width() / want
+    y0 = ext.center().y() - h / 2
+    return QgsRectangle(ext.xMinimum(), y0, ext.xMaximum(), y0 + h)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "resources" / "screenshot.png"))
@@ -129,7 +144,7 @@ def main(argv=None) -> int:
         return 1
 
     canvas.setLayers(list(dock.last_layers) + [raster])
-    canvas.setExtent(raster.extent())
+    canvas.setExtent(fill_extent(raster.extent(), canvas.width(), canvas.height()))
     drawn = []
     canvas.mapCanvasRefreshed.connect(lambda: drawn.append(True))
     canvas.refresh()
