@@ -253,9 +253,8 @@ def heatmap_count(heat: np.ndarray, transform, threshold: float, min_area: int =
         if inv is not None:
             xs, ys = [], []
             for x, y in ((bounds[0], bounds[1]), (bounds[2], bounds[3])):
-                col, row = inv * (x, y)
-                xs.append(col)
-                ys.append(row)
+                xs.append(inv.a * x + inv.b * y + inv.c)
+                ys.append(inv.d * x + inv.e * y + inv.f)
             pixel = (int(np.floor(min(xs) + 1e-6)), int(np.floor(min(ys) + 1e-6)),
                      int(np.ceil(max(xs) - 1e-6)), int(np.ceil(max(ys) - 1e-6)))
         else:

@@ -81,8 +81,8 @@ def test_build_writes_documented_format_readable_without_mapclip(tmp_path, raste
     np.testing.assert_allclose(geo["lon_min"], geo["xmin"], atol=1e-9)
     np.testing.assert_allclose(geo["lat_max"], geo["ymax"], atol=1e-9)
     # footprints.gpkg: one polygon per row, in WGS84 (two CRSs in the index)
-    import pyogrio.raw
-    meta, _, geom, fields = pyogrio.raw.read(str(folder / "footprints.gpkg"), layer="tiles")
+    raw = ix._pyogrio_raw()
+    meta, _, geom, fields = raw.read(str(folder / "footprints.gpkg"), layer="tiles")
     assert len(geom) == 29 and meta["crs"] == "EPSG:4326"
     names = list(meta["fields"])
     assert list(fields[names.index("row_id")]) == list(range(29))

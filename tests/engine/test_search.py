@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from engine import index as ix
+from engine.index import _pyogrio_raw
 from engine.errors import ModelError, UsageError
 from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, WGS84, make_raster
 from tests.rigged import BLUE, BLUE_PROMPT, GREY, RED, RED_PROMPT, rigged_model, save_rigged_folder
@@ -189,9 +190,8 @@ def test_auto_method_threshold_and_the_cached_faiss_index(tiny_index, tiny_model
 
 
 def test_cli_search_contract(rigged_index, tmp_path, capsys):
-    import pyogrio.raw
-
     from engine.cli import main
+    raw = _pyogrio_raw()
     spec = str(save_rigged_folder(tmp_path / "rigged-model"))
     out = tmp_path / "hits.gpkg"
     argv = ["search", str(rigged_index), "--text", RED_PROMPT, "--model", spec, "--top-k", "3",
@@ -201,7 +201,7 @@ def test_cli_search_contract(rigged_index, tmp_path, capsys):
     assert info["method"] == "exact" and info["query"]["text"] == RED_PROMPT
     assert [h["rank"] for h in info["hits"]] == [1, 2, 3] and info["out"] == str(out)
     assert info["hits"][0]["pixel"][:2] == list(RED_AT) and info["hits"][0]["crs"] == "EPSG:32633"
-    meta, _, geom, fields = pyogrio.raw.read(str(out))
+    meta, _, geom, fields = raw.read(str(out))
     assert len(geom) == 3 and meta["crs"] == "EPSG:32633"
     assert list(fields[list(meta["fields"]).index("rank")]) == [1, 2, 3]
     assert main(argv) == 2                                         # exists: refused

@@ -1,0 +1,182 @@
+"""Counting: RemoteCount captions and argmax, heatmap components, plurals, the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from affine import Affine
+
+from engine import count as ct
+from engine.index import _pyogrio_raw
+from engine.errors import UsageError
+from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, make_raster
+from tests.rigged import GREY, RED, rigged_model, save_rigged_folder
+
+SQUARES = [(10, 10), (100, 20), (60, 90)]   # (col, row) of 12-px red squares
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def rigged():
+    return rigged_model()
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    grey = GREY[0] + np.random.default_rng(0).integers(-10, 10, (1, 128, 192))
+    data = np.repeat(grey, 3, axis=0).astype(np.uint8)      # grey noise: no tile is constant
+    for c, r in SQUARES:
+        data[:, r:r + 12, c:c + 12] = np.array(RED, np.uint8)[:, None, None]
+    return make_raster(tmp_path_factory.mktemp("count") / "scene.tif", data=data)
+
+
+# ----------------------------------------------------------------- words --
+def test_plurals_articles_and_counts_read_right():
+    assert ct.with_count("ship", 1) == "a ship"
+    assert ct.with_count("ship", 3) == "3 ships"
+    assert ct.with_count("airplane", 1) == "an airplane"
+    assert ct.plural("box", 2) == "boxes" and ct.plural("ferry", 2) == "ferries"
+    assert ct.plural("person", 4) == "people" and ct.plural("storage tank", 2) == "storage tanks"
+    for many, one in (("ships", "ship"), ("ferries", "ferry"), ("boxes", "box"), ("people", "person"),
+                      ("buses", "bus"), ("houses", "house"), ("storage tanks", "storage tank"),
+                      ("piles of sand", "pile of sand"), ("sheep", "sheep"), ("bus", "bus"),
+                      ("glass", "glass"), ("airplane", "airplane")):
+        assert ct.singular(many) == one, many
+
+
+def test_remotecount_captions_in_words_and_digits():
+    caps = ct.count_captions("ships")
+    assert caps["words"][0] == "there is one ship in the image"
+    assert caps["words"][2] == "there are three ships in the image"
+    assert caps["words"][9] == "there are ten ships in the image"
+    assert caps["digits"][0] == "there is 1 ship in the image"
+    assert caps["digits"][6] == "there are 7 ships in the image"
+    assert len(caps["words"]) == len(caps["digits"]) == 10
+    assert ct.caption("ferry", 0) == "there are no ferries in the image"
+    assert ct.caption("person", 2, "words") == "there are two people in the image"
+    with pytest.raises(UsageError):
+        ct.count_captions("  ")
+
+
+def test_argmax_over_both_variants_smaller_count_on_ties():
+    sims = np.zeros((2, 10))
+    sims[0, 3], sims[1, 3] = 0.30, 0.10      # four: mean 0.20
+    sims[0, 5], sims[1, 5] = 0.05, 0.30      # six: mean 0.175
+    n, scores = ct.argmax_count(sims)
+    assert n == 4 and scores[3] == pytest.approx(0.2) and scores.shape == (10,)
+    tie = np.full((2, 10), 0.1)
+    assert ct.argmax_count(tie)[0] == 1
+    zero_best = np.array([[0.3] + [0.1] * 9] * 2)
+    assert ct.argmax_count(zero_best, list(range(10)))[0] == 0
+
+
+# ------------------------------------------------------------ components --
+def test_heatmap_components_are_counted_exactly_with_map_boxes():
+    heat = np.zeros((20, 30), np.float32)
+    heat[2:5, 3:7] = 0.9            # object 1: 3 x 4 cells
+    heat[10:12, 20:29] = 0.7        # object 2
+    heat[15, 2] = 0.8               # a one-cell speck
+    heat[16:19, 10:13] = 0.4        # below the threshold
+    heat[0, 29] = np.nan            # unscored cells never count
+    tf = Affine(2.0, 0, 1000.0, 0, -2.0, 5000.0)   # 2 map units per cell
+    boxes = ct.heatmap_count(heat, tf, threshold=0.5)
+    assert len(boxes) == 3
+    assert [b.score for b in boxes] == pytest.approx([0.9, 0.8, 0.7])
+    assert boxes[0].bounds == (1006.0, 4990.0, 1014.0, 4996.0) and boxes[0].area == 12
+    assert len(ct.heatmap_count(heat, tf, threshold=0.5, min_area=2)) == 2
+    assert len(ct.heatmap_count(heat, tf, threshold=0.3)) == 4
+    assert ct.heatmap_count(np.zeros((4, 4)), tf, threshold=0.5) == []
+
+
+# ------------------------------------------------------------ end to end --
+def test_prompt_count_plumbing_picks_the_caption_that_matches(scene, rigged, monkeypatch):
+    """Stub encoders: the image embedding equals the text embedding of the captions
+    for three; the count must come back as 3, from both variants."""
+    import engine.encode as enc
+    seen = {}
+
+    def fake_text(lm, prompts, batch_size=256):
+        seen["prompts"] = list(prompts)
+        out = torch.zeros(len(prompts), 4)
+        for i, p in enumerate(prompts):
+            out[i, 0 if (" three " in p or " 3 " in p) else 1] = 1.0
+        return out
+
+    def fake_images(lm, batch):
+        seen.setdefault("shapes", []).append(tuple(batch.shape))
+        e = torch.zeros(len(batch), 4)
+        e[:, 0] = 1.0
+        return e
+
+    monkeypatch.setattr(enc, "encode_text", fake_text)
+    monkeypatch.setattr(enc, "encode_images", fake_images)
+    res = ct.count(str(scene), "ships", rigged, method="prompt")
+    assert res.count == 3 and res.prompt.count == 3 and res.method == "prompt"
+    assert res.prompt.by_variant == {"words": 3, "digits": 3} and res.dense is None
+    assert seen["prompts"][:10] == ct.count_captions("ship")["words"]
+    assert seen["prompts"][10:] == ct.count_captions("ship")["digits"]
+    assert seen["shapes"] == [(1, 64, 64, 3)]            # the extent as one model-size image
+    assert "3 ships" in res.summary()
+    # per tile: 6 tiles of 64 px, each "three", with the zero caption added
+    res = ct.count(str(scene), "ship", rigged, method="prompt", options=ct.CountOptions(tile_px=64))
+    assert res.prompt.counts[0] == 0 and len(res.prompt.tiles) == 6
+    assert res.prompt.count == 18 and all(t["count"] == 3 for t in res.prompt.tiles)
+
+
+def test_dense_count_finds_each_planted_object(scene, rigged):
+    res = ct.count(str(scene), "red roofs", rigged, method="both")
+    assert res.method == "both" and res.dense.count == 3 and res.count == 3
+    assert res.prompt is not None and res.dense.method == "dense" and res.prompt.method == "prompt"
+    x0, y0 = UTM_ORIGIN
+    for c, r in SQUARES:          # every square lies in exactly one box
+        cx, cy = x0 + (c + 6) * UTM_RES, y0 - (r + 6) * UTM_RES
+        inside = [b for b in res.dense.boxes
+                  if b.bounds[0] <= cx <= b.bounds[2] and b.bounds[1] <= cy <= b.bounds[3]]
+        assert len(inside) == 1
+    assert "dense (heatmap components >= 0.5): 3 red roofs" in res.summary()
+    # an extent around one square counts one
+    c, r = SQUARES[1]
+    ext = (x0 + (c - 8) * UTM_RES, y0 - (r + 20) * UTM_RES, x0 + (c + 20) * UTM_RES, y0 - (r - 8) * UTM_RES)
+    one = ct.count(str(scene), "red roof", rigged, extent=ext, method="dense")
+    assert one.dense.count == 1 and "a red roof" in one.summary()
+
+
+def test_bad_count_input(scene, rigged):
+    with pytest.raises(UsageError, match="object"):
+        ct.count(str(scene), " ", rigged)
+    with pytest.raises(UsageError, match="method"):
+        ct.count(str(scene), "ship", rigged, method="guess")
+    with pytest.raises(UsageError, match="misses the raster"):
+        ct.count(str(scene), "ship", rigged, extent=(0, 0, 1, 1))
+    with pytest.raises(UsageError, match="threshold"):
+        ct.count(str(scene), "ship", rigged, method="dense", options=ct.CountOptions(threshold=3))
+
+
+def test_cli_count_contract(scene, tmp_path, capsys):
+    from engine.cli import main
+    raw = _pyogrio_raw()
+    spec = str(save_rigged_folder(tmp_path / "model"))
+    out = tmp_path / "roofs.gpkg"
+    assert main(["count", str(scene), "--object", "red roof", "--model", spec, "--method", "both",
+                 "--out", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "both" and info["dense"]["count"] == 3 and info["count"] == 3
+    assert info["prompt"]["method"] == "prompt" and len(info["prompt"]["captions"]["digits"]) == 10
+    assert len(info["dense"]["boxes"]) == 3 and info["out"] == str(out)
+    meta, _, geom, fields = raw.read(str(out))
+    assert len(geom) == 3 and meta["crs"] == "EPSG:32633"
+    assert list(fields[list(meta["fields"]).index("object")]) == ["red roof"] * 3
+    assert main(["count", str(scene), "--object", "red roof", "--model", spec, "--out",
+                 str(tmp_path / "x.gpkg")]) == 2                      # prompt method has no boxes
+    assert "--method dense" in capsys.readouterr().err
+    assert main(["count", str(scene), "--object", "red roof", "--model", spec]) == 0
+    assert capsys.readouterr().out.startswith("prompt (RemoteCount captions):")
