@@ -238,3 +238,36 @@ def test_finetune_dialog_cancel_then_resume(qtbot, tmp_path):
     assert wait_task(qtbot, dlg) == "done", dlg.last_error
     assert dlg.result.resumed_from_epoch == 1 and dlg.result.epochs_run == 1
     assert dlg.add_button.isEnabled()
+
+
+# ----------------------------------------------------------- model manager --
+def test_model_manager_lists_adds_checks_and_removes(qtbot, tmp_path, qgis_settings):
+    from mapclip.plugin.dialogs.model_manager import ModelManagerDialog
+    from mapclip.plugin.settings import Settings
+    from tests.rigged import save_rigged_folder
+    folder = str(save_rigged_folder(tmp_path / "run" / "best"))
+    dlg = ModelManagerDialog(settings=Settings())
+    qtbot.addWidget(dlg)
+    specs = [dlg.table.item(r, 0).text() for r in range(dlg.table.rowCount())]
+    assert "remoteclip-vit-b-32" in specs and "test-tiny" in specs
+    dlg.select_spec("remoteclip-vit-b-32")
+    assert not dlg.remove_button.isEnabled()  # presets cannot be removed
+    changed = []
+    dlg.models_changed.connect(lambda: changed.append(1))
+    dlg.add_model(folder, "run")
+    assert changed and Settings().custom_models()[-1]["spec"] == folder
+    assert dlg.selected_spec() == folder and dlg.remove_button.isEnabled()
+    assert dlg.start() is not None
+    assert wait_task(qtbot, dlg) == "done", dlg.last_error
+    from tests.rigged import EMBED, IMAGE_SIZE
+    assert f"embedding {EMBED}, input {IMAGE_SIZE} px" in dlg.status.text()
+    assert "mapclip-rigged" in dlg.status.text()
+    # a checkpoint that does not exist: the check fails with the engine's message
+    spec = dlg.add_checkpoint(str(tmp_path / "missing.pt"), "ViT-B-32-quickgelu")
+    row = [dlg.table.item(r, 2).text() for r in range(dlg.table.rowCount())
+           if dlg.table.item(r, 0).text() == spec]
+    assert row == ["no"]
+    dlg.start()
+    assert wait_task(qtbot, dlg) == "error" and "missing.pt" in dlg.last_error
+    dlg.remove_selected()
+    assert spec not in [i["spec"] for i in Settings().custom_models()]
