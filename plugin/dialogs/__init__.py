@@ -1,0 +1,14 @@
+"""MapCLIP's dialogs (see docs/processing.md, "Dialogs").
+
+- :mod:`.finetune_dialog` ``FinetuneDialog``: fine-tuning with a live loss/recall plot;
+  ``model_ready(path, name)`` offers the result to the dock's model picker.
+- :mod:`.convert_dialog` ``ConvertDialog``: Box-to-Caption and Mask-to-Box.
+- :mod:`.dedup_dialog` ``DedupDialog``: duplicate groups with thumbnails, quarantine on
+  request, undo.
+- :mod:`.model_manager` ``ModelManagerDialog``: presets and added models, load check;
+  ``models_changed`` asks the dock to refresh its picker.
+
+Each takes ``(iface=None, parent=None)``; all run their engine job through
+:class:`plugin.tasks.EngineTask` (:mod:`.base`). Modules import the engine's
+torch-heavy parts only inside the jobs.
+"""
