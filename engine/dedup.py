@@ -42,6 +42,7 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -122,15 +123,18 @@ def _unique(hashes: Sequence[int]) -> Tuple[List[int], List[List[int]]]:
 
 
 def unique_pairs(values: Sequence[int], max_distance: int, bits: int,
-                 segments: Optional[int] = None) -> List[Tuple[int, int, int]]:
+                 segments: Optional[int] = None,
+                 job: Optional[Job] = None) -> List[Tuple[int, int, int]]:
     """Pairs (i, j, distance), i < j, of *distinct* values within ``max_distance``,
-    by the segment index."""
+    by the segment index (``job``: checked for cancel every few thousand buckets)."""
     n = check_segments(bits, max_distance, segments)
     tables = _segment_index(values, segment_layout(bits, n))
     seen = set()
     out = []
     for table in tables:
-        for bucket in table.values():
+        for k, bucket in enumerate(table.values()):
+            if job is not None and k % 4096 == 0:
+                job.check()
             if len(bucket) < 2:
                 continue
             for x in range(len(bucket)):
@@ -239,6 +243,7 @@ class HashCache:
     def __init__(self, path: Optional[PathLike]):
         self.path = Path(path) if path else None
         self._db = None
+        self._lock = threading.Lock()   # one connection, used by the hashing threads
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,8 +258,9 @@ class HashCache:
     def get(self, path: str, hash_size: int, size: int, mtime_ns: int):
         if self._db is None:
             return None
-        row = self._db.execute("SELECT size, mtime_ns, hash, width, height FROM phash "
-                               "WHERE path=? AND hash_size=?", (path, hash_size)).fetchone()
+        with self._lock:
+            row = self._db.execute("SELECT size, mtime_ns, hash, width, height FROM phash "
+                                   "WHERE path=? AND hash_size=?", (path, hash_size)).fetchone()
         if row is None or row[0] != size or row[1] != mtime_ns:
             return None
         return int(row[2], 16), int(row[3]), int(row[4])
@@ -262,7 +268,7 @@ class HashCache:
     def put_many(self, rows: Iterable[tuple]) -> None:
         if self._db is None:
             return
-        with self._db:
+        with self._lock, self._db:
             self._db.executemany("INSERT OR REPLACE INTO phash VALUES (?,?,?,?,?,?,?)",
                                  [(p, hs, s, m, format(h, "x"), w, ht)
                                   for p, hs, s, m, h, w, ht in rows])
@@ -309,11 +315,11 @@ def list_images(dirs: Sequence[PathLike]) -> List[Tuple[str, str]]:
         root = Path(d)
         if not root.exists():
             raise UsageError(f"folder not found: {root}", "check the folder path")
-        root = root.resolve()
+        root = Path(os.path.abspath(root))   # absolute, symlinks kept as they are
         files = [root] if root.is_file() else sorted(
             p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         for p in files:
-            ap = str(p.resolve())
+            ap = os.path.abspath(p)
             if ap not in seen:
                 seen.add(ap)
                 out.append((ap, str(root if root.is_dir() else root.parent)))
@@ -469,7 +475,7 @@ def find_duplicates(dirs: Sequence[PathLike], out: Optional[PathLike] = None,
     for group in items:
         for i in group[1:]:
             uf.union(group[0], i)
-    for u, v, _ in unique_pairs(values, o.max_distance, bits, n_seg):
+    for u, v, _ in unique_pairs(values, o.max_distance, bits, n_seg, job):
         uf.union(items[u][0], items[v][0])
         n_pairs += len(items[u]) * len(items[v])
     job.check()
@@ -518,7 +524,7 @@ def list_images_roots(dirs: Sequence[PathLike]) -> List[Tuple[str, str]]:
     """(given, absolute root folder) of each input."""
     out = []
     for d in dirs:
-        p = Path(d).resolve()
+        p = Path(os.path.abspath(d))
         out.append((str(d), str(p if p.is_dir() else p.parent)))
     return out
 
@@ -594,7 +600,7 @@ def move_duplicates(result: DedupResult, quarantine: PathLike,
     """Move ``result.remove`` into ``quarantine`` (below ``<k>-<input folder
     name>/`` and their path inside that folder), after writing the manifest
     ``quarantine/manifest-<UTC time>.json``. Nothing is deleted."""
-    q = Path(quarantine).resolve()
+    q = Path(os.path.abspath(quarantine))
     for root in result.roots + result.against_roots:
         if _inside(q, Path(root)) or _inside(Path(root), q):
             raise UsageError(f"quarantine {q} overlaps input folder {root}",
@@ -669,9 +675,9 @@ def undo_move(manifest: PathLike, progress: Optional[ProgressFn] = None,
             created.add(Path(dst).parent)
             moved += 1
         job.step(len(todo[start:start + BATCH]))
-    q = mpath.parent.resolve()
+    q = Path(os.path.abspath(mpath.parent))
     for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):
-        p = folder.resolve()
+        p = Path(os.path.abspath(folder))
         while p != q and _inside(p, q):
             try:
                 p.rmdir()  # only empty folders the move made

@@ -300,3 +300,22 @@ def test_cli_bad_input_exit_2_one_line(folders, capsys, argv, match):
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and match in errors[0]
     assert not (folders / "r.csv").exists()
+
+
+def test_symlinked_duplicate_moves_as_a_link(tmp_path):
+    outside, inp = tmp_path / "outside", tmp_path / "in"
+    outside.mkdir(), inp.mkdir()
+    blocky(4).save(outside / "orig.png")
+    blocky(4).save(inp / "a.png")
+    (inp / "z_link.png").symlink_to(outside / "orig.png")
+    target = hashlib.sha256((outside / "orig.png").read_bytes()).hexdigest()
+    seen = []
+    res = find_duplicates([inp], options=opts(tmp_path), progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (2, 2)
+    assert res.remove == [str(inp / "z_link.png")]
+    moved = move_duplicates(res, tmp_path / "q")
+    assert not os.path.lexists(inp / "z_link.png")
+    assert (outside / "orig.png").is_file()                       # the link moved, not its target
+    undo_move(moved.manifest)
+    assert (inp / "z_link.png").is_symlink()
+    assert hashlib.sha256((outside / "orig.png").read_bytes()).hexdigest() == target
