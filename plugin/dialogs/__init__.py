@@ -9,6 +9,8 @@
   ``models_changed`` asks the dock to refresh its picker.
 
 Each takes ``(iface=None, parent=None)``; all run their engine job through
-:class:`plugin.tasks.EngineTask` (:mod:`.base`). Modules import the engine's
-torch-heavy parts only inside the jobs.
+:class:`plugin.tasks.EngineTask` (:mod:`.base`). The engine's torch-heavy modules
+are imported inside the jobs, except that the fine-tune dialog reads its
+defaults from ``engine.finetune.FinetuneOptions`` when it opens (falling back
+to fixed values where torch is missing).
 """
