@@ -127,8 +127,12 @@ def test_vague_quantity_above_ten_uses_both_words_by_seed():
 def test_b2c_expected_captions_every_format(tmp_path, fmt, seed):
     ann = make_dataset(tmp_path, fmt)
     out = tmp_path / "out" / "captions.csv"
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*") if p.is_file()}
     res = box_to_caption(ann, out, CaptionOptions(format=fmt, images_dir=str(tmp_path / "images"),
                                                   seed=seed))
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.rglob("*")
+             if p.is_file() and p != out}
+    assert after == before                                  # inputs untouched
     got = read_csv(out)
     want = {f"../images/{k}": v for k, v in EXPECTED[seed].items()}
     assert got == want
