@@ -21,14 +21,13 @@ from functools import partial
 from typing import Any, List, Optional, Sequence, Tuple
 
 from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry,
-                       QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsRectangle,
-                       QgsWkbTypes)
+                       QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsRectangle)
 from qgis.gui import (QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget,
                       QgsMapLayerComboBox)
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox,
                                  QFileDialog, QFormLayout, QHBoxLayout, QInputDialog, QLabel,
-                                 QLineEdit, QMenu, QMessageBox, QProgressBar, QPushButton,
+                                 QLineEdit, QMenu, QProgressBar, QPushButton,
                                  QSpinBox, QTabWidget, QToolButton, QTreeWidget,
                                  QTreeWidgetItem, QVBoxLayout, QWidget)
 

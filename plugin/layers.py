@@ -16,11 +16,11 @@ import datetime as _dt
 import os
 import re
 import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 from qgis.core import (QgsColorRampShader, QgsCoordinateReferenceSystem, QgsFeature,
                        QgsField, QgsFields, QgsGeometry, QgsGraduatedSymbolRenderer,
-                       QgsLayerTreeGroup, QgsMapLayer, QgsPointXY, QgsProject,
+                       QgsLayerTreeGroup, QgsMapLayer, QgsProject,
                        QgsRasterLayer, QgsRasterShader, QgsRectangle,
                        QgsSingleBandPseudoColorRenderer, QgsVectorFileWriter,
                        QgsVectorLayer)

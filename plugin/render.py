@@ -18,7 +18,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform,
                        QgsMapRendererCustomPainterJob, QgsMapRendererParallelJob,

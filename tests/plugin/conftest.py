@@ -50,7 +50,7 @@ _import_mapclip()
 from qgis.core import QgsProject  # noqa: E402
 from qgis.gui import QgsMapCanvas, QgsMessageBar  # noqa: E402
 from qgis.PyQt.QtCore import QCoreApplication, QEvent  # noqa: E402
-from qgis.PyQt.QtWidgets import QMainWindow, QMenu, QToolBar  # noqa: E402
+from qgis.PyQt.QtWidgets import QMainWindow, QToolBar  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -112,7 +112,7 @@ def test_missing_package_at_run_time_points_to_the_installer(qtbot, iface, mapcl
 # --------------------------------------------------------------------------- #
 # Real searches from the dock (rigged model: responds to red squares)
 # --------------------------------------------------------------------------- #
-from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsRectangle  # noqa: E402
+from qgis.core import QgsCoordinateReferenceSystem, QgsRasterLayer, QgsRectangle  # noqa: E402
 
 from .conftest import make_geotiff, make_xyz_tiles  # noqa: E402
 
