@@ -181,3 +181,17 @@ def test_installer_reports_a_failed_pip_run_clearly(mapclip, qtbot, tmp_path):
     ok, msg = results[0]
     assert not ok and "no network" in msg
     assert steps == ["Collecting torch==2.14.1"]
+
+
+def test_fine_tune_result_is_offered_in_the_dock_model_picker(plugin, iface, tmp_path):
+    plugin.initGui()
+    plugin.dock_action.trigger()
+    folder = tmp_path / "run" / "best"
+    plugin.add_model(str(folder), "harbour (fine-tuned)")
+    dock = plugin.dock
+    assert dock.current_model() == str(folder)
+    assert dock.model_combo.currentText() == "harbour (fine-tuned)"
+    from mapclip.plugin.settings import Settings
+    assert Settings().custom_models()[-1] == {"label": "harbour (fine-tuned)", "spec": str(folder)}
+    assert any("harbour" in t for t in iface.bar_texts())
+    plugin.unload()

@@ -390,3 +390,41 @@ def test_archive_tab_builds_an_index_and_finds_the_red_place_by_text_and_by_clic
     assert outcomes[2] == "done", dock.archive_status.text()
     assert not dock.pick_button.isChecked() and canvas.mapTool() is not dock.pick_tool
     assert dock.archive_results.topLevelItem(0).text(1) == "b.tif"
+
+
+def test_unloading_the_plugin_mid_run_cancels_and_adds_nothing(qtbot, iface, mapclip, rigged, tmp_path,
+                                                               clean_project, qgis_settings, monkeypatch):
+    from mapclip.plugin import tasks
+    tasks._MODELS[(RIGGED, "auto")] = rigged
+    try:
+        plugin = mapclip.classFactory(iface)
+        plugin.initGui()
+        plugin.dock_action.trigger()
+        dock = plugin.dock
+        raster = QgsRasterLayer(make_geotiff(tmp_path / "s.tif", width=512, height=512), "s", "gdal")
+        clean_project.addMapLayer(raster)
+        dock.layer_combo.setLayer(raster)
+        dock.select_model(RIGGED)
+        dock.tile_spin.setValue(32)
+        dock.batch_spin.setValue(1)
+        dock.prompt_combo.setEditText("red roof")
+        dock.area_combo.setCurrentIndex(dock.area_combo.findData("layer"))
+        real, calls = tasks.run_detect, []
+
+        def slow(req, progress, cancel):
+            def prog(done, total):
+                progress(done, total)
+                calls.append(done)
+                time.sleep(0.05)
+            return real(req, prog, cancel)
+
+        monkeypatch.setattr(tasks, "run_detect", slow)
+        before = set(clean_project.mapLayers())
+        assert dock.run()
+        qtbot.waitUntil(lambda: len(calls) >= 2, timeout=30000)
+        plugin.unload()
+        qtbot.waitUntil(lambda: not tasks.running(), timeout=30000)
+        assert set(clean_project.mapLayers()) == before
+        assert clean_project.layerTreeRoot().findGroups() == []
+    finally:
+        tasks._MODELS.pop((RIGGED, "auto"), None)
