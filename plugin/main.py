@@ -1,7 +1,7 @@
 """MapClipPlugin: what QGIS loads (classFactory), its menu, toolbar, dock and provider.
 
 - Menu *Raster > MapCLIP*: the search dock, Fine-tune…, Convert annotations…,
-  De-duplicate images…, Install dependencies…; a "MapCLIP" toolbar with the
+  De-duplicate images…, Models…, Install dependencies…; a "MapCLIP" toolbar with the
   dock toggle.
 - The Processing provider is registered in :meth:`initProcessing` (QGIS calls
   it on its own for ``qgis_process``, where there is no ``iface``).
@@ -31,9 +31,10 @@ DIALOGS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "finetune": ("finetune_dialog", ("FinetuneDialog",)),
     "convert": ("convert_dialog", ("ConvertDialog",)),
     "dedup": ("dedup_dialog", ("DedupDialog", "DeduplicateDialog")),
+    "models": ("model_manager", ("ModelManagerDialog",)),
 }
 DIALOG_LABELS = {"finetune": "Fine-tune a model…", "convert": "Convert annotations…",
-                 "dedup": "De-duplicate images…"}
+                 "dedup": "De-duplicate images…", "models": "Models…"}
 
 
 def dialog_class(key: str):
@@ -100,7 +101,7 @@ class MapClipPlugin:
         self.dock_action = self._action("MapCLIP search", self.toggle_dock, checkable=True)
         self.dock_action.setToolTip("search the map by text (MapCLIP)")
         self.toolbar.addAction(self.dock_action)
-        for key in ("finetune", "convert", "dedup"):
+        for key in ("finetune", "convert", "dedup", "models"):
             self._action(DIALOG_LABELS[key], lambda _=False, k=key: self.open_dialog(k))
         self._action("Install dependencies…", self.install_deps)
         self.check_deps()
@@ -151,9 +152,15 @@ class MapClipPlugin:
             except TypeError:
                 dlg = cls(self.iface, self.iface.mainWindow())
             self.dialogs[key] = dlg
+            if hasattr(dlg, "models_changed"):
+                dlg.models_changed.connect(self._models_changed)
         dlg.show()
         dlg.raise_()
         return dlg
+
+    def _models_changed(self) -> None:
+        if self.dock is not None:
+            self.dock.refresh_models()
 
     def add_model(self, spec: str, label: Optional[str] = None) -> None:
         """Add a model (the fine-tune result) to the dock's picker."""

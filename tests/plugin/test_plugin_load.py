@@ -31,6 +31,7 @@ def test_init_gui_adds_menu_toolbar_and_provider_then_unload_removes_all(plugin,
     assert any(l.startswith("Fine-tune") for l in labels)
     assert any(l.startswith("Convert") for l in labels)
     assert any(l.startswith("De-duplicate") for l in labels)
+    assert "Models…" in labels
     assert len(iface.live_toolbars()) == 1
     assert iface.live_toolbars()[0].actions()
     registry = QgsApplication.processingRegistry()
@@ -194,4 +195,17 @@ def test_fine_tune_result_is_offered_in_the_dock_model_picker(plugin, iface, tmp
     from mapclip.plugin.settings import Settings
     assert Settings().custom_models()[-1] == {"label": "harbour (fine-tuned)", "spec": str(folder)}
     assert any("harbour" in t for t in iface.bar_texts())
+    plugin.unload()
+
+
+def test_model_manager_changes_refresh_the_dock_picker(plugin, iface, tmp_path):
+    plugin.initGui()
+    plugin.dock_action.trigger()
+    dlg = plugin.open_dialog("models")
+    assert type(dlg).__name__ == "ModelManagerDialog"
+    from mapclip.plugin.settings import Settings
+    Settings().add_custom_model(str(tmp_path / "m"), "my model")
+    dlg.models_changed.emit()
+    combo = plugin.dock.model_combo
+    assert combo.findData(str(tmp_path / "m")) >= 0
     plugin.unload()
