@@ -32,16 +32,26 @@ LOAD_SCRIPT = textwrap.dedent("""
         def addDockWidget(self, area, dock): self.docks.append(dock)
         def removeDockWidget(self, dock): self.docks.remove(dock)
 
+    # the way QGIS itself finds, reads, starts and unloads plugins
+    import os
+    import qgis.utils
+    iface = Iface()
+    qgis.utils.iface = iface
+    qgis.utils.plugin_paths = [os.path.dirname(sys.argv[1])]
+    qgis.utils.updateAvailablePlugins()
+    assert "mapclip" in qgis.utils.available_plugins, qgis.utils.available_plugins
+    assert qgis.utils.pluginMetadata("mapclip", "name") == "MapCLIP"
+    assert qgis.utils.pluginMetadata("mapclip", "hasProcessingProvider") == "yes"
+    assert qgis.utils.loadPlugin("mapclip")
+    assert qgis.utils.startPlugin("mapclip")
     import mapclip
     assert mapclip.__file__.startswith(sys.argv[1]), mapclip.__file__
-    iface = Iface()
-    plugin = mapclip.classFactory(iface)
-    plugin.initGui()
+    plugin = qgis.utils.plugins["mapclip"]
     assert iface.menu, "no menu entries"
     plugin.ensure_dock()
     from mapclip.engine.models import PRESETS
     assert "remoteclip-vit-b-32" in PRESETS
-    plugin.unload()
+    assert qgis.utils.unloadPlugin("mapclip")
     assert iface.menu == [] and iface.docks == []
     print("LOADED", type(plugin).__module__)
 """)
