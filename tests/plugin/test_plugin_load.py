@@ -209,3 +209,25 @@ def test_model_manager_changes_refresh_the_dock_picker(plugin, iface, tmp_path):
     combo = plugin.dock.model_combo
     assert combo.findData(str(tmp_path / "m")) >= 0
     plugin.unload()
+
+
+def test_install_button_runs_pip_and_shows_its_failure_in_the_message_bar(plugin, iface, monkeypatch,
+                                                                          qtbot, tmp_path):
+    import sys
+    from qgis.PyQt.QtWidgets import QPushButton
+    from mapclip.plugin import deps
+    fake = tmp_path / "fakepip.py"
+    fake.write_text("import sys\nprint('Collecting torch')\n"
+                    "print(\"ERROR: ProxyError('Cannot connect to proxy.')\")\nsys.exit(1)\n")
+    monkeypatch.setattr(deps, "missing_modules", lambda required=None: ["torch"])
+    monkeypatch.setattr(deps, "pip_plan",
+                        lambda **kw: deps.PipPlan(sys.executable, [str(fake)], str(tmp_path / "d"), False))
+    plugin.initGui()
+    button = next(b for b in iface.bar.findChildren(QPushButton)
+                  if b.objectName() == "mapclipInstallDeps")
+    button.click()
+    assert plugin.installer is not None
+    qtbot.waitUntil(lambda: plugin.installer is None, timeout=20000)
+    texts = iface.bar_texts()
+    assert any("installing MapCLIP's packages failed" in t and "proxy" in t for t in texts), texts
+    plugin.unload()
