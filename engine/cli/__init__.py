@@ -22,7 +22,21 @@ from ..errors import Cancelled, MapClipError
 COMMANDS = ("models", "detect", "index", "search", "count", "finetune", "convert", "dedup")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_module(name: str):
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"{__name__}.{name}":
+            return None  # command not built into this version
+        raise
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that subcommand is built in full.
+
+    Building one subcommand imports only its module, so a command that needs
+    no torch (convert, dedup) starts without importing it.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m engine",
         description="MapCLIP: search rasters by free text with remote-sensing CLIP models.")
@@ -31,18 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":
-                continue  # command not built into this version
-            raise
-        module.register(sub)
+        if only is not None and name != only:
+            sub.add_parser(name)  # a placeholder: only the command being run is built
+            continue
+        module = _command_module(name)
+        if module is not None:
+            module.register(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
