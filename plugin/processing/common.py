@@ -135,18 +135,17 @@ def parse_bands(text: str) -> Optional[List[int]]:
 
 
 def raster_path(layer: Optional[QgsRasterLayer], what: str = "raster") -> str:
-    """The file behind a raster layer; non-file layers are refused with the fix."""
+    """The file (or GDAL name) behind a raster layer; non-file layers are refused with
+    the fix (the algorithms that search one area render them instead)."""
+    from ..render import raster_source
     if layer is None:
         raise QgsProcessingException(f"no {what} layer given\nFix: choose a raster layer or file")
-    source = layer.source()
-    if layer.providerType() == "gdal":
-        path = source.split("|")[0]
-        if os.path.exists(path):
-            return path
+    source = raster_source(layer)
+    if source is not None:
+        return source
     raise QgsProcessingException(
         f"layer '{layer.name()}' is not a raster file ({layer.providerType()} source)\n"
-        f"Fix: export it first (Raster > Conversion > Translate, or the MapCLIP dock, which renders "
-        f"basemaps for you) and run the algorithm on the GeoTIFF")
+        f"Fix: export it first (Raster > Conversion > Translate) and use the GeoTIFF")
 
 
 def optional_number(value: Any) -> Optional[float]:

@@ -8,6 +8,8 @@ reading them from the engine at load time would import torch.
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from typing import Any, Dict, List, Optional
 
 from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsFeatureSink, QgsField,
@@ -18,11 +20,11 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsFeatureSink,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
-                       QgsRectangle, QgsWkbTypes)
+                       QgsRectangle, QgsUnitTypes, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
 
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model,
-                     optional_number, parse_bands, raster_path, split_prompts)
+                     optional_number, parse_bands, split_prompts)
 
 #: mirrors engine.detect.DetectOptions (tests/plugin/test_processing.py checks it)
 DETECT_DEFAULTS = {"mode": "window", "tile_px": 128, "window": 2, "stride": 1,
@@ -84,7 +86,8 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
     DEVICE, BATCH_SIZE = "DEVICE", "BATCH_SIZE"
 
     def add_input_params(self) -> None:
-        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
+        self.addParameter(QgsProcessingParameterRasterLayer(
+            self.INPUT, "Raster layer (files are read directly; basemaps are rendered for the area)"))
 
     def add_common_params(self) -> None:
         model = QgsProcessingParameterString(self.MODEL, "Model (preset, ARCH:TAG, checkpoint or folder)",
@@ -121,10 +124,52 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
             crs_text = crs.authid() or crs.toWkt()
         return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs_text
 
-    def read_options(self, parameters, context):
+    @contextmanager
+    def raster_input(self, parameters, context, feedback):
+        """(path, extent, extent CRS, GSD) for the engine, from the INPUT layer.
+
+        A file-based layer is read from its file. Any other layer (XYZ/WMS
+        basemaps, virtual rasters) is rendered by QGIS for the area at the GSD
+        into a temporary GeoTIFF first, as the dock does (plugin/render.py);
+        the file is removed afterwards.
+        """
+        from .. import render
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None:
+            raise QgsProcessingException("no raster layer given\nFix: choose a raster layer or file")
+        extent, extent_crs = self.area(parameters, context)
+        gsd = self.gsd(parameters, context)
+        source = render.raster_source(layer)
+        if source is not None:
+            yield source, extent, extent_crs, gsd
+            return
+        rect = crs = None
+        if extent is not None:
+            rect = self.parameterAsExtent(parameters, self.EXTENT, context)
+            crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
+        try:
+            plan = render.plan_render(layer, rect, crs, gsd)
+        except ValueError as exc:
+            raise QgsProcessingException(f"{exc}\nFix: give an area (EXTENT) to render the layer "
+                                         f"for") from exc
+        feedback.pushInfo(f"'{layer.name()}' is not a file: rendering {plan.width} x {plan.height} px "
+                          f"at {plan.gsd:.3g} {QgsUnitTypes.toAbbreviatedString(plan.crs.mapUnits())}/px "
+                          f"({plan.crs.authid()}) first")
+        path = render.render_to_geotiff(layer, plan)
+        try:
+            yield path, None, None, None
+        finally:
+            for leftover in (path, path + ".aux.xml"):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
+
+    def gsd(self, parameters, context) -> Optional[float]:
+        if optional_number(parameters.get(self.GSD)) in (None, ""):
+            return None
+        return self.parameterAsDouble(parameters, self.GSD, context) or None
+
+    def read_options(self, parameters, context, gsd=None):
         from ...engine.raster import ReadOptions
-        gsd = optional_number(parameters.get(self.GSD))
-        gsd = self.parameterAsDouble(parameters, self.GSD, context) if gsd not in (None, "") else None
         bands = parse_bands(self.parameterAsString(parameters, self.BANDS, context))
         return ReadOptions(bands=bands, gsd=gsd or None)
 
@@ -179,7 +224,8 @@ class DetectBase(RasterSearchAlgorithm):
                                          "e.g. 'storage tanks'")
         return prompts
 
-    def detect_options(self, parameters, context, heatmap: bool, top_k=None, threshold=None):
+    def detect_options(self, parameters, context, heatmap: bool, top_k=None, threshold=None,
+                       gsd=None):
         from ...engine.detect import DetectOptions
         kwargs: Dict[str, Any] = dict(
             mode=MODES[self.parameterAsEnum(parameters, self.MODE, context)],
@@ -190,7 +236,7 @@ class DetectBase(RasterSearchAlgorithm):
             merge=MERGES[self.parameterAsEnum(parameters, self.MERGE, context)],
             iou=self.parameterAsDouble(parameters, self.IOU, context),
             attention=ATTENTION_MODES[self.parameterAsEnum(parameters, self.ATTENTION, context)],
-            read=self.read_options(parameters, context),
+            read=self.read_options(parameters, context, gsd),
             heatmap=heatmap)
         device = self.parameterAsString(parameters, self.DEVICE, context).strip()
         if device:
@@ -205,12 +251,11 @@ class DetectBase(RasterSearchAlgorithm):
         return DetectOptions(**kwargs)
 
     def run_detect(self, parameters, context, feedback, heatmap: bool, top_k=None, threshold=None):
-        with engine_errors():
+        prompts = self.prompts(parameters, context)
+        with engine_errors(), self.raster_input(parameters, context, feedback) as (
+                path, extent, extent_crs, gsd):
             from ...engine.detect import detect
-            path = raster_path(self.parameterAsRasterLayer(parameters, self.INPUT, context))
-            prompts = self.prompts(parameters, context)
-            extent, extent_crs = self.area(parameters, context)
-            options = self.detect_options(parameters, context, heatmap, top_k, threshold)
+            options = self.detect_options(parameters, context, heatmap, top_k, threshold, gsd)
             lm = self.model(parameters, context, feedback)
             bridge = FeedbackBridge(feedback)
             feedback.pushInfo(f"Scoring {path} for {prompts} ({options.mode} mode)")
@@ -342,14 +387,13 @@ class CountAlgorithm(RasterSearchAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         name = self.parameterAsString(parameters, self.OBJECT, context).strip()
         method = COUNT_METHODS[self.parameterAsEnum(parameters, self.METHOD, context)]
-        with engine_errors():
+        with engine_errors(), self.raster_input(parameters, context, feedback) as (
+                path, extent, extent_crs, gsd):
             from ...engine.count import CountOptions, count
-            path = raster_path(self.parameterAsRasterLayer(parameters, self.INPUT, context))
-            extent, extent_crs = self.area(parameters, context)
             kwargs: Dict[str, Any] = dict(
                 min_area=self.parameterAsInt(parameters, self.MIN_AREA, context),
                 batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-                read=self.read_options(parameters, context))
+                read=self.read_options(parameters, context, gsd))
             if optional_number(parameters.get(self.TILE)) not in (None, ""):
                 kwargs["tile_px"] = self.parameterAsInt(parameters, self.TILE, context)
             if optional_number(parameters.get(self.THRESHOLD)) not in (None, ""):

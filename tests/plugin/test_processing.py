@@ -479,3 +479,31 @@ def test_algorithms_chain_in_a_model(provider, tmp_path):
     assert len(rows) == 5 and rows[0][0].endswith("tile.png")
     # one object in the centre: caption 1 and the three counting captions name it
     assert sum("storage tank" in r[1] for r in rows) == 4
+
+
+def test_detect_renders_a_non_file_basemap_for_the_area(provider, tmp_path, rigged_folder,
+                                                         monkeypatch):
+    """An XYZ layer (file:// tiles, so no network) is rendered for the extent, then searched;
+    the box lands on the tile's red square, in the render CRS (EPSG:3857)."""
+    from qgis.core import QgsRasterLayer
+    from .conftest import make_xyz_tiles
+    uri, tile = make_xyz_tiles(str(tmp_path / "tiles"))  # red square at px 64..104, 96..136
+    xyz = QgsRasterLayer(uri, "basemap", "wms")
+    assert xyz.isValid()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the render goes
+    extent = f"{tile.xMinimum()},{tile.xMaximum()},{tile.yMinimum()},{tile.yMaximum()} [EPSG:3857]"
+    px = tile.width() / 256
+    res = run("detect", {"INPUT": xyz, "PROMPTS": "red roof", "MODEL": rigged_folder, "TILE": 32,
+                         "TOP_K": 1, "EXTENT": extent, "GSD": px, "OUTPUT": "memory:"})
+    layer = res["OUTPUT"]
+    assert layer.crs().authid() == "EPSG:3857" and layer.featureCount() == 1
+    bb = next(layer.getFeatures()).geometry().boundingBox()
+    assert bb.contains(tile.xMinimum() + 84 * px, tile.yMaximum() - 116 * px)
+    assert list(scratch.iterdir()) == []  # the rendered GeoTIFF is removed
+    from qgis.core import QgsProcessingException
+    with pytest.raises(QgsProcessingException, match="web map"):  # whole layer of a web map
+        run("detect", {"INPUT": xyz, "PROMPTS": "red roof", "MODEL": rigged_folder,
+                       "OUTPUT": "memory:"})
