@@ -207,3 +207,24 @@ def test_run_refuses_without_prompt_or_layer_and_says_why(dock, iface, tmp_path,
     assert not dock.run()
     assert any("prompt" in t for t in iface.bar_texts())
     assert dock.task is None
+
+
+def test_hits_from_rasters_in_different_crs_are_drawn_in_wgs84(mapclip):
+    from types import SimpleNamespace as Hit
+    from mapclip.plugin import layers
+    utm = QgsCoordinateReferenceSystem("EPSG:32633").toWkt()
+    merc = QgsCoordinateReferenceSystem("EPSG:3857").toWkt()
+    hits = [Hit(rank=1, score=0.9, raster="/a.tif", crs=utm, bounds=(500000, 4000000, 500064, 4000064),
+                wgs84=(15.0, 36.1, 15.001, 36.101)),
+            Hit(rank=2, score=0.5, raster="/b.tif", crs=merc, bounds=(0, 0, 10, 10),
+                wgs84=(0.0, 0.0, 0.0001, 0.0001))]
+    mixed = layers.hits_layer(hits, "ships", "m")
+    assert mixed.crs().authid() == "EPSG:4326" and mixed.featureCount() == 2
+    first = next(f for f in mixed.getFeatures() if f["rank"] == 1)
+    assert first.geometry().boundingBox().xMinimum() == pytest.approx(15.0)
+    assert first["source"] == "/a.tif" and first["query"] == "ships"
+    same = layers.hits_layer(hits[:1], "ships", "m")
+    assert same.crs().authid() == "EPSG:32633"
+    assert next(same.getFeatures()).geometry().boundingBox().xMinimum() == pytest.approx(500000)
+    assert layers.hit_bounds(hits[0], mixed) == hits[0].wgs84
+    assert layers.hit_bounds(hits[0], same) == hits[0].bounds
