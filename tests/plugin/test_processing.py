@@ -56,6 +56,7 @@ def test_provider_offers_every_algorithm_with_help_and_groups(provider):
     for alg in provider.algorithms():
         assert alg.shortHelpString(), alg.id()
         assert alg.group() and alg.groupId()
+        assert alg.flags() & alg.FlagSupportsBatch and alg.flags() & alg.FlagCanCancel
         # every algorithm produces something the modeler can chain
         assert alg.destinationParameterDefinitions() or alg.outputDefinitions(), alg.id()
     assert provider.name() == "MapCLIP" and provider.id() == "mapclip"
@@ -507,3 +508,38 @@ def test_detect_renders_a_non_file_basemap_for_the_area(provider, tmp_path, rigg
     with pytest.raises(QgsProcessingException, match="web map"):  # whole layer of a web map
         run("detect", {"INPUT": xyz, "PROMPTS": "red roof", "MODEL": rigged_folder,
                        "OUTPUT": "memory:"})
+
+
+NO_TORCH_SCRIPT = r"""
+import os, sys, tempfile
+for name in ("torch", "open_clip", "rasterio", "torchvision"):
+    sys.modules[name] = None          # as if not installed in QGIS's Python
+holder = tempfile.mkdtemp()
+os.symlink(sys.argv[1], os.path.join(holder, "mapclip"))
+sys.path.insert(0, holder)
+sys.path.append("/usr/share/qgis/python/plugins")
+from qgis.core import QgsApplication, QgsProcessingException
+app = QgsApplication([], False)
+app.initQgis()
+from processing.core.Processing import Processing
+Processing.initialize()
+import processing
+from mapclip.plugin.processing import add_provider
+provider = add_provider()
+print("ALGORITHMS", len(provider.algorithms()))
+try:
+    processing.run("mapclip:detect", {"INPUT": sys.argv[2], "PROMPTS": "ships",
+                                      "MODEL": "test-tiny", "OUTPUT": "memory:"})
+except QgsProcessingException as exc:
+    print("ERROR", str(exc).replace("\n", " | "))
+"""
+
+
+def test_provider_loads_without_torch_and_says_what_is_missing(tmp_path):
+    raster = scene(tmp_path / "scene.tif")
+    env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, str(ROOT), str(raster)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert "ALGORITHMS 9" in proc.stdout, proc.stderr[-2000:]
+    error = [l for l in proc.stdout.splitlines() if l.startswith("ERROR")]
+    assert error and "needs the Python package" in error[0] and "Fix:" in error[0], proc.stdout
