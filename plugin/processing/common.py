@@ -40,11 +40,6 @@ GROUPS = {
     "training": "Training data",
 }
 
-#: packages the engine needs, with the pip name to suggest
-REQUIRED_PACKAGES = {"torch": "torch", "open_clip": "open_clip_torch", "rasterio": "rasterio",
-                     "numpy": "numpy"}
-
-
 class FeedbackBridge:
     """The engine's progress callback and cancel flag, backed by Processing feedback.
 
@@ -84,12 +79,13 @@ def engine_errors() -> Iterator[None]:
         raise QgsProcessingException(error_text(exc)) from exc
     except ImportError as exc:
         name = (getattr(exc, "name", None) or "").split(".")[0]
-        if name in REQUIRED_PACKAGES:
-            raise QgsProcessingException(
-                f"MapCLIP needs the Python package '{REQUIRED_PACKAGES[name]}', which QGIS's "
-                f"Python cannot import ({exc}).\nFix: install it from the MapCLIP plugin "
-                f"(Plugins > MapCLIP > Install dependencies) or with pip into QGIS's Python.") from exc
-        raise
+        if not name or name == __name__.split(".")[0]:
+            raise  # a broken MapCLIP module is a bug, not a missing package
+        from ..deps import REQUIRED
+        raise QgsProcessingException(
+            f"MapCLIP needs the Python package '{REQUIRED.get(name, name)}', which QGIS's "
+            f"Python cannot import ({exc}).\nFix: install it with Raster > MapCLIP > "
+            f"Install dependencies, or with pip into QGIS's Python.") from exc
 
 
 # ------------------------------------------------------------------ models --
