@@ -21,10 +21,11 @@ def add_provider() -> MapClipProvider:
 
 
 def remove_provider(provider: Optional[MapClipProvider]) -> None:
-    """Unregister ``provider`` (from the plugin's unload); None is ignored."""
+    """Unregister ``provider`` (from the plugin's unload); None, or a provider that is not
+    the registered one (its id was taken), is ignored."""
     if provider is None:
         return
     from qgis.core import QgsApplication
     registry = QgsApplication.processingRegistry()
-    if registry.providerById(provider.id()) is not None:
+    if registry.providerById(provider.id()) is provider:
         registry.removeProvider(provider)

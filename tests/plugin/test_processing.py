@@ -24,17 +24,28 @@ ALGORITHMS = ("detect", "heatmap", "count", "buildindex", "searchindex", "finetu
 
 # ------------------------------------------------------------------ set-up --
 @pytest.fixture(scope="session")
-def provider(qgis_app, mapclip):
-    """Processing initialised and the MapCLIP provider registered (conftest gives QGIS
-    and the repository as package ``mapclip``)."""
-    from qgis.core import QgsApplication
+def _processing(qgis_app, mapclip):
+    """Processing initialised once (conftest gives QGIS and the package ``mapclip``)."""
     if QGIS_PLUGINS not in sys.path:
         sys.path.append(QGIS_PLUGINS)
     from processing.core.Processing import Processing
     Processing.initialize()
-    from mapclip.plugin.processing import add_provider
+    return True
+
+
+@pytest.fixture
+def provider(_processing):
+    """The MapCLIP provider, registered for one test and removed after it (plugin tests
+    check that the plugin's unload leaves no provider behind)."""
+    from qgis.core import QgsApplication
+    from mapclip.plugin.processing import add_provider, remove_provider
     existing = QgsApplication.processingRegistry().providerById("mapclip")
-    return existing if existing is not None else add_provider()
+    if existing is not None:
+        yield existing
+        return
+    added = add_provider()
+    yield added
+    remove_provider(added)
 
 
 def run(alg: str, params: dict, feedback=None) -> dict:
