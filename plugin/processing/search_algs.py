@@ -70,7 +70,7 @@ def write_boxes_to_sink(alg, parameters, context, key: str, boxes, crs: Optional
     sink, dest = alg.parameterAsSink(parameters, key, context, box_fields(),
                                      QgsWkbTypes.Polygon, crs_from_engine(crs))
     if sink is None:
-        return None, None
+        raise QgsProcessingException(alg.invalidSinkError(parameters, key))
     for box in boxes:
         f = QgsFeature(box_fields())
         f.setGeometry(rect_geometry(box.bounds))
