@@ -24,21 +24,59 @@ why another model does not (ResNets fall back to window mode in detect).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from .encode import to_model_input
-from .models import LoadedModel
+if TYPE_CHECKING:  # torch loads on first use (the CLI imports the constants cheaply)
+    import torch
+
+    from .models import LoadedModel
 
 ATTENTION_MODES = ("qq", "qq+kk", "kk", "vv")
 DEFAULT_ATTENTION = "qq"
 
 
+#: bytes of float pixels converted at once before resizing (bounds peak memory)
+MODEL_INPUT_CHUNK_BYTES = 16 << 20
+
+
+def _model_input_one(lm: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    from .encode import to_model_input
+    if batch.device.type == "cpu":
+        return to_model_input(lm, batch)
+    # already on the device: resize + normalise there (to_model_input pins CPU batches only)
+    compute = lm.dtype
+    x = batch.permute(0, 3, 1, 2).to(compute).div_(255.0)
+    if x.shape[-2:] != (lm.image_size, lm.image_size):
+        x = F.interpolate(x, size=(lm.image_size, lm.image_size), mode="bilinear",
+                          antialias=True, align_corners=False)
+    mean = torch.tensor(lm.mean, device=x.device, dtype=compute).view(1, 3, 1, 1)
+    std = torch.tensor(lm.std, device=x.device, dtype=compute).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def model_input(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """uint8 (B, H, W, 3) on the CPU or the device -> the model's input (B, 3, S, S).
+
+    Large images are converted to float and resized in chunks of about
+    MODEL_INPUT_CHUNK_BYTES, so a batch of big windows never needs its
+    full-size float copy at once (the resized result is small).
+    """
+    import torch
+    batch = torch.as_tensor(batch)
+    per_image = max(1, batch[0].numel() * 4) if len(batch) else 1
+    chunk = max(1, MODEL_INPUT_CHUNK_BYTES // per_image)
+    if len(batch) <= chunk:
+        return _model_input_one(lm, batch)
+    return torch.cat([_model_input_one(lm, batch[i:i + chunk]) for i in range(0, len(batch), chunk)])
+
+
 def dense_unsupported(lm: LoadedModel) -> Optional[str]:
     """None if dense features work for ``lm``, else the reason they do not."""
+    import torch
     if not lm.is_vit:
         return f"{lm.arch} is not a ViT (dense mode needs a ViT's patch tokens)"
     visual = getattr(lm.model, "visual", None)
@@ -60,6 +98,7 @@ def dense_unsupported(lm: LoadedModel) -> Optional[str]:
 
 def _embed(visual, x: torch.Tensor) -> torch.Tensor:
     """Patch embedding, class token, positional embedding and ln_pre: (B, 1+N, W)."""
+    import torch
     x = visual.conv1(x)
     b, w = x.shape[:2]
     x = x.reshape(b, w, -1).permute(0, 2, 1)
@@ -74,6 +113,7 @@ def _embed(visual, x: torch.Tensor) -> torch.Tensor:
 
 def _self_self_attention(block, x: torch.Tensor, mode: str) -> torch.Tensor:
     """The changed last block: self-self attention on ln_1(x), out_proj, no residual/MLP."""
+    import torch.nn.functional as F
     attn = block.attn
     y = block.ln_1(x)
     b, n, d = y.shape
@@ -96,7 +136,6 @@ def _self_self_attention(block, x: torch.Tensor, mode: str) -> torch.Tensor:
     return ls(out) if ls is not None else out
 
 
-@torch.inference_mode()
 def dense_features(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
                    mode: str = DEFAULT_ATTENTION, cls_weight: float = 0.0) -> torch.Tensor:
     """(B, h, w, D) L2-normalised patch embeddings for a uint8 batch (B, H, W, 3).
@@ -106,14 +145,20 @@ def dense_features(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
     at 224 px). ``mode`` picks the self-self attention (see module doc);
     ``cls_weight`` subtracts that share of the class token's response.
     """
+    import torch
+    import torch.nn.functional as F
     reason = dense_unsupported(lm)
     if reason:
         raise ValueError(reason)
     if mode not in ATTENTION_MODES:
         raise ValueError(f"unknown attention mode {mode!r}; use one of {ATTENTION_MODES}")
+    with torch.inference_mode():
+        return _dense_features(lm, batch, mode, cls_weight, F)
+
+
+def _dense_features(lm, batch, mode: str, cls_weight: float, F):
     visual = lm.model.visual
-    x = to_model_input(lm, batch)
-    x = _embed(visual, x)
+    x = _embed(visual, model_input(lm, batch))
     transformer = visual.transformer
     batch_first = getattr(transformer, "batch_first", True)
     blocks = transformer.resblocks
@@ -145,6 +190,7 @@ def _grid(visual, n: int):
 
 def similarity_maps(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Cosine of each patch with each text embedding: (B, h, w, D) x (T, D) -> (B, T, h, w)."""
+    import torch
     return torch.einsum("bhwd,td->bthw", features.float(), text.float())
 
 

@@ -39,21 +39,27 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .boxes import heatmap_components, nms, pixel_to_bounds, union_merge
-from .dense import ATTENTION_MODES, DEFAULT_ATTENTION, dense_features, dense_unsupported
-from .encode import clean_prompts, to_model_input
+from .dense import ATTENTION_MODES, DEFAULT_ATTENTION
 from .errors import MapClipError, UsageError
 from .jobs import Job, atomic_path, check_output_path
-from .models import LoadedModel, load_model
-from .raster import ReadOptions, RasterWarning, iter_tile_batches, open_raster
-from .scoring import DEFAULT_BACKGROUND_PROMPTS, PromptBank, build_bank, score_embeddings, score_maps
+from .scoring import DEFAULT_BACKGROUND_PROMPTS, PromptBank
 from .tiling import PixelWindow, TileGrid
+
+if TYPE_CHECKING:  # torch, rasterio and open_clip load on first use, not on import
+    import torch
+
+    from .models import LoadedModel
+    from .raster import ReadOptions
+
+
+def _read_options() -> "ReadOptions":
+    from .raster import ReadOptions
+    return ReadOptions()
 
 MODES = ("window", "dense")
 MERGES = ("nms", "union")
@@ -77,7 +83,7 @@ class DetectOptions:
     threshold: Optional[float] = None   # minimum softmax score of a box (dense: default 0.5)
     merge: str = "nms"              # "nms" | "union"
     background: Sequence[str] = DEFAULT_BACKGROUND_PROMPTS
-    read: ReadOptions = field(default_factory=ReadOptions)
+    read: ReadOptions = field(default_factory=_read_options)
     device: Optional[str] = None
     precision: Optional[str] = None
     heatmap: bool = True
@@ -149,21 +155,6 @@ class DetectResult:
 # --------------------------------------------------------------------------- #
 # Running the model on batches, with a CUDA out-of-memory fallback.
 # --------------------------------------------------------------------------- #
-def model_input(lm: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> model input, for batches on the CPU or already on the device."""
-    if batch.device.type == "cpu":
-        return to_model_input(lm, batch)
-    # already on the device: resize + normalise there (to_model_input pins CPU memory only)
-    compute = lm.dtype
-    x = batch.permute(0, 3, 1, 2).to(compute).div_(255.0)
-    if x.shape[-2:] != (lm.image_size, lm.image_size):
-        x = F.interpolate(x, size=(lm.image_size, lm.image_size), mode="bilinear",
-                          antialias=True, align_corners=False)
-    mean = torch.tensor(lm.mean, device=x.device, dtype=compute).view(1, 3, 1, 1)
-    std = torch.tensor(lm.std, device=x.device, dtype=compute).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 class _Runner:
     """Runs a batch function in chunks; halves the chunk on CUDA out-of-memory."""
 
@@ -172,6 +163,7 @@ class _Runner:
         self.notes: List[str] = []
 
     def __call__(self, fn, batch: torch.Tensor) -> Any:
+        import torch
         outs = []
         i = 0
         while i < len(batch):
@@ -232,6 +224,11 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
     window mode, tiles in dense mode); setting ``cancel`` stops the run
     within one batch (raising :class:`engine.errors.Cancelled`).
     """
+    from .encode import clean_prompts
+    from .models import LoadedModel, load_model
+    from .raster import RasterWarning, open_raster
+    from .scoring import build_bank
+    from .dense import dense_unsupported
     t0 = time.perf_counter()
     opts = options or DetectOptions()
     _check_options(opts)
@@ -319,6 +316,12 @@ def _window_starts(n: int, k: int, stride: int) -> List[int]:
 
 
 def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job, runner: _Runner):
+    import torch
+    import torch.nn.functional as F
+
+    from .dense import model_input
+    from .raster import iter_tile_batches
+    from .scoring import score_embeddings
     info = reader.info
     grid = _grid(info, area, opts)
     cov = grid.covered()
@@ -478,6 +481,12 @@ def _ramp(n: int, ramp: float) -> np.ndarray:
 
 
 def _run_dense(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job, runner: _Runner):
+    import torch
+    import torch.nn.functional as F
+
+    from .dense import dense_features
+    from .raster import iter_tile_batches
+    from .scoring import score_maps
     info = reader.info
     t = int(opts.tile_px)
     ov = int(round(t * opts.overlap))

@@ -19,12 +19,12 @@ never competes with itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Sequence, Tuple
 
-import torch
+if TYPE_CHECKING:  # torch loads on first use, so importing the defaults stays cheap
+    import torch
 
-from .encode import clean_prompts, encode_text
-from .models import LoadedModel
+    from .models import LoadedModel
 
 #: generic scene content a target is scored against (edit here, or pass
 #: ``background=`` to the engine calls)
@@ -52,7 +52,7 @@ class PromptBank:
 
     prompts: List[str]
     background: List[str]
-    text: torch.Tensor
+    text: Any  # torch.Tensor
     logit_scale: float
 
     @property
@@ -74,6 +74,7 @@ def effective_background(prompts: Sequence[str], background: Sequence[str]) -> L
 
 def model_logit_scale(lm: LoadedModel) -> float:
     """The model's learned softmax temperature, exp(logit_scale), clamped to 100."""
+    import torch
     raw = getattr(lm.model, "logit_scale", None)
     if raw is None:
         return MAX_LOGIT_SCALE
@@ -84,6 +85,7 @@ def model_logit_scale(lm: LoadedModel) -> float:
 def build_bank(lm: LoadedModel, prompts: Sequence[str],
                background: Sequence[str] = DEFAULT_BACKGROUND_PROMPTS) -> PromptBank:
     """Encode the prompts and the (deduplicated) background prompts in one pass."""
+    from .encode import clean_prompts, encode_text
     prompts = clean_prompts(prompts)
     seen = set()
     unique = []
@@ -103,6 +105,7 @@ def score_embeddings(image: torch.Tensor, bank: PromptBank) -> Tuple[torch.Tenso
     the softmax share of each prompt among prompts + background, and the raw
     cosine similarity.
     """
+    import torch
     cos_all = image.float() @ bank.text.T
     probs = torch.softmax(cos_all * bank.logit_scale, dim=-1)
     p = bank.n_prompts

@@ -31,9 +31,13 @@ def _bands(text: Optional[str]) -> Optional[List[int]]:
 
 
 def register(sub) -> None:
-    from ..detect import DetectOptions
+    import dataclasses
+    from types import SimpleNamespace
+
     from ..dense import ATTENTION_MODES
-    d = DetectOptions()
+    from ..detect import DetectOptions
+    # the defaults, read without building options (that would load rasterio)
+    d = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(DetectOptions)})
     p = sub.add_parser(
         "detect", help="find what text prompts describe in a raster: boxes and a heatmap",
         description="Score a raster (within an extent) against one or more text prompts with a "
