@@ -689,7 +689,8 @@ def _plan_count(width: int, height: int, seed: int, cls: str, n: int, gsd: float
     tries = 0
     while len(plan.objects) < n and tries < 4000:
         tries += 1
-        ln = rng.uniform(*size) * s
+        shrink = 0.88 ** (tries // 300)        # crowded: smaller objects rather than fewer
+        ln = rng.uniform(*size) * s * shrink
         wd = {"storage-tank": ln, "ship": ln * 0.2, "airplane": ln * 0.95, "building": ln * rng.uniform(0.6, 1),
               "vehicle": ln * 0.42, "sports-field": ln * 0.6, "swimming-pool": ln * 0.55}[cls]
         o = _mk(rng, cls, rng.uniform(0, width), rng.uniform(0, height), ln, wd,
@@ -1045,7 +1046,59 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / ua if ua > 0 else 0.0
 
 
+def average_precision(preds: Sequence[Tuple[float, Sequence[float]]], truth: Sequence[Sequence[float]],
+                      iou: float = 0.5) -> float:
+    """VOC/COCO-style AP (all-point interpolation) of scored boxes against truth boxes.
+
+    ``preds``: (score, (x0, y0, x1, y1)); ``truth``: boxes. Predictions are
+    matched best score first, each truth box at most once, at IoU >= ``iou``.
+    """
+    if not truth:
+        return float("nan")
+    tp = _match(preds, truth, iou)
+    if not len(tp):
+        return 0.0
+    ctp = np.cumsum(tp)
+    recall = ctp / len(truth)
+    precision = ctp / np.arange(1, len(tp) + 1)
+    # precision envelope, then the area under the recall steps
+    for i in range(len(precision) - 2, -1, -1):
+        precision[i] = max(precision[i], precision[i + 1])
+    r_prev, ap = 0.0, 0.0
+    for r, p in zip(recall, precision):
+        ap += (r - r_prev) * p
+        r_prev = r
+    return float(ap)
+
+
+def precision_recall(preds: Sequence[Tuple[float, Sequence[float]]], truth: Sequence[Sequence[float]],
+                     iou: float = 0.5) -> Tuple[float, float]:
+    """(precision, recall) of all ``preds`` against ``truth`` at IoU >= ``iou``."""
+    tp = _match(preds, truth, iou)
+    hits = float(np.sum(tp)) if len(tp) else 0.0
+    return (hits / len(tp) if len(tp) else 0.0, hits / len(truth) if truth else 0.0)
+
+
+def _match(preds, truth, iou: float) -> np.ndarray:
+    order = sorted(range(len(preds)), key=lambda i: -float(preds[i][0]))
+    used = [False] * len(truth)
+    tp = np.zeros(len(order), np.float64)
+    for k, i in enumerate(order):
+        box = preds[i][1]
+        best, best_j = iou, -1
+        for j, t in enumerate(truth):
+            if not used[j]:
+                v = box_iou(box, t)
+                if v >= best:
+                    best, best_j = v, j
+        if best_j >= 0:
+            used[best_j] = True
+            tp[k] = 1.0
+    return tp
+
+
 __all__ = ["OBJECT_CLASSES", "LANDCOVER_CLASSES", "MASK_CLASSES", "CLASS_VALUE", "TruthBox", "SceneTruth",
            "Chip", "make_scene", "make_chip", "make_chips", "chip_boxes", "write_chips", "to_coco",
-           "read_truth", "scene_transform", "box_iou"]
+           "read_truth", "scene_transform", "box_iou", "average_precision", "precision_recall",
+           "pixel_to_map"]
 del os
