@@ -305,7 +305,8 @@ def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) 
         by = {v: int(counts[int(np.argmax(sims[i]))]) for i, v in enumerate(VARIANTS)}
         return PromptCount(count=c, counts=counts, scores=[float(x) for x in s], by_variant=by,
                            captions=caps)
-    grid = TileGrid.for_raster(info, area, int(options.tile_px), None, None)
+    gsd = options.read.gsd if options.read is not None else None
+    grid = TileGrid.for_raster(info, area, int(options.tile_px), None, gsd)
     job.set_total(len(grid))
     per_tile: List[Dict[str, Any]] = []
     total_scores = np.zeros(n)

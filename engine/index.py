@@ -435,6 +435,7 @@ class Index:
         self.manifest = read_manifest(self.path)
         self._emb: Optional[np.ndarray] = None
         self._emb32: Optional[np.ndarray] = None
+        self._flat16 = None
         self._tiles: Optional[np.ndarray] = None
         self._approx = None
         self.rasters: Dict[int, Dict[str, Any]] = {int(r["id"]): r for r in self.manifest["rasters"]}
@@ -511,19 +512,34 @@ class Index:
                 f"for the other model")
 
     # ---- search ------------------------------------------------------------
-    def exact_scores(self, q: np.ndarray) -> np.ndarray:
-        """(rows,) float32 scores ``E @ q`` (float32 copy cached up to EXACT_CACHE_BYTES)."""
+    def exact_top(self, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of the ``k`` best rows for ``q``, over every row.
+
+        Up to EXACT_CACHE_BYTES of float32 the matrix product runs on a cached
+        float32 copy; above, a faiss flat scan over the stored float16 values
+        (``SQfp16``: the same numbers, no float32 copy) does it.
+        """
         emb = self.embeddings()
         q = np.asarray(q, np.float32)
-        if self._emb32 is None and emb.size * 4 <= EXACT_CACHE_BYTES:
-            self._emb32 = emb.astype(np.float32)
-        if self._emb32 is not None:
-            return self._emb32 @ q
-        out = np.empty(len(emb), np.float32)
-        step = 1 << 16
-        for i in range(0, len(emb), step):
-            out[i:i + step] = emb[i:i + step].astype(np.float32) @ q
-        return out
+        if emb.size * 4 <= EXACT_CACHE_BYTES:
+            if self._emb32 is None:
+                self._emb32 = emb.astype(np.float32)
+            scores = self._emb32 @ q
+            top = _top(scores, k)
+            return top, scores[top]
+        if self._flat16 is None:
+            import faiss
+            flat = faiss.IndexScalarQuantizer(emb.shape[1], faiss.ScalarQuantizer.QT_fp16,
+                                              faiss.METRIC_INNER_PRODUCT)
+            step = 1 << 16
+            for i in range(0, len(emb), step):
+                flat.add(np.ascontiguousarray(emb[i:i + step], dtype=np.float32))
+            self._flat16 = flat
+        scores, rows = self._flat16.search(q[None], min(k, len(emb)))
+        keep = rows[0] >= 0
+        rows, scores = rows[0][keep], scores[0][keep]
+        order = np.lexsort((rows, -scores))
+        return rows[order], scores[order]
 
     def rerank(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Exact scores of the given rows."""
@@ -559,14 +575,37 @@ def index_from_arrays(emb: np.ndarray, tiles: Optional[np.ndarray] = None,
                     "shards": [{"id": 1, "raster": 0, "rows": n, "emb": "", "tiles": ""}]}
     idx.rasters = {}
     idx._emb = emb
-    idx._emb32 = None
+    idx._emb32 = idx._flat16 = None
     idx._tiles = tiles if tiles is not None else np.zeros(n, TILE_DTYPE)
     idx._approx = None
     return idx
 
 
+_OPEN: Dict[str, Tuple[Tuple[int, int, int], Index]] = {}
+#: indexes kept open (embeddings in memory) for repeated queries, newest last
+OPEN_CACHE_SIZE = 2
+
+
 def open_index(path: Union[str, os.PathLike, Index]) -> Index:
-    return path if isinstance(path, Index) else Index(path)
+    """An Index view of ``path``; the same object again while its manifest is
+    unchanged, so repeated searches (the plugin's dock) load embeddings once."""
+    if isinstance(path, Index):
+        return path
+    key = str(Path(path).expanduser().resolve())
+    try:
+        st = (Path(key) / MANIFEST).stat()     # replaced on every commit: new inode
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        return Index(path)          # raises the right error
+    hit = _OPEN.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    idx = Index(path)
+    _OPEN.pop(key, None)
+    _OPEN[key] = (stamp, idx)
+    while len(_OPEN) > OPEN_CACHE_SIZE:
+        _OPEN.pop(next(iter(_OPEN)))
+    return idx
 
 
 # --------------------------------------------------------------------------- #
@@ -787,9 +826,8 @@ def ranked_rows(index: Index, score_q: np.ndarray, k: int, method: str = "auto"
         use = "exact"
         params["note"] = f"approximate search needs {APPROX_MIN_TRAIN} rows or more; searched exactly"
     if use == "exact":
-        scores = index.exact_scores(score_q)
-        top = _top(scores, k)
-        return top, scores[top], "exact", params
+        rows, scores = index.exact_top(score_q, k)
+        return rows, scores, "exact", params
     fi = index.approx()
     kc = approx_candidates(k, n)
     _, cand = fi.search(np.asarray(score_q, np.float32)[None], kc)
@@ -851,6 +889,8 @@ def _read_facts(read) -> Dict[str, Any]:
 def _layout(options: IndexOptions, stored: Optional[Dict[str, Any]], image_size: int) -> Dict[str, Any]:
     """The index's tiling layout: the stored one, checked against what was asked,
     or (new index) the asked one with defaults filled in."""
+    if options.gsd is None and options.read is not None and getattr(options.read, "gsd", None):
+        options = IndexOptions(**{**options.__dict__, "gsd": options.read.gsd})   # ReadOptions.gsd
     asked_scales = [int(s) for s in options.scales] if options.scales else (
         [int(options.tile_px)] if options.tile_px else None)
     if asked_scales is not None and (not asked_scales or min(asked_scales) < 1):
@@ -1315,7 +1355,7 @@ def write_footprints(writer: IndexWriter) -> None:
     final = folder / FOOTPRINTS
     idx = Index.__new__(Index)
     idx.path, idx.manifest = folder, m
-    idx._emb = idx._emb32 = idx._tiles = idx._approx = None
+    idx._emb = idx._emb32 = idx._flat16 = idx._tiles = idx._approx = None
     idx.rasters = {int(r["id"]): r for r in m["rasters"]}
     if idx.rows == 0:
         final.unlink(missing_ok=True)

@@ -146,7 +146,7 @@ def test_like_finds_its_own_tile_first_in_any_crs(tiny_index):
         ix.search(idx, like="12;x")
 
 
-def test_approximate_search_agrees_with_exact_on_random_data():
+def test_approximate_search_agrees_with_exact_on_random_data(monkeypatch):
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((20000, 64)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
@@ -163,6 +163,12 @@ def test_approximate_search_agrees_with_exact_on_random_data():
     assert np.mean(recalls) >= 0.95
     # the re-ranked scores are exact scores
     np.testing.assert_allclose(as_, emb[approx].astype(np.float16).astype(np.float32) @ q, atol=1e-5)
+    # above the float32 cache size, exact search scans the float16 values with faiss: same answer
+    monkeypatch.setattr(ix, "EXACT_CACHE_BYTES", 0)
+    big = ix.index_from_arrays(emb)
+    rows16, s16, _, _ = ix.ranked_rows(big, q, 10, "exact")
+    assert list(rows16) == list(exact) and big._emb32 is None
+    np.testing.assert_allclose(s16, es, atol=1e-5)
 
 
 def test_auto_method_threshold_and_the_cached_faiss_index(tiny_index, tiny_model, monkeypatch, tmp_path):
@@ -181,8 +187,11 @@ def test_auto_method_threshold_and_the_cached_faiss_index(tiny_index, tiny_model
     stamp = cached[0].stat().st_mtime_ns
     ix.search(work, text="roads", model=tiny_model)
     assert cached[0].stat().st_mtime_ns == stamp                  # reused, not rebuilt
+    opened = ix.open_index(work)
+    assert ix.open_index(work) is opened                            # kept open while unchanged
     extra = make_raster(tmp_path / "extra.tif", 64, 64, seed=9)
     ix.build_index([extra], work, tiny_model)
+    assert ix.open_index(work) is not opened and ix.open_index(work).rows == opened.rows + 4
     res = ix.search(work, text="fields", model=tiny_model)
     now = list(work.glob("approx-*.faiss"))
     assert len(now) == 1 and now != cached                          # rebuilt for the new content
