@@ -151,6 +151,18 @@ def test_several_scales_and_stride(tmp_path, rasters, tiny_model):
     assert sorted(set(tiles[tiles["tile_px"] == 64]["col"])) == [0, 32, 64, 96]
 
 
+def test_gsd_tiles_cover_ground_distance(tmp_path, rasters, tiny_model):
+    a, _ = rasters                       # 0.5 m pixels
+    ix.build_index([a], tmp_path / "idx", tiny_model, ix.IndexOptions(tile_px=32, gsd=1.0))
+    idx = ix.open_index(tmp_path / "idx")
+    tiles = idx.tiles()
+    # 32 output px at 1 m = 64 native px: 160 x 128 gives 3 x 2 tiles (the last column shifted in)
+    assert len(tiles) == 6 and set(tiles["width"]) == {64} and set(tiles["tile_px"]) == {32}
+    assert sorted(set(tiles["col"])) == [0, 64, 96]
+    assert idx.manifest["options"]["gsd"] == 1.0
+    assert idx.manifest["rasters"][0]["grids"]["32"]["out_px"] == 32
+
+
 def test_refuses_another_model_other_options_and_foreign_folders(tmp_path, rasters, tiny_model):
     from tests.rigged import rigged_model
     a, b = rasters
