@@ -281,3 +281,13 @@ def test_bad_input_is_a_usage_error_naming_the_fix(tmp_path, rig):
             fn()
         assert words in err.value.message, err.value.message
         assert err.value.hint and err.value.exit_code == 2
+
+
+def test_raster_smaller_than_a_tile_is_one_resampled_tile(tmp_path, rig):
+    path = scene(tmp_path / "tiny.tif", width=50, height=40, squares=[(10, 10, 20, RED)], block=None)
+    win = run(path, rig, tile_px=64, window=2)
+    assert win.tiles == 1 and win.windows == 1 and win.boxes[0].pixel == (0, 0, 50, 40)
+    assert win.heatmap.shape == (1, 1, 1) and win.heatmap_transform.a == 50 * UTM_RES
+    dense = run(path, rig, mode="dense", tile_px=64)
+    (c0, r0, c1, r1), = [b.pixel for b in dense.boxes]
+    assert c0 <= 12 and r0 <= 12 and c1 >= 28 and r1 >= 28 and c1 <= 50 and r1 <= 40
