@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/screenshot.py [--out resources/screenshot.png]
         [--model demo] [--prompt "storage tanks"] [--size 1024] [--seed 3]
+        [--tile 64] [--top-k 10] [--threshold 0.3]
 
 It draws a synthetic scene (engine.synthetic), opens it in a map canvas, runs
 the search through the dock and its QgsTask exactly as a user would (model,
@@ -67,6 +68,10 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="storage tanks")
     ap.add_argument("--size", type=int, default=1024, help="scene size in pixels")
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--tile", type=int, default=64, help="tile size in pixels (dock: Advanced)")
+    ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--threshold", type=float, default=0.3,
+                    help="minimum score of a box (test-tiny: ignored)")
     args = ap.parse_args(argv)
 
     from qgis.core import QgsApplication
@@ -129,9 +134,10 @@ def main(argv=None) -> int:
     dock.prompt_combo.setEditText(args.prompt)
     dock.mode_combo.setCurrentIndex(dock.mode_combo.findData("boxes"))
     dock.area_combo.setCurrentIndex(dock.area_combo.findData("layer"))
-    if model == "test-tiny":
-        dock.tile_spin.setValue(64)
-    dock.topk_spin.setValue(8)
+    dock.tile_spin.setValue(args.tile)
+    dock.topk_spin.setValue(args.top_k)
+    if model != "test-tiny":
+        dock.threshold_spin.setValue(args.threshold)
 
     outcomes = []
     dock.run_finished.connect(outcomes.append)
