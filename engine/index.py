@@ -139,6 +139,7 @@ class IndexInfo:
     precision: str = ""
     embed_dim: int = 0
     scales: List[int] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
 
     @property
     def tiles_per_s(self) -> float:
@@ -1240,10 +1241,14 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
 def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, reader, lm, layout,
                 options: IndexOptions, job: Job, info: IndexInfo) -> None:
     """Embed ``grid.tiles[start:]``, committing a shard every ``commit_tiles`` tiles."""
+    import torch
+
+    from .detect import _Runner      # detect's batch runner: halves the batch on CUDA OOM
     from .encode import encode_images
     from .errors import Cancelled
     from .raster import iter_tile_batches
     ri = reader.info
+    runner = _Runner(int(options.batch_size))
     todo = grid.tiles[start:]
     batches = iter_tile_batches(reader, todo, int(options.batch_size), job=job,
                                 min_valid=layout["min_valid"])
@@ -1263,7 +1268,8 @@ def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, read
     try:
         try:
             for tiles, arr in batches:
-                e = encode_images(lm, arr).float().cpu().numpy().astype(np.float16)
+                e = runner(lambda b: encode_images(lm, b), torch.from_numpy(arr))
+                e = e.float().cpu().numpy().astype(np.float16)
                 embs.append(e)
                 recs.append(_tile_records(int(entry["id"]), tile_px, tiles, ri.transform, ri.crs))
                 pending += len(tiles)
@@ -1278,6 +1284,7 @@ def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, read
                 flush(start + consumed)
             raise
         info.skipped += batches.skipped
+        info.warnings.extend(n for n in runner.notes if n not in info.warnings)
         flush(len(grid))
         tail = len(grid) - start - consumed
         if tail:

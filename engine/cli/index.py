@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         info = ix.build_index(args.sources, out, model, opts, progress=bar, cancel=cancel_event())
     finally:
         bar.close()
+    for note in info.warnings:
+        print(f"warning: {note}", file=sys.stderr)
     if args.json:
         print_json(info.to_json())
     else:
