@@ -9,8 +9,8 @@ import torch
 from affine import Affine
 
 from engine import count as ct
-from engine.index import _pyogrio_raw
 from engine.errors import UsageError
+from engine.index import _pyogrio_raw
 from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, make_raster
 from tests.rigged import GREY, RED, rigged_model, save_rigged_folder
 

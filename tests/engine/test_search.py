@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from engine import index as ix
-from engine.index import _pyogrio_raw
 from engine.errors import ModelError, UsageError
+from engine.index import _pyogrio_raw
 from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, WGS84, make_raster
 from tests.rigged import BLUE, BLUE_PROMPT, GREY, RED, RED_PROMPT, rigged_model, save_rigged_folder
 
