@@ -43,8 +43,10 @@ Validity, skipping
     A pixel is invalid where all selected bands equal the nodata value, where
     the GDAL mask (internal mask, alpha band) is 0, or where a float band is
     NaN/inf. :func:`iter_tile_batches` skips tiles whose valid fraction is
-    below ``min_valid`` and (``skip_empty``) tiles whose 8-bit image is one
-    constant colour (an all-zero or constant fill); it counts them in
+    below ``min_valid`` and (``skip_empty``) tiles whose 8-bit image is all
+    black or all white in every band (the fill of rasters that declare no
+    nodata); a flat tile of any other value (calm water, a grey roof) is
+    real content and is kept. Skipped tiles are counted in
     ``TileBatches.skipped`` and never yields them.
 
 Resampling
@@ -79,6 +81,10 @@ try:  # OpenCV interleaves bands into tiles fast; numpy is the fallback
     import cv2 as _cv2
 except ImportError:  # pragma: no cover
     _cv2 = None
+
+
+#: 8-bit values that, filling a whole tile in every band, mean "no data here"
+EMPTY_FILL_VALUES = (0, 255)
 
 
 def _repair_affine() -> None:
@@ -1015,7 +1021,7 @@ class TileBatches:
             cand = np.flatnonzero(keep & (sample == sample[:, :1]).all(axis=1))
             for i in cand:
                 row = flat[i]
-                if (row == row[0]).all():
+                if row[0] in EMPTY_FILL_VALUES and (row == row[0]).all():
                     keep[i] = False
         return keep
 

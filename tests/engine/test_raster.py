@@ -343,6 +343,15 @@ def test_constant_fill_tiles_are_skipped_as_empty(tmp_path):
         assert len(kept) == 3
 
 
+def test_flat_tiles_of_other_values_are_content_not_fill(tmp_path):
+    """A uniform grey (or water-coloured) tile is real content: only 0/255 fill is empty."""
+    p = make_raster(tmp_path / "g.tif", 192, 64, fill_box=(64, 0, 64, 64), fill_value=128, block=64)
+    with open_raster(p) as r:
+        it = iter_tile_batches(r, TileGrid.for_raster(r.info, None, 64).tiles, 8)
+        tiles, _ = collect(it)
+        assert [t.col for t in tiles] == [0, 64, 128] and it.skipped == 0
+
+
 # ------------------------------------------------------------------- extent --
 def test_extent_in_the_raster_crs_is_exact_and_clipped(tmp_path):
     p = make_raster(tmp_path / "a.tif", 300, 200, block=64)
