@@ -606,8 +606,10 @@ def write_boxes(result: DetectResult, path, overwrite: bool = False) -> Path:
     with atomic_path(out) as tmp:
         tmp_file = tmp.with_suffix(out.suffix)  # GDAL picks layer options by extension
         try:
-            pyogrio.raw.write(str(tmp_file), geoms, data, fields, driver=driver,
-                              geometry_type="Polygon", crs=result.crs, layer="detections")
+            with warnings.catch_warnings():  # no CRS is expected for ungeoreferenced images
+                warnings.filterwarnings("ignore", message=".*'crs' was not provided")
+                pyogrio.raw.write(str(tmp_file), geoms, data, fields, driver=driver,
+                                  geometry_type="Polygon", crs=result.crs, layer="detections")
             tmp_file.replace(tmp)
         finally:
             if tmp_file.exists():
