@@ -41,21 +41,30 @@ DEFAULT_ATTENTION = "qq"
 MODEL_INPUT_CHUNK_BYTES = 16 << 20
 
 
-def _model_input_one(lm: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
-    import torch.nn.functional as F
+def resize_normalise(lm: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) already on its device -> normalised (B, 3, S, S), computed there.
 
-    from .encode import to_model_input
-    if batch.device.type == "cpu":
-        return to_model_input(lm, batch)
-    # already on the device: resize + normalise there (to_model_input pins CPU batches only)
-    compute = lm.dtype
+    The same arithmetic as engine.encode.to_model_input, for batches that are
+    already on the model's device (window bands assembled on the GPU), which
+    to_model_input would try to pin.
+    """
+    import torch
+    import torch.nn.functional as F
+    compute = torch.float32 if batch.device.type == "cpu" else lm.dtype
     x = batch.permute(0, 3, 1, 2).to(compute).div_(255.0)
     if x.shape[-2:] != (lm.image_size, lm.image_size):
         x = F.interpolate(x, size=(lm.image_size, lm.image_size), mode="bilinear",
                           antialias=True, align_corners=False)
     mean = torch.tensor(lm.mean, device=x.device, dtype=compute).view(1, 3, 1, 1)
     std = torch.tensor(lm.std, device=x.device, dtype=compute).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return ((x - mean) / std).to(lm.dtype)
+
+
+def _model_input_one(lm: LoadedModel, batch: torch.Tensor) -> torch.Tensor:
+    from .encode import to_model_input
+    if batch.device.type == "cpu":
+        return to_model_input(lm, batch)  # copies to the device (pinned) and converts there
+    return resize_normalise(lm, batch)
 
 
 def model_input(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:

@@ -423,7 +423,9 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
                                 min_valid=opts.min_valid)
     with batches:
         for tiles, arr in batches:
-            data = torch.from_numpy(arr).to(dev)
+            data = torch.from_numpy(arr)
+            if dev.type == "cuda":
+                data = data.pin_memory().to(dev, non_blocking=True)
             for t, img in zip(tiles, data):
                 r, c = divmod(t.index, grid.n_cols)
                 strip = strips.get(r)

@@ -36,6 +36,14 @@ def test_own_embedding_path_reproduces_open_clip_image_encoder(tiny_model):
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
+def test_on_device_conversion_matches_to_model_input_and_chunks_agree(tiny_model, monkeypatch):
+    batch = torch.randint(0, 255, (5, 100, 90, 3), dtype=torch.uint8)
+    ref = to_model_input(tiny_model, batch)
+    assert torch.allclose(dense.resize_normalise(tiny_model, batch), ref, atol=1e-6)
+    monkeypatch.setattr(dense, "MODEL_INPUT_CHUNK_BYTES", 100 * 90 * 3 * 4 * 2)  # 2 images a chunk
+    assert torch.allclose(dense.model_input(tiny_model, batch), ref, atol=1e-6)
+
+
 def test_dense_features_shape_norm_and_modes(tiny_model):
     batch = torch.randint(0, 255, (3, 80, 80, 3), dtype=torch.uint8).numpy()
     out = {m: dense.dense_features(tiny_model, batch, mode=m) for m in dense.ATTENTION_MODES}
