@@ -291,3 +291,13 @@ def test_raster_smaller_than_a_tile_is_one_resampled_tile(tmp_path, rig):
     dense = run(path, rig, mode="dense", tile_px=64)
     (c0, r0, c1, r1), = [b.pixel for b in dense.boxes]
     assert c0 <= 12 and r0 <= 12 and c1 >= 28 and r1 >= 28 and c1 <= 50 and r1 <= 40
+
+
+def test_stride_in_tiles_with_a_flush_last_window(tmp_path, rig):
+    path = scene(tmp_path / "st.tif", width=320, height=256, squares=[(280, 10, 30, RED)])
+    res = run(path, rig, tile_px=64, window=2, stride=2, top_k=50)
+    # 5 x 4 tiles: window columns start at tiles 0, 2 and 3 (flush), rows at 0 and 2
+    assert res.windows == 3 * 2
+    assert all(b.pixel[0] in (0, 128, 192) and b.pixel[1] in (0, 128) for b in res.boxes)
+    assert all((b.pixel[2] - b.pixel[0], b.pixel[3] - b.pixel[1]) == (128, 128) for b in res.boxes)
+    assert res.boxes[0].pixel == (192, 0, 320, 128)
