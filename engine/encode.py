@@ -44,7 +44,7 @@ def to_model_input(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected (B, H, W, 3) uint8 batch, got {tuple(x.shape)}")
     non_blocking = lm.device.type == "cuda"
-    if non_blocking and not x.is_pinned():
+    if non_blocking and x.device.type == "cpu" and not x.is_pinned():
         x = x.pin_memory()
     x = x.to(lm.device, non_blocking=non_blocking).permute(0, 3, 1, 2)
     compute = torch.float32 if lm.device.type == "cpu" else lm.dtype

@@ -214,7 +214,7 @@ def test_corrupt_manifest_and_shards_are_reported(tmp_path, rasters, tiny_model)
 
 
 def test_empty_tiles_are_skipped_and_an_empty_index_says_so(tmp_path, tiny_model):
-    flat = make_raster(tmp_path / "flat.tif", 64, 64, data=np.full((3, 64, 64), 7, np.uint8))
+    flat = make_raster(tmp_path / "flat.tif", 64, 64, data=np.full((3, 64, 64), 0, np.uint8))
     info = ix.build_index([flat], tmp_path / "idx", tiny_model, ix.IndexOptions(tile_px=32))
     assert info.rows == 0 and info.skipped == 4
     with pytest.raises(UsageError, match="empty"):
