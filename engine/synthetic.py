@@ -946,9 +946,11 @@ def read_truth(coco_path: str) -> List[TruthBox]:
 
 def make_chips(truth: SceneTruth, size: int | Tuple[int, int] = 96, n_object: int = 200,
                n_random: int = 50, seed: int = 0, min_visible: float = 0.6,
-               classes: Optional[Sequence[str]] = None) -> List[Chip]:
+               classes: Optional[Sequence[str]] = None, n_near: int = 0) -> List[Chip]:
     """Cut square chips from a written scene: ``n_object`` centred (with jitter) on
-    objects, balanced over classes, and ``n_random`` anywhere. ``size`` is a
+    objects, balanced over classes, ``n_near`` beside objects (centre moved by
+    0.7-1.2 chip sizes: the same context, often without the object, the hard
+    negatives of a contrastive model) and ``n_random`` anywhere. ``size`` is a
     pixel size or a (min, max) range. Each chip keeps the boxes of objects at
     least ``min_visible`` inside it, clipped to the chip; the class mask is cut
     alongside, so ``chip.mask`` agrees with the boxes.
@@ -969,6 +971,14 @@ def make_chips(truth: SceneTruth, size: int | Tuple[int, int] = 96, n_object: in
         cx, cy = (b.pixel[0] + b.pixel[2]) / 2, (b.pixel[1] + b.pixel[3]) / 2
         j = s * 0.25
         centres.append((cx + rng.uniform(-j, j), cy + rng.uniform(-j, j), s))
+    for k in range(n_near if names else 0):
+        cls = names[k % len(names)]
+        b = by_cls[cls][rng.integers(len(by_cls[cls]))]
+        s = int(rng.integers(lo, hi + 1))
+        ang = rng.uniform(0, 2 * math.pi)
+        d = s * rng.uniform(0.7, 1.2)
+        cx, cy = (b.pixel[0] + b.pixel[2]) / 2, (b.pixel[1] + b.pixel[3]) / 2
+        centres.append((cx + d * math.cos(ang), cy + d * math.sin(ang), s))
     for _ in range(n_random):
         s = int(rng.integers(lo, hi + 1))
         centres.append((rng.uniform(0, truth.width), rng.uniform(0, truth.height), s))

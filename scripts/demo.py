@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         lm = load_model(a.model, device=a.device)
         say(f"  model: {lm.spec} ({lm.arch}, {lm.image_size} px input, {lm.device}, {lm.precision})")
 
-        opts = DetectOptions(mode=a.mode, tile_px=32 if a.mode == "window" else 64, window=2, stride=1,
+        opts = DetectOptions(mode=a.mode, tile_px=24 if a.mode == "window" else 64, window=2, stride=1,
                              top_k=15, threshold=0.3 if a.mode == "window" else None)
         t0 = time.time()
         res = detect(str(out / "scene.tif"), list(PROMPTS), lm, options=opts)

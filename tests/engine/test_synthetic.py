@@ -120,8 +120,10 @@ def test_objects_look_like_their_class(scene):
 
 
 def test_chips_carry_their_boxes(scene, tmp_path):
-    chips = S.make_chips(scene, size=(64, 128), n_object=28, n_random=6, seed=1)
-    assert len(chips) == 34
+    chips = S.make_chips(scene, size=(64, 128), n_object=28, n_random=6, n_near=7, seed=1)
+    assert len(chips) == 41
+    # near chips sit beside an object: some hold no object at all (context without it)
+    assert sum(not c.boxes for c in chips[28:35]) >= 1
     classes_seen = set()
     for ch in chips:
         s = ch.image.shape[0]
@@ -133,7 +135,7 @@ def test_chips_carry_their_boxes(scene, tmp_path):
     assert classes_seen == set(S.OBJECT_CLASSES)
     paths = S.write_chips(chips, str(tmp_path / "chips"))
     coco = json.loads(open(paths["boxes"]).read())
-    assert len(coco["images"]) == 34
+    assert len(coco["images"]) == 41
     assert len(coco["annotations"]) == sum(len(c.boxes) for c in chips)
     assert json.loads(open(paths["classes"]).read())["1"] == "water"
 
