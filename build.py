@@ -97,6 +97,7 @@ def venv_env() -> dict:
     env.setdefault("XDG_RUNTIME_DIR", "/tmp/runtime-mapclip")
     Path(env["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, exist_ok=True)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PATH"] = str(VENV / "bin") + os.pathsep + env.get("PATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

@@ -246,6 +246,9 @@ def qgis_profile(tmp_path_factory):
     # qgis_process runs the system python3: give it the venv's packages
     site = sysconfig.get_paths()["purelib"]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH", "")) if p)
+    # QGIS embeds Python without naming a program, so CPython finds its prefix from the
+    # first python3 on PATH: that must be the system one QGIS was built for (not pyenv's)
+    env["PATH"] = os.pathsep.join(["/usr/bin", env.get("PATH", "")])
     return env
 
 
