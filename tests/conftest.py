@@ -29,3 +29,13 @@ def tiny_model():
     """The seeded random tiny model (test-tiny) on the CPU, fp32."""
     from engine.models import load_model
     return load_model("test-tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny batches run faster on one torch thread (and do not fight other work)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,12 +17,7 @@ from tests.rigged import GREY, RED, rigged_model, save_rigged_folder
 SQUARES = [(10, 10), (100, 20), (60, 90)]   # (col, row) of 12-px red squares
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

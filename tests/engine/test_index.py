@@ -14,14 +14,7 @@ from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, WGS84, make_raster
 OPTS = dict(tile_px=32, batch_size=4, commit_tiles=6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches run faster on one torch thread (and do not fight other work)."""
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class StopAt:

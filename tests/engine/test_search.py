@@ -18,15 +18,12 @@ BLUE_AT = (32, 96)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(one_torch_thread):
     """Small batches and a 2-core machine shared with other work: one thread is faster."""
     import faiss
-    import torch
-    n, f = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
+    f = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     yield
-    torch.set_num_threads(n)
     faiss.omp_set_num_threads(f)
 
 

@@ -253,3 +253,21 @@ def make_xyz_tiles(folder, z=16, x=35000, y=22000, squares=((64, 96, 40, "red"),
     size = 2 * WEB_MERCATOR_HALF / 2 ** z
     xmin, ymax = -WEB_MERCATOR_HALF + x * size, WEB_MERCATOR_HALF - y * size
     return f"type=xyz&url={url}&zmin={z}&zmax={z}", QgsRectangle(xmin, ymax - size, xmin + size, ymax)
+
+
+@pytest.fixture
+def near_duplicate_folders(tmp_path):
+    """train/: a, a copy of a, b; test/: a copy of b (for de-duplication runs)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    train, test = tmp_path / "train", tmp_path / "test"
+    train.mkdir()
+    test.mkdir()
+    a = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
+    b = (np.add.outer(np.arange(48), np.arange(48))[..., None] * [2, 1, 3] % 255).astype(np.uint8)
+    Image.fromarray(a).save(train / "a.png")
+    Image.fromarray(a).save(train / "a_copy.png")
+    Image.fromarray(b).save(train / "b.png")
+    Image.fromarray(b).save(test / "b_test.png")
+    return train, test

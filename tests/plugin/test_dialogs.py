@@ -159,21 +159,6 @@ def test_convert_dialog_engine_error_goes_to_message_bar(qtbot, tmp_path):
 
 
 # ------------------------------------------------------------------- dedup --
-def duplicate_folders(tmp_path: Path):
-    from PIL import Image
-    rng = np.random.default_rng(1)
-    train, test = tmp_path / "train", tmp_path / "test"
-    train.mkdir()
-    test.mkdir()
-    a = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
-    b = (np.add.outer(np.arange(48), np.arange(48))[..., None] * [2, 1, 3] % 255).astype(np.uint8)
-    Image.fromarray(a).save(train / "a.png")
-    Image.fromarray(a).save(train / "a_copy.png")
-    Image.fromarray(b).save(train / "b.png")
-    Image.fromarray(b).save(test / "b_test.png")
-    return train, test
-
-
 def test_dedup_dialog_validates(qtbot, tmp_path):
     from mapclip.plugin.dialogs.dedup_dialog import DedupDialog
     dlg = DedupDialog()
@@ -185,9 +170,9 @@ def test_dedup_dialog_validates(qtbot, tmp_path):
     assert not dlg.move_button.isEnabled()
 
 
-def test_dedup_dialog_finds_groups_moves_on_request_and_undoes(qtbot, tmp_path):
+def test_dedup_dialog_finds_groups_moves_on_request_and_undoes(qtbot, tmp_path, near_duplicate_folders):
     from mapclip.plugin.dialogs.dedup_dialog import DedupDialog
-    train, test = duplicate_folders(tmp_path)
+    train, test = near_duplicate_folders
     dlg = DedupDialog()
     qtbot.addWidget(dlg)
     dlg.add_folder(str(train))

@@ -191,24 +191,8 @@ def test_finetune_writes_a_loadable_best_model(provider, tmp_path):
     assert (out / "metrics.jsonl").read_text().count('"type": "step"') >= 1
 
 
-def near_duplicate_folders(tmp_path: Path):
-    """train/: a, a copy of a, b; test/: a copy of b."""
-    rng = np.random.default_rng(1)
-    from PIL import Image
-    train, test = tmp_path / "train", tmp_path / "test"
-    train.mkdir()
-    test.mkdir()
-    a = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
-    b = (np.add.outer(np.arange(48), np.arange(48))[..., None] * [2, 1, 3] % 255).astype(np.uint8)
-    Image.fromarray(a).save(train / "a.png")
-    Image.fromarray(a).save(train / "a_copy.png")
-    Image.fromarray(b).save(train / "b.png")
-    Image.fromarray(b).save(test / "b_test.png")
-    return train, test
-
-
-def test_deduplicate_reports_and_moves_only_when_asked(provider, tmp_path):
-    train, test = near_duplicate_folders(tmp_path)
+def test_deduplicate_reports_and_moves_only_when_asked(provider, tmp_path, near_duplicate_folders):
+    train, test = near_duplicate_folders
     report = tmp_path / "report.csv"
     res = run("deduplicate", {"FOLDER": str(train), "AGAINST": str(test), "OUTPUT": str(report)})
     assert res["GROUPS"] == 1 and res["DUPLICATES"] == 2  # a_copy (or a) and contaminated b
