@@ -1,24 +1,26 @@
 #!/usr/bin/env python3
 """Train MapCLIP's demo model from scratch on synthetic scenes: the exact recipe.
 
-    .venv/bin/python scripts/train_demo_model.py            # data, train, export (about 20 min, 2 CPU cores)
-    .venv/bin/python scripts/train_demo_model.py --stage data|train|export|eval
+    .venv/bin/python scripts/train_demo_model.py            # all stages (about 20 min, 2 CPU cores)
+    .venv/bin/python scripts/train_demo_model.py --stage data|train|export|eval|card
 
 1. data:   seeded synthetic scenes (engine.synthetic) -> chips centred on
-           objects and at random, plus counting chips with 1-10 objects ->
-           captions by Box-to-Caption (engine.convert.box_to_caption, counts
-           included), Mask-to-Box over the land-cover masks
-           (engine.convert.mask_to_box, chained into Box-to-Caption), RemoteCount
-           sentences (engine.count.caption) and land-cover / scene phrases
-           ("water", "a harbor with ships", "a runway") -> p-Hash
-           de-duplication (engine.dedup.find_duplicates, also against the
-           held-out evaluation chips) -> one caption CSV.
-2. train:  engine.finetune.finetune (what `python -m engine finetune` runs)
-           from a random initialisation of engine/configs/mapclip-demo.json
-           (``mapclip-demo:random``), on the CPU, one thread.
+           objects, beside objects (hard negatives) and at random, plus
+           counting chips with 1-10 objects -> captions by Box-to-Caption
+           (engine.convert.box_to_caption, counts included), Mask-to-Box over
+           the land-cover masks (engine.convert.mask_to_box, chained into
+           Box-to-Caption), RemoteCount sentences (engine.count.caption) and
+           land-cover / scene phrases ("water", "a harbor with ships",
+           "a runway") -> p-Hash de-duplication (engine.dedup.find_duplicates,
+           also against held-out chips) -> one caption CSV.
+2. train:  engine.finetune.finetune (the routine behind `python -m engine
+           finetune`) from a random initialisation of
+           engine/configs/mapclip-demo.json (``mapclip-demo:random``), on the
+           CPU, one torch thread.
 3. export: the run's best/ model as fp16 safetensors in resources/models/demo/.
-4. eval:   the quality numbers of the model card (scripts/demo_eval.py logic
-           lives in tests/engine/test_quality.py's helpers: engine.synthetic).
+4. eval:   the protocol of tests/engine/test_quality.py (its measure_*
+           functions) on held-out seeds -> eval.json.
+5. card:   resources/models/demo/MODEL_CARD.md from the facts of 1-4.
 
 Everything is seeded (RECIPE below); the work folder defaults to
 build/demo-train/ (git-ignored).
@@ -358,8 +360,19 @@ def stage_card(work: Path, dest: Path) -> Path:
         json.dumps(RECIPE),
         "```",
         "",
-        "The training step is `engine.finetune.finetune` with model `mapclip-demo:random`, the same call",
-        "`python -m engine finetune --model mapclip-demo:random --data captions.csv ...` makes.",
+        "The training step is `engine.finetune.finetune` (the routine behind `python -m engine finetune`)",
+        "with model `mapclip-demo:random`. The equivalent command line is",
+        "",
+        "```",
+        f"python -m engine finetune --model {RECIPE['arch']}:random --data build/demo-train/captions.csv "
+        f"--out build/demo-train/run --epochs {RECIPE['epochs']} --batch-size {RECIPE['batch_size']} "
+        f"--lr {RECIPE['lr']:g} --weight-decay {RECIPE['weight_decay']:g} --warmup {RECIPE['warmup']:g} "
+        f"--val-split {RECIPE['val_split']:g} --seed {RECIPE['seed']} --workers 0 --device cpu",
+        "```",
+        "",
+        f"except for the random-crop scale ({RECIPE['crop_scale'][0]:g}-{RECIPE['crop_scale'][1]:g} of the "
+        "chip area here, so small objects stay in view; the command line has no option for it and uses "
+        "0.5-1.0).",
         "",
         "## Data",
         "",
