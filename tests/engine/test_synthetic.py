@@ -169,3 +169,19 @@ def test_large_scene_streams(tmp_path):
     assert len(t.boxes) > 20
     with rasterio.open(t.path) as src:
         assert (src.width, src.height) == (3000, 1100)
+
+
+def test_cancel_leaves_no_output(tmp_path):
+    from engine.errors import Cancelled
+
+    class StopAfterFirst:
+        def __init__(self):
+            self.calls = 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls > 1
+
+    with pytest.raises(Cancelled):
+        S.make_scene(str(tmp_path / "c.tif"), 1100, 1100, seed=2, cancel=StopAfterFirst())
+    assert list(tmp_path.iterdir()) == []
