@@ -367,12 +367,11 @@ def stage_card(work: Path, dest: Path) -> Path:
         f"python -m engine finetune --model {RECIPE['arch']}:random --data build/demo-train/captions.csv "
         f"--out build/demo-train/run --epochs {RECIPE['epochs']} --batch-size {RECIPE['batch_size']} "
         f"--lr {RECIPE['lr']:g} --weight-decay {RECIPE['weight_decay']:g} --warmup {RECIPE['warmup']:g} "
-        f"--val-split {RECIPE['val_split']:g} --seed {RECIPE['seed']} --workers 0 --device cpu",
+        f"--val-split {RECIPE['val_split']:g} --seed {RECIPE['seed']} "
+        f"--crop-scale {RECIPE['crop_scale'][0]:g},{RECIPE['crop_scale'][1]:g} --workers 0 --device cpu",
         "```",
         "",
-        f"except for the random-crop scale ({RECIPE['crop_scale'][0]:g}-{RECIPE['crop_scale'][1]:g} of the "
-        "chip area here, so small objects stay in view; the command line has no option for it and uses "
-        "0.5-1.0).",
+        "(the random-crop scale keeps small objects in view).",
         "",
         "## Data",
         "",

@@ -10,6 +10,7 @@ from . import add_model_args, cancel_event, print_json, tqdm_progress
 
 #: options that default to FinetuneOptions' values, or to the run's with --resume
 TUNABLE = ("epochs", "batch_size", "accum", "lr", "weight_decay", "warmup", "val_split", "freeze",
+           "crop_scale",
            "unlock_last", "seed")
 
 
@@ -53,10 +54,23 @@ def register(sub) -> None:
     p.add_argument("--strict", action="store_true",
                    help="stop at the first bad record instead of skipping it")
     p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
+    p.add_argument("--crop-scale", type=_crop_scale, default=None, metavar="MIN,MAX",
+                   help="random resized crop keeps this fraction of the image area "
+                        f"(default {d.crop_scale[0]:g},{d.crop_scale[1]:g}; raise MIN for small objects)")
     p.add_argument("--workers", type=int, default=d.workers,
                    help=f"image decoding processes, 0 = main process (default {d.workers})")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=run)
+
+
+def _crop_scale(text: str):
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MIN,MAX (e.g. 0.8,1.0)") from None
+    if not 0 < lo <= hi <= 1:
+        raise argparse.ArgumentTypeError(f"crop scale {text} must satisfy 0 < MIN <= MAX <= 1")
+    return (lo, hi)
 
 
 def _print_metrics(name: str, m: dict) -> None:

@@ -309,3 +309,17 @@ def test_cli_json_contract_and_usage_error(tmp_path, capsys):
     assert cli_main(argv) == 2                          # finished run, no --resume
     err = capsys.readouterr().err
     assert "finished run" in err and "fix:" in err
+
+
+def test_cli_crop_scale_reaches_the_run_and_bad_values_are_usage_errors(tmp_path, capsys):
+    data = make_pairs(tmp_path / "data", names=("red", "green"))
+    run_dir = tmp_path / "run"
+    base = ["finetune", "--model", "test-tiny", "--data", str(data), "--out", str(run_dir),
+            "--epochs", "1", "--batch-size", "2", "--val-split", "0", "--workers", "0", "--device", "cpu"]
+    assert cli_main(base + ["--crop-scale", "0.8,1"]) == 0
+    assert json.loads((run_dir / "run.json").read_text())["fingerprint"]["crop_scale"] == [0.8, 1.0]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli_main(base[:-2] + ["--out", str(tmp_path / "r2"), "--crop-scale", "1.5,0.2"])
+    assert exc.value.code == 2
+    assert "crop scale" in capsys.readouterr().err
