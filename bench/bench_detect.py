@@ -54,7 +54,7 @@ def _vit_b32(device, precision=None):
     from engine import models
     dev = models.resolve_device(device)
     prec = models.resolve_precision(dev, precision)
-    cfg = models._arch_config("ViT-B-32-quickgelu")
+    cfg = models.arch_config("ViT-B-32-quickgelu")
     torch.manual_seed(0)
     model = models.build_model(cfg).eval().requires_grad_(False)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]

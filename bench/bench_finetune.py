@@ -33,15 +33,15 @@ def _args(argv):
 
 def bench_training(device: torch.device, batch: int, steps: int, accum: int) -> None:
     from engine import finetune as ft
-    from engine.models import _arch_config, build_model, _tokenizer, Resolved
-    cfg = _arch_config(ARCH)
+    from engine.models import arch_config, build_model, make_tokenizer, Resolved
+    cfg = arch_config(ARCH)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     ft.set_trainable(model)
     opt = ft.make_optimizer(model, 1e-5, 0.2)
     amp = ft.resolve_amp(device, None)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    tok = _tokenizer(Resolved(ARCH, cfg, {}, None))
+    tok = make_tokenizer(Resolved(ARCH, cfg, {}, None))
     words = ["airplane", "runway", "storage", "tank", "harbor", "ship", "field", "road", "river",
              "forest", "building", "parking", "lot", "bridge", "residential", "area"]
     rng = np.random.default_rng(0)

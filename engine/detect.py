@@ -155,7 +155,7 @@ class DetectResult:
 # --------------------------------------------------------------------------- #
 # Running the model on batches, with a CUDA out-of-memory fallback.
 # --------------------------------------------------------------------------- #
-class _Runner:
+class BatchRunner:
     """Runs a batch function in chunks; halves the chunk on CUDA out-of-memory."""
 
     def __init__(self, batch_size: int):
@@ -252,7 +252,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
             if reason:
                 notes.append(f"dense mode is not available: {reason}; used window mode instead")
                 mode = "window"
-        runner = _Runner(opts.batch_size)
+        runner = BatchRunner(opts.batch_size)
         run = _run_window if mode == "window" else _run_dense
         out = run(reader, area, lm, bank, opts, job, runner)
         notes.extend(runner.notes)
@@ -315,7 +315,7 @@ def _window_starts(n: int, k: int, stride: int) -> List[int]:
     return starts
 
 
-def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job, runner: _Runner):
+def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job, runner: BatchRunner):
     import torch
     import torch.nn.functional as F
 
@@ -482,7 +482,7 @@ def _ramp(n: int, ramp: float) -> np.ndarray:
     return np.maximum(w, 1e-3).astype(np.float32)
 
 
-def _run_dense(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job, runner: _Runner):
+def _run_dense(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job, runner: BatchRunner):
     import torch
     import torch.nn.functional as F
 

@@ -67,7 +67,7 @@ from .captions import CaptionItem, SkipReport, check_images, read_captions
 from .errors import MapClipError, ModelError, UsageError
 from .jobs import CancelFlag, Job, ProgressFn
 from .models import (MODEL_CONFIG_FILE, OPENAI_MEAN, OPENAI_STD, LoadedModel, Resolved,
-                     _arch_config, _tokenizer, build_model, load_model, resolve_device,
+                     arch_config, make_tokenizer, build_model, load_model, resolve_device,
                      save_model_folder)
 from .retrieval import retrieval_metrics
 
@@ -175,7 +175,7 @@ def _random_init_config(arch: str) -> Tuple[str, Dict[str, Any], Dict[str, Any]]
             raise UsageError(f"{path} is not an open_clip model config",
                              "it needs embed_dim, vision_cfg and text_cfg")
         return path.stem, meta, {}
-    return arch, _arch_config(arch), {}
+    return arch, arch_config(arch), {}
 
 
 def load_base_model(spec: str, seed: int = 0, device: Optional[str] = None) -> LoadedModel:
@@ -197,7 +197,7 @@ def load_base_model(spec: str, seed: int = 0, device: Optional[str] = None) -> L
     model = model.to(dev, dtype=torch.float32).eval()
     size = cfg.get("vision_cfg", {}).get("image_size", 224)
     size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    return LoadedModel(model=model, tokenizer=_tokenizer(Resolved(name, cfg, pre, None)), spec=spec,
+    return LoadedModel(model=model, tokenizer=make_tokenizer(Resolved(name, cfg, pre, None)), spec=spec,
                        arch=name, image_size=size, mean=tuple(pre.get("mean") or OPENAI_MEAN),
                        std=tuple(pre.get("std") or OPENAI_STD), embed_dim=int(cfg.get("embed_dim", 0)),
                        device=dev, precision="fp32", model_cfg=cfg)

@@ -1243,12 +1243,12 @@ def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, read
     """Embed ``grid.tiles[start:]``, committing a shard every ``commit_tiles`` tiles."""
     import torch
 
-    from .detect import _Runner      # detect's batch runner: halves the batch on CUDA OOM
+    from .detect import BatchRunner      # detect's batch runner: halves the batch on CUDA OOM
     from .encode import encode_images
     from .errors import Cancelled
     from .raster import iter_tile_batches
     ri = reader.info
-    runner = _Runner(int(options.batch_size))
+    runner = BatchRunner(int(options.batch_size))
     todo = grid.tiles[start:]
     batches = iter_tile_batches(reader, todo, int(options.batch_size), job=job,
                                 min_valid=layout["min_valid"])

@@ -106,7 +106,7 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
 DEFAULT_MODEL = "remoteclip-vit-b-32"
 
 
-def _register_configs() -> None:
+def register_configs() -> None:
     """Make the project's own open_clip configs (engine/configs) known."""
     import open_clip
     if "mapclip-tiny" not in open_clip.list_models():
@@ -242,9 +242,9 @@ class Resolved:
     seed: int = 0
 
 
-def _arch_config(arch: str) -> Dict[str, Any]:
+def arch_config(arch: str) -> Dict[str, Any]:
     import open_clip
-    _register_configs()
+    register_configs()
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         raise ModelError(f"unknown open_clip architecture {arch!r}",
@@ -253,7 +253,7 @@ def _arch_config(arch: str) -> Dict[str, Any]:
     return cfg
 
 
-def _read_folder(folder: Path) -> Resolved:
+def read_model_folder(folder: Path) -> Resolved:
     cfg_path = folder / MODEL_CONFIG_FILE
     if not cfg_path.is_file():
         raise ModelError(f"{folder} is not a model folder: {MODEL_CONFIG_FILE} is missing",
@@ -288,10 +288,10 @@ def resolve(spec: str, progress: Optional[DownloadProgress] = None) -> Resolved:
         folder = cache_dir() / repo
         download(hf_file_url(repo, MODEL_CONFIG_FILE), folder / MODEL_CONFIG_FILE)
         download(hf_file_url(repo, MODEL_WEIGHTS_FILE), folder / MODEL_WEIGHTS_FILE, progress)
-        return _read_folder(folder)
+        return read_model_folder(folder)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _read_folder(path)
+        return read_model_folder(path)
     if path.suffix.lower() in CHECKPOINT_SUFFIXES and ":" not in spec.split("/")[0].split("\\")[0][2:]:
         if not path.exists():
             raise UsageError(f"checkpoint {path} does not exist", "check the path")
@@ -302,7 +302,7 @@ def resolve(spec: str, progress: Optional[DownloadProgress] = None) -> Resolved:
         raise UsageError(f"unknown model {spec!r}",
                          "use a preset from `python -m engine models`, ARCH:TAG, ARCH:CHECKPOINT, "
                          "hf-hub:ORG/NAME or a model folder")
-    cfg = _arch_config(arch)
+    cfg = arch_config(arch)
     if rest == RANDOM_TAG:
         return Resolved(arch, cfg, {}, None)
     ckpt = Path(rest).expanduser()
@@ -334,14 +334,14 @@ def _resolve_open_clip_tag(arch: str, cfg: Dict[str, Any], tag: str) -> Resolved
 
 def _resolve_preset(preset: Preset, progress: Optional[DownloadProgress]) -> Resolved:
     if preset.source == "random":
-        return Resolved(preset.arch, _arch_config(preset.arch), {}, None)
+        return Resolved(preset.arch, arch_config(preset.arch), {}, None)
     if preset.source == "folder":
         folder = RESOURCES_DIR / preset.path
         if not (folder / MODEL_CONFIG_FILE).is_file():
             raise ModelError(f"the {preset.name} model is not in {folder}",
                              "build it with `python scripts/train_demo_model.py`")
-        return _read_folder(folder)
-    cfg = _arch_config(preset.arch)
+        return read_model_folder(folder)
+    cfg = arch_config(preset.arch)
     if preset.source == "open_clip":
         return _resolve_open_clip_tag(preset.arch, cfg, preset.tag)
     dest = hf_cache_path(preset.repo, preset.filename)
@@ -442,7 +442,7 @@ def _preprocess_facts(model, resolved: Resolved) -> Tuple[int, tuple, tuple]:
     return int(size), mean, std
 
 
-def _tokenizer(resolved: Resolved):
+def make_tokenizer(resolved: Resolved):
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
     text_cfg = resolved.model_cfg.get("text_cfg", {})
     ctx = int(text_cfg.get("context_length", 77))
@@ -469,7 +469,7 @@ def load_model(spec: str, device: Optional[str] = None, precision: Optional[str]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
     model = model.to(device=dev, dtype=dtype)
     size, mean, std = _preprocess_facts(model, resolved)
-    return LoadedModel(model=model, tokenizer=_tokenizer(resolved), spec=spec, arch=resolved.arch,
+    return LoadedModel(model=model, tokenizer=make_tokenizer(resolved), spec=spec, arch=resolved.arch,
                        image_size=size, mean=mean, std=std,
                        embed_dim=int(resolved.model_cfg.get("embed_dim", 0)),
                        device=dev, precision=prec, model_cfg=resolved.model_cfg)

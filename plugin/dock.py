@@ -394,8 +394,8 @@ class MapClipDock(QgsDockWidget):
         archs = list(COMMON_ARCHS)
         try:
             import open_clip
-            from ..engine.models import _register_configs
-            _register_configs()
+            from ..engine.models import register_configs
+            register_configs()
             archs += [a for a in open_clip.list_models() if a not in archs]
         except Exception:
             pass

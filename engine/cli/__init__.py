@@ -14,9 +14,9 @@ import importlib
 import json
 import sys
 import threading
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
-from ..errors import Cancelled, MapClipError
+from ..errors import Cancelled, MapClipError, UsageError
 
 #: subcommand modules, in the order ``--help`` lists them
 COMMANDS = ("models", "detect", "index", "search", "count", "finetune", "convert", "dedup")
@@ -112,3 +112,25 @@ def print_json(obj: Any) -> None:
 def cancel_event() -> threading.Event:
     """A cancel flag for engine calls made from the command line (Ctrl-C stops them)."""
     return threading.Event()
+
+
+def parse_floats(text: str, n: int, what: str, example: str) -> Tuple[float, ...]:
+    """N comma-separated numbers (an extent, a point), or a UsageError with an example."""
+    try:
+        vals = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != n:
+        raise UsageError(f"{what} {text!r} is not {n} comma-separated numbers", f"e.g. {example}")
+    return vals
+
+
+def parse_bands(text: Optional[str]) -> Optional[List[int]]:
+    """--bands "1,2,3" -> [1, 2, 3]; empty -> None (the reader's default bands)."""
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"--bands {text!r} is not a list of band numbers",
+                         "e.g. --bands 1,2,3 or --bands 4,3,2") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import add_model_args, cancel_event, print_json, tqdm_progress
+from . import add_model_args, cancel_event, parse_bands, parse_floats, print_json, tqdm_progress
 from ..errors import UsageError
 
 
@@ -51,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
     from ..count import CountOptions, count, write_count_boxes
     from ..jobs import check_output_path
     from ..raster import ReadOptions
-    from .detect import _bands, _floats
 
     if args.out:
         if args.method == "prompt":
@@ -59,13 +58,13 @@ def run(args: argparse.Namespace) -> int:
         if Path(args.out).suffix.lower() not in (".gpkg", ".geojson", ".json"):
             raise UsageError(f"cannot write boxes to {args.out}", "name the output .gpkg or .geojson")
         check_output_path(args.out, args.overwrite)
-    extent = _floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
+    extent = parse_floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
         if args.extent else None
     if args.extent_crs and not extent:
         raise UsageError("--extent-crs given without --extent", "add --extent xmin,ymin,xmax,ymax")
     opts = CountOptions(tile_px=args.tile, dense_tile_px=args.dense_tile, threshold=args.threshold,
                         min_area=args.min_area, batch_size=args.batch_size,
-                        read=ReadOptions(bands=_bands(args.bands)), device=args.device,
+                        read=ReadOptions(bands=parse_bands(args.bands)), device=args.device,
                         precision=args.precision)
     bar = tqdm_progress("count", unit="img")
     try:

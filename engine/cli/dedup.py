@@ -81,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
         out["move"] = moved.to_json() if moved else None
         print_json(out)
     else:
-        dup = sum(len(g) - 1 for g in res.groups)
         print(f"{res.images} images ({res.from_cache} hashes from cache), {res.pairs} duplicate "
               f"pairs in {len(res.groups)} groups, {len(res.contaminated)} contaminated, "
               f"{len(res.unreadable)} unreadable; {len(res.remove)} not kept -> {res.report}")

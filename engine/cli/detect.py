@@ -4,30 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
 
-from . import add_model_args, print_json, tqdm_progress
+from . import add_model_args, parse_bands, parse_floats, print_json, tqdm_progress
 from ..errors import UsageError
-
-
-def _floats(text: str, n: int, what: str, example: str) -> Tuple[float, ...]:
-    try:
-        vals = tuple(float(v) for v in text.replace(" ", "").split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != n:
-        raise UsageError(f"{what} {text!r} is not {n} comma-separated numbers", f"e.g. {example}")
-    return vals
-
-
-def _bands(text: Optional[str]) -> Optional[List[int]]:
-    if not text:
-        return None
-    try:
-        return [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise UsageError(f"--bands {text!r} is not a list of band numbers",
-                         "e.g. --bands 1,2,3 or --bands 4,3,2") from None
 
 
 def register(sub) -> None:
@@ -112,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--out and --heatmap name the same file", "give two paths")
     if not Path(args.raster).exists():
         raise UsageError(f"raster {args.raster} does not exist", "check the path")
-    extent = _floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
+    extent = parse_floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
         if args.extent else None
     if args.extent_crs and not extent:
         raise UsageError("--extent-crs given without --extent", "add --extent xmin,ymin,xmax,ymax")
@@ -121,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, top_k=args.top_k, threshold=args.threshold,
         merge=args.merge, iou=args.iou, attention=args.attention,
         background=tuple(args.background) if args.background else DEFAULT_BACKGROUND_PROMPTS,
-        read=ReadOptions(bands=_bands(args.bands), gsd=args.gsd),
+        read=ReadOptions(bands=parse_bands(args.bands), gsd=args.gsd),
         device=args.device, precision=args.precision, heatmap=bool(args.heatmap))
     bar = tqdm_progress("detect", unit="img")
     try:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import add_model_args, cancel_event, print_json, tqdm_progress
+from . import add_model_args, cancel_event, parse_bands, print_json, tqdm_progress
 from ..errors import UsageError
 
 
@@ -71,7 +71,6 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import index as ix
     from ..raster import ReadOptions
-    from .detect import _bands
 
     if args.tile is not None and args.scales:
         raise UsageError("--tile and --scales both given", "use --scales alone for several sizes")
@@ -84,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("no model given", "pass --model (see `python -m engine models`)")
     opts = ix.IndexOptions(
         tile_px=args.tile, scales=_ints(args.scales, "--scales"), stride_px=args.stride,
-        gsd=args.gsd, read=ReadOptions(bands=_bands(args.bands)) if args.bands else None,
+        gsd=args.gsd, read=ReadOptions(bands=parse_bands(args.bands)) if args.bands else None,
         batch_size=args.batch_size, commit_tiles=args.commit_tiles, reindex=args.reindex,
         footprints=not args.no_footprints, device=args.device, precision=args.precision)
     bar = tqdm_progress("index", unit="tile")

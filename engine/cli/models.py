@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_model_args, print_json, tqdm_progress
+from . import print_json, tqdm_progress
 
 
 def register(sub) -> None:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.archs:
         import open_clip
-        models._register_configs()
+        models.register_configs()
         for name in open_clip.list_models():
             print(name)
         return 0

@@ -46,7 +46,7 @@ def test_remoteclip_preset_loads_from_cached_checkpoint_in_real_layout(_isolated
     dest = models.hf_cache_path(preset.repo, preset.filename)
     dest.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(1)
-    src = models.build_model(models._arch_config("ViT-B-32-quickgelu"))
+    src = models.build_model(models.arch_config("ViT-B-32-quickgelu"))
     torch.save(src.state_dict(), dest)
     assert models.preset_available(preset)
     lm = models.load_model("remoteclip-vit-b-32", device="cpu")
