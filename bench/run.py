@@ -3,7 +3,8 @@
 Each benchmark module has ``run(argv) -> None`` that prints its own lines and
 names the machine it measured (device and CPU). Benchmarks print figures;
 they assert nothing, and no test is timed. Select some with
-`python3 build.py bench detect index` (substrings of module names).
+`python3 build.py bench detect index` (substrings of module names); options after
+the names go to every selected benchmark (`python3 build.py bench detect --full`).
 """
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def machine() -> str:
 
 
 def main(argv) -> int:
-    wanted = [a for a in argv if not a.startswith("-")]
+    # names come first; everything from the first option on is for the benchmarks
+    first_opt = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    wanted = argv[:first_opt]
     names = sorted(p.stem for p in HERE.glob("bench_*.py"))
     if wanted:
         names = [n for n in names if any(w in n for w in wanted)]
@@ -41,7 +44,7 @@ def main(argv) -> int:
     for name in names:
         print(f"\n== {name} ==", flush=True)
         t0 = time.perf_counter()
-        importlib.import_module(f"bench.{name}").run(argv)
+        importlib.import_module(f"bench.{name}").run(argv[first_opt:])
         print(f"({name} took {time.perf_counter() - t0:.1f} s)", flush=True)
     return 0
 
