@@ -182,6 +182,17 @@ def find_image(stem_path: Path, images: Optional[Path], default_ext: str) -> Tup
     return f"{stem}{default_ext}", str(stem_path.with_name(f"{stem}{default_ext}"))
 
 
+def _label_folder_set(fmt: str, path, out: List[ImageAnnotation], images, cats) -> AnnotationSet:
+    """Finish a folder of per-image label files (DOTA, YOLO): add the images that have
+    no label file (images with no objects), sort by name, refuse an empty folder."""
+    if not out:
+        raise UsageError(f"no {fmt.upper()} label files (.txt) in {path}", "check --annotations")
+    seen = {Path(im.name).stem for im in out}
+    out.extend(_unlabelled_images(images, seen))
+    out.sort(key=lambda im: im.name)
+    return AnnotationSet(fmt, str(path), out, sorted(cats))
+
+
 def _unlabelled_images(images: Optional[Path], seen: set) -> List[ImageAnnotation]:
     """Images in the images folder without any label file: images with no objects."""
     if images is None:
@@ -259,12 +270,7 @@ def read_dota(path: Path, images: Optional[Path] = None) -> AnnotationSet:
             im.objects.append(ObjectBox(cat, (min(xs), min(ys), max(xs), max(ys)), difficult))
             cats.add(cat)
         out.append(im)
-    if not out:
-        raise UsageError(f"no DOTA label files (.txt) in {path}", "check --annotations")
-    seen = {Path(im.name).stem for im in out}
-    out.extend(_unlabelled_images(images, seen))
-    out.sort(key=lambda im: im.name)
-    return AnnotationSet("dota", str(path), out, sorted(cats))
+    return _label_folder_set("dota", path, out, images, cats)
 
 
 def _read_lines(f: Path) -> List[str]:
@@ -372,12 +378,7 @@ def read_yolo(path: Path, images: Optional[Path] = None) -> AnnotationSet:
             im.objects.append(ObjectBox(cat, box))
             cats.add(cat)
         out.append(im)
-    if not out:
-        raise UsageError(f"no YOLO label files (.txt) in {path}", "check --annotations")
-    seen = {Path(im.name).stem for im in out}
-    out.extend(_unlabelled_images(images, seen))
-    out.sort(key=lambda im: im.name)
-    return AnnotationSet("yolo", str(path), out, sorted(cats))
+    return _label_folder_set("yolo", path, out, images, cats)
 
 
 # -------------------------------------------------------------------- VOC --
