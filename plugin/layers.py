@@ -33,9 +33,12 @@ STYLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "resources", "styles")
 BOXES_STYLE = os.path.join(STYLES_DIR, "boxes.qml")
 HITS_STYLE = os.path.join(STYLES_DIR, "hits.qml")
-BOX_FIELDS = (("prompt", QVariant.String), ("score", QVariant.Double),
-              ("cosine", QVariant.Double), ("rank", QVariant.Int),
-              ("model", QVariant.String), ("run_time", QVariant.DateTime))
+#: the fields of the engine's box files (CLI GeoPackage, Processing outputs)
+ENGINE_BOX_FIELDS = (("prompt", QVariant.String), ("score", QVariant.Double),
+                     ("cosine", QVariant.Double), ("rank", QVariant.Int),
+                     ("model", QVariant.String))
+#: the dock's box layers add when the run was made
+BOX_FIELDS = ENGINE_BOX_FIELDS + (("run_time", QVariant.DateTime),)
 HIT_FIELDS = (("rank", QVariant.Int), ("score", QVariant.Double), ("source", QVariant.String),
               ("model", QVariant.String), ("query", QVariant.String))
 #: heatmap ramp: (position 0..1 between the low cut and the maximum, colour, alpha)
@@ -48,7 +51,8 @@ HIT_RAMP = ("#6baed6", "#08306b")
 FILL_ALPHA = 40
 
 
-def _as_crs(crs: Any) -> QgsCoordinateReferenceSystem:
+def engine_crs(crs: Any) -> QgsCoordinateReferenceSystem:
+    """A CRS as the engine reports it (WKT or AUTH:CODE; None = not georeferenced)."""
     if isinstance(crs, QgsCoordinateReferenceSystem):
         return crs
     out = QgsCoordinateReferenceSystem()
@@ -58,25 +62,28 @@ def _as_crs(crs: Any) -> QgsCoordinateReferenceSystem:
             out = QgsCoordinateReferenceSystem(text)
         else:
             out = QgsCoordinateReferenceSystem.fromWkt(text)
+            if not out.isValid():
+                out = QgsCoordinateReferenceSystem(text)
     return out
 
 
 def result_crs(result_crs_text: Optional[str], fallback: Any = None) -> QgsCoordinateReferenceSystem:
     """The CRS a result is in: the fallback (the raster layer's own CRS) when valid, else the WKT."""
-    fb = _as_crs(fallback) if fallback is not None else QgsCoordinateReferenceSystem()
+    fb = engine_crs(fallback) if fallback is not None else QgsCoordinateReferenceSystem()
     if fb.isValid():
         return fb
-    return _as_crs(result_crs_text)
+    return engine_crs(result_crs_text)
 
 
-def _fields(spec) -> QgsFields:
+def fields_of(spec) -> QgsFields:
+    """QgsFields from (name, QVariant type) pairs."""
     fields = QgsFields()
     for name, kind in spec:
         fields.append(QgsField(name, kind))
     return fields
 
 
-def _rect_geometry(bounds: Sequence[float]) -> QgsGeometry:
+def rect_geometry(bounds: Sequence[float]) -> QgsGeometry:
     xmin, ymin, xmax, ymax = (float(v) for v in bounds)
     return QgsGeometry.fromRect(QgsRectangle(xmin, ymin, xmax, ymax))
 
@@ -93,14 +100,14 @@ def boxes_layer(boxes: Iterable[Any], prompt: str, model: str, crs: QgsCoordinat
     layer = QgsVectorLayer("Polygon", layer_name(prompt), "memory")
     layer.setCrs(crs)
     provider = layer.dataProvider()
-    provider.addAttributes(list(_fields(BOX_FIELDS)))
+    provider.addAttributes(list(fields_of(BOX_FIELDS)))
     layer.updateFields()
     stamp = QDateTime(run_time.astimezone(_dt.timezone.utc).replace(tzinfo=None))
     stamp.setTimeSpec(Qt.UTC)
     feats = []
     for i, box in enumerate(boxes):
         feat = QgsFeature(layer.fields())
-        feat.setGeometry(_rect_geometry(box.bounds))
+        feat.setGeometry(rect_geometry(box.bounds))
         cosine = getattr(box, "cosine", None)
         feat.setAttributes([getattr(box, "prompt", prompt), float(box.score),
                             None if cosine is None else float(cosine),
@@ -318,13 +325,13 @@ def count_layer(result: Any, model: str, crs: Optional[QgsCoordinateReferenceSys
     else:
         layer = QgsVectorLayer("Polygon", name, "memory")
         layer.setCrs(crs)
-        layer.dataProvider().addAttributes(list(_fields(
+        layer.dataProvider().addAttributes(list(fields_of(
             (("object", QVariant.String), ("count", QVariant.Int), ("model", QVariant.String)))))
         layer.updateFields()
         extent = getattr(result, "extent", None)
         if extent is not None:
             feat = QgsFeature(layer.fields())
-            feat.setGeometry(_rect_geometry(extent))
+            feat.setGeometry(rect_geometry(extent))
             feat.setAttributes([name, int(getattr(result, "count", 0)), model])
             layer.dataProvider().addFeatures([feat])
             layer.updateExtents()
@@ -342,11 +349,11 @@ def hits_layer(hits: Sequence[Any], query: str, model: str) -> QgsVectorLayer:
     """
     crses = {getattr(h, "crs", None) for h in hits}
     shared = len(crses) == 1 and None not in crses
-    crs = _as_crs(next(iter(crses))) if shared else QgsCoordinateReferenceSystem("EPSG:4326")
+    crs = engine_crs(next(iter(crses))) if shared else QgsCoordinateReferenceSystem("EPSG:4326")
     layer = QgsVectorLayer("Polygon", layer_name(query, "(archive)"), "memory")
     layer.setCrs(crs)
     provider = layer.dataProvider()
-    provider.addAttributes(list(_fields(HIT_FIELDS)))
+    provider.addAttributes(list(fields_of(HIT_FIELDS)))
     layer.updateFields()
     feats = []
     for i, hit in enumerate(hits):
@@ -354,7 +361,7 @@ def hits_layer(hits: Sequence[Any], query: str, model: str) -> QgsVectorLayer:
         if bounds is None:
             continue
         feat = QgsFeature(layer.fields())
-        feat.setGeometry(_rect_geometry(bounds))
+        feat.setGeometry(rect_geometry(bounds))
         feat.setAttributes([int(getattr(hit, "rank", i + 1)), float(getattr(hit, "score", 0.0)),
                             str(getattr(hit, "raster", getattr(hit, "path", ""))), model, query])
         feats.append(feat)
@@ -372,6 +379,6 @@ def hit_bounds(hit: Any, layer: QgsVectorLayer) -> Optional[Sequence[float]]:
     """The bounds of ``hit`` in ``layer``'s CRS (see :func:`hits_layer`)."""
     if layer.crs().authid() == "EPSG:4326" and getattr(hit, "wgs84", None) is not None:
         crs = getattr(hit, "crs", None)
-        if crs is None or _as_crs(crs) != layer.crs():
+        if crs is None or engine_crs(crs) != layer.crs():
             return hit.wgs84
     return getattr(hit, "bounds", None)

@@ -20,7 +20,7 @@ from qgis.PyQt.QtCore import QVariant
 
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model,
                      optional_number, parse_bands, raster_path, split_prompts)
-from .search_algs import crs_from_engine, rect_geometry
+from ..layers import engine_crs, rect_geometry
 
 #: mirrors engine.index.SearchOptions / IndexOptions (tests/plugin/test_processing.py checks it)
 INDEX_DEFAULTS = {"top_k": 20, "batch_size": 64}
@@ -148,7 +148,7 @@ def hit_fields() -> QgsFields:
 
 def hits_crs(hits) -> QgsCoordinateReferenceSystem:
     """The hits' common CRS; WGS84 when they come from rasters in different CRSs."""
-    crss = [crs_from_engine(h.crs) for h in hits]
+    crss = [engine_crs(h.crs) for h in hits]
     first = crss[0] if crss else QgsCoordinateReferenceSystem(WGS84)
     if all(c == first for c in crss):
         return first
@@ -226,7 +226,7 @@ class SearchIndexAlgorithm(MapClipAlgorithm):
         feedback.pushInfo(f"{len(result.hits)} results from {result.rows} tiles "
                           f"({result.method} search, {result.seconds * 1000:.0f} ms)")
         crs = hits_crs(result.hits)
-        use_wgs84 = crs.authid() == WGS84 and any(crs_from_engine(h.crs) != crs for h in result.hits)
+        use_wgs84 = crs.authid() == WGS84 and any(engine_crs(h.crs) != crs for h in result.hits)
         sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, hit_fields(),
                                           QgsWkbTypes.Polygon, crs)
         if sink is None:

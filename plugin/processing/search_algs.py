@@ -12,17 +12,18 @@ import os
 from contextlib import contextmanager
 from typing import Any, Dict, List, Optional
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsFeatureSink, QgsField,
-                       QgsFields, QgsGeometry, QgsProcessing, QgsProcessingException,
+from qgis.core import (QgsFeature, QgsFeatureSink, QgsField,
+                       QgsFields, QgsProcessing, QgsProcessingException,
                        QgsProcessingOutputNumber, QgsProcessingOutputString,
                        QgsProcessingParameterDefinition,
                        QgsProcessingParameterEnum, QgsProcessingParameterExtent,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
-                       QgsRectangle, QgsUnitTypes, QgsWkbTypes)
+                       QgsUnitTypes, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
 
+from ..layers import ENGINE_BOX_FIELDS, engine_crs, fields_of, rect_geometry
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model,
                      optional_number, parse_bands, split_prompts)
 
@@ -40,35 +41,14 @@ COUNT_DEFAULTS = {"min_area": 1}
 
 def box_fields() -> QgsFields:
     """The fields of a box layer: the same as the CLI's GeoPackage."""
-    fields = QgsFields()
-    fields.append(QgsField("prompt", QVariant.String))
-    fields.append(QgsField("score", QVariant.Double))
-    fields.append(QgsField("cosine", QVariant.Double))
-    fields.append(QgsField("rank", QVariant.Int))
-    fields.append(QgsField("model", QVariant.String))
-    return fields
-
-
-def crs_from_engine(crs: Optional[str]) -> QgsCoordinateReferenceSystem:
-    """The engine reports CRS as WKT (or an authority id); None = not georeferenced."""
-    if not crs:
-        return QgsCoordinateReferenceSystem()
-    out = QgsCoordinateReferenceSystem.fromWkt(crs)
-    if not out.isValid():
-        out = QgsCoordinateReferenceSystem(crs)
-    return out
-
-
-def rect_geometry(bounds) -> QgsGeometry:
-    xmin, ymin, xmax, ymax = (float(v) for v in bounds)
-    return QgsGeometry.fromRect(QgsRectangle(xmin, ymin, xmax, ymax))
+    return fields_of(ENGINE_BOX_FIELDS)
 
 
 def write_boxes_to_sink(alg, parameters, context, key: str, boxes, crs: Optional[str],
                         model: str):
     """Create the sink ``key`` and add one polygon per engine box; returns (sink, dest_id)."""
     sink, dest = alg.parameterAsSink(parameters, key, context, box_fields(),
-                                     QgsWkbTypes.Polygon, crs_from_engine(crs))
+                                     QgsWkbTypes.Polygon, engine_crs(crs))
     if sink is None:
         raise QgsProcessingException(alg.invalidSinkError(parameters, key))
     for box in boxes:
@@ -414,7 +394,7 @@ class CountAlgorithm(RasterSearchAlgorithm):
                self.SUMMARY: summary}
         if parameters.get(self.OUTPUT) not in (None, ""):
             sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, count_fields(),
-                                              QgsWkbTypes.Polygon, crs_from_engine(result.crs))
+                                              QgsWkbTypes.Polygon, engine_crs(result.crs))
             if sink is not None:
                 for box in result.boxes:
                     f = QgsFeature(count_fields())
