@@ -46,6 +46,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import unquote, urlparse
@@ -131,10 +132,22 @@ def add_deps_path(path: Optional[str] = None) -> str:
     path = path or deps_dir()
     if not os.path.isdir(path):
         return path
-    prune_protected(path, only_provided_elsewhere=True)
+    removed = prune_protected(path, only_provided_elsewhere=True)
     sys.path[:] = [p for p in sys.path if not (p and _same_path(p, path))]
     sys.path.insert(0, path)
     importlib.invalidate_caches()
+    early = loaded_elsewhere(path)
+    if removed or early:
+        try:
+            from . import log
+            if removed:
+                log.info(f"removed QGIS's own packages from {path}: {', '.join(removed)}")
+            if early:
+                log.warning("imported before MapCLIP's folder was on the path, so these stay "
+                            "the older copies until QGIS restarts: " +
+                            ", ".join(f"{k} ({v})" for k, v in sorted(early.items())))
+        except Exception:  # outside QGIS
+            pass
     return path
 
 
@@ -552,7 +565,13 @@ def pip_plan(target: Optional[str] = None, cuda: Optional[bool] = None,
     else:                              # QGIS's Python has no NumPy: the folder's is the only one
         protected.pop("numpy", None)
     pip = pip_version() if pip is None else pip
-    progress = "raw" if pip >= (24, 1) else "off"        # raw: "Progress <bytes> of <total>"
+    env = dict(env or {})
+    if pip >= (24, 1):
+        progress = "raw"                 # "Progress <bytes> of <total>" lines
+    else:                                # pip's rich bar, drawn into the pipe when forced
+        progress = "on"
+        env.setdefault("FORCE_COLOR", "1")
+        env.setdefault("COLUMNS", "200")
     args = ["-m", "pip", "install", "--upgrade", "--target", target, "--no-input",
             "--disable-pip-version-check", "--no-warn-script-location", "--prefer-binary",
             "--progress-bar", progress]
@@ -562,7 +581,7 @@ def pip_plan(target: Optional[str] = None, cuda: Optional[bool] = None,
         args += ["--extra-index-url", choice.index]
     args += packages
     plan = PipPlan(python or python_executable(), args, target, choice.build == "CUDA", packages,
-                   torch_build=choice.build, torch_index=choice.index, env=dict(env or {}),
+                   torch_build=choice.build, torch_index=choice.index, env=env,
                    protected=protected)
     if verify_modules is not None:
         plan.verify_modules = list(verify_modules)
@@ -666,6 +685,13 @@ def explain_failure(output: str, exit_code: int, plan: Optional[PipPlan] = None,
     torch = _torch_pin_failure(output, plan, probe)
     if torch:
         return torch
+    m = re.search(r"No matching distribution found for numpy\s*==\s*([^\s]+)", output)
+    if m:
+        return (f"pip looks for QGIS's exact NumPy ({m.group(1)}) so that every package it "
+                f"picks works with it, and the package index has no NumPy {m.group(1)} for "
+                f"this Python. Fix: install MapCLIP's packages by hand with a NumPy pin your "
+                f"index has and that QGIS accepts (same major version), then delete the numpy "
+                f"folder that pip puts into {plan.target if plan else 'the MapCLIP folder'}.")
     for needles, text in _FAILURES:
         if any(n.lower() in output.lower() for n in needles):
             return text
@@ -678,18 +704,39 @@ def explain_failure(output: str, exit_code: int, plan: Optional[PipPlan] = None,
 # --------------------------------------------------------------------------- #
 _UNITS = {"bytes": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3,
           "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3}
-_SIZE = r"\(\s*([\d.]+)\s*(bytes|[kKMG]i?B)\s*\)"
+_SIZE = r"\(\s*([\d.,]+)\s*(bytes|[kKMG]i?B)\s*\)"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _RE_COLLECT = re.compile(r"^Collecting\s+(.+?)\s*$")
 _RE_DOWNLOAD = re.compile(r"^\s*Downloading\s+(\S+)(?:\s+" + _SIZE + r")?")
 _RE_CACHED = re.compile(r"^\s*Using cached\s+(\S+)(?:\s+" + _SIZE + r")?")
+#: pip >= 24.1, --progress-bar raw
 _RE_RAW = re.compile(r"^\s*Progress\s+(\d+)\s+of\s+(\d+)\s*$")
+#: pip's rich progress bar (forced on with FORCE_COLOR): "━━━━━╸━━━━ 84.3/184.5 MB 9.1 MB/s eta 0:00:11"
+_RE_BAR = re.compile(r"(?:^|\s)([\d,]+(?:\.\d+)?)/([\d,]+(?:\.\d+)?)\s*(bytes|[kMG]B)\b")
 _RE_INSTALLING = re.compile(r"^Installing collected packages:\s*(.*)$")
 _RE_DONE = re.compile(r"^Successfully installed\s+(.*)$")
 _RE_BUILD = re.compile(r"^\s*Building wheel for\s+(\S+)")
 
 
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.1f} MB"
+def strip_ansi(line: str) -> str:
+    return _ANSI.sub("", line)
+
+
+def human_size(n: float) -> str:
+    """Bytes the way pip writes them: 536 kB, 184.5 MB, 6.12 GB."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    if n >= 1e4:
+        return f"{int(n / 1e3)} kB"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} kB"
+    return f"{int(n)} bytes"
+
+
+def _bytes(value: str, unit: str) -> float:
+    return float(value.replace(",", "")) * _UNITS[unit.lower()]
 
 
 def file_label(url: str) -> str:
@@ -730,16 +777,16 @@ def shorten(text: str, limit: int = 110) -> str:
 class PipProgress:
     """Turns pip's output lines into (fraction, text).
 
-    fraction is the bytes downloaded of the sizes pip has announced so far
-    (``Downloading X (184.5 MB)``; with pip >= 24.1, ``--progress-bar raw``
-    adds the bytes of the file in flight), or -1 where pip gives no measure
-    (resolving, unpacking, building). Texts start with the package name.
+    The fraction is the share of the file in flight that has arrived, from
+    pip's own byte counts (its progress bar, or ``Progress <bytes> of
+    <total>`` with pip >= 24.1), or -1 where pip gives no measure (resolving,
+    unpacking, building). Texts start with what is happening and the package,
+    then the running totals: the file's number and the bytes downloaded so far.
     """
 
     def __init__(self):
         self.collected = 0
         self.files = 0
-        self.known = 0.0          # bytes announced
         self.done = 0.0           # bytes of finished downloads
         self.current: Optional[Tuple[str, float]] = None
         self.current_bytes = 0.0
@@ -748,57 +795,55 @@ class PipProgress:
 
     def _finish_current(self) -> None:
         if self.current is not None:
-            self.done += self.current[1]
+            self.done += max(self.current[1], self.current_bytes)
             self.current = None
             self.current_bytes = 0.0
 
-    def fraction(self) -> float:
-        if self.known <= 0 or (self.done <= 0 and self.current_bytes <= 0):
-            return -1.0
-        return max(0.0, min(1.0, (self.done + self.current_bytes) / self.known))
-
     def _so_far(self) -> str:
-        if self.known <= 0:
-            return ""
-        return f" · {_mb(self.done + self.current_bytes)} of {_mb(self.known)} so far"
+        total = self.done + self.current_bytes
+        return f" · file {self.files}, {human_size(total)} downloaded so far" if total else ""
+
+    def _bytes_event(self, cur: float, total: float) -> Optional[Tuple[float, str]]:
+        if self.current is None:
+            return None
+        name, size = self.current
+        if total > 0 and size <= 0:          # pip did not print the size on the line before
+            size = total
+            self.current = (name, size)
+        self.current_bytes = min(cur, size) if size > 0 else cur
+        fraction = self.current_bytes / size if size > 0 else -1.0
+        return fraction, shorten(f"downloading {name}: {human_size(self.current_bytes)} of "
+                                 f"{human_size(size)}{self._so_far()}")
 
     def feed(self, line: str) -> Optional[Tuple[float, str]]:
-        line = line.rstrip()
+        line = strip_ansi(line).rstrip()
         m = _RE_RAW.match(line)
         if m:
-            cur, total = float(m.group(1)), float(m.group(2))
-            if self.current is not None:
-                if total > 0 and self.current[1] <= 0:        # size pip did not print
-                    self.known += total
-                    self.current = (self.current[0], total)
-                self.current_bytes = min(cur, self.current[1] or cur)
-                name = self.current[0]
-                size = self.current[1]
-                return self.fraction(), shorten(f"downloading {name}: {_mb(self.current_bytes)} "
-                                                f"of {_mb(size)}{self._so_far()}")
-            return None
+            return self._bytes_event(float(m.group(1)), float(m.group(2)))
         m = _RE_COLLECT.match(line)
         if m:
             self._finish_current()
             self.collected += 1
-            return self.fraction(), shorten(f"collecting {m.group(1)} "
-                                            f"(requirements so far: {self.collected})")
+            return -1.0, shorten(f"collecting {m.group(1)} "
+                                 f"(requirements so far: {self.collected})")
         m = _RE_DOWNLOAD.match(line) or _RE_CACHED.match(line)
         if m:
             self._finish_current()
             cached = line.lstrip().startswith("Using cached")
             name = file_label(m.group(1))
-            size = float(m.group(2)) * _UNITS[m.group(3).lower()] if m.group(2) else 0.0
+            size = _bytes(m.group(2), m.group(3)) if m.group(2) else 0.0
             self.files += 1
-            self.known += size
+            sized = f" ({human_size(size)})" if size else ""
             if cached:
-                self.done += size
-                what = f"using cached {name}"
-            else:
-                self.current = (name, size)
-                what = f"downloading {name}"
-            sized = f" ({_mb(size)})" if size else ""
-            return self.fraction(), shorten(f"{what}{sized}{self._so_far()}")
+                return -1.0, shorten(f"using cached {name}{sized}")
+            self.current = (name, size)
+            # pip draws its bar (and so counts bytes) for files over 40 kB only
+            fraction = 0.0 if size > 40e3 else -1.0
+            return fraction, shorten(f"downloading {name}{sized}{self._so_far()}")
+        m = _RE_BAR.search(line)
+        if m and self.current is not None:
+            unit = m.group(3)
+            return self._bytes_event(_bytes(m.group(1), unit), _bytes(m.group(2), unit))
         m = _RE_BUILD.match(line)
         if m:
             self._finish_current()
@@ -814,7 +859,8 @@ class PipProgress:
         if m:
             self._finish_current()
             self.installed = m.group(1).split()
-            return 1.0, shorten(f"pip installed {len(self.installed)} packages")
+            return 1.0, shorten(f"pip installed {len(self.installed)} packages"
+                                f"{' (' + human_size(self.done) + ' downloaded)' if self.done else ''}")
         return None
 
 
@@ -1217,6 +1263,7 @@ class PipInstaller(QObject):  # type: ignore[misc]
         self.report = InstallReport()
         self.parser = PipProgress()
         self._partial = ""
+        self._last_bytes = 0.0
         self._cancelled = False
         self._done_emitted = False
         self.process = QProcess(self)
@@ -1259,13 +1306,21 @@ class PipInstaller(QObject):  # type: ignore[misc]
             self._line(line)
 
     def _line(self, line: str) -> None:
+        line = strip_ansi(line)
         if not line.strip():
             return
-        if not _RE_RAW.match(line):
+        is_bytes = bool(_RE_RAW.match(line) or _RE_BAR.search(line))
+        if not is_bytes:
             self.output.append(line)
         got = self.parser.feed(line)
-        if got:
-            self._emit(*got)
+        if not got:
+            return
+        now = time.monotonic()
+        if is_bytes and 0.0 < got[0] < 1.0 and now - self._last_bytes < 0.2:
+            return                            # pip redraws its bar often: 5 updates a second
+        if is_bytes:
+            self._last_bytes = now
+        self._emit(*got)
 
     def _error(self, err) -> None:
         if err == QProcess.FailedToStart:

@@ -48,7 +48,8 @@ def build_wheel(folder: Path, name: str, version: str, files: dict, requires=(),
     """A pure-Python wheel ``name-version-py3-none-any.whl`` with ``files`` (path -> text)."""
     dist = name.replace("-", "_")
     info = f"{dist}-{version}.dist-info"
-    content = {path: text.encode() for path, text in files.items()}
+    content = {path: text if isinstance(text, bytes) else text.encode()
+               for path, text in files.items()}
     for script, text in (scripts or {}).items():
         content[f"{dist}-{version}.data/scripts/{script}"] = text.encode()
     meta = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
@@ -125,6 +126,8 @@ def local_index(tmp_path):
     cpu_torch = build_wheel(wheels / "cpu", "torch", "2.14.1+cpu", {
         "torch/__init__.py": "from .version import __version__\nfrom . import version\n",
         "torch/version.py": "__version__ = '2.14.1+cpu'\ncuda: 'Optional[str]' = None\n",
+        # big enough (over 40 kB) for pip to draw its download bar
+        "torch/_weights.bin": os.urandom(300_000),
     })
     served = tmp_path / "served"
     write_simple_index(served / "simple", [sympy, fake_numpy, standin, cuda_torch])
@@ -225,12 +228,15 @@ def test_real_install_wins_over_system_copies_keeps_qgis_numpy_and_reports_cpu_t
     assert data["loaded"]["sympy"].startswith(str(target))
     assert data["loaded"]["numpy"] == system_numpy[1]
 
-    # progress: determinate fractions from pip's sizes, texts that name the packages
-    fractions = [f for f, _ in events if f >= 0]
-    assert fractions and all(0.0 <= f <= 1.0 for f in fractions)
-    assert any(0.0 < f < 1.0 for f in fractions), events
+    # progress: determinate fractions from pip's own byte counts, texts that name the packages
+    assert all(f == -1 or 0.0 <= f <= 1.0 for f, _ in events)
+    assert any(f == 0.0 and t.startswith("downloading torch 2.14.1+cpu (30") for f, t in events), \
+        events
+    assert any(f == pytest.approx(1.0) and t.startswith("downloading torch 2.14.1+cpu: 30")
+               and " kB of 30" in t for f, t in events), events
     texts = " | ".join(t for _, t in events)
-    assert "sympy 1.14.0" in texts and "torch 2.14.1+cpu" in texts, texts
+    assert "downloading sympy 1.14.0" in texts and "collecting mapclip-standin" in texts, texts
+    assert "\x1b" not in texts and not any("\x1b" in line for line in inst.output)
     assert any(f < 0 and "checking" in t for f, t in events)
     # the running QGIS gets the folder at the front of sys.path
     assert sys.path[0] == str(target)
@@ -301,7 +307,8 @@ def test_cpu_plan_pins_the_cpu_build_by_its_local_version_from_the_cpu_index_onl
     vision_version = next(l for l in reqs if l.startswith("torchvision==")).split("==")[1]
     assert f"torch=={torch_version}+cpu" in cmd and f"torchvision=={vision_version}+cpu" in cmd
     assert plan.torch_build == "CPU" and not plan.cuda
-    assert _after(cmd, "--progress-bar") == ["off"]       # pip 23 has no raw progress
+    # pip 23 has no raw progress: its bar, forced into the pipe, carries the bytes
+    assert _after(cmd, "--progress-bar") == ["on"] and plan.env["FORCE_COLOR"] == "1"
     assert "CPU torch" in plan.summary() and deps.TORCH_CPU_INDEX in plan.summary()
 
 
@@ -335,6 +342,7 @@ def test_cuda_plan_uses_the_cuda_index_and_macos_uses_pypi_torch(mapclip, monkey
     assert any(a.startswith("torch==") and "+" not in a for a in cmd)
     assert "numpy==2.1.0" in cmd
     assert _after(cmd, "--progress-bar") == ["raw"]       # pip >= 24.1 reports bytes
+    assert "FORCE_COLOR" not in plan.env
     # macOS: no CUDA build exists; PyPI's torch (CPU + MPS), no extra index
     assert not deps.has_cuda("darwin")
     mac = deps.pip_plan(target="/x", numpy_version="1.26.4", python="py", platform="darwin")
@@ -517,54 +525,67 @@ def test_torch_build_is_read_from_version_py(mapclip, tmp_path):
 # --------------------------------------------------------------------------- #
 # Progress from pip's output
 # --------------------------------------------------------------------------- #
-PIP23_OUTPUT = """\
+BAR = "\x1b[2K     \x1b[90m━━━━━━━━━━━━━━━━╸━━━━━━━━━━━━━━━━━\x1b[0m \x1b[32m{}\x1b[0m \x1b[31m9.1 MB/s\x1b[0m eta " \
+      "\x1b[36m0:00:11\x1b[0m"
+PIP23_OUTPUT = f"""\
 Looking in indexes: https://pypi.org/simple, https://download.pytorch.org/whl/cpu
 Collecting torch==2.14.1+cpu
   Downloading https://download.pytorch.org/whl/cpu/torch-2.14.1%2Bcpu-cp311-cp311-manylinux_2_28_x86_64.whl (184.5 MB)
+{BAR.format("0.0/184.5 MB")}
+{BAR.format("84.3/184.5 MB")}
+{BAR.format("184.5/184.5 MB")}
 Collecting open_clip_torch==3.3.0
   Downloading open_clip_torch-3.3.0-py3-none-any.whl (1.5 MB)
+{BAR.format("1.5/1.5 MB")}
 Collecting sympy>=1.13.3
   Using cached sympy-1.14.0-py3-none-any.whl (6.3 MB)
 Collecting mpmath<1.4,>=1.1.0
   Downloading mpmath-1.3.0-py3-none-any.whl (536 kB)
+{BAR.format("536.2/536.2 kB")}
 Installing collected packages: mpmath, sympy, torch, open_clip_torch
 Successfully installed mpmath-1.3.0 open_clip_torch-3.3.0 sympy-1.14.0 torch-2.14.1+cpu
 """
 
 
-def test_progress_from_pip_23_output_is_bytes_of_known_sizes(mapclip):
+def test_progress_from_pip_23_bar_is_the_bytes_of_the_file_in_flight(mapclip):
     from mapclip.plugin import deps
     parser = deps.PipProgress()
     events = [e for e in map(parser.feed, PIP23_OUTPUT.splitlines()) if e]
+    assert events[0] == (-1.0, "collecting torch==2.14.1+cpu (requirements so far: 1)")
+    assert events[1] == (0.0, "downloading torch 2.14.1+cpu (184.5 MB)")
+    assert events[2][0] == 0.0
+    assert events[3][0] == pytest.approx(84.3 / 184.5)
+    assert events[3][1] == ("downloading torch 2.14.1+cpu: 84.3 MB of 184.5 MB · file 1, "
+                            "84.3 MB downloaded so far")
+    assert events[4][0] == pytest.approx(1.0)
+    assert events[5][0] == -1                     # resolving: pip gives no measure
+    assert events[6] == (0.0, "downloading open_clip_torch 3.3.0 (1.5 MB) · file 2, "
+                              "184.5 MB downloaded so far")
     texts = [t for _, t in events]
-    assert texts[0] == "collecting torch==2.14.1+cpu (requirements so far: 1)"
-    assert texts[1].startswith("downloading torch 2.14.1+cpu (184.5 MB)")
-    assert events[1][0] == -1                    # nothing finished yet: no measure
-    # when the next requirement starts, torch's 184.5 MB are done
-    assert events[2][0] == pytest.approx(1.0)
-    assert events[3][0] == pytest.approx(184.5 / 186.0)
-    assert "open_clip_torch 3.3.0 (1.5 MB)" in texts[3] and "184.5 MB of 186.0 MB" in texts[3]
-    assert texts[5].startswith("using cached sympy 1.14.0 (6.3 MB)")
-    assert texts[7].startswith("downloading mpmath 1.3.0 (0.5 MB)")
-    assert events[-2][0] == -1 and "unpacking 4 packages" in texts[-2]
-    assert events[-1] == (1.0, "pip installed 4 packages")
+    assert "using cached sympy 1.14.0 (6.3 MB)" in texts
+    assert "downloading mpmath 1.3.0 (536 kB) · file 4, 186.0 MB downloaded so far" in texts
+    assert events[-2][0] == -1 and events[-2][1].startswith("unpacking 4 packages into the folder: "
+                                                            "mpmath, sympy")
+    assert events[-1] == (1.0, "pip installed 4 packages (186.5 MB downloaded)")
     assert all(len(t) <= 110 for t in texts)
 
 
-def test_progress_with_pip_raw_bytes_is_determinate_within_a_file(mapclip):
+def test_progress_with_pip_raw_bytes(mapclip):
     from mapclip.plugin import deps
     parser = deps.PipProgress()
     parser.feed("Collecting torch")
     parser.feed("  Downloading torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl (200.0 MB)")
     f, text = parser.feed("Progress 50000000 of 200000000")
     assert f == pytest.approx(0.25)
-    assert text.startswith("downloading torch 2.14.1: 50.0 MB of 200.0 MB")
+    assert text == "downloading torch 2.14.1: 50.0 MB of 200.0 MB · file 1, 50.0 MB downloaded so far"
     f, _ = parser.feed("Progress 200000000 of 200000000")
     assert f == pytest.approx(1.0)
-    # a file whose size pip did not print takes it from the raw lines
-    parser.feed("  Downloading tiny-1.0-py3-none-any.whl")
+    # a file whose size pip did not print takes it from the byte counts
+    f, text = parser.feed("  Downloading tiny-1.0-py3-none-any.whl")
+    assert f == -1 and text.startswith("downloading tiny 1.0 · file 2")
     f, text = parser.feed("Progress 1000000 of 2000000")
-    assert f == pytest.approx(201.0 / 202.0) and "tiny 1.0" in text
+    assert f == pytest.approx(0.5) and text.startswith("downloading tiny 1.0: 1.0 MB of 2.0 MB")
+    assert deps.human_size(6.12e9) == "6.12 GB" and deps.human_size(1500) == "1.5 kB"
 
 
 def test_long_lines_are_cut_at_words_after_the_package_name(mapclip):
@@ -598,7 +619,8 @@ def test_installer_reads_lines_split_across_reads_and_emits_progress(mapclip, qt
     assert not ok and "disk is full" in message
     texts = [t for _, t in events]
     assert "collecting sympy>=1.13 (requirements so far: 1)" in texts
-    assert any(f == pytest.approx(1.0) and t.startswith("collecting mpmath") for f, t in events)
+    assert (0.0, "downloading sympy 1.14.0 (6.3 MB)") in events
+    assert "collecting mpmath (requirements so far: 2)" in texts
 
 
 # --------------------------------------------------------------------------- #
@@ -632,6 +654,10 @@ def test_unreachable_cpu_index_is_named_and_not_confused_with_no_network(mapclip
     # reachable index, but no such build for this Python/OS
     text = deps.explain_failure(quiet, 1, plan, probe=lambda url: None)
     assert "has no torch==2.14.1+cpu for this Python and OS" in text
+    # QGIS's NumPy has no wheel on the index: said as such
+    text = deps.explain_failure("ERROR: No matching distribution found for numpy==1.24.2\n", 1,
+                                plan, probe=lambda url: None)
+    assert "QGIS's exact NumPy (1.24.2)" in text and "Fix:" in text
     # without a plan the old explanations hold
     assert "no network" in deps.explain_failure(output, 1)
 
