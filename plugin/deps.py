@@ -222,36 +222,40 @@ def prune_protected(target: str, protected: Optional[Dict[str, Tuple[str, ...]]]
         names.update(tops)
     removed: List[str] = []
     scripts = set()
-    for entry in sorted(os.listdir(target)):
-        full = os.path.join(target, entry)
-        if entry.endswith((".dist-info", ".egg-info")):
-            if _dist_name(entry) not in dists:
-                continue
-            record = os.path.join(full, "RECORD")
-            if os.path.isfile(record):
-                with open(record, encoding="utf-8", errors="replace") as fh:
-                    for line in fh:
-                        rel = line.split(",", 1)[0].strip().replace("\\", "/")
-                        if rel.startswith("../") and "/bin/" in f"/{rel}":
-                            scripts.add(rel.rsplit("/", 1)[-1])       # e.g. f2py
-                        elif rel and not rel.startswith("../") and "/" in rel:
-                            names.add(rel.split("/", 1)[0])
-            _remove(full)
-            removed.append(entry)
+    entries = sorted(os.listdir(target))
+    infos = [e for e in entries if e.endswith((".dist-info", ".egg-info")) and _dist_name(e) in dists]
+    for entry in infos:                 # what the protected distributions installed
+        record = os.path.join(target, entry, "RECORD")
+        if not os.path.isfile(record):
             continue
+        with open(record, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                rel = line.split(",", 1)[0].strip().replace("\\", "/")
+                if rel.startswith("../"):
+                    if "/bin/" in f"/{rel}" or "/Scripts/" in f"/{rel}":
+                        scripts.add(rel.rsplit("/", 1)[-1])          # e.g. f2py
+                    continue
+                top = rel.split("/", 1)[0]
+                if top in ("", "bin", "__pycache__", ".."):
+                    continue
+                if "/" not in rel and top.endswith((".py", ".so", ".pyd")):
+                    top = top.split(".", 1)[0]
+                names.add(top)
+    for entry in entries:
+        full = os.path.join(target, entry)
         base = entry
         if os.path.isfile(full) and entry.endswith((".py", ".so", ".pyd")):
             base = entry.split(".", 1)[0]
-        if base in names or entry in names:
+        if entry in infos or base in names or entry in names:
             _remove(full)
             removed.append(entry)
-    bin_dir = os.path.join(target, "bin")
-    for script in sorted(scripts):
-        for cand in (script, script + ".exe"):
-            full = os.path.join(bin_dir, cand)
-            if os.path.isfile(full):
-                _remove(full)
-                removed.append(f"bin/{cand}")
+    for folder in ("bin", "Scripts"):          # pip --target puts scripts there
+        for script in sorted(scripts):
+            for cand in (script, script + ".exe"):
+                full = os.path.join(target, folder, cand)
+                if os.path.isfile(full):
+                    _remove(full)
+                    removed.append(f"{folder}/{cand}")
     if removed:
         importlib.invalidate_caches()
     return removed
@@ -956,6 +960,8 @@ class Problem:
     error: str
     cause: str
     fix: str
+    #: "error": the module does not import; "warning": it imports, from the wrong copy
+    severity: str = "error"
 
     def text(self) -> str:
         return f"{self.module}: {self.error}. {self.cause} Fix: {self.fix}"
@@ -1045,7 +1051,8 @@ def diagnose(data: Dict, target: str, path: Sequence[str], python: str = "python
     protected_tops = {t for tops in PROTECTED.values() for t in tops}
     seen_shadow = set()
 
-    def shadow_problem(module: str, error: str, top: str, where: str) -> Problem:
+    def shadow_problem(module: str, error: str, top: str, where: str,
+                       severity: str = "error") -> Problem:
         seen_shadow.add(top)
         found = _top_of_file(where, path)
         folder = found[1] if found else os.path.dirname(where)
@@ -1059,7 +1066,7 @@ def diagnose(data: Dict, target: str, path: Sequence[str], python: str = "python
             f"MapCLIP's folder must come before {folder} on Python's path; the plugin puts it "
             f"first when QGIS starts, so restart QGIS. If it persists, something imports {top} "
             f"earlier or puts {folder} first (PYTHONPATH, a .pth file, another plugin): remove or "
-            f"upgrade that copy{_apt_hint(top, where)}.")
+            f"upgrade that copy{_apt_hint(top, where)}.", severity)
 
     for err in data.get("errors", []):
         module, etype = err.get("module", "?"), err.get("type", "Error")
@@ -1120,7 +1127,8 @@ def diagnose(data: Dict, target: str, path: Sequence[str], python: str = "python
     for top, where in loaded.items():
         if top in in_target and top not in seen_shadow and top not in protected_tops \
                 and where and not _inside(where, target):
-            problems.append(shadow_problem(top, "loaded from the wrong place", top, where))
+            problems.append(shadow_problem(top, "imported from another copy", top, where,
+                                           "warning"))
     numpy_where = loaded.get("numpy")
     if numpy_where and _inside(numpy_where, target):
         problems.append(Problem(
@@ -1153,7 +1161,8 @@ def parse_verify(stdout: str, stderr: str, returncode: int, target: str, path: S
             "see the MapCLIP log for the output; report it with this message.")],
             {}, returncode)
     problems = diagnose(data, target, path, python, numpy_version)
-    return VerifyResult(not problems, problems, data, returncode)
+    ok = not any(p.severity == "error" for p in problems)
+    return VerifyResult(ok, problems, data, returncode)
 
 
 def verify_install(target: str, python: Optional[str] = None,
@@ -1230,6 +1239,15 @@ class InstallReport:
     verify: Optional[VerifyResult] = None
     restart_for: Dict[str, str] = field(default_factory=dict)
     message: str = ""
+
+
+def _log(severity: str, text: str) -> None:
+    """To the MapCLIP log panel when running in QGIS (quietly nothing elsewhere)."""
+    try:
+        from . import log
+        (log.critical if severity == "error" else log.warning)(text)
+    except Exception:
+        pass
 
 
 def _process_env(extra: Dict[str, Optional[str]]):
@@ -1345,6 +1363,8 @@ class PipInstaller(QObject):  # type: ignore[misc]
                                 "install again to complete it")
             return
         if code != 0 or status != QProcess.NormalExit:
+            _log("error", f"pip failed (exit code {code}): {' '.join(self.plan.command())}\n"
+                          + "\n".join(self.output[-60:]))
             self._finish(False, explain_failure(out, code, self.plan))
             return
         self.report.pip_ok = True
@@ -1399,6 +1419,8 @@ class PipInstaller(QObject):  # type: ignore[misc]
         self.report.verify = result
         if stderr.strip():
             self.output.append(stderr.strip())
+        for problem in result.problems:
+            _log(problem.severity, f"install check, {problem.severity}: {problem.text()}")
         add_deps_path(self.plan.target)
         self.report.restart_for = loaded_elsewhere(self.plan.target)
         self._finish(result.ok, self._message(result))
@@ -1419,8 +1441,10 @@ class PipInstaller(QObject):  # type: ignore[misc]
             parts.append(build)
         pruned = sorted({_dist_name(p) for p in self.report.pruned
                          if p.endswith((".dist-info", ".egg-info"))})
+        errors = [p for p in result.problems if p.severity == "error"]
+        warnings = [p for p in result.problems if p.severity != "error"]
         if not result.ok:
-            first = result.problems[0]
+            first = errors[0]
             more = (f" ({len(result.problems) - 1} more problem(s) in the log)"
                     if len(result.problems) > 1 else "")
             return (f"pip installed the packages into {self.plan.target}"
@@ -1435,6 +1459,8 @@ class PipInstaller(QObject):  # type: ignore[misc]
         if self.report.restart_for:
             names = ", ".join(sorted(self.report.restart_for))
             text += f". Restart QGIS before searching: {names} was already loaded from older copies"
+        if warnings:
+            text += ". Note: " + " ".join(p.text() for p in warnings)
         return text
 
 

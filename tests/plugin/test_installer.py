@@ -683,6 +683,23 @@ def test_diagnosis_of_a_numpy_mismatch_names_the_package_and_qgis_numpy(mapclip,
     assert "'faiss_cpu<1.15.1'" in p.fix and "install again" not in p.fix
 
 
+def test_a_shadowed_copy_that_still_imports_is_a_warning_not_a_failure(mapclip, tmp_path):
+    from mapclip.plugin import deps
+    target = tmp_path / "deps"
+    _touch(target / "certifi" / "__init__.py")
+    stdout = deps.VERIFY_MARKER + json.dumps({
+        "imported": {"requests": "x"}, "errors": [], "skipped": [],
+        "loaded": {"certifi": "/usr/lib/python3/dist-packages/certifi/__init__.py",
+                   "numpy": "/usr/lib/python3/dist-packages/numpy/__init__.py"},
+        "versions": {"certifi": "2022.09.24", "numpy": "1.24.2"}})
+    result = deps.parse_verify(stdout, "", 0, str(target),
+                               [str(target), "/usr/lib/python3/dist-packages"])
+    assert result.ok
+    (p,) = result.problems
+    assert p.severity == "warning" and p.module == "certifi"
+    assert "certifi is imported from /usr/lib/python3/dist-packages (version 2022.09.24)" in p.cause
+
+
 def test_diagnosis_of_missing_module_and_missing_library(mapclip, tmp_path):
     from mapclip.plugin import deps
     target = tmp_path / "deps"
