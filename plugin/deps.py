@@ -447,6 +447,30 @@ def pip_version() -> Tuple[int, ...]:
         return ()
 
 
+def pip_wheel() -> Optional[str]:
+    """A pip wheel that QGIS's Python can run pip from when it has no pip module.
+
+    ensurepip's bundled wheel, or Debian's python3-pip-whl
+    (``/usr/share/python-wheels``, a dependency of python3-venv).
+    """
+    folders = []
+    try:
+        import ensurepip
+        folders.append(os.path.join(os.path.dirname(ensurepip.__file__), "_bundled"))
+    except Exception:
+        pass
+    folders.append("/usr/share/python-wheels")
+    for folder in folders:
+        try:
+            wheels = [f for f in os.listdir(folder) if re.fullmatch(r"pip-[\d.]+-py3-none-any\.whl", f)]
+        except OSError:
+            continue
+        if wheels:
+            wheels.sort(key=lambda f: [int(x) for x in re.findall(r"\d+", f)])
+            return os.path.join(folder, wheels[-1])
+    return None
+
+
 def _python_names(platform: str, version_info) -> List[str]:
     if platform.startswith("win"):
         return ["python.exe", "python3.exe"]
@@ -546,14 +570,17 @@ def pip_plan(target: Optional[str] = None, cuda: Optional[bool] = None,
              torch_index: Optional[str] = None, pip: Optional[Tuple[int, ...]] = None,
              env: Optional[Dict[str, Optional[str]]] = None,
              verify_modules: Optional[Sequence[str]] = None,
-             verify_path: Optional[Sequence[str]] = None) -> PipPlan:
+             verify_path: Optional[Sequence[str]] = None,
+             wheel: Optional[str] = None) -> PipPlan:
     """The pip command that installs the engine's packages into ``target``.
 
     ``index_url`` replaces pip's default index (tests use a local one);
     ``torch_index`` replaces the PyTorch index of the chosen build;
     ``numpy_version`` is QGIS's NumPy (``""``: QGIS has none, so NumPy stays
     in the folder). ``verify_path`` is the sys.path the check after pip
-    uses (default: this Python's, with the folder first).
+    uses (default: this Python's, with the folder first). ``wheel`` is a pip
+    wheel to run pip from (``PYTHONPATH``); by default one is used when this
+    Python has no pip module (Debian without python3-pip).
     """
     target = target or deps_dir()
     platform = sys.platform if platform is None else platform
@@ -568,8 +595,14 @@ def pip_plan(target: Optional[str] = None, cuda: Optional[bool] = None,
         packages.append(numpy_pin(numpy_version))
     else:                              # QGIS's Python has no NumPy: the folder's is the only one
         protected.pop("numpy", None)
-    pip = pip_version() if pip is None else pip
     env = dict(env or {})
+    if wheel is None and python is None and importlib.util.find_spec("pip") is None:
+        wheel = pip_wheel()
+    if wheel:
+        env["PYTHONPATH"] = wheel
+        m = re.search(r"pip-(\d+)\.(\d+)", os.path.basename(wheel))
+        pip = pip if pip is not None else (tuple(int(x) for x in m.groups()) if m else ())
+    pip = pip_version() if pip is None else pip
     if pip >= (24, 1):
         progress = "raw"                 # "Progress <bytes> of <total>" lines
     else:                                # pip's rich bar, drawn into the pipe when forced

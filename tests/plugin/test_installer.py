@@ -170,6 +170,14 @@ def _clean_env() -> dict:
     return env
 
 
+def system_pip_wheel():
+    """None when QGIS's Python has pip (python3-pip); else the pip wheel python3-venv brings."""
+    from mapclip.plugin import deps
+    has_pip = subprocess.run([SYSTEM_PY, "-c", "import pip"], capture_output=True,
+                             env=_clean_env()).returncode == 0
+    return None if has_pip else deps.pip_wheel()
+
+
 def run_installer(qtbot, plan, timeout_ms=90000):
     from mapclip.plugin import deps
     inst = deps.PipInstaller(plan)
@@ -207,7 +215,7 @@ def test_real_install_wins_over_system_copies_keeps_qgis_numpy_and_reports_cpu_t
                          platform="linux", index_url=local_index["simple"],
                          torch_index=local_index["cpu"], env=isolated_pip_env(tmp_path),
                          verify_modules=["numpy", "sympy", "mapclip_standin", "torch"],
-                         verify_path=[str(target), *qgis_paths])
+                         verify_path=[str(target), *qgis_paths], wheel=system_pip_wheel())
     cmd = plan.command()
     assert "torch==2.14.1+cpu" in cmd and f"numpy=={system_numpy[0]}" in cmd
     monkeypatch.setattr(sys, "path", list(sys.path))     # the installer adds the folder
@@ -274,7 +282,8 @@ def test_real_install_fails_clearly_when_the_cpu_index_is_unreachable_and_takes_
     plan = deps.pip_plan(target=str(target), cuda=False, numpy_version="1.24.2",
                          python=SYSTEM_PY, requirements=["torch==2.14.1"], platform="linux",
                          index_url=local_index["simple"], torch_index=dead,
-                         env=isolated_pip_env(tmp_path), verify_path=[str(target)])
+                         env=isolated_pip_env(tmp_path), verify_path=[str(target)],
+                         wheel=system_pip_wheel())
     inst, events, (ok, message) = run_installer(qtbot, plan, timeout_ms=60000)
     assert not ok
     assert "could not reach the PyTorch CPU wheel index" in message and dead in message
@@ -353,6 +362,28 @@ def test_cuda_plan_uses_the_cuda_index_and_macos_uses_pypi_torch(mapclip, monkey
     assert not deps.has_cuda("linux")
     assert deps.pip_plan(target="/x", numpy_version="1.26.4", python="py",
                          platform="linux").torch_build == "CPU"
+
+
+def test_without_a_pip_module_pip_runs_from_the_bundled_wheel(mapclip, monkeypatch, tmp_path):
+    from mapclip.plugin import deps
+    wheels = tmp_path / "python-wheels"
+    for name in ("pip-22.3.1-py3-none-any.whl", "pip-23.0.1-py3-none-any.whl",
+                 "setuptools-66.1.1-py3-none-any.whl"):
+        _touch(wheels / name)
+    real_listdir = os.listdir
+    monkeypatch.setattr(deps.os, "listdir", lambda folder: real_listdir(wheels) if str(folder) in (
+        "/usr/share/python-wheels",) else real_listdir(folder))
+    monkeypatch.setitem(sys.modules, "ensurepip", None)        # Debian strips ensurepip
+    newest = str(wheels / "pip-23.0.1-py3-none-any.whl")
+    assert deps.pip_wheel() == "/usr/share/python-wheels/pip-23.0.1-py3-none-any.whl"
+    real_find_spec = deps.importlib.util.find_spec
+    monkeypatch.setattr(deps.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pip" else real_find_spec(name, *a))
+    monkeypatch.setattr(deps, "pip_wheel", lambda: newest)
+    plan = deps.pip_plan(target="/t", cuda=False, numpy_version="1.24.2", platform="linux")
+    assert plan.env["PYTHONPATH"] == newest
+    assert plan.command()[1:4] == ["-m", "pip", "install"]
+    assert _after(plan.command(), "--progress-bar") == ["on"]    # the wheel's pip is 23.0
 
 
 def test_without_numpy_in_qgis_numpy_is_neither_pinned_nor_deleted(mapclip):
