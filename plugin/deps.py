@@ -86,6 +86,8 @@ VERIFY_MODULES: Tuple[str, ...] = (
 #: QGIS's own modules, imported after the packages when QGIS's Python has them:
 #: they fail when a package in the folder breaks NumPy for GDAL
 VERIFY_IF_PRESENT: Tuple[str, ...] = ("osgeo.gdal", "osgeo.gdal_array")
+#: kept out of the check's Python as QGIS keeps them out of its own (runtime.block_triton)
+VERIFY_BLOCK: Tuple[str, ...] = ("triton",)
 VERIFY_MARKER = "MAPCLIP-VERIFY "
 
 # A test or a user can force the "missing" path: MAPCLIP_PRETEND_MISSING=torch,rasterio
@@ -941,6 +943,8 @@ VERIFY_SCRIPT = r'''
 import importlib, importlib.util, json, sys, traceback
 cfg = json.loads(sys.argv[1])
 sys.path[:] = cfg["path"]
+for name in cfg.get("block", []):
+    sys.modules[name] = None
 importlib.invalidate_caches()
 out = {"imported": {}, "errors": [], "skipped": [], "loaded": {}, "versions": {}}
 for name in cfg["modules"] + cfg["if_present"]:
@@ -981,7 +985,7 @@ def verify_command(python: str, target: str, modules: Sequence[str],
                    path: Sequence[str], if_present: Sequence[str] = ()) -> List[str]:
     """The command that imports ``modules`` in a fresh Python whose sys.path is ``path``."""
     cfg = {"path": list(path), "modules": list(modules), "if_present": list(if_present),
-           "top": top_level_names(target), "marker": VERIFY_MARKER}
+           "top": top_level_names(target), "marker": VERIFY_MARKER, "block": list(VERIFY_BLOCK)}
     return [python, "-s", "-c", VERIFY_SCRIPT, json.dumps(cfg)]
 
 

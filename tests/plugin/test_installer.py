@@ -750,6 +750,20 @@ def test_diagnosis_of_missing_module_and_missing_library(mapclip, tmp_path):
     assert "QGIS's Python has no osgeo" in problems[2].cause
 
 
+def test_the_check_keeps_triton_out_as_qgis_does(mapclip, tmp_path):
+    """The check imports like QGIS: with triton blocked (plugin/runtime.py), deps folder first."""
+    from mapclip.plugin import deps
+    target = tmp_path / "deps"
+    _touch(target / "triton" / "__init__.py").write_text("raise SystemExit('triton imported')\n")
+    _touch(target / "uses_triton.py").write_text(
+        "try:\n    import triton\n    HAS = True\nexcept ImportError:\n    HAS = False\n")
+    result = deps.verify_install(str(target), SYSTEM_PY, ["uses_triton"],
+                                 path=[str(target), *system_path()], if_present=())
+    assert result.ok, [p.text() for p in result.problems]
+    assert result.data["imported"]["uses_triton"] == str(target / "uses_triton.py")
+    assert "triton" not in result.data["loaded"]
+
+
 def test_a_crash_while_importing_names_the_module(mapclip, tmp_path):
     from mapclip.plugin import deps
     result = deps.parse_verify("", "importing numpy\nimporting torch\nimporting torchvision.ops\n"
