@@ -1140,6 +1140,11 @@ def diagnose(data: Dict, target: str, path: Sequence[str], python: str = "python
                 module, message, f"QGIS's Python has no {top} of its own.",
                 f"install QGIS's {top} (Debian/Ubuntu: python3-{top.lower()}; OSGeo4W: the "
                 f"python3-{top.lower()} package), then restart QGIS."))
+        elif etype == "ModuleNotFoundError" and top in in_target and name != top:
+            problems.append(Problem(
+                module, message, f"{top} in MapCLIP's folder has no {name}: an incomplete or "
+                                 f"mixed install of {top}.",
+                f"delete {os.path.join(target, top)} and install again."))
         elif etype == "ModuleNotFoundError":
             problems.append(Problem(
                 module, message, f"{top} is not in MapCLIP's folder nor anywhere on QGIS's path: "

@@ -742,12 +742,20 @@ def test_diagnosis_of_missing_module_and_missing_library(mapclip, tmp_path):
          "error": "libgomp.so.1: cannot open shared object file: No such file or directory",
          "name": None, "path": None, "frames": [str(target / "torch" / "__init__.py")]},
         {"module": "osgeo.gdal", "type": "ModuleNotFoundError", "error": "No module named 'osgeo'",
-         "name": "osgeo", "path": None, "frames": []}], "loaded": {}, "versions": {}}
+         "name": "osgeo", "path": None, "frames": []},
+        {"module": "sympy", "type": "ModuleNotFoundError",
+         "error": "No module named 'sympy.core.numbers'", "name": "sympy.core.numbers",
+         "path": None, "frames": []}],
+        "loaded": {"sympy": str(target / "sympy" / "__init__.py")}, "versions": {}}
+    _touch(target / "sympy" / "__init__.py")
     problems = deps.diagnose(data, str(target), [str(target)], "py")
     assert "pip did not install it" in problems[0].cause and "install again" in problems[0].fix
     assert "ftfy" in problems[0].fix
     assert "libgomp.so.1" in problems[1].cause and "cannot add it" in problems[1].fix
     assert "QGIS's Python has no osgeo" in problems[2].cause
+    assert "incomplete or mixed install of sympy" in problems[3].cause
+    assert problems[3].fix == f"delete {target / 'sympy'} and install again."
+    assert len(problems) == 4
 
 
 def test_the_check_keeps_triton_out_as_qgis_does(mapclip, tmp_path):
