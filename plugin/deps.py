@@ -1396,6 +1396,8 @@ class PipInstaller(QObject):  # type: ignore[misc]
         self.finished.emit(ok, message)
 
     def _done(self, code: int, status) -> None:
+        if self.process.bytesAvailable():
+            self._read()
         if self._partial:
             self._line(self._partial)
             self._partial = ""
