@@ -225,7 +225,8 @@ def prune_protected(target: str, protected: Optional[Dict[str, Tuple[str, ...]]]
     removed: List[str] = []
     scripts = set()
     entries = sorted(os.listdir(target))
-    infos = [e for e in entries if e.endswith((".dist-info", ".egg-info")) and _dist_name(e) in dists]
+    infos = [e for e in entries
+             if e.endswith((".dist-info", ".egg-info")) and _dist_name(e) in dists]
     for entry in infos:                 # what the protected distributions installed
         record = os.path.join(target, entry, "RECORD")
         if not os.path.isfile(record):
@@ -464,7 +465,8 @@ def pip_wheel() -> Optional[str]:
     folders.append("/usr/share/python-wheels")
     for folder in folders:
         try:
-            wheels = [f for f in os.listdir(folder) if re.fullmatch(r"pip-[\d.]+-py3-none-any\.whl", f)]
+            wheels = [f for f in os.listdir(folder)
+                      if re.fullmatch(r"pip-[\d.]+-py3-none-any\.whl", f)]
         except OSError:
             continue
         if wheels:
@@ -898,8 +900,8 @@ class PipProgress:
         if m:
             self._finish_current()
             self.installed = m.group(1).split()
-            return 1.0, shorten(f"pip installed {len(self.installed)} packages"
-                                f"{' (' + human_size(self.done) + ' downloaded)' if self.done else ''}")
+            got = f" ({human_size(self.done)} downloaded)" if self.done else ""
+            return 1.0, shorten(f"pip installed {len(self.installed)} packages{got}")
         return None
 
 
@@ -1359,7 +1361,8 @@ class PipInstaller(QObject):  # type: ignore[misc]
         self.progress.emit(float(fraction), text)
 
     def _read(self) -> None:
-        text = self._partial + bytes(self.process.readAllStandardOutput()).decode("utf-8", "replace")
+        chunk = bytes(self.process.readAllStandardOutput()).decode("utf-8", "replace")
+        text = self._partial + chunk
         lines = re.split(r"\r\n|\n|\r", text)
         self._partial = lines.pop()           # an unfinished line waits for the rest
         for line in lines:
