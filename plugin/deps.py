@@ -546,6 +546,8 @@ class PipPlan:
     #: the torch build asked for ("CPU", "CUDA", "macOS") and the index it comes from
     torch_build: str = ""
     torch_index: Optional[str] = None
+    #: QGIS's NumPy that pip resolved against ("" when QGIS has none)
+    numpy_version: str = ""
     #: extra environment for pip (a value of None removes the variable)
     env: Dict[str, Optional[str]] = field(default_factory=dict)
     #: QGIS's distributions deleted from the folder after pip (see PROTECTED)
@@ -622,8 +624,8 @@ def pip_plan(target: Optional[str] = None, cuda: Optional[bool] = None,
         args += ["--extra-index-url", choice.index]
     args += packages
     plan = PipPlan(python or python_executable(), args, target, choice.build == "CUDA", packages,
-                   torch_build=choice.build, torch_index=choice.index, env=env,
-                   protected=protected)
+                   torch_build=choice.build, torch_index=choice.index,
+                   numpy_version=numpy_version.split("+", 1)[0], env=env, protected=protected)
     if verify_modules is not None:
         plan.verify_modules = list(verify_modules)
     if verify_path is not None:
@@ -983,6 +985,31 @@ sys.stdout.flush()
 '''
 
 
+RECORD_FILE = ".mapclip-install.json"
+
+
+def write_install_record(plan: PipPlan, torch: Optional[TorchBuild]) -> str:
+    """Note in the folder what this install was for: QGIS's NumPy, the torch build, the pins."""
+    import datetime
+    path = os.path.join(plan.target, RECORD_FILE)
+    record = {"numpy": plan.numpy_version, "torch_build_asked": plan.torch_build,
+              "torch": {"version": torch.version, "cuda": torch.cuda} if torch else None,
+              "packages": plan.packages, "python": plan.program,
+              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=1)
+    return path
+
+
+def install_record(target: str) -> Optional[Dict]:
+    """What the last install into ``target`` was for (see write_install_record), or None."""
+    try:
+        with open(os.path.join(target, RECORD_FILE), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
 def verify_command(python: str, target: str, modules: Sequence[str],
                    path: Sequence[str], if_present: Sequence[str] = ()) -> List[str]:
     """The command that imports ``modules`` in a fresh Python whose sys.path is ``path``."""
@@ -1131,12 +1158,20 @@ def diagnose(data: Dict, target: str, path: Sequence[str], python: str = "python
                            module.split(".", 1)[0])
             dist = _dist_version(target, culprit)
             pin = f"'{dist[0]}<{dist[1]}'" if dist else culprit
+            record = install_record(target) or {}
+            if record.get("numpy") != qgis_numpy:
+                # installed for another NumPy (an older installer, or QGIS was upgraded since)
+                was = record.get("numpy") or "another NumPy"
+                fix = (f"install MapCLIP's packages again (Raster > MapCLIP > Install "
+                       f"dependencies…): the folder was installed for {was}, and the installer "
+                       f"picks packages for QGIS's NumPy {qgis_numpy}.")
+            else:
+                fix = (f"install an older {culprit} that accepts NumPy {qgis_numpy}: {python} -m "
+                       f"pip install --upgrade --no-deps --target \"{target}\" {pin}, or use a "
+                       f"QGIS with a newer NumPy.")
             problems.append(Problem(
                 module, message,
-                f"{culprit} was built for another NumPy than QGIS's ({qgis_numpy}).",
-                f"install an older {culprit} that accepts NumPy {qgis_numpy}: {python} -m pip "
-                f"install --upgrade --no-deps --target \"{target}\" {pin}, or use a QGIS with a "
-                f"newer NumPy."))
+                f"{culprit} was built for another NumPy than QGIS's ({qgis_numpy}).", fix))
         elif etype == "ModuleNotFoundError" and top in protected_tops:
             problems.append(Problem(
                 module, message, f"QGIS's Python has no {top} of its own.",
@@ -1417,6 +1452,7 @@ class PipInstaller(QObject):  # type: ignore[misc]
         self.report.pip_ok = True
         self.report.pruned = prune_protected(self.plan.target, self.plan.protected)
         self.report.torch = torch_build(self.plan.target)
+        write_install_record(self.plan, self.report.torch)
         self._start_check()
 
     # -- the check -------------------------------------------------------------

@@ -225,6 +225,9 @@ def test_real_install_wins_over_system_copies_keeps_qgis_numpy_and_reports_cpu_t
     # which torch build it really installed, in the report and in the message
     assert inst.report.torch is not None and inst.report.torch.cuda is None
     assert inst.report.torch.version == "2.14.1+cpu"
+    record = deps.install_record(str(target))
+    assert record["numpy"] == system_numpy[0] and record["torch"]["cuda"] is None
+    assert record["torch_build_asked"] == "CPU" and "torch==2.14.1+cpu" in record["packages"]
     assert "torch 2.14.1+cpu (CPU build)" in message
     # QGIS's NumPy is never taken from the folder: pip put the fake one there, it is gone
     assert "numpy-1.24.2.dist-info" in inst.report.pruned and "numpy" in inst.report.pruned
@@ -711,7 +714,13 @@ def test_diagnosis_of_a_numpy_mismatch_names_the_package_and_qgis_numpy(mapclip,
     p = problems[0]
     assert p.module == "faiss" and "multiarray" in p.error
     assert "faiss was built for another NumPy than QGIS's (1.24.2)" in p.cause
-    assert "'faiss_cpu<1.15.1'" in p.fix and "install again" not in p.fix
+    # a folder from an older installer (no record of QGIS's NumPy): installing again helps
+    assert "install MapCLIP's packages again" in p.fix and "another NumPy" in p.fix
+    # a folder this installer made for QGIS's NumPy: it does not, an older release does
+    (target / deps.RECORD_FILE).write_text(json.dumps({"numpy": "1.24.2"}))
+    p = deps.diagnose(data, str(target), [str(target), "/usr/lib/python3/dist-packages"],
+                      "/usr/bin/python3")[0]
+    assert "'faiss_cpu<1.15.1'" in p.fix and "again" not in p.fix
 
 
 def test_a_shadowed_copy_that_still_imports_is_a_warning_not_a_failure(mapclip, tmp_path):
