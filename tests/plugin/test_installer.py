@@ -298,6 +298,37 @@ def test_real_install_fails_clearly_when_the_cpu_index_is_unreachable_and_takes_
     assert inst.report.pip_ok is False and inst.report.torch is None
 
 
+def test_install_button_runs_the_real_installer_and_reports_the_torch_build(
+        mapclip, iface, qgis_settings, qtbot, tmp_path, local_index, monkeypatch):
+    """The plugin's own Install button: real pip, local index, the message bar's verdict."""
+    from qgis.PyQt.QtWidgets import QPushButton
+    from mapclip.plugin import deps
+    target = tmp_path / "mapclip-deps"
+    plan = deps.pip_plan(target=str(target), cuda=False, numpy_version="1.24.2",
+                         python=SYSTEM_PY, requirements=["mapclip-standin==1.0", "torch==2.14.1"],
+                         platform="linux", index_url=local_index["simple"],
+                         torch_index=local_index["cpu"], env=isolated_pip_env(tmp_path),
+                         verify_modules=["numpy", "mapclip_standin", "torch"],
+                         verify_path=[str(target), *system_path()], wheel=system_pip_wheel())
+    monkeypatch.setattr(deps, "missing_modules", lambda required=None: ["torch"])
+    monkeypatch.setattr(deps, "pip_plan", lambda **kw: plan)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    plugin = mapclip.classFactory(iface)
+    plugin.initGui()
+    try:
+        button = next(b for b in iface.bar.findChildren(QPushButton)
+                      if b.objectName() == "mapclipInstallDeps")
+        button.click()
+        assert plugin.installer is not None
+        qtbot.waitUntil(lambda: plugin.installer is None, timeout=90000)
+        texts = iface.bar_texts()
+        assert any("torch 2.14.1+cpu (CPU build)" in t for t in texts), texts
+        assert not any("failed" in t for t in texts), texts
+        assert sys.path[0] == str(target) and not (target / "numpy").exists()
+    finally:
+        plugin.unload()
+
+
 # --------------------------------------------------------------------------- #
 # The CPU/CUDA choice and the pip command lines
 # --------------------------------------------------------------------------- #
