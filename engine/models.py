@@ -69,6 +69,8 @@ class Preset:
     #: what this model searches best with (tile size, batch, ...); the rest comes
     #: from ARCH_DEFAULTS and engine.options.GENERIC_DEFAULTS
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
+    #: for the project's tests only: never offered in a picker or listed to users
+    dev: bool = False
 
 
 #: defaults by architecture (a substring of the open_clip name), for presets
@@ -113,7 +115,7 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "MapCLIP demo model, trained on synthetic scenes (a demo of the pipeline, "
            "not a remote-sensing model)", path="models/demo", family="MapCLIP"),
     Preset("test-tiny", "mapclip-tiny", "random",
-           "tiny randomly initialised model for tests (seeded)", family="MapCLIP"),
+           "tiny randomly initialised model for tests (seeded)", family="MapCLIP", dev=True),
 )}
 
 DEFAULT_MODEL = "remoteclip-vit-b-32"
@@ -558,5 +560,6 @@ def save_model_folder(model, model_cfg: Dict[str, Any], folder: Path, arch: str,
     return folder
 
 
-def list_presets() -> List[Preset]:
-    return list(PRESETS.values())
+def list_presets(dev: bool = False) -> List[Preset]:
+    """The presets users choose from; ``dev`` adds the project's test-only models."""
+    return [p for p in PRESETS.values() if dev or not p.dev]

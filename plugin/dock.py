@@ -315,12 +315,11 @@ class MapClipDock(QgsDockWidget):
 
     # ------------------------------------------------------------ settings --
     def _fill_models(self) -> None:
-        from ..engine.models import PRESETS
+        from ..engine.models import list_presets
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
-        for name, preset in PRESETS.items():
-            if name.startswith("test-") and not self.settings.get("show_test_models", False):
-                continue
+        for preset in list_presets(dev=self.settings.get("show_test_models", False)):
+            name = preset.name
             self.model_combo.addItem(name, name)
             self.model_combo.setItemData(self.model_combo.count() - 1, preset.description,
                                          Qt.ToolTipRole)
@@ -347,7 +346,7 @@ class MapClipDock(QgsDockWidget):
     def _load_settings(self) -> None:
         self._fill_models()
         model = self.settings.model
-        if self.model_combo.findData(model) < 0 and model.startswith("test-"):
+        if self.model_combo.findData(model) < 0:  # a spec used before, not in the list
             self.model_combo.addItem(model, model)
         self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(model)))
         self.prompt_combo.addItems(self.settings.prompt_history())

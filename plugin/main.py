@@ -194,16 +194,20 @@ class MapClipPlugin:
             except Exception:
                 pass
             self.deps_item = None
-        item = bar.createMessage("MapCLIP", f"installing packages into {plan.target} "
-                                            f"({'CUDA' if plan.cuda else 'CPU'} torch)…")
+        item = bar.createMessage("MapCLIP", plan.summary())
         progress = QProgressBar(item)
-        progress.setRange(0, 0)  # busy: pip does not say how much is left
+        progress.setRange(0, 0)  # busy until pip gives a measure
         item.layout().addWidget(progress)
         bar.pushWidget(item, Qgis.Info, 0)
         self.installer = deps.PipInstaller(plan)
 
-        def stepped(n: int, line: str) -> None:
-            item.setText(line)
+        def progressed(fraction: float, text: str) -> None:
+            item.setText(text)
+            if fraction < 0:
+                progress.setRange(0, 0)
+            else:
+                progress.setRange(0, 1000)
+                progress.setValue(int(round(fraction * 1000)))
 
         def finished(ok: bool, message: str) -> None:
             try:
@@ -213,11 +217,13 @@ class MapClipPlugin:
             self.installer = None
             if ok:
                 self.missing = deps.missing_modules()
-                log.bar_success(self.iface, f"MapCLIP's packages are installed: {message}")
+                if self.dock is not None:
+                    self.dock.refresh_deps()
+                log.bar_success(self.iface, f"MapCLIP's packages: {message}", seconds=0)
             else:
                 log.bar_error(self.iface, f"installing MapCLIP's packages failed: {message}")
 
-        self.installer.step.connect(stepped)
+        self.installer.progress.connect(progressed)
         self.installer.finished.connect(finished)
         self.installer.start()
 
