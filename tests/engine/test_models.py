@@ -184,3 +184,28 @@ def test_cli_runs_a_command_without_importing_the_others():
                        cwd=models.RESOURCES_DIR.parent)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_image_file_queries_are_resized_on_the_short_side_and_centre_cropped(tmp_path, tiny_model):
+    """An image query goes through the references' evaluation transform
+    (open_clip's image_transform: Resize(short side) + CenterCrop), not a squash."""
+    import numpy as np
+    import open_clip
+    from PIL import Image
+
+    from engine.encode import encode_image_files
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 255, size=(60, 100, 3), dtype=np.uint8)   # 100 x 60, landscape
+    arr[:, :20] = 0                                                 # edges that a crop drops
+    path = tmp_path / "query.png"
+    Image.fromarray(arr).save(path)
+    ours = encode_image_files(tiny_model, [str(path)])[0]
+    ref_tf = open_clip.image_transform(tiny_model.image_size, is_train=False,
+                                       mean=tiny_model.mean, std=tiny_model.std)
+    with torch.no_grad():
+        ref = tiny_model.model.encode_image(ref_tf(Image.open(path)).unsqueeze(0))
+    ref = torch.nn.functional.normalize(ref.float(), dim=-1)[0]
+    assert torch.nn.functional.cosine_similarity(ours, ref, dim=0) > 0.9999
+    squashed = encode_images(tiny_model, np.array(Image.fromarray(arr).resize(
+        (tiny_model.image_size, tiny_model.image_size), Image.BICUBIC))[None])[0]
+    assert torch.nn.functional.cosine_similarity(squashed, ref, dim=0) < 0.9999
