@@ -281,15 +281,17 @@ def _check(method: str, options: CountOptions) -> None:
 def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) -> PromptCount:
     import torch
 
-    from .encode import encode_images, encode_text
+    from .encode import encode_images
     from .raster import iter_tile_batches
+    from .scoring import encode_prompts
     from .tiling import TileGrid
 
     tiled = options.tile_px is not None
     zero = options.zero if options.zero is not None else tiled
     counts = ([0] if zero else []) + list(COUNT_RANGE)
     caps = count_captions(name, counts)
-    text = encode_text(lm, [c for v in VARIANTS for c in caps[v]])         # (V * N, D)
+    # RemoteCount's captions are whole sentences, scored as the protocol writes them
+    text = encode_prompts(lm, [c for v in VARIANTS for c in caps[v]], "raw")  # (V * N, D)
     n = len(counts)
     info = reader.info
     if not tiled:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from .boxes import heatmap_components, nms, pixel_to_bounds, union_merge
-from .dense import ATTENTION_MODES, DEFAULT_ATTENTION
+from .dense import ATTENTION_MODES, DEFAULT_ATTENTION, canonical_attention
 from .errors import MapClipError, UsageError
 from .jobs import Job, atomic_path, check_output_path
 from .scoring import DEFAULT_BACKGROUND_PROMPTS, PromptBank
@@ -208,9 +208,11 @@ def _check_options(o: DetectOptions) -> None:
                          "e.g. --threshold 0.5")
     if not 0.0 <= o.overlap < 0.5:
         raise UsageError(f"overlap {o.overlap} must be in [0, 0.5)", "e.g. 0.125")
-    if o.attention not in ATTENTION_MODES:
+    try:
+        canonical_attention(o.attention)  # old names (qq, qq+kk) are accepted
+    except ValueError:
         raise UsageError(f"unknown dense attention {o.attention!r}",
-                         f"use one of {', '.join(ATTENTION_MODES)}")
+                         f"use one of {', '.join(ATTENTION_MODES)}") from None
 
 
 def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
@@ -245,7 +247,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
         job.check()
         lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=opts.device, precision=opts.precision)
-        bank = build_bank(lm, prompts, opts.background)
+        bank = build_bank(lm, prompts, opts.background, getattr(opts, "templates", None))
         mode = opts.mode
         if mode == "dense":
             reason = dense_unsupported(lm)

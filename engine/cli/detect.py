@@ -13,7 +13,7 @@ def register(sub) -> None:
     import dataclasses
     from types import SimpleNamespace
 
-    from ..dense import ATTENTION_MODES
+    from ..dense import ATTENTION_ALIASES, ATTENTION_MODES
     from ..detect import DetectOptions
     # the defaults, read without building options (that would load rasterio)
     d = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(DetectOptions)})
@@ -58,8 +58,12 @@ def register(sub) -> None:
                         "(any overlap)")
     p.add_argument("--background", action="append", default=None, metavar="TEXT",
                    help="background prompt (repeat); replaces the defaults in engine/scoring.py")
-    p.add_argument("--attention", choices=list(ATTENTION_MODES), default=d.attention,
-                   help=f"dense mode: self-self attention of the last block; default {d.attention}")
+    p.add_argument("--attention", choices=list(ATTENTION_MODES) + list(ATTENTION_ALIASES),
+                   default=d.attention, metavar="MODE",
+                   help=f"dense mode's changed last block: {', '.join(ATTENTION_MODES)} "
+                        f"(clearclip = ClearCLIP, sclip-style = SCLIP's attention without residual, "
+                        f"sclip = SCLIP, segearth = SegEarth-OV's q+k+v; old names qq, qq+kk "
+                        f"accepted); default {d.attention}")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help=f"images per model call; default {d.batch_size}")
     p.add_argument("--out", required=True, metavar="OUT.gpkg|OUT.geojson",

@@ -29,9 +29,9 @@ from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_err
 
 #: mirrors engine.detect.DetectOptions (tests/plugin/test_processing.py checks it)
 DETECT_DEFAULTS = {"mode": "window", "tile_px": 128, "window": 2, "stride": 1,
-                   "batch_size": 64, "top_k": 20, "merge": "nms", "iou": 0.0, "attention": "qq"}
+                   "batch_size": 64, "top_k": 20, "merge": "nms", "iou": 0.0, "attention": "clearclip"}
 #: mirrors engine.dense.ATTENTION_MODES
-ATTENTION_MODES = ["qq", "qq+kk", "kk", "vv"]
+ATTENTION_MODES = ["clearclip", "sclip-style", "segearth", "sclip", "kk", "vv"]
 MODES = ["window", "dense"]
 MERGES = ["nms", "union"]
 COUNT_METHODS = ["prompt", "dense", "both"]
@@ -191,7 +191,7 @@ class DetectBase(RasterSearchAlgorithm):
             QgsProcessingParameterNumber.Double, defaultValue=DETECT_DEFAULTS["iou"],
             minValue=0.0, maxValue=1.0))
         self.add_advanced(QgsProcessingParameterEnum(
-            self.ATTENTION, "Dense mode: last-block attention (qq = ClearCLIP, qq+kk = SCLIP)",
+            self.ATTENTION, "Dense mode: last block (ClearCLIP, SCLIP-style without residual, SegEarth-OV q+k+v, SCLIP)",
             options=ATTENTION_MODES, defaultValue=ATTENTION_MODES.index(DETECT_DEFAULTS["attention"])))
         self.add_advanced(QgsProcessingParameterString(
             self.BACKGROUND, "Background prompts, separated by ; (empty: the engine's generic set)",
