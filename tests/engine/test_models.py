@@ -388,3 +388,29 @@ def test_hf_hub_model_folder_downloads_from_a_mirror(monkeypatch, tmp_path, tiny
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         lm = models.load_model("hf-hub:org/tiny", device="cpu")
     assert torch.equal(lm.model.logit_scale, tiny_model.model.logit_scale)
+
+
+def test_prompts_go_through_the_template_ensemble(tiny_model):
+    """A prompt is put into every template of the remote-sensing ensemble, the filled
+    templates are encoded, normalised, averaged and normalised again; "raw" is the
+    prompt as typed; detect's prompt bank uses the model's default set."""
+    from engine import scoring
+    assert tiny_model.templates == scoring.DEFAULT_TEMPLATES == "remote-sensing"
+    temps = scoring.TEMPLATE_SETS["remote-sensing"]
+    assert len(temps) >= 5 and all("{}" in t for t in temps)
+    got = scoring.encode_prompts(tiny_model, ["storage tanks", "ships"])
+    for i, p in enumerate(["storage tanks", "ships"]):
+        each = encode_text(tiny_model, [t.replace("{}", p) for t in temps])
+        want = torch.nn.functional.normalize(each.mean(dim=0), dim=-1)
+        assert torch.allclose(got[i], want, atol=1e-6)
+    raw = scoring.encode_prompts(tiny_model, ["ships"], "raw")
+    assert torch.allclose(raw, encode_text(tiny_model, ["ships"]), atol=1e-6)
+    assert not torch.allclose(raw[0], got[1], atol=1e-3)
+    bank = scoring.build_bank(tiny_model, ["ships"], ["water"])
+    assert torch.allclose(bank.text, scoring.encode_prompts(tiny_model, ["ships", "water"]), atol=1e-6)
+    one = scoring.encode_prompts(tiny_model, ["ships"], ["an aerial photo of {}"])
+    assert torch.allclose(one, encode_text(tiny_model, ["an aerial photo of ships"]), atol=1e-6)
+    with pytest.raises(UsageError, match="unknown prompt template set"):
+        scoring.encode_prompts(tiny_model, ["ships"], "nope")
+    assert models.PRESETS["demo"].templates == "raw"          # trained on raw captions
+    assert models.PRESETS["remoteclip-vit-b-32"].templates == "remote-sensing"
