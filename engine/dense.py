@@ -54,18 +54,8 @@ if TYPE_CHECKING:  # torch loads on first use (the CLI imports the constants che
 
     from .models import LoadedModel
 
-ATTENTION_MODES = ("clearclip", "sclip-style", "segearth", "sclip", "kk", "vv")
-#: the names these modes had before (still accepted)
-ATTENTION_ALIASES = {"qq": "clearclip", "qq+kk": "sclip-style", "qq+kk+vv": "segearth"}
-DEFAULT_ATTENTION = "clearclip"
-
-
-def canonical_attention(mode: str) -> str:
-    """The mode's name in ATTENTION_MODES (old names mapped); ValueError if unknown."""
-    mode = ATTENTION_ALIASES.get(str(mode).strip().lower(), str(mode).strip().lower())
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"unknown attention mode {mode!r}; use one of {', '.join(ATTENTION_MODES)}")
-    return mode
+from .options import (ATTENTION_ALIASES, ATTENTION_MODES, DEFAULT_ATTENTION,  # noqa: E402,F401
+                      canonical_attention)
 
 
 #: bytes of float pixels converted at once before resizing (bounds peak memory)

@@ -116,6 +116,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError  # noqa: E402
 
 from .errors import Cancelled, MapClipError, UsageError  # noqa: E402
 from .jobs import Job  # noqa: E402
+from .options import STRETCHES, ReadOptions  # noqa: E402,F401 (ReadOptions re-exported)
 from .tiling import PixelWindow, Tile, TileGrid  # noqa: E402,F401
 
 #: cap on GDAL's block cache (MB) while the engine reads, unless GDAL_CACHEMAX is set
@@ -126,7 +127,6 @@ STATS_SAMPLE_PX = 4_000_000
 STATS_MIN_SIDE = 1024
 #: transform given to rasters with no georeferencing: x = column, y = -row (as QGIS shows them)
 PIXEL_TRANSFORM = affine.Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
-STRETCHES = ("auto", "percentile", "minmax", "none")
 
 
 class RasterWarning(UserWarning):
@@ -181,17 +181,6 @@ class RasterInfo:
     @property
     def window(self) -> PixelWindow:
         return PixelWindow(0, 0, self.width, self.height)
-
-
-@dataclass
-class ReadOptions:
-    """How to turn raster bands into 8-bit RGB tiles (see the module doc)."""
-
-    bands: Optional[Sequence[int]] = None
-    stretch: str = "auto"
-    percentiles: Tuple[float, float] = (2.0, 98.0)
-    fixed_range: Optional[Tuple[float, float]] = None
-    gsd: Optional[float] = None
 
 
 @dataclass(frozen=True)

@@ -187,5 +187,17 @@ class MapClipAlgorithm(QgsProcessingAlgorithm):
     def createInstance(self):  # noqa: N802
         return type(self)()
 
+    def optional_int(self, parameters, name: str, context) -> Optional[int]:
+        """An optional integer parameter: None when left empty (the engine's default)."""
+        if optional_number(parameters.get(name)) in (None, ""):
+            return None
+        return self.parameterAsInt(parameters, name, context)
+
+    def optional_float(self, parameters, name: str, context) -> Optional[float]:
+        """An optional number parameter: None when left empty (the engine's default)."""
+        if optional_number(parameters.get(name)) in (None, ""):
+            return None
+        return self.parameterAsDouble(parameters, name, context)
+
     def tags(self) -> List[str]:
         return ["mapclip", "clip", "remote sensing", "deep learning"]
