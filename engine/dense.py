@@ -227,7 +227,7 @@ def dense_features(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
         raise ValueError(f"input size {size} px is not a multiple of the {p} px patch")
     if crop is not None:
         crop = int(crop)
-        stride = int(stride or max(p, crop // 2))
+        stride = int(stride or max(p, (crop // 2) // p * p))
         if crop % p or stride % p or crop > size or stride < 1:
             raise ValueError(f"crop {crop} and stride {stride} must be multiples of the {p} px patch, "
                              f"the crop at most the input size {size}")

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import ModelError, UsageError
-from .scoring import DEFAULT_TEMPLATES
+from .options import DEFAULT_TEMPLATES
 from .options import ModelDefaults
 
 CACHE_ENV = "MAPCLIP_CACHE"

@@ -39,25 +39,8 @@ if TYPE_CHECKING:  # torch loads on first use, so importing the defaults stays c
 
 from .options import DEFAULT_BACKGROUND_PROMPTS  # noqa: E402,F401 (the one editable default)
 
-#: the remote-sensing template ensemble applied to every prompt by default;
-#: "{}" is replaced by the prompt as typed (no article is added, so plurals
-#: and mass nouns read right: "an aerial photo of storage tanks")
-REMOTE_SENSING_TEMPLATES: Tuple[str, ...] = (
-    "a satellite image of {}.",
-    "an aerial photo of {}.",
-    "a remote sensing image of {}.",
-    "a satellite photo of {}.",
-    "an aerial image of {}.",
-    "a top-down view of {}.",
-    "a photo of {}.",
-)
-
-#: named template sets; "raw" is the prompt exactly as typed
-TEMPLATE_SETS: Dict[str, Tuple[str, ...]] = {
-    "remote-sensing": REMOTE_SENSING_TEMPLATES,
-    "raw": ("{}",),
-}
-DEFAULT_TEMPLATES = "remote-sensing"
+from .options import (DEFAULT_TEMPLATES, REMOTE_SENSING_TEMPLATES,  # noqa: E402,F401
+                      TEMPLATE_SETS, template_error)
 
 Templates = Union[str, Sequence[str], None]
 
@@ -112,20 +95,14 @@ def resolve_templates(templates: Templates = None, lm: Any = None) -> Tuple[str,
     from .errors import UsageError
     if templates is None or (isinstance(templates, str) and not templates.strip()):
         templates = getattr(lm, "templates", None) or DEFAULT_TEMPLATES
+    bad = template_error(templates)
+    if bad:
+        raise UsageError(bad, f"use one of {', '.join(TEMPLATE_SETS)}, or a template holding {{}}, "
+                              "e.g. \"an aerial photo of {}\"")
     if isinstance(templates, str):
         name = templates.strip()
-        if name in TEMPLATE_SETS:
-            return TEMPLATE_SETS[name]
-        if "{}" in name:
-            return (name,)
-        raise UsageError(f"unknown prompt template set {name!r}",
-                         f"use one of {', '.join(TEMPLATE_SETS)}, or a template holding {{}}, "
-                         "e.g. \"an aerial photo of {}\"")
-    out = tuple(str(t) for t in templates)
-    if not out or any("{}" not in t for t in out):
-        raise UsageError("every prompt template must hold {} where the prompt goes",
-                         "e.g. \"a satellite image of {}.\"")
-    return out
+        return TEMPLATE_SETS.get(name, (name,))
+    return tuple(str(t) for t in templates)
 
 
 def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates = None):
