@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import ModelError, UsageError
+from .errors import MapClipError, ModelError, UsageError
 from .options import DEFAULT_TEMPLATES
 from .options import ModelDefaults
 
@@ -711,6 +711,47 @@ def _resolve_checkpoint(arch: Optional[str], path: Path) -> Resolved:
                       CheckpointWarning, stacklevel=3)
         return Resolved(name, cfg, {}, path, state_dict=sd)
     return Resolved(arch, cfg, {}, path, state_dict=sd)
+
+
+@dataclass
+class CheckpointChoice:
+    """What a front end offers for a checkpoint file (the dock's and the model
+    manager's *Add checkpoint...*): ``spec`` when the file is a recognised
+    published checkpoint (added as is, nothing to ask); otherwise ``choices``,
+    the specs of the architecture its shapes show with either activation,
+    or none when the shapes match no architecture (``note`` says why)."""
+
+    spec: Optional[str]
+    label: str
+    choices: List[str]
+    note: str
+
+
+def checkpoint_choice(path: str) -> CheckpointChoice:
+    """How to add checkpoint ``path`` without letting a wrong architecture through."""
+    p = Path(path)
+    try:
+        res = _resolve_checkpoint(None, p)
+        known = recognise_checkpoint(p)
+        return CheckpointChoice(str(p), f"{p.name} ({known.family if known else 'checkpoint'}, {res.arch})",
+                                [], f"recognised: {res.arch}")
+    except UsageError as exc:
+        shape_arch = None
+        try:
+            shape_arch = detect_arch(read_state_dict(p))
+        except Exception:
+            pass
+        if shape_arch is None:
+            return CheckpointChoice(None, p.name, [], exc.message)
+        quick = _with_activation(shape_arch, True)[0]
+        plain = _with_activation(shape_arch, False)[0]
+        choices = [f"{quick}:{p}"] + ([f"{plain}:{p}"] if plain != quick else [])
+        return CheckpointChoice(None, p.name, choices,
+                                f"{p.name} holds {shape_arch} weights; pick the activation it was "
+                                f"trained with: {quick} if it continues OpenAI CLIP (RemoteCLIP, "
+                                f"GeoRSCLIP B/L, SkyCLIP L), {plain} if LAION's OpenCLIP")
+    except MapClipError as exc:
+        return CheckpointChoice(None, p.name, [], exc.message)
 
 
 def _resolve_open_clip_tag(arch: str, cfg: Dict[str, Any], tag: str) -> Resolved:

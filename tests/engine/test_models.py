@@ -414,3 +414,17 @@ def test_prompts_go_through_the_template_ensemble(tiny_model):
         scoring.encode_prompts(tiny_model, ["ships"], "nope")
     assert models.PRESETS["demo"].templates == "raw"          # trained on raw captions
     assert models.PRESETS["remoteclip-vit-b-32"].templates == "remote-sensing"
+
+
+def test_checkpoint_choice_for_the_add_checkpoint_dialogs(remoteclip_b32_file, tmp_path):
+    c = models.checkpoint_choice(str(remoteclip_b32_file))
+    assert c.spec == str(remoteclip_b32_file) and not c.choices
+    assert "RemoteCLIP" in c.label and "ViT-B-32-quickgelu" in c.label
+    mine = tmp_path / "mine.pt"
+    mine.symlink_to(remoteclip_b32_file)
+    c = models.checkpoint_choice(str(mine))
+    assert c.spec is None and c.choices == [f"ViT-B-32-quickgelu:{mine}", f"ViT-B-32:{mine}"]
+    junk = tmp_path / "junk.pt"
+    torch.save({"w": torch.zeros(3)}, junk)
+    c = models.checkpoint_choice(str(junk))
+    assert c.spec is None and not c.choices and "needs its architecture" in c.note
