@@ -32,9 +32,10 @@ from .errors import UsageError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
 
-def _model(model):
+def _model(model, device=None, precision=None):
+    """A LoadedModel as is, or load a spec (after the data was read, so bad data fails fast)."""
     from .models import LoadedModel, load_model
-    return model if isinstance(model, LoadedModel) else load_model(model)
+    return model if isinstance(model, LoadedModel) else load_model(model, device=device, precision=precision)
 
 
 def _embed_images(lm, paths: Sequence[str], batch_size: int, progress=None):
@@ -117,7 +118,8 @@ def read_retrieval_data(path: str, images: Optional[str] = None,
 
 
 def eval_retrieval(model, data: str, images: Optional[str] = None, split: Optional[str] = "test",
-                   ties: str = "order", batch_size: int = 64, progress=None) -> Dict[str, Any]:
+                   ties: str = "order", batch_size: int = 64, progress=None,
+                   device=None, precision=None) -> Dict[str, Any]:
     """Recall@1/5/10 both ways and mean recall (percent) on a retrieval dataset."""
     import torch
 
@@ -126,7 +128,7 @@ def eval_retrieval(model, data: str, images: Optional[str] = None, split: Option
     if ties not in TIE_MODES:
         raise UsageError(f"unknown tie rule {ties!r}", f"use one of {', '.join(TIE_MODES)}")
     paths, captions, owner = read_retrieval_data(data, images, split)
-    lm = _model(model)
+    lm = _model(model, device, precision)
     img = _embed_images(lm, paths, batch_size, progress)
     with torch.inference_mode():
         txt = encode_text(lm, captions)   # captions are whole sentences: no templates (the protocol)
@@ -177,13 +179,17 @@ def read_class_folder(folder: str, classes: Optional[str] = None) -> Tuple[List[
 
 
 def eval_classify(model, folder: str, classes: Optional[str] = None, templates=None,
-                  batch_size: int = 64, progress=None) -> Dict[str, Any]:
+                  batch_size: int = 64, progress=None, device=None, precision=None) -> Dict[str, Any]:
     """Zero-shot top-1 / top-5 accuracy (percent) with the template ensemble."""
     import torch
 
+    from .options import TEMPLATE_SETS, template_error
     from .scoring import encode_prompts, resolve_templates
     names, paths, labels = read_class_folder(folder, classes)
-    lm = _model(model)
+    bad = template_error(templates)
+    if bad:
+        raise UsageError(bad, f"use one of {', '.join(TEMPLATE_SETS)}, or a template holding {{}}")
+    lm = _model(model, device, precision)
     temps = resolve_templates(templates, lm)
     with torch.inference_mode():
         text = encode_prompts(lm, names, temps)
@@ -236,14 +242,14 @@ def read_count_data(path: str, images: Optional[str] = None) -> List[Tuple[str, 
 
 
 def eval_count(model, data: str, images: Optional[str] = None, batch_size: int = 64,
-               progress=None) -> Dict[str, Any]:
+               progress=None, device=None, precision=None) -> Dict[str, Any]:
     """RemoteCount: top-1 accuracy (percent) and mean absolute error of the predicted counts."""
     import torch
 
     from .count import COUNT_RANGE, VARIANTS, argmax_count, count_captions
     from .scoring import encode_prompts
     rows = read_count_data(data, images)
-    lm = _model(model)
+    lm = _model(model, device, precision)
     img = _embed_images(lm, [r[0] for r in rows], batch_size, progress)
     counts = list(COUNT_RANGE)
     text_by_obj = {}

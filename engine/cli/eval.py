@@ -54,19 +54,19 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import evaluate
-    from ..models import load_model
-    lm = load_model(args.model, device=args.device, precision=args.precision)
+    lm = args.model          # loaded by the evaluation once the data has been read
+    kw = {"device": args.device, "precision": args.precision}
     bar = tqdm_progress(f"eval {args.task}", unit="img")
     try:
         if args.task == "retrieval":
             res = evaluate.eval_retrieval(lm, args.data, args.images,
                                           None if args.split == "all" else args.split,
-                                          args.ties, args.batch_size, bar)
+                                          args.ties, args.batch_size, bar, **kw)
         elif args.task == "classify":
             res = evaluate.eval_classify(lm, args.data, args.classes, args.templates,
-                                         args.batch_size, bar)
+                                         args.batch_size, bar, **kw)
         else:
-            res = evaluate.eval_count(lm, args.data, args.images, args.batch_size, bar)
+            res = evaluate.eval_count(lm, args.data, args.images, args.batch_size, bar, **kw)
     finally:
         bar.close()
     if args.json:
