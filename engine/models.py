@@ -34,6 +34,7 @@ offline. A checkpoint file is untrusted input: it loads with
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -327,8 +328,10 @@ def download(url: str, dest: Path, progress: Optional[DownloadProgress] = None,
                     done += len(chunk)
                     if progress:
                         progress(done, total)
+            if total and done < total:  # a closed connection reads as a short file, not an error
+                raise OSError(f"the connection closed after {done} of {total} bytes")
         os.replace(part, dest)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
         if not (part.is_file() and part.stat().st_size > have):
             part.unlink(missing_ok=True)  # keep a part that grew: the next try resumes it
         raise ModelError(

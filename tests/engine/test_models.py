@@ -428,3 +428,19 @@ def test_checkpoint_choice_for_the_add_checkpoint_dialogs(remoteclip_b32_file, t
     torch.save({"w": torch.zeros(3)}, junk)
     c = models.checkpoint_choice(str(junk))
     assert c.spec is None and not c.choices and "needs its architecture" in c.note
+
+
+def test_plain_url_download_resumes_an_interrupted_transfer(tmp_path):
+    from tests.hubserver import HubServer
+    body = bytes(range(256)) * 40
+    dest = tmp_path / "cache" / "big.zip"
+    with HubServer({"/ckpt/big.zip": body}, drop={"/ckpt/big.zip": 3000}) as srv:
+        with pytest.raises(ModelError) as err:
+            models.download(srv.url + "/ckpt/big.zip", dest, timeout=5)
+        assert "big.zip" in err.value.message and str(dest) in err.value.hint
+        part = dest.with_name("big.zip.part")
+        assert not dest.exists() and 0 < part.stat().st_size <= 3000    # kept for the next try
+        have = part.stat().st_size
+        models.download(srv.url + "/ckpt/big.zip", dest, timeout=5)
+        assert ("GET", "/ckpt/big.zip", f"bytes={have}-") in srv.requests
+    assert dest.read_bytes() == body and not part.exists()
