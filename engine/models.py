@@ -839,6 +839,11 @@ def preset_available(preset: Preset) -> bool:
 def read_state_dict(path: Path) -> Dict[str, Any]:
     """Read a checkpoint as a flat state dict; untrusted input, so no pickles."""
     import torch
+    if _is_torchscript(path):  # checked first: torch.load would hand it to torch.jit.load
+        raise ModelError(f"checkpoint {path} is a TorchScript archive (OpenAI's original CLIP "
+                         "release), not a state dict",
+                         "use the openai-vit-b-32 / openai-vit-l-14 presets or ARCH-quickgelu:openai, "
+                         "which load the same weights as a plain state dict")
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
@@ -865,6 +870,17 @@ def read_state_dict(path: Path) -> Dict[str, Any]:
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def _is_torchscript(path: Path) -> bool:
+    """True for a TorchScript zip (its members hold code/ and constants.pkl)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.split("/", 1)[-1].startswith("code/") for n in names) and \
+        any(n.endswith("constants.pkl") for n in names)
 
 
 def build_model(model_cfg: Dict[str, Any]):

@@ -444,3 +444,17 @@ def test_plain_url_download_resumes_an_interrupted_transfer(tmp_path):
         models.download(srv.url + "/ckpt/big.zip", dest, timeout=5)
         assert ("GET", "/ckpt/big.zip", f"bytes={have}-") in srv.requests
     assert dest.read_bytes() == body and not part.exists()
+
+
+def test_openai_torchscript_release_gets_a_clear_error(tmp_path, tiny_model):
+    class Tiny(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+    path = tmp_path / "ViT-B-32.pt"
+    torch.jit.save(torch.jit.script(Tiny()), str(path))
+    import warnings as w
+    with w.catch_warnings():
+        w.simplefilter("error")          # torch.load never sees it (it would dispatch to torch.jit.load)
+        with pytest.raises(ModelError) as err:
+            models.load_model(str(path), device="cpu")
+    assert "TorchScript" in err.value.message and "openai-vit-b-32" in err.value.hint
