@@ -165,6 +165,20 @@ class MapClipAlgorithm(QgsProcessingAlgorithm):
     DISPLAY = ""
     GROUP = "search"
     HELP = ""
+    #: runs a model: torch and friends are imported in prepareAlgorithm (main thread)
+    NEEDS_MODEL = True
+
+    def prepareAlgorithm(self, parameters, context, feedback) -> bool:  # noqa: N802
+        """QGIS calls this on the main thread before processAlgorithm runs in a worker
+        thread: the heavy packages are imported here, never first in the worker
+        (plugin/runtime.py). A missing package is reported by processAlgorithm."""
+        if self.NEEDS_MODEL:
+            from .. import runtime
+            try:
+                runtime.preload()
+            except ImportError:
+                pass
+        return True
 
     def name(self) -> str:
         return self.ALG_NAME

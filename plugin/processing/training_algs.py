@@ -131,6 +131,7 @@ class BoxToCaptionAlgorithm(MapClipAlgorithm):
     ALG_NAME = "boxtocaption"
     DISPLAY = "Box-to-Caption"
     GROUP = "training"
+    NEEDS_MODEL = False
     HELP = ("Turns detection annotations into image-caption pairs by RemoteCLIP's rules: five "
             "captions per image; caption 1 names the objects in the centre of the image, caption "
             "2 the others, captions 3-5 count random categories ('3 airplanes and a storage "
@@ -183,6 +184,7 @@ class MaskToBoxAlgorithm(MapClipAlgorithm):
     ALG_NAME = "masktobox"
     DISPLAY = "Mask-to-Box"
     GROUP = "training"
+    NEEDS_MODEL = False
     HELP = ("Turns segmentation masks into boxes: per class, the outer contours of each "
             "connected region (OpenCV findContours) become one axis-aligned box; written as "
             "COCO JSON. Optionally chains into Box-to-Caption.<br>"
@@ -246,6 +248,7 @@ class DeduplicateAlgorithm(MapClipAlgorithm):
     ALG_NAME = "deduplicate"
     DISPLAY = "De-duplicate images (p-Hash)"
     GROUP = "training"
+    NEEDS_MODEL = False
     HELP = ("Finds near-duplicate images by p-Hash, as RemoteCLIP does before training: pairs "
             "within the Hamming distance (default below 2) are found exactly, without comparing "
             "every pair. With a test folder it reports training images that duplicate test "
