@@ -19,7 +19,7 @@ from typing import Any, List, Optional, Tuple
 from ..errors import Cancelled, MapClipError, UsageError, worded
 
 #: subcommand modules, in the order ``--help`` lists them
-COMMANDS = ("models", "detect", "index", "search", "count", "finetune", "convert", "dedup")
+COMMANDS = ("models", "detect", "index", "search", "count", "finetune", "convert", "dedup", "eval")
 
 
 def _command_module(name: str):

@@ -125,17 +125,32 @@ class ModelManagerDialog(JobDialog):
         if folder:
             self.add_model(folder, os.path.basename(os.path.dirname(folder.rstrip("/"))) or folder)
 
-    def _pick_checkpoint(self) -> None:
+    def _pick_checkpoint(self) -> Optional[str]:
+        """A published checkpoint is added by path (the engine reads its architecture);
+        another file's architecture comes from its shapes and only the activation is
+        asked; a file whose shapes match nothing needs its architecture typed."""
         path, _ = QFileDialog.getOpenFileName(self, "Checkpoint", "",
                                               "Checkpoints (*.pt *.pth *.bin *.safetensors)")
         if not path:
-            return
+            return None
+        from ...engine.models import checkpoint_choice
+        choice = checkpoint_choice(path)
+        if choice.spec:
+            self.add_model(choice.spec, choice.label)
+            return choice.spec
+        if choice.choices:
+            spec, ok = QInputDialog.getItem(self, "Activation", choice.note, choice.choices, 0, False)
+            if ok and spec:
+                self.add_model(spec, f"{os.path.basename(path)} ({spec.split(':', 1)[0]})")
+                return spec
+            return None
         arch, ok = QInputDialog.getText(self, "Architecture",
-                                        "open_clip architecture of this checkpoint "
+                                        f"{choice.note}\nopen_clip architecture of this checkpoint "
                                         "(RemoteCLIP and GeoRSCLIP need the -quickgelu variant):",
                                         text=DEFAULT_CHECKPOINT_ARCH)
         if ok and arch.strip():
-            self.add_checkpoint(path, arch.strip())
+            return self.add_checkpoint(path, arch.strip())
+        return None
 
     # -- the load check --------------------------------------------------------
     def validate(self) -> List[str]:
