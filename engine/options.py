@@ -19,8 +19,9 @@ its own terms (``--tile`` on the command line, "Tile size" in the dock).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from .errors import UsageError
 
@@ -102,6 +103,39 @@ def template_error(templates: Any) -> Optional[str]:
     if not items or any("{}" not in t for t in items):
         return "every prompt template must hold {} where the prompt goes"
     return None
+
+
+# --------------------------------------------------------------------------- #
+# What users type: one parser each, for every front end.
+# --------------------------------------------------------------------------- #
+def split_prompts(text: str) -> List[str]:
+    """Prompts typed in one field: one per line or separated by ';' (commas stay
+    inside a prompt); blanks dropped, inner spaces collapsed, repeats dropped."""
+    seen, out = set(), []
+    for part in (text or "").replace("\r", "\n").replace(";", "\n").split("\n"):
+        prompt = " ".join(part.split())
+        if prompt and prompt not in seen:
+            seen.add(prompt)
+            out.append(prompt)
+    return out
+
+
+def parse_bands(text: Optional[str]) -> Optional[List[int]]:
+    """Band numbers typed as "4,3,2" (commas, spaces or ';'); empty: None (the reader's choice).
+
+    Raises a UsageError about the option ``bands``."""
+    parts = [p for p in re.split(r"[,;\s]+", (text or "").strip()) if p]
+    if not parts:
+        return None
+    try:
+        bands = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"bands {text!r} are not band numbers", "give 1-based band numbers, "
+                         "e.g. 1,2,3 or 4,3,2", option="bands") from None
+    if any(b < 1 for b in bands):
+        raise UsageError(f"bands {text!r}: bands are numbered from 1", "e.g. 1,2,3 or 4,3,2",
+                         option="bands")
+    return bands
 
 
 # --------------------------------------------------------------------------- #

@@ -67,6 +67,13 @@ def engine_crs(crs: Any) -> QgsCoordinateReferenceSystem:
     return out
 
 
+def crs_text(crs: QgsCoordinateReferenceSystem) -> Optional[str]:
+    """A QGIS CRS as the engine takes it: an authid where there is one, else WKT (None: none)."""
+    if crs is None or not crs.isValid():
+        return None
+    return crs.authid() or crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED_GDAL)
+
+
 def result_crs(result_crs_text: Optional[str], fallback: Any = None) -> QgsCoordinateReferenceSystem:
     """The CRS a result is in: the fallback (the raster layer's own CRS) when valid, else the WKT."""
     fb = engine_crs(fallback) if fallback is not None else QgsCoordinateReferenceSystem()

@@ -35,13 +35,6 @@ def _bar(iface):
         return None
 
 
-def bar_info(iface, text: str, title: str = TAG, seconds: int = BAR_SECONDS) -> None:
-    info(text)
-    bar = _bar(iface)
-    if bar is not None:
-        bar.pushMessage(title, text, Qgis.Info, seconds)
-
-
 def bar_success(iface, text: str, title: str = TAG, seconds: int = BAR_SECONDS) -> None:
     info(text)
     bar = _bar(iface)

@@ -26,29 +26,21 @@ from . import deps, log, runtime, tasks
 MENU = "&MapCLIP"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ICON = os.path.join(ROOT, "resources", "icon.svg")
-#: menu entry -> (module in plugin/dialogs, class names to look for)
-DIALOGS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
-    "finetune": ("finetune_dialog", ("FinetuneDialog",)),
-    "convert": ("convert_dialog", ("ConvertDialog",)),
-    "dedup": ("dedup_dialog", ("DedupDialog", "DeduplicateDialog")),
-    "models": ("model_manager", ("ModelManagerDialog",)),
+#: menu entry -> (module in plugin/dialogs, dialog class)
+DIALOGS: Dict[str, Tuple[str, str]] = {
+    "finetune": ("finetune_dialog", "FinetuneDialog"),
+    "convert": ("convert_dialog", "ConvertDialog"),
+    "dedup": ("dedup_dialog", "DedupDialog"),
+    "models": ("model_manager", "ModelManagerDialog"),
 }
 DIALOG_LABELS = {"finetune": "Fine-tune a model…", "convert": "Convert annotations…",
                  "dedup": "De-duplicate images…", "models": "Models…"}
 
 
 def dialog_class(key: str):
-    """The dialog class for ``key`` from plugin/dialogs, or None when that module is missing."""
-    module_name, names = DIALOGS[key]
-    try:
-        module = importlib.import_module(f"{__package__}.dialogs.{module_name}")
-    except ImportError as exc:
-        log.warning(f"dialog {module_name} is not available: {exc}")
-        return None
-    for name in names:
-        if hasattr(module, name):
-            return getattr(module, name)
-    return None
+    """The dialog class for ``key`` from plugin/dialogs."""
+    module_name, name = DIALOGS[key]
+    return getattr(importlib.import_module(f"{__package__}.dialogs.{module_name}"), name)
 
 
 class MapClipPlugin:
@@ -146,20 +138,13 @@ class MapClipPlugin:
 
     # --------------------------------------------------------------- dialogs --
     def open_dialog(self, key: str):
-        cls = dialog_class(key)
-        if cls is None:
-            log.bar_warning(self.iface, f"{DIALOG_LABELS[key].rstrip('…')} is not available "
-                                        f"in this version")
-            return None
         dlg = self.dialogs.get(key)
         if dlg is None:
+            cls = dialog_class(key)
             kwargs = {}
             if key == "finetune":
                 kwargs["on_model_ready"] = self.add_model
-            try:
-                dlg = cls(self.iface, self.iface.mainWindow(), **kwargs)
-            except TypeError:
-                dlg = cls(self.iface, self.iface.mainWindow())
+            dlg = cls(self.iface, self.iface.mainWindow(), **kwargs)
             self.dialogs[key] = dlg
             if hasattr(dlg, "models_changed"):
                 dlg.models_changed.connect(self._models_changed)
@@ -230,6 +215,7 @@ class MapClipPlugin:
     # ---------------------------------------------------------------- unload --
     def unload(self) -> None:
         tasks.cancel_all()
+        tasks.forget_models()  # the weights are freed with the plugin
         if self.installer is not None:
             self.installer.cancel()
             self.installer = None

@@ -146,11 +146,6 @@ def parse_floats(text: str, n: int, what: str, example: str) -> Tuple[float, ...
 
 
 def parse_bands(text: Optional[str]) -> Optional[List[int]]:
-    """--bands "1,2,3" -> [1, 2, 3]; empty -> None (the reader's default bands)."""
-    if not text:
-        return None
-    try:
-        return [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise UsageError(f"--bands {text!r} is not a list of band numbers",
-                         "e.g. --bands 1,2,3 or --bands 4,3,2") from None
+    """--bands "1,2,3" -> [1, 2, 3]; empty -> None (engine.options.parse_bands)."""
+    from ..options import parse_bands as parse
+    return parse(text)

@@ -31,7 +31,7 @@ from ...engine.options import MERGES as MERGES_
 from ...engine.options import MODES as MODES_
 from ...engine.options import TEMPLATE_SETS
 from ...engine.options import CountOptions, DetectOptions
-from ..layers import ENGINE_BOX_FIELDS, engine_crs, fields_of, rect_geometry
+from ..layers import ENGINE_BOX_FIELDS, crs_text, engine_crs, fields_of, rect_geometry
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model,
                      optional_number, parse_bands, split_prompts)
 
@@ -98,10 +98,7 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
         if rect is None or rect.isNull() or rect.isEmpty():
             return None, None
         crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
-        crs_text = None
-        if crs is not None and crs.isValid():
-            crs_text = crs.authid() or crs.toWkt()
-        return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs_text
+        return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs_text(crs)
 
     @contextmanager
     def raster_input(self, parameters, context, feedback):

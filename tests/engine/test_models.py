@@ -154,7 +154,9 @@ def test_cli_models_lists_presets_and_checks_one(capsys):
     out = json.loads(capsys.readouterr().out)
     names = {p["name"]: p for p in out["presets"]}
     assert "chendelong/RemoteCLIP" in names["remoteclip-vit-b-32"]["loads_from"]
-    assert names["test-tiny"]["available"] is True
+    assert names["demo"]["available"] is True
+    assert "test-tiny" not in names  # the project's test model is not offered to users
+    assert names["demo"]["defaults"]["tile_px"] == 24  # the model's own search defaults
     assert cli_main(["models", "--check", "test-tiny", "--device", "cpu", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["embed_dim"] == 64 and info["device"] == "cpu" and info["precision"] == "fp32"

@@ -234,7 +234,7 @@ def test_model_manager_lists_adds_checks_and_removes(qtbot, tmp_path, qgis_setti
     dlg = ModelManagerDialog(settings=Settings())
     qtbot.addWidget(dlg)
     specs = [dlg.table.item(r, 0).text() for r in range(dlg.table.rowCount())]
-    assert "remoteclip-vit-b-32" in specs and "test-tiny" in specs
+    assert "remoteclip-vit-b-32" in specs and "demo" in specs and "test-tiny" not in specs
     dlg.select_spec("remoteclip-vit-b-32")
     assert not dlg.remove_button.isEnabled()  # presets cannot be removed
     changed = []
