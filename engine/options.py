@@ -315,6 +315,68 @@ class FinetuneOptions:
     eval_batch_size: int = 128
 
 
+#: classify: the most classes a uint8 class map holds (0 = unknown, 255 = not scored)
+MAX_CLASSES = 254
+#: caption generation (CoCa): how the text is decoded
+CAPTION_METHODS = ("beam_search", "top_k", "top_p")
+
+
+@dataclass
+class ClassifyOptions:
+    """How to make a class map (engine.classify). ``None``: the model's default.
+
+    Tiles of ``tile_px`` overlapping by ``overlap`` give one patch-level score
+    map per class (softmax among the classes) in one pass (engine.dense);
+    maps are upsampled to ``upsample`` cells per patch side, optionally
+    smoothed (Gaussian, ``smoothing`` cells), and blended with ramps toward
+    tile borders. A cell whose best class scores below ``threshold`` is
+    "unknown" (value 0); None keeps every cell's best class.
+    """
+
+    tile_px: Optional[int] = None        # None: the model's dense tile, else its tile
+    overlap: float = 0.25                # share of a tile
+    threshold: Optional[float] = None    # below: "unknown"; None: never unknown
+    smoothing: float = 0.0               # Gaussian sigma in output cells; 0: none
+    upsample: int = 2                    # output cells per patch side
+    scores: bool = False                 # keep (or write) the per-class score arrays
+    batch_size: Optional[int] = None
+    read: ReadOptions = field(default_factory=ReadOptions)
+    device: Optional[str] = None
+    precision: Optional[str] = None
+    min_valid: float = 0.5               # tiles with less valid area are not scored
+    attention: str = DEFAULT_ATTENTION   # one of ATTENTION_MODES
+    cls_weight: float = 0.0              # SegEarth-OV's class-token weight
+    dense_input_px: Optional[int] = None  # model input side per tile; None: the model's
+    dense_slide: bool = False
+    templates: Any = None                # prompt templates; None: the model's
+    workers: int = 2
+    prefetch: int = 2
+
+
+@dataclass
+class CaptionOptions:
+    """How to describe a place (engine.caption).
+
+    Retrieval (any CLIP): the ``top`` best captions of a bank by cosine with
+    the place's image. Generation (CoCa models): ``method`` beam search or
+    sampling (``top_k`` / ``top_p``), at most ``max_length`` tokens.
+    """
+
+    top: int = 5                         # retrieval: captions returned
+    templates: Any = "raw"               # retrieval: captions are encoded as written
+    method: str = "beam_search"          # generation: one of CAPTION_METHODS
+    beams: int = 4                       # generation, beam search: beams
+    max_length: int = 30                 # generation: tokens at most
+    temperature: float = 1.0             # generation, sampling
+    top_p: float = 0.9                   # generation, top_p sampling
+    sample_top_k: int = 50               # generation, top_k sampling
+    seed: int = 0                        # generation, sampling: torch seed
+    read: ReadOptions = field(default_factory=ReadOptions)
+    device: Optional[str] = None
+    precision: Optional[str] = None
+    batch_size: Optional[int] = None
+
+
 # --------------------------------------------------------------------------- #
 # Model defaults applied.
 # --------------------------------------------------------------------------- #
@@ -346,6 +408,8 @@ def _model_fields(options: Any, md: ModelDefaults) -> Dict[str, Any]:
         return {"dense_tile_px": md.dense_tile_px, "batch_size": md.batch_size}
     if isinstance(options, IndexOptions):  # tiles default to the model's input size
         return {"batch_size": md.batch_size}
+    if isinstance(options, ClassifyOptions):
+        return {"tile_px": md.dense_tile_px or md.tile_px, "batch_size": md.batch_size}
     return {}
 
 
@@ -487,6 +551,31 @@ def check(options: Any) -> Any:
         if not 0.0 < lo <= hi <= 1.0:
             raise _bad("crop_scale", f"crop scale {o.crop_scale!r} is not 0 < low <= high <= 1",
                        "give two shares of the image, e.g. 0.5 1.0")
+    elif isinstance(options, ClassifyOptions):
+        o = options
+        _choice("attention", ATTENTION_ALIASES.get(o.attention, o.attention), ATTENTION_MODES)
+        _at_least("tile_px", o.tile_px, 8)
+        _within("overlap", o.overlap, 0.0, 0.49)
+        _within("threshold", o.threshold, 0.0, 1.0)
+        _within("smoothing", o.smoothing, 0.0, 64.0)
+        _at_least("upsample", o.upsample, 1)
+        _within("upsample", o.upsample, 1, 16)
+        _within("min_valid", o.min_valid, 0.0, 1.0)
+        _within("cls_weight", o.cls_weight, -10.0, 10.0)
+        _at_least("dense_input_px", o.dense_input_px, 8)
+        _at_least("workers", o.workers, 1)
+        _check_read(o.read)
+    elif isinstance(options, CaptionOptions):
+        o = options
+        _at_least("top", o.top, 1)
+        _choice("method", o.method, CAPTION_METHODS)
+        _at_least("beams", o.beams, 1)
+        _at_least("max_length", o.max_length, 2)
+        _positive("temperature", o.temperature)
+        _within("top_p", o.top_p, 0.0, 1.0)
+        _at_least("sample_top_k", o.sample_top_k, 1)
+        _at_least("seed", o.seed, 0)
+        _check_read(o.read)
     elif isinstance(options, ReadOptions):
         _check_read(options)
     return options

@@ -19,7 +19,8 @@ from typing import Any, List, Optional, Tuple
 from ..errors import Cancelled, MapClipError, UsageError, worded
 
 #: subcommand modules, in the order ``--help`` lists them
-COMMANDS = ("models", "detect", "index", "search", "count", "finetune", "convert", "dedup", "eval")
+COMMANDS = ("models", "detect", "index", "search", "count", "classify", "caption", "finetune", "convert",
+            "dedup", "eval")
 
 
 def _command_module(name: str):
@@ -76,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 # ---------------------------------------------------------------- helpers --
 #: engine options (engine.options) whose flag is not ``--`` + the name in kebab case
-FLAGS = {"tile_px": "--tile", "dense_tile_px": "--dense-tile", "stride_px": "--stride",
+FLAGS = {"classes": "--class", "tile_px": "--tile", "dense_tile_px": "--dense-tile", "stride_px": "--stride",
          "scales": "--scale", "read": "--bands", "negative": "--negative", "background": "--background"}
 
 
