@@ -1,0 +1,339 @@
+"""Captions for a place: the best captions of a bank (any CLIP), or generated text (CoCa).
+
+A place is an extent (or a box) of a raster, read as one image at the
+model's input size (engine.raster resamples on read, so a large extent never
+comes into memory at full resolution).
+
+**Retrieval** (:func:`rank_captions`, every CLIP model): the captions of a
+bank are encoded once (as written: the ``raw`` template by default) and
+ranked by cosine similarity with the place's image embedding; the ``top``
+best are returned with their cosine and their softmax share among the bank
+(the model's logit scale). A bank is read by :func:`read_caption_bank`:
+
+- a CSV / TSV / TXT: the caption columns of a caption file (a header with
+  ``caption*`` / ``text*`` / ``title*`` / ``sentence*`` / ``raw*`` columns, as
+  Box-to-Caption and fine-tuning files have), else one caption a line (the
+  first column);
+- a JSON / JSONL caption dataset: RSICD / UCM / RSITMD's
+  ``{"images": [{"sentences": [{"raw": ...}]}]}`` or JSONL records
+  (engine.captions reads them; images need not exist).
+
+Repeated captions are kept once (first spelling).
+
+**Generation** (:func:`generate_captions`, open_clip CoCa models only): the
+model's text decoder writes a caption from the image, by beam search or by
+sampling (top-k / top-p), see :class:`engine.options.CaptionOptions`.
+"""
+from __future__ import annotations
+
+import csv
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import UsageError
+from .options import CaptionOptions, check
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
+Extent = Tuple[float, float, float, float]
+#: captions encoded per model call
+TEXT_BATCH = 256
+
+
+# --------------------------------------------------------------------------- #
+# Banks.
+# --------------------------------------------------------------------------- #
+def read_caption_bank(path: Union[str, Path]) -> List[str]:
+    """The unique captions of a caption bank file (see the module doc); UsageError
+    when the file is missing, unreadable or holds no caption."""
+    from .captions import CAPTION_PREFIXES, IMAGE_KEYS, read_captions
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UsageError(f"caption bank {p} does not exist", "check the --bank path")
+    suffix = p.suffix.lower()
+    captions: List[str] = []
+    try:
+        if suffix in (".json", ".jsonl", ".ndjson"):
+            cs = read_captions(p, check_exists=False)
+            for item in cs.items:
+                captions.extend(item.captions)
+        elif suffix in (".csv", ".tsv", ".txt"):
+            delimiter = "," if suffix == ".csv" else "\t"
+            with open(p, newline="", encoding="utf-8-sig") as fh:
+                rows = [r for r in csv.reader(fh, delimiter=delimiter) if any(c.strip() for c in r)]
+            if rows:
+                head = [c.strip().lower() for c in rows[0]]
+                cols = [i for i, h in enumerate(head) if h.startswith(CAPTION_PREFIXES)]
+                if cols:
+                    body = rows[1:]
+                elif len(head) >= 2 and any(k in head for k in IMAGE_KEYS):
+                    raise UsageError(f"caption bank {p} has no caption column",
+                                     "name the caption column 'caption' (or text, title)")
+                else:
+                    cols, body = [0], rows
+                for r in body:
+                    captions.extend(r[i] for i in cols if i < len(r))
+        else:
+            raise UsageError(f"unknown caption bank type {suffix or '(none)'} ({p})",
+                             "use a .csv/.tsv/.txt (one caption a line, or a caption column) "
+                             "or a .json/.jsonl caption dataset (RSICD layout)")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"caption bank {p} is not UTF-8 text ({exc.reason})",
+                         "save it as UTF-8") from None
+    except csv.Error as exc:
+        raise UsageError(f"caption bank {p} is not readable CSV ({exc})",
+                         "check the file's quoting") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read caption bank {p} ({exc.strerror or exc})",
+                         "check the file and its permissions") from None
+    seen, out = set(), []
+    for c in captions:
+        c = " ".join(str(c).split())
+        if c and c.lower() not in seen:
+            seen.add(c.lower())
+            out.append(c)
+    if not out:
+        raise UsageError(f"caption bank {p} holds no captions",
+                         "give a file with one caption a line, a caption column, or an RSICD-style "
+                         "caption JSON")
+    return out
+
+
+@dataclass
+class CaptionBank:
+    """Captions and their normalised embeddings (float32, on the model's device)."""
+
+    captions: List[str]
+    text: Any
+    logit_scale: float
+
+
+def encode_bank(lm: LoadedModel, captions: Sequence[str], templates: Any = "raw",
+                job=None) -> CaptionBank:
+    """Encode ``captions`` in batches of :data:`TEXT_BATCH` (cancellable between them)."""
+    import torch
+
+    from .scoring import encode_prompts, model_logit_scale
+    captions = list(captions)
+    if not captions:
+        raise UsageError("the caption bank is empty", "give a bank with at least one caption")
+    chunks = []
+    for i in range(0, len(captions), TEXT_BATCH):
+        if job is not None:
+            job.check()
+        chunks.append(encode_prompts(lm, captions[i:i + TEXT_BATCH], templates))
+    return CaptionBank(captions, torch.cat(chunks), model_logit_scale(lm))
+
+
+# --------------------------------------------------------------------------- #
+# Places.
+# --------------------------------------------------------------------------- #
+@dataclass
+class Caption:
+    text: str
+    score: float          # retrieval: softmax share among the bank; generation: NaN
+    cosine: float         # retrieval: cosine with the image; generation: NaN
+    rank: int
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"text": self.text, "rank": self.rank,
+                "score": None if np.isnan(self.score) else round(self.score, 6),
+                "cosine": None if np.isnan(self.cosine) else round(self.cosine, 6)}
+
+
+@dataclass
+class PlaceCaptions:
+    bounds: Extent                      # raster CRS
+    pixel: Tuple[int, int, int, int]    # col0, row0, col1, row1
+    captions: List[Caption]
+
+    @property
+    def best(self) -> Optional[str]:
+        return self.captions[0].text if self.captions else None
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"bounds": list(self.bounds), "pixel": list(self.pixel), "caption": self.best,
+                "captions": [c.to_json() for c in self.captions]}
+
+
+@dataclass
+class CaptionResult:
+    places: List[PlaceCaptions]
+    method: str                         # "retrieval" or "generation"
+    model: str
+    device: str
+    precision: str
+    crs: Optional[str]
+    bank_size: int = 0
+    seconds: float = 0.0
+    warnings: List[str] = field(default_factory=list)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"method": self.method, "model": self.model, "device": self.device,
+                "precision": self.precision, "crs": self.crs, "bank_size": self.bank_size,
+                "seconds": round(self.seconds, 4), "places": [p.to_json() for p in self.places],
+                "warnings": list(self.warnings)}
+
+
+def can_generate(lm: LoadedModel) -> bool:
+    """True for open_clip captioning models (CoCa: a text decoder with ``generate``)."""
+    return callable(getattr(lm.model, "generate", None)) and hasattr(lm.model, "text_decoder")
+
+
+def read_places(reader, places: Sequence[Optional[Extent]], extent_crs: Optional[str],
+                size: int) -> Tuple[np.ndarray, List[Tuple[Extent, Tuple[int, int, int, int]]]]:
+    """uint8 (N, size, size, 3) images of places (None: the whole raster), resampled on read."""
+    from .raster import extent_to_window
+    info = reader.info
+    images, where = [], []
+    for ext in places:
+        win = extent_to_window(info, ext, extent_crs)
+        rgb, _ = reader.read(win, out_shape=(size, size))
+        images.append(rgb)
+        where.append((win.bounds(info.transform),
+                      (win.col, win.row, win.col_end, win.row_end)))
+    return np.stack(images), where
+
+
+def caption(raster: str, model: Union[str, LoadedModel], places: Sequence[Optional[Extent]] = (None,),
+            extent_crs: Optional[str] = None, bank: Union[None, str, Sequence[str]] = None,
+            options: Optional[CaptionOptions] = None, generate: Optional[bool] = None,
+            progress=None, cancel=None) -> CaptionResult:
+    """Describe each place (an extent in the raster's CRS, or ``extent_crs``; None: the whole
+    raster) of ``raster``.
+
+    With ``bank`` (a file path or a list of captions) the captions are ranked
+    (retrieval). Without it, a CoCa model generates one caption per place;
+    another model is refused (give a bank). ``generate=True`` asks for
+    generation even with a bank (refused for non-CoCa models).
+    """
+    from .jobs import Job
+    from .models import LoadedModel, load_model
+    from .raster import RasterWarning, open_raster
+    t0 = time.perf_counter()
+    opts = check(options or CaptionOptions())
+    places = list(places) or [None]
+    job = Job(progress, cancel)
+    texts = None
+    if bank is not None:
+        texts = read_caption_bank(bank) if isinstance(bank, (str, Path)) else \
+            [" ".join(str(c).split()) for c in bank if str(c).strip()]
+        if not texts:
+            raise UsageError("the caption bank is empty", "give at least one caption")
+    notes: List[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RasterWarning)
+        reader = open_raster(raster, opts.read)
+    with reader:
+        notes.extend(reader.warnings)
+        info = reader.info
+        from .raster import extent_to_window
+        for ext in places:  # a place outside the raster is refused before any work
+            extent_to_window(info, ext, extent_crs)
+        lm = model if isinstance(model, LoadedModel) else load_model(
+            model, device=opts.device, precision=opts.precision)
+        gen = can_generate(lm) if generate is None else bool(generate)
+        if texts is not None and generate is None:
+            gen = False
+        if gen and not can_generate(lm):
+            raise UsageError(f"{lm.spec} cannot write captions (it is not a CoCa captioning model)",
+                             "give a caption bank (--bank captions.csv) to rank captions, or a CoCa "
+                             "model (e.g. coca_ViT-B-32:mscoco_finetuned_laion2b_s13b_b90k)")
+        if not gen and texts is None:
+            raise UsageError(f"no caption bank given, and {lm.spec} cannot generate captions",
+                             "give --bank captions.csv (a CSV, an RSICD-style JSON or "
+                             "Box-to-Caption output), or use a CoCa model")
+        job.set_total(len(places))
+        if gen:
+            out = _generate(reader, lm, places, extent_crs, opts, job)
+        else:
+            cb = encode_bank(lm, texts, opts.templates, job)
+            out = _retrieve(reader, lm, places, extent_crs, cb, opts, job)
+    return CaptionResult(out, "generation" if gen else "retrieval", lm.spec, str(lm.device),
+                         lm.precision, info.crs, bank_size=len(texts or ()),
+                         seconds=time.perf_counter() - t0, warnings=notes)
+
+
+def _batches(places, n):
+    for i in range(0, len(places), n):
+        yield places[i:i + n]
+
+
+def _retrieve(reader, lm, places, extent_crs, cb: CaptionBank, opts: CaptionOptions, job):
+    import torch
+
+    from .encode import encode_images
+    out: List[PlaceCaptions] = []
+    top = min(int(opts.top), len(cb.captions))
+    for part in _batches(places, int(opts.batch_size or 32)):
+        job.check()
+        images, where = read_places(reader, part, extent_crs, lm.image_size)
+        emb = encode_images(lm, images)
+        cos = emb @ cb.text.T
+        probs = torch.softmax(cos * cb.logit_scale, dim=-1)
+        val, idx = torch.topk(cos, top, dim=-1)
+        for k, (bounds, pix) in enumerate(where):
+            caps = [Caption(cb.captions[int(j)], float(probs[k, int(j)]), float(v), r + 1)
+                    for r, (v, j) in enumerate(zip(val[k].tolist(), idx[k].tolist()))]
+            out.append(PlaceCaptions(bounds, pix, caps))
+        job.step(len(part))
+    return out
+
+
+def _generate(reader, lm, places, extent_crs, opts: CaptionOptions, job):
+    out: List[PlaceCaptions] = []
+    for part in _batches(places, int(opts.batch_size or 8)):
+        job.check()
+        images, where = read_places(reader, part, extent_crs, lm.image_size)
+        texts = generate_captions(lm, images, opts)
+        for (bounds, pix), text in zip(where, texts):
+            out.append(PlaceCaptions(bounds, pix, [Caption(text, float("nan"), float("nan"), 1)]))
+        job.step(len(part))
+    return out
+
+
+def generate_captions(lm: LoadedModel, images: np.ndarray, options: Optional[CaptionOptions] = None
+                      ) -> List[str]:
+    """Captions written by a CoCa model for uint8 images (B, H, W, 3)."""
+    import torch
+    from open_clip.tokenizer import decode
+
+    from .encode import to_model_input
+    opts = check(options or CaptionOptions())
+    if not can_generate(lm):
+        raise UsageError(f"{lm.spec} is not a CoCa captioning model", "use a CoCa model")
+    x = to_model_input(lm, images)
+    kwargs: Dict[str, Any] = dict(seq_len=int(opts.max_length), generation_type=opts.method,
+                                  temperature=float(opts.temperature),
+                                  min_seq_len=min(5, int(opts.max_length) - 1))
+    if opts.method == "beam_search":
+        beams = max(2, int(opts.beams))
+        kwargs.update(num_beams=beams, num_beam_groups=1 if beams < 2 else _groups(beams))
+    elif opts.method == "top_p":
+        kwargs.update(top_p=float(opts.top_p))
+    else:
+        kwargs.update(top_k=int(opts.sample_top_k))
+    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(opts.seed))
+        ids = lm.model.generate(x, **kwargs)
+    out = []
+    for row in ids.cpu().tolist():
+        text = decode(row)
+        text = text.replace("<start_of_text>", "").split("<end_of_text>")[0]
+        out.append(" ".join(text.split()).strip(" ."))
+    return out
+
+
+def _groups(beams: int) -> int:
+    """Beam groups for open_clip's group beam search: a divisor of ``beams`` (the largest
+    of 3, 2, 1 that divides it, as its default 6 beams / 3 groups)."""
+    for g in (3, 2, 1):
+        if beams % g == 0 and beams // g >= 1:
+            return g
+    return 1
