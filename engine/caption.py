@@ -309,31 +309,92 @@ def generate_captions(lm: LoadedModel, images: np.ndarray, options: Optional[Cap
     if not can_generate(lm):
         raise UsageError(f"{lm.spec} is not a CoCa captioning model", "use a CoCa model")
     x = to_model_input(lm, images)
-    kwargs: Dict[str, Any] = dict(seq_len=int(opts.max_length), generation_type=opts.method,
-                                  temperature=float(opts.temperature),
-                                  min_seq_len=min(5, int(opts.max_length) - 1))
-    if opts.method == "beam_search":
-        beams = max(2, int(opts.beams))
-        kwargs.update(num_beams=beams, num_beam_groups=1 if beams < 2 else _groups(beams))
-    elif opts.method == "top_p":
-        kwargs.update(top_p=float(opts.top_p))
-    else:
-        kwargs.update(top_k=int(opts.sample_top_k))
+    ctx = int(lm.model_cfg.get("text_cfg", {}).get("context_length", 77))
+    max_len = max(2, min(int(opts.max_length), ctx - 2))
     with torch.inference_mode(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(opts.seed))
-        ids = lm.model.generate(x, **kwargs)
+        image_latent, image_embs = lm.model._encode_image(x)
+        if opts.method == "beam_search":
+            seqs = [_beam_search(lm.model, x[i:i + 1], image_latent[i:i + 1], image_embs[i:i + 1],
+                                 int(opts.beams), max_len) for i in range(len(x))]
+        else:
+            seqs = _sample(lm.model, x, image_latent, image_embs, opts, max_len)
     out = []
-    for row in ids.cpu().tolist():
-        text = decode(row)
-        text = text.replace("<start_of_text>", "").split("<end_of_text>")[0]
-        out.append(" ".join(text.split()).strip(" ."))
+    for row in seqs:
+        ids = [int(t) for t in row if int(t) not in (SOT, EOT, 0)]
+        out.append(" ".join(decode(torch.tensor(ids, dtype=torch.long)).split()).strip(" ."))
     return out
 
 
-def _groups(beams: int) -> int:
-    """Beam groups for open_clip's group beam search: a divisor of ``beams`` (the largest
-    of 3, 2, 1 that divides it, as its default 6 beams / 3 groups)."""
-    for g in (3, 2, 1):
-        if beams % g == 0 and beams // g >= 1:
-            return g
-    return 1
+#: the CLIP tokenizer's start and end of text
+SOT, EOT = 49406, 49407
+#: generation: an end of text is allowed from this many tokens on
+MIN_TOKENS = 2
+
+
+def _next_logits(model, x, tokens, latent, embs):
+    return model(x, tokens, image_latent=latent, image_embs=embs,
+                 output_labels=False)["logits"][:, -1].float()
+
+
+def _beam_search(model, x, latent, embs, beams: int, max_len: int) -> List[int]:
+    """The most likely token sequence (log-probability per token) by beam search."""
+    import torch
+    seqs = torch.full((1, 1), SOT, dtype=torch.long, device=x.device)
+    scores = torch.zeros(1, device=x.device)
+    finished: List[Tuple[float, List[int]]] = []
+    for step in range(max_len):
+        n = len(seqs)
+        logp = torch.log_softmax(_next_logits(model, x.expand(n, -1, -1, -1), seqs,
+                                              latent.expand(n, -1), embs.expand(n, -1, -1)), dim=-1)
+        if step < MIN_TOKENS:
+            logp[:, EOT] = -float("inf")
+        cand = (scores[:, None] + logp).reshape(-1)
+        vals, idx = cand.topk(min(2 * beams, cand.numel()))
+        keep_seqs, keep_scores = [], []
+        for v, j in zip(vals.tolist(), idx.tolist()):
+            b, t = divmod(j, logp.shape[1])
+            seq = seqs[b].tolist() + [t]
+            if t == EOT:
+                finished.append((v / (len(seq) - 1), seq))
+            else:
+                keep_seqs.append(seq)
+                keep_scores.append(v)
+            if len(keep_seqs) == beams:
+                break
+        if len(finished) >= beams or not keep_seqs:
+            break
+        seqs = torch.tensor(keep_seqs, dtype=torch.long, device=x.device)
+        scores = torch.tensor(keep_scores, device=x.device)
+    if not finished:
+        finished = [(float(s) / (len(q) - 1), q.tolist()) for s, q in zip(scores, seqs)]
+    return max(finished, key=lambda f: f[0])[1]
+
+
+def _sample(model, x, latent, embs, opts: CaptionOptions, max_len: int) -> List[List[int]]:
+    """Token sequences sampled with temperature and top-k or top-p (nucleus) filtering."""
+    import torch
+    B = len(x)
+    out = torch.full((B, 1), SOT, dtype=torch.long, device=x.device)
+    done = torch.zeros(B, dtype=torch.bool, device=x.device)
+    for step in range(max_len):
+        logits = _next_logits(model, x, out, latent, embs) / float(opts.temperature)
+        if step < MIN_TOKENS:
+            logits[:, EOT] = -float("inf")
+        if opts.method == "top_k":
+            k = min(int(opts.sample_top_k), logits.shape[1])
+            kth = logits.topk(k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        else:
+            sorted_l, order = logits.sort(dim=-1, descending=True)
+            cum = torch.softmax(sorted_l, dim=-1).cumsum(dim=-1)
+            drop = cum - torch.softmax(sorted_l, dim=-1) > float(opts.top_p)  # keep the first
+            sorted_l = sorted_l.masked_fill(drop, -float("inf"))
+            logits = torch.full_like(logits, -float("inf")).scatter(1, order, sorted_l)
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1)
+        nxt[done] = EOT
+        out = torch.cat([out, nxt], dim=1)
+        done |= nxt[:, 0] == EOT
+        if bool(done.all()):
+            break
+    return [row.tolist() for row in out]

@@ -153,6 +153,9 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "MapCLIP demo model, trained on synthetic scenes (a demo of the pipeline, "
            "not a remote-sensing model)", path="models/demo", family="MapCLIP",
            templates="raw", reference="resources/models/demo/MODEL_CARD.md"),
+    Preset("test-coca-tiny", "mapclip-coca-tiny", "random",
+           "tiny randomly initialised CoCa captioning model for tests (seeded)", family="MapCLIP",
+           reference="engine/configs/mapclip-coca-tiny.json", dev=True),
     Preset("test-tiny", "mapclip-tiny", "random",
            "tiny randomly initialised model for tests (seeded)", family="MapCLIP",
            reference="engine/configs/mapclip-tiny.json", dev=True),
@@ -889,8 +892,11 @@ def build_model(model_cfg: Dict[str, Any]):
     """An open_clip CLIP from a config dict (weights uninitialised or random)."""
     from open_clip.model import CLIP, CustomTextCLIP
     cfg = dict(model_cfg)
-    if "multimodal_cfg" in cfg:
-        raise ModelError("captioning models (CoCa) are not supported", "use a CLIP model")
+    if "multimodal_cfg" in cfg:  # a captioning model (CoCa): CLIP towers plus a text decoder
+        from open_clip.coca_model import CoCa
+        cfg.pop("custom_text", None)
+        cfg.pop("tokenizer_kwargs", None)
+        return CoCa(**cfg)
     custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     cfg.pop("tokenizer_kwargs", None)
     return (CustomTextCLIP if custom else CLIP)(**cfg)
