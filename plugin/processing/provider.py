@@ -18,10 +18,12 @@ from .common import ICON_PATH
 def algorithm_classes() -> List[type]:
     """Every algorithm the provider offers, in toolbox order."""
     from .archive_algs import BuildIndexAlgorithm, SearchIndexAlgorithm
+    from .classify_algs import CaptionAlgorithm, ClassifyAlgorithm
     from .search_algs import CountAlgorithm, DetectAlgorithm, HeatmapAlgorithm
     from .training_algs import (BoxToCaptionAlgorithm, DeduplicateAlgorithm,
                                 FinetuneAlgorithm, MaskToBoxAlgorithm)
-    return [DetectAlgorithm, HeatmapAlgorithm, CountAlgorithm, BuildIndexAlgorithm,
+    return [DetectAlgorithm, HeatmapAlgorithm, CountAlgorithm, ClassifyAlgorithm, CaptionAlgorithm,
+            BuildIndexAlgorithm,
             SearchIndexAlgorithm, FinetuneAlgorithm, BoxToCaptionAlgorithm, MaskToBoxAlgorithm,
             DeduplicateAlgorithm]
 

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 QGIS_PLUGINS = "/usr/share/qgis/python/plugins"
-ALGORITHMS = ("detect", "heatmap", "count", "buildindex", "searchindex", "finetune",
+ALGORITHMS = ("detect", "heatmap", "count", "classify", "caption", "buildindex", "searchindex", "finetune",
               "boxtocaption", "masktobox", "deduplicate")
 
 
@@ -516,3 +516,49 @@ def test_provider_loads_without_torch_and_says_what_is_missing(tmp_path):
     assert "ALGORITHMS 9" in proc.stdout, proc.stderr[-2000:]
     error = [l for l in proc.stdout.splitlines() if l.startswith("ERROR")]
     assert error and "needs the Python package" in error[0] and "Fix:" in error[0], proc.stdout
+
+
+def test_classify_writes_a_paletted_class_map_with_the_class_legend(provider, tmp_path):
+    from qgis.core import QgsRasterLayer, QgsVectorLayer
+    raster = scene(tmp_path / "scene.tif")
+    out, polys = tmp_path / "classes.tif", tmp_path / "classes.gpkg"
+    res = run("classify", {"INPUT": str(raster), "CLASSES": "water; forest\nfield",
+                           "MODEL": "test-tiny", "DEVICE": "cpu", "OUTPUT": str(out),
+                           "POLYGONS": str(polys)})
+    assert res["OUTPUT"] == str(out) and res["POLYGONS"] == str(polys)
+    layer = QgsRasterLayer(str(out), "classes")
+    assert layer.isValid() and layer.crs().authid() == "EPSG:32633"
+    assert layer.renderer().type() == "paletted"          # the .qml beside it was loaded
+    labels = [c.label for c in layer.renderer().classes()]
+    assert labels == ["unknown", "water", "forest", "field"]
+    vec = QgsVectorLayer(str(polys), "polys")
+    assert vec.isValid() and vec.featureCount() > 0
+    assert {f["class"] for f in vec.getFeatures()} <= {"water", "forest", "field"}
+    from qgis.core import QgsProcessingException
+    with pytest.raises(QgsProcessingException, match="only one class"):
+        run("classify", {"INPUT": str(raster), "CLASSES": "water", "MODEL": "test-tiny",
+                         "DEVICE": "cpu", "OUTPUT": str(tmp_path / "one.tif")})
+    assert not (tmp_path / "one.tif").exists()
+
+
+def test_caption_adds_a_caption_field_to_boxes(provider, tmp_path):
+    from qgis.core import QgsFeature, QgsGeometry, QgsRectangle, QgsVectorLayer
+    raster = scene(tmp_path / "scene.tif")
+    boxes = QgsVectorLayer("Polygon?crs=EPSG:32633&field=name:string", "boxes", "memory")
+    for name, (c, r) in (("a", (160, 64)), ("b", (10, 10))):
+        f = QgsFeature(boxes.fields())
+        x0, y1 = map_xy(c, r)
+        x1, y0 = map_xy(c + 32, r + 32)
+        f.setGeometry(QgsGeometry.fromRect(QgsRectangle(x0, y0, x1, y1)))
+        f.setAttributes([name])
+        boxes.dataProvider().addFeature(f)
+    bank = tmp_path / "bank.csv"
+    bank.write_text("caption\na red roof\ngrey ground\nwater\n")
+    res = run("caption", {"INPUT": str(raster), "BOXES": boxes, "MODEL": "test-tiny",
+                          "DEVICE": "cpu", "BANK": str(bank), "OUTPUT": "memory:"})
+    out = res["OUTPUT"]
+    out = out if isinstance(out, QgsVectorLayer) else QgsVectorLayer(out, "out")
+    feats = list(out.getFeatures())
+    assert [f["name"] for f in feats] == ["a", "b"]
+    assert all(f["caption"] in ("a red roof", "grey ground", "water") for f in feats)
+    assert all(-1.0 <= f["caption_score"] <= 1.0 for f in feats)
