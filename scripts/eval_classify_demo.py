@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SEEDS = (9101, 9102, 9103)
-SCENE_PX = 768
+SCENE_PX = 1536
 
 
 def main() -> None:
