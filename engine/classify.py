@@ -711,6 +711,22 @@ VECTOR_SUFFIX = {"GPKG": ".gpkg", "GeoJSON": ".geojson"}
 # --------------------------------------------------------------------------- #
 # Quality against a reference mask.
 # --------------------------------------------------------------------------- #
+#: the classes a synthetic scene's land cover is measured with (engine.synthetic), each with
+#: the mask classes it covers: objects count as the land cover they stand on; runway and
+#: apron are not counted
+SYNTHETIC_CLASSES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("water", ("water", "ship")), ("forest", ("forest",)), ("field", ("field",)),
+    ("bare ground", ("bare-ground", "storage-tank")), ("grass", ("grass", "sports-field")),
+    ("urban", ("urban", "building", "swimming-pool")), ("road", ("road", "vehicle")))
+
+
+def synthetic_targets() -> Tuple[List[str], List[List[int]]]:
+    """(class names, mask values per class) for :func:`compare_to_mask` on synthetic scenes."""
+    from .synthetic import CLASS_VALUE
+    return ([n for n, _ in SYNTHETIC_CLASSES],
+            [[CLASS_VALUE[m] for m in masks] for _, masks in SYNTHETIC_CLASSES])
+
+
 def compare_to_mask(class_map: np.ndarray, transform, mask_path,
                     values: Sequence[Sequence[int]], names: Sequence[str]) -> Dict[str, Any]:
     """Pixel accuracy, per-class IoU and mIoU of a class map against a reference mask.

@@ -6,8 +6,10 @@
 1. draws a held-out synthetic scene (engine.synthetic; seed not used in training),
 2. detects three prompts with the model (engine.detect) and writes the boxes
    (GeoPackage), the heatmap (GeoTIFF) and a PNG of the boxes over the scene,
-3. counts storage tanks on a small counting chip (engine.count, both methods),
-4. prints precision/recall against the scene's exact ground truth and where
+3. maps the scene's land cover from class names (engine.classify) and scores
+   the map against the scene's mask (pixel accuracy, mIoU),
+4. counts storage tanks on a small counting chip (engine.count, both methods),
+5. prints precision/recall against the scene's exact ground truth and where
    the files are.
 
 Runs offline in a minute or two on 2 CPU cores with the shipped demo model.
@@ -131,6 +133,20 @@ def main(argv=None) -> int:
             pc, rcc = centre_hits(mine, gt)
             say(f"  {p:<16} {len(mine):>5}  {len(gt):>5}  {pr:>5.2f} | {pc:.2f}  {rc:>5.2f} | {rcc:.2f}")
 
+        from engine.classify import classify, compare_to_mask, synthetic_targets
+        from engine.options import ClassifyOptions
+        names, values = synthetic_targets()
+        cls = classify(str(out / "scene.tif"), names, lm, options=ClassifyOptions(tile_px=32),
+                       out=str(out / "classes.tif"), overwrite=True)
+        import rasterio
+        with rasterio.open(cls.out) as ds:
+            q = compare_to_mask(ds.read(1), ds.transform, truth.mask_path, values, names)
+        say("")
+        say(f"  classify: {len(names)} land covers -> {cls.out} ({cls.shape[1]} x {cls.shape[0]} "
+            f"cells, {cls.seconds:.1f} s); against the mask: pixel accuracy "
+            f"{q['pixel_accuracy']:.3f}, mIoU {q['miou']:.3f}")
+        say("    IoU " + ", ".join(f"{n} {v:.2f}" for n, v in q["iou"].items()))
+
         chip = S.make_chip(str(out / "count_chip.tif"), "storage-tank", COUNT_OBJECTS, size=160,
                            seed=a.seed, overwrite=True)
         cnt = count(chip.path, "storage tanks", lm, method="both",
@@ -140,7 +156,7 @@ def main(argv=None) -> int:
             f"the model says {cnt.summary()}")
         say("")
         say(f"Files in {out}:")
-        for f in (truth.path, truth.mask_path, truth.coco_path, gpkg, heat, png):
+        for f in (truth.path, truth.mask_path, truth.coco_path, gpkg, heat, png, cls.out):
             say(f"  {f}")
         say(f"Done in {time.time() - t_all:.0f} s.")
     except MapClipError as exc:

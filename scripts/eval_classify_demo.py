@@ -27,7 +27,8 @@ def main() -> None:
     from engine.models import load_model
     from engine.options import ClassifyOptions
     from engine.synthetic import make_scene
-    from tests.engine.quality_classify import CLASS_VALUES, NAMES
+    from engine.classify import synthetic_targets
+    NAMES, CLASS_VALUES = synthetic_targets()
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="build/classify-eval")
     args = ap.parse_args()

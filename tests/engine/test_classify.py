@@ -170,7 +170,8 @@ def test_demo_model_land_cover_quality(tmp_path, one_torch_thread):
     """The demo model's class map against a held-out synthetic scene's mask
     (numbers in resources/models/demo/MODEL_CARD.md, "Land-cover maps")."""
     from engine.synthetic import make_scene
-    from tests.engine.quality_classify import CLASS_VALUES, NAMES
+    from engine.classify import synthetic_targets
+    NAMES, CLASS_VALUES = synthetic_targets()
     make_scene(str(tmp_path / "s.tif"), width=512, seed=9103, coco_path=None)
     r = classify(str(tmp_path / "s.tif"), NAMES, "demo",
                  options=ClassifyOptions(tile_px=32, device="cpu"))
@@ -182,3 +183,15 @@ def test_demo_model_land_cover_quality(tmp_path, one_torch_thread):
 
 PA_FLOOR = 0.55   # measured 0.655 (seed 9103, 512 px)
 MIOU_FLOOR = 0.40  # measured 0.491
+
+
+def test_unscored_cells_are_nodata(tmp_path, tiny_model, one_torch_thread):
+    """Cells only nodata tiles cover are 255 (not a class, not unknown) and are not counted
+    as any class."""
+    path = make_raster(tmp_path / "nd.tif", width=256, height=128, data=noise(3, 128, 256, seed=4),
+                       nodata=0, nodata_box=(0, 0, 128, 128))
+    r = classify(str(path), CLASSES, tiny_model, options=ClassifyOptions(overlap=0.0))
+    left = r.class_map[:, :int(100 / r.cell_px[0])]
+    right = r.class_map[:, -int(100 / r.cell_px[0]):]
+    assert (left == NODATA).all() and set(np.unique(right)) <= {1, 2, 3}
+    assert sum(r.counts.values()) == int((r.class_map != NODATA).sum())
