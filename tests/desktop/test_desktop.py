@@ -236,3 +236,16 @@ def test_step(desktop, name):
     entry = desktop["steps"].get(name)
     assert entry is not None, f"step {name} never ran (QGIS stopped before it)"
     assert entry["ok"], entry.get("traceback") or entry
+
+
+def test_processing_dialog_labels_fit(desktop):
+    """The detect dialog's labels are short enough not to be cut off (the Model field included)."""
+    step = desktop["steps"]["processing_toolbox"]
+    assert step["ok"], step
+    assert step["long_labels"] == []
+
+
+def test_the_archive_map_tool_does_not_move_the_map(desktop):
+    step = desktop["steps"]["archive_map_tool"]
+    assert step["ok"], step
+    assert step["extent_moved"] == 0 and step["tool_restored"]
