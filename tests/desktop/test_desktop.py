@@ -141,11 +141,14 @@ def start_xvfb(env: dict) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def desktop(tmp_path_factory):
+def desktop():
     """Run the whole desktop session once; the results the driver recorded."""
     if not shutil.which("Xvfb"):
         pytest.fail("Xvfb is missing: `python3 build.py setup` installs it (Debian package xvfb)")
-    work = tmp_path_factory.mktemp("desktop")
+    # beside the venv, so the packages' folder is hard links on the same file system
+    work = ROOT / ".cache" / "desktop-tests"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     out, profiles, home = work / "out", work / "profiles", work / "home"
     out.mkdir()
     home.mkdir()
