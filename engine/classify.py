@@ -52,6 +52,7 @@ import numpy as np
 from .errors import UsageError
 from .jobs import Job, atomic_path, check_output_path
 from .options import MAX_CLASSES, ClassifyOptions, check, with_model_defaults
+from .outputs import VECTOR_DRIVERS
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -63,7 +64,6 @@ NODATA = 255
 UNKNOWN_NAME = "unknown"
 #: classes kept in memory (no output path) at most this many cells
 MAX_MEMORY_CELLS = 64_000_000
-VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 
 #: colours for classes whose name holds one of these words (first match wins)
 _NAMED_COLOURS: Tuple[Tuple[Tuple[str, ...], Tuple[int, int, int]], ...] = (
@@ -652,7 +652,6 @@ def write_polygons(class_tif, conf_tif, path, names: Sequence[str], model: str,
     cell, a cell being many native pixels.
     """
     import cv2
-    import pyogrio.raw
     import rasterio
     from rasterio.features import shapes
     with rasterio.open(class_tif) as ds:
@@ -686,7 +685,8 @@ def write_polygons(class_tif, conf_tif, path, names: Sequence[str], model: str,
         f_value.append(v)
         f_score.append(float(sums[lab] / cells[lab]) if cells[lab] else float("nan"))
         f_cells.append(int(cells[lab]))
-    data = [np.array(f_class, dtype=object), np.array(f_value, dtype=np.int32),
+    from .outputs import CLASS_FIELDS, _pyogrio_raw, names as field_names
+    data = [np.array(f_class, dtype=object), np.array(f_value, dtype=np.int64),
             np.array(f_score, dtype=np.float64), np.array(f_cells, dtype=np.int64),
             np.array([model] * len(geoms), dtype=object)]
     path = Path(path)
@@ -694,14 +694,12 @@ def write_polygons(class_tif, conf_tif, path, names: Sequence[str], model: str,
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*'crs' was not provided")
-            pyogrio.raw.write(str(tmp_file), np.array(geoms, dtype=object), data,
-                              ["class", "value", "score", "cells", "model"], driver=driver,
-                              geometry_type="Polygon", crs=crs.to_wkt() if crs else None,
-                              layer="classes")
+            _pyogrio_raw().write(str(tmp_file), np.array(geoms, dtype=object), data,
+                                 field_names(CLASS_FIELDS), driver=driver, geometry_type="Polygon",
+                                 crs=crs.to_wkt() if crs else None, layer="classes")
         tmp_file.replace(path)
     finally:
-        if tmp_file.exists():
-            tmp_file.unlink()
+        tmp_file.unlink(missing_ok=True)
     return len(geoms)
 
 

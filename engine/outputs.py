@@ -37,6 +37,12 @@ HIT_FIELDS: Fields = (("rank", "int"), ("score", "float"), ("cosine", "float"),
 #: counted objects (engine.count dense components)
 COUNT_FIELDS: Fields = (("object", "str"), ("rank", "int"), ("score", "float"), ("area", "int"),
                         ("method", "str"), ("model", "str"))
+#: classify's polygons (engine.classify.write_polygons): one per 4-connected region of a class;
+#: score is the mean best-class score of its cells
+CLASS_FIELDS: Fields = (("class", "str"), ("value", "int"), ("score", "float"), ("cells", "int"),
+                        ("model", "str"))
+#: what mapclip:caption adds to a box layer: the best caption and its cosine (empty if generated)
+CAPTION_FIELDS: Fields = (("caption", "str"), ("caption_score", "float"))
 
 VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 WGS84 = "EPSG:4326"

@@ -163,7 +163,10 @@ class CaptionAlgorithm(RasterSearchAlgorithm):
         feats = list(source.getFeatures())
         fields = source.fields()
         out_fields = type(fields)(fields)
-        for fname, ftype in ((name, QVariant.String), (f"{name}_score", QVariant.Double)):
+        from ...engine.outputs import CAPTION_FIELDS  # caption, caption_score (renamed after FIELD)
+        kinds = {"str": QVariant.String, "float": QVariant.Double}
+        for (_, kind), fname in zip(CAPTION_FIELDS, (name, f"{name}_score")):
+            ftype = kinds[kind]
             if out_fields.indexOf(fname) < 0:
                 out_fields.append(QgsField(fname, ftype))
         sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, out_fields,
