@@ -15,7 +15,7 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField, QgsProcessing,
                        QgsProcessingParameterFeatureSource, QgsProcessingParameterFile,
                        QgsProcessingParameterNumber, QgsProcessingParameterRasterDestination,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
-                       QgsProcessingParameterVectorDestination, QgsWkbTypes)
+                       QgsProcessingParameterVectorDestination)
 from qgis.PyQt.QtCore import QVariant
 
 from ...engine.options import ATTENTION_MODES as ATTENTION_
