@@ -149,6 +149,15 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("openai-vit-l-14", "ViT-L-14-quickgelu", "open_clip",
            "OpenAI CLIP ViT-L/14 (general-purpose baseline)", tag="openai", family="OpenAI CLIP",
            reference="https://github.com/openai/CLIP"),
+    # open_clip's captioning models: CLIP towers plus a text decoder (engine.caption generates)
+    Preset("coca-vit-b-32", "coca_ViT-B-32", "open_clip",
+           "CoCa ViT-B/32 (LAION-2B, fine-tuned on MS-COCO captions): writes captions; "
+           "general-purpose, not remote sensing", tag="mscoco_finetuned_laion2b_s13b_b90k",
+           family="CoCa", reference="https://github.com/mlfoundations/open_clip"),
+    Preset("coca-vit-l-14", "coca_ViT-L-14", "open_clip",
+           "CoCa ViT-L/14 (LAION-2B, fine-tuned on MS-COCO captions): writes captions; "
+           "general-purpose, not remote sensing", tag="mscoco_finetuned_laion2b_s13b_b90k",
+           family="CoCa", reference="https://github.com/mlfoundations/open_clip"),
     Preset("demo", "mapclip-demo", "folder",
            "MapCLIP demo model, trained on synthetic scenes (a demo of the pipeline, "
            "not a remote-sensing model)", path="models/demo", family="MapCLIP",

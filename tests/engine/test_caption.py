@@ -114,3 +114,18 @@ def test_cli_caption(scene, tmp_path, capsys, one_torch_thread):
     (tmp_path / "empty.txt").write_text("")
     rc = cli_main(["caption", str(scene), "--model", "demo", "--bank", str(tmp_path / "empty.txt")])
     assert rc == 2 and "no captions" in capsys.readouterr().err
+
+
+def test_a_coca_checkpoint_loads_and_writes_the_same_captions(tmp_path, one_torch_thread):
+    """A CoCa state dict (safetensors) loads through ARCH:CHECKPOINT like any CLIP's, strictly."""
+    from safetensors.torch import save_file
+
+    from engine.caption import generate_captions
+    from engine.models import load_model
+    lm = load_model("test-coca-tiny", device="cpu")
+    ckpt = tmp_path / "coca.safetensors"
+    save_file({k: v.contiguous() for k, v in lm.model.state_dict().items()}, str(ckpt))
+    again = load_model(f"mapclip-coca-tiny:{ckpt}", device="cpu")
+    img = noise(3, 64, 64, seed=9).transpose(1, 2, 0)[None]
+    opts = CaptionOptions(max_length=8)
+    assert generate_captions(again, img, opts) == generate_captions(lm, img, opts)
