@@ -369,7 +369,8 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
              extent_crs: Optional[str] = None, options: Optional[ClassifyOptions] = None,
              progress=None, cancel=None, out: Optional[str] = None,
              scores_out: Optional[str] = None, polygons_out: Optional[str] = None,
-             overwrite: bool = False) -> ClassifyResult:
+             overwrite: bool = False, within: Optional[Sequence[Dict[str, Any]]] = None,
+             within_crs: Optional[str] = None) -> ClassifyResult:
     """Classify ``raster`` (within ``extent``) into ``classes``; see the module doc.
 
     Without ``out`` the class map (and, with ``options.scores``, the score
@@ -379,6 +380,10 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
     beside it; ``scores_out`` writes the per-class scores (float32, one band a
     class); ``polygons_out`` (.gpkg/.geojson) the map vectorised (fields class,
     value, score = mean best score, cells). All outputs, or none on error.
+    ``within``: polygons (GeoJSON geometry mappings, in ``within_crs``, default
+    the raster's CRS, e.g. from :func:`read_within`): only cells whose centre
+    lies inside one are classified, the others are not scored (255); the
+    extent becomes the polygons' bounds (within ``extent`` when both are given).
     ``progress(done, total)`` counts tiles; ``cancel`` stops within a batch.
     """
     from .detect import BatchRunner
@@ -417,6 +422,13 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
         notes.extend(reader.warnings)
         from .raster import extent_to_window
         area = extent_to_window(info, extent, extent_crs)
+        geoms = None
+        if within is not None:
+            geoms = _within_in_raster_crs(within, within_crs, info)
+            area = area.intersection(extent_to_window(info, _geoms_bounds(geoms)))
+            if area.is_empty():
+                raise UsageError("the polygons do not overlap the extent",
+                                 "give polygons inside the extent, or leave the extent out")
         job.check()
         lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=opts.device, precision=opts.precision)
@@ -465,6 +477,11 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
             for row0, probs in _score_bands(reader, plan, encode, len(names), opts, job, runner,
                                             facts):
                 cls_band, conf = _classify_band(probs, opts.threshold)
+                if geoms is not None:
+                    outside = _outside(geoms, plan, row0, cls_band.shape[0])
+                    cls_band[outside] = NODATA
+                    conf[outside] = np.nan
+                    probs[:, outside] = np.nan
                 counts += np.bincount(cls_band.ravel(), minlength=256)
                 k = cls_band.shape[0]
                 if mem_map is not None:
@@ -501,6 +518,119 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
         polygons_out=str(polygons_out) if polygons_out else None,
         style_out=str(_style_path(out)) if out else None, polygons=n_poly if out else 0,
         warnings=notes)
+
+
+def _within_in_raster_crs(within, within_crs, info) -> List[Dict[str, Any]]:
+    geoms = [dict(g) for g in within]
+    if not geoms:
+        raise UsageError("no polygons given to classify within",
+                         "give at least one polygon, or leave them out for the whole extent")
+    bad = sorted({str(g.get("type")) for g in geoms} - {"Polygon", "MultiPolygon"})
+    if bad:
+        raise UsageError(f"classify within needs polygons, not {', '.join(bad)}",
+                         "give a polygon layer (areas, not points or lines)")
+    if within_crs:
+        from rasterio.crs import CRS
+        from rasterio.warp import transform_geom
+        try:
+            src = CRS.from_user_input(within_crs)
+        except Exception as exc:
+            raise UsageError(f"unknown CRS of the polygons {within_crs!r} ({exc})",
+                             "give it as EPSG:N or WKT") from None
+        if not info.crs:
+            raise UsageError(f"{info.path} has no CRS, so polygons in {within_crs} cannot be placed",
+                             "give the polygons in the raster's pixel coordinates, without a CRS")
+        dst = CRS.from_wkt(info.crs)
+        if src != dst:
+            geoms = [transform_geom(src, dst, g) for g in geoms]
+    return geoms
+
+
+def _geoms_bounds(geoms) -> Tuple[float, float, float, float]:
+    xs, ys = [], []
+
+    def walk(c):
+        if c and isinstance(c[0], (int, float)):
+            xs.append(float(c[0]))
+            ys.append(float(c[1]))
+        else:
+            for x in c:
+                walk(x)
+    for g in geoms:
+        walk(g["coordinates"])
+    if not xs:
+        raise UsageError("the polygons are empty", "give polygons with area")
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _outside(geoms, plan: _Plan, row0: int, k: int) -> np.ndarray:
+    """True for the cells of output rows [row0, row0 + k) whose centre is in no polygon."""
+    from affine import Affine
+    from rasterio.features import geometry_mask
+    return geometry_mask(geoms, out_shape=(k, plan.shape[1]),
+                         transform=plan.transform @ Affine.translation(0, row0))
+
+
+def _parse_wkb(buf: bytes, off: int = 0) -> Tuple[List[Dict[str, Any]], int]:
+    """GeoJSON polygons from WKB (ISO or EWKB; Polygon, MultiPolygon, collections of them;
+    Z and M dropped). Other geometry types raise a UsageError."""
+    import struct
+    bo = "<" if buf[off] == 1 else ">"
+    off += 1
+    (t,) = struct.unpack_from(bo + "I", buf, off)
+    off += 4
+    has_z, has_m = bool(t & 0x80000000), bool(t & 0x40000000)
+    if t & 0x20000000:
+        off += 4  # EWKB SRID
+    t &= 0x0FFFFFFF
+    if t >= 1000:
+        has_z |= t // 1000 in (1, 3)
+        has_m |= t // 1000 in (2, 3)
+        t %= 1000
+    nd = 2 + int(has_z) + int(has_m)
+    if t == 3:
+        (n,) = struct.unpack_from(bo + "I", buf, off)
+        off += 4
+        rings = []
+        for _ in range(n):
+            (m,) = struct.unpack_from(bo + "I", buf, off)
+            off += 4
+            pts = np.frombuffer(buf, dtype=bo + "f8", count=m * nd, offset=off).reshape(m, nd)
+            off += 8 * m * nd
+            rings.append([(float(x), float(y)) for x, y in pts[:, :2]])
+        return [{"type": "Polygon", "coordinates": rings}], off
+    if t in (6, 7):
+        (n,) = struct.unpack_from(bo + "I", buf, off)
+        off += 4
+        out: List[Dict[str, Any]] = []
+        for _ in range(n):
+            part, off = _parse_wkb(buf, off)
+            out.extend(part)
+        return out, off
+    names = {1: "points", 2: "lines", 4: "points", 5: "lines"}
+    raise UsageError(f"classify within needs polygons, not {names.get(t, f'geometry type {t}')}",
+                     "give a polygon layer (areas, not points or lines)")
+
+
+def read_within(path) -> Tuple[List[Dict[str, Any]], Optional[str]]:
+    """The polygons of a vector file (.gpkg, .geojson, .shp, ...) as GeoJSON mappings,
+    and the file's CRS (WKT, None if it has none), for ``classify(within=...)``."""
+    from .outputs import _pyogrio_raw
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"polygon file {p} does not exist", "check the path")
+    try:
+        meta, _, geometry, _ = _pyogrio_raw().read(str(p), read_geometry=True)
+    except Exception as exc:
+        raise UsageError(f"cannot read polygons from {p} ({str(exc).splitlines()[0] if str(exc) else exc})",
+                         "give a GeoPackage, GeoJSON or shapefile of polygons") from None
+    geoms: List[Dict[str, Any]] = []
+    for wkb in geometry if geometry is not None else ():
+        if wkb is not None:
+            geoms.extend(_parse_wkb(bytes(wkb))[0])
+    if not geoms:
+        raise UsageError(f"{p} holds no polygons", "give a file with at least one polygon")
+    return geoms, meta.get("crs")
 
 
 def _encoder(lm: LoadedModel, bank, opts: ClassifyOptions, method: str):

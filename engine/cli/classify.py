@@ -35,6 +35,9 @@ def register(sub) -> None:
                    help="only this extent (default: the whole raster)")
     p.add_argument("--extent-crs", default=None, metavar="EPSG:N",
                    help="CRS of --extent (default: the raster's CRS)")
+    p.add_argument("--within", default=None, metavar="POLYGONS.gpkg",
+                   help="only the cells whose centre lies in one of these polygons (any vector "
+                        "file, any CRS); the others are 255 (not scored)")
     p.add_argument("--threshold", type=float, default=None, metavar="T",
                    help="cells whose best class scores below T (0..1) are 'unknown' (value 0); "
                         "default: none")
@@ -90,13 +93,18 @@ def run(args: argparse.Namespace) -> int:
         if args.extent else None
     if args.extent_crs and not extent:
         raise UsageError("--extent-crs given without --extent", "add --extent xmin,ymin,xmax,ymax")
+    within = within_crs = None
+    if args.within:
+        from ..classify import read_within
+        within, within_crs = read_within(args.within)
     opts = options_from_args(args)
     bar = tqdm_progress("classify", unit="tile")
     try:
         result = classify(args.raster, args.classes, args.model, extent=extent,
                           extent_crs=args.extent_crs, options=opts, progress=bar,
                           cancel=cancel_event(), out=args.out, scores_out=args.scores,
-                          polygons_out=args.polygons, overwrite=args.overwrite)
+                          polygons_out=args.polygons, overwrite=args.overwrite,
+                          within=within, within_crs=within_crs)
     finally:
         bar.close()
     for note in result.warnings:

@@ -43,7 +43,7 @@ class ClassifyAlgorithm(RasterSearchAlgorithm):
             "docs/classify.md.")
 
     CLASSES, TILE, THRESHOLD, SMOOTHING, OVERLAP = "CLASSES", "TILE", "THRESHOLD", "SMOOTHING", "OVERLAP"
-    ATTENTION, TEMPLATES = "ATTENTION", "TEMPLATES"
+    ATTENTION, TEMPLATES, WITHIN = "ATTENTION", "TEMPLATES", "WITHIN"
     OUTPUT, SCORES, POLYGONS = "OUTPUT", "SCORES", "POLYGONS"
 
     def initAlgorithm(self, config=None):  # noqa: N802
@@ -52,6 +52,9 @@ class ClassifyAlgorithm(RasterSearchAlgorithm):
             self.CLASSES, "Classes (one per line, or separated by ;), e.g. water; forest; field",
             multiLine=True))
         self.add_common_params()
+        self.addParameter(QgsProcessingParameterFeatureSource(
+            self.WITHIN, "Only within these polygons (empty: the whole area)",
+            [QgsProcessing.TypeVectorPolygon], optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.TILE, "Tile size, px (empty: the model's)", QgsProcessingParameterNumber.Integer,
             optional=True, minValue=8))
@@ -85,6 +88,14 @@ class ClassifyAlgorithm(RasterSearchAlgorithm):
         polygons = (self.parameterAsOutputLayer(parameters, self.POLYGONS, context)
                     if parameters.get(self.POLYGONS) else None) or None
         threshold = optional_number(parameters.get(self.THRESHOLD))
+        within = within_crs = None
+        if parameters.get(self.WITHIN) not in (None, ""):
+            import json
+            source = self.parameterAsSource(parameters, self.WITHIN, context)
+            if source is not None:  # selected features only, when the user asked for it
+                within = [json.loads(f.geometry().asJson()) for f in source.getFeatures()
+                          if f.hasGeometry() and not f.geometry().isEmpty()]
+                within_crs = crs_text(source.sourceCrs())
         bridge = FeedbackBridge(feedback)
         with engine_errors():
             from ...engine.classify import classify, clean_classes
@@ -105,7 +116,8 @@ class ClassifyAlgorithm(RasterSearchAlgorithm):
                 lm = self.model(parameters, context, feedback)
                 result = classify(path, classes, lm, extent=extent, extent_crs=crs, options=opts,
                                   progress=bridge.progress, cancel=bridge, out=out,
-                                  scores_out=scores, polygons_out=polygons, overwrite=True)
+                                  scores_out=scores, polygons_out=polygons, overwrite=True,
+                                  within=within, within_crs=within_crs)
         for note in result.warnings:
             feedback.pushWarning(note)
         feedback.pushInfo(", ".join(f"{k}: {100 * v:.1f}%" for k, v in result.shares.items()))

@@ -195,3 +195,61 @@ def test_unscored_cells_are_nodata(tmp_path, tiny_model, one_torch_thread):
     right = r.class_map[:, -int(100 / r.cell_px[0]):]
     assert (left == NODATA).all() and set(np.unique(right)) <= {1, 2, 3}
     assert sum(r.counts.values()) == int((r.class_map != NODATA).sum())
+
+
+def test_within_polygons_only_their_cells_are_classified(raster, tmp_path, tiny_model,
+                                                         one_torch_thread):
+    """Cells whose centre is outside the polygons are not scored (255); the map covers their
+    bounds; a polygon file (GeoPackage, in another CRS) reads the same."""
+    from engine.classify import read_within
+    with rasterio.open(raster) as ds:
+        b = ds.bounds
+    x0, y1 = b.left + 10.3, b.top - 10.1   # off the cell grid: no cell centre on an edge
+    tri = {"type": "Polygon", "coordinates": [[(x0, y1), (x0 + 61.7, y1), (x0, y1 - 59.3), (x0, y1)]]}
+    r = classify(raster, CLASSES, tiny_model, within=[tri])
+    full = classify(raster, CLASSES, tiny_model)
+    assert r.shape[0] < full.shape[0] and r.shape[1] < full.shape[1]
+    m = r.class_map
+    assert m[1, 1] != NODATA and m[-1, -1] == NODATA          # inside the right angle; far corner
+    scored = m != NODATA
+    assert 0.3 < scored.mean() < 0.8
+    # written as a file in EPSG:4326 and read back: the same cells
+    from rasterio.warp import transform_geom
+    from engine.outputs import _pyogrio_raw
+    from engine.classify import _polygon_wkb
+    g = transform_geom("EPSG:32633", "EPSG:4326", tri)
+    _pyogrio_raw().write(str(tmp_path / "w.gpkg"), np.array([_polygon_wkb(g["coordinates"])],
+                         dtype=object), [], [], driver="GPKG", geometry_type="Polygon",
+                         crs="EPSG:4326")
+    geoms, crs = read_within(tmp_path / "w.gpkg")
+    r2 = classify(raster, CLASSES, tiny_model, within=geoms, within_crs=crs)
+    assert r2.shape == r.shape
+    assert ((r2.class_map != NODATA) != scored).mean() < 0.05
+    with pytest.raises(UsageError, match="needs polygons"):
+        classify(raster, CLASSES, tiny_model, within=[{"type": "Point", "coordinates": (x0, y1)}])
+    with pytest.raises(UsageError, match="misses the raster"):
+        classify(raster, CLASSES, tiny_model,
+                 within=[{"type": "Polygon", "coordinates": [[(0, 0), (1, 0), (0, 1), (0, 0)]]}])
+
+
+def test_cli_within_a_polygon_file(raster, tmp_path, capsys, one_torch_thread):
+    from engine.outputs import write_vector
+    with rasterio.open(raster) as ds:
+        b = ds.bounds
+    box = (b.left + 10.3, b.top - 40.1, b.left + 40.3, b.top - 10.1)
+    write_vector(tmp_path / "w.gpkg", (("name", "str"),), [{"name": "a"}], [box], "EPSG:32633",
+                 "areas")
+    rc = cli_main(["classify", raster, "--class", "water", "--class", "forest", "--model",
+                   "test-tiny", "--device", "cpu", "--out", str(tmp_path / "c.tif"), "--within",
+                   str(tmp_path / "w.gpkg"), "--json"])
+    assert rc == 0
+    info = json.loads(capsys.readouterr().out)
+    with rasterio.open(tmp_path / "c.tif") as ds:
+        m = ds.read(1)
+    assert (m != NODATA).sum() == sum(info["counts"].values()) > 0
+    assert info["shape"][0] * 8 <= 30 / 0.5 + 16            # the map covers the box, not the raster
+    rc = cli_main(["classify", raster, "--class", "water", "--class", "forest", "--model",
+                   "test-tiny", "--out", str(tmp_path / "d.tif"), "--within",
+                   str(tmp_path / "none.gpkg")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "d.tif").exists()

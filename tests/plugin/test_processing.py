@@ -534,6 +534,30 @@ def test_classify_writes_a_paletted_class_map_with_the_class_legend(provider, tm
     vec = QgsVectorLayer(str(polys), "polys")
     assert vec.isValid() and vec.featureCount() > 0
     assert {f["class"] for f in vec.getFeatures()} <= {"water", "forest", "field"}
+    # only within the selected polygon: the other cells are not scored
+    from qgis.core import QgsFeature, QgsGeometry, QgsProcessingFeatureSourceDefinition, QgsProject, QgsRectangle
+    areas = QgsVectorLayer("Polygon?crs=EPSG:32633", "areas", "memory")
+    for c0, r0 in ((20, 20), (150, 100)):
+        f = QgsFeature(areas.fields())
+        x0, y1 = map_xy(c0 + 0.3, r0 + 0.3)
+        x1, y0 = map_xy(c0 + 60.3, r0 + 60.3)
+        f.setGeometry(QgsGeometry.fromRect(QgsRectangle(x0, y0, x1, y1)))
+        areas.dataProvider().addFeature(f)
+    QgsProject.instance().addMapLayer(areas)
+    areas.selectByIds([next(areas.getFeatures()).id()])
+    try:
+        run("classify", {"INPUT": str(raster), "CLASSES": "water; forest", "MODEL": "test-tiny",
+                         "DEVICE": "cpu", "OUTPUT": str(tmp_path / "within.tif"),
+                         "WITHIN": QgsProcessingFeatureSourceDefinition(areas.id(), True)})
+    finally:
+        QgsProject.instance().removeMapLayer(areas.id())
+    import rasterio
+    with rasterio.open(tmp_path / "within.tif") as ds:
+        m, tf = ds.read(1), ds.transform
+    scored = np.argwhere(m != 255)
+    assert len(scored) > 0
+    xs = [(tf @ (c + 0.5, r + 0.5))[0] for r, c in scored]
+    assert max(xs) < map_xy(81, 0)[0]           # only the first (selected) square
     from qgis.core import QgsProcessingException
     with pytest.raises(QgsProcessingException, match="only one class"):
         run("classify", {"INPUT": str(raster), "CLASSES": "water", "MODEL": "test-tiny",
