@@ -1075,3 +1075,18 @@ def iter_tile_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: i
     """
     return TileBatches(reader, tiles, batch_size, job=job, prefetch=prefetch, workers=workers,
                        min_valid=min_valid, skip_empty=skip_empty)
+
+
+def raster_files(path: str | os.PathLike) -> List[str]:
+    """Every file GDAL reads for ``path`` (a VRT's sources, a world file, an
+    .aux.xml, overviews), for the output guard: none of them may be an output."""
+    files = [os.fspath(path)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(os.fspath(path)) as ds:
+                files.extend(ds.files or [])
+    except Exception:  # noqa: BLE001 - an unreadable raster is reported by its reader
+        pass
+    return list(dict.fromkeys(files))
+

@@ -84,7 +84,12 @@ def _print_metrics(name: str, m: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..finetune import FinetuneOptions, finetune
     from ..finetune import options_from_run
+    from ..jobs import check_outputs
     given = {k: getattr(args, k) for k in TUNABLE if getattr(args, k) is not None}
+    check_outputs([("--out", args.out)],
+                  [("--data", d) for d in args.data] + [("--images", args.images)]
+                  + [("--model", args.model)],
+                  folders=["--out"], may_exist=["--out"])
     common = dict(model=args.model, data=args.data, device=args.device, precision=args.precision,
                   strict=args.strict, workers=args.workers)
     if args.images:
