@@ -1113,7 +1113,8 @@ def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any]) -> List[_Sourc
     for p in paths:
         with open_raster(str(p), read_opts) as reader:
             ri = reader.info
-            grids = {int(s): TileGrid.for_raster(ri, None, int(s), _stride_for(layout, int(s)), layout["gsd"])
+            grids = {int(s): TileGrid.for_raster(ri, None, int(s), _stride_for(layout, int(s)),
+                                                 layout["gsd"], max_tiles=None)
                      for s in layout["scales"]}
         georef = {"crs": ri.crs, "transform": [float(v) for v in list(ri.transform)[:6]],
                   "width": int(ri.width), "height": int(ri.height)}
