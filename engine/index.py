@@ -355,7 +355,64 @@ def model_identity(lm) -> Dict[str, Any]:
                                   for v in encode_images(lm, probe_image(lm.image_size))[0].cpu()]})
     facts.pop("device", None)
     facts.pop("precision", None)
+    facts["weights"] = weights_fingerprint(lm)
     return facts
+
+
+#: weight precisions a fingerprint is kept for, finest first
+FINGERPRINT_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def weights_fingerprint(lm) -> Dict[str, str]:
+    """SHA-256 of the model's weights (every parameter and buffer, by name), per
+    precision: the weights as loaded, and, for fp32 weights, rounded to bf16 and
+    fp16 the way a model loaded at those precisions is, so that an index built
+    in fp32 recognises the same weights loaded in bf16 on a GPU. Two models with
+    any weight different (a fine-tuned copy) never share a fingerprint.
+    Cached on the loaded model."""
+    import torch
+    cached = getattr(lm, "_mapclip_fingerprint", None)
+    if cached is not None:
+        return dict(cached)
+    module = lm.model
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    tensors = sorted(list(module.state_dict().items()), key=lambda kv: kv[0])
+    dtypes = {t.dtype for _, t in tensors if t.is_floating_point()}
+    own = names.get(next(iter(dtypes))) if len(dtypes) == 1 else None
+    targets = []
+    if own == "fp32":
+        targets = [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+    elif own is not None:
+        targets = [(own, None)]
+    out: Dict[str, str] = {}
+    for key, cast in targets:
+        h = hashlib.sha256()
+        for name, t in tensors:
+            t = t.detach()
+            if cast is not None and t.is_floating_point():
+                t = t.to(cast)
+            t = t.cpu().contiguous().reshape(-1)
+            h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        out[key] = h.hexdigest()
+    try:
+        lm._mapclip_fingerprint = dict(out)
+    except AttributeError:  # pragma: no cover - a frozen object
+        pass
+    return out
+
+
+def same_weights(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[bool]:
+    """Whether two identities have the same weights by fingerprint: True/False at
+    the finest precision both recorded; None when they share none (an index
+    written before fingerprints, or bf16 against fp16 weights)."""
+    fa, fb = a.get("weights") or {}, b.get("weights") or {}
+    if not isinstance(fa, dict) or not isinstance(fb, dict):
+        return None
+    for key in FINGERPRINT_DTYPES:
+        if key in fa and key in fb:
+            return fa[key] == fb[key]
+    return None
 
 
 def _describe_model(m: Dict[str, Any]) -> str:
@@ -363,8 +420,13 @@ def _describe_model(m: Dict[str, Any]) -> str:
 
 
 def same_space(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
-    """True when two model identities embed into the same space."""
+    """True when two model identities embed into the same space: the same weights
+    by fingerprint (:func:`weights_fingerprint`) where both have one, and the
+    probe embeddings agree. A fine-tuned copy of a model has probes close to its
+    parent's but other weights: it is not the same space."""
     if int(a.get("embed_dim", -1)) != int(b.get("embed_dim", -2)):
+        return False
+    if same_weights(a, b) is False:
         return False
     for key in ("probe_text", "probe_image"):
         u, v = np.asarray(a.get(key) or [], np.float64), np.asarray(b.get(key) or [], np.float64)
@@ -379,6 +441,25 @@ def same_space(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- #
 # Reading an index.
 # --------------------------------------------------------------------------- #
+#: stored vectors are L2-normalised in float16: their norms lie within this of 1
+NORM_TOLERANCE = 0.02
+
+
+def _check_vectors(path: Path, name: str, emb: np.ndarray, step: int = 1 << 16) -> None:
+    """Refuse a shard whose vectors are not finite unit vectors (random bytes,
+    a foreign array): they would give cosines of 1883 or NaN scores."""
+    for i in range(0, len(emb), step):
+        block = np.asarray(emb[i:i + step], np.float32)
+        if not np.isfinite(block).all():
+            raise _damaged(path, f"shard {name} holds NaN or infinite values")
+        norms = np.linalg.norm(block, axis=1)
+        bad = np.abs(norms - 1.0) > NORM_TOLERANCE
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise _damaged(path, f"shard {name} row {i + k} is not a unit vector (norm "
+                                 f"{norms[k]:.4g}): not embeddings this index wrote")
+
+
 def _damaged(path: Path, what: str) -> MapClipError:
     return MapClipError(f"index {path} is damaged: {what}",
                         "build it again into a new folder (python -m engine index ... --out NEW), "
@@ -470,7 +551,14 @@ class Index:
                                       f"the manifest says float16({n}, {d})")
         if tiles.dtype != TILE_DTYPE or tiles.shape != (n,):
             raise _damaged(self.path, f"shard {s['tiles']} does not hold {n} tile records")
+        _check_vectors(self.path, s["emb"], emb)
         return emb, tiles
+
+    def verify(self) -> None:
+        """Read every shard and check it (shape, type, finite unit vectors); a
+        damaged index raises before anything is written to it."""
+        for s in self.manifest["shards"]:
+            self._load_shard(s)
 
     def _load(self) -> None:
         if self._emb is not None:
@@ -1182,6 +1270,7 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     identity = model_identity(lm)
     if existing is not None:
         _check_append(out, existing, identity)
+        Index(out).verify()      # a damaged index is refused before anything is written
     layout = _layout(options, existing["options"] if existing else None, lm.image_size)
     sources_ = _probe_sources(paths, layout)
     job.check()
