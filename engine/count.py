@@ -37,6 +37,7 @@ import numpy as np
 from .convert import article, plural, with_count  # noqa: F401  (re-exported: the one place)
 from .errors import UsageError
 from .jobs import Job
+from .options import DENSE_THRESHOLD, CountOptions, ModelDefaults, check, with_model_defaults  # noqa: F401
 
 METHODS = ("prompt", "dense", "both")
 #: RemoteCount's counts
@@ -124,24 +125,6 @@ def argmax_count(sims: np.ndarray, counts: Sequence[int] = COUNT_RANGE) -> Tuple
 # --------------------------------------------------------------------------- #
 # Options and results.
 # --------------------------------------------------------------------------- #
-@dataclass
-class CountOptions:
-    """How to count. ``tile_px``: None counts the whole extent as one image
-    (prompt method); a size counts per tile and sums. ``zero``: add the n = 0
-    caption (default: only when counting per tile). ``threshold``/``min_area``:
-    dense components (default threshold: engine.detect.DENSE_THRESHOLD)."""
-
-    tile_px: Optional[int] = None
-    zero: Optional[bool] = None
-    dense_tile_px: Optional[int] = None  # dense tiles; default: the model's input size
-    threshold: Optional[float] = None
-    min_area: int = 1
-    batch_size: int = 64
-    read: Any = None                     # engine.raster.ReadOptions
-    device: Optional[str] = None
-    precision: Optional[str] = None
-
-
 @dataclass
 class CountBox:
     """One counted object (dense method): its box and heatmap peak."""
@@ -268,14 +251,9 @@ def heatmap_count(heat: np.ndarray, transform, threshold: float, min_area: int =
 # --------------------------------------------------------------------------- #
 def _check(method: str, options: CountOptions) -> None:
     if method not in METHODS:
-        raise UsageError(f"unknown count method {method!r}", "use --method prompt, dense or both")
-    if options.tile_px is not None and int(options.tile_px) < 8:
-        raise UsageError(f"tile size must be at least 8 px, got {options.tile_px}", "e.g. --tile 224")
-    if options.threshold is not None and not 0.0 <= float(options.threshold) <= 1.0:
-        raise UsageError(f"threshold {options.threshold} is not a score between 0 and 1",
-                         "e.g. --threshold 0.5")
-    if int(options.min_area) < 1:
-        raise UsageError(f"min area must be at least 1 cell, got {options.min_area}", "e.g. --min-area 2")
+        raise UsageError(f"unknown count method {method!r}", "use --method prompt, dense or both",
+                         option="method")
+    check(options)
 
 
 def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) -> PromptCount:
@@ -382,6 +360,7 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
         area = extent_to_window(info, extent, extent_crs)
         lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=options.device, precision=options.precision)
+        options = check(with_model_defaults(options, lm.defaults))
         prompt_res = _prompt_count(reader, area, lm, name, options, job) if method in ("prompt", "both") else None
     dense_res = None
     if method in ("dense", "both"):

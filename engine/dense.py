@@ -33,8 +33,7 @@ if TYPE_CHECKING:  # torch loads on first use (the CLI imports the constants che
 
     from .models import LoadedModel
 
-ATTENTION_MODES = ("qq", "qq+kk", "kk", "vv")
-DEFAULT_ATTENTION = "qq"
+from .options import ATTENTION_MODES, DEFAULT_ATTENTION  # noqa: E402,F401
 
 
 #: bytes of float pixels converted at once before resizing (bounds peak memory)

@@ -44,10 +44,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from .boxes import heatmap_components, nms, pixel_to_bounds, union_merge
-from .dense import ATTENTION_MODES, DEFAULT_ATTENTION
 from .errors import MapClipError, UsageError
 from .jobs import Job, atomic_path, check_output_path
-from .scoring import DEFAULT_BACKGROUND_PROMPTS, PromptBank
+from .options import (ATTENTION_MODES, DEFAULT_ATTENTION, DENSE_THRESHOLD, MERGES, MODES,  # noqa: F401
+                      DetectOptions, ReadOptions, check, with_model_defaults)
+from .scoring import PromptBank
 from .tiling import PixelWindow, TileGrid
 
 if TYPE_CHECKING:  # torch, rasterio and open_clip load on first use, not on import
@@ -57,43 +58,9 @@ if TYPE_CHECKING:  # torch, rasterio and open_clip load on first use, not on imp
     from .raster import ReadOptions
 
 
-def _read_options() -> "ReadOptions":
-    from .raster import ReadOptions
-    return ReadOptions()
-
-MODES = ("window", "dense")
-MERGES = ("nms", "union")
 #: dense heatmap cells per patch side
 DENSE_UPSAMPLE = 2
-#: dense mode's default threshold on the softmax score
-DENSE_THRESHOLD = 0.5
 VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
-
-
-@dataclass
-class DetectOptions:
-    """How to detect (defaults are the documented CLI defaults)."""
-
-    mode: str = "window"            # "window" | "dense"
-    tile_px: int = 128              # base tile (window mode) / tile (dense), output px
-    window: int = 2                 # window mode: windows of k x k tiles
-    stride: int = 1                 # window mode: stride in tiles
-    batch_size: int = 64
-    top_k: int = 20                 # boxes per prompt
-    threshold: Optional[float] = None   # minimum softmax score of a box (dense: default 0.5)
-    merge: str = "nms"              # "nms" | "union"
-    background: Sequence[str] = DEFAULT_BACKGROUND_PROMPTS
-    read: ReadOptions = field(default_factory=_read_options)
-    device: Optional[str] = None
-    precision: Optional[str] = None
-    heatmap: bool = True
-    iou: float = 0.0                # windows overlapping more (IoU) are one object; 0 = any overlap
-    min_valid: float = 0.5          # tiles with less valid (non-nodata) area are skipped
-    overlap: float = 0.125          # dense: tile overlap, share of a tile
-    attention: str = DEFAULT_ATTENTION  # dense: "qq" (ClearCLIP), "qq+kk" (SCLIP), "kk", "vv"
-    cls_weight: float = 0.0         # dense: share of the class token subtracted (SegEarth-OV)
-    workers: int = 2                # reader threads
-    prefetch: int = 2               # batches read ahead
 
 
 @dataclass
@@ -192,27 +159,6 @@ class BatchRunner:
 # --------------------------------------------------------------------------- #
 # Public API.
 # --------------------------------------------------------------------------- #
-def _check_options(o: DetectOptions) -> None:
-    if o.mode not in MODES:
-        raise UsageError(f"unknown mode {o.mode!r}", "use --mode window or --mode dense")
-    if o.merge not in MERGES:
-        raise UsageError(f"unknown merge {o.merge!r}", "use nms or union")
-    for name, value, low in (("tile size", o.tile_px, 8), ("window", o.window, 1),
-                             ("stride", o.stride, 1), ("batch size", o.batch_size, 1),
-                             ("top-k", o.top_k, 1)):
-        if int(value) != value or value < low:
-            raise UsageError(f"{name} must be a whole number >= {low}, got {value}",
-                             f"e.g. --tile 128 --window 2 --stride 1 --top-k 20")
-    if o.threshold is not None and not 0.0 <= o.threshold <= 1.0:
-        raise UsageError(f"threshold {o.threshold} is not a softmax score between 0 and 1",
-                         "e.g. --threshold 0.5")
-    if not 0.0 <= o.overlap < 0.5:
-        raise UsageError(f"overlap {o.overlap} must be in [0, 0.5)", "e.g. 0.125")
-    if o.attention not in ATTENTION_MODES:
-        raise UsageError(f"unknown dense attention {o.attention!r}",
-                         f"use one of {', '.join(ATTENTION_MODES)}")
-
-
 def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
            extent: Optional[Tuple[float, float, float, float]] = None,
            extent_crs: Optional[str] = None, options: Optional[DetectOptions] = None,
@@ -230,8 +176,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
     from .scoring import build_bank
     from .dense import dense_unsupported
     t0 = time.perf_counter()
-    opts = options or DetectOptions()
-    _check_options(opts)
+    opts = check(options or DetectOptions())
     prompts = clean_prompts(prompts)
     job = Job(progress, cancel)
     notes: List[str] = []
@@ -245,6 +190,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
         job.check()
         lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=opts.device, precision=opts.precision)
+        opts = check(with_model_defaults(opts, lm.defaults))
         bank = build_bank(lm, prompts, opts.background)
         mode = opts.mode
         if mode == "dense":
@@ -545,7 +491,7 @@ def _run_dense(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job
     j0 = int(math.floor((area.col - cov.col) / cx + 1e-9))
     i0 = int(math.floor((area.row - cov.row) / cy + 1e-9))
     base_c, base_r = cov.col + max(0, j0) * cx, cov.row + max(0, i0) * cy
-    thr = DENSE_THRESHOLD if opts.threshold is None else opts.threshold
+    thr = opts.threshold
     out_boxes: List[Box] = []
     for p, prompt in enumerate(bank.prompts):
         comps = heatmap_components(heat_a[p], thr)[:opts.top_k]

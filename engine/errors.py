@@ -13,10 +13,13 @@ class MapClipError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, option: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        #: the engine option (a field of an engine.options value) the error is about;
+        #: front ends word the fix with their own name for it (CLI flag, dock field)
+        self.option = option
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"
@@ -41,3 +44,26 @@ class Cancelled(MapClipError):
 
     def __init__(self, message: str = "cancelled", hint: str | None = None):
         super().__init__(message, hint)
+
+
+def worded(exc: MapClipError, name_of) -> "tuple[str, str | None]":
+    """The error's message and fix with its option named as a front end names it.
+
+    ``name_of(option)`` gives the front end's name for an engine option (the
+    CLI's ``--tile``, the dock's "Tile size", a Processing parameter). The
+    engine's checks start their message with the option's name
+    (engine.options.check), so that name is replaced; a fix that does not
+    mention the option gets the name in front.
+    """
+    option = getattr(exc, "option", None)
+    message, hint = exc.message, exc.hint
+    if not option:
+        return message, hint
+    name = name_of(option) or option
+    if message.startswith(option):
+        message = name + message[len(option):]
+    elif message.startswith(f"unknown {option} "):
+        message = f"unknown {name} " + message[len(f"unknown {option} "):]
+    if hint and name not in hint:
+        hint = f"{name}: {hint}"
+    return message, hint

@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from .captions import CaptionItem, SkipReport, check_images, read_captions
 from .errors import MapClipError, ModelError, UsageError
 from .jobs import CancelFlag, Job, ProgressFn
+from .options import FinetuneOptions, check  # noqa: F401
 from .models import (MODEL_CONFIG_FILE, OPENAI_MEAN, OPENAI_STD, LoadedModel, Resolved,
                      arch_config, make_tokenizer, build_model, load_model, resolve_device,
                      save_model_folder)
@@ -89,34 +90,6 @@ FINGERPRINT_FIELDS = ("model", "data", "image_root", "epochs", "batch_size", "ac
                       "unlock_last", "seed", "crop_scale")
 
 MetricsFn = Callable[[Dict[str, Any]], None]
-
-
-@dataclass
-class FinetuneOptions:
-    """Everything one fine-tuning run needs; defaults suit ViT-B/32 on a GPU."""
-
-    model: str
-    data: Union[str, Sequence[str]]
-    out: str
-    epochs: int = 10
-    batch_size: int = 64          # pairs per forward pass (micro-batch)
-    accum: int = 1                # micro-batches per step: contrastive batch = batch_size * accum
-    lr: float = 1e-5
-    weight_decay: float = 0.2
-    warmup: float = 0.05          # fraction of all steps spent warming up
-    min_lr_ratio: float = 0.0     # cosine decays to lr * min_lr_ratio
-    val_split: float = 0.1        # fraction of images held out when the data names no split
-    freeze: str = "none"          # "none", "text" or "vision"
-    unlock_last: int = 0          # >0: train only the last N blocks of unfrozen towers
-    resume: bool = False
-    device: Optional[str] = None
-    precision: Optional[str] = None   # autocast: None = bf16 on CUDA, fp32 on CPU
-    strict: bool = False
-    seed: int = 0
-    workers: int = 2
-    image_root: Optional[str] = None  # base folder for relative image paths
-    crop_scale: Tuple[float, float] = (0.5, 1.0)
-    eval_batch_size: int = 128
 
 
 @dataclass
@@ -683,6 +656,7 @@ def _save_best(run_dir: Path, lm: LoadedModel, model, extra: Dict[str, Any]) -> 
     part = run_dir / (BEST_DIR + ".part")
     old = run_dir / (BEST_DIR + ".old")
     shutil.rmtree(part, ignore_errors=True)
+    extra = dict(extra, defaults=lm.defaults.to_json())  # the base model's search defaults carry over
     save_model_folder(model, lm.model_cfg, part, lm.arch, mean=lm.mean, std=lm.std, extra=extra)
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

@@ -48,6 +48,7 @@ import numpy as np
 
 from .errors import MapClipError, ModelError, UsageError
 from .jobs import Job, check_output_path
+from .options import IndexOptions, SearchOptions, check, with_model_defaults  # noqa: F401
 
 FORMAT = "mapclip-index"
 FORMAT_VERSION = 1
@@ -94,32 +95,6 @@ TILE_DTYPE = np.dtype([
 # Options and results.
 # --------------------------------------------------------------------------- #
 @dataclass
-class IndexOptions:
-    """How tiles are cut and embedded.
-
-    The layout fields (``tile_px``, ``scales``, ``stride_px``, ``gsd``,
-    ``read``, ``min_valid``) are fixed when an index is created: ``None``
-    means "the index's value" when appending, and the default for a new
-    index (tile = the model's input size, no overlap, native resolution).
-    ``scales`` lists several tile sizes; ``stride_px`` is for the first and
-    the others keep the same overlap fraction.
-    """
-
-    tile_px: Optional[int] = None
-    scales: Optional[Sequence[int]] = None
-    stride_px: Optional[int] = None
-    gsd: Optional[float] = None
-    read: Optional[Any] = None            # engine.raster.ReadOptions
-    min_valid: Optional[float] = None     # default 0.5 (the reader's)
-    batch_size: int = 64
-    commit_tiles: int = 4096              # tiles per shard: work lost to a crash at most
-    reindex: bool = False                 # re-embed given rasters even when unchanged
-    footprints: bool = True               # write footprints.gpkg at the end
-    device: Optional[str] = None
-    precision: Optional[str] = None
-
-
-@dataclass
 class IndexInfo:
     """What a build did and what the index holds now."""
 
@@ -150,20 +125,6 @@ class IndexInfo:
         d["tiles_per_s"] = round(self.tiles_per_s, 2)
         d["seconds"] = round(self.seconds, 3)
         return d
-
-
-@dataclass
-class SearchOptions:
-    """How a query is run. ``method``: ``auto`` (exact below APPROX_MIN_ROWS
-    rows, approximate above), ``exact`` or ``approx``. The score of a tile is
-    ``cos(tile, query) - negative_weight * mean(cos(tile, negative_j))``."""
-
-    top_k: int = 20
-    negative: Sequence[str] = ()
-    negative_weight: float = 1.0
-    method: str = "auto"
-    device: Optional[str] = None
-    precision: Optional[str] = None
 
 
 @dataclass
@@ -853,7 +814,7 @@ def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] 
 
     The score vector folds in the negative prompts: ``q - w * mean(neg)``.
     """
-    options = options or SearchOptions()
+    options = check(options or SearchOptions())
     given = [k for k, v in (("text", text), ("image", image), ("like", like)) if v is not None]
     if len(given) != 1:
         raise UsageError("give exactly one query: --text, --image or --like",
@@ -941,7 +902,7 @@ def search(index: Union[str, os.PathLike, Index], text: Optional[str] = None,
     embedding of the tile containing the point is the query.
     """
     t0 = time.perf_counter()
-    options = options or SearchOptions()
+    options = check(options or SearchOptions())
     job = Job(progress, cancel, total=2)
     idx = open_index(index)
     idx.require_rows()
@@ -1258,15 +1219,14 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     from .raster import open_raster
 
     t0 = time.perf_counter()
-    options = options or IndexOptions()
-    if int(options.batch_size) < 1 or int(options.commit_tiles) < 1:
-        raise UsageError("batch size and commit size must be at least 1", "e.g. --batch-size 64")
+    options = check(options or IndexOptions())
     out = Path(out).expanduser().resolve()
     paths = expand_sources(sources, exclude=out)
     job = Job(progress, cancel)
     existing = _existing_manifest(out)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=options.device,
                                                                  precision=options.precision)
+    options = with_model_defaults(options, lm.defaults)
     identity = model_identity(lm)
     if existing is not None:
         _check_append(out, existing, identity)

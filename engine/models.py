@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import ModelError, UsageError
+from .options import ModelDefaults
 
 CACHE_ENV = "MAPCLIP_CACHE"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -65,6 +66,18 @@ class Preset:
     tag: str = ""
     path: str = ""
     family: str = ""
+    #: what this model searches best with (tile size, batch, ...); the rest comes
+    #: from ARCH_DEFAULTS and engine.options.GENERIC_DEFAULTS
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
+
+
+#: defaults by architecture (a substring of the open_clip name), for presets
+#: and for ARCH:... specs alike; the first match wins
+ARCH_DEFAULTS: Tuple[Tuple[str, ModelDefaults], ...] = (
+    ("L-14", ModelDefaults(tile_px=224, batch_size=16)),
+    ("RN50", ModelDefaults(batch_size=32)),
+    ("mapclip-tiny", ModelDefaults(tile_px=64, batch_size=16)),
+)
 
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
@@ -111,6 +124,46 @@ def register_configs() -> None:
     import open_clip
     if "mapclip-tiny" not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
+
+
+def arch_defaults(arch: str) -> ModelDefaults:
+    """The defaults for an open_clip architecture name (see ARCH_DEFAULTS)."""
+    for needle, values in ARCH_DEFAULTS:
+        if needle in arch:
+            return values
+    return ModelDefaults()
+
+
+def model_defaults(spec: str) -> ModelDefaults:
+    """What ``spec`` searches best with, without loading it (cheap: no torch).
+
+    A preset's own defaults over its architecture's; a model folder's
+    ``mapclip.defaults`` (written by the project's training and by fine-tuning)
+    over its architecture's; ``ARCH:...`` specs get their architecture's.
+    Unset values fall back to engine.options.GENERIC_DEFAULTS when applied.
+    """
+    spec = str(spec or "").strip()
+    if spec in PRESETS:
+        preset = PRESETS[spec]
+        base = arch_defaults(preset.arch)
+        if preset.source == "folder":
+            base = _folder_defaults(RESOURCES_DIR / preset.path).over(base)
+        return preset.defaults.over(base)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _folder_defaults(path)
+    arch = spec.partition(":")[0] if ":" in spec and not path.exists() else ""
+    return arch_defaults(arch) if arch else ModelDefaults()
+
+
+def _folder_defaults(folder: Path) -> ModelDefaults:
+    try:
+        meta = json.loads((folder / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ModelDefaults()
+    own = meta.get("mapclip", {}) if isinstance(meta, dict) else {}
+    own = own if isinstance(own, dict) else {}
+    return ModelDefaults.from_json(own.get("defaults")).over(arch_defaults(str(own.get("arch", ""))))
 
 
 # --------------------------------------------------------------------------- #
@@ -177,6 +230,7 @@ class LoadedModel:
     device: Any  # torch.device
     precision: str  # "fp32", "bf16" or "fp16"
     model_cfg: Dict[str, Any] = field(default_factory=dict)
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
 
     @property
     def dtype(self):
@@ -472,7 +526,8 @@ def load_model(spec: str, device: Optional[str] = None, precision: Optional[str]
     return LoadedModel(model=model, tokenizer=make_tokenizer(resolved), spec=spec, arch=resolved.arch,
                        image_size=size, mean=mean, std=std,
                        embed_dim=int(resolved.model_cfg.get("embed_dim", 0)),
-                       device=dev, precision=prec, model_cfg=resolved.model_cfg)
+                       device=dev, precision=prec, model_cfg=resolved.model_cfg,
+                       defaults=model_defaults(spec))
 
 
 def save_model_folder(model, model_cfg: Dict[str, Any], folder: Path, arch: str,

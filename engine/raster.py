@@ -116,6 +116,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError  # noqa: E402
 
 from .errors import Cancelled, MapClipError, UsageError  # noqa: E402
 from .jobs import Job  # noqa: E402
+from .options import STRETCHES, ReadOptions  # noqa: E402,F401 (ReadOptions re-exported)
 from .tiling import PixelWindow, Tile, TileGrid  # noqa: E402,F401
 
 #: the most source pixels one read may touch (see RasterReader._check_read_size)
@@ -138,7 +139,6 @@ STATS_SAMPLE_PX = 4_000_000
 STATS_MIN_SIDE = 1024
 #: transform given to rasters with no georeferencing: x = column, y = -row (as QGIS shows them)
 PIXEL_TRANSFORM = affine.Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
-STRETCHES = ("auto", "percentile", "minmax", "none")
 
 
 class RasterWarning(UserWarning):
@@ -193,17 +193,6 @@ class RasterInfo:
     @property
     def window(self) -> PixelWindow:
         return PixelWindow(0, 0, self.width, self.height)
-
-
-@dataclass
-class ReadOptions:
-    """How to turn raster bands into 8-bit RGB tiles (see the module doc)."""
-
-    bands: Optional[Sequence[int]] = None
-    stretch: str = "auto"
-    percentiles: Tuple[float, float] = (2.0, 98.0)
-    fixed_range: Optional[Tuple[float, float]] = None
-    gsd: Optional[float] = None
 
 
 @dataclass(frozen=True)

@@ -26,17 +26,7 @@ if TYPE_CHECKING:  # torch loads on first use, so importing the defaults stays c
 
     from .models import LoadedModel
 
-#: generic scene content a target is scored against (edit here, or pass
-#: ``background=`` to the engine calls)
-DEFAULT_BACKGROUND_PROMPTS: Tuple[str, ...] = (
-    "a satellite image",
-    "an aerial photo",
-    "bare ground",
-    "grass",
-    "trees",
-    "a road",
-    "water",
-)
+from .options import DEFAULT_BACKGROUND_PROMPTS  # noqa: E402,F401 (the one editable default)
 
 #: the largest logit scale used (CLIP clamps its learned scale at 100)
 MAX_LOGIT_SCALE = 100.0

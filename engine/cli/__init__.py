@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Any, List, Optional, Tuple
 
-from ..errors import Cancelled, MapClipError, UsageError
+from ..errors import Cancelled, MapClipError, UsageError, worded
 
 #: subcommand modules, in the order ``--help`` lists them
 COMMANDS = ("models", "detect", "index", "search", "count", "finetune", "convert", "dedup")
@@ -71,7 +71,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except MapClipError as exc:
-        print_error(exc.message, exc.hint)
+        message, hint = worded(exc, flag)
+        print_error(message, hint)
         return exc.exit_code
     except MemoryError:
         print_error("out of memory",
@@ -117,6 +118,25 @@ def _terminate_as_interrupt() -> None:
 
 
 # ---------------------------------------------------------------- helpers --
+#: engine options (engine.options) whose flag is not ``--`` + the name in kebab case
+FLAGS = {"tile_px": "--tile", "dense_tile_px": "--dense-tile", "stride_px": "--stride",
+         "scales": "--scale", "read": "--bands", "negative": "--negative", "background": "--background"}
+
+
+def flag(option: str) -> str:
+    """The command-line flag that sets an engine option."""
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def model_default_help(name: str) -> str:
+    """Help text for an option whose default comes from the model (engine.options.ModelDefaults)."""
+    from ..options import GENERIC_DEFAULTS
+    generic = getattr(GENERIC_DEFAULTS, name)
+    most = "none" if generic is None else generic
+    return (f"default: the model's own ({most} unless the model says otherwise; "
+            f"`python -m engine models` lists each model's defaults)")
+
+
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     """--model, --device, --precision, shared by every command that runs a model."""
     from ..models import DEFAULT_MODEL

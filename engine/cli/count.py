@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import add_model_args, cancel_event, parse_bands, parse_floats, print_json, tqdm_progress
+from . import (add_model_args, cancel_event, model_default_help, parse_bands, parse_floats,
+               print_json, tqdm_progress)
 from ..errors import UsageError
 
 
@@ -37,7 +38,8 @@ def register(sub) -> None:
     p.add_argument("--min-area", type=int, default=d.min_area, metavar="N",
                    help=f"dense method: smallest component in heatmap cells; default {d.min_area}")
     p.add_argument("--bands", default=None, metavar="R,G,B", help="1-based bands read as R,G,B")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per model call; " + model_default_help("batch_size"))
     p.add_argument("--out", default=None, metavar="boxes.gpkg",
                    help="dense method: write the counted objects' boxes (.gpkg or .geojson)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

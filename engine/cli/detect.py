@@ -5,18 +5,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import add_model_args, parse_bands, parse_floats, print_json, tqdm_progress
+from . import (add_model_args, model_default_help, parse_bands, parse_floats, print_json,
+               tqdm_progress)
 from ..errors import UsageError
 
 
 def register(sub) -> None:
-    import dataclasses
-    from types import SimpleNamespace
-
-    from ..dense import ATTENTION_MODES
-    from ..detect import DetectOptions
-    # the defaults, read without building options (that would load rasterio)
-    d = SimpleNamespace(**{f.name: f.default for f in dataclasses.fields(DetectOptions)})
+    from ..options import ATTENTION_MODES, DENSE_THRESHOLD, MODES, DetectOptions
+    d = DetectOptions()
     p = sub.add_parser(
         "detect", help="find what text prompts describe in a raster: boxes and a heatmap",
         description="Score a raster (within an extent) against one or more text prompts with a "
@@ -28,12 +24,13 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="what to look for; repeat for several prompts that compete")
     add_model_args(p)
-    p.add_argument("--mode", choices=["window", "dense"], default=d.mode,
+    p.add_argument("--mode", choices=list(MODES), default=d.mode,
                    help=f"window (K x K tiles per window) or dense (patch-level); default {d.mode}")
-    p.add_argument("--tile", type=int, default=d.tile_px, metavar="PX",
-                   help=f"tile size in pixels (output pixels with --gsd); default {d.tile_px}")
-    p.add_argument("--window", type=int, default=d.window, metavar="K",
-                   help=f"window mode: windows of K x K tiles; default {d.window}")
+    p.add_argument("--tile", type=int, default=None, metavar="PX",
+                   help="tile size in pixels (output pixels with --gsd); "
+                        + model_default_help("tile_px"))
+    p.add_argument("--window", type=int, default=None, metavar="K",
+                   help="window mode: windows of K x K tiles; " + model_default_help("window"))
     p.add_argument("--stride", type=int, default=d.stride, metavar="K",
                    help=f"window mode: stride in tiles; default {d.stride}")
     p.add_argument("--gsd", type=float, default=None, metavar="M",
@@ -45,11 +42,11 @@ def register(sub) -> None:
                    help="only this extent (default: the whole raster)")
     p.add_argument("--extent-crs", default=None, metavar="EPSG:N",
                    help="CRS of --extent (default: the raster's CRS)")
-    p.add_argument("--top-k", type=int, default=d.top_k, metavar="N",
-                   help=f"at most N boxes per prompt; default {d.top_k}")
+    p.add_argument("--top-k", type=int, default=None, metavar="N",
+                   help="at most N boxes per prompt; " + model_default_help("top_k"))
     p.add_argument("--threshold", type=float, default=None, metavar="T",
-                   help="minimum softmax score of a box, 0..1 (default: none in window mode, "
-                        "0.5 in dense mode)")
+                   help=f"minimum softmax score of a box, 0..1; dense mode: default "
+                        f"{DENSE_THRESHOLD}; window mode: " + model_default_help("threshold"))
     p.add_argument("--merge", choices=["nms", "union"], default=d.merge,
                    help="window mode: keep the best window per object (nms) or the union of "
                         f"its strong neighbours (union); default {d.merge}")
@@ -60,8 +57,8 @@ def register(sub) -> None:
                    help="background prompt (repeat); replaces the defaults in engine/scoring.py")
     p.add_argument("--attention", choices=list(ATTENTION_MODES), default=d.attention,
                    help=f"dense mode: self-self attention of the last block; default {d.attention}")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"images per model call; default {d.batch_size}")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per model call; " + model_default_help("batch_size"))
     p.add_argument("--out", required=True, metavar="OUT.gpkg|OUT.geojson",
                    help="boxes output (.gpkg or .geojson)")
     p.add_argument("--heatmap", default=None, metavar="OUT.tif",

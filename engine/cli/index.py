@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import add_model_args, cancel_event, parse_bands, print_json, tqdm_progress
+from . import add_model_args, cancel_event, model_default_help, parse_bands, print_json, tqdm_progress
 from ..errors import UsageError
 
 
@@ -51,8 +51,8 @@ def register(sub) -> None:
     p.add_argument("--bands", default=None, metavar="R,G,B",
                    help="1-based bands read as R,G,B (or one band as grey); default: RGB by "
                         "colour interpretation, else the first three")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help=f"tiles per model call; default {d.batch_size}")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per model call; " + model_default_help("batch_size"))
     p.add_argument("--commit-tiles", type=int, default=d.commit_tiles, metavar="N",
                    help=f"tiles per committed shard (work an interruption can lose); "
                         f"default {d.commit_tiles}")

@@ -44,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
         for name in open_clip.list_models():
             print(name)
         return 0
+    from ..options import GENERIC_DEFAULTS
     rows = [{"name": p.name, "arch": p.arch, "family": p.family, "description": p.description,
-             "loads_from": models.preset_location(p), "available": models.preset_available(p)}
+             "loads_from": models.preset_location(p), "available": models.preset_available(p),
+             "defaults": models.model_defaults(p.name).over(GENERIC_DEFAULTS).to_json()}
             for p in models.list_presets()]
     if args.json:
         print_json({"presets": rows, "cache": str(models.cache_dir()), "default": models.DEFAULT_MODEL})
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         mark = "*" if r["available"] else " "
         print(f"{mark} {r['name']:<{width}}  {r['arch']:<20} {r['description']}")
         print(f"  {'':<{width}}  from {r['loads_from']}")
+        print(f"  {'':<{width}}  defaults: " + ", ".join(f"{k} {v}" for k, v in r["defaults"].items()))
     print(f"\n* = available offline. Cache folder: {models.cache_dir()} (set $MAPCLIP_CACHE to move it).")
     print("Other specs: ARCH:TAG (open_clip), ARCH:CHECKPOINT, hf-hub:ORG/NAME, or a model folder.")
     return 0

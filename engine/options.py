@@ -1,0 +1,402 @@
+"""Every option of the engine, its default, its valid values and its meaning: once.
+
+This module needs only the standard library, so any front end (the CLI, the
+QGIS dock, the Processing provider) can build, show and check options even
+when torch, open_clip or rasterio are missing.
+
+Front ends change options with :func:`dataclasses.replace` and never hold a
+copy of a default. Options whose best value depends on the model (tile size,
+window, batch size, top-k, threshold) default to ``None``, meaning "the
+model's default": :func:`with_model_defaults` fills them from the model's
+:class:`ModelDefaults` (data on its preset, or in its model folder), then from
+:data:`GENERIC_DEFAULTS`. The engine calls it on entry, so the CLI, the dock and
+Processing give the same result for the same model.
+
+:func:`check` validates an options value before any work; its errors name
+the option (``MapClipError.option``) so each front end can word the fix in
+its own terms (``--tile`` on the command line, "Tile size" in the dock).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Optional, Sequence, Tuple, TypeVar
+
+from .errors import UsageError
+
+# --------------------------------------------------------------------------- #
+# Choices.
+# --------------------------------------------------------------------------- #
+#: detect: window (K x K tiles per window, the thesis method) or dense (patch-level)
+MODES = ("window", "dense")
+#: detect, window mode: keep the best window per object, or grow it to the union of its neighbours
+MERGES = ("nms", "union")
+#: dense mode: self-self attention of the last ViT block
+ATTENTION_MODES = ("qq", "qq+kk", "kk", "vv")
+DEFAULT_ATTENTION = "qq"
+#: dense mode's default threshold on the softmax score
+DENSE_THRESHOLD = 0.5
+#: count methods
+COUNT_METHODS = ("prompt", "dense", "both")
+#: index search methods
+SEARCH_METHODS = ("auto", "exact", "approx")
+#: fine-tuning: which tower stays frozen
+FREEZE = ("none", "text", "vision")
+#: how raster values become 8-bit colours
+STRETCHES = ("auto", "percentile", "minmax", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+#: generic scene content a target is scored against (``background=`` replaces it)
+DEFAULT_BACKGROUND_PROMPTS: Tuple[str, ...] = (
+    "a satellite image",
+    "an aerial photo",
+    "bare ground",
+    "grass",
+    "trees",
+    "a road",
+    "water",
+)
+
+
+# --------------------------------------------------------------------------- #
+# Per-model defaults.
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model does best with; ``None``: no opinion (the generic default).
+
+    Presets carry one (engine.models.PRESETS), a model folder may carry one in
+    its ``open_clip_config.json`` under ``mapclip.defaults``, and fine-tuning
+    copies the base model's into the folder it writes.
+    """
+
+    tile_px: Optional[int] = None        # detect: base tile (window mode) / tile (dense)
+    window: Optional[int] = None         # detect, window mode: K x K tiles
+    batch_size: Optional[int] = None     # images per model call
+    top_k: Optional[int] = None          # detect: boxes per prompt
+    threshold: Optional[float] = None    # detect, window mode: minimum softmax score
+    dense_tile_px: Optional[int] = None  # dense detect and dense count: tile size
+
+    def over(self, base: "ModelDefaults") -> "ModelDefaults":
+        """These values where set, ``base``'s elsewhere."""
+        return replace(base, **{f.name: getattr(self, f.name) for f in fields(self)
+                                if getattr(self, f.name) is not None})
+
+    def to_json(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "ModelDefaults":
+        """From a model folder's ``mapclip.defaults`` (unknown keys ignored)."""
+        if not isinstance(data, dict):
+            return cls()
+        known = {f.name for f in fields(cls)}
+        out = {}
+        for k, v in data.items():
+            if k in known and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = float(v) if k == "threshold" else int(v)
+        return cls(**out)
+
+
+#: what every model gets where neither it nor the user says otherwise
+GENERIC_DEFAULTS = ModelDefaults(tile_px=128, window=2, batch_size=64, top_k=20,
+                                 threshold=None, dense_tile_px=None)
+
+
+# --------------------------------------------------------------------------- #
+# Option values.
+# --------------------------------------------------------------------------- #
+@dataclass
+class ReadOptions:
+    """How raster bands become 8-bit RGB tiles (see engine.raster)."""
+
+    bands: Optional[Sequence[int]] = None           # 1-based, read as R,G,B (one: grey)
+    stretch: str = "auto"
+    percentiles: Tuple[float, float] = (2.0, 98.0)
+    fixed_range: Optional[Tuple[float, float]] = None
+    gsd: Optional[float] = None                     # resample to metres per pixel; None: native
+
+
+@dataclass
+class DetectOptions:
+    """How to detect. ``None``: the model's default (see the module doc)."""
+
+    mode: str = "window"                 # one of MODES
+    tile_px: Optional[int] = None        # base tile (window mode) / tile (dense), output px
+    window: Optional[int] = None         # window mode: windows of k x k tiles
+    stride: int = 1                      # window mode: stride in tiles
+    batch_size: Optional[int] = None
+    top_k: Optional[int] = None          # boxes per prompt
+    threshold: Optional[float] = None    # minimum softmax score of a box (dense: DENSE_THRESHOLD)
+    merge: str = "nms"                   # one of MERGES
+    background: Sequence[str] = DEFAULT_BACKGROUND_PROMPTS
+    read: ReadOptions = field(default_factory=ReadOptions)
+    device: Optional[str] = None
+    precision: Optional[str] = None
+    heatmap: bool = True
+    iou: float = 0.0                     # windows overlapping more (IoU) are one object; 0 = any
+    min_valid: float = 0.5               # tiles with less valid (non-nodata) area are skipped
+    overlap: float = 0.125               # dense: tile overlap, share of a tile
+    attention: str = DEFAULT_ATTENTION   # dense: one of ATTENTION_MODES
+    cls_weight: float = 0.0              # dense: share of the class token subtracted
+    workers: int = 2                     # reader threads
+    prefetch: int = 2                    # batches read ahead
+
+
+@dataclass
+class CountOptions:
+    """How to count. ``tile_px``: None counts the whole extent as one image
+    (prompt method); a size counts per tile and sums. ``zero``: add the n = 0
+    caption (default: only when counting per tile). ``threshold``/``min_area``:
+    dense components (default threshold: DENSE_THRESHOLD)."""
+
+    tile_px: Optional[int] = None
+    zero: Optional[bool] = None
+    dense_tile_px: Optional[int] = None  # dense tiles; None: the model's default, else its input size
+    threshold: Optional[float] = None
+    min_area: int = 1
+    batch_size: Optional[int] = None
+    read: Optional[ReadOptions] = None
+    device: Optional[str] = None
+    precision: Optional[str] = None
+
+
+@dataclass
+class IndexOptions:
+    """How tiles are cut and embedded.
+
+    The layout fields (``tile_px``, ``scales``, ``stride_px``, ``gsd``,
+    ``read``, ``min_valid``) are fixed when an index is created: ``None``
+    means "the index's value" when appending, and the default for a new
+    index (tile = the model's input size, no overlap, native resolution).
+    ``scales`` lists several tile sizes; ``stride_px`` is for the first and
+    the others keep the same overlap fraction.
+    """
+
+    tile_px: Optional[int] = None
+    scales: Optional[Sequence[int]] = None
+    stride_px: Optional[int] = None
+    gsd: Optional[float] = None
+    read: Optional[ReadOptions] = None
+    min_valid: Optional[float] = None     # default 0.5 (the reader's)
+    batch_size: Optional[int] = None
+    commit_tiles: int = 4096              # tiles per shard: work lost to a crash at most
+    reindex: bool = False                 # re-embed given rasters even when unchanged
+    footprints: bool = True               # write footprints.gpkg at the end
+    device: Optional[str] = None
+    precision: Optional[str] = None
+
+
+@dataclass
+class SearchOptions:
+    """How a query is run. ``method``: ``auto`` (exact below the approximate
+    threshold, approximate above), ``exact`` or ``approx``. The score of a tile is
+    ``cos(tile, query) - negative_weight * mean(cos(tile, negative_j))``."""
+
+    top_k: int = 20
+    negative: Sequence[str] = ()
+    negative_weight: float = 1.0
+    method: str = "auto"
+    device: Optional[str] = None
+    precision: Optional[str] = None
+
+
+@dataclass
+class FinetuneOptions:
+    """Everything one fine-tuning run needs; defaults suit ViT-B/32 on a GPU."""
+
+    model: str
+    data: Any                     # a caption file or folder, or a list of them
+    out: str
+    epochs: int = 10
+    batch_size: int = 64          # pairs per forward pass (micro-batch)
+    accum: int = 1                # micro-batches per step: contrastive batch = batch_size * accum
+    lr: float = 1e-5
+    weight_decay: float = 0.2
+    warmup: float = 0.05          # fraction of all steps spent warming up
+    min_lr_ratio: float = 0.0     # cosine decays to lr * min_lr_ratio
+    val_split: float = 0.1        # fraction of images held out when the data names no split
+    freeze: str = "none"          # one of FREEZE
+    unlock_last: int = 0          # >0: train only the last N blocks of unfrozen towers
+    resume: bool = False
+    device: Optional[str] = None
+    precision: Optional[str] = None   # autocast: None = bf16 on CUDA, fp32 on CPU
+    strict: bool = False
+    seed: int = 0
+    workers: int = 2
+    image_root: Optional[str] = None  # base folder for relative image paths
+    crop_scale: Tuple[float, float] = (0.5, 1.0)
+    eval_batch_size: int = 128
+
+
+# --------------------------------------------------------------------------- #
+# Model defaults applied.
+# --------------------------------------------------------------------------- #
+O = TypeVar("O")
+
+
+def with_model_defaults(options: O, defaults: Optional[ModelDefaults] = None) -> O:
+    """``options`` with every ``None`` that a model default covers filled in.
+
+    The model's defaults win over :data:`GENERIC_DEFAULTS`; what the caller set
+    wins over both. Which option takes which default is :func:`_model_fields`.
+    """
+    md = (defaults or ModelDefaults()).over(GENERIC_DEFAULTS)
+    changes: Dict[str, Any] = {}
+    for name, value in _model_fields(options, md).items():
+        if getattr(options, name) is None and value is not None:
+            changes[name] = value
+    return replace(options, **changes) if changes else options  # type: ignore[type-var]
+
+
+def _model_fields(options: Any, md: ModelDefaults) -> Dict[str, Any]:
+    """Option field -> the model default it takes, for each options class."""
+    if isinstance(options, DetectOptions):
+        dense = options.mode == "dense"
+        return {"tile_px": (md.dense_tile_px or md.tile_px) if dense else md.tile_px,
+                "window": md.window, "batch_size": md.batch_size, "top_k": md.top_k,
+                "threshold": DENSE_THRESHOLD if dense else md.threshold}
+    if isinstance(options, CountOptions):  # tile_px None means "the extent as one image"
+        return {"dense_tile_px": md.dense_tile_px, "batch_size": md.batch_size}
+    if isinstance(options, IndexOptions):  # tiles default to the model's input size
+        return {"batch_size": md.batch_size}
+    return {}
+
+
+# --------------------------------------------------------------------------- #
+# Checks: one place for valid ranges.
+# --------------------------------------------------------------------------- #
+def _bad(option: str, message: str, fix: str) -> UsageError:
+    return UsageError(message, fix, option=option)
+
+
+def _finite(option: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise _bad(option, f"{option} {value!r} is not a number", "give a number") from None
+    if not math.isfinite(v):
+        raise _bad(option, f"{option} {value!r} is not a finite number", "give a finite number")
+    return v
+
+
+def _at_least(option: str, value: Any, low: float, whole: bool = True) -> None:
+    """``value`` (None: unset) is a number >= ``low``; a whole number unless ``whole`` is False."""
+    if value is None:
+        return
+    v = _finite(option, value)
+    if whole and int(v) != v:
+        raise _bad(option, f"{option} {value!r} is not a whole number", "give a whole number")
+    if v < low:
+        raise _bad(option, f"{option} {value!r} is too small", f"give {low:g} or more")
+
+
+def _positive(option: str, value: Any) -> None:
+    if value is None:
+        return
+    v = _finite(option, value)
+    if v <= 0:
+        raise _bad(option, f"{option} {value!r} must be greater than 0", "give a positive number")
+
+
+def _within(option: str, value: Any, low: float, high: float) -> None:
+    if value is None:
+        return
+    v = _finite(option, value)
+    if not low <= v <= high:
+        raise _bad(option, f"{option} {value!r} is outside {low:g}..{high:g}",
+                   f"give a value from {low:g} to {high:g}")
+
+
+def _choice(option: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise _bad(option, f"unknown {option} {value!r}: not one of {', '.join(choices)}",
+                   f"choose one of {', '.join(choices)}")
+
+
+def _check_read(read: Optional[ReadOptions]) -> None:
+    if read is None:
+        return
+    _positive("gsd", read.gsd)
+    if read.bands is not None:
+        bands = list(read.bands)
+        if not bands or any(not isinstance(b, int) or b < 1 for b in bands):
+            raise _bad("bands", f"bands {read.bands!r} are not band numbers from 1",
+                       "give 1-based band numbers, e.g. 4,3,2")
+    _choice("stretch", read.stretch, STRETCHES)
+
+
+def _check_common(options: Any) -> None:
+    if getattr(options, "precision", None) is not None:
+        _choice("precision", options.precision, PRECISIONS)
+    if getattr(options, "batch_size", None) is not None:
+        _at_least("batch_size", options.batch_size, 1)
+
+
+def check(options: Any) -> Any:
+    """Raise a UsageError naming the option when a value is out of range; else return ``options``."""
+    _check_common(options)
+    if isinstance(options, DetectOptions):
+        o = options
+        _choice("mode", o.mode, MODES)
+        _choice("merge", o.merge, MERGES)
+        _choice("attention", o.attention, ATTENTION_MODES)
+        _at_least("tile_px", o.tile_px, 8)
+        _at_least("window", o.window, 1)
+        _at_least("stride", o.stride, 1)
+        _at_least("top_k", o.top_k, 1)
+        _within("threshold", o.threshold, 0.0, 1.0)
+        _within("iou", o.iou, 0.0, 1.0)
+        _within("min_valid", o.min_valid, 0.0, 1.0)
+        _within("overlap", o.overlap, 0.0, 0.49)
+        _within("cls_weight", o.cls_weight, -10.0, 10.0)
+        _at_least("workers", o.workers, 1)
+        if any(not str(b).strip() for b in (o.background or ())):
+            raise _bad("background", "a background prompt is empty",
+                       "give background prompts with words, or leave them out for the defaults")
+        if o.window is not None and o.stride > o.window:
+            raise _bad("stride", f"stride {o.stride} is larger than the window ({o.window})",
+                       "give a stride no larger than the window, or windows would skip tiles")
+        _check_read(o.read)
+    elif isinstance(options, CountOptions):
+        o = options
+        _at_least("tile_px", o.tile_px, 8)
+        _at_least("dense_tile_px", o.dense_tile_px, 8)
+        _within("threshold", o.threshold, 0.0, 1.0)
+        _at_least("min_area", o.min_area, 1)
+        _check_read(o.read)
+    elif isinstance(options, IndexOptions):
+        o = options
+        _at_least("tile_px", o.tile_px, 8)
+        for s in (o.scales or ()):
+            _at_least("scales", s, 8)
+        _at_least("stride_px", o.stride_px, 1)
+        _positive("gsd", o.gsd)
+        _within("min_valid", o.min_valid, 0.0, 1.0)
+        _at_least("commit_tiles", o.commit_tiles, 1)
+        _check_read(o.read)
+    elif isinstance(options, SearchOptions):
+        o = options
+        _at_least("top_k", o.top_k, 1)
+        _finite("negative_weight", o.negative_weight)
+        _choice("method", o.method, SEARCH_METHODS)
+    elif isinstance(options, FinetuneOptions):
+        o = options
+        _at_least("epochs", o.epochs, 1)
+        _at_least("accum", o.accum, 1)
+        _positive("lr", o.lr)
+        _at_least("weight_decay", o.weight_decay, 0.0, whole=False)
+        _within("warmup", o.warmup, 0.0, 1.0)
+        _within("min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
+        _within("val_split", o.val_split, 0.0, 0.9)
+        _choice("freeze", o.freeze, FREEZE)
+        _at_least("unlock_last", o.unlock_last, 0)
+        _at_least("workers", o.workers, 0)
+        lo, hi = (_finite("crop_scale", v) for v in o.crop_scale)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise _bad("crop_scale", f"crop scale {o.crop_scale!r} is not 0 < low <= high <= 1",
+                       "give two shares of the image, e.g. 0.5 1.0")
+    elif isinstance(options, ReadOptions):
+        _check_read(options)
+    return options
