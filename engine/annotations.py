@@ -419,6 +419,9 @@ def read_yolo(path: Path, images: Optional[Path] = None) -> AnnotationSet:
                 raise UsageError(f"{where}: class {toks[0]!r} is not a class index (0, 1, 2 ...)",
                                  "check the file's format (--format)") from None
             vals = [_num(t, where) for t in toks[1:]]
+            if len(vals) == 4 and (vals[2] <= 0 or vals[3] <= 0):
+                raise UsageError(f"{where}: width {vals[2]:g} and height {vals[3]:g} must be "
+                                 "positive", "fix or remove that line")
             bad = [v for v in vals if not -YOLO_SLACK <= v <= 1 + YOLO_SLACK]
             if bad:
                 raise UsageError(f"{where}: coordinate {bad[0]:g} is outside 0..1 (YOLO "
@@ -426,9 +429,6 @@ def read_yolo(path: Path, images: Optional[Path] = None) -> AnnotationSet:
                                  "fix that line, or check --format")
             if len(vals) == 4:
                 cx, cy, w, h = vals
-                if w <= 0 or h <= 0:
-                    raise UsageError(f"{where}: width {w:g} and height {h:g} must be positive",
-                                     "fix or remove that line")
                 box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
             else:
                 xs, ys = vals[0::2], vals[1::2]

@@ -339,18 +339,24 @@ class TileGrid:
 
 class TileSequence(Sequence):
     """The tiles of a grid, made on demand (row-major); supports ``len``,
-    indexing (negative too), slicing (a list) and iteration."""
+    indexing (negative too), slicing (a contiguous slice is again a lazy
+    TileSequence, a stepped one a list) and iteration. Tiles keep their index
+    in the whole grid."""
 
     def __init__(self, col_starts: Sequence[int], row_starts: Sequence[int], width: int,
-                 height: int, out_px: int):
+                 height: int, out_px: int, start: int = 0, stop: Optional[int] = None):
         self._cols, self._rows = col_starts, row_starts
         self._w, self._h, self._out = width, height, out_px
-        self._n = len(col_starts) * len(row_starts)
+        total = len(col_starts) * len(row_starts)
+        self._start = max(0, min(int(start), total))
+        self._stop = total if stop is None else max(self._start, min(int(stop), total))
+        self._n = self._stop - self._start
 
     def __len__(self) -> int:
         return self._n
 
-    def _tile(self, i: int) -> Tile:
+    def _tile(self, k: int) -> Tile:
+        i = self._start + k
         r, c = divmod(i, len(self._cols))
         return Tile(i, self._cols[c], self._rows[r], self._w, self._h, self._out)
 
@@ -362,7 +368,11 @@ class TileSequence(Sequence):
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return [self._tile(k) for k in range(*i.indices(self._n))]
+            a, b, step = i.indices(self._n)
+            if step == 1:
+                return TileSequence(self._cols, self._rows, self._w, self._h, self._out,
+                                    self._start + a, self._start + max(a, b))
+            return [self._tile(k) for k in range(a, b, step)]
         i = int(i)
         if i < 0:
             i += self._n
@@ -371,10 +381,8 @@ class TileSequence(Sequence):
         return self._tile(i)
 
     def __iter__(self) -> Iterator[Tile]:
-        nc = len(self._cols)
-        for r, row in enumerate(self._rows):
-            for c, col in enumerate(self._cols):
-                yield Tile(r * nc + c, col, row, self._w, self._h, self._out)
+        for k in range(self._n):
+            yield self._tile(k)
 
     def __eq__(self, other) -> bool:
         if isinstance(other, (list, tuple, TileSequence)):
