@@ -234,9 +234,11 @@ def _same_crs(a: Optional[str], b: Optional[str]) -> bool:
         return not a and not b
     if a == b:
         return True
+    import rasterio
     from rasterio.crs import CRS
     try:
-        return CRS.from_user_input(a) == CRS.from_user_input(b)
+        with rasterio.Env():   # GDAL's messages go to logging, not stray "ERROR 1:" lines
+            return CRS.from_user_input(a) == CRS.from_user_input(b)
     except Exception:
         return False
 
@@ -374,6 +376,31 @@ def same_weights(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[bool]:
         if key in fa and key in fb:
             return fa[key] == fb[key]
     return None
+
+
+def _encode_query_image(lm, p: Path) -> np.ndarray:
+    """The embedding of a query image file: an ordinary picture through PIL, and
+    anything PIL cannot decode (a float32 or 16-bit GeoTIFF, JPEG2000, ...)
+    through the raster reader, stretched to 8 bit like the tiles of an index."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .encode import encode_image_files, encode_images
+    try:
+        with Image.open(p) as im:
+            im.convert("RGB").load()
+        return encode_image_files(lm, [str(p)])[0].cpu().numpy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        pass
+    from .raster import open_raster
+    try:
+        with open_raster(str(p)) as reader:
+            rgb, _ = reader.read(reader.info.window, out_shape=(lm.image_size, lm.image_size))
+    except UsageError as exc:
+        raise UsageError(f"cannot read image {p} as a query: it is neither a picture (PNG, "
+                         "JPEG, 8-bit TIFF) nor a raster GDAL can open",
+                         "give an image file, or a raster GDAL can open (check it with "
+                         "gdalinfo FILE)") from None
+    return encode_images(lm, rgb[None])[0].cpu().numpy()
 
 
 def _describe_model(m: Dict[str, Any]) -> str:
@@ -779,9 +806,11 @@ def locate(index: Index, point, crs: Optional[str] = None) -> int:
         if crs is not None and not _same_crs(crs, rcrs):
             if not rcrs:
                 continue
+            import rasterio
             from rasterio.warp import transform
             try:
-                xs, ys = transform(crs, rcrs, [x], [y])
+                with rasterio.Env():
+                    xs, ys = transform(crs, rcrs, [x], [y])
             except Exception as exc:
                 raise UsageError(f"cannot transform the point from {crs} ({exc})",
                                  "pass --crs as EPSG:N") from None
@@ -832,11 +861,13 @@ def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] 
         facts = {"text": str(text).strip()}
     elif image is not None:
         p = Path(str(image))
+        if p.is_dir():
+            raise UsageError(f"query image {p} is a folder, not an image file",
+                             "give one image file (PNG, JPEG, TIFF or any raster GDAL reads)")
         if not p.is_file():
             raise UsageError(f"query image {p} does not exist", "check the path")
-        from .encode import encode_image_files
         lm = _load_query_model(index, model, options)
-        q = encode_image_files(lm, [str(p)])[0].cpu().numpy()
+        q = _encode_query_image(lm, p)
         facts = {"image": str(p)}
     else:
         row = locate(index, like, like_crs)

@@ -824,7 +824,8 @@ def extent_to_window(info: RasterInfo, extent: Optional[Tuple[float, float, floa
         from rasterio.crs import CRS
         from rasterio.errors import CRSError
         try:
-            src = CRS.from_user_input(extent_crs)
+            with rasterio.Env():   # GDAL's messages go to logging, not stray "ERROR 1:" lines
+                src = CRS.from_user_input(extent_crs)
         except (CRSError, ValueError, TypeError) as exc:
             raise UsageError(f"unknown extent CRS {extent_crs!r} ({exc})",
                              "give it as EPSG:N, e.g. --extent-crs EPSG:4326") from None

@@ -466,3 +466,61 @@ def test_output_guard_rules(tmp_path):
         check_outputs([("--out", tmp_path / "idx" / "x.gpkg")], sealed=[("the index", tmp_path / "idx")])
     assert check_outputs([("--out", tmp_path / "new" / "deeper" / "o.gpkg")])
     assert not (tmp_path / "new").exists()      # the guard creates nothing
+
+
+def test_a_fine_tuned_copy_is_not_the_same_model_for_append_or_search(tmp_path, tiny_model):
+    """Model identity is a fingerprint of the weights: a copy with one slightly
+    changed weight (close enough that its probe embeddings agree, so the probes
+    alone accepted it) is refused for index append and for search; the same
+    weights cast to bf16 (a GPU run) are recognised."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine import index as ix
+    from engine.errors import ModelError
+    a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))
+    b = make_raster(tmp_path / "b.tif", width=64, height=64, data=noise(3, 64, 64, seed=4))
+    out = tmp_path / "idx"
+    ix.build_index([a], out, tiny_model, ix.IndexOptions(tile_px=32, footprints=False))
+    tuned = copy.deepcopy(tiny_model)
+    tuned.__dict__.pop("_mapclip_fingerprint", None)
+    with torch.no_grad():
+        p = next(p for n, p in tuned.model.named_parameters() if n.endswith("text_projection"))
+        p.add_(1e-4 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    ident = ix.model_identity(tuned)
+    probes_only = {k: v for k, v in ident.items() if k != "weights"}
+    assert ix.same_space(ix.read_manifest(out)["model"], probes_only)   # the old check passed
+    before = _digest(out)
+    with pytest.raises(ModelError, match="different embedding space"):
+        ix.build_index([b], out, tuned, ix.IndexOptions(footprints=False))
+    with pytest.raises(ModelError, match="not comparable"):
+        ix.search(out, text="a red roof", model=tuned)
+    assert _digest(out) == before
+    half = SimpleNamespace(model=copy.deepcopy(tiny_model.model).to(torch.bfloat16))
+    assert ix.weights_fingerprint(half) == {"bf16": ix.weights_fingerprint(tiny_model)["bf16"]}
+    assert ix.same_weights(ix.read_manifest(out)["model"], {"weights": ix.weights_fingerprint(half)})
+
+
+def test_the_system_pyproj_finds_its_data_in_the_venv(tmp_path):
+    """Cause of the "PROJ data directory not found" warning every command printed:
+    a venv with system site packages has no share/proj for Debian's pyproj.
+    build.py links it; then importing pyproj (as pyogrio does) is silent."""
+
+    import build
+    system = "/usr/bin/python3"
+    probe = ("import warnings; warnings.simplefilter('always')\n"
+             "import pyproj, pyproj.datadir; print(pyproj.datadir.get_data_dir())")
+    venv = tmp_path / "venv"
+    subprocess.run([system, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                   check=True)
+    bare = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True,
+                          text=True)
+    assert "PROJ data directory not found" in bare.stderr      # the cause, reproduced
+    assert build.link_system_proj_data(venv)
+    fixed = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True,
+                           text=True)
+    assert fixed.returncode == 0 and "PROJ" not in fixed.stderr, fixed.stderr
+    assert fixed.stdout.strip() == str(venv / "share" / "proj")
+    assert not build.link_system_proj_data(venv)                # idempotent
