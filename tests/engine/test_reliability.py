@@ -524,3 +524,31 @@ def test_the_system_pyproj_finds_its_data_in_the_venv(tmp_path):
     assert fixed.returncode == 0 and "PROJ" not in fixed.stderr, fixed.stderr
     assert fixed.stdout.strip() == str(venv / "share" / "proj")
     assert not build.link_system_proj_data(venv)                # idempotent
+
+
+def test_resume_after_the_caption_file_changed_is_refused(tmp_path, one_torch_thread):
+    import threading
+
+    from engine import finetune as ft
+    from engine.errors import Cancelled, UsageError
+    data = tmp_path / "data"
+    rows = ["image,caption"]
+    for k, name in enumerate(("red", "green", "blue", "white")):
+        _image(data / f"{name}.png", k)
+        rows.append(f"{name}.png,a {name} square")
+    captions = data / "captions.csv"
+    captions.write_text("\n".join(rows) + "\n")
+    o = dict(model="test-tiny", data=str(captions), out=str(tmp_path / "run"), epochs=2,
+             batch_size=2, val_split=0.0, workers=0, device="cpu")
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        ft.finetune(ft.FinetuneOptions(**o), cancel=cancel,
+                    on_metrics=lambda r: cancel.set() if r["type"] == "eval" and r.get("epoch") == 1
+                    else None)
+    captions.write_text("\n".join(rows[:-1] + ["white.png,a black square"]) + "\n")
+    state = _digest(tmp_path / "run")
+    with pytest.raises(UsageError, match="changed since the run"):
+        ft.finetune(ft.FinetuneOptions(**o, resume=True))
+    assert _digest(tmp_path / "run") == state
+    captions.write_text("\n".join(rows) + "\n")          # restored: the run resumes
+    assert ft.finetune(ft.FinetuneOptions(**o, resume=True)).resumed_from_epoch == 1
