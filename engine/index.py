@@ -328,34 +328,30 @@ FINGERPRINT_DTYPES = ("fp32", "bf16", "fp16")
 
 def weights_fingerprint(lm) -> Dict[str, str]:
     """SHA-256 of the model's weights (every parameter and buffer, by name), per
-    precision: the weights as loaded, and, for fp32 weights, rounded to bf16 and
-    fp16 the way a model loaded at those precisions is, so that an index built
-    in fp32 recognises the same weights loaded in bf16 on a GPU. Two models with
-    any weight different (a fine-tuned copy) never share a fingerprint.
-    Cached on the loaded model."""
+    precision: ``fp32`` when all floating tensors are fp32, and ``bf16``/``fp16``
+    with every fp32 tensor rounded to that type the way a model loaded at that
+    precision is (tensors already in it kept), so that an index built in fp32
+    recognises the same weights loaded in bf16 or fp16 on a GPU, also when some
+    layers stay fp32 there. Two models with any weight different (a fine-tuned
+    copy) never share a fingerprint. Cached on the loaded model."""
     import torch
     cached = getattr(lm, "_mapclip_fingerprint", None)
     if cached is not None:
         return dict(cached)
-    module = lm.model
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    tensors = sorted(list(module.state_dict().items()), key=lambda kv: kv[0])
-    dtypes = {t.dtype for _, t in tensors if t.is_floating_point()}
-    own = names.get(next(iter(dtypes))) if len(dtypes) == 1 else None
-    targets = []
-    if own == "fp32":
-        targets = [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
-    elif own is not None:
-        targets = [(own, None)]
+    tensors = sorted(lm.model.state_dict().items(), key=lambda kv: kv[0])
+    floats = {t.dtype for _, t in tensors if t.is_floating_point()}
+    wide = {torch.float32, torch.float64}
     out: Dict[str, str] = {}
-    for key, cast in targets:
+    for key, cast in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if not floats <= (wide | ({cast} if cast is not None else set())):
+            continue   # some tensor is already in another reduced precision
         h = hashlib.sha256()
         for name, t in tensors:
             t = t.detach()
-            if cast is not None and t.is_floating_point():
+            if cast is not None and t.dtype in wide:
                 t = t.to(cast)
             t = t.cpu().contiguous().reshape(-1)
-            h.update(name.encode() + str(tuple(t.shape)).encode() + str(t.dtype).encode())
+            h.update(f"{name}|{t.numel()}|{t.dtype}|".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         out[key] = h.hexdigest()
     try:

@@ -515,6 +515,15 @@ def test_a_fine_tuned_copy_is_not_the_same_model_for_append_or_search(tmp_path, 
     half = SimpleNamespace(model=copy.deepcopy(tiny_model.model).to(torch.bfloat16))
     assert ix.weights_fingerprint(half) == {"bf16": ix.weights_fingerprint(tiny_model)["bf16"]}
     assert ix.same_weights(ix.read_manifest(out)["model"], {"weights": ix.weights_fingerprint(half)})
+    # fp16 with some layers kept in fp32 (as open_clip casts for CUDA) is the same model too
+    mixed = copy.deepcopy(tiny_model.model)
+    for mod in mixed.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.half()
+    fp = ix.weights_fingerprint(SimpleNamespace(model=mixed))
+    assert fp == {"fp16": ix.weights_fingerprint(tiny_model)["fp16"]}
+    tuned_fp = ix.weights_fingerprint(tuned)
+    assert all(tuned_fp[k] != v for k, v in ix.weights_fingerprint(tiny_model).items())
 
 
 def test_the_system_pyproj_finds_its_data_in_the_venv(tmp_path):
