@@ -47,7 +47,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import MapClipError, ModelError, UsageError
-from .jobs import Job, check_output_path
+from .jobs import Job
 from .options import IndexOptions, SearchOptions, check, with_model_defaults  # noqa: F401
 
 FORMAT = "mapclip-index"
@@ -1490,7 +1490,10 @@ def write_hits(result: SearchResult, path: Union[str, os.PathLike], overwrite: b
     if out.suffix.lower() not in (".gpkg", ".geojson", ".json"):
         raise UsageError(f"cannot write hits to {out}: unknown format {out.suffix or '(none)'}",
                          "name the output .gpkg or .geojson")
-    out = check_output_path(out, overwrite)
+    from .jobs import check_outputs
+    inputs = [("--image", result.query.get("image"))]
+    inputs += [("indexed raster", r) for r in sorted({h.raster for h in result.hits})]
+    out = check_outputs([("--out", out)], inputs, overwrite=overwrite)["--out"]
     crs = output_crs(h.crs for h in result.hits)
     query = json.dumps({k: v for k, v in result.query.items() if k in ("text", "image", "like", "negative")})
     rows, boxes = [], []

@@ -575,3 +575,16 @@ def test_resume_after_the_caption_file_changed_is_refused(tmp_path, one_torch_th
     assert _digest(tmp_path / "run") == state
     captions.write_text("\n".join(rows) + "\n")          # restored: the run resumes
     assert ft.finetune(ft.FinetuneOptions(**o, resume=True)).resumed_from_epoch == 1
+
+
+def test_search_hits_are_never_written_over_an_indexed_raster(tmp_path, tiny_model):
+    from engine import index as ix
+    from engine.errors import UsageError
+    a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))
+    body = a.read_bytes()
+    ix.build_index([a], tmp_path / "idx", tiny_model, ix.IndexOptions(tile_px=32, footprints=False))
+    res = ix.search(tmp_path / "idx", text="a field", model=tiny_model)
+    os.symlink(a, tmp_path / "link.gpkg")      # a link to the raster, named like an output
+    with pytest.raises(UsageError, match="also an input"):
+        ix.write_hits(res, tmp_path / "link.gpkg", overwrite=True)
+    assert a.read_bytes() == body
