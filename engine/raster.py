@@ -121,6 +121,8 @@ from .tiling import PixelWindow, Tile, TileGrid  # noqa: E402,F401
 
 #: the most source pixels one read may touch (see RasterReader._check_read_size)
 MAX_READ_PX = 1 << 28
+#: reads of more source pixels than this, from the main thread, can be interrupted
+LONG_READ_PX = 1 << 22
 READ_LIMIT_ENV = "MAPCLIP_MAX_READ_PX"
 
 
@@ -515,6 +517,32 @@ class RasterReader:
             raise ValueError(f"window {window} is not inside the raster "
                              f"({self.info.width} x {self.info.height} px)")
 
+    def _read_interruptible(self, window: PixelWindow, out_shape, cancel):
+        """:meth:`_read_raw` in a daemon thread with its own dataset handle; the
+        caller polls, so KeyboardInterrupt and ``cancel`` end the wait (GDAL
+        finishes the abandoned read in the background and closes its handle)."""
+        box: dict = {}
+
+        def work() -> None:
+            try:
+                ds = _open_dataset(self.path)
+                try:
+                    box["value"] = self._read_raw(ds, window, out_shape)
+                finally:
+                    ds.close()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+
+        t = threading.Thread(target=work, name="mapclip-long-read", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.05)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
     def _check_read_size(self, window: PixelWindow, out_shape: Optional[Tuple[int, int]]) -> None:
         """Refuse, before GDAL starts, one read that would touch more than
         :func:`max_read_px` source pixels: such a read (a whole huge raster shrunk
@@ -595,17 +623,24 @@ class RasterReader:
             out[..., c] = conv[slot]
         return out
 
-    def read(self, window: PixelWindow, out_shape: Optional[Tuple[int, int]] = None
-             ) -> Tuple[np.ndarray, np.ndarray]:
+    def read(self, window: PixelWindow, out_shape: Optional[Tuple[int, int]] = None,
+             cancel=None) -> Tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 RGB and (H, W) bool validity for a native pixel window.
 
         ``out_shape`` (rows, cols) resamples on read (average when shrinking,
-        bilinear when enlarging). Safe to call from any thread.
+        bilinear when enlarging). Safe to call from any thread. A long read
+        (more than :data:`LONG_READ_PX` source pixels) made from the main thread
+        runs in a helper thread while the caller waits in short steps, so Ctrl-C
+        and ``cancel`` (anything with ``is_set()``) stop the wait at once.
         """
         self._check_window(window)
         self._check_read_size(window, out_shape)
         try:
-            raw, valid = self._read_raw(self._dataset(), window, out_shape)
+            if (window.width * window.height > LONG_READ_PX
+                    and threading.current_thread() is threading.main_thread()):
+                raw, valid = self._read_interruptible(window, out_shape, cancel)
+            else:
+                raw, valid = self._read_raw(self._dataset(), window, out_shape)
         except RasterioError as exc:
             raise RasterReadError(f"reading {self.path} at {window} failed: {_gdal_message(exc)}",
                                   "check that the file is complete and readable "

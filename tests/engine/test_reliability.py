@@ -588,3 +588,49 @@ def test_search_hits_are_never_written_over_an_indexed_raster(tmp_path, tiny_mod
     with pytest.raises(UsageError, match="also an input"):
         ix.write_hits(res, tmp_path / "link.gpkg", overwrite=True)
     assert a.read_bytes() == body
+
+
+SLOW_READ = """
+import sys, time
+from engine import raster
+from engine.tiling import PixelWindow
+def slow(self, ds, window, out_shape, *a, **k):
+    time.sleep(30)
+raster.RasterReader._read_raw = slow
+raster.LONG_READ_PX = 1
+r = raster.open_raster(sys.argv[1])
+print("reading", flush=True)
+try:
+    r.read(PixelWindow(0, 0, 64, 64), out_shape=(8, 8))
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_a_long_read_stops_on_ctrl_c_and_on_cancel(world, tmp_path, monkeypatch):
+    """A long single read (a whole extent shrunk to one image) runs in a helper
+    thread: Ctrl-C and the cancel flag end it within a fraction of a second,
+    where they used to wait for GDAL to finish."""
+    import threading
+
+    from engine import raster
+    from engine.errors import Cancelled
+    from engine.tiling import PixelWindow
+    p = subprocess.Popen([sys.executable, "-c", SLOW_READ, str(world["raster"])], cwd=tmp_path,
+                         env=world["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "reading"
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=20)
+    assert "interrupted" in out and time.perf_counter() - t0 < 5, err
+    monkeypatch.setattr(raster, "LONG_READ_PX", 1)
+    monkeypatch.setattr(raster.RasterReader, "_read_raw",
+                        lambda self, ds, *a, **k: time.sleep(30))
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    t0 = time.perf_counter()
+    with raster.open_raster(str(world["raster"])) as r, pytest.raises(Cancelled):
+        r.read(PixelWindow(0, 0, 64, 64), out_shape=(8, 8), cancel=cancel)
+    assert time.perf_counter() - t0 < 2
