@@ -61,7 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
-    _terminate_as_interrupt()
+    previous = _terminate_as_interrupt()
     try:
         return int(args.func(args) or 0)
     except Cancelled:
@@ -85,6 +85,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print_error(f"{exc.strerror or exc}:{where}",
                     "check the path, its permissions and the free disk space, then run again")
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 #: errors of the user's files and disks, reported as error/fix lines rather than tracebacks
@@ -106,15 +109,16 @@ def print_error(message: str, hint: Optional[str]) -> None:
         print(f"  fix: {_one_line(hint)}", file=sys.stderr)
 
 
-def _terminate_as_interrupt() -> None:
+def _terminate_as_interrupt():
     """SIGTERM (a `kill`, a closed session) stops a run like Ctrl-C: temporary
-    outputs are removed on the way out instead of being left behind."""
+    outputs are removed on the way out instead of being left behind. Returns the
+    handler it replaced (restored when the command returns), or None."""
     def handler(signum, frame):  # noqa: ARG001
         raise KeyboardInterrupt()
     try:
-        signal.signal(signal.SIGTERM, handler)
+        return signal.signal(signal.SIGTERM, handler)
     except (ValueError, OSError):  # not the main thread
-        pass
+        return None
 
 
 # ---------------------------------------------------------------- helpers --
