@@ -26,6 +26,8 @@ STAMP = VENV / ".mapclip-requirements.sha256"
 SYSTEM_PY = "/usr/bin/python3"
 PLUGIN_NAME = "mapclip"
 DEBIAN_PACKAGES = ["qgis", "python3-qgis", "qgis-providers"]
+#: the desktop tests run the real `qgis` binary on a virtual screen
+DESKTOP_PACKAGES = ["xvfb"]
 # What goes into the plugin zip (the repository root is the plugin folder).
 PACKAGE_INCLUDE = ["__init__.py", "metadata.txt", "LICENSE", "README.md", "requirements.txt",
                    "plugin", "engine", "resources"]
@@ -49,18 +51,22 @@ def qgis_importable() -> bool:
 
 
 def ensure_qgis() -> None:
-    if qgis_importable():
+    missing = [] if qgis_importable() else list(DEBIAN_PACKAGES)
+    if not shutil.which("Xvfb"):
+        missing += DESKTOP_PACKAGES
+    if not missing:
         return
     can_apt = shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0
     if not can_apt:
-        sys.exit("[build] QGIS's Python bindings are missing for /usr/bin/python3.\n"
+        sys.exit("[build] Debian packages are missing (QGIS's Python bindings for /usr/bin/python3, "
+                 "or Xvfb for the desktop tests).\n"
                  "        Install them, then run this again:\n"
-                 f"        sudo apt-get install {' '.join(DEBIAN_PACKAGES)}")
-    say(f"installing QGIS from Debian packages: {' '.join(DEBIAN_PACKAGES)}")
+                 f"        sudo apt-get install {' '.join(missing)}")
+    say(f"installing Debian packages: {' '.join(missing)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     if run(["apt-get", "update", "-q"], env=env) != 0 or \
-            run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *DEBIAN_PACKAGES], env=env) != 0:
-        sys.exit("[build] apt-get could not install QGIS; see the messages above.")
+            run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env) != 0:
+        sys.exit("[build] apt-get could not install " + " ".join(missing) + "; see the messages above.")
     if not qgis_importable():
         sys.exit("[build] QGIS was installed but `import qgis.core` still fails under /usr/bin/python3.")
 
@@ -161,16 +167,21 @@ def plugin_version() -> str:
 
 
 def cmd_package(extra) -> int:
-    out_dir = ROOT / "dist"
-    out_dir.mkdir(exist_ok=True)
+    out = write_package(ROOT / "dist")
+    say(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def write_package(out_dir: Path) -> Path:
+    """The plugin zip (QGIS "Install from ZIP") in ``out_dir``; returns its path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{PLUGIN_NAME}-{plugin_version()}.zip"
     tmp = out.with_suffix(".zip.part")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         for f in package_files():
             zf.write(f, f"{PLUGIN_NAME}/{f.relative_to(ROOT).as_posix()}")
     os.replace(tmp, out)
-    say(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
-    return 0
+    return out
 
 
 COMMANDS = {"setup": lambda extra: (setup(), 0)[1], "test": cmd_test, "demo": cmd_demo,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
+from dataclasses import replace
 from functools import partial
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -24,15 +25,15 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, Qgs
                        QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsRectangle)
 from qgis.gui import (QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget,
                       QgsMapLayerComboBox)
-from qgis.PyQt.QtCore import Qt, pyqtSignal
-from qgis.PyQt.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox,
+from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
+from qgis.PyQt.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QComboBox, QDoubleSpinBox,
                                  QFileDialog, QFormLayout, QHBoxLayout, QInputDialog, QLabel,
                                  QLineEdit, QMenu, QProgressBar, QPushButton,
                                  QSpinBox, QTabWidget, QToolButton, QTreeWidget,
                                  QTreeWidgetItem, QVBoxLayout, QWidget)
 
-from . import deps, layers, log, render, tasks
-from .settings import DEVICES, METHODS, SearchParams, Settings
+from . import deps, layers, log, render, runtime, tasks
+from .settings import DEVICES, FIELD_LABELS, METHODS, SearchParams, Settings, model_defaults
 
 MODES = (("boxes", "Boxes"), ("heatmap", "Heatmap (and boxes)"), ("count", "Count"))
 AREAS = (("extent", "Visible map extent"), ("layer", "Whole layer"),
@@ -67,6 +68,8 @@ class MapClipDock(QgsDockWidget):
     """The search dock. ``run_finished(outcome)`` fires after every run ("done", "error", "cancelled")."""
 
     run_finished = pyqtSignal(str)
+    #: the user asked, from the dock's banner, to install the missing packages
+    install_requested = pyqtSignal()
 
     def __init__(self, iface, parent=None):
         super().__init__("MapCLIP", parent)
@@ -78,14 +81,42 @@ class MapClipDock(QgsDockWidget):
         self.last_layers: List[Any] = []
         self.last_result: Any = None
         self.last_count: Optional[str] = None
+        self.last_request: Any = None
         self.pick_tool = None
         self._prev_tool = None
         self._temp_files: List[str] = []
+        self._status: QLabel = QLabel()
         self.tabs = QTabWidget()
         self.tabs.addTab(self._build_search_tab(), "Search")
         self.tabs.addTab(self._build_archive_tab(), "Archive")
-        self.setWidget(self.tabs)
+        page = QWidget()
+        box = QVBoxLayout(page)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.addWidget(self._build_deps_banner())
+        box.addWidget(self.tabs, 1)
+        self.setWidget(page)
         self._load_settings()
+        self.refresh_deps()
+
+    def _build_deps_banner(self) -> QWidget:
+        self.deps_banner = QWidget()
+        self.deps_banner.setObjectName("mapclipDepsBanner")
+        row = QHBoxLayout(self.deps_banner)
+        self.deps_label = QLabel()
+        self.deps_label.setWordWrap(True)
+        self.deps_install_button = QPushButton("Install…")
+        self.deps_install_button.setObjectName("mapclipDockInstall")
+        self.deps_install_button.clicked.connect(lambda _checked=False: self.install_requested.emit())
+        row.addWidget(self.deps_label, 1)
+        row.addWidget(self.deps_install_button)
+        return self.deps_banner
+
+    def refresh_deps(self) -> List[str]:
+        """Show what is missing, with an Install button, at the top of the dock."""
+        missing = deps.missing_modules()
+        self.deps_label.setText(deps.missing_message(missing) if missing else "")
+        self.deps_banner.setVisible(bool(missing))
+        return missing
 
     # ------------------------------------------------------------------ UI --
     def _build_search_tab(self) -> QWidget:
@@ -219,6 +250,7 @@ class MapClipDock(QgsDockWidget):
         self.status_label = QLabel("Ready")
         self.status_label.setWordWrap(True)
         outer.addWidget(self.status_label)
+        self._status = self.status_label
 
         self.results = QTreeWidget()
         self.results.setHeaderLabels(["#", "Prompt", "Score"])
@@ -231,6 +263,8 @@ class MapClipDock(QgsDockWidget):
         self.mode_combo.currentIndexChanged.connect(self._mode_changed)
         self.area_combo.currentIndexChanged.connect(self._area_changed)
         self.model_combo.currentIndexChanged.connect(self._model_changed)
+        self.method_combo.currentTextChanged.connect(self._method_changed)
+        self._shown_method = self.method_combo.currentText()
         return page
 
     def _build_archive_tab(self) -> QWidget:
@@ -252,7 +286,7 @@ class MapClipDock(QgsDockWidget):
         form.addRow("Sources", build_row)
         self.archive_query = QLineEdit()
         self.archive_query.setPlaceholderText("an airport with parked planes")
-        self.archive_query.returnPressed.connect(self.search_archive)
+        self.archive_query.returnPressed.connect(lambda: self.search_archive())
         form.addRow("Query", self.archive_query)
         self.archive_topk = QSpinBox()
         self.archive_topk.setRange(1, 10000)
@@ -261,7 +295,7 @@ class MapClipDock(QgsDockWidget):
         outer.addLayout(form)
         row = QHBoxLayout()
         self.archive_search_button = QPushButton("Search")
-        self.archive_search_button.clicked.connect(self.search_archive)
+        self.archive_search_button.clicked.connect(lambda _checked=False: self.search_archive())
         self.pick_button = QPushButton("More like a place…")
         self.pick_button.setCheckable(True)
         self.pick_button.setToolTip("click a place on the map to find similar places in the archive")
@@ -336,24 +370,24 @@ class MapClipDock(QgsDockWidget):
         return str(self.model_combo.currentData() or self.model_combo.currentText())
 
     def show_params(self, p: SearchParams) -> None:
+        self.method_combo.blockSignals(True)
         self.method_combo.setCurrentText(p.method)
+        self.method_combo.blockSignals(False)
+        self._shown_method = p.method
         self.tile_spin.setValue(int(p.tile_px))
         self.window_spin.setValue(int(p.window))
         self.stride_spin.setValue(int(p.stride))
         self.gsd_spin.setValue(float(p.gsd or 0.0))
         self.topk_spin.setValue(int(p.top_k))
-        self.threshold_spin.setValue(self.threshold_spin.minimum() if p.threshold is None
-                                     else float(p.threshold))
+        self._show_threshold(p.threshold)
         self.bands_edit.setText(p.bands or "")
         self.device_combo.setCurrentText(p.device or "auto")
         self.batch_spin.setValue(int(p.batch_size))
 
     def params(self) -> SearchParams:
-        thr = self.threshold_spin.value()
         return SearchParams(tile_px=self.tile_spin.value(), window=self.window_spin.value(),
                             stride=self.stride_spin.value(), gsd=self.gsd_spin.value(),
-                            top_k=self.topk_spin.value(),
-                            threshold=None if thr <= self.threshold_spin.minimum() else thr,
+                            top_k=self.topk_spin.value(), threshold=self._threshold(),
                             bands=self.bands_edit.text().strip(),
                             device=self.device_combo.currentText(),
                             batch_size=self.batch_spin.value(),
@@ -375,6 +409,24 @@ class MapClipDock(QgsDockWidget):
 
     def _model_changed(self, *_):
         self.show_params(self.settings.params(self.current_model()))
+
+    def _method_changed(self, method: str) -> None:
+        """Tile size and threshold have their own defaults per method: follow them
+        unless the user changed them."""
+        old = model_defaults(self.current_model(), self._shown_method)
+        new = model_defaults(self.current_model(), method)
+        self._shown_method = method
+        if self.tile_spin.value() == old.tile_px:
+            self.tile_spin.setValue(int(new.tile_px))
+        if self._threshold() == old.threshold:
+            self._show_threshold(new.threshold)
+
+    def _threshold(self) -> Optional[float]:
+        thr = self.threshold_spin.value()
+        return None if thr <= self.threshold_spin.minimum() else thr
+
+    def _show_threshold(self, value: Optional[float]) -> None:
+        self.threshold_spin.setValue(self.threshold_spin.minimum() if value is None else float(value))
 
     def _mode_changed(self, *_):
         self.count_method_combo.setVisible(self.mode_combo.currentData() == "count")
@@ -552,36 +604,52 @@ class MapClipDock(QgsDockWidget):
 
     def _start_job(self, source: str, prompts: List[str], model: str, mode: str,
                    params: SearchParams, bands, extent, extent_crs, layer_crs, gsd) -> None:
-        device = None if params.device == "auto" else params.device
         run_time = _dt.datetime.now(_dt.timezone.utc)
         if mode == "count":
+            options = params.count_options(model)
+            options = replace(options, read=replace(options.read, gsd=gsd))
             req = tasks.CountRequest(raster=source, object_name=prompts[0], model=model,
-                                     model_name=model,
+                                     model_name=model, options=options,
                                      method=self.count_method_combo.currentData(),
-                                     extent=extent, extent_crs=extent_crs, device=device,
-                                     threshold=params.threshold, batch_size=params.batch_size,
-                                     bands=bands, gsd=gsd)
+                                     extent=extent, extent_crs=extent_crs)
             fn = partial(tasks.run_count, req)
             title = f"MapCLIP: count '{prompts[0]}'"
             on_done = partial(self._count_done, req, layer_crs, run_time)
         else:
+            options = params.detect_options(model, heatmap=(mode == "heatmap"))
+            options = replace(options, read=replace(options.read, gsd=gsd))
             req = tasks.DetectRequest(raster=source, prompts=prompts, model=model, model_name=model,
-                                      extent=extent, extent_crs=extent_crs,
-                                      tile_px=params.tile_px, window=params.window,
-                                      stride=params.stride, gsd=gsd, top_k=params.top_k,
-                                      threshold=params.threshold, bands=bands, device=device,
-                                      batch_size=params.batch_size, method=params.method,
-                                      heatmap=(mode == "heatmap"))
+                                      options=options, extent=extent, extent_crs=extent_crs)
             fn = partial(tasks.run_detect, req)
             title = f"MapCLIP: search '{'; '.join(prompts)[:40]}'"
             gpkg = self.gpkg_widget.filePath() if self.save_check.isChecked() else None
             on_done = partial(self._detect_done, req, layer_crs, run_time, gpkg, mode)
+        self.last_request = req
+        if not self._preload(self.status_label):
+            self._finish("error")
+            return
         self.status_label.setText(f"Loading {model}…")
         self._run_info = req.info
+        self._status = self.status_label
         self.task = tasks.EngineTask(title, fn, on_done=on_done, on_error=self._job_error,
                                      on_cancel=self._job_cancelled, iface=self.iface)
         self.task.stepped.connect(self._stepped)
         tasks.start(self.task)
+
+    def _preload(self, status: QLabel) -> bool:
+        """Import torch and friends on the main thread before the first job (never in a
+        worker thread; see plugin/runtime.py). False, with the reason shown, if they fail."""
+        if runtime.preloaded():
+            return True
+        status.setText("Loading PyTorch (first search only)…")
+        QApplication.processEvents()
+        try:
+            runtime.preload()
+        except ImportError as exc:
+            text = log.bar_error(self.iface, "search failed", exc)
+            status.setText(text)
+            return False
+        return True
 
     def _stepped(self, done: int, total: int) -> None:
         task = self.task
@@ -589,7 +657,7 @@ class MapClipDock(QgsDockWidget):
             return
         self.progress.setValue(int(100 * done / total) if total else 0)
         device = getattr(self, "_run_info", {}).get("device") or self.device_combo.currentText()
-        self.status_label.setText(f"{done}/{total} tiles · {task.rate():.1f} tiles/s · {device}")
+        self._status.setText(f"{done}/{total} tiles · {task.rate():.1f} tiles/s · {device}")
 
     def _finish(self, outcome: str) -> None:
         self.task = None
@@ -641,12 +709,12 @@ class MapClipDock(QgsDockWidget):
         self._finish("done")
 
     def _job_error(self, exc: BaseException, details: str) -> None:
-        text = log.bar_error(self.iface, "search failed", exc, details)
+        text = log.bar_error(self.iface, "search failed", exc, details, names=FIELD_LABELS)
         self.status_label.setText(text)
         self._finish("error")
 
     def _job_cancelled(self) -> None:
-        self.status_label.setText("Cancelled: nothing added")
+        self._status.setText("Cancelled: nothing added")
         self.progress.setValue(0)
         self._finish("cancelled")
 
@@ -655,7 +723,7 @@ class MapClipDock(QgsDockWidget):
             self.renderer.cancel()
         if self.task is not None:
             self.task.cancel()
-        self.status_label.setText("Cancelling…")
+        self._status.setText("Cancelling…")
 
     def _cleanup_temp(self) -> None:
         for path in self._temp_files:
@@ -763,7 +831,10 @@ class MapClipDock(QgsDockWidget):
     def _start_archive_task(self, title, job, done) -> bool:
         if self.task is not None:
             return False
+        if not self._preload(self.archive_status):
+            return False
         self.archive_status.setText(title + "…")
+        self._status = self.archive_status
 
         def on_done(result):
             try:
@@ -780,7 +851,8 @@ class MapClipDock(QgsDockWidget):
         return True
 
     def _archive_error(self, exc, details) -> None:
-        self.archive_status.setText(log.bar_error(self.iface, "archive job failed", exc, details))
+        self.archive_status.setText(log.bar_error(self.iface, "archive job failed", exc, details,
+                                                  names=FIELD_LABELS))
         self._finish("error")
 
     def _show_hits(self, hits: Sequence[Any], query: str, model: str) -> None:
@@ -819,7 +891,9 @@ class MapClipDock(QgsDockWidget):
                 canvas.setMapTool(self._prev_tool)
 
     def _place_picked(self, point, crs) -> None:
-        self.pick_button.setChecked(False)
+        # put the previous map tool back after this click has been handled, so the
+        # click does not reach it (the pan tool would recentre the map on it)
+        QTimer.singleShot(0, lambda: self.pick_button.setChecked(False))
         self.search_archive(like=(point.x(), point.y(), crs_text(crs)))
 
     # ------------------------------------------------------------- cleanup --

@@ -6,7 +6,7 @@ the log panel, so a user sees what went wrong and a developer sees where.
 from __future__ import annotations
 
 import traceback
-from typing import Optional
+from typing import Dict, Optional
 
 from qgis.core import Qgis, QgsMessageLog
 
@@ -59,31 +59,42 @@ def bar_warning(iface, text: str, title: str = TAG, seconds: int = BAR_SECONDS) 
 MAX_BAR_TEXT = 400
 
 
-def error_text(exc: BaseException) -> str:
-    """The one line a user reads: MapClipError message and fix, else type and message."""
-    text = _error_text(exc)
+def error_text(exc: BaseException, names: Optional[Dict[str, str]] = None) -> str:
+    """The one line a user reads: MapClipError message and fix, else type and message.
+
+    ``names`` maps engine options to the front end's own names for them (the
+    dock's field labels), so an error about ``tile_px`` speaks of "Tile size".
+    """
+    text = _error_text(exc, names)
     return text if len(text) <= MAX_BAR_TEXT else text[:MAX_BAR_TEXT - 1] + "…"
 
 
 INSTALL_HINT = "install MapCLIP's packages: Raster > MapCLIP > Install dependencies…"
 
 
-def _error_text(exc: BaseException) -> str:
+def _error_text(exc: BaseException, names: Optional[Dict[str, str]] = None) -> str:
     if isinstance(exc, ImportError):
         name = getattr(exc, "name", None) or str(exc)
-        return f"a Python package is missing or broken ({name}); {INSTALL_HINT}"
+        return (f"the Python package '{name}' is missing or cannot be imported "
+                f"({str(exc).strip()[:200]}); {INSTALL_HINT}")
     message = getattr(exc, "message", None)
     if message is not None:
         hint = getattr(exc, "hint", None)
+        if names is not None and getattr(exc, "option", None):
+            from ..engine.errors import worded
+            message, hint = worded(exc, lambda option: names.get(option, option))
         return f"{message} (fix: {hint})" if hint else str(message)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def bar_error(iface, what: str, exc: Optional[BaseException] = None,
-              details: Optional[str] = None) -> str:
-    """Show ``what`` failed in the message bar; log the full story. Returns the bar text."""
-    text = what if exc is None else f"{what}: {error_text(exc)}"
+              details: Optional[str] = None, names: Optional[Dict[str, str]] = None) -> str:
+    """Show ``what`` failed in the message bar; log the full story. Returns the bar text.
+
+    The bar shows the first line in full (it wraps; a long text is not cut off) and
+    keeps the details one click away ("Show more")."""
+    text = what if exc is None else f"{what}: {error_text(exc, names)}"
     full = text
     if details:
         full += "\n" + details
@@ -92,5 +103,6 @@ def bar_error(iface, what: str, exc: Optional[BaseException] = None,
     critical(full)
     bar = _bar(iface)
     if bar is not None:
-        bar.pushMessage(TAG, text + " (details in the log panel, tab MapCLIP)", Qgis.Critical, 0)
+        bar.pushMessage(TAG, text, full + "\n\n(also in the log panel, tab MapCLIP)",
+                        Qgis.Critical, 0)
     return text

@@ -21,7 +21,7 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction, QProgressBar
 
-from . import deps, log, tasks
+from . import deps, log, runtime, tasks
 
 MENU = "&MapCLIP"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +67,7 @@ class MapClipPlugin:
         self.installer = None
         self.dialogs: Dict[str, Any] = {}
         deps.add_deps_path()
+        runtime.block_triton()
 
     # ------------------------------------------------------------ Processing --
     def initProcessing(self) -> None:  # noqa: N802 (QGIS's name)
@@ -120,12 +121,20 @@ class MapClipPlugin:
             self.dock = MapClipDock(self.iface, self.iface.mainWindow())
             self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
             self.dock.visibilityChanged.connect(self._dock_visibility)
+            self.dock.install_requested.connect(self.install_deps)
         return self.dock
 
     def toggle_dock(self, on: bool) -> None:
         if on:
-            self.ensure_dock().show()
-            self.dock.raise_()
+            try:
+                dock = self.ensure_dock()
+            except Exception as exc:  # the dock must never take the toolbar down with it
+                self._dock_visibility(False)
+                log.bar_error(self.iface, "the MapCLIP dock could not open", exc)
+                return
+            dock.refresh_deps()
+            dock.show()
+            dock.raise_()
         elif self.dock is not None:
             self.dock.hide()
 

@@ -1,52 +1,54 @@
 """The plugin's remembered choices, all in QgsSettings under the group ``mapclip/``.
 
-Search parameters have defaults per model: the engine's DetectOptions give the
-base values (one place for those facts) and :data:`MODEL_OVERRIDES` adjusts
-them for model sizes (large ViT-L models get smaller batches, the tiny test
-model smaller tiles). What the user changes in the dock's Advanced group is
-stored per model, so switching models brings back that model's values.
+Search parameters have defaults per model, and those are the engine's:
+engine.options (the options and their generic defaults) and
+engine.models.model_defaults (each model's own), both importable without
+torch, so the dock shows them even before packages are installed. What the
+user changes in the dock's Advanced group is stored per model, so switching
+models brings back that model's values. A search hands the engine only what
+the user changed (:meth:`SearchParams.detect_options`); everything else stays
+``None`` and the engine fills in the model's default, exactly as it does for
+the CLI and Processing.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, List, Optional
 
 from qgis.core import QgsSettings
 
+from ..engine.models import DEFAULT_MODEL
+from ..engine.models import model_defaults as engine_model_defaults
+from ..engine.options import (MODES, CountOptions, DetectOptions, ReadOptions,
+                              with_model_defaults)
+
 GROUP = "mapclip"
 HISTORY_SIZE = 20
 DEVICES = ("auto", "cpu", "cuda", "mps")
-METHODS = ("window", "dense")
+METHODS = MODES
 
-# When the engine cannot be imported (dependencies missing), the dock still
-# shows these; they mirror engine.detect.DetectOptions.
-_FALLBACK = {"tile_px": 128, "window": 2, "stride": 1, "batch_size": 64, "top_k": 20,
-             "threshold": None, "mode": "window"}
-
-#: adjustments by model: a substring of the preset's architecture or the spec
-MODEL_OVERRIDES: Dict[str, Dict[str, Any]] = {
-    "L-14": {"batch_size": 16, "tile_px": 224},
-    "RN50": {"batch_size": 32},
-    "mapclip-tiny": {"tile_px": 64, "batch_size": 16},
-    "test-tiny": {"tile_px": 64, "batch_size": 16},
-}
+#: dock field label of each engine option, for errors worded in the dock's terms
+FIELD_LABELS = {"tile_px": "Tile size", "window": "Window", "stride": "Stride", "gsd": "GSD",
+                "top_k": "Top-k", "threshold": "Threshold", "bands": "Bands", "read": "Bands",
+                "device": "Device", "batch_size": "Batch size", "mode": "Method",
+                "dense_tile_px": "Tile size"}
 
 
 @dataclass
 class SearchParams:
     """What the Advanced group holds; ``gsd`` 0 means native resolution."""
 
-    tile_px: int = 128
-    window: int = 2
-    stride: int = 1
+    tile_px: int
+    window: int
+    stride: int
+    top_k: int
+    threshold: Optional[float]
+    batch_size: int
+    method: str
     gsd: float = 0.0
-    top_k: int = 20
-    threshold: Optional[float] = None
     bands: str = ""
     device: str = "auto"
-    batch_size: int = 64
-    method: str = "window"
 
     def band_list(self) -> Optional[List[int]]:
         """The bands text ("4,3,2") as 1-based ints, None for automatic."""
@@ -56,44 +58,47 @@ class SearchParams:
         try:
             bands = [int(p) for p in parts]
         except ValueError:
-            raise ValueError(f"bands {self.bands!r}: write band numbers like 4,3,2") from None
+            raise ValueError(f"Bands {self.bands!r}: write band numbers like 4,3,2") from None
         if any(b < 1 for b in bands):
-            raise ValueError("bands are numbered from 1")
+            raise ValueError("Bands are numbered from 1")
         return bands
 
+    def _changed(self, model: str) -> Dict[str, Any]:
+        base = model_defaults(model, self.method)
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) != getattr(base, f.name)}
 
-def engine_defaults() -> Dict[str, Any]:
-    """DetectOptions' defaults, or the fallback copy when the engine cannot import."""
-    try:
-        from ..engine.detect import DetectOptions
-    except Exception:  # dependencies missing or engine part not built
-        return dict(_FALLBACK)
-    opts = DetectOptions()
-    return {k: getattr(opts, k, v) for k, v in _FALLBACK.items()}
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(bands=self.band_list(), gsd=self.gsd or None)
+
+    def detect_options(self, model: str, heatmap: bool = False) -> DetectOptions:
+        """The engine's options for this search: only what differs from ``model``'s
+        defaults is set; the engine fills in the rest (engine.options.with_model_defaults)."""
+        changed = self._changed(model)
+        keep = {k: v for k, v in changed.items()
+                if k in ("tile_px", "window", "stride", "top_k", "threshold", "batch_size")}
+        if "threshold" in keep and keep["threshold"] is None:
+            keep["threshold"] = 0.0  # "off" where the model has a threshold
+        return replace(DetectOptions(), mode=self.method, read=self.read_options(),
+                       device=None if self.device in ("", "auto") else self.device,
+                       heatmap=heatmap, **keep)
+
+    def count_options(self, model: str) -> CountOptions:
+        """The engine's count options: batch size if changed, the threshold only in dense
+        terms (the dock's window threshold is not a dense one), bands, GSD and device."""
+        changed = self._changed(model)
+        return replace(CountOptions(), read=self.read_options(),
+                       batch_size=changed.get("batch_size"),
+                       device=None if self.device in ("", "auto") else self.device)
 
 
-def _model_arch(model: str) -> str:
-    try:
-        from ..engine.models import PRESETS
-    except Exception:
-        return ""
-    preset = PRESETS.get(model)
-    return preset.arch if preset else ""
-
-
-def model_defaults(model: str) -> SearchParams:
-    """The default search parameters for ``model``."""
-    base = engine_defaults()
-    params = SearchParams(tile_px=int(base["tile_px"]), window=int(base["window"]),
-                          stride=int(base["stride"]), batch_size=int(base["batch_size"]),
-                          top_k=int(base["top_k"]), threshold=base["threshold"],
-                          method=str(base["mode"]))
-    key = f"{model} {_model_arch(model)}"
-    for needle, values in MODEL_OVERRIDES.items():
-        if needle in key:
-            for k, v in values.items():
-                setattr(params, k, v)
-    return params
+def model_defaults(model: str, method: Optional[str] = None) -> SearchParams:
+    """The default search parameters for ``model`` (and a method), from the engine."""
+    o = with_model_defaults(DetectOptions(mode=method or DetectOptions().mode),
+                            engine_model_defaults(model))
+    return SearchParams(tile_px=int(o.tile_px), window=int(o.window), stride=int(o.stride),
+                        top_k=int(o.top_k), threshold=o.threshold, batch_size=int(o.batch_size),
+                        method=o.mode)
 
 
 def _safe(name: str) -> str:
@@ -144,7 +149,6 @@ class Settings:
     # -- models ------------------------------------------------------------
     @property
     def model(self) -> str:
-        from ..engine.models import DEFAULT_MODEL
         return str(self.get("model", DEFAULT_MODEL))
 
     @model.setter
@@ -186,16 +190,19 @@ class Settings:
 
     # -- search parameters, per model -------------------------------------
     def params(self, model: str) -> SearchParams:
-        params = model_defaults(model)
         stored = self._get_json(f"params/{_safe(model)}", {})
+        method = stored.get("method") if stored.get("method") in METHODS else None
+        params = model_defaults(model, method)
         for f in fields(SearchParams):
             if f.name in stored:
                 setattr(params, f.name, stored[f.name])
         return params
 
     def set_params(self, model: str, params: SearchParams) -> None:
-        defaults = asdict(model_defaults(model))
+        defaults = asdict(model_defaults(model, params.method))
         changed = {k: v for k, v in asdict(params).items() if defaults.get(k) != v}
+        if params.method != DetectOptions().mode:
+            changed["method"] = params.method
         if changed:
             self.set(f"params/{_safe(model)}", json.dumps(changed))
         else:

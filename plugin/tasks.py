@@ -21,12 +21,12 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from qgis.core import QgsApplication, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
-from . import log
+from . import log, runtime
 
 ProgressFn = Callable[[int, int], None]
 JobFn = Callable[[ProgressFn, threading.Event], Any]
@@ -135,7 +135,17 @@ class EngineTask(QgsTask):
 
 
 def start(task: EngineTask) -> EngineTask:
-    """Hand ``task`` to QGIS's task manager and keep it alive until it finishes."""
+    """Hand ``task`` to QGIS's task manager and keep it alive until it finishes.
+
+    Called on the main thread: the heavy packages are imported here first
+    (plugin/runtime.py), so no worker thread imports torch for the first time.
+    A package that cannot be imported is left for the job to report (jobs that
+    need no torch, such as de-duplication, still run).
+    """
+    try:
+        runtime.preload()
+    except ImportError as exc:
+        log.warning(f"packages not loaded before '{task.description()}': {exc}")
     _RUNNING.add(task)
     QgsApplication.taskManager().addTask(task)
     return task
@@ -198,52 +208,38 @@ def forget_models() -> None:
 # --------------------------------------------------------------------------- #
 @dataclass
 class DetectRequest:
-    """One text search over a raster file, in plain values (safe to pass to a thread)."""
+    """One text search over a raster file, in plain values (safe to pass to a thread).
+
+    ``options`` is the engine's DetectOptions as the dock built it: what the user
+    left at the model's default is None, and the engine fills it in.
+    """
 
     raster: str
     prompts: List[str]
     model: Any                       # spec string or LoadedModel
     model_name: str
+    options: Any                     # engine.options.DetectOptions
     extent: Optional[Tuple[float, float, float, float]] = None
     extent_crs: Optional[str] = None
-    tile_px: int = 128
-    window: int = 2
-    stride: int = 1
-    gsd: Optional[float] = None
-    top_k: int = 20
-    threshold: Optional[float] = None
-    bands: Optional[Sequence[int]] = None
-    device: Optional[str] = None
-    batch_size: int = 64
-    method: str = "window"
-    heatmap: bool = False
-    extra: Dict[str, Any] = field(default_factory=dict)
     #: filled by the job for the status line: "device" once the model is loaded
     info: Dict[str, str] = field(default_factory=dict)
 
 
-def detect_options(req: DetectRequest):
-    from ..engine.detect import DetectOptions
-    from ..engine.raster import ReadOptions
-    read = ReadOptions(bands=list(req.bands) if req.bands else None,
-                       gsd=req.gsd if req.gsd else None)
-    return DetectOptions(mode=req.method, tile_px=req.tile_px, window=req.window,
-                         stride=req.stride, batch_size=req.batch_size, top_k=req.top_k,
-                         threshold=req.threshold, read=read,
-                         device=None if req.device in (None, "", "auto") else req.device,
-                         heatmap=req.heatmap, **req.extra)
+def _loaded(model: Any, device: Optional[str], info: Dict[str, str], cancel: threading.Event):
+    lm = get_model(model, device)
+    info["device"] = str(lm.device)
+    if cancel.is_set():
+        from ..engine.errors import Cancelled
+        raise Cancelled()
+    return lm
 
 
 def run_detect(req: DetectRequest, progress: ProgressFn, cancel: threading.Event):
     """The detect job: load the model (cached), then engine.detect.detect."""
     from ..engine.detect import detect
-    lm = get_model(req.model, req.device)
-    req.info["device"] = str(lm.device)
-    if cancel.is_set():
-        from ..engine.errors import Cancelled
-        raise Cancelled()
+    lm = _loaded(req.model, req.options.device, req.info, cancel)
     return detect(req.raster, req.prompts, lm, extent=req.extent, extent_crs=req.extent_crs,
-                  options=detect_options(req), progress=progress, cancel=cancel)
+                  options=req.options, progress=progress, cancel=cancel)
 
 
 @dataclass
@@ -254,25 +250,16 @@ class CountRequest:
     object_name: str
     model: Any
     model_name: str
+    options: Any                     # engine.options.CountOptions
     method: str = "both"
     extent: Optional[Tuple[float, float, float, float]] = None
     extent_crs: Optional[str] = None
-    device: Optional[str] = None
-    threshold: Optional[float] = None
-    batch_size: int = 64
-    bands: Optional[Sequence[int]] = None
-    gsd: Optional[float] = None
     info: Dict[str, str] = field(default_factory=dict)
 
 
 def run_count(req: CountRequest, progress: ProgressFn, cancel: threading.Event):
     """The count job: load the model (cached), then engine.count.count."""
-    from ..engine.count import CountOptions, count
-    from ..engine.raster import ReadOptions
-    lm = get_model(req.model, req.device)
-    req.info["device"] = str(lm.device)
-    read = ReadOptions(bands=list(req.bands) if req.bands else None, gsd=req.gsd or None)
-    options = CountOptions(threshold=req.threshold, batch_size=req.batch_size, read=read,
-                           device=None if req.device in (None, "", "auto") else req.device)
+    from ..engine.count import count
+    lm = _loaded(req.model, req.options.device, req.info, cancel)
     return count(req.raster, req.object_name, lm, extent=req.extent, extent_crs=req.extent_crs,
-                 method=req.method, options=options, progress=progress, cancel=cancel)
+                 method=req.method, options=req.options, progress=progress, cancel=cancel)

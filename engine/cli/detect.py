@@ -70,11 +70,25 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def options_from_args(args: argparse.Namespace):
+    """The DetectOptions these flags ask for (flags left out stay the engine's defaults)."""
+    from dataclasses import replace
+
+    from ..options import DetectOptions, ReadOptions
+    changes = dict(mode=args.mode, tile_px=args.tile, window=args.window, stride=args.stride,
+                   batch_size=args.batch_size, top_k=args.top_k, threshold=args.threshold,
+                   merge=args.merge, iou=args.iou, attention=args.attention,
+                   read=ReadOptions(bands=parse_bands(args.bands), gsd=args.gsd),
+                   device=args.device, precision=args.precision, heatmap=bool(args.heatmap))
+    if args.background:
+        changes["background"] = tuple(args.background)
+    return replace(DetectOptions(), **changes)
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..detect import DetectOptions, detect, vector_driver, write_boxes, write_heatmap
+    from ..detect import detect, vector_driver, write_boxes, write_heatmap
     from ..jobs import check_outputs
-    from ..raster import ReadOptions, raster_files
-    from ..scoring import DEFAULT_BACKGROUND_PROMPTS
+    from ..raster import raster_files
     from . import cancel_event
 
     # refuse bad outputs before any work
@@ -89,13 +103,7 @@ def run(args: argparse.Namespace) -> int:
         if args.extent else None
     if args.extent_crs and not extent:
         raise UsageError("--extent-crs given without --extent", "add --extent xmin,ymin,xmax,ymax")
-    opts = DetectOptions(
-        mode=args.mode, tile_px=args.tile, window=args.window, stride=args.stride,
-        batch_size=args.batch_size, top_k=args.top_k, threshold=args.threshold,
-        merge=args.merge, iou=args.iou, attention=args.attention,
-        background=tuple(args.background) if args.background else DEFAULT_BACKGROUND_PROMPTS,
-        read=ReadOptions(bands=parse_bands(args.bands), gsd=args.gsd),
-        device=args.device, precision=args.precision, heatmap=bool(args.heatmap))
+    opts = options_from_args(args)
     bar = tqdm_progress("detect", unit="img")
     try:
         result = detect(args.raster, args.prompt, args.model, extent=extent,

@@ -22,8 +22,7 @@ from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_err
                      optional_number, parse_bands, raster_path, split_prompts)
 from ..layers import engine_crs, rect_geometry
 
-#: mirrors engine.index.SearchOptions / IndexOptions (tests/plugin/test_processing.py checks it)
-INDEX_DEFAULTS = {"top_k": 20, "batch_size": 64}
+from ...engine.options import SearchOptions
 WGS84 = "EPSG:4326"
 
 
@@ -78,8 +77,8 @@ class BuildIndexAlgorithm(MapClipAlgorithm):
         self.addParameter(_advanced(QgsProcessingParameterString(
             self.DEVICE, "Device (empty: best available)", optional=True)))
         self.addParameter(_advanced(QgsProcessingParameterNumber(
-            self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Integer,
-            defaultValue=INDEX_DEFAULTS["batch_size"], minValue=1)))
+            self.BATCH_SIZE, "Batch size (empty: the model's)", QgsProcessingParameterNumber.Integer,
+            optional=True, minValue=1)))
         self.addParameter(_advanced(QgsProcessingParameterBoolean(
             self.REINDEX, "Re-embed the given rasters even when unchanged", defaultValue=False)))
         self.addParameter(QgsProcessingParameterFolderDestination(
@@ -120,7 +119,7 @@ class BuildIndexAlgorithm(MapClipAlgorithm):
                 tile_px=_optional_int(self, parameters, self.TILE, context), scales=scales,
                 stride_px=_optional_int(self, parameters, self.STRIDE, context), gsd=gsd,
                 read=ReadOptions(bands=bands) if bands else None,
-                batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+                batch_size=self.optional_int(parameters, self.BATCH_SIZE, context),
                 reindex=self.parameterAsBool(parameters, self.REINDEX, context), device=device)
             spec = self.parameterAsString(parameters, self.MODEL, context).strip() or default_model()
             lm = get_model(spec, device, feedback)
@@ -182,7 +181,7 @@ class SearchIndexAlgorithm(MapClipAlgorithm):
             self.NEGATIVE, "Negative prompts (separated by ;)", optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.TOP_K, "Number of results", QgsProcessingParameterNumber.Integer,
-            defaultValue=INDEX_DEFAULTS["top_k"], minValue=1))
+            defaultValue=SearchOptions().top_k, minValue=1))
         self.addParameter(_advanced(QgsProcessingParameterString(
             self.MODEL, "Model (empty: the index's own)", optional=True)))
         self.addParameter(_advanced(QgsProcessingParameterString(
@@ -213,7 +212,7 @@ class SearchIndexAlgorithm(MapClipAlgorithm):
         index = self.parameterAsFile(parameters, self.INDEX, context)
         device = self.parameterAsString(parameters, self.DEVICE, context).strip() or None
         with engine_errors():
-            from ...engine.index import SearchOptions, search
+            from ...engine.index import search
             options = SearchOptions(
                 top_k=self.parameterAsInt(parameters, self.TOP_K, context),
                 negative=split_prompts(self.parameterAsString(parameters, self.NEGATIVE, context)),

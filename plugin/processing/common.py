@@ -165,6 +165,20 @@ class MapClipAlgorithm(QgsProcessingAlgorithm):
     DISPLAY = ""
     GROUP = "search"
     HELP = ""
+    #: runs a model: torch and friends are imported in prepareAlgorithm (main thread)
+    NEEDS_MODEL = True
+
+    def prepareAlgorithm(self, parameters, context, feedback) -> bool:  # noqa: N802
+        """QGIS calls this on the main thread before processAlgorithm runs in a worker
+        thread: the heavy packages are imported here, never first in the worker
+        (plugin/runtime.py). A missing package is reported by processAlgorithm."""
+        if self.NEEDS_MODEL:
+            from .. import runtime
+            try:
+                runtime.preload()
+            except ImportError:
+                pass
+        return True
 
     def name(self) -> str:
         return self.ALG_NAME
@@ -186,6 +200,18 @@ class MapClipAlgorithm(QgsProcessingAlgorithm):
 
     def createInstance(self):  # noqa: N802
         return type(self)()
+
+    def optional_int(self, parameters, name: str, context) -> Optional[int]:
+        """An optional integer parameter: None when left empty (the engine's default)."""
+        if optional_number(parameters.get(name)) in (None, ""):
+            return None
+        return self.parameterAsInt(parameters, name, context)
+
+    def optional_float(self, parameters, name: str, context) -> Optional[float]:
+        """An optional number parameter: None when left empty (the engine's default)."""
+        if optional_number(parameters.get(name)) in (None, ""):
+            return None
+        return self.parameterAsDouble(parameters, name, context)
 
     def tags(self) -> List[str]:
         return ["mapclip", "clip", "remote sensing", "deep learning"]

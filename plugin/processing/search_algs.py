@@ -2,14 +2,16 @@
 
 They call ``engine.detect.detect`` and ``engine.count.count``, the functions
 behind ``python -m engine detect`` and ``python -m engine count``, with the
-same options. The parameter defaults shown in the toolbox mirror the engine's
-option dataclasses (``DETECT_DEFAULTS``); a test keeps the two equal, because
-reading them from the engine at load time would import torch.
+same options. Defaults and choices come from engine.options (standard library
+only, so the provider loads without torch); an option whose default depends on
+the model (tile size, window, top-k, batch size) is an optional parameter left
+empty, and the engine fills in the model's own default, as it does for the CLI.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 from qgis.core import (QgsFeature, QgsFeatureSink, QgsField,
@@ -23,20 +25,18 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField,
                        QgsUnitTypes, QgsWkbTypes)
 from qgis.PyQt.QtCore import QVariant
 
+from ...engine.options import ATTENTION_MODES as ATTENTION_
+from ...engine.options import COUNT_METHODS as COUNT_METHODS_
+from ...engine.options import MERGES as MERGES_
+from ...engine.options import MODES as MODES_
+from ...engine.options import CountOptions, DetectOptions
 from ..layers import ENGINE_BOX_FIELDS, engine_crs, fields_of, rect_geometry
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model,
                      optional_number, parse_bands, split_prompts)
 
-#: mirrors engine.detect.DetectOptions (tests/plugin/test_processing.py checks it)
-DETECT_DEFAULTS = {"mode": "window", "tile_px": 128, "window": 2, "stride": 1,
-                   "batch_size": 64, "top_k": 20, "merge": "nms", "iou": 0.0, "attention": "qq"}
-#: mirrors engine.dense.ATTENTION_MODES
-ATTENTION_MODES = ["qq", "qq+kk", "kk", "vv"]
-MODES = ["window", "dense"]
-MERGES = ["nms", "union"]
-COUNT_METHODS = ["prompt", "dense", "both"]
-#: mirrors engine.count.CountOptions
-COUNT_DEFAULTS = {"min_area": 1}
+D = DetectOptions()
+MODES, MERGES, ATTENTION_MODES, COUNT_METHODS = (list(MODES_), list(MERGES_), list(ATTENTION_),
+                                                 list(COUNT_METHODS_))
 
 
 def box_fields() -> QgsFields:
@@ -66,25 +66,23 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
     DEVICE, BATCH_SIZE = "DEVICE", "BATCH_SIZE"
 
     def add_input_params(self) -> None:
-        self.addParameter(QgsProcessingParameterRasterLayer(
-            self.INPUT, "Raster layer (files are read directly; basemaps are rendered for the area)"))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
 
     def add_common_params(self) -> None:
-        model = QgsProcessingParameterString(self.MODEL, "Model (preset, ARCH:TAG, checkpoint or folder)",
-                                             defaultValue=default_model())
+        model = QgsProcessingParameterString(self.MODEL, "Model", defaultValue=default_model())
         self.addParameter(model)
         self.addParameter(QgsProcessingParameterExtent(
             self.EXTENT, "Area (empty: the whole raster)", optional=True))
         self.add_advanced(QgsProcessingParameterNumber(
-            self.GSD, "Ground sampling distance to read at, m/px (empty: native)",
+            self.GSD, "Read at GSD, m/px (empty: native)",
             QgsProcessingParameterNumber.Double, optional=True, minValue=0.0))
         self.add_advanced(QgsProcessingParameterString(
-            self.BANDS, "Bands, e.g. 1,2,3 (empty: RGB by colour interpretation)", optional=True))
+            self.BANDS, "Bands, e.g. 4,3,2 (empty: RGB)", optional=True))
         self.add_advanced(QgsProcessingParameterString(
-            self.DEVICE, "Device: cpu, cuda, cuda:N, mps (empty: best available)", optional=True))
+            self.DEVICE, "Device (empty: best available)", optional=True))
         self.add_advanced(QgsProcessingParameterNumber(
-            self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Integer,
-            defaultValue=DETECT_DEFAULTS["batch_size"], minValue=1))
+            self.BATCH_SIZE, "Batch size (empty: the model's)", QgsProcessingParameterNumber.Integer,
+            optional=True, minValue=1))
 
     def add_advanced(self, param) -> None:
         param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -149,7 +147,7 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
         return self.parameterAsDouble(parameters, self.GSD, context) or None
 
     def read_options(self, parameters, context, gsd=None):
-        from ...engine.raster import ReadOptions
+        from ...engine.options import ReadOptions
         bands = parse_bands(self.parameterAsString(parameters, self.BANDS, context))
         return ReadOptions(bands=bands, gsd=gsd or None)
 
@@ -165,7 +163,7 @@ class DetectBase(RasterSearchAlgorithm):
     PROMPTS, MODE, TILE, WINDOW, STRIDE = "PROMPTS", "MODE", "TILE", "WINDOW", "STRIDE"
     TOP_K, THRESHOLD, MERGE, BACKGROUND = "TOP_K", "THRESHOLD", "MERGE", "BACKGROUND"
     IOU, ATTENTION = "IOU", "ATTENTION"
-    DEFAULT_MODE = DETECT_DEFAULTS["mode"]
+    DEFAULT_MODE = D.mode
 
     def add_detect_params(self) -> None:
         self.add_input_params()
@@ -175,27 +173,25 @@ class DetectBase(RasterSearchAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(
             self.MODE, "Mode", options=MODES, defaultValue=MODES.index(self.DEFAULT_MODE)))
         self.addParameter(QgsProcessingParameterNumber(
-            self.TILE, "Tile size, px", QgsProcessingParameterNumber.Integer,
-            defaultValue=DETECT_DEFAULTS["tile_px"], minValue=8))
+            self.TILE, "Tile size, px (empty: the model's)", QgsProcessingParameterNumber.Integer,
+            optional=True, minValue=8))
         self.addParameter(QgsProcessingParameterNumber(
-            self.WINDOW, "Window, tiles (window mode: k x k tiles)", QgsProcessingParameterNumber.Integer,
-            defaultValue=DETECT_DEFAULTS["window"], minValue=1))
+            self.WINDOW, "Window, tiles (empty: the model's)", QgsProcessingParameterNumber.Integer,
+            optional=True, minValue=1))
         self.addParameter(QgsProcessingParameterNumber(
-            self.STRIDE, "Stride, tiles (window mode)", QgsProcessingParameterNumber.Integer,
-            defaultValue=DETECT_DEFAULTS["stride"], minValue=1))
+            self.STRIDE, "Stride, tiles", QgsProcessingParameterNumber.Integer,
+            defaultValue=D.stride, minValue=1))
         self.add_advanced(QgsProcessingParameterEnum(
             self.MERGE, "Merge overlapping windows", options=MERGES,
-            defaultValue=MERGES.index(DETECT_DEFAULTS["merge"])))
+            defaultValue=MERGES.index(D.merge)))
         self.add_advanced(QgsProcessingParameterNumber(
-            self.IOU, "Window mode: windows overlapping more than this IoU are one object (0: any overlap)",
-            QgsProcessingParameterNumber.Double, defaultValue=DETECT_DEFAULTS["iou"],
-            minValue=0.0, maxValue=1.0))
+            self.IOU, "Same object above IoU (0: any overlap)",
+            QgsProcessingParameterNumber.Double, defaultValue=D.iou, minValue=0.0, maxValue=1.0))
         self.add_advanced(QgsProcessingParameterEnum(
-            self.ATTENTION, "Dense mode: last-block attention (qq = ClearCLIP, qq+kk = SCLIP)",
-            options=ATTENTION_MODES, defaultValue=ATTENTION_MODES.index(DETECT_DEFAULTS["attention"])))
+            self.ATTENTION, "Dense attention", options=ATTENTION_MODES,
+            defaultValue=ATTENTION_MODES.index(D.attention)))
         self.add_advanced(QgsProcessingParameterString(
-            self.BACKGROUND, "Background prompts, separated by ; (empty: the engine's generic set)",
-            optional=True))
+            self.BACKGROUND, "Background prompts (; separated; empty: generic set)", optional=True))
 
     def prompts(self, parameters, context) -> List[str]:
         prompts = split_prompts(self.parameterAsString(parameters, self.PROMPTS, context))
@@ -205,30 +201,24 @@ class DetectBase(RasterSearchAlgorithm):
         return prompts
 
     def detect_options(self, parameters, context, heatmap: bool, top_k=None, threshold=None,
-                       gsd=None):
-        from ...engine.detect import DetectOptions
-        kwargs: Dict[str, Any] = dict(
+                       gsd=None) -> DetectOptions:
+        """DetectOptions from the parameters; empty ones stay None (the model's default)."""
+        changes: Dict[str, Any] = dict(
             mode=MODES[self.parameterAsEnum(parameters, self.MODE, context)],
-            tile_px=self.parameterAsInt(parameters, self.TILE, context),
-            window=self.parameterAsInt(parameters, self.WINDOW, context),
+            tile_px=self.optional_int(parameters, self.TILE, context),
+            window=self.optional_int(parameters, self.WINDOW, context),
             stride=self.parameterAsInt(parameters, self.STRIDE, context),
-            batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+            batch_size=self.optional_int(parameters, self.BATCH_SIZE, context),
             merge=MERGES[self.parameterAsEnum(parameters, self.MERGE, context)],
             iou=self.parameterAsDouble(parameters, self.IOU, context),
             attention=ATTENTION_MODES[self.parameterAsEnum(parameters, self.ATTENTION, context)],
             read=self.read_options(parameters, context, gsd),
-            heatmap=heatmap)
-        device = self.parameterAsString(parameters, self.DEVICE, context).strip()
-        if device:
-            kwargs["device"] = device
+            device=self.parameterAsString(parameters, self.DEVICE, context).strip() or None,
+            top_k=top_k, threshold=threshold, heatmap=heatmap)
         background = split_prompts(self.parameterAsString(parameters, self.BACKGROUND, context))
         if background:
-            kwargs["background"] = background
-        if top_k is not None:
-            kwargs["top_k"] = top_k
-        if threshold is not None:
-            kwargs["threshold"] = threshold
-        return DetectOptions(**kwargs)
+            changes["background"] = tuple(background)
+        return replace(D, **changes)
 
     def run_detect(self, parameters, context, feedback, heatmap: bool, top_k=None, threshold=None):
         prompts = self.prompts(parameters, context)
@@ -268,20 +258,18 @@ class DetectAlgorithm(DetectBase):
     def initAlgorithm(self, config=None):  # noqa: N802
         self.add_detect_params()
         self.addParameter(QgsProcessingParameterNumber(
-            self.TOP_K, "Keep the best N boxes per prompt", QgsProcessingParameterNumber.Integer,
-            defaultValue=DETECT_DEFAULTS["top_k"], minValue=1))
+            self.TOP_K, "Boxes per prompt (empty: the model's)", QgsProcessingParameterNumber.Integer,
+            optional=True, minValue=1))
         self.addParameter(QgsProcessingParameterNumber(
-            self.THRESHOLD, "Score threshold (empty: none)", QgsProcessingParameterNumber.Double,
+            self.THRESHOLD, "Score threshold (empty: the model's)", QgsProcessingParameterNumber.Double,
             optional=True, minValue=0.0, maxValue=1.0))
         self.addParameter(QgsProcessingParameterFeatureSink(
             self.OUTPUT, "Boxes", QgsProcessing.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputNumber(self.COUNT, "Number of boxes"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        top_k = self.parameterAsInt(parameters, self.TOP_K, context)
-        threshold = None
-        if optional_number(parameters.get(self.THRESHOLD)) not in (None, ""):
-            threshold = self.parameterAsDouble(parameters, self.THRESHOLD, context)
+        top_k = self.optional_int(parameters, self.TOP_K, context)
+        threshold = self.optional_float(parameters, self.THRESHOLD, context)
         result = self.run_detect(parameters, context, feedback, heatmap=False, top_k=top_k,
                                  threshold=threshold)
         _, dest = write_boxes_to_sink(self, parameters, context, self.OUTPUT, result.boxes,
@@ -356,7 +344,7 @@ class CountAlgorithm(RasterSearchAlgorithm):
             QgsProcessingParameterNumber.Double, optional=True, minValue=0.0, maxValue=1.0))
         self.add_advanced(QgsProcessingParameterNumber(
             self.MIN_AREA, "Dense method: smallest component, heatmap cells",
-            QgsProcessingParameterNumber.Integer, defaultValue=COUNT_DEFAULTS["min_area"], minValue=1))
+            QgsProcessingParameterNumber.Integer, defaultValue=CountOptions().min_area, minValue=1))
         self.addParameter(QgsProcessingParameterFeatureSink(
             self.OUTPUT, "Counted objects (dense method)", QgsProcessing.TypeVectorPolygon,
             optional=True, createByDefault=False))
@@ -369,22 +357,18 @@ class CountAlgorithm(RasterSearchAlgorithm):
         method = COUNT_METHODS[self.parameterAsEnum(parameters, self.METHOD, context)]
         with engine_errors(), self.raster_input(parameters, context, feedback) as (
                 path, extent, extent_crs, gsd):
-            from ...engine.count import CountOptions, count
-            kwargs: Dict[str, Any] = dict(
-                min_area=self.parameterAsInt(parameters, self.MIN_AREA, context),
-                batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-                read=self.read_options(parameters, context, gsd))
-            if optional_number(parameters.get(self.TILE)) not in (None, ""):
-                kwargs["tile_px"] = self.parameterAsInt(parameters, self.TILE, context)
-            if optional_number(parameters.get(self.THRESHOLD)) not in (None, ""):
-                kwargs["threshold"] = self.parameterAsDouble(parameters, self.THRESHOLD, context)
-            device = self.parameterAsString(parameters, self.DEVICE, context).strip()
-            if device:
-                kwargs["device"] = device
+            from ...engine.count import count
+            options = replace(
+                CountOptions(), min_area=self.parameterAsInt(parameters, self.MIN_AREA, context),
+                batch_size=self.optional_int(parameters, self.BATCH_SIZE, context),
+                read=self.read_options(parameters, context, gsd),
+                tile_px=self.optional_int(parameters, self.TILE, context),
+                threshold=self.optional_float(parameters, self.THRESHOLD, context),
+                device=self.parameterAsString(parameters, self.DEVICE, context).strip() or None)
             lm = self.model(parameters, context, feedback)
             bridge = FeedbackBridge(feedback)
             result = count(path, name, lm, extent=extent, extent_crs=extent_crs, method=method,
-                           options=CountOptions(**kwargs), progress=bridge.progress, cancel=bridge)
+                           options=options, progress=bridge.progress, cancel=bridge)
         for warning in result.warnings:
             feedback.pushWarning(warning)
         summary = result.summary()

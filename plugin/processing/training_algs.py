@@ -18,12 +18,14 @@ from qgis.core import (QgsProcessingOutputFile, QgsProcessingParameterDefinition
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors,
                      optional_number)
 
-#: mirror engine defaults (tests/plugin/test_processing.py checks them)
-FINETUNE_DEFAULTS = {"accum": 1, "epochs": 10, "batch_size": 64, "lr": 1e-5, "val_split": 0.1,
-                     "freeze": "none", "unlock_last": 0}
-MASK_DEFAULTS = {"min_area": 0}
-DEDUP_DEFAULTS = {"max_distance": 1, "hash_size": 8}
-FREEZE = ["none", "text", "vision"]
+from ...engine.convert import MaskOptions
+from ...engine.dedup import DedupOptions
+from ...engine.options import FREEZE as FREEZE_
+from ...engine.options import FinetuneOptions
+
+#: the engine's defaults, read once (engine.options, engine.convert and engine.dedup need no torch)
+FT = FinetuneOptions(model="", data="", out="")
+FREEZE = list(FREEZE_)
 B2C_FORMATS = ["coco", "dota", "yolo", "voc"]
 
 
@@ -60,28 +62,28 @@ class FinetuneAlgorithm(MapClipAlgorithm):
         self.addParameter(QgsProcessingParameterString(self.MODEL, "Base model", defaultValue=default_model()))
         self.addParameter(QgsProcessingParameterNumber(
             self.EPOCHS, "Epochs", QgsProcessingParameterNumber.Integer,
-            defaultValue=FINETUNE_DEFAULTS["epochs"], minValue=1))
+            defaultValue=FT.epochs, minValue=1))
         self.addParameter(QgsProcessingParameterNumber(
             self.BATCH_SIZE, "Batch size", QgsProcessingParameterNumber.Integer,
-            defaultValue=FINETUNE_DEFAULTS["batch_size"], minValue=2))
+            defaultValue=FT.batch_size, minValue=2))
         accum = QgsProcessingParameterNumber(
             self.ACCUM, "Gradient accumulation: micro-batches per step (contrastive batch = "
                         "batch size x this)", QgsProcessingParameterNumber.Integer,
-            defaultValue=FINETUNE_DEFAULTS["accum"], minValue=1)
+            defaultValue=FT.accum, minValue=1)
         accum.setFlags(accum.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
         self.addParameter(accum)
         self.addParameter(QgsProcessingParameterNumber(
             self.LR, "Learning rate", QgsProcessingParameterNumber.Double,
-            defaultValue=FINETUNE_DEFAULTS["lr"], minValue=0.0))
+            defaultValue=FT.lr, minValue=0.0))
         self.addParameter(QgsProcessingParameterNumber(
             self.VAL_SPLIT, "Validation fraction (when the data has no split)",
-            QgsProcessingParameterNumber.Double, defaultValue=FINETUNE_DEFAULTS["val_split"],
+            QgsProcessingParameterNumber.Double, defaultValue=FT.val_split,
             minValue=0.0, maxValue=0.9))
         self.addParameter(QgsProcessingParameterEnum(
-            self.FREEZE_P, "Freeze", options=FREEZE, defaultValue=FREEZE.index(FINETUNE_DEFAULTS["freeze"])))
+            self.FREEZE_P, "Freeze", options=FREEZE, defaultValue=FREEZE.index(FT.freeze)))
         self.addParameter(QgsProcessingParameterNumber(
             self.UNLOCK_LAST, "Unlock the last N blocks of the frozen tower",
-            QgsProcessingParameterNumber.Integer, defaultValue=FINETUNE_DEFAULTS["unlock_last"], minValue=0))
+            QgsProcessingParameterNumber.Integer, defaultValue=FT.unlock_last, minValue=0))
         self.addParameter(QgsProcessingParameterBoolean(self.RESUME, "Resume the run in the output folder",
                                                         defaultValue=False))
         self.addParameter(QgsProcessingParameterString(self.DEVICE, "Device (empty: best available)",
@@ -93,7 +95,7 @@ class FinetuneAlgorithm(MapClipAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         out = self.parameterAsString(parameters, self.OUTPUT, context)
         with engine_errors():
-            from ...engine.finetune import FinetuneOptions, finetune
+            from ...engine.finetune import finetune
             device = self.parameterAsString(parameters, self.DEVICE, context).strip() or None
             options = FinetuneOptions(
                 model=self.parameterAsString(parameters, self.MODEL, context).strip() or default_model(),
@@ -129,6 +131,7 @@ class BoxToCaptionAlgorithm(MapClipAlgorithm):
     ALG_NAME = "boxtocaption"
     DISPLAY = "Box-to-Caption"
     GROUP = "training"
+    NEEDS_MODEL = False
     HELP = ("Turns detection annotations into image-caption pairs by RemoteCLIP's rules: five "
             "captions per image; caption 1 names the objects in the centre of the image, caption "
             "2 the others, captions 3-5 count random categories ('3 airplanes and a storage "
@@ -181,6 +184,7 @@ class MaskToBoxAlgorithm(MapClipAlgorithm):
     ALG_NAME = "masktobox"
     DISPLAY = "Mask-to-Box"
     GROUP = "training"
+    NEEDS_MODEL = False
     HELP = ("Turns segmentation masks into boxes: per class, the outer contours of each "
             "connected region (OpenCV findContours) become one axis-aligned box; written as "
             "COCO JSON. Optionally chains into Box-to-Caption.<br>"
@@ -200,7 +204,7 @@ class MaskToBoxAlgorithm(MapClipAlgorithm):
             behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.MIN_AREA, "Minimum region area, px",
                                                        QgsProcessingParameterNumber.Integer,
-                                                       defaultValue=MASK_DEFAULTS["min_area"], minValue=0))
+                                                       defaultValue=MaskOptions().min_area, minValue=0))
         self.addParameter(QgsProcessingParameterNumber(self.IGNORE, "Ignore value (empty: none)",
                                                        QgsProcessingParameterNumber.Integer,
                                                        optional=True))
@@ -220,7 +224,7 @@ class MaskToBoxAlgorithm(MapClipAlgorithm):
         if optional_number(parameters.get(self.IGNORE)) not in (None, ""):
             ignore = self.parameterAsInt(parameters, self.IGNORE, context)
         with engine_errors():
-            from ...engine.convert import MaskOptions, mask_to_box
+            from ...engine.convert import mask_to_box
             options = MaskOptions(min_area=self.parameterAsInt(parameters, self.MIN_AREA, context),
                                   ignore_index=ignore,
                                   images_dir=self.parameterAsFile(parameters, self.IMAGES, context) or None,
@@ -244,6 +248,7 @@ class DeduplicateAlgorithm(MapClipAlgorithm):
     ALG_NAME = "deduplicate"
     DISPLAY = "De-duplicate images (p-Hash)"
     GROUP = "training"
+    NEEDS_MODEL = False
     HELP = ("Finds near-duplicate images by p-Hash, as RemoteCLIP does before training: pairs "
             "within the Hamming distance (default below 2) are found exactly, without comparing "
             "every pair. With a test folder it reports training images that duplicate test "
@@ -266,10 +271,10 @@ class DeduplicateAlgorithm(MapClipAlgorithm):
             behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.DISTANCE, "Maximum Hamming distance", QgsProcessingParameterNumber.Integer,
-            defaultValue=DEDUP_DEFAULTS["max_distance"], minValue=0))
+            defaultValue=DedupOptions().max_distance, minValue=0))
         self.addParameter(QgsProcessingParameterNumber(
             self.HASH_SIZE, "Hash size (bits per side)", QgsProcessingParameterNumber.Integer,
-            defaultValue=DEDUP_DEFAULTS["hash_size"], minValue=4))
+            defaultValue=DedupOptions().hash_size, minValue=4))
         self.addParameter(QgsProcessingParameterNumber(
             self.SEGMENTS, "Hash segments (empty: distance + 1, never misses a pair)",
             QgsProcessingParameterNumber.Integer, optional=True, minValue=1))
@@ -294,7 +299,7 @@ class DeduplicateAlgorithm(MapClipAlgorithm):
         if optional_number(parameters.get(self.SEGMENTS)) not in (None, ""):
             segments = self.parameterAsInt(parameters, self.SEGMENTS, context)
         with engine_errors():
-            from ...engine.dedup import DedupOptions, find_duplicates, move_duplicates
+            from ...engine.dedup import find_duplicates, move_duplicates
             options = DedupOptions(max_distance=self.parameterAsInt(parameters, self.DISTANCE, context),
                                    hash_size=self.parameterAsInt(parameters, self.HASH_SIZE, context),
                                    segments=segments, overwrite=True)

@@ -4,7 +4,6 @@ installed in a temporary profile."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import shutil
@@ -74,41 +73,6 @@ def test_provider_offers_every_algorithm_with_help_and_groups(provider):
     assert not provider.icon().isNull()
 
 
-def test_toolbox_defaults_mirror_the_engine(provider):
-    from mapclip.engine.convert import MaskOptions
-    from mapclip.engine.finetune import FinetuneOptions
-    from mapclip.plugin.processing import training_algs
-
-    def defaults(cls):
-        return {f.name: f.default for f in dataclasses.fields(cls)
-                if f.default is not dataclasses.MISSING}
-
-    ft = defaults(FinetuneOptions)
-    for key, value in training_algs.FINETUNE_DEFAULTS.items():
-        assert ft[key] == value, key
-    from mapclip.engine.dedup import DedupOptions
-    dd = defaults(DedupOptions)
-    for key, value in training_algs.DEDUP_DEFAULTS.items():
-        assert dd[key] == value, key
-    from mapclip.engine.count import CountOptions
-    from mapclip.engine.detect import DetectOptions
-    from mapclip.plugin.processing import search_algs
-    do = defaults(DetectOptions)
-    for key, value in search_algs.DETECT_DEFAULTS.items():
-        assert do[key] == value, key
-    from mapclip.engine.dense import ATTENTION_MODES
-    assert tuple(search_algs.ATTENTION_MODES) == ATTENTION_MODES
-    assert search_algs.COUNT_DEFAULTS == {"min_area": defaults(CountOptions)["min_area"]}
-    from mapclip.engine.index import IndexOptions, SearchOptions
-    from mapclip.plugin.processing import archive_algs
-    assert archive_algs.INDEX_DEFAULTS == {"top_k": defaults(SearchOptions)["top_k"],
-                                           "batch_size": defaults(IndexOptions)["batch_size"]}
-    mo = defaults(MaskOptions)
-    for key, value in training_algs.MASK_DEFAULTS.items():
-        assert mo[key] == value, key
-
-
-# ---------------------------------------------------------- training data --
 def coco_file(tmp_path: Path) -> Path:
     coco = {"images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 100},
                        {"id": 2, "file_name": "b.png", "width": 100, "height": 100},

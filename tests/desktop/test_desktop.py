@@ -1,0 +1,230 @@
+"""MapCLIP in the real QGIS desktop, installed as an analyst installs it.
+
+One QGIS session, started once for this module:
+
+- the real ``qgis`` binary (Debian's QGIS 3.22) on a virtual screen (Xvfb),
+  with its own OpenGL (Mesa llvmpipe, which loads libLLVM into the process);
+- a fresh profile with MapCLIP unzipped from the ``build.py package`` zip into
+  its plugins folder and enabled;
+- the Python packages laid out as the plugin's installer lays them out
+  (``<profile>/python/mapclip-deps``, one folder of packages in front of
+  QGIS's own), here linked from the build's virtual environment: the CUDA
+  build of torch with triton, i.e. the configuration that used to crash QGIS;
+- QGIS's own Python (/usr/bin/python3), no virtual environment.
+
+tests/desktop/drive_qgis.py runs inside that QGIS (``--code``) and uses the
+dock, the archive tab, the map tool, the dialogs and a Processing dialog by
+their visible labels; the tests here check what it recorded, that QGIS
+exited normally, and that no Python error reached QGIS's log.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).resolve().parent / "drive_qgis.py"
+QGIS = shutil.which("qgis") or "/usr/bin/qgis"
+SYSTEM_PY = "/usr/bin/python3"
+#: how long the whole desktop session may take (the CPU runs every model)
+SESSION_TIMEOUT = 900
+
+
+def _deps_module():
+    spec = importlib.util.spec_from_file_location("mapclip_deps_for_tests", ROOT / "plugin" / "deps.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _protected(name: str) -> bool:
+    return name.split("-")[0].split(".")[0].lower() in ("numpy", "osgeo", "gdal", "pyqt5", "sip",
+                                                        "qgis")
+
+
+def lay_out_packages(target: Path) -> None:
+    """Fill ``target`` as the installer does (a ``pip --target`` folder), from this venv.
+
+    What the installer never puts there (QGIS's own NumPy, GDAL, Qt bindings)
+    stays out here too, so QGIS's copies are the ones imported.
+    """
+    deps = _deps_module()
+    site = Path(sysconfig.get_paths()["purelib"])
+    target.mkdir(parents=True)
+    for entry in sorted(site.iterdir()):
+        if entry.name in ("__pycache__",) or entry.suffix == ".pth":
+            continue
+        if getattr(deps, "is_protected", _protected)(entry.name):
+            continue
+        os.symlink(entry, target / entry.name)
+
+
+def make_data(data: Path) -> Path:
+    """A synthetic scene, an archive of two scenes, chips with captions, duplicate images."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.synthetic import make_scene
+    data.mkdir()
+    scene = data / "scene.tif"
+    make_scene(str(scene), width=384, seed=3)
+    archive = data / "archive"
+    archive.mkdir()
+    for seed in (11, 12):
+        make_scene(str(archive / f"s{seed}.tif"), width=256, seed=seed, mask_path=None,
+                   coco_path=None)
+    chips = data / "chips"
+    chips.mkdir()
+    import rasterio
+    with rasterio.open(scene) as ds:
+        img = np.moveaxis(ds.read([1, 2, 3]), 0, -1)
+    rows = ["image,caption"]
+    words = ["storage tanks", "a runway", "ships in a harbor", "trees", "buildings", "water",
+             "a road", "bare ground"]
+    for i in range(8):
+        r, c = divmod(i, 4)
+        Image.fromarray(img[r * 96:(r + 1) * 96, c * 96:(c + 1) * 96]).save(chips / f"c{i}.png")
+        rows.append(f"c{i}.png,{words[i]}")
+    (chips / "captions.csv").write_text("\n".join(rows) + "\n")
+    dups = data / "dups"
+    dups.mkdir()
+    Image.fromarray(img[:128, :128]).save(dups / "a.png")
+    Image.fromarray(img[:128, :128]).save(dups / "a_copy.png")
+    Image.fromarray(img[200:328, 200:328]).save(dups / "b.png")
+    return scene
+
+
+def write_profile(profiles: Path, zip_path: Path) -> Path:
+    """A fresh QGIS profile with MapCLIP unzipped and enabled, as "Install from ZIP" leaves it."""
+    profile = profiles / "profiles" / "default"
+    plugins = profile / "python" / "plugins"
+    plugins.mkdir(parents=True)
+    with zipfile.ZipFile(zip_path) as zf:
+        zf.extractall(plugins)
+    (profile / "QGIS").mkdir()
+    (profile / "QGIS" / "QGIS3.ini").write_text(
+        "[PythonPlugins]\nmapclip=true\n\n"
+        "[qgis]\ncheckVersion=false\nshowTips=false\n"
+        "allowCrashReporting=false\n\n[core]\nlocale\\userLocale=en_US\n")
+    return profile
+
+
+def start_xvfb(env: dict) -> subprocess.Popen:
+    read, write = os.pipe()
+    proc = subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", "1600x1000x24",
+                             "-nolisten", "tcp"], pass_fds=(write,), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    os.close(write)
+    with os.fdopen(read) as fh:
+        display = fh.readline().strip()
+    env["DISPLAY"] = f":{display}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def desktop(tmp_path_factory):
+    """Run the whole desktop session once; the results the driver recorded."""
+    if not shutil.which("Xvfb"):
+        pytest.fail("Xvfb is missing: `python3 build.py setup` installs it (Debian package xvfb)")
+    work = tmp_path_factory.mktemp("desktop")
+    out, profiles, home = work / "out", work / "profiles", work / "home"
+    out.mkdir()
+    home.mkdir()
+    scene = make_data(work / "data")
+    sys.path.insert(0, str(ROOT))
+    import build
+    zip_path = build.write_package(work / "dist")
+    profile = write_profile(profiles, zip_path)
+    lay_out_packages(profile / "python" / "mapclip-deps")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "QT_QPA_PLATFORM", "PYTHONHOME")}
+    env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=str(home),
+               XDG_RUNTIME_DIR=str(work / "runtime"), MAPCLIP_CACHE=str(work / "cache"),
+               MAPCLIP_E2E_OUT=str(out), MAPCLIP_E2E_DATA=str(work / "data"),
+               PYTHONFAULTHANDLER="1", OMP_NUM_THREADS="2")
+    (work / "runtime").mkdir(mode=0o700)
+    xvfb = start_xvfb(env)
+    try:
+        cmd = [QGIS, "--profiles-path", str(profiles), "--profile", "default", "--nologo",
+               "--noversioncheck", "--code", str(DRIVER), str(scene)]
+        with open(out / "qgis.log", "w") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                code = proc.wait(timeout=SESSION_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                code = "timeout"
+    finally:
+        xvfb.terminate()
+        xvfb.wait(timeout=30)
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"steps": {}}
+    results["exit_code"] = code
+    results["qgis_log"] = (out / "qgis.log").read_text(errors="replace")[-20000:]
+    results["faults"] = (out / "faulthandler.log").read_text(errors="replace") \
+        if (out / "faulthandler.log").exists() else ""
+    results["out"] = str(out)
+    keep = os.environ.get("MAPCLIP_DESKTOP_KEEP")
+    if keep:  # screenshots and logs for a person to look at
+        shutil.copytree(out, keep, dirs_exist_ok=True, ignore=shutil.ignore_patterns("index"))
+    return results
+
+
+def test_qgis_runs_the_session_and_exits_normally(desktop):
+    assert "Fatal Python error" not in desktop["faults"], desktop["faults"][-3000:]
+    assert desktop.get("finished"), (desktop["exit_code"], desktop["qgis_log"][-3000:])
+    assert desktop["exit_code"] == 0, (desktop["exit_code"], desktop["qgis_log"][-3000:])
+
+
+def test_no_python_error_reaches_qgis(desktop):
+    assert desktop.get("finished")
+    assert desktop["python_errors"] == []
+
+
+def test_the_installed_packages_come_first_and_triton_stays_out(desktop):
+    start = desktop["steps"]["start"]
+    assert start["ok"], start
+    assert start["deps_index"] == 0, start["sys_path_head"]
+    boxes = desktop["steps"]["search_boxes"]
+    assert boxes["ok"], boxes
+    # the configuration that used to crash: a CUDA torch next to Mesa's libLLVM
+    assert boxes["torch_cuda_build"], boxes
+    assert "mapclip-deps" in boxes["torch_file"], boxes["torch_file"]
+    assert boxes["libllvm_loaded"], "Mesa's libLLVM was not loaded: the crash case is not covered"
+    assert boxes["triton_blocked"]
+
+
+def test_a_search_from_the_dock_adds_a_styled_layer_with_the_models_defaults(desktop):
+    boxes = desktop["steps"]["search_boxes"]
+    assert boxes["ok"], boxes
+    assert boxes["features"] >= 1 and boxes["renderer"] == "graduatedSymbol"
+    assert boxes["fields"][:5] == ["prompt", "score", "cosine", "rank", "model"]
+    assert boxes["results_rows"] == boxes["features"]
+    # nothing changed in the dock: the engine fills in the demo model's own tile size
+    assert boxes["request"]["tile_px"] is None
+    assert Path(boxes["screenshot"]).stat().st_size > 20000
+
+
+STEPS = ["open_dock", "search_heatmap", "count", "cancel", "error_empty_prompt",
+         "error_bad_bands", "error_missing_checkpoint", "archive_build", "archive_search_button",
+         "archive_map_tool", "dialog_convert", "dialog_dedup", "dialog_finetune",
+         "processing_toolbox", "unload"]
+
+
+@pytest.mark.parametrize("name", STEPS)
+def test_step(desktop, name):
+    entry = desktop["steps"].get(name)
+    assert entry is not None, f"step {name} never ran (QGIS stopped before it)"
+    assert entry["ok"], entry.get("traceback") or entry

@@ -1,0 +1,114 @@
+"""One source of truth: the CLI, Processing and the dock ask the engine for the same search.
+
+For the same model and no changes by the user, the three front ends build
+DetectOptions that the engine resolves (engine.options.with_model_defaults) to
+the same values; a default changed in one place reaches all three.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("qgis_settings", "clean_project")
+
+
+def cli_options(model: str, *flags: str):
+    from mapclip.engine.cli import build_parser
+    from mapclip.engine.cli.detect import options_from_args
+    args = build_parser("detect").parse_args(
+        ["detect", "scene.tif", "--prompt", "storage tanks", "--model", model, "--out", "b.gpkg",
+         *flags])
+    return options_from_args(args)
+
+
+def processing_options(model: str, **params):
+    from qgis.core import QgsProcessingContext
+    from mapclip.plugin.processing.search_algs import DetectAlgorithm
+    alg = DetectAlgorithm()
+    alg.initAlgorithm()
+    parameters = {d.name(): d.defaultValue() for d in alg.parameterDefinitions()}
+    parameters.update({"MODEL": model, **params})
+    return alg.detect_options(parameters, QgsProcessingContext(), heatmap=False,
+                              top_k=alg.optional_int(parameters, "TOP_K", QgsProcessingContext()),
+                              threshold=alg.optional_float(parameters, "THRESHOLD",
+                                                           QgsProcessingContext()))
+
+
+def dock_options(iface, model: str):
+    from mapclip.plugin.dock import MapClipDock
+    dock = MapClipDock(iface, iface.main_window)
+    try:
+        dock.select_model(model)
+        return dock.params().detect_options(model), dock
+    finally:
+        dock.shutdown()
+        dock.deleteLater()
+
+
+SEARCH_FIELDS = ("mode", "tile_px", "window", "stride", "batch_size", "top_k", "threshold",
+                 "merge", "iou", "attention", "background", "overlap", "cls_weight", "min_valid")
+
+
+def resolved(options, model: str):
+    from mapclip.engine.models import model_defaults
+    from mapclip.engine.options import with_model_defaults
+    o = with_model_defaults(options, model_defaults(model))
+    return {k: getattr(o, k) for k in SEARCH_FIELDS}
+
+
+@pytest.mark.parametrize("model", ["demo", "remoteclip-vit-l-14", "remoteclip-vit-b-32"])
+def test_cli_processing_and_dock_ask_for_the_same_search(iface, mapclip, model):
+    cli = resolved(cli_options(model), model)
+    proc = resolved(processing_options(model), model)
+    dock, _ = dock_options(iface, model)
+    assert cli == proc == resolved(dock, model)
+
+
+def test_the_demo_model_searches_with_its_own_tiles_everywhere(iface, mapclip):
+    """The demo model's folder says 24 px tiles and a 0.3 threshold; every front end uses them."""
+    for options in (cli_options("demo"), processing_options("demo"), dock_options(iface, "demo")[0]):
+        r = resolved(options, "demo")
+        assert (r["tile_px"], r["window"], r["threshold"], r["top_k"]) == (24, 2, 0.3, 15)
+    # dense mode takes the model's dense tile and the dense threshold
+    r = resolved(cli_options("demo", "--mode", "dense"), "demo")
+    assert (r["tile_px"], r["threshold"]) == (64, 0.5)
+    # the dock shows the model's values, not a copy of a generic default
+    _, dock = dock_options(iface, "demo")
+    assert dock.tile_spin.value() == 24 and abs(dock.threshold_spin.value() - 0.3) < 1e-9
+
+
+def test_a_default_changed_once_reaches_every_front_end(iface, mapclip, monkeypatch):
+    from mapclip.engine import options
+    monkeypatch.setattr(options, "GENERIC_DEFAULTS",
+                        dataclasses.replace(options.GENERIC_DEFAULTS, window=3, top_k=7))
+    model = "remoteclip-vit-b-32"
+    dock, _ = dock_options(iface, model)
+    for o in (cli_options(model), processing_options(model), dock):
+        r = resolved(o, model)
+        assert (r["window"], r["top_k"]) == (3, 7)
+
+
+def test_what_the_user_sets_wins_and_is_passed_on(iface, mapclip):
+    model = "demo"
+    assert resolved(cli_options(model, "--tile", "40"), model)["tile_px"] == 40
+    assert resolved(processing_options(model, TILE=40), model)["tile_px"] == 40
+    from mapclip.plugin.settings import model_defaults
+    params = dataclasses.replace(model_defaults(model), tile_px=40, threshold=None)
+    o = params.detect_options(model)
+    assert o.tile_px == 40 and o.window is None
+    assert resolved(o, model)["threshold"] == 0.0  # "off" in the dock where the model has one
+
+
+def test_option_errors_are_worded_for_each_front_end(mapclip):
+    from mapclip.engine.cli import flag
+    from mapclip.engine.errors import UsageError, worded
+    from mapclip.engine.options import DetectOptions, check
+    from mapclip.plugin.settings import FIELD_LABELS
+    with pytest.raises(UsageError) as err:
+        check(DetectOptions(tile_px=0))
+    assert err.value.option == "tile_px"
+    cli_msg, cli_fix = worded(err.value, flag)
+    dock_msg, dock_fix = worded(err.value, FIELD_LABELS.get)
+    assert cli_msg.startswith("--tile ") and "--tile" in cli_fix
+    assert dock_msg.startswith("Tile size ") and "--" not in dock_msg + dock_fix
