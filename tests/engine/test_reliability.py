@@ -398,24 +398,42 @@ def _boxes(path: Path):
     return [bytes(g) for g in geom], [list(map(str, f)) for f in fields]
 
 
-def test_kill_9_during_detect_then_rerun_equals_uninterrupted(world, tmp_path):
-    args = ["detect", world["raster"], "--prompt", RED_PROMPT, "--model", world["model"],
-            "--tile", "32", "--window", "2", "--heatmap", "{d}/h.tif", "--out", "{d}/b.gpkg"]
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    ref.mkdir()
-    killed.mkdir()
-    with ThreadPoolExecutor(2) as pool:
-        f = pool.submit(_cli, [str(a).format(d=ref) for a in args], tmp_path, world["env"])
-        p = _popen([str(a).format(d=killed) for a in args], tmp_path, world["env"])
-        time.sleep(random.uniform(0.5, 3.0))
-        p.kill()
-        p.communicate()
-        first = f.result()
-    assert first.rc == 0, first.err
-    again = _cli([str(a).format(d=killed) for a in args] + ["--overwrite"], tmp_path, world["env"])
-    assert again.rc == 0, again.err
+def test_kill_9_then_rerun_or_resume_equals_uninterrupted(world, tmp_path):
+    """detect and index killed with SIGKILL at a random moment: detect run again
+    gives the uninterrupted run's boxes and leaves no temporary file; the index
+    resumed gives the uninterrupted index, row for row."""
+    from engine import index as ix
+    env = world["env"]
+    detect = ["detect", world["raster"], "--prompt", RED_PROMPT, "--model", world["model"],
+              "--tile", "32", "--window", "2", "--heatmap", "{d}/h.tif", "--out", "{d}/b.gpkg"]
+    index = ["index", world["raster"], "--model", world["model"], "--tile", "16",
+             "--commit-tiles", "5", "--batch-size", "4", "--out", "{d}/idx"]
+    dirs = {k: tmp_path / k for k in ("ref", "killed")}
+    for d in dirs.values():
+        d.mkdir()
+    fill = lambda argv, d: [str(a).format(d=d) for a in argv]   # noqa: E731
+    with ThreadPoolExecutor(4) as pool:
+        refs = [pool.submit(_cli, fill(argv, dirs["ref"]), tmp_path, env) for argv in (detect, index)]
+        victims = [_popen(fill(argv, dirs["killed"]), tmp_path, env) for argv in (detect, index)]
+        t0 = time.monotonic()
+        at = sorted(zip((random.uniform(0.5, 3.0), random.uniform(2.0, 6.0)), victims),
+                    key=lambda x: x[0])
+        for when, p in at:
+            time.sleep(max(0.0, when - (time.monotonic() - t0)))
+            p.kill()
+            p.communicate()
+        assert all(f.result().rc == 0 for f in refs), [f.result().err for f in refs]
+        again = [pool.submit(_cli, fill(detect, dirs["killed"]) + ["--overwrite"], tmp_path, env),
+                 pool.submit(_cli, fill(index, dirs["killed"]), tmp_path, env)]
+        assert all(f.result().rc == 0 for f in again), [f.result().err for f in again]
+    killed, ref = dirs["killed"], dirs["ref"]
     assert _boxes(killed / "b.gpkg") == _boxes(ref / "b.gpkg")
-    assert sorted(p.name for p in killed.iterdir()) == ["b.gpkg", "h.tif"]
+    assert sorted(p.name for p in killed.iterdir()) == ["b.gpkg", "h.tif", "idx"]
+    a, b = ix.Index(ref / "idx"), ix.Index(killed / "idx")
+    assert a.rows == b.rows > 0
+    assert np.array_equal(a.embeddings(), b.embeddings())
+    cols = ["tile_px", "tile", "col", "row", "width", "height"]
+    assert all(np.array_equal(a.tiles()[c], b.tiles()[c]) for c in cols)
     assert _digest(world["tmp"] / "in") == world["digest"]
 
 
