@@ -4,6 +4,11 @@ A job takes ``progress(done, total)`` (any callable, or None) and ``cancel``
 (anything with ``is_set()``, e.g. ``threading.Event``, or None). Long loops
 call :meth:`Job.step` once per batch: it reports progress and raises
 :class:`Cancelled` when the flag is set, so a job stops within one batch.
+
+Outputs: :func:`check_outputs` is the one guard every command runs before its
+work (no output is an input of the run, every output writable, an existing
+one only with overwrite); :func:`atomic_path` writes under a temporary name
+and renames into place, and removes temporary files that killed runs left.
 """
 from __future__ import annotations
 
@@ -59,7 +64,8 @@ class Job:
 
 
 # --------------------------------------------------------------------------- #
-# Output guard: one set of rules for every command, the dock and Processing.
+# Output guard: one set of rules for every command (and for the dock and
+# Processing, which call check_outputs with their inputs the same way).
 # --------------------------------------------------------------------------- #
 #: marks the temporary files :func:`atomic_path` makes (``.<stem>.mapclip-<pid>-<rand><suffix>.part``)
 TEMP_TAG = "mapclip-"
@@ -200,10 +206,8 @@ def clean_stale_temps(final: Union[str, os.PathLike]) -> List[Path]:
             pid = int(rest.split("-", 1)[0])
         except ValueError:
             continue
-        if _pid_alive(pid) and pid != os.getpid():
-            continue  # another run is writing it now
-        if pid == os.getpid():
-            continue
+        if pid == os.getpid() or _pid_alive(pid):
+            continue  # a run is writing it now (this one, or another)
         p = final.parent / name
         try:
             if p.is_dir() and not p.is_symlink():

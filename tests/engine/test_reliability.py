@@ -652,3 +652,39 @@ def test_a_long_read_stops_on_ctrl_c_and_on_cancel(world, tmp_path, monkeypatch)
     with raster.open_raster(str(world["raster"])) as r, pytest.raises(Cancelled):
         r.read(PixelWindow(0, 0, 64, 64), out_shape=(8, 8), cancel=cancel)
     assert time.perf_counter() - t0 < 2
+
+
+def test_tile_grids_are_lazy_clipped_and_bounded():
+    """Nothing proportional to the pixel or tile count is built: a grid over
+    10^6 x 10^6 px (61 million tiles) costs a few MB and gives any tile on
+    demand; a tile larger than the raster is clipped; too large a tile or (for
+    detect and count) too many tiles is refused before any read."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from engine.errors import UsageError
+    from engine.tiling import CLIP_TILE_PX, TileGrid, TileSequence
+    info = SimpleNamespace(width=HUGE, height=HUGE, block_shape=(256, 256))
+    tracemalloc.start()
+    grid = TileGrid.for_raster(info, None, 128, max_tiles=None)
+    batch = grid.tiles[len(grid) - 5:]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 8_000_000, peak
+    assert len(grid) == 7813 ** 2 and isinstance(batch, TileSequence) and len(batch) == 5
+    last = grid.tiles[-1]
+    assert (last.index, last.col, last.row) == (len(grid) - 1, HUGE - 128, HUGE - 128)
+    assert grid.tile_at(2, 3) == grid.tiles[2 * grid.n_cols + 3]
+    first = list(zip(range(3), grid))
+    assert [t.col for _, t in first] == [0, 128, 256] and grid.tiles[1:3] == [t for _, t in first[1:]]
+    with pytest.raises(UsageError, match="tiles"):
+        TileGrid.for_raster(info, None, 128)                    # detect and count: refused
+    small = SimpleNamespace(width=1024, height=1024, block_shape=(256, 256))
+    for tile in (20_000, 100_000):
+        g = TileGrid.for_raster(small, None, tile)
+        assert len(g) == 1 and g.out_px == CLIP_TILE_PX and g.tile_width == 1024
+    mid = SimpleNamespace(width=20_000, height=20_000, block_shape=(256, 256))
+    with pytest.raises(UsageError, match="smaller --tile"):
+        TileGrid.for_raster(mid, None, 10_000)
+    with pytest.raises(UsageError, match="positive"):
+        TileGrid.for_raster(small, None, 0)
