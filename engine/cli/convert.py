@@ -47,8 +47,8 @@ def register(sub) -> None:
     m.add_argument("--min-area", type=int, default=0, metavar="PX",
                    help="drop regions with fewer pixels (default 0: keep all)")
     m.add_argument("--ignore-index", type=int, default=None, metavar="N",
-                   help="mask value to skip, e.g. 0 (background) or 255 (void); default: "
-                        "the class named background, if any")
+                   help="a mask value to skip as well, e.g. 255 (void); a class named "
+                        "background is skipped anyway unless --keep-background")
     m.add_argument("--keep-background", action="store_true",
                    help="also box the class named background")
     m.add_argument("--images", metavar="DIR", default=None,
