@@ -259,15 +259,17 @@ def _check(method: str, options: CountOptions) -> None:
 def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) -> PromptCount:
     import torch
 
-    from .encode import encode_images, encode_text
+    from .encode import encode_images
     from .raster import iter_tile_batches
+    from .scoring import encode_prompts
     from .tiling import TileGrid
 
     tiled = options.tile_px is not None
     zero = options.zero if options.zero is not None else tiled
     counts = ([0] if zero else []) + list(COUNT_RANGE)
     caps = count_captions(name, counts)
-    text = encode_text(lm, [c for v in VARIANTS for c in caps[v]])         # (V * N, D)
+    # RemoteCount's captions are whole sentences, scored as the protocol writes them
+    text = encode_prompts(lm, [c for v in VARIANTS for c in caps[v]], "raw")  # (V * N, D)
     n = len(counts)
     info = reader.info
     if not tiled:
@@ -319,7 +321,8 @@ def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountO
     thr = DENSE_THRESHOLD if options.threshold is None else float(options.threshold)
     opts = DetectOptions(mode="dense", tile_px=int(options.dense_tile_px or lm.image_size), top_k=1, threshold=thr,
                          batch_size=int(options.batch_size), read=options.read or ReadOptions(),
-                         device=options.device, precision=options.precision, heatmap=True)
+                         device=options.device, precision=options.precision, heatmap=True,
+                         templates=getattr(options, "templates", None))
     res = detect(raster, [plural(singular(name), 2)], lm, extent=extent, extent_crs=extent_crs,
                  options=opts, progress=progress, cancel=cancel)
     if res.heatmap is None:

@@ -191,7 +191,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
         lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=opts.device, precision=opts.precision)
         opts = check(with_model_defaults(opts, lm.defaults))
-        bank = build_bank(lm, prompts, opts.background)
+        bank = build_bank(lm, prompts, opts.background, getattr(opts, "templates", None))
         mode = opts.mode
         if mode == "dense":
             reason = dense_unsupported(lm)
@@ -440,7 +440,13 @@ def _run_dense(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job
     ov = int(round(t * opts.overlap))
     grid = _grid(info, area, opts, stride_px=max(1, t - ov))
     cov = grid.covered()
-    gh = gw = max(1, lm.image_size // max(1, lm.patch_size))
+    size = int(opts.dense_input_px or lm.image_size)              # the model input per tile
+    if lm.patch_size and size % lm.patch_size:
+        raise UsageError(f"dense input {size} px is not a multiple of {lm.arch}'s {lm.patch_size} px patch",
+                         f"give a multiple of {lm.patch_size}, e.g. {2 * lm.image_size}",
+                         option="dense_input_px")
+    crop = lm.image_size if opts.dense_slide and size > lm.image_size else None
+    gh = gw = max(1, size // max(1, lm.patch_size))
     hh, hw = gh * DENSE_UPSAMPLE, gw * DENSE_UPSAMPLE           # heat cells per tile
     cx, cy = grid.tile_width / hw, grid.tile_height / hh         # native px per heat cell
     Wh, Hh = int(math.ceil(cov.width / cx - 1e-9)), int(math.ceil(cov.height / cy - 1e-9))
@@ -453,7 +459,8 @@ def _run_dense(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job
     job.set_total(len(grid.tiles))
 
     def encode(batch: torch.Tensor):
-        feats = dense_features(lm, batch, mode=opts.attention, cls_weight=opts.cls_weight)
+        feats = dense_features(lm, batch, mode=opts.attention, cls_weight=opts.cls_weight,
+                               input_size=size, crop=crop)
         probs, cos = score_maps(feats, bank)
         both = torch.cat([probs, cos], dim=1)
         both = F.interpolate(both, size=(hh, hw), mode="bilinear", align_corners=False)

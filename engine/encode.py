@@ -63,8 +63,30 @@ def encode_images(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor]) -> to
     return F.normalize(lm.model.encode_image(x).float(), dim=-1)
 
 
+def resize_center_crop(im, size: int):
+    """A PIL image resized on its short side to ``size`` (bicubic) and centre-cropped square.
+
+    The preprocessing CLIP and the remote-sensing references (open_clip's
+    ``image_transform`` at evaluation: ``Resize(size)`` then
+    ``CenterCrop(size)``) apply to an image query, so a non-square image is
+    not squashed.
+    """
+    from PIL import Image
+    w, h = im.size
+    if (w, h) != (size, size):
+        if w <= h:
+            nw, nh = size, int(size * h / w)
+        else:
+            nw, nh = int(size * w / h), size
+        im = im.resize((nw, nh), Image.BICUBIC)
+        left = int(round((nw - size) / 2.0))
+        top = int(round((nh - size) / 2.0))
+        im = im.crop((left, top, left + size, top + size))
+    return im
+
+
 def encode_image_files(lm: LoadedModel, paths: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Embeddings of image files (PNG/JPEG/TIFF), each resized whole to the model input."""
+    """Embeddings of image files (PNG/JPEG/TIFF), resized on the short side and centre-cropped."""
     from PIL import Image, UnidentifiedImageError
     out = []
     for i in range(0, len(paths), batch_size):
@@ -72,7 +94,7 @@ def encode_image_files(lm: LoadedModel, paths: Sequence[str], batch_size: int = 
         for p in paths[i:i + batch_size]:
             try:
                 with Image.open(p) as im:
-                    im = im.convert("RGB").resize((lm.image_size, lm.image_size), Image.BICUBIC)
+                    im = resize_center_crop(im.convert("RGB"), lm.image_size)
                     arrays.append(np.asarray(im, dtype=np.uint8))
             except FileNotFoundError:
                 raise UsageError(f"image {p} does not exist", "check the path") from None

@@ -47,23 +47,40 @@ class Cancelled(MapClipError):
 
 
 def worded(exc: MapClipError, name_of) -> "tuple[str, str | None]":
-    """The error's message and fix with its option named as a front end names it.
+    """The error's message and fix with options named as a front end names them.
 
     ``name_of(option)`` gives the front end's name for an engine option (the
-    CLI's ``--tile``, the dock's "Tile size", a Processing parameter). The
-    engine's checks start their message with the option's name
-    (engine.options.check), so that name is replaced; a fix that does not
-    mention the option gets the name in front.
+    CLI's ``--tile``, the dock's "Tile size", a Processing parameter), or None
+    where it has none. The engine's checks start their message with the
+    option's name (engine.options.check), so that name is replaced; a fix that
+    does not mention the option gets the name in front. Command-line flags that
+    engine messages mention (``--bands 4,3,2``) are replaced by the front end's
+    name for the same option where it has one.
     """
+    import re
+
+    from .cli import FLAGS
     option = getattr(exc, "option", None)
     message, hint = exc.message, exc.hint
-    if not option:
-        return message, hint
-    name = name_of(option) or option
-    if message.startswith(option):
-        message = name + message[len(option):]
-    elif message.startswith(f"unknown {option} "):
-        message = f"unknown {name} " + message[len(f"unknown {option} "):]
-    if hint and name not in hint:
-        hint = f"{name}: {hint}"
-    return message, hint
+    options_of_flags = {v: k for k, v in FLAGS.items()}
+
+    def renamed(text):
+        if not text:
+            return text
+
+        def swap(match):
+            flag_text = match.group(0)
+            opt = options_of_flags.get(flag_text, flag_text[2:].replace("-", "_"))
+            name = name_of(opt)
+            return name if name else flag_text
+        return re.sub(r"--[a-z][a-z-]*", swap, text)
+
+    if option:
+        name = name_of(option) or option
+        if message.startswith(option):
+            message = name + message[len(option):]
+        elif message.startswith(f"unknown {option} "):
+            message = f"unknown {name} " + message[len(f"unknown {option} "):]
+        if hint and name not in hint:
+            hint = f"{name}: {hint}"
+    return renamed(message), renamed(hint)

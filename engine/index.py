@@ -851,9 +851,9 @@ def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] 
     if text is not None:
         if not str(text).strip():
             raise UsageError("empty query text", "give --text a non-empty description, e.g. --text quarry")
-        from .encode import encode_text
+        from .scoring import encode_prompts
         lm = _load_query_model(index, model, options)
-        q = encode_text(lm, [str(text).strip()])[0].cpu().numpy()
+        q = encode_prompts(lm, [str(text).strip()], getattr(options, "templates", None))[0].cpu().numpy()
         facts = {"text": str(text).strip()}
     elif image is not None:
         p = Path(str(image))
@@ -873,9 +873,9 @@ def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] 
     q = np.asarray(q, np.float32)
     score_q = q
     if negatives:
-        from .encode import encode_text
+        from .scoring import encode_prompts
         lm = lm or _load_query_model(index, model, options)
-        neg = encode_text(lm, negatives).cpu().numpy().astype(np.float32)
+        neg = encode_prompts(lm, negatives, getattr(options, "templates", None)).cpu().numpy().astype(np.float32)
         score_q = q - float(options.negative_weight) * neg.mean(axis=0)
         facts["negative"] = negatives
         facts["negative_weight"] = float(options.negative_weight)

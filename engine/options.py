@@ -19,8 +19,9 @@ its own terms (``--tile`` on the command line, "Tile size" in the dock).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from .errors import UsageError
 
@@ -31,9 +32,20 @@ from .errors import UsageError
 MODES = ("window", "dense")
 #: detect, window mode: keep the best window per object, or grow it to the union of its neighbours
 MERGES = ("nms", "union")
-#: dense mode: self-self attention of the last ViT block
-ATTENTION_MODES = ("qq", "qq+kk", "kk", "vv")
-DEFAULT_ATTENTION = "qq"
+#: dense mode: the changed last ViT block (engine/dense.py): ClearCLIP, SCLIP's
+#: attention without residual, SegEarth-OV's q+k+v, SCLIP as published, k-k, v-v
+ATTENTION_MODES = ("clearclip", "sclip-style", "segearth", "sclip", "kk", "vv")
+#: the names these modes had before (still accepted)
+ATTENTION_ALIASES = {"qq": "clearclip", "qq+kk": "sclip-style", "qq+kk+vv": "segearth"}
+DEFAULT_ATTENTION = "clearclip"
+
+
+def canonical_attention(mode: str) -> str:
+    """The mode's name in ATTENTION_MODES (old names mapped); ValueError if unknown."""
+    name = ATTENTION_ALIASES.get(str(mode).strip().lower(), str(mode).strip().lower())
+    if name not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; use one of {', '.join(ATTENTION_MODES)}")
+    return name
 #: dense mode's default threshold on the softmax score
 DENSE_THRESHOLD = 0.5
 #: count methods
@@ -56,6 +68,74 @@ DEFAULT_BACKGROUND_PROMPTS: Tuple[str, ...] = (
     "a road",
     "water",
 )
+
+#: the remote-sensing prompt template ensemble applied to every prompt by
+#: default (engine.scoring.encode_prompts); "{}" is replaced by the prompt as
+#: typed (no article is added, so plurals and mass nouns read right)
+REMOTE_SENSING_TEMPLATES: Tuple[str, ...] = (
+    "a satellite image of {}.",
+    "an aerial photo of {}.",
+    "a remote sensing image of {}.",
+    "a satellite photo of {}.",
+    "an aerial image of {}.",
+    "a top-down view of {}.",
+    "a photo of {}.",
+)
+#: named template sets; "raw" is the prompt exactly as typed
+TEMPLATE_SETS: Dict[str, Tuple[str, ...]] = {
+    "remote-sensing": REMOTE_SENSING_TEMPLATES,
+    "raw": ("{}",),
+}
+DEFAULT_TEMPLATES = "remote-sensing"
+
+
+def template_error(templates: Any) -> Optional[str]:
+    """None if ``templates`` is a valid template choice (None: the model's default; a set
+    name; a template holding "{}"; a list of such templates), else what is wrong."""
+    if templates is None:
+        return None
+    if isinstance(templates, str):
+        name = templates.strip()
+        if not name or name in TEMPLATE_SETS or "{}" in name:
+            return None
+        return f"unknown prompt template set {name!r}"
+    items = [str(t) for t in templates]
+    if not items or any("{}" not in t for t in items):
+        return "every prompt template must hold {} where the prompt goes"
+    return None
+
+
+# --------------------------------------------------------------------------- #
+# What users type: one parser each, for every front end.
+# --------------------------------------------------------------------------- #
+def split_prompts(text: str) -> List[str]:
+    """Prompts typed in one field: one per line or separated by ';' (commas stay
+    inside a prompt); blanks dropped, inner spaces collapsed, repeats dropped."""
+    seen, out = set(), []
+    for part in (text or "").replace("\r", "\n").replace(";", "\n").split("\n"):
+        prompt = " ".join(part.split())
+        if prompt and prompt not in seen:
+            seen.add(prompt)
+            out.append(prompt)
+    return out
+
+
+def parse_bands(text: Optional[str]) -> Optional[List[int]]:
+    """Band numbers typed as "4,3,2" (commas, spaces or ';'); empty: None (the reader's choice).
+
+    Raises a UsageError about the option ``bands``."""
+    parts = [p for p in re.split(r"[,;\s]+", (text or "").strip()) if p]
+    if not parts:
+        return None
+    try:
+        bands = [int(p) for p in parts]
+    except ValueError:
+        raise UsageError(f"bands {text!r} are not band numbers", "give 1-based band numbers, "
+                         "e.g. 1,2,3 or 4,3,2", option="bands") from None
+    if any(b < 1 for b in bands):
+        raise UsageError(f"bands {text!r}: bands are numbered from 1", "e.g. 1,2,3 or 4,3,2",
+                         option="bands")
+    return bands
 
 
 # --------------------------------------------------------------------------- #
@@ -139,9 +219,12 @@ class DetectOptions:
     min_valid: float = 0.5               # tiles with less valid (non-nodata) area are skipped
     overlap: float = 0.125               # dense: tile overlap, share of a tile
     attention: str = DEFAULT_ATTENTION   # dense: one of ATTENTION_MODES
-    cls_weight: float = 0.0              # dense: share of the class token subtracted
+    cls_weight: float = 0.0              # dense: SegEarth-OV's class-token weight (score - w cos(cls, t))
     workers: int = 2                     # reader threads
     prefetch: int = 2                    # batches read ahead
+    templates: Any = None                # prompt template set, template or list; None: the model's
+    dense_input_px: Optional[int] = None  # dense: model input side (a multiple of the patch); None: the model's
+    dense_slide: bool = False            # dense: slide crops of the model's size over a larger input
 
 
 @dataclass
@@ -160,6 +243,7 @@ class CountOptions:
     read: Optional[ReadOptions] = None
     device: Optional[str] = None
     precision: Optional[str] = None
+    templates: Any = None                # dense method: prompt templates; None: the model's
 
 
 @dataclass
@@ -200,6 +284,7 @@ class SearchOptions:
     method: str = "auto"
     device: Optional[str] = None
     precision: Optional[str] = None
+    templates: Any = None                # prompt templates for text queries; None: the model's
 
 
 @dataclass
@@ -337,11 +422,15 @@ def _check_common(options: Any) -> None:
 def check(options: Any) -> Any:
     """Raise a UsageError naming the option when a value is out of range; else return ``options``."""
     _check_common(options)
+    bad = template_error(getattr(options, "templates", None))
+    if bad:
+        raise _bad("templates", bad, f"use one of {', '.join(TEMPLATE_SETS)}, or a template "
+                   "holding {}, e.g. \"an aerial photo of {}\"")
     if isinstance(options, DetectOptions):
         o = options
         _choice("mode", o.mode, MODES)
         _choice("merge", o.merge, MERGES)
-        _choice("attention", o.attention, ATTENTION_MODES)
+        _choice("attention", ATTENTION_ALIASES.get(o.attention, o.attention), ATTENTION_MODES)
         _at_least("tile_px", o.tile_px, 8)
         _at_least("window", o.window, 1)
         _at_least("stride", o.stride, 1)
@@ -352,6 +441,7 @@ def check(options: Any) -> Any:
         _within("overlap", o.overlap, 0.0, 0.49)
         _within("cls_weight", o.cls_weight, -10.0, 10.0)
         _at_least("workers", o.workers, 1)
+        _at_least("dense_input_px", o.dense_input_px, 8)
         if any(not str(b).strip() for b in (o.background or ())):
             raise _bad("background", "a background prompt is empty",
                        "give background prompts with words, or leave them out for the defaults")

@@ -15,11 +15,22 @@ The background prompts below are the one editable default (DetectOptions and
 the index/count engines take them from here). A background prompt that
 equals one of the user's prompts (case-insensitive) is dropped so a prompt
 never competes with itself.
+
+Prompt templates (:data:`TEMPLATE_SETS`): as in CLIP practice, the Ibaraki
+thesis ("a photo of a {}") and RemoteCLIP's zero-shot evaluation, a prompt
+is not encoded as typed but put into every template of an ensemble, each
+filled template encoded, normalised, averaged in embedding space and
+normalised again (:func:`encode_prompts`). The default ensemble is
+``"remote-sensing"`` (:data:`REMOTE_SENSING_TEMPLATES`); ``"raw"`` encodes the
+prompt exactly as typed; a model preset names its own default
+(``Preset.templates``). Prompts and background prompts go through the same
+ensemble, so they compete on equal terms. All prompts times all templates are
+encoded in one pass.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple, Union
 
 if TYPE_CHECKING:  # torch loads on first use, so importing the defaults stays cheap
     import torch
@@ -27,6 +38,11 @@ if TYPE_CHECKING:  # torch loads on first use, so importing the defaults stays c
     from .models import LoadedModel
 
 from .options import DEFAULT_BACKGROUND_PROMPTS  # noqa: E402,F401 (the one editable default)
+
+from .options import (DEFAULT_TEMPLATES, REMOTE_SENSING_TEMPLATES,  # noqa: E402,F401
+                      TEMPLATE_SETS, template_error)
+
+Templates = Union[str, Sequence[str], None]
 
 #: the largest logit scale used (CLIP clamps its learned scale at 100)
 MAX_LOGIT_SCALE = 100.0
@@ -72,10 +88,47 @@ def model_logit_scale(lm: LoadedModel) -> float:
     return min(value, MAX_LOGIT_SCALE)
 
 
-def build_bank(lm: LoadedModel, prompts: Sequence[str],
-               background: Sequence[str] = DEFAULT_BACKGROUND_PROMPTS) -> PromptBank:
-    """Encode the prompts and the (deduplicated) background prompts in one pass."""
+def resolve_templates(templates: Templates = None, lm: Any = None) -> Tuple[str, ...]:
+    """The template strings for ``templates``: a set name, a list of templates
+    holding "{}", or None for the model's default (``lm.templates``, else
+    :data:`DEFAULT_TEMPLATES`)."""
+    from .errors import UsageError
+    if templates is None or (isinstance(templates, str) and not templates.strip()):
+        templates = getattr(lm, "templates", None) or DEFAULT_TEMPLATES
+    bad = template_error(templates)
+    if bad:
+        raise UsageError(bad, f"use one of {', '.join(TEMPLATE_SETS)}, or a template holding {{}}, "
+                              "e.g. \"an aerial photo of {}\"")
+    if isinstance(templates, str):
+        name = templates.strip()
+        return TEMPLATE_SETS.get(name, (name,))
+    return tuple(str(t) for t in templates)
+
+
+def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates = None):
+    """(N, D) normalised embeddings of ``prompts``, each the normalised mean of its
+    normalised template embeddings (the ensemble of :func:`resolve_templates`).
+
+    Every prompt times every template is encoded in one batched pass.
+    """
+    import torch.nn.functional as F
+
     from .encode import clean_prompts, encode_text
+    prompts = clean_prompts(prompts)
+    temps = resolve_templates(templates, lm)
+    if temps == ("{}",):
+        return encode_text(lm, prompts)
+    filled = [t.replace("{}", p) for p in prompts for t in temps]
+    emb = encode_text(lm, filled).reshape(len(prompts), len(temps), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+def build_bank(lm: LoadedModel, prompts: Sequence[str],
+               background: Sequence[str] = DEFAULT_BACKGROUND_PROMPTS,
+               templates: Templates = None) -> PromptBank:
+    """Encode the prompts and the (deduplicated) background prompts in one pass,
+    each through the template ensemble ``templates`` (None: the model's default)."""
+    from .encode import clean_prompts
     prompts = clean_prompts(prompts)
     seen = set()
     unique = []
@@ -84,7 +137,7 @@ def build_bank(lm: LoadedModel, prompts: Sequence[str],
             seen.add(p.lower())
             unique.append(p)
     bg = effective_background(unique, background)
-    text = encode_text(lm, unique + bg)
+    text = encode_prompts(lm, unique + bg, templates)
     return PromptBank(unique, bg, text, model_logit_scale(lm))
 
 

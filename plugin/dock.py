@@ -27,41 +27,22 @@ from qgis.gui import (QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget,
                       QgsMapLayerComboBox)
 from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QComboBox, QDoubleSpinBox,
-                                 QFileDialog, QFormLayout, QHBoxLayout, QInputDialog, QLabel,
+                                 QFileDialog, QFormLayout, QHBoxLayout, QLabel,
                                  QLineEdit, QMenu, QProgressBar, QPushButton,
                                  QSpinBox, QTabWidget, QToolButton, QTreeWidget,
                                  QTreeWidgetItem, QVBoxLayout, QWidget)
 
+from ..engine.options import split_prompts
 from . import deps, layers, log, render, runtime, tasks
+from .layers import crs_text
 from .settings import DEVICES, FIELD_LABELS, METHODS, SearchParams, Settings, model_defaults
 
 MODES = (("boxes", "Boxes"), ("heatmap", "Heatmap (and boxes)"), ("count", "Count"))
 AREAS = (("extent", "Visible map extent"), ("layer", "Whole layer"),
          ("selection", "Selected features of a polygon layer"))
 COUNT_METHODS = ("both", "prompt", "dense")
-#: architectures offered for a checkpoint file (editable: any open_clip name works)
-COMMON_ARCHS = ("ViT-B-32-quickgelu", "ViT-L-14-quickgelu", "RN50-quickgelu", "ViT-B-32",
-                "ViT-B-16", "ViT-L-14", "RN50")
 ROLE_BOUNDS = Qt.UserRole + 1
 ROLE_CRS = Qt.UserRole + 2
-
-
-def split_prompts(text: str) -> List[str]:
-    """Prompts from the prompt field: one per line or separated by ';', blanks dropped."""
-    seen, out = set(), []
-    for part in re.split(r"[;\n]", text or ""):
-        p = " ".join(part.split())
-        if p and p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
-
-
-def crs_text(crs: QgsCoordinateReferenceSystem) -> Optional[str]:
-    """The CRS as the engine takes it: an authid where there is one, else WKT."""
-    if crs is None or not crs.isValid():
-        return None
-    return crs.authid() or crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED_GDAL)
 
 
 class MapClipDock(QgsDockWidget):
@@ -315,12 +296,11 @@ class MapClipDock(QgsDockWidget):
 
     # ------------------------------------------------------------ settings --
     def _fill_models(self) -> None:
-        from ..engine.models import PRESETS
+        from ..engine.models import list_presets
         self.model_combo.blockSignals(True)
         self.model_combo.clear()
-        for name, preset in PRESETS.items():
-            if name.startswith("test-") and not self.settings.get("show_test_models", False):
-                continue
+        for preset in list_presets(dev=self.settings.get("show_test_models", False)):
+            name = preset.name
             self.model_combo.addItem(name, name)
             self.model_combo.setItemData(self.model_combo.count() - 1, preset.description,
                                          Qt.ToolTipRole)
@@ -347,7 +327,7 @@ class MapClipDock(QgsDockWidget):
     def _load_settings(self) -> None:
         self._fill_models()
         model = self.settings.model
-        if self.model_combo.findData(model) < 0 and model.startswith("test-"):
+        if self.model_combo.findData(model) < 0:  # a spec used before, not in the list
             self.model_combo.addItem(model, model)
         self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(model)))
         self.prompt_combo.addItems(self.settings.prompt_history())
@@ -439,31 +419,10 @@ class MapClipDock(QgsDockWidget):
 
     # -------------------------------------------------------------- models --
     def add_checkpoint(self) -> Optional[str]:
-        path, _ = QFileDialog.getOpenFileName(self, "Add a checkpoint", "",
-                                              "Checkpoints (*.pt *.pth *.bin *.safetensors)")
-        if not path:
-            return None
-        archs = list(COMMON_ARCHS)
-        try:
-            import open_clip
-            from ..engine.models import register_configs
-            register_configs()
-            archs += [a for a in open_clip.list_models() if a not in archs]
-        except Exception:
-            pass
-        guess = 0
-        low = os.path.basename(path).lower()
-        for i, a in enumerate(archs):
-            if a.lower().replace("-quickgelu", "").replace("-", "") in low.replace("_", "").replace("-", ""):
-                guess = i
-                break
-        arch, ok = QInputDialog.getItem(self, "Architecture",
-                                        "open_clip architecture of this checkpoint\n"
-                                        "(RemoteCLIP/GeoRSCLIP: a -quickgelu one)",
-                                        archs, guess, True)
-        if not ok or not arch:
-            return None
-        return self.add_model(f"{arch}:{path}", f"{os.path.basename(path)} ({arch})")
+        """Add a checkpoint file to the picker (published files need no architecture)."""
+        from .dialogs.model_manager import ask_checkpoint
+        picked = ask_checkpoint(self)
+        return None if picked is None else self.add_model(*picked)
 
     def add_model_folder(self) -> Optional[str]:
         folder = QFileDialog.getExistingDirectory(self, "Add a model folder (open_clip_config.json)")

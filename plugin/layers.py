@@ -67,6 +67,13 @@ def engine_crs(crs: Any) -> QgsCoordinateReferenceSystem:
     return out
 
 
+def crs_text(crs: QgsCoordinateReferenceSystem) -> Optional[str]:
+    """A QGIS CRS as the engine takes it: an authid where there is one, else WKT (None: none)."""
+    if crs is None or not crs.isValid():
+        return None
+    return crs.authid() or crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED_GDAL)
+
+
 def result_crs(result_crs_text: Optional[str], fallback: Any = None) -> QgsCoordinateReferenceSystem:
     """The CRS a result is in: the fallback (the raster layer's own CRS) when valid, else the WKT."""
     fb = engine_crs(fallback) if fallback is not None else QgsCoordinateReferenceSystem()
@@ -335,10 +342,34 @@ def count_layer(result: Any, model: str, crs: Optional[QgsCoordinateReferenceSys
             feat.setAttributes([name, int(getattr(result, "count", 0)), model])
             layer.dataProvider().addFeatures([feat])
             layer.updateExtents()
+        style_counted_area(layer, f"{name}: {text}")
     layer.setName(f"{name} (count {text})")
     set_abstract(layer, f"MapCLIP count of '{name}' with {model}: {text}. "
                         f"{getattr(result, 'summary', lambda: '')()}")
     return layer
+
+
+def style_counted_area(layer: QgsVectorLayer, label: str) -> None:
+    """The counted area: an outline with no fill (the map stays visible), labelled with the count."""
+    from qgis.core import (QgsFillSymbol, QgsPalLayerSettings, QgsSingleSymbolRenderer,
+                           QgsTextFormat, QgsVectorLayerSimpleLabeling)
+    symbol = QgsFillSymbol.createSimple({"color": "0,0,0,0", "style": "no",
+                                         "outline_color": BOX_RAMP[1], "outline_width": "0.8",
+                                         "outline_style": "dash"})
+    layer.setRenderer(QgsSingleSymbolRenderer(symbol))
+    settings = QgsPalLayerSettings()
+    settings.fieldName = "'" + label.replace("'", "''") + "'"
+    settings.isExpression = True
+    fmt = QgsTextFormat()
+    fmt.setSize(11)
+    fmt.setColor(QColor(BOX_RAMP[1]))
+    buffer = fmt.buffer()
+    buffer.setEnabled(True)
+    fmt.setBuffer(buffer)
+    settings.setFormat(fmt)
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(settings))
+    layer.setLabelsEnabled(True)
+    layer.triggerRepaint()
 
 
 def hits_layer(hits: Sequence[Any], query: str, model: str) -> QgsVectorLayer:

@@ -35,13 +35,6 @@ def _bar(iface):
         return None
 
 
-def bar_info(iface, text: str, title: str = TAG, seconds: int = BAR_SECONDS) -> None:
-    info(text)
-    bar = _bar(iface)
-    if bar is not None:
-        bar.pushMessage(title, text, Qgis.Info, seconds)
-
-
 def bar_success(iface, text: str, title: str = TAG, seconds: int = BAR_SECONDS) -> None:
     info(text)
     bar = _bar(iface)
@@ -74,18 +67,29 @@ INSTALL_HINT = "install MapCLIP's packages: Raster > MapCLIP > Install dependenc
 
 def _error_text(exc: BaseException, names: Optional[Dict[str, str]] = None) -> str:
     if isinstance(exc, ImportError):
+        from . import deps
+        diagnosis = deps.explain_import_error(exc)  # a shadowing copy, a NumPy mismatch, ...
+        if diagnosis:
+            return diagnosis
         name = getattr(exc, "name", None) or str(exc)
         return (f"the Python package '{name}' is missing or cannot be imported "
                 f"({str(exc).strip()[:200]}); {INSTALL_HINT}")
     message = getattr(exc, "message", None)
     if message is not None:
         hint = getattr(exc, "hint", None)
-        if names is not None and getattr(exc, "option", None):
+        if names is not None:
             from ..engine.errors import worded
-            message, hint = worded(exc, lambda option: names.get(option, option))
+            message, hint = worded(exc, names.get)
+            hint = (hint or "").replace("$MAPCLIP_CACHE", "the MAPCLIP_CACHE environment variable "
+                                        "(Settings > Options > System > Environment)") or None
         return f"{message} (fix: {hint})" if hint else str(message)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _is_user_error(exc: Optional[BaseException]) -> bool:
+    """An engine MapClipError (matched by name: the engine can be loaded under two names)."""
+    return exc is not None and any(c.__name__ == "MapClipError" for c in type(exc).__mro__)
 
 
 def bar_error(iface, what: str, exc: Optional[BaseException] = None,
@@ -96,13 +100,18 @@ def bar_error(iface, what: str, exc: Optional[BaseException] = None,
     keeps the details one click away ("Show more")."""
     text = what if exc is None else f"{what}: {error_text(exc, names)}"
     full = text
-    if details:
+    if _is_user_error(exc):
+        pass  # the user's input or environment: the message and its fix say it all
+    elif details:
         full += "\n" + details
     elif exc is not None and exc.__traceback__ is not None:
         full += "\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     critical(full)
     bar = _bar(iface)
     if bar is not None:
-        bar.pushMessage(TAG, text, full + "\n\n(also in the log panel, tab MapCLIP)",
-                        Qgis.Critical, 0)
+        if full != text:
+            bar.pushMessage(TAG, text, full + "\n\n(also in the log panel, tab MapCLIP)",
+                            Qgis.Critical, 0)
+        else:
+            bar.pushMessage(TAG, text, Qgis.Critical, 0)
     return text

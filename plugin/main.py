@@ -26,29 +26,21 @@ from . import deps, log, runtime, tasks
 MENU = "&MapCLIP"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ICON = os.path.join(ROOT, "resources", "icon.svg")
-#: menu entry -> (module in plugin/dialogs, class names to look for)
-DIALOGS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
-    "finetune": ("finetune_dialog", ("FinetuneDialog",)),
-    "convert": ("convert_dialog", ("ConvertDialog",)),
-    "dedup": ("dedup_dialog", ("DedupDialog", "DeduplicateDialog")),
-    "models": ("model_manager", ("ModelManagerDialog",)),
+#: menu entry -> (module in plugin/dialogs, dialog class)
+DIALOGS: Dict[str, Tuple[str, str]] = {
+    "finetune": ("finetune_dialog", "FinetuneDialog"),
+    "convert": ("convert_dialog", "ConvertDialog"),
+    "dedup": ("dedup_dialog", "DedupDialog"),
+    "models": ("model_manager", "ModelManagerDialog"),
 }
 DIALOG_LABELS = {"finetune": "Fine-tune a model…", "convert": "Convert annotations…",
                  "dedup": "De-duplicate images…", "models": "Models…"}
 
 
 def dialog_class(key: str):
-    """The dialog class for ``key`` from plugin/dialogs, or None when that module is missing."""
-    module_name, names = DIALOGS[key]
-    try:
-        module = importlib.import_module(f"{__package__}.dialogs.{module_name}")
-    except ImportError as exc:
-        log.warning(f"dialog {module_name} is not available: {exc}")
-        return None
-    for name in names:
-        if hasattr(module, name):
-            return getattr(module, name)
-    return None
+    """The dialog class for ``key`` from plugin/dialogs."""
+    module_name, name = DIALOGS[key]
+    return getattr(importlib.import_module(f"{__package__}.dialogs.{module_name}"), name)
 
 
 class MapClipPlugin:
@@ -146,20 +138,13 @@ class MapClipPlugin:
 
     # --------------------------------------------------------------- dialogs --
     def open_dialog(self, key: str):
-        cls = dialog_class(key)
-        if cls is None:
-            log.bar_warning(self.iface, f"{DIALOG_LABELS[key].rstrip('…')} is not available "
-                                        f"in this version")
-            return None
         dlg = self.dialogs.get(key)
         if dlg is None:
+            cls = dialog_class(key)
             kwargs = {}
             if key == "finetune":
                 kwargs["on_model_ready"] = self.add_model
-            try:
-                dlg = cls(self.iface, self.iface.mainWindow(), **kwargs)
-            except TypeError:
-                dlg = cls(self.iface, self.iface.mainWindow())
+            dlg = cls(self.iface, self.iface.mainWindow(), **kwargs)
             self.dialogs[key] = dlg
             if hasattr(dlg, "models_changed"):
                 dlg.models_changed.connect(self._models_changed)
@@ -194,16 +179,20 @@ class MapClipPlugin:
             except Exception:
                 pass
             self.deps_item = None
-        item = bar.createMessage("MapCLIP", f"installing packages into {plan.target} "
-                                            f"({'CUDA' if plan.cuda else 'CPU'} torch)…")
+        item = bar.createMessage("MapCLIP", plan.summary())
         progress = QProgressBar(item)
-        progress.setRange(0, 0)  # busy: pip does not say how much is left
+        progress.setRange(0, 0)  # busy until pip gives a measure
         item.layout().addWidget(progress)
         bar.pushWidget(item, Qgis.Info, 0)
         self.installer = deps.PipInstaller(plan)
 
-        def stepped(n: int, line: str) -> None:
-            item.setText(line)
+        def progressed(fraction: float, text: str) -> None:
+            item.setText(text)
+            if fraction < 0:
+                progress.setRange(0, 0)
+            else:
+                progress.setRange(0, 1000)
+                progress.setValue(int(round(fraction * 1000)))
 
         def finished(ok: bool, message: str) -> None:
             try:
@@ -213,17 +202,20 @@ class MapClipPlugin:
             self.installer = None
             if ok:
                 self.missing = deps.missing_modules()
-                log.bar_success(self.iface, f"MapCLIP's packages are installed: {message}")
+                if self.dock is not None:
+                    self.dock.refresh_deps()
+                log.bar_success(self.iface, f"MapCLIP's packages: {message}", seconds=0)
             else:
                 log.bar_error(self.iface, f"installing MapCLIP's packages failed: {message}")
 
-        self.installer.step.connect(stepped)
+        self.installer.progress.connect(progressed)
         self.installer.finished.connect(finished)
         self.installer.start()
 
     # ---------------------------------------------------------------- unload --
     def unload(self) -> None:
         tasks.cancel_all()
+        tasks.forget_models()  # the weights are freed with the plugin
         if self.installer is not None:
             self.installer.cancel()
             self.installer = None

@@ -54,10 +54,6 @@ def raster_source(layer: QgsRasterLayer) -> Optional[str]:
     return None  # e.g. WMS/TMS XML strings, in-memory GDAL datasets
 
 
-def is_file_layer(layer: QgsRasterLayer) -> bool:
-    return raster_source(layer) is not None
-
-
 @dataclass
 class RenderPlan:
     """What to render: the extent in ``crs`` and the output size."""

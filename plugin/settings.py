@@ -20,7 +20,8 @@ from qgis.core import QgsSettings
 
 from ..engine.models import DEFAULT_MODEL
 from ..engine.models import model_defaults as engine_model_defaults
-from ..engine.options import (MODES, CountOptions, DetectOptions, ReadOptions,
+from ..engine.errors import UsageError, worded
+from ..engine.options import (MODES, CountOptions, DetectOptions, ReadOptions, parse_bands,
                               with_model_defaults)
 
 GROUP = "mapclip"
@@ -51,17 +52,13 @@ class SearchParams:
     device: str = "auto"
 
     def band_list(self) -> Optional[List[int]]:
-        """The bands text ("4,3,2") as 1-based ints, None for automatic."""
-        parts = [p for p in self.bands.replace(";", ",").replace(" ", ",").split(",") if p.strip()]
-        if not parts:
-            return None
+        """The bands text ("4,3,2") as 1-based ints, None for automatic (engine.options.parse_bands);
+        a ValueError worded for the dock."""
         try:
-            bands = [int(p) for p in parts]
-        except ValueError:
-            raise ValueError(f"Bands {self.bands!r}: write band numbers like 4,3,2") from None
-        if any(b < 1 for b in bands):
-            raise ValueError("Bands are numbered from 1")
-        return bands
+            return parse_bands(self.bands)
+        except UsageError as exc:
+            message, hint = worded(exc, FIELD_LABELS.get)
+            raise ValueError(f"{message} ({hint})") from None
 
     def _changed(self, model: str) -> Dict[str, Any]:
         base = model_defaults(model, self.method)

@@ -36,7 +36,7 @@ colour salience ``SALIENCE * (r + b)`` in channel 6, so the class token
 attends to the red or blue patches of an image and the image embedding turns
 red (blue) as soon as a few patches are, more so the larger their share.
 ``q = Q_GAIN * x`` makes ClearCLIP's q-q attention group patches of like
-colour, so dense patch features stay local (use dense modes "qq" or "vv"
+colour, so dense patch features stay local (use dense modes "clearclip" or "vv"
 with this model; "kk" lets grey patches attend to coloured ones). ``proj`` sends
 (r, b, 1) to embedding axes 0, 1, 2.
 
@@ -190,7 +190,8 @@ def rigged_model():
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, spec="rigged", arch="mapclip-rigged",
                        image_size=IMAGE_SIZE, mean=OPENAI_MEAN, std=OPENAI_STD, embed_dim=EMBED,
-                       device=torch.device("cpu"), precision="fp32", model_cfg=dict(RIGGED_CFG))
+                       device=torch.device("cpu"), precision="fp32", model_cfg=dict(RIGGED_CFG),
+                       templates="raw")  # its token weights answer the words of raw prompts
 
 
 def save_rigged_folder(folder) -> Path:
@@ -198,7 +199,7 @@ def save_rigged_folder(folder) -> Path:
     from engine.models import OPENAI_MEAN, OPENAI_STD, save_model_folder
     lm = rigged_model()
     return save_model_folder(lm.model, RIGGED_CFG, Path(folder), "mapclip-rigged",
-                             mean=OPENAI_MEAN, std=OPENAI_STD)
+                             mean=OPENAI_MEAN, std=OPENAI_STD, extra={"templates": "raw"})
 
 
 def tiny_resnet():

@@ -22,7 +22,7 @@ from typing import Any, List, Optional, Tuple
 from ..errors import Cancelled, MapClipError, UsageError, worded
 
 #: subcommand modules, in the order ``--help`` lists them
-COMMANDS = ("models", "detect", "index", "search", "count", "finetune", "convert", "dedup")
+COMMANDS = ("models", "detect", "index", "search", "count", "finetune", "convert", "dedup", "eval")
 
 
 def _command_module(name: str):
@@ -193,11 +193,6 @@ def parse_floats(text: str, n: int, what: str, example: str) -> Tuple[float, ...
 
 
 def parse_bands(text: Optional[str]) -> Optional[List[int]]:
-    """--bands "1,2,3" -> [1, 2, 3]; empty -> None (the reader's default bands)."""
-    if not text:
-        return None
-    try:
-        return [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise UsageError(f"--bands {text!r} is not a list of band numbers",
-                         "e.g. --bands 1,2,3 or --bands 4,3,2") from None
+    """--bands "1,2,3" -> [1, 2, 3]; empty -> None (engine.options.parse_bands)."""
+    from ..options import parse_bands as parse
+    return parse(text)

@@ -38,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--min-area", type=int, default=d.min_area, metavar="N",
                    help=f"dense method: smallest component in heatmap cells; default {d.min_area}")
     p.add_argument("--bands", default=None, metavar="R,G,B", help="1-based bands read as R,G,B")
+    p.add_argument("--templates", default=None, metavar="SET",
+                   help="dense method: prompt template ensemble: remote-sensing, raw (the prompt as typed) or "
+                        "one template holding {} (default: the model's; see docs/models.md)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per model call; " + model_default_help("batch_size"))
     p.add_argument("--out", default=None, metavar="boxes.gpkg",
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     opts = CountOptions(tile_px=args.tile, dense_tile_px=args.dense_tile, threshold=args.threshold,
                         min_area=args.min_area, batch_size=args.batch_size,
                         read=ReadOptions(bands=parse_bands(args.bands)), device=args.device,
-                        precision=args.precision)
+                        precision=args.precision, templates=args.templates)
     bar = tqdm_progress("count", unit="img")
     try:
         result = count(args.raster, args.object, args.model, extent=extent,

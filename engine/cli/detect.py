@@ -11,7 +11,7 @@ from ..errors import UsageError
 
 
 def register(sub) -> None:
-    from ..options import ATTENTION_MODES, DENSE_THRESHOLD, MODES, DetectOptions
+    from ..options import ATTENTION_ALIASES, ATTENTION_MODES, DENSE_THRESHOLD, MODES, DetectOptions
     d = DetectOptions()
     p = sub.add_parser(
         "detect", help="find what text prompts describe in a raster: boxes and a heatmap",
@@ -55,8 +55,21 @@ def register(sub) -> None:
                         "(any overlap)")
     p.add_argument("--background", action="append", default=None, metavar="TEXT",
                    help="background prompt (repeat); replaces the defaults in engine/scoring.py")
-    p.add_argument("--attention", choices=list(ATTENTION_MODES), default=d.attention,
-                   help=f"dense mode: self-self attention of the last block; default {d.attention}")
+    p.add_argument("--attention", choices=list(ATTENTION_MODES) + list(ATTENTION_ALIASES),
+                   default=d.attention, metavar="MODE",
+                   help=f"dense mode's changed last block: {', '.join(ATTENTION_MODES)} "
+                        f"(clearclip = ClearCLIP, sclip-style = SCLIP's attention without residual, "
+                        f"sclip = SCLIP, segearth = SegEarth-OV's q+k+v; old names qq, qq+kk "
+                        f"accepted); default {d.attention}")
+    p.add_argument("--templates", default=None, metavar="SET",
+                   help="prompt template ensemble: remote-sensing, raw (the prompt as typed) or "
+                        "one template holding {} (default: the model's; see docs/models.md)")
+    p.add_argument("--dense-input", type=int, default=None, metavar="PX",
+                   help="dense mode: resize each tile to PX (a multiple of the model's patch; "
+                        "position embeddings are interpolated); default the model's input size")
+    p.add_argument("--dense-slide", action="store_true",
+                   help="dense mode with a --dense-input larger than the model's: slide crops of "
+                        "the model's size with half-crop stride and average them (SegEarth-OV)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per model call; " + model_default_help("batch_size"))
     p.add_argument("--out", required=True, metavar="OUT.gpkg|OUT.geojson",
@@ -78,6 +91,8 @@ def options_from_args(args: argparse.Namespace):
     changes = dict(mode=args.mode, tile_px=args.tile, window=args.window, stride=args.stride,
                    batch_size=args.batch_size, top_k=args.top_k, threshold=args.threshold,
                    merge=args.merge, iou=args.iou, attention=args.attention,
+                   templates=args.templates, dense_input_px=args.dense_input,
+                   dense_slide=bool(args.dense_slide),
                    read=ReadOptions(bands=parse_bands(args.bands), gsd=args.gsd),
                    device=args.device, precision=args.precision, heatmap=bool(args.heatmap))
     if args.background:

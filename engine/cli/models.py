@@ -47,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from ..options import GENERIC_DEFAULTS
     rows = [{"name": p.name, "arch": p.arch, "family": p.family, "description": p.description,
              "loads_from": models.preset_location(p), "available": models.preset_available(p),
-             "defaults": models.model_defaults(p.name).over(GENERIC_DEFAULTS).to_json()}
+             "defaults": models.model_defaults(p.name).over(GENERIC_DEFAULTS).to_json(),
+             "templates": p.templates, "reference": p.reference}
             for p in models.list_presets()]
     if args.json:
         print_json({"presets": rows, "cache": str(models.cache_dir()), "default": models.DEFAULT_MODEL})

@@ -34,6 +34,9 @@ def register(sub) -> None:
                         f"{d.negative_weight}")
     p.add_argument("--method", choices=["auto", "exact", "approx"], default=d.method,
                    help=f"default auto: exact below {APPROX_MIN_ROWS} tiles, approximate above")
+    p.add_argument("--templates", default=None, metavar="SET",
+                   help="--text and --negative: prompt template ensemble: remote-sensing, raw (the prompt as typed) or "
+                        "one template holding {} (default: the model's; see docs/models.md)")
     p.add_argument("--model", default=None, metavar="SPEC",
                    help="model for --text/--image (default: the index's own; another model "
                         "is refused unless it embeds into the same space)")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--crs given without --like", "--crs is the CRS of the --like point")
     opts = ix.SearchOptions(top_k=args.top_k, negative=tuple(args.negative or ()),
                             negative_weight=args.negative_weight, method=args.method,
-                            device=args.device, precision=args.precision)
+                            device=args.device, precision=args.precision, templates=args.templates)
     result = ix.search(args.index, text=args.text, image=args.image, like=args.like,
                        like_crs=args.crs, model=args.model, options=opts, cancel=cancel_event())
     if args.out:

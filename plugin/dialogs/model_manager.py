@@ -13,7 +13,7 @@ its picker.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from qgis.PyQt.QtCore import pyqtSignal
 from qgis.PyQt.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView,
@@ -24,6 +24,36 @@ from .base import JobDialog
 COLUMNS = ("Model", "Kind", "Available offline", "Loads from")
 #: the architecture offered first for a bare checkpoint (RemoteCLIP ViT-B/32)
 DEFAULT_CHECKPOINT_ARCH = "ViT-B-32-quickgelu"
+
+
+def ask_checkpoint(parent) -> Optional[Tuple[str, str]]:
+    """Ask for a checkpoint file; (spec, label) or None if the user gave up.
+
+    A published checkpoint is added by path (the engine reads its
+    architecture); another file's architecture comes from its shapes and only
+    the activation is asked; a file whose shapes match nothing needs its
+    architecture typed. The dock's "Add checkpoint…" and this dialog share it.
+    """
+    path, _ = QFileDialog.getOpenFileName(parent, "Checkpoint", "",
+                                          "Checkpoints (*.pt *.pth *.bin *.safetensors)")
+    if not path:
+        return None
+    from ...engine.models import checkpoint_choice
+    choice = checkpoint_choice(path)
+    if choice.spec:
+        return choice.spec, choice.label
+    if choice.choices:
+        spec, ok = QInputDialog.getItem(parent, "Activation", choice.note, choice.choices, 0, False)
+        if ok and spec:
+            return spec, f"{os.path.basename(path)} ({spec.split(':', 1)[0]})"
+        return None
+    arch, ok = QInputDialog.getText(parent, "Architecture",
+                                    f"{choice.note}\nopen_clip architecture of this checkpoint "
+                                    "(RemoteCLIP and GeoRSCLIP need the -quickgelu variant):",
+                                    text=DEFAULT_CHECKPOINT_ARCH)
+    if ok and arch.strip():
+        return f"{arch.strip()}:{path}", f"{os.path.basename(path)} ({arch.strip()})"
+    return None
 
 
 class ModelManagerDialog(JobDialog):
@@ -125,17 +155,12 @@ class ModelManagerDialog(JobDialog):
         if folder:
             self.add_model(folder, os.path.basename(os.path.dirname(folder.rstrip("/"))) or folder)
 
-    def _pick_checkpoint(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Checkpoint", "",
-                                              "Checkpoints (*.pt *.pth *.bin *.safetensors)")
-        if not path:
-            return
-        arch, ok = QInputDialog.getText(self, "Architecture",
-                                        "open_clip architecture of this checkpoint "
-                                        "(RemoteCLIP and GeoRSCLIP need the -quickgelu variant):",
-                                        text=DEFAULT_CHECKPOINT_ARCH)
-        if ok and arch.strip():
-            self.add_checkpoint(path, arch.strip())
+    def _pick_checkpoint(self) -> Optional[str]:
+        picked = ask_checkpoint(self)
+        if picked is None:
+            return None
+        self.add_model(*picked)
+        return picked[0]
 
     # -- the load check --------------------------------------------------------
     def validate(self) -> List[str]:

@@ -20,7 +20,7 @@ from qgis.PyQt.QtCore import QVariant
 
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model,
                      optional_number, parse_bands, raster_path, split_prompts)
-from ..layers import engine_crs, rect_geometry
+from ..layers import crs_text, engine_crs, rect_geometry
 
 from ...engine.options import SearchOptions
 WGS84 = "EPSG:4326"
@@ -198,8 +198,7 @@ class SearchIndexAlgorithm(MapClipAlgorithm):
             point = self.parameterAsPoint(parameters, self.POINT, context)
             crs = self.parameterAsPointCrs(parameters, self.POINT, context)
             like = (point.x(), point.y())
-            if crs is not None and crs.isValid():
-                like_crs = crs.authid() or crs.toWkt()
+            like_crs = crs_text(crs)
         given = [k for k, v in (("text", text), ("image", image), ("point", like)) if v]
         if len(given) != 1:
             raise QgsProcessingException(

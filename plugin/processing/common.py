@@ -108,26 +108,17 @@ def default_model() -> str:
 
 # ------------------------------------------------------------------ inputs --
 def split_prompts(text: str) -> List[str]:
-    """Prompts typed one per line or separated by ';' (commas stay inside a prompt)."""
-    parts: List[str] = []
-    for line in (text or "").replace("\r", "\n").split("\n"):
-        parts.extend(p.strip() for p in line.split(";"))
-    return [p for p in parts if p]
+    """Prompts typed one per line or separated by ';' (engine.options.split_prompts)."""
+    from ...engine.options import split_prompts as split
+    return split(text)
 
 
 def parse_bands(text: str) -> Optional[List[int]]:
-    """'1,2,3' -> [1, 2, 3]; empty -> None (the engine's default band choice)."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        bands = [int(b) for b in text.replace(";", ",").replace(" ", ",").split(",") if b]
-    except ValueError as exc:
-        raise QgsProcessingException(
-            f"bands '{text}' are not band numbers\nFix: give 1-based band numbers such as 1,2,3") from exc
-    if any(b < 1 for b in bands):
-        raise QgsProcessingException(f"bands '{text}' must be 1 or more\nFix: band numbers start at 1")
-    return bands
+    """'1,2,3' -> [1, 2, 3]; empty -> None (engine.options.parse_bands), errors worded
+    for Processing."""
+    from ...engine.options import parse_bands as parse
+    with engine_errors():
+        return parse(text)
 
 
 def raster_path(layer: Optional[QgsRasterLayer], what: str = "raster") -> str:

@@ -29,8 +29,9 @@ from ...engine.options import ATTENTION_MODES as ATTENTION_
 from ...engine.options import COUNT_METHODS as COUNT_METHODS_
 from ...engine.options import MERGES as MERGES_
 from ...engine.options import MODES as MODES_
+from ...engine.options import TEMPLATE_SETS
 from ...engine.options import CountOptions, DetectOptions
-from ..layers import ENGINE_BOX_FIELDS, engine_crs, fields_of, rect_geometry
+from ..layers import ENGINE_BOX_FIELDS, crs_text, engine_crs, fields_of, rect_geometry
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model,
                      optional_number, parse_bands, split_prompts)
 
@@ -97,10 +98,7 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
         if rect is None or rect.isNull() or rect.isEmpty():
             return None, None
         crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
-        crs_text = None
-        if crs is not None and crs.isValid():
-            crs_text = crs.authid() or crs.toWkt()
-        return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs_text
+        return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs_text(crs)
 
     @contextmanager
     def raster_input(self, parameters, context, feedback):
@@ -162,7 +160,7 @@ class DetectBase(RasterSearchAlgorithm):
 
     PROMPTS, MODE, TILE, WINDOW, STRIDE = "PROMPTS", "MODE", "TILE", "WINDOW", "STRIDE"
     TOP_K, THRESHOLD, MERGE, BACKGROUND = "TOP_K", "THRESHOLD", "MERGE", "BACKGROUND"
-    IOU, ATTENTION = "IOU", "ATTENTION"
+    IOU, ATTENTION, TEMPLATES = "IOU", "ATTENTION", "TEMPLATES"
     DEFAULT_MODE = D.mode
 
     def add_detect_params(self) -> None:
@@ -188,10 +186,13 @@ class DetectBase(RasterSearchAlgorithm):
             self.IOU, "Same object above IoU (0: any overlap)",
             QgsProcessingParameterNumber.Double, defaultValue=D.iou, minValue=0.0, maxValue=1.0))
         self.add_advanced(QgsProcessingParameterEnum(
-            self.ATTENTION, "Dense attention", options=ATTENTION_MODES,
+            self.ATTENTION, "Dense mode: last block (ClearCLIP, SCLIP-style, SegEarth-OV q+k+v, SCLIP, kk, vv)", options=ATTENTION_MODES,
             defaultValue=ATTENTION_MODES.index(D.attention)))
         self.add_advanced(QgsProcessingParameterString(
             self.BACKGROUND, "Background prompts (; separated; empty: generic set)", optional=True))
+        self.add_advanced(QgsProcessingParameterString(
+            self.TEMPLATES, "Prompt templates: " + ", ".join(TEMPLATE_SETS)
+            + " or one template with {} (empty: the model's)", optional=True))
 
     def prompts(self, parameters, context) -> List[str]:
         prompts = split_prompts(self.parameterAsString(parameters, self.PROMPTS, context))
@@ -218,6 +219,9 @@ class DetectBase(RasterSearchAlgorithm):
         background = split_prompts(self.parameterAsString(parameters, self.BACKGROUND, context))
         if background:
             changes["background"] = tuple(background)
+        templates = self.parameterAsString(parameters, self.TEMPLATES, context).strip()
+        if templates:
+            changes["templates"] = templates
         return replace(D, **changes)
 
     def run_detect(self, parameters, context, feedback, heatmap: bool, top_k=None, threshold=None):

@@ -48,26 +48,34 @@ def _deps_module():
     return module
 
 
-def _protected(name: str) -> bool:
-    return name.split("-")[0].split(".")[0].lower() in ("numpy", "osgeo", "gdal", "pyqt5", "sip",
-                                                        "qgis")
-
-
 def lay_out_packages(target: Path) -> None:
     """Fill ``target`` as the installer does (a ``pip --target`` folder), from this venv.
 
-    What the installer never puts there (QGIS's own NumPy, GDAL, Qt bindings)
-    stays out here too, so QGIS's copies are the ones imported.
+    Files are hard links (real files in the folder, as pip writes them; no
+    copy of several GB), or copies across file systems. The installer's own
+    clean-up (plugin/deps.py prune_protected) then takes out what QGIS
+    provides (NumPy, GDAL, Qt bindings), as it does after pip.
     """
     deps = _deps_module()
     site = Path(sysconfig.get_paths()["purelib"])
     target.mkdir(parents=True)
+
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
     for entry in sorted(site.iterdir()):
-        if entry.name in ("__pycache__",) or entry.suffix == ".pth":
+        if entry.name == "__pycache__" or entry.suffix == ".pth":
             continue
-        if getattr(deps, "is_protected", _protected)(entry.name):
-            continue
-        os.symlink(entry, target / entry.name)
+        if entry.is_dir():
+            shutil.copytree(entry, target / entry.name, copy_function=link_or_copy, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            link_or_copy(entry, target / entry.name)
+    removed = deps.prune_protected(str(target))
+    assert "numpy" in removed, removed
 
 
 def make_data(data: Path) -> Path:
@@ -78,7 +86,7 @@ def make_data(data: Path) -> Path:
     from engine.synthetic import make_scene
     data.mkdir()
     scene = data / "scene.tif"
-    make_scene(str(scene), width=384, seed=3)
+    make_scene(str(scene), width=1024, seed=3)  # a tank farm, airplanes and ships
     archive = data / "archive"
     archive.mkdir()
     for seed in (11, 12):

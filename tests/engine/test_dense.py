@@ -50,8 +50,9 @@ def test_dense_features_shape_norm_and_modes(tiny_model):
     for m, f in out.items():
         assert f.shape == (3, 4, 4, 64), m
         assert torch.allclose(f.norm(dim=-1), torch.ones(3, 4, 4), atol=1e-5)
-    assert not torch.allclose(out["qq"], out["vv"])
-    assert not torch.allclose(dense.dense_features(tiny_model, batch, cls_weight=0.3), out["qq"])
+    assert not torch.allclose(out["clearclip"], out["vv"])
+    assert torch.equal(dense.dense_features(tiny_model, batch, mode="qq"), out["clearclip"])   # old name
+    assert not torch.allclose(dense.dense_features(tiny_model, batch, cls_weight=0.3), out["clearclip"])
     with pytest.raises(ValueError):
         dense.dense_features(tiny_model, batch, mode="qk")
     assert dense.patch_grid(tiny_model) == 4
@@ -114,3 +115,122 @@ def test_resnet_is_reported_unsupported():
     assert reason and "not a ViT" in reason
     with pytest.raises(ValueError):
         dense.dense_features(lm, _grey())
+
+
+# --------------------------------------------------------------------------- #
+# Each mode pinned against an implementation written from the papers' equations.
+# --------------------------------------------------------------------------- #
+def _reference_dense(lm, x, mode, lam=0.0):
+    """Patch and class features of a normalised input x (B, 3, H, W), from the equations.
+
+    Patch embedding as a matrix product over unfolded patches; position
+    embeddings resized bicubically by (g + 0.1) / n (ClearCLIP / SegEarth-OV,
+    after DINO); blocks 1..L-1 unchanged; in block L, with y = LN1(x) and per
+    head q, k, v = y W + b, A(a) = softmax(a a^T / sqrt(d_head)):
+      ClearCLIP   O = A(q) v                       (no residual, no FFN)
+      SCLIP-style O = (A(q) + A(k)) v              (no residual, no FFN)
+      SCLIP       x' = x + (A(q) + A(k)) v W_o;  O = x' + FFN(LN2(x'))
+      SegEarth-OV O = (A(q) + A(k) + A(v)) v       (no residual, no FFN)
+    then LN_post and the projection; SegEarth-OV's score is
+    cos(patch, t) + lam * cos(cls, t), i.e. feature normalise(patch) + lam * normalise(cls).
+    """
+    import math
+    v = lm.model.visual
+    b, _, H, W = x.shape
+    conv = v.conv1.weight
+    p = conv.shape[-1]
+    gh, gw = H // p, W // p
+    patches = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(b, gh * gw, -1)
+    tok = patches @ conv.reshape(conv.shape[0], -1).T
+    z = torch.cat([v.class_embedding.view(1, 1, -1).expand(b, 1, -1), tok], dim=1)
+    pos = v.positional_embedding
+    n = int(math.isqrt(pos.shape[0] - 1))
+    if (gh, gw) != (n, n):
+        grid = F.interpolate(pos[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2),
+                             scale_factor=((gh + 0.1) / n, (gw + 0.1) / n), mode="bicubic",
+                             align_corners=False)
+        pos = torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(gh * gw, -1)])
+    z = v.ln_pre(z + pos)
+    for blk in v.transformer.resblocks[:-1]:
+        z = blk(z)
+    last = v.transformer.resblocks[-1]
+    d = z.shape[-1]
+    h = last.attn.num_heads
+    y = last.ln_1(z)
+    wq, wk, wv = last.attn.in_proj_weight.split(d)
+    bq, bk, bv = last.attn.in_proj_bias.split(d)
+
+    def heads(t):
+        return t.reshape(b, -1, h, d // h).transpose(1, 2)
+
+    q, k, val = heads(y @ wq.T + bq), heads(y @ wk.T + bk), heads(y @ wv.T + bv)
+
+    def A(a):
+        return torch.softmax(a @ a.transpose(-1, -2) / math.sqrt(d // h), dim=-1)
+
+    attn = {"clearclip": A(q), "sclip-style": A(q) + A(k), "sclip": A(q) + A(k),
+            "segearth": A(q) + A(k) + A(val), "kk": A(k), "vv": A(val)}[mode]
+    o = (attn @ val).transpose(1, 2).reshape(b, -1, d) @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
+    if mode == "sclip":
+        z1 = z + o
+        o = z1 + last.mlp(last.ln_2(z1))
+    f = v.ln_post(o) @ v.proj
+    return F.normalize(f[:, 1:], dim=-1) + lam * F.normalize(f[:, :1], dim=-1)
+
+
+@pytest.mark.parametrize("mode", list(dense.ATTENTION_MODES))
+def test_each_mode_equals_the_papers_equations(tiny_model, mode):
+    torch.manual_seed(11)
+    batch = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = _reference_dense(tiny_model, to_model_input(tiny_model, batch), mode)
+    ours = dense.dense_features(tiny_model, batch, mode=mode).reshape(2, -1, ref.shape[-1])
+    assert torch.allclose(ours, ref, atol=1e-5), mode
+
+
+def test_segearth_class_token_correction_is_lambda_cos_cls_text(tiny_model):
+    torch.manual_seed(12)
+    batch = torch.randint(0, 255, (1, 64, 64, 3), dtype=torch.uint8)
+    text = F.normalize(torch.randn(5, tiny_model.embed_dim), dim=-1)
+    with torch.no_grad():
+        x = to_model_input(tiny_model, batch)
+        plain = _reference_dense(tiny_model, x, "segearth")
+        cls_only = _reference_dense(tiny_model, x, "segearth", lam=1.0) - plain
+    want = plain @ text.T - 0.3 * (cls_only @ text.T)      # lambda = -0.3 (SegEarth-OV's configs)
+    got = dense.similarity_maps(dense.dense_features(tiny_model, batch, mode="segearth", cls_weight=0.3), text)
+    assert torch.allclose(got.reshape(1, 5, -1).transpose(1, 2), want, atol=1e-5)
+    # not the old formula (raw class token subtracted from raw patches)
+    assert not torch.allclose(got.reshape(1, 5, -1).transpose(1, 2), plain @ text.T, atol=1e-3)
+
+
+def test_any_multiple_of_the_patch_with_interpolated_positions(tiny_model):
+    torch.manual_seed(13)
+    batch = torch.randint(0, 255, (1, 96, 128, 3), dtype=torch.uint8)
+    for size in (128, 96):                          # 8 x 8 and 6 x 6 grids of a 64 px (4 x 4) model
+        f = dense.dense_features(tiny_model, batch, mode="segearth", input_size=size)
+        assert f.shape == (1, size // 16, size // 16, tiny_model.embed_dim)
+        with torch.no_grad():
+            ref = _reference_dense(tiny_model, to_model_input(tiny_model, batch, size), "segearth")
+        assert torch.allclose(f.reshape(1, -1, ref.shape[-1]), ref, atol=1e-5), size
+    # the model's own size is untouched by interpolation
+    assert torch.equal(dense.interpolate_positions(tiny_model.model.visual.positional_embedding, 4, 4),
+                       tiny_model.model.visual.positional_embedding)
+    with pytest.raises(ValueError, match="multiple of the 16 px patch"):
+        dense.dense_features(tiny_model, batch, input_size=100)
+
+
+def test_sliding_crops_average_the_crops_scores(tiny_model):
+    torch.manual_seed(14)
+    batch = torch.randint(0, 255, (1, 128, 128, 3), dtype=torch.uint8)
+    f = dense.dense_features(tiny_model, batch, mode="clearclip", input_size=128, crop=64, stride=32)
+    assert f.shape == (1, 8, 8, tiny_model.embed_dim)
+    x = to_model_input(tiny_model, batch, 128)
+    acc = torch.zeros(1, 8, 8, tiny_model.embed_dim)
+    cnt = torch.zeros(8, 8, 1)
+    with torch.no_grad():
+        for y0 in (0, 32, 64):
+            for x0 in (0, 32, 64):
+                r = _reference_dense(tiny_model, x[:, :, y0:y0 + 64, x0:x0 + 64], "clearclip").reshape(1, 4, 4, -1)
+                acc[:, y0 // 16:y0 // 16 + 4, x0 // 16:x0 // 16 + 4] += r
+                cnt[y0 // 16:y0 // 16 + 4, x0 // 16:x0 // 16 + 4] += 1
+    assert torch.allclose(f, acc / cnt, atol=1e-5)

@@ -301,3 +301,28 @@ def test_stride_in_tiles_with_a_flush_last_window(tmp_path, rig):
     assert all(b.pixel[0] in (0, 128, 192) and b.pixel[1] in (0, 128) for b in res.boxes)
     assert all((b.pixel[2] - b.pixel[0], b.pixel[3] - b.pixel[1]) == (128, 128) for b in res.boxes)
     assert res.boxes[0].pixel == (192, 0, 320, 128)
+
+
+@pytest.mark.parametrize("slide", [False, True])
+def test_dense_mode_at_a_larger_input_with_interpolated_positions_or_sliding_crops(tmp_path, rig, slide):
+    """A 128-px tile fed at 128 px (16 x 16 patches of the 64-px model), not squeezed to 64."""
+    path = scene(tmp_path / "s.tif", width=384, height=256, squares=[(230, 90, 40, RED)])
+    res = run(path, rig, mode="dense", tile_px=128, dense_input_px=128, dense_slide=slide)
+    assert res.mode == "dense" and len(res.boxes) == 1
+    cell = 128 / 32   # 16 x 16 patches, upsampled x2, over a 128-px tile
+    assert res.heatmap[0].shape == (256 // 4, 384 // 4)
+    assert np.allclose(res.boxes[0].pixel, (230, 90, 270, 130), atol=cell)
+    with pytest.raises(UsageError) as err:
+        run(path, rig, mode="dense", tile_px=128, dense_input_px=100)
+    assert "multiple" in err.value.message and err.value.option == "dense_input_px"
+
+
+def test_detect_prompts_go_through_the_template_option(tmp_path, tiny_model):
+    path = scene(tmp_path / "s.tif", width=128, height=128)
+    raw = run(path, tiny_model, prompts=["ships"], mode="dense", tile_px=64, templates="raw")
+    ens = run(path, tiny_model, prompts=["ships"], mode="dense", tile_px=64)      # the model's: remote-sensing
+    one = run(path, tiny_model, prompts=["ships"], mode="dense", tile_px=64, templates="a photo of {}")
+    assert not np.allclose(raw.heatmap, ens.heatmap) and not np.allclose(raw.heatmap, one.heatmap)
+    with pytest.raises(UsageError) as err:
+        run(path, tiny_model, prompts=["ships"], templates="nonsense")
+    assert err.value.option == "templates"

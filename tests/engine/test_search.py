@@ -229,3 +229,18 @@ def test_cli_search_contract(rigged_index, tmp_path, capsys):
     with pytest.raises(SystemExit) as ex:                          # two queries at once: argparse
         main(["search", str(rigged_index), "--text", "x", "--like", "1,2"])
     assert ex.value.code == 2
+
+
+def test_text_queries_go_through_the_prompt_templates(tiny_index, tiny_model):
+    from engine.scoring import encode_prompts
+    folder = tiny_index[0]
+    emb = ix.open_index(folder).embeddings().astype(np.float32)
+    for templates in (None, "raw", "a photo of {}"):
+        res = ix.search(folder, text="storage tanks", model=tiny_model,
+                        options=ix.SearchOptions(top_k=3, templates=templates))
+        q = encode_prompts(tiny_model, ["storage tanks"], templates)[0].numpy()
+        want = np.sort(emb @ q)[::-1][:3]
+        assert np.allclose([h.score for h in res.hits], want, atol=1e-4), templates
+    with pytest.raises(UsageError) as err:
+        ix.search(folder, text="storage tanks", model=tiny_model, options=ix.SearchOptions(templates="bogus"))
+    assert err.value.option == "templates"

@@ -234,7 +234,7 @@ def test_model_manager_lists_adds_checks_and_removes(qtbot, tmp_path, qgis_setti
     dlg = ModelManagerDialog(settings=Settings())
     qtbot.addWidget(dlg)
     specs = [dlg.table.item(r, 0).text() for r in range(dlg.table.rowCount())]
-    assert "remoteclip-vit-b-32" in specs and "test-tiny" in specs
+    assert "remoteclip-vit-b-32" in specs and "demo" in specs and "test-tiny" not in specs
     dlg.select_spec("remoteclip-vit-b-32")
     assert not dlg.remove_button.isEnabled()  # presets cannot be removed
     changed = []
@@ -256,3 +256,38 @@ def test_model_manager_lists_adds_checks_and_removes(qtbot, tmp_path, qgis_setti
     assert wait_task(qtbot, dlg) == "error" and "missing.pt" in dlg.last_error
     dlg.remove_selected()
     assert spec not in [i["spec"] for i in Settings().custom_models()]
+
+
+def test_model_manager_adds_a_published_checkpoint_by_path_and_asks_only_the_activation(
+        qtbot, tmp_path, qgis_settings, monkeypatch):
+    """No free architecture list: a recognised file is added as is, another file's
+    architecture comes from its shapes and only its activation is picked."""
+    import torch
+
+    from mapclip.engine.models import load_model
+    from mapclip.plugin.dialogs import model_manager as mm
+    from mapclip.plugin.settings import Settings
+    sd = load_model("test-tiny", device="cpu").model.state_dict()
+    published = tmp_path / "RemoteCLIP-ViT-B-32.pt"      # the published name, tiny weights
+    torch.save(sd, published)
+    other = tmp_path / "mine.pt"
+    torch.save(sd, other)
+    dlg = mm.ModelManagerDialog(settings=Settings())
+    qtbot.addWidget(dlg)
+    picked = {"path": str(published)}
+    monkeypatch.setattr(mm.QFileDialog, "getOpenFileName",
+                        staticmethod(lambda *a, **k: (picked["path"], "")))
+    asked = []
+
+    def get_item(parent, title, label, items, current, editable):
+        asked.append((list(items), editable))
+        return items[current], True
+
+    monkeypatch.setattr(mm.QInputDialog, "getItem", staticmethod(get_item))
+    monkeypatch.setattr(mm.QInputDialog, "getText",
+                        staticmethod(lambda *a, **k: pytest.fail("no free-text architecture for these files")))
+    assert dlg._pick_checkpoint() == str(published) and not asked
+    picked["path"] = str(other)
+    spec = dlg._pick_checkpoint()
+    assert spec == f"mapclip-tiny:{other}" and asked == [([f"mapclip-tiny:{other}"], False)]
+    assert [m["spec"] for m in Settings().custom_models()][-2:] == [str(published), spec]

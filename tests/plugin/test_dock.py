@@ -82,21 +82,19 @@ def test_prompts_split_on_semicolons_and_lines(mapclip):
 
 
 def test_added_checkpoint_appears_in_model_picker(dock, mapclip, monkeypatch, tmp_path):
-    from mapclip.plugin import dock as dock_mod
+    """A published checkpoint is added by its path alone: no architecture to pick wrongly."""
+    import torch
+    import open_clip
+    from mapclip.plugin.dialogs import model_manager
     ckpt = tmp_path / "RemoteCLIP-ViT-B-32.pt"
-    ckpt.write_bytes(b"x")
-    monkeypatch.setattr(dock_mod.QFileDialog, "getOpenFileName",
+    torch.save(open_clip.create_model("ViT-B-32-quickgelu").state_dict(), ckpt)
+    monkeypatch.setattr(model_manager.QFileDialog, "getOpenFileName",
                         staticmethod(lambda *a, **k: (str(ckpt), "")))
-    chosen = {}
-
-    def get_item(parent, title, label, items, current, editable):
-        chosen["guess"] = items[current]
-        return "ViT-B-32-quickgelu", True
-
-    monkeypatch.setattr(dock_mod.QInputDialog, "getItem", staticmethod(get_item))
+    asked = []
+    monkeypatch.setattr(model_manager.QInputDialog, "getItem",
+                        staticmethod(lambda *a, **k: asked.append(a) or ("", False)))
     spec = dock.add_checkpoint()
-    assert spec == f"ViT-B-32-quickgelu:{ckpt}"
-    assert chosen["guess"] == "ViT-B-32-quickgelu"          # guessed from the file name
+    assert spec == str(ckpt) and not asked
     assert dock.current_model() == spec
     from mapclip.plugin.settings import Settings
     assert Settings().custom_models()[-1]["spec"] == spec

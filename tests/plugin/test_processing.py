@@ -373,6 +373,17 @@ def test_detect_refuses_empty_prompt_and_non_file_layer(provider, tmp_path):
         raster_path(wms)
 
 
+def test_detect_prompt_templates_parameter(provider, tmp_path, rigged_folder):
+    from qgis.core import QgsProcessingException
+    raster = scene(tmp_path / "scene.tif")
+    base = {"INPUT": str(raster), "PROMPTS": "red roof", "MODEL": rigged_folder, "MODE": 0, "TILE": 32,
+            "WINDOW": 2, "TOP_K": 1, "DEVICE": "cpu"}
+    res = run("detect", dict(base, TEMPLATES="raw", OUTPUT=str(tmp_path / "a.gpkg")))
+    assert res["COUNT"] == 1
+    with pytest.raises(QgsProcessingException, match="template"):
+        run("detect", dict(base, TEMPLATES="nonsense", OUTPUT=str(tmp_path / "b.gpkg")))
+
+
 # ------------------------------------------------------- cancel, modeler --
 class CancelOnFirstProgress:
     """A feedback that presses Cancel as soon as the engine reports progress."""

@@ -92,7 +92,32 @@ def test_engine_error_becomes_message_bar_error_and_log_entry(qtbot, iface, mapc
     texts = iface.bar_texts()
     assert any("raster /nope.tif does not exist" in t and "choose an existing file" in t
                for t in texts), texts
-    assert any(tag == "MapCLIP" and "Traceback" in msg and "UsageError" in msg
+    # the user's mistake is logged in words, without a traceback
+    mine = [msg for tag, msg in logged if tag == "MapCLIP"]
+    assert any("raster /nope.tif does not exist" in m and "choose an existing file" in m
+               for m in mine), mine
+    assert not any("Traceback" in m for m in mine), mine
+
+
+def test_a_bug_keeps_its_traceback_for_the_log(qtbot, iface, mapclip):
+    from mapclip.plugin.tasks import EngineTask, start
+    logged = []
+
+    def on_log(message, tag, level):
+        logged.append((tag, message))
+
+    QgsApplication.messageLog().messageReceived.connect(on_log)
+    try:
+        def job(progress, cancel):
+            return {}["missing"]
+
+        task = EngineTask("buggy job", job, iface=iface)
+        start(task)
+        _wait(qtbot, task)
+    finally:
+        QgsApplication.messageLog().messageReceived.disconnect(on_log)
+    assert task.outcome == "error"
+    assert any(tag == "MapCLIP" and "Traceback" in msg and "KeyError" in msg
                for tag, msg in logged)
 
 
