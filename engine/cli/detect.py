@@ -101,8 +101,9 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..detect import detect, vector_driver, write_boxes, write_heatmap
+    from ..detect import detect, write_boxes, write_heatmap
     from ..jobs import check_outputs
+    from ..outputs import vector_driver
     from ..raster import raster_files
     from . import cancel_event
 
