@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from .captions import CaptionItem, SkipReport, check_images, read_captions
-from .errors import MapClipError, ModelError, UsageError
+from .errors import MapClipError, ModelError, UsageError, reason
 from .jobs import CancelFlag, Job, ProgressFn
 from .options import FinetuneOptions, check  # noqa: F401
 from .models import (MODEL_CONFIG_FILE, OPENAI_MEAN, OPENAI_STD, LoadedModel, Resolved,
@@ -652,7 +652,7 @@ def load_state(path: Path) -> Dict[str, Any]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"cannot read training state {path} ({str(exc).splitlines()[0][:200]})",
+        raise UsageError(f"cannot read training state {path} ({reason(exc)})",
                          "the file is damaged or not a MapCLIP training state; start a new run") from None
     need = ("format", "model", "optimizer", "epoch", "step", "rng", "best", "metrics_offset")
     if not isinstance(state, dict) or any(k not in state for k in need) or state["format"] != STATE_FORMAT:
@@ -783,7 +783,7 @@ def finetune(options: FinetuneOptions, progress: Optional[ProgressFn] = None,
                 scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UsageError(f"the training state in {run_dir} does not fit this model "
-                             f"({str(exc).splitlines()[0][:200]})", "start a new run with a new --out") from None
+                             f"({reason(exc)})", "start a new run with a new --out") from None
         start_epoch, step = int(state["epoch"]), int(state["step"])
         best = dict(state["best"])
         before = dict(state.get("before") or {}) or None

@@ -688,3 +688,26 @@ def test_tile_grids_are_lazy_clipped_and_bounded():
         TileGrid.for_raster(mid, None, 10_000)
     with pytest.raises(UsageError, match="positive"):
         TileGrid.for_raster(small, None, 0)
+
+
+class _Pickled:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_a_checkpoint_error_is_one_clean_complete_line(tmp_path, world):
+    """torch's refusal of a pickled checkpoint is long, multi-line and coloured;
+    the error keeps its first sentences whole, without terminal codes."""
+    import torch
+
+    from engine.errors import reason
+    bad = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": _Pickled()}, bad)
+    run = _cli(["detect", world["raster"], "--prompt", "x", "--model", f"mapclip-tiny:{bad}",
+                "--out", tmp_path / "b.gpkg"], tmp_path, world["env"])
+    run.refused(2, "cannot read checkpoint")
+    line = next(ln for ln in run.err.splitlines() if ln.startswith("error:"))
+    assert "\x1b" not in run.err and line.rstrip().endswith((".", ")", "..."))
+    long = Exception("The first part of the message. \x1b[1mSecond\x1b[0m part, " + "word " * 80)
+    assert reason(long, 60) == "The first part of the message."
+    assert reason(Exception("a " * 100), 30).endswith(" ...") and "\x1b" not in reason(long)
