@@ -486,16 +486,17 @@ def find_duplicates(dirs: Sequence[PathLike], out: Optional[PathLike] = None,
                 raise UsageError(f"test folder {t} (--against) overlaps input folder {r}",
                                  "give --against the held-out test set, a folder apart from "
                                  "the training folders")
-    out_path = None
-    if out is not None:
-        out_path = check_outputs([("--out", out)], [("input", d) for d in list(dirs)
-                                                    + list(against or [])],
-                                 overwrite=o.overwrite)["--out"]
+    cache_file = default_cache_path() if o.cache == "default" else o.cache
+    checked = check_outputs([("--out", out), ("--cache", cache_file)],
+                            [("input", d) for d in list(dirs) + list(against or [])],
+                            overwrite=o.overwrite, may_exist=["--cache"])
+    out_path = checked.get("--out")
     files = list_images(dirs)
     test_files = list_images(against) if against else []
-    if out_path is not None and any(same_file(out_path, p) for p, _ in files + test_files):
-        raise UsageError(f"--out {out_path} is one of the input images",
-                         "write the report to another path")
+    for label, path in checked.items():
+        if any(same_file(path, p) for p, _ in files + test_files):
+            raise UsageError(f"{label} {path} is one of the input images",
+                             f"write {label} to another path")
     test_set = {p for p, _ in test_files}
     files = [f for f in files if f[0] not in test_set]   # a test image is never a training one
     if not files:
@@ -503,7 +504,6 @@ def find_duplicates(dirs: Sequence[PathLike], out: Optional[PathLike] = None,
                          f"{', '.join(map(str, dirs))}", "check the folders")
     job = Job(progress, cancel, total=len(files) + len(test_files))
     job.set_total(len(files) + len(test_files))
-    cache_file = default_cache_path() if o.cache == "default" else o.cache
     cache = HashCache(cache_file)
     try:
         recs, hits = hash_images(files, o.hash_size, cache, job, o.workers)

@@ -262,6 +262,10 @@ CASES = [
                                  "{in}/s2/q", "--no-cache"], 2, ["overlaps"]),
     ("dedup_quarantine_parent", ["dedup", "{in}/s2", "--out", "{out}/r.csv", "--move-to",
                                  "{in}", "--no-cache"], 2, ["overlaps"]),
+    ("dedup_cache_is_report", ["dedup", "{in}/s2", "--out", "{out}/r.csv", "--cache",
+                               "{out}/r.csv"], 2, ["same file"]),
+    ("dedup_cache_is_an_image", ["dedup", "{in}/s2", "--out", "{out}/r.csv", "--cache",
+                                 "{in}/s2/a.png"], 2, ["input"]),
     ("dedup_against_itself", ["dedup", "{in}/s2", "--against", "{in}/s2link", "--out",
                               "{out}/r.csv", "--no-cache"], 2, ["overlaps"]),
 ]
