@@ -148,9 +148,6 @@ def check_outputs(outputs: Sequence[InputSpec], inputs: Sequence[InputSpec] = ()
                 raise UsageError(f"{label} {p} is also an input of this run ({in_label} {q})",
                                  "write the output to another path: an input is never "
                                  "overwritten, even with --overwrite")
-            if label in folders and q.exists() and is_inside(q, p) and p.exists():
-                raise UsageError(f"{label} {p} holds an input of this run ({in_label} {q})",
-                                 "choose an output folder that holds none of the inputs")
         for in_label, q in sealed:
             if q is not None and is_inside(p, q):
                 raise UsageError(f"{label} {p} is inside {in_label} {q}, which this run reads",
