@@ -346,6 +346,18 @@ def test_heatmap_is_a_georeferenced_raster_hot_at_the_square(provider, tmp_path,
     assert 4000000 - 0.5 * 106 <= y <= 4000000 - 0.5 * 54
 
 
+def test_heatmap_never_writes_over_its_input(provider, tmp_path, rigged_folder):
+    """The engine's output guard holds in Processing: the input raster is left untouched."""
+    from qgis.core import QgsProcessingException
+    raster = scene(tmp_path / "scene.tif")
+    before = raster.read_bytes()
+    with pytest.raises(QgsProcessingException) as err:
+        run("heatmap", {"INPUT": str(raster), "PROMPTS": "red roof", "MODEL": rigged_folder,
+                        "OUTPUT": str(raster)})
+    assert "is also an input" in str(err.value) and "Fix:" in str(err.value)
+    assert raster.read_bytes() == before
+
+
 def test_count_reports_each_method_and_dense_boxes(provider, tmp_path, rigged_folder):
     raster = scene(tmp_path / "scene.tif", blue=(16, 16, 24, 24))
     raster2 = scene(tmp_path / "two.tif", red=(32, 32, 24, 24), blue=None)
