@@ -153,3 +153,33 @@ def pixel_to_bounds(transform, box) -> Bounds:
     from .tiling import window_bounds
     c0, r0, c1, r1 = (float(v) for v in box)
     return window_bounds(transform, c0, r0, c1 - c0, r1 - r0)
+
+
+def object_proposals(rgb: np.ndarray, min_share: float = 0.02) -> np.ndarray:
+    """Class-agnostic object boxes in an (H, W, 3) uint8 image: (N, 4) col0, row0, col1, row1.
+
+    Pixels whose colour (CIE Lab, after a 3 x 3 median filter against
+    pixel noise) lies far from the image's median colour
+    (Otsu's threshold on that distance), opened by a 3 x 3 square, form
+    connected regions; each region of at least ``min_share`` of the image
+    (and 4 pixels a side) is one proposal. Used to fit detection windows to
+    the object inside them (engine.detect, ``DetectOptions.refine``): the
+    model chooses among these boxes, they do not name anything themselves.
+    """
+    import cv2
+    img = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3])
+    h, w = img.shape[:2]
+    if h < 8 or w < 8:
+        return np.zeros((0, 4), np.int64)
+    lab = cv2.cvtColor(cv2.medianBlur(img, 3), cv2.COLOR_RGB2LAB).astype(np.float32)
+    dist = np.sqrt(((lab - np.median(lab.reshape(-1, 3), axis=0)) ** 2).sum(axis=-1))
+    top = float(dist.max())
+    if top <= 1e-6:
+        return np.zeros((0, 4), np.int64)
+    d8 = np.clip(dist * (255.0 / top), 0, 255).astype(np.uint8)
+    _, mask = cv2.threshold(d8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    out = [(x, y, x + bw, y + bh) for x, y, bw, bh, area in (stats[i] for i in range(1, n))
+           if area >= min_share * h * w and bw >= 4 and bh >= 4]
+    return np.asarray(out, np.int64).reshape(-1, 4)

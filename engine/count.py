@@ -322,7 +322,7 @@ def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountO
     opts = DetectOptions(mode="dense", tile_px=int(options.dense_tile_px or lm.image_size), top_k=1, threshold=thr,
                          batch_size=int(options.batch_size), read=options.read or ReadOptions(),
                          device=options.device, precision=options.precision, heatmap=True,
-                         templates=getattr(options, "templates", None))
+                         refine=False, templates=getattr(options, "templates", None))
     res = detect(raster, [plural(singular(name), 2)], lm, extent=extent, extent_crs=extent_crs,
                  options=opts, progress=progress, cancel=cancel)
     if res.heatmap is None:

@@ -225,6 +225,8 @@ class DetectOptions:
     templates: Any = None                # prompt template set, template or list; None: the model's
     dense_input_px: Optional[int] = None  # dense: model input side (a multiple of the patch); None: the model's
     dense_slide: bool = False            # dense: slide crops of the model's size over a larger input
+    refine: bool = True                  # fit each box to the object inside it (engine.detect's module doc)
+    refine_min: float = 0.3              # a fitted box must keep this share of its window's score
 
 
 @dataclass
@@ -442,6 +444,10 @@ def check(options: Any) -> Any:
         _within("cls_weight", o.cls_weight, -10.0, 10.0)
         _at_least("workers", o.workers, 1)
         _at_least("dense_input_px", o.dense_input_px, 8)
+        if not isinstance(o.refine, bool):
+            raise _bad("refine", f"refine {o.refine!r} is not true or false",
+                       "give True to fit boxes to objects, False to keep window boxes")
+        _within("refine_min", o.refine_min, 0.0, 1.0)
         if any(not str(b).strip() for b in (o.background or ())):
             raise _bad("background", "a background prompt is empty",
                        "give background prompts with words, or leave them out for the defaults")
