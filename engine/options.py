@@ -156,6 +156,9 @@ class ModelDefaults:
     top_k: Optional[int] = None          # detect: boxes per prompt
     threshold: Optional[float] = None    # detect, window mode: minimum softmax score
     dense_tile_px: Optional[int] = None  # dense detect and dense count: tile size
+    #: count, prompt method: added to the score of each count 1..10 before the argmax,
+    #: fitted on the model's own count sentences (engine.count.fit_count_bias)
+    count_bias: Optional[Tuple[float, ...]] = None
 
     def over(self, base: "ModelDefaults") -> "ModelDefaults":
         """These values where set, ``base``'s elsewhere."""
@@ -163,8 +166,8 @@ class ModelDefaults:
                                 if getattr(self, f.name) is not None})
 
     def to_json(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if getattr(self, f.name) is not None}
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in fields(self) for v in [getattr(self, f.name)] if v is not None}
 
     @classmethod
     def from_json(cls, data: Any) -> "ModelDefaults":
@@ -174,7 +177,12 @@ class ModelDefaults:
         known = {f.name for f in fields(cls)}
         out = {}
         for k, v in data.items():
-            if k in known and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k == "count_bias":
+                if (isinstance(v, (list, tuple)) and len(v) == 10
+                        and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                and math.isfinite(x) for x in v)):
+                    out[k] = tuple(float(x) for x in v)
+            elif k in known and isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[k] = float(v) if k == "threshold" else int(v)
         return cls(**out)
 
@@ -246,6 +254,9 @@ class CountOptions:
     device: Optional[str] = None
     precision: Optional[str] = None
     templates: Any = None                # dense method: prompt templates; None: the model's
+    calibrate: bool = True               # prompt method: apply the model's count_bias, if it has one
+    peaks: bool = True                   # dense method: one object per heatmap peak, not per blob
+    peak_distance: int = 2               # dense method: least distance between peaks, heatmap cells
 
 
 @dataclass
@@ -461,6 +472,10 @@ def check(options: Any) -> Any:
         _at_least("dense_tile_px", o.dense_tile_px, 8)
         _within("threshold", o.threshold, 0.0, 1.0)
         _at_least("min_area", o.min_area, 1)
+        for flag in ("calibrate", "peaks"):
+            if not isinstance(getattr(o, flag), bool):
+                raise _bad(flag, f"{flag} {getattr(o, flag)!r} is not true or false", "give True or False")
+        _at_least("peak_distance", o.peak_distance, 1)
         _check_read(o.read)
     elif isinstance(options, IndexOptions):
         o = options
