@@ -401,11 +401,13 @@ def stage_card(work: Path, dest: Path) -> Path:
         "## Reproduce",
         "",
         "```",
-        ".venv/bin/python scripts/train_demo_model.py          # data, train, export, eval, this card",
+        ".venv/bin/python scripts/train_demo_model.py          # data, train, export, calibrate, eval, this card",
+        ".venv/bin/python scripts/train_demo_model.py --stage calibrate   # then --stage eval: "
+        "recalibrate and re-measure without retraining",
         "```",
         "",
         f"Seeds: training scenes {RECIPE['train_seeds'][0]}-{RECIPE['train_seeds'][-1]} "
-        f"({RECIPE['scene_px']} px), counting chips 50000+, training seed {RECIPE['seed']}. "
+        f"({RECIPE['scene_px']} px), counting chips 50000+, count calibration chips 61000+, training seed {RECIPE['seed']}. "
         "The recipe (RECIPE in the script):",
         "",
         "```json",
@@ -515,7 +517,8 @@ LIMITS = [
     "## Limits and what would reach the goals", "",
     "Goals on held-out scenes (issue 14): AP50 per class >= 0.5 (window) and >= 0.4 (dense), "
     "hit@10 >= 0.9, retrieval P@10 >= 0.9, counting within one >= 0.8. This model reaches the "
-    "retrieval goal for land cover and buildings only and none of the others (numbers above). "
+    "retrieval goal for water, trees, fields and buildings only, and none of the others "
+    "(numbers above). "
     "What limits it:", "",
     "- **Input and patch grid.** A 64 px input with 16 px patches is a 4 x 4 grid: a dense map has "
     "16 cells per tile, too few to outline a 25-60 px object, and its softmax scores stay below "
@@ -526,7 +529,8 @@ LIMITS = [
     "recall of 19 %; its scores separate scene types (apron, harbour, tank farm) better than "
     "objects, so airplane windows land on the apron and ship windows on runway marks. Hard "
     "negatives (chips of aprons, runway marks and water without the object, captioned as such), "
-    "3-5x more scenes and 100+ epochs would need about 1-2 h of this CPU or a few minutes of a GPU.",
+    "3-5x more scenes and 100+ epochs would need an estimated 1-2 h of this CPU (shared with "
+    "other work, so not run here) or a few minutes of a GPU.",
     "- **Counting.** The RemoteCount sentences are 300 of 50430 captions; within-one accuracy "
     "rises with calibration but stays near 0.5. More count chips (all classes, 10+ repeats) and "
     "the count sentence as the chip's only caption would teach numbers directly.",
@@ -542,10 +546,11 @@ def template_lines(t) -> list:
             f"{v['mean_p_at_10']:.3f} |" for name, v in t.items()]
     return ["## Prompt templates", "",
             "Prompts go through a template ensemble by default (docs/models.md). This model was "
-            "trained on raw captions; the same evaluation with each setting:", "",
+            "trained on raw captions; the same evaluation (the protocol above, one run with both "
+            "settings side by side, so its rows may differ slightly from the table above):", "",
             "| templates | mAP50 window | hit@10 window | hit@10 dense | mean P@10 |",
             "| --- | --- | --- | --- | --- |"] + rows + [
-            "", "The ensemble does not help this model, so its preset uses `raw` "
+            "", "The ensemble does not clearly help this model (window mAP50 within run-to-run noise, P@10 lower), so its preset uses `raw` "
             "(`Preset.templates`); the remote-sensing presets use the ensemble.", ""]
 
 
