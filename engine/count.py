@@ -228,10 +228,11 @@ class DenseCount:
     boxes: List[CountBox]
     mode: str = "dense"
     method: str = "dense"
+    peaks: bool = False                # one object per heatmap peak (else per component)
 
     def to_json(self) -> Dict[str, Any]:
         return {"method": self.method, "count": self.count, "threshold": self.threshold,
-                "min_area": self.min_area, "mode": self.mode,
+                "min_area": self.min_area, "mode": self.mode, "peaks": self.peaks,
                 "boxes": [b.to_json() for b in self.boxes]}
 
 
@@ -264,7 +265,8 @@ class CountResult:
         if self.prompt is not None:
             parts.append(f"prompt (RemoteCount captions): {with_count(singular(self.object), self.prompt.count)}")
         if self.dense is not None:
-            parts.append(f"dense (heatmap components >= {self.dense.threshold:g}): "
+            what = "peaks" if self.dense.peaks else "components"
+            parts.append(f"dense (heatmap {what} >= {self.dense.threshold:g}): "
                          f"{with_count(singular(self.object), self.dense.count)}")
         return "; ".join(parts)
 
@@ -392,10 +394,12 @@ def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountO
     res = detect(raster, [plural(singular(name), 2)], lm, extent=extent, extent_crs=extent_crs,
                  options=opts, progress=progress, cancel=cancel)
     if res.heatmap is None:
-        return DenseCount(0, thr, int(options.min_area), [], mode=res.mode), list(res.warnings)
+        return (DenseCount(0, thr, int(options.min_area), [], mode=res.mode, peaks=bool(options.peaks)),
+                list(res.warnings))
     boxes = heatmap_count(res.heatmap[0], res.heatmap_transform, thr, options.min_area,
                           raster_transform, peaks=options.peaks, peak_distance=options.peak_distance)
-    return DenseCount(len(boxes), thr, int(options.min_area), boxes, mode=res.mode), list(res.warnings)
+    return (DenseCount(len(boxes), thr, int(options.min_area), boxes, mode=res.mode, peaks=bool(options.peaks)),
+            list(res.warnings))
 
 
 def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, float, float, float]] = None,

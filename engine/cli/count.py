@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--object", required=True, metavar="NAME", help="what to count, e.g. airplane")
     add_model_args(p)
     p.add_argument("--method", choices=list(METHODS), default="prompt",
-                   help="prompt (RemoteCount), dense (heatmap components) or both; default prompt")
+                   help="prompt (RemoteCount), dense (heatmap peaks) or both; default prompt")
     p.add_argument("--extent", default=None, metavar="XMIN,YMIN,XMAX,YMAX",
                    help="only this extent (default: the whole raster)")
     p.add_argument("--extent-crs", default=None, metavar="EPSG:N",

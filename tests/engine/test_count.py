@@ -137,7 +137,7 @@ def test_dense_count_finds_each_planted_object(scene, rigged):
         inside = [b for b in res.dense.boxes
                   if b.bounds[0] <= cx <= b.bounds[2] and b.bounds[1] <= cy <= b.bounds[3]]
         assert len(inside) == 1
-    assert "dense (heatmap components >= 0.5): 3 red roofs" in res.summary()
+    assert "dense (heatmap peaks >= 0.5): 3 red roofs" in res.summary() and res.dense.peaks
     # an extent around one square counts one
     c, r = SQUARES[1]
     ext = (x0 + (c - 8) * UTM_RES, y0 - (r + 20) * UTM_RES, x0 + (c + 20) * UTM_RES, y0 - (r - 8) * UTM_RES)
@@ -177,7 +177,8 @@ def test_cli_count_contract(scene, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("prompt (RemoteCount captions):")
     assert main(["count", str(scene), "--object", "red roof", "--model", spec, "--method", "dense",
                  "--no-peaks", "--no-calibrate", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["dense"]["count"] == 3
+    blobs = json.loads(capsys.readouterr().out)["dense"]
+    assert blobs["count"] == 3 and blobs["peaks"] is False
     assert main(["count", str(scene), "--object", "red roof", "--model", spec, "--method", "dense",
                  "--peak-distance", "0"]) == 2
     assert "--peak-distance" in capsys.readouterr().err
