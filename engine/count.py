@@ -46,7 +46,7 @@ import numpy as np
 from .convert import article, plural, with_count  # noqa: F401  (re-exported: the one place)
 from .errors import UsageError
 from .jobs import Job
-from .options import DENSE_THRESHOLD, CountOptions, ModelDefaults, check, with_model_defaults  # noqa: F401
+from .options import DENSE_THRESHOLD, CountOptions, check, with_model_defaults
 
 METHODS = ("prompt", "dense", "both")
 #: RemoteCount's counts
@@ -384,7 +384,7 @@ def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) 
 
 def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountOptions,
                  progress, cancel, raster_transform) -> Tuple[DenseCount, List[str]]:
-    from .detect import DENSE_THRESHOLD, DetectOptions, detect
+    from .detect import DetectOptions, detect
     from .raster import ReadOptions
     thr = DENSE_THRESHOLD if options.threshold is None else float(options.threshold)
     opts = DetectOptions(mode="dense", tile_px=int(options.dense_tile_px or lm.image_size), top_k=1, threshold=thr,
@@ -447,28 +447,11 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
 
 def write_count_boxes(result: CountResult, path, overwrite: bool = False):
     """Write the dense method's boxes (.gpkg or .geojson) in the raster's CRS, atomically.
-    Fields: object, rank, score, area, method, model."""
-    from pathlib import Path
-
-    from .index import _write_table
-    from .jobs import atomic_path, check_output_path
-    out = Path(path)
-    if out.suffix.lower() not in (".gpkg", ".geojson", ".json"):
-        raise UsageError(f"cannot write boxes to {out}", "name the output .gpkg or .geojson")
+    Fields: engine.outputs.COUNT_FIELDS."""
+    from .outputs import COUNT_FIELDS, count_rows, vector_driver, write_vector
+    vector_driver(path)
     if result.dense is None:
         raise UsageError("this count has no boxes (the prompt method does not localise)",
                          "count with method dense or both")
-    out = check_output_path(out, overwrite)
-    name = singular(result.object)
-    rows = [{"object": name, "rank": i + 1, "score": float(b.score), "area": int(b.area),
-             "method": "dense", "model": result.model} for i, b in enumerate(result.dense.boxes)]
-    boxes = np.asarray([b.bounds for b in result.dense.boxes], dtype=np.float64).reshape(-1, 4)
-    with atomic_path(out) as tmp:
-        tmp_file = tmp.with_suffix(out.suffix)
-        try:
-            _write_table(tmp_file, rows, boxes, result.crs, "objects",
-                         ("object", "rank", "score", "area", "method", "model"))
-            tmp_file.replace(tmp)
-        finally:
-            tmp_file.unlink(missing_ok=True)
-    return out
+    rows, bounds = count_rows(result.dense.boxes, singular(result.object), result.model)
+    return write_vector(path, COUNT_FIELDS, rows, bounds, result.crs, "objects", overwrite)

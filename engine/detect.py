@@ -58,9 +58,9 @@ import numpy as np
 
 from .boxes import heatmap_components, nms, object_proposals, pixel_to_bounds, union_merge
 from .errors import MapClipError, UsageError
-from .jobs import Job, atomic_path, check_output_path
-from .options import (ATTENTION_MODES, DEFAULT_ATTENTION, DENSE_THRESHOLD, MERGES, MODES,  # noqa: F401
-                      DetectOptions, ReadOptions, check, with_model_defaults)
+from .jobs import Job
+from .options import DetectOptions, check, with_model_defaults
+from .outputs import BOX_FIELDS, box_rows, write_heatmap_tif, write_vector
 from .scoring import PromptBank
 from .tiling import PixelWindow, TileGrid
 
@@ -68,12 +68,10 @@ if TYPE_CHECKING:  # torch, rasterio and open_clip load on first use, not on imp
     import torch
 
     from .models import LoadedModel
-    from .raster import ReadOptions
 
 
 #: dense heatmap cells per patch side
 DENSE_UPSAMPLE = 2
-VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 #: fitting boxes: margin read around a box (share of its side), least area of a
 #: proposal and most (shares of the box's), context around a proposal when it is scored
 #: (share of its side), IoU above which two fitted boxes are one object
@@ -639,72 +637,16 @@ def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions,
 # --------------------------------------------------------------------------- #
 # Writing results.
 # --------------------------------------------------------------------------- #
-def _polygon_wkb(bounds: Tuple[float, float, float, float]) -> bytes:
-    import struct
-    xmin, ymin, xmax, ymax = bounds
-    ring = [(xmin, ymin), (xmax, ymin), (xmax, ymax), (xmin, ymax), (xmin, ymin)]
-    return (struct.pack("<BII", 1, 3, 1) + struct.pack("<I", len(ring))
-            + b"".join(struct.pack("<dd", x, y) for x, y in ring))
-
-
-def vector_driver(path) -> str:
-    """OGR driver for an output path (.gpkg or .geojson), or a UsageError."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in VECTOR_DRIVERS:
-        raise UsageError(f"cannot write boxes to {path}: unknown format {suffix or '(none)'}",
-                         "name the output .gpkg or .geojson")
-    return VECTOR_DRIVERS[suffix]
-
-
 def write_boxes(result: DetectResult, path, overwrite: bool = False) -> Path:
-    """Write the boxes as polygons (.gpkg or .geojson) in the raster's CRS.
-
-    Fields: prompt, score, cosine, rank, model. Written atomically; an
-    existing file is refused unless ``overwrite``.
-    """
-    import pyogrio.raw
-    driver = vector_driver(path)
-    out = check_output_path(path, overwrite)
-    geoms = np.array([_polygon_wkb(b.bounds) for b in result.boxes], dtype=object)
-    fields = ["prompt", "score", "cosine", "rank", "model"]
-    data = [np.array([b.prompt for b in result.boxes], dtype=object),
-            np.array([b.score for b in result.boxes], dtype=np.float64),
-            np.array([b.cosine for b in result.boxes], dtype=np.float64),
-            np.array([b.rank for b in result.boxes], dtype=np.int32),
-            np.array([result.model for _ in result.boxes], dtype=object)]
-    with atomic_path(out) as tmp:
-        tmp_file = tmp.with_suffix(out.suffix)  # GDAL picks layer options by extension
-        try:
-            with warnings.catch_warnings():  # no CRS is expected for ungeoreferenced images
-                warnings.filterwarnings("ignore", message=".*'crs' was not provided")
-                pyogrio.raw.write(str(tmp_file), geoms, data, fields, driver=driver,
-                                  geometry_type="Polygon", crs=result.crs, layer="detections")
-            tmp_file.replace(tmp)
-        finally:
-            if tmp_file.exists():
-                tmp_file.unlink()
-    return out
+    """Write the boxes as polygons (.gpkg or .geojson) in the raster's CRS, atomically
+    (fields: engine.outputs.BOX_FIELDS); an existing file is refused unless ``overwrite``."""
+    rows, bounds = box_rows(result.boxes, result.model)
+    return write_vector(path, BOX_FIELDS, rows, bounds, result.crs, "detections", overwrite)
 
 
 def write_heatmap(result: DetectResult, path, overwrite: bool = False) -> Path:
     """Write the heatmap as a float32 GeoTIFF, one band per prompt (NaN = not scored)."""
-    import rasterio
     if result.heatmap is None:
         raise UsageError("this result has no heatmap", "run detect with heatmap=True")
-    out = check_output_path(path, overwrite)
-    heat = np.asarray(result.heatmap, dtype=np.float32)
-    p, h, w = heat.shape
-    profile = dict(driver="GTiff", width=w, height=h, count=p, dtype="float32",
-                   transform=result.heatmap_transform, nodata=float("nan"), compress="deflate")
-    if result.crs:
-        profile["crs"] = result.crs
-    if h >= 256 and w >= 256:
-        profile.update(tiled=True, blockxsize=256, blockysize=256)
-    with atomic_path(out) as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with rasterio.open(tmp, "w", **profile) as ds:
-                ds.write(heat)
-                for i, prompt in enumerate(result.prompts[:p], start=1):
-                    ds.set_band_description(i, prompt)
-    return out
+    return write_heatmap_tif(result.heatmap, result.heatmap_transform, result.crs,
+                             result.prompts, path, overwrite)

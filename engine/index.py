@@ -42,13 +42,15 @@ import struct
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .errors import MapClipError, ModelError, UsageError
-from .jobs import Job, check_output_path
+from .jobs import Job
 from .options import IndexOptions, SearchOptions, check, with_model_defaults  # noqa: F401
+from .outputs import (HIT_FIELDS, WGS84, _pyogrio_raw, hit_query, hit_rows, output_crs,  # noqa: F401
+                      polygon_wkb, same_crs, vector_driver, write_vector)
 
 FORMAT = "mapclip-index"
 FORMAT_VERSION = 1
@@ -57,7 +59,6 @@ SHARDS_DIR = "shards"
 FOOTPRINTS = "footprints.gpkg"
 FOOTPRINTS_LAYER = "tiles"
 LOCK = ".lock"
-WGS84 = "EPSG:4326"
 
 #: above this many stored tiles, search uses the approximate (faiss) index;
 #: below it an exact matrix product is fast enough (~50 ms at 1e5 x 512-d on
@@ -227,18 +228,6 @@ def short_crs(wkt: Optional[str]) -> Optional[str]:
         return f"EPSG:{epsg}" if epsg else crs.to_wkt()
     except Exception:
         return wkt
-
-
-def _same_crs(a: Optional[str], b: Optional[str]) -> bool:
-    if not a or not b:
-        return not a and not b
-    if a == b:
-        return True
-    from rasterio.crs import CRS
-    try:
-        return CRS.from_user_input(a) == CRS.from_user_input(b)
-    except Exception:
-        return False
 
 
 def _to_wgs84(crs: Optional[str], xmin, ymin, xmax, ymax) -> np.ndarray:
@@ -678,7 +667,7 @@ def locate(index: Index, point, crs: Optional[str] = None) -> int:
     tiles = index.tiles()
     crss = {r.get("crs") or "" for r in index.rasters.values()}
     if crs is None:
-        if len(crss) > 1 and any(not _same_crs(a, b) for a in crss for b in crss):
+        if len(crss) > 1 and any(not same_crs(a, b) for a in crss for b in crss):
             raise UsageError("the index holds rasters in several CRS, so the point's CRS is ambiguous",
                              "pass --crs EPSG:N (e.g. --crs EPSG:4326 for lon,lat)")
     best = None
@@ -688,7 +677,7 @@ def locate(index: Index, point, crs: Optional[str] = None) -> int:
             continue
         rcrs = r.get("crs")
         px, py = x, y
-        if crs is not None and not _same_crs(crs, rcrs):
+        if crs is not None and not same_crs(crs, rcrs):
             if not rcrs:
                 continue
             from rasterio.warp import transform
@@ -1089,7 +1078,7 @@ def _reconcile(writer: IndexWriter, src: _Source, reindex: bool) -> Tuple[Dict[s
     if entry is not None:
         g = src.georef
         same = (entry.get("checksum") == src.checksum and entry.get("width") == g["width"]
-                and entry.get("height") == g["height"] and _same_crs(entry.get("crs"), g["crs"])
+                and entry.get("height") == g["height"] and same_crs(entry.get("crs"), g["crs"])
                 and np.allclose(entry.get("transform") or [0] * 6, g["transform"]))
         if same and not reindex:
             status = "unchanged" if entry.get("complete") else "resumed"
@@ -1256,39 +1245,6 @@ def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, read
 # --------------------------------------------------------------------------- #
 # footprints.gpkg: every tile as a polygon, for GIS users.
 # --------------------------------------------------------------------------- #
-def _pyogrio_raw():
-    """pyogrio.raw, imported without the warning a system pyproj lacking its data prints
-    (pyogrio imports pyproj only to describe CRSs, which we pass as WKT)."""
-    import warnings
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Valid PROJ data directory not found")
-        import pyogrio.raw
-    return pyogrio.raw
-
-
-def _polygon_wkb(xmin: np.ndarray, ymin: np.ndarray, xmax: np.ndarray, ymax: np.ndarray) -> np.ndarray:
-    """WKB polygons (little-endian, one ring of 5 points) for boxes."""
-    head = struct.pack("<BIII", 1, 3, 1, 5)
-    coords = np.stack([xmin, ymin, xmax, ymin, xmax, ymax, xmin, ymax, xmin, ymin], axis=1)
-    coords = np.ascontiguousarray(coords, dtype="<f8")
-    out = np.empty(len(coords), dtype=object)
-    for i in range(len(coords)):
-        out[i] = head + coords[i].tobytes()
-    return out
-
-
-def output_crs(crss: Iterable[Optional[str]]) -> Optional[str]:
-    """The CRS vector outputs use: the one all rasters share, else WGS84
-    (None when the rasters are not georeferenced)."""
-    crss = list(crss)
-    if not crss:
-        return WGS84
-    first = crss[0]
-    if all(_same_crs(first, c) for c in crss):
-        return first
-    return WGS84
-
-
 def _rows_in_crs(tiles: np.ndarray, rasters: Dict[int, Dict[str, Any]], crs: Optional[str]) -> np.ndarray:
     """(n, 4) boxes of ``tiles`` in ``crs``: native bounds where the raster's CRS is
     ``crs``, WGS84 bounds where ``crs`` is WGS84, else transformed corners."""
@@ -1299,9 +1255,9 @@ def _rows_in_crs(tiles: np.ndarray, rasters: Dict[int, Dict[str, Any]], crs: Opt
     for rid in np.unique(tiles["raster"]):
         sel = tiles["raster"] == rid
         rcrs = rasters[int(rid)].get("crs")
-        if _same_crs(rcrs, crs) or not crs:
+        if same_crs(rcrs, crs) or not crs:
             continue
-        if _same_crs(crs, WGS84):
+        if same_crs(crs, WGS84):
             t = tiles[sel]
             out[sel] = np.stack([t["lon_min"], t["lat_min"], t["lon_max"], t["lat_max"]], axis=1)
         else:
@@ -1344,7 +1300,7 @@ def write_footprints(writer: IndexWriter) -> None:
     tmp = folder / (FOOTPRINTS + ".part.gpkg")
     tmp.unlink(missing_ok=True)
     try:
-        geom = _polygon_wkb(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
+        geom = polygon_wkb(boxes)
         raw.write(str(tmp), geom, list(cols.values()), list(cols.keys()),
                           layer=FOOTPRINTS_LAYER, driver="GPKG", geometry_type="Polygon", crs=crs)
         os.replace(tmp, final)
@@ -1358,60 +1314,13 @@ def write_footprints(writer: IndexWriter) -> None:
 # --------------------------------------------------------------------------- #
 # Writing hits.
 # --------------------------------------------------------------------------- #
-HIT_FIELDS = ("rank", "score", "cosine", "raster", "tile_px", "px_col", "px_row", "px_width",
-              "px_height", "model", "query")
-
-
 def write_hits(result: SearchResult, path: Union[str, os.PathLike], overwrite: bool = False) -> Path:
     """Write hits as footprint polygons (.gpkg or .geojson), atomically.
 
     CRS: the one the hits' rasters share (exact native footprints), else
-    WGS84 (EPSG:4326) from the stored lon/lat bounds. Fields: HIT_FIELDS.
+    WGS84 (EPSG:4326) from the stored lon/lat bounds. Fields: engine.outputs.HIT_FIELDS.
     """
-    from .jobs import atomic_path
-    out = Path(path)
-    if out.suffix.lower() not in (".gpkg", ".geojson", ".json"):
-        raise UsageError(f"cannot write hits to {out}: unknown format {out.suffix or '(none)'}",
-                         "name the output .gpkg or .geojson")
-    out = check_output_path(out, overwrite)
+    vector_driver(path, "hits")
     crs = output_crs(h.crs for h in result.hits)
-    query = json.dumps({k: v for k, v in result.query.items() if k in ("text", "image", "like", "negative")})
-    rows, boxes = [], []
-    for h in result.hits:
-        box = h.bounds if (_same_crs(h.crs, crs) or not crs) else h.wgs84
-        if box is None:
-            continue
-        boxes.append(box)
-        rows.append({"rank": h.rank, "score": float(h.score), "cosine": float(h.cosine),
-                     "raster": h.raster, "tile_px": h.tile_px, "px_col": h.pixel[0],
-                     "px_row": h.pixel[1], "px_width": h.pixel[2], "px_height": h.pixel[3],
-                     "model": result.model, "query": query})
-    if not rows:
-        rows = []
-    with atomic_path(out) as tmp:
-        tmp_file = tmp.with_suffix(out.suffix)   # GDAL picks the driver's options by extension
-        try:
-            _write_table(tmp_file, rows, np.asarray(boxes, dtype=np.float64).reshape(-1, 4), crs,
-                         "hits", HIT_FIELDS)
-            tmp_file.replace(tmp)
-        finally:
-            tmp_file.unlink(missing_ok=True)
-    return out
-
-
-def _write_table(path: Path, rows: List[Dict[str, Any]], boxes: np.ndarray, crs: Optional[str],
-                 layer: str, names: Sequence[str]) -> None:
-    """Polygons for ``boxes`` with the ``names`` columns of ``rows`` (types from the values)."""
-    data = []
-    for name in names:
-        vals = [r[name] for r in rows]
-        if vals and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in vals):
-            data.append(np.asarray(vals, dtype=np.int64))
-        elif vals and all(isinstance(v, (float, int, np.floating, np.integer)) for v in vals):
-            data.append(np.asarray(vals, dtype=np.float64))
-        else:
-            data.append(np.asarray(["" if v is None else str(v) for v in vals], dtype=object))
-    geom = _polygon_wkb(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
-    driver = "GeoJSON" if path.suffix.lower() in (".geojson", ".json") else "GPKG"
-    _pyogrio_raw().write(str(path), geom, data, list(names), layer=layer, driver=driver,
-                      geometry_type="Polygon", crs=crs)
+    rows, bounds = hit_rows(result.hits, result.model, hit_query(result.query), crs)
+    return write_vector(path, HIT_FIELDS, rows, bounds, crs, "hits", overwrite, what="hits")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import re
 from dataclasses import replace
 from functools import partial
 from typing import Any, List, Optional, Sequence, Tuple
@@ -308,6 +307,17 @@ class MapClipDock(QgsDockWidget):
             self.model_combo.addItem(item["label"], item["spec"])
             self.model_combo.setItemData(self.model_combo.count() - 1, item["spec"], Qt.ToolTipRole)
         self.model_combo.blockSignals(False)
+
+    def show_demo(self, layer, prompt: str) -> None:
+        """Set the search up for the demo: this layer, the demo model, a prompt, the whole layer."""
+        self.layer_combo.setLayer(layer)
+        self.select_model("demo")
+        self.prompt_combo.setEditText(prompt)
+        self._set_combo_data(self.mode_combo, "boxes")
+        self._set_combo_data(self.area_combo, "layer")
+        self.tabs.setCurrentIndex(0)
+        self.status_label.setText("Demo ready: press Run to search the scene with the demo model "
+                                  "(trained on synthetic scenes; use a RemoteCLIP model on real imagery).")
 
     def select_model(self, spec: str) -> None:
         """Make ``spec`` current in the picker, adding it if unknown."""

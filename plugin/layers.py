@@ -7,7 +7,7 @@
   a GeoPackage when the user asks.
 - Heatmap: a single-band GeoTIFF per prompt with a pseudocolour ramp whose low
   end is transparent, so only high-scoring places tint the map.
-- Archive hits: a point/polygon layer with rank, score and source.
+- Archive hits: footprint polygons with the engine's hit fields (rank, score, raster, ...).
 - Each run gets its own layer group at the top of the layer tree.
 """
 from __future__ import annotations
@@ -27,20 +27,20 @@ from qgis.core import (QgsColorRampShader, QgsCoordinateReferenceSystem, QgsFeat
 from qgis.PyQt.QtCore import QDateTime, Qt, QVariant
 from qgis.PyQt.QtGui import QColor
 
+from ..engine import outputs
 from . import log
 
 STYLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "resources", "styles")
 BOXES_STYLE = os.path.join(STYLES_DIR, "boxes.qml")
 HITS_STYLE = os.path.join(STYLES_DIR, "hits.qml")
+#: QGIS field types of the engine's field kinds (engine/outputs.py)
+QT_KINDS = {"str": QVariant.String, "float": QVariant.Double, "int": QVariant.Int,
+            "datetime": QVariant.DateTime}
 #: the fields of the engine's box files (CLI GeoPackage, Processing outputs)
-ENGINE_BOX_FIELDS = (("prompt", QVariant.String), ("score", QVariant.Double),
-                     ("cosine", QVariant.Double), ("rank", QVariant.Int),
-                     ("model", QVariant.String))
+ENGINE_BOX_FIELDS = outputs.BOX_FIELDS
 #: the dock's box layers add when the run was made
-BOX_FIELDS = ENGINE_BOX_FIELDS + (("run_time", QVariant.DateTime),)
-HIT_FIELDS = (("rank", QVariant.Int), ("score", QVariant.Double), ("source", QVariant.String),
-              ("model", QVariant.String), ("query", QVariant.String))
+BOX_FIELDS = ENGINE_BOX_FIELDS + (("run_time", "datetime"),)
 #: heatmap ramp: (position 0..1 between the low cut and the maximum, colour, alpha)
 HEAT_RAMP = ((0.0, "#2c7bb6", 0), (0.35, "#abd9e9", 110), (0.6, "#ffffbf", 160),
              (0.8, "#fdae61", 200), (1.0, "#d7191c", 230))
@@ -83,11 +83,19 @@ def result_crs(result_crs_text: Optional[str], fallback: Any = None) -> QgsCoord
 
 
 def fields_of(spec) -> QgsFields:
-    """QgsFields from (name, QVariant type) pairs."""
+    """QgsFields from the engine's (name, kind) pairs (engine/outputs.py)."""
     fields = QgsFields()
     for name, kind in spec:
-        fields.append(QgsField(name, kind))
+        fields.append(QgsField(name, QT_KINDS.get(kind, kind)))
     return fields
+
+
+def feature(fields: QgsFields, spec, row, bounds) -> QgsFeature:
+    """A polygon feature of an engine output row (engine.outputs.*_rows)."""
+    feat = QgsFeature(fields)
+    feat.setGeometry(rect_geometry(bounds))
+    feat.setAttributes(outputs.values(spec, row))
+    return feat
 
 
 def rect_geometry(bounds: Sequence[float]) -> QgsGeometry:
@@ -111,16 +119,10 @@ def boxes_layer(boxes: Iterable[Any], prompt: str, model: str, crs: QgsCoordinat
     layer.updateFields()
     stamp = QDateTime(run_time.astimezone(_dt.timezone.utc).replace(tzinfo=None))
     stamp.setTimeSpec(Qt.UTC)
-    feats = []
-    for i, box in enumerate(boxes):
-        feat = QgsFeature(layer.fields())
-        feat.setGeometry(rect_geometry(box.bounds))
-        cosine = getattr(box, "cosine", None)
-        feat.setAttributes([getattr(box, "prompt", prompt), float(box.score),
-                            None if cosine is None else float(cosine),
-                            int(getattr(box, "rank", i + 1)), model, stamp])
-        feats.append(feat)
-    provider.addFeatures(feats)
+    rows, bounds = outputs.box_rows(boxes, model)
+    spec = ENGINE_BOX_FIELDS + (("run_time", "datetime"),)
+    provider.addFeatures([feature(layer.fields(), spec, dict(row, run_time=stamp), b)
+                          for row, b in zip(rows, bounds)])
     layer.updateExtents()
     style_boxes(layer)
     return layer
@@ -205,29 +207,8 @@ def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> 
 # --------------------------------------------------------------------------- #
 # Heatmaps
 # --------------------------------------------------------------------------- #
-def write_heat_tiff(array, transform, crs_wkt: Optional[str], path: str) -> str:
-    """Write one (H, W) float32 score plane as a georeferenced GeoTIFF (GDAL)."""
-    import numpy as np
-    from osgeo import gdal
-    arr = np.asarray(array, dtype="float32")
-    h, w = arr.shape
-    drv = gdal.GetDriverByName("GTiff")
-    ds = drv.Create(path, w, h, 1, gdal.GDT_Float32, ["COMPRESS=DEFLATE"])
-    a, b, c, d, e, f = (transform.a, transform.b, transform.c, transform.d, transform.e,
-                        transform.f)
-    ds.SetGeoTransform((c, a, b, f, d, e))
-    if crs_wkt:
-        ds.SetProjection(str(crs_wkt))
-    band = ds.GetRasterBand(1)
-    band.SetNoDataValue(float("nan"))
-    band.WriteArray(arr)
-    band.FlushCache()
-    ds = None
-    return path
-
-
-def style_heatmap(layer: QgsRasterLayer, low: float, high: float) -> None:
-    """Singleband pseudocolour, transparent below ``low`` and warm toward ``high``."""
+def style_heatmap(layer: QgsRasterLayer, low: float, high: float, band: int = 1) -> None:
+    """Singleband pseudocolour of ``band``, transparent below ``low`` and warm toward ``high``."""
     if not high > low:
         high = low + 1e-6
     shader_fn = QgsColorRampShader(low, high)
@@ -242,33 +223,35 @@ def style_heatmap(layer: QgsRasterLayer, low: float, high: float) -> None:
     shader_fn.setClip(False)
     shader = QgsRasterShader()
     shader.setRasterShaderFunction(shader_fn)
-    renderer = QgsSingleBandPseudoColorRenderer(layer.dataProvider(), 1, shader)
+    renderer = QgsSingleBandPseudoColorRenderer(layer.dataProvider(), band, shader)
     renderer.setClassificationMin(low)
     renderer.setClassificationMax(high)
     layer.setRenderer(renderer)
     layer.triggerRepaint()
 
 
-def heatmap_layer(array, transform, crs_wkt: Optional[str], prompt: str,
-                  crs: Optional[QgsCoordinateReferenceSystem] = None,
-                  folder: Optional[str] = None) -> QgsRasterLayer:
-    """A styled raster layer of one prompt's score plane, written to ``folder`` (temp)."""
+def heatmap_layers(result: Any, prompts: Sequence[str],
+                   crs: Optional[QgsCoordinateReferenceSystem] = None,
+                   folder: Optional[str] = None) -> List[QgsRasterLayer]:
+    """One styled raster layer per prompt, all reading band i of the one heatmap GeoTIFF
+    the engine writes (engine.outputs.write_heatmap_tif: atomic, band names = prompts)."""
     import numpy as np
     folder = folder or tempfile.mkdtemp(prefix="mapclip-heat-")
-    slug = re.sub(r"[^0-9A-Za-z]+", "_", prompt).strip("_")[:40] or "heatmap"
+    slug = re.sub(r"[^0-9A-Za-z]+", "_", "_".join(prompts)).strip("_")[:40] or "heatmap"
     path = os.path.join(folder, f"{slug}.tif")
-    write_heat_tiff(array, transform, crs_wkt, path)
-    layer = QgsRasterLayer(path, layer_name(prompt, "(heatmap)"), "gdal")
-    if crs is not None and crs.isValid() and not layer.crs().isValid():
-        layer.setCrs(crs)
-    finite = np.asarray(array, dtype="float64")
-    finite = finite[np.isfinite(finite)]
-    if finite.size:
-        low, high = float(np.quantile(finite, HEAT_LOW_QUANTILE)), float(finite.max())
-    else:
-        low, high = 0.0, 1.0
-    style_heatmap(layer, low, high)
-    return layer
+    heat = np.asarray(result.heatmap, dtype="float32")
+    outputs.write_heatmap_tif(heat, result.heatmap_transform, result.crs, list(prompts), path)
+    made = []
+    for i, prompt in enumerate(list(prompts)[: heat.shape[0]]):
+        layer = QgsRasterLayer(path, layer_name(prompt, "(heatmap)"), "gdal")
+        if crs is not None and crs.isValid() and not layer.crs().isValid():
+            layer.setCrs(crs)
+        finite = heat[i][np.isfinite(heat[i])].astype("float64")
+        low, high = ((float(np.quantile(finite, HEAT_LOW_QUANTILE)), float(finite.max()))
+                     if finite.size else (0.0, 1.0))
+        style_heatmap(layer, low, high, band=i + 1)
+        made.append(layer)
+    return made
 
 
 # --------------------------------------------------------------------------- #
@@ -297,10 +280,7 @@ def add_detect_result(result: Any, prompts: Sequence[str], model: str,
             made.append(layer)
     heat = getattr(result, "heatmap", None)
     if heatmap and heat is not None and getattr(result, "heatmap_transform", None) is not None:
-        folder = tempfile.mkdtemp(prefix="mapclip-heat-")
-        for i, prompt in enumerate(prompts[: heat.shape[0]]):
-            made.append(heatmap_layer(heat[i], result.heatmap_transform, result.crs, prompt,
-                                      crs, folder))
+        made.extend(heatmap_layers(result, prompts, crs))
     group = run_group(title, project)
     for layer in made:
         add_to_group(layer, group, project)
@@ -327,8 +307,17 @@ def count_layer(result: Any, model: str, crs: Optional[QgsCoordinateReferenceSys
     name = getattr(result, "object", "objects")
     boxes = list(getattr(result, "boxes", []) or [])
     crs = result_crs(getattr(result, "crs", None), crs)
-    if boxes:
-        layer = boxes_layer(boxes, name, model, crs, run_time)
+    dense = getattr(result, "dense", None)
+    if boxes and dense is not None:
+        layer = QgsVectorLayer("Polygon", name, "memory")
+        layer.setCrs(crs)
+        layer.dataProvider().addAttributes(list(fields_of(outputs.COUNT_FIELDS)))
+        layer.updateFields()
+        rows, bounds = outputs.count_rows(dense.boxes, name, model)
+        layer.dataProvider().addFeatures([feature(layer.fields(), outputs.COUNT_FIELDS, r, b)
+                                          for r, b in zip(rows, bounds)])
+        layer.updateExtents()
+        style_boxes(layer)
     else:
         layer = QgsVectorLayer("Polygon", name, "memory")
         layer.setCrs(crs)
@@ -373,30 +362,18 @@ def style_counted_area(layer: QgsVectorLayer, label: str) -> None:
 
 
 def hits_layer(hits: Sequence[Any], query: str, model: str) -> QgsVectorLayer:
-    """Archive-search hits as footprint polygons with rank, score and raster.
-
-    Hits from rasters that share one CRS are drawn in it; hits from rasters
-    in several CRSs are drawn from their WGS84 bounds in EPSG:4326.
-    """
-    crses = {getattr(h, "crs", None) for h in hits}
-    shared = len(crses) == 1 and None not in crses
-    crs = engine_crs(next(iter(crses))) if shared else QgsCoordinateReferenceSystem("EPSG:4326")
+    """Archive-search hits as footprint polygons with the engine's hit fields
+    (engine.outputs.HIT_FIELDS), in the CRS the CLI writes them in: the rasters'
+    shared CRS, else WGS84 (engine.outputs.output_crs)."""
+    crs_text_ = outputs.output_crs(getattr(h, "crs", None) for h in hits)
     layer = QgsVectorLayer("Polygon", layer_name(query, "(archive)"), "memory")
-    layer.setCrs(crs)
+    layer.setCrs(engine_crs(crs_text_))
     provider = layer.dataProvider()
-    provider.addAttributes(list(fields_of(HIT_FIELDS)))
+    provider.addAttributes(list(fields_of(outputs.HIT_FIELDS)))
     layer.updateFields()
-    feats = []
-    for i, hit in enumerate(hits):
-        bounds = getattr(hit, "bounds", None) if shared else getattr(hit, "wgs84", None)
-        if bounds is None:
-            continue
-        feat = QgsFeature(layer.fields())
-        feat.setGeometry(rect_geometry(bounds))
-        feat.setAttributes([int(getattr(hit, "rank", i + 1)), float(getattr(hit, "score", 0.0)),
-                            str(getattr(hit, "raster", getattr(hit, "path", ""))), model, query])
-        feats.append(feat)
-    provider.addFeatures(feats)
+    rows, bounds = outputs.hit_rows(hits, model, outputs.hit_query({"text": query}), crs_text_)
+    provider.addFeatures([feature(layer.fields(), outputs.HIT_FIELDS, r, b)
+                          for r, b in zip(rows, bounds)])
     layer.updateExtents()
     if os.path.isfile(HITS_STYLE):
         layer.loadNamedStyle(HITS_STYLE)

@@ -33,6 +33,8 @@ DIALOGS: Dict[str, Tuple[str, str]] = {
     "dedup": ("dedup_dialog", "DedupDialog"),
     "models": ("model_manager", "ModelManagerDialog"),
 }
+#: "Try the demo": a synthetic scene with a tank farm, airplanes and ships, and what to search
+DEMO_SEED, DEMO_SIZE, DEMO_PROMPT = 3, 1024, "storage tanks"
 DIALOG_LABELS = {"finetune": "Fine-tune a model…", "convert": "Convert annotations…",
                  "dedup": "De-duplicate images…", "models": "Models…"}
 
@@ -96,6 +98,7 @@ class MapClipPlugin:
         self.toolbar.addAction(self.dock_action)
         for key in ("finetune", "convert", "dedup", "models"):
             self._action(DIALOG_LABELS[key], lambda _=False, k=key: self.open_dialog(k))
+        self._action("Try the demo", self.try_demo)
         self._action("Install dependencies…", self.install_deps)
         self.check_deps()
 
@@ -164,6 +167,40 @@ class MapClipPlugin:
             self.dock.refresh_models()
             self.dock.select_model(spec)
         log.bar_success(self.iface, f"model {label or spec} added to the MapCLIP dock")
+
+    # ------------------------------------------------------------------ demo --
+    def try_demo(self):
+        """Make a synthetic scene, add it to the map and set the dock up for the demo model.
+
+        The scene (engine.synthetic, seed DEMO_SEED) is written once into the
+        profile and reused; the dock gets the demo model, a suggested prompt
+        and the whole layer as the area, so Run shows a search working.
+        """
+        from qgis.core import QgsApplication, QgsRasterLayer, QgsProject
+        folder = os.path.join(QgsApplication.qgisSettingsDirPath(), "mapclip-demo")
+        path = os.path.join(folder, f"scene-{DEMO_SEED}.tif")
+
+        def job(progress, cancel):
+            from ..engine.synthetic import make_scene
+            if not os.path.isfile(path):
+                os.makedirs(folder, exist_ok=True)
+                make_scene(path, width=DEMO_SIZE, seed=DEMO_SEED, mask_path=None, coco_path=None,
+                           progress=progress, cancel=cancel)
+            return path
+
+        def done(scene_path):
+            layer = QgsRasterLayer(scene_path, "MapCLIP demo scene")
+            QgsProject.instance().addMapLayer(layer)
+            self.iface.mapCanvas().setExtent(layer.extent())
+            self.iface.mapCanvas().refresh()
+            if self.dock_action is not None:
+                self.dock_action.setChecked(True)
+            dock = self.ensure_dock()
+            dock.show_demo(layer, DEMO_PROMPT)
+
+        task = tasks.EngineTask("MapCLIP: demo scene", job, on_done=done, iface=self.iface)
+        tasks.start(task)
+        return task
 
     # ---------------------------------------------------------- dependencies --
     def install_deps(self) -> None:

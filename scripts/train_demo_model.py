@@ -47,6 +47,9 @@ if str(ROOT) not in sys.path:
 #: the recipe: change it here and the model card says what was used
 #: the demo model's search defaults (engine.options.ModelDefaults), stored in its folder so
 #: the CLI, the dock and Processing search it alike
+#: the model was trained on raw captions: its prompts are used as typed (stored with the model,
+#: as the preset says too; engine.models.PRESETS["demo"].templates)
+DEMO_TEMPLATES = "raw"
 DEMO_DEFAULTS = {"tile_px": 24, "window": 2, "top_k": 15, "threshold": 0.3, "dense_tile_px": 64}
 RECIPE = {
     "arch": "mapclip-demo",
@@ -265,7 +268,8 @@ def stage_export(work: Path, dest: Path) -> Path:
     lm = load_model(str(best), device="cpu")
     train = json.loads((work / "train_result.json").read_text())
     stats = json.loads((work / "data_stats.json").read_text())
-    extra = {"trained_by": "scripts/train_demo_model.py", "recipe": RECIPE, "defaults": DEMO_DEFAULTS,
+    extra = {"trained_by": "scripts/train_demo_model.py", "templates": DEMO_TEMPLATES,
+             "recipe": RECIPE, "defaults": DEMO_DEFAULTS,
              "train_seconds": train.get("wall_seconds"), "best_epoch": train.get("best_epoch"),
              "metrics_after": train.get("metrics_after"), "data": stats,
              "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch "

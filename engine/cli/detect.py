@@ -109,7 +109,8 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..detect import detect, vector_driver, write_boxes, write_heatmap
+    from ..detect import detect, write_boxes, write_heatmap
+    from ..outputs import vector_driver
     from ..jobs import check_output_path
     from . import cancel_event
 

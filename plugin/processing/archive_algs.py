@@ -9,18 +9,17 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsFeatureSink, QgsField,
-                       QgsFields, QgsProcessing, QgsProcessingException,
+from qgis.core import (QgsFeatureSink, QgsFields, QgsProcessing, QgsProcessingException,
                        QgsProcessingOutputNumber, QgsProcessingParameterBoolean,
                        QgsProcessingParameterDefinition, QgsProcessingParameterFeatureSink,
                        QgsProcessingParameterFile, QgsProcessingParameterFolderDestination,
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
                        QgsProcessingParameterPoint, QgsProcessingParameterString, QgsWkbTypes)
-from qgis.PyQt.QtCore import QVariant
 
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model,
                      optional_number, parse_bands, raster_path, split_prompts)
-from ..layers import crs_text, engine_crs, rect_geometry
+from ...engine import outputs
+from ..layers import crs_text, engine_crs, feature, fields_of
 
 from ...engine.options import SearchOptions
 WGS84 = "EPSG:4326"
@@ -136,22 +135,8 @@ class BuildIndexAlgorithm(MapClipAlgorithm):
 
 
 def hit_fields() -> QgsFields:
-    fields = QgsFields()
-    for name, kind in (("rank", QVariant.Int), ("score", QVariant.Double),
-                       ("cosine", QVariant.Double), ("raster", QVariant.String),
-                       ("tile_px", QVariant.Int), ("col", QVariant.Int), ("row", QVariant.Int),
-                       ("model", QVariant.String)):
-        fields.append(QgsField(name, kind))
-    return fields
-
-
-def hits_crs(hits) -> QgsCoordinateReferenceSystem:
-    """The hits' common CRS; WGS84 when they come from rasters in different CRSs."""
-    crss = [engine_crs(h.crs) for h in hits]
-    first = crss[0] if crss else QgsCoordinateReferenceSystem(WGS84)
-    if all(c == first for c in crss):
-        return first
-    return QgsCoordinateReferenceSystem(WGS84)
+    """The CLI's hit fields (engine.outputs.HIT_FIELDS)."""
+    return fields_of(outputs.HIT_FIELDS)
 
 
 class SearchIndexAlgorithm(MapClipAlgorithm):
@@ -223,19 +208,13 @@ class SearchIndexAlgorithm(MapClipAlgorithm):
                             cancel=bridge, **query)
         feedback.pushInfo(f"{len(result.hits)} results from {result.rows} tiles "
                           f"({result.method} search, {result.seconds * 1000:.0f} ms)")
-        crs = hits_crs(result.hits)
-        use_wgs84 = crs.authid() == WGS84 and any(engine_crs(h.crs) != crs for h in result.hits)
+        crs = outputs.output_crs(h.crs for h in result.hits)
         sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, hit_fields(),
-                                          QgsWkbTypes.Polygon, crs)
+                                          QgsWkbTypes.Polygon, engine_crs(crs))
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
-        for h in result.hits:
-            bounds = h.wgs84 if use_wgs84 else h.bounds
-            if bounds is None:
-                continue
-            f = QgsFeature(hit_fields())
-            f.setGeometry(rect_geometry(bounds))
-            f.setAttributes([int(h.rank), float(h.score), float(h.cosine), h.raster,
-                             int(h.tile_px), int(h.pixel[0]), int(h.pixel[1]), result.model])
-            sink.addFeature(f, QgsFeatureSink.FastInsert)
+        rows, bounds = outputs.hit_rows(result.hits, result.model, outputs.hit_query(result.query), crs)
+        for row, b in zip(rows, bounds):
+            sink.addFeature(feature(hit_fields(), outputs.HIT_FIELDS, row, b),
+                            QgsFeatureSink.FastInsert)
         return {self.OUTPUT: dest, self.COUNT: len(result.hits)}

@@ -63,9 +63,20 @@ class FeedbackBridge:
         return bool(self.feedback is not None and self.feedback.isCanceled())
 
 
+#: engine option -> the Processing parameter that sets it (errors name the parameter)
+PARAMETERS = {"tile_px": "TILE", "window": "WINDOW", "stride": "STRIDE", "top_k": "TOP_K",
+              "threshold": "THRESHOLD", "batch_size": "BATCH_SIZE", "bands": "BANDS",
+              "read": "BANDS", "gsd": "GSD", "device": "DEVICE", "iou": "IOU", "mode": "MODE",
+              "attention": "ATTENTION", "background": "BACKGROUND", "merge": "MERGE",
+              "min_area": "MIN_AREA", "dense_tile_px": "TILE", "templates": "TEMPLATES",
+              "epochs": "EPOCHS", "lr": "LR", "accum": "ACCUM", "val_split": "VAL_SPLIT"}
+
+
 def error_text(exc: MapClipError) -> str:
-    """The message and the fix, the way the CLI prints them."""
-    return f"{exc.message}\nFix: {exc.hint}" if exc.hint else exc.message
+    """The message and the fix, with options named by their Processing parameter."""
+    from ...engine.errors import worded
+    message, hint = worded(exc, PARAMETERS.get)
+    return f"{message}\nFix: {hint}" if hint else message
 
 
 @contextmanager

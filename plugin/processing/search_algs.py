@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
-from qgis.core import (QgsFeature, QgsFeatureSink, QgsField,
+from qgis.core import (QgsFeatureSink,
                        QgsFields, QgsProcessing, QgsProcessingException,
                        QgsProcessingOutputNumber, QgsProcessingOutputString,
                        QgsProcessingParameterDefinition,
@@ -23,7 +23,6 @@ from qgis.core import (QgsFeature, QgsFeatureSink, QgsField,
                        QgsProcessingParameterRasterDestination,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
                        QgsUnitTypes, QgsWkbTypes)
-from qgis.PyQt.QtCore import QVariant
 
 from ...engine.options import ATTENTION_MODES as ATTENTION_
 from ...engine.options import COUNT_METHODS as COUNT_METHODS_
@@ -31,7 +30,8 @@ from ...engine.options import MERGES as MERGES_
 from ...engine.options import MODES as MODES_
 from ...engine.options import TEMPLATE_SETS
 from ...engine.options import CountOptions, DetectOptions
-from ..layers import ENGINE_BOX_FIELDS, crs_text, engine_crs, fields_of, rect_geometry
+from ...engine import outputs
+from ..layers import ENGINE_BOX_FIELDS, crs_text, engine_crs, feature, fields_of
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model,
                      optional_number, parse_bands, split_prompts)
 
@@ -52,11 +52,9 @@ def write_boxes_to_sink(alg, parameters, context, key: str, boxes, crs: Optional
                                      QgsWkbTypes.Polygon, engine_crs(crs))
     if sink is None:
         raise QgsProcessingException(alg.invalidSinkError(parameters, key))
-    for box in boxes:
-        f = QgsFeature(box_fields())
-        f.setGeometry(rect_geometry(box.bounds))
-        f.setAttributes([box.prompt, float(box.score), float(box.cosine), int(box.rank), model])
-        sink.addFeature(f, QgsFeatureSink.FastInsert)
+    rows, bounds = outputs.box_rows(boxes, model)
+    for row, b in zip(rows, bounds):
+        sink.addFeature(feature(box_fields(), ENGINE_BOX_FIELDS, row, b), QgsFeatureSink.FastInsert)
     return sink, dest
 
 
@@ -309,13 +307,8 @@ class HeatmapAlgorithm(DetectBase):
 
 
 def count_fields() -> QgsFields:
-    """Fields of the dense count's object boxes."""
-    fields = QgsFields()
-    fields.append(QgsField("object", QVariant.String))
-    fields.append(QgsField("score", QVariant.Double))
-    fields.append(QgsField("area", QVariant.Int))
-    fields.append(QgsField("model", QVariant.String))
-    return fields
+    """Fields of the dense count's object boxes: the CLI's (engine.outputs.COUNT_FIELDS)."""
+    return fields_of(outputs.COUNT_FIELDS)
 
 
 class CountAlgorithm(RasterSearchAlgorithm):
@@ -384,10 +377,10 @@ class CountAlgorithm(RasterSearchAlgorithm):
             sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, count_fields(),
                                               QgsWkbTypes.Polygon, engine_crs(result.crs))
             if sink is not None:
-                for box in result.boxes:
-                    f = QgsFeature(count_fields())
-                    f.setGeometry(rect_geometry(box.bounds))
-                    f.setAttributes([name, float(box.score), int(box.area), result.model])
-                    sink.addFeature(f, QgsFeatureSink.FastInsert)
+                from ...engine.count import singular
+                rows, bounds = outputs.count_rows(result.boxes, singular(result.object), result.model)
+                for row, b in zip(rows, bounds):
+                    sink.addFeature(feature(count_fields(), outputs.COUNT_FIELDS, row, b),
+                                    QgsFeatureSink.FastInsert)
                 out[self.OUTPUT] = dest
         return out

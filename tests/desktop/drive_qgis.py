@@ -173,6 +173,13 @@ def screenshot(name):
     return path
 
 
+def menu_action(text):
+    for a in iface.mainWindow().findChildren(type(iface.actionPan())):
+        if a.text().replace("&", "") == text:
+            return a
+    raise LookupError(f"no menu entry {text!r}")
+
+
 def layers_named(part):
     return [l for l in QgsProject.instance().mapLayers().values() if part in l.name()]
 
@@ -336,6 +343,22 @@ def session():
         return info
 
 
+    @step("try_the_demo")
+    def _try_demo():
+        d = dock()
+        menu_action("Try the demo").trigger()
+        check(wait(lambda: layers_named("MapCLIP demo scene"), 120), "no demo scene was added")
+        check(d.current_model() == "demo" and d.prompt_combo.currentText() == "storage tanks",
+              "the dock is not set up for the demo")
+        info, added = run_search({})
+        boxes = [l for l in added if isinstance(l, QgsVectorLayer)]
+        check(boxes and boxes[0].featureCount() >= 1, f"the demo found nothing: {info}")
+        info["features"] = boxes[0].featureCount()
+        for layer in layers_named("MapCLIP demo scene"):
+            QgsProject.instance().removeMapLayer(layer)
+        d.layer_combo.setLayer(STATE["scene"])
+        return info
+
     @step("error_empty_prompt")
     def _empty_prompt():
         d = dock()
@@ -449,12 +472,6 @@ def session():
         info["screenshot"] = screenshot("desktop-archive.png")
         return info
 
-
-    def menu_action(text):
-        for a in iface.mainWindow().findChildren(type(iface.actionPan())):
-            if a.text().replace("&", "") == text:
-                return a
-        raise LookupError(f"no menu entry {text!r}")
 
 
     def dialog_job(dlg, timeout=300):

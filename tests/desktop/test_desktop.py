@@ -141,11 +141,14 @@ def start_xvfb(env: dict) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def desktop(tmp_path_factory):
+def desktop():
     """Run the whole desktop session once; the results the driver recorded."""
     if not shutil.which("Xvfb"):
         pytest.fail("Xvfb is missing: `python3 build.py setup` installs it (Debian package xvfb)")
-    work = tmp_path_factory.mktemp("desktop")
+    # beside the venv, so the packages' folder is hard links on the same file system
+    work = ROOT / ".cache" / "desktop-tests"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     out, profiles, home = work / "out", work / "profiles", work / "home"
     out.mkdir()
     home.mkdir()
@@ -225,7 +228,7 @@ def test_a_search_from_the_dock_adds_a_styled_layer_with_the_models_defaults(des
     assert Path(boxes["screenshot"]).stat().st_size > 20000
 
 
-STEPS = ["open_dock", "search_heatmap", "count", "cancel", "error_empty_prompt",
+STEPS = ["open_dock", "search_heatmap", "count", "cancel", "try_the_demo", "error_empty_prompt",
          "error_bad_bands", "error_missing_checkpoint", "archive_build", "archive_search_button",
          "archive_map_tool", "dialog_convert", "dialog_dedup", "dialog_finetune",
          "processing_toolbox", "unload"]
@@ -236,3 +239,16 @@ def test_step(desktop, name):
     entry = desktop["steps"].get(name)
     assert entry is not None, f"step {name} never ran (QGIS stopped before it)"
     assert entry["ok"], entry.get("traceback") or entry
+
+
+def test_processing_dialog_labels_fit(desktop):
+    """The detect dialog's labels are short enough not to be cut off (the Model field included)."""
+    step = desktop["steps"]["processing_toolbox"]
+    assert step["ok"], step
+    assert step["long_labels"] == []
+
+
+def test_the_archive_map_tool_does_not_move_the_map(desktop):
+    step = desktop["steps"]["archive_map_tool"]
+    assert step["ok"], step
+    assert step["extent_moved"] == 0 and step["tool_restored"]

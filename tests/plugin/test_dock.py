@@ -1,6 +1,8 @@
 """The search dock: widgets, settings per model, areas, and rendering of non-file layers."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from qgis.core import (QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsRectangle,
@@ -212,15 +214,18 @@ def test_hits_from_rasters_in_different_crs_are_drawn_in_wgs84(mapclip):
     from mapclip.plugin import layers
     utm = QgsCoordinateReferenceSystem("EPSG:32633").toWkt()
     merc = QgsCoordinateReferenceSystem("EPSG:3857").toWkt()
+    common = dict(cosine=0.3, tile_px=64, pixel=(0, 0, 64, 64))
     hits = [Hit(rank=1, score=0.9, raster="/a.tif", crs=utm, bounds=(500000, 4000000, 500064, 4000064),
-                wgs84=(15.0, 36.1, 15.001, 36.101)),
+                wgs84=(15.0, 36.1, 15.001, 36.101), **common),
             Hit(rank=2, score=0.5, raster="/b.tif", crs=merc, bounds=(0, 0, 10, 10),
-                wgs84=(0.0, 0.0, 0.0001, 0.0001))]
+                wgs84=(0.0, 0.0, 0.0001, 0.0001), **common)]
     mixed = layers.hits_layer(hits, "ships", "m")
     assert mixed.crs().authid() == "EPSG:4326" and mixed.featureCount() == 2
     first = next(f for f in mixed.getFeatures() if f["rank"] == 1)
     assert first.geometry().boundingBox().xMinimum() == pytest.approx(15.0)
-    assert first["source"] == "/a.tif" and first["query"] == "ships"
+    assert first["raster"] == "/a.tif" and json.loads(first["query"]) == {"text": "ships"}
+    from mapclip.engine.outputs import HIT_FIELDS, names
+    assert [f.name() for f in mixed.fields()] == names(HIT_FIELDS)  # the CLI's fields
     same = layers.hits_layer(hits[:1], "ships", "m")
     assert same.crs().authid() == "EPSG:32633"
     assert next(same.getFeatures()).geometry().boundingBox().xMinimum() == pytest.approx(500000)

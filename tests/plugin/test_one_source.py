@@ -112,3 +112,6 @@ def test_option_errors_are_worded_for_each_front_end(mapclip):
     dock_msg, dock_fix = worded(err.value, FIELD_LABELS.get)
     assert cli_msg.startswith("--tile ") and "--tile" in cli_fix
     assert dock_msg.startswith("Tile size ") and "--" not in dock_msg + dock_fix
+    from mapclip.plugin.processing.common import error_text
+    text = error_text(err.value)
+    assert text.startswith("TILE ") and "--" not in text

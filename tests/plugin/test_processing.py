@@ -264,17 +264,17 @@ def test_build_and_search_index_by_text_and_location(provider, tmp_path, rigged_
     layer = QgsVectorLayer(str(out), "hits", "ogr")
     assert layer.isValid() and layer.featureCount() == 3 == res["COUNT"]
     assert layer.crs().authid() == "EPSG:32633"
-    assert [f.name() for f in layer.fields()][1:9] == ["rank", "score", "cosine", "raster",
-                                                       "tile_px", "col", "row", "model"]
+    from mapclip.engine.outputs import HIT_FIELDS, names
+    assert [f.name() for f in layer.fields()][1:] == names(HIT_FIELDS)  # the CLI's fields
     best = min(layer.getFeatures(), key=lambda f: f["rank"])
-    assert (best["col"], best["row"]) == (128, 64)
+    assert (best["px_col"], best["px_row"]) == (128, 64)
     x, y = map_xy(176, 80)
     assert best.geometry().boundingBox().contains(x, y)
     # more places like the one at the red square: its own tile first, no model needed
     res = run("searchindex", {"INDEX": str(index), "POINT": f"{x},{y} [EPSG:32633]", "TOP_K": 1,
                               "OUTPUT": "memory:"})
     hit = next(res["OUTPUT"].getFeatures())
-    assert (hit["col"], hit["row"]) == (128, 64)
+    assert (hit["px_col"], hit["px_row"]) == (128, 64)
 
 
 def test_search_index_needs_exactly_one_query(provider, tmp_path):
