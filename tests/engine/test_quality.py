@@ -18,15 +18,16 @@ from engine import quality as Q
 from engine import synthetic as S
 
 # thresholds: the values measured for the shipped model (MODEL_CARD.md) minus a margin.
-# Measured (boxes fitted to objects, count calibrated): window AP50 storage-tank 0.18, airplane
-# 0.06, ship 0.26, sports-field 0.67, building 0.29, mean 0.29 (unfitted 0.18-0.20), hit@10 0.60;
-# dense AP50 0.01, hit@10 0.25-0.30; P@10 0.72-0.74; counting within one 0.53 (uncalibrated 0.43,
-# chance about 0.28). Runs differ by about 0.02 (float order with other thread counts).
+# Measured (boxes fitted to objects, count calibrated): window AP50 storage-tank 0.19, airplane
+# 0.06, ship 0.26, sports-field 0.67, building 0.25, mean 0.29 (unfitted 0.20), hit@10 0.60;
+# dense AP50 mean 0.075 (unfitted 0.00), hit@10 0.30; P@10 0.74; counting within one 0.53
+# (uncalibrated 0.43, chance about 0.28). Runs differ by about 0.02 (float order).
 MIN_AP50_WINDOW = {"storage-tank": 0.12, "ship": 0.15, "sports-field": 0.5, "building": 0.18}
 MIN_MAP50_WINDOW = 0.24
 MIN_FIT_GAIN = 0.05            # mean window AP50 fitted minus unfitted
 MIN_HIT10_WINDOW = 0.5
-MIN_HIT10_DENSE = 0.18
+MIN_HIT10_DENSE = 0.2
+MIN_MAP50_DENSE = 0.04
 MIN_P_AT_10 = 0.65
 MIN_COUNT_WITHIN_1 = 0.45
 MIN_CALIBRATION_GAIN = 0.05    # counting within one, calibrated minus uncalibrated
@@ -67,8 +68,8 @@ def test_detect_window_ap50(demo_model, scene):
 
 def test_detect_dense_hits(demo_model, scene):
     m = Q.measure_detect(demo_model, scene, "dense", Q.DENSE_CLASSES)
-    # AP50 is recorded in the model card, not asserted: dense components merge clustered objects
     assert Q.mean(m, "hit@10") >= MIN_HIT10_DENSE, m
+    assert Q.mean(m, "ap50") >= MIN_MAP50_DENSE, m   # fitted boxes; window-sized components score 0
 
 
 def test_text_retrieval_precision_at_10(demo_model, tmp_path):
