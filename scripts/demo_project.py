@@ -92,6 +92,20 @@ def write_project(out, scene, class_map, boxes, heatmap, prompts: Sequence[str],
     Raises RuntimeError naming the layer that QGIS could not open."""
     from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsVectorLayer
     _app()
+    try:  # QGIS's GDAL may be older than the one that wrote the GeoPackage: it warns, and reads it
+        from osgeo import gdal
+        gdal.PushErrorHandler("CPLQuietErrorHandler")
+    except ImportError:  # pragma: no cover - python3-gdal comes with python3-qgis
+        gdal = None
+    try:
+        return _write(out, scene, class_map, boxes, heatmap, prompts, colours, class_names, class_colours)
+    finally:
+        if gdal is not None:
+            gdal.PopErrorHandler()
+
+
+def _write(out, scene, class_map, boxes, heatmap, prompts, colours, class_names, class_colours) -> Path:
+    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsVectorLayer
     out = Path(out).resolve()
     if class_names is None or class_colours is None:
         from engine import synthetic as S
