@@ -165,9 +165,13 @@ class ModelDefaults:
         return replace(base, **{f.name: getattr(self, f.name) for f in fields(self)
                                 if getattr(self, f.name) is not None})
 
-    def to_json(self) -> Dict[str, Any]:
+    def to_json(self, weight_bound: bool = False) -> Dict[str, Any]:
+        """The values set, for ``mapclip.defaults``. Values fitted to these very
+        weights (:data:`WEIGHT_BOUND`, e.g. ``count_bias``) only with
+        ``weight_bound``: fine-tuning copies the rest to the model it writes."""
         return {f.name: (list(v) if isinstance(v, tuple) else v)
-                for f in fields(self) for v in [getattr(self, f.name)] if v is not None}
+                for f in fields(self) for v in [getattr(self, f.name)]
+                if v is not None and (weight_bound or f.name not in WEIGHT_BOUND)}
 
     @classmethod
     def from_json(cls, data: Any) -> "ModelDefaults":
@@ -187,6 +191,8 @@ class ModelDefaults:
         return cls(**out)
 
 
+#: model defaults fitted to one model's weights, which a fine-tuned copy must not inherit
+WEIGHT_BOUND = ("count_bias",)
 #: what every model gets where neither it nor the user says otherwise
 GENERIC_DEFAULTS = ModelDefaults(tile_px=128, window=2, batch_size=64, top_k=20,
                                  threshold=None, dense_tile_px=None)

@@ -231,7 +231,8 @@ def test_prompt_count_adds_the_models_count_bias_unless_told_not_to(scene, rigge
 def test_model_defaults_read_a_count_bias_of_ten_numbers_only():
     from engine.options import ModelDefaults
     good = ModelDefaults.from_json({"tile_px": 24, "count_bias": [0.01] * 10})
-    assert good.count_bias == (0.01,) * 10 and good.to_json()["count_bias"] == [0.01] * 10
+    assert good.count_bias == (0.01,) * 10 and good.to_json(weight_bound=True)["count_bias"] == [0.01] * 10
+    assert good.to_json() == {"tile_px": 24}   # what fine-tuning copies: not the calibration
     for bad in ([0.01] * 9, "0.1", [0.01] * 9 + ["x"], [0.01] * 9 + [float("nan")]):
         assert ModelDefaults.from_json({"count_bias": bad}).count_bias is None
 
