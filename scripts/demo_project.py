@@ -90,7 +90,6 @@ def write_project(out, scene, class_map, boxes, heatmap, prompts: Sequence[str],
     """Write the QGIS project ``out`` (.qgz) over the demo's files; return its path.
 
     Raises RuntimeError naming the layer that QGIS could not open."""
-    from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsVectorLayer
     _app()
     try:  # QGIS's GDAL may be older than the one that wrote the GeoPackage: it warns, and reads it
         from osgeo import gdal
