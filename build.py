@@ -76,12 +76,34 @@ def requirements_hash() -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def link_system_proj_data(venv: Path = VENV, base: Path = Path("/usr")) -> bool:
+    """Give the system pyproj its own PROJ data inside the venv.
+
+    The venv sees Debian's pyproj (system site packages, for QGIS). pyproj looks
+    for proj.db under ``sys.prefix/share/proj``; in the venv ``sys.prefix`` is
+    the venv, which has none, so every import of pyproj (pyogrio imports it)
+    printed "Valid PROJ data directory not found". Debian's pyproj belongs with
+    Debian's PROJ data in ``/usr/share/proj``, so the venv gets
+    ``share/proj`` -> that folder. rasterio is unaffected: its wheel uses the
+    PROJ data it bundles (no PROJ_DATA variable is set). True when linked.
+    """
+    data = base / "share" / "proj"
+    link = venv / "share" / "proj"
+    if not (data / "proj.db").is_file() or link.exists() or link.is_symlink():
+        return False
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(data, target_is_directory=True)
+    return True
+
+
 def ensure_venv() -> None:
     if not VENV_PY.exists():
         say(f"creating {VENV} from {SYSTEM_PY} (with system site packages, for QGIS)")
         if run([SYSTEM_PY, "-m", "venv", "--system-site-packages", VENV]) != 0:
             sys.exit("[build] could not create the virtual environment; "
                      "on Debian install python3-venv (apt-get install python3-venv).")
+    if link_system_proj_data():
+        say("linked .venv/share/proj to the system PROJ data (for the system pyproj)")
     want = requirements_hash()
     if STAMP.exists() and STAMP.read_text().strip() == want:
         return

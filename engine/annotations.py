@@ -33,6 +33,7 @@ JSON or XML, an unknown format) raises :class:`UsageError`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -43,6 +44,8 @@ from typing import Dict, List, Optional, Tuple, Union
 from .errors import UsageError
 
 FORMATS = ("coco", "dota", "yolo", "voc")
+#: YOLO coordinates may stray this far outside 0..1 (rounding in exporters)
+YOLO_SLACK = 1e-3
 #: extensions tried, in order, when an image is named only by its stem
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 
@@ -56,6 +59,8 @@ class ObjectBox:
     category: str
     bbox: Tuple[float, float, float, float]
     difficult: bool = False
+    #: where the object was read ("file:line", "annotation 7"), for error messages
+    where: str = field(default="", compare=False, repr=False)
 
     @property
     def centre(self) -> Tuple[float, float]:
@@ -133,10 +138,41 @@ def resolve_sizes(aset: AnnotationSet) -> AnnotationSet:
         if im.normalised:
             w, h = im.width, im.height
             im.objects = [ObjectBox(o.category, (o.bbox[0] * w, o.bbox[1] * h,
-                                                 o.bbox[2] * w, o.bbox[3] * h), o.difficult)
+                                                 o.bbox[2] * w, o.bbox[3] * h), o.difficult,
+                                    o.where)
                           for o in im.objects]
             im.normalised = False
+        im.objects = [_checked_box(im, o) for o in im.objects]
     return aset
+
+
+def _checked_box(im: ImageAnnotation, o: ObjectBox) -> ObjectBox:
+    """An object whose box is usable, clipped to its image; a UsageError naming the
+    record otherwise (a nameless class, a NaN, an empty or inverted box, a box
+    wholly outside its image): such boxes would be counted into wrong captions."""
+    where = o.where or f"image {im.name!r}"
+    if not str(o.category).strip():
+        raise UsageError(f"{where}: an object has an empty class name",
+                         "give every class a name in the annotations")
+    x0, y0, x1, y1 = (float(v) for v in o.bbox)
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise UsageError(f"{where}: box {o.bbox} is not finite (NaN or infinity)",
+                         "fix or remove that record")
+    if x1 <= x0 or y1 <= y0:
+        raise UsageError(f"{where}: box {_fmt_box(o.bbox)} has no area (zero or negative "
+                         "width or height)", "fix or remove that record")
+    W, H = float(im.width), float(im.height)
+    cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(W, x1), min(H, y1)
+    if cx1 <= cx0 or cy1 <= cy0:
+        raise UsageError(f"{where}: box {_fmt_box(o.bbox)} lies outside its {int(W)} x {int(H)} "
+                         f"image {im.name!r}", "fix the box, or the image size in the annotations")
+    if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
+        return o
+    return ObjectBox(o.category, (cx0, cy0, cx1, cy1), o.difficult, o.where)
+
+
+def _fmt_box(b) -> str:
+    return "(" + ", ".join(f"{float(v):g}" for v in b) + ")"
 
 
 def image_size(path: PathLike) -> Optional[Tuple[int, int]]:
@@ -206,10 +242,13 @@ def _unlabelled_images(images: Optional[Path], seen: set) -> List[ImageAnnotatio
 
 def _num(tok: str, where: str) -> float:
     try:
-        return float(tok)
+        v = float(tok)
     except ValueError:
         raise UsageError(f"{where}: {tok!r} is not a number",
                          "check the file's format (--format)") from None
+    if not math.isfinite(v):
+        raise UsageError(f"{where}: {tok!r} is not a finite number", "fix or remove that record")
+    return v
 
 
 # ------------------------------------------------------------------- COCO --
@@ -225,7 +264,13 @@ def read_coco(path: Path, images: Optional[Path] = None) -> AnnotationSet:
                          "check --format, or the file")
     root = images if images is not None else path.parent
     try:
-        cats: Dict[int, str] = {c["id"]: str(c["name"]) for c in data.get("categories", [])}
+        cats: Dict[int, str] = {}
+        for c in data.get("categories", []):
+            cname = c["name"]
+            if not isinstance(cname, str) or not cname.strip():
+                raise UsageError(f"{path}: category {c.get('id')} has no name ({cname!r})",
+                                 "give every COCO category a non-empty name")
+            cats[c["id"]] = cname
         by_id: Dict[object, ImageAnnotation] = {}
         for rec in data["images"]:
             name = str(rec["file_name"])
@@ -238,9 +283,17 @@ def read_coco(path: Path, images: Optional[Path] = None) -> AnnotationSet:
             if im is None:
                 raise UsageError(f"{path}: annotation {ann.get('id')} names unknown image "
                                  f"{ann['image_id']}", "check the COCO file")
+            where = f"{path}: annotation {ann.get('id')}"
             x, y, w, h = (float(v) for v in ann["bbox"])
             cid = ann["category_id"]
-            im.objects.append(ObjectBox(cats.get(cid, str(cid)), (x, y, x + w, y + h)))
+            if cid not in cats:
+                raise UsageError(f"{where} has category_id {cid!r}, which is not in "
+                                 f"'categories' ({len(cats)} categories)",
+                                 "add the category to 'categories' or fix the annotation")
+            if not (w > 0 and h > 0):
+                raise UsageError(f"{where}: bbox {ann['bbox']} has no area (width and height "
+                                 "must be positive numbers)", "fix or remove that annotation")
+            im.objects.append(ObjectBox(cats[cid], (x, y, x + w, y + h), where=where))
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"{path}: malformed COCO record ({type(exc).__name__}: {exc})",
                          "check the COCO file") from None
@@ -267,7 +320,8 @@ def read_dota(path: Path, images: Optional[Path] = None) -> AnnotationSet:
             ys = [_num(t, where) for t in toks[1:8:2]]
             cat = toks[8]
             difficult = len(toks) > 9 and toks[9] not in ("0", "0.0")
-            im.objects.append(ObjectBox(cat, (min(xs), min(ys), max(xs), max(ys)), difficult))
+            im.objects.append(ObjectBox(cat, (min(xs), min(ys), max(xs), max(ys)), difficult,
+                                        where))
             cats.add(cat)
         out.append(im)
     return _label_folder_set("dota", path, out, images, cats)
@@ -357,11 +411,22 @@ def read_yolo(path: Path, images: Optional[Path] = None) -> AnnotationSet:
                 raise UsageError(f"{where}: expected 'class cx cy w h', got {line!r}",
                                  "check the file's format (--format)")
             try:
-                cls = int(float(toks[0]))
+                fcls = float(toks[0])
+                if not fcls.is_integer() or fcls < 0:
+                    raise ValueError(toks[0])
+                cls = int(fcls)
             except ValueError:
-                raise UsageError(f"{where}: class {toks[0]!r} is not an index",
+                raise UsageError(f"{where}: class {toks[0]!r} is not a class index (0, 1, 2 ...)",
                                  "check the file's format (--format)") from None
             vals = [_num(t, where) for t in toks[1:]]
+            if len(vals) == 4 and (vals[2] <= 0 or vals[3] <= 0):
+                raise UsageError(f"{where}: width {vals[2]:g} and height {vals[3]:g} must be "
+                                 "positive", "fix or remove that line")
+            bad = [v for v in vals if not -YOLO_SLACK <= v <= 1 + YOLO_SLACK]
+            if bad:
+                raise UsageError(f"{where}: coordinate {bad[0]:g} is outside 0..1 (YOLO "
+                                 "coordinates are fractions of the image size)",
+                                 "fix that line, or check --format")
             if len(vals) == 4:
                 cx, cy, w, h = vals
                 box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
@@ -375,7 +440,7 @@ def read_yolo(path: Path, images: Optional[Path] = None) -> AnnotationSet:
                 cat = names[cls]
             else:
                 cat = str(cls)
-            im.objects.append(ObjectBox(cat, box))
+            im.objects.append(ObjectBox(cat, box, where=where))
             cats.add(cat)
         out.append(im)
     return _label_folder_set("yolo", path, out, images, cats)
@@ -407,7 +472,8 @@ def read_voc(path: Path, images: Optional[Path] = None) -> AnnotationSet:
                                  "check the VOC file")
             vals = [_num(bb.findtext(k) or "", str(f)) for k in ("xmin", "ymin", "xmax", "ymax")]
             difficult = (obj.findtext("difficult") or "0").strip() not in ("0", "")
-            im.objects.append(ObjectBox(cat, tuple(vals), difficult))  # type: ignore[arg-type]
+            im.objects.append(ObjectBox(cat, tuple(vals), difficult,  # type: ignore[arg-type]
+                                        f"{f}: object {cat!r}"))
             cats.add(cat)
         out.append(im)
     if not out:

@@ -26,16 +26,18 @@ per-image RNG seeded from the seed and the image's name, so the captions of
 an image do not depend on the other images or their order.
 
 **Mask-to-Box** (:func:`mask_to_box`) reads single-band class-index masks
-and writes COCO JSON: for each class present, the binary mask's outer
-contours (OpenCV ``findContours`` with ``RETR_EXTERNAL``, Suzuki-Abe border
-following), one axis-aligned box per outer contour. Consequences, by design:
-pixels of a class that touch, also only diagonally (border following is
-8-connected), are one region; holes make no regions of their own, and a blob
-of the same class inside a hole belongs to the region around it; touching
-regions of *different* classes stay separate, each in its own class. A box
-``[x, y, w, h]`` covers whole pixels (a single pixel at column 3, row 5 is
-``[3, 5, 1, 1]``); ``area`` is the number of the class's pixels inside the
-outer contour (holes excluded).
+and writes COCO JSON: for each class present, one axis-aligned box per outer
+border of the class's contour hierarchy, that is per 8-connected component of
+its pixels (OpenCV ``connectedComponentsWithStats``). Consequences, by design:
+pixels of a class that touch, also only diagonally, are one region; a hole
+makes no region of its own, but a same-class island inside a hole is a
+region of its own (its own box) and its pixels are not added to the ring
+around it; touching regions of *different* classes stay separate, each in
+its own class. A box ``[x, y, w, h]`` covers whole pixels (a single pixel at
+column 3, row 5 is ``[3, 5, 1, 1]``); ``area`` is the number of the region's
+own pixels. A class named "background" is not boxed unless
+``keep_background`` (``--keep-background``) is set. Masks must have the size
+of their images.
 """
 from __future__ import annotations
 
@@ -52,10 +54,10 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
-from .annotations import (AnnotationSet, ImageAnnotation, ObjectBox, find_image,
+from .annotations import (AnnotationSet, ImageAnnotation, ObjectBox, find_image, image_size,
                           read_annotations, resolve_sizes)
 from .errors import UsageError
-from .jobs import CancelFlag, Job, ProgressFn, atomic_path, check_output_path
+from .jobs import CancelFlag, Job, ProgressFn, atomic_path, check_outputs
 
 PathLike = Union[str, os.PathLike]
 
@@ -346,7 +348,10 @@ def box_to_caption(annotations: Union[PathLike, AnnotationSet], out: PathLike,
     if not 0 < o.centre_fraction <= 1:
         raise UsageError(f"centre fraction {o.centre_fraction} is not in (0, 1]",
                          "use e.g. 0.5 for the middle half")
-    out = check_output_path(out, o.overwrite)
+    inputs = [("--images", o.images_dir)]
+    if not isinstance(annotations, AnnotationSet):
+        inputs.append(("--annotations", annotations))
+    out = check_outputs([("--out", out)], inputs, overwrite=o.overwrite)["--out"]
     if out.suffix.lower() not in (".csv", ".tsv", ".jsonl", ".ndjson"):
         raise UsageError(f"unknown caption file type {out.suffix!r} for {out}",
                          "name the output .csv, .tsv or .jsonl")
@@ -381,6 +386,7 @@ class MaskOptions:
     overwrite: bool = False
     captions: Optional[str] = None         # also write Box-to-Caption captions here
     seed: int = 0                          # for the captions
+    keep_background: bool = False          # box a class named "background" too
 
 
 @dataclass
@@ -426,21 +432,39 @@ def load_classes(classes: Union[PathLike, Mapping, Sequence]) -> Dict[int, str]:
         except json.JSONDecodeError as exc:
             raise UsageError(f"{p} is not valid JSON ({exc.msg} at line {exc.lineno})",
                              'write e.g. {"1": "building", "2": "road"}') from None
+    example = 'write e.g. {"1": "building", "2": "road"} or ["background", "building"]'
     try:
+        if isinstance(data, (str, bytes)) or not isinstance(data, (Mapping, Sequence)):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object or a list")
         if isinstance(data, Mapping):
-            out = {int(k): str(v) for k, v in data.items()}
-        elif isinstance(data, Sequence) and all(isinstance(v, Mapping) for v in data):
-            out = {int(v["id"]): str(v["name"]) for v in data}
-        elif isinstance(data, Sequence):
-            out = {i: str(v) for i, v in enumerate(data)}
+            pairs = [(int(k), v) for k, v in data.items()]
+        elif all(isinstance(v, Mapping) for v in data):
+            pairs = [(int(v["id"]), v["name"]) for v in data]
         else:
-            raise TypeError(type(data).__name__)
+            pairs = list(enumerate(data))
     except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"classes must map class index to name ({exc})",
-                         'write e.g. {"1": "building", "2": "road"}') from None
+        raise UsageError(f"classes must map class index to name ({exc})", example) from None
+    out: Dict[int, str] = {}
+    for k, v in pairs:
+        if not isinstance(v, str) or not v.strip():
+            raise UsageError(f"class {k} has no name ({v!r}): class names must be non-empty "
+                             "text", example)
+        if k < 0 or k in out:
+            raise UsageError(f"class index {k} is {'negative' if k < 0 else 'given twice'}",
+                             example)
+        out[k] = v.strip()
     if not out:
         raise UsageError("the classes list is empty", 'write e.g. {"1": "building"}')
     return out
+
+
+#: a class with this name (any case) is skipped by Mask-to-Box unless kept on purpose
+BACKGROUND_NAMES = ("background", "_background_", "bg")
+
+
+def background_indices(names: Mapping[int, str]) -> List[int]:
+    """Class indices whose name says background (see :data:`BACKGROUND_NAMES`)."""
+    return [k for k, v in names.items() if v.strip().lower() in BACKGROUND_NAMES]
 
 
 def read_mask(path: PathLike) -> np.ndarray:
@@ -497,17 +521,14 @@ def mask_regions(mask: np.ndarray, classes: Optional[Iterable[int]] = None,
     regions: List[Region] = []
     for v in values:
         binary = (mask == v).astype(np.uint8)
-        # a zero frame, so that border following never depends on the image edge
-        padded = cv2.copyMakeBorder(binary, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-        contours, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
-                                       offset=(-1, -1))
-        found = []
-        for c in contours:
-            x, y, w, h = (int(t) for t in cv2.boundingRect(c))
-            fill = np.zeros((h, w), np.uint8)
-            cv2.drawContours(fill, [c], -1, 1, thickness=cv2.FILLED, offset=(-x, -y))
-            area = int(np.count_nonzero(fill & binary[y:y + h, x:x + w]))
-            found.append(Region(v, (x, y, w, h), area))
+        # every outer border of the contour hierarchy encloses one 8-connected component;
+        # an island of the class inside a hole is its own component (its own box), and a
+        # ring's area counts only its own pixels, never those of an island in its hole
+        n, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+        found = [Region(v, (int(s[cv2.CC_STAT_LEFT]), int(s[cv2.CC_STAT_TOP]),
+                            int(s[cv2.CC_STAT_WIDTH]), int(s[cv2.CC_STAT_HEIGHT])),
+                        int(s[cv2.CC_STAT_AREA]))
+                 for s in stats[1:n]]
         regions.extend(sorted(found, key=lambda r: (r.bbox[1], r.bbox[0])))
     return regions
 
@@ -534,17 +555,22 @@ def mask_to_box(masks: PathLike, classes: Union[PathLike, Mapping, Sequence], ou
     Box-to-Caption captions of those boxes."""
     t0 = time.perf_counter()
     o = options or MaskOptions()
-    out = check_output_path(out, o.overwrite)
-    cap_out = check_output_path(o.captions, o.overwrite) if o.captions else None
-    if cap_out is not None and cap_out.resolve() == out.resolve():
-        raise UsageError("--captions and --out name the same file", "use two file names")
     if o.min_area < 0:
         raise UsageError(f"min area {o.min_area} is negative", "use 0 or more pixels")
     names = load_classes(classes)
+    files = _mask_files(Path(masks))
+    inputs = [("--masks", masks), ("--images", o.images_dir)] + [("mask", f) for f in files]
+    if isinstance(classes, (str, os.PathLike)):
+        inputs.append(("--classes", classes))
+    paths = check_outputs([("--out", out), ("--captions", o.captions)], inputs,
+                          overwrite=o.overwrite)
+    out, cap_out = paths["--out"], paths.get("--captions")
+    ignored = set() if o.ignore_index is None else {int(o.ignore_index)}
+    if not o.keep_background:
+        ignored.update(background_indices(names))
     images_dir = Path(o.images_dir) if o.images_dir else None
     if images_dir is not None and not images_dir.is_dir():
         raise UsageError(f"images folder not found: {images_dir}", "check the --images path")
-    files = _mask_files(Path(masks))
     job = Job(progress, cancel, total=len(files))
     job.set_total(len(files))
     coco_images, coco_anns = [], []
@@ -557,16 +583,21 @@ def mask_to_box(masks: PathLike, classes: Union[PathLike, Mapping, Sequence], ou
         h, w = mask.shape
         vals, counts = np.unique(mask, return_counts=True)
         for v, n in zip(vals.tolist(), counts.tolist()):
-            if v not in names and v != o.ignore_index:
+            if v not in names and v not in ignored:
                 unknown[int(v)] += int(n)
         if images_dir is not None:
             file_name, ipath = find_image(f, images_dir, f.suffix)
+            size = image_size(ipath)
+            if size is not None and size != (int(w), int(h)):
+                raise UsageError(f"mask {f} is {w} x {h} pixels but its image {ipath} is "
+                                 f"{size[0]} x {size[1]}: its boxes would be misplaced",
+                                 "give masks the size of their images (same width and height)")
         else:
             file_name, ipath = f.name, str(f)
         coco_images.append({"id": image_id, "file_name": file_name, "width": int(w),
                             "height": int(h)})
         im = ImageAnnotation(name=file_name, path=ipath, width=int(w), height=int(h))
-        for r in mask_regions(mask, names.keys(), o.ignore_index):
+        for r in mask_regions(mask, [k for k in names if k not in ignored]):
             if r.area < o.min_area:
                 dropped += 1
                 continue
@@ -578,8 +609,7 @@ def mask_to_box(masks: PathLike, classes: Union[PathLike, Mapping, Sequence], ou
             im.objects.append(ObjectBox(names[r.class_index], (x, y, x + bw, y + bh)))
         aset_images.append(im)
         job.step()
-    used = sorted(names) if o.ignore_index is None else [k for k in sorted(names)
-                                                          if k != o.ignore_index]
+    used = [k for k in sorted(names) if k not in ignored]
     coco = {"info": {"description": "MapCLIP Mask-to-Box", "masks": str(masks)},
             "images": coco_images, "annotations": coco_anns,
             "categories": [{"id": k, "name": names[k]} for k in used]}

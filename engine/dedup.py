@@ -38,6 +38,8 @@ again. Unreadable images are skipped and listed.
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -54,7 +56,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import UsageError
-from .jobs import CancelFlag, Job, ProgressFn, atomic_path, check_output_path
+from .jobs import (TEMP_TAG, CancelFlag, Job, ProgressFn, atomic_path, check_outputs, is_inside,
+                   same_file)
 
 PathLike = Union[str, os.PathLike]
 
@@ -307,23 +310,53 @@ class ImageRecord:
         return self.width * self.height
 
 
-def list_images(dirs: Sequence[PathLike]) -> List[Tuple[str, str]]:
-    """(absolute path, absolute root) of every image under ``dirs`` (recursive,
-    sorted, each file once even when folders overlap)."""
-    out, seen = [], set()
+def input_roots(dirs: Sequence[PathLike]) -> List[str]:
+    """The real folders (symlinks resolved) of ``dirs``, each once, in order."""
+    out: List[str] = []
     for d in dirs:
-        root = Path(d)
-        if not root.exists():
-            raise UsageError(f"folder not found: {root}", "check the folder path")
-        root = Path(os.path.abspath(root))   # absolute, symlinks kept as they are
-        files = [root] if root.is_file() else sorted(
-            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        for p in files:
-            ap = os.path.abspath(p)
-            if ap not in seen:
-                seen.add(ap)
-                out.append((ap, str(root if root.is_dir() else root.parent)))
+        if not os.path.exists(d):
+            raise UsageError(f"folder not found: {d}", "check the folder path")
+        real = os.path.realpath(d)
+        root = real if os.path.isdir(real) else os.path.dirname(real)
+        if root not in out:
+            out.append(root)
     return out
+
+
+def list_images(dirs: Sequence[PathLike]) -> List[Tuple[str, str]]:
+    """(absolute path, real root folder) of every image under ``dirs`` (recursive,
+    sorted), each FILE once: files are identified by device and inode before
+    anything is paired, so a symlink to an image, a hard link, a folder given
+    twice or through a symlink never makes an image its own duplicate. Where a
+    file is reached both directly and through a symlink, the real path is used;
+    symlinked folders are not followed."""
+    found: Dict[Tuple[int, int], Tuple[str, str, bool]] = {}
+    for d in dirs:
+        if not os.path.exists(d):
+            raise UsageError(f"folder not found: {d}", "check the folder path")
+        real = os.path.realpath(d)
+        if os.path.isfile(real):
+            candidates, root = [real], os.path.dirname(real)
+        else:
+            root = real
+            candidates = []
+            for base, subdirs, names in os.walk(root, followlinks=False):
+                subdirs.sort()
+                candidates.extend(os.path.join(base, n) for n in sorted(names)
+                                  if n.lower().endswith(IMAGE_EXTENSIONS))
+        for p in candidates:
+            try:
+                st = os.stat(p)          # follows a symlink to its file
+            except OSError:
+                continue                 # a dangling link: not an image
+            if not os.path.isfile(p):
+                continue
+            link = os.path.islink(p)
+            key = (st.st_dev, st.st_ino)
+            prev = found.get(key)
+            if prev is None or (prev[2] and not link):
+                found[key] = (p, root, link)
+    return sorted((p, root) for p, root, _ in found.values())
 
 
 def hash_images(files: Sequence[Tuple[str, str]], hash_size: int = DEFAULT_HASH_SIZE,
@@ -445,9 +478,25 @@ def find_duplicates(dirs: Sequence[PathLike], out: Optional[PathLike] = None,
         raise UsageError(f"hash size {o.hash_size} is too small", "use 8 (64 bits) or more")
     bits = o.hash_size ** 2
     n_seg = check_segments(bits, o.max_distance, o.segments)
-    out_path = check_output_path(out, o.overwrite) if out is not None else None
+    roots = input_roots(dirs)
+    test_roots = input_roots(against or [])
+    for t in test_roots:
+        for r in roots:
+            if is_inside(t, r) or is_inside(r, t):
+                raise UsageError(f"test folder {t} (--against) overlaps input folder {r}",
+                                 "give --against the held-out test set, a folder apart from "
+                                 "the training folders")
+    cache_file = default_cache_path() if o.cache == "default" else o.cache
+    checked = check_outputs([("--out", out), ("--cache", cache_file)],
+                            [("input", d) for d in list(dirs) + list(against or [])],
+                            overwrite=o.overwrite, may_exist=["--cache"])
+    out_path = checked.get("--out")
     files = list_images(dirs)
     test_files = list_images(against) if against else []
+    for label, path in checked.items():
+        if any(same_file(path, p) for p, _ in files + test_files):
+            raise UsageError(f"{label} {path} is one of the input images",
+                             f"write {label} to another path")
     test_set = {p for p, _ in test_files}
     files = [f for f in files if f[0] not in test_set]   # a test image is never a training one
     if not files:
@@ -455,7 +504,6 @@ def find_duplicates(dirs: Sequence[PathLike], out: Optional[PathLike] = None,
                          f"{', '.join(map(str, dirs))}", "check the folders")
     job = Job(progress, cancel, total=len(files) + len(test_files))
     job.set_total(len(files) + len(test_files))
-    cache_file = default_cache_path() if o.cache == "default" else o.cache
     cache = HashCache(cache_file)
     try:
         recs, hits = hash_images(files, o.hash_size, cache, job, o.workers)
@@ -521,11 +569,11 @@ def find_duplicates(dirs: Sequence[PathLike], out: Optional[PathLike] = None,
 
 
 def list_images_roots(dirs: Sequence[PathLike]) -> List[Tuple[str, str]]:
-    """(given, absolute root folder) of each input."""
+    """(given, real root folder) of each input."""
     out = []
     for d in dirs:
-        p = Path(os.path.abspath(d))
-        out.append((str(d), str(p if p.is_dir() else p.parent)))
+        p = os.path.realpath(d)
+        out.append((str(d), p if os.path.isdir(p) else os.path.dirname(p)))
     return out
 
 
@@ -594,17 +642,79 @@ def _write_manifest(path: Path, data: dict) -> None:
         tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
+def check_quarantine(quarantine: PathLike, roots: Sequence[PathLike]) -> Path:
+    """Refuse a quarantine folder equal to, inside or above an input folder (real
+    paths compared), or one that cannot be written; call it before any work."""
+    q = Path(os.path.abspath(quarantine))
+    for root in roots:
+        if is_inside(q, root) or is_inside(root, q):
+            raise UsageError(f"quarantine {q} overlaps input folder {root}",
+                             "choose a quarantine folder outside the inputs (and not above them)")
+    check_outputs([("--move-to", q)], folders=["--move-to"], may_exist=["--move-to"])
+    return q
+
+
+def file_sha256(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _matches(path: PathLike, size: Optional[int], sha: Optional[str]) -> bool:
+    """True when ``path`` has the size and hash a manifest recorded for it."""
+    try:
+        if size is not None and os.path.getsize(path) != int(size):
+            return False
+        return sha is None or file_sha256(path) == sha
+    except OSError:
+        return False
+
+
+def safe_move(src: PathLike, dst: PathLike, size: Optional[int] = None,
+              sha: Optional[str] = None) -> None:
+    """Move one file without ever losing it. On one filesystem: a rename (atomic).
+    Across filesystems: copy to a temporary name beside ``dst``, flush, verify
+    size and SHA-256 against ``size``/``sha`` (the manifest's record), rename
+    into place, and only then delete ``src``. A kill at any point leaves the
+    original in place or a verified copy, never only a truncated one."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(src, dst)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    tmp = dst.with_name(f".{dst.name}.{TEMP_TAG}{os.getpid()}-copy.part")
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            shutil.copyfileobj(fi, fo, 1 << 20)
+            fo.flush()
+            os.fsync(fo.fileno())
+        shutil.copystat(src, tmp)
+        if not _matches(tmp, size if size is not None else os.path.getsize(src),
+                        sha if sha is not None else file_sha256(src)):
+            raise UsageError(f"the copy of {src} in {dst.parent} does not match the original",
+                             "check the quarantine's disk (space, errors) and run again; the "
+                             "original was not touched")
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.unlink(src)
+
+
 def move_duplicates(result: DedupResult, quarantine: PathLike,
                     progress: Optional[ProgressFn] = None,
                     cancel: Optional[CancelFlag] = None) -> MoveResult:
     """Move ``result.remove`` into ``quarantine`` (below ``<k>-<input folder
     name>/`` and their path inside that folder), after writing the manifest
-    ``quarantine/manifest-<UTC time>.json``. Nothing is deleted."""
-    q = Path(os.path.abspath(quarantine))
-    for root in result.roots + result.against_roots:
-        if _inside(q, Path(root)) or _inside(Path(root), q):
-            raise UsageError(f"quarantine {q} overlaps input folder {root}",
-                             "choose a quarantine folder outside the inputs")
+    ``quarantine/manifest-<UTC time>.json`` (the journal: every file's size and
+    SHA-256, recorded before anything moves). Moves use :func:`safe_move`.
+    Nothing is deleted."""
+    q = check_quarantine(quarantine, result.roots + result.against_roots)
     roots = sorted(result.roots, key=len, reverse=True)
     moves = []
     for path in result.remove:
@@ -613,9 +723,10 @@ def move_duplicates(result: DedupResult, quarantine: PathLike,
             raise UsageError(f"{path} is under no input folder", "report this")
         k = result.roots.index(root)
         rel = Path(path).relative_to(root)
-        st = os.stat(path)
+        st = os.lstat(path)
         moves.append({"from": path, "to": str(q / f"{k}-{Path(root).name}" / rel),
-                      "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+                      "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                      "sha256": None if os.path.islink(path) else file_sha256(path)})
     for m in moves:
         if os.path.lexists(m["to"]):
             raise UsageError(f"{m['to']} already exists in the quarantine",
@@ -631,8 +742,10 @@ def move_duplicates(result: DedupResult, quarantine: PathLike,
     moved = 0
     for start in range(0, len(moves), BATCH):
         for m in moves[start:start + BATCH]:
-            Path(m["to"]).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(m["from"], m["to"])
+            if os.path.islink(m["from"]):
+                safe_move(m["from"], m["to"])
+            else:
+                safe_move(m["from"], m["to"], m["size"], m["sha256"])
             moved += 1
         job.step(len(moves[start:start + BATCH]))  # a cancel leaves a consistent manifest
     return MoveResult(manifest=str(manifest), moved=moved)
@@ -640,38 +753,57 @@ def move_duplicates(result: DedupResult, quarantine: PathLike,
 
 def undo_move(manifest: PathLike, progress: Optional[ProgressFn] = None,
               cancel: Optional[CancelFlag] = None) -> MoveResult:
-    """Move every file of a manifest back. Refuses (moving nothing) when a file has
-    reappeared at an original path; entries already back are skipped."""
+    """Move every file of a manifest back, each checked against the size and
+    SHA-256 the manifest recorded. Refuses (moving nothing) when a different file
+    has appeared at an original path, or when a quarantined file is not the one
+    that was moved (a truncated copy, an edited file); entries already back are
+    skipped, and a verified copy left by an interrupted move beside its intact
+    original is removed."""
     mpath = Path(manifest)
     if not mpath.is_file():
         raise UsageError(f"manifest not found: {mpath}", "check the --undo path")
     try:
         data = json.loads(mpath.read_text(encoding="utf-8"))
         moves = data["moves"]
-        pairs = [(str(m["from"]), str(m["to"])) for m in moves]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        entries = [(str(m["from"]), str(m["to"]), m.get("size"), m.get("sha256"))
+                   for m in moves]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise UsageError(f"{mpath} is not a dedup manifest ({type(exc).__name__})",
                          "pass the manifest-*.json that --move-to wrote") from None
-    todo, skipped = [], []
-    for src, dst in pairs:
+    todo, skipped, leftovers = [], [], []
+    for src, dst, size, sha in entries:
         here, there = os.path.lexists(src), os.path.lexists(dst)
+        is_link = os.path.islink(dst) if there else False
         if here and there:
+            if not is_link and _matches(src, size, sha) and _matches(dst, size, sha):
+                leftovers.append(dst)      # an interrupted cross-filesystem move: a copy
+                skipped.append(f"{src}: already in place")
+                continue
             raise UsageError(f"{src} exists again; undo would overwrite it",
-                             f"move it away, then run the undo again (nothing was moved)")
+                             "move it away, then run the undo again (nothing was moved)")
         if there:
-            todo.append((src, dst))
+            if not is_link and not _matches(dst, size, sha):
+                raise UsageError(f"{dst} in the quarantine is not the file that was moved from "
+                                 f"{src} (size or SHA-256 differs from the manifest)",
+                                 "restore that file by hand if you know it is right; nothing "
+                                 "was moved")
+            todo.append((src, dst, size, sha, is_link))
         elif here:
             skipped.append(f"{src}: already in place")
         else:
             skipped.append(f"{src}: missing from the quarantine ({dst})")
     job = Job(progress, cancel, total=len(todo))
     job.set_total(len(todo))
+    for dst in leftovers:
+        os.unlink(dst)
     moved = 0
-    created = set()
+    created = {Path(d).parent for d in leftovers}
     for start in range(0, len(todo), BATCH):
-        for src, dst in todo[start:start + BATCH]:
-            Path(src).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(dst, src)
+        for src, dst, size, sha, is_link in todo[start:start + BATCH]:
+            if is_link:
+                safe_move(dst, src)
+            else:
+                safe_move(dst, src, size, sha)
             created.add(Path(dst).parent)
             moved += 1
         job.step(len(todo[start:start + BATCH]))

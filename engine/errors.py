@@ -84,3 +84,19 @@ def worded(exc: MapClipError, name_of) -> "tuple[str, str | None]":
         if hint and name not in hint:
             hint = f"{name}: {hint}"
     return renamed(message), renamed(hint)
+
+
+def reason(exc: BaseException, limit: int = 240) -> str:
+    """The cause of a foreign exception as one clean clause for an error message:
+    terminal colour codes removed, whitespace folded, cut at a sentence end
+    (else a word end, with "...") so that a message never stops mid-sentence."""
+    import re
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc))
+    text = " ".join(text.split()) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    end = max(head.rfind(". "), head.rfind("; "))
+    if end >= limit // 3:
+        return head[:end + 1].rstrip(";")
+    return head[:head.rfind(" ")].rstrip(",;:") + " ..."

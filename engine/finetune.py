@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from .captions import CaptionItem, SkipReport, check_images, read_captions
-from .errors import MapClipError, ModelError, UsageError
+from .errors import MapClipError, ModelError, UsageError, reason
 from .jobs import CancelFlag, Job, ProgressFn
 from .options import FinetuneOptions, check  # noqa: F401
 from .models import (MODEL_CONFIG_FILE, OPENAI_MEAN, OPENAI_STD, LoadedModel, Resolved,
@@ -533,6 +533,8 @@ def evaluate_model(lm: LoadedModel, data: Union[str, Sequence[str]], image_root:
 def _fingerprint(o: FinetuneOptions, data: List[str]) -> Dict[str, Any]:
     fp = {k: getattr(o, k) for k in FINGERPRINT_FIELDS}
     fp["data"] = data
+    from .captions import caption_files_digest
+    fp["data_sha256"] = caption_files_digest(data)   # a changed caption file is another run
     fp["crop_scale"] = list(o.crop_scale)
     fp["image_root"] = str(Path(o.image_root).expanduser().resolve()) if o.image_root else None
     return fp
@@ -578,7 +580,16 @@ def _check_run_dir(run_dir: Path, fingerprint: Dict[str, Any], resume: bool) -> 
         if run is None:
             raise UsageError(f"{run_dir} holds no run to resume", "drop --resume to start a new run there")
         diffs = [f"{k}: {run['fingerprint'].get(k)!r} -> {fingerprint.get(k)!r}"
-                 for k in fingerprint if run["fingerprint"].get(k) != fingerprint.get(k)]
+                 for k in fingerprint if run["fingerprint"].get(k) != fingerprint.get(k)
+                 and k != "data_sha256"]
+        old_sha = run["fingerprint"].get("data_sha256")
+        if old_sha is not None and old_sha != fingerprint.get("data_sha256"):
+            changed = [d for d, a, b in zip(fingerprint["data"], old_sha,
+                                            fingerprint["data_sha256"]) if a != b]
+            raise UsageError(f"the caption file {', '.join(changed) or 'list'} changed since the "
+                             f"run in {run_dir} started: resuming would train on other data",
+                             "restore the caption file as it was, or start a new run with "
+                             "another --out")
         if diffs:
             raise UsageError(f"{run_dir} holds a run with other settings ({'; '.join(diffs)})",
                              "resume with the settings of that run, or choose a new --out")
@@ -641,7 +652,7 @@ def load_state(path: Path) -> Dict[str, Any]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"cannot read training state {path} ({str(exc).splitlines()[0][:200]})",
+        raise UsageError(f"cannot read training state {path} ({reason(exc)})",
                          "the file is damaged or not a MapCLIP training state; start a new run") from None
     need = ("format", "model", "optimizer", "epoch", "step", "rng", "best", "metrics_offset")
     if not isinstance(state, dict) or any(k not in state for k in need) or state["format"] != STATE_FORMAT:
@@ -772,7 +783,7 @@ def finetune(options: FinetuneOptions, progress: Optional[ProgressFn] = None,
                 scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UsageError(f"the training state in {run_dir} does not fit this model "
-                             f"({str(exc).splitlines()[0][:200]})", "start a new run with a new --out") from None
+                             f"({reason(exc)})", "start a new run with a new --out") from None
         start_epoch, step = int(state["epoch"]), int(state["step"])
         best = dict(state["best"])
         before = dict(state.get("before") or {}) or None

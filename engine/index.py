@@ -305,7 +305,85 @@ def model_identity(lm) -> Dict[str, Any]:
                                   for v in encode_images(lm, probe_image(lm.image_size))[0].cpu()]})
     facts.pop("device", None)
     facts.pop("precision", None)
+    facts["weights"] = weights_fingerprint(lm)
     return facts
+
+
+#: weight precisions a fingerprint is kept for, finest first
+FINGERPRINT_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def weights_fingerprint(lm) -> Dict[str, str]:
+    """SHA-256 of the model's weights (every parameter and buffer, by name), per
+    precision: ``fp32`` when all floating tensors are fp32, and ``bf16``/``fp16``
+    with every fp32 tensor rounded to that type the way a model loaded at that
+    precision is (tensors already in it kept), so that an index built in fp32
+    recognises the same weights loaded in bf16 or fp16 on a GPU, also when some
+    layers stay fp32 there. Two models with any weight different (a fine-tuned
+    copy) never share a fingerprint. Cached on the loaded model."""
+    import torch
+    cached = getattr(lm, "_mapclip_fingerprint", None)
+    if cached is not None:
+        return dict(cached)
+    tensors = sorted(lm.model.state_dict().items(), key=lambda kv: kv[0])
+    floats = {t.dtype for _, t in tensors if t.is_floating_point()}
+    wide = {torch.float32, torch.float64}
+    out: Dict[str, str] = {}
+    for key, cast in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if not floats <= (wide | ({cast} if cast is not None else set())):
+            continue   # some tensor is already in another reduced precision
+        h = hashlib.sha256()
+        for name, t in tensors:
+            t = t.detach()
+            if cast is not None and t.dtype in wide:
+                t = t.to(cast)
+            t = t.cpu().contiguous().reshape(-1)
+            h.update(f"{name}|{t.numel()}|{t.dtype}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        out[key] = h.hexdigest()
+    try:
+        lm._mapclip_fingerprint = dict(out)
+    except AttributeError:  # pragma: no cover - a frozen object
+        pass
+    return out
+
+
+def same_weights(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[bool]:
+    """Whether two identities have the same weights by fingerprint: True/False at
+    the finest precision both recorded; None when they share none (an index
+    written before fingerprints, or bf16 against fp16 weights)."""
+    fa, fb = a.get("weights") or {}, b.get("weights") or {}
+    if not isinstance(fa, dict) or not isinstance(fb, dict):
+        return None
+    for key in FINGERPRINT_DTYPES:
+        if key in fa and key in fb:
+            return fa[key] == fb[key]
+    return None
+
+
+def _encode_query_image(lm, p: Path) -> np.ndarray:
+    """The embedding of a query image file: an ordinary picture through PIL, and
+    anything PIL cannot decode (a float32 or 16-bit GeoTIFF, JPEG2000, ...)
+    through the raster reader, stretched to 8 bit like the tiles of an index."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .encode import encode_image_files, encode_images
+    try:
+        with Image.open(p) as im:
+            im.convert("RGB").load()
+        return encode_image_files(lm, [str(p)])[0].cpu().numpy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        pass
+    from .raster import open_raster
+    try:
+        with open_raster(str(p)) as reader:
+            rgb, _ = reader.read(reader.info.window, out_shape=(lm.image_size, lm.image_size))
+    except UsageError as exc:
+        raise UsageError(f"cannot read image {p} as a query: it is neither a picture (PNG, "
+                         "JPEG, 8-bit TIFF) nor a raster GDAL can open",
+                         "give an image file, or a raster GDAL can open (check it with "
+                         "gdalinfo FILE)") from None
+    return encode_images(lm, rgb[None])[0].cpu().numpy()
 
 
 def _describe_model(m: Dict[str, Any]) -> str:
@@ -313,8 +391,13 @@ def _describe_model(m: Dict[str, Any]) -> str:
 
 
 def same_space(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
-    """True when two model identities embed into the same space."""
+    """True when two model identities embed into the same space: the same weights
+    by fingerprint (:func:`weights_fingerprint`) where both have one, and the
+    probe embeddings agree. A fine-tuned copy of a model has probes close to its
+    parent's but other weights: it is not the same space."""
     if int(a.get("embed_dim", -1)) != int(b.get("embed_dim", -2)):
+        return False
+    if same_weights(a, b) is False:
         return False
     for key in ("probe_text", "probe_image"):
         u, v = np.asarray(a.get(key) or [], np.float64), np.asarray(b.get(key) or [], np.float64)
@@ -329,6 +412,25 @@ def same_space(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- #
 # Reading an index.
 # --------------------------------------------------------------------------- #
+#: stored vectors are L2-normalised in float16: their norms lie within this of 1
+NORM_TOLERANCE = 0.02
+
+
+def _check_vectors(path: Path, name: str, emb: np.ndarray, step: int = 1 << 16) -> None:
+    """Refuse a shard whose vectors are not finite unit vectors (random bytes,
+    a foreign array): they would give cosines of 1883 or NaN scores."""
+    for i in range(0, len(emb), step):
+        block = np.asarray(emb[i:i + step], np.float32)
+        if not np.isfinite(block).all():
+            raise _damaged(path, f"shard {name} holds NaN or infinite values")
+        norms = np.linalg.norm(block, axis=1)
+        bad = np.abs(norms - 1.0) > NORM_TOLERANCE
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise _damaged(path, f"shard {name} row {i + k} is not a unit vector (norm "
+                                 f"{norms[k]:.4g}): not embeddings this index wrote")
+
+
 def _damaged(path: Path, what: str) -> MapClipError:
     return MapClipError(f"index {path} is damaged: {what}",
                         "build it again into a new folder (python -m engine index ... --out NEW), "
@@ -420,7 +522,14 @@ class Index:
                                       f"the manifest says float16({n}, {d})")
         if tiles.dtype != TILE_DTYPE or tiles.shape != (n,):
             raise _damaged(self.path, f"shard {s['tiles']} does not hold {n} tile records")
+        _check_vectors(self.path, s["emb"], emb)
         return emb, tiles
+
+    def verify(self) -> None:
+        """Read every shard and check it (shape, type, finite unit vectors); a
+        damaged index raises before anything is written to it."""
+        for s in self.manifest["shards"]:
+            self._load_shard(s)
 
     def _load(self) -> None:
         if self._emb is not None:
@@ -664,6 +773,15 @@ def locate(index: Index, point, crs: Optional[str] = None) -> int:
     """
     index.require_rows()
     x, y = _parse_point(point)
+    if crs is not None:
+        import rasterio
+        from rasterio.crs import CRS
+        try:
+            with rasterio.Env():   # GDAL's messages go to logging, not stray "ERROR 1:" lines
+                CRS.from_user_input(crs)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the user's CRS
+            raise UsageError(f"unknown CRS {crs!r} for the point ({exc})",
+                             "give it as EPSG:N, e.g. --crs EPSG:4326 for lon,lat") from None
     tiles = index.tiles()
     crss = {r.get("crs") or "" for r in index.rasters.values()}
     if crs is None:
@@ -680,9 +798,11 @@ def locate(index: Index, point, crs: Optional[str] = None) -> int:
         if crs is not None and not same_crs(crs, rcrs):
             if not rcrs:
                 continue
+            import rasterio
             from rasterio.warp import transform
             try:
-                xs, ys = transform(crs, rcrs, [x], [y])
+                with rasterio.Env():
+                    xs, ys = transform(crs, rcrs, [x], [y])
             except Exception as exc:
                 raise UsageError(f"cannot transform the point from {crs} ({exc})",
                                  "pass --crs as EPSG:N") from None
@@ -733,11 +853,13 @@ def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] 
         facts = {"text": str(text).strip()}
     elif image is not None:
         p = Path(str(image))
+        if p.is_dir():
+            raise UsageError(f"query image {p} is a folder, not an image file",
+                             "give one image file (PNG, JPEG, TIFF or any raster GDAL reads)")
         if not p.is_file():
             raise UsageError(f"query image {p} does not exist", "check the path")
-        from .encode import encode_image_files
         lm = _load_query_model(index, model, options)
-        q = encode_image_files(lm, [str(p)])[0].cpu().numpy()
+        q = _encode_query_image(lm, p)
         facts = {"image": str(p)}
     else:
         row = locate(index, like, like_crs)
@@ -1063,7 +1185,8 @@ def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any]) -> List[_Sourc
     for p in paths:
         with open_raster(str(p), read_opts) as reader:
             ri = reader.info
-            grids = {int(s): TileGrid.for_raster(ri, None, int(s), _stride_for(layout, int(s)), layout["gsd"])
+            grids = {int(s): TileGrid.for_raster(ri, None, int(s), _stride_for(layout, int(s)),
+                                                 layout["gsd"], max_tiles=None)
                      for s in layout["scales"]}
         georef = {"crs": ri.crs, "transform": [float(v) for v in list(ri.transform)[:6]],
                   "width": int(ri.width), "height": int(ri.height)}
@@ -1130,6 +1253,7 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     identity = model_identity(lm)
     if existing is not None:
         _check_append(out, existing, identity)
+        Index(out).verify()      # a damaged index is refused before anything is written
     layout = _layout(options, existing["options"] if existing else None, lm.image_size)
     sources_ = _probe_sources(paths, layout)
     job.check()
@@ -1321,6 +1445,10 @@ def write_hits(result: SearchResult, path: Union[str, os.PathLike], overwrite: b
     WGS84 (EPSG:4326) from the stored lon/lat bounds. Fields: engine.outputs.HIT_FIELDS.
     """
     vector_driver(path, "hits")
+    from .jobs import check_outputs
+    inputs = [("--image", result.query.get("image"))]
+    inputs += [("indexed raster", r) for r in sorted({h.raster for h in result.hits})]
+    check_outputs([("--out", path)], inputs, overwrite=overwrite)   # never over an input
     crs = output_crs(h.crs for h in result.hits)
     rows, bounds = hit_rows(result.hits, result.model, hit_query(result.query), crs)
     return write_vector(path, HIT_FIELDS, rows, bounds, crs, "hits", overwrite, what="hits")

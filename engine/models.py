@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import MapClipError, ModelError, UsageError
+from .errors import MapClipError, ModelError, UsageError, reason
 from .options import DEFAULT_TEMPLATES
 from .options import ModelDefaults
 
@@ -283,10 +283,10 @@ def hf_download(repo: str, filename: str, progress: Optional[DownloadProgress] =
                                cache_dir=str(cache) if cache else None, local_files_only=offline,
                                tqdm_class=_progress_tqdm(progress), library_name="mapclip")
     except Exception as exc:  # offline, network, hub or disk: one clear line
-        reason = "offline mode ($HF_HUB_OFFLINE) and the file is not cached" if offline else \
-            str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        why = "offline mode ($HF_HUB_OFFLINE) and the file is not cached" if offline else \
+            reason(exc)
         raise ModelError(
-            f"could not download {repo}/{filename} from {hf_endpoint()} ({reason})",
+            f"could not download {repo}/{filename} from {hf_endpoint()} ({why})",
             f"with no network, download that file elsewhere and put it at {legacy} "
             f"(the cache folder is set by ${CACHE_ENV}); behind a firewall, set $HF_ENDPOINT "
             "to a hub mirror") from None
@@ -861,7 +861,7 @@ def read_state_dict(path: Path) -> Dict[str, Any]:
         raise UsageError(f"checkpoint {path} does not exist", "check the path") from None
     except Exception as exc:
         raise ModelError(
-            f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}",
+            f"cannot read checkpoint {path}: {reason(exc)}",
             "checkpoints load with weights_only=True; a file that holds more than tensors "
             "(pickled objects) must be converted to a plain state dict or safetensors") from None
     for key in ("state_dict", "model", "module"):

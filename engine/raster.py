@@ -119,6 +119,20 @@ from .jobs import Job  # noqa: E402
 from .options import STRETCHES, ReadOptions  # noqa: E402,F401 (ReadOptions re-exported)
 from .tiling import PixelWindow, Tile, TileGrid  # noqa: E402,F401
 
+#: the most source pixels one read may touch (see RasterReader._check_read_size)
+MAX_READ_PX = 1 << 28
+#: reads of more source pixels than this, from the main thread, can be interrupted
+LONG_READ_PX = 1 << 22
+READ_LIMIT_ENV = "MAPCLIP_MAX_READ_PX"
+
+
+def max_read_px() -> int:
+    try:
+        return max(1, int(os.environ.get(READ_LIMIT_ENV, MAX_READ_PX)))
+    except ValueError:
+        return MAX_READ_PX
+
+
 #: cap on GDAL's block cache (MB) while the engine reads, unless GDAL_CACHEMAX is set
 GDAL_CACHE_MB = 128
 #: pixels read (per band) for the stretch statistics when sampling blocks
@@ -503,6 +517,58 @@ class RasterReader:
             raise ValueError(f"window {window} is not inside the raster "
                              f"({self.info.width} x {self.info.height} px)")
 
+    def _read_interruptible(self, window: PixelWindow, out_shape, cancel):
+        """:meth:`_read_raw` in a daemon thread with its own dataset handle; the
+        caller polls, so KeyboardInterrupt and ``cancel`` end the wait (GDAL
+        finishes the abandoned read in the background and closes its handle)."""
+        box: dict = {}
+
+        def work() -> None:
+            try:
+                ds = _open_dataset(self.path)
+                try:
+                    box["value"] = self._read_raw(ds, window, out_shape)
+                finally:
+                    ds.close()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+
+        t = threading.Thread(target=work, name="mapclip-long-read", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.05)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _check_read_size(self, window: PixelWindow, out_shape: Optional[Tuple[int, int]]) -> None:
+        """Refuse, before GDAL starts, one read that would touch more than
+        :func:`max_read_px` source pixels: such a read (a whole huge raster shrunk
+        to one image) runs for minutes inside GDAL where Ctrl-C cannot stop it.
+        Overviews count: a read served from an overview touches fewer pixels."""
+        limit = max_read_px()
+        px = window.width * window.height
+        if px <= limit:
+            return
+        factor = 1
+        if out_shape is not None:
+            shrink = min(window.width / max(1, out_shape[1]), window.height / max(1, out_shape[0]))
+            try:
+                ovr = self._dataset().overviews(self.unique_bands[0])
+            except Exception:  # noqa: BLE001
+                ovr = []
+            usable = [f for f in ovr if f <= shrink]
+            factor = max(usable) if usable else 1
+        if px / (factor * factor) > limit:
+            raise UsageError(
+                f"reading {window.width} x {window.height} px of {self.path} as one image is "
+                f"too large ({px / 1e6:.0f} Mpx, the limit is {limit / 1e6:.0f} Mpx): it would "
+                "take minutes and could not be interrupted",
+                "work per tile (count: --tile PX), on a smaller --extent, or build overviews "
+                f"first (gdaladdo {self.path}); {READ_LIMIT_ENV} raises the limit")
+
     def _read_raw(self, ds, window: PixelWindow, out_shape: Optional[Tuple[int, int]],
                   resampling: Optional[Resampling] = None, scratch: Optional["_Scratch"] = None
                   ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -557,16 +623,24 @@ class RasterReader:
             out[..., c] = conv[slot]
         return out
 
-    def read(self, window: PixelWindow, out_shape: Optional[Tuple[int, int]] = None
-             ) -> Tuple[np.ndarray, np.ndarray]:
+    def read(self, window: PixelWindow, out_shape: Optional[Tuple[int, int]] = None,
+             cancel=None) -> Tuple[np.ndarray, np.ndarray]:
         """(H, W, 3) uint8 RGB and (H, W) bool validity for a native pixel window.
 
         ``out_shape`` (rows, cols) resamples on read (average when shrinking,
-        bilinear when enlarging). Safe to call from any thread.
+        bilinear when enlarging). Safe to call from any thread. A long read
+        (more than :data:`LONG_READ_PX` source pixels) made from the main thread
+        runs in a helper thread while the caller waits in short steps, so Ctrl-C
+        and ``cancel`` (anything with ``is_set()``) stop the wait at once.
         """
         self._check_window(window)
+        self._check_read_size(window, out_shape)
         try:
-            raw, valid = self._read_raw(self._dataset(), window, out_shape)
+            if (window.width * window.height > LONG_READ_PX
+                    and threading.current_thread() is threading.main_thread()):
+                raw, valid = self._read_interruptible(window, out_shape, cancel)
+            else:
+                raw, valid = self._read_raw(self._dataset(), window, out_shape)
         except RasterioError as exc:
             raise RasterReadError(f"reading {self.path} at {window} failed: {_gdal_message(exc)}",
                                   "check that the file is complete and readable "
@@ -785,7 +859,8 @@ def extent_to_window(info: RasterInfo, extent: Optional[Tuple[float, float, floa
         from rasterio.crs import CRS
         from rasterio.errors import CRSError
         try:
-            src = CRS.from_user_input(extent_crs)
+            with rasterio.Env():   # GDAL's messages go to logging, not stray "ERROR 1:" lines
+                src = CRS.from_user_input(extent_crs)
         except (CRSError, ValueError, TypeError) as exc:
             raise UsageError(f"unknown extent CRS {extent_crs!r} ({exc})",
                              "give it as EPSG:N, e.g. --extent-crs EPSG:4326") from None
@@ -853,12 +928,12 @@ class TileBatches:
                  min_valid: float = 0.5, skip_empty: bool = True):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        tiles = list(tiles)
-        sizes = {t.out_px for t in tiles}
-        if len(sizes) > 1:
-            raise ValueError(f"tiles have different out_px {sorted(sizes)}; batch them separately")
-        for t in tiles:
-            reader._check_window(t.window())
+        if not (hasattr(tiles, "__getitem__") and hasattr(tiles, "__len__")):
+            tiles = list(tiles)
+        # a grid's tiles are made on demand: nothing here grows with the tile count
+        self._tiles = tiles
+        self._batch_size = int(batch_size)
+        self._out_px = tiles[0].out_px if len(tiles) else None
         self.reader = reader
         self.job = job
         self.min_valid = float(min_valid)
@@ -867,7 +942,7 @@ class TileBatches:
         self.skipped = 0
         self.yielded = 0
         self.done = 0
-        self._batches = [tiles[i:i + batch_size] for i in range(0, len(tiles), batch_size)]
+        self._n_batches = (len(tiles) + batch_size - 1) // batch_size
         self._next_submit = 0
         self._in_flight: deque = deque()
         self._stop = threading.Event()
@@ -877,7 +952,7 @@ class TileBatches:
         self._pool_bufs: List[np.ndarray] = []
         self._depth = max(1, int(prefetch), int(workers))
         self._pool: Optional[ThreadPoolExecutor] = None
-        if self._batches:
+        if self._n_batches:
             self._pool = ThreadPoolExecutor(max_workers=max(1, int(workers)),
                                             thread_name_prefix="mapclip-read")
             self._fill()
@@ -929,10 +1004,21 @@ class TileBatches:
     # consumer side
     def _fill(self) -> None:
         while (not self._stop.is_set() and len(self._in_flight) < self._depth
-               and self._next_submit < len(self._batches)):
-            tiles = self._batches[self._next_submit]
+               and self._next_submit < self._n_batches):
+            tiles = self._batch(self._next_submit)
             self._in_flight.append((tiles, self._pool.submit(self._work, tiles)))
             self._next_submit += 1
+
+    def _batch(self, k: int) -> List[Tile]:
+        """Batch ``k``, made and checked when it is submitted."""
+        bs = self._batch_size
+        tiles = list(self._tiles[k * bs:(k + 1) * bs])
+        for t in tiles:
+            if t.out_px != self._out_px:
+                raise ValueError(f"tiles have different out_px ({self._out_px}, {t.out_px}); "
+                                 "batch them separately")
+            self.reader._check_window(t.window())
+        return tiles
 
     def _cancelled(self) -> bool:
         return self.job is not None and self.job.cancelled
@@ -1064,3 +1150,18 @@ def iter_tile_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: i
     """
     return TileBatches(reader, tiles, batch_size, job=job, prefetch=prefetch, workers=workers,
                        min_valid=min_valid, skip_empty=skip_empty)
+
+
+def raster_files(path: str | os.PathLike) -> List[str]:
+    """Every file GDAL reads for ``path`` (a VRT's sources, a world file, an
+    .aux.xml, overviews), for the output guard: none of them may be an output."""
+    files = [os.fspath(path)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with rasterio.open(os.fspath(path)) as ds:
+                files.extend(ds.files or [])
+    except Exception:  # noqa: BLE001 - an unreadable raster is reported by its reader
+        pass
+    return list(dict.fromkeys(files))
+

@@ -28,6 +28,15 @@ Tiles are listed row-major: ``index = r * n_cols + c``; ``col_starts`` and
 ``row_starts`` give the grid lines, so window-of-tiles code can address the
 grid by (r, c) with :meth:`TileGrid.tile_at`.
 
+The grid is lazy: only the grid lines are stored (memory proportional to the
+number of tile columns plus rows, never to the pixel or tile count);
+``grid.tiles`` is a :class:`TileSequence` that makes each :class:`Tile` as a
+value when it is indexed or iterated, and ``len()`` still works. A tile
+larger than the raster is clipped to the raster (read at the raster's size,
+at least :data:`CLIP_TILE_PX`, not at the requested size), and a tile whose
+output exceeds :data:`MAX_TILE_PX` is refused with a :class:`ValueError`
+before anything is read.
+
 GSD: a tile of ``tile_px`` *output* pixels at a target ground sampling
 distance ``gsd`` (metres per pixel) covers ``round(tile_px * gsd / res_m)``
 native pixels per axis, where ``res_m`` is the raster's native pixel size in
@@ -37,10 +46,42 @@ metres on that axis; :meth:`TileGrid.for_raster` does that conversion (see
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union, overload
 
 SizeLike = Union[int, Tuple[int, int]]
+
+#: the largest tile (output pixels per side) one read may make: a bigger tile is
+#: refused before any read (a 20000-px tile is a 1.2 GB image)
+MAX_TILE_PX = 8192
+#: environment variable that raises or lowers :data:`MAX_TILE_PX`
+MAX_TILE_ENV = "MAPCLIP_MAX_TILE_PX"
+#: a tile larger than the raster is read at most this large (unless the raster is larger)
+CLIP_TILE_PX = 1024
+
+
+#: the most tiles, and the widest row of tiles (output pixels), one grid may hold by
+#: default: detect and count keep per-tile and per-row state (heatmaps, tile strips),
+#: so a raster declaring 10^6 x 10^6 pixels is refused up front, not after eating
+#: the memory; the index streams and lifts the limit (``max_tiles=None``)
+MAX_GRID_TILES = 250_000
+MAX_ROW_PX = 1 << 18
+MAX_GRID_ENV = "MAPCLIP_MAX_TILES"
+
+
+def max_grid_tiles() -> int:
+    try:
+        return max(1, int(os.environ.get(MAX_GRID_ENV, MAX_GRID_TILES)))
+    except ValueError:
+        return MAX_GRID_TILES
+
+
+def max_tile_px() -> int:
+    try:
+        return max(1, int(os.environ.get(MAX_TILE_ENV, MAX_TILE_PX)))
+    except ValueError:
+        return MAX_TILE_PX
 
 
 @dataclass(frozen=True)
@@ -199,18 +240,19 @@ class TileGrid:
         self.col_starts, self.tile_width = axis_starts(area.col, area.width, tw, sw, rw, align=align)
         self.row_starts, self.tile_height = axis_starts(area.row, area.height, th, sh, rh, align=align)
         self.out_px = int(out_px) if out_px else max(self.tile_width, self.tile_height, 1)
+        limit = max_tile_px()
+        if self.out_px > limit:
+            raise ValueError(f"a tile of {self.out_px} x {self.out_px} output pixels is larger "
+                             f"than the {limit}-px limit")
         self.n_cols = len(self.col_starts)
         self.n_rows = len(self.row_starts)
-        self.tiles: List[Tile] = [
-            Tile(r * self.n_cols + c, col, row, self.tile_width, self.tile_height, self.out_px)
-            for r, row in enumerate(self.row_starts)
-            for c, col in enumerate(self.col_starts)
-        ]
+        self.tiles: TileSequence = TileSequence(self.col_starts, self.row_starts,
+                                                self.tile_width, self.tile_height, self.out_px)
 
     @classmethod
     def for_raster(cls, info, area: Optional[PixelWindow], tile_px: int,
                    stride_px: Optional[int] = None, gsd: Optional[float] = None,
-                   align: bool = True) -> "TileGrid":
+                   align: bool = True, max_tiles: Optional[int] = -1) -> "TileGrid":
         """Grid for a :class:`engine.raster.RasterInfo`.
 
         Without ``gsd``, ``tile_px``/``stride_px`` are native pixels and tiles
@@ -218,7 +260,35 @@ class TileGrid:
         *output* pixels: each tile covers ``round(tile_px * gsd / res_m)``
         native pixels and is resampled to ``tile_px`` on read.
         """
+        from .errors import UsageError
         from .raster import native_tile_size
+        if int(tile_px) <= 0 or (stride_px is not None and int(stride_px) <= 0):
+            raise UsageError(f"tile size {tile_px} and stride {stride_px} must be positive",
+                             "use e.g. --tile 224")
+        try:
+            grid = cls._for_raster(info, area, tile_px, stride_px, gsd, align, native_tile_size)
+        except ValueError as exc:
+            raise UsageError(f"cannot cut {info.width} x {info.height} px into tiles of "
+                             f"{tile_px} px: {exc}",
+                             f"use a smaller --tile (at most {max_tile_px()} output pixels), "
+                             "or a coarser --gsd") from None
+        limit = max_grid_tiles() if max_tiles == -1 else max_tiles
+        if limit is not None:
+            row_px = grid.n_cols * grid.out_px
+            if len(grid) > limit or (max_tiles == -1 and row_px > MAX_ROW_PX
+                                     and grid.n_cols > 1):
+                raise UsageError(
+                    f"the area is {grid.area.width} x {grid.area.height} px: {grid.n_cols} x "
+                    f"{grid.n_rows} = {len(grid)} tiles of {tile_px} px, more than one run "
+                    f"holds in memory (at most {limit} tiles and rows of at most "
+                    f"{MAX_ROW_PX} px)",
+                    "work on part of it with --extent, use a coarser --gsd or a larger "
+                    f"--tile, or index it (python -m engine index streams any size); "
+                    f"{MAX_GRID_ENV} raises the tile limit")
+        return grid
+
+    @classmethod
+    def _for_raster(cls, info, area, tile_px, stride_px, gsd, align, native_tile_size):
         if area is None:
             area = PixelWindow(0, 0, info.width, info.height)
         stride_px = stride_px or tile_px
@@ -228,13 +298,14 @@ class TileGrid:
             out = tile_px
         else:
             native, nstride, out = (tile_px, tile_px), (stride_px, stride_px), None
-        grid = cls(area, native, nstride, raster_size=(info.width, info.height),
+        if out is None and (min(tile_px, info.width) != tile_px
+                            or min(tile_px, info.height) != tile_px):
+            # raster smaller than a tile on an axis: the tile is clipped to the raster and
+            # read at the requested size, but never larger than the raster (or
+            # CLIP_TILE_PX), so a huge --tile costs no more memory than the raster itself
+            out = min(int(tile_px), max(info.width, info.height, CLIP_TILE_PX))
+        return cls(area, native, nstride, raster_size=(info.width, info.height),
                    out_px=out, block_shape=info.block_shape, align=align)
-        if out is None and (grid.tile_width != tile_px or grid.tile_height != tile_px):
-            # raster smaller than a tile: keep the requested output size
-            grid = cls(area, native, nstride, raster_size=(info.width, info.height),
-                       out_px=tile_px, block_shape=info.block_shape, align=align)
-        return grid
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -264,6 +335,62 @@ class TileGrid:
         c0, r0 = self.col_starts[0], self.row_starts[0]
         return PixelWindow(c0, r0, self.col_starts[-1] + self.tile_width - c0,
                            self.row_starts[-1] + self.tile_height - r0)
+
+
+class TileSequence(Sequence):
+    """The tiles of a grid, made on demand (row-major); supports ``len``,
+    indexing (negative too), slicing (a contiguous slice is again a lazy
+    TileSequence, a stepped one a list) and iteration. Tiles keep their index
+    in the whole grid."""
+
+    def __init__(self, col_starts: Sequence[int], row_starts: Sequence[int], width: int,
+                 height: int, out_px: int, start: int = 0, stop: Optional[int] = None):
+        self._cols, self._rows = col_starts, row_starts
+        self._w, self._h, self._out = width, height, out_px
+        total = len(col_starts) * len(row_starts)
+        self._start = max(0, min(int(start), total))
+        self._stop = total if stop is None else max(self._start, min(int(stop), total))
+        self._n = self._stop - self._start
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _tile(self, k: int) -> Tile:
+        i = self._start + k
+        r, c = divmod(i, len(self._cols))
+        return Tile(i, self._cols[c], self._rows[r], self._w, self._h, self._out)
+
+    @overload
+    def __getitem__(self, i: int) -> Tile: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> List[Tile]: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            a, b, step = i.indices(self._n)
+            if step == 1:
+                return TileSequence(self._cols, self._rows, self._w, self._h, self._out,
+                                    self._start + a, self._start + max(a, b))
+            return [self._tile(k) for k in range(a, b, step)]
+        i = int(i)
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"tile {i} of {self._n}")
+        return self._tile(i)
+
+    def __iter__(self) -> Iterator[Tile]:
+        for k in range(self._n):
+            yield self._tile(k)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (list, tuple, TileSequence)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"TileSequence({self._n} tiles)"
 
 
 def tiles_of(windows: Sequence[PixelWindow], out_px: int) -> List[Tile]:

@@ -10,8 +10,11 @@ nothing else is caught, so real bugs keep their tracebacks.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
+import re
+import signal
 import sys
 import threading
 from typing import Any, List, Optional, Tuple
@@ -58,6 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
+    previous = _terminate_as_interrupt()
     try:
         return int(args.func(args) or 0)
     except Cancelled:
@@ -68,10 +72,53 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     except MapClipError as exc:
         message, hint = worded(exc, flag)
-        print(f"error: {message}", file=sys.stderr)
-        if hint:
-            print(f"  fix: {hint}", file=sys.stderr)
+        print_error(message, hint)
         return exc.exit_code
+    except MemoryError:
+        print_error("out of memory",
+                    "work on less at once: a smaller --tile, --batch-size or --extent")
+        return 1
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print_error(f"{exc.strerror or exc}:{where}",
+                    "check the path, its permissions and the free disk space, then run again")
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+#: errors of the user's files and disks, reported as error/fix lines rather than tracebacks
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EXDEV,
+                errno.ENAMETOOLONG, errno.ELOOP, errno.EIO}
+
+
+def _one_line(text: str) -> str:
+    """A message as one plain line: terminal colour codes removed, whitespace folded."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(text))
+    return " ".join(text.split())
+
+
+def print_error(message: str, hint: Optional[str]) -> None:
+    """The two lines every user error prints: ``error: ...`` and ``  fix: ...``."""
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    if hint:
+        print(f"  fix: {_one_line(hint)}", file=sys.stderr)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (a `kill`, a closed session) stops a run like Ctrl-C: temporary
+    outputs are removed on the way out instead of being left behind. Returns the
+    handler it replaced (restored when the command returns), or None."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt()
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not the main thread
+        return None
 
 
 # ---------------------------------------------------------------- helpers --

@@ -35,8 +35,11 @@ def register(sub) -> None:
     b.set_defaults(func=run_b2c)
 
     m = conv.add_parser("m2b", help="boxes (COCO JSON) from class-index masks",
-                        description="Mask-to-Box: one box per outer contour of each class "
-                                    "in single-band class-index masks, written as COCO JSON.")
+                        description="Mask-to-Box: one box per region (8-connected component, "
+                                    "so a same-class island in a hole gets its own box) of "
+                                    "each class in single-band class-index masks, written as "
+                                    "COCO JSON. A class named background is skipped unless "
+                                    "--keep-background.")
     m.add_argument("--masks", required=True, metavar="DIR", help="folder of masks (or one mask)")
     m.add_argument("--classes", required=True, metavar="CLASSES.json",
                    help='class index -> name, e.g. {"1": "building", "2": "road"}')
@@ -44,7 +47,10 @@ def register(sub) -> None:
     m.add_argument("--min-area", type=int, default=0, metavar="PX",
                    help="drop regions with fewer pixels (default 0: keep all)")
     m.add_argument("--ignore-index", type=int, default=None, metavar="N",
-                   help="mask value to skip, e.g. 0 (background) or 255 (void)")
+                   help="a mask value to skip as well, e.g. 255 (void); a class named "
+                        "background is skipped anyway unless --keep-background")
+    m.add_argument("--keep-background", action="store_true",
+                   help="also box the class named background")
     m.add_argument("--images", metavar="DIR", default=None,
                    help="folder of the images named like the masks (used in file_name and captions)")
     m.add_argument("--captions", metavar="CSV", default=None,
@@ -83,7 +89,8 @@ def run_m2b(args: argparse.Namespace) -> int:
     from ..convert import MaskOptions, mask_to_box
     opts = MaskOptions(min_area=args.min_area, ignore_index=args.ignore_index,
                        images_dir=args.images, overwrite=args.overwrite,
-                       captions=args.captions, seed=args.seed)
+                       captions=args.captions, seed=args.seed,
+                       keep_background=args.keep_background)
     bar = tqdm_progress("masks", unit="mask")
     try:
         res = mask_to_box(args.masks, args.classes, args.out, opts, progress=bar,

@@ -63,15 +63,18 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..count import CountOptions, count, write_count_boxes
-    from ..jobs import check_output_path
-    from ..raster import ReadOptions
+    from ..jobs import check_outputs
+    from ..raster import ReadOptions, raster_files
 
     if args.out:
         if args.method == "prompt":
             raise UsageError("--out writes the dense method's boxes", "add --method dense or both")
         if Path(args.out).suffix.lower() not in (".gpkg", ".geojson", ".json"):
             raise UsageError(f"cannot write boxes to {args.out}", "name the output .gpkg or .geojson")
-        check_output_path(args.out, args.overwrite)
+        if not Path(args.raster).exists():
+            raise UsageError(f"raster {args.raster} does not exist", "check the path")
+        check_outputs([("--out", args.out)], [("raster", f) for f in raster_files(args.raster)],
+                      overwrite=args.overwrite)
     extent = parse_floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
         if args.extent else None
     if args.extent_crs and not extent:

@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("no input folders", "name at least one folder of images")
     if not args.out:
         raise UsageError("--out is required", "name the report, e.g. --out report.csv")
+    if args.move_to:  # refused before any work: no report is written for a bad quarantine
+        dedup.check_quarantine(args.move_to, dedup.input_roots(list(args.dirs)
+                                                               + list(args.against or [])))
     opts = dedup.DedupOptions(max_distance=args.max_distance, hash_size=args.hash_size,
                               segments=args.segments,
                               cache=None if args.no_cache else args.cache,

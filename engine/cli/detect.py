@@ -110,21 +110,19 @@ def options_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..detect import detect, write_boxes, write_heatmap
+    from ..jobs import check_outputs
     from ..outputs import vector_driver
-    from ..jobs import check_output_path
+    from ..raster import raster_files
     from . import cancel_event
 
     # refuse bad outputs before any work
     vector_driver(args.out)
-    check_output_path(args.out, args.overwrite)
-    if args.heatmap:
-        if Path(args.heatmap).suffix.lower() not in (".tif", ".tiff"):
-            raise UsageError(f"heatmap {args.heatmap} must be a GeoTIFF", "name it .tif")
-        check_output_path(args.heatmap, args.overwrite)
-        if Path(args.heatmap).resolve() == Path(args.out).resolve():
-            raise UsageError("--out and --heatmap name the same file", "give two paths")
+    if args.heatmap and Path(args.heatmap).suffix.lower() not in (".tif", ".tiff"):
+        raise UsageError(f"heatmap {args.heatmap} must be a GeoTIFF", "name it .tif")
     if not Path(args.raster).exists():
         raise UsageError(f"raster {args.raster} does not exist", "check the path")
+    check_outputs([("--out", args.out), ("--heatmap", args.heatmap)],
+                  [("raster", f) for f in raster_files(args.raster)], overwrite=args.overwrite)
     extent = parse_floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
         if args.extent else None
     if args.extent_crs and not extent:

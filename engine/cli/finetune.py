@@ -84,7 +84,14 @@ def _print_metrics(name: str, m: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..finetune import FinetuneOptions, finetune
     from ..finetune import options_from_run
+    from ..jobs import check_outputs
     given = {k: getattr(args, k) for k in TUNABLE if getattr(args, k) is not None}
+    # the model's files (a folder, or the checkpoint of ARCH:CHECKPOINT) are inputs too
+    model_files = [m for m in {args.model, args.model.split(":", 1)[-1]} if Path(m).exists()]
+    check_outputs([("--out", args.out)],
+                  [("--data", d) for d in args.data] + [("--images", args.images)]
+                  + [("--model", m) for m in model_files],
+                  folders=["--out"], may_exist=["--out"])
     common = dict(model=args.model, data=args.data, device=args.device, precision=args.precision,
                   strict=args.strict, workers=args.workers)
     if args.images:

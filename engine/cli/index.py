@@ -74,8 +74,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tile is not None and args.scales:
         raise UsageError("--tile and --scales both given", "use --scales alone for several sizes")
+    from ..jobs import check_outputs
     model = args.model
     out = Path(args.out)
+    check_outputs([("--out", out)], [("source", s) for s in args.sources], folders=["--out"],
+                  may_exist=["--out"])
     if model is None:
         if (out / ix.MANIFEST).is_file():
             model = ix.read_manifest(out)["model"].get("spec")

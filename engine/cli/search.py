@@ -52,13 +52,14 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import index as ix
-    from ..jobs import check_output_path
+    from ..jobs import check_outputs
     from . import cancel_event
 
     if args.out:
         if not str(args.out).lower().endswith((".gpkg", ".geojson", ".json")):
             raise UsageError(f"cannot write hits to {args.out}", "name the output .gpkg or .geojson")
-        check_output_path(args.out, args.overwrite)
+        check_outputs([("--out", args.out)], [("--image", args.image)], overwrite=args.overwrite,
+                      sealed=[("the index", args.index)])
     if args.crs and args.like is None:
         raise UsageError("--crs given without --like", "--crs is the CRS of the --like point")
     opts = ix.SearchOptions(top_k=args.top_k, negative=tuple(args.negative or ()),

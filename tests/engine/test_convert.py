@@ -257,7 +257,8 @@ def constructed_mask() -> np.ndarray:
 
 CONSTRUCTED_BOXES = {  # class -> [(bbox, area)]
     1: [((0, 0, 7, 6), 24), ((25, 8, 1, 1), 1), ((28, 18, 2, 2), 4)],
-    2: [((10, 10, 7, 7), 41)],
+    # a ring with a same-class island in its hole: two regions, the ring's area its own
+    2: [((10, 10, 7, 7), 40), ((13, 13, 1, 1), 1)],
     3: [((17, 10, 3, 7), 21)],
 }
 
@@ -281,8 +282,8 @@ def test_touching_same_class_regions_merge_and_holes_make_no_region():
 
 
 def test_mask_regions_match_an_independent_reference():
-    """Random blobby masks: outer contours == 8-connected components of the
-    hole-filled class mask (scipy), boxes and pixel areas."""
+    """Random blobby masks: regions == 8-connected components of each class's
+    pixels (scipy), boxes and pixel areas: islands in holes are their own regions."""
     from scipy import ndimage
     rng = np.random.default_rng(0)
     for trial in range(15):
@@ -291,7 +292,7 @@ def test_mask_regions_match_an_independent_reference():
         want = []
         for v in np.unique(m):
             b = m == v
-            lab, n = ndimage.label(ndimage.binary_fill_holes(b), structure=np.ones((3, 3)))
+            lab, n = ndimage.label(b, structure=np.ones((3, 3)))
             for k, sl in enumerate(ndimage.find_objects(lab), 1):
                 ys, xs = sl
                 area = int(np.count_nonzero(b[sl] & (lab[sl] == k)))
@@ -315,7 +316,8 @@ def test_mask_to_box_coco_output(tmp_path):
                                    "3": "ship", "255": "void"}))
     out = tmp_path / "boxes.json"
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in masks.iterdir()}
-    res = mask_to_box(masks, classes, out, MaskOptions(ignore_index=255, min_area=2))
+    res = mask_to_box(masks, classes, out, MaskOptions(ignore_index=255, min_area=2,
+                                                       keep_background=True))
     after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in masks.iterdir()}
     assert before == after
     coco = json.loads(out.read_text())
@@ -323,17 +325,19 @@ def test_mask_to_box_coco_output(tmp_path):
     assert [(im["width"], im["height"]) for im in coco["images"]] == [(30, 20), (6, 5)]
     got = sorted((a["image_id"], a["category_id"], tuple(a["bbox"]), a["area"])
                  for a in coco["annotations"])
-    # class 0 (background) is one outer contour over the whole image; its area is
-    # every class-0 pixel, the ring's hole included (it lies inside that contour)
+    # class 0 (background, kept on request) is the region around everything plus the
+    # pixels in the ring's hole, a region of their own
     zero = int(np.count_nonzero(constructed_mask() == 0))
-    want = ([(1, 0, (0, 0, 30, 20), zero)]
+    hole = [((12, 12, 3, 3), 8)]
+    want = ([(1, 0, (0, 0, 30, 20), zero - hole[0][1])] + [(1, 0, b, a) for b, a in hole]
             + [(1, c, b, a) for c, boxes in CONSTRUCTED_BOXES.items() for b, a in boxes if a >= 2]
             + [(2, 3, (0, 0, 6, 5), 30)])
     assert got == sorted(want)
     assert {c["id"]: c["name"] for c in coco["categories"]} == {
         0: "background", 1: "building", 2: "storage-tank", 3: "ship"}
-    assert res.dropped_small == 1 and res.unknown_values == {7: 1}
-    assert res.per_class == {"background": 1, "building": 2, "ship": 2, "storage-tank": 1}
+    # under --min-area 2: the single pixel and the 1-px island in the ring's hole
+    assert res.dropped_small == 2 and res.unknown_values == {7: 1}
+    assert res.per_class == {"background": 2, "building": 2, "ship": 2, "storage-tank": 1}
 
 
 def test_mask_to_box_ignore_background_and_chain_captions(tmp_path):
@@ -404,11 +408,14 @@ def test_cli_m2b(tmp_path, capsys):
     classes.write_text(json.dumps(["background", "building", "tank", "ship"]))
     out = tmp_path / "b.json"
     rc = cli_main(["convert", "m2b", "--masks", str(masks), "--classes", str(classes),
-                   "--out", str(out), "--ignore-index", "0", "--min-area", "2", "--json"])
+                   "--out", str(out), "--min-area", "2", "--json"])
     cap = capsys.readouterr()
     assert rc == 0
     res = json.loads(cap.out)
-    assert res["boxes"] == 4 and res["dropped_small"] == 1
+    # the class named background is skipped without --ignore-index; the 1-px island
+    # in the ring's hole and the single pixel fall under --min-area
+    assert res["boxes"] == 4 and res["dropped_small"] == 2
+    assert json.loads(out.read_text())["categories"][0]["name"] == "building"
     assert "not in the classes" in cap.err   # 7 and 255
 
 

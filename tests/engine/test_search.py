@@ -102,6 +102,16 @@ def test_image_query_and_bad_queries(rigged_index, rigged, tmp_path):
         ix.search(rigged_index, image=str(junk), model=rigged)
     with pytest.raises(UsageError, match="does not exist"):
         ix.search(rigged_index, image=str(tmp_path / "none.png"), model=rigged)
+    with pytest.raises(UsageError, match="is a folder, not an image file"):
+        ix.search(rigged_index, image=str(tmp_path), model=rigged)
+    # a float32 GeoTIFF (PIL cannot decode it) is read through the raster reader
+    red = np.random.default_rng(0).random((3, 40, 40)).astype(np.float32)
+    geo = make_raster(tmp_path / "red32.tif", width=40, height=40, data=red, dtype="float32")
+    with pytest.raises(Exception):
+        from PIL import Image as _I
+        _I.open(geo).convert("RGB")
+    res = ix.search(rigged_index, image=str(geo), model=rigged)
+    assert res.hits and all(np.isfinite(h.score) for h in res.hits)
     with pytest.raises(UsageError, match="empty query"):
         ix.search(rigged_index, text="   ", model=rigged)
     with pytest.raises(UsageError, match="exactly one query"):

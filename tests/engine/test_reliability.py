@@ -1,0 +1,717 @@
+"""Reliability: bad files, bad options, read-only outputs, outputs that are inputs,
+kill -9 and resume, symlinks, huge declared rasters, damaged indexes and
+malformed annotations, each through the real command line in a child process.
+
+For every refused case the contract is: the exit code, exactly one ``error:``
+and one ``fix:`` line, no traceback, no output (nor temporary file) left, and
+every input byte-identical. The children are started together in a thread
+pool (they mostly wait on imports), with tiny rasters and the rigged model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.raster_fixtures import make_raster, noise
+from tests.rigged import RED, RED_PROMPT, save_rigged_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+#: a child's own peak resident memory (VmHWM) is printed on stderr at exit
+PEAK_WRAPPER = (
+    "import atexit, sys\n"
+    "def _peak():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            sys.stderr.write('PEAK_KB ' + line.split()[1] + '\\n')\n"
+    "atexit.register(_peak)\n"
+    "from engine.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n")
+#: peak memory a refused huge-raster run may reach (torch and the model included)
+PEAK_LIMIT_KB = 1_400_000
+HUGE = 1_000_000
+
+
+def _env(tmp: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["MAPCLIP_CACHE"] = str(tmp / "cache")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _popen(args, cwd: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", PEAK_WRAPPER, *map(str, args)], cwd=cwd,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+class Run:
+    def __init__(self, rc: int, out: str, err: str):
+        self.rc, self.out = rc, out
+        lines = err.splitlines()
+        self.peak_kb = next((int(ln.split()[1]) for ln in lines if ln.startswith("PEAK_KB")), 0)
+        self.err = "\n".join(ln for ln in lines if not ln.startswith("PEAK_KB"))
+
+    def refused(self, code: int, *words: str) -> None:
+        errors = [ln for ln in self.err.splitlines() if ln.startswith("error:")]
+        fixes = [ln for ln in self.err.splitlines() if ln.strip().startswith("fix:")]
+        assert self.rc == code, (self.rc, self.err)
+        assert len(errors) == 1 and len(fixes) == 1, self.err
+        assert "Traceback" not in self.err, self.err
+        for w in words:
+            assert w in errors[0], (w, errors[0])
+
+
+def _cli(args, cwd: Path, env: dict, timeout: float = 240) -> Run:
+    p = _popen(args, cwd, env)
+    out, err = p.communicate(timeout=timeout)
+    return Run(p.returncode, out, err)
+
+
+def _digest(folder: Path) -> dict:
+    """Every file under ``folder`` (links as their targets' names) -> sha256."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(folder))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _readonly_dir(tmp: Path) -> Path:
+    """A folder no file can be created in: chmod 555, or (as root, who ignores
+    modes) a path below /proc/self, which refuses new files to everyone."""
+    d = tmp / "readonly"
+    d.mkdir()
+    d.chmod(0o555)
+    try:
+        (d / "probe").touch()
+    except OSError:
+        return d
+    (d / "probe").unlink()
+    d.chmod(0o755)
+    return Path("/proc/self/mapclip-readonly")
+
+
+def _huge_vrt(path: Path, small: Path) -> Path:
+    bands = "".join(
+        f'<VRTRasterBand dataType="Byte" band="{b}"><ColorInterp>{c}</ColorInterp><SimpleSource>'
+        f'<SourceFilename relativeToVRT="0">{small}</SourceFilename><SourceBand>{b}</SourceBand>'
+        '<SrcRect xOff="0" yOff="0" xSize="64" ySize="64"/><DstRect xOff="0" yOff="0" '
+        'xSize="64" ySize="64"/></SimpleSource></VRTRasterBand>'
+        for b, c in ((1, "Red"), (2, "Green"), (3, "Blue")))
+    path.write_text(f'<VRTDataset rasterXSize="{HUGE}" rasterYSize="{HUGE}"><SRS>EPSG:32633</SRS>'
+                    '<GeoTransform>500000, 0.5, 0, 4000000, 0, -0.5</GeoTransform>'
+                    f'{bands}</VRTDataset>')
+    return path
+
+
+def _image(path: Path, seed: int, flip: bool = False) -> Path:
+    rng = np.random.default_rng(seed)
+    a = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a[::-1] if flip else a).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Inputs for every family, and their digests before anything runs."""
+    tmp = tmp_path_factory.mktemp("reliability")
+    data = noise(3, 96, 128, seed=3)
+    data[:, 40:70, 60:100] = np.array(RED, np.uint8)[:, None, None]
+    w = {"tmp": tmp, "env": _env(tmp)}
+    (tmp / "in").mkdir()
+    w["raster"] = make_raster(tmp / "in" / "scene.tif", width=128, height=96, data=data)
+    (tmp / "in" / "notraster.tif").write_bytes(b"not a raster at all" * 10)
+    w["model"] = save_rigged_folder(tmp / "models" / "rigged")
+    _huge_vrt(tmp / "in" / "huge.vrt", w["raster"])
+    # annotations and masks
+    ann = tmp / "in" / "ann"
+    _image(ann / "images" / "a.png", 1)
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 48, "height": 48}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 99, "bbox": [1, 1, 5, 5]}],
+            "categories": [{"id": 1, "name": "ship"}]}
+    (ann / "missing_cat.json").write_text(json.dumps(coco))
+    coco["annotations"][0].update(category_id=1, bbox=[1, 1, -4, 5])
+    (ann / "negative.json").write_text(json.dumps(coco))
+    coco["annotations"][0].update(bbox=[900, 900, 5, 5])
+    (ann / "outside.json").write_text(json.dumps(coco))
+    coco["categories"][0]["name"] = ""
+    coco["annotations"][0].update(bbox=[1, 1, 5, 5])
+    (ann / "empty_name.json").write_text(json.dumps(coco))
+    for name, line in (("range", "0 1.5 0.5 0.2 0.2"), ("nan", "0 nan 0.5 0.2 0.2"),
+                       ("frac", "0.7 0.5 0.5 0.2 0.2"), ("size", "0 0.5 0.5 -0.2 0.2")):
+        (ann / "yolo" / name).mkdir(parents=True)
+        (ann / "yolo" / name / "a.txt").write_text(line + "\n")
+    masks = tmp / "in" / "masks"
+    masks.mkdir()
+    Image.fromarray(np.pad(np.ones((8, 8), np.uint8), 28)).save(masks / "a.png")
+    (masks / "classes.json").write_text(json.dumps({"0": "background", "1": "building"}))
+    (tmp / "in" / "bare_classes.json").write_text(json.dumps("building"))
+    # dedup: an image and a symlink to it; a folder and a symlink to the folder
+    _image(tmp / "in" / "s1" / "z.png", 7)
+    os.symlink("z.png", tmp / "in" / "s1" / "0link.png")
+    _image(tmp / "in" / "s2" / "a.png", 8)
+    _image(tmp / "in" / "s2" / "b.png", 9)
+    os.symlink("s2", tmp / "in" / "s2link")
+    w["ro"] = _readonly_dir(tmp)
+    w["digest"] = _digest(tmp / "in")
+    return w
+
+
+def _outs(tmp: Path) -> Path:
+    d = tmp / f"out-{random.random():.9f}"
+    d.mkdir()
+    return d
+
+
+def _assert_empty(folder: Path) -> None:
+    left = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    assert left == [], left
+
+
+# refused cases: (name, argv with placeholders, exit code, words in the error line)
+CASES = [
+    ("bad_file", ["detect", "{in}/notraster.tif", "--prompt", "x", "--model", "{model}",
+                  "--out", "{out}/b.gpkg"], 2, ["cannot open"]),
+    ("heatmap_is_input", ["detect", "{in}/scene.tif", "--prompt", "x", "--model", "{model}",
+                          "--out", "{out}/b.gpkg", "--heatmap", "{in}/scene.tif", "--overwrite"],
+     2, ["also an input"]),
+    ("heatmap_is_vrt_source", ["detect", "{in}/huge.vrt", "--prompt", "x", "--model", "{model}",
+                               "--out", "{out}/b.gpkg", "--heatmap", "{in}/scene.tif",
+                               "--overwrite"], 2, ["also an input"]),
+    ("m2b_out_is_classes", ["convert", "m2b", "--masks", "{in}/masks", "--classes",
+                            "{in}/masks/classes.json", "--out", "{in}/masks/classes.json",
+                            "--overwrite"], 2, ["also an input"]),
+    ("readonly_detect", ["detect", "{in}/scene.tif", "--prompt", "x", "--model", "{model}",
+                         "--out", "{ro}/b.gpkg"], 2, ["cannot write"]),
+    ("readonly_heatmap", ["detect", "{in}/scene.tif", "--prompt", "x", "--model", "{model}",
+                          "--out", "{out}/b.gpkg", "--heatmap", "{ro}/h.tif"], 2, ["cannot write"]),
+    ("readonly_count", ["count", "{in}/scene.tif", "--object", "x", "--model", "{model}",
+                        "--method", "dense", "--out", "{ro}/c.gpkg"], 2, ["cannot write"]),
+    ("readonly_index", ["index", "{in}/scene.tif", "--model", "{model}", "--out", "{ro}/idx"],
+     2, ["cannot write"]),
+    ("readonly_dedup", ["dedup", "{in}/s2", "--out", "{ro}/r.csv", "--no-cache"], 2,
+     ["cannot write"]),
+    ("readonly_m2b_captions", ["convert", "m2b", "--masks", "{in}/masks", "--classes",
+                               "{in}/masks/classes.json", "--out", "{out}/b.json",
+                               "--captions", "{ro}/c.csv"], 2, ["cannot write"]),
+    ("readonly_finetune", ["finetune", "--model", "{model}", "--data", "{in}/ann/negative.json",
+                           "--out", "{ro}/run"], 2, ["cannot write"]),
+    ("bad_option_iou", ["detect", "{in}/scene.tif", "--prompt", "x", "--model", "{model}",
+                        "--out", "{out}/b.gpkg", "--iou", "2"], 2, ["iou"]),
+    ("bad_option_tile", ["detect", "{in}/scene.tif", "--prompt", "x", "--model", "{model}",
+                         "--out", "{out}/b.gpkg", "--tile", "0"], 2, []),
+    ("bad_option_background", ["detect", "{in}/scene.tif", "--prompt", "x", "--model",
+                               "{model}", "--out", "{out}/b.gpkg", "--background", ""], 2,
+     ["background"]),
+    ("bad_option_negative_weight", ["search", "{in}", "--text", "x", "--negative", "y",
+                                    "--negative-weight", "nan"], 2, ["negative"]),
+    ("bad_option_gsd", ["detect", "{in}/scene.tif", "--prompt", "x", "--model", "{model}",
+                        "--out", "{out}/b.gpkg", "--gsd", "0"], 2, ["gsd"]),
+    ("bad_option_index_tile", ["index", "{in}/scene.tif", "--model", "{model}", "--out",
+                               "{out}/idx", "--tile", "0"], 2, ["tile"]),
+    ("bad_option_dense_tile", ["count", "{in}/scene.tif", "--object", "x", "--model", "{model}",
+                               "--method", "dense", "--dense-tile", "0"], 2, ["dense-tile"]),
+    ("huge_detect", ["detect", "{in}/huge.vrt", "--prompt", "x", "--model", "{model}",
+                     "--out", "{out}/b.gpkg"], 2, ["tiles"]),
+    ("huge_count", ["count", "{in}/huge.vrt", "--object", "x", "--model", "{model}"], 2,
+     ["too large"]),
+    ("huge_tile", ["detect", "{in}/scene.tif", "--prompt", "x", "--model", "{model}",
+                   "--out", "{out}/b.gpkg", "--tile", "100000", "--window", "1", "--gsd", "0.001"],
+     2, ["tile"]),
+    ("coco_missing_category", ["convert", "b2c", "--annotations", "{in}/ann/missing_cat.json",
+                               "--format", "coco", "--out", "{out}/c.csv"], 2, ["category_id 99"]),
+    ("coco_negative_box", ["convert", "b2c", "--annotations", "{in}/ann/negative.json",
+                           "--format", "coco", "--out", "{out}/c.csv"], 2, ["no area"]),
+    ("coco_outside_box", ["convert", "b2c", "--annotations", "{in}/ann/outside.json",
+                          "--format", "coco", "--out", "{out}/c.csv"], 2, ["outside"]),
+    ("coco_empty_name", ["convert", "b2c", "--annotations", "{in}/ann/empty_name.json",
+                         "--format", "coco", "--out", "{out}/c.csv"], 2, ["no name"]),
+    ("yolo_range", ["convert", "b2c", "--annotations", "{in}/ann/yolo/range", "--format", "yolo",
+                    "--images", "{in}/ann/images", "--out", "{out}/c.csv"], 2, ["outside 0..1"]),
+    ("yolo_nan", ["convert", "b2c", "--annotations", "{in}/ann/yolo/nan", "--format", "yolo",
+                  "--images", "{in}/ann/images", "--out", "{out}/c.csv"], 2, ["finite"]),
+    ("yolo_fraction_class", ["convert", "b2c", "--annotations", "{in}/ann/yolo/frac", "--format",
+                             "yolo", "--images", "{in}/ann/images", "--out", "{out}/c.csv"], 2,
+     ["class index"]),
+    ("yolo_negative_size", ["convert", "b2c", "--annotations", "{in}/ann/yolo/size", "--format",
+                            "yolo", "--images", "{in}/ann/images", "--out", "{out}/c.csv"], 2,
+     ["positive"]),
+    ("m2b_bare_string_classes", ["convert", "m2b", "--masks", "{in}/masks", "--classes",
+                                 "{in}/bare_classes.json", "--out", "{out}/b.json"], 2,
+     ["classes must map"]),
+    ("m2b_mask_size", ["convert", "m2b", "--masks", "{in}/masks", "--classes",
+                       "{in}/masks/classes.json", "--images", "{in}/ann/images",
+                       "--out", "{out}/b.json"], 2, ["64 x 64"]),
+    ("dedup_quarantine_inside", ["dedup", "{in}/s2", "--out", "{out}/r.csv", "--move-to",
+                                 "{in}/s2/q", "--no-cache"], 2, ["overlaps"]),
+    ("dedup_quarantine_parent", ["dedup", "{in}/s2", "--out", "{out}/r.csv", "--move-to",
+                                 "{in}", "--no-cache"], 2, ["overlaps"]),
+    ("dedup_cache_is_report", ["dedup", "{in}/s2", "--out", "{out}/r.csv", "--cache",
+                               "{out}/r.csv"], 2, ["same file"]),
+    ("dedup_cache_is_an_image", ["dedup", "{in}/s2", "--out", "{out}/r.csv", "--cache",
+                                 "{in}/s2/a.png"], 2, ["input"]),
+    ("dedup_against_itself", ["dedup", "{in}/s2", "--against", "{in}/s2link", "--out",
+                              "{out}/r.csv", "--no-cache"], 2, ["overlaps"]),
+]
+
+
+@pytest.fixture(scope="module")
+def refused_runs(world):
+    """All refused cases, run in parallel; name -> (Run, output folder)."""
+    tmp = world["tmp"]
+    jobs = {}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for name, argv, _, _ in CASES:
+            out = _outs(tmp)
+            args = [a.format(**{"in": tmp / "in", "model": world["model"], "out": out,
+                                "ro": world["ro"]}) for a in argv]
+            jobs[name] = (pool.submit(_cli, args, tmp, world["env"]), out)
+        return {name: (f.result(), out) for name, (f, out) in jobs.items()}
+
+
+@pytest.mark.parametrize("name,code,words", [(c[0], c[2], c[3]) for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_refused_cleanly(world, refused_runs, name, code, words):
+    run, out = refused_runs[name]
+    run.refused(code, *words)
+    _assert_empty(out)
+    assert _digest(world["tmp"] / "in") == world["digest"]
+    if name.startswith("huge"):
+        assert 0 < run.peak_kb < PEAK_LIMIT_KB, run.peak_kb
+
+
+def test_huge_raster_index_streams_in_bounded_memory(world, tmp_path):
+    """The index streams any size: after a few seconds on a 10^6 x 10^6 px raster
+    its peak memory is still bounded and SIGTERM stops it like Ctrl-C."""
+    p = _popen(["index", world["tmp"] / "in" / "huge.vrt", "--model", world["model"],
+                "--out", tmp_path / "idx", "--commit-tiles", "64"], world["tmp"], world["env"])
+    time.sleep(9)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    run = Run(p.returncode, out, err)
+    assert run.rc == 130 and "Traceback" not in run.err, run.err
+    assert 0 < run.peak_kb < PEAK_LIMIT_KB, run.peak_kb
+
+
+def test_symlinks_never_move_a_kept_image_or_pair_an_image_with_itself(world, tmp_path):
+    src = tmp_path / "data"
+    import shutil
+    shutil.copytree(world["tmp"] / "in" / "s1", src / "s1", symlinks=True)
+    shutil.copytree(world["tmp"] / "in" / "s2", src / "s2", symlinks=True)
+    os.symlink("s2", src / "s2link")
+    before = _digest(src)
+    env = world["env"]
+    r1 = _cli(["dedup", src / "s1", "--out", tmp_path / "r1.csv", "--move-to", tmp_path / "q1",
+               "--no-cache", "--json"], tmp_path, env)
+    r2 = _cli(["dedup", src / "s2", src / "s2link", "--out", tmp_path / "r2.csv", "--move-to",
+               tmp_path / "q2", "--no-cache", "--json"], tmp_path, env)
+    assert r1.rc == 0 and r2.rc == 0, (r1.err, r2.err)
+    one, two = json.loads(r1.out), json.loads(r2.out)
+    assert one["images"] == 1 and one["move"]["moved"] == 0
+    assert two["images"] == 2 and two["pairs"] == 0 and two["move"]["moved"] == 0
+    assert _digest(src) == before
+
+
+def test_kill_during_cross_filesystem_move_then_undo_restores_everything(world, tmp_path):
+    """Moves to another filesystem are copy-verify-then-delete: after a kill -9 at
+    a random point, undo puts every file back byte-identical, and no partial copy
+    is left anywhere."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        shm = tmp_path / "same-fs"   # still exercises the journal and the verification
+    data = tmp_path / "data"
+    data.mkdir()
+    big = (np.random.default_rng(1).random((700, 700, 3)) * 255).astype(np.uint8)
+    for k in range(8):
+        Image.fromarray(big).save(data / f"{k}.png")
+    before = _digest(data)
+    q = shm / f"mapclip-q-{os.getpid()}-{random.randrange(10**9)}"
+    try:
+        p = _popen(["dedup", data, "--out", tmp_path / "r.csv", "--move-to", q, "--no-cache"],
+                   tmp_path, world["env"])
+        time.sleep(random.uniform(1.0, 3.0))
+        p.kill()
+        p.communicate()
+        for manifest in (sorted(q.glob("manifest-*.json")) if q.exists() else []):
+            undo = _cli(["dedup", "--undo", manifest], tmp_path, world["env"])
+            assert undo.rc == 0, undo.err
+        assert _digest(data) == before
+        assert not [x for x in data.rglob("*") if ".part" in x.name]
+    finally:
+        import shutil
+        shutil.rmtree(q, ignore_errors=True)
+
+
+def test_undo_refuses_a_quarantined_file_that_is_not_the_one_moved(tmp_path):
+    from engine import dedup
+    from engine.errors import UsageError
+    data = tmp_path / "data"
+    for k in range(3):
+        _image(data / f"{k}.png", 5)
+    res = dedup.find_duplicates([data], tmp_path / "r.csv",
+                                options=dedup.DedupOptions(cache=None))
+    moved = dedup.move_duplicates(res, tmp_path / "q")
+    assert moved.moved == 2
+    m = json.loads(Path(moved.manifest).read_text())
+    victim = Path(m["moves"][0]["to"])
+    victim.write_bytes(victim.read_bytes()[:100])           # a truncated copy
+    with pytest.raises(UsageError, match="not the file that was moved"):
+        dedup.undo_move(moved.manifest)
+    assert victim.exists() and not Path(m["moves"][1]["from"]).exists()   # nothing moved
+
+
+def test_safe_move_across_filesystems_verifies_before_deleting(tmp_path, monkeypatch):
+    import errno as _errno
+    from engine import dedup
+    from engine.errors import UsageError
+    src = _image(tmp_path / "a.png", 3)
+    body = src.read_bytes()
+    real_rename = os.rename
+
+    def exdev(a, b):
+        raise OSError(_errno.EXDEV, "Invalid cross-device link")
+    monkeypatch.setattr(dedup.os, "rename", exdev)
+    with pytest.raises(UsageError, match="does not match"):
+        dedup.safe_move(src, tmp_path / "q" / "a.png", size=len(body), sha="0" * 64)
+    assert src.read_bytes() == body and not list((tmp_path / "q").iterdir())
+    dedup.safe_move(src, tmp_path / "q" / "a.png", size=len(body),
+                    sha=hashlib.sha256(body).hexdigest())
+    assert not src.exists() and (tmp_path / "q" / "a.png").read_bytes() == body
+    monkeypatch.setattr(dedup.os, "rename", real_rename)
+
+
+def _boxes(path: Path):
+    import pyogrio.raw
+    meta, _, geom, fields = pyogrio.raw.read(str(path))
+    return [bytes(g) for g in geom], [list(map(str, f)) for f in fields]
+
+
+def test_kill_9_then_rerun_or_resume_equals_uninterrupted(world, tmp_path):
+    """detect and index killed with SIGKILL at a random moment: detect run again
+    gives the uninterrupted run's boxes and leaves no temporary file; the index
+    resumed gives the uninterrupted index, row for row."""
+    from engine import index as ix
+    env = world["env"]
+    detect = ["detect", world["raster"], "--prompt", RED_PROMPT, "--model", world["model"],
+              "--tile", "32", "--window", "2", "--heatmap", "{d}/h.tif", "--out", "{d}/b.gpkg"]
+    index = ["index", world["raster"], "--model", world["model"], "--tile", "16",
+             "--commit-tiles", "5", "--batch-size", "4", "--out", "{d}/idx"]
+    dirs = {k: tmp_path / k for k in ("ref", "killed")}
+    for d in dirs.values():
+        d.mkdir()
+    fill = lambda argv, d: [str(a).format(d=d) for a in argv]   # noqa: E731
+    with ThreadPoolExecutor(4) as pool:
+        refs = [pool.submit(_cli, fill(argv, dirs["ref"]), tmp_path, env) for argv in (detect, index)]
+        victims = [_popen(fill(argv, dirs["killed"]), tmp_path, env) for argv in (detect, index)]
+        t0 = time.monotonic()
+        at = sorted(zip((random.uniform(0.5, 3.0), random.uniform(2.0, 6.0)), victims),
+                    key=lambda x: x[0])
+        for when, p in at:
+            time.sleep(max(0.0, when - (time.monotonic() - t0)))
+            p.kill()
+            p.communicate()
+        assert all(f.result().rc == 0 for f in refs), [f.result().err for f in refs]
+        again = [pool.submit(_cli, fill(detect, dirs["killed"]) + ["--overwrite"], tmp_path, env),
+                 pool.submit(_cli, fill(index, dirs["killed"]), tmp_path, env)]
+        assert all(f.result().rc == 0 for f in again), [f.result().err for f in again]
+    killed, ref = dirs["killed"], dirs["ref"]
+    assert _boxes(killed / "b.gpkg") == _boxes(ref / "b.gpkg")
+    assert sorted(p.name for p in killed.iterdir()) == ["b.gpkg", "h.tif", "idx"]
+    a, b = ix.Index(ref / "idx"), ix.Index(killed / "idx")
+    assert a.rows == b.rows > 0
+    assert np.array_equal(a.embeddings(), b.embeddings())
+    cols = ["tile_px", "tile", "col", "row", "width", "height"]
+    assert all(np.array_equal(a.tiles()[c], b.tiles()[c]) for c in cols)
+    assert _digest(world["tmp"] / "in") == world["digest"]
+
+
+def test_damaged_index_refused_for_search_and_append(world, tmp_path):
+    from engine import index as ix
+    from engine.models import load_model
+    idx = tmp_path / "idx"
+    env = world["env"]
+    ix.build_index([world["raster"]], idx, load_model(str(world["model"]), device="cpu"),
+                   ix.IndexOptions(tile_px=32, footprints=False))
+    m = json.loads((idx / "manifest.json").read_text())
+    shard = idx / m["shards"][0]["emb"]
+    arr = np.load(shard)
+    garbage = np.frombuffer(np.random.default_rng(0).bytes(arr.nbytes), np.float16)
+    np.save(shard, garbage.reshape(arr.shape))
+    before = _digest(idx)
+    argvs = {"search": ["search", idx, "--text", "a red roof"],
+             "append": ["index", world["raster"], world["tmp"] / "in" / "huge.vrt", "--out", idx],
+             "readonly": ["search", idx, "--text", "a red roof", "--out",
+                          world["ro"] / "hits.gpkg"],
+             "inside": ["search", idx, "--text", "a red roof", "--out", idx / "hits.gpkg"]}
+    with ThreadPoolExecutor(4) as pool:
+        runs = {k: pool.submit(_cli, a, tmp_path, env) for k, a in argvs.items()}
+        runs = {k: f.result() for k, f in runs.items()}
+    runs["search"].refused(1, "damaged")
+    runs["append"].refused(1, "damaged")
+    runs["readonly"].refused(2, "cannot write")
+    runs["inside"].refused(2, "inside")
+    assert _digest(idx) == before       # no shard committed by the refused append
+
+
+def test_stale_temporary_output_of_a_killed_run_is_removed_by_the_next(tmp_path):
+    """A temporary file a killed writer left (its process is gone) is removed the
+    next time the same output is written; one of a live process is kept."""
+    from engine.jobs import TEMP_TAG, atomic_path
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".b.{TEMP_TAG}{dead.pid}-abcd.gpkg.part"
+    stale.write_bytes(b"half a geopackage")
+    (tmp_path / (stale.name + "-journal")).write_bytes(b"j")
+    live = tmp_path / f".b.{TEMP_TAG}{os.getppid()}-abcd.gpkg.part"
+    live.write_bytes(b"being written")
+    with atomic_path(tmp_path / "b.gpkg") as tmp:
+        tmp.write_bytes(b"done")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["b.gpkg", live.name]), names
+
+
+def test_output_guard_rules(tmp_path):
+    from engine.errors import UsageError
+    from engine.jobs import check_outputs
+    a = tmp_path / "a.tif"
+    a.write_bytes(b"x")
+    os.symlink(a, tmp_path / "link.tif")
+    os.link(a, tmp_path / "hard.tif")
+    for out in (a, tmp_path / "link.tif", tmp_path / "hard.tif", tmp_path / "sub" / ".." / "a.tif"):
+        with pytest.raises(UsageError, match="also an input"):
+            check_outputs([("--out", out)], [("raster", a)], overwrite=True)
+    with pytest.raises(UsageError, match="name the same file"):
+        check_outputs([("--out", tmp_path / "o.gpkg"), ("--heatmap", tmp_path / "o.gpkg")])
+    with pytest.raises(UsageError, match="inside"):
+        check_outputs([("--out", tmp_path / "idx" / "x.gpkg")], sealed=[("the index", tmp_path / "idx")])
+    assert check_outputs([("--out", tmp_path / "new" / "deeper" / "o.gpkg")])
+    assert not (tmp_path / "new").exists()      # the guard creates nothing
+
+
+def test_a_fine_tuned_copy_is_not_the_same_model_for_append_or_search(tmp_path, tiny_model):
+    """Model identity is a fingerprint of the weights: a copy with one slightly
+    changed weight (close enough that its probe embeddings agree, so the probes
+    alone accepted it) is refused for index append and for search; the same
+    weights cast to bf16 (a GPU run) are recognised."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine import index as ix
+    from engine.errors import ModelError
+    a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))
+    b = make_raster(tmp_path / "b.tif", width=64, height=64, data=noise(3, 64, 64, seed=4))
+    out = tmp_path / "idx"
+    ix.build_index([a], out, tiny_model, ix.IndexOptions(tile_px=32, footprints=False))
+    tuned = copy.deepcopy(tiny_model)
+    tuned.__dict__.pop("_mapclip_fingerprint", None)
+    with torch.no_grad():
+        p = next(p for n, p in tuned.model.named_parameters() if n.endswith("text_projection"))
+        p.add_(1e-4 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    ident = ix.model_identity(tuned)
+    probes_only = {k: v for k, v in ident.items() if k != "weights"}
+    assert ix.same_space(ix.read_manifest(out)["model"], probes_only)   # the old check passed
+    before = _digest(out)
+    with pytest.raises(ModelError, match="different embedding space"):
+        ix.build_index([b], out, tuned, ix.IndexOptions(footprints=False))
+    with pytest.raises(ModelError, match="not comparable"):
+        ix.search(out, text="a red roof", model=tuned)
+    assert _digest(out) == before
+    half = SimpleNamespace(model=copy.deepcopy(tiny_model.model).to(torch.bfloat16))
+    assert ix.weights_fingerprint(half) == {"bf16": ix.weights_fingerprint(tiny_model)["bf16"]}
+    assert ix.same_weights(ix.read_manifest(out)["model"], {"weights": ix.weights_fingerprint(half)})
+    # fp16 with some layers kept in fp32 (as open_clip casts for CUDA) is the same model too
+    mixed = copy.deepcopy(tiny_model.model)
+    for mod in mixed.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.half()
+    fp = ix.weights_fingerprint(SimpleNamespace(model=mixed))
+    assert fp == {"fp16": ix.weights_fingerprint(tiny_model)["fp16"]}
+    tuned_fp = ix.weights_fingerprint(tuned)
+    assert all(tuned_fp[k] != v for k, v in ix.weights_fingerprint(tiny_model).items())
+
+
+def test_the_system_pyproj_finds_its_data_in_the_venv(tmp_path):
+    """Cause of the "PROJ data directory not found" warning every command printed:
+    a venv with system site packages has no share/proj for Debian's pyproj.
+    build.py links it; then importing pyproj (as pyogrio does) is silent."""
+
+    import build
+    system = "/usr/bin/python3"
+    probe = ("import warnings; warnings.simplefilter('always')\n"
+             "import pyproj, pyproj.datadir; print(pyproj.datadir.get_data_dir())")
+    venv = tmp_path / "venv"
+    subprocess.run([system, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+                   check=True)
+    bare = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True,
+                          text=True)
+    assert "PROJ data directory not found" in bare.stderr      # the cause, reproduced
+    assert build.link_system_proj_data(venv)
+    fixed = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True,
+                           text=True)
+    assert fixed.returncode == 0 and "PROJ" not in fixed.stderr, fixed.stderr
+    assert fixed.stdout.strip() == str(venv / "share" / "proj")
+    assert not build.link_system_proj_data(venv)                # idempotent
+
+
+def test_resume_after_the_caption_file_changed_is_refused(tmp_path, one_torch_thread):
+    import threading
+
+    from engine import finetune as ft
+    from engine.errors import Cancelled, UsageError
+    data = tmp_path / "data"
+    rows = ["image,caption"]
+    for k, name in enumerate(("red", "green", "blue", "white")):
+        _image(data / f"{name}.png", k)
+        rows.append(f"{name}.png,a {name} square")
+    captions = data / "captions.csv"
+    captions.write_text("\n".join(rows) + "\n")
+    o = dict(model="test-tiny", data=str(captions), out=str(tmp_path / "run"), epochs=2,
+             batch_size=2, val_split=0.0, workers=0, device="cpu")
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        ft.finetune(ft.FinetuneOptions(**o), cancel=cancel,
+                    on_metrics=lambda r: cancel.set() if r["type"] == "eval" and r.get("epoch") == 1
+                    else None)
+    captions.write_text("\n".join(rows[:-1] + ["white.png,a black square"]) + "\n")
+    state = _digest(tmp_path / "run")
+    with pytest.raises(UsageError, match="changed since the run"):
+        ft.finetune(ft.FinetuneOptions(**o, resume=True))
+    assert _digest(tmp_path / "run") == state
+    captions.write_text("\n".join(rows) + "\n")          # restored: the run resumes
+    assert ft.finetune(ft.FinetuneOptions(**o, resume=True)).resumed_from_epoch == 1
+
+
+def test_search_hits_are_never_written_over_an_indexed_raster(tmp_path, tiny_model):
+    from engine import index as ix
+    from engine.errors import UsageError
+    a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))
+    body = a.read_bytes()
+    ix.build_index([a], tmp_path / "idx", tiny_model, ix.IndexOptions(tile_px=32, footprints=False))
+    res = ix.search(tmp_path / "idx", text="a field", model=tiny_model)
+    os.symlink(a, tmp_path / "link.gpkg")      # a link to the raster, named like an output
+    with pytest.raises(UsageError, match="also an input"):
+        ix.write_hits(res, tmp_path / "link.gpkg", overwrite=True)
+    assert a.read_bytes() == body
+
+
+SLOW_READ = """
+import sys, time
+from engine import raster
+from engine.tiling import PixelWindow
+def slow(self, ds, window, out_shape, *a, **k):
+    time.sleep(30)
+raster.RasterReader._read_raw = slow
+raster.LONG_READ_PX = 1
+r = raster.open_raster(sys.argv[1])
+print("reading", flush=True)
+try:
+    r.read(PixelWindow(0, 0, 64, 64), out_shape=(8, 8))
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_a_long_read_stops_on_ctrl_c_and_on_cancel(world, tmp_path, monkeypatch):
+    """A long single read (a whole extent shrunk to one image) runs in a helper
+    thread: Ctrl-C and the cancel flag end it within a fraction of a second,
+    where they used to wait for GDAL to finish."""
+    import threading
+
+    from engine import raster
+    from engine.errors import Cancelled
+    from engine.tiling import PixelWindow
+    p = subprocess.Popen([sys.executable, "-c", SLOW_READ, str(world["raster"])], cwd=tmp_path,
+                         env=world["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "reading"
+    time.sleep(0.3)
+    t0 = time.perf_counter()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=20)
+    assert "interrupted" in out and time.perf_counter() - t0 < 5, err
+    monkeypatch.setattr(raster, "LONG_READ_PX", 1)
+    monkeypatch.setattr(raster.RasterReader, "_read_raw",
+                        lambda self, ds, *a, **k: time.sleep(30))
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    t0 = time.perf_counter()
+    with raster.open_raster(str(world["raster"])) as r, pytest.raises(Cancelled):
+        r.read(PixelWindow(0, 0, 64, 64), out_shape=(8, 8), cancel=cancel)
+    assert time.perf_counter() - t0 < 2
+
+
+def test_tile_grids_are_lazy_clipped_and_bounded():
+    """Nothing proportional to the pixel or tile count is built: a grid over
+    10^6 x 10^6 px (61 million tiles) costs a few MB and gives any tile on
+    demand; a tile larger than the raster is clipped; too large a tile or (for
+    detect and count) too many tiles is refused before any read."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from engine.errors import UsageError
+    from engine.tiling import CLIP_TILE_PX, TileGrid, TileSequence
+    info = SimpleNamespace(width=HUGE, height=HUGE, block_shape=(256, 256))
+    tracemalloc.start()
+    grid = TileGrid.for_raster(info, None, 128, max_tiles=None)
+    batch = grid.tiles[len(grid) - 5:]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 8_000_000, peak
+    assert len(grid) == 7813 ** 2 and isinstance(batch, TileSequence) and len(batch) == 5
+    last = grid.tiles[-1]
+    assert (last.index, last.col, last.row) == (len(grid) - 1, HUGE - 128, HUGE - 128)
+    assert grid.tile_at(2, 3) == grid.tiles[2 * grid.n_cols + 3]
+    first = list(zip(range(3), grid))
+    assert [t.col for _, t in first] == [0, 128, 256] and grid.tiles[1:3] == [t for _, t in first[1:]]
+    with pytest.raises(UsageError, match="tiles"):
+        TileGrid.for_raster(info, None, 128)                    # detect and count: refused
+    small = SimpleNamespace(width=1024, height=1024, block_shape=(256, 256))
+    for tile in (20_000, 100_000):
+        g = TileGrid.for_raster(small, None, tile)
+        assert len(g) == 1 and g.out_px == CLIP_TILE_PX and g.tile_width == 1024
+    mid = SimpleNamespace(width=20_000, height=20_000, block_shape=(256, 256))
+    with pytest.raises(UsageError, match="smaller --tile"):
+        TileGrid.for_raster(mid, None, 10_000)
+    with pytest.raises(UsageError, match="positive"):
+        TileGrid.for_raster(small, None, 0)
+
+
+class _Pickled:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_a_checkpoint_error_is_one_clean_complete_line(tmp_path, world):
+    """torch's refusal of a pickled checkpoint is long, multi-line and coloured;
+    the error keeps its first sentences whole, without terminal codes."""
+    import torch
+
+    from engine.errors import reason
+    bad = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": _Pickled()}, bad)
+    run = _cli(["detect", world["raster"], "--prompt", "x", "--model", f"mapclip-tiny:{bad}",
+                "--out", tmp_path / "b.gpkg"], tmp_path, world["env"])
+    run.refused(2, "cannot read checkpoint")
+    line = next(ln for ln in run.err.splitlines() if ln.startswith("error:"))
+    assert "\x1b" not in run.err and line.rstrip().endswith((".", ")", "..."))
+    long = Exception("The first part of the message. \x1b[1mSecond\x1b[0m part, " + "word " * 80)
+    assert reason(long, 60) == "The first part of the message."
+    assert reason(Exception("a " * 100), 30).endswith(" ...") and "\x1b" not in reason(long)
