@@ -47,7 +47,8 @@ def dock_options(iface, model: str):
 
 
 SEARCH_FIELDS = ("mode", "tile_px", "window", "stride", "batch_size", "top_k", "threshold",
-                 "merge", "iou", "attention", "background", "overlap", "cls_weight", "min_valid")
+                 "merge", "iou", "attention", "background", "overlap", "cls_weight", "min_valid",
+                 "refine", "refine_min", "templates")
 
 
 def resolved(options, model: str):
