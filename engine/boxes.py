@@ -8,7 +8,7 @@ components), so it runs the same for the engine, the tests and the plugin.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -153,3 +153,94 @@ def pixel_to_bounds(transform, box) -> Bounds:
     from .tiling import window_bounds
     c0, r0, c1, r1 = (float(v) for v in box)
     return window_bounds(transform, c0, r0, c1 - c0, r1 - r0)
+
+
+def object_proposals(rgb: np.ndarray, min_share: float = 0.02) -> np.ndarray:
+    """Class-agnostic object boxes in an (H, W, 3) uint8 image: (N, 4) col0, row0, col1, row1.
+
+    Pixels whose colour (CIE Lab, after a 3 x 3 median filter against
+    pixel noise) lies far from the image's median colour
+    (Otsu's threshold on that distance), opened by a 3 x 3 square, form
+    connected regions; each region of at least ``min_share`` of the image
+    (and 4 pixels a side) is one proposal. Used to fit detection windows to
+    the object inside them (engine.detect, ``DetectOptions.refine``): the
+    model chooses among these boxes, they do not name anything themselves.
+    """
+    import cv2
+    img = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8)[..., :3])
+    h, w = img.shape[:2]
+    if h < 8 or w < 8:
+        return np.zeros((0, 4), np.int64)
+    lab = cv2.cvtColor(cv2.medianBlur(img, 3), cv2.COLOR_RGB2LAB).astype(np.float32)
+    dist = np.sqrt(((lab - np.median(lab.reshape(-1, 3), axis=0)) ** 2).sum(axis=-1))
+    top = float(dist.max())
+    if top <= 1e-6:
+        return np.zeros((0, 4), np.int64)
+    d8 = np.clip(dist * (255.0 / top), 0, 255).astype(np.uint8)
+    _, mask = cv2.threshold(d8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    out = [(x, y, x + bw, y + bh) for x, y, bw, bh, area in (stats[i] for i in range(1, n))
+           if area >= min_share * h * w and bw >= 4 and bh >= 4]
+    return np.asarray(out, np.int64).reshape(-1, 4)
+
+
+def heatmap_peaks(heat: np.ndarray, threshold: float, min_distance: int = 2, min_area: int = 1,
+                  connectivity: int = 8, dip: float = 0.1) -> List[Component]:
+    """One region per peak of ``heat``: touching objects that form one blob above
+    ``threshold`` come apart, best peak first.
+
+    Peaks are the cells at least ``threshold`` that are the maximum of the
+    (2 ``min_distance`` + 1)-cell square around them, kept greedily from the
+    highest when no kept peak lies within ``min_distance`` cells and the map
+    dips between them: on the straight line to every kept peak, somewhere
+    below ``1 - dip`` times the lower peak (so a plateau or a shoulder is one
+    object, two bumps with a valley between are two). Each cell of a component of ``heat >= threshold`` (see
+    :func:`heatmap_components`, which keeps components of ``min_area`` cells)
+    goes to the nearest peak in its component; a component without a peak
+    cell of its own keeps one region.
+    """
+    import cv2
+    h = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=-np.inf)
+    mask = h >= threshold
+    if not mask.any():
+        return []
+    d = max(1, int(min_distance))
+    lifted = np.where(np.isfinite(h), h, np.float32(-1e30)).astype(np.float32)
+    local = cv2.dilate(lifted, np.ones((2 * d + 1, 2 * d + 1), np.uint8))
+    cand = np.argwhere(mask & (lifted >= local))
+    order = np.argsort(-h[cand[:, 0], cand[:, 1]], kind="stable")
+    peaks: List[Tuple[int, int]] = []
+
+    def valley(a: Tuple[int, int], b: Tuple[int, int]) -> float:
+        n = max(abs(a[0] - b[0]), abs(a[1] - b[1])) + 1
+        rows = np.rint(np.linspace(a[0], b[0], n)).astype(int)
+        cols = np.rint(np.linspace(a[1], b[1], n)).astype(int)
+        return float(h[rows, cols].min())
+
+    for r, c in cand[order]:
+        here = (int(r), int(c))
+        low = (1.0 - dip) * float(h[here])
+        if all(max(abs(r - pr), abs(c - pc)) > d and valley(here, (pr, pc)) < low for pr, pc in peaks):
+            peaks.append(here)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=connectivity)
+    by_comp: Dict[int, List[Tuple[int, int]]] = {}
+    for r, c in peaks:
+        by_comp.setdefault(int(labels[r, c]), []).append((r, c))
+    out: List[Component] = []
+    for lab in range(1, n):
+        x, y, w, hh, area = (int(v) for v in stats[lab])
+        if area < min_area:
+            continue
+        cells = np.argwhere(labels[y:y + hh, x:x + w] == lab) + np.array([y, x])
+        mine = by_comp.get(lab) or [tuple(cells[int(np.argmax(h[cells[:, 0], cells[:, 1]]))])]
+        pk = np.asarray(mine, dtype=np.float64)
+        near = np.argmin(((cells[:, None, :] - pk[None, :, :]) ** 2).sum(-1), axis=1)
+        for i, (pr, pc) in enumerate(mine):
+            part = cells[near == i]
+            vals = h[part[:, 0], part[:, 1]]
+            out.append(Component((int(part[:, 1].min()), int(part[:, 0].min()),
+                                  int(part[:, 1].max()) + 1, int(part[:, 0].max()) + 1),
+                                 float(h[pr, pc]), float(vals.mean()), int(len(part)), (int(pr), int(pc))))
+    out.sort(key=lambda c: -c.peak)
+    return out

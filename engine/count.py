@@ -15,10 +15,19 @@
 
 ``dense``
     The dense heatmap of :func:`engine.detect.detect` (mode ``dense``) for
-    the object's name; the count is the number of connected components of
-    ``heatmap >= threshold`` (default :data:`engine.detect.DENSE_THRESHOLD`)
-    of at least ``min_area`` cells, inside the extent, each with its box.
-    Components come from :func:`engine.boxes.heatmap_components`.
+    the object's name; the count is the number of peaks of the heatmap at
+    least ``peak_distance`` cells apart (default 2) inside the connected
+    components of ``heatmap >= threshold`` (default
+    :data:`engine.detect.DENSE_THRESHOLD`) of at least ``min_area`` cells,
+    each with its box (:func:`engine.boxes.heatmap_peaks`), so touching
+    objects that form one blob still count apart. ``peaks=False`` counts the
+    components themselves (:func:`engine.boxes.heatmap_components`).
+
+The prompt method is calibrated: a model may carry ``count_bias`` (one
+offset per count 1..10, engine.options.ModelDefaults), fitted by
+:func:`fit_count_bias` on its own count sentences over synthetic chips whose
+counts are known (scripts/train_demo_model.py ``--stage calibrate``); it is
+added to the scores before the argmax unless ``CountOptions.calibrate`` is off.
 
 Both report their method. Plurals and articles come from
 :mod:`engine.convert` (``plural``, ``article``, ``with_count``; re-exported
@@ -115,11 +124,62 @@ def count_captions(name: str, counts: Sequence[int] = COUNT_RANGE,
     return {v: [caption(name, n, v) for n in counts] for v in variants}
 
 
-def argmax_count(sims: np.ndarray, counts: Sequence[int] = COUNT_RANGE) -> Tuple[int, np.ndarray]:
+def argmax_count(sims: np.ndarray, counts: Sequence[int] = COUNT_RANGE,
+                 bias: Optional[Sequence[float]] = None) -> Tuple[int, np.ndarray]:
     """(count, per-count score) from cosines ``sims`` (variants, len(counts)):
-    the variants' mean per count, its argmax (the smaller count on ties)."""
+    the variants' mean per count plus ``bias`` (one value per count, the
+    model's calibration), its argmax (the smaller count on ties)."""
     s = np.asarray(sims, dtype=np.float64).reshape(-1, len(counts)).mean(axis=0)
+    if bias is not None:
+        s = s + np.asarray(bias, dtype=np.float64)
     return int(counts[int(np.argmax(s))]), s
+
+
+def count_bias_for(counts: Sequence[int], bias: Optional[Sequence[float]]) -> Optional[np.ndarray]:
+    """The calibration (one value per count of COUNT_RANGE) for ``counts``; 0 for counts outside it."""
+    if bias is None:
+        return None
+    table = dict(zip(COUNT_RANGE, bias))
+    return np.array([float(table.get(n, 0.0)) for n in counts])
+
+
+def fit_count_bias(scores: np.ndarray, truth: Sequence[int], rounds: int = 6,
+                   step: float = 0.0025, reach: float = 0.05) -> Tuple[float, ...]:
+    """Per-count offsets that make the prompt method's argmax count right more often.
+
+    ``scores`` (N, 10): the mean caption cosine per count 1..10 of N images
+    (``PromptCount.scores`` without calibration) whose true counts are
+    ``truth``. Coordinate ascent over offsets in [-reach, reach] (grid
+    ``step``) of: the share within one + half the exact share - 0.05 x the
+    mean absolute error. Offsets sum to 0. Store the result as the model's
+    ``count_bias`` (engine.options.ModelDefaults).
+    """
+    x = np.asarray(scores, dtype=np.float64).reshape(-1, len(COUNT_RANGE))
+    y = np.asarray(truth, dtype=np.int64)
+    if len(x) != len(y) or not len(y):
+        raise ValueError("fit_count_bias needs one true count per row of scores")
+    counts = np.asarray(COUNT_RANGE)
+
+    def quality(b: np.ndarray) -> float:
+        err = np.abs(counts[np.argmax(x + b, axis=1)] - y)
+        return float((err <= 1).mean() + 0.5 * (err == 0).mean() - 0.05 * err.mean())
+
+    grid = np.arange(-reach, reach + step / 2, step)
+    b = np.zeros(len(counts))
+    best = quality(b)
+    for _ in range(rounds):
+        changed = False
+        for j in range(len(counts)):
+            for g in grid:
+                trial = b.copy()
+                trial[j] = g
+                q = quality(trial)
+                if q > best + 1e-12:
+                    best, b, changed = q, trial, True
+        if not changed:
+            break
+    b -= b.mean()
+    return tuple(round(float(v), 5) for v in b)
 
 
 # --------------------------------------------------------------------------- #
@@ -150,6 +210,7 @@ class PromptCount:
     captions: Dict[str, List[str]]
     tiles: List[Dict[str, Any]] = field(default_factory=list)   # per tile: pixel, bounds, count
     method: str = "prompt"
+    calibrated: bool = False           # the model's count_bias was added to the scores
 
     def to_json(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -167,10 +228,11 @@ class DenseCount:
     boxes: List[CountBox]
     mode: str = "dense"
     method: str = "dense"
+    peaks: bool = False                # one object per heatmap peak (else per component)
 
     def to_json(self) -> Dict[str, Any]:
         return {"method": self.method, "count": self.count, "threshold": self.threshold,
-                "min_area": self.min_area, "mode": self.mode,
+                "min_area": self.min_area, "mode": self.mode, "peaks": self.peaks,
                 "boxes": [b.to_json() for b in self.boxes]}
 
 
@@ -203,7 +265,8 @@ class CountResult:
         if self.prompt is not None:
             parts.append(f"prompt (RemoteCount captions): {with_count(singular(self.object), self.prompt.count)}")
         if self.dense is not None:
-            parts.append(f"dense (heatmap components >= {self.dense.threshold:g}): "
+            what = "peaks" if self.dense.peaks else "components"
+            parts.append(f"dense (heatmap {what} >= {self.dense.threshold:g}): "
                          f"{with_count(singular(self.object), self.dense.count)}")
         return "; ".join(parts)
 
@@ -223,15 +286,19 @@ class CountResult:
 # Dense: components of a heatmap.
 # --------------------------------------------------------------------------- #
 def heatmap_count(heat: np.ndarray, transform, threshold: float, min_area: int = 1,
-                  raster_transform=None) -> List[CountBox]:
+                  raster_transform=None, peaks: bool = False, peak_distance: int = 2) -> List[CountBox]:
     """Objects in a (H, W) heatmap with cell transform ``transform``: the
     connected components of ``heat >= threshold`` with at least ``min_area``
-    cells, best peak first, boxes in map coordinates (and native pixels when
-    ``raster_transform`` is given)."""
-    from .boxes import heatmap_components, pixel_to_bounds
+    cells or, with ``peaks``, one object per peak of those components at least
+    ``peak_distance`` cells apart (engine.boxes.heatmap_peaks: touching objects
+    count apart); best peak first, boxes in map coordinates (and native pixels
+    when ``raster_transform`` is given)."""
+    from .boxes import heatmap_components, heatmap_peaks, pixel_to_bounds
     out = []
     inv = ~raster_transform if raster_transform is not None else None
-    for c in heatmap_components(heat, threshold, min_area=max(1, int(min_area))):
+    comps = (heatmap_peaks(heat, threshold, peak_distance, min_area=max(1, int(min_area))) if peaks
+             else heatmap_components(heat, threshold, min_area=max(1, int(min_area))))
+    for c in comps:
         bounds = pixel_to_bounds(transform, c.box)
         if inv is not None:
             xs, ys = [], []
@@ -272,6 +339,7 @@ def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) 
     text = encode_prompts(lm, [c for v in VARIANTS for c in caps[v]], "raw")  # (V * N, D)
     n = len(counts)
     info = reader.info
+    bias = count_bias_for(counts, lm.defaults.count_bias) if options.calibrate else None
     if not tiled:
         S = lm.image_size
         job.set_total(1)
@@ -280,11 +348,11 @@ def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) 
             raise UsageError("the extent holds no valid pixels (all nodata)", "pick another extent")
         emb = encode_images(lm, img[None])
         sims = (emb @ text.T).reshape(len(VARIANTS), n).cpu().numpy()
-        c, s = argmax_count(sims, counts)
+        c, s = argmax_count(sims, counts, bias)
         job.step()
         by = {v: int(counts[int(np.argmax(sims[i]))]) for i, v in enumerate(VARIANTS)}
         return PromptCount(count=c, counts=counts, scores=[float(x) for x in s], by_variant=by,
-                           captions=caps)
+                           captions=caps, calibrated=bias is not None)
     gsd = options.read.gsd if options.read is not None else None
     grid = TileGrid.for_raster(info, area, int(options.tile_px), None, gsd)
     job.set_total(len(grid))
@@ -298,7 +366,7 @@ def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) 
             with torch.inference_mode():
                 sims = (encode_images(lm, arr) @ text.T).reshape(len(tiles), len(VARIANTS), n).cpu().numpy()
             for t, sm in zip(tiles, sims):
-                c, s = argmax_count(sm, counts)
+                c, s = argmax_count(sm, counts, bias)
                 total_scores += s
                 for i, v in enumerate(VARIANTS):
                     by[v] += int(counts[int(np.argmax(sm[i]))])
@@ -311,7 +379,7 @@ def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) 
     k = max(1, len(per_tile))
     return PromptCount(count=int(sum(t["count"] for t in per_tile)), counts=counts,
                        scores=[float(x) for x in total_scores / k], by_variant=by, captions=caps,
-                       tiles=per_tile)
+                       tiles=per_tile, calibrated=bias is not None)
 
 
 def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountOptions,
@@ -322,14 +390,16 @@ def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountO
     opts = DetectOptions(mode="dense", tile_px=int(options.dense_tile_px or lm.image_size), top_k=1, threshold=thr,
                          batch_size=int(options.batch_size), read=options.read or ReadOptions(),
                          device=options.device, precision=options.precision, heatmap=True,
-                         templates=getattr(options, "templates", None))
+                         refine=False, templates=getattr(options, "templates", None))
     res = detect(raster, [plural(singular(name), 2)], lm, extent=extent, extent_crs=extent_crs,
                  options=opts, progress=progress, cancel=cancel)
     if res.heatmap is None:
-        return DenseCount(0, thr, int(options.min_area), [], mode=res.mode), list(res.warnings)
+        return (DenseCount(0, thr, int(options.min_area), [], mode=res.mode, peaks=bool(options.peaks)),
+                list(res.warnings))
     boxes = heatmap_count(res.heatmap[0], res.heatmap_transform, thr, options.min_area,
-                          raster_transform)
-    return DenseCount(len(boxes), thr, int(options.min_area), boxes, mode=res.mode), list(res.warnings)
+                          raster_transform, peaks=options.peaks, peak_distance=options.peak_distance)
+    return (DenseCount(len(boxes), thr, int(options.min_area), boxes, mode=res.mode, peaks=bool(options.peaks)),
+            list(res.warnings))
 
 
 def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, float, float, float]] = None,

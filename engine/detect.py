@@ -22,6 +22,19 @@ Two methods (``DetectOptions.mode``):
     ``heatmap >= threshold`` (default 0.5). Models without ViT patch tokens
     (ResNets) fall back to window mode, with a warning in the result.
 
+Fitting boxes to objects (``DetectOptions.refine``, on by default, both modes)
+    A window (or a dense component) is larger than the object it found, so
+    its IoU with the object is small even when it is in the right place. Each
+    kept box is read again with a margin of a quarter of its side; the
+    class-agnostic regions of that image that stand out from its median
+    colour (engine.boxes.object_proposals), are centred inside the box and
+    cover 15-150 % of its area are proposals; each proposal, with a quarter
+    of its size of context, is scored by the model against the same prompts,
+    and the best replaces the box if its score keeps ``refine_min`` (default 0.3) of the box's score.
+    The box keeps its score and rank; fitted boxes that now cover the same
+    object (IoU > 0.5) are one. Turn it off (``refine=False``, CLI
+    ``--no-refine``) for window-sized boxes.
+
 Scores (engine.scoring): the softmax share of each prompt among the prompts
 and the background prompts, with the model's logit scale; the raw cosine is
 reported too. Ties in the (often saturated) softmax are broken by cosine.
@@ -43,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from .boxes import heatmap_components, nms, pixel_to_bounds, union_merge
+from .boxes import heatmap_components, nms, object_proposals, pixel_to_bounds, union_merge
 from .errors import MapClipError, UsageError
 from .jobs import Job
 from .options import DetectOptions, check, with_model_defaults
@@ -59,6 +72,14 @@ if TYPE_CHECKING:  # torch, rasterio and open_clip load on first use, not on imp
 
 #: dense heatmap cells per patch side
 DENSE_UPSAMPLE = 2
+#: fitting boxes: margin read around a box (share of its side), least area of a
+#: proposal and most (shares of the box's), context around a proposal when it is scored
+#: (share of its side), IoU above which two fitted boxes are one object
+REFINE_MARGIN = 0.25
+REFINE_MIN_AREA = 0.15
+REFINE_MAX_AREA = 1.5
+REFINE_CONTEXT = 0.25
+REFINE_SAME_IOU = 0.5
 
 
 @dataclass
@@ -95,6 +116,7 @@ class DetectResult:
     precision: str
     model: str
     mode: str = "window"
+    refined: int = 0                       # boxes fitted to the object inside them
     prompts: List[str] = field(default_factory=list)
     background: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
@@ -109,6 +131,7 @@ class DetectResult:
             "precision": self.precision, "prompts": list(self.prompts),
             "background": list(self.background), "crs": self.crs,
             "tiles": self.tiles, "windows": self.windows, "skipped": self.skipped,
+            "refined": self.refined,
             "seconds": round(self.seconds, 4), "tiles_per_s": round(self.tiles_per_s, 2),
             "windows_per_s": round(self.windows / self.seconds, 2) if self.seconds > 0 else 0.0,
             "boxes": [b.to_json() for b in self.boxes],
@@ -199,12 +222,15 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
         runner = BatchRunner(opts.batch_size)
         run = _run_window if mode == "window" else _run_dense
         out = run(reader, area, lm, bank, opts, job, runner)
+        boxes, heat, heat_tf, n_tiles, n_windows, skipped = out
+        refined = 0
+        if opts.refine and boxes:
+            boxes, refined = _refine(reader, boxes, lm, bank, opts, job, runner)
         notes.extend(runner.notes)
-    boxes, heat, heat_tf, n_tiles, n_windows, skipped = out
     return DetectResult(boxes=boxes, crs=info.crs, heatmap=heat, heatmap_transform=heat_tf,
                         tiles=n_tiles, windows=n_windows, skipped=skipped,
                         seconds=time.perf_counter() - t0, device=str(lm.device),
-                        precision=lm.precision, model=lm.spec, mode=mode,
+                        precision=lm.precision, model=lm.spec, mode=mode, refined=refined,
                         prompts=list(bank.prompts), background=list(bank.background),
                         warnings=notes)
 
@@ -518,6 +544,94 @@ def _run_dense(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job
                                      (info.width, info.height)))
     return (out_boxes, heat_a if opts.heatmap else None, heat_tf if opts.heatmap else None,
             len(grid.tiles), 0, skipped)
+
+
+# --------------------------------------------------------------------------- #
+# Fitting boxes to objects.
+# --------------------------------------------------------------------------- #
+def _proposals_for(reader, box: Box) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """Proposals (native px) centred inside ``box`` and their crops with context."""
+    from .tiling import PixelWindow
+    info = reader.info
+    c0, r0, c1, r1 = box.pixel
+    m = int(round(REFINE_MARGIN * max(c1 - c0, r1 - r0)))
+    x0, y0 = max(0, c0 - m), max(0, r0 - m)
+    x1, y1 = min(info.width, c1 + m), min(info.height, r1 + m)
+    if x1 - x0 < 8 or y1 - y0 < 8:
+        return np.zeros((0, 4)), []
+    rgb, _ = reader.read(PixelWindow(x0, y0, x1 - x0, y1 - y0))
+    props = object_proposals(rgb) + np.array([x0, y0, x0, y0])
+    centre_c = (props[:, 0] + props[:, 2]) / 2.0
+    centre_r = (props[:, 1] + props[:, 3]) / 2.0
+    area = (props[:, 2] - props[:, 0]) * (props[:, 3] - props[:, 1])
+    ok = ((centre_c >= c0) & (centre_c <= c1) & (centre_r >= r0) & (centre_r <= r1)
+          & (area >= REFINE_MIN_AREA * max(1, (c1 - c0) * (r1 - r0)))
+          & (area <= REFINE_MAX_AREA * (c1 - c0) * (r1 - r0)))
+    props = props[ok]
+    crops = []
+    for a0, b0, a1, b1 in props:
+        pc, pr = REFINE_CONTEXT * (a1 - a0), REFINE_CONTEXT * (b1 - b0)
+        q0, q1 = int(max(x0, a0 - pc)), int(min(x1, a1 + pc))
+        p0, p1 = int(max(y0, b0 - pr)), int(min(y1, b1 + pr))
+        crops.append(rgb[p0 - y0:p1 - y0, q0 - x0:q1 - x0])
+    return props, crops
+
+
+def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions, job: Job,
+            runner: BatchRunner) -> Tuple[List[Box], int]:
+    """Each box fitted to the best-scoring object proposal inside it (module doc)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .dense import model_input
+    from .scoring import score_embeddings
+    info = reader.info
+    which = {p: i for i, p in enumerate(bank.prompts)}
+    owner: List[int] = []
+    props_all: List[np.ndarray] = []
+    inputs: List[torch.Tensor] = []
+    for bi, b in enumerate(boxes):
+        job.check()
+        props, crops = _proposals_for(reader, b)
+        for prop, crop in zip(props, crops):
+            owner.append(bi)
+            props_all.append(prop)
+            inputs.append(model_input(lm, np.ascontiguousarray(crop)[None])[0])
+    if not inputs:
+        return boxes, 0
+
+    def encode(batch: torch.Tensor):
+        return score_embeddings(F.normalize(lm.model.encode_image(batch).float(), dim=-1), bank)
+
+    with torch.inference_mode():
+        probs, cos = runner(encode, torch.stack(inputs))
+    probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
+    best: Dict[int, Tuple[float, float, np.ndarray]] = {}
+    for k, bi in enumerate(owner):
+        p = which[boxes[bi].prompt]
+        cand = (float(probs[k, p]), float(cos[k, p]), props_all[k])
+        if bi not in best or cand[:2] > best[bi][:2]:
+            best[bi] = cand
+    fitted: List[Box] = []
+    n_fit = 0
+    for bi, b in enumerate(boxes):
+        got = best.get(bi)
+        if got is not None and got[0] >= opts.refine_min * b.score:
+            pix = tuple(int(v) for v in got[2])
+            b = Box(b.prompt, b.score, b.cosine, b.rank, pixel_to_bounds(info.transform, pix), pix)
+            n_fit += 1
+        fitted.append(b)
+    out: List[Box] = []
+    for prompt in bank.prompts:
+        mine = [b for b in fitted if b.prompt == prompt]
+        if not mine:
+            continue
+        keep = nms(np.array([b.pixel for b in mine], np.float64), np.array([b.score for b in mine]),
+                   iou=REFINE_SAME_IOU, tiebreak=np.array([b.cosine for b in mine]))
+        for rank, i in enumerate(keep, start=1):
+            b = mine[i]
+            out.append(Box(b.prompt, b.score, b.cosine, rank, b.bounds, b.pixel))
+    return out, n_fit
 
 
 # --------------------------------------------------------------------------- #

@@ -156,15 +156,22 @@ class ModelDefaults:
     top_k: Optional[int] = None          # detect: boxes per prompt
     threshold: Optional[float] = None    # detect, window mode: minimum softmax score
     dense_tile_px: Optional[int] = None  # dense detect and dense count: tile size
+    #: count, prompt method: added to the score of each count 1..10 before the argmax,
+    #: fitted on the model's own count sentences (engine.count.fit_count_bias)
+    count_bias: Optional[Tuple[float, ...]] = None
 
     def over(self, base: "ModelDefaults") -> "ModelDefaults":
         """These values where set, ``base``'s elsewhere."""
         return replace(base, **{f.name: getattr(self, f.name) for f in fields(self)
                                 if getattr(self, f.name) is not None})
 
-    def to_json(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if getattr(self, f.name) is not None}
+    def to_json(self, weight_bound: bool = False) -> Dict[str, Any]:
+        """The values set, for ``mapclip.defaults``. Values fitted to these very
+        weights (:data:`WEIGHT_BOUND`, e.g. ``count_bias``) only with
+        ``weight_bound``: fine-tuning copies the rest to the model it writes."""
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]
+                if v is not None and (weight_bound or f.name not in WEIGHT_BOUND)}
 
     @classmethod
     def from_json(cls, data: Any) -> "ModelDefaults":
@@ -174,11 +181,18 @@ class ModelDefaults:
         known = {f.name for f in fields(cls)}
         out = {}
         for k, v in data.items():
-            if k in known and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if k == "count_bias":
+                if (isinstance(v, (list, tuple)) and len(v) == 10
+                        and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                and math.isfinite(x) for x in v)):
+                    out[k] = tuple(float(x) for x in v)
+            elif k in known and isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[k] = float(v) if k == "threshold" else int(v)
         return cls(**out)
 
 
+#: model defaults fitted to one model's weights, which a fine-tuned copy must not inherit
+WEIGHT_BOUND = ("count_bias",)
 #: what every model gets where neither it nor the user says otherwise
 GENERIC_DEFAULTS = ModelDefaults(tile_px=128, window=2, batch_size=64, top_k=20,
                                  threshold=None, dense_tile_px=None)
@@ -225,6 +239,8 @@ class DetectOptions:
     templates: Any = None                # prompt template set, template or list; None: the model's
     dense_input_px: Optional[int] = None  # dense: model input side (a multiple of the patch); None: the model's
     dense_slide: bool = False            # dense: slide crops of the model's size over a larger input
+    refine: bool = True                  # fit each box to the object inside it (engine.detect's module doc)
+    refine_min: float = 0.3              # a fitted box must keep this share of its window's score
 
 
 @dataclass
@@ -244,6 +260,9 @@ class CountOptions:
     device: Optional[str] = None
     precision: Optional[str] = None
     templates: Any = None                # dense method: prompt templates; None: the model's
+    calibrate: bool = True               # prompt method: apply the model's count_bias, if it has one
+    peaks: bool = True                   # dense method: one object per heatmap peak, not per blob
+    peak_distance: int = 2               # dense method: least distance between peaks, heatmap cells
 
 
 @dataclass
@@ -506,6 +525,10 @@ def check(options: Any) -> Any:
         _within("cls_weight", o.cls_weight, -10.0, 10.0)
         _at_least("workers", o.workers, 1)
         _at_least("dense_input_px", o.dense_input_px, 8)
+        if not isinstance(o.refine, bool):
+            raise _bad("refine", f"refine {o.refine!r} is not true or false",
+                       "give True to fit boxes to objects, False to keep window boxes")
+        _within("refine_min", o.refine_min, 0.0, 1.0)
         if any(not str(b).strip() for b in (o.background or ())):
             raise _bad("background", "a background prompt is empty",
                        "give background prompts with words, or leave them out for the defaults")
@@ -519,6 +542,10 @@ def check(options: Any) -> Any:
         _at_least("dense_tile_px", o.dense_tile_px, 8)
         _within("threshold", o.threshold, 0.0, 1.0)
         _at_least("min_area", o.min_area, 1)
+        for flag in ("calibrate", "peaks"):
+            if not isinstance(getattr(o, flag), bool):
+                raise _bad(flag, f"{flag} {getattr(o, flag)!r} is not true or false", "give True or False")
+        _at_least("peak_distance", o.peak_distance, 1)
         _check_read(o.read)
     elif isinstance(options, IndexOptions):
         o = options

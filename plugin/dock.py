@@ -592,6 +592,16 @@ class MapClipDock(QgsDockWidget):
             fn = partial(tasks.run_detect, req)
             title = f"MapCLIP: search '{'; '.join(prompts)[:40]}'"
             gpkg = self.gpkg_widget.filePath() if self.save_check.isChecked() else None
+            if gpkg:
+                from ..engine.errors import MapClipError
+                from ..engine.jobs import check_outputs
+                try:  # the engine's output guard: never an input, writable (layers are added)
+                    check_outputs([("Save to GeoPackage", gpkg)], [("Layer", source)],
+                                  overwrite=True)
+                except MapClipError as exc:
+                    log.bar_warning(self.iface, log.error_text(exc, FIELD_LABELS))
+                    self._finish("error")
+                    return
             on_done = partial(self._detect_done, req, layer_crs, run_time, gpkg, mode)
         self.last_request = req
         if not self._preload(self.status_label):

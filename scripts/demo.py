@@ -4,13 +4,17 @@
     python3 build.py demo [--out DIR] [--model SPEC] [--size PX] [--seed N] [--mode window|dense]
 
 1. draws a held-out synthetic scene (engine.synthetic; seed not used in training),
-2. detects three prompts with the model (engine.detect) and writes the boxes
-   (GeoPackage), the heatmap (GeoTIFF) and a PNG of the boxes over the scene,
-3. maps the scene's land cover from class names (engine.classify) and scores
-   the map against the scene's mask (pixel accuracy, mIoU),
-4. counts storage tanks on a small counting chip (engine.count, both methods),
-5. prints precision/recall against the scene's exact ground truth and where
-   the files are.
+2. detects three prompts with the model and its own defaults (tile, window,
+   threshold, top-k: engine.options.ModelDefaults; boxes fitted to objects)
+   and writes the boxes (GeoPackage), the heatmap (GeoTIFF) and a PNG of the
+   boxes over the scene,
+3. counts storage tanks on a small counting chip (engine.count, both methods),
+4. prints AP50, precision and recall per prompt against the scene's exact
+   ground truth (engine.quality, the protocol of the quality tests),
+5. maps the scene's land cover from class names (engine.classify) into
+   classes.tif and prints its pixel accuracy and mIoU against the mask,
+6. writes a QGIS project, demo.qgz, with the scene, the boxes, the heatmaps
+   and the class map styled (scripts/demo_project.py): ``qgis demo-output/demo.qgz``.
 
 Runs offline in a minute or two on 2 CPU cores with the shipped demo model.
 """
@@ -22,8 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "scripts"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 PROMPTS = ("storage tanks", "airplanes", "ships")
 #: which ground-truth class each prompt looks for
@@ -93,6 +98,7 @@ def main(argv=None) -> int:
     import warnings
     warnings.filterwarnings("ignore", message="Valid PROJ data directory not found")
     import torch
+    from engine import quality as Q
     from engine import synthetic as S
     from engine.count import CountOptions, count
     from engine.detect import DetectOptions, detect, write_boxes, write_heatmap
@@ -114,24 +120,36 @@ def main(argv=None) -> int:
         lm = load_model(a.model, device=a.device)
         say(f"  model: {lm.spec} ({lm.arch}, {lm.image_size} px input, {lm.device}, {lm.precision})")
 
-        opts = DetectOptions(mode=a.mode, tile_px=24 if a.mode == "window" else 64, window=2, stride=1,
-                             top_k=15, threshold=0.3 if a.mode == "window" else None)
+        opts = DetectOptions(mode=a.mode)   # tile, window, threshold, top-k: the model's defaults
         t0 = time.time()
         res = detect(str(out / "scene.tif"), list(PROMPTS), lm, options=opts)
         say(f"  detect ({a.mode}): {res.tiles} tiles, {res.windows} windows, {len(res.boxes)} boxes "
-            f"in {res.seconds:.1f} s")
+            f"({res.refined} fitted to the object inside) in {res.seconds:.1f} s")
         gpkg = write_boxes(res, out / "detections.gpkg", overwrite=True)
         heat = write_heatmap(res, out / "heatmap.tif", overwrite=True)
         png = draw_png(truth.path, res, truth, out / "detections.png")
 
+        qgz = None
+        try:
+            from demo_project import write_project
+            qgz = write_project(out / "demo.qgz", truth.path, truth.mask_path, gpkg, heat, PROMPTS,
+                                colours=COLOURS)
+        except ImportError as exc:   # QGIS's Python bindings are not installed
+            say(f"  (no QGIS project: {exc}; install QGIS to get demo.qgz)")
+
         say("")
-        say("  prompt           boxes  truth  precision  recall   (IoU >= 0.5 | box holds an object centre)")
+        say(f"  Result on the held-out scene (a box is right when IoU >= {Q.IOU} with a true object;")
+        say("  'centre' counts a box right when it holds an object's centre):")
+        say("")
+        say("  prompt           boxes  truth   AP50  precision  recall   precision  recall")
+        say("                                                             (centre)  (centre)")
         for p in PROMPTS:
-            mine = [b.pixel for b in res.boxes if b.prompt == p]
+            mine = [b for b in res.boxes if b.prompt == p]
             gt = [b.pixel for b in truth.of(PROMPT_CLASS[p])]
-            pr, rc = S.precision_recall([(b.score, b.pixel) for b in res.boxes if b.prompt == p], gt, 0.5)
-            pc, rcc = centre_hits(mine, gt)
-            say(f"  {p:<16} {len(mine):>5}  {len(gt):>5}  {pr:>5.2f} | {pc:.2f}  {rc:>5.2f} | {rcc:.2f}")
+            m = Q.score_boxes([(b.score, b.pixel) for b in mine], gt)
+            pc, rcc = centre_hits([b.pixel for b in mine], gt)
+            say(f"  {p:<16} {len(mine):>5}  {len(gt):>5}  {m['ap50']:>5.2f}  {m['precision']:>9.2f}  "
+                f"{m['recall']:>6.2f}   {pc:>9.2f}  {rcc:>6.2f}")
 
         from engine.classify import classify, compare_to_mask, synthetic_targets
         from engine.options import ClassifyOptions
@@ -149,15 +167,17 @@ def main(argv=None) -> int:
 
         chip = S.make_chip(str(out / "count_chip.tif"), "storage-tank", COUNT_OBJECTS, size=160,
                            seed=a.seed, overwrite=True)
-        cnt = count(chip.path, "storage tanks", lm, method="both",
-                    options=CountOptions(dense_tile_px=160))
+        cnt = count(chip.path, "storage tanks", lm, method="both", options=CountOptions())
         say("")
         say(f"  count: {out / 'count_chip.tif'} holds {len(chip.boxes)} storage tanks; "
             f"the model says {cnt.summary()}")
         say("")
         say(f"Files in {out}:")
-        for f in (truth.path, truth.mask_path, truth.coco_path, gpkg, heat, png, cls.out):
-            say(f"  {f}")
+        for f in (truth.path, truth.mask_path, truth.coco_path, gpkg, heat, png, cls.out, qgz):
+            if f:
+                say(f"  {f}")
+        if qgz:
+            say(f"Open it all in QGIS:  qgis {qgz}")
         say(f"Done in {time.time() - t_all:.0f} s.")
     except MapClipError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

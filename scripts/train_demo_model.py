@@ -2,7 +2,7 @@
 """Train MapCLIP's demo model from scratch on synthetic scenes: the exact recipe.
 
     .venv/bin/python scripts/train_demo_model.py            # all stages (about 20 min, 2 CPU cores)
-    .venv/bin/python scripts/train_demo_model.py --stage data|train|export|eval|card
+    .venv/bin/python scripts/train_demo_model.py --stage data|train|export|calibrate|eval|card
 
 1. data:   seeded synthetic scenes (engine.synthetic) -> chips centred on
            objects, beside objects (hard negatives) and at random, plus
@@ -18,9 +18,12 @@
            engine/configs/mapclip-demo.json (``mapclip-demo:random``), on the
            CPU, one torch thread.
 3. export: the run's best/ model as fp16 safetensors in resources/models/demo/.
-4. eval:   the protocol of tests/engine/test_quality.py (its measure_*
-           functions) on held-out seeds -> eval.json.
-5. card:   resources/models/demo/MODEL_CARD.md from the facts of 1-4.
+4. calibrate: the prompt count method's per-count offsets (engine.count.fit_count_bias)
+           on calibration chips -> ``count_bias`` in the model folder's defaults.
+5. eval:   the protocol of engine/quality.py (its measure_* functions, which
+           tests/engine/test_quality.py uses too) on held-out seeds -> eval.json
+           (and the evaluation section of an existing MODEL_CARD.md).
+6. card:   resources/models/demo/MODEL_CARD.md from the facts of 1-5.
 
 Everything is seeded (RECIPE below); the work folder defaults to
 build/demo-train/ (git-ignored).
@@ -44,6 +47,9 @@ if str(ROOT) not in sys.path:
 #: the recipe: change it here and the model card says what was used
 #: the demo model's search defaults (engine.options.ModelDefaults), stored in its folder so
 #: the CLI, the dock and Processing search it alike
+#: the model was trained on raw captions: its prompts are used as typed (stored with the model,
+#: as the preset says too; engine.models.PRESETS["demo"].templates)
+DEMO_TEMPLATES = "raw"
 DEMO_DEFAULTS = {"tile_px": 24, "window": 2, "top_k": 15, "threshold": 0.3, "dense_tile_px": 64}
 RECIPE = {
     "arch": "mapclip-demo",
@@ -262,7 +268,8 @@ def stage_export(work: Path, dest: Path) -> Path:
     lm = load_model(str(best), device="cpu")
     train = json.loads((work / "train_result.json").read_text())
     stats = json.loads((work / "data_stats.json").read_text())
-    extra = {"trained_by": "scripts/train_demo_model.py", "recipe": RECIPE, "defaults": DEMO_DEFAULTS,
+    extra = {"trained_by": "scripts/train_demo_model.py", "templates": DEMO_TEMPLATES,
+             "recipe": RECIPE, "defaults": DEMO_DEFAULTS,
              "train_seconds": train.get("wall_seconds"), "best_epoch": train.get("best_epoch"),
              "metrics_after": train.get("metrics_after"), "data": stats,
              "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch "
@@ -284,10 +291,10 @@ def stage_export(work: Path, dest: Path) -> Path:
 
 
 def stage_eval(work: Path, model: str) -> dict:
-    """The model card's quality numbers: the protocol of tests/engine/test_quality.py."""
+    """The model card's quality numbers: the protocol of engine/quality.py."""
     import torch
     from engine.models import load_model
-    from tests.engine import test_quality as Q
+    from engine import quality as Q
     torch.set_num_threads(2)
     lm = load_model(model, device="cpu")
     ev = work / "eval"
@@ -302,6 +309,10 @@ def stage_eval(work: Path, model: str) -> dict:
     itruth = S_make_scene(ev, Q.INDEX_SIZE, Q.INDEX_SEED)
     out["retrieval_p_at_10"] = Q.measure_retrieval(lm, itruth, ev / "index")
     out["counting"] = Q.measure_counting(lm, ev)
+    # what fitting boxes to objects and the count calibration change: the same protocol without them
+    out["detect_window_unfitted"] = Q.measure_detect(lm, truth, "window", refine=False)
+    out["detect_dense_unfitted"] = Q.measure_detect(lm, truth, "dense", Q.DENSE_CLASSES, refine=False)
+    out["counting_uncalibrated"] = Q.measure_counting(lm, ev, calibrate=False)
     # the prompt template ensemble's effect: both settings side by side, same scenes
     out["templates"] = {}
     for name in ("raw", "remote-sensing"):
@@ -317,11 +328,43 @@ def stage_eval(work: Path, model: str) -> dict:
                       "map50_dense": Q.mean(out["detect_dense"], "ap50"),
                       "hit10_dense": Q.mean(out["detect_dense"], "hit@10"),
                       "mean_p_at_10": Q.mean(out["retrieval_p_at_10"]),
-                      "count_exact": out["counting"]["exact"], "count_within_1": out["counting"]["within_1"]}
+                      "count_exact": out["counting"]["exact"], "count_within_1": out["counting"]["within_1"],
+                      "map50_window_unfitted": Q.mean(out["detect_window_unfitted"], "ap50"),
+                      "map50_dense_unfitted": Q.mean(out["detect_dense_unfitted"], "ap50"),
+                      "count_within_1_uncalibrated": out["counting_uncalibrated"]["within_1"],
+                      "count_exact_uncalibrated": out["counting_uncalibrated"]["exact"]}
     out["seconds"] = round(time.time() - t0, 1)
     (work / "eval.json").write_text(json.dumps(out, indent=1))
     say(json.dumps(out, indent=1))
+    card = Path(model) / "MODEL_CARD.md"
+    if card.exists():  # keep the card's evaluation in step without retraining
+        text = card.read_text(encoding="utf-8")
+        head = text.split(EVAL_HEADING)[0]
+        card.write_text(head + "\n".join(eval_lines(out)), encoding="utf-8")
+        say(f"updated the evaluation in {card}")
     return out
+
+
+def stage_calibrate(work: Path, dest: Path) -> tuple:
+    """The prompt count method's calibration (engine.count.fit_count_bias) on the model's own
+    count sentences over calibration chips (seeds engine.quality.CALIBRATION_SEED+), stored
+    as ``count_bias`` in the model folder's defaults."""
+    import torch
+    from engine import quality as Q
+    from engine.models import load_model
+    torch.set_num_threads(2)
+    lm = load_model(str(dest), device="cpu")
+    folder = work / "calibration"
+    folder.mkdir(parents=True, exist_ok=True)
+    bias = Q.calibrate_counting(lm, folder)
+    cfg_path = dest / "open_clip_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.setdefault("mapclip", {}).setdefault("defaults", {})["count_bias"] = list(bias)
+    tmp = cfg_path.with_suffix(".json.part")
+    tmp.write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, cfg_path)
+    say(f"count calibration (counts 1-10): {list(bias)} -> {cfg_path}")
+    return bias
 
 
 def stage_card(work: Path, dest: Path) -> Path:
@@ -362,11 +405,13 @@ def stage_card(work: Path, dest: Path) -> Path:
         "## Reproduce",
         "",
         "```",
-        ".venv/bin/python scripts/train_demo_model.py          # data, train, export, eval, this card",
+        ".venv/bin/python scripts/train_demo_model.py          # data, train, export, calibrate, eval, this card",
+        ".venv/bin/python scripts/train_demo_model.py --stage calibrate   # then --stage eval: "
+        "recalibrate and re-measure without retraining",
         "```",
         "",
         f"Seeds: training scenes {RECIPE['train_seeds'][0]}-{RECIPE['train_seeds'][-1]} "
-        f"({RECIPE['scene_px']} px), counting chips 50000+, training seed {RECIPE['seed']}. "
+        f"({RECIPE['scene_px']} px), counting chips 50000+, count calibration chips 61000+, training seed {RECIPE['seed']}. "
         "The recipe (RECIPE in the script):",
         "",
         "```json",
@@ -410,25 +455,45 @@ def stage_card(work: Path, dest: Path) -> Path:
         f"- before (random init): {fmt(before)}",
         f"- after the last epoch: {fmt(after)}",
         "",
-        "## Evaluation (held-out seeds; tests/engine/test_quality.py)",
+    ] + eval_lines(ev)
+    card = dest / "MODEL_CARD.md"
+    card.write_text("\n".join(lines), encoding="utf-8")
+    say(f"wrote {card}")
+    return card
+
+
+EVAL_HEADING = "## Evaluation (held-out seeds"
+
+
+def eval_lines(ev: dict) -> list:
+    """The card's evaluation section (from eval.json)."""
+    s = ev["summary"]
+    lines = [
+        f"{EVAL_HEADING}; the protocol of engine/quality.py)",
         "",
         f"Detect, window mode (2 x 2 tile windows, per-class tile), AP50 on a {ev_size()} px scene "
         f"(seed {ev_seed()}):",
         "",
         "AP50 over all boxes (up to 200 per class); hit@10: share of the 10 best boxes that hold the",
-        "centre of a true object. Dense mode: 64 px tiles, components of the heatmap >= 0.3.",
+        "centre of a true object. Dense mode: 64 px tiles, components of the heatmap >= 0.3. Boxes are",
+        "fitted to the object inside each window or component (`refine`, on by default); \"unfitted\"",
+        "is the same run with `--no-refine`.",
         "",
-        "| class | AP50 window | hit@10 window | AP50 dense | hit@10 dense |",
-        "| --- | --- | --- | --- | --- |",
+        "| class | AP50 window | unfitted | hit@10 window | AP50 dense | unfitted | hit@10 dense |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    raw_w = ev.get("detect_window_unfitted", {})
+    raw_d = ev.get("detect_dense_unfitted", {})
     for cls, m in ev["detect_window"].items():
         d = ev["detect_dense"].get(cls)
-        dd = f"{d['ap50']:.3f} | {d['hit@10']:.2f}" if d else " | "
-        lines.append(f"| {cls} | {m['ap50']:.3f} | {m['hit@10']:.2f} | {dd} |")
-    s = ev["summary"]
+        rw = raw_w.get(cls, {}).get("ap50", float("nan"))
+        rd = raw_d.get(cls, {}).get("ap50", float("nan"))
+        dd = f"{d['ap50']:.3f} | {rd:.3f} | {d['hit@10']:.2f}" if d else " | | "
+        lines.append(f"| {cls} | {m['ap50']:.3f} | {rw:.3f} | {m['hit@10']:.2f} | {dd} |")
     lines += [
-        f"| **mean** | **{s['map50_window']:.3f}** | **{s['hit10_window']:.2f}** | "
-        f"**{s['map50_dense']:.3f}** | **{s['hit10_dense']:.2f}** |",
+        f"| **mean** | **{s['map50_window']:.3f}** | {s.get('map50_window_unfitted', float('nan')):.3f} | "
+        f"**{s['hit10_window']:.2f}** | **{s['map50_dense']:.3f}** | "
+        f"{s.get('map50_dense_unfitted', float('nan')):.3f} | **{s['hit10_dense']:.2f}** |",
         "",
         "Text retrieval from an index of 96 px tiles of another held-out scene, precision@10:",
         "",
@@ -438,16 +503,43 @@ def stage_card(work: Path, dest: Path) -> Path:
         f"| **mean** | **{s['mean_p_at_10']:.2f}** |",
         "",
         f"Counting (RemoteCount prompts, whole chip) on {ev['counting']['chips']} held-out chips with 1-10 "
-        f"storage tanks or vehicles: exact {s['count_exact']:.2f}, within one {s['count_within_1']:.2f}, "
-        f"mean absolute error {ev['counting']['mae']:.2f}.",
+        f"storage tanks or vehicles, calibrated (`count_bias`, fitted by `--stage calibrate` on other "
+        f"chips): exact {s['count_exact']:.2f}, within one {s['count_within_1']:.2f}, "
+        f"mean absolute error {ev['counting']['mae']:.2f}"
+        + (f"; uncalibrated: exact {s['count_exact_uncalibrated']:.2f}, within one "
+           f"{s['count_within_1_uncalibrated']:.2f}, mean absolute error "
+           f"{ev['counting_uncalibrated']['mae']:.2f}." if "counting_uncalibrated" in ev else "."),
         "",
         "The test thresholds in tests/engine/test_quality.py sit below these numbers with a margin.",
         "",
-    ] + template_lines(ev.get("templates"))
-    card = dest / "MODEL_CARD.md"
-    card.write_text("\n".join(lines), encoding="utf-8")
-    say(f"wrote {card}")
-    return card
+    ] + template_lines(ev.get("templates")) + LIMITS
+    return lines
+
+
+#: the card's last section: what holds this model back, and what would reach the goals (issue 14)
+LIMITS = [
+    "## Limits and what would reach the goals", "",
+    "Goals on held-out scenes (issue 14): AP50 per class >= 0.5 (window) and >= 0.4 (dense), "
+    "hit@10 >= 0.9, retrieval P@10 >= 0.9, counting within one >= 0.8. This model reaches the "
+    "retrieval goal for water, trees, fields and buildings only, and none of the others "
+    "(numbers above). "
+    "What limits it:", "",
+    "- **Input and patch grid.** A 64 px input with 16 px patches is a 4 x 4 grid: a dense map has "
+    "16 cells per tile, too few to outline a 25-60 px object, and its softmax scores stay below "
+    "0.25 on counting chips, so dense counting finds nothing at threshold 0.3-0.5 (peaks or blobs "
+    "alike). A 128 px input with 8 px patches (16 x 16 grid, about the same 15-20 MB at width 128-192) "
+    "is the first change to make.",
+    "- **Training signal.** 14.5 min on 2 CPU cores (30 epochs of 5840 images) gives a val mean "
+    "recall of 19 %; its scores separate scene types (apron, harbour, tank farm) better than "
+    "objects, so airplane windows land on the apron and ship windows on runway marks. Hard "
+    "negatives (chips of aprons, runway marks and water without the object, captioned as such), "
+    "3-5x more scenes and 100+ epochs would need an estimated 1-2 h of this CPU (shared with "
+    "other work, so not run here) or a few minutes of a GPU.",
+    "- **Counting.** The RemoteCount sentences are 300 of 50430 captions; within-one accuracy "
+    "rises with calibration but stays near 0.5. More count chips (all classes, 10+ repeats) and "
+    "the count sentence as the chip's only caption would teach numbers directly.",
+    "",
+]
 
 
 def template_lines(t) -> list:
@@ -458,10 +550,11 @@ def template_lines(t) -> list:
             f"{v['mean_p_at_10']:.3f} |" for name, v in t.items()]
     return ["## Prompt templates", "",
             "Prompts go through a template ensemble by default (docs/models.md). This model was "
-            "trained on raw captions; the same evaluation with each setting:", "",
+            "trained on raw captions; the same evaluation (the protocol above, one run with both "
+            "settings side by side, so its rows may differ slightly from the table above):", "",
             "| templates | mAP50 window | hit@10 window | hit@10 dense | mean P@10 |",
             "| --- | --- | --- | --- | --- |"] + rows + [
-            "", "The ensemble does not help this model, so its preset uses `raw` "
+            "", "The ensemble does not clearly help this model (window mAP50 within run-to-run noise, P@10 lower), so its preset uses `raw` "
             "(`Preset.templates`); the remote-sensing presets use the ensemble.", ""]
 
 
@@ -469,12 +562,12 @@ MACHINE = "a 2-core x86_64 CPU (no GPU)"
 
 
 def ev_size() -> int:
-    from tests.engine import test_quality as Q
+    from engine import quality as Q
     return Q.DETECT_SIZE
 
 
 def ev_seed() -> int:
-    from tests.engine import test_quality as Q
+    from engine import quality as Q
     return Q.DETECT_SEED
 
 
@@ -485,7 +578,8 @@ def S_make_scene(folder: Path, size: int, seed: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=["all", "data", "train", "export", "eval", "card"], default="all")
+    ap.add_argument("--stage", choices=["all", "data", "train", "export", "calibrate", "eval", "card"],
+                    default="all")
     ap.add_argument("--model", default=None, help="eval: model to measure (default: the exported one)")
     ap.add_argument("--work", default=str(ROOT / "build" / "demo-train"))
     ap.add_argument("--out", default=str(ROOT / "resources" / "models" / "demo"))
@@ -499,6 +593,8 @@ def main(argv=None) -> int:
         stage_train(work, a.epochs)
     if a.stage in ("all", "export"):
         stage_export(work, Path(a.out))
+    if a.stage in ("all", "calibrate"):
+        stage_calibrate(work, Path(a.model or a.out))
     if a.stage in ("all", "eval"):
         stage_eval(work, a.model or str(Path(a.out)))
     if a.stage in ("all", "card"):

@@ -27,12 +27,7 @@ COMMANDS = ("models", "detect", "index", "search", "count", "classify", "caption
 
 
 def _command_module(name: str):
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"{__name__}.{name}":
-            return None  # command not built into this version
-        raise
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
@@ -52,9 +47,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         if only is not None and name != only:
             sub.add_parser(name)  # a placeholder: only the command being run is built
             continue
-        module = _command_module(name)
-        if module is not None:
-            module.register(sub)
+        _command_module(name).register(sub)
     return parser
 
 
@@ -178,7 +171,10 @@ def print_json(obj: Any) -> None:
 
 
 def cancel_event() -> threading.Event:
-    """A cancel flag for engine calls made from the command line (Ctrl-C stops them)."""
+    """The engine's cancel flag for a command-line run. Nothing sets it: Ctrl-C and
+    SIGTERM arrive as KeyboardInterrupt, which stops the run where it is (main()
+    prints "interrupted" and exits 130; outputs are written atomically, so none is
+    left half-written)."""
     return threading.Event()
 
 

@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--object", required=True, metavar="NAME", help="what to count, e.g. airplane")
     add_model_args(p)
     p.add_argument("--method", choices=list(METHODS), default="prompt",
-                   help="prompt (RemoteCount), dense (heatmap components) or both; default prompt")
+                   help="prompt (RemoteCount), dense (heatmap peaks) or both; default prompt")
     p.add_argument("--extent", default=None, metavar="XMIN,YMIN,XMAX,YMAX",
                    help="only this extent (default: the whole raster)")
     p.add_argument("--extent-crs", default=None, metavar="EPSG:N",
@@ -37,6 +37,15 @@ def register(sub) -> None:
                         "threshold, 0.5)")
     p.add_argument("--min-area", type=int, default=d.min_area, metavar="N",
                    help=f"dense method: smallest component in heatmap cells; default {d.min_area}")
+    p.add_argument("--peaks", action=argparse.BooleanOptionalAction, default=d.peaks,
+                   help="dense method: one object per peak of the heatmap, so touching objects "
+                        "count apart (--no-peaks: one per connected component); default on")
+    p.add_argument("--peak-distance", type=int, default=d.peak_distance, metavar="CELLS",
+                   help="dense method: least distance between two peaks in heatmap cells; "
+                        f"default {d.peak_distance}")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=d.calibrate,
+                   help="prompt method: add the model's count calibration (count_bias in its "
+                        "defaults, if it has one) before picking the count; default on")
     p.add_argument("--bands", default=None, metavar="R,G,B", help="1-based bands read as R,G,B")
     p.add_argument("--templates", default=None, metavar="SET",
                    help="dense method: prompt template ensemble: remote-sensing, raw (the prompt as typed) or "
@@ -72,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--extent-crs given without --extent", "add --extent xmin,ymin,xmax,ymax")
     opts = CountOptions(tile_px=args.tile, dense_tile_px=args.dense_tile, threshold=args.threshold,
                         min_area=args.min_area, batch_size=args.batch_size,
+                        peaks=bool(args.peaks), peak_distance=args.peak_distance,
+                        calibrate=bool(args.calibrate),
                         read=ReadOptions(bands=parse_bands(args.bands)), device=args.device,
                         precision=args.precision, templates=args.templates)
     bar = tqdm_progress("count", unit="img")

@@ -70,6 +70,13 @@ def register(sub) -> None:
     p.add_argument("--dense-slide", action="store_true",
                    help="dense mode with a --dense-input larger than the model's: slide crops of "
                         "the model's size with half-crop stride and average them (SegEarth-OV)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=d.refine,
+                   help="fit each box to the object inside it (the best-scoring object "
+                        "proposal centred in the window or component; --no-refine keeps "
+                        "window-sized boxes); default on")
+    p.add_argument("--refine-min", type=float, default=d.refine_min, metavar="SHARE",
+                   help="a fitted box must score at least this share (0..1) of its window's "
+                        f"score, else the window is kept; default {d.refine_min}")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per model call; " + model_default_help("batch_size"))
     p.add_argument("--out", required=True, metavar="OUT.gpkg|OUT.geojson",
@@ -93,6 +100,7 @@ def options_from_args(args: argparse.Namespace):
                    merge=args.merge, iou=args.iou, attention=args.attention,
                    templates=args.templates, dense_input_px=args.dense_input,
                    dense_slide=bool(args.dense_slide),
+                   refine=bool(args.refine), refine_min=args.refine_min,
                    read=ReadOptions(bands=parse_bands(args.bands), gsd=args.gsd),
                    device=args.device, precision=args.precision, heatmap=bool(args.heatmap))
     if args.background:

@@ -222,10 +222,15 @@ class DetectBase(RasterSearchAlgorithm):
             changes["templates"] = templates
         return replace(D, **changes)
 
-    def run_detect(self, parameters, context, feedback, heatmap: bool, top_k=None, threshold=None):
+    def run_detect(self, parameters, context, feedback, heatmap: bool, top_k=None, threshold=None,
+                   outputs=()):
+        """Run detect; ``outputs`` (parameter, path) are checked first by the engine's
+        output guard (never an input of the run, writable)."""
         prompts = self.prompts(parameters, context)
         with engine_errors(), self.raster_input(parameters, context, feedback) as (
                 path, extent, extent_crs, gsd):
+            from ...engine.jobs import check_outputs
+            check_outputs(list(outputs), [("INPUT", path)], overwrite=True)
             from ...engine.detect import detect
             options = self.detect_options(parameters, context, heatmap, top_k, threshold, gsd)
             lm = self.model(parameters, context, feedback)
@@ -296,7 +301,8 @@ class HeatmapAlgorithm(DetectBase):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        result = self.run_detect(parameters, context, feedback, heatmap=True)
+        result = self.run_detect(parameters, context, feedback, heatmap=True,
+                                 outputs=[(self.OUTPUT, out)])
         with engine_errors():
             from ...engine.detect import write_heatmap
             if result.heatmap is None:

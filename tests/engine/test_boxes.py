@@ -85,3 +85,20 @@ def test_pixel_to_bounds_projected_and_geographic_transforms():
     # a south-up transform still gives xmin < xmax and ymin < ymax
     south = Affine(1, 0, 0, 0, 1, 0)
     assert pixel_to_bounds(south, (1, 2, 3, 5)) == (1.0, 2.0, 3.0, 5.0)
+
+
+def test_heatmap_peaks_split_a_blob_and_keep_plateaus_and_lone_blobs_whole():
+    from engine.boxes import heatmap_peaks
+    heat = np.zeros((10, 30), np.float32)
+    heat[3:7, 2:14] = 0.6            # one blob with two peaks 8 cells apart
+    heat[4, 4] = heat[4, 11] = 0.9
+    heat[2:5, 20:24] = 0.7           # a flat plateau: one object
+    heat[0, 29] = np.nan
+    comps = heatmap_peaks(heat, 0.5, min_distance=2)
+    assert len(comps) == 3
+    two = sorted((c for c in comps if c.box[0] < 15), key=lambda c: c.box[0])
+    assert [c.peak_cell for c in two] == [(4, 4), (4, 11)]
+    assert two[0].box[2] <= two[1].box[0] and sum(c.area for c in two) == 48
+    flat = [c for c in comps if c.box[0] >= 20][0]
+    assert flat.box == (20, 2, 24, 5) and flat.area == 12
+    assert heatmap_peaks(heat, 0.95) == []

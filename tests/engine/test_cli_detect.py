@@ -41,9 +41,11 @@ def test_json_output_and_vector_file_contract(tmp_path, raster, rig_folder, caps
     heat = tmp_path / "heat.tif"
     code, stdout, _ = _run(["detect", raster, "--prompt", RED_PROMPT, "--model", rig_folder,
                             "--tile", "64", "--window", "1", "--top-k", "2", "--out", str(out),
-                            "--heatmap", str(heat), "--device", "cpu", "--json"], capsys)
+                            "--heatmap", str(heat), "--device", "cpu", "--json", "--no-refine"],
+                           capsys)
     assert code == 0
     info = json.loads(stdout)
+    assert info["refined"] == 0
     assert JSON_KEYS <= set(info)
     assert info["tiles"] == 12 and info["windows"] == 12 and info["device"] == "cpu"
     assert info["precision"] == "fp32" and info["model"] == rig_folder
@@ -56,6 +58,21 @@ def test_json_output_and_vector_file_contract(tmp_path, raster, rig_folder, caps
     assert list(meta["fields"]) == ["prompt", "score", "cosine", "rank", "model"]
     assert meta["geometry_type"] == "Polygon"
     assert heat.exists()
+
+
+def test_boxes_are_fitted_to_the_object_by_default_and_refine_min_is_checked(
+        tmp_path, raster, rig_folder, capsys):
+    code, stdout, _ = _run(["detect", raster, "--prompt", RED_PROMPT, "--model", rig_folder,
+                            "--tile", "64", "--window", "1", "--top-k", "1",
+                            "--out", str(tmp_path / "b.gpkg"), "--device", "cpu", "--json"], capsys)
+    assert code == 0
+    info = json.loads(stdout)
+    assert info["refined"] == 1
+    c0, r0, c1, r1 = info["boxes"][0]["pixel"]   # the planted square is 200..240 x 140..180
+    assert abs(c0 - 200) <= 3 and abs(r0 - 140) <= 3 and abs(c1 - 240) <= 3 and abs(r1 - 180) <= 3
+    code, _, err = _run(["detect", raster, "--prompt", RED_PROMPT, "--model", rig_folder,
+                         "--refine-min", "2", "--out", str(tmp_path / "c.gpkg")], capsys)
+    assert code != 0 and "--refine-min" in err and "0 to 1" in err
 
 
 def test_geojson_dense_mode_and_text_summary(tmp_path, raster, rig_folder, capsys):

@@ -137,7 +137,7 @@ def test_dense_count_finds_each_planted_object(scene, rigged):
         inside = [b for b in res.dense.boxes
                   if b.bounds[0] <= cx <= b.bounds[2] and b.bounds[1] <= cy <= b.bounds[3]]
         assert len(inside) == 1
-    assert "dense (heatmap components >= 0.5): 3 red roofs" in res.summary()
+    assert "dense (heatmap peaks >= 0.5): 3 red roofs" in res.summary() and res.dense.peaks
     # an extent around one square counts one
     c, r = SQUARES[1]
     ext = (x0 + (c - 8) * UTM_RES, y0 - (r + 20) * UTM_RES, x0 + (c + 20) * UTM_RES, y0 - (r - 8) * UTM_RES)
@@ -175,3 +175,85 @@ def test_cli_count_contract(scene, tmp_path, capsys):
     assert "--method dense" in capsys.readouterr().err
     assert main(["count", str(scene), "--object", "red roof", "--model", spec]) == 0
     assert capsys.readouterr().out.startswith("prompt (RemoteCount captions):")
+    assert main(["count", str(scene), "--object", "red roof", "--model", spec, "--method", "dense",
+                 "--no-peaks", "--no-calibrate", "--json"]) == 0
+    blobs = json.loads(capsys.readouterr().out)["dense"]
+    assert blobs["count"] == 3 and blobs["peaks"] is False
+    assert main(["count", str(scene), "--object", "red roof", "--model", spec, "--method", "dense",
+                 "--peak-distance", "0"]) == 2
+    assert "--peak-distance" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------- calibration --
+def test_fit_count_bias_corrects_a_model_that_favours_one_count():
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(1, 11), 6)
+    scores = rng.normal(0, 0.002, (len(truth), 10))
+    scores[np.arange(len(truth)), truth - 1] += 0.02   # the right caption scores a little higher
+    scores[:, 3] += 0.05                               # but "four" always wins
+    raw = np.arange(1, 11)[np.argmax(scores, axis=1)]
+    assert (raw == 4).all()
+    bias = ct.fit_count_bias(scores, truth)
+    assert len(bias) == 10 and abs(sum(bias)) < 1e-3 and bias[3] == min(bias)
+    got = np.array([ct.argmax_count(s, bias=bias)[0] for s in scores])
+    assert (got == truth).mean() > 0.9
+    with pytest.raises(ValueError):
+        ct.fit_count_bias(scores, truth[:-1])
+
+
+def test_prompt_count_adds_the_models_count_bias_unless_told_not_to(scene, rigged, monkeypatch):
+    """Stub encoders make "three" win by a little; a calibration that favours "seven" turns it."""
+    from dataclasses import replace
+
+    import engine.encode as enc
+
+    def fake_text(lm, prompts, batch_size=256):
+        out = torch.zeros(len(prompts), 4)
+        for i, p in enumerate(prompts):
+            out[i, 0 if (" three " in p or " 3 " in p) else 1] = 1.0
+        return out
+
+    def fake_images(lm, batch):
+        e = torch.zeros(len(batch), 4)
+        e[:, 0], e[:, 1] = 0.6, 0.5   # cosine 0.6 for "three", 0.5 for every other count
+        return e
+
+    monkeypatch.setattr(enc, "encode_text", fake_text)
+    monkeypatch.setattr(enc, "encode_images", fake_images)
+    bias = tuple(0.2 if n == 7 else 0.0 for n in range(1, 11))
+    monkeypatch.setattr(rigged, "defaults", replace(rigged.defaults, count_bias=bias))
+    cal = ct.count(str(scene), "ships", rigged, method="prompt")
+    assert cal.count == 7 and cal.prompt.calibrated and cal.prompt.to_json()["calibrated"]
+    raw = ct.count(str(scene), "ships", rigged, method="prompt", options=ct.CountOptions(calibrate=False))
+    assert raw.count == 3 and not raw.prompt.calibrated
+
+
+def test_model_defaults_read_a_count_bias_of_ten_numbers_only():
+    from engine.options import ModelDefaults
+    good = ModelDefaults.from_json({"tile_px": 24, "count_bias": [0.01] * 10})
+    assert good.count_bias == (0.01,) * 10 and good.to_json(weight_bound=True)["count_bias"] == [0.01] * 10
+    assert good.to_json() == {"tile_px": 24}   # what fine-tuning copies: not the calibration
+    for bad in ([0.01] * 9, "0.1", [0.01] * 9 + ["x"], [0.01] * 9 + [float("nan")]):
+        assert ModelDefaults.from_json({"count_bias": bad}).count_bias is None
+
+
+@pytest.mark.parametrize("bad", [dict(calibrate="no"), dict(peaks=1), dict(peak_distance=0)])
+def test_count_options_are_checked(scene, rigged, bad):
+    with pytest.raises(UsageError) as e:
+        ct.count(str(scene), "ship", rigged, options=ct.CountOptions(**bad))
+    assert e.value.option == next(iter(bad))
+
+
+def test_dense_count_separates_touching_objects_by_their_peaks():
+    heat = np.zeros((12, 20), np.float32)
+    yy, xx = np.mgrid[0:12, 0:20]
+    for cx in (5, 10, 15):           # three bumps in a row that touch above 0.5
+        heat = np.maximum(heat, np.exp(-((xx - cx) ** 2 + (yy - 6) ** 2) / 8.0))
+    tf = Affine(2.0, 0, 100.0, 0, -2.0, 200.0)
+    blobs = ct.heatmap_count(heat, tf, 0.5)
+    peaks = ct.heatmap_count(heat, tf, 0.5, peaks=True, peak_distance=2)
+    assert len(blobs) == 1 and len(peaks) == 3
+    centres = sorted((b.bounds[0] + b.bounds[2]) / 2 for b in peaks)
+    assert centres == pytest.approx([100 + 2 * 5.5, 100 + 2 * 10.5, 100 + 2 * 15.5], abs=2.5)
+    # peaks closer than the distance are one object
+    assert len(ct.heatmap_count(heat, tf, 0.5, peaks=True, peak_distance=11)) == 1

@@ -42,6 +42,7 @@ def expected_bounds(crs, pixel):
 def run(path, model, **kw):
     extent = kw.pop("extent", None)
     extent_crs = kw.pop("extent_crs", None)
+    kw.setdefault("refine", False)  # window/component geometry; fitting has its own tests
     return detect(path, kw.pop("prompts", [RED_PROMPT]), model, extent=extent,
                   extent_crs=extent_crs, options=DetectOptions(**kw))
 
@@ -326,3 +327,39 @@ def test_detect_prompts_go_through_the_template_option(tmp_path, tiny_model):
     with pytest.raises(UsageError) as err:
         run(path, tiny_model, prompts=["ships"], templates="nonsense")
     assert err.value.option == "templates"
+
+
+@pytest.mark.parametrize("mode", ["window", "dense"])
+def test_refine_fits_the_box_to_the_object_inside_the_window(tmp_path, rig, mode):
+    path = scene(tmp_path / "r.tif", width=384, height=256, squares=[(150, 70, 44, RED)])
+    square = np.array([150, 70, 194, 114], float)  # over 15 % of a 96-px window: fitted
+    raw = run(path, rig, mode=mode, tile_px=48, window=2, top_k=1, refine=False)
+    fit = run(path, rig, mode=mode, tile_px=48, window=2, top_k=1, refine=True)
+    assert raw.refined == 0 and fit.refined == 1
+    before = iou_one(square, np.array([raw.boxes[0].pixel], float))[0]
+    after = iou_one(square, np.array([fit.boxes[0].pixel], float))[0]
+    assert after > 0.6
+    if mode == "window":  # a dense component already hugs a lone square; a window does not
+        assert after > before + 0.2
+    b = fit.boxes[0]
+    assert b.score == raw.boxes[0].score and b.rank == 1
+    assert b.bounds == pytest.approx(expected_bounds(UTM33, b.pixel), abs=1e-9)
+    assert fit.to_json()["refined"] == 1
+
+
+def test_refine_keeps_windows_with_no_object_inside(tmp_path, rig):
+    # windows inside a red square larger than them hold no object of their own size to fit to
+    path = scene(tmp_path / "k.tif", width=320, height=320, squares=[(60, 60, 200, RED)])
+    raw = run(path, rig, tile_px=32, window=1, top_k=50, threshold=0.5)
+    fit = run(path, rig, tile_px=32, window=1, top_k=50, threshold=0.5, refine=True)
+    inner = [b.pixel for b in raw.boxes if 96 <= b.pixel[0] and b.pixel[2] <= 224
+             and 96 <= b.pixel[1] and b.pixel[3] <= 224]
+    assert inner and all(p in [b.pixel for b in fit.boxes] for p in inner)
+
+
+@pytest.mark.parametrize("bad", [dict(refine_min=1.5), dict(refine_min=-0.1), dict(refine="yes")])
+def test_refine_options_are_checked(tmp_path, rig, bad):
+    path = scene(tmp_path / "b.tif")
+    with pytest.raises(UsageError) as e:
+        run(path, rig, tile_px=64, **bad)
+    assert e.value.option == next(iter(bad))

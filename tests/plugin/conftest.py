@@ -271,3 +271,32 @@ def near_duplicate_folders(tmp_path):
     Image.fromarray(b).save(train / "b.png")
     Image.fromarray(b).save(test / "b_test.png")
     return train, test
+
+
+# ------------------------------------------------------------------ Processing --
+QGIS_PLUGINS = "/usr/share/qgis/python/plugins"
+
+
+@pytest.fixture(scope="session")
+def _processing(qgis_app, mapclip):
+    """Processing initialised once (conftest gives QGIS and the package ``mapclip``)."""
+    if QGIS_PLUGINS not in sys.path:
+        sys.path.append(QGIS_PLUGINS)
+    from processing.core.Processing import Processing
+    Processing.initialize()
+    return True
+
+
+@pytest.fixture
+def provider(_processing):
+    """The MapCLIP provider, registered for one test and removed after it (plugin tests
+    check that the plugin's unload leaves no provider behind)."""
+    from qgis.core import QgsApplication
+    from mapclip.plugin.processing import add_provider, remove_provider
+    existing = QgsApplication.processingRegistry().providerById("mapclip")
+    if existing is not None:
+        yield existing
+        return
+    added = add_provider()
+    yield added
+    remove_provider(added)

@@ -231,3 +231,23 @@ def test_hits_from_rasters_in_different_crs_are_drawn_in_wgs84(mapclip):
     assert next(same.getFeatures()).geometry().boundingBox().xMinimum() == pytest.approx(500000)
     assert layers.hit_bounds(hits[0], mixed) == hits[0].wgs84
     assert layers.hit_bounds(hits[0], same) == hits[0].bounds
+
+
+def test_save_to_geopackage_never_names_the_searched_file(dock, iface, tmp_path):
+    """The dock calls the engine's output guard: the GeoPackage cannot be the raster itself."""
+    from .conftest import make_geotiff
+    path = make_geotiff(tmp_path / "scene.tif")
+    layer = QgsRasterLayer(path, "scene")
+    QgsProject.instance().addMapLayer(layer)
+    dock.layer_combo.setLayer(layer)
+    dock.prompt_combo.setEditText("red roof")
+    dock._set_combo_data(dock.area_combo, "layer")
+    dock.save_check.setChecked(True)
+    dock.gpkg_widget.setFilePath(path)
+    before = open(path, "rb").read()
+    outcomes = []
+    dock.run_finished.connect(outcomes.append)
+    assert dock.run()                  # the run starts, then the guard refuses it at once
+    assert outcomes == ["error"] and dock.task is None
+    assert any("also an input" in t for t in iface.bar_texts()), iface.bar_texts()
+    assert open(path, "rb").read() == before

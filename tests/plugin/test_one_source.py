@@ -47,7 +47,8 @@ def dock_options(iface, model: str):
 
 
 SEARCH_FIELDS = ("mode", "tile_px", "window", "stride", "batch_size", "top_k", "threshold",
-                 "merge", "iou", "attention", "background", "overlap", "cls_weight", "min_valid")
+                 "merge", "iou", "attention", "background", "overlap", "cls_weight", "min_valid",
+                 "refine", "refine_min", "templates")
 
 
 def resolved(options, model: str):
@@ -115,3 +116,29 @@ def test_option_errors_are_worded_for_each_front_end(mapclip):
     from mapclip.plugin.processing.common import error_text
     text = error_text(err.value)
     assert text.startswith("TILE ") and "--" not in text
+
+
+def test_the_demo_model_finds_the_same_boxes_from_the_cli_processing_and_the_dock(
+        iface, mapclip, tmp_path, provider):
+    """Not only the same options: the same boxes, from three real runs on one scene."""
+    import processing
+    from qgis.core import QgsProcessingFeedback
+    from mapclip.engine.detect import detect
+    from mapclip.engine.synthetic import make_scene
+    from mapclip.plugin import tasks
+    scene = tmp_path / "scene.tif"
+    make_scene(str(scene), width=256, seed=3, mask_path=None, coco_path=None)
+    lm = tasks.get_model("demo", "cpu")
+
+    def boxes(options):
+        res = detect(str(scene), ["storage tanks"], lm, options=options)
+        return [(b.rank, round(b.score, 5), tuple(round(v, 3) for v in b.bounds)) for b in res.boxes]
+
+    cli = boxes(cli_options("demo"))
+    dock, _ = dock_options(iface, "demo")
+    assert boxes(dock) == cli
+    out = processing.run("mapclip:detect", {"INPUT": str(scene), "PROMPTS": "storage tanks",
+                                            "MODEL": "demo", "OUTPUT": "memory:"},
+                         feedback=QgsProcessingFeedback())["OUTPUT"]
+    got = sorted((f["rank"], round(f["score"], 5)) for f in out.getFeatures())
+    assert got == [(r, s) for r, s, _ in cli]

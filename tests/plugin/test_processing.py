@@ -17,36 +17,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 QGIS_PLUGINS = "/usr/share/qgis/python/plugins"
-ALGORITHMS = ("detect", "heatmap", "count", "classify", "caption", "buildindex", "searchindex", "finetune",
+ALGORITHMS = ("detect", "heatmap", "count", "classify", "caption", "buildindex", "searchindex",
+              "finetune",
               "boxtocaption", "masktobox", "deduplicate")
 
 
 # ------------------------------------------------------------------ set-up --
-@pytest.fixture(scope="session")
-def _processing(qgis_app, mapclip):
-    """Processing initialised once (conftest gives QGIS and the package ``mapclip``)."""
-    if QGIS_PLUGINS not in sys.path:
-        sys.path.append(QGIS_PLUGINS)
-    from processing.core.Processing import Processing
-    Processing.initialize()
-    return True
-
-
-@pytest.fixture
-def provider(_processing):
-    """The MapCLIP provider, registered for one test and removed after it (plugin tests
-    check that the plugin's unload leaves no provider behind)."""
-    from qgis.core import QgsApplication
-    from mapclip.plugin.processing import add_provider, remove_provider
-    existing = QgsApplication.processingRegistry().providerById("mapclip")
-    if existing is not None:
-        yield existing
-        return
-    added = add_provider()
-    yield added
-    remove_provider(added)
-
-
 def run(alg: str, params: dict, feedback=None) -> dict:
     import processing
     from qgis.core import QgsProcessingFeedback
@@ -344,6 +320,18 @@ def test_heatmap_is_a_georeferenced_raster_hot_at_the_square(provider, tmp_path,
         x, y = ds.xy(row, col)
     assert 500000 + 0.5 * 150 <= x <= 500000 + 0.5 * 202
     assert 4000000 - 0.5 * 106 <= y <= 4000000 - 0.5 * 54
+
+
+def test_heatmap_never_writes_over_its_input(provider, tmp_path, rigged_folder):
+    """The engine's output guard holds in Processing: the input raster is left untouched."""
+    from qgis.core import QgsProcessingException
+    raster = scene(tmp_path / "scene.tif")
+    before = raster.read_bytes()
+    with pytest.raises(QgsProcessingException) as err:
+        run("heatmap", {"INPUT": str(raster), "PROMPTS": "red roof", "MODEL": rigged_folder,
+                        "OUTPUT": str(raster)})
+    assert "is also an input" in str(err.value) and "Fix:" in str(err.value)
+    assert raster.read_bytes() == before
 
 
 def test_count_reports_each_method_and_dense_boxes(provider, tmp_path, rigged_folder):
