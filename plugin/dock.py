@@ -36,7 +36,8 @@ from . import deps, layers, log, render, runtime, tasks
 from .layers import crs_text
 from .settings import DEVICES, FIELD_LABELS, METHODS, SearchParams, Settings, model_defaults
 
-MODES = (("boxes", "Boxes"), ("heatmap", "Heatmap (and boxes)"), ("count", "Count"))
+MODES = (("boxes", "Boxes"), ("heatmap", "Heatmap (and boxes)"), ("count", "Count"),
+         ("classes", "Classes (land-cover map)"))
 AREAS = (("extent", "Visible map extent"), ("layer", "Whole layer"),
          ("selection", "Selected features of a polygon layer"))
 COUNT_METHODS = ("both", "prompt", "dense")
@@ -419,7 +420,11 @@ class MapClipDock(QgsDockWidget):
         self.threshold_spin.setValue(self.threshold_spin.minimum() if value is None else float(value))
 
     def _mode_changed(self, *_):
-        self.count_method_combo.setVisible(self.mode_combo.currentData() == "count")
+        mode = self.mode_combo.currentData()
+        self.count_method_combo.setVisible(mode == "count")
+        self.prompt_combo.lineEdit().setPlaceholderText(
+            "water; forest; farmland; urban; bare ground" if mode == "classes"
+            else "storage tanks; a harbor with ships")
 
     def _area_changed(self, *_):
         on = self.area_combo.currentData() == "selection"
@@ -460,8 +465,11 @@ class MapClipDock(QgsDockWidget):
         return self.iface.mapCanvas() if self.iface is not None else None
 
     def area(self) -> Tuple[Optional[QgsRectangle], Optional[QgsCoordinateReferenceSystem]]:
-        """The search area as (rectangle, its CRS); (None, None) for the whole layer."""
+        """The search area as (rectangle, its CRS); (None, None) for the whole layer.
+        With selected polygons, their union and CRS are kept in ``_selection`` too
+        (a land-cover map is made inside them, not in their bounding box)."""
         mode = self.area_combo.currentData()
+        self._selection = None
         if mode == "layer":
             return None, None
         if mode == "selection":
@@ -470,6 +478,7 @@ class MapClipDock(QgsDockWidget):
                 raise ValueError("select one or more polygons in the polygon layer "
                                  "(or choose another area)")
             geom = QgsGeometry.unaryUnion([f.geometry() for f in layer.selectedFeatures()])
+            self._selection = (geom, layer.crs())
             return geom.boundingBox(), layer.crs()
         canvas = self.canvas()
         if canvas is None:
@@ -574,7 +583,24 @@ class MapClipDock(QgsDockWidget):
     def _start_job(self, source: str, prompts: List[str], model: str, mode: str,
                    params: SearchParams, bands, extent, extent_crs, layer_crs, gsd) -> None:
         run_time = _dt.datetime.now(_dt.timezone.utc)
-        if mode == "count":
+        if mode == "classes":
+            import json
+            import tempfile
+            options = params.classify_options()
+            options = replace(options, read=replace(options.read, gsd=gsd))
+            within = within_crs = None
+            if getattr(self, "_selection", None) is not None and extent is not None:
+                geom, sel_crs = self._selection
+                within, within_crs = [json.loads(geom.asJson())], crs_text(sel_crs)
+            out = os.path.join(tempfile.mkdtemp(prefix="mapclip-classes-"), "classes.tif")
+            req = tasks.ClassifyRequest(raster=source, classes=prompts, model=model,
+                                        model_name=model, options=options, out=out,
+                                        extent=extent, extent_crs=extent_crs, within=within,
+                                        within_crs=within_crs)
+            fn = partial(tasks.run_classify, req)
+            title = f"MapCLIP: land cover '{'; '.join(prompts)[:40]}'"
+            on_done = partial(self._classes_done, req, layer_crs)
+        elif mode == "count":
             options = params.count_options(model)
             options = replace(options, read=replace(options.read, gsd=gsd))
             req = tasks.CountRequest(raster=source, object_name=prompts[0], model=model,
@@ -669,6 +695,27 @@ class MapClipDock(QgsDockWidget):
         self.progress.setValue(100)
         self.status_label.setText(f"{len(result.boxes)} boxes · {result.tiles} tiles in "
                                   f"{result.seconds:.1f} s ({rate:.1f} tiles/s) · {result.device}")
+        self._finish("done")
+
+    def _classes_done(self, req: tasks.ClassifyRequest, layer_crs, result) -> None:
+        self.last_result = result
+        try:
+            layer = layers.classes_layer(result, layer_crs)
+            group = layers.run_group(f"MapCLIP land cover: {'; '.join(req.classes)[:50]}")
+            layers.add_to_group(layer, group)
+            self.last_layers = [layer]
+        except Exception as exc:
+            log.bar_error(self.iface, "adding the land-cover layer failed", exc)
+            self._finish("error")
+            return
+        for note in result.warnings:
+            log.bar_warning(self.iface, str(note))
+        for name, share in result.shares.items():
+            item = QTreeWidgetItem(["", name, f"{share:.1%}"])
+            self.results.addTopLevelItem(item)
+        self.progress.setValue(100)
+        self.status_label.setText(f"Land cover: {len(result.classes)} classes · {result.tiles} tiles "
+                                  f"in {result.seconds:.1f} s · {result.device}")
         self._finish("done")
 
     def _count_done(self, req: tasks.CountRequest, layer_crs, run_time, result) -> None:

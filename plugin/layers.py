@@ -287,6 +287,20 @@ def add_detect_result(result: Any, prompts: Sequence[str], model: str,
     return group, made
 
 
+def classes_layer(result: Any, crs: Optional[QgsCoordinateReferenceSystem] = None) -> QgsRasterLayer:
+    """The class map the engine wrote (engine.classify), styled by the .qml the engine wrote
+    beside it: a paletted layer whose legend names the classes."""
+    layer = QgsRasterLayer(result.out, layer_name("; ".join(result.classes), "(classes)"), "gdal")
+    if crs is not None and crs.isValid() and not layer.crs().isValid():
+        layer.setCrs(crs)
+    if result.style_out and os.path.isfile(result.style_out):
+        layer.loadNamedStyle(result.style_out)
+    shares = ", ".join(f"{name} {share:.0%}" for name, share in result.shares.items() if share > 0)
+    set_abstract(layer, f"MapCLIP land-cover map ({result.method}) with {result.model}: {shares}.")
+    layer.triggerRepaint()
+    return layer
+
+
 def count_text(result: Any) -> str:
     """'prompt: 12, dense: 9' from an engine CountResult (the count per method)."""
     parts = []

@@ -21,7 +21,8 @@ from qgis.core import QgsSettings
 from ..engine.models import DEFAULT_MODEL
 from ..engine.models import model_defaults as engine_model_defaults
 from ..engine.errors import UsageError, worded
-from ..engine.options import (MODES, CountOptions, DetectOptions, ReadOptions, parse_bands,
+from ..engine.options import (MODES, ClassifyOptions, CountOptions, DetectOptions, ReadOptions,
+                              parse_bands,
                               with_model_defaults)
 
 GROUP = "mapclip"
@@ -79,6 +80,12 @@ class SearchParams:
         return replace(DetectOptions(), mode=self.method, read=self.read_options(),
                        device=None if self.device in ("", "auto") else self.device,
                        heatmap=heatmap, **keep)
+
+    def classify_options(self) -> ClassifyOptions:
+        """The engine's classify options: bands, GSD and device from the dock; tiles and the
+        rest are the model's (its dense tile)."""
+        return replace(ClassifyOptions(), read=self.read_options(),
+                       device=None if self.device in ("", "auto") else self.device)
 
     def count_options(self, model: str) -> CountOptions:
         """The engine's count options: batch size if changed, the threshold only in dense

@@ -263,3 +263,29 @@ def run_count(req: CountRequest, progress: ProgressFn, cancel: threading.Event):
     lm = _loaded(req.model, req.options.device, req.info, cancel)
     return count(req.raster, req.object_name, lm, extent=req.extent, extent_crs=req.extent_crs,
                  method=req.method, options=req.options, progress=progress, cancel=cancel)
+
+
+@dataclass
+class ClassifyRequest:
+    """One land-cover map over a raster file (engine.classify), in plain values."""
+
+    raster: str
+    classes: List[str]
+    model: Any
+    model_name: str
+    options: Any                     # engine.options.ClassifyOptions
+    out: str                         # the class map GeoTIFF (a .qml style is written beside it)
+    extent: Optional[Tuple[float, float, float, float]] = None
+    extent_crs: Optional[str] = None
+    within: Optional[List[Dict[str, Any]]] = None   # GeoJSON polygons (selected features)
+    within_crs: Optional[str] = None
+    info: Dict[str, str] = field(default_factory=dict)
+
+
+def run_classify(req: ClassifyRequest, progress: ProgressFn, cancel: threading.Event):
+    """The classify job: load the model (cached), then engine.classify.classify to a file."""
+    from ..engine.classify import classify
+    lm = _loaded(req.model, req.options.device, req.info, cancel)
+    return classify(req.raster, req.classes, lm, extent=req.extent, extent_crs=req.extent_crs,
+                    options=req.options, progress=progress, cancel=cancel, out=req.out,
+                    within=req.within, within_crs=req.within_crs)

@@ -321,6 +321,21 @@ def session():
         return info
 
 
+    @step("land_cover")
+    def _classes():
+        info, added = run_search({"Mode": "Classes (land-cover map)",
+                                  "Prompts": "water; forest; farmland; urban; bare ground"})
+        check(len(added) == 1 and isinstance(added[0], QgsRasterLayer), f"one class map: {info}")
+        layer = added[0]
+        info["renderer"] = layer.renderer().type()
+        info["legend"] = [c.label for c in layer.renderer().classes()] \
+            if hasattr(layer.renderer(), "classes") else []
+        check(info["renderer"] == "paletted" and "water" in info["legend"],
+              f"the class map has no class legend: {info}")
+        info["screenshot"] = screenshot("desktop-classes.png")
+        QgsProject.instance().removeMapLayer(layer)
+        return info
+
     @step("cancel")
     def _cancel():
         d = dock()

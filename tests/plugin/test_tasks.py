@@ -453,3 +453,34 @@ def test_unloading_the_plugin_mid_run_cancels_and_adds_nothing(qtbot, iface, map
         assert clean_project.layerTreeRoot().findGroups() == []
     finally:
         tasks._MODELS.pop((RIGGED, "auto"), None)
+
+
+def test_classes_mode_adds_a_paletted_land_cover_layer_named_by_class(qtbot, iface, mapclip,
+                                                                     qgis_settings, clean_project,
+                                                                     tmp_path):
+    """Classes mode: a land-cover map from words, as a paletted layer whose legend names them."""
+    from qgis.core import QgsPalettedRasterRenderer
+    from mapclip.engine.synthetic import make_scene
+    from mapclip.plugin.dock import MapClipDock
+    path = tmp_path / "scene.tif"
+    make_scene(str(path), width=256, seed=3, mask_path=None, coco_path=None)
+    raster = QgsRasterLayer(str(path), "scene", "gdal")
+    clean_project.addMapLayer(raster)
+    dock = MapClipDock(iface, iface.main_window)
+    try:
+        dock.layer_combo.setLayer(raster)
+        dock.select_model("demo")
+        dock._set_combo_data(dock.mode_combo, "classes")
+        dock._set_combo_data(dock.area_combo, "layer")
+        dock.prompt_combo.setEditText("water; forest; farmland")
+        assert _run(qtbot, dock, timeout=120000) == "done", dock.status_label.text()
+        (layer,) = dock.last_layers
+        assert layer.isValid() and isinstance(layer.renderer(), QgsPalettedRasterRenderer)
+        labels = [c.label for c in layer.renderer().classes()]
+        assert {"water", "forest", "farmland"} <= set(labels), labels
+        assert layer.crs().authid() == "EPSG:32633"
+        rows = [dock.results.topLevelItem(i).text(1) for i in range(dock.results.topLevelItemCount())]
+        assert {"water", "forest", "farmland"} <= set(rows)
+    finally:
+        dock.shutdown()
+        dock.deleteLater()
