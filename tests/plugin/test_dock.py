@@ -30,7 +30,7 @@ def test_dock_builds_with_raster_filter_collapsed_advanced_and_engine_defaults(d
     assert set(specs) <= set(PRESETS) and "remoteclip-vit-l-14" in specs
     assert dock.current_model() == DEFAULT_MODEL
     assert [dock.mode_combo.itemData(i) for i in range(dock.mode_combo.count())] == \
-        ["boxes", "heatmap", "count"]
+        ["boxes", "heatmap", "count", "classes"]
     assert dock.area_combo.currentData() == "extent"
     assert not dock.polygon_combo.isEnabled()
     assert dock.tabs.count() == 2 and dock.tabs.tabText(1) == "Archive"
