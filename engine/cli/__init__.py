@@ -178,6 +178,23 @@ def cancel_event() -> threading.Event:
     return threading.Event()
 
 
+def add_extent_args(p) -> None:
+    """--extent and --extent-crs, shared by the commands that read part of a raster."""
+    p.add_argument("--extent", default=None, metavar="XMIN,YMIN,XMAX,YMAX",
+                   help="only this extent (default: the whole raster)")
+    p.add_argument("--extent-crs", default=None, metavar="EPSG:N",
+                   help="CRS of --extent (default: the raster's CRS)")
+
+
+def parse_extent(args) -> Optional[Tuple[float, ...]]:
+    """--extent as four numbers (None without it); --extent-crs alone is refused."""
+    extent = parse_floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
+        if args.extent else None
+    if args.extent_crs and not extent:
+        raise UsageError("--extent-crs given without --extent", "add --extent xmin,ymin,xmax,ymax")
+    return extent
+
+
 def parse_floats(text: str, n: int, what: str, example: str) -> Tuple[float, ...]:
     """N comma-separated numbers (an extent, a point), or a UsageError with an example."""
     try:

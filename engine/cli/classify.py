@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import add_model_args, model_default_help, parse_bands, parse_floats, print_json, tqdm_progress
+from . import (add_extent_args, add_model_args, model_default_help, parse_bands, parse_extent,
+               print_json, tqdm_progress)
 from ..errors import UsageError
 
 
@@ -31,10 +32,7 @@ def register(sub) -> None:
     p.add_argument("--polygons", default=None, metavar="CLASSES.gpkg",
                    help="also write the map as polygons (.gpkg or .geojson; fields class, value, "
                         "score = mean best-class score, cells, model)")
-    p.add_argument("--extent", default=None, metavar="XMIN,YMIN,XMAX,YMAX",
-                   help="only this extent (default: the whole raster)")
-    p.add_argument("--extent-crs", default=None, metavar="EPSG:N",
-                   help="CRS of --extent (default: the raster's CRS)")
+    add_extent_args(p)
     p.add_argument("--within", default=None, metavar="POLYGONS.gpkg",
                    help="only the cells whose centre lies in one of these polygons (any vector "
                         "file, any CRS); the others are 255 (not scored)")
@@ -89,10 +87,7 @@ def run(args: argparse.Namespace) -> int:
     clean_classes(args.classes)  # bad classes are refused before the model loads
     if not Path(args.raster).exists():
         raise UsageError(f"raster {args.raster} does not exist", "check the path")
-    extent = parse_floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
-        if args.extent else None
-    if args.extent_crs and not extent:
-        raise UsageError("--extent-crs given without --extent", "add --extent xmin,ymin,xmax,ymax")
+    extent = parse_extent(args)
     within = within_crs = None
     if args.within:
         from ..classify import read_within

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import (add_model_args, cancel_event, model_default_help, parse_bands, parse_floats,
-               print_json, tqdm_progress)
+from . import (add_extent_args, add_model_args, cancel_event, model_default_help, parse_bands,
+               parse_extent, print_json, tqdm_progress)
 from ..errors import UsageError
 
 
@@ -23,10 +23,7 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--method", choices=list(METHODS), default="prompt",
                    help="prompt (RemoteCount), dense (heatmap peaks) or both; default prompt")
-    p.add_argument("--extent", default=None, metavar="XMIN,YMIN,XMAX,YMAX",
-                   help="only this extent (default: the whole raster)")
-    p.add_argument("--extent-crs", default=None, metavar="EPSG:N",
-                   help="CRS of --extent (default: the raster's CRS)")
+    add_extent_args(p)
     p.add_argument("--tile", type=int, default=None, metavar="PX",
                    help="prompt method: count per tile of PX pixels and sum (default: the whole "
                         "extent as one image)")
@@ -75,10 +72,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"raster {args.raster} does not exist", "check the path")
         check_outputs([("--out", args.out)], [("raster", f) for f in raster_files(args.raster)],
                       overwrite=args.overwrite)
-    extent = parse_floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
-        if args.extent else None
-    if args.extent_crs and not extent:
-        raise UsageError("--extent-crs given without --extent", "add --extent xmin,ymin,xmax,ymax")
+    extent = parse_extent(args)
     opts = CountOptions(tile_px=args.tile, dense_tile_px=args.dense_tile, threshold=args.threshold,
                         min_area=args.min_area, batch_size=args.batch_size,
                         peaks=bool(args.peaks), peak_distance=args.peak_distance,

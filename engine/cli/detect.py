@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import (add_model_args, model_default_help, parse_bands, parse_floats, print_json,
-               tqdm_progress)
+from . import (add_extent_args, add_model_args, model_default_help, parse_bands, parse_extent,
+               print_json, tqdm_progress)
 from ..errors import UsageError
 
 
@@ -38,10 +38,7 @@ def register(sub) -> None:
     p.add_argument("--bands", default=None, metavar="B,G,R",
                    help="1-based bands read as R,G,B (or one band as grey); default: RGB by "
                         "colour interpretation, else the first three")
-    p.add_argument("--extent", default=None, metavar="XMIN,YMIN,XMAX,YMAX",
-                   help="only this extent (default: the whole raster)")
-    p.add_argument("--extent-crs", default=None, metavar="EPSG:N",
-                   help="CRS of --extent (default: the raster's CRS)")
+    add_extent_args(p)
     p.add_argument("--top-k", type=int, default=None, metavar="N",
                    help="at most N boxes per prompt; " + model_default_help("top_k"))
     p.add_argument("--threshold", type=float, default=None, metavar="T",
@@ -123,10 +120,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"raster {args.raster} does not exist", "check the path")
     check_outputs([("--out", args.out), ("--heatmap", args.heatmap)],
                   [("raster", f) for f in raster_files(args.raster)], overwrite=args.overwrite)
-    extent = parse_floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
-        if args.extent else None
-    if args.extent_crs and not extent:
-        raise UsageError("--extent-crs given without --extent", "add --extent xmin,ymin,xmax,ymax")
+    extent = parse_extent(args)
     opts = options_from_args(args)
     bar = tqdm_progress("detect", unit="img")
     try:
