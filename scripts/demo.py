@@ -129,11 +129,19 @@ def main(argv=None) -> int:
         heat = write_heatmap(res, out / "heatmap.tif", overwrite=True)
         png = draw_png(truth.path, res, truth, out / "detections.png")
 
+        from engine.classify import classify, compare_to_mask, synthetic_targets
+        from engine.options import ClassifyOptions
+        names, values = synthetic_targets()
+        cls = classify(str(out / "scene.tif"), names, lm, options=ClassifyOptions(),
+                       out=str(out / "classes.tif"), overwrite=True)
+        import rasterio
+        with rasterio.open(cls.out) as ds:
+            q = compare_to_mask(ds.read(1), ds.transform, truth.mask_path, values, names)
         qgz = None
         try:
             from demo_project import write_project
             qgz = write_project(out / "demo.qgz", truth.path, truth.mask_path, gpkg, heat, PROMPTS,
-                                colours=COLOURS)
+                                colours=COLOURS, land_cover=cls.out)
         except ImportError as exc:   # QGIS's Python bindings are not installed
             say(f"  (no QGIS project: {exc}; install QGIS to get demo.qgz)")
 
@@ -151,14 +159,6 @@ def main(argv=None) -> int:
             say(f"  {p:<16} {len(mine):>5}  {len(gt):>5}  {m['ap50']:>5.2f}  {m['precision']:>9.2f}  "
                 f"{m['recall']:>6.2f}   {pc:>9.2f}  {rcc:>6.2f}")
 
-        from engine.classify import classify, compare_to_mask, synthetic_targets
-        from engine.options import ClassifyOptions
-        names, values = synthetic_targets()
-        cls = classify(str(out / "scene.tif"), names, lm, options=ClassifyOptions(tile_px=32),
-                       out=str(out / "classes.tif"), overwrite=True)
-        import rasterio
-        with rasterio.open(cls.out) as ds:
-            q = compare_to_mask(ds.read(1), ds.transform, truth.mask_path, values, names)
         say("")
         say(f"  classify: {len(names)} land covers -> {cls.out} ({cls.shape[1]} x {cls.shape[0]} "
             f"cells, {cls.seconds:.1f} s); against the mask: pixel accuracy "

@@ -86,8 +86,12 @@ def _box_labels(layer) -> None:
 def write_project(out, scene, class_map, boxes, heatmap, prompts: Sequence[str],
                   colours: Optional[Dict[str, Colour]] = None,
                   class_names: Optional[Dict[int, str]] = None,
-                  class_colours: Optional[Dict[int, Tuple[int, int, int, int]]] = None) -> Path:
+                  class_colours: Optional[Dict[int, Tuple[int, int, int, int]]] = None,
+                  land_cover: Optional[str] = None) -> Path:
     """Write the QGIS project ``out`` (.qgz) over the demo's files; return its path.
+
+    ``land_cover``: the model's class map (engine.classify's GeoTIFF, styled by the
+    .qml the engine wrote beside it), shown under the boxes.
 
     Raises RuntimeError naming the layer that QGIS could not open."""
     _app()
@@ -97,13 +101,15 @@ def write_project(out, scene, class_map, boxes, heatmap, prompts: Sequence[str],
     except ImportError:  # pragma: no cover - python3-gdal comes with python3-qgis
         gdal = None
     try:
-        return _write(out, scene, class_map, boxes, heatmap, prompts, colours, class_names, class_colours)
+        return _write(out, scene, class_map, boxes, heatmap, prompts, colours, class_names,
+                      class_colours, land_cover)
     finally:
         if gdal is not None:
             gdal.PopErrorHandler()
 
 
-def _write(out, scene, class_map, boxes, heatmap, prompts, colours, class_names, class_colours) -> Path:
+def _write(out, scene, class_map, boxes, heatmap, prompts, colours, class_names, class_colours,
+           land_cover=None) -> Path:
     from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsVectorLayer
     out = Path(out).resolve()
     if class_names is None or class_colours is None:
@@ -133,11 +139,17 @@ def _write(out, scene, class_map, boxes, heatmap, prompts, colours, class_names,
                 "boxes")
     vec.setRenderer(_box_renderer(prompts, colours))
     _box_labels(vec)
+    model_classes = []
+    if land_cover:
+        lc = check(QgsRasterLayer(str(Path(land_cover).resolve()), "land cover (the model's)"),
+                   "land-cover map")
+        lc.loadDefaultStyle()          # the .qml engine.classify wrote beside it
+        model_classes = [lc]
     root = project.layerTreeRoot()
-    for layer in [vec] + heats + [classes, rgb]:      # first added: top of the layer tree
+    for layer in [vec] + heats + model_classes + [classes, rgb]:  # first added: top of the tree
         project.addMapLayer(layer, False)
         root.addLayer(layer)
-    for layer in heats[1:] + [classes]:
+    for layer in heats[1:] + model_classes + [classes]:
         root.findLayer(layer.id()).setItemVisibilityChecked(False)
     view = project.viewSettings()
     from qgis.core import QgsReferencedRectangle

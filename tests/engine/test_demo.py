@@ -37,13 +37,19 @@ def test_demo_project_loads_in_qgis_with_valid_styled_layers(tmp_path):
     res = _result(truth)
     gpkg = write_boxes(res, tmp_path / "detections.gpkg")
     heat = write_heatmap(res, tmp_path / "heatmap.tif")
+    from engine.classify import classify
+    land = classify(truth.path, ["water", "forest", "farmland"], "demo", out=str(tmp_path / "classes.tif"))
     qgz = write_project(tmp_path / "demo.qgz", truth.path, truth.mask_path, gpkg, heat, PROMPTS,
-                        colours={"ships": (0, 230, 255), "airplanes": (255, 60, 200)})
+                        colours={"ships": (0, 230, 255), "airplanes": (255, 60, 200)},
+                        land_cover=land.out)
     project = QgsProject()
     assert project.read(str(qgz)), project.error()
     layers = {layer.name(): layer for layer in project.mapLayers().values()}
     assert set(layers) == {"scene", "detections", "heatmap: ships", "heatmap: airplanes",
-                           "class map (ground truth)"}
+                           "class map (ground truth)", "land cover (the model's)"}
+    model_classes = layers["land cover (the model's)"].renderer()
+    assert model_classes.type() == "paletted"
+    assert {"water", "forest", "farmland"} <= {c.label for c in model_classes.classes()}
     assert all(layer.isValid() for layer in layers.values())
     det = layers["detections"]
     assert det.featureCount() == 2 and det.renderer().type() == "categorizedSymbol"
