@@ -379,8 +379,12 @@ def _sample(model, x, latent, embs, opts: CaptionOptions, max_len: int) -> List[
     done = torch.zeros(B, dtype=torch.bool, device=x.device)
     for step in range(max_len):
         logits = _next_logits(model, x, out, latent, embs) / float(opts.temperature)
+        # a non-finite logit is never drawn; a row with none left ends its caption
+        logits = torch.nan_to_num(logits, nan=-float("inf"), posinf=-float("inf"))
         if step < MIN_TOKENS:
             logits[:, EOT] = -float("inf")
+        dead = ~torch.isfinite(logits).any(dim=-1)
+        logits[dead, EOT] = 0.0
         if opts.method == "top_k":
             k = min(int(opts.sample_top_k), logits.shape[1])
             kth = logits.topk(k, dim=-1).values[:, -1:]

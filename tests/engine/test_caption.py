@@ -129,3 +129,30 @@ def test_a_coca_checkpoint_loads_and_writes_the_same_captions(tmp_path, one_torc
     img = noise(3, 64, 64, seed=9).transpose(1, 2, 0)[None]
     opts = CaptionOptions(max_length=8)
     assert generate_captions(again, img, opts) == generate_captions(lm, img, opts)
+
+
+def test_sampling_never_draws_a_non_finite_logit(tmp_path, monkeypatch):
+    """A decoder step that returns NaN or inf logits ends the caption instead of crashing
+    torch.multinomial ("probability tensor contains either inf, nan or element < 0")."""
+    from engine import caption as C
+    from engine.models import load_model
+    raster = str(make_raster(tmp_path / "r.tif", width=96, height=96, data=noise(3, 96, 96, seed=2)))
+    lm = load_model("test-coca-tiny", device="cpu")
+    real = C._next_logits
+    calls = []
+
+    def broken_third_step(model, x, tokens, latent, embs):
+        out = real(model, x, tokens, latent, embs)
+        calls.append(1)
+        if len(calls) == 3:
+            out = out.clone()
+            out[:, : out.shape[1] // 2] = float("nan")
+            out[:, out.shape[1] // 2:] = float("inf")
+        return out
+
+    monkeypatch.setattr(C, "_next_logits", broken_third_step)
+    for method in ("top_k", "top_p"):
+        calls.clear()
+        res = caption(raster, lm, [None], options=CaptionOptions(method=method, max_length=6, seed=3))
+        assert res.method == "generation" and len(calls) == 3  # the broken step ended it
+        assert isinstance(res.places[0].best, str)
