@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -215,7 +214,7 @@ def caption(raster: str, model: Union[str, LoadedModel], places: Sequence[Option
     """
     from .jobs import Job
     from .models import LoadedModel, load_model
-    from .raster import RasterWarning, open_raster
+    from .raster import open_raster
     t0 = time.perf_counter()
     opts = check(options or CaptionOptions())
     places = list(places) or [None]
@@ -227,9 +226,7 @@ def caption(raster: str, model: Union[str, LoadedModel], places: Sequence[Option
         if not texts:
             raise UsageError("the caption bank is empty", "give at least one caption")
     notes: List[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RasterWarning)
-        reader = open_raster(raster, opts.read)
+    reader = open_raster(raster, opts.read, quiet=True)  # warnings kept in reader.warnings
     with reader:
         notes.extend(reader.warnings)
         info = reader.info

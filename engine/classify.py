@@ -388,7 +388,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
     """
     from .detect import BatchRunner
     from .models import LoadedModel, load_model
-    from .raster import RasterWarning, open_raster
+    from .raster import open_raster
     from .scoring import build_bank
     from .dense import dense_unsupported
     t0 = time.perf_counter()
@@ -414,9 +414,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
             check_output_path(p, overwrite)
     job = Job(progress, cancel)
     notes: List[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RasterWarning)
-        reader = open_raster(raster, opts.read)
+    reader = open_raster(raster, opts.read, quiet=True)  # warnings kept in reader.warnings
     with reader:
         info = reader.info
         notes.extend(reader.warnings)

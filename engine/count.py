@@ -37,7 +37,6 @@ here), so captions, summaries and Box-to-Caption agree on "a ship",
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -411,7 +410,7 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
     ``dense`` or ``both`` (see the module doc). ``read`` (ReadOptions) is a
     shortcut for ``options.read``."""
     from .models import LoadedModel, load_model
-    from .raster import RasterWarning, extent_to_window, open_raster
+    from .raster import extent_to_window, open_raster
 
     t0 = time.perf_counter()
     options = options or CountOptions()
@@ -424,9 +423,7 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
         raise UsageError("no object name", "give --object, e.g. --object airplane")
     job = Job(progress, cancel)
     notes: List[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RasterWarning)
-        reader = open_raster(raster, options.read)
+    reader = open_raster(raster, options.read, quiet=True)  # warnings kept in reader.warnings
     with reader:
         notes.extend(reader.warnings)
         info = reader.info

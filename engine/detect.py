@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -193,7 +192,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
     """
     from .encode import clean_prompts
     from .models import LoadedModel, load_model
-    from .raster import RasterWarning, open_raster
+    from .raster import open_raster
     from .scoring import build_bank
     from .dense import dense_unsupported
     t0 = time.perf_counter()
@@ -201,9 +200,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
     prompts = clean_prompts(prompts)
     job = Job(progress, cancel)
     notes: List[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RasterWarning)  # kept in reader.warnings instead
-        reader = open_raster(raster, opts.read)
+    reader = open_raster(raster, opts.read, quiet=True)  # warnings kept in reader.warnings
     with reader:
         info = reader.info
         notes.extend(reader.warnings)

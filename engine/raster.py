@@ -784,9 +784,17 @@ def _percentiles(v: np.ndarray, p: Tuple[float, float]) -> Tuple[float, float]:
     return float(lo), float(hi)
 
 
-def open_raster(path: str | os.PathLike, options: Optional[ReadOptions] = None) -> RasterReader:
-    """Open a raster for reading (a :class:`RasterReader`; use it as a context manager)."""
-    return RasterReader(path, options)
+def open_raster(path: str | os.PathLike, options: Optional[ReadOptions] = None,
+                quiet: bool = False) -> RasterReader:
+    """Open a raster for reading (a :class:`RasterReader`; use it as a context manager).
+
+    ``quiet``: RasterWarnings are not emitted, only kept in ``reader.warnings``
+    (for engine calls that return them with their result)."""
+    if not quiet:
+        return RasterReader(path, options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RasterWarning)
+        return RasterReader(path, options)
 
 
 # ------------------------------------------------------------------ GSD --
