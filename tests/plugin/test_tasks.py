@@ -69,9 +69,8 @@ def test_cancel_stops_the_job_within_a_batch_and_calls_only_on_cancel(qtbot, ifa
     assert task.result is None
 
 
-def test_engine_error_becomes_message_bar_error_and_log_entry(qtbot, iface, mapclip):
-    from qgis.core import QgsMessageLog
-    from mapclip.engine.errors import UsageError
+def _run_logged(qtbot, iface, title, job):
+    """Run ``job`` as an EngineTask; the task and the (tag, message) pairs QGIS logged."""
     from mapclip.plugin.tasks import EngineTask, start
     logged = []
 
@@ -80,14 +79,21 @@ def test_engine_error_becomes_message_bar_error_and_log_entry(qtbot, iface, mapc
 
     QgsApplication.messageLog().messageReceived.connect(on_log)
     try:
-        def job(progress, cancel):
-            raise UsageError("raster /nope.tif does not exist", "choose an existing file")
-
-        task = EngineTask("failing job", job, iface=iface)
+        task = EngineTask(title, job, iface=iface)
         start(task)
         _wait(qtbot, task)
     finally:
         QgsApplication.messageLog().messageReceived.disconnect(on_log)
+    return task, logged
+
+
+def test_engine_error_becomes_message_bar_error_and_log_entry(qtbot, iface, mapclip):
+    from mapclip.engine.errors import UsageError
+
+    def job(progress, cancel):
+        raise UsageError("raster /nope.tif does not exist", "choose an existing file")
+
+    task, logged = _run_logged(qtbot, iface, "failing job", job)
     assert task.outcome == "error"
     texts = iface.bar_texts()
     assert any("raster /nope.tif does not exist" in t and "choose an existing file" in t
@@ -100,22 +106,10 @@ def test_engine_error_becomes_message_bar_error_and_log_entry(qtbot, iface, mapc
 
 
 def test_a_bug_keeps_its_traceback_for_the_log(qtbot, iface, mapclip):
-    from mapclip.plugin.tasks import EngineTask, start
-    logged = []
+    def job(progress, cancel):
+        return {}["missing"]
 
-    def on_log(message, tag, level):
-        logged.append((tag, message))
-
-    QgsApplication.messageLog().messageReceived.connect(on_log)
-    try:
-        def job(progress, cancel):
-            return {}["missing"]
-
-        task = EngineTask("buggy job", job, iface=iface)
-        start(task)
-        _wait(qtbot, task)
-    finally:
-        QgsApplication.messageLog().messageReceived.disconnect(on_log)
+    task, logged = _run_logged(qtbot, iface, "buggy job", job)
     assert task.outcome == "error"
     assert any(tag == "MapCLIP" and "Traceback" in msg and "KeyError" in msg
                for tag, msg in logged)
