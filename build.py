@@ -28,9 +28,11 @@ PLUGIN_NAME = "mapclip"
 DEBIAN_PACKAGES = ["qgis", "python3-qgis", "qgis-providers"]
 #: the desktop tests run the real `qgis` binary on a virtual screen
 DESKTOP_PACKAGES = ["xvfb"]
-# What goes into the plugin zip (the repository root is the plugin folder).
-PACKAGE_INCLUDE = ["__init__.py", "metadata.txt", "LICENSE", "README.md", "requirements.txt",
-                   "plugin", "engine", "resources"]
+#: the QGIS plugin folder (the zip's one top folder); the engine is mapclip/engine
+PLUGIN_DIR = ROOT / "mapclip"
+REQUIREMENTS = PLUGIN_DIR / "requirements.txt"
+# What goes into the plugin zip: the plugin folder, and the licence and readme beside it.
+PACKAGE_EXTRA = ["LICENSE", "README.md"]
 PACKAGE_EXCLUDE_PARTS = {"__pycache__", ".pytest_cache", "tests"}
 PACKAGE_EXCLUDE_SUFFIXES = {".pyc", ".pyo", ".part"}
 
@@ -72,7 +74,7 @@ def ensure_qgis() -> None:
 
 
 def requirements_hash() -> str:
-    data = (ROOT / "requirements.txt").read_bytes() + sys.version.encode()
+    data = REQUIREMENTS.read_bytes() + sys.version.encode()
     return hashlib.sha256(data).hexdigest()
 
 
@@ -109,7 +111,7 @@ def ensure_venv() -> None:
         return
     say("installing pinned requirements into .venv (first time: several minutes)")
     pip = [VENV_PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    if run([*pip, "-r", ROOT / "requirements.txt"]) != 0:
+    if run([*pip, "-r", REQUIREMENTS]) != 0:
         sys.exit("[build] pip could not install requirements.txt; see the messages above.")
     STAMP.write_text(want)
 
@@ -147,20 +149,18 @@ def cmd_bench(extra) -> int:
 
 
 def package_files():
-    for name in PACKAGE_INCLUDE:
-        path = ROOT / name
-        if path.is_file():
-            yield path
-        elif path.is_dir():
-            for f in sorted(path.rglob("*")):
-                rel = f.relative_to(ROOT)
-                if f.is_file() and not (set(rel.parts) & PACKAGE_EXCLUDE_PARTS) \
-                        and f.suffix not in PACKAGE_EXCLUDE_SUFFIXES:
-                    yield f
+    """(file, name in the zip) of everything the plugin zip holds."""
+    for name in PACKAGE_EXTRA:
+        yield ROOT / name, f"{PLUGIN_NAME}/{name}"
+    for f in sorted(PLUGIN_DIR.rglob("*")):
+        rel = f.relative_to(PLUGIN_DIR)
+        if f.is_file() and not (set(rel.parts) & PACKAGE_EXCLUDE_PARTS) \
+                and f.suffix not in PACKAGE_EXCLUDE_SUFFIXES:
+            yield f, f"{PLUGIN_NAME}/{rel.as_posix()}"
 
 
 def plugin_version() -> str:
-    for line in (ROOT / "metadata.txt").read_text(encoding="utf-8").splitlines():
+    for line in (PLUGIN_DIR / "metadata.txt").read_text(encoding="utf-8").splitlines():
         if line.startswith("version="):
             return line.split("=", 1)[1].strip()
     return "0"
@@ -178,8 +178,8 @@ def write_package(out_dir: Path) -> Path:
     out = out_dir / f"{PLUGIN_NAME}-{plugin_version()}.zip"
     tmp = out.with_suffix(".zip.part")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-        for f in package_files():
-            zf.write(f, f"{PLUGIN_NAME}/{f.relative_to(ROOT).as_posix()}")
+        for f, name in package_files():
+            zf.write(f, name)
     os.replace(tmp, out)
     return out
 

@@ -51,7 +51,7 @@ def _args(argv):
 def _vit_b32(device, precision=None):
     """ViT-B-32 (QuickGELU) with random weights as a LoadedModel (no download)."""
     import torch
-    from engine import models
+    from mapclip.engine.model import models
     dev = models.resolve_device(device)
     prec = models.resolve_precision(dev, precision)
     cfg = models.arch_config("ViT-B-32-quickgelu")
@@ -77,8 +77,8 @@ def _gpu_note(lm) -> str:
 def bench_throughput(lm, tmp: Path, full: bool, batch: int) -> None:
     import numpy as np
     import torch
-    from engine.detect import DetectOptions, detect
-    from engine.encode import encode_images
+    from mapclip.engine.detect import DetectOptions, detect
+    from mapclip.engine.model.encode import encode_images
     from tests.raster_fixtures import write_blockwise
     side = 10000 if full else 2240
     path = tmp / f"scene_{side}.tif"
@@ -126,8 +126,8 @@ def bench_thesis(lm, tmp: Path, full: bool, batch: int, ref_windows: int | None)
     import numpy as np
     import torch
     from PIL import Image
-    from engine.detect import DetectOptions, detect
-    from engine.scoring import DEFAULT_BACKGROUND_PROMPTS
+    from mapclip.engine.detect import DetectOptions, detect
+    from mapclip.engine.model.scoring import DEFAULT_BACKGROUND_PROMPTS
     from tests.raster_fixtures import make_raster
     W, H, tile, k = 2826, 1300, 64, 4
     path = make_raster(tmp / "thesis.tif", width=W, height=H, block=256)

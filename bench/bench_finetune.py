@@ -32,8 +32,8 @@ def _args(argv):
 
 
 def bench_training(device: torch.device, batch: int, steps: int, accum: int) -> None:
-    from engine import finetune as ft
-    from engine.models import arch_config, build_model, make_tokenizer, Resolved
+    from mapclip.engine import finetune as ft
+    from mapclip.engine.model.models import arch_config, build_model, make_tokenizer, Resolved
     cfg = arch_config(ARCH)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
@@ -76,7 +76,7 @@ def bench_training(device: torch.device, batch: int, steps: int, accum: int) -> 
 def bench_pipeline(n: int = 64, size: int = 224) -> None:
     """PIL decode + RemoteCLIP augmentation in the main process (one worker's rate)."""
     from PIL import Image
-    from engine.finetune import load_image
+    from mapclip.engine.finetune import load_image
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         paths = []
@@ -93,7 +93,7 @@ def bench_pipeline(n: int = 64, size: int = 224) -> None:
 
 def run(argv) -> None:
     a = _args(argv)
-    from engine.models import resolve_device
+    from mapclip.engine.model.models import resolve_device
     device = resolve_device(a.device)
     if device.type == "cuda":
         batch, steps = (256, 30) if a.full else (128, 20)

@@ -57,8 +57,8 @@ def bench_build(args, tmp: Path) -> None:
     import torch
 
     from bench.bench_detect import _vit_b32
-    from engine import index as ix
-    from engine.encode import encode_images
+    from mapclip.engine.archive import index as ix
+    from mapclip.engine.model.encode import encode_images
     from tests.raster_fixtures import write_blockwise
 
     lm = _vit_b32(args.device)
@@ -108,7 +108,7 @@ def _random_unit(n: int, d: int, seed: int):
 def bench_query(args) -> None:
     import numpy as np
 
-    from engine import index as ix
+    from mapclip.engine.archive import index as ix
     d, k = 512, 100
     sizes = [(100_000, True), (1_000_000, bool(args.full))]
     print(f"(b) query latency over random unit {d}-d vectors stored as float16, top-{k}; "

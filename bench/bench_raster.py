@@ -44,8 +44,8 @@ def _throughput(path: Path, tile: int, batch: int, workers: int, min_tiles: int,
     Each pass is a new iterator with new dataset handles, so no pass reads
     blocks that GDAL cached in an earlier one.
     """
-    from engine.raster import iter_tile_batches, open_raster
-    from engine.tiling import TileGrid
+    from mapclip.engine.raster.reader import iter_tile_batches, open_raster
+    from mapclip.engine.geo.tiling import TileGrid
     with open_raster(path) as r:
         gsd = r.info.res[0] * gsd_scale if gsd_scale != 1.0 else None
         grid = TileGrid.for_raster(r.info, None, tile, gsd=gsd)
@@ -73,8 +73,8 @@ def _cpu() -> float:
 
 
 def _per_tile(path: Path, tile: int, limit: int):
-    from engine.raster import open_raster
-    from engine.tiling import TileGrid
+    from mapclip.engine.raster.reader import open_raster
+    from mapclip.engine.geo.tiling import TileGrid
     with open_raster(path) as r:
         tiles = TileGrid.for_raster(r.info, None, tile).tiles[:limit]
         t0 = time.perf_counter()

@@ -1,7 +1,6 @@
-"""MapCLIP engine: free-text CLIP search over rasters, pure Python (no QGIS).
+"""``python -m engine``: MapCLIP's command line, run from a checkout.
 
-Importing the package is cheap: torch, open_clip and rasterio load on first use
-of the modules that need them, so the QGIS plugin can start (and report missing
-dependencies) without them.
+The engine itself is the package :mod:`mapclip.engine` (inside the QGIS plugin
+folder ``mapclip/``); this folder only lets the command keep its short name.
+Import the engine as ``mapclip.engine``, never through this package.
 """
-__version__ = "0.1.0"

@@ -1,6 +1,7 @@
-"""`python -m engine ...`: the MapCLIP command line."""
+"""``python -m engine VERB ...`` runs ``python -m mapclip.engine VERB ...``."""
 import sys
 
-from .cli import main
+from mapclip.engine.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -98,12 +98,12 @@ def main(argv=None) -> int:
     import warnings
     warnings.filterwarnings("ignore", message="Valid PROJ data directory not found")
     import torch
-    from engine import quality as Q
-    from engine import synthetic as S
-    from engine.count import CountOptions, count
-    from engine.detect import DetectOptions, detect, write_boxes, write_heatmap
-    from engine.errors import MapClipError
-    from engine.models import load_model
+    from mapclip.engine import quality as Q
+    from mapclip.engine.data import synthetic as S
+    from mapclip.engine.count import CountOptions, count
+    from mapclip.engine.detect import DetectOptions, detect, write_boxes, write_heatmap
+    from mapclip.engine.core.errors import MapClipError
+    from mapclip.engine.model.models import load_model
 
     if torch.get_num_threads() > 2:
         torch.set_num_threads(2)
@@ -129,8 +129,8 @@ def main(argv=None) -> int:
         heat = write_heatmap(res, out / "heatmap.tif", overwrite=True)
         png = draw_png(truth.path, res, truth, out / "detections.png")
 
-        from engine.classify import classify, compare_to_mask, synthetic_targets
-        from engine.options import ClassifyOptions
+        from mapclip.engine.classify import classify, compare_to_mask, synthetic_targets
+        from mapclip.engine.core.options import ClassifyOptions
         names, values = synthetic_targets()
         cls = classify(str(out / "scene.tif"), names, lm, options=ClassifyOptions(),
                        out=str(out / "classes.tif"), overwrite=True)

@@ -113,7 +113,7 @@ def _write(out, scene, class_map, boxes, heatmap, prompts, colours, class_names,
     from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsVectorLayer
     out = Path(out).resolve()
     if class_names is None or class_colours is None:
-        from engine import synthetic as S
+        from mapclip.engine.data import synthetic as S
         class_names = class_names or dict(S.MASK_CLASSES)
         class_colours = class_colours or S._mask_colormap()
     colours = colours or {}

@@ -23,11 +23,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from engine.classify import classify, compare_to_mask
-    from engine.models import load_model
-    from engine.options import ClassifyOptions
-    from engine.synthetic import make_scene
-    from engine.classify import synthetic_targets
+    from mapclip.engine.classify import classify, compare_to_mask
+    from mapclip.engine.model.models import load_model
+    from mapclip.engine.core.options import ClassifyOptions
+    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.classify import synthetic_targets
     NAMES, CLASS_VALUES = synthetic_targets()
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="build/classify-eval")

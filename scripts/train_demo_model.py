@@ -104,7 +104,7 @@ def say(msg: str) -> None:
 
 
 def _article_name(cls: str, n: int) -> str:
-    from engine.convert import normalise_class_name, plural, article
+    from mapclip.engine.data.convert import normalise_class_name, plural, article
     name = normalise_class_name(cls)
     return article(name) if n == 1 else plural(name, 2)
 
@@ -112,7 +112,7 @@ def _article_name(cls: str, n: int) -> str:
 def extra_captions(chip, rng) -> list:
     """Land-cover and scene phrases, and class nouns, from a chip's mask and boxes."""
     import numpy as np
-    from engine import synthetic as S
+    from mapclip.engine.data import synthetic as S
     vals, counts = np.unique(chip.mask, return_counts=True)
     frac = {S.MASK_CLASSES[int(v)]: c / chip.mask.size for v, c in zip(vals, counts)}
     objs = Counter(cls for cls, _ in chip.boxes)
@@ -136,10 +136,10 @@ def extra_captions(chip, rng) -> list:
 def stage_data(work: Path) -> Path:
     import numpy as np
     import rasterio
-    from engine import synthetic as S
-    from engine.convert import CaptionOptions, MaskOptions, box_to_caption, mask_to_box
-    from engine.count import caption as count_caption
-    from engine.dedup import DedupOptions, find_duplicates
+    from mapclip.engine.data import synthetic as S
+    from mapclip.engine.data.convert import CaptionOptions, MaskOptions, box_to_caption, mask_to_box
+    from mapclip.engine.count import caption as count_caption
+    from mapclip.engine.archive.dedup import DedupOptions, find_duplicates
 
     t0 = time.time()
     data = work / "data"
@@ -236,7 +236,7 @@ def stage_data(work: Path) -> Path:
 
 def stage_train(work: Path, epochs: int) -> Path:
     import torch
-    from engine.finetune import FinetuneOptions, finetune
+    from mapclip.engine.finetune import FinetuneOptions, finetune
     torch.set_num_threads(RECIPE["threads"])
     run = work / "run"
     if run.exists():
@@ -263,7 +263,7 @@ def stage_train(work: Path, epochs: int) -> Path:
 
 def stage_export(work: Path, dest: Path) -> Path:
     import platform
-    from engine.models import load_model, save_model_folder
+    from mapclip.engine.model.models import load_model, save_model_folder
     best = work / "run" / "best"
     lm = load_model(str(best), device="cpu")
     train = json.loads((work / "train_result.json").read_text())
@@ -293,8 +293,8 @@ def stage_export(work: Path, dest: Path) -> Path:
 def stage_eval(work: Path, model: str) -> dict:
     """The model card's quality numbers: the protocol of engine/quality.py."""
     import torch
-    from engine.models import load_model
-    from engine import quality as Q
+    from mapclip.engine.model.models import load_model
+    from mapclip.engine import quality as Q
     torch.set_num_threads(2)
     lm = load_model(model, device="cpu")
     ev = work / "eval"
@@ -350,8 +350,8 @@ def stage_calibrate(work: Path, dest: Path) -> tuple:
     count sentences over calibration chips (seeds engine.quality.CALIBRATION_SEED+), stored
     as ``count_bias`` in the model folder's defaults."""
     import torch
-    from engine import quality as Q
-    from engine.models import load_model
+    from mapclip.engine import quality as Q
+    from mapclip.engine.model.models import load_model
     torch.set_num_threads(2)
     lm = load_model(str(dest), device="cpu")
     folder = work / "calibration"
@@ -372,7 +372,7 @@ def stage_card(work: Path, dest: Path) -> Path:
     train = json.loads((work / "train_result.json").read_text())
     stats = json.loads((work / "data_stats.json").read_text())
     ev = json.loads((work / "eval.json").read_text())
-    cfg = json.loads((ROOT / "engine" / "configs" / f"{RECIPE['arch']}.json").read_text())
+    cfg = json.loads((ROOT / "mapclip" / "engine" / "model" / "configs" / f"{RECIPE['arch']}.json").read_text())
     size = (dest / "open_clip_model.safetensors").stat().st_size
     before, after = train.get("metrics_before", {}), train.get("metrics_after", {})
     fmt = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in d.items()  # noqa: E731
@@ -562,17 +562,17 @@ MACHINE = "a 2-core x86_64 CPU (no GPU)"
 
 
 def ev_size() -> int:
-    from engine import quality as Q
+    from mapclip.engine import quality as Q
     return Q.DETECT_SIZE
 
 
 def ev_seed() -> int:
-    from engine import quality as Q
+    from mapclip.engine import quality as Q
     return Q.DETECT_SEED
 
 
 def S_make_scene(folder: Path, size: int, seed: int):
-    from engine import synthetic as S
+    from mapclip.engine.data import synthetic as S
     return S.make_scene(str(folder / f"index_scene_{seed}.tif"), size, seed=seed, overwrite=True)
 
 
@@ -582,7 +582,7 @@ def main(argv=None) -> int:
                     default="all")
     ap.add_argument("--model", default=None, help="eval: model to measure (default: the exported one)")
     ap.add_argument("--work", default=str(ROOT / "build" / "demo-train"))
-    ap.add_argument("--out", default=str(ROOT / "resources" / "models" / "demo"))
+    ap.add_argument("--out", default=str(ROOT / "mapclip" / "resources" / "models" / "demo"))
     ap.add_argument("--epochs", type=int, default=RECIPE["epochs"])
     a = ap.parse_args(argv)
     work = Path(a.work).resolve()

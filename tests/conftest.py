@@ -27,7 +27,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_model():
     """The seeded random tiny model (test-tiny) on the CPU, fp32."""
-    from engine.models import load_model
+    from mapclip.engine.model.models import load_model
     return load_model("test-tiny", device="cpu")
 
 

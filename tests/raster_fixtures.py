@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-import engine.raster  # noqa: F401  (repairs affine before rasterio is used)
+import mapclip.engine.raster.reader  # noqa: F401  (repairs affine before rasterio is used)
 import rasterio
 from affine import Affine
 from rasterio.enums import ColorInterp

@@ -145,7 +145,7 @@ def _token_ids(tokenizer, words) -> List[int]:
 
 
 def _rig_text_tower(model, tokenizer) -> None:
-    from engine.scoring import DEFAULT_BACKGROUND_PROMPTS
+    from mapclip.engine.model.scoring import DEFAULT_BACKGROUND_PROMPTS
     with torch.no_grad():
         emb = torch.zeros_like(model.token_embedding.weight)  # (vocab, TEXT_WIDTH)
         red, blue, bg, other = (torch.zeros(TEXT_WIDTH) for _ in range(4))
@@ -181,7 +181,7 @@ def rigged_model():
     """The rigged model as a LoadedModel on the CPU in fp32 (see module doc)."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    from engine.models import OPENAI_MEAN, OPENAI_STD, LoadedModel, build_model
+    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD, LoadedModel, build_model
     torch.manual_seed(0)
     model = build_model(RIGGED_CFG)
     tokenizer = SimpleTokenizer(context_length=CONTEXT)
@@ -196,7 +196,7 @@ def rigged_model():
 
 def save_rigged_folder(folder) -> Path:
     """Write the rigged model as a model folder that ``load_model(str(folder))`` reads."""
-    from engine.models import OPENAI_MEAN, OPENAI_STD, save_model_folder
+    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD, save_model_folder
     lm = rigged_model()
     return save_model_folder(lm.model, RIGGED_CFG, Path(folder), "mapclip-rigged",
                              mean=OPENAI_MEAN, std=OPENAI_STD, extra={"templates": "raw"})
@@ -206,7 +206,7 @@ def tiny_resnet():
     """A small random open_clip ModifiedResNet as a LoadedModel (for fallbacks: no patch tokens)."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    from engine.models import OPENAI_MEAN, OPENAI_STD, LoadedModel, build_model
+    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD, LoadedModel, build_model
     cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
            "text_cfg": {"context_length": CONTEXT, "vocab_size": 49408, "width": 32, "heads": 2,
                         "layers": 1}}

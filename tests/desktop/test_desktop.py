@@ -41,7 +41,7 @@ SESSION_TIMEOUT = 900
 
 
 def _deps_module():
-    spec = importlib.util.spec_from_file_location("mapclip_deps_for_tests", ROOT / "plugin" / "deps.py")
+    spec = importlib.util.spec_from_file_location("mapclip_deps_for_tests", ROOT / "mapclip" / "plugin" / "deps.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -83,7 +83,7 @@ def make_data(data: Path) -> Path:
     import numpy as np
     from PIL import Image
 
-    from engine.synthetic import make_scene
+    from mapclip.engine.data.synthetic import make_scene
     data.mkdir()
     scene = data / "scene.tif"
     make_scene(str(scene), width=1024, seed=3)  # a tank farm, airplanes and ships

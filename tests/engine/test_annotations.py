@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine.annotations import read_annotations
-from engine.errors import UsageError
+from mapclip.engine.data.annotations import read_annotations
+from mapclip.engine.core.errors import UsageError
 
 # one scene in every format: image 100 x 80 px, boxes (x0, y0, x1, y1)
 SCENE = [("plane", (40, 30, 60, 50)), ("storage-tank", (0, 0, 10, 10)),

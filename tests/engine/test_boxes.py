@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from affine import Affine
 
-from engine.boxes import heatmap_components, iou_one, nms, pixel_to_bounds, union_merge
+from mapclip.engine.geo.boxes import heatmap_components, iou_one, nms, pixel_to_bounds, union_merge
 
 
 def _sliding(k=2, n=4, tile=10):
@@ -88,7 +88,7 @@ def test_pixel_to_bounds_projected_and_geographic_transforms():
 
 
 def test_heatmap_peaks_split_a_blob_and_keep_plateaus_and_lone_blobs_whole():
-    from engine.boxes import heatmap_peaks
+    from mapclip.engine.geo.boxes import heatmap_peaks
     heat = np.zeros((10, 30), np.float32)
     heat[3:7, 2:14] = 0.6            # one blob with two peaks 8 cells apart
     heat[4, 4] = heat[4, 11] = 0.9

@@ -6,10 +6,10 @@ import json
 import pytest
 import rasterio
 
-from engine.caption import caption, read_caption_bank
-from engine.cli import main as cli_main
-from engine.errors import UsageError
-from engine.options import CaptionOptions
+from mapclip.engine.caption import caption, read_caption_bank
+from mapclip.engine.cli import main as cli_main
+from mapclip.engine.core.errors import UsageError
+from mapclip.engine.core.options import CaptionOptions
 from tests.raster_fixtures import make_raster, noise
 
 BANK = ["water", "a forest", "buildings", "fields", "bare ground", "a road"]
@@ -17,7 +17,7 @@ BANK = ["water", "a forest", "buildings", "fields", "bare ground", "a road"]
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    from engine.synthetic import make_scene
+    from mapclip.engine.data.synthetic import make_scene
     d = tmp_path_factory.mktemp("caption")
     make_scene(str(d / "s.tif"), width=512, seed=9104, coco_path=None)
     return d / "s.tif"
@@ -38,7 +38,7 @@ def _pure_windows(mask_path, value, size=48, need=0.95, limit=3):
 
 
 def test_retrieval_names_the_land_cover_of_the_place(scene, one_torch_thread):
-    from engine.synthetic import CLASS_VALUE
+    from mapclip.engine.data.synthetic import CLASS_VALUE
     mask = str(scene).replace(".tif", "_mask.tif")
     checked = 0
     for value, word in ((CLASS_VALUE["water"], "water"), (CLASS_VALUE["forest"], "a forest")):
@@ -78,7 +78,7 @@ def test_bank_files(tmp_path):
 
 def test_generation_with_a_coca_model(tmp_path, one_torch_thread):
     raster = str(make_raster(tmp_path / "r.tif", width=96, height=96, data=noise(3, 96, 96, seed=2)))
-    from engine.models import load_model
+    from mapclip.engine.model.models import load_model
     lm = load_model("test-coca-tiny", device="cpu")
     for method in ("beam_search", "top_k", "top_p"):
         opts = CaptionOptions(method=method, max_length=6, seed=3)
@@ -120,8 +120,8 @@ def test_a_coca_checkpoint_loads_and_writes_the_same_captions(tmp_path, one_torc
     """A CoCa state dict (safetensors) loads through ARCH:CHECKPOINT like any CLIP's, strictly."""
     from safetensors.torch import save_file
 
-    from engine.caption import generate_captions
-    from engine.models import load_model
+    from mapclip.engine.caption import generate_captions
+    from mapclip.engine.model.models import load_model
     lm = load_model("test-coca-tiny", device="cpu")
     ckpt = tmp_path / "coca.safetensors"
     save_file({k: v.contiguous() for k, v in lm.model.state_dict().items()}, str(ckpt))
@@ -134,8 +134,8 @@ def test_a_coca_checkpoint_loads_and_writes_the_same_captions(tmp_path, one_torc
 def test_sampling_never_draws_a_non_finite_logit(tmp_path, monkeypatch):
     """A decoder step that returns NaN or inf logits ends the caption instead of crashing
     torch.multinomial ("probability tensor contains either inf, nan or element < 0")."""
-    from engine import caption as C
-    from engine.models import load_model
+    from mapclip.engine import caption as C
+    from mapclip.engine.model.models import load_model
     raster = str(make_raster(tmp_path / "r.tif", width=96, height=96, data=noise(3, 96, 96, seed=2)))
     lm = load_model("test-coca-tiny", device="cpu")
     real = C._next_logits

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.captions import SkipReport, check_images, read_captions
-from engine.errors import UsageError
+from mapclip.engine.data.captions import SkipReport, check_images, read_captions
+from mapclip.engine.core.errors import UsageError
 
 
 def _img(path, colour=(200, 10, 10)):

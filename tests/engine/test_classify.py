@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import rasterio
 
-from engine.classify import (NODATA, UNKNOWN, _score_bands, classify, clean_classes,
-                             compare_to_mask, read_class_names)
-from engine.cli import main as cli_main
-from engine.errors import Cancelled, UsageError
-from engine.options import ClassifyOptions, check
+from mapclip.engine.classify import (NODATA, UNKNOWN, _score_bands, classify, clean_classes, compare_to_mask, read_class_names)
+from mapclip.engine.cli import main as cli_main
+from mapclip.engine.core.errors import Cancelled, UsageError
+from mapclip.engine.core.options import ClassifyOptions, check
 from tests.raster_fixtures import make_raster, noise
 
 CLASSES = ["water", "forest", "field"]
@@ -88,11 +87,11 @@ def test_extent_limits_the_map(raster, tiny_model, one_torch_thread):
 
 def test_rows_are_streamed_in_bands(tmp_path, tiny_model, one_torch_thread):
     """Scores are handed on one band of tile rows at a time, never as one grid."""
-    from engine.classify import _encoder, _plan
-    from engine.detect import BatchRunner
-    from engine.jobs import Job
-    from engine.raster import open_raster
-    from engine.scoring import build_bank
+    from mapclip.engine.classify import _encoder, _plan
+    from mapclip.engine.detect import BatchRunner
+    from mapclip.engine.core.jobs import Job
+    from mapclip.engine.raster.reader import open_raster
+    from mapclip.engine.model.scoring import build_bank
     path = make_raster(tmp_path / "tall.tif", width=96, height=600, data=noise(3, 600, 96, seed=1))
     opts = check(replace(ClassifyOptions(), tile_px=64, batch_size=4))
     bank = build_bank(tiny_model, CLASSES, ())
@@ -109,8 +108,8 @@ def test_rows_are_streamed_in_bands(tmp_path, tiny_model, one_torch_thread):
 
 def test_resnet_falls_back_to_tile_scores_with_a_warning(raster, tiny_model, monkeypatch,
                                                          one_torch_thread):
-    import engine.dense
-    monkeypatch.setattr(engine.dense, "dense_unsupported", lambda lm: "RN50 is not a ViT")
+    from mapclip.engine.model import dense as engine_dense
+    monkeypatch.setattr(engine_dense, "dense_unsupported", lambda lm: "RN50 is not a ViT")
     r = classify(raster, CLASSES, tiny_model)
     assert r.method == "tile" and any("not a ViT" in w for w in r.warnings)
     assert set(np.unique(r.class_map)) <= {1, 2, 3}
@@ -169,8 +168,8 @@ def test_cli_classify_json_and_errors(raster, tmp_path, capsys, one_torch_thread
 def test_demo_model_land_cover_quality(tmp_path, one_torch_thread):
     """The demo model's class map against a held-out synthetic scene's mask
     (numbers in resources/models/demo/MODEL_CARD.md, "Land-cover maps")."""
-    from engine.synthetic import make_scene
-    from engine.classify import synthetic_targets
+    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.classify import synthetic_targets
     NAMES, CLASS_VALUES = synthetic_targets()
     make_scene(str(tmp_path / "s.tif"), width=512, seed=9103, coco_path=None)
     r = classify(str(tmp_path / "s.tif"), NAMES, "demo",
@@ -201,7 +200,7 @@ def test_within_polygons_only_their_cells_are_classified(raster, tmp_path, tiny_
                                                          one_torch_thread):
     """Cells whose centre is outside the polygons are not scored (255); the map covers their
     bounds; a polygon file (GeoPackage, in another CRS) reads the same."""
-    from engine.classify import read_within
+    from mapclip.engine.classify import read_within
     with rasterio.open(raster) as ds:
         b = ds.bounds
     x0, y1 = b.left + 10.3, b.top - 10.1   # off the cell grid: no cell centre on an edge
@@ -215,8 +214,8 @@ def test_within_polygons_only_their_cells_are_classified(raster, tmp_path, tiny_
     assert 0.3 < scored.mean() < 0.8
     # written as a file in EPSG:4326 and read back: the same cells
     from rasterio.warp import transform_geom
-    from engine.outputs import _pyogrio_raw
-    from engine.classify import _polygon_wkb
+    from mapclip.engine.core.outputs import _pyogrio_raw
+    from mapclip.engine.classify import _polygon_wkb
     g = transform_geom("EPSG:32633", "EPSG:4326", tri)
     _pyogrio_raw().write(str(tmp_path / "w.gpkg"), np.array([_polygon_wkb(g["coordinates"])],
                          dtype=object), [], [], driver="GPKG", geometry_type="Polygon",
@@ -233,7 +232,7 @@ def test_within_polygons_only_their_cells_are_classified(raster, tmp_path, tiny_
 
 
 def test_cli_within_a_polygon_file(raster, tmp_path, capsys, one_torch_thread):
-    from engine.outputs import write_vector
+    from mapclip.engine.core.outputs import write_vector
     with rasterio.open(raster) as ds:
         b = ds.bounds
     box = (b.left + 10.3, b.top - 40.1, b.left + 40.3, b.top - 10.1)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from engine.cli import main as cli_main
+from mapclip.engine.cli import main as cli_main
 from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, make_raster, noise
 from tests.rigged import RED, RED_PROMPT, save_rigged_folder
 

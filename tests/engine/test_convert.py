@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.annotations import ImageAnnotation, ObjectBox
-from engine.cli import main as cli_main
-from engine.convert import (CaptionOptions, MaskOptions, box_to_caption, caption_image,
-                            mask_regions, mask_to_box, normalise_class_name, plural, with_count)
-from engine.errors import Cancelled, UsageError
+from mapclip.engine.data.annotations import ImageAnnotation, ObjectBox
+from mapclip.engine.cli import main as cli_main
+from mapclip.engine.data.convert import (CaptionOptions, MaskOptions, box_to_caption, caption_image, mask_regions, mask_to_box, normalise_class_name, plural, with_count)
+from mapclip.engine.core.errors import Cancelled, UsageError
 
 from .test_annotations import CLASSES, dota_lines, voc_xml, write_coco, write_image, yolo_lines
 
@@ -142,7 +141,7 @@ def test_b2c_expected_captions_every_format(tmp_path, fmt, seed):
 
 
 def test_captions_readable_by_the_finetune_reader(tmp_path):
-    from engine.captions import read_captions
+    from mapclip.engine.data.captions import read_captions
     ann = make_dataset(tmp_path, "coco")
     out = tmp_path / "caps.csv"
     box_to_caption(ann, out, CaptionOptions(format="coco", images_dir=str(tmp_path / "images")))

@@ -8,9 +8,9 @@ import pytest
 import torch
 from affine import Affine
 
-from engine import count as ct
-from engine.errors import UsageError
-from engine.index import _pyogrio_raw
+from mapclip.engine import count as ct
+from mapclip.engine.core.errors import UsageError
+from mapclip.engine.archive.index import _pyogrio_raw
 from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, make_raster
 from tests.rigged import GREY, RED, rigged_model, save_rigged_folder
 
@@ -96,7 +96,7 @@ def test_heatmap_components_are_counted_exactly_with_map_boxes():
 def test_prompt_count_plumbing_picks_the_caption_that_matches(scene, rigged, monkeypatch):
     """Stub encoders: the image embedding equals the text embedding of the captions
     for three; the count must come back as 3, from both variants."""
-    import engine.encode as enc
+    from mapclip.engine.model import encode as enc
     seen = {}
 
     def fake_text(lm, prompts, batch_size=256):
@@ -157,7 +157,7 @@ def test_bad_count_input(scene, rigged):
 
 
 def test_cli_count_contract(scene, tmp_path, capsys):
-    from engine.cli import main
+    from mapclip.engine.cli import main
     raw = _pyogrio_raw()
     spec = str(save_rigged_folder(tmp_path / "model"))
     out = tmp_path / "roofs.gpkg"
@@ -205,7 +205,7 @@ def test_prompt_count_adds_the_models_count_bias_unless_told_not_to(scene, rigge
     """Stub encoders make "three" win by a little; a calibration that favours "seven" turns it."""
     from dataclasses import replace
 
-    import engine.encode as enc
+    from mapclip.engine.model import encode as enc
 
     def fake_text(lm, prompts, batch_size=256):
         out = torch.zeros(len(prompts), 4)
@@ -229,7 +229,7 @@ def test_prompt_count_adds_the_models_count_bias_unless_told_not_to(scene, rigge
 
 
 def test_model_defaults_read_a_count_bias_of_ten_numbers_only():
-    from engine.options import ModelDefaults
+    from mapclip.engine.core.options import ModelDefaults
     good = ModelDefaults.from_json({"tile_px": 24, "count_bias": [0.01] * 10})
     assert good.count_bias == (0.01,) * 10 and good.to_json(weight_bound=True)["count_bias"] == [0.01] * 10
     assert good.to_json() == {"tile_px": 24}   # what fine-tuning copies: not the calibration

@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.cli import main as cli_main
-from engine.dedup import (DedupOptions, brute_force_pairs, check_segments, find_cross_pairs,
-                          find_duplicates, find_pairs, hamming, move_duplicates, phash_file,
-                          segment_layout, undo_move)
-from engine.errors import Cancelled, UsageError
+from mapclip.engine.cli import main as cli_main
+from mapclip.engine.archive.dedup import (DedupOptions, brute_force_pairs, check_segments, find_cross_pairs, find_duplicates, find_pairs, hamming, move_duplicates, phash_file, segment_layout, undo_move)
+from mapclip.engine.core.errors import Cancelled, UsageError
 
 
 # ------------------------------------------------------------ hash level --

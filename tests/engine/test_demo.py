@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from engine import synthetic as S
-from engine.boxes import pixel_to_bounds
-from engine.detect import Box, DetectResult, write_boxes, write_heatmap
+from mapclip.engine.data import synthetic as S
+from mapclip.engine.geo.boxes import pixel_to_bounds
+from mapclip.engine.detect import Box, DetectResult, write_boxes, write_heatmap
 from tests.plugin import conftest as _qgis_session  # noqa: F401  (one offscreen QgsApplication)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +37,7 @@ def test_demo_project_loads_in_qgis_with_valid_styled_layers(tmp_path):
     res = _result(truth)
     gpkg = write_boxes(res, tmp_path / "detections.gpkg")
     heat = write_heatmap(res, tmp_path / "heatmap.tif")
-    from engine.classify import classify
+    from mapclip.engine.classify import classify
     land = classify(truth.path, ["water", "forest", "farmland"], "demo", out=str(tmp_path / "classes.tif"))
     qgz = write_project(tmp_path / "demo.qgz", truth.path, truth.mask_path, gpkg, heat, PROMPTS,
                         colours={"ships": (0, 230, 255), "airplanes": (255, 60, 200)},

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import dense
-from engine.encode import encode_images, encode_text, to_model_input
-from engine.scoring import build_bank, score_embeddings
+from mapclip.engine.model import dense
+from mapclip.engine.model.encode import encode_images, encode_text, to_model_input
+from mapclip.engine.model.scoring import build_bank, score_embeddings
 from tests.rigged import BLUE, BLUE_PROMPT, GREY, RED, RED_PROMPT, rigged_model, tiny_resnet
 
 

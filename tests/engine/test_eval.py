@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.cli import main as cli_main
+from mapclip.engine.cli import main as cli_main
 from tests.rigged import BLUE, GREY, RED, save_rigged_folder
 
 

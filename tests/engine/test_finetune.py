@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import finetune as ft
-from engine.cli import main as cli_main
-from engine.errors import Cancelled, UsageError
-from engine.models import load_model
+from mapclip.engine import finetune as ft
+from mapclip.engine.cli import main as cli_main
+from mapclip.engine.core.errors import Cancelled, UsageError
+from mapclip.engine.model.models import load_model
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220),
            "yellow": (230, 220, 30), "white": (245, 245, 245), "black": (10, 10, 10),
@@ -271,7 +271,7 @@ def test_random_init_specs(tmp_path):
     assert a.arch == "mapclip-tiny" and a.image_size == 64 and a.precision == "fp32"
     assert torch.equal(a.model.visual.proj, b.model.visual.proj)
     assert not torch.equal(a.model.visual.proj, c.model.visual.proj)
-    cfg = json.loads((Path(ft.__file__).parent / "configs" / "mapclip-tiny.json").read_text())
+    cfg = json.loads((Path(ft.__file__).parent / "model" / "configs" / "mapclip-tiny.json").read_text())
     cfg["vision_cfg"]["image_size"] = 32
     cfg["vision_cfg"]["patch_size"] = 8
     (tmp_path / "small.json").write_text(json.dumps(cfg))
@@ -282,7 +282,7 @@ def test_random_init_specs(tmp_path):
 
 
 def test_split_uses_named_splits_else_seeded_fraction():
-    from engine.captions import CaptionItem
+    from mapclip.engine.data.captions import CaptionItem
     items = [CaptionItem(f"{i}.png", ["c"], s) for i, s in enumerate(["train", "train", "val", "test", None])]
     train, ev, name = ft.split_items(items, 0.5, 0)
     assert name == "val" and [i.path for i in ev] == ["2.png"]

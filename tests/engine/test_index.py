@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from engine import index as ix
-from engine.errors import Cancelled, MapClipError, ModelError, UsageError
+from mapclip.engine.archive import index as ix
+from mapclip.engine.core.errors import Cancelled, MapClipError, ModelError, UsageError
 from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, WGS84, make_raster
 
 OPTS = dict(tile_px=32, batch_size=4, commit_tiles=6)
@@ -245,7 +245,7 @@ def test_checksum_sees_content_size_and_time():
 
 
 def test_cli_index_contract(tmp_path, rasters, capsys):
-    from engine.cli import main
+    from mapclip.engine.cli import main
     a, b = rasters
     out = tmp_path / "idx"
     assert main(["index", str(tmp_path / "src"), "--model", "test-tiny", "--out", str(out),

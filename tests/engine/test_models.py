@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from engine import models
-from engine.cli import main as cli_main
-from engine.encode import encode_images, encode_text
-from engine.errors import ModelError, UsageError
+from mapclip.engine.model import models
+from mapclip.engine.cli import main as cli_main
+from mapclip.engine.model.encode import encode_images, encode_text
+from mapclip.engine.core.errors import ModelError, UsageError
 
 
 def test_registry_has_required_presets_with_quickgelu_for_openai_descendants():
@@ -196,7 +196,7 @@ def test_image_file_queries_are_resized_on_the_short_side_and_centre_cropped(tmp
     import open_clip
     from PIL import Image
 
-    from engine.encode import encode_image_files
+    from mapclip.engine.model.encode import encode_image_files
     rng = np.random.default_rng(3)
     arr = rng.integers(0, 255, size=(60, 100, 3), dtype=np.uint8)   # 100 x 60, landscape
     arr[:, :20] = 0                                                 # edges that a crop drops
@@ -396,7 +396,7 @@ def test_prompts_go_through_the_template_ensemble(tiny_model):
     """A prompt is put into every template of the remote-sensing ensemble, the filled
     templates are encoded, normalised, averaged and normalised again; "raw" is the
     prompt as typed; detect's prompt bank uses the model's default set."""
-    from engine import scoring
+    from mapclip.engine.model import scoring
     assert tiny_model.templates == scoring.DEFAULT_TEMPLATES == "remote-sensing"
     temps = scoring.TEMPLATE_SETS["remote-sensing"]
     assert len(temps) >= 5 and all("{}" in t for t in temps)

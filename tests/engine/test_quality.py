@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine import quality as Q
-from engine import synthetic as S
+from mapclip.engine import quality as Q
+from mapclip.engine.data import synthetic as S
 
 # thresholds: the values measured for the shipped model (MODEL_CARD.md) minus a margin.
 # Measured (boxes fitted to objects, count calibrated): window AP50 storage-tank 0.19, airplane
@@ -38,7 +38,7 @@ MIN_CALIBRATION_GAIN = 0.05    # counting within one, calibrated minus uncalibra
 # --------------------------------------------------------------------------- #
 @pytest.fixture(scope="module")
 def demo_model():
-    from engine.models import PRESETS, load_model, preset_available
+    from mapclip.engine.model.models import PRESETS, load_model, preset_available
     assert preset_available(PRESETS["demo"]), "resources/models/demo is missing"
     return load_model("demo", device="cpu")
 
@@ -51,7 +51,7 @@ def scene(tmp_path_factory):
 def test_demo_model_loads_as_shipped(demo_model):
     assert demo_model.arch == "mapclip-demo"
     assert demo_model.is_vit and demo_model.image_size == 64
-    from engine.models import RESOURCES_DIR
+    from mapclip.engine.model.models import RESOURCES_DIR
     weights = RESOURCES_DIR / "models" / "demo" / "open_clip_model.safetensors"
     assert weights.stat().st_size <= 25 * 1024 * 1024
 

@@ -12,14 +12,11 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
 
-from engine import raster as R
-from engine.errors import Cancelled, UsageError
-from engine.jobs import Job
-from engine.raster import (PIXEL_TRANSFORM, RasterReadError, RasterWarning, ReaderThreadError,
-                           ReadOptions,
-                           extent_to_window, iter_tile_batches, native_tile_size, open_raster,
-                           pixel_size_m)
-from engine.tiling import PixelWindow, Tile, TileGrid
+from mapclip.engine.raster import reader as R
+from mapclip.engine.core.errors import Cancelled, UsageError
+from mapclip.engine.core.jobs import Job
+from mapclip.engine.raster.reader import (PIXEL_TRANSFORM, RasterReadError, RasterWarning, ReaderThreadError, ReadOptions, extent_to_window, iter_tile_batches, native_tile_size, open_raster, pixel_size_m)
+from mapclip.engine.geo.tiling import PixelWindow, Tile, TileGrid
 from tests.raster_fixtures import (GEO_ORIGIN, GEO_RES, UTM_ORIGIN, make_raster, noise, plant)
 
 

@@ -359,8 +359,8 @@ def test_kill_during_cross_filesystem_move_then_undo_restores_everything(world, 
 
 
 def test_undo_refuses_a_quarantined_file_that_is_not_the_one_moved(tmp_path):
-    from engine import dedup
-    from engine.errors import UsageError
+    from mapclip.engine.archive import dedup
+    from mapclip.engine.core.errors import UsageError
     data = tmp_path / "data"
     for k in range(3):
         _image(data / f"{k}.png", 5)
@@ -378,8 +378,8 @@ def test_undo_refuses_a_quarantined_file_that_is_not_the_one_moved(tmp_path):
 
 def test_safe_move_across_filesystems_verifies_before_deleting(tmp_path, monkeypatch):
     import errno as _errno
-    from engine import dedup
-    from engine.errors import UsageError
+    from mapclip.engine.archive import dedup
+    from mapclip.engine.core.errors import UsageError
     src = _image(tmp_path / "a.png", 3)
     body = src.read_bytes()
     real_rename = os.rename
@@ -406,7 +406,7 @@ def test_kill_9_then_rerun_or_resume_equals_uninterrupted(world, tmp_path):
     """detect and index killed with SIGKILL at a random moment: detect run again
     gives the uninterrupted run's boxes and leaves no temporary file; the index
     resumed gives the uninterrupted index, row for row."""
-    from engine import index as ix
+    from mapclip.engine.archive import index as ix
     env = world["env"]
     detect = ["detect", world["raster"], "--prompt", RED_PROMPT, "--model", world["model"],
               "--tile", "32", "--window", "2", "--heatmap", "{d}/h.tif", "--out", "{d}/b.gpkg"]
@@ -442,8 +442,8 @@ def test_kill_9_then_rerun_or_resume_equals_uninterrupted(world, tmp_path):
 
 
 def test_damaged_index_refused_for_search_and_append(world, tmp_path):
-    from engine import index as ix
-    from engine.models import load_model
+    from mapclip.engine.archive import index as ix
+    from mapclip.engine.model.models import load_model
     idx = tmp_path / "idx"
     env = world["env"]
     ix.build_index([world["raster"]], idx, load_model(str(world["model"]), device="cpu"),
@@ -472,7 +472,7 @@ def test_damaged_index_refused_for_search_and_append(world, tmp_path):
 def test_stale_temporary_output_of_a_killed_run_is_removed_by_the_next(tmp_path):
     """A temporary file a killed writer left (its process is gone) is removed the
     next time the same output is written; one of a live process is kept."""
-    from engine.jobs import TEMP_TAG, atomic_path
+    from mapclip.engine.core.jobs import TEMP_TAG, atomic_path
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tmp_path / f".b.{TEMP_TAG}{dead.pid}-abcd.gpkg.part"
@@ -487,8 +487,8 @@ def test_stale_temporary_output_of_a_killed_run_is_removed_by_the_next(tmp_path)
 
 
 def test_output_guard_rules(tmp_path):
-    from engine.errors import UsageError
-    from engine.jobs import check_outputs
+    from mapclip.engine.core.errors import UsageError
+    from mapclip.engine.core.jobs import check_outputs
     a = tmp_path / "a.tif"
     a.write_bytes(b"x")
     os.symlink(a, tmp_path / "link.tif")
@@ -514,8 +514,8 @@ def test_a_fine_tuned_copy_is_not_the_same_model_for_append_or_search(tmp_path, 
 
     import torch
 
-    from engine import index as ix
-    from engine.errors import ModelError
+    from mapclip.engine.archive import index as ix
+    from mapclip.engine.core.errors import ModelError
     a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))
     b = make_raster(tmp_path / "b.tif", width=64, height=64, data=noise(3, 64, 64, seed=4))
     out = tmp_path / "idx"
@@ -574,8 +574,8 @@ def test_the_system_pyproj_finds_its_data_in_the_venv(tmp_path):
 def test_resume_after_the_caption_file_changed_is_refused(tmp_path, one_torch_thread):
     import threading
 
-    from engine import finetune as ft
-    from engine.errors import Cancelled, UsageError
+    from mapclip.engine import finetune as ft
+    from mapclip.engine.core.errors import Cancelled, UsageError
     data = tmp_path / "data"
     rows = ["image,caption"]
     for k, name in enumerate(("red", "green", "blue", "white")):
@@ -600,8 +600,8 @@ def test_resume_after_the_caption_file_changed_is_refused(tmp_path, one_torch_th
 
 
 def test_search_hits_are_never_written_over_an_indexed_raster(tmp_path, tiny_model):
-    from engine import index as ix
-    from engine.errors import UsageError
+    from mapclip.engine.archive import index as ix
+    from mapclip.engine.core.errors import UsageError
     a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))
     body = a.read_bytes()
     ix.build_index([a], tmp_path / "idx", tiny_model, ix.IndexOptions(tile_px=32, footprints=False))
@@ -635,9 +635,9 @@ def test_a_long_read_stops_on_ctrl_c_and_on_cancel(world, tmp_path, monkeypatch)
     where they used to wait for GDAL to finish."""
     import threading
 
-    from engine import raster
-    from engine.errors import Cancelled
-    from engine.tiling import PixelWindow
+    from mapclip.engine.raster import reader as raster
+    from mapclip.engine.core.errors import Cancelled
+    from mapclip.engine.geo.tiling import PixelWindow
     p = subprocess.Popen([sys.executable, "-c", SLOW_READ, str(world["raster"])], cwd=tmp_path,
                          env=world["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
@@ -666,8 +666,8 @@ def test_tile_grids_are_lazy_clipped_and_bounded():
     import tracemalloc
     from types import SimpleNamespace
 
-    from engine.errors import UsageError
-    from engine.tiling import CLIP_TILE_PX, TileGrid, TileSequence
+    from mapclip.engine.core.errors import UsageError
+    from mapclip.engine.geo.tiling import CLIP_TILE_PX, TileGrid, TileSequence
     info = SimpleNamespace(width=HUGE, height=HUGE, block_shape=(256, 256))
     tracemalloc.start()
     grid = TileGrid.for_raster(info, None, 128, max_tiles=None)
@@ -704,7 +704,7 @@ def test_a_checkpoint_error_is_one_clean_complete_line(tmp_path, world):
     the error keeps its first sentences whole, without terminal codes."""
     import torch
 
-    from engine.errors import reason
+    from mapclip.engine.core.errors import reason
     bad = tmp_path / "evil.pt"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": _Pickled()}, bad)
     run = _cli(["detect", world["raster"], "--prompt", "x", "--model", f"mapclip-tiny:{bad}",

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from engine import index as ix
-from engine.errors import ModelError, UsageError
-from engine.index import _pyogrio_raw
+from mapclip.engine.archive import index as ix
+from mapclip.engine.core.errors import ModelError, UsageError
+from mapclip.engine.archive.index import _pyogrio_raw
 from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, WGS84, make_raster
 from tests.rigged import BLUE, BLUE_PROMPT, GREY, RED, RED_PROMPT, rigged_model, save_rigged_folder
 
@@ -74,7 +74,7 @@ def test_planted_pattern_is_the_top_hit_for_its_text(rigged_index, rigged):
 
 
 def test_negative_prompts_shift_the_score_exactly(rigged_index, rigged):
-    from engine.encode import encode_text
+    from mapclip.engine.model.encode import encode_text
     opts = ix.SearchOptions(top_k=30, negative=[BLUE_PROMPT], negative_weight=0.5)
     res = ix.search(rigged_index, text=RED_PROMPT, model=rigged, options=opts)
     idx = ix.open_index(rigged_index)
@@ -206,7 +206,7 @@ def test_auto_method_threshold_and_the_cached_faiss_index(tiny_index, tiny_model
 
 
 def test_cli_search_contract(rigged_index, tmp_path, capsys):
-    from engine.cli import main
+    from mapclip.engine.cli import main
     raw = _pyogrio_raw()
     spec = str(save_rigged_folder(tmp_path / "rigged-model"))
     out = tmp_path / "hits.gpkg"
@@ -232,7 +232,7 @@ def test_cli_search_contract(rigged_index, tmp_path, capsys):
 
 
 def test_text_queries_go_through_the_prompt_templates(tiny_index, tiny_model):
-    from engine.scoring import encode_prompts
+    from mapclip.engine.model.scoring import encode_prompts
     folder = tiny_index[0]
     emb = ix.open_index(folder).embeddings().astype(np.float32)
     for templates in (None, "raw", "a photo of {}"):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from engine import synthetic as S
-from engine.errors import UsageError
+from mapclip.engine.data import synthetic as S
+from mapclip.engine.core.errors import UsageError
 
 
 def _digest(path) -> str:
@@ -172,7 +172,7 @@ def test_large_scene_streams(tmp_path):
 
 
 def test_cancel_leaves_no_output(tmp_path):
-    from engine.errors import Cancelled
+    from mapclip.engine.core.errors import Cancelled
 
     class StopAfterFirst:
         def __init__(self):

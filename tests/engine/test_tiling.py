@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from engine.tiling import PixelWindow, Tile, TileGrid, axis_starts, tiles_of
+from mapclip.engine.geo.tiling import PixelWindow, Tile, TileGrid, axis_starts, tiles_of
 
 UTM = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4000000.0)
 GEO = Affine(1e-4, 0.0, 13.0, 0.0, -1e-4, 52.5)

@@ -1,7 +1,8 @@
 """Plugin tests run in a real QGIS: one offscreen QgsApplication for the session.
 
-The repository is imported as the package ``mapclip`` (as QGIS installs it),
-through a symlink in a temporary folder, whatever the checkout is called.
+The plugin is imported as the package ``mapclip`` (the repository's mapclip/
+folder, laid out as QGIS installs it); the engine is ``mapclip.engine`` here as
+in the CLI's and the engine tests' imports.
 :class:`IfaceStub` stands in for QGIS's ``iface``: its main window, map canvas
 and message bar are real widgets, and everything a plugin adds through it
 (docks, toolbar icons, toolbars, menu entries) is tracked, so tests can assert
@@ -37,11 +38,10 @@ if _APP is None:
 
 
 def _import_mapclip():
-    if "mapclip" not in sys.modules:
-        holder = Path(tempfile.mkdtemp(prefix="mapclip-pkg-"))
-        os.symlink(ROOT, holder / "mapclip")
-        sys.path.insert(0, str(holder))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     import mapclip
+    assert Path(mapclip.__file__).resolve().parent == ROOT / "mapclip", mapclip.__file__
     return mapclip
 
 
@@ -67,7 +67,7 @@ def qapp(qgis_app):
 
 @pytest.fixture(scope="session")
 def mapclip():
-    """The repository imported as package ``mapclip``."""
+    """The plugin package ``mapclip``."""
     return _import_mapclip()
 
 

@@ -264,7 +264,7 @@ def test_model_manager_adds_a_published_checkpoint_by_path_and_asks_only_the_act
     architecture comes from its shapes and only its activation is picked."""
     import torch
 
-    from mapclip.engine.models import load_model
+    from mapclip.engine.model.models import load_model
     from mapclip.plugin.dialogs import model_manager as mm
     from mapclip.plugin.settings import Settings
     sd = load_model("test-tiny", device="cpu").model.state_dict()

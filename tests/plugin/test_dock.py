@@ -22,7 +22,7 @@ def dock(iface, mapclip, qgis_settings, clean_project):
 
 def test_dock_builds_with_raster_filter_collapsed_advanced_and_engine_defaults(dock, mapclip):
     from qgis.core import QgsMapLayerProxyModel
-    from mapclip.engine.models import DEFAULT_MODEL, PRESETS
+    from mapclip.engine.model.models import DEFAULT_MODEL, PRESETS
     assert dock.layer_combo.filters() == QgsMapLayerProxyModel.RasterLayer
     assert dock.advanced.isCollapsed()
     specs = [dock.model_combo.itemData(i) for i in range(dock.model_combo.count())]
@@ -224,7 +224,7 @@ def test_hits_from_rasters_in_different_crs_are_drawn_in_wgs84(mapclip):
     first = next(f for f in mixed.getFeatures() if f["rank"] == 1)
     assert first.geometry().boundingBox().xMinimum() == pytest.approx(15.0)
     assert first["raster"] == "/a.tif" and json.loads(first["query"]) == {"text": "ships"}
-    from mapclip.engine.outputs import HIT_FIELDS, names
+    from mapclip.engine.core.outputs import HIT_FIELDS, names
     assert [f.name() for f in mixed.fields()] == names(HIT_FIELDS)  # the CLI's fields
     same = layers.hits_layer(hits[:1], "ships", "m")
     assert same.crs().authid() == "EPSG:32633"

@@ -52,8 +52,8 @@ SEARCH_FIELDS = ("mode", "tile_px", "window", "stride", "batch_size", "top_k", "
 
 
 def resolved(options, model: str):
-    from mapclip.engine.models import model_defaults
-    from mapclip.engine.options import with_model_defaults
+    from mapclip.engine.model.models import model_defaults
+    from mapclip.engine.core.options import with_model_defaults
     o = with_model_defaults(options, model_defaults(model))
     return {k: getattr(o, k) for k in SEARCH_FIELDS}
 
@@ -80,7 +80,7 @@ def test_the_demo_model_searches_with_its_own_tiles_everywhere(iface, mapclip):
 
 
 def test_a_default_changed_once_reaches_every_front_end(iface, mapclip, monkeypatch):
-    from mapclip.engine import options
+    from mapclip.engine.core import options
     monkeypatch.setattr(options, "GENERIC_DEFAULTS",
                         dataclasses.replace(options.GENERIC_DEFAULTS, window=3, top_k=7))
     model = "remoteclip-vit-b-32"
@@ -103,8 +103,8 @@ def test_what_the_user_sets_wins_and_is_passed_on(iface, mapclip):
 
 def test_option_errors_are_worded_for_each_front_end(mapclip):
     from mapclip.engine.cli import flag
-    from mapclip.engine.errors import UsageError, worded
-    from mapclip.engine.options import DetectOptions, check
+    from mapclip.engine.core.errors import UsageError, worded
+    from mapclip.engine.core.options import DetectOptions, check
     from mapclip.plugin.settings import FIELD_LABELS
     with pytest.raises(UsageError) as err:
         check(DetectOptions(tile_px=0))
@@ -124,7 +124,7 @@ def test_the_demo_model_finds_the_same_boxes_from_the_cli_processing_and_the_doc
     import processing
     from qgis.core import QgsProcessingFeedback
     from mapclip.engine.detect import detect
-    from mapclip.engine.synthetic import make_scene
+    from mapclip.engine.data.synthetic import make_scene
     from mapclip.plugin import tasks
     scene = tmp_path / "scene.tif"
     make_scene(str(scene), width=256, seed=3, mask_path=None, coco_path=None)

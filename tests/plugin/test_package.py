@@ -62,7 +62,7 @@ def test_package_zip_installs_and_loads_in_qgis(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     version = next(l.split("=", 1)[1].strip()
-                   for l in (ROOT / "metadata.txt").read_text().splitlines()
+                   for l in (ROOT / "mapclip" / "metadata.txt").read_text().splitlines()
                    if l.startswith("version="))
     zpath = ROOT / "dist" / f"mapclip-{version}.zip"
     assert zpath.is_file()

@@ -144,7 +144,7 @@ def test_deduplicate_reports_and_moves_only_when_asked(provider, tmp_path, near_
                               "MOVE_TO": str(quarantine)})
     assert sorted(p.name for p in train.iterdir()) in (["a.png"], ["a_copy.png"])
     assert Path(res["MANIFEST"]).is_file()
-    from mapclip.engine.dedup import undo_move
+    from mapclip.engine.archive.dedup import undo_move
     undo_move(res["MANIFEST"])
     assert len(list(train.iterdir())) == 3
 
@@ -164,7 +164,7 @@ def qgis_profile(tmp_path_factory):
     profile = base / "profiles" / "default"
     (profile / "python" / "plugins").mkdir(parents=True)
     (profile / "QGIS").mkdir()
-    os.symlink(ROOT, profile / "python" / "plugins" / "mapclip")
+    os.symlink(ROOT / "mapclip", profile / "python" / "plugins" / "mapclip")
     (profile / "QGIS" / "QGIS3.ini").write_text("[PythonPlugins]\nmapclip=true\n")
     env = dict(os.environ, QGIS_CUSTOM_CONFIG_PATH=str(base), QT_QPA_PLATFORM="offscreen")
     # qgis_process runs the system python3: give it the venv's packages
@@ -240,7 +240,7 @@ def test_build_and_search_index_by_text_and_location(provider, tmp_path, rigged_
     layer = QgsVectorLayer(str(out), "hits", "ogr")
     assert layer.isValid() and layer.featureCount() == 3 == res["COUNT"]
     assert layer.crs().authid() == "EPSG:32633"
-    from mapclip.engine.outputs import HIT_FIELDS, names
+    from mapclip.engine.core.outputs import HIT_FIELDS, names
     assert [f.name() for f in layer.fields()][1:] == names(HIT_FIELDS)  # the CLI's fields
     best = min(layer.getFeatures(), key=lambda f: f["rank"])
     assert (best["px_col"], best["px_row"]) == (128, 64)
@@ -499,7 +499,7 @@ except QgsProcessingException as exc:
 def test_provider_loads_without_torch_and_says_what_is_missing(tmp_path):
     raster = scene(tmp_path / "scene.tif")
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, str(ROOT), str(raster)],
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, str(ROOT / "mapclip"), str(raster)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert f"ALGORITHMS {len(ALGORITHMS)}" in proc.stdout, proc.stderr[-2000:]
     error = [l for l in proc.stdout.splitlines() if l.startswith("ERROR")]

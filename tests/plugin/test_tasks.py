@@ -42,7 +42,7 @@ def test_engine_task_reports_progress_and_delivers_result_on_main_thread(qtbot, 
 
 
 def test_cancel_stops_the_job_within_a_batch_and_calls_only_on_cancel(qtbot, iface, mapclip):
-    from mapclip.engine.jobs import Job
+    from mapclip.engine.core.jobs import Job
     from mapclip.plugin.tasks import EngineTask, start
     began = threading.Event()
     batches = []
@@ -88,7 +88,7 @@ def _run_logged(qtbot, iface, title, job):
 
 
 def test_engine_error_becomes_message_bar_error_and_log_entry(qtbot, iface, mapclip):
-    from mapclip.engine.errors import UsageError
+    from mapclip.engine.core.errors import UsageError
 
     def job(progress, cancel):
         raise UsageError("raster /nope.tif does not exist", "choose an existing file")
@@ -143,7 +143,7 @@ def rigged(mapclip):
     # tests.rigged builds it with the top-level ``engine``; the plugin runs
     # ``mapclip.engine``, whose LoadedModel class is another object: re-wrap.
     import dataclasses
-    from mapclip.engine.models import LoadedModel
+    from mapclip.engine.model.models import LoadedModel
     from tests.rigged import rigged_model
     lm = rigged_model()
     return LoadedModel(**{f.name: getattr(lm, f.name) for f in dataclasses.fields(lm)})
@@ -454,7 +454,7 @@ def test_classes_mode_adds_a_paletted_land_cover_layer_named_by_class(qtbot, ifa
                                                                      tmp_path):
     """Classes mode: a land-cover map from words, as a paletted layer whose legend names them."""
     from qgis.core import QgsPalettedRasterRenderer
-    from mapclip.engine.synthetic import make_scene
+    from mapclip.engine.data.synthetic import make_scene
     from mapclip.plugin.dock import MapClipDock
     path = tmp_path / "scene.tif"
     make_scene(str(path), width=256, seed=3, mask_path=None, coco_path=None)

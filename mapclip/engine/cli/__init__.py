@@ -1,0 +1,212 @@
+"""The `python -m engine` command line.
+
+Each subcommand lives in its own module in this package and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to a
+function taking the parsed arguments and returning an exit code. Errors the
+user can cause (:class:`engine.errors.MapClipError`) print one line naming the
+problem and one naming the fix, and exit with the error's code (2 for usage);
+nothing else is caught, so real bugs keep their tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import json
+import re
+import signal
+import sys
+import threading
+from typing import Any, List, Optional, Tuple
+
+from ..core.errors import Cancelled, MapClipError, UsageError, worded
+
+#: subcommand modules, in the order ``--help`` lists them
+COMMANDS = ("models", "detect", "index", "search", "count", "classify", "caption", "finetune", "convert",
+            "dedup", "eval")
+
+
+def _command_module(name: str):
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; with ``only``, just that subcommand is built in full.
+
+    Building one subcommand imports only its module, so a command that needs
+    no torch (convert, dedup) starts without importing it.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m engine",
+        description="MapCLIP: search rasters by free text with remote-sensing CLIP models.")
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"MapCLIP {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        if only is not None and name != only:
+            sub.add_parser(name)  # a placeholder: only the command being run is built
+            continue
+        _command_module(name).register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+    args = parser.parse_args(argv)
+    previous = _terminate_as_interrupt()
+    try:
+        return int(args.func(args) or 0)
+    except Cancelled:
+        print("cancelled", file=sys.stderr)
+        return Cancelled.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except MapClipError as exc:
+        message, hint = worded(exc, flag)
+        print_error(message, hint)
+        return exc.exit_code
+    except MemoryError:
+        print_error("out of memory",
+                    "work on less at once: a smaller --tile, --batch-size or --extent")
+        return 1
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print_error(f"{exc.strerror or exc}:{where}",
+                    "check the path, its permissions and the free disk space, then run again")
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+#: errors of the user's files and disks, reported as error/fix lines rather than tracebacks
+_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EXDEV,
+                errno.ENAMETOOLONG, errno.ELOOP, errno.EIO}
+
+
+def _one_line(text: str) -> str:
+    """A message as one plain line: terminal colour codes removed, whitespace folded."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(text))
+    return " ".join(text.split())
+
+
+def print_error(message: str, hint: Optional[str]) -> None:
+    """The two lines every user error prints: ``error: ...`` and ``  fix: ...``."""
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    if hint:
+        print(f"  fix: {_one_line(hint)}", file=sys.stderr)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (a `kill`, a closed session) stops a run like Ctrl-C: temporary
+    outputs are removed on the way out instead of being left behind. Returns the
+    handler it replaced (restored when the command returns), or None."""
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt()
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not the main thread
+        return None
+
+
+# ---------------------------------------------------------------- helpers --
+#: engine options (engine.options) whose flag is not ``--`` + the name in kebab case
+FLAGS = {"classes": "--class", "tile_px": "--tile", "dense_tile_px": "--dense-tile", "stride_px": "--stride",
+         "scales": "--scale", "read": "--bands", "negative": "--negative", "background": "--background"}
+
+
+def flag(option: str) -> str:
+    """The command-line flag that sets an engine option."""
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
+def model_default_help(name: str) -> str:
+    """Help text for an option whose default comes from the model (engine.options.ModelDefaults)."""
+    from ..core.options import GENERIC_DEFAULTS
+    generic = getattr(GENERIC_DEFAULTS, name)
+    most = "none" if generic is None else generic
+    return (f"default: the model's own ({most} unless the model says otherwise; "
+            f"`python -m engine models` lists each model's defaults)")
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """--model, --device, --precision, shared by every command that runs a model."""
+    from ..model.models import DEFAULT_MODEL
+    p.add_argument("--model", required=required, default=None if required else DEFAULT_MODEL,
+                   metavar="SPEC",
+                   help="preset name, ARCH:TAG, ARCH:CHECKPOINT, hf-hub:ORG/NAME or a model folder "
+                        "(see `python -m engine models`)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="default: bf16 on CUDA (fp16 without bf16), fp32 elsewhere")
+
+
+def tqdm_progress(desc: str, unit: str = "it"):
+    """A progress(done, total) callback drawing a tqdm bar on stderr."""
+    from tqdm import tqdm
+    bar = tqdm(total=0, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+               disable=None)
+
+    def progress(done: int, total: int) -> None:
+        if total and bar.total != total:
+            bar.total = total
+            bar.refresh()
+        bar.n = done
+        bar.refresh()
+
+    progress.close = bar.close  # type: ignore[attr-defined]
+    return progress
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def cancel_event() -> threading.Event:
+    """The engine's cancel flag for a command-line run. Nothing sets it: Ctrl-C and
+    SIGTERM arrive as KeyboardInterrupt, which stops the run where it is (main()
+    prints "interrupted" and exits 130; outputs are written atomically, so none is
+    left half-written)."""
+    return threading.Event()
+
+
+def add_extent_args(p) -> None:
+    """--extent and --extent-crs, shared by the commands that read part of a raster."""
+    p.add_argument("--extent", default=None, metavar="XMIN,YMIN,XMAX,YMAX",
+                   help="only this extent (default: the whole raster)")
+    p.add_argument("--extent-crs", default=None, metavar="EPSG:N",
+                   help="CRS of --extent (default: the raster's CRS)")
+
+
+def parse_extent(args) -> Optional[Tuple[float, ...]]:
+    """--extent as four numbers (None without it); --extent-crs alone is refused."""
+    extent = parse_floats(args.extent, 4, "--extent", "--extent 500000,4000000,501000,4001000") \
+        if args.extent else None
+    if args.extent_crs and not extent:
+        raise UsageError("--extent-crs given without --extent", "add --extent xmin,ymin,xmax,ymax")
+    return extent
+
+
+def parse_floats(text: str, n: int, what: str, example: str) -> Tuple[float, ...]:
+    """N comma-separated numbers (an extent, a point), or a UsageError with an example."""
+    try:
+        vals = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != n:
+        raise UsageError(f"{what} {text!r} is not {n} comma-separated numbers", f"e.g. {example}")
+    return vals
+
+
+def parse_bands(text: Optional[str]) -> Optional[List[int]]:
+    """--bands "1,2,3" -> [1, 2, 3]; empty -> None (engine.options.parse_bands)."""
+    from ..core.options import parse_bands as parse
+    return parse(text)

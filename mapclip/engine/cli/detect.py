@@ -1,0 +1,154 @@
+"""`python -m engine detect`: score a raster against text prompts, write boxes (and a heatmap)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import (add_extent_args, add_model_args, model_default_help, parse_bands, parse_extent, print_json, tqdm_progress)
+from ..core.errors import UsageError
+
+
+def register(sub) -> None:
+    from ..core.options import ATTENTION_ALIASES, ATTENTION_MODES, DENSE_THRESHOLD, MODES, DetectOptions
+    d = DetectOptions()
+    p = sub.add_parser(
+        "detect", help="find what text prompts describe in a raster: boxes and a heatmap",
+        description="Score a raster (within an extent) against one or more text prompts with a "
+                    "CLIP model and write georeferenced, scored boxes (GeoPackage or GeoJSON, in "
+                    "the raster's CRS, fields prompt, score, cosine, rank, model) and optionally "
+                    "a heatmap GeoTIFF. Window mode slides windows of K x K tiles (the thesis "
+                    "method); dense mode gets patch-level scores from one pass per tile.")
+    p.add_argument("raster", help="raster file GDAL can read (GeoTIFF, VRT, JPEG2000, PNG, ...)")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="what to look for; repeat for several prompts that compete")
+    add_model_args(p)
+    p.add_argument("--mode", choices=list(MODES), default=d.mode,
+                   help=f"window (K x K tiles per window) or dense (patch-level); default {d.mode}")
+    p.add_argument("--tile", type=int, default=None, metavar="PX",
+                   help="tile size in pixels (output pixels with --gsd); "
+                        + model_default_help("tile_px"))
+    p.add_argument("--window", type=int, default=None, metavar="K",
+                   help="window mode: windows of K x K tiles; " + model_default_help("window"))
+    p.add_argument("--stride", type=int, default=d.stride, metavar="K",
+                   help=f"window mode: stride in tiles; default {d.stride}")
+    p.add_argument("--gsd", type=float, default=None, metavar="M",
+                   help="resample to this many metres per pixel on read (default: native)")
+    p.add_argument("--bands", default=None, metavar="B,G,R",
+                   help="1-based bands read as R,G,B (or one band as grey); default: RGB by "
+                        "colour interpretation, else the first three")
+    add_extent_args(p)
+    p.add_argument("--top-k", type=int, default=None, metavar="N",
+                   help="at most N boxes per prompt; " + model_default_help("top_k"))
+    p.add_argument("--threshold", type=float, default=None, metavar="T",
+                   help=f"minimum softmax score of a box, 0..1; dense mode: default "
+                        f"{DENSE_THRESHOLD}; window mode: " + model_default_help("threshold"))
+    p.add_argument("--merge", choices=["nms", "union"], default=d.merge,
+                   help="window mode: keep the best window per object (nms) or the union of "
+                        f"its strong neighbours (union); default {d.merge}")
+    p.add_argument("--iou", type=float, default=d.iou,
+                   help=f"windows overlapping more than this IoU are one object; default {d.iou} "
+                        "(any overlap)")
+    p.add_argument("--background", action="append", default=None, metavar="TEXT",
+                   help="background prompt (repeat); replaces the defaults in engine/scoring.py")
+    p.add_argument("--attention", choices=list(ATTENTION_MODES) + list(ATTENTION_ALIASES),
+                   default=d.attention, metavar="MODE",
+                   help=f"dense mode's changed last block: {', '.join(ATTENTION_MODES)} "
+                        f"(clearclip = ClearCLIP, sclip-style = SCLIP's attention without residual, "
+                        f"sclip = SCLIP, segearth = SegEarth-OV's q+k+v; old names qq, qq+kk "
+                        f"accepted); default {d.attention}")
+    p.add_argument("--templates", default=None, metavar="SET",
+                   help="prompt template ensemble: remote-sensing, raw (the prompt as typed) or "
+                        "one template holding {} (default: the model's; see docs/models.md)")
+    p.add_argument("--dense-input", type=int, default=None, metavar="PX",
+                   help="dense mode: resize each tile to PX (a multiple of the model's patch; "
+                        "position embeddings are interpolated); default the model's input size")
+    p.add_argument("--dense-slide", action="store_true",
+                   help="dense mode with a --dense-input larger than the model's: slide crops of "
+                        "the model's size with half-crop stride and average them (SegEarth-OV)")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=d.refine,
+                   help="fit each box to the object inside it (the best-scoring object "
+                        "proposal centred in the window or component; --no-refine keeps "
+                        "window-sized boxes); default on")
+    p.add_argument("--refine-min", type=float, default=d.refine_min, metavar="SHARE",
+                   help="a fitted box must score at least this share (0..1) of its window's "
+                        f"score, else the window is kept; default {d.refine_min}")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per model call; " + model_default_help("batch_size"))
+    p.add_argument("--out", required=True, metavar="OUT.gpkg|OUT.geojson",
+                   help="boxes output (.gpkg or .geojson)")
+    p.add_argument("--heatmap", default=None, metavar="OUT.tif",
+                   help="also write the heatmap (one float32 band per prompt)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (tiles, windows, boxes, seconds, "
+                        "tiles_per_s, device, precision, model, ...)")
+    p.set_defaults(func=run)
+
+
+def options_from_args(args: argparse.Namespace):
+    """The DetectOptions these flags ask for (flags left out stay the engine's defaults)."""
+    from dataclasses import replace
+
+    from ..core.options import DetectOptions, ReadOptions
+    changes = dict(mode=args.mode, tile_px=args.tile, window=args.window, stride=args.stride,
+                   batch_size=args.batch_size, top_k=args.top_k, threshold=args.threshold,
+                   merge=args.merge, iou=args.iou, attention=args.attention,
+                   templates=args.templates, dense_input_px=args.dense_input,
+                   dense_slide=bool(args.dense_slide),
+                   refine=bool(args.refine), refine_min=args.refine_min,
+                   read=ReadOptions(bands=parse_bands(args.bands), gsd=args.gsd),
+                   device=args.device, precision=args.precision, heatmap=bool(args.heatmap))
+    if args.background:
+        changes["background"] = tuple(args.background)
+    return replace(DetectOptions(), **changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..detect import detect, write_boxes, write_heatmap
+    from ..core.jobs import check_outputs
+    from ..core.outputs import vector_driver
+    from ..raster.reader import raster_files
+    from . import cancel_event
+
+    # refuse bad outputs before any work
+    vector_driver(args.out)
+    if args.heatmap and Path(args.heatmap).suffix.lower() not in (".tif", ".tiff"):
+        raise UsageError(f"heatmap {args.heatmap} must be a GeoTIFF", "name it .tif")
+    if not Path(args.raster).exists():
+        raise UsageError(f"raster {args.raster} does not exist", "check the path")
+    check_outputs([("--out", args.out), ("--heatmap", args.heatmap)],
+                  [("raster", f) for f in raster_files(args.raster)], overwrite=args.overwrite)
+    extent = parse_extent(args)
+    opts = options_from_args(args)
+    bar = tqdm_progress("detect", unit="img")
+    try:
+        result = detect(args.raster, args.prompt, args.model, extent=extent,
+                        extent_crs=args.extent_crs, options=opts, progress=bar,
+                        cancel=cancel_event())
+    finally:
+        bar.close()
+    write_boxes(result, args.out, overwrite=args.overwrite)
+    if args.heatmap:
+        try:
+            write_heatmap(result, args.heatmap, overwrite=args.overwrite)
+        except BaseException:
+            Path(args.out).unlink(missing_ok=True)  # both outputs or neither
+            raise
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    if args.json:
+        info = result.to_json()
+        info["out"] = str(args.out)
+        info["heatmap"] = str(args.heatmap) if args.heatmap else None
+        print_json(info)
+    else:
+        print(f"{len(result.boxes)} boxes -> {args.out}"
+              + (f", heatmap -> {args.heatmap}" if args.heatmap else ""))
+        print(f"{result.tiles} tiles, {result.windows} windows, {result.skipped} skipped, "
+              f"{result.seconds:.1f} s ({result.tiles_per_s:.1f} tiles/s) on {result.device} "
+              f"{result.precision}")
+        for b in result.boxes[:10]:
+            print(f"  #{b.rank} {b.prompt!r} score {b.score:.3f} cosine {b.cosine:.3f} "
+                  f"bounds {', '.join(f'{v:.6g}' for v in b.bounds)}")
+    return 0

@@ -1,0 +1,109 @@
+"""`python -m engine index`: embed every tile of rasters into an index folder (create, append, resume)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from . import add_model_args, cancel_event, model_default_help, parse_bands, print_json, tqdm_progress
+from ..core.errors import UsageError
+
+
+def _ints(text: Optional[str], what: str) -> Optional[List[int]]:
+    if not text:
+        return None
+    try:
+        vals = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        vals = []
+    if not vals:
+        raise UsageError(f"{what} {text!r} is not a list of whole numbers", "e.g. --scales 224,448")
+    return vals
+
+
+def register(sub) -> None:
+    from ..archive.index import APPROX_MIN_ROWS, IndexOptions
+    d = IndexOptions()
+    p = sub.add_parser(
+        "index", help="embed every tile of rasters into a searchable index folder",
+        description="Cut rasters into tiles (one or several sizes), embed each tile with a CLIP "
+                    "model and store the normalised embeddings (float16), tile footprints (raster "
+                    "CRS and WGS84), raster checksums and the model's facts in an index folder "
+                    "(docs/index.md describes the format). Running it again on the same --out "
+                    "finishes an interrupted build, appends new rasters, re-embeds changed ones "
+                    "and skips unchanged ones. Search it with `python -m engine search` "
+                    f"(exact below {APPROX_MIN_ROWS} tiles, approximate above).")
+    p.add_argument("sources", nargs="+", metavar="RASTER|FOLDER",
+                   help="raster files, or folders searched recursively for rasters")
+    add_model_args(p, required=False)
+    p.set_defaults(model=None)
+    p.add_argument("--out", required=True, metavar="INDEX", help="index folder (created if new)")
+    p.add_argument("--tile", type=int, default=None, metavar="PX",
+                   help="tile size in pixels (output pixels with --gsd); default: the model's "
+                        "input size (224 for ViT-B/32); an existing index keeps its own")
+    p.add_argument("--scales", default=None, metavar="PX,PX",
+                   help="several tile sizes, e.g. 224,448 (replaces --tile)")
+    p.add_argument("--stride", type=int, default=None, metavar="PX",
+                   help="tile step in pixels for the first size (others keep the same overlap); "
+                        "default: the tile size (no overlap)")
+    p.add_argument("--gsd", type=float, default=None, metavar="M",
+                   help="resample to this many metres per pixel on read (default: native)")
+    p.add_argument("--bands", default=None, metavar="R,G,B",
+                   help="1-based bands read as R,G,B (or one band as grey); default: RGB by "
+                        "colour interpretation, else the first three")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per model call; " + model_default_help("batch_size"))
+    p.add_argument("--commit-tiles", type=int, default=d.commit_tiles, metavar="N",
+                   help=f"tiles per committed shard (work an interruption can lose); "
+                        f"default {d.commit_tiles}")
+    p.add_argument("--reindex", action="store_true",
+                   help="re-embed the given rasters even when their checksum is unchanged")
+    p.add_argument("--no-footprints", action="store_true",
+                   help="do not rewrite INDEX/footprints.gpkg at the end")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object on stdout (rows, rasters, embedded, skipped, "
+                        "added/resumed/replaced/unchanged, seconds, tiles_per_s, model, ...)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..archive import index as ix
+    from ..raster.reader import ReadOptions
+
+    if args.tile is not None and args.scales:
+        raise UsageError("--tile and --scales both given", "use --scales alone for several sizes")
+    from ..core.jobs import check_outputs
+    model = args.model
+    out = Path(args.out)
+    check_outputs([("--out", out)], [("source", s) for s in args.sources], folders=["--out"],
+                  may_exist=["--out"])
+    if model is None:
+        if (out / ix.MANIFEST).is_file():
+            model = ix.read_manifest(out)["model"].get("spec")
+        if not model:
+            raise UsageError("no model given", "pass --model (see `python -m engine models`)")
+    opts = ix.IndexOptions(
+        tile_px=args.tile, scales=_ints(args.scales, "--scales"), stride_px=args.stride,
+        gsd=args.gsd, read=ReadOptions(bands=parse_bands(args.bands)) if args.bands else None,
+        batch_size=args.batch_size, commit_tiles=args.commit_tiles, reindex=args.reindex,
+        footprints=not args.no_footprints, device=args.device, precision=args.precision)
+    bar = tqdm_progress("index", unit="tile")
+    try:
+        info = ix.build_index(args.sources, out, model, opts, progress=bar, cancel=cancel_event())
+    finally:
+        bar.close()
+    for note in info.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    if args.json:
+        print_json(info.to_json())
+    else:
+        print(f"{info.path}: {info.rows} tiles from {info.rasters} raster(s) in {info.shards} shard(s)")
+        print(f"embedded {info.embedded} tiles ({info.skipped} empty skipped) in {info.seconds:.1f} s "
+              f"({info.tiles_per_s:.1f} tiles/s) on {info.device} {info.precision}")
+        for what in ("added", "resumed", "replaced", "unchanged"):
+            items = getattr(info, what)
+            if items:
+                print(f"  {what}: {len(items)} raster(s)", file=sys.stdout)
+    return 0

@@ -1,0 +1,3 @@
+"""The facts every front end shares, standard library only: options and their
+checks (options), errors worded per front end (errors), jobs with progress,
+cancel and atomic outputs (jobs), every output's fields and writers (outputs)."""

@@ -1,0 +1,102 @@
+"""Errors the engine raises on purpose.
+
+Every error a user can cause is a :class:`MapClipError` whose message names the
+problem and whose ``hint`` names the fix. The CLI prints ``error: <message>``
+and ``  fix: <hint>`` on one or two lines and exits with ``exit_code``; the
+plugin shows the same text in its message bar.
+"""
+from __future__ import annotations
+
+
+class MapClipError(Exception):
+    """A problem with the user's input or environment, with a fix to suggest."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None, option: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        #: the engine option (a field of an engine.options value) the error is about;
+        #: front ends word the fix with their own name for it (CLI flag, dock field)
+        self.option = option
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class UsageError(MapClipError):
+    """Bad arguments: a missing file, an empty prompt, an output that exists."""
+
+    exit_code = 2
+
+
+class ModelError(MapClipError):
+    """A model cannot be found, downloaded or loaded."""
+
+    exit_code = 2
+
+
+class Cancelled(MapClipError):
+    """The caller set the cancel flag; nothing was written."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "cancelled", hint: str | None = None):
+        super().__init__(message, hint)
+
+
+def worded(exc: MapClipError, name_of) -> "tuple[str, str | None]":
+    """The error's message and fix with options named as a front end names them.
+
+    ``name_of(option)`` gives the front end's name for an engine option (the
+    CLI's ``--tile``, the dock's "Tile size", a Processing parameter), or None
+    where it has none. The engine's checks start their message with the
+    option's name (engine.options.check), so that name is replaced; a fix that
+    does not mention the option gets the name in front. Command-line flags that
+    engine messages mention (``--bands 4,3,2``) are replaced by the front end's
+    name for the same option where it has one.
+    """
+    import re
+
+    from ..cli import FLAGS
+    option = getattr(exc, "option", None)
+    message, hint = exc.message, exc.hint
+    options_of_flags = {v: k for k, v in FLAGS.items()}
+
+    def renamed(text):
+        if not text:
+            return text
+
+        def swap(match):
+            flag_text = match.group(0)
+            opt = options_of_flags.get(flag_text, flag_text[2:].replace("-", "_"))
+            name = name_of(opt)
+            return name if name else flag_text
+        return re.sub(r"--[a-z][a-z-]*", swap, text)
+
+    if option:
+        name = name_of(option) or option
+        if message.startswith(option):
+            message = name + message[len(option):]
+        elif message.startswith(f"unknown {option} "):
+            message = f"unknown {name} " + message[len(f"unknown {option} "):]
+        if hint and name not in hint:
+            hint = f"{name}: {hint}"
+    return renamed(message), renamed(hint)
+
+
+def reason(exc: BaseException, limit: int = 240) -> str:
+    """The cause of a foreign exception as one clean clause for an error message:
+    terminal colour codes removed, whitespace folded, cut at a sentence end
+    (else a word end, with "...") so that a message never stops mid-sentence."""
+    import re
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc))
+    text = " ".join(text.split()) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    end = max(head.rfind(". "), head.rfind("; "))
+    if end >= limit // 3:
+        return head[:end + 1].rstrip(";")
+    return head[:head.rfind(" ")].rstrip(",;:") + " ..."

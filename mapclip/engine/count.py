@@ -1,0 +1,454 @@
+"""Counting objects of one kind in a raster extent, two ways.
+
+``prompt`` (RemoteCLIP's RemoteCount protocol)
+    The image is scored against ten captions "there are {n} {objects} in the
+    image", n = 1..10, in two variants: number words ("there are three
+    ships in the image") and digits ("there are 3 ships in the image"), with
+    correct agreement for one ("there is one ship in the image"). A count's
+    score is the mean cosine of its two captions; the argmax is the count.
+    The image is the whole extent read as one window (resampled to the
+    model's input, the protocol's setting) or, with ``tile_px``, every tile
+    of a grid over the extent; tile counts are summed, and tiles then also
+    get an n = 0 caption ("there are no ships in the image"), since most
+    tiles of a large scene hold none (an extension of the protocol, on by
+    default only for tiles: ``CountOptions.zero``).
+
+``dense``
+    The dense heatmap of :func:`engine.detect.detect` (mode ``dense``) for
+    the object's name; the count is the number of peaks of the heatmap at
+    least ``peak_distance`` cells apart (default 2) inside the connected
+    components of ``heatmap >= threshold`` (default
+    :data:`engine.detect.DENSE_THRESHOLD`) of at least ``min_area`` cells,
+    each with its box (:func:`engine.boxes.heatmap_peaks`), so touching
+    objects that form one blob still count apart. ``peaks=False`` counts the
+    components themselves (:func:`engine.boxes.heatmap_components`).
+
+The prompt method is calibrated: a model may carry ``count_bias`` (one
+offset per count 1..10, engine.options.ModelDefaults), fitted by
+:func:`fit_count_bias` on its own count sentences over synthetic chips whose
+counts are known (scripts/train_demo_model.py ``--stage calibrate``); it is
+added to the scores before the argmax unless ``CountOptions.calibrate`` is off.
+
+Both report their method. Plurals and articles come from
+:mod:`engine.convert` (``plural``, ``article``, ``with_count``; re-exported
+here), so captions, summaries and Box-to-Caption agree on "a ship",
+"3 ships", "an airplane", "boxes", "ferries", "people".
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .data.convert import article, plural, with_count  # noqa: F401  (re-exported: the one place)
+from .core.errors import UsageError
+from .core.jobs import Job
+from .core.options import DENSE_THRESHOLD, CountOptions, check, with_model_defaults
+
+METHODS = ("prompt", "dense", "both")
+#: RemoteCount's counts
+COUNT_RANGE = tuple(range(1, 11))
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+                "seventeen", "eighteen", "nineteen", "twenty")
+#: the caption template (RemoteCount); {be} is "is" or "are"
+CAPTION = "there {be} {number} {objects} in the image"
+ZERO_CAPTION = "there are no {objects} in the image"
+VARIANTS = ("words", "digits")
+
+
+# --------------------------------------------------------------------------- #
+# Words.
+# --------------------------------------------------------------------------- #
+def number_word(n: int) -> str:
+    """"one" .. "twenty"; digits beyond."""
+    return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
+
+
+def singular(name: str) -> str:
+    """The object name in the singular ("ships" -> "ship", "ferries" -> "ferry",
+    "people" -> "person", "storage tanks" -> "storage tank").
+
+    Inverts :func:`engine.convert.plural` for the head noun: a candidate
+    singular is accepted only if ``plural`` maps it back to the word given,
+    so the noun rules live in one place. Words ending in -ss, -us, -is or
+    -as ("glass", "bus", "chassis", "gas") are taken as singular already;
+    "-es" is dropped only after s/x/z/ch/sh ("boxes", "buses"), otherwise
+    "-s" ("houses" -> "house").
+    """
+    from .data.convert import IRREGULAR_PLURALS, O_ES, normalise_class_name
+    words = normalise_class_name(name).split()
+    if not words:
+        return ""
+    head = len(words) - 1
+    if "of" in words[1:]:
+        head = words.index("of", 1) - 1
+    w = words[head]
+    low = w.lower()
+    reverse = {v: k for k, v in IRREGULAR_PLURALS.items()}
+    cand: List[str] = []
+    if low in reverse:
+        cand.append(reverse[low])
+    elif low.endswith("s") and not low.endswith(("ss", "us", "is", "as")) and not w.isupper():
+        if low.endswith("ies") and len(low) > 4:
+            cand.append(w[:-3] + "y")                         # ferries -> ferry
+        stem = low[:-2]
+        if low.endswith("es") and (stem.endswith(("ss", "x", "z", "ch", "sh"))
+                                   or (stem.endswith("us") and not stem.endswith("ous")) or stem in O_ES):
+            cand.append(w[:-2])                               # boxes -> box, buses -> bus
+        cand.append(w[:-1])                                   # houses -> house
+    for c in cand:
+        if c and plural(c, 2).lower() == low:
+            words[head] = c
+            break
+    return " ".join(words)
+
+
+def caption(name: str, n: int, variant: str = "words") -> str:
+    """The RemoteCount caption for ``n`` objects ("there are three ships in the image")."""
+    one = singular(name)
+    if n == 0:
+        return ZERO_CAPTION.format(objects=plural(one, 2))
+    number = number_word(n) if variant == "words" else str(n)
+    return CAPTION.format(be="is" if n == 1 else "are", number=number, objects=plural(one, n))
+
+
+def count_captions(name: str, counts: Sequence[int] = COUNT_RANGE,
+                   variants: Sequence[str] = VARIANTS) -> Dict[str, List[str]]:
+    """Captions per variant, in the order of ``counts``."""
+    if not str(name).strip():
+        raise UsageError("no object name", "give --object, e.g. --object airplane")
+    return {v: [caption(name, n, v) for n in counts] for v in variants}
+
+
+def argmax_count(sims: np.ndarray, counts: Sequence[int] = COUNT_RANGE,
+                 bias: Optional[Sequence[float]] = None) -> Tuple[int, np.ndarray]:
+    """(count, per-count score) from cosines ``sims`` (variants, len(counts)):
+    the variants' mean per count plus ``bias`` (one value per count, the
+    model's calibration), its argmax (the smaller count on ties)."""
+    s = np.asarray(sims, dtype=np.float64).reshape(-1, len(counts)).mean(axis=0)
+    if bias is not None:
+        s = s + np.asarray(bias, dtype=np.float64)
+    return int(counts[int(np.argmax(s))]), s
+
+
+def count_bias_for(counts: Sequence[int], bias: Optional[Sequence[float]]) -> Optional[np.ndarray]:
+    """The calibration (one value per count of COUNT_RANGE) for ``counts``; 0 for counts outside it."""
+    if bias is None:
+        return None
+    table = dict(zip(COUNT_RANGE, bias))
+    return np.array([float(table.get(n, 0.0)) for n in counts])
+
+
+def fit_count_bias(scores: np.ndarray, truth: Sequence[int], rounds: int = 6,
+                   step: float = 0.0025, reach: float = 0.05) -> Tuple[float, ...]:
+    """Per-count offsets that make the prompt method's argmax count right more often.
+
+    ``scores`` (N, 10): the mean caption cosine per count 1..10 of N images
+    (``PromptCount.scores`` without calibration) whose true counts are
+    ``truth``. Coordinate ascent over offsets in [-reach, reach] (grid
+    ``step``) of: the share within one + half the exact share - 0.05 x the
+    mean absolute error. Offsets sum to 0. Store the result as the model's
+    ``count_bias`` (engine.options.ModelDefaults).
+    """
+    x = np.asarray(scores, dtype=np.float64).reshape(-1, len(COUNT_RANGE))
+    y = np.asarray(truth, dtype=np.int64)
+    if len(x) != len(y) or not len(y):
+        raise ValueError("fit_count_bias needs one true count per row of scores")
+    counts = np.asarray(COUNT_RANGE)
+
+    def quality(b: np.ndarray) -> float:
+        err = np.abs(counts[np.argmax(x + b, axis=1)] - y)
+        return float((err <= 1).mean() + 0.5 * (err == 0).mean() - 0.05 * err.mean())
+
+    grid = np.arange(-reach, reach + step / 2, step)
+    b = np.zeros(len(counts))
+    best = quality(b)
+    for _ in range(rounds):
+        changed = False
+        for j in range(len(counts)):
+            for g in grid:
+                trial = b.copy()
+                trial[j] = g
+                q = quality(trial)
+                if q > best + 1e-12:
+                    best, b, changed = q, trial, True
+        if not changed:
+            break
+    b -= b.mean()
+    return tuple(round(float(v), 5) for v in b)
+
+
+# --------------------------------------------------------------------------- #
+# Options and results.
+# --------------------------------------------------------------------------- #
+@dataclass
+class CountBox:
+    """One counted object (dense method): its box and heatmap peak."""
+
+    bounds: Tuple[float, float, float, float]   # raster CRS
+    pixel: Tuple[int, int, int, int]            # col0, row0, col1, row1 native pixels
+    score: float                                # peak heatmap score
+    area: int                                   # heatmap cells
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"bounds": list(self.bounds), "pixel": list(self.pixel),
+                "score": round(self.score, 6), "area": self.area}
+
+
+@dataclass
+class PromptCount:
+    """RemoteCount result: the count, the score per count, per-variant counts."""
+
+    count: int
+    counts: List[int]                  # the candidate counts scored
+    scores: List[float]                # mean cosine per candidate count (one window) / summed tiles: mean
+    by_variant: Dict[str, int]         # argmax per caption variant
+    captions: Dict[str, List[str]]
+    tiles: List[Dict[str, Any]] = field(default_factory=list)   # per tile: pixel, bounds, count
+    method: str = "prompt"
+    calibrated: bool = False           # the model's count_bias was added to the scores
+
+    def to_json(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["scores"] = [round(s, 6) for s in self.scores]
+        return d
+
+
+@dataclass
+class DenseCount:
+    """Connected components of the dense heatmap above a threshold."""
+
+    count: int
+    threshold: float
+    min_area: int
+    boxes: List[CountBox]
+    mode: str = "dense"
+    method: str = "dense"
+    peaks: bool = False                # one object per heatmap peak (else per component)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"method": self.method, "count": self.count, "threshold": self.threshold,
+                "min_area": self.min_area, "mode": self.mode, "peaks": self.peaks,
+                "boxes": [b.to_json() for b in self.boxes]}
+
+
+@dataclass
+class CountResult:
+    """Counts by the methods asked for; ``count`` is the dense count when both ran
+    (it localises its objects), else the one method's count."""
+
+    object: str
+    method: str
+    prompt: Optional[PromptCount]
+    dense: Optional[DenseCount]
+    crs: Optional[str]
+    model: str
+    device: str
+    seconds: float
+    extent: Optional[Tuple[float, float, float, float]] = None   # raster CRS, area counted
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return self.dense.count if self.dense is not None else (self.prompt.count if self.prompt else 0)
+
+    @property
+    def boxes(self) -> List[CountBox]:
+        return list(self.dense.boxes) if self.dense is not None else []
+
+    def summary(self) -> str:
+        parts = []
+        if self.prompt is not None:
+            parts.append(f"prompt (RemoteCount captions): {with_count(singular(self.object), self.prompt.count)}")
+        if self.dense is not None:
+            what = "peaks" if self.dense.peaks else "components"
+            parts.append(f"dense (heatmap {what} >= {self.dense.threshold:g}): "
+                         f"{with_count(singular(self.object), self.dense.count)}")
+        return "; ".join(parts)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"object": self.object, "method": self.method, "count": self.count,
+                "prompt": self.prompt.to_json() if self.prompt else None,
+                "dense": self.dense.to_json() if self.dense else None,
+                "summary": self.summary(), "crs": self.crs, "extent": list(self.extent) if self.extent else None,
+                "model": self.model, "device": self.device, "seconds": round(self.seconds, 4),
+                "warnings": list(self.warnings)}
+
+
+# --------------------------------------------------------------------------- #
+# Dense: components of a heatmap.
+# --------------------------------------------------------------------------- #
+def heatmap_count(heat: np.ndarray, transform, threshold: float, min_area: int = 1,
+                  raster_transform=None, peaks: bool = False, peak_distance: int = 2) -> List[CountBox]:
+    """Objects in a (H, W) heatmap with cell transform ``transform``: the
+    connected components of ``heat >= threshold`` with at least ``min_area``
+    cells or, with ``peaks``, one object per peak of those components at least
+    ``peak_distance`` cells apart (engine.boxes.heatmap_peaks: touching objects
+    count apart); best peak first, boxes in map coordinates (and native pixels
+    when ``raster_transform`` is given)."""
+    from .geo.boxes import heatmap_components, heatmap_peaks, pixel_to_bounds
+    out = []
+    inv = ~raster_transform if raster_transform is not None else None
+    comps = (heatmap_peaks(heat, threshold, peak_distance, min_area=max(1, int(min_area))) if peaks
+             else heatmap_components(heat, threshold, min_area=max(1, int(min_area))))
+    for c in comps:
+        bounds = pixel_to_bounds(transform, c.box)
+        if inv is not None:
+            xs, ys = [], []
+            for x, y in ((bounds[0], bounds[1]), (bounds[2], bounds[3])):
+                xs.append(inv.a * x + inv.b * y + inv.c)
+                ys.append(inv.d * x + inv.e * y + inv.f)
+            pixel = (int(np.floor(min(xs) + 1e-6)), int(np.floor(min(ys) + 1e-6)),
+                     int(np.ceil(max(xs) - 1e-6)), int(np.ceil(max(ys) - 1e-6)))
+        else:
+            pixel = tuple(int(v) for v in c.box)
+        out.append(CountBox(bounds=bounds, pixel=pixel, score=c.peak, area=c.area))
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# The entry point.
+# --------------------------------------------------------------------------- #
+def _check(method: str, options: CountOptions) -> None:
+    if method not in METHODS:
+        raise UsageError(f"unknown count method {method!r}", "use --method prompt, dense or both",
+                         option="method")
+    check(options)
+
+
+def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) -> PromptCount:
+    import torch
+
+    from .model.encode import encode_images
+    from .raster.reader import iter_tile_batches
+    from .model.scoring import encode_prompts
+    from .geo.tiling import TileGrid
+
+    tiled = options.tile_px is not None
+    zero = options.zero if options.zero is not None else tiled
+    counts = ([0] if zero else []) + list(COUNT_RANGE)
+    caps = count_captions(name, counts)
+    # RemoteCount's captions are whole sentences, scored as the protocol writes them
+    text = encode_prompts(lm, [c for v in VARIANTS for c in caps[v]], "raw")  # (V * N, D)
+    n = len(counts)
+    info = reader.info
+    bias = count_bias_for(counts, lm.defaults.count_bias) if options.calibrate else None
+    if not tiled:
+        S = lm.image_size
+        job.set_total(1)
+        img, valid = reader.read(area, out_shape=(S, S))
+        if not valid.any():
+            raise UsageError("the extent holds no valid pixels (all nodata)", "pick another extent")
+        emb = encode_images(lm, img[None])
+        sims = (emb @ text.T).reshape(len(VARIANTS), n).cpu().numpy()
+        c, s = argmax_count(sims, counts, bias)
+        job.step()
+        by = {v: int(counts[int(np.argmax(sims[i]))]) for i, v in enumerate(VARIANTS)}
+        return PromptCount(count=c, counts=counts, scores=[float(x) for x in s], by_variant=by,
+                           captions=caps, calibrated=bias is not None)
+    gsd = options.read.gsd if options.read is not None else None
+    grid = TileGrid.for_raster(info, area, int(options.tile_px), None, gsd)
+    job.set_total(len(grid))
+    per_tile: List[Dict[str, Any]] = []
+    total_scores = np.zeros(n)
+    by = {v: 0 for v in VARIANTS}
+    done = 0
+    batches = iter_tile_batches(reader, grid.tiles, int(options.batch_size), job=job)
+    with batches:
+        for tiles, arr in batches:
+            with torch.inference_mode():
+                sims = (encode_images(lm, arr) @ text.T).reshape(len(tiles), len(VARIANTS), n).cpu().numpy()
+            for t, sm in zip(tiles, sims):
+                c, s = argmax_count(sm, counts, bias)
+                total_scores += s
+                for i, v in enumerate(VARIANTS):
+                    by[v] += int(counts[int(np.argmax(sm[i]))])
+                per_tile.append({"tile": t.index, "pixel": [t.col, t.row, t.col + t.width, t.row + t.height],
+                                 "bounds": list(t.bounds(info.transform)), "count": c})
+            job.step(batches.done - done)
+            done = batches.done
+    if batches.done > done:
+        job.step(batches.done - done)
+    k = max(1, len(per_tile))
+    return PromptCount(count=int(sum(t["count"] for t in per_tile)), counts=counts,
+                       scores=[float(x) for x in total_scores / k], by_variant=by, captions=caps,
+                       tiles=per_tile, calibrated=bias is not None)
+
+
+def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountOptions,
+                 progress, cancel, raster_transform) -> Tuple[DenseCount, List[str]]:
+    from .detect import DetectOptions, detect
+    from .raster.reader import ReadOptions
+    thr = DENSE_THRESHOLD if options.threshold is None else float(options.threshold)
+    opts = DetectOptions(mode="dense", tile_px=int(options.dense_tile_px or lm.image_size), top_k=1, threshold=thr,
+                         batch_size=int(options.batch_size), read=options.read or ReadOptions(),
+                         device=options.device, precision=options.precision, heatmap=True,
+                         refine=False, templates=getattr(options, "templates", None))
+    res = detect(raster, [plural(singular(name), 2)], lm, extent=extent, extent_crs=extent_crs,
+                 options=opts, progress=progress, cancel=cancel)
+    if res.heatmap is None:
+        return (DenseCount(0, thr, int(options.min_area), [], mode=res.mode, peaks=bool(options.peaks)),
+                list(res.warnings))
+    boxes = heatmap_count(res.heatmap[0], res.heatmap_transform, thr, options.min_area,
+                          raster_transform, peaks=options.peaks, peak_distance=options.peak_distance)
+    return (DenseCount(len(boxes), thr, int(options.min_area), boxes, mode=res.mode, peaks=bool(options.peaks)),
+            list(res.warnings))
+
+
+def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, float, float, float]] = None,
+          extent_crs: Optional[str] = None, method: str = "prompt",
+          options: Optional[CountOptions] = None, progress=None, cancel=None,
+          read=None) -> CountResult:
+    """Count ``object_name`` objects in ``raster`` (within ``extent``, in
+    ``extent_crs``, default the raster's CRS) by ``method``: ``prompt``,
+    ``dense`` or ``both`` (see the module doc). ``read`` (ReadOptions) is a
+    shortcut for ``options.read``."""
+    from .model.models import LoadedModel, load_model
+    from .raster.reader import extent_to_window, open_raster
+
+    t0 = time.perf_counter()
+    options = options or CountOptions()
+    if read is not None:
+        options.read = read
+    method = (method or "prompt").lower()
+    _check(method, options)
+    name = str(object_name or "").strip()
+    if not name:
+        raise UsageError("no object name", "give --object, e.g. --object airplane")
+    job = Job(progress, cancel)
+    notes: List[str] = []
+    reader = open_raster(raster, options.read, quiet=True)  # warnings kept in reader.warnings
+    with reader:
+        notes.extend(reader.warnings)
+        info = reader.info
+        area = extent_to_window(info, extent, extent_crs)
+        lm = model if isinstance(model, LoadedModel) else load_model(
+            model, device=options.device, precision=options.precision)
+        options = check(with_model_defaults(options, lm.defaults))
+        prompt_res = _prompt_count(reader, area, lm, name, options, job) if method in ("prompt", "both") else None
+    dense_res = None
+    if method in ("dense", "both"):
+        dense_res, more = _dense_count(raster, lm, name, extent, extent_crs, options, progress, cancel,
+                                       info.transform)
+        notes.extend(m for m in more if m not in notes)
+    return CountResult(object=name, method=method, prompt=prompt_res, dense=dense_res, crs=info.crs,
+                       model=str(lm.spec), device=str(lm.device), seconds=time.perf_counter() - t0,
+                       extent=area.bounds(info.transform), warnings=notes)
+
+
+def write_count_boxes(result: CountResult, path, overwrite: bool = False):
+    """Write the dense method's boxes (.gpkg or .geojson) in the raster's CRS, atomically.
+    Fields: engine.outputs.COUNT_FIELDS."""
+    from .core.outputs import COUNT_FIELDS, count_rows, vector_driver, write_vector
+    vector_driver(path)
+    if result.dense is None:
+        raise UsageError("this count has no boxes (the prompt method does not localise)",
+                         "count with method dense or both")
+    rows, bounds = count_rows(result.dense.boxes, singular(result.object), result.model)
+    return write_vector(path, COUNT_FIELDS, rows, bounds, result.crs, "objects", overwrite)

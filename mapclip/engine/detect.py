@@ -1,0 +1,649 @@
+"""Text prompts -> scored, georeferenced boxes and a heatmap over a raster.
+
+Two methods (``DetectOptions.mode``):
+
+``"window"`` (the method of Ibaraki's thesis, made fast)
+    The extent is cut into base tiles of ``tile_px`` pixels; windows of
+    ``window`` x ``window`` tiles slide over them ``stride`` tiles at a time.
+    Each base tile is read ONCE (by the reader threads of engine.raster) and
+    pasted into a band of tile rows on the model's device; every window is a
+    slice of that band, resized and normalised on the device, and scored in
+    batches against prompts encoded once. Overlapping high-scoring windows
+    are merged into one box per object (``merge="nms"``, or ``"union"``
+    which grows the kept window to the union of its strong neighbours).
+    Windows at the raster's right/bottom edge are shifted inward, so every
+    pixel of the extent is in some window and no window leaves the raster.
+
+``"dense"`` (training-free dense CLIP, see engine.dense)
+    Tiles of ``tile_px`` pixels overlapping by ``overlap`` of a tile give one
+    patch-level score map each in one forward pass; maps are upsampled
+    (x2), weighted by a linear ramp toward tile borders and blended into one
+    heatmap for the extent. Boxes are the connected components of
+    ``heatmap >= threshold`` (default 0.5). Models without ViT patch tokens
+    (ResNets) fall back to window mode, with a warning in the result.
+
+Fitting boxes to objects (``DetectOptions.refine``, on by default, both modes)
+    A window (or a dense component) is larger than the object it found, so
+    its IoU with the object is small even when it is in the right place. Each
+    kept box is read again with a margin of a quarter of its side; the
+    class-agnostic regions of that image that stand out from its median
+    colour (engine.boxes.object_proposals), are centred inside the box and
+    cover 15-150 % of its area are proposals; each proposal, with a quarter
+    of its size of context, is scored by the model against the same prompts,
+    and the best replaces the box if its score keeps ``refine_min`` (default 0.3) of the box's score.
+    The box keeps its score and rank; fitted boxes that now cover the same
+    object (IoU > 0.5) are one. Turn it off (``refine=False``, CLI
+    ``--no-refine``) for window-sized boxes.
+
+Scores (engine.scoring): the softmax share of each prompt among the prompts
+and the background prompts, with the model's logit scale; the raw cosine is
+reported too. Ties in the (often saturated) softmax are broken by cosine.
+
+Geometry: all box arithmetic is in native raster pixels; map bounds come
+from the raster's affine transform (engine.boxes.pixel_to_bounds), so boxes
+are exact in the raster's CRS. The heatmap is returned with its own affine
+transform (one cell per base tile in window mode, per half patch in dense
+mode), cropped to the cells that touch the extent; cells never scored are NaN.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .geo.boxes import heatmap_components, nms, object_proposals, pixel_to_bounds, union_merge
+from .core.errors import MapClipError, UsageError
+from .core.jobs import Job
+from .core.options import DetectOptions, check, with_model_defaults
+from .core.outputs import BOX_FIELDS, box_rows, write_heatmap_tif, write_vector
+from .model.scoring import PromptBank
+from .geo.tiling import PixelWindow, TileGrid
+
+if TYPE_CHECKING:  # torch, rasterio and open_clip load on first use, not on import
+    import torch
+
+    from .model.models import LoadedModel
+
+
+#: dense heatmap cells per patch side
+DENSE_UPSAMPLE = 2
+#: fitting boxes: margin read around a box (share of its side), least area of a
+#: proposal and most (shares of the box's), context around a proposal when it is scored
+#: (share of its side), IoU above which two fitted boxes are one object
+REFINE_MARGIN = 0.25
+REFINE_MIN_AREA = 0.15
+REFINE_MAX_AREA = 1.5
+REFINE_CONTEXT = 0.25
+REFINE_SAME_IOU = 0.5
+
+
+@dataclass
+class Box:
+    """One detection: prompt, scores and where it is."""
+
+    prompt: str
+    score: float
+    cosine: float
+    rank: int
+    bounds: Tuple[float, float, float, float]   # raster CRS
+    pixel: Tuple[int, int, int, int]            # col0, row0, col1, row1 native pixels
+
+    def to_json(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["bounds"] = list(self.bounds)
+        d["pixel"] = list(self.pixel)
+        return d
+
+
+@dataclass
+class DetectResult:
+    """Boxes (best first per prompt), heatmap and run facts."""
+
+    boxes: List[Box]
+    crs: Optional[str]
+    heatmap: Optional[np.ndarray]          # (P, H, W) float32 softmax score per prompt, NaN = unscored
+    heatmap_transform: Any                 # affine.Affine of the heatmap cells
+    tiles: int
+    windows: int
+    skipped: int
+    seconds: float
+    device: str
+    precision: str
+    model: str
+    mode: str = "window"
+    refined: int = 0                       # boxes fitted to the object inside them
+    prompts: List[str] = field(default_factory=list)
+    background: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "mode": self.mode, "model": self.model, "device": self.device,
+            "precision": self.precision, "prompts": list(self.prompts),
+            "background": list(self.background), "crs": self.crs,
+            "tiles": self.tiles, "windows": self.windows, "skipped": self.skipped,
+            "refined": self.refined,
+            "seconds": round(self.seconds, 4), "tiles_per_s": round(self.tiles_per_s, 2),
+            "windows_per_s": round(self.windows / self.seconds, 2) if self.seconds > 0 else 0.0,
+            "boxes": [b.to_json() for b in self.boxes],
+            "heatmap_shape": list(self.heatmap.shape) if self.heatmap is not None else None,
+            "warnings": list(self.warnings),
+        }
+
+
+# --------------------------------------------------------------------------- #
+# Running the model on batches, with a CUDA out-of-memory fallback.
+# --------------------------------------------------------------------------- #
+class BatchRunner:
+    """Runs a batch function in chunks; halves the chunk on CUDA out-of-memory."""
+
+    def __init__(self, batch_size: int):
+        self.chunk = max(1, int(batch_size))
+        self.notes: List[str] = []
+
+    def __call__(self, fn, batch: torch.Tensor) -> Any:
+        import torch
+        outs = []
+        i = 0
+        while i < len(batch):
+            part = batch[i:i + self.chunk]
+            try:
+                outs.append(fn(part))
+            except torch.cuda.OutOfMemoryError:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if self.chunk == 1:
+                    raise MapClipError("the GPU ran out of memory even with a batch of 1",
+                                       "use a smaller model, close other GPU programs, "
+                                       "or run with --device cpu") from None
+                self.chunk = max(1, self.chunk // 2)
+                note = (f"CUDA ran out of memory; continued with a batch of {self.chunk} "
+                        f"(pass --batch-size {self.chunk} to start there)")
+                if note not in self.notes:
+                    self.notes.append(note)
+                continue
+            i += len(part)
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat(x) for x in zip(*outs))
+        return torch.cat(outs)
+
+
+# --------------------------------------------------------------------------- #
+# Public API.
+# --------------------------------------------------------------------------- #
+def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
+           extent: Optional[Tuple[float, float, float, float]] = None,
+           extent_crs: Optional[str] = None, options: Optional[DetectOptions] = None,
+           progress=None, cancel=None) -> DetectResult:
+    """Score ``raster`` (within ``extent``) against ``prompts``; see the module doc.
+
+    ``model`` is a spec for :func:`engine.models.load_model` or a loaded
+    model. ``progress(done, total)`` is called once per batch (windows in
+    window mode, tiles in dense mode); setting ``cancel`` stops the run
+    within one batch (raising :class:`engine.errors.Cancelled`).
+    """
+    from .model.encode import clean_prompts
+    from .model.models import LoadedModel, load_model
+    from .raster.reader import open_raster
+    from .model.scoring import build_bank
+    from .model.dense import dense_unsupported
+    t0 = time.perf_counter()
+    opts = check(options or DetectOptions())
+    prompts = clean_prompts(prompts)
+    job = Job(progress, cancel)
+    notes: List[str] = []
+    reader = open_raster(raster, opts.read, quiet=True)  # warnings kept in reader.warnings
+    with reader:
+        info = reader.info
+        notes.extend(reader.warnings)
+        area = _extent_window(info, extent, extent_crs)
+        job.check()
+        lm = model if isinstance(model, LoadedModel) else load_model(
+            model, device=opts.device, precision=opts.precision)
+        opts = check(with_model_defaults(opts, lm.defaults))
+        bank = build_bank(lm, prompts, opts.background, getattr(opts, "templates", None))
+        mode = opts.mode
+        if mode == "dense":
+            reason = dense_unsupported(lm)
+            if reason:
+                notes.append(f"dense mode is not available: {reason}; used window mode instead")
+                mode = "window"
+        runner = BatchRunner(opts.batch_size)
+        run = _run_window if mode == "window" else _run_dense
+        out = run(reader, area, lm, bank, opts, job, runner)
+        boxes, heat, heat_tf, n_tiles, n_windows, skipped = out
+        refined = 0
+        if opts.refine and boxes:
+            boxes, refined = _refine(reader, boxes, lm, bank, opts, job, runner)
+        notes.extend(runner.notes)
+    return DetectResult(boxes=boxes, crs=info.crs, heatmap=heat, heatmap_transform=heat_tf,
+                        tiles=n_tiles, windows=n_windows, skipped=skipped,
+                        seconds=time.perf_counter() - t0, device=str(lm.device),
+                        precision=lm.precision, model=lm.spec, mode=mode, refined=refined,
+                        prompts=list(bank.prompts), background=list(bank.background),
+                        warnings=notes)
+
+
+def _extent_window(info, extent, extent_crs) -> PixelWindow:
+    from .raster.reader import extent_to_window
+    return extent_to_window(info, extent, extent_crs)
+
+
+def _grid(info, area: PixelWindow, opts: DetectOptions, stride_px: Optional[int] = None) -> TileGrid:
+    return TileGrid.for_raster(info, area, int(opts.tile_px), stride_px=stride_px,
+                               gsd=opts.read.gsd)
+
+
+def _make_boxes(prompt: str, pix: np.ndarray, scores: np.ndarray, cosine: np.ndarray,
+                transform, raster_size: Tuple[int, int], start_rank: int = 1) -> List[Box]:
+    out = []
+    w, h = raster_size
+    for k in range(len(scores)):
+        c0, r0, c1, r1 = (int(round(v)) for v in pix[k])
+        c0, r0 = max(0, c0), max(0, r0)
+        c1, r1 = min(w, c1), min(h, r1)
+        out.append(Box(prompt, float(scores[k]), float(cosine[k]), start_rank + k,
+                       pixel_to_bounds(transform, (c0, r0, c1, r1)), (c0, r0, c1, r1)))
+    return out
+
+
+def _crop_heat(heat: np.ndarray, origin: Tuple[float, float], cell: Tuple[float, float],
+               area: PixelWindow, transform):
+    """Crop a heat grid to the cells touching ``area``; return (heat, cell transform)."""
+    from affine import Affine
+    ox, oy = origin
+    cx, cy = cell
+    j0 = max(0, int(math.floor((area.col - ox) / cx + 1e-9)))
+    i0 = max(0, int(math.floor((area.row - oy) / cy + 1e-9)))
+    j1 = min(heat.shape[2], int(math.ceil((area.col_end - ox) / cx - 1e-9)))
+    i1 = min(heat.shape[1], int(math.ceil((area.row_end - oy) / cy - 1e-9)))
+    heat = np.ascontiguousarray(heat[:, i0:i1, j0:j1])
+    tf = transform @ Affine.translation(ox + j0 * cx, oy + i0 * cy) @ Affine.scale(cx, cy)
+    return heat, tf
+
+
+# --------------------------------------------------------------------------- #
+# Window mode.
+# --------------------------------------------------------------------------- #
+def _window_starts(n: int, k: int, stride: int) -> List[int]:
+    """First tile index of each window along an axis of ``n`` tiles (last one flush)."""
+    k = min(k, n)
+    starts = list(range(0, n - k + 1, stride))
+    if starts[-1] != n - k:
+        starts.append(n - k)
+    return starts
+
+
+def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job, runner: BatchRunner):
+    import torch
+    import torch.nn.functional as F
+
+    from .model.dense import model_input
+    from .raster.reader import iter_tile_batches
+    from .model.scoring import score_embeddings
+    info = reader.info
+    grid = _grid(info, area, opts)
+    cov = grid.covered()
+    S = grid.out_px
+    sx, sy = S / grid.tile_width, S / grid.tile_height          # mosaic px per native px
+    posx = [int(round((c - cov.col) * sx)) for c in grid.col_starts]
+    posy = [int(round((r - cov.row) * sy)) for r in grid.row_starts]
+    Wm, Hm = posx[-1] + S, posy[-1] + S                         # mosaic of the covered window
+    k = int(opts.window)
+    wx, wy = min(k * S, Wm), min(k * S, Hm)                     # window size in mosaic px
+    xs = list(dict.fromkeys(min(posx[j], Wm - wx) for j in _window_starts(grid.n_cols, k, opts.stride)))
+    ys = list(dict.fromkeys(min(posy[i], Hm - wy) for i in _window_starts(grid.n_rows, k, opts.stride)))
+
+    def overlapping(pos: List[int], a: int, size: int) -> List[int]:
+        return [t for t, p in enumerate(pos) if p < a + size and p + S > a]
+
+    cols_of = [overlapping(posx, x0, wx) for x0 in xs]
+    rows_of = [overlapping(posy, y0, wy) for y0 in ys]
+    last_need = {}
+    for a, rows in enumerate(rows_of):
+        for r in rows:
+            last_need[r] = a
+    job.set_total(len(xs) * len(ys))
+
+    dev = lm.device
+    P = bank.n_prompts
+    strips: Dict[int, torch.Tensor] = {}
+    valid = np.zeros((grid.n_rows, grid.n_cols), bool)
+    win_boxes: List[np.ndarray] = []
+    win_probs: List[np.ndarray] = []
+    win_cos: List[np.ndarray] = []
+    pending: List[torch.Tensor] = []
+    pending_meta: List[Tuple[int, int]] = []
+    cell_cols = math.ceil(Wm / S)
+    cell_rows = math.ceil(Hm / S)
+    heat = np.full((P, cell_rows, cell_cols), -1.0, np.float32) if opts.heatmap else None
+    cell_cx = (np.arange(cell_cols) * S + np.minimum(np.arange(1, cell_cols + 1) * S, Wm)) / 2.0
+    cell_cy = (np.arange(cell_rows) * S + np.minimum(np.arange(1, cell_rows + 1) * S, Hm)) / 2.0
+    n_scored = 0
+
+    def encode(batch: torch.Tensor):
+        emb = F.normalize(lm.model.encode_image(model_input(lm, batch)).float(), dim=-1)
+        return score_embeddings(emb, bank)
+
+    def flush(force: bool = False) -> None:
+        nonlocal pending, pending_meta, n_scored
+        while pending and (force or len(pending) >= opts.batch_size):
+            take = pending[:opts.batch_size]
+            meta = pending_meta[:opts.batch_size]
+            pending, pending_meta = pending[opts.batch_size:], pending_meta[opts.batch_size:]
+            with torch.inference_mode():
+                probs, cos = runner(encode, torch.stack(take))
+            probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
+            boxes = np.array([[cov.col + x0 / sx, cov.row + y0 / sy,
+                               cov.col + (x0 + wx) / sx, cov.row + (y0 + wy) / sy]
+                              for x0, y0 in meta], dtype=np.float64)
+            win_boxes.append(boxes)
+            win_probs.append(probs)
+            win_cos.append(cos)
+            if heat is not None:
+                for (x0, y0), pr in zip(meta, probs):
+                    # cells whose centre (of the part inside the raster) the window covers
+                    j0, j1 = np.searchsorted(cell_cx, [x0, x0 + wx])
+                    i0, i1 = np.searchsorted(cell_cy, [y0, y0 + wy])
+                    view = heat[:, i0:i1, j0:j1]
+                    np.maximum(view, pr[:, None, None], out=view)
+            n_scored += len(take)
+            job.step(len(take))
+
+    def window_row(a: int) -> None:
+        y0 = ys[a]
+        band = torch.zeros((wy, Wm, 3), dtype=torch.uint8, device=dev)
+        for r in rows_of[a]:
+            strip = strips.get(r)
+            if strip is None:
+                continue
+            top = posy[r] - y0
+            s0, s1 = max(0, -top), min(S, wy - top)
+            band[top + s0: top + s1] = strip[s0:s1]
+        rows = rows_of[a]
+        skipped_here = 0
+        for j, x0 in enumerate(xs):
+            cells = valid[np.ix_(rows, cols_of[j])]
+            if cells.mean() < 0.5:
+                skipped_here += 1
+                continue
+            pending.append(band[:, x0:x0 + wx])
+            pending_meta.append((x0, y0))
+        if skipped_here:
+            job.step(skipped_here)
+        flush()
+        for r in rows:
+            if last_need.get(r) == a:
+                strips.pop(r, None)
+
+    next_row = 0
+    batches = iter_tile_batches(reader, grid.tiles, opts.batch_size, job=job,
+                                prefetch=opts.prefetch, workers=opts.workers,
+                                min_valid=opts.min_valid)
+    with batches:
+        for tiles, arr in batches:
+            data = torch.from_numpy(arr)
+            if dev.type == "cuda":
+                data = data.pin_memory().to(dev, non_blocking=True)
+            for t, img in zip(tiles, data):
+                r, c = divmod(t.index, grid.n_cols)
+                strip = strips.get(r)
+                if strip is None:
+                    strip = strips[r] = torch.zeros((S, Wm, 3), dtype=torch.uint8, device=dev)
+                strip[:, posx[c]:posx[c] + S] = img
+                valid[r, c] = True
+            done_rows = tiles[-1].index // grid.n_cols  # rows before this one are complete
+            while next_row < len(ys) and max(rows_of[next_row]) < done_rows:
+                window_row(next_row)
+                next_row += 1
+            job.check()
+        skipped = batches.skipped
+    while next_row < len(ys):
+        window_row(next_row)
+        next_row += 1
+    flush(force=True)
+
+    boxes_all = np.concatenate(win_boxes) if win_boxes else np.zeros((0, 4))
+    probs_all = np.concatenate(win_probs) if win_probs else np.zeros((0, P), np.float32)
+    cos_all = np.concatenate(win_cos) if win_cos else np.zeros((0, P), np.float32)
+    out_boxes: List[Box] = []
+    for p, prompt in enumerate(bank.prompts):
+        sc, co = probs_all[:, p].astype(np.float64), cos_all[:, p].astype(np.float64)
+        keep_idx = np.arange(len(sc))
+        if opts.threshold is not None:
+            keep_idx = keep_idx[sc >= opts.threshold]
+        if not len(keep_idx):
+            continue
+        b, s, c = boxes_all[keep_idx], sc[keep_idx], co[keep_idx]
+        if opts.merge == "nms":
+            kept = nms(b, s, iou=opts.iou, max_keep=opts.top_k, tiebreak=c)
+            pix, s, c = b[kept], s[kept], c[kept]
+        else:
+            pix, _, seeds = union_merge(b, s, iou=opts.iou, max_keep=opts.top_k, tiebreak=c)
+            s, c = s[seeds], c[seeds]
+        out_boxes.extend(_make_boxes(prompt, pix, s, c, info.transform, (info.width, info.height)))
+
+    heat_out, heat_tf = None, None
+    if heat is not None:
+        heat[heat < 0] = np.nan
+        heat_out, heat_tf = _crop_heat(heat, (cov.col, cov.row), (S / sx, S / sy), area,
+                                       info.transform)
+    return out_boxes, heat_out, heat_tf, len(grid.tiles), n_scored, skipped
+
+
+# --------------------------------------------------------------------------- #
+# Dense mode.
+# --------------------------------------------------------------------------- #
+def _ramp(n: int, ramp: float) -> np.ndarray:
+    """Blend weights along one tile axis: 1 inside, linear toward the borders."""
+    i = np.arange(n, dtype=np.float32) + 0.5
+    w = np.minimum(1.0, np.minimum(i, n - i) / max(ramp, 1.0))
+    return np.maximum(w, 1e-3).astype(np.float32)
+
+
+def _run_dense(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job, runner: BatchRunner):
+    import torch
+    import torch.nn.functional as F
+
+    from .model.dense import dense_features
+    from .raster.reader import iter_tile_batches
+    from .model.scoring import score_maps
+    info = reader.info
+    t = int(opts.tile_px)
+    ov = int(round(t * opts.overlap))
+    grid = _grid(info, area, opts, stride_px=max(1, t - ov))
+    cov = grid.covered()
+    size = int(opts.dense_input_px or lm.image_size)              # the model input per tile
+    if lm.patch_size and size % lm.patch_size:
+        raise UsageError(f"dense input {size} px is not a multiple of {lm.arch}'s {lm.patch_size} px patch",
+                         f"give a multiple of {lm.patch_size}, e.g. {2 * lm.image_size}",
+                         option="dense_input_px")
+    crop = lm.image_size if opts.dense_slide and size > lm.image_size else None
+    gh = gw = max(1, size // max(1, lm.patch_size))
+    hh, hw = gh * DENSE_UPSAMPLE, gw * DENSE_UPSAMPLE           # heat cells per tile
+    cx, cy = grid.tile_width / hw, grid.tile_height / hh         # native px per heat cell
+    Wh, Hh = int(math.ceil(cov.width / cx - 1e-9)), int(math.ceil(cov.height / cy - 1e-9))
+    P = bank.n_prompts
+    acc = np.zeros((P, Hh, Wh), np.float32)
+    acc_cos = np.zeros((P, Hh, Wh), np.float32)
+    wsum = np.zeros((Hh, Wh), np.float32)
+    ramp_cells = max(1.0, ov / max(cx, 1e-9))
+    weight = np.outer(_ramp(hh, ramp_cells), _ramp(hw, ramp_cells))
+    job.set_total(len(grid.tiles))
+
+    def encode(batch: torch.Tensor):
+        feats = dense_features(lm, batch, mode=opts.attention, cls_weight=opts.cls_weight,
+                               input_size=size, crop=crop)
+        probs, cos = score_maps(feats, bank)
+        both = torch.cat([probs, cos], dim=1)
+        both = F.interpolate(both, size=(hh, hw), mode="bilinear", align_corners=False)
+        return both[:, :P], both[:, P:]
+
+    batches = iter_tile_batches(reader, grid.tiles, opts.batch_size, job=job,
+                                prefetch=opts.prefetch, workers=opts.workers,
+                                min_valid=opts.min_valid)
+    done = 0
+    with batches:
+        for tiles, arr in batches:
+            probs, cos = runner(encode, torch.from_numpy(arr))
+            probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
+            for tile, pr, co in zip(tiles, probs, cos):
+                x = int(round((tile.col - cov.col) / cx))
+                y = int(round((tile.row - cov.row) / cy))
+                x1, y1 = min(Wh, x + hw), min(Hh, y + hh)
+                w = weight[:y1 - y, :x1 - x]
+                acc[:, y:y1, x:x1] += pr[:, :y1 - y, :x1 - x] * w
+                acc_cos[:, y:y1, x:x1] += co[:, :y1 - y, :x1 - x] * w
+                wsum[y:y1, x:x1] += w
+            job.step(batches.done - done)
+            done = batches.done
+        skipped = batches.skipped
+    if batches.done > done:
+        job.step(batches.done - done)
+    covered = wsum > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        heat = np.where(covered, acc / np.where(covered, wsum, 1.0), np.nan).astype(np.float32)
+        heat_cos = np.where(covered, acc_cos / np.where(covered, wsum, 1.0), np.nan)
+    del acc, acc_cos
+    # boxes only from the cells that touch the requested area
+    heat_a, heat_tf = _crop_heat(heat, (cov.col, cov.row), (cx, cy), area, info.transform)
+    cos_a, _ = _crop_heat(heat_cos, (cov.col, cov.row), (cx, cy), area, info.transform)
+    j0 = int(math.floor((area.col - cov.col) / cx + 1e-9))
+    i0 = int(math.floor((area.row - cov.row) / cy + 1e-9))
+    base_c, base_r = cov.col + max(0, j0) * cx, cov.row + max(0, i0) * cy
+    thr = opts.threshold
+    out_boxes: List[Box] = []
+    for p, prompt in enumerate(bank.prompts):
+        comps = heatmap_components(heat_a[p], thr)[:opts.top_k]
+        if not comps:
+            continue
+        pix = np.array([[base_c + c.box[0] * cx, base_r + c.box[1] * cy,
+                         base_c + c.box[2] * cx, base_r + c.box[3] * cy] for c in comps])
+        pix = np.column_stack([np.floor(pix[:, 0]), np.floor(pix[:, 1]),
+                               np.ceil(pix[:, 2]), np.ceil(pix[:, 3])])
+        scores = np.array([c.peak for c in comps])
+        cosines = []
+        for c in comps:
+            x0, y0, x1, y1 = c.box
+            sub_h = heat_a[p, y0:y1, x0:x1]
+            sub_c = cos_a[p, y0:y1, x0:x1]
+            mask = np.nan_to_num(sub_h, nan=-1.0) >= thr
+            cosines.append(float(np.nanmax(np.where(mask, sub_c, np.nan))))
+        out_boxes.extend(_make_boxes(prompt, pix, scores, np.array(cosines), info.transform,
+                                     (info.width, info.height)))
+    return (out_boxes, heat_a if opts.heatmap else None, heat_tf if opts.heatmap else None,
+            len(grid.tiles), 0, skipped)
+
+
+# --------------------------------------------------------------------------- #
+# Fitting boxes to objects.
+# --------------------------------------------------------------------------- #
+def _proposals_for(reader, box: Box) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """Proposals (native px) centred inside ``box`` and their crops with context."""
+    from .geo.tiling import PixelWindow
+    info = reader.info
+    c0, r0, c1, r1 = box.pixel
+    m = int(round(REFINE_MARGIN * max(c1 - c0, r1 - r0)))
+    x0, y0 = max(0, c0 - m), max(0, r0 - m)
+    x1, y1 = min(info.width, c1 + m), min(info.height, r1 + m)
+    if x1 - x0 < 8 or y1 - y0 < 8:
+        return np.zeros((0, 4)), []
+    rgb, _ = reader.read(PixelWindow(x0, y0, x1 - x0, y1 - y0))
+    props = object_proposals(rgb) + np.array([x0, y0, x0, y0])
+    centre_c = (props[:, 0] + props[:, 2]) / 2.0
+    centre_r = (props[:, 1] + props[:, 3]) / 2.0
+    area = (props[:, 2] - props[:, 0]) * (props[:, 3] - props[:, 1])
+    ok = ((centre_c >= c0) & (centre_c <= c1) & (centre_r >= r0) & (centre_r <= r1)
+          & (area >= REFINE_MIN_AREA * max(1, (c1 - c0) * (r1 - r0)))
+          & (area <= REFINE_MAX_AREA * (c1 - c0) * (r1 - r0)))
+    props = props[ok]
+    crops = []
+    for a0, b0, a1, b1 in props:
+        pc, pr = REFINE_CONTEXT * (a1 - a0), REFINE_CONTEXT * (b1 - b0)
+        q0, q1 = int(max(x0, a0 - pc)), int(min(x1, a1 + pc))
+        p0, p1 = int(max(y0, b0 - pr)), int(min(y1, b1 + pr))
+        crops.append(rgb[p0 - y0:p1 - y0, q0 - x0:q1 - x0])
+    return props, crops
+
+
+def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions, job: Job,
+            runner: BatchRunner) -> Tuple[List[Box], int]:
+    """Each box fitted to the best-scoring object proposal inside it (module doc)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .model.dense import model_input
+    from .model.scoring import score_embeddings
+    info = reader.info
+    which = {p: i for i, p in enumerate(bank.prompts)}
+    owner: List[int] = []
+    props_all: List[np.ndarray] = []
+    inputs: List[torch.Tensor] = []
+    for bi, b in enumerate(boxes):
+        job.check()
+        props, crops = _proposals_for(reader, b)
+        for prop, crop in zip(props, crops):
+            owner.append(bi)
+            props_all.append(prop)
+            inputs.append(model_input(lm, np.ascontiguousarray(crop)[None])[0])
+    if not inputs:
+        return boxes, 0
+
+    def encode(batch: torch.Tensor):
+        return score_embeddings(F.normalize(lm.model.encode_image(batch).float(), dim=-1), bank)
+
+    with torch.inference_mode():
+        probs, cos = runner(encode, torch.stack(inputs))
+    probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
+    best: Dict[int, Tuple[float, float, np.ndarray]] = {}
+    for k, bi in enumerate(owner):
+        p = which[boxes[bi].prompt]
+        cand = (float(probs[k, p]), float(cos[k, p]), props_all[k])
+        if bi not in best or cand[:2] > best[bi][:2]:
+            best[bi] = cand
+    fitted: List[Box] = []
+    n_fit = 0
+    for bi, b in enumerate(boxes):
+        got = best.get(bi)
+        if got is not None and got[0] >= opts.refine_min * b.score:
+            pix = tuple(int(v) for v in got[2])
+            b = Box(b.prompt, b.score, b.cosine, b.rank, pixel_to_bounds(info.transform, pix), pix)
+            n_fit += 1
+        fitted.append(b)
+    out: List[Box] = []
+    for prompt in bank.prompts:
+        mine = [b for b in fitted if b.prompt == prompt]
+        if not mine:
+            continue
+        keep = nms(np.array([b.pixel for b in mine], np.float64), np.array([b.score for b in mine]),
+                   iou=REFINE_SAME_IOU, tiebreak=np.array([b.cosine for b in mine]))
+        for rank, i in enumerate(keep, start=1):
+            b = mine[i]
+            out.append(Box(b.prompt, b.score, b.cosine, rank, b.bounds, b.pixel))
+    return out, n_fit
+
+
+# --------------------------------------------------------------------------- #
+# Writing results.
+# --------------------------------------------------------------------------- #
+def write_boxes(result: DetectResult, path, overwrite: bool = False) -> Path:
+    """Write the boxes as polygons (.gpkg or .geojson) in the raster's CRS, atomically
+    (fields: engine.outputs.BOX_FIELDS); an existing file is refused unless ``overwrite``."""
+    rows, bounds = box_rows(result.boxes, result.model)
+    return write_vector(path, BOX_FIELDS, rows, bounds, result.crs, "detections", overwrite)
+
+
+def write_heatmap(result: DetectResult, path, overwrite: bool = False) -> Path:
+    """Write the heatmap as a float32 GeoTIFF, one band per prompt (NaN = not scored)."""
+    if result.heatmap is None:
+        raise UsageError("this result has no heatmap", "run detect with heatmap=True")
+    return write_heatmap_tif(result.heatmap, result.heatmap_transform, result.crs,
+                             result.prompts, path, overwrite)

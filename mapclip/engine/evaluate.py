@@ -1,0 +1,269 @@
+"""Evaluation of a model on the published benchmarks' protocols (``python -m engine eval``).
+
+- :func:`eval_retrieval`: image-text retrieval on RSICD / RSITMD / UCM-Captions
+  (their caption JSON, the Karpathy layout ``{"images": [{"filename",
+  "split", "sentences": [{"raw"}]}]}``) or a CSV of ``image,caption`` rows;
+  recall@1/5/10 both ways and mean recall with :mod:`engine.retrieval`
+  (ties broken by sort order as RemoteCLIP's evaluation does, or
+  pessimistically).
+- :func:`eval_classify`: zero-shot classification on a folder-per-class
+  dataset (EuroSAT, RESISC45, AID, UCM ...): every class name goes through
+  the prompt template ensemble (engine.scoring), top-1 and top-5 accuracy.
+- :func:`eval_count`: RemoteCLIP's RemoteCount protocol: every image of a
+  list of ``image,object,count`` rows is scored against the ten captions
+  "there are {n} {objects} in the image" (n = 1..10, words and digits,
+  engine.count), the argmax is the predicted count; top-1 accuracy and the
+  mean absolute error.
+
+Images are read whole and preprocessed like the references (short side
+resized to the model's input, centre crop: engine.encode.encode_image_files).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .core.errors import UsageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def _model(model, device=None, precision=None):
+    """A LoadedModel as is, or load a spec (after the data was read, so bad data fails fast)."""
+    from .model.models import LoadedModel, load_model
+    return model if isinstance(model, LoadedModel) else load_model(model, device=device, precision=precision)
+
+
+def _embed_images(lm, paths: Sequence[str], batch_size: int, progress=None):
+    import torch
+
+    from .model.encode import encode_image_files
+    out = []
+    for i in range(0, len(paths), batch_size):
+        out.append(encode_image_files(lm, paths[i:i + batch_size], batch_size))
+        if progress:
+            progress(min(i + batch_size, len(paths)), len(paths))
+    return torch.cat(out) if out else torch.zeros(0, lm.embed_dim)
+
+
+# --------------------------------------------------------------------------- #
+# Retrieval.
+# --------------------------------------------------------------------------- #
+def read_retrieval_data(path: str, images: Optional[str] = None,
+                        split: Optional[str] = "test") -> Tuple[List[str], List[str], List[int]]:
+    """(image paths, captions, owner image index per caption) from a caption JSON or CSV.
+
+    JSON (RSICD, RSITMD, UCM-Captions): images of ``split`` (None: all), each
+    with its sentences; image files are looked up in ``images`` (default: the
+    JSON's folder, then its ``images``/``imgs`` subfolder). CSV: a header with
+    an image column (``filepath``, ``image``, ``filename`` or ``path``) and a
+    caption column (``caption``, ``title``, ``text`` or ``raw``); paths are
+    relative to ``images`` or the CSV's folder.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"retrieval data {p} does not exist", "give a caption JSON (RSICD/RSITMD/UCM) or a CSV")
+    root = Path(images) if images else p.parent
+    rows: List[Tuple[str, str]] = []
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+            entries = data["images"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{p} is not a caption JSON ({exc})",
+                             'expected {"images": [{"filename", "split", "sentences": [{"raw"}]}]}') from None
+        for e in entries:
+            if split and e.get("split") != split:
+                continue
+            for sent in e.get("sentences", []):
+                text = sent.get("raw") if isinstance(sent, dict) else str(sent)
+                if text and str(text).strip():
+                    rows.append((str(e["filename"]), str(text).strip()))
+        if not images:
+            for sub in ("", "images", "imgs", "RSICD_images"):
+                if rows and (p.parent / sub / rows[0][0]).is_file():
+                    root = p.parent / sub
+                    break
+    elif p.suffix.lower() in (".csv", ".tsv"):
+        with open(p, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
+            fields = {f.lower(): f for f in reader.fieldnames or []}
+            img_col = next((fields[c] for c in ("filepath", "image", "filename", "path") if c in fields), None)
+            cap_col = next((fields[c] for c in ("caption", "title", "text", "raw") if c in fields), None)
+            if not img_col or not cap_col:
+                raise UsageError(f"{p} has no image and caption columns",
+                                 "name them e.g. filepath,caption (a header row)")
+            rows = [(r[img_col], r[cap_col].strip()) for r in reader if r[img_col] and (r[cap_col] or "").strip()]
+    else:
+        raise UsageError(f"cannot read retrieval data {p}", "give a .json caption file or a .csv")
+    if not rows:
+        raise UsageError(f"{p} holds no captions" + (f" in split {split!r}" if split else ""),
+                         "check --split (RSICD/UCM/RSITMD use train/val/test)")
+    order: Dict[str, int] = {}
+    captions, owner = [], []
+    for name, text in rows:
+        full = str((root / name) if not Path(name).is_absolute() else Path(name))
+        owner.append(order.setdefault(full, len(order)))
+        captions.append(text)
+    paths = list(order)
+    missing = [q for q in paths if not Path(q).is_file()]
+    if missing:
+        raise UsageError(f"{len(missing)} images are missing, e.g. {missing[0]}",
+                         "give the image folder with --images")
+    return paths, captions, owner
+
+
+def eval_retrieval(model, data: str, images: Optional[str] = None, split: Optional[str] = "test",
+                   ties: str = "order", batch_size: int = 64, progress=None,
+                   device=None, precision=None) -> Dict[str, Any]:
+    """Recall@1/5/10 both ways and mean recall (percent) on a retrieval dataset."""
+    import torch
+
+    from .model.encode import encode_text
+    from .archive.retrieval import TIE_MODES, retrieval_metrics
+    if ties not in TIE_MODES:
+        raise UsageError(f"unknown tie rule {ties!r}", f"use one of {', '.join(TIE_MODES)}")
+    paths, captions, owner = read_retrieval_data(data, images, split)
+    lm = _model(model, device, precision)
+    img = _embed_images(lm, paths, batch_size, progress)
+    with torch.inference_mode():
+        txt = encode_text(lm, captions)   # captions are whole sentences: no templates (the protocol)
+    metrics = retrieval_metrics((img @ txt.T).cpu(), owner, ties=ties)
+    return {"task": "retrieval", "data": str(data), "split": split, "model": lm.spec,
+            "ties": ties, "distinct_captions": len(set(captions)), **metrics}
+
+
+# --------------------------------------------------------------------------- #
+# Zero-shot classification.
+# --------------------------------------------------------------------------- #
+def read_class_folder(folder: str, classes: Optional[str] = None) -> Tuple[List[str], List[str], List[int]]:
+    """(class names, image paths, label per image) of a folder-per-class dataset.
+
+    Class names are the sub-folder names with ``_`` and ``-`` as spaces, or
+    from ``classes``: a text file with one ``folder<TAB>name`` (or
+    ``folder: name``) per line, or just one name per line in the sorted
+    order of the sub-folders.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise UsageError(f"dataset folder {root} does not exist", "give a folder with one sub-folder per class")
+    dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if len(dirs) < 2:
+        raise UsageError(f"{root} has {len(dirs)} class folders", "zero-shot classification needs at least two")
+    names = {d.name: d.name.replace("_", " ").replace("-", " ").strip() for d in dirs}
+    if classes:
+        lines = [ln.strip() for ln in Path(classes).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if all(("\t" in ln or ":" in ln) for ln in lines):
+            for ln in lines:
+                key, _, name = ln.partition("\t") if "\t" in ln else ln.partition(":")
+                if key.strip() in names:
+                    names[key.strip()] = name.strip()
+        elif len(lines) == len(dirs):
+            names = {d.name: ln for d, ln in zip(dirs, lines)}
+        else:
+            raise UsageError(f"{classes} has {len(lines)} names for {len(dirs)} class folders",
+                             "one name per class folder (sorted order), or folder<TAB>name lines")
+    paths, labels = [], []
+    for i, d in enumerate(dirs):
+        for f in sorted(d.iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(str(f))
+                labels.append(i)
+    if not paths:
+        raise UsageError(f"no images in {root}'s class folders", f"use {', '.join(IMAGE_SUFFIXES)} files")
+    return [names[d.name] for d in dirs], paths, labels
+
+
+def eval_classify(model, folder: str, classes: Optional[str] = None, templates=None,
+                  batch_size: int = 64, progress=None, device=None, precision=None) -> Dict[str, Any]:
+    """Zero-shot top-1 / top-5 accuracy (percent) with the template ensemble."""
+    import torch
+
+    from .core.options import TEMPLATE_SETS, template_error
+    from .model.scoring import encode_prompts, resolve_templates
+    names, paths, labels = read_class_folder(folder, classes)
+    bad = template_error(templates)
+    if bad:
+        raise UsageError(bad, f"use one of {', '.join(TEMPLATE_SETS)}, or a template holding {{}}")
+    lm = _model(model, device, precision)
+    temps = resolve_templates(templates, lm)
+    with torch.inference_mode():
+        text = encode_prompts(lm, names, temps)
+    img = _embed_images(lm, paths, batch_size, progress)
+    sims = (img @ text.T).cpu()
+    y = torch.as_tensor(labels)
+    k5 = min(5, len(names))
+    top = sims.topk(k5, dim=1).indices
+    top1 = float((top[:, 0] == y).float().mean()) * 100.0
+    top5 = float((top == y[:, None]).any(dim=1).float().mean()) * 100.0
+    per_class = {n: round(float((top[y == i, 0] == i).float().mean()) * 100.0, 2)
+                 for i, n in enumerate(names) if (y == i).any()}
+    return {"task": "classify", "data": str(folder), "model": lm.spec, "classes": len(names),
+            "images": len(paths), "templates": list(temps), "top1": top1, f"top{k5}": top5,
+            "per_class_top1": per_class}
+
+
+# --------------------------------------------------------------------------- #
+# RemoteCount.
+# --------------------------------------------------------------------------- #
+def read_count_data(path: str, images: Optional[str] = None) -> List[Tuple[str, str, int]]:
+    """(image path, object name, count) rows from a CSV with ``image,object,count`` columns
+    (or a JSON list of such objects); paths relative to ``images`` or the file's folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"count data {p} does not exist", "give a CSV with image,object,count columns")
+    root = Path(images) if images else p.parent
+    if p.suffix.lower() == ".json":
+        try:
+            raw = json.loads(p.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise UsageError(f"{p} is not JSON ({exc})", "a list of {image, object, count} objects") from None
+    else:
+        with open(p, newline="", encoding="utf-8") as fh:
+            raw = list(csv.DictReader(fh))
+    rows = []
+    for r in raw:
+        try:
+            img, obj, n = str(r["image"]), str(r["object"]).strip(), int(r["count"])
+        except (KeyError, ValueError, TypeError):
+            raise UsageError(f"{p}: row {r} lacks image, object or an integer count",
+                             "columns: image,object,count") from None
+        full = root / img if not Path(img).is_absolute() else Path(img)
+        if not full.is_file():
+            raise UsageError(f"image {full} does not exist", "give the image folder with --images")
+        rows.append((str(full), obj, n))
+    if not rows:
+        raise UsageError(f"{p} holds no rows", "columns: image,object,count")
+    return rows
+
+
+def eval_count(model, data: str, images: Optional[str] = None, batch_size: int = 64,
+               progress=None, device=None, precision=None) -> Dict[str, Any]:
+    """RemoteCount: top-1 accuracy (percent) and mean absolute error of the predicted counts."""
+    import torch
+
+    from .count import COUNT_RANGE, VARIANTS, argmax_count, count_captions
+    from .model.scoring import encode_prompts
+    rows = read_count_data(data, images)
+    lm = _model(model, device, precision)
+    img = _embed_images(lm, [r[0] for r in rows], batch_size, progress)
+    counts = list(COUNT_RANGE)
+    text_by_obj = {}
+    with torch.inference_mode():
+        for obj in sorted({r[1] for r in rows}):
+            caps = count_captions(obj, counts)
+            text_by_obj[obj] = encode_prompts(lm, [c for v in VARIANTS for c in caps[v]], "raw")
+    preds = []
+    for e, (_, obj, _) in zip(img, rows):
+        sims = (e[None] @ text_by_obj[obj].T).reshape(len(VARIANTS), len(counts)).cpu().numpy()
+        preds.append(argmax_count(sims, counts)[0])
+    truth = np.array([r[2] for r in rows])
+    pred = np.array(preds)
+    return {"task": "count", "data": str(data), "model": lm.spec, "images": len(rows),
+            "top1": float((pred == truth).mean() * 100.0), "mae": float(np.abs(pred - truth).mean()),
+            "predictions": [{"image": r[0], "object": r[1], "count": r[2], "predicted": int(q)}
+                            for r, q in zip(rows, preds)]}

@@ -1,0 +1,105 @@
+"""Batched encoders: text once, images on the device (resize + normalise there).
+
+Image batches arrive as uint8 arrays ``(B, H, W, 3)`` straight from the reader;
+they are copied to the device as uint8 (a quarter of the float bytes), then
+resized to the model's input, normalised and encoded in the model's precision.
+Embeddings come back L2-normalised in float32.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.errors import UsageError
+from .models import LoadedModel
+
+
+def clean_prompts(prompts: Sequence[str]) -> List[str]:
+    """Strip prompts; refuse an empty list or an empty prompt."""
+    out = [str(p).strip() for p in (prompts or [])]
+    if not out or any(not p for p in out):
+        raise UsageError("empty prompt", "give at least one non-empty text prompt, e.g. --prompt \"storage tanks\"")
+    return out
+
+
+@torch.inference_mode()
+def encode_text(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """(N, D) normalised text embeddings, float32 on the model's device."""
+    prompts = clean_prompts(prompts)
+    chunks = []
+    for i in range(0, len(prompts), batch_size):
+        tokens = lm.tokenizer(list(prompts[i:i + batch_size])).to(lm.device)
+        chunks.append(lm.model.encode_text(tokens).float())
+    return F.normalize(torch.cat(chunks), dim=-1)
+
+
+def to_model_input(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
+                   size: int | None = None) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised (B, 3, S, S) in the model's dtype, on its device."""
+    size = size or lm.image_size
+    x = torch.as_tensor(batch)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected (B, H, W, 3) uint8 batch, got {tuple(x.shape)}")
+    non_blocking = lm.device.type == "cuda"
+    if non_blocking and x.device.type == "cpu" and not x.is_pinned():
+        x = x.pin_memory()
+    x = x.to(lm.device, non_blocking=non_blocking).permute(0, 3, 1, 2)
+    compute = torch.float32 if lm.device.type == "cpu" else lm.dtype
+    x = x.to(compute).div_(255.0)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(lm.mean, device=lm.device, dtype=compute).view(1, 3, 1, 1)
+    std = torch.tensor(lm.std, device=lm.device, dtype=compute).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(lm.dtype)
+
+
+@torch.inference_mode()
+def encode_images(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """(B, D) normalised image embeddings (float32, on the device) for a uint8 batch."""
+    x = to_model_input(lm, batch)
+    return F.normalize(lm.model.encode_image(x).float(), dim=-1)
+
+
+def resize_center_crop(im, size: int):
+    """A PIL image resized on its short side to ``size`` (bicubic) and centre-cropped square.
+
+    The preprocessing CLIP and the remote-sensing references (open_clip's
+    ``image_transform`` at evaluation: ``Resize(size)`` then
+    ``CenterCrop(size)``) apply to an image query, so a non-square image is
+    not squashed.
+    """
+    from PIL import Image
+    w, h = im.size
+    if (w, h) != (size, size):
+        if w <= h:
+            nw, nh = size, int(size * h / w)
+        else:
+            nw, nh = int(size * w / h), size
+        im = im.resize((nw, nh), Image.BICUBIC)
+        left = int(round((nw - size) / 2.0))
+        top = int(round((nh - size) / 2.0))
+        im = im.crop((left, top, left + size, top + size))
+    return im
+
+
+def encode_image_files(lm: LoadedModel, paths: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Embeddings of image files (PNG/JPEG/TIFF), resized on the short side and centre-cropped."""
+    from PIL import Image, UnidentifiedImageError
+    out = []
+    for i in range(0, len(paths), batch_size):
+        arrays = []
+        for p in paths[i:i + batch_size]:
+            try:
+                with Image.open(p) as im:
+                    im = resize_center_crop(im.convert("RGB"), lm.image_size)
+                    arrays.append(np.asarray(im, dtype=np.uint8))
+            except FileNotFoundError:
+                raise UsageError(f"image {p} does not exist", "check the path") from None
+            except (UnidentifiedImageError, OSError) as exc:
+                raise UsageError(f"cannot read image {p} ({exc})",
+                                 "use a PNG, JPEG or TIFF image") from None
+        out.append(encode_images(lm, np.stack(arrays)))
+    return torch.cat(out)

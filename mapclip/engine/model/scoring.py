@@ -1,0 +1,163 @@
+"""Text prompts against image embeddings: softmax scores and raw cosines.
+
+A CLIP softmax only means something when the prompt competes with
+alternatives. As in the Ibaraki thesis, a single prompt is therefore scored
+against a set of generic *background* prompts; several prompts compete with
+each other and with the background. The score of prompt ``p`` for an image is
+
+    softmax(logit_scale * cos(image, [prompts..., background...]))[p]
+
+with the model's own (learned) logit scale, and the raw cosine
+``cos(image, prompt p)`` is reported beside it, since a softmax hides how
+close the match is in absolute terms.
+
+The background prompts below are the one editable default (DetectOptions and
+the index/count engines take them from here). A background prompt that
+equals one of the user's prompts (case-insensitive) is dropped so a prompt
+never competes with itself.
+
+Prompt templates (:data:`TEMPLATE_SETS`): as in CLIP practice, the Ibaraki
+thesis ("a photo of a {}") and RemoteCLIP's zero-shot evaluation, a prompt
+is not encoded as typed but put into every template of an ensemble, each
+filled template encoded, normalised, averaged in embedding space and
+normalised again (:func:`encode_prompts`). The default ensemble is
+``"remote-sensing"`` (:data:`REMOTE_SENSING_TEMPLATES`); ``"raw"`` encodes the
+prompt exactly as typed; a model preset names its own default
+(``Preset.templates``). Prompts and background prompts go through the same
+ensemble, so they compete on equal terms. All prompts times all templates are
+encoded in one pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple, Union
+
+if TYPE_CHECKING:  # torch loads on first use, so importing the defaults stays cheap
+    import torch
+
+    from .models import LoadedModel
+
+from ..core.options import DEFAULT_BACKGROUND_PROMPTS  # noqa: E402,F401 (the one editable default)
+
+from ..core.options import DEFAULT_TEMPLATES, REMOTE_SENSING_TEMPLATES, TEMPLATE_SETS, template_error
+
+Templates = Union[str, Sequence[str], None]
+
+#: the largest logit scale used (CLIP clamps its learned scale at 100)
+MAX_LOGIT_SCALE = 100.0
+
+
+@dataclass
+class PromptBank:
+    """Prompts and background prompts encoded once, ready to score images.
+
+    ``text`` holds the normalised embeddings of ``prompts`` followed by
+    ``background`` (float32, on the model's device).
+    """
+
+    prompts: List[str]
+    background: List[str]
+    text: Any  # torch.Tensor
+    logit_scale: float
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.prompts)
+
+
+def effective_background(prompts: Sequence[str], background: Sequence[str]) -> List[str]:
+    """Background prompts minus any that equal a user prompt, order kept, no repeats."""
+    taken = {p.strip().lower() for p in prompts}
+    out: List[str] = []
+    for b in background or ():
+        b = str(b).strip()
+        if b and b.lower() not in taken:
+            taken.add(b.lower())
+            out.append(b)
+    return out
+
+
+def model_logit_scale(lm: LoadedModel) -> float:
+    """The model's learned softmax temperature, exp(logit_scale), clamped to 100."""
+    import torch
+    raw = getattr(lm.model, "logit_scale", None)
+    if raw is None:
+        return MAX_LOGIT_SCALE
+    value = float(torch.as_tensor(raw).float().exp().item())
+    return min(value, MAX_LOGIT_SCALE)
+
+
+def resolve_templates(templates: Templates = None, lm: Any = None) -> Tuple[str, ...]:
+    """The template strings for ``templates``: a set name, a list of templates
+    holding "{}", or None for the model's default (``lm.templates``, else
+    :data:`DEFAULT_TEMPLATES`)."""
+    from ..core.errors import UsageError
+    if templates is None or (isinstance(templates, str) and not templates.strip()):
+        templates = getattr(lm, "templates", None) or DEFAULT_TEMPLATES
+    bad = template_error(templates)
+    if bad:
+        raise UsageError(bad, f"use one of {', '.join(TEMPLATE_SETS)}, or a template holding {{}}, "
+                              "e.g. \"an aerial photo of {}\"")
+    if isinstance(templates, str):
+        name = templates.strip()
+        return TEMPLATE_SETS.get(name, (name,))
+    return tuple(str(t) for t in templates)
+
+
+def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates = None):
+    """(N, D) normalised embeddings of ``prompts``, each the normalised mean of its
+    normalised template embeddings (the ensemble of :func:`resolve_templates`).
+
+    Every prompt times every template is encoded in one batched pass.
+    """
+    import torch.nn.functional as F
+
+    from .encode import clean_prompts, encode_text
+    prompts = clean_prompts(prompts)
+    temps = resolve_templates(templates, lm)
+    if temps == ("{}",):
+        return encode_text(lm, prompts)
+    filled = [t.replace("{}", p) for p in prompts for t in temps]
+    emb = encode_text(lm, filled).reshape(len(prompts), len(temps), -1)
+    return F.normalize(emb.mean(dim=1), dim=-1)
+
+
+def build_bank(lm: LoadedModel, prompts: Sequence[str],
+               background: Sequence[str] = DEFAULT_BACKGROUND_PROMPTS,
+               templates: Templates = None) -> PromptBank:
+    """Encode the prompts and the (deduplicated) background prompts in one pass,
+    each through the template ensemble ``templates`` (None: the model's default)."""
+    from .encode import clean_prompts
+    prompts = clean_prompts(prompts)
+    seen = set()
+    unique = []
+    for p in prompts:
+        if p.lower() not in seen:
+            seen.add(p.lower())
+            unique.append(p)
+    bg = effective_background(unique, background)
+    text = encode_prompts(lm, unique + bg, templates)
+    return PromptBank(unique, bg, text, model_logit_scale(lm))
+
+
+def score_embeddings(image: torch.Tensor, bank: PromptBank) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores for ``image`` embeddings (N, D), normalised.
+
+    Returns ``(probs, cosine)``, both (N, P) float32 for the P user prompts:
+    the softmax share of each prompt among prompts + background, and the raw
+    cosine similarity.
+    """
+    import torch
+    cos_all = image.float() @ bank.text.T
+    probs = torch.softmax(cos_all * bank.logit_scale, dim=-1)
+    p = bank.n_prompts
+    return probs[:, :p], cos_all[:, :p]
+
+
+def score_maps(features: torch.Tensor, bank: PromptBank) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch scores for dense features (B, h, w, D) -> two (B, P, h, w) maps."""
+    b, h, w, d = features.shape
+    probs, cos = score_embeddings(features.reshape(-1, d), bank)
+    p = bank.n_prompts
+    return (probs.reshape(b, h, w, p).permute(0, 3, 1, 2),
+            cos.reshape(b, h, w, p).permute(0, 3, 1, 2))

@@ -1,0 +1,2 @@
+"""Reading rasters: the reader, bands and stretch (reader); tiles read ahead
+in batches (batches)."""
