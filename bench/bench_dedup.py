@@ -2,8 +2,8 @@
 
 Times finding every pair within the Hamming distance among N random 64-bit
 hashes (with planted near-duplicates at distances 0..D+1) with the segment
-index (``engine.dedup.find_pairs``) and with a numpy brute force over all
-N(N-1)/2 pairs (``engine.dedup.brute_force_pairs``) in the same run, checks
+index (``engine.archive.dedup.find_pairs``) and with a numpy brute force over all
+N(N-1)/2 pairs (``engine.archive.dedup.brute_force_pairs``) in the same run, checks
 that both find the same pairs and prints both times and their ratio. Also
 times hashing of image files (p-Hash, from disk) for scale.
 

@@ -127,7 +127,7 @@ def bench_thesis(lm, tmp: Path, full: bool, batch: int, ref_windows: int | None)
     import torch
     from PIL import Image
     from mapclip.engine.detect import DetectOptions, detect
-    from mapclip.engine.model.scoring import DEFAULT_BACKGROUND_PROMPTS
+    from mapclip.engine.core.options import DEFAULT_BACKGROUND_PROMPTS
     from tests.raster_fixtures import make_raster
     W, H, tile, k = 2826, 1300, 64, 4
     path = make_raster(tmp / "thesis.tif", width=W, height=H, block=256)
@@ -197,7 +197,7 @@ def bench_memory(tmp: Path, full: bool, device) -> None:
     # process image). ru_maxrss is no use here: Linux carries the parent's peak (this
     # benchmark already loaded ViT-B-32) into the child over fork and exec.
     script = ("import sys\n"
-              "from engine.cli import main\n"
+              "from mapclip.engine.cli import main\n"
               f"rc = main({args!r})\n"
               f"open({str(hwm_file)!r}, 'w').write("
               "[l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1])\n"

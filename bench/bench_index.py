@@ -57,7 +57,8 @@ def bench_build(args, tmp: Path) -> None:
     import torch
 
     from bench.bench_detect import _vit_b32
-    from mapclip.engine.archive import index as ix
+    from mapclip.engine.archive.build import build_index
+    from mapclip.engine.core.options import IndexOptions
     from mapclip.engine.model.encode import encode_images
     from tests.raster_fixtures import write_blockwise
 
@@ -72,7 +73,7 @@ def bench_build(args, tmp: Path) -> None:
     warm = np.random.default_rng(0).integers(0, 255, (args.batch, 224, 224, 3), dtype=np.uint8)
     encode_images(lm, warm)
     t0 = time.perf_counter()
-    info = ix.build_index([raster], tmp / "idx", lm, ix.IndexOptions(tile_px=224, batch_size=args.batch),
+    info = build_index([raster], tmp / "idx", lm, IndexOptions(tile_px=224, batch_size=args.batch),
                           progress=None)
     build_s = time.perf_counter() - t0
     # model-only: the same number of tiles, same batch, already in memory
@@ -108,25 +109,27 @@ def _random_unit(n: int, d: int, seed: int):
 def bench_query(args) -> None:
     import numpy as np
 
-    from mapclip.engine.archive import index as ix
+    from mapclip.engine.archive.approx import APPROX_MIN_ROWS, approx_factory
+    from mapclip.engine.archive.search import ranked_rows
+    from mapclip.engine.archive.store import index_from_arrays
     d, k = 512, 100
     sizes = [(100_000, True), (1_000_000, bool(args.full))]
     print(f"(b) query latency over random unit {d}-d vectors stored as float16, top-{k}; "
           f"{args.queries} random unit queries; exact/approx threshold "
-          f"{ix.APPROX_MIN_ROWS} rows; approximate index {ix.approx_factory(d)} + exact re-rank",
+          f"{APPROX_MIN_ROWS} rows; approximate index {approx_factory(d)} + exact re-rank",
           flush=True)
     for n, with_approx in sizes:
         emb = _random_unit(n, d, seed=n)
-        idx = ix.index_from_arrays(emb)
+        idx = index_from_arrays(emb)
         rng = np.random.default_rng(1)
         qs = rng.standard_normal((args.queries, d)).astype(np.float32)
         qs /= np.linalg.norm(qs, axis=1, keepdims=True)
         n_exact = args.queries if n <= 100_000 else min(args.queries, 20)
         ex_t, ex_rows = [], []
-        ix.ranked_rows(idx, qs[0], k, "exact")                         # warm (float32 copy etc.)
+        ranked_rows(idx, qs[0], k, "exact")                         # warm (float32 copy etc.)
         for q in qs[:n_exact]:
             t0 = time.perf_counter()
-            rows, _, _, _ = ix.ranked_rows(idx, q, k, "exact")
+            rows, _, _, _ = ranked_rows(idx, q, k, "exact")
             ex_t.append(time.perf_counter() - t0)
             ex_rows.append(rows)
         print(f"    {n:>9,} rows  exact : p50 {_pct(ex_t, 50):7.1f} ms  p95 {_pct(ex_t, 95):7.1f} ms "
@@ -141,7 +144,7 @@ def bench_query(args) -> None:
         ap_t, recalls = [], []
         for i, q in enumerate(qs):
             t0 = time.perf_counter()
-            rows, _, _, params = ix.ranked_rows(idx, q, k, "approx")
+            rows, _, _, params = ranked_rows(idx, q, k, "approx")
             ap_t.append(time.perf_counter() - t0)
             if i < n_exact:
                 recalls.append(len(set(rows.tolist()) & set(ex_rows[i].tolist())) / k)

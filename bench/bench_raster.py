@@ -44,7 +44,8 @@ def _throughput(path: Path, tile: int, batch: int, workers: int, min_tiles: int,
     Each pass is a new iterator with new dataset handles, so no pass reads
     blocks that GDAL cached in an earlier one.
     """
-    from mapclip.engine.raster.reader import iter_tile_batches, open_raster
+    from mapclip.engine.raster.batches import iter_tile_batches
+    from mapclip.engine.raster.reader import open_raster
     from mapclip.engine.geo.tiling import TileGrid
     with open_raster(path) as r:
         gsd = r.info.res[0] * gsd_scale if gsd_scale != 1.0 else None
@@ -95,8 +96,9 @@ def hwm_mb():
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-from engine.raster import iter_tile_batches, open_raster
-from engine.tiling import TileGrid
+from mapclip.engine.raster.batches import iter_tile_batches
+from mapclip.engine.raster.reader import open_raster
+from mapclip.engine.geo.tiling import TileGrid
 base = hwm_mb()
 t0 = time.perf_counter()
 with open_raster({path!r}) as r:

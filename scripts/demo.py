@@ -3,9 +3,9 @@
 
     python3 build.py demo [--out DIR] [--model SPEC] [--size PX] [--seed N] [--mode window|dense]
 
-1. draws a held-out synthetic scene (engine.synthetic; seed not used in training),
+1. draws a held-out synthetic scene (engine.data.synthetic; seed not used in training),
 2. detects three prompts with the model and its own defaults (tile, window,
-   threshold, top-k: engine.options.ModelDefaults; boxes fitted to objects)
+   threshold, top-k: engine.core.options.ModelDefaults; boxes fitted to objects)
    and writes the boxes (GeoPackage), the heatmap (GeoTIFF) and a PNG of the
    boxes over the scene,
 3. counts storage tanks on a small counting chip (engine.count, both methods),

@@ -4,7 +4,7 @@
 
 Prints a Markdown table (pixel accuracy, mIoU, IoU per class) for the
 default tile and for 32 px tiles; the numbers go into
-resources/models/demo/MODEL_CARD.md, "Land-cover maps".
+mapclip/resources/models/demo/MODEL_CARD.md, "Land-cover maps".
 """
 from __future__ import annotations
 

@@ -4,26 +4,26 @@
     .venv/bin/python scripts/train_demo_model.py            # all stages (about 20 min, 2 CPU cores)
     .venv/bin/python scripts/train_demo_model.py --stage data|train|export|calibrate|eval|card
 
-1. data:   seeded synthetic scenes (engine.synthetic) -> chips centred on
+1. data:   seeded synthetic scenes (engine.data.synthetic) -> chips centred on
            objects, beside objects (hard negatives) and at random, plus
            counting chips with 1-10 objects -> captions by Box-to-Caption
-           (engine.convert.box_to_caption, counts included), Mask-to-Box over
-           the land-cover masks (engine.convert.mask_to_box, chained into
+           (engine.data.box_caption.box_to_caption, counts included), Mask-to-Box over
+           the land-cover masks (engine.data.mask_box.mask_to_box, chained into
            Box-to-Caption), RemoteCount sentences (engine.count.caption) and
            land-cover / scene phrases ("water", "a harbor with ships",
-           "a runway") -> p-Hash de-duplication (engine.dedup.find_duplicates,
+           "a runway") -> p-Hash de-duplication (engine.archive.dedup.find_duplicates,
            also against held-out chips) -> one caption CSV.
 2. train:  engine.finetune.finetune (the routine behind `python -m engine
            finetune`) from a random initialisation of
-           engine/configs/mapclip-demo.json (``mapclip-demo:random``), on the
+           mapclip/engine/model/configs/mapclip-demo.json (``mapclip-demo:random``), on the
            CPU, one torch thread.
-3. export: the run's best/ model as fp16 safetensors in resources/models/demo/.
+3. export: the run's best/ model as fp16 safetensors in mapclip/resources/models/demo/.
 4. calibrate: the prompt count method's per-count offsets (engine.count.fit_count_bias)
            on calibration chips -> ``count_bias`` in the model folder's defaults.
-5. eval:   the protocol of engine/quality.py (its measure_* functions, which
+5. eval:   the protocol of mapclip/engine/quality.py (its measure_* functions, which
            tests/engine/test_quality.py uses too) on held-out seeds -> eval.json
            (and the evaluation section of an existing MODEL_CARD.md).
-6. card:   resources/models/demo/MODEL_CARD.md from the facts of 1-5.
+6. card:   mapclip/resources/models/demo/MODEL_CARD.md from the facts of 1-5.
 
 Everything is seeded (RECIPE below); the work folder defaults to
 build/demo-train/ (git-ignored).
@@ -45,10 +45,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 #: the recipe: change it here and the model card says what was used
-#: the demo model's search defaults (engine.options.ModelDefaults), stored in its folder so
+#: the demo model's search defaults (engine.core.options.ModelDefaults), stored in its folder so
 #: the CLI, the dock and Processing search it alike
 #: the model was trained on raw captions: its prompts are used as typed (stored with the model,
-#: as the preset says too; engine.models.PRESETS["demo"].templates)
+#: as the preset says too; engine.model.models.PRESETS["demo"].templates)
 DEMO_TEMPLATES = "raw"
 DEMO_DEFAULTS = {"tile_px": 24, "window": 2, "top_k": 15, "threshold": 0.3, "dense_tile_px": 64}
 RECIPE = {
@@ -104,7 +104,7 @@ def say(msg: str) -> None:
 
 
 def _article_name(cls: str, n: int) -> str:
-    from mapclip.engine.data.convert import normalise_class_name, plural, article
+    from mapclip.engine.data.grammar import normalise_class_name, plural, article
     name = normalise_class_name(cls)
     return article(name) if n == 1 else plural(name, 2)
 
@@ -137,7 +137,8 @@ def stage_data(work: Path) -> Path:
     import numpy as np
     import rasterio
     from mapclip.engine.data import synthetic as S
-    from mapclip.engine.data.convert import CaptionOptions, MaskOptions, box_to_caption, mask_to_box
+    from mapclip.engine.data.box_caption import CaptionOptions, box_to_caption
+    from mapclip.engine.data.mask_box import MaskOptions, mask_to_box
     from mapclip.engine.count import caption as count_caption
     from mapclip.engine.archive.dedup import DedupOptions, find_duplicates
 
@@ -291,7 +292,7 @@ def stage_export(work: Path, dest: Path) -> Path:
 
 
 def stage_eval(work: Path, model: str) -> dict:
-    """The model card's quality numbers: the protocol of engine/quality.py."""
+    """The model card's quality numbers: the protocol of mapclip/engine/quality.py."""
     import torch
     from mapclip.engine.model.models import load_model
     from mapclip.engine import quality as Q
@@ -381,8 +382,8 @@ def stage_card(work: Path, dest: Path) -> Path:
     lines = [
         "# MapCLIP demo model",
         "",
-        "A small CLIP (open_clip architecture `mapclip-demo`, engine/configs/mapclip-demo.json) trained",
-        "**from scratch, only on MapCLIP's own synthetic scenes** (engine/synthetic.py), so that the",
+        "A small CLIP (open_clip architecture `mapclip-demo`, mapclip/engine/model/configs/mapclip-demo.json) trained",
+        "**from scratch, only on MapCLIP's own synthetic scenes** (mapclip/engine/data/synthetic.py), so that the",
         "plugin, the command line and the test suite can show and check text search offline.",
         "",
         "**What it is:** a demo of the pipeline (synthetic scenes -> Box-to-Caption / Mask-to-Box",
@@ -469,7 +470,7 @@ def eval_lines(ev: dict) -> list:
     """The card's evaluation section (from eval.json)."""
     s = ev["summary"]
     lines = [
-        f"{EVAL_HEADING}; the protocol of engine/quality.py)",
+        f"{EVAL_HEADING}; the protocol of mapclip/engine/quality.py)",
         "",
         f"Detect, window mode (2 x 2 tile windows, per-class tile), AP50 on a {ev_size()} px scene "
         f"(seed {ev_seed()}):",
@@ -543,7 +544,7 @@ LIMITS = [
 
 
 def template_lines(t) -> list:
-    """The card's section on prompt templates (engine.scoring): raw vs the ensemble."""
+    """The card's section on prompt templates (engine.model.scoring): raw vs the ensemble."""
     if not t:
         return []
     rows = [f"| {name} | {v['map50_window']:.3f} | {v['hit10_window']:.2f} | {v['hit10_dense']:.2f} | "

@@ -1,10 +1,10 @@
 """A real open_clip ViT with hand-set weights that responds to planted colours.
 
-``rigged_model()`` returns an :class:`engine.models.LoadedModel` (CPU, fp32)
+``rigged_model()`` returns an :class:`engine.model.models.LoadedModel` (CPU, fp32)
 whose weights are set by hand, not trained, so that tests with "random"
 models can still assert where things are found. It is a genuine open_clip
 ``CLIP`` (VisionTransformer + TextTransformer), so the ordinary image
-encoder, dense mode (engine.dense, which replaces the last block's
+encoder, dense mode (engine.model.dense, which replaces the last block's
 attention) and the index all run through real open_clip code.
 
 The planted patterns (use these in tests)
@@ -16,7 +16,7 @@ The planted patterns (use these in tests)
   containing **"blue"** (``BLUE_PROMPT = "blue pool"``).
 - Everything else (mid grey ``GREY = (128, 128, 128)``, greens, noise of low
   saturation) looks like the **background**: the content words of
-  ``engine.scoring.DEFAULT_BACKGROUND_PROMPTS`` ("satellite", "grass",
+  ``engine.core.options.DEFAULT_BACKGROUND_PROMPTS`` ("satellite", "grass",
   "trees", ...) map to it, so the background prompts win there.
 - A prompt with none of those words (e.g. "forest") maps to an "other"
   direction that no image matches: cosine about 0 everywhere.
@@ -145,7 +145,7 @@ def _token_ids(tokenizer, words) -> List[int]:
 
 
 def _rig_text_tower(model, tokenizer) -> None:
-    from mapclip.engine.model.scoring import DEFAULT_BACKGROUND_PROMPTS
+    from mapclip.engine.core.options import DEFAULT_BACKGROUND_PROMPTS
     with torch.no_grad():
         emb = torch.zeros_like(model.token_embedding.weight)  # (vocab, TEXT_WIDTH)
         red, blue, bg, other = (torch.zeros(TEXT_WIDTH) for _ in range(4))

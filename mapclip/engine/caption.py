@@ -1,7 +1,7 @@
 """Captions for a place: the best captions of a bank (any CLIP), or generated text (CoCa).
 
 A place is an extent (or a box) of a raster, read as one image at the
-model's input size (engine.raster resamples on read, so a large extent never
+model's input size (engine.raster.reader resamples on read, so a large extent never
 comes into memory at full resolution).
 
 **Retrieval** (:func:`rank_captions`, every CLIP model): the captions of a
@@ -16,13 +16,13 @@ best are returned with their cosine and their softmax share among the bank
   first column);
 - a JSON / JSONL caption dataset: RSICD / UCM / RSITMD's
   ``{"images": [{"sentences": [{"raw": ...}]}]}`` or JSONL records
-  (engine.captions reads them; images need not exist).
+  (engine.data.captions reads them; images need not exist).
 
 Repeated captions are kept once (first spelling).
 
 **Generation** (:func:`generate_captions`, open_clip CoCa models only): the
 model's text decoder writes a caption from the image, by beam search or by
-sampling (top-k / top-p), see :class:`engine.options.CaptionOptions`.
+sampling (top-k / top-p), see :class:`engine.core.options.CaptionOptions`.
 """
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ def can_generate(lm: LoadedModel) -> bool:
 def read_places(reader, places: Sequence[Optional[Extent]], extent_crs: Optional[str],
                 size: int) -> Tuple[np.ndarray, List[Tuple[Extent, Tuple[int, int, int, int]]]]:
     """uint8 (N, size, size, 3) images of places (None: the whole raster), resampled on read."""
-    from .raster.reader import extent_to_window
+    from .geo.extent import extent_to_window
     info = reader.info
     images, where = [], []
     for ext in places:
@@ -230,7 +230,7 @@ def caption(raster: str, model: Union[str, LoadedModel], places: Sequence[Option
     with reader:
         notes.extend(reader.warnings)
         info = reader.info
-        from .raster.reader import extent_to_window
+        from .geo.extent import extent_to_window
         for ext in places:  # a place outside the raster is refused before any work
             extent_to_window(info, ext, extent_crs)
         lm = model if isinstance(model, LoadedModel) else load_model(

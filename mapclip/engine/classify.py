@@ -2,16 +2,16 @@
 
 The analyst names classes ("water", "forest", "farmland", ...); every cell of
 the extent gets the class whose text it matches best. Training-free, from the
-same dense patch features as dense detection (engine.dense: ClearCLIP /
+same dense patch features as dense detection (engine.model.dense: ClearCLIP /
 SegEarth-OV style last block), with the prompt template ensemble of
-engine.scoring: each class is encoded through the templates, and the classes
+engine.model.scoring: each class is encoded through the templates, and the classes
 compete with each other in a softmax with the model's logit scale (no
 background prompts: the classes are meant to cover the scene).
 
 Method:
 
 - the extent is cut into tiles of ``tile_px`` overlapping by ``overlap``
-  (engine.tiling); tiles are read by engine.raster's reader threads;
+  (engine.geo.tiling); tiles are read by engine.raster.batches' reader threads;
 - one forward pass per tile gives a patch-level score map per class; the
   maps are upsampled bilinearly to ``upsample`` cells per patch side,
   optionally smoothed (a Gaussian of ``smoothing`` cells, per tile), and
@@ -282,7 +282,7 @@ def _score_bands(reader, plan: _Plan, encode, P: int, opts: ClassifyOptions, job
     counts the tiles the reader skipped (nodata, blank)."""
     import cv2
 
-    from .raster.reader import iter_tile_batches
+    from .raster.batches import iter_tile_batches
     grid, hh, hw = plan.grid, plan.hh, plan.hw
     Hb = hh + 2
     acc = np.zeros((P, Hb, plan.Wh), np.float32)
@@ -386,7 +386,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
     extent becomes the polygons' bounds (within ``extent`` when both are given).
     ``progress(done, total)`` counts tiles; ``cancel`` stops within a batch.
     """
-    from .detect import BatchRunner
+    from .model.batching import BatchRunner
     from .model.models import LoadedModel, load_model
     from .raster.reader import open_raster
     from .model.scoring import build_bank
@@ -418,7 +418,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
     with reader:
         info = reader.info
         notes.extend(reader.warnings)
-        from .raster.reader import extent_to_window
+        from .geo.extent import extent_to_window
         area = extent_to_window(info, extent, extent_crs)
         geoms = None
         if within is not None:
@@ -636,7 +636,8 @@ def _encoder(lm: LoadedModel, bank, opts: ClassifyOptions, method: str):
     import torch
     import torch.nn.functional as F
 
-    from .model.dense import dense_features, model_input
+    from .model.dense import dense_features
+    from .model.encode import to_model_input
     from .model.scoring import score_embeddings, score_maps
     P = bank.n_prompts
     if method == "tile":
@@ -644,7 +645,7 @@ def _encoder(lm: LoadedModel, bank, opts: ClassifyOptions, method: str):
 
         def encode_tile(arr):
             with torch.inference_mode():
-                emb = F.normalize(lm.model.encode_image(model_input(lm, torch.from_numpy(arr)))
+                emb = F.normalize(lm.model.encode_image(to_model_input(lm, torch.from_numpy(arr)))
                                   .float(), dim=-1)
                 probs, _ = score_embeddings(emb, bank)
             return probs.float().cpu()[:, :, None, None].expand(-1, P, hh, hw).contiguous()
@@ -837,7 +838,7 @@ VECTOR_SUFFIX = {"GPKG": ".gpkg", "GeoJSON": ".geojson"}
 # --------------------------------------------------------------------------- #
 # Quality against a reference mask.
 # --------------------------------------------------------------------------- #
-#: the classes a synthetic scene's land cover is measured with (engine.synthetic), each with
+#: the classes a synthetic scene's land cover is measured with (engine.data.synthetic), each with
 #: the mask classes it covers: objects count as the land cover they stand on; runway and
 #: apron are not counted
 SYNTHETIC_CLASSES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (

@@ -19,19 +19,18 @@
     least ``peak_distance`` cells apart (default 2) inside the connected
     components of ``heatmap >= threshold`` (default
     :data:`engine.detect.DENSE_THRESHOLD`) of at least ``min_area`` cells,
-    each with its box (:func:`engine.boxes.heatmap_peaks`), so touching
+    each with its box (:func:`engine.geo.boxes.heatmap_peaks`), so touching
     objects that form one blob still count apart. ``peaks=False`` counts the
-    components themselves (:func:`engine.boxes.heatmap_components`).
+    components themselves (:func:`engine.geo.boxes.heatmap_components`).
 
 The prompt method is calibrated: a model may carry ``count_bias`` (one
-offset per count 1..10, engine.options.ModelDefaults), fitted by
+offset per count 1..10, engine.core.options.ModelDefaults), fitted by
 :func:`fit_count_bias` on its own count sentences over synthetic chips whose
 counts are known (scripts/train_demo_model.py ``--stage calibrate``); it is
 added to the scores before the argmax unless ``CountOptions.calibrate`` is off.
 
 Both report their method. Plurals and articles come from
-:mod:`engine.convert` (``plural``, ``article``, ``with_count``; re-exported
-here), so captions, summaries and Box-to-Caption agree on "a ship",
+:mod:`engine.data.grammar` (``plural``, ``with_count``), so captions, summaries and Box-to-Caption agree on "a ship",
 "3 ships", "an airplane", "boxes", "ferries", "people".
 """
 from __future__ import annotations
@@ -42,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .data.convert import article, plural, with_count  # noqa: F401  (re-exported: the one place)
+from .data.grammar import plural, with_count
 from .core.errors import UsageError
 from .core.jobs import Job
 from .core.options import DENSE_THRESHOLD, CountOptions, check, with_model_defaults
@@ -71,14 +70,14 @@ def singular(name: str) -> str:
     """The object name in the singular ("ships" -> "ship", "ferries" -> "ferry",
     "people" -> "person", "storage tanks" -> "storage tank").
 
-    Inverts :func:`engine.convert.plural` for the head noun: a candidate
+    Inverts :func:`engine.data.grammar.plural` for the head noun: a candidate
     singular is accepted only if ``plural`` maps it back to the word given,
     so the noun rules live in one place. Words ending in -ss, -us, -is or
     -as ("glass", "bus", "chassis", "gas") are taken as singular already;
     "-es" is dropped only after s/x/z/ch/sh ("boxes", "buses"), otherwise
     "-s" ("houses" -> "house").
     """
-    from .data.convert import IRREGULAR_PLURALS, O_ES, normalise_class_name
+    from .data.grammar import IRREGULAR_PLURALS, O_ES, normalise_class_name
     words = normalise_class_name(name).split()
     if not words:
         return ""
@@ -151,7 +150,7 @@ def fit_count_bias(scores: np.ndarray, truth: Sequence[int], rounds: int = 6,
     ``truth``. Coordinate ascent over offsets in [-reach, reach] (grid
     ``step``) of: the share within one + half the exact share - 0.05 x the
     mean absolute error. Offsets sum to 0. Store the result as the model's
-    ``count_bias`` (engine.options.ModelDefaults).
+    ``count_bias`` (engine.core.options.ModelDefaults).
     """
     x = np.asarray(scores, dtype=np.float64).reshape(-1, len(COUNT_RANGE))
     y = np.asarray(truth, dtype=np.int64)
@@ -289,7 +288,7 @@ def heatmap_count(heat: np.ndarray, transform, threshold: float, min_area: int =
     """Objects in a (H, W) heatmap with cell transform ``transform``: the
     connected components of ``heat >= threshold`` with at least ``min_area``
     cells or, with ``peaks``, one object per peak of those components at least
-    ``peak_distance`` cells apart (engine.boxes.heatmap_peaks: touching objects
+    ``peak_distance`` cells apart (engine.geo.boxes.heatmap_peaks: touching objects
     count apart); best peak first, boxes in map coordinates (and native pixels
     when ``raster_transform`` is given)."""
     from .geo.boxes import heatmap_components, heatmap_peaks, pixel_to_bounds
@@ -326,7 +325,7 @@ def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) 
     import torch
 
     from .model.encode import encode_images
-    from .raster.reader import iter_tile_batches
+    from .raster.batches import iter_tile_batches
     from .model.scoring import encode_prompts
     from .geo.tiling import TileGrid
 
@@ -384,7 +383,7 @@ def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) 
 def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountOptions,
                  progress, cancel, raster_transform) -> Tuple[DenseCount, List[str]]:
     from .detect import DetectOptions, detect
-    from .raster.reader import ReadOptions
+    from .core.options import ReadOptions
     thr = DENSE_THRESHOLD if options.threshold is None else float(options.threshold)
     opts = DetectOptions(mode="dense", tile_px=int(options.dense_tile_px or lm.image_size), top_k=1, threshold=thr,
                          batch_size=int(options.batch_size), read=options.read or ReadOptions(),
@@ -410,7 +409,8 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
     ``dense`` or ``both`` (see the module doc). ``read`` (ReadOptions) is a
     shortcut for ``options.read``."""
     from .model.models import LoadedModel, load_model
-    from .raster.reader import extent_to_window, open_raster
+    from .geo.extent import extent_to_window
+    from .raster.reader import open_raster
 
     t0 = time.perf_counter()
     options = options or CountOptions()
@@ -444,7 +444,7 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
 
 def write_count_boxes(result: CountResult, path, overwrite: bool = False):
     """Write the dense method's boxes (.gpkg or .geojson) in the raster's CRS, atomically.
-    Fields: engine.outputs.COUNT_FIELDS."""
+    Fields: engine.core.outputs.COUNT_FIELDS."""
     from .core.outputs import COUNT_FIELDS, count_rows, vector_driver, write_vector
     vector_driver(path)
     if result.dense is None:

@@ -5,7 +5,7 @@ Two methods (``DetectOptions.mode``):
 ``"window"`` (the method of Ibaraki's thesis, made fast)
     The extent is cut into base tiles of ``tile_px`` pixels; windows of
     ``window`` x ``window`` tiles slide over them ``stride`` tiles at a time.
-    Each base tile is read ONCE (by the reader threads of engine.raster) and
+    Each base tile is read ONCE (by the reader threads of engine.raster.reader) and
     pasted into a band of tile rows on the model's device; every window is a
     slice of that band, resized and normalised on the device, and scored in
     batches against prompts encoded once. Overlapping high-scoring windows
@@ -14,7 +14,7 @@ Two methods (``DetectOptions.mode``):
     Windows at the raster's right/bottom edge are shifted inward, so every
     pixel of the extent is in some window and no window leaves the raster.
 
-``"dense"`` (training-free dense CLIP, see engine.dense)
+``"dense"`` (training-free dense CLIP, see engine.model.dense)
     Tiles of ``tile_px`` pixels overlapping by ``overlap`` of a tile give one
     patch-level score map each in one forward pass; maps are upsampled
     (x2), weighted by a linear ramp toward tile borders and blended into one
@@ -27,7 +27,7 @@ Fitting boxes to objects (``DetectOptions.refine``, on by default, both modes)
     its IoU with the object is small even when it is in the right place. Each
     kept box is read again with a margin of a quarter of its side; the
     class-agnostic regions of that image that stand out from its median
-    colour (engine.boxes.object_proposals), are centred inside the box and
+    colour (engine.geo.boxes.object_proposals), are centred inside the box and
     cover 15-150 % of its area are proposals; each proposal, with a quarter
     of its size of context, is scored by the model against the same prompts,
     and the best replaces the box if its score keeps ``refine_min`` (default 0.3) of the box's score.
@@ -35,12 +35,12 @@ Fitting boxes to objects (``DetectOptions.refine``, on by default, both modes)
     object (IoU > 0.5) are one. Turn it off (``refine=False``, CLI
     ``--no-refine``) for window-sized boxes.
 
-Scores (engine.scoring): the softmax share of each prompt among the prompts
+Scores (engine.model.scoring): the softmax share of each prompt among the prompts
 and the background prompts, with the model's logit scale; the raw cosine is
 reported too. Ties in the (often saturated) softmax are broken by cosine.
 
 Geometry: all box arithmetic is in native raster pixels; map bounds come
-from the raster's affine transform (engine.boxes.pixel_to_bounds), so boxes
+from the raster's affine transform (engine.geo.boxes.pixel_to_bounds), so boxes
 are exact in the raster's CRS. The heatmap is returned with its own affine
 transform (one cell per base tile in window mode, per half patch in dense
 mode), cropped to the cells that touch the extent; cells never scored are NaN.
@@ -56,10 +56,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from .geo.boxes import heatmap_components, nms, object_proposals, pixel_to_bounds, union_merge
-from .core.errors import MapClipError, UsageError
+from .core.errors import UsageError
 from .core.jobs import Job
 from .core.options import DetectOptions, check, with_model_defaults
 from .core.outputs import BOX_FIELDS, box_rows, write_heatmap_tif, write_vector
+from .model.batching import BatchRunner
 from .model.scoring import PromptBank
 from .geo.tiling import PixelWindow, TileGrid
 
@@ -140,43 +141,6 @@ class DetectResult:
 
 
 # --------------------------------------------------------------------------- #
-# Running the model on batches, with a CUDA out-of-memory fallback.
-# --------------------------------------------------------------------------- #
-class BatchRunner:
-    """Runs a batch function in chunks; halves the chunk on CUDA out-of-memory."""
-
-    def __init__(self, batch_size: int):
-        self.chunk = max(1, int(batch_size))
-        self.notes: List[str] = []
-
-    def __call__(self, fn, batch: torch.Tensor) -> Any:
-        import torch
-        outs = []
-        i = 0
-        while i < len(batch):
-            part = batch[i:i + self.chunk]
-            try:
-                outs.append(fn(part))
-            except torch.cuda.OutOfMemoryError:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if self.chunk == 1:
-                    raise MapClipError("the GPU ran out of memory even with a batch of 1",
-                                       "use a smaller model, close other GPU programs, "
-                                       "or run with --device cpu") from None
-                self.chunk = max(1, self.chunk // 2)
-                note = (f"CUDA ran out of memory; continued with a batch of {self.chunk} "
-                        f"(pass --batch-size {self.chunk} to start there)")
-                if note not in self.notes:
-                    self.notes.append(note)
-                continue
-            i += len(part)
-        if isinstance(outs[0], tuple):
-            return tuple(torch.cat(x) for x in zip(*outs))
-        return torch.cat(outs)
-
-
-# --------------------------------------------------------------------------- #
 # Public API.
 # --------------------------------------------------------------------------- #
 def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
@@ -185,10 +149,10 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
            progress=None, cancel=None) -> DetectResult:
     """Score ``raster`` (within ``extent``) against ``prompts``; see the module doc.
 
-    ``model`` is a spec for :func:`engine.models.load_model` or a loaded
+    ``model`` is a spec for :func:`engine.model.models.load_model` or a loaded
     model. ``progress(done, total)`` is called once per batch (windows in
     window mode, tiles in dense mode); setting ``cancel`` stops the run
-    within one batch (raising :class:`engine.errors.Cancelled`).
+    within one batch (raising :class:`engine.core.errors.Cancelled`).
     """
     from .model.encode import clean_prompts
     from .model.models import LoadedModel, load_model
@@ -233,7 +197,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
 
 
 def _extent_window(info, extent, extent_crs) -> PixelWindow:
-    from .raster.reader import extent_to_window
+    from .geo.extent import extent_to_window
     return extent_to_window(info, extent, extent_crs)
 
 
@@ -286,8 +250,8 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
     import torch
     import torch.nn.functional as F
 
-    from .model.dense import model_input
-    from .raster.reader import iter_tile_batches
+    from .model.encode import to_model_input
+    from .raster.batches import iter_tile_batches
     from .model.scoring import score_embeddings
     info = reader.info
     grid = _grid(info, area, opts)
@@ -330,7 +294,7 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
     n_scored = 0
 
     def encode(batch: torch.Tensor):
-        emb = F.normalize(lm.model.encode_image(model_input(lm, batch)).float(), dim=-1)
+        emb = F.normalize(lm.model.encode_image(to_model_input(lm, batch)).float(), dim=-1)
         return score_embeddings(emb, bank)
 
     def flush(force: bool = False) -> None:
@@ -454,7 +418,7 @@ def _run_dense(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job
     import torch.nn.functional as F
 
     from .model.dense import dense_features
-    from .raster.reader import iter_tile_batches
+    from .raster.batches import iter_tile_batches
     from .model.scoring import score_maps
     info = reader.info
     t = int(opts.tile_px)
@@ -580,7 +544,7 @@ def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions,
     import torch
     import torch.nn.functional as F
 
-    from .model.dense import model_input
+    from .model.encode import to_model_input
     from .model.scoring import score_embeddings
     info = reader.info
     which = {p: i for i, p in enumerate(bank.prompts)}
@@ -593,7 +557,7 @@ def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions,
         for prop, crop in zip(props, crops):
             owner.append(bi)
             props_all.append(prop)
-            inputs.append(model_input(lm, np.ascontiguousarray(crop)[None])[0])
+            inputs.append(to_model_input(lm, np.ascontiguousarray(crop)[None])[0])
     if not inputs:
         return boxes, 0
 
@@ -636,7 +600,7 @@ def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions,
 # --------------------------------------------------------------------------- #
 def write_boxes(result: DetectResult, path, overwrite: bool = False) -> Path:
     """Write the boxes as polygons (.gpkg or .geojson) in the raster's CRS, atomically
-    (fields: engine.outputs.BOX_FIELDS); an existing file is refused unless ``overwrite``."""
+    (fields: engine.core.outputs.BOX_FIELDS); an existing file is refused unless ``overwrite``."""
     rows, bounds = box_rows(result.boxes, result.model)
     return write_vector(path, BOX_FIELDS, rows, bounds, result.crs, "detections", overwrite)
 

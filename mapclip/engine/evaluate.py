@@ -3,12 +3,12 @@
 - :func:`eval_retrieval`: image-text retrieval on RSICD / RSITMD / UCM-Captions
   (their caption JSON, the Karpathy layout ``{"images": [{"filename",
   "split", "sentences": [{"raw"}]}]}``) or a CSV of ``image,caption`` rows;
-  recall@1/5/10 both ways and mean recall with :mod:`engine.retrieval`
+  recall@1/5/10 both ways and mean recall with :mod:`engine.archive.retrieval`
   (ties broken by sort order as RemoteCLIP's evaluation does, or
   pessimistically).
 - :func:`eval_classify`: zero-shot classification on a folder-per-class
   dataset (EuroSAT, RESISC45, AID, UCM ...): every class name goes through
-  the prompt template ensemble (engine.scoring), top-1 and top-5 accuracy.
+  the prompt template ensemble (engine.model.scoring), top-1 and top-5 accuracy.
 - :func:`eval_count`: RemoteCLIP's RemoteCount protocol: every image of a
   list of ``image,object,count`` rows is scored against the ten captions
   "there are {n} {objects} in the image" (n = 1..10, words and digits,
@@ -16,7 +16,7 @@
   mean absolute error.
 
 Images are read whole and preprocessed like the references (short side
-resized to the model's input, centre crop: engine.encode.encode_image_files).
+resized to the model's input, centre crop: engine.model.encode.encode_image_files).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Contrastive fine-tuning of a CLIP model on image-caption pairs (RemoteCLIP's recipe).
 
-One call, :func:`finetune`, reads a caption dataset (:mod:`engine.captions`),
+One call, :func:`finetune`, reads a caption dataset (:mod:`engine.data.captions`),
 holds out a validation split, evaluates retrieval before training, trains with
 symmetric InfoNCE and the model's own learnable temperature, evaluates after
 every epoch and keeps the best model by mean recall as a model folder that
-:func:`engine.models.load_model` reads.
+:func:`engine.model.models.load_model` reads.
 
 Training details
 ----------------
@@ -464,18 +464,16 @@ def split_items(items: List[CaptionItem], val_split: float, seed: int
 # Evaluation.
 # --------------------------------------------------------------------------- #
 def _normalise(lm_facts, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    from .model.encode import normalise_pixels
     size, mean, std = lm_facts
-    x = images.to(device, non_blocking=device.type == "cuda").permute(0, 3, 1, 2).float().div_(255.0)
-    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return (x - m) / s
+    return normalise_pixels(images.to(device, non_blocking=device.type == "cuda"), mean, std)
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, items: Sequence[CaptionItem], facts, device: torch.device,
              amp: Optional[torch.dtype] = None, batch_size: int = 128, workers: int = 0,
              job: Optional[Job] = None) -> Dict[str, float]:
-    """Retrieval metrics (engine.retrieval) of ``model`` on ``items``: all captions count."""
+    """Retrieval metrics (engine.archive.retrieval) of ``model`` on ``items``: all captions count."""
     was_training = model.training
     model.eval()
     try:

@@ -1,7 +1,7 @@
 """The quality protocol: how well a model finds, retrieves and counts on held-out synthetic scenes.
 
 With a model (the shipped demo model, or any other) on scenes whose seeds
-were never used in training (engine.synthetic draws them, with exact ground
+were never used in training (engine.data.synthetic draws them, with exact ground
 truth), this measures:
 
 - per-class **AP50** of detect (window and dense modes; boxes fitted to
@@ -110,7 +110,8 @@ def measure_retrieval(lm, truth: S.SceneTruth, index_dir: Path, k: int = 10) -> 
     """precision@k per query of text search over an index of the scene's tiles."""
     import rasterio
 
-    from .archive.index import build_index, search_index
+    from .archive.build import build_index
+    from .archive.search import search_index
     from .core.options import IndexOptions
     build_index([truth.path], str(index_dir), lm, IndexOptions(tile_px=RETRIEVAL_TILE))
     with rasterio.open(truth.mask_path) as m:

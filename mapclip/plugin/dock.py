@@ -643,7 +643,7 @@ class MapClipDock(QgsDockWidget):
 
     def _preload(self, status: QLabel) -> bool:
         """Import torch and friends on the main thread before the first job (never in a
-        worker thread; see plugin/runtime.py). False, with the reason shown, if they fail."""
+        worker thread; see mapclip/plugin/runtime.py). False, with the reason shown, if they fail."""
         if runtime.preloaded():
             return True
         status.setText("Loading PyTorch (first search only)…")
@@ -808,9 +808,10 @@ class MapClipDock(QgsDockWidget):
         device = None if self.device_combo.currentText() == "auto" else self.device_combo.currentText()
 
         def job(progress, cancel):
-            from ..engine.archive import index as eindex
-            options = eindex.IndexOptions(device=device)
-            return eindex.build_index([folder], out, tasks.get_model(model, device), options,
+            from ..engine.archive.build import build_index
+            from ..engine.core.options import IndexOptions
+            options = IndexOptions(device=device)
+            return build_index([folder], out, tasks.get_model(model, device), options,
                                       progress=progress, cancel=cancel)
 
         def done(info):
@@ -840,14 +841,16 @@ class MapClipDock(QgsDockWidget):
         query = text if like is None else "like ({:.1f}, {:.1f})".format(like[0], like[1])
 
         def job(progress, cancel):
-            from ..engine.archive import index as eindex
-            idx = eindex.open_index(index)
-            options = eindex.SearchOptions(top_k=top_k, device=device)
+            from ..engine.archive.search import search_index
+            from ..engine.archive.store import open_index
+            from ..engine.core.options import SearchOptions
+            idx = open_index(index)
+            options = SearchOptions(top_k=top_k, device=device)
             kwargs = {"model": tasks.model_for_index(idx, model, device), "options": options,
                       "progress": progress, "cancel": cancel}
             if like is None:
-                return eindex.search_index(idx, text=text, **kwargs)
-            return eindex.search_index(idx, like=(like[0], like[1]), like_crs=like[2], **kwargs)
+                return search_index(idx, text=text, **kwargs)
+            return search_index(idx, like=(like[0], like[1]), like_crs=like[2], **kwargs)
 
         def done(hits):
             self._show_hits(hits or [], query, model)

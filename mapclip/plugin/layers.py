@@ -2,7 +2,7 @@
 
 - Boxes: one polygon layer per prompt, named after the prompt, in the raster's
   CRS, fields prompt, score, cosine, rank, model, run_time; styled from
-  ``resources/styles/boxes.qml`` (graduated by score, score labels) with the
+  ``mapclip/resources/styles/boxes.qml`` (graduated by score, score labels) with the
   classes recomputed for the run's scores. Memory layers by default; saved to
   a GeoPackage when the user asks.
 - Heatmap: a single-band GeoTIFF per prompt with a pseudocolour ramp whose low
@@ -34,7 +34,7 @@ STYLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "resources", "styles")
 BOXES_STYLE = os.path.join(STYLES_DIR, "boxes.qml")
 HITS_STYLE = os.path.join(STYLES_DIR, "hits.qml")
-#: QGIS field types of the engine's field kinds (engine/outputs.py)
+#: QGIS field types of the engine's field kinds (mapclip/engine/core/outputs.py)
 QT_KINDS = {"str": QVariant.String, "float": QVariant.Double, "int": QVariant.Int,
             "datetime": QVariant.DateTime}
 #: the fields of the engine's box files (CLI GeoPackage, Processing outputs)
@@ -83,7 +83,7 @@ def result_crs(result_crs_text: Optional[str], fallback: Any = None) -> QgsCoord
 
 
 def fields_of(spec) -> QgsFields:
-    """QgsFields from the engine's (name, kind) pairs (engine/outputs.py)."""
+    """QgsFields from the engine's (name, kind) pairs (mapclip/engine/core/outputs.py)."""
     fields = QgsFields()
     for name, kind in spec:
         fields.append(QgsField(name, QT_KINDS.get(kind, kind)))
@@ -91,7 +91,7 @@ def fields_of(spec) -> QgsFields:
 
 
 def feature(fields: QgsFields, spec, row, bounds) -> QgsFeature:
-    """A polygon feature of an engine output row (engine.outputs.*_rows)."""
+    """A polygon feature of an engine output row (engine.core.outputs.*_rows)."""
     feat = QgsFeature(fields)
     feat.setGeometry(rect_geometry(bounds))
     feat.setAttributes(outputs.values(spec, row))
@@ -234,7 +234,7 @@ def heatmap_layers(result: Any, prompts: Sequence[str],
                    crs: Optional[QgsCoordinateReferenceSystem] = None,
                    folder: Optional[str] = None) -> List[QgsRasterLayer]:
     """One styled raster layer per prompt, all reading band i of the one heatmap GeoTIFF
-    the engine writes (engine.outputs.write_heatmap_tif: atomic, band names = prompts)."""
+    the engine writes (engine.core.outputs.write_heatmap_tif: atomic, band names = prompts)."""
     import numpy as np
     folder = folder or tempfile.mkdtemp(prefix="mapclip-heat-")
     slug = re.sub(r"[^0-9A-Za-z]+", "_", "_".join(prompts)).strip("_")[:40] or "heatmap"
@@ -377,8 +377,8 @@ def style_counted_area(layer: QgsVectorLayer, label: str) -> None:
 
 def hits_layer(hits: Sequence[Any], query: str, model: str) -> QgsVectorLayer:
     """Archive-search hits as footprint polygons with the engine's hit fields
-    (engine.outputs.HIT_FIELDS), in the CRS the CLI writes them in: the rasters'
-    shared CRS, else WGS84 (engine.outputs.output_crs)."""
+    (engine.core.outputs.HIT_FIELDS), in the CRS the CLI writes them in: the rasters'
+    shared CRS, else WGS84 (engine.core.outputs.output_crs)."""
     crs_text_ = outputs.output_crs(getattr(h, "crs", None) for h in hits)
     layer = QgsVectorLayer("Polygon", layer_name(query, "(archive)"), "memory")
     layer.setCrs(engine_crs(crs_text_))

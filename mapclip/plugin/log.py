@@ -88,8 +88,9 @@ def _error_text(exc: BaseException, names: Optional[Dict[str, str]] = None) -> s
 
 
 def _is_user_error(exc: Optional[BaseException]) -> bool:
-    """An engine MapClipError (matched by name: the engine can be loaded under two names)."""
-    return exc is not None and any(c.__name__ == "MapClipError" for c in type(exc).__mro__)
+    """An engine MapClipError: the user's input or environment, with its fix."""
+    from ..engine.core.errors import MapClipError
+    return isinstance(exc, MapClipError)
 
 
 def bar_error(iface, what: str, exc: Optional[BaseException] = None,

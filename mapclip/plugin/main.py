@@ -26,7 +26,7 @@ from . import deps, log, runtime, tasks
 MENU = "&MapCLIP"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ICON = os.path.join(ROOT, "resources", "icon.svg")
-#: menu entry -> (module in plugin/dialogs, dialog class)
+#: menu entry -> (module in mapclip/plugin/dialogs, dialog class)
 DIALOGS: Dict[str, Tuple[str, str]] = {
     "finetune": ("finetune_dialog", "FinetuneDialog"),
     "convert": ("convert_dialog", "ConvertDialog"),
@@ -40,7 +40,7 @@ DIALOG_LABELS = {"finetune": "Fine-tune a model…", "convert": "Convert annotat
 
 
 def dialog_class(key: str):
-    """The dialog class for ``key`` from plugin/dialogs."""
+    """The dialog class for ``key`` from mapclip/plugin/dialogs."""
     module_name, name = DIALOGS[key]
     return getattr(importlib.import_module(f"{__package__}.dialogs.{module_name}"), name)
 
@@ -172,7 +172,7 @@ class MapClipPlugin:
     def try_demo(self):
         """Make a synthetic scene, add it to the map and set the dock up for the demo model.
 
-        The scene (engine.synthetic, seed DEMO_SEED) is written once into the
+        The scene (engine.data.synthetic, seed DEMO_SEED) is written once into the
         profile and reused; the dock gets the demo model, a suggested prompt
         and the whole layer as the area, so Run shows a search working.
         """

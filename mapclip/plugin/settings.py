@@ -1,8 +1,8 @@
 """The plugin's remembered choices, all in QgsSettings under the group ``mapclip/``.
 
 Search parameters have defaults per model, and those are the engine's:
-engine.options (the options and their generic defaults) and
-engine.models.model_defaults (each model's own), both importable without
+engine.core.options (the options and their generic defaults) and
+engine.model.models.model_defaults (each model's own), both importable without
 torch, so the dock shows them even before packages are installed. What the
 user changes in the dock's Advanced group is stored per model, so switching
 models brings back that model's values. A search hands the engine only what
@@ -51,7 +51,7 @@ class SearchParams:
     device: str = "auto"
 
     def band_list(self) -> Optional[List[int]]:
-        """The bands text ("4,3,2") as 1-based ints, None for automatic (engine.options.parse_bands);
+        """The bands text ("4,3,2") as 1-based ints, None for automatic (engine.core.options.parse_bands);
         a ValueError worded for the dock."""
         try:
             return parse_bands(self.bands)
@@ -69,7 +69,7 @@ class SearchParams:
 
     def detect_options(self, model: str, heatmap: bool = False) -> DetectOptions:
         """The engine's options for this search: only what differs from ``model``'s
-        defaults is set; the engine fills in the rest (engine.options.with_model_defaults)."""
+        defaults is set; the engine fills in the rest (engine.core.options.with_model_defaults)."""
         changed = self._changed(model)
         keep = {k: v for k, v in changed.items()
                 if k in ("tile_px", "window", "stride", "top_k", "threshold", "batch_size")}

@@ -7,7 +7,7 @@ manager (a worker thread) and bridges the engine's job protocol to QgsTask:
   plus the :attr:`EngineTask.stepped` signal (done, total) for rate displays;
 - ``cancel()`` (the task manager's cancel button or ours) sets a
   ``threading.Event`` that the engine polls once per batch through
-  ``engine.jobs.Job``, so a run stops within one batch;
+  ``engine.core.jobs.Job``, so a run stops within one batch;
 - the result or the exception is delivered in ``finished()``, which QGIS calls
   on the main thread: that is where layers are created. A cancelled run calls
   only ``on_cancel``; an exception calls ``on_error`` (default: a message-bar
@@ -36,9 +36,8 @@ _RUNNING: "set[EngineTask]" = set()
 
 
 def _is_cancelled_error(exc: BaseException) -> bool:
-    # The engine may be loaded as ``engine`` (tests, CLI) or ``mapclip.engine``
-    # (QGIS); match the class by name so both count.
-    return any(cls.__name__ == "Cancelled" for cls in type(exc).__mro__)
+    from ..engine.core.errors import Cancelled
+    return isinstance(exc, Cancelled)
 
 
 class EngineTask(QgsTask):
@@ -138,7 +137,7 @@ def start(task: EngineTask) -> EngineTask:
     """Hand ``task`` to QGIS's task manager and keep it alive until it finishes.
 
     Called on the main thread: the heavy packages are imported here first
-    (plugin/runtime.py), so no worker thread imports torch for the first time.
+    (mapclip/plugin/runtime.py), so no worker thread imports torch for the first time.
     A package that cannot be imported is left for the job to report (jobs that
     need no torch, such as de-duplication, still run).
     """
@@ -218,7 +217,7 @@ class DetectRequest:
     prompts: List[str]
     model: Any                       # spec string or LoadedModel
     model_name: str
-    options: Any                     # engine.options.DetectOptions
+    options: Any                     # engine.core.options.DetectOptions
     extent: Optional[Tuple[float, float, float, float]] = None
     extent_crs: Optional[str] = None
     #: filled by the job for the status line: "device" once the model is loaded
@@ -250,7 +249,7 @@ class CountRequest:
     object_name: str
     model: Any
     model_name: str
-    options: Any                     # engine.options.CountOptions
+    options: Any                     # engine.core.options.CountOptions
     method: str = "both"
     extent: Optional[Tuple[float, float, float, float]] = None
     extent_crs: Optional[str] = None
@@ -273,7 +272,7 @@ class ClassifyRequest:
     classes: List[str]
     model: Any
     model_name: str
-    options: Any                     # engine.options.ClassifyOptions
+    options: Any                     # engine.core.options.ClassifyOptions
     out: str                         # the class map GeoTIFF (a .qml style is written beside it)
     extent: Optional[Tuple[float, float, float, float]] = None
     extent_crs: Optional[str] = None

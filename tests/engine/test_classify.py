@@ -88,7 +88,7 @@ def test_extent_limits_the_map(raster, tiny_model, one_torch_thread):
 def test_rows_are_streamed_in_bands(tmp_path, tiny_model, one_torch_thread):
     """Scores are handed on one band of tile rows at a time, never as one grid."""
     from mapclip.engine.classify import _encoder, _plan
-    from mapclip.engine.detect import BatchRunner
+    from mapclip.engine.model.batching import BatchRunner
     from mapclip.engine.core.jobs import Job
     from mapclip.engine.raster.reader import open_raster
     from mapclip.engine.model.scoring import build_bank

@@ -14,7 +14,9 @@ from PIL import Image
 
 from mapclip.engine.data.annotations import ImageAnnotation, ObjectBox
 from mapclip.engine.cli import main as cli_main
-from mapclip.engine.data.convert import (CaptionOptions, MaskOptions, box_to_caption, caption_image, mask_regions, mask_to_box, normalise_class_name, plural, with_count)
+from mapclip.engine.data.box_caption import CaptionOptions, box_to_caption, caption_image
+from mapclip.engine.data.mask_box import MaskOptions, mask_regions, mask_to_box
+from mapclip.engine.data.grammar import normalise_class_name, plural, with_count
 from mapclip.engine.core.errors import Cancelled, UsageError
 
 from .test_annotations import CLASSES, dota_lines, voc_xml, write_coco, write_image, yolo_lines

@@ -10,7 +10,7 @@ from affine import Affine
 
 from mapclip.engine import count as ct
 from mapclip.engine.core.errors import UsageError
-from mapclip.engine.archive.index import _pyogrio_raw
+from mapclip.engine.core.outputs import _pyogrio_raw
 from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, make_raster
 from tests.rigged import GREY, RED, rigged_model, save_rigged_folder
 

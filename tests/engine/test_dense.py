@@ -36,12 +36,20 @@ def test_own_embedding_path_reproduces_open_clip_image_encoder(tiny_model):
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
-def test_on_device_conversion_matches_to_model_input_and_chunks_agree(tiny_model, monkeypatch):
+def test_model_input_in_chunks_equals_one_pass_and_the_fine_tuning_arithmetic(tiny_model, monkeypatch):
+    from mapclip.engine.model import encode
     batch = torch.randint(0, 255, (5, 100, 90, 3), dtype=torch.uint8)
     ref = to_model_input(tiny_model, batch)
-    assert torch.allclose(dense.resize_normalise(tiny_model, batch), ref, atol=1e-6)
-    monkeypatch.setattr(dense, "MODEL_INPUT_CHUNK_BYTES", 100 * 90 * 3 * 4 * 2)  # 2 images a chunk
-    assert torch.allclose(dense.model_input(tiny_model, batch), ref, atol=1e-6)
+    assert ref.shape == (5, 3, tiny_model.image_size, tiny_model.image_size)
+    monkeypatch.setattr(encode, "MODEL_INPUT_CHUNK_BYTES", 100 * 90 * 3 * 4 * 2)  # 2 images a chunk
+    assert torch.allclose(to_model_input(tiny_model, batch), ref, atol=1e-6)
+    # by hand: 0-1, resized, normalised with the model's mean and std
+    x = torch.nn.functional.interpolate(batch.permute(0, 3, 1, 2).float() / 255.0,
+                                        size=(tiny_model.image_size,) * 2, mode="bilinear",
+                                        antialias=True, align_corners=False)
+    mean = torch.tensor(tiny_model.mean).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_model.std).view(1, 3, 1, 1)
+    assert torch.allclose(ref, (x - mean) / std, atol=1e-5)
 
 
 def test_dense_features_shape_norm_and_modes(tiny_model):

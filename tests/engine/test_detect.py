@@ -10,7 +10,7 @@ import torch
 from mapclip.engine.geo.boxes import iou_one
 from mapclip.engine.detect import DetectOptions, detect, write_boxes, write_heatmap
 from mapclip.engine.core.errors import Cancelled, MapClipError, UsageError
-from mapclip.engine.raster.reader import ReadOptions
+from mapclip.engine.core.options import ReadOptions
 from tests.raster_fixtures import GEO_ORIGIN, GEO_RES, UTM33, UTM_ORIGIN, UTM_RES, WGS84, make_raster, noise
 from tests.rigged import BLUE, BLUE_PROMPT, RED, RED_PROMPT, rigged_model, tiny_resnet
 

@@ -7,7 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from mapclip.engine.archive import index as ix
+from mapclip.engine.archive.build import build_index
+from mapclip.engine.archive.search import search
+from mapclip.engine.archive.store import (FORMAT_VERSION, LOCK, content_id, file_checksum, open_index, read_manifest)
+from mapclip.engine.core.options import IndexOptions
+from mapclip.engine.core.outputs import _pyogrio_raw
 from mapclip.engine.core.errors import Cancelled, MapClipError, ModelError, UsageError
 from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, WGS84, make_raster
 
@@ -46,7 +50,7 @@ def shard_files(folder):
 def test_build_writes_documented_format_readable_without_mapclip(tmp_path, rasters, tiny_model):
     a, b = rasters
     calls = []
-    info = ix.build_index([a, b], tmp_path / "idx", tiny_model, ix.IndexOptions(**OPTS),
+    info = build_index([a, b], tmp_path / "idx", tiny_model, IndexOptions(**OPTS),
                           progress=lambda d, t: calls.append((d, t)))
     # 160x128 in 32-px tiles: 5 x 4; 96x96: 3 x 3
     assert info.rows == 20 + 9 and info.embedded == 29 and info.rasters == 2
@@ -54,7 +58,7 @@ def test_build_writes_documented_format_readable_without_mapclip(tmp_path, raste
     assert calls[-1] == (29, 29)
     folder = tmp_path / "idx"
     m = json.loads((folder / "manifest.json").read_text())
-    assert m["format"] == "mapclip-index" and m["version"] == ix.FORMAT_VERSION
+    assert m["format"] == "mapclip-index" and m["version"] == FORMAT_VERSION
     assert m["model"]["spec"] == "test-tiny" and m["model"]["embed_dim"] == 64
     assert m["model"]["image_size"] == 64 and len(m["model"]["probe_text"]) == 64
     assert m["options"]["scales"] == [32] and m["options"]["stride_px"] == 32
@@ -75,37 +79,37 @@ def test_build_writes_documented_format_readable_without_mapclip(tmp_path, raste
     np.testing.assert_allclose(geo["lon_min"], geo["xmin"], atol=1e-9)
     np.testing.assert_allclose(geo["lat_max"], geo["ymax"], atol=1e-9)
     # footprints.gpkg: one polygon per row, in WGS84 (two CRSs in the index)
-    raw = ix._pyogrio_raw()
+    raw = _pyogrio_raw()
     meta, _, geom, fields = raw.read(str(folder / "footprints.gpkg"), layer="tiles")
     assert len(geom) == 29 and meta["crs"] == "EPSG:4326"
     names = list(meta["fields"])
     assert list(fields[names.index("row_id")]) == list(range(29))
-    assert m["footprints"]["content"] == ix.content_id(m)
+    assert m["footprints"]["content"] == content_id(m)
 
 
 def test_interrupted_build_resumes_to_the_index_built_in_one_go(tmp_path, rasters, tiny_model):
     a, b = rasters
-    full = ix.build_index([a, b], tmp_path / "full", tiny_model, ix.IndexOptions(**OPTS))
+    full = build_index([a, b], tmp_path / "full", tiny_model, IndexOptions(**OPTS))
     part = tmp_path / "part"
     stop = StopAt(12)   # three batches of four tiles, then cancel
     with pytest.raises(Cancelled):
-        ix.build_index([a, b], part, tiny_model, ix.IndexOptions(**OPTS), progress=stop.progress,
+        build_index([a, b], part, tiny_model, IndexOptions(**OPTS), progress=stop.progress,
                        cancel=stop)
-    m = ix.read_manifest(part)
+    m = read_manifest(part)
     done_rows = sum(s["rows"] for s in m["shards"])
     assert done_rows == 12 and not m["rasters"][0]["complete"]   # the batches seen were committed
     assert m["rasters"][0]["progress"] == {"32": 12}
     # leftovers of a crash in the middle of a commit are ignored and cleaned
     (part / "shards" / "999999.emb.npy").write_bytes(b"half a shard")
     (part / "manifest.json.part").write_text("{")
-    again = ix.build_index([a, b], part, tiny_model, ix.IndexOptions(batch_size=3, commit_tiles=5))
+    again = build_index([a, b], part, tiny_model, IndexOptions(batch_size=3, commit_tiles=5))
     assert again.resumed == [str(a), str(b)] and again.embedded == full.rows - done_rows
-    A, B = ix.open_index(tmp_path / "full"), ix.open_index(part)
+    A, B = open_index(tmp_path / "full"), open_index(part)
     assert A.rows == B.rows == 29
     assert A.tiles().tobytes() == B.tiles().tobytes()          # same tiles, same order, none twice
     np.testing.assert_allclose(A.embeddings().astype(np.float32), B.embeddings().astype(np.float32),
                                atol=2e-3)
-    mb = ix.read_manifest(part)
+    mb = read_manifest(part)
     named = {os.path.basename(s[k]) for s in mb["shards"] for k in ("emb", "tiles")}
     assert set(shard_files(part)) == named and not (part / "manifest.json.part").exists()
 
@@ -113,32 +117,32 @@ def test_interrupted_build_resumes_to_the_index_built_in_one_go(tmp_path, raster
 def test_append_skips_unchanged_and_replaces_changed_rasters(tmp_path, rasters, tiny_model):
     a, b = rasters
     out = tmp_path / "idx"
-    ix.build_index([a], out, tiny_model, ix.IndexOptions(**OPTS))
-    before = ix.open_index(out).embeddings().copy()
-    info = ix.build_index([tmp_path / "src"], out, tiny_model)          # a folder: a and b
+    build_index([a], out, tiny_model, IndexOptions(**OPTS))
+    before = open_index(out).embeddings().copy()
+    info = build_index([tmp_path / "src"], out, tiny_model)          # a folder: a and b
     assert info.unchanged == [str(a)] and info.added == [str(b)] and info.embedded == 9
-    idx = ix.open_index(out)
+    idx = open_index(out)
     assert idx.rows == 29 and np.array_equal(idx.embeddings()[:20], before)
     # b changes on disk: its rows are replaced, a's kept, nothing left over
     make_raster(b, 96, 96, seed=7, crs=WGS84)
     st = os.stat(b)
     os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
-    info = ix.build_index([b], out, tiny_model)
+    info = build_index([b], out, tiny_model)
     assert info.replaced == [str(b)] and info.embedded == 9
-    idx = ix.open_index(out)
+    idx = open_index(out)
     assert idx.rows == 29 and np.array_equal(idx.embeddings()[:20], before)
     rid_b = [r["id"] for r in idx.manifest["rasters"] if r["path"] == str(b)][0]
     assert (idx.tiles()["raster"] == rid_b).sum() == 9
     assert len(shard_files(out)) == 2 * len(idx.manifest["shards"])
     # --reindex re-embeds even an unchanged raster
-    assert ix.build_index([a], out, tiny_model, ix.IndexOptions(reindex=True)).replaced == [str(a)]
+    assert build_index([a], out, tiny_model, IndexOptions(reindex=True)).replaced == [str(a)]
 
 
 def test_several_scales_and_stride(tmp_path, rasters, tiny_model):
     a, _ = rasters
-    info = ix.build_index([a], tmp_path / "idx", tiny_model,
-                          ix.IndexOptions(scales=[32, 64], stride_px=16, batch_size=8))
-    tiles = ix.open_index(tmp_path / "idx").tiles()
+    info = build_index([a], tmp_path / "idx", tiny_model,
+                          IndexOptions(scales=[32, 64], stride_px=16, batch_size=8))
+    tiles = open_index(tmp_path / "idx").tiles()
     # 32-px tiles every 16 px: 9 x 7; 64-px tiles every 32 px: 4 x 3
     assert (tiles["tile_px"] == 32).sum() == 63 and (tiles["tile_px"] == 64).sum() == 12
     assert info.rows == 75 and info.scales == [32, 64]
@@ -147,8 +151,8 @@ def test_several_scales_and_stride(tmp_path, rasters, tiny_model):
 
 def test_gsd_tiles_cover_ground_distance(tmp_path, rasters, tiny_model):
     a, _ = rasters                       # 0.5 m pixels
-    ix.build_index([a], tmp_path / "idx", tiny_model, ix.IndexOptions(tile_px=32, gsd=1.0))
-    idx = ix.open_index(tmp_path / "idx")
+    build_index([a], tmp_path / "idx", tiny_model, IndexOptions(tile_px=32, gsd=1.0))
+    idx = open_index(tmp_path / "idx")
     tiles = idx.tiles()
     # 32 output px at 1 m = 64 native px: 160 x 128 gives 3 x 2 tiles (the last column shifted in)
     assert len(tiles) == 6 and set(tiles["width"]) == {64} and set(tiles["tile_px"]) == {32}
@@ -161,20 +165,20 @@ def test_refuses_another_model_other_options_and_foreign_folders(tmp_path, raste
     from tests.rigged import rigged_model
     a, b = rasters
     out = tmp_path / "idx"
-    ix.build_index([a], out, tiny_model, ix.IndexOptions(**OPTS))
+    build_index([a], out, tiny_model, IndexOptions(**OPTS))
     with pytest.raises(ModelError) as err:
-        ix.build_index([b], out, rigged_model())
+        build_index([b], out, rigged_model())
     assert "test-tiny" in err.value.message and "rigged" in err.value.message
     with pytest.raises(UsageError, match="tile sizes"):
-        ix.build_index([b], out, tiny_model, ix.IndexOptions(tile_px=64))
-    assert ix.open_index(out).rows == 20            # nothing changed by the refusals
+        build_index([b], out, tiny_model, IndexOptions(tile_px=64))
+    assert open_index(out).rows == 20            # nothing changed by the refusals
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("x")
     with pytest.raises(UsageError, match="not a MapCLIP index"):
-        ix.build_index([a], foreign, tiny_model)
+        build_index([a], foreign, tiny_model)
     with pytest.raises(UsageError, match="not a MapCLIP index"):
-        ix.open_index(foreign)
+        open_index(foreign)
 
 
 def test_a_failed_new_build_leaves_nothing_behind(tmp_path, rasters, tiny_model):
@@ -182,47 +186,47 @@ def test_a_failed_new_build_leaves_nothing_behind(tmp_path, rasters, tiny_model)
     bad = tmp_path / "src" / "broken.tif"
     bad.write_bytes(b"not a raster at all")
     with pytest.raises(UsageError, match="broken.tif"):
-        ix.build_index([a, bad], tmp_path / "idx", tiny_model, ix.IndexOptions(**OPTS))
+        build_index([a, bad], tmp_path / "idx", tiny_model, IndexOptions(**OPTS))
     assert not (tmp_path / "idx").exists()
     with pytest.raises(UsageError, match="does not exist"):
-        ix.build_index([tmp_path / "nope.tif"], tmp_path / "idx", tiny_model)
+        build_index([tmp_path / "nope.tif"], tmp_path / "idx", tiny_model)
 
 
 def test_corrupt_manifest_and_shards_are_reported(tmp_path, rasters, tiny_model):
     a, _ = rasters
     out = tmp_path / "idx"
-    ix.build_index([a], out, tiny_model, ix.IndexOptions(**OPTS))
-    m = ix.read_manifest(out)
+    build_index([a], out, tiny_model, IndexOptions(**OPTS))
+    m = read_manifest(out)
     shard = out / m["shards"][0]["emb"]
     shard.write_bytes(shard.read_bytes()[:200])
     with pytest.raises(MapClipError, match="damaged"):
-        ix.open_index(out).embeddings()
+        open_index(out).embeddings()
     (out / "manifest.json").write_text('{"format": "mapclip-index", "version": 1, "model"')
     with pytest.raises(MapClipError, match="damaged") as err:
-        ix.open_index(out)
+        open_index(out)
     assert "not valid JSON" in err.value.message and err.value.hint
     (out / "manifest.json").write_text(json.dumps({"format": "mapclip-index", "version": 99}))
     with pytest.raises(MapClipError, match="version 99"):
-        ix.open_index(out)
+        open_index(out)
 
 
 def test_empty_tiles_are_skipped_and_an_empty_index_says_so(tmp_path, tiny_model):
     flat = make_raster(tmp_path / "flat.tif", 64, 64, data=np.full((3, 64, 64), 0, np.uint8))
-    info = ix.build_index([flat], tmp_path / "idx", tiny_model, ix.IndexOptions(tile_px=32))
+    info = build_index([flat], tmp_path / "idx", tiny_model, IndexOptions(tile_px=32))
     assert info.rows == 0 and info.skipped == 4
     with pytest.raises(UsageError, match="empty"):
-        ix.search(tmp_path / "idx", text="ships", model=tiny_model)
+        search(tmp_path / "idx", text="ships", model=tiny_model)
 
 
 def test_a_live_writer_lock_is_respected(tmp_path, rasters, tiny_model):
     a, _ = rasters
     out = tmp_path / "idx"
-    ix.build_index([a], out, tiny_model, ix.IndexOptions(**OPTS))
-    (out / ix.LOCK).write_text(str(os.getppid()))
+    build_index([a], out, tiny_model, IndexOptions(**OPTS))
+    (out / LOCK).write_text(str(os.getppid()))
     with pytest.raises(UsageError, match="being written"):
-        ix.build_index([a], out, tiny_model)
-    (out / ix.LOCK).write_text("999999999")          # a dead writer: taken over
-    assert ix.build_index([a], out, tiny_model).unchanged == [str(a)]
+        build_index([a], out, tiny_model)
+    (out / LOCK).write_text("999999999")          # a dead writer: taken over
+    assert build_index([a], out, tiny_model).unchanged == [str(a)]
 
 
 def test_checksum_sees_content_size_and_time():
@@ -231,17 +235,17 @@ def test_checksum_sees_content_size_and_time():
         p = os.path.join(d, "f.bin")
         with open(p, "wb") as f:
             f.write(os.urandom(3 << 20))
-        c1 = ix.file_checksum(p)
-        assert ix.file_checksum(p) == c1
+        c1 = file_checksum(p)
+        assert file_checksum(p) == c1
         st = os.stat(p)
         with open(p, "r+b") as f:
             f.seek(10)
             f.write(b"X")
         os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
-        assert ix.file_checksum(p) != c1                      # header byte changed
+        assert file_checksum(p) != c1                      # header byte changed
         with open(p, "ab") as f:
             f.write(b"more")
-        assert ix.file_checksum(p) != c1
+        assert file_checksum(p) != c1
 
 
 def test_cli_index_contract(tmp_path, rasters, capsys):

@@ -179,9 +179,9 @@ def test_arch_random_is_a_seeded_random_init():
 
 def test_cli_runs_a_command_without_importing_the_others():
     """`dedup`/`convert` start without torch: only the command being run is built."""
-    code = ("import sys; from engine.cli import main; "
+    code = ("import sys; from mapclip.engine.cli import main; "
             "rc = main(['models', '--help']) if False else None; "
-            "from engine.cli import build_parser; build_parser('dedup'); "
+            "from mapclip.engine.cli import build_parser; build_parser('dedup'); "
             "print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=models.RESOURCES_DIR.parent)

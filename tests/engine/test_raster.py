@@ -15,7 +15,10 @@ from rasterio.enums import ColorInterp
 from mapclip.engine.raster import reader as R
 from mapclip.engine.core.errors import Cancelled, UsageError
 from mapclip.engine.core.jobs import Job
-from mapclip.engine.raster.reader import (PIXEL_TRANSFORM, RasterReadError, RasterWarning, ReaderThreadError, ReadOptions, extent_to_window, iter_tile_batches, native_tile_size, open_raster, pixel_size_m)
+from mapclip.engine.raster.reader import (PIXEL_TRANSFORM, RasterReadError, RasterWarning, ReaderThreadError, open_raster)
+from mapclip.engine.core.options import ReadOptions
+from mapclip.engine.geo.extent import extent_to_window, native_tile_size, pixel_size_m
+from mapclip.engine.raster.batches import iter_tile_batches
 from mapclip.engine.geo.tiling import PixelWindow, Tile, TileGrid
 from tests.raster_fixtures import (GEO_ORIGIN, GEO_RES, UTM_ORIGIN, make_raster, noise, plant)
 

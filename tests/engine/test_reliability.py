@@ -36,7 +36,7 @@ PEAK_WRAPPER = (
     "        if line.startswith('VmHWM:'):\n"
     "            sys.stderr.write('PEAK_KB ' + line.split()[1] + '\\n')\n"
     "atexit.register(_peak)\n"
-    "from engine.cli import main\n"
+    "from mapclip.engine.cli import main\n"
     "sys.exit(main(sys.argv[1:]))\n")
 #: peak memory a refused huge-raster run may reach (torch and the model included)
 PEAK_LIMIT_KB = 1_400_000
@@ -406,7 +406,7 @@ def test_kill_9_then_rerun_or_resume_equals_uninterrupted(world, tmp_path):
     """detect and index killed with SIGKILL at a random moment: detect run again
     gives the uninterrupted run's boxes and leaves no temporary file; the index
     resumed gives the uninterrupted index, row for row."""
-    from mapclip.engine.archive import index as ix
+    from mapclip.engine.archive.store import Index
     env = world["env"]
     detect = ["detect", world["raster"], "--prompt", RED_PROMPT, "--model", world["model"],
               "--tile", "32", "--window", "2", "--heatmap", "{d}/h.tif", "--out", "{d}/b.gpkg"]
@@ -433,7 +433,7 @@ def test_kill_9_then_rerun_or_resume_equals_uninterrupted(world, tmp_path):
     killed, ref = dirs["killed"], dirs["ref"]
     assert _boxes(killed / "b.gpkg") == _boxes(ref / "b.gpkg")
     assert sorted(p.name for p in killed.iterdir()) == ["b.gpkg", "h.tif", "idx"]
-    a, b = ix.Index(ref / "idx"), ix.Index(killed / "idx")
+    a, b = Index(ref / "idx"), Index(killed / "idx")
     assert a.rows == b.rows > 0
     assert np.array_equal(a.embeddings(), b.embeddings())
     cols = ["tile_px", "tile", "col", "row", "width", "height"]
@@ -442,12 +442,13 @@ def test_kill_9_then_rerun_or_resume_equals_uninterrupted(world, tmp_path):
 
 
 def test_damaged_index_refused_for_search_and_append(world, tmp_path):
-    from mapclip.engine.archive import index as ix
+    from mapclip.engine.archive.build import build_index
+    from mapclip.engine.core.options import IndexOptions
     from mapclip.engine.model.models import load_model
     idx = tmp_path / "idx"
     env = world["env"]
-    ix.build_index([world["raster"]], idx, load_model(str(world["model"]), device="cpu"),
-                   ix.IndexOptions(tile_px=32, footprints=False))
+    build_index([world["raster"]], idx, load_model(str(world["model"]), device="cpu"),
+                   IndexOptions(tile_px=32, footprints=False))
     m = json.loads((idx / "manifest.json").read_text())
     shard = idx / m["shards"][0]["emb"]
     arr = np.load(shard)
@@ -514,38 +515,41 @@ def test_a_fine_tuned_copy_is_not_the_same_model_for_append_or_search(tmp_path, 
 
     import torch
 
-    from mapclip.engine.archive import index as ix
+    from mapclip.engine.archive.build import build_index
+    from mapclip.engine.archive.search import search
+    from mapclip.engine.archive.store import (model_identity, read_manifest, same_space, same_weights, weights_fingerprint)
+    from mapclip.engine.core.options import IndexOptions
     from mapclip.engine.core.errors import ModelError
     a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))
     b = make_raster(tmp_path / "b.tif", width=64, height=64, data=noise(3, 64, 64, seed=4))
     out = tmp_path / "idx"
-    ix.build_index([a], out, tiny_model, ix.IndexOptions(tile_px=32, footprints=False))
+    build_index([a], out, tiny_model, IndexOptions(tile_px=32, footprints=False))
     tuned = copy.deepcopy(tiny_model)
     tuned.__dict__.pop("_mapclip_fingerprint", None)
     with torch.no_grad():
         p = next(p for n, p in tuned.model.named_parameters() if n.endswith("text_projection"))
         p.add_(1e-4 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
-    ident = ix.model_identity(tuned)
+    ident = model_identity(tuned)
     probes_only = {k: v for k, v in ident.items() if k != "weights"}
-    assert ix.same_space(ix.read_manifest(out)["model"], probes_only)   # the old check passed
+    assert same_space(read_manifest(out)["model"], probes_only)   # the old check passed
     before = _digest(out)
     with pytest.raises(ModelError, match="different embedding space"):
-        ix.build_index([b], out, tuned, ix.IndexOptions(footprints=False))
+        build_index([b], out, tuned, IndexOptions(footprints=False))
     with pytest.raises(ModelError, match="not comparable"):
-        ix.search(out, text="a red roof", model=tuned)
+        search(out, text="a red roof", model=tuned)
     assert _digest(out) == before
     half = SimpleNamespace(model=copy.deepcopy(tiny_model.model).to(torch.bfloat16))
-    assert ix.weights_fingerprint(half) == {"bf16": ix.weights_fingerprint(tiny_model)["bf16"]}
-    assert ix.same_weights(ix.read_manifest(out)["model"], {"weights": ix.weights_fingerprint(half)})
+    assert weights_fingerprint(half) == {"bf16": weights_fingerprint(tiny_model)["bf16"]}
+    assert same_weights(read_manifest(out)["model"], {"weights": weights_fingerprint(half)})
     # fp16 with some layers kept in fp32 (as open_clip casts for CUDA) is the same model too
     mixed = copy.deepcopy(tiny_model.model)
     for mod in mixed.modules():
         if isinstance(mod, torch.nn.Linear):
             mod.half()
-    fp = ix.weights_fingerprint(SimpleNamespace(model=mixed))
-    assert fp == {"fp16": ix.weights_fingerprint(tiny_model)["fp16"]}
-    tuned_fp = ix.weights_fingerprint(tuned)
-    assert all(tuned_fp[k] != v for k, v in ix.weights_fingerprint(tiny_model).items())
+    fp = weights_fingerprint(SimpleNamespace(model=mixed))
+    assert fp == {"fp16": weights_fingerprint(tiny_model)["fp16"]}
+    tuned_fp = weights_fingerprint(tuned)
+    assert all(tuned_fp[k] != v for k, v in weights_fingerprint(tiny_model).items())
 
 
 def test_the_system_pyproj_finds_its_data_in_the_venv(tmp_path):
@@ -600,22 +604,24 @@ def test_resume_after_the_caption_file_changed_is_refused(tmp_path, one_torch_th
 
 
 def test_search_hits_are_never_written_over_an_indexed_raster(tmp_path, tiny_model):
-    from mapclip.engine.archive import index as ix
+    from mapclip.engine.archive.build import build_index
+    from mapclip.engine.archive.search import search, write_hits
+    from mapclip.engine.core.options import IndexOptions
     from mapclip.engine.core.errors import UsageError
     a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))
     body = a.read_bytes()
-    ix.build_index([a], tmp_path / "idx", tiny_model, ix.IndexOptions(tile_px=32, footprints=False))
-    res = ix.search(tmp_path / "idx", text="a field", model=tiny_model)
+    build_index([a], tmp_path / "idx", tiny_model, IndexOptions(tile_px=32, footprints=False))
+    res = search(tmp_path / "idx", text="a field", model=tiny_model)
     os.symlink(a, tmp_path / "link.gpkg")      # a link to the raster, named like an output
     with pytest.raises(UsageError, match="also an input"):
-        ix.write_hits(res, tmp_path / "link.gpkg", overwrite=True)
+        write_hits(res, tmp_path / "link.gpkg", overwrite=True)
     assert a.read_bytes() == body
 
 
 SLOW_READ = """
 import sys, time
-from engine import raster
-from engine.tiling import PixelWindow
+from mapclip.engine.raster import reader as raster
+from mapclip.engine.geo.tiling import PixelWindow
 def slow(self, ds, window, out_shape, *a, **k):
     time.sleep(30)
 raster.RasterReader._read_raw = slow

@@ -6,9 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from mapclip.engine.archive import index as ix
+from mapclip.engine.archive.build import build_index
+from mapclip.engine.archive.search import ranked_rows, search, search_index
+from mapclip.engine.archive import approx, store
+from mapclip.engine.archive.store import index_from_arrays, open_index
+from mapclip.engine.core.options import IndexOptions, SearchOptions
 from mapclip.engine.core.errors import ModelError, UsageError
-from mapclip.engine.archive.index import _pyogrio_raw
+from mapclip.engine.core.outputs import _pyogrio_raw
 from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, WGS84, make_raster
 from tests.rigged import BLUE, BLUE_PROMPT, GREY, RED, RED_PROMPT, rigged_model, save_rigged_folder
 
@@ -46,7 +50,7 @@ def planted_raster(path, seed=0):
 def rigged_index(tmp_path_factory, rigged):
     d = tmp_path_factory.mktemp("rigged")
     r = planted_raster(d / "scene.tif")
-    ix.build_index([r], d / "idx", rigged, ix.IndexOptions(tile_px=TILE, batch_size=16))
+    build_index([r], d / "idx", rigged, IndexOptions(tile_px=TILE, batch_size=16))
     return d / "idx"
 
 
@@ -55,12 +59,12 @@ def tiny_index(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("tiny")
     a = make_raster(d / "utm.tif", 192, 128, seed=3)
     b = make_raster(d / "geo.tif", 96, 96, seed=4, crs=WGS84)
-    ix.build_index([a, b], d / "idx", tiny_model, ix.IndexOptions(tile_px=TILE, batch_size=16))
+    build_index([a, b], d / "idx", tiny_model, IndexOptions(tile_px=TILE, batch_size=16))
     return d / "idx", a, b
 
 
 def test_planted_pattern_is_the_top_hit_for_its_text(rigged_index, rigged):
-    res = ix.search(rigged_index, text=RED_PROMPT, model=rigged, options=ix.SearchOptions(top_k=5))
+    res = search(rigged_index, text=RED_PROMPT, model=rigged, options=SearchOptions(top_k=5))
     top = res.hits[0]
     assert res.method == "exact" and [h.rank for h in res.hits] == [1, 2, 3, 4, 5]
     assert (top.pixel[0], top.pixel[1]) == RED_AT and top.tile_px == TILE
@@ -68,16 +72,16 @@ def test_planted_pattern_is_the_top_hit_for_its_text(rigged_index, rigged):
     assert top.bounds == (x0 + RED_AT[0] * UTM_RES, y0 - (RED_AT[1] + TILE) * UTM_RES,
                           x0 + (RED_AT[0] + TILE) * UTM_RES, y0 - RED_AT[1] * UTM_RES)
     assert top.score > res.hits[1].score + 0.1
-    blue = ix.search_index(rigged_index, text=BLUE_PROMPT, model=rigged)
+    blue = search_index(rigged_index, text=BLUE_PROMPT, model=rigged)
     assert (blue[0].pixel[0], blue[0].pixel[1]) == BLUE_AT
     # the index's own model is the default (a model folder path, loaded by spec)
 
 
 def test_negative_prompts_shift_the_score_exactly(rigged_index, rigged):
     from mapclip.engine.model.encode import encode_text
-    opts = ix.SearchOptions(top_k=30, negative=[BLUE_PROMPT], negative_weight=0.5)
-    res = ix.search(rigged_index, text=RED_PROMPT, model=rigged, options=opts)
-    idx = ix.open_index(rigged_index)
+    opts = SearchOptions(top_k=30, negative=[BLUE_PROMPT], negative_weight=0.5)
+    res = search(rigged_index, text=RED_PROMPT, model=rigged, options=opts)
+    idx = open_index(rigged_index)
     emb = idx.embeddings().astype(np.float32)
     pos = encode_text(rigged, [RED_PROMPT])[0].numpy()
     neg = encode_text(rigged, [BLUE_PROMPT])[0].numpy()
@@ -94,76 +98,76 @@ def test_image_query_and_bad_queries(rigged_index, rigged, tmp_path):
     from PIL import Image
     png = tmp_path / "red.png"
     Image.new("RGB", (40, 40), RED).save(png)
-    hits = ix.search_index(rigged_index, image=str(png), model=rigged)
+    hits = search_index(rigged_index, image=str(png), model=rigged)
     assert (hits[0].pixel[0], hits[0].pixel[1]) == RED_AT
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image")
     with pytest.raises(UsageError, match="cannot read image"):
-        ix.search(rigged_index, image=str(junk), model=rigged)
+        search(rigged_index, image=str(junk), model=rigged)
     with pytest.raises(UsageError, match="does not exist"):
-        ix.search(rigged_index, image=str(tmp_path / "none.png"), model=rigged)
+        search(rigged_index, image=str(tmp_path / "none.png"), model=rigged)
     with pytest.raises(UsageError, match="is a folder, not an image file"):
-        ix.search(rigged_index, image=str(tmp_path), model=rigged)
+        search(rigged_index, image=str(tmp_path), model=rigged)
     # a float32 GeoTIFF (PIL cannot decode it) is read through the raster reader
     red = np.random.default_rng(0).random((3, 40, 40)).astype(np.float32)
     geo = make_raster(tmp_path / "red32.tif", width=40, height=40, data=red, dtype="float32")
     with pytest.raises(Exception):
         from PIL import Image as _I
         _I.open(geo).convert("RGB")
-    res = ix.search(rigged_index, image=str(geo), model=rigged)
+    res = search(rigged_index, image=str(geo), model=rigged)
     assert res.hits and all(np.isfinite(h.score) for h in res.hits)
     with pytest.raises(UsageError, match="empty query"):
-        ix.search(rigged_index, text="   ", model=rigged)
+        search(rigged_index, text="   ", model=rigged)
     with pytest.raises(UsageError, match="exactly one query"):
-        ix.search(rigged_index, model=rigged)
+        search(rigged_index, model=rigged)
     with pytest.raises(UsageError, match="exactly one query"):
-        ix.search(rigged_index, text="x", like=(1, 2), model=rigged)
+        search(rigged_index, text="x", like=(1, 2), model=rigged)
 
 
 def test_a_query_model_from_another_space_is_refused(rigged_index, tiny_model):
     with pytest.raises(ModelError) as err:
-        ix.search(rigged_index, text="roof", model=tiny_model)
+        search(rigged_index, text="roof", model=tiny_model)
     assert "rigged" in err.value.message and "test-tiny" in err.value.message
 
 
 def test_like_finds_its_own_tile_first_in_any_crs(tiny_index):
     folder, utm, geo = tiny_index
-    idx = ix.open_index(folder)
+    idx = open_index(folder)
     x0, y0 = UTM_ORIGIN
     # inside tile (col 64, row 32) of the UTM raster
     x, y = x0 + 80 * UTM_RES, y0 - 40 * UTM_RES
-    res = ix.search(idx, like=(x, y), like_crs="EPSG:32633")
+    res = search(idx, like=(x, y), like_crs="EPSG:32633")
     top = res.hits[0]
     assert top.raster == str(utm) and (top.pixel[0], top.pixel[1]) == (64, 32)
     assert top.score == pytest.approx(1.0, abs=2e-3) and res.query["row"] == top.row
     # the same place given in lon/lat
     from rasterio.warp import transform
     lon, lat = transform("EPSG:32633", "EPSG:4326", [x], [y])
-    again = ix.search(idx, like=f"{lon[0]},{lat[0]}", like_crs="EPSG:4326")
+    again = search(idx, like=f"{lon[0]},{lat[0]}", like_crs="EPSG:4326")
     assert again.hits[0].row == top.row
     # a point in the geographic raster, in its own CRS
-    g = ix.search(idx, like=(13.0 + 50e-4, 52.5 - 10e-4), like_crs=WGS84).hits[0]
+    g = search(idx, like=(13.0 + 50e-4, 52.5 - 10e-4), like_crs=WGS84).hits[0]
     assert g.raster == str(geo) and (g.pixel[0], g.pixel[1]) == (32, 0)
     assert g.wgs84 == pytest.approx(g.bounds)
     with pytest.raises(UsageError, match="outside every indexed tile"):
-        ix.search(idx, like=(x0 - 100, y0), like_crs="EPSG:32633")
+        search(idx, like=(x0 - 100, y0), like_crs="EPSG:32633")
     with pytest.raises(UsageError, match="several CRS"):
-        ix.search(idx, like=(x, y))
+        search(idx, like=(x, y))
     with pytest.raises(UsageError, match="not a point"):
-        ix.search(idx, like="12;x")
+        search(idx, like="12;x")
 
 
 def test_approximate_search_agrees_with_exact_on_random_data(monkeypatch):
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((20000, 64)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    idx = ix.index_from_arrays(emb)
+    idx = index_from_arrays(emb)
     recalls = []
     for _ in range(20):
         q = rng.standard_normal(64).astype(np.float32)
         q /= np.linalg.norm(q)
-        exact, es, m1, _ = ix.ranked_rows(idx, q, 10, "exact")
-        approx, as_, m2, params = ix.ranked_rows(idx, q, 10, "approx")
+        exact, es, m1, _ = ranked_rows(idx, q, 10, "exact")
+        approx, as_, m2, params = ranked_rows(idx, q, 10, "approx")
         assert (m1, m2) == ("exact", "approx") and params["faiss"] == "PQ32x4fs"
         assert np.all(np.diff(as_) <= 0)
         recalls.append(len(set(exact) & set(approx)) / 10)
@@ -171,9 +175,9 @@ def test_approximate_search_agrees_with_exact_on_random_data(monkeypatch):
     # the re-ranked scores are exact scores
     np.testing.assert_allclose(as_, emb[approx].astype(np.float16).astype(np.float32) @ q, atol=1e-5)
     # above the float32 cache size, exact search scans the float16 values with faiss: same answer
-    monkeypatch.setattr(ix, "EXACT_CACHE_BYTES", 0)
-    big = ix.index_from_arrays(emb)
-    rows16, s16, _, _ = ix.ranked_rows(big, q, 10, "exact")
+    monkeypatch.setattr(store, "EXACT_CACHE_BYTES", 0)
+    big = index_from_arrays(emb)
+    rows16, s16, _, _ = ranked_rows(big, q, 10, "exact")
     assert list(rows16) == list(exact) and big._emb32 is None
     np.testing.assert_allclose(s16, es, atol=1e-5)
 
@@ -183,26 +187,26 @@ def test_auto_method_threshold_and_the_cached_faiss_index(tiny_index, tiny_model
     folder, utm, geo = tiny_index
     work = tmp_path / "idx"
     shutil.copytree(folder, work)
-    monkeypatch.setattr(ix, "APPROX_MIN_TRAIN", 16)
-    assert ix.search(work, text="fields", model=tiny_model).method == "exact"
+    monkeypatch.setattr(approx, "APPROX_MIN_TRAIN", 16)
+    assert search(work, text="fields", model=tiny_model).method == "exact"
     assert not list(work.glob("approx-*.faiss"))
-    monkeypatch.setattr(ix, "APPROX_MIN_ROWS", 10)
-    res = ix.search(work, text="fields", model=tiny_model)
-    assert res.method == "approx" and res.params["candidates"] == ix.open_index(work).rows
+    monkeypatch.setattr(approx, "APPROX_MIN_ROWS", 10)
+    res = search(work, text="fields", model=tiny_model)
+    assert res.method == "approx" and res.params["candidates"] == open_index(work).rows
     cached = list(work.glob("approx-*.faiss"))
-    assert len(cached) == 1 and ix.open_index(work).content_id in cached[0].name
+    assert len(cached) == 1 and open_index(work).content_id in cached[0].name
     stamp = cached[0].stat().st_mtime_ns
-    ix.search(work, text="roads", model=tiny_model)
+    search(work, text="roads", model=tiny_model)
     assert cached[0].stat().st_mtime_ns == stamp                  # reused, not rebuilt
-    opened = ix.open_index(work)
-    assert ix.open_index(work) is opened                            # kept open while unchanged
+    opened = open_index(work)
+    assert open_index(work) is opened                            # kept open while unchanged
     extra = make_raster(tmp_path / "extra.tif", 64, 64, seed=9)
-    ix.build_index([extra], work, tiny_model)
-    assert ix.open_index(work) is not opened and ix.open_index(work).rows == opened.rows + 4
-    res = ix.search(work, text="fields", model=tiny_model)
+    build_index([extra], work, tiny_model)
+    assert open_index(work) is not opened and open_index(work).rows == opened.rows + 4
+    res = search(work, text="fields", model=tiny_model)
     now = list(work.glob("approx-*.faiss"))
     assert len(now) == 1 and now != cached                          # rebuilt for the new content
-    assert res.rows == ix.open_index(work).rows
+    assert res.rows == open_index(work).rows
 
 
 def test_cli_search_contract(rigged_index, tmp_path, capsys):
@@ -234,13 +238,13 @@ def test_cli_search_contract(rigged_index, tmp_path, capsys):
 def test_text_queries_go_through_the_prompt_templates(tiny_index, tiny_model):
     from mapclip.engine.model.scoring import encode_prompts
     folder = tiny_index[0]
-    emb = ix.open_index(folder).embeddings().astype(np.float32)
+    emb = open_index(folder).embeddings().astype(np.float32)
     for templates in (None, "raw", "a photo of {}"):
-        res = ix.search(folder, text="storage tanks", model=tiny_model,
-                        options=ix.SearchOptions(top_k=3, templates=templates))
+        res = search(folder, text="storage tanks", model=tiny_model,
+                        options=SearchOptions(top_k=3, templates=templates))
         q = encode_prompts(tiny_model, ["storage tanks"], templates)[0].numpy()
         want = np.sort(emb @ q)[::-1][:3]
         assert np.allclose([h.score for h in res.hits], want, atol=1e-4), templates
     with pytest.raises(UsageError) as err:
-        ix.search(folder, text="storage tanks", model=tiny_model, options=ix.SearchOptions(templates="bogus"))
+        search(folder, text="storage tanks", model=tiny_model, options=SearchOptions(templates="bogus"))
     assert err.value.option == "templates"

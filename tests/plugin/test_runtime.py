@@ -34,7 +34,7 @@ ctypes.CDLL({llvm!r}, ctypes.RTLD_GLOBAL)   # what QGIS's OpenGL driver has load
 sys.path.insert(0, {root!r})
 if {block}:
     import importlib.util
-    spec = importlib.util.spec_from_file_location("runtime", {root!r} + "/plugin/runtime.py")
+    spec = importlib.util.spec_from_file_location("runtime", {root!r} + "/mapclip/plugin/runtime.py")
     runtime = importlib.util.module_from_spec(spec); spec.loader.exec_module(runtime)
     runtime.preload()
 else:

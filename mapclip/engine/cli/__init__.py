@@ -3,7 +3,7 @@
 Each subcommand lives in its own module in this package and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` to a
 function taking the parsed arguments and returning an exit code. Errors the
-user can cause (:class:`engine.errors.MapClipError`) print one line naming the
+user can cause (:class:`engine.core.errors.MapClipError`) print one line naming the
 problem and one naming the fix, and exit with the error's code (2 for usage);
 nothing else is caught, so real bugs keep their tracebacks.
 """
@@ -116,18 +116,12 @@ def _terminate_as_interrupt():
 
 
 # ---------------------------------------------------------------- helpers --
-#: engine options (engine.options) whose flag is not ``--`` + the name in kebab case
-FLAGS = {"classes": "--class", "tile_px": "--tile", "dense_tile_px": "--dense-tile", "stride_px": "--stride",
-         "scales": "--scale", "read": "--bands", "negative": "--negative", "background": "--background"}
-
-
-def flag(option: str) -> str:
-    """The command-line flag that sets an engine option."""
-    return FLAGS.get(option, "--" + option.replace("_", "-"))
+# the CLI's names for engine options are the engine messages' own (core.errors)
+from ..core.errors import FLAGS, flag  # noqa: E402,F401
 
 
 def model_default_help(name: str) -> str:
-    """Help text for an option whose default comes from the model (engine.options.ModelDefaults)."""
+    """Help text for an option whose default comes from the model (engine.core.options.ModelDefaults)."""
     from ..core.options import GENERIC_DEFAULTS
     generic = getattr(GENERIC_DEFAULTS, name)
     most = "none" if generic is None else generic
@@ -207,6 +201,6 @@ def parse_floats(text: str, n: int, what: str, example: str) -> Tuple[float, ...
 
 
 def parse_bands(text: Optional[str]) -> Optional[List[int]]:
-    """--bands "1,2,3" -> [1, 2, 3]; empty -> None (engine.options.parse_bands)."""
+    """--bands "1,2,3" -> [1, 2, 3]; empty -> None (engine.core.options.parse_bands)."""
     from ..core.options import parse_bands as parse
     return parse(text)

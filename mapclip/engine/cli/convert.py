@@ -68,7 +68,7 @@ def _report_empty(empty) -> None:
 
 
 def run_b2c(args: argparse.Namespace) -> int:
-    from ..data.convert import CaptionOptions, box_to_caption
+    from ..data.box_caption import CaptionOptions, box_to_caption
     opts = CaptionOptions(format=args.format, images_dir=args.images, seed=args.seed,
                           include_difficult=not args.skip_difficult, overwrite=args.overwrite)
     bar = tqdm_progress("caption", unit="img")
@@ -86,7 +86,7 @@ def run_b2c(args: argparse.Namespace) -> int:
 
 
 def run_m2b(args: argparse.Namespace) -> int:
-    from ..data.convert import MaskOptions, mask_to_box
+    from ..data.mask_box import MaskOptions, mask_to_box
     opts = MaskOptions(min_area=args.min_area, ignore_index=args.ignore_index,
                        images_dir=args.images, overwrite=args.overwrite,
                        captions=args.captions, seed=args.seed,

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..count import CountOptions, count, write_count_boxes
     from ..core.jobs import check_outputs
-    from ..raster.reader import ReadOptions, raster_files
+    from ..core.options import ReadOptions
+    from ..raster.reader import raster_files
 
     if args.out:
         if args.method == "prompt":

@@ -50,7 +50,7 @@ def register(sub) -> None:
                    help=f"windows overlapping more than this IoU are one object; default {d.iou} "
                         "(any overlap)")
     p.add_argument("--background", action="append", default=None, metavar="TEXT",
-                   help="background prompt (repeat); replaces the defaults in engine/scoring.py")
+                   help="background prompt (repeat); replaces the defaults in mapclip/engine/model/scoring.py")
     p.add_argument("--attention", choices=list(ATTENTION_MODES) + list(ATTENTION_ALIASES),
                    default=d.attention, metavar="MODE",
                    help=f"dense mode's changed last block: {', '.join(ATTENTION_MODES)} "

@@ -22,7 +22,8 @@ def _ints(text: Optional[str], what: str) -> Optional[List[int]]:
 
 
 def register(sub) -> None:
-    from ..archive.index import APPROX_MIN_ROWS, IndexOptions
+    from ..archive.approx import APPROX_MIN_ROWS
+    from ..core.options import IndexOptions
     d = IndexOptions()
     p = sub.add_parser(
         "index", help="embed every tile of rasters into a searchable index folder",
@@ -69,8 +70,10 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..archive import index as ix
-    from ..raster.reader import ReadOptions
+    from ..archive.build import build_index
+    from ..archive.store import MANIFEST, read_manifest
+    from ..core.options import IndexOptions
+    from ..core.options import ReadOptions
 
     if args.tile is not None and args.scales:
         raise UsageError("--tile and --scales both given", "use --scales alone for several sizes")
@@ -80,18 +83,18 @@ def run(args: argparse.Namespace) -> int:
     check_outputs([("--out", out)], [("source", s) for s in args.sources], folders=["--out"],
                   may_exist=["--out"])
     if model is None:
-        if (out / ix.MANIFEST).is_file():
-            model = ix.read_manifest(out)["model"].get("spec")
+        if (out / MANIFEST).is_file():
+            model = read_manifest(out)["model"].get("spec")
         if not model:
             raise UsageError("no model given", "pass --model (see `python -m engine models`)")
-    opts = ix.IndexOptions(
+    opts = IndexOptions(
         tile_px=args.tile, scales=_ints(args.scales, "--scales"), stride_px=args.stride,
         gsd=args.gsd, read=ReadOptions(bands=parse_bands(args.bands)) if args.bands else None,
         batch_size=args.batch_size, commit_tiles=args.commit_tiles, reindex=args.reindex,
         footprints=not args.no_footprints, device=args.device, precision=args.precision)
     bar = tqdm_progress("index", unit="tile")
     try:
-        info = ix.build_index(args.sources, out, model, opts, progress=bar, cancel=cancel_event())
+        info = build_index(args.sources, out, model, opts, progress=bar, cancel=cancel_event())
     finally:
         bar.close()
     for note in info.warnings:

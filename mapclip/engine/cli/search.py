@@ -8,7 +8,8 @@ from ..core.errors import UsageError
 
 
 def register(sub) -> None:
-    from ..archive.index import APPROX_MIN_ROWS, SearchOptions
+    from ..archive.approx import APPROX_MIN_ROWS
+    from ..core.options import SearchOptions
     d = SearchOptions()
     p = sub.add_parser(
         "search", help="search an index by text, an example image, or a location",
@@ -51,7 +52,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..archive import index as ix
+    from ..archive.search import search, write_hits
+    from ..core.options import SearchOptions
     from ..core.jobs import check_outputs
     from . import cancel_event
 
@@ -62,13 +64,13 @@ def run(args: argparse.Namespace) -> int:
                       sealed=[("the index", args.index)])
     if args.crs and args.like is None:
         raise UsageError("--crs given without --like", "--crs is the CRS of the --like point")
-    opts = ix.SearchOptions(top_k=args.top_k, negative=tuple(args.negative or ()),
+    opts = SearchOptions(top_k=args.top_k, negative=tuple(args.negative or ()),
                             negative_weight=args.negative_weight, method=args.method,
                             device=args.device, precision=args.precision, templates=args.templates)
-    result = ix.search(args.index, text=args.text, image=args.image, like=args.like,
+    result = search(args.index, text=args.text, image=args.image, like=args.like,
                        like_crs=args.crs, model=args.model, options=opts, cancel=cancel_event())
     if args.out:
-        ix.write_hits(result, args.out, overwrite=args.overwrite)
+        write_hits(result, args.out, overwrite=args.overwrite)
     if args.json:
         info = result.to_json()
         info["out"] = str(args.out) if args.out else None

@@ -17,7 +17,7 @@ class MapClipError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
-        #: the engine option (a field of an engine.options value) the error is about;
+        #: the engine option (a field of an engine.core.options value) the error is about;
         #: front ends word the fix with their own name for it (CLI flag, dock field)
         self.option = option
 
@@ -46,20 +46,30 @@ class Cancelled(MapClipError):
         super().__init__(message, hint)
 
 
+#: Engine messages name options as the command line does (``--tile``);
+#: these are the options whose flag is not ``--`` + the name in kebab case.
+FLAGS = {"classes": "--class", "tile_px": "--tile", "dense_tile_px": "--dense-tile", "stride_px": "--stride",
+         "scales": "--scale", "read": "--bands", "negative": "--negative", "background": "--background"}
+
+
+def flag(option: str) -> str:
+    """The command-line flag that sets an engine option."""
+    return FLAGS.get(option, "--" + option.replace("_", "-"))
+
+
 def worded(exc: MapClipError, name_of) -> "tuple[str, str | None]":
     """The error's message and fix with options named as a front end names them.
 
     ``name_of(option)`` gives the front end's name for an engine option (the
     CLI's ``--tile``, the dock's "Tile size", a Processing parameter), or None
     where it has none. The engine's checks start their message with the
-    option's name (engine.options.check), so that name is replaced; a fix that
+    option's name (engine.core.options.check), so that name is replaced; a fix that
     does not mention the option gets the name in front. Command-line flags that
     engine messages mention (``--bands 4,3,2``) are replaced by the front end's
     name for the same option where it has one.
     """
     import re
 
-    from ..cli import FLAGS
     option = getattr(exc, "option", None)
     message, hint = exc.message, exc.hint
     options_of_flags = {v: k for k, v in FLAGS.items()}

@@ -32,7 +32,7 @@ from .errors import UsageError
 MODES = ("window", "dense")
 #: detect, window mode: keep the best window per object, or grow it to the union of its neighbours
 MERGES = ("nms", "union")
-#: dense mode: the changed last ViT block (engine/dense.py): ClearCLIP, SCLIP's
+#: dense mode: the changed last ViT block (mapclip/engine/model/dense.py): ClearCLIP, SCLIP's
 #: attention without residual, SegEarth-OV's q+k+v, SCLIP as published, k-k, v-v
 ATTENTION_MODES = ("clearclip", "sclip-style", "segearth", "sclip", "kk", "vv")
 #: the names these modes had before (still accepted)
@@ -70,7 +70,7 @@ DEFAULT_BACKGROUND_PROMPTS: Tuple[str, ...] = (
 )
 
 #: the remote-sensing prompt template ensemble applied to every prompt by
-#: default (engine.scoring.encode_prompts); "{}" is replaced by the prompt as
+#: default (engine.model.scoring.encode_prompts); "{}" is replaced by the prompt as
 #: typed (no article is added, so plurals and mass nouns read right)
 REMOTE_SENSING_TEMPLATES: Tuple[str, ...] = (
     "a satellite image of {}.",
@@ -145,7 +145,7 @@ def parse_bands(text: Optional[str]) -> Optional[List[int]]:
 class ModelDefaults:
     """What a model does best with; ``None``: no opinion (the generic default).
 
-    Presets carry one (engine.models.PRESETS), a model folder may carry one in
+    Presets carry one (engine.model.models.PRESETS), a model folder may carry one in
     its ``open_clip_config.json`` under ``mapclip.defaults``, and fine-tuning
     copies the base model's into the folder it writes.
     """
@@ -203,7 +203,7 @@ GENERIC_DEFAULTS = ModelDefaults(tile_px=128, window=2, batch_size=64, top_k=20,
 # --------------------------------------------------------------------------- #
 @dataclass
 class ReadOptions:
-    """How raster bands become 8-bit RGB tiles (see engine.raster)."""
+    """How raster bands become 8-bit RGB tiles (see engine.raster.reader)."""
 
     bands: Optional[Sequence[int]] = None           # 1-based, read as R,G,B (one: grey)
     stretch: str = "auto"
@@ -345,7 +345,7 @@ class ClassifyOptions:
     """How to make a class map (engine.classify). ``None``: the model's default.
 
     Tiles of ``tile_px`` overlapping by ``overlap`` give one patch-level score
-    map per class (softmax among the classes) in one pass (engine.dense);
+    map per class (softmax among the classes) in one pass (engine.model.dense);
     maps are upsampled to ``upsample`` cells per patch side, optionally
     smoothed (Gaussian, ``smoothing`` cells), and blended with ramps toward
     tile borders. A cell whose best class scores below ``threshold`` is

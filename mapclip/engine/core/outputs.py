@@ -2,7 +2,7 @@
 
 The CLI writes these files, the Processing algorithms fill their sinks with the
 same fields and values, and the QGIS dock builds its layers from them too
-(plugin/layers.py turns the kinds below into QGIS field types). Adding a field
+(mapclip/plugin/layers.py turns the kinds below into QGIS field types). Adding a field
 is one line in a ``*_FIELDS`` tuple and one value in its ``*_rows`` function.
 
 Vector outputs are polygons (.gpkg or .geojson), written atomically. Their
@@ -29,7 +29,7 @@ Fields = Tuple[Tuple[str, str], ...]
 #: detect's boxes (engine.detect.Box), one polygon per box in the raster's CRS
 BOX_FIELDS: Fields = (("prompt", "str"), ("score", "float"), ("cosine", "float"),
                       ("rank", "int"), ("model", "str"))
-#: archive search hits (engine.index.Hit): the tile's footprint
+#: archive search hits (engine.archive.store.Hit): the tile's footprint
 HIT_FIELDS: Fields = (("rank", "int"), ("score", "float"), ("cosine", "float"),
                       ("raster", "str"), ("tile_px", "int"), ("px_col", "int"), ("px_row", "int"),
                       ("px_width", "int"), ("px_height", "int"), ("model", "str"),

@@ -146,7 +146,7 @@ def heatmap_components(heat: np.ndarray, threshold: float, min_area: int = 1,
 def pixel_to_bounds(transform, box) -> Bounds:
     """A pixel box (col0, row0, col1, row1) -> map bounds (xmin, ymin, xmax, ymax).
 
-    All four corners go through the affine transform (engine.tiling's
+    All four corners go through the affine transform (engine.geo.tiling's
     window_bounds, the one place that maps pixels to the map), so flipped
     transforms still give the box's true extent.
     """

@@ -41,7 +41,7 @@ GSD: a tile of ``tile_px`` *output* pixels at a target ground sampling
 distance ``gsd`` (metres per pixel) covers ``round(tile_px * gsd / res_m)``
 native pixels per axis, where ``res_m`` is the raster's native pixel size in
 metres on that axis; :meth:`TileGrid.for_raster` does that conversion (see
-:func:`engine.raster.native_tile_size`), and the tile's ``out_px`` stays
+:func:`engine.geo.extent.native_tile_size`), and the tile's ``out_px`` stays
 ``tile_px``, so the reader resamples it on read.
 """
 from __future__ import annotations
@@ -253,7 +253,7 @@ class TileGrid:
     def for_raster(cls, info, area: Optional[PixelWindow], tile_px: int,
                    stride_px: Optional[int] = None, gsd: Optional[float] = None,
                    align: bool = True, max_tiles: Optional[int] = -1) -> "TileGrid":
-        """Grid for a :class:`engine.raster.RasterInfo`.
+        """Grid for a :class:`engine.raster.reader.RasterInfo`.
 
         Without ``gsd``, ``tile_px``/``stride_px`` are native pixels and tiles
         are read unresampled. With ``gsd`` (metres per pixel) they are
@@ -261,7 +261,7 @@ class TileGrid:
         native pixels and is resampled to ``tile_px`` on read.
         """
         from ..core.errors import UsageError
-        from ..raster.reader import native_tile_size
+        from .extent import native_tile_size
         if int(tile_px) <= 0 or (stride_px is not None and int(stride_px) <= 0):
             raise UsageError(f"tile size {tile_px} and stride {stride_px} must be positive",
                              "use e.g. --tile 224")

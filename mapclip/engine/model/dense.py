@@ -54,55 +54,7 @@ if TYPE_CHECKING:  # torch loads on first use (the CLI imports the constants che
 
     from .models import LoadedModel
 
-from ..core.options import ATTENTION_ALIASES, ATTENTION_MODES, DEFAULT_ATTENTION, canonical_attention
-
-
-#: bytes of float pixels converted at once before resizing (bounds peak memory)
-MODEL_INPUT_CHUNK_BYTES = 16 << 20
-
-
-def resize_normalise(lm: LoadedModel, batch: torch.Tensor, size: Optional[int] = None) -> torch.Tensor:
-    """uint8 (B, H, W, 3) already on its device -> normalised (B, 3, S, S), computed there.
-
-    The same arithmetic as engine.encode.to_model_input, for batches that are
-    already on the model's device (window bands assembled on the GPU), which
-    to_model_input would try to pin.
-    """
-    import torch
-    import torch.nn.functional as F
-    size = int(size or lm.image_size)
-    compute = torch.float32 if batch.device.type == "cpu" else lm.dtype
-    x = batch.permute(0, 3, 1, 2).to(compute).div_(255.0)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear",
-                          antialias=True, align_corners=False)
-    mean = torch.tensor(lm.mean, device=x.device, dtype=compute).view(1, 3, 1, 1)
-    std = torch.tensor(lm.std, device=x.device, dtype=compute).view(1, 3, 1, 1)
-    return ((x - mean) / std).to(lm.dtype)
-
-
-def _model_input_one(lm: LoadedModel, batch: torch.Tensor, size: Optional[int] = None) -> torch.Tensor:
-    from .encode import to_model_input
-    if batch.device.type == "cpu":
-        return to_model_input(lm, batch, size)  # copies to the device (pinned) and converts there
-    return resize_normalise(lm, batch, size)
-
-
-def model_input(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
-                size: Optional[int] = None) -> torch.Tensor:
-    """uint8 (B, H, W, 3) on the CPU or the device -> the model's input (B, 3, S, S).
-
-    Large images are converted to float and resized in chunks of about
-    MODEL_INPUT_CHUNK_BYTES, so a batch of big windows never needs its
-    full-size float copy at once (the resized result is small).
-    """
-    import torch
-    batch = torch.as_tensor(batch)
-    per_image = max(1, batch[0].numel() * 4) if len(batch) else 1
-    chunk = max(1, MODEL_INPUT_CHUNK_BYTES // per_image)
-    if len(batch) <= chunk:
-        return _model_input_one(lm, batch, size)
-    return torch.cat([_model_input_one(lm, batch[i:i + chunk], size) for i in range(0, len(batch), chunk)])
+from ..core.options import ATTENTION_MODES, DEFAULT_ATTENTION, canonical_attention
 
 
 def dense_unsupported(lm: LoadedModel) -> Optional[str]:
@@ -230,8 +182,9 @@ def dense_features(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
         if crop % p or stride % p or crop > size or stride < 1:
             raise ValueError(f"crop {crop} and stride {stride} must be multiples of the {p} px patch, "
                              f"the crop at most the input size {size}")
+    from .encode import to_model_input
     with torch.inference_mode():
-        x = model_input(lm, batch, size)
+        x = to_model_input(lm, batch, size)
         if crop is None or crop == size:
             return _dense_features(lm, x, mode, cls_weight, F)
         return _sliding(lm, x, mode, cls_weight, crop, stride, p, F)

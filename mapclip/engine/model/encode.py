@@ -7,7 +7,7 @@ Embeddings come back L2-normalised in float32.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,24 +36,55 @@ def encode_text(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 256) 
     return F.normalize(torch.cat(chunks), dim=-1)
 
 
+#: bytes of float pixels converted at once before resizing (bounds peak memory)
+MODEL_INPUT_CHUNK_BYTES = 16 << 20
+
+
+def normalise_pixels(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                     size: Optional[int] = None, compute: torch.dtype = torch.float32,
+                     out: Optional[torch.dtype] = None) -> torch.Tensor:
+    """uint8 (B, H, W, 3), on any device -> (B, 3, S, S) normalised there.
+
+    The one place where pixels become model input (search, dense maps,
+    captions and fine-tuning alike): scaled to 0-1 in ``compute`` precision,
+    resized to ``size`` (bilinear, antialiased) when given and different,
+    normalised with the model's mean and std, cast to ``out``.
+    """
+    x = x.permute(0, 3, 1, 2).to(compute).div_(255.0)
+    if size and x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    m = torch.tensor(tuple(mean), device=x.device, dtype=compute).view(1, 3, 1, 1)
+    s = torch.tensor(tuple(std), device=x.device, dtype=compute).view(1, 3, 1, 1)
+    x = (x - m) / s
+    return x if out is None else x.to(out)
+
+
 def to_model_input(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
                    size: int | None = None) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalised (B, 3, S, S) in the model's dtype, on its device."""
-    size = size or lm.image_size
+    """uint8 (B, H, W, 3) on the CPU or the device -> the model's input (B, 3, S, S).
+
+    A CPU batch is copied to the device as uint8 (pinned, asynchronously on
+    CUDA); large images are converted to float and resized in chunks of about
+    :data:`MODEL_INPUT_CHUNK_BYTES`, so a batch of big windows never needs its
+    full-size float copy at once (the resized result is small).
+    """
+    size = int(size or lm.image_size)
     x = torch.as_tensor(batch)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected (B, H, W, 3) uint8 batch, got {tuple(x.shape)}")
-    non_blocking = lm.device.type == "cuda"
-    if non_blocking and x.device.type == "cpu" and not x.is_pinned():
-        x = x.pin_memory()
-    x = x.to(lm.device, non_blocking=non_blocking).permute(0, 3, 1, 2)
     compute = torch.float32 if lm.device.type == "cpu" else lm.dtype
-    x = x.to(compute).div_(255.0)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(lm.mean, device=lm.device, dtype=compute).view(1, 3, 1, 1)
-    std = torch.tensor(lm.std, device=lm.device, dtype=compute).view(1, 3, 1, 1)
-    return ((x - mean) / std).to(lm.dtype)
+    per_image = max(1, x[0].numel() * 4) if len(x) else 1
+    chunk = max(1, MODEL_INPUT_CHUNK_BYTES // per_image)
+    parts = []
+    for i in range(0, max(1, len(x)), chunk):
+        part = x[i:i + chunk]
+        if part.device != lm.device:
+            non_blocking = lm.device.type == "cuda"
+            if non_blocking and part.device.type == "cpu" and not part.is_pinned():
+                part = part.pin_memory()
+            part = part.to(lm.device, non_blocking=non_blocking)
+        parts.append(normalise_pixels(part, lm.mean, lm.std, size, compute, lm.dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @torch.inference_mode()

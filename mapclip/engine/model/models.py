@@ -75,9 +75,9 @@ class Preset:
     ``source`` is one of ``hf-file`` (``repo`` + ``filename`` on the HF hub),
     ``url-zip`` (``filename`` inside the zip at ``url``, the authors' own
     bucket), ``open_clip`` (an open_clip pretrained ``tag``), ``folder`` (a
-    local model folder, ``path`` relative to resources/) or ``random`` (seeded
+    local model folder, ``path`` relative to mapclip/resources/) or ``random`` (seeded
     random initialisation, for tests). ``templates`` names the prompt
-    template ensemble used by default (engine.scoring.TEMPLATE_SETS);
+    template ensemble used by default (engine.model.scoring.TEMPLATE_SETS);
     ``reference`` is where the model and its weights are published.
     """
 
@@ -94,7 +94,7 @@ class Preset:
     url: str = ""
     reference: str = ""
     #: what this model searches best with (tile size, batch, ...); the rest comes
-    #: from ARCH_DEFAULTS and engine.options.GENERIC_DEFAULTS
+    #: from ARCH_DEFAULTS and engine.core.options.GENERIC_DEFAULTS
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
     #: for the project's tests only: never offered in a picker or listed to users
     dev: bool = False
@@ -161,20 +161,20 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("demo", "mapclip-demo", "folder",
            "MapCLIP demo model, trained on synthetic scenes (a demo of the pipeline, "
            "not a remote-sensing model)", path="models/demo", family="MapCLIP",
-           templates="raw", reference="resources/models/demo/MODEL_CARD.md"),
+           templates="raw", reference="mapclip/resources/models/demo/MODEL_CARD.md"),
     Preset("test-coca-tiny", "mapclip-coca-tiny", "random",
            "tiny randomly initialised CoCa captioning model for tests (seeded)", family="MapCLIP",
-           reference="engine/configs/mapclip-coca-tiny.json", dev=True),
+           reference="mapclip/engine/model/configs/mapclip-coca-tiny.json", dev=True),
     Preset("test-tiny", "mapclip-tiny", "random",
            "tiny randomly initialised model for tests (seeded)", family="MapCLIP",
-           reference="engine/configs/mapclip-tiny.json", dev=True),
+           reference="mapclip/engine/model/configs/mapclip-tiny.json", dev=True),
 )}
 
 DEFAULT_MODEL = "remoteclip-vit-b-32"
 
 
 def register_configs() -> None:
-    """Make the project's own open_clip configs (engine/configs) known."""
+    """Make the project's own open_clip configs (mapclip/engine/model/configs) known."""
     import open_clip
     if "mapclip-tiny" not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
@@ -194,7 +194,7 @@ def model_defaults(spec: str) -> ModelDefaults:
     A preset's own defaults over its architecture's; a model folder's
     ``mapclip.defaults`` (written by the project's training and by fine-tuning)
     over its architecture's; ``ARCH:...`` specs get their architecture's.
-    Unset values fall back to engine.options.GENERIC_DEFAULTS when applied.
+    Unset values fall back to engine.core.options.GENERIC_DEFAULTS when applied.
     """
     spec = str(spec or "").strip()
     if spec in PRESETS:

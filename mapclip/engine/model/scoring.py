@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # torch loads on first use, so importing the defaults stays c
 
 from ..core.options import DEFAULT_BACKGROUND_PROMPTS  # noqa: E402,F401 (the one editable default)
 
-from ..core.options import DEFAULT_TEMPLATES, REMOTE_SENSING_TEMPLATES, TEMPLATE_SETS, template_error
+from ..core.options import DEFAULT_TEMPLATES, TEMPLATE_SETS, template_error
 
 Templates = Union[str, Sequence[str], None]
 

@@ -3,12 +3,12 @@
 Reading never loads a whole raster. :func:`open_raster` opens the file once
 to learn its shape, bands, nodata/masks and (for non-8-bit data) the stretch
 to 8 bit; :meth:`RasterReader.read` reads one pixel window;
-:func:`iter_tile_batches` streams tiles in batches, read ahead of the
-consumer by background threads.
+:func:`raster.batches.iter_tile_batches` streams tiles in batches, read ahead
+of the consumer by background threads.
 
 Georeferencing
     ``RasterInfo.transform`` (pixel -> CRS, an :class:`affine.Affine`) is the
-    single source of truth; :meth:`engine.tiling.Tile.bounds` maps windows
+    single source of truth; :meth:`engine.geo.tiling.Tile.bounds` maps windows
     through it exactly. Rasters with no georeferencing (a PNG/JPEG without a
     world file) get ``Affine(1, 0, 0, 0, -1, 0)``: x = column, y = -row, the
     way QGIS places such images, so results overlay the image there; ``crs``
@@ -51,7 +51,7 @@ Validity, skipping
 
 Resampling
     A tile whose native window differs from its ``out_px`` (GSD option, see
-    :mod:`engine.tiling`) is resampled on read by GDAL: ``average`` when
+    :mod:`engine.geo.tiling`) is resampled on read by GDAL: ``average`` when
     shrinking, ``bilinear`` when enlarging.
 
 Memory
@@ -62,20 +62,25 @@ Memory
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
-import sys
 import threading
 import warnings
-from collections import deque
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
-
 import numpy as np
+
+from . import compat  # noqa: F401  (repairs affine before rasterio uses it)
+
+import affine  # noqa: E402
+import rasterio
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from ..core.errors import Cancelled, MapClipError, UsageError
+from ..core.options import STRETCHES, ReadOptions
+from ..geo.tiling import PixelWindow, Tile, TileGrid
+
 
 try:  # OpenCV interleaves bands into tiles fast; numpy is the fallback
     import cv2 as _cv2
@@ -83,46 +88,14 @@ except ImportError:  # pragma: no cover
     _cv2 = None
 
 
-#: 8-bit values that, filling a whole tile in every band, mean "no data here"
-EMPTY_FILL_VALUES = (0, 255)
-
-
-def _repair_affine() -> None:
-    """Make ``affine`` usable when an old ``attrs`` shadows the one it needs.
-
-    affine 3.x declares ``functools.cached_property`` members on an attrs
-    slotted class; with attrs < 23.2 (Debian's system package, which the
-    venv sees) those raise TypeError, breaking ``transform * (x, y)``,
-    ``~transform`` and rasterio's ``dataset.res``. Plain properties give the
-    same values.
-    """
-    from affine import Affine
-    try:
-        Affine.identity().determinant
-        return
-    except TypeError:
-        pass
-    for name, val in list(vars(Affine).items()):
-        if isinstance(val, functools.cached_property):
-            setattr(Affine, name, property(val.func, doc=val.__doc__))
-
-
-_repair_affine()
-
-import affine  # noqa: E402
-import rasterio  # noqa: E402
-from rasterio.enums import ColorInterp, MaskFlags, Resampling  # noqa: E402
-from rasterio.errors import NotGeoreferencedWarning, RasterioError  # noqa: E402
-
-from ..core.errors import Cancelled, MapClipError, UsageError  # noqa: E402
-from ..core.jobs import Job  # noqa: E402
-from ..core.options import STRETCHES, ReadOptions  # noqa: E402,F401 (ReadOptions re-exported)
-from ..geo.tiling import PixelWindow, Tile, TileGrid  # noqa: E402,F401
-
 #: the most source pixels one read may touch (see RasterReader._check_read_size)
 MAX_READ_PX = 1 << 28
+
+
 #: reads of more source pixels than this, from the main thread, can be interrupted
 LONG_READ_PX = 1 << 22
+
+
 READ_LIMIT_ENV = "MAPCLIP_MAX_READ_PX"
 
 
@@ -135,10 +108,16 @@ def max_read_px() -> int:
 
 #: cap on GDAL's block cache (MB) while the engine reads, unless GDAL_CACHEMAX is set
 GDAL_CACHE_MB = 128
+
+
 #: pixels read (per band) for the stretch statistics when sampling blocks
 STATS_SAMPLE_PX = 4_000_000
+
+
 #: smallest long side of an overview used for statistics
 STATS_MIN_SIDE = 1024
+
+
 #: transform given to rasters with no georeferencing: x = column, y = -row (as QGIS shows them)
 PIXEL_TRANSFORM = affine.Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 
@@ -155,7 +134,7 @@ class ReaderThreadError(MapClipError):
     """A reader thread failed for another reason (reported with its cause chained)."""
 
 
-def _gdal_message(exc: BaseException) -> str:
+def gdal_message(exc: BaseException) -> str:
     """The most specific message in an exception's cause chain (GDAL's own text)."""
     msgs = []
     seen = set()
@@ -227,7 +206,7 @@ def _limit_gdal_cache() -> None:
         set_gdal_config("GDAL_CACHEMAX", cap)
 
 
-def _open_dataset(path: str):
+def open_dataset(path: str):
     """rasterio.open with every failure turned into a UsageError."""
     p = Path(path)
     if not p.exists() and "://" not in path and not path.startswith("/vsi"):
@@ -313,7 +292,7 @@ class RasterReader:
         self._handles: list = []
         self._closed = False
         _limit_gdal_cache()
-        ds = _open_dataset(self.path)
+        ds = open_dataset(self.path)
         try:
             self._setup(ds)
         except BaseException:
@@ -477,7 +456,7 @@ class RasterReader:
         """Tile grid over ``area`` (default: the whole raster) honouring ``options.gsd``.
 
         Without a GSD, ``tile_px``/``stride_px`` are native pixels; with one
-        they are output pixels (see :meth:`engine.tiling.TileGrid.for_raster`).
+        they are output pixels (see :meth:`engine.geo.tiling.TileGrid.for_raster`).
         """
         return TileGrid.for_raster(self.info, area, tile_px, stride_px,
                                    gsd=self.options.gsd, align=align)
@@ -488,7 +467,7 @@ class RasterReader:
         if ds is None:
             if self._closed:
                 raise RuntimeError("raster reader is closed")
-            ds = _open_dataset(self.path)
+            ds = open_dataset(self.path)
             self._local.ds = ds
             with self._lock:
                 self._handles.append(ds)
@@ -525,7 +504,7 @@ class RasterReader:
 
         def work() -> None:
             try:
-                ds = _open_dataset(self.path)
+                ds = open_dataset(self.path)
                 try:
                     box["value"] = self._read_raw(ds, window, out_shape)
                 finally:
@@ -570,7 +549,7 @@ class RasterReader:
                 f"first (gdaladdo {self.path}); {READ_LIMIT_ENV} raises the limit")
 
     def _read_raw(self, ds, window: PixelWindow, out_shape: Optional[Tuple[int, int]],
-                  resampling: Optional[Resampling] = None, scratch: Optional["_Scratch"] = None
+                  resampling: Optional[Resampling] = None, scratch: Optional["Scratch"] = None
                   ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Unique bands (n, h, w) in the raster's dtype, and validity (h, w) or None.
 
@@ -642,7 +621,7 @@ class RasterReader:
             else:
                 raw, valid = self._read_raw(self._dataset(), window, out_shape)
         except RasterioError as exc:
-            raise RasterReadError(f"reading {self.path} at {window} failed: {_gdal_message(exc)}",
+            raise RasterReadError(f"reading {self.path} at {window} failed: {gdal_message(exc)}",
                                   "check that the file is complete and readable "
                                   "(gdalinfo -checksum FILE)") from exc
         rgb = self._to_rgb(raw)
@@ -652,7 +631,7 @@ class RasterReader:
 
     # -- batches (used by TileBatches from worker threads) --
     def _read_group(self, ds, tiles: Sequence[Tile], i: int, j: int, out: np.ndarray,
-                    valid_frac: np.ndarray, scratch: Optional["_Scratch"] = None) -> None:
+                    valid_frac: np.ndarray, scratch: Optional["Scratch"] = None) -> None:
         """Read tiles[i:j] (one run from :func:`_group_end`) with one GDAL call.
 
         The run's super-window is read band-sequential, converted to 8 bit,
@@ -696,7 +675,7 @@ class RasterReader:
             for m, off in enumerate(offs):
                 valid_frac[i + m] = np.count_nonzero(valid[:, off:off + S]) / area
 
-    def _to_uint8(self, raw: np.ndarray, scratch: Optional["_Scratch"] = None) -> np.ndarray:
+    def _to_uint8(self, raw: np.ndarray, scratch: Optional["Scratch"] = None) -> np.ndarray:
         """(n, h, w) raw unique bands -> (n, h, w) uint8 by the stretch (no copy for uint8)."""
         s = self.stretch
         if s.kind == "identity":
@@ -729,45 +708,6 @@ class RasterReader:
         return conv
 
 
-class _Scratch:
-    """Per-thread reusable buffers (avoid page-faulting fresh memory per read)."""
-
-    def __init__(self):
-        self._bufs: dict = {}
-
-    def get(self, name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        need = int(np.prod(shape)) * dtype.itemsize
-        buf = self._bufs.get(name)
-        if buf is None or buf.nbytes < need:
-            buf = np.empty(need, np.uint8)
-            self._bufs[name] = buf
-        return buf[:need].view(dtype).reshape(shape)
-
-
-def _group_end(tiles: Sequence[Tile], i: int, max_width: int = 16384) -> int:
-    """End (exclusive) of the run of tiles from ``i`` that can share one read.
-
-    Tiles share a read when they lie on the same row with the same size and
-    each starts no further than one tile width after the previous one; for
-    resampled tiles their offsets must also land on whole output pixels.
-    """
-    t0 = tiles[i]
-    j = i + 1
-    prev = t0
-    while j < len(tiles):
-        t = tiles[j]
-        if (t.row != t0.row or t.height != t0.height or t.width != t0.width
-                or t.out_px != t0.out_px or t.col <= prev.col or t.col - prev.col > t0.width
-                or t.col + t.width - t0.col > max_width):
-            break
-        if t0.resampled and ((t.col - t0.col) * t0.out_px) % t0.width:
-            break
-        prev = t
-        j += 1
-    return j
-
-
 def _percentiles(v: np.ndarray, p: Tuple[float, float]) -> Tuple[float, float]:
     """Low/high percentiles of a 1-D sample (histogram for 8/16-bit integers)."""
     if v.dtype.kind in "ui" and v.dtype.itemsize <= 2:
@@ -797,369 +737,6 @@ def open_raster(path: str | os.PathLike, options: Optional[ReadOptions] = None,
         return RasterReader(path, options)
 
 
-# ------------------------------------------------------------------ GSD --
-_WGS84_A = 6378137.0
-_WGS84_E2 = 6.69437999014e-3
-
-
-def pixel_size_m(info: RasterInfo) -> Tuple[float, float]:
-    """Native (x, y) pixel size in metres.
-
-    Projected CRS: the pixel size times the CRS's linear unit. Geographic
-    CRS: degrees converted at the raster's centre latitude on the WGS84
-    ellipsoid. UsageError when the raster has no CRS (no metres to speak of).
-    """
-    if not info.crs:
-        raise UsageError(f"{info.path} has no CRS, so a GSD in metres cannot be applied",
-                         "drop --gsd (tiles are then in native pixels) or georeference the raster")
-    from rasterio.crs import CRS
-    crs = CRS.from_wkt(info.crs)
-    rx, ry = info.res
-    if crs.is_geographic:
-        _, ymin, _, ymax = info.bounds
-        lat = math.radians((ymin + ymax) / 2.0)
-        s = math.sin(lat)
-        w = math.sqrt(1.0 - _WGS84_E2 * s * s)
-        m_lon = math.pi / 180.0 * _WGS84_A * math.cos(lat) / w
-        m_lat = math.pi / 180.0 * _WGS84_A * (1.0 - _WGS84_E2) / (w ** 3)
-        return rx * m_lon, ry * m_lat
-    try:
-        factor = float(crs.linear_units_factor[1])
-    except Exception:  # CRS without a linear unit: assume metres
-        factor = 1.0
-    return rx * factor, ry * factor
-
-
-def native_tile_size(info: RasterInfo, tile_px: int, gsd: float) -> Tuple[int, int]:
-    """(width, height) in native pixels of a ``tile_px`` tile at ``gsd`` m/px.
-
-    ``round(tile_px * gsd / res_m)`` per axis (at least 1 pixel).
-    """
-    if gsd is None or gsd <= 0:
-        raise UsageError(f"GSD must be a positive number of metres per pixel, got {gsd}",
-                         "e.g. --gsd 0.5")
-    mx, my = pixel_size_m(info)
-    return (max(1, int(round(tile_px * gsd / mx))), max(1, int(round(tile_px * gsd / my))))
-
-
-# ----------------------------------------------------------------- extent --
-def extent_to_window(info: RasterInfo, extent: Optional[Tuple[float, float, float, float]],
-                     extent_crs: Optional[str] = None) -> PixelWindow:
-    """Pixel window of an extent (xmin, ymin, xmax, ymax), clipped to the raster.
-
-    ``extent_crs`` (EPSG:N, WKT, PROJ string; default: the raster's CRS) is
-    transformed to the raster's CRS with ``rasterio.warp.transform_bounds``
-    (densified edges, so curved reprojected edges are enclosed). The window
-    is the smallest whole-pixel window containing the extent. None = the
-    whole raster. UsageError when the extent is malformed or misses.
-    """
-    if extent is None:
-        return info.window
-    try:
-        xmin, ymin, xmax, ymax = (float(v) for v in extent)
-    except (TypeError, ValueError):
-        raise UsageError(f"extent {extent!r} is not four numbers",
-                         "give xmin,ymin,xmax,ymax") from None
-    if not (xmin < xmax and ymin < ymax) or not all(map(math.isfinite, (xmin, ymin, xmax, ymax))):
-        raise UsageError(f"extent {xmin},{ymin},{xmax},{ymax} is empty or inverted",
-                         "give xmin,ymin,xmax,ymax with xmin < xmax and ymin < ymax")
-    if extent_crs:
-        from rasterio.crs import CRS
-        from rasterio.errors import CRSError
-        try:
-            with rasterio.Env():   # GDAL's messages go to logging, not stray "ERROR 1:" lines
-                src = CRS.from_user_input(extent_crs)
-        except (CRSError, ValueError, TypeError) as exc:
-            raise UsageError(f"unknown extent CRS {extent_crs!r} ({exc})",
-                             "give it as EPSG:N, e.g. --extent-crs EPSG:4326") from None
-        if not info.crs:
-            raise UsageError(f"{info.path} has no CRS, so an extent in {extent_crs} cannot be placed",
-                             "give the extent in the raster's own (pixel) coordinates, "
-                             "without --extent-crs")
-        dst = CRS.from_wkt(info.crs)
-        if src != dst:
-            from rasterio.warp import transform_bounds
-            try:
-                xmin, ymin, xmax, ymax = transform_bounds(src, dst, xmin, ymin, xmax, ymax,
-                                                          densify_pts=21)
-            except Exception as exc:
-                raise UsageError(f"cannot transform the extent from {extent_crs} to the raster's "
-                                 f"CRS ({exc})", "check the extent and its CRS") from None
-            if not all(map(math.isfinite, (xmin, ymin, xmax, ymax))):
-                raise UsageError(f"the extent does not exist in the raster's CRS",
-                                 "check the extent and its CRS")
-    inv = ~info.transform
-    cols, rows = [], []
-    for x, y in ((xmin, ymin), (xmax, ymin), (xmin, ymax), (xmax, ymax)):
-        cols.append(inv.a * x + inv.b * y + inv.c)
-        rows.append(inv.d * x + inv.e * y + inv.f)
-
-    def snap(v: float) -> float:
-        r = round(v)
-        return float(r) if abs(v - r) < 1e-6 else v
-
-    c0 = max(0, math.floor(snap(min(cols))))
-    r0 = max(0, math.floor(snap(min(rows))))
-    c1 = min(info.width, math.ceil(snap(max(cols))))
-    r1 = min(info.height, math.ceil(snap(max(rows))))
-    if c1 <= c0 or r1 <= r0:
-        b = info.bounds
-        raise UsageError(
-            f"the extent {xmin:g},{ymin:g},{xmax:g},{ymax:g} (raster CRS) misses the raster, "
-            f"whose bounds are {b[0]:g},{b[1]:g},{b[2]:g},{b[3]:g}",
-            "give an extent that overlaps the raster (and --extent-crs if it is in another CRS)")
-    return PixelWindow(c0, r0, c1 - c0, r1 - r0)
-
-
-# ---------------------------------------------------------------- batches --
-@dataclass
-class _Batch:
-    tiles: List[Tile]
-    array: np.ndarray
-    valid: np.ndarray
-
-
-class TileBatches:
-    """Iterator of ``(tiles, uint8 array (B, S, S, 3))``, read ahead by threads.
-
-    Made by :func:`iter_tile_batches`. Attributes, updated as it goes:
-    ``skipped`` (tiles skipped as nodata/empty so far), ``yielded`` (tiles
-    yielded), ``done`` (tiles consumed: yielded + skipped; use it for
-    progress), ``total`` (tiles asked for). Stops (and closes its threads and
-    dataset handles) when exhausted, on :meth:`close`, on error, and when the
-    job's cancel flag is set (raising :class:`Cancelled` before the next
-    batch is yielded; a wait for a batch is interrupted within 50 ms).
-    """
-
-    def __init__(self, reader: RasterReader, tiles: Sequence[Tile], batch_size: int,
-                 job: Optional[Job] = None, prefetch: int = 2, workers: int = 2,
-                 min_valid: float = 0.5, skip_empty: bool = True):
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        if not (hasattr(tiles, "__getitem__") and hasattr(tiles, "__len__")):
-            tiles = list(tiles)
-        # a grid's tiles are made on demand: nothing here grows with the tile count
-        self._tiles = tiles
-        self._batch_size = int(batch_size)
-        self._out_px = tiles[0].out_px if len(tiles) else None
-        self.reader = reader
-        self.job = job
-        self.min_valid = float(min_valid)
-        self.skip_empty = skip_empty
-        self.total = len(tiles)
-        self.skipped = 0
-        self.yielded = 0
-        self.done = 0
-        self._n_batches = (len(tiles) + batch_size - 1) // batch_size
-        self._next_submit = 0
-        self._in_flight: deque = deque()
-        self._stop = threading.Event()
-        self._local = threading.local()
-        self._handles: list = []
-        self._hlock = threading.Lock()
-        self._pool_bufs: List[np.ndarray] = []
-        self._depth = max(1, int(prefetch), int(workers))
-        self._pool: Optional[ThreadPoolExecutor] = None
-        if self._n_batches:
-            self._pool = ThreadPoolExecutor(max_workers=max(1, int(workers)),
-                                            thread_name_prefix="mapclip-read")
-            self._fill()
-
-    # worker side
-    def _worker_state(self):
-        st = getattr(self._local, "state", None)
-        if st is None:
-            ds = _open_dataset(self.reader.path)
-            st = (ds, _Scratch())
-            self._local.state = st
-            with self._hlock:
-                self._handles.append(ds)
-        return st
-
-    def _buffer(self, n: int, S: int) -> np.ndarray:
-        """A (n, S, S, 3) batch array, reusing one the consumer no longer holds."""
-        with self._hlock:
-            for k, buf in enumerate(self._pool_bufs):
-                # free when only the pool list, this loop and getrefcount's
-                # argument refer to it (a consumer's array, view or tensor adds one)
-                if buf.shape[0] == n and buf.shape[1] == S and sys.getrefcount(buf) <= 3:
-                    del self._pool_bufs[k]
-                    return buf
-        return np.empty((n, S, S, 3), np.uint8)
-
-    def _release(self, buf: np.ndarray) -> None:
-        with self._hlock:
-            if len(self._pool_bufs) < self._depth + 2:
-                self._pool_bufs.append(buf)
-
-    def _work(self, tiles: List[Tile]) -> Optional[_Batch]:
-        if self._stop.is_set():
-            return None
-        S = tiles[0].out_px
-        out = self._buffer(len(tiles), S)
-        frac = np.empty(len(tiles), np.float64)
-        ds, scratch = self._worker_state()
-        r = self.reader
-        i = 0
-        while i < len(tiles):
-            if self._stop.is_set():
-                return None
-            j = _group_end(tiles, i)
-            r._read_group(ds, tiles, i, j, out, frac, scratch)
-            i = j
-        return _Batch(tiles, out, frac)
-
-    # consumer side
-    def _fill(self) -> None:
-        while (not self._stop.is_set() and len(self._in_flight) < self._depth
-               and self._next_submit < self._n_batches):
-            tiles = self._batch(self._next_submit)
-            self._in_flight.append((tiles, self._pool.submit(self._work, tiles)))
-            self._next_submit += 1
-
-    def _batch(self, k: int) -> List[Tile]:
-        """Batch ``k``, made and checked when it is submitted."""
-        bs = self._batch_size
-        tiles = list(self._tiles[k * bs:(k + 1) * bs])
-        for t in tiles:
-            if t.out_px != self._out_px:
-                raise ValueError(f"tiles have different out_px ({self._out_px}, {t.out_px}); "
-                                 "batch them separately")
-            self.reader._check_window(t.window())
-        return tiles
-
-    def _cancelled(self) -> bool:
-        return self.job is not None and self.job.cancelled
-
-    def _wait(self, fut: Future):
-        while True:
-            if self._cancelled():
-                self.close()
-                raise Cancelled()
-            try:
-                return fut.result(timeout=0.05)
-            except FutureTimeout:
-                continue
-
-    def __iter__(self) -> "TileBatches":
-        return self
-
-    def __next__(self) -> Tuple[List[Tile], np.ndarray]:
-        while True:
-            if self._cancelled():
-                self.close()
-                raise Cancelled()
-            if not self._in_flight:
-                self.close()
-                raise StopIteration
-            tiles, fut = self._in_flight.popleft()
-            try:
-                batch = self._wait(fut)
-            except (Cancelled, CancelledError):
-                self.close()
-                raise Cancelled() from None
-            except MapClipError:
-                self.close()
-                raise
-            except RasterioError as exc:
-                self.close()
-                w = tiles[0].window()
-                raise RasterReadError(
-                    f"reading {self.reader.path} failed near pixel window "
-                    f"col={w.col} row={w.row}: {_gdal_message(exc)}",
-                    "check that the file is complete and readable (gdalinfo -checksum FILE)"
-                ) from exc
-            except Exception as exc:
-                self.close()
-                w = tiles[0].window()
-                raise ReaderThreadError(
-                    f"the raster reader thread failed on {self.reader.path} near pixel window "
-                    f"col={w.col} row={w.row}: {type(exc).__name__}: {exc}",
-                    "this is a bug or an I/O problem; the traceback above the error has details"
-                ) from exc
-            self._fill()
-            if batch is None:  # stopped meanwhile
-                self.close()
-                raise Cancelled()
-            keep = self._keep(batch)
-            n_keep = int(keep.sum())
-            self.skipped += len(tiles) - n_keep
-            self.done += len(tiles)
-            if n_keep == 0:
-                self._release(batch.array)
-                continue
-            self.yielded += n_keep
-            self._release(batch.array)
-            if n_keep == len(tiles):
-                return batch.tiles, batch.array
-            idx = np.flatnonzero(keep)
-            return [batch.tiles[i] for i in idx], batch.array[idx]
-
-    def _keep(self, batch: _Batch) -> np.ndarray:
-        keep = batch.valid >= self.min_valid
-        if self.skip_empty:
-            flat = batch.array.reshape(len(batch.tiles), -1)
-            # cheap test on a strided sample first, full test only for candidates
-            sample = flat[:, ::97]
-            cand = np.flatnonzero(keep & (sample == sample[:, :1]).all(axis=1))
-            for i in cand:
-                row = flat[i]
-                if row[0] in EMPTY_FILL_VALUES and (row == row[0]).all():
-                    keep[i] = False
-        return keep
-
-    def close(self) -> None:
-        """Stop the reader threads, drop read-ahead batches, close their handles."""
-        self._stop.set()
-        for _, fut in self._in_flight:
-            fut.cancel()
-        self._in_flight.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        with self._hlock:
-            handles, self._handles = self._handles, []
-        for ds in handles:
-            try:
-                ds.close()
-            except Exception:  # pragma: no cover
-                pass
-
-    def __enter__(self) -> "TileBatches":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-def iter_tile_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: int,
-                      job: Optional[Job] = None, prefetch: int = 2, workers: int = 2,
-                      min_valid: float = 0.5, skip_empty: bool = True) -> TileBatches:
-    """Stream ``tiles`` as ``(tiles, uint8 (B, S, S, 3))`` batches, read ahead in threads.
-
-    ``S`` is the tiles' ``out_px`` (all tiles must share it); tiles are read
-    at their native window and resampled to ``S`` when it differs. Batches
-    keep the order of ``tiles``; ``B <= batch_size`` because tiles whose
-    valid fraction is below ``min_valid`` or (``skip_empty``) whose image is
-    one constant colour are skipped, not yielded (a batch left empty is not
-    yielded at all). ``workers`` threads, each with its own dataset handle,
-    read whole batches; at most ``max(prefetch, workers)`` batches are read
-    ahead, which bounds memory to about that many batches plus the one the
-    consumer holds. The returned :class:`TileBatches` counts ``skipped``,
-    ``yielded`` and ``done``; it raises :class:`Cancelled` once ``job`` is
-    cancelled and :class:`RasterReadError` when a reader thread fails.
-    Progress is left to the consumer (``job.step`` per scored batch).
-    """
-    return TileBatches(reader, tiles, batch_size, job=job, prefetch=prefetch, workers=workers,
-                       min_valid=min_valid, skip_empty=skip_empty)
-
-
 def raster_files(path: str | os.PathLike) -> List[str]:
     """Every file GDAL reads for ``path`` (a VRT's sources, a world file, an
     .aux.xml, overviews), for the output guard: none of them may be an output."""
@@ -1173,3 +750,17 @@ def raster_files(path: str | os.PathLike) -> List[str]:
         pass
     return list(dict.fromkeys(files))
 
+class Scratch:
+    """Per-thread reusable buffers (avoid page-faulting fresh memory per read)."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def get(self, name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        need = int(np.prod(shape)) * dtype.itemsize
+        buf = self._bufs.get(name)
+        if buf is None or buf.nbytes < need:
+            buf = np.empty(need, np.uint8)
+            self._bufs[name] = buf
+        return buf[:need].view(dtype).reshape(shape)

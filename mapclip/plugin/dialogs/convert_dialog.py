@@ -1,7 +1,7 @@
 """The conversion dialog: Box-to-Caption and Mask-to-Box, one tab each.
 
 Both call the engine functions behind ``python -m engine convert b2c|m2b``
-(``engine.convert.box_to_caption`` / ``mask_to_box``) in an
+(``engine.data.box_caption.box_to_caption`` / ``mask_to_box``) in an
 :class:`plugin.tasks.EngineTask`. The result's summary (images, captions,
 boxes per class, images without objects) shows in the dialog.
 """
@@ -16,7 +16,7 @@ from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QSpinBox, QT
 
 from .base import JobDialog, file_widget, need_file
 
-#: annotation formats (the engine's engine.annotations.FORMATS)
+#: annotation formats (the engine's engine.data.annotations.FORMATS)
 FORMATS = ("coco", "dota", "yolo", "voc")
 #: formats whose annotations are one file; the others may be a folder of label files
 SINGLE_FILE_FORMATS = ("coco",)
@@ -134,7 +134,7 @@ class ConvertDialog(JobDialog):
                           seed=self.b2c_seed.value())
 
             def job(progress, cancel):
-                from ...engine.data.convert import CaptionOptions, box_to_caption
+                from ...engine.data.box_caption import CaptionOptions, box_to_caption
                 return box_to_caption(ann, out, CaptionOptions(**kwargs), progress=progress,
                                       cancel=cancel)
             return job
@@ -146,7 +146,7 @@ class ConvertDialog(JobDialog):
                       captions=self.m2b_captions.filePath().strip() or None)
 
         def job(progress, cancel):
-            from ...engine.data.convert import MaskOptions, mask_to_box
+            from ...engine.data.mask_box import MaskOptions, mask_to_box
             return mask_to_box(masks, classes, out, MaskOptions(**kwargs), progress=progress,
                                cancel=cancel)
         return job

@@ -1,12 +1,12 @@
 """The de-duplication dialog: find near-duplicate images, look at them, quarantine on request.
 
-"Find duplicates" runs ``engine.dedup.find_duplicates`` (the function behind
+"Find duplicates" runs ``engine.archive.dedup.find_duplicates`` (the function behind
 ``python -m engine dedup``) in an :class:`plugin.tasks.EngineTask` and fills a
 table: one row per image in a duplicate group (the kept image first, with a
 thumbnail) and one per training image that duplicates an image of the test
 folder. Nothing moves until the user presses "Move to quarantine" (after a
 quarantine folder is chosen); that writes a manifest first, and "Undo move"
-puts every file back (``engine.dedup.undo_move``).
+puts every file back (``engine.archive.dedup.undo_move``).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Processing algorithms for the archive index: build (or append to) an index, search it.
 
-They call ``engine.index.build_index`` and ``engine.index.search``, the
+They call ``engine.archive.build.build_index`` and ``engine.archive.search.search``, the
 functions behind ``python -m engine index`` and ``python -m engine search``.
 An index is a folder (see docs/index.md); building into an existing index
 appends new rasters, finishes an interrupted build and re-embeds changed ones.
@@ -110,8 +110,9 @@ class BuildIndexAlgorithm(MapClipAlgorithm):
             gsd = self.parameterAsDouble(parameters, self.GSD, context) or None
         device = self.parameterAsString(parameters, self.DEVICE, context).strip() or None
         with engine_errors():
-            from ...engine.archive.index import IndexOptions, build_index
-            from ...engine.raster.reader import ReadOptions
+            from ...engine.core.options import IndexOptions
+            from ...engine.archive.build import build_index
+            from ...engine.core.options import ReadOptions
             bands = parse_bands(self.parameterAsString(parameters, self.BANDS, context))
             options = IndexOptions(
                 tile_px=_optional_int(self, parameters, self.TILE, context), scales=scales,
@@ -134,7 +135,7 @@ class BuildIndexAlgorithm(MapClipAlgorithm):
 
 
 def hit_fields() -> QgsFields:
-    """The CLI's hit fields (engine.outputs.HIT_FIELDS)."""
+    """The CLI's hit fields (engine.core.outputs.HIT_FIELDS)."""
     return fields_of(outputs.HIT_FIELDS)
 
 
@@ -195,7 +196,7 @@ class SearchIndexAlgorithm(MapClipAlgorithm):
         index = self.parameterAsFile(parameters, self.INDEX, context)
         device = self.parameterAsString(parameters, self.DEVICE, context).strip() or None
         with engine_errors():
-            from ...engine.archive.index import search
+            from ...engine.archive.search import search
             options = SearchOptions(
                 top_k=self.parameterAsInt(parameters, self.TOP_K, context),
                 negative=split_prompts(self.parameterAsString(parameters, self.NEGATIVE, context)),

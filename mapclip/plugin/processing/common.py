@@ -102,7 +102,7 @@ def engine_errors() -> Iterator[None]:
 # ------------------------------------------------------------------ models --
 def get_model(spec: str, device: Optional[str] = None,
               feedback: Optional[QgsProcessingFeedback] = None):
-    """The loaded model for ``spec``, through the plugin's model cache (plugin/tasks.py),
+    """The loaded model for ``spec``, through the plugin's model cache (mapclip/plugin/tasks.py),
     so the dock, the dialogs and Processing share one copy of the weights and batch
     runs load them once."""
     from ..tasks import get_model as cached_model
@@ -119,13 +119,13 @@ def default_model() -> str:
 
 # ------------------------------------------------------------------ inputs --
 def split_prompts(text: str) -> List[str]:
-    """Prompts typed one per line or separated by ';' (engine.options.split_prompts)."""
+    """Prompts typed one per line or separated by ';' (engine.core.options.split_prompts)."""
     from ...engine.core.options import split_prompts as split
     return split(text)
 
 
 def parse_bands(text: str) -> Optional[List[int]]:
-    """'1,2,3' -> [1, 2, 3]; empty -> None (engine.options.parse_bands), errors worded
+    """'1,2,3' -> [1, 2, 3]; empty -> None (engine.core.options.parse_bands), errors worded
     for Processing."""
     from ...engine.core.options import parse_bands as parse
     with engine_errors():
@@ -173,7 +173,7 @@ class MapClipAlgorithm(QgsProcessingAlgorithm):
     def prepareAlgorithm(self, parameters, context, feedback) -> bool:  # noqa: N802
         """QGIS calls this on the main thread before processAlgorithm runs in a worker
         thread: the heavy packages are imported here, never first in the worker
-        (plugin/runtime.py). A missing package is reported by processAlgorithm."""
+        (mapclip/plugin/runtime.py). A missing package is reported by processAlgorithm."""
         if self.NEEDS_MODEL:
             from .. import runtime
             try:

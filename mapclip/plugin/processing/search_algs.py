@@ -2,7 +2,7 @@
 
 They call ``engine.detect.detect`` and ``engine.count.count``, the functions
 behind ``python -m engine detect`` and ``python -m engine count``, with the
-same options. Defaults and choices come from engine.options (standard library
+same options. Defaults and choices come from engine.core.options (standard library
 only, so the provider loads without torch); an option whose default depends on
 the model (tile size, window, top-k, batch size) is an optional parameter left
 empty, and the engine fills in the model's own default, as it does for the CLI.
@@ -103,7 +103,7 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
 
         A file-based layer is read from its file. Any other layer (XYZ/WMS
         basemaps, virtual rasters) is rendered by QGIS for the area at the GSD
-        into a temporary GeoTIFF first, as the dock does (plugin/render.py);
+        into a temporary GeoTIFF first, as the dock does (mapclip/plugin/render.py);
         the file is removed afterwards.
         """
         from .. import render
@@ -312,7 +312,7 @@ class HeatmapAlgorithm(DetectBase):
 
 
 def count_fields() -> QgsFields:
-    """Fields of the dense count's object boxes: the CLI's (engine.outputs.COUNT_FIELDS)."""
+    """Fields of the dense count's object boxes: the CLI's (engine.core.outputs.COUNT_FIELDS)."""
     return fields_of(outputs.COUNT_FIELDS)
 
 

@@ -17,12 +17,12 @@ from qgis.core import (QgsProcessingOutputFile, QgsProcessingParameterDefinition
 
 from .common import FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, optional_number
 
-from ...engine.data.convert import MaskOptions
+from ...engine.data.mask_box import MaskOptions
 from ...engine.archive.dedup import DedupOptions
 from ...engine.core.options import FREEZE as FREEZE_
 from ...engine.core.options import FinetuneOptions
 
-#: the engine's defaults, read once (engine.options, engine.convert and engine.dedup need no torch)
+#: the engine's defaults, read once (engine.core.options, engine.convert and engine.archive.dedup need no torch)
 FT = FinetuneOptions(model="", data="", out="")
 FREEZE = list(FREEZE_)
 B2C_FORMATS = ["coco", "dota", "yolo", "voc"]
@@ -161,7 +161,7 @@ class BoxToCaptionAlgorithm(MapClipAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         out = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
         with engine_errors():
-            from ...engine.data.convert import CaptionOptions, box_to_caption
+            from ...engine.data.box_caption import CaptionOptions, box_to_caption
             options = CaptionOptions(
                 format=B2C_FORMATS[self.parameterAsEnum(parameters, self.FORMAT, context)],
                 images_dir=self.parameterAsFile(parameters, self.IMAGES, context) or None,
@@ -223,7 +223,7 @@ class MaskToBoxAlgorithm(MapClipAlgorithm):
         if optional_number(parameters.get(self.IGNORE)) not in (None, ""):
             ignore = self.parameterAsInt(parameters, self.IGNORE, context)
         with engine_errors():
-            from ...engine.data.convert import mask_to_box
+            from ...engine.data.mask_box import mask_to_box
             options = MaskOptions(min_area=self.parameterAsInt(parameters, self.MIN_AREA, context),
                                   ignore_index=ignore,
                                   images_dir=self.parameterAsFile(parameters, self.IMAGES, context) or None,

@@ -1,0 +1,284 @@
+"""Searching an index by text, by an example image or by a place: the query
+vector, the ranking (exact up to :data:`approx.APPROX_MIN_ROWS` rows, then
+approximate with exact re-ranking), the hits and their vector file.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+import numpy as np
+from ..core.errors import UsageError
+from ..core.jobs import Job
+from ..core.options import SearchOptions, check
+from ..core.outputs import HIT_FIELDS, hit_query, hit_rows, output_crs, same_crs, vector_driver, write_vector
+from . import approx
+from .store import Hit, Index, top_rows, open_index
+
+
+@dataclass
+class SearchResult:
+    hits: List[Hit]
+    query: Dict[str, Any]
+    method: str
+    rows: int
+    seconds: float
+    model: str
+    params: Dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"query": self.query, "method": self.method, "rows": self.rows,
+                "seconds": round(self.seconds, 4), "model": self.model, "params": self.params,
+                "hits": [h.to_json() for h in self.hits]}
+
+
+def _encode_query_image(lm, p: Path) -> np.ndarray:
+    """The embedding of a query image file: an ordinary picture through PIL, and
+    anything PIL cannot decode (a float32 or 16-bit GeoTIFF, JPEG2000, ...)
+    through the raster reader, stretched to 8 bit like the tiles of an index."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..model.encode import encode_image_files, encode_images
+    try:
+        with Image.open(p) as im:
+            im.convert("RGB").load()
+        return encode_image_files(lm, [str(p)])[0].cpu().numpy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        pass
+    from ..raster.reader import open_raster
+    try:
+        with open_raster(str(p)) as reader:
+            rgb, _ = reader.read(reader.info.window, out_shape=(lm.image_size, lm.image_size))
+    except UsageError as exc:
+        raise UsageError(f"cannot read image {p} as a query: it is neither a picture (PNG, "
+                         "JPEG, 8-bit TIFF) nor a raster GDAL can open",
+                         "give an image file, or a raster GDAL can open (check it with "
+                         "gdalinfo FILE)") from None
+    return encode_images(lm, rgb[None])[0].cpu().numpy()
+
+
+# --------------------------------------------------------------------------- #
+# Queries.
+# --------------------------------------------------------------------------- #
+def _load_query_model(index: Index, model, options: SearchOptions):
+    from ..model.models import LoadedModel, load_model
+    if isinstance(model, LoadedModel):
+        lm = model
+    else:
+        lm = load_model(model or index.model.get("spec"), device=options.device,
+                        precision=options.precision)
+    index.check_model(lm)
+    return lm
+
+
+def _parse_point(like) -> Tuple[float, float]:
+    if isinstance(like, str):
+        parts = like.replace(";", ",").split(",")
+        try:
+            x, y = (float(v) for v in parts)
+        except ValueError:
+            raise UsageError(f"--like {like!r} is not a point X,Y", "write it as X,Y, e.g. 512300.5,4403120") from None
+        return x, y
+    try:
+        x, y = like
+        return float(x), float(y)
+    except (TypeError, ValueError):
+        raise UsageError(f"--like {like!r} is not a point (x, y)", "pass two numbers") from None
+
+
+def locate(index: Index, point, crs: Optional[str] = None) -> int:
+    """Row of the stored tile containing ``point`` (x, y in ``crs``).
+
+    ``crs`` defaults to the CRS the index's rasters share (UsageError if they
+    differ). Among several tiles containing the point (overlap, scales) the one
+    whose centre is nearest wins, the smaller tile on ties.
+    """
+    index.require_rows()
+    x, y = _parse_point(point)
+    if crs is not None:
+        import rasterio
+        from rasterio.crs import CRS
+        try:
+            with rasterio.Env():   # GDAL's messages go to logging, not stray "ERROR 1:" lines
+                CRS.from_user_input(crs)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the user's CRS
+            raise UsageError(f"unknown CRS {crs!r} for the point ({exc})",
+                             "give it as EPSG:N, e.g. --crs EPSG:4326 for lon,lat") from None
+    tiles = index.tiles()
+    crss = {r.get("crs") or "" for r in index.rasters.values()}
+    if crs is None:
+        if len(crss) > 1 and any(not same_crs(a, b) for a in crss for b in crss):
+            raise UsageError("the index holds rasters in several CRS, so the point's CRS is ambiguous",
+                             "pass --crs EPSG:N (e.g. --crs EPSG:4326 for lon,lat)")
+    best = None
+    for rid, r in index.rasters.items():
+        sel = np.flatnonzero(tiles["raster"] == rid)
+        if sel.size == 0:
+            continue
+        rcrs = r.get("crs")
+        px, py = x, y
+        if crs is not None and not same_crs(crs, rcrs):
+            if not rcrs:
+                continue
+            import rasterio
+            from rasterio.warp import transform
+            try:
+                with rasterio.Env():
+                    xs, ys = transform(crs, rcrs, [x], [y])
+            except Exception as exc:
+                raise UsageError(f"cannot transform the point from {crs} ({exc})",
+                                 "pass --crs as EPSG:N") from None
+            px, py = float(xs[0]), float(ys[0])
+        t = tiles[sel]
+        inside = (t["xmin"] <= px) & (px <= t["xmax"]) & (t["ymin"] <= py) & (py <= t["ymax"])
+        if not inside.any():
+            continue
+        cand = sel[inside]
+        t = tiles[cand]
+        cx, cy = (t["xmin"] + t["xmax"]) / 2, (t["ymin"] + t["ymax"]) / 2
+        w = np.maximum(t["xmax"] - t["xmin"], 1e-12)
+        dist = np.hypot((cx - px) / w, (cy - py) / w)
+        order = np.lexsort((t["tile_px"], dist))
+        row, d = int(cand[order[0]]), float(dist[order[0]])
+        if best is None or d < best[1]:
+            best = (row, d)
+    if best is None:
+        where = f" ({crs})" if crs else ""
+        raise UsageError(f"the point {x:g},{y:g}{where} lies outside every indexed tile",
+                         "pick a location inside an indexed raster, and give --crs if the point "
+                         "is not in the rasters' CRS")
+    return best[0]
+
+
+def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] = None,
+                 like=None, like_crs: Optional[str] = None, model=None,
+                 options: Optional[SearchOptions] = None) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+    """(score vector, cosine vector, query facts) for exactly one of text/image/like.
+
+    The score vector folds in the negative prompts: ``q - w * mean(neg)``.
+    """
+    options = check(options or SearchOptions())
+    given = [k for k, v in (("text", text), ("image", image), ("like", like)) if v is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one query: --text, --image or --like",
+                         f"got {', '.join(given) if given else 'none'}")
+    negatives = [str(n).strip() for n in options.negative or ()]
+    if any(not n for n in negatives):
+        raise UsageError("empty negative prompt", "give --negative a non-empty text")
+    lm = None
+    if text is not None:
+        if not str(text).strip():
+            raise UsageError("empty query text", "give --text a non-empty description, e.g. --text quarry")
+        from ..model.scoring import encode_prompts
+        lm = _load_query_model(index, model, options)
+        q = encode_prompts(lm, [str(text).strip()], getattr(options, "templates", None))[0].cpu().numpy()
+        facts = {"text": str(text).strip()}
+    elif image is not None:
+        p = Path(str(image))
+        if p.is_dir():
+            raise UsageError(f"query image {p} is a folder, not an image file",
+                             "give one image file (PNG, JPEG, TIFF or any raster GDAL reads)")
+        if not p.is_file():
+            raise UsageError(f"query image {p} does not exist", "check the path")
+        lm = _load_query_model(index, model, options)
+        q = _encode_query_image(lm, p)
+        facts = {"image": str(p)}
+    else:
+        row = locate(index, like, like_crs)
+        q = index.embeddings()[row].astype(np.float32)
+        q /= max(float(np.linalg.norm(q)), 1e-12)
+        facts = {"like": list(_parse_point(like)), "crs": like_crs, "row": row}
+    q = np.asarray(q, np.float32)
+    score_q = q
+    if negatives:
+        from ..model.scoring import encode_prompts
+        lm = lm or _load_query_model(index, model, options)
+        neg = encode_prompts(lm, negatives, getattr(options, "templates", None)).cpu().numpy().astype(np.float32)
+        score_q = q - float(options.negative_weight) * neg.mean(axis=0)
+        facts["negative"] = negatives
+        facts["negative_weight"] = float(options.negative_weight)
+    return score_q.astype(np.float32), q, facts
+
+
+def ranked_rows(index: Index, score_q: np.ndarray, k: int, method: str = "auto"
+                ) -> Tuple[np.ndarray, np.ndarray, str, Dict[str, Any]]:
+    """(rows, scores, method used, parameters) of the top ``k`` rows for ``score_q``."""
+    index.require_rows()
+    if k < 1:
+        raise UsageError(f"top-k must be at least 1, got {k}", "pass --top-k 1 or more")
+    if method not in ("auto", "exact", "approx"):
+        raise UsageError(f"unknown search method {method!r}", "use auto, exact or approx")
+    n = index.rows
+    use = method if method != "auto" else ("approx" if n >= approx.APPROX_MIN_ROWS else "exact")
+    params: Dict[str, Any] = {"threshold_rows": approx.APPROX_MIN_ROWS}
+    if use == "approx" and n < approx.APPROX_MIN_TRAIN:
+        use = "exact"
+        params["note"] = f"approximate search needs {approx.APPROX_MIN_TRAIN} rows or more; searched exactly"
+    if use == "exact":
+        rows, scores = index.exact_top(score_q, k)
+        return rows, scores, "exact", params
+    fi = index.approx()
+    kc = approx.approx_candidates(k, n)
+    _, cand = fi.search(np.asarray(score_q, np.float32)[None], kc)
+    cand = cand[0]
+    cand = cand[cand >= 0]
+    exact = index.rerank(cand, score_q)
+    top = top_rows(exact, k)
+    return cand[top], exact[top], "approx", {
+        "threshold_rows": approx.APPROX_MIN_ROWS, "faiss": approx.approx_factory(index.embed_dim),
+        "candidates": int(kc)}
+
+
+def search(index: Union[str, os.PathLike, Index], text: Optional[str] = None,
+           image: Optional[str] = None, like=None, like_crs: Optional[str] = None,
+           model=None, options: Optional[SearchOptions] = None,
+           progress=None, cancel=None) -> SearchResult:
+    """Rank the index's tiles for one query (text, image file, or a location).
+
+    ``model``: a spec or LoadedModel for text/image queries (default: the
+    index's own model); refused when it embeds into another space. A
+    location query (``like``, x,y in ``like_crs``) needs no model: the stored
+    embedding of the tile containing the point is the query.
+    """
+    t0 = time.perf_counter()
+    options = check(options or SearchOptions())
+    job = Job(progress, cancel, total=2)
+    idx = open_index(index)
+    idx.require_rows()
+    score_q, q, facts = query_vector(idx, text, image, like, like_crs, model, options)
+    job.step()
+    rows, scores, method, params = ranked_rows(idx, score_q, int(options.top_k), options.method)
+    cos = idx.rerank(rows, q) if len(rows) else np.zeros(0, np.float32)
+    hits = [idx.hit(i + 1, int(r), float(s), float(c)) for i, (r, s, c) in enumerate(zip(rows, scores, cos))]
+    job.step()
+    return SearchResult(hits=hits, query=facts, method=method, rows=idx.rows,
+                        seconds=time.perf_counter() - t0, model=str(idx.model.get("spec")),
+                        params=params)
+
+
+def search_index(index, text: Optional[str] = None, image: Optional[str] = None, like=None,
+                 like_crs: Optional[str] = None, model=None, options: Optional[SearchOptions] = None,
+                 progress=None, cancel=None) -> List[Hit]:
+    """The ranked hits of :func:`search` (the shared-interface entry point)."""
+    return search(index, text, image, like, like_crs, model, options, progress, cancel).hits
+
+
+# --------------------------------------------------------------------------- #
+# Writing hits.
+# --------------------------------------------------------------------------- #
+def write_hits(result: SearchResult, path: Union[str, os.PathLike], overwrite: bool = False) -> Path:
+    """Write hits as footprint polygons (.gpkg or .geojson), atomically.
+
+    CRS: the one the hits' rasters share (exact native footprints), else
+    WGS84 (EPSG:4326) from the stored lon/lat bounds. Fields: engine.core.outputs.HIT_FIELDS.
+    """
+    vector_driver(path, "hits")
+    from ..core.jobs import check_outputs
+    inputs = [("--image", result.query.get("image"))]
+    inputs += [("indexed raster", r) for r in sorted({h.raster for h in result.hits})]
+    check_outputs([("--out", path)], inputs, overwrite=overwrite)   # never over an input
+    crs = output_crs(h.crs for h in result.hits)
+    rows, bounds = hit_rows(result.hits, result.model, hit_query(result.query), crs)
+    return write_vector(path, HIT_FIELDS, rows, bounds, crs, "hits", overwrite, what="hits")

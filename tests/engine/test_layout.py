@@ -1,0 +1,94 @@
+"""The engine's shape: sub-packages whose imports point one way, one import name.
+
+docs/architecture.md draws the layers; these tests keep the code to the drawing.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINE = ROOT / "mapclip" / "engine"
+
+#: each sub-package and the sub-packages it may import (at run time)
+ALLOWED = {
+    "core": set(),
+    "geo": {"core"},
+    "raster": {"geo", "core"},
+    "model": {"core"},
+    "data": {"core"},
+    "archive": {"model", "raster", "geo", "core"},
+}
+
+
+def _engine_imports(path: Path):
+    """(target sub-package, line) of every run-time relative import in ``path``."""
+    rel = path.relative_to(ENGINE.parent).with_suffix("")
+    package = list(rel.parts[:-1]) if path.name != "__init__.py" else list(rel.parts[:-1])
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    type_only = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            type_only |= {id(n) for n in ast.walk(node)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level and id(node) not in type_only:
+            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+            target = base + (node.module.split(".") if node.module else [])
+            if len(target) >= 2 and target[0] == "engine":
+                yield target[1], node.lineno
+            elif len(target) == 1 and target[0] == "engine":
+                for alias in node.names:
+                    yield alias.name, node.lineno
+
+
+def test_sub_packages_import_only_downwards():
+    wrong = []
+    for pkg, allowed in ALLOWED.items():
+        for f in sorted((ENGINE / pkg).rglob("*.py")):
+            for target, line in _engine_imports(f):
+                if target != pkg and target not in allowed:
+                    wrong.append(f"{f.relative_to(ROOT)}:{line} imports engine.{target}")
+    assert not wrong, "imports against the layering of docs/architecture.md:\n" + "\n".join(wrong)
+
+
+def test_every_engine_module_sits_in_a_sub_package_or_is_a_job():
+    jobs = {"__init__", "__main__", "detect", "count", "classify", "caption", "finetune",
+            "evaluate", "quality"}
+    loose = sorted(p.stem for p in ENGINE.glob("*.py") if p.stem not in jobs)
+    assert not loose, f"modules outside the sub-packages: {loose}"
+    for pkg in ALLOWED:
+        assert (ENGINE / pkg / "__init__.py").is_file(), pkg
+
+
+def test_core_needs_only_the_standard_library():
+    code = ("import sys; import mapclip.engine.core.options, mapclip.engine.core.errors, "
+            "mapclip.engine.core.outputs, mapclip.engine.core.jobs; "
+            "print(sorted(m for m in ('numpy', 'torch', 'rasterio', 'open_clip', 'qgis') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_one_import_name_for_the_engine():
+    """The top-level ``engine`` folder is only ``python -m engine``'s entry point: the
+    engine's classes exist once, as ``mapclip.engine``."""
+    shim = ROOT / "engine"
+    assert sorted(p.name for p in shim.glob("*.py")) == ["__init__.py", "__main__.py"]
+    code = ("import runpy, sys; sys.argv = ['engine', '--version'];\n"
+            "try:\n    runpy.run_module('engine', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "import mapclip.engine.core.errors as e\n"
+            "print(sorted(m for m in sys.modules if m.startswith('engine.')))\n"
+            "print(e.MapClipError.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    from mapclip.engine import __version__
+    assert __version__ in lines[0]                    # the entry point ran the CLI
+    assert lines[-2] == "[]"                          # nothing of the engine under the short name
+    assert lines[-1] == "mapclip.engine.core.errors"
