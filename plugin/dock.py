@@ -1109,7 +1109,6 @@ class MapClipDock(QgsDockWidget):
             return
         best = place.captions[0]
         self.last_caption = text
-        self.last_result = result
         how = "written by" if result.method == "generation" else "ranked by"
         self.caption_view.setText(text)
         self.caption_view.setToolTip("\n".join(f"{c.rank}. {c.text} ({c.cosine:.3f})"

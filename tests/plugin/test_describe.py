@@ -75,7 +75,8 @@ def test_describe_a_result_row_writes_the_caption_in_the_dock_and_the_layer(
     dock.bank_widget.setFilePath(str(bank))
     item = dock.results.topLevelItem(0)
     assert item.text(1) == "red roof"
-    assert _wait(qtbot, dock, lambda: dock.describe_item(item)) == "done", \
+    dock.results.setCurrentItem(item)
+    assert _wait(qtbot, dock, lambda: dock.describe_button.click() or True) == "done", \
         (dock.status_label.text(), dock.iface.bar_texts())
     assert dock.caption_view.text() == BANK[0]
     assert item.text(3) == BANK[0]
@@ -106,6 +107,32 @@ def test_describe_without_a_bank_for_a_model_that_cannot_write_says_so_in_dock_t
     dock.bank_widget.setFilePath(str(tmp_path / "missing.csv"))
     assert _wait(qtbot, dock, lambda: dock.describe_item(dock.results.topLevelItem(0))) == "error"
     assert "missing.csv" in dock.status_label.text() and "Caption bank" in dock.status_label.text()
+
+
+def test_describe_an_archive_hit_captions_its_tile(qtbot, dock, tmp_path, clean_project):
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    make_geotiff(folder / "a.tif", squares=((64, 128, 64, "red"),))
+    make_geotiff(folder / "b.tif", origin=(600000.0, 4000000.0), squares=((0, 0, 64, "blue"),))
+    dock.tabs.setCurrentIndex(1)
+    dock.build_sources.setFilePath(str(folder))
+    dock.index_widget.setFilePath(str(tmp_path / "idx"))
+    assert _wait(qtbot, dock, dock.build_index) == "done", dock.archive_status.text()
+    dock.archive_query.setText("blue pool")
+    dock.archive_topk.setValue(2)
+    assert _wait(qtbot, dock, dock.search_archive) == "done", dock.archive_status.text()
+    top = dock.archive_results.topLevelItem(0)
+    assert top.text(1) == "b.tif"
+    bank = tmp_path / "bank.csv"
+    bank.write_text("caption\n" + "\n".join(BANK) + "\n", encoding="utf-8")
+    dock.bank_widget.setFilePath(str(bank))
+    dock.archive_results.setCurrentItem(top)
+    assert _wait(qtbot, dock, lambda: dock.archive_describe_button.click() or True) == "done", \
+        (dock.archive_status.text(), dock.iface.bar_texts())
+    assert top.text(3) == BANK[1] and dock.caption_view.text() == BANK[1]
+    assert BANK[1] in dock.archive_status.text()
+    hits = next(lyr for lyr in clean_project.mapLayers().values() if lyr.name().endswith("(archive)"))
+    assert [f["caption"] for f in hits.getFeatures() if int(f["rank"]) == 1] == [BANK[1]]
 
 
 def test_tile_around_is_the_tile_at_the_point_inside_the_layer(mapclip, tmp_path, clean_project):
