@@ -46,6 +46,7 @@ class CaptionedChip:
     extent: Tuple[float, float, float, float]   # map coordinates of the scene
     references: List[str]
     objects: int
+    classes: Tuple[str, ...] = ()               # object classes in the chip (engine.synthetic names)
 
 
 def chip_references(chip, seed: int = 0) -> List[str]:
@@ -85,7 +86,8 @@ def scene_chips(truth, n_object: int, n_near: int, n_random: int, seed: int,
         s = ch.image.shape[0]
         left, bottom, right, top = rasterio.windows.bounds(
             rasterio.windows.Window(ch.col, ch.row, s, s), transform)
-        out.append(CaptionedChip(ch.name, (left, bottom, right, top), refs, len(ch.boxes)))
+        out.append(CaptionedChip(ch.name, (left, bottom, right, top), refs, len(ch.boxes),
+                                 tuple(sorted({cls for cls, _ in ch.boxes}))))
     return out
 
 
@@ -117,6 +119,34 @@ def bleu_cider(candidates: Sequence[str], references: Sequence[Sequence[str]]) -
             "bleu4": float(bleu[3]), "cider": float(cider)}
 
 
+def named_classes(text: str) -> set:
+    """The synthetic object classes a caption names (singular or plural: "ship", "2 ships")."""
+    from .synthetic import OBJECT_CLASSES
+    t = words(text)
+    return {c for c in OBJECT_CLASSES
+            if re.search(r"\b" + c.replace("-", " ") + r"(s|es)?\b", t)}
+
+
+def class_scores(candidates: Sequence[str], chips: Sequence[CaptionedChip]) -> Dict[str, float]:
+    """Over chips with objects: precision (classes named that are in the chip / classes named)
+    and recall (classes of the chip named / classes in the chip) of the generated captions,
+    and the share of captions that name only classes in the chip and at least one."""
+    named = right = present = found = exact = n = 0
+    for text, chip in zip(candidates, chips):
+        if not chip.classes:
+            continue
+        n += 1
+        got, truth = named_classes(text), set(chip.classes)
+        named += len(got)
+        right += len(got & truth)
+        present += len(truth)
+        found += len(truth & got)
+        exact += bool(got) and got <= truth
+    return {"class_precision": right / named if named else 0.0,
+            "class_recall": found / present if present else 0.0,
+            "names_right": exact / n if n else 0.0}
+
+
 def heldout_set(folder: Path, seeds: Sequence[int] = HELDOUT_SEEDS,
                 scene_px: int = HELDOUT_SCENE_PX, chips: Optional[Dict[str, int]] = None
                 ) -> List[Tuple[str, List[CaptionedChip]]]:
@@ -136,9 +166,10 @@ def measure_captioning(lm, folder: Path, options=None, seeds: Sequence[int] = HE
                        scene_px: int = HELDOUT_SCENE_PX, chips: Optional[Dict[str, int]] = None
                        ) -> Dict[str, object]:
     """Generate a caption (engine.caption.generate_captions, default options: beam search) for
-    each held-out chip; BLEU-4 / CIDEr against its references, and examples."""
+    each held-out chip; BLEU-4 / CIDEr against its references, whether it names the chip's
+    object classes (:func:`class_scores`), and examples."""
     from .caption import generate_captions
-    cands, refs, examples = [], [], []
+    cands, refs, examples, chips_all = [], [], [], []
     n_chips = 0
     for path, cs in heldout_set(folder, seeds, scene_px, chips):
         images = read_chip_images(path, cs, lm.image_size)
@@ -147,10 +178,12 @@ def measure_captioning(lm, folder: Path, options=None, seeds: Sequence[int] = HE
             for c, t in zip(cs[k:k + 16], texts):
                 cands.append(t)
                 refs.append(c.references)
+                chips_all.append(c)
                 if len(examples) < 8:
                     examples.append({"chip": c.name, "caption": t, "reference": c.references[0]})
         n_chips += len(cs)
     scores = bleu_cider(cands, refs)
+    scores.update(class_scores(cands, chips_all))
     scores.update({"chips": n_chips, "seeds": list(seeds), "scene_px": scene_px,
                    "examples": examples})
     return scores

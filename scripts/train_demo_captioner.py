@@ -301,7 +301,17 @@ def stage_card(work: Path, dest: Path) -> Path:
         f"| {ev['bleu1']:.3f} | {ev['bleu2']:.3f} | {ev['bleu3']:.3f} | **{ev['bleu4']:.3f}** | "
         f"**{ev['cider']:.3f}** |",
         "",
-        "tests/engine/test_caption_quality.py runs the same protocol and holds the numbers above a "
+        "Because the references are template sentences, BLEU and CIDEr also reward a caption that",
+        "gets the template right and the object wrong. What the captions name, over the chips with",
+        "objects (engine.caption_eval.class_scores): of the object classes a caption names, the",
+        "share that are in the chip (precision); of the classes in the chip, the share named",
+        "(recall); the share of captions that name at least one class and only classes in the chip:",
+        "",
+        "| class precision | class recall | names only what is there |",
+        "| --- | --- | --- |",
+        f"| {ev['class_precision']:.3f} | {ev['class_recall']:.3f} | **{ev['names_right']:.3f}** |",
+        "",
+        "tests/engine/test_caption_quality.py runs the same protocol and holds these numbers above a "
         "threshold a margin below them. Examples (generated | first reference):",
         "",
         "| generated | reference |",
