@@ -72,9 +72,8 @@ def scene_chips(truth, n_object: int, n_near: int, n_random: int, seed: int,
                 chip_px: Sequence[int] = CHIP_PX, caption_seed: int = 0) -> List[CaptionedChip]:
     """Chips of a written synthetic scene (engine.synthetic.make_chips) with their references."""
     import rasterio
-    import rasterio.windows
 
-    from .synthetic import make_chips
+    from .synthetic import _pixel_bounds, make_chips
     with rasterio.open(truth.path) as src:
         transform = src.transform
     out = []
@@ -84,9 +83,8 @@ def scene_chips(truth, n_object: int, n_near: int, n_random: int, seed: int,
         if not refs:
             continue
         s = ch.image.shape[0]
-        left, bottom, right, top = rasterio.windows.bounds(
-            rasterio.windows.Window(ch.col, ch.row, s, s), transform)
-        out.append(CaptionedChip(ch.name, (left, bottom, right, top), refs, len(ch.boxes),
+        extent = _pixel_bounds(transform, (ch.col, ch.row, ch.col + s, ch.row + s))
+        out.append(CaptionedChip(ch.name, extent, refs, len(ch.boxes),
                                  tuple(sorted({cls for cls, _ in ch.boxes}))))
     return out
 

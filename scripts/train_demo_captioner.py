@@ -245,7 +245,7 @@ def stage_card(work: Path, dest: Path) -> Path:
         "about the seven synthetic object classes and, for chips without objects, their land cover.",
         "",
         "**What it is not:** a remote-sensing captioner. It has never seen a real image; on real",
-        "imagery its sentences mean nothing. Counts above two or three are often wrong.",
+        "imagery its sentences mean nothing. The counts in its sentences are not measured.",
         "",
         "## Architecture",
         "",
@@ -324,7 +324,9 @@ def stage_card(work: Path, dest: Path) -> Path:
         "  learnt Box-to-Caption's language about what is in a chip and where; they are not",
         "  comparable with numbers on RSICD or UCM captions.",
         "- A 64 px input: vehicles are a few pixels; a chip of 128 px is halved on read.",
-        "- Trained for about 20 minutes of one CPU thread; more steps and scenes would help most.",
+        f"- Trained for {train['steps']} steps ({train['wall_seconds'] / 60:.0f} min of one thread on a "
+        "CPU shared with other jobs); it misses the object of about one chip in five (recall "
+        "above) and then describes the land cover. More steps and scenes would help most.",
         "",
     ]
     card = dest / "MODEL_CARD.md"
