@@ -240,12 +240,13 @@ def caption(raster: str, model: Union[str, LoadedModel], places: Sequence[Option
             gen = False
         if gen and not can_generate(lm):
             raise UsageError(f"{lm.spec} cannot write captions (it is not a CoCa captioning model)",
-                             "give a caption bank (--bank captions.csv) to rank captions, or a CoCa "
-                             "model (e.g. --model coca-vit-b-32)")
+                             "give a caption bank (--bank) to rank captions, or a captioning (CoCa) "
+                             "model such as demo-captioner or coca-vit-b-32")
         if not gen and texts is None:
             raise UsageError(f"no caption bank given, and {lm.spec} cannot generate captions",
-                             "give --bank captions.csv (a CSV, an RSICD-style JSON or "
-                             "Box-to-Caption output), or a CoCa model (e.g. --model coca-vit-b-32)")
+                             "give a caption bank (--bank: a CSV, an RSICD-style JSON or "
+                             "Box-to-Caption output), or a captioning (CoCa) model such as "
+                             "demo-captioner or coca-vit-b-32")
         job.set_total(len(places))
         if gen:
             out = _generate(reader, lm, places, extent_crs, opts, job)

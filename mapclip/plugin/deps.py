@@ -54,8 +54,9 @@ from urllib.parse import unquote, urlparse
 #: import name -> pip name, for the packages whose absence stops the plugin
 REQUIRED: Dict[str, str] = {"torch": "torch", "open_clip": "open_clip_torch",
                             "rasterio": "rasterio"}
-#: requirements.txt entries that are for development only, or that QGIS provides
-NOT_FOR_QGIS = {"pytest", "pytest-qt", "numpy"}
+#: requirements.txt entries that are for development only (pycocoevalcap: the demo
+#: captioner's metrics, 100 MB of Java jars), or that QGIS provides
+NOT_FOR_QGIS = {"pytest", "pytest-qt", "numpy", "pycocoevalcap"}
 #: requirements whose exact pin is kept (the engine is tested with these releases);
 #: the other ``==`` pins become upper bounds so pip can match QGIS's NumPy
 EXACT_PINS = {"torch", "torchvision", "open-clip-torch"}

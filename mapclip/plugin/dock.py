@@ -43,6 +43,11 @@ AREAS = (("extent", "Visible map extent"), ("layer", "Whole layer"),
 COUNT_METHODS = ("both", "prompt", "dense")
 ROLE_BOUNDS = Qt.UserRole + 1
 ROLE_CRS = Qt.UserRole + 2
+#: Describe: the raster a result row was found in, and its feature ([layer id, feature id])
+ROLE_RASTER = Qt.UserRole + 3
+ROLE_FEATURE = Qt.UserRole + 4
+#: the results lists' caption column (Describe)
+CAPTION_COLUMN = 3
 
 
 class MapClipDock(QgsDockWidget):
@@ -64,6 +69,8 @@ class MapClipDock(QgsDockWidget):
         self.last_count: Optional[str] = None
         self.last_request: Any = None
         self.pick_tool = None
+        self.describe_tool = None
+        self.last_caption: Optional[str] = None
         self._prev_tool = None
         self._temp_files: List[str] = []
         self._status: QLabel = QLabel()
@@ -234,12 +241,14 @@ class MapClipDock(QgsDockWidget):
         self._status = self.status_label
 
         self.results = QTreeWidget()
-        self.results.setHeaderLabels(["#", "Prompt", "Score"])
+        self.results.setHeaderLabels(["#", "Prompt", "Score", "Caption"])
         self.results.setRootIsDecorated(False)
         self.results.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.results.setToolTip("double-click a result to zoom to it")
+        self.results.setToolTip("double-click a result to zoom to it; right-click to describe it")
         self.results.itemDoubleClicked.connect(self.zoom_to_item)
+        self._results_menu(self.results)
         outer.addWidget(self.results, 1)
+        outer.addWidget(self._build_describe_box())
 
         self.mode_combo.currentIndexChanged.connect(self._mode_changed)
         self.area_combo.currentIndexChanged.connect(self._area_changed)
@@ -288,10 +297,17 @@ class MapClipDock(QgsDockWidget):
         self.archive_status.setWordWrap(True)
         outer.addWidget(self.archive_status)
         self.archive_results = QTreeWidget()
-        self.archive_results.setHeaderLabels(["#", "Source", "Score"])
+        self.archive_results.setHeaderLabels(["#", "Source", "Score", "Caption"])
         self.archive_results.setRootIsDecorated(False)
         self.archive_results.itemDoubleClicked.connect(self.zoom_to_item)
+        self._results_menu(self.archive_results)
         outer.addWidget(self.archive_results, 1)
+        self.archive_describe_button = QPushButton("Describe")
+        self.archive_describe_button.setToolTip("caption the selected hit (model and caption bank "
+                                                "of the Search tab)")
+        self.archive_describe_button.clicked.connect(
+            lambda _checked=False: self.describe_item(self.archive_results.currentItem()))
+        outer.addWidget(self.archive_describe_button)
         return page
 
     # ------------------------------------------------------------ settings --
@@ -347,6 +363,7 @@ class MapClipDock(QgsDockWidget):
         self._set_combo_data(self.area_combo, self.settings.get("area", "extent"))
         self._set_combo_data(self.count_method_combo, self.settings.get("count_method", "both"))
         self.index_widget.setFilePath(self.settings.get("index_path", ""))
+        self.bank_widget.setFilePath(self.settings.get("caption_bank", ""))
         self.show_params(self.settings.params(self.current_model()))
         self._mode_changed()
         self._area_changed()
@@ -393,6 +410,7 @@ class MapClipDock(QgsDockWidget):
         self.settings.set("count_method", self.count_method_combo.currentData())
         self.settings.set("index_path", self.index_widget.filePath())
         self.settings.set("archive_top_k", self.archive_topk.value())
+        self.settings.set("caption_bank", self.caption_bank() or "")
 
     def reset_params(self) -> None:
         self.settings.reset_params(self.current_model())
@@ -684,10 +702,14 @@ class MapClipDock(QgsDockWidget):
         for note in getattr(result, "warnings", None) or []:
             log.bar_warning(self.iface, str(note))
         crs = layers.result_crs(result.crs, layer_crs)
+        features = _features_by(made, ("prompt", "rank"))
+        raster = req.raster if req.raster not in self._temp_files else None  # rendered: deleted
         for box in sorted(result.boxes, key=lambda b: (-b.score, b.prompt)):
             item = QTreeWidgetItem([str(box.rank), box.prompt, f"{box.score:.3f}"])
             item.setData(0, ROLE_BOUNDS, list(box.bounds))
             item.setData(0, ROLE_CRS, crs)
+            item.setData(0, ROLE_RASTER, raster)
+            item.setData(0, ROLE_FEATURE, features.get((box.prompt, int(box.rank))))
             self.results.addTopLevelItem(item)
         for col in range(3):
             self.results.resizeColumnToContents(col)
@@ -891,6 +913,7 @@ class MapClipDock(QgsDockWidget):
             group = layers.run_group(f"MapCLIP archive: {query[:50]}")
             layers.add_to_group(layer, group)
             self.last_layers = [layer]
+        features = _features_by([layer], ("rank",)) if layer.featureCount() else {}
         for i, hit in enumerate(hits):
             src = str(getattr(hit, "raster", getattr(hit, "path", "")))
             item = QTreeWidgetItem([str(getattr(hit, "rank", i + 1)), os.path.basename(src),
@@ -900,6 +923,9 @@ class MapClipDock(QgsDockWidget):
             if bounds is not None:
                 item.setData(0, ROLE_BOUNDS, list(bounds))
                 item.setData(0, ROLE_CRS, layer.crs())
+            item.setData(0, ROLE_RASTER, src or None)
+            if layer.featureCount():
+                item.setData(0, ROLE_FEATURE, features.get((int(getattr(hit, "rank", i + 1)),)))
             self.archive_results.addTopLevelItem(item)
         self.archive_status.setText(f"{len(hits)} hits for {query}")
 
@@ -925,6 +951,191 @@ class MapClipDock(QgsDockWidget):
         QTimer.singleShot(0, lambda: self.pick_button.setChecked(False))
         self.search_archive(like=(point.x(), point.y(), crs_text(crs)))
 
+    # ------------------------------------------------------------ describe --
+    def _build_describe_box(self) -> QWidget:
+        """Describe: caption a result row or a clicked place (engine.caption). A captioning
+        model (CoCa, e.g. demo-captioner) writes the caption; another model ranks the
+        captions of the caption bank."""
+        box = QWidget()
+        box.setObjectName("mapclipDescribe")
+        form = QFormLayout(box)
+        form.setContentsMargins(0, 0, 0, 0)
+        self.bank_widget = QgsFileWidget()
+        self.bank_widget.setStorageMode(QgsFileWidget.GetFile)
+        self.bank_widget.setFilter("Caption banks (*.csv *.tsv *.txt *.json *.jsonl)")
+        self.bank_widget.setToolTip("captions to choose from, for models that cannot write "
+                                    "(a CSV with one caption a line or a caption column, an "
+                                    "RSICD-style JSON, Box-to-Caption output); a captioning "
+                                    "model (CoCa) writes its own")
+        form.addRow(FIELD_LABELS["bank"], self.bank_widget)
+        row = QHBoxLayout()
+        self.describe_button = QPushButton("Describe")
+        self.describe_button.setToolTip("caption the selected result: its box, in the raster "
+                                        "it was found in; the caption goes into the list and "
+                                        "into the layer's caption field")
+        self.describe_button.clicked.connect(
+            lambda _checked=False: self.describe_item(self.results.currentItem()))
+        self.describe_place_button = QPushButton("Describe a place…")
+        self.describe_place_button.setCheckable(True)
+        self.describe_place_button.setToolTip("click the map: the tile around the point "
+                                              "(Tile size x Window pixels of the layer) is "
+                                              "captioned")
+        self.describe_place_button.toggled.connect(self._describe_toggled)
+        row.addWidget(self.describe_button)
+        row.addWidget(self.describe_place_button)
+        form.addRow(row)
+        self.caption_view = QLabel("")
+        self.caption_view.setObjectName("mapclipCaption")
+        self.caption_view.setWordWrap(True)
+        self.caption_view.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        form.addRow("Caption", self.caption_view)
+        return box
+
+    def _results_menu(self, tree: QTreeWidget) -> None:
+        tree.setContextMenuPolicy(Qt.CustomContextMenu)
+
+        def show(pos):
+            item = tree.itemAt(pos)
+            if item is None:
+                return
+            menu = QMenu(tree)
+            menu.addAction("Describe", lambda: self.describe_item(item))
+            menu.addAction("Zoom to", lambda: self.zoom_to_item(item))
+            menu.exec_(tree.viewport().mapToGlobal(pos))
+
+        tree.customContextMenuRequested.connect(show)
+
+    def caption_bank(self) -> Optional[str]:
+        path = self.bank_widget.filePath().strip()
+        return path or None
+
+    def describe_item(self, item: Optional[QTreeWidgetItem]) -> bool:
+        """Caption a result row (a box, an archive hit) through the engine; the caption goes
+        into the row, the dock and the row's feature (field ``caption``). False, with a
+        message, if it cannot start."""
+        if item is None:
+            log.bar_warning(self.iface, "select a result to describe")
+            return False
+        bounds, raster = item.data(0, ROLE_BOUNDS), item.data(0, ROLE_RASTER)
+        if not bounds:
+            log.bar_warning(self.iface, "this result has no place to describe")
+            return False
+        if not raster or not os.path.isfile(raster):
+            log.bar_warning(self.iface, "this result's raster is not a file that can be read "
+                                        "again (a rendered basemap, or moved): describe a place "
+                                        "of a raster file instead")
+            return False
+        crs = item.data(0, ROLE_CRS)
+        crs = crs_text(crs) if isinstance(crs, QgsCoordinateReferenceSystem) and crs.isValid() else None
+        status = self.archive_status if item.treeWidget() is self.archive_results else self.status_label
+        return self._start_describe(raster, tuple(float(v) for v in bounds), crs, status, item)
+
+    def _describe_toggled(self, on: bool) -> None:
+        canvas = self.canvas()
+        if canvas is None:
+            return
+        if on:
+            from .describe_tool import DescribePlaceTool
+            if self.describe_tool is None:
+                self.describe_tool = DescribePlaceTool(
+                    canvas, self.layer_combo.currentLayer,
+                    lambda: self.tile_spin.value() * self.window_spin.value())
+                self.describe_tool.place.connect(self._describe_place)
+                self.describe_tool.failed.connect(self._describe_refused)
+            self._prev_tool = canvas.mapTool()
+            canvas.setMapTool(self.describe_tool)
+        elif self.describe_tool is not None and canvas.mapTool() is self.describe_tool:
+            canvas.unsetMapTool(self.describe_tool)
+            if self._prev_tool is not None:
+                canvas.setMapTool(self._prev_tool)
+
+    def _describe_refused(self, message: str) -> None:
+        QTimer.singleShot(0, lambda: self.describe_place_button.setChecked(False))
+        log.bar_warning(self.iface, message)
+
+    def _describe_place(self, rect: QgsRectangle, crs, layer) -> bool:
+        """The map tool's tile (in the layer's CRS) of ``layer``, captioned."""
+        QTimer.singleShot(0, lambda: self.describe_place_button.setChecked(False))
+        source = render.raster_source(layer)
+        if source is None:
+            log.bar_warning(self.iface, f"{layer.name()} is not a raster file (a basemap): "
+                                        "Describe reads raster files")
+            return False
+        bounds = (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
+        return self._start_describe(source, bounds, crs_text(crs), self.status_label, None)
+
+    def _start_describe(self, raster: str, bounds, extent_crs: Optional[str], status: QLabel,
+                        item: Optional[QTreeWidgetItem]) -> bool:
+        if self.task is not None or self.renderer is not None:
+            log.bar_warning(self.iface, "a job is running: wait for it, or cancel it")
+            return False
+        missing = deps.missing_modules()
+        if missing:
+            log.bar_warning(self.iface, deps.missing_message(missing))
+            return False
+        try:
+            params = self.params()
+            read = params.read_options()
+        except ValueError as exc:
+            log.bar_warning(self.iface, str(exc))
+            return False
+        from ..engine.core.options import CaptionOptions
+        self.save_settings()
+        model = self.current_model()
+        options = replace(CaptionOptions(), read=read,
+                          device=None if params.device in ("", "auto") else params.device)
+        req = tasks.CaptionRequest(raster=raster, places=[tuple(bounds)], model=model,
+                                   model_name=model, options=options, extent_crs=extent_crs,
+                                   bank=self.caption_bank())
+        if not self._preload(status):
+            return False
+        status.setText(f"Describing with {model}…")
+        self._status = status
+        self._run_info = req.info
+        feature = item.data(0, ROLE_FEATURE) if item is not None else None
+        self.task = tasks.EngineTask(f"MapCLIP: describe ({os.path.basename(raster)})",
+                                     partial(tasks.run_caption, req),
+                                     on_done=partial(self._described, req, status, item, feature),
+                                     on_error=partial(self._describe_error, status),
+                                     on_cancel=self._job_cancelled, iface=self.iface)
+        self.task.stepped.connect(self._stepped)
+        self._set_running(True)
+        tasks.start(self.task)
+        return True
+
+    def _described(self, req, status: QLabel, item, feature, result) -> None:
+        place = result.places[0] if result.places else None
+        text = place.best if place is not None else None
+        if not text:
+            status.setText("Describe: no caption")
+            self._finish("error")
+            return
+        best = place.captions[0]
+        self.last_caption = text
+        how = "written by" if result.method == "generation" else "ranked by"
+        self.caption_view.setText(text)
+        self.caption_view.setToolTip("\n".join(f"{c.rank}. {c.text} ({c.cosine:.3f})"
+                                                for c in place.captions)
+                                     if result.method == "retrieval" else f"{how} {result.model}")
+        status.setText(f"Caption ({how} {result.model}): {text}")
+        if item is not None:
+            item.setText(CAPTION_COLUMN, text)
+            item.setToolTip(CAPTION_COLUMN, text)
+        if feature:
+            from .describe_tool import write_caption
+            layer = QgsProject.instance().mapLayer(feature[0])
+            if not write_caption(layer, int(feature[1]), text,
+                                 None if result.method == "generation" else best.cosine):
+                log.bar_warning(self.iface, "the caption could not be written into the result "
+                                            "layer (read-only?)")
+        self.progress.setValue(100)
+        self._finish("done")
+
+    def _describe_error(self, status: QLabel, exc: BaseException, details: str) -> None:
+        status.setText(log.bar_error(self.iface, "describe failed", exc, details,
+                                     names=FIELD_LABELS))
+        self._finish("error")
+
     # ------------------------------------------------------------- cleanup --
     def shutdown(self) -> None:
         """Stop what runs and release the map tool (plugin unload)."""
@@ -941,4 +1152,23 @@ class MapClipDock(QgsDockWidget):
                 canvas.unsetMapTool(self.pick_tool)
             self.pick_tool.deleteLater()
             self.pick_tool = None
+        if canvas is not None and self.describe_tool is not None:
+            if canvas.mapTool() is self.describe_tool:
+                canvas.unsetMapTool(self.describe_tool)
+            self.describe_tool.deleteLater()
+            self.describe_tool = None
         self._cleanup_temp()
+
+
+def _features_by(made: Sequence[Any], keys: Tuple[str, ...]) -> dict:
+    """{(values of ``keys``): [layer id, feature id]} over the vector layers in ``made`` that
+    have those fields (a result row finds its feature by prompt and rank, or rank)."""
+    out = {}
+    for layer in made:
+        fields = getattr(layer, "fields", None)
+        if fields is None or any(layer.fields().indexOf(k) < 0 for k in keys):
+            continue
+        for f in layer.getFeatures():
+            key = tuple(int(f[k]) if k == "rank" else f[k] for k in keys)
+            out.setdefault(key, [layer.id(), int(f.id())])
+    return out

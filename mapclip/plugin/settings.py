@@ -32,7 +32,7 @@ METHODS = MODES
 FIELD_LABELS = {"tile_px": "Tile size", "window": "Window", "stride": "Stride", "gsd": "GSD",
                 "top_k": "Top-k", "threshold": "Threshold", "bands": "Bands", "read": "Bands",
                 "device": "Device", "batch_size": "Batch size", "mode": "Method",
-                "dense_tile_px": "Tile size"}
+                "dense_tile_px": "Tile size", "bank": "Caption bank"}
 
 
 @dataclass

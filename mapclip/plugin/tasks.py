@@ -288,3 +288,36 @@ def run_classify(req: ClassifyRequest, progress: ProgressFn, cancel: threading.E
     return classify(req.raster, req.classes, lm, extent=req.extent, extent_crs=req.extent_crs,
                     options=req.options, progress=progress, cancel=cancel, out=req.out,
                     within=req.within, within_crs=req.within_crs)
+
+
+# --------------------------------------------------------------------------- #
+# Describe: a caption for a place (a result box, an archive hit, a map click).
+# --------------------------------------------------------------------------- #
+@dataclass
+class CaptionRequest:
+    """Captions for places of a raster file (engine.caption), in plain values.
+
+    A captioning model (CoCa) writes the caption; any other model ranks the
+    captions of ``bank`` (a file path), which it then needs.
+    """
+
+    raster: str
+    places: List[Tuple[float, float, float, float]]
+    model: Any
+    model_name: str
+    options: Any                     # engine.options.CaptionOptions
+    extent_crs: Optional[str] = None
+    bank: Optional[str] = None
+    info: Dict[str, str] = field(default_factory=dict)
+
+
+def run_caption(req: CaptionRequest, progress: ProgressFn, cancel: threading.Event):
+    """The describe job: load the model (cached); a CoCa generates, another model retrieves
+    from the bank (engine.caption.caption, which refuses a model without a bank)."""
+    from ..engine.caption import caption, can_generate
+    lm = _loaded(req.model, req.options.device, req.info, cancel)
+    gen = can_generate(lm)
+    req.info["method"] = "generation" if gen else "retrieval"
+    return caption(req.raster, lm, req.places, extent_crs=req.extent_crs,
+                   bank=None if gen else (req.bank or None), options=req.options,
+                   generate=True if gen else None, progress=progress, cancel=cancel)

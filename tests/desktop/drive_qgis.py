@@ -293,6 +293,32 @@ def session():
         return info
 
 
+    @step("describe")
+    def _describe():
+        """Describe the best box of the search above with the demo captioning model: the
+        caption shows in the dock and lands in the box layer's caption field."""
+        d = dock()
+        tab(d.tabs, "Search")
+        check(d.results.topLevelItemCount() >= 1, "no result row to describe")
+        item = d.results.topLevelItem(0)
+        d.results.setCurrentItem(item)
+        layer = next(lyr for lyr in QgsProject.instance().mapLayers().values()
+                     if isinstance(lyr, QgsVectorLayer) and lyr.name() == "storage tanks")
+        fill(d, {"Model": "demo-captioner"})
+        STATE["outcomes"] = []
+        click(button(d, "Describe"))
+        check(wait(lambda: STATE["outcomes"], 180), f"no outcome (status: {d.status_label.text()})")
+        text = d.caption_view.text()
+        rank = int(item.text(0))
+        stored = [f["caption"] for f in layer.getFeatures() if int(f["rank"]) == rank]
+        info = {"outcome": STATE["outcomes"][-1], "caption": text, "status": d.status_label.text(),
+                "row_caption": item.text(3), "layer_caption": stored}
+        fill(d, {"Model": "demo"})
+        check(info["outcome"] == "done" and text, f"no caption: {info}")
+        check(stored == [text] and item.text(3) == text, f"the caption is not in the row/layer: {info}")
+        return info
+
+
     @step("search_heatmap")
     def _heatmap():
         info, added = run_search({"Mode": "Heatmap (and boxes)", "Prompts": "storage tanks"})

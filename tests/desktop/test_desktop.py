@@ -228,7 +228,7 @@ def test_a_search_from_the_dock_adds_a_styled_layer_with_the_models_defaults(des
     assert Path(boxes["screenshot"]).stat().st_size > 20000
 
 
-STEPS = ["open_dock", "search_heatmap", "count", "land_cover", "cancel", "try_the_demo", "error_empty_prompt",
+STEPS = ["open_dock", "describe", "search_heatmap", "count", "land_cover", "cancel", "try_the_demo", "error_empty_prompt",
          "error_bad_bands", "error_missing_checkpoint", "archive_build", "archive_search_button",
          "archive_map_tool", "dialog_convert", "dialog_dedup", "dialog_finetune",
          "processing_toolbox", "unload"]

@@ -162,6 +162,11 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "MapCLIP demo model, trained on synthetic scenes (a demo of the pipeline, "
            "not a remote-sensing model)", path="models/demo", family="MapCLIP",
            templates="raw", reference="mapclip/resources/models/demo/MODEL_CARD.md"),
+    Preset("demo-captioner", "mapclip-demo-coca", "folder",
+           "MapCLIP demo captioning model (a tiny CoCa), trained on synthetic scenes: writes "
+           "captions (a demo of the pipeline, not a remote-sensing model)",
+           path="models/demo-captioner", family="MapCLIP", templates="raw",
+           reference="mapclip/resources/models/demo-captioner/MODEL_CARD.md"),
     Preset("test-coca-tiny", "mapclip-coca-tiny", "random",
            "tiny randomly initialised CoCa captioning model for tests (seeded)", family="MapCLIP",
            reference="mapclip/engine/model/configs/mapclip-coca-tiny.json", dev=True),
@@ -796,8 +801,10 @@ def _resolve_preset(preset: Preset, progress: Optional[DownloadProgress]) -> Res
     if preset.source == "folder":
         folder = RESOURCES_DIR / preset.path
         if not (folder / MODEL_CONFIG_FILE).is_file():
+            script = "train_demo_captioner.py" if preset.arch == "mapclip-demo-coca" \
+                else "train_demo_model.py"
             raise ModelError(f"the {preset.name} model is not in {folder}",
-                             "build it with `python scripts/train_demo_model.py`")
+                             f"build it with `python scripts/{script}`")
         res = read_model_folder(folder)
         res.templates = res.templates or preset.templates
         return res
@@ -905,7 +912,14 @@ def build_model(model_cfg: Dict[str, Any]):
         from open_clip.coca_model import CoCa
         cfg.pop("custom_text", None)
         cfg.pop("tokenizer_kwargs", None)
-        return CoCa(**cfg)
+        model = CoCa(**cfg)
+        # open_clip never initialises the decoder's output layer (torch.empty: whatever the
+        # allocator hands back, NaN at times; its init_parameters is broken, open_clip PR #551):
+        # the init that method means, from the seeded generator
+        import torch
+        dec = model.text_decoder
+        torch.nn.init.normal_(dec.text_projection, std=dec.width ** -0.5)
+        return model
     custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     cfg.pop("tokenizer_kwargs", None)
     return (CustomTextCLIP if custom else CLIP)(**cfg)
