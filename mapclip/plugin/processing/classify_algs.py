@@ -21,6 +21,7 @@ from qgis.PyQt.QtCore import QVariant
 from ...engine.core.options import ATTENTION_MODES as ATTENTION_
 from ...engine.core.options import CAPTION_METHODS as CAPTION_METHODS_
 from ...engine.core.options import TEMPLATE_SETS, CaptionOptions, ClassifyOptions
+from ...engine.core.outputs import CAPTION_FIELDS
 from ..layers import crs_text
 from .common import (FeedbackBridge, default_model, engine_errors, get_model, optional_number, raster_path, split_prompts)
 from .search_algs import RasterSearchAlgorithm
@@ -152,7 +153,7 @@ class CaptionAlgorithm(RasterSearchAlgorithm):
             self.BANK, "Caption bank (empty: the model writes captions; CoCa only)",
             optional=True, fileFilter="Caption banks (*.csv *.tsv *.txt *.json *.jsonl)"))
         self.addParameter(QgsProcessingParameterString(self.FIELD, "Caption field",
-                                                       defaultValue="caption"))
+                                                       defaultValue=CAPTION_FIELDS[0][0]))
         self.add_advanced(QgsProcessingParameterBoolean(
             self.GENERATE, "Generate with the model even with a bank (CoCa)", defaultValue=False))
         self.add_advanced(QgsProcessingParameterEnum(
@@ -169,12 +170,12 @@ class CaptionAlgorithm(RasterSearchAlgorithm):
         source = self.parameterAsSource(parameters, self.BOXES, context)
         if source is None:
             raise QgsProcessingException(self.invalidSourceError(parameters, self.BOXES))
-        name = self.parameterAsString(parameters, self.FIELD, context).strip() or "caption"
+        name = self.parameterAsString(parameters, self.FIELD, context).strip() or CAPTION_FIELDS[0][0]
         bank = self.parameterAsFile(parameters, self.BANK, context) or None
         feats = list(source.getFeatures())
         fields = source.fields()
         out_fields = type(fields)(fields)
-        from ...engine.core.outputs import CAPTION_FIELDS  # caption, caption_score (renamed after FIELD)
+
         kinds = {"str": QVariant.String, "float": QVariant.Double}
         for (_, kind), fname in zip(CAPTION_FIELDS, (name, f"{name}_score")):
             ftype = kinds[kind]
