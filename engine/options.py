@@ -210,6 +210,7 @@ class ReadOptions:
     percentiles: Tuple[float, float] = (2.0, 98.0)
     fixed_range: Optional[Tuple[float, float]] = None
     gsd: Optional[float] = None                     # resample to metres per pixel; None: native
+    workers: Any = "auto"                           # reader processes: "auto", 0 (threads) or N (engine.readers)
 
 
 @dataclass
@@ -493,6 +494,11 @@ def _check_read(read: Optional[ReadOptions]) -> None:
             raise _bad("bands", f"bands {read.bands!r} are not band numbers from 1",
                        "give 1-based band numbers, e.g. 4,3,2")
     _choice("stretch", read.stretch, STRETCHES)
+    w = getattr(read, "workers", "auto")
+    if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+        raise _bad("read_workers", f"read workers {w!r} is not auto or a whole number >= 0",
+                   "give auto (processes for large jobs), 0 (read in threads) or a number of "
+                   "reader processes")
 
 
 def _check_common(options: Any) -> None:

@@ -1148,7 +1148,9 @@ def iter_tile_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: i
     keep the order of ``tiles``; ``B <= batch_size`` because tiles whose
     valid fraction is below ``min_valid`` or (``skip_empty``) whose image is
     one constant colour are skipped, not yielded (a batch left empty is not
-    yielded at all). ``workers`` threads, each with its own dataset handle,
+    yielded at all). ``reader.options.workers`` may select reader processes
+    instead of threads (:mod:`engine.readers`, same batches and bytes).
+    Otherwise ``workers`` threads, each with its own dataset handle,
     read whole batches; at most ``max(prefetch, workers)`` batches are read
     ahead, which bounds memory to about that many batches plus the one the
     consumer holds. The returned :class:`TileBatches` counts ``skipped``,
@@ -1156,6 +1158,13 @@ def iter_tile_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: i
     cancelled and :class:`RasterReadError` when a reader thread fails.
     Progress is left to the consumer (``job.step`` per scored batch).
     """
+    from .readers import ProcessTileBatches, resolve_workers
+    if not hasattr(tiles, "__len__"):
+        tiles = list(tiles)
+    procs = resolve_workers(getattr(reader.options, "workers", "auto"), len(tiles), reader.path)
+    if procs > 0:  # ReadOptions.workers: reader processes (engine.readers)
+        return ProcessTileBatches(reader, tiles, batch_size, procs, job=job, prefetch=prefetch,
+                                  min_valid=min_valid, skip_empty=skip_empty)
     return TileBatches(reader, tiles, batch_size, job=job, prefetch=prefetch, workers=workers,
                        min_valid=min_valid, skip_empty=skip_empty)
 
