@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -208,6 +208,10 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
         job.check()
         lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=opts.device, precision=opts.precision)
+        from . import accel   # the device's fast path: autocast, compile, batch from free memory
+        notes.extend(accel.prepare(lm, compile=opts.compile))
+        if opts.batch_size is None and (opts.mode == "window" or opts.dense_input_px is None):
+            opts = replace(opts, batch_size=accel.auto_batch_size(lm))  # None off CUDA
         opts = check(with_model_defaults(opts, lm.defaults))
         bank = build_bank(lm, prompts, opts.background, getattr(opts, "templates", None))
         mode = opts.mode
@@ -224,6 +228,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
         if opts.refine and boxes:
             boxes, refined = _refine(reader, boxes, lm, bank, opts, job, runner)
         notes.extend(runner.notes)
+        notes.extend(n for n in accel.notes(lm) if n not in notes)
     return DetectResult(boxes=boxes, crs=info.crs, heatmap=heat, heatmap_transform=heat_tf,
                         tiles=n_tiles, windows=n_windows, skipped=skipped,
                         seconds=time.perf_counter() - t0, device=str(lm.device),
@@ -286,6 +291,7 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
     import torch
     import torch.nn.functional as F
 
+    from . import accel
     from .dense import model_input
     from .raster import iter_tile_batches
     from .scoring import score_embeddings
@@ -330,7 +336,7 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
     n_scored = 0
 
     def encode(batch: torch.Tensor):
-        emb = F.normalize(lm.model.encode_image(model_input(lm, batch)).float(), dim=-1)
+        emb = F.normalize(accel.encode_image(lm, model_input(lm, batch)).float(), dim=-1)
         return score_embeddings(emb, bank)
 
     def flush(force: bool = False) -> None:
@@ -580,6 +586,7 @@ def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions,
     import torch
     import torch.nn.functional as F
 
+    from . import accel
     from .dense import model_input
     from .scoring import score_embeddings
     info = reader.info
@@ -598,7 +605,7 @@ def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions,
         return boxes, 0
 
     def encode(batch: torch.Tensor):
-        return score_embeddings(F.normalize(lm.model.encode_image(batch).float(), dim=-1), bank)
+        return score_embeddings(F.normalize(accel.encode_image(lm, batch).float(), dim=-1), bank)
 
     with torch.inference_mode():
         probs, cos = runner(encode, torch.stack(inputs))

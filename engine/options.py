@@ -242,6 +242,7 @@ class DetectOptions:
     dense_slide: bool = False            # dense: slide crops of the model's size over a larger input
     refine: bool = True                  # fit each box to the object inside it (engine.detect's module doc)
     refine_min: float = 0.3              # a fitted box must keep this share of its window's score
+    compile: bool = False                # CUDA: torch.compile the image tower (engine.accel; cached)
 
 
 @dataclass
@@ -535,6 +536,9 @@ def check(options: Any) -> Any:
             raise _bad("refine", f"refine {o.refine!r} is not true or false",
                        "give True to fit boxes to objects, False to keep window boxes")
         _within("refine_min", o.refine_min, 0.0, 1.0)
+        if not isinstance(o.compile, bool):
+            raise _bad("compile", f"compile {o.compile!r} is not true or false",
+                       "give True to compile the model on CUDA (torch.compile), False not to")
         if any(not str(b).strip() for b in (o.background or ())):
             raise _bad("background", "a background prompt is empty",
                        "give background prompts with words, or leave them out for the defaults")
