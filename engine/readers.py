@@ -60,6 +60,7 @@ import secrets
 import shutil
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
@@ -227,11 +228,26 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     return shared_memory.SharedMemory(name=name, create=False)
 
 
+def worker_cache_bytes(info, n_workers: int, striped: bool, itemsize: int = 1) -> int:
+    """GDAL block cache for one worker: three block rows of the width it reads
+    (a tile row spans at most two), between 32 MB and GDAL_CACHE_MB, so that
+    many workers together do not hold many full-width caches."""
+    from .raster import GDAL_CACHE_MB
+    bh, bw = info.block_shape
+    width = math.ceil(info.width / n_workers) + bw if striped else info.width
+    need = 3 * min(bh, info.height) * width * info.count * max(1, itemsize)
+    return int(min(GDAL_CACHE_MB << 20, max(32 << 20, need)))
+
+
 def _worker_main(wid: int, state: dict, tasks, results, stop) -> None:
     """Reader process: read the tiles of each task into its shared-memory slot."""
     from . import raster as R
     from .tiling import Tile
     try:
+        cache = state.pop("gdal_cache_bytes", None)
+        if cache and "GDAL_CACHEMAX" not in os.environ:
+            from rasterio.env import set_gdal_config
+            set_gdal_config("GDAL_CACHEMAX", int(cache))
         R._limit_gdal_cache()
         reader = _worker_reader(state)
         ds = R._open_dataset(reader.path)
@@ -256,7 +272,7 @@ def _worker_main(wid: int, state: dict, tasks, results, stop) -> None:
                 out = np.ndarray((n, S, S, 3), np.uint8, buffer=shm.buf, offset=8 * cap)
                 _read_rows(reader, ds, scratch, rows, S, out, frac, stop, Tile)
                 del frac, out
-                results.put((k, wid, "stopped" if stop.is_set() else "ok", None))
+                results.put((k, wid, "stopped" if stop.is_set() else "ok", time.process_time()))
             except BaseException as exc:  # noqa: BLE001 - reported to the consumer
                 results.put((k, wid, "error", _describe(exc)))
     finally:
@@ -404,6 +420,8 @@ class ProcessTileBatches:
         self._results = None
         self._stop = None
         self._closed = False
+        #: CPU seconds each worker had used at its last finished task (benchmarks)
+        self.worker_cpu_s: Dict[int, float] = {}
         self._depth = self._read_ahead(prefetch)
         self._owner = stripe_owner(reader.info, self.n_workers)
         if self._n_batches:
@@ -436,6 +454,8 @@ class ProcessTileBatches:
         self._stop = ctx.Event()
         self._results = ctx.Queue()
         state = _reader_state(self.reader)
+        state["gdal_cache_bytes"] = worker_cache_bytes(
+            self.reader.info, self.n_workers, self._owner is not None, self.reader.dtype.itemsize)
         for w in range(self.n_workers):
             q = ctx.Queue()
             p = ctx.Process(target=_worker_main, args=(w, state, q, self._results, self._stop),
@@ -498,6 +518,8 @@ class ProcessTileBatches:
         if k < 0:  # a worker failed to start
             self.close()
             raise self._error(None, info)
+        if status == "ok":
+            self.worker_cpu_s[w] = info   # CPU seconds the worker has used so far
         for pend in self._in_flight:
             if pend.k == k:
                 pend.waiting.discard(w)
@@ -585,7 +607,6 @@ class ProcessTileBatches:
             except Exception:  # noqa: BLE001 - a closed queue
                 pass
         deadline = STOP_TIMEOUT_S
-        import time
         t0 = time.monotonic()
         for p in self._procs:
             p.join(max(0.0, deadline - (time.monotonic() - t0)))
