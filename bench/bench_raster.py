@@ -8,9 +8,11 @@ only touches each batch:
 * 1 and 2 reader threads (``ReadOptions.workers=0``), for comparison;
 * 1 and 2 reader processes and the ratio 2 / 1 (goal >= 1.8x on a 2-core
   machine), in wall-clock tiles/s and in tiles per CPU-second of the
-  workers;
+  workers (equal per-CPU figures mean no block is decoded twice);
 * per core: tiles per CPU-second of one reader process (goal >= 5,000
-  224-px tiles/s from a deflate tiled GeoTIFF).
+  224-px tiles/s from a deflate tiled GeoTIFF), next to what GDAL's deflate
+  decoding alone reaches on one core (the ceiling) and the same raster
+  uncompressed.
 
 Each pass opens new handles (no GDAL cache carried over); the file is read
 once first so the page cache holds it. Default 4000 x 4000 px (~320 tiles a
@@ -36,11 +38,11 @@ GOAL_RATIO = 1.8
 GOAL_PER_CORE = 5000
 
 
-def _raster(side: int) -> Path:
+def _raster(side: int, compress: str = "deflate") -> Path:
     from bench.fixtures import cached
     t0 = time.perf_counter()
-    path, made = cached(f"raster_{side}_u8x3_b512_deflate.tif", side, side, CACHE,
-                        block=512, compress="deflate")
+    path, made = cached(f"raster_{side}_u8x3_b512_{compress}.tif", side, side, CACHE,
+                        block=512, compress=None if compress == "none" else compress)
     if made:
         print(f"  generated {path.name} in {time.perf_counter() - t0:.1f} s", flush=True)
     return path
@@ -79,6 +81,24 @@ def measure(path: Path, workers: int, threads: int = 1, tile: int = 224, batch: 
             "per_cpu": n / max(1e-9, worker_cpu if workers else main_cpu)}
 
 
+def decode_ceiling(path: Path, tile: int = 224) -> float:
+    """224-px tiles' worth of pixels per CPU-second that GDAL alone decodes,
+    reading the raster once by whole block rows (no tiles cut): the most any
+    reader can get from one core."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from engine.raster import _limit_gdal_cache
+    _limit_gdal_cache()
+    with rasterio.open(path) as ds:
+        bh = ds.block_shapes[0][0]
+        c0 = time.process_time()
+        for r in range(0, ds.height, bh):
+            ds.read(window=Window(0, r, ds.width, min(bh, ds.height - r)))
+        cpu = time.process_time() - c0
+        return ds.width * ds.height / (tile * tile) / max(cpu, 1e-9)
+
+
 def run(argv) -> None:
     ap = argparse.ArgumentParser(prog="bench_raster", add_help=False)
     ap.add_argument("--full", action="store_true")
@@ -108,6 +128,14 @@ def run(argv) -> None:
     print(f"  per core (tiles per CPU-second of one reader process): {per_core:,.0f} tiles/s   "
           f"goal >= {GOAL_PER_CORE:,}  [{'met' if per_core >= GOAL_PER_CORE else 'NOT met'}]",
           flush=True)
+    ceiling = decode_ceiling(path)
+    print(f"  GDAL's deflate decode alone (whole block rows, no tiles cut): {ceiling:,.0f} "
+          f"tiles' worth per CPU-second: the ceiling for any reader on this CPU", flush=True)
+    raw = _raster(side, "none")
+    measure(raw, 1, min_tiles=1)
+    m = measure(raw, 1, min_tiles=min_tiles)
+    print(f"  same raster uncompressed, 1 process: {m['per_cpu']:,.0f} tiles per CPU-second "
+          f"({m['tps']:,.0f} tiles/s wall clock)", flush=True)
     eff = two["per_cpu"] / max(1e-9, one["per_cpu"])
     print(f"  2 processes' tiles per CPU-second / 1 process's: {eff:.2f} (1.0 = no work "
           "duplicated between workers: each block decoded once)", flush=True)

@@ -226,3 +226,23 @@ def test_detect_reads_through_processes_with_the_same_result(tmp_path):
     assert [b.score for b in res[1].boxes] == [b.score for b in res[0].boxes]
     assert res[1].boxes[0].pixel == (192, 128, 256, 192)
     assert not _shm_left()
+
+
+def test_cli_read_workers_and_compile_flags(tmp_path, capsys):
+    import argparse
+
+    from engine.cli import main as cli_main
+    from engine.cli.detect import options_from_args, register
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["detect", "r.tif", "--prompt", "a", "--model", "m", "--out", "o.gpkg",
+                              "--read-workers", "3", "--compile"])
+    o = options_from_args(args)
+    assert o.read.workers == 3 and o.compile is True
+    args = parser.parse_args(["detect", "r.tif", "--prompt", "a", "--model", "m", "--out", "o.gpkg"])
+    assert options_from_args(args).read.workers == "auto"
+    p = make_raster(tmp_path / "c.tif", 64, 64)
+    code = cli_main(["detect", str(p), "--prompt", "a", "--model", "test-tiny",
+                     "--out", str(tmp_path / "o.gpkg"), "--read-workers", "many"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--read-workers" in err and "Traceback" not in err
