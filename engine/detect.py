@@ -366,14 +366,13 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
 
     def window_row(a: int) -> None:
         y0 = ys[a]
-        band = torch.zeros((wy, Wm, 3), dtype=torch.uint8, device=dev)
+        parts = []   # (strip, first row, end row, top) of the tile rows this window row covers
         for r in rows_of[a]:
             strip = strips.get(r)
             if strip is None:
                 continue
             top = posy[r] - y0
-            s0, s1 = max(0, -top), min(S, wy - top)
-            band[top + s0: top + s1] = strip[s0:s1]
+            parts.append((strip, max(0, -top), min(S, wy - top), top))
         rows = rows_of[a]
         skipped_here = 0
         for j, x0 in enumerate(xs):
@@ -381,8 +380,15 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
             if cells.mean() < 0.5:
                 skipped_here += 1
                 continue
-            pending.append(band[:, x0:x0 + wx])
+            # each window is cut from the strips on its own: no full-width band, so
+            # memory does not grow with the raster's width (issue 16)
+            win = torch.zeros((wy, wx, 3), dtype=torch.uint8, device=dev)
+            for strip, s0, s1, top in parts:
+                win[top + s0: top + s1] = strip[s0:s1, x0:x0 + wx]
+            pending.append(win)
             pending_meta.append((x0, y0))
+            if len(pending) >= opts.batch_size:
+                flush()
         if skipped_here:
             job.step(skipped_here)
         flush()

@@ -443,8 +443,10 @@ class ProcessTileBatches:
         r0 = self._tiles[0].row
         while row_len < min(n, 100_000) and self._tiles[row_len].row == r0:
             row_len += 1
-        want = max(int(prefetch), 2 * self.n_workers,
-                   math.ceil(2 * row_len / self._batch_size) + 1)
+        want = max(int(prefetch), 2 * self.n_workers)
+        if self.n_workers > 1 and stripe_owner(self.reader.info, self.n_workers) is not None:
+            # stripes: a batch may hold one stripe's tiles only; keep two rows in flight
+            want = max(want, math.ceil(2 * row_len / self._batch_size) + 1)
         S = self._out_px
         batch_bytes = self._batch_size * (S * S * 3 + 8)
         return max(2, min(want, READ_AHEAD_BYTES // max(1, batch_bytes)))
