@@ -1045,6 +1045,8 @@ class TileBatches:
         return self
 
     def __next__(self) -> Tuple[List[Tile], np.ndarray]:
+        from .readers import trim_heap
+        trim_heap()   # memory flat in raster size (engine.readers.trim_heap)
         while True:
             if self._cancelled():
                 self.close()

@@ -246,3 +246,12 @@ def test_cli_read_workers_and_compile_flags(tmp_path, capsys):
                      "--out", str(tmp_path / "o.gpkg"), "--read-workers", "many"])
     err = capsys.readouterr().err
     assert code != 0 and "--read-workers" in err and "Traceback" not in err
+
+
+def test_heap_trim_runs_at_most_every_interval():
+    import sys
+
+    from engine.readers import trim_heap
+    ran = trim_heap(force=True)
+    assert ran == sys.platform.startswith("linux")
+    assert trim_heap() is False                 # within TRIM_INTERVAL_S of the last one
