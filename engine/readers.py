@@ -150,7 +150,7 @@ def _context():
         ctx.set_executable(exe)
     if ctx.get_start_method() == "forkserver":
         # the server imports the reader (and GDAL) once; each worker is a fork of it
-        ctx.set_forkserver_preload([__name__])
+        ctx.set_forkserver_preload([__name__, __name__.rsplit(".", 1)[0] + ".raster"])
     return ctx
 
 
