@@ -138,8 +138,15 @@ def image_flops(lm) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     x = torch.zeros((1, 3, lm.image_size, lm.image_size), device=lm.device, dtype=lm.dtype)
-    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-        lm.model.encode_image(x)
+    # the counter has no formula for the fused nn.MultiheadAttention op (its q/k/v and
+    # output projections would be missed): count with the fast path off
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            lm.model.encode_image(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     return float(fc.get_total_flops())
 
 

@@ -15,9 +15,10 @@ Everything here is selected by the model's device (:func:`choose`):
 * **Fused attention.** open_clip 3.x's ViT blocks use
   ``nn.MultiheadAttention`` with ``batch_first=True`` and
   ``need_weights=False``; in inference (eval mode, no autograd) PyTorch runs
-  it on its fast path (``torch._native_multi_head_attention``), which calls
-  the scaled-dot-product-attention kernels (flash / memory-efficient on
-  CUDA). open_clip's own ``Attention`` (custom blocks) calls
+  it on its fast path (``aten::_native_multi_head_attention``, seen in the
+  profiler on the CPU, where it is fused q/k/v + bmm + softmax); on CUDA that
+  op dispatches to the fused scaled-dot-product-attention kernels (flash /
+  memory-efficient) when no mask is given (not yet seen on a GPU here). open_clip's own ``Attention`` (custom blocks) calls
   ``F.scaled_dot_product_attention`` directly. :func:`attention_report` says
   which a model uses; nothing has to be patched.
 * **torch.compile** (opt-in, ``DetectOptions.compile``): the image tower is
@@ -229,8 +230,8 @@ def attention_report(lm) -> str:
                 other += 1
     parts = []
     if mha:
-        parts.append(f"{mha} nn.MultiheadAttention block(s) (PyTorch's fast path in inference: "
-                     "fused scaled-dot-product attention)")
+        parts.append(f"{mha} nn.MultiheadAttention block(s) (PyTorch's native fast path in "
+                     "inference; on CUDA it runs fused scaled-dot-product attention kernels)")
     if fsdpa:
         parts.append(f"{fsdpa} open_clip Attention block(s) calling F.scaled_dot_product_attention")
     if other:
