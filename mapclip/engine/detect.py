@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -172,6 +172,10 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
         job.check()
         lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=opts.device, precision=opts.precision)
+        from .model import accel   # the device's fast path: autocast, compile, batch from free memory
+        notes.extend(accel.prepare(lm, compile=opts.compile))
+        if opts.batch_size is None and (opts.mode == "window" or opts.dense_input_px is None):
+            opts = replace(opts, batch_size=accel.auto_batch_size(lm))  # None off CUDA
         opts = check(with_model_defaults(opts, lm.defaults))
         bank = build_bank(lm, prompts, opts.background, getattr(opts, "templates", None))
         mode = opts.mode
@@ -188,6 +192,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
         if opts.refine and boxes:
             boxes, refined = _refine(reader, boxes, lm, bank, opts, job, runner)
         notes.extend(runner.notes)
+        notes.extend(n for n in accel.notes(lm) if n not in notes)
     return DetectResult(boxes=boxes, crs=info.crs, heatmap=heat, heatmap_transform=heat_tf,
                         tiles=n_tiles, windows=n_windows, skipped=skipped,
                         seconds=time.perf_counter() - t0, device=str(lm.device),
@@ -250,6 +255,7 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
     import torch
     import torch.nn.functional as F
 
+    from .model import accel
     from .model.encode import to_model_input
     from .raster.batches import iter_tile_batches
     from .model.scoring import score_embeddings
@@ -294,7 +300,7 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
     n_scored = 0
 
     def encode(batch: torch.Tensor):
-        emb = F.normalize(lm.model.encode_image(to_model_input(lm, batch)).float(), dim=-1)
+        emb = F.normalize(accel.encode_image(lm, to_model_input(lm, batch)).float(), dim=-1)
         return score_embeddings(emb, bank)
 
     def flush(force: bool = False) -> None:
@@ -324,14 +330,13 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
 
     def window_row(a: int) -> None:
         y0 = ys[a]
-        band = torch.zeros((wy, Wm, 3), dtype=torch.uint8, device=dev)
+        parts = []   # (strip, first row, end row, top) of the tile rows this window row covers
         for r in rows_of[a]:
             strip = strips.get(r)
             if strip is None:
                 continue
             top = posy[r] - y0
-            s0, s1 = max(0, -top), min(S, wy - top)
-            band[top + s0: top + s1] = strip[s0:s1]
+            parts.append((strip, max(0, -top), min(S, wy - top), top))
         rows = rows_of[a]
         skipped_here = 0
         for j, x0 in enumerate(xs):
@@ -339,8 +344,15 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
             if cells.mean() < 0.5:
                 skipped_here += 1
                 continue
-            pending.append(band[:, x0:x0 + wx])
+            # each window is cut from the strips on its own: no full-width band, so
+            # memory does not grow with the raster's width (issue 16)
+            win = torch.zeros((wy, wx, 3), dtype=torch.uint8, device=dev)
+            for strip, s0, s1, top in parts:
+                win[top + s0: top + s1] = strip[s0:s1, x0:x0 + wx]
+            pending.append(win)
             pending_meta.append((x0, y0))
+            if len(pending) >= opts.batch_size:
+                flush()
         if skipped_here:
             job.step(skipped_here)
         flush()
@@ -544,6 +556,7 @@ def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions,
     import torch
     import torch.nn.functional as F
 
+    from .model import accel
     from .model.encode import to_model_input
     from .model.scoring import score_embeddings
     info = reader.info
@@ -562,7 +575,7 @@ def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions,
         return boxes, 0
 
     def encode(batch: torch.Tensor):
-        return score_embeddings(F.normalize(lm.model.encode_image(batch).float(), dim=-1), bank)
+        return score_embeddings(F.normalize(accel.encode_image(lm, batch).float(), dim=-1), bank)
 
     with torch.inference_mode():
         probs, cos = runner(encode, torch.stack(inputs))

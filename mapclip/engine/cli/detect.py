@@ -74,7 +74,14 @@ def register(sub) -> None:
                    help="a fitted box must score at least this share (0..1) of its window's "
                         f"score, else the window is kept; default {d.refine_min}")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per model call; " + model_default_help("batch_size"))
+                   help="images per model call; " + model_default_help("batch_size")
+                        + "; on CUDA, when left out, sized from the free GPU memory")
+    p.add_argument("--read-workers", default="auto", metavar="N|auto",
+                   help="reader processes: auto (one per core but one, for jobs of 1024 tiles "
+                        "or more), 0 (read in threads of this process) or N; default auto")
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA: compile the image model with torch.compile (compiled kernels are "
+                        "cached under $MAPCLIP_CACHE/inductor for later runs)")
     p.add_argument("--out", required=True, metavar="OUT.gpkg|OUT.geojson",
                    help="boxes output (.gpkg or .geojson)")
     p.add_argument("--heatmap", default=None, metavar="OUT.tif",
@@ -97,11 +104,24 @@ def options_from_args(args: argparse.Namespace):
                    templates=args.templates, dense_input_px=args.dense_input,
                    dense_slide=bool(args.dense_slide),
                    refine=bool(args.refine), refine_min=args.refine_min,
-                   read=ReadOptions(bands=parse_bands(args.bands), gsd=args.gsd),
+                   read=ReadOptions(bands=parse_bands(args.bands), gsd=args.gsd,
+                                    workers=_workers(args.read_workers)),
+                   compile=bool(args.compile),
                    device=args.device, precision=args.precision, heatmap=bool(args.heatmap))
     if args.background:
         changes["background"] = tuple(args.background)
     return replace(DetectOptions(), **changes)
+
+
+def _workers(text):
+    """--read-workers as ReadOptions.workers ("auto" or a whole number; checked by the engine)."""
+    text = str(text).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        return text   # engine.options.check names the flag and the fix
 
 
 def run(args: argparse.Namespace) -> int:

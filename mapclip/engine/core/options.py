@@ -210,6 +210,7 @@ class ReadOptions:
     percentiles: Tuple[float, float] = (2.0, 98.0)
     fixed_range: Optional[Tuple[float, float]] = None
     gsd: Optional[float] = None                     # resample to metres per pixel; None: native
+    workers: Any = "auto"                           # reader processes: "auto", 0 (threads) or N (engine.raster.workers)
 
 
 @dataclass
@@ -241,6 +242,7 @@ class DetectOptions:
     dense_slide: bool = False            # dense: slide crops of the model's size over a larger input
     refine: bool = True                  # fit each box to the object inside it (engine.detect's module doc)
     refine_min: float = 0.3              # a fitted box must keep this share of its window's score
+    compile: bool = False                # CUDA: torch.compile the image tower (engine.model.accel; cached)
 
 
 @dataclass
@@ -493,6 +495,11 @@ def _check_read(read: Optional[ReadOptions]) -> None:
             raise _bad("bands", f"bands {read.bands!r} are not band numbers from 1",
                        "give 1-based band numbers, e.g. 4,3,2")
     _choice("stretch", read.stretch, STRETCHES)
+    w = getattr(read, "workers", "auto")
+    if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+        raise _bad("read_workers", f"read workers {w!r} is not auto or a whole number >= 0",
+                   "give auto (processes for large jobs), 0 (read in threads) or a number of "
+                   "reader processes")
 
 
 def _check_common(options: Any) -> None:
@@ -529,6 +536,9 @@ def check(options: Any) -> Any:
             raise _bad("refine", f"refine {o.refine!r} is not true or false",
                        "give True to fit boxes to objects, False to keep window boxes")
         _within("refine_min", o.refine_min, 0.0, 1.0)
+        if not isinstance(o.compile, bool):
+            raise _bad("compile", f"compile {o.compile!r} is not true or false",
+                       "give True to compile the model on CUDA (torch.compile), False not to")
         if any(not str(b).strip() for b in (o.background or ())):
             raise _bad("background", "a background prompt is empty",
                        "give background prompts with words, or leave them out for the defaults")

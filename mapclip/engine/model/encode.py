@@ -28,12 +28,18 @@ def clean_prompts(prompts: Sequence[str]) -> List[str]:
 @torch.inference_mode()
 def encode_text(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """(N, D) normalised text embeddings, float32 on the model's device."""
+    from .accel import TEXT_CACHE
     prompts = clean_prompts(prompts)
+    hit = TEXT_CACHE.get(lm, prompts)       # the same prompt set for the same model: once
+    if hit is not None:
+        return hit
     chunks = []
     for i in range(0, len(prompts), batch_size):
         tokens = lm.tokenizer(list(prompts[i:i + batch_size])).to(lm.device)
         chunks.append(lm.model.encode_text(tokens).float())
-    return F.normalize(torch.cat(chunks), dim=-1)
+    out = F.normalize(torch.cat(chunks), dim=-1)
+    TEXT_CACHE.put(lm, prompts, out)
+    return out
 
 
 #: bytes of float pixels converted at once before resizing (bounds peak memory)
@@ -90,8 +96,9 @@ def to_model_input(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
 @torch.inference_mode()
 def encode_images(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     """(B, D) normalised image embeddings (float32, on the device) for a uint8 batch."""
+    from .accel import encode_image
     x = to_model_input(lm, batch)
-    return F.normalize(lm.model.encode_image(x).float(), dim=-1)
+    return F.normalize(encode_image(lm, x).float(), dim=-1)   # engine.model.accel: the device's fast path
 
 
 def resize_center_crop(im, size: int):

@@ -25,7 +25,7 @@ EMPTY_FILL_VALUES = (0, 255)
 
 
 
-def _group_end(tiles: Sequence[Tile], i: int, max_width: int = 16384) -> int:
+def group_end(tiles: Sequence[Tile], i: int, max_width: int = 16384) -> int:
     """End (exclusive) of the run of tiles from ``i`` that can share one read.
 
     Tiles share a read when they lie on the same row with the same size and
@@ -141,7 +141,7 @@ class TileBatches:
         while i < len(tiles):
             if self._stop.is_set():
                 return None
-            j = _group_end(tiles, i)
+            j = group_end(tiles, i)
             r._read_group(ds, tiles, i, j, out, frac, scratch)
             i = j
         return _Batch(tiles, out, frac)
@@ -182,6 +182,8 @@ class TileBatches:
         return self
 
     def __next__(self) -> Tuple[List[Tile], np.ndarray]:
+        from .workers import trim_heap
+        trim_heap()   # memory flat in raster size (raster.workers.trim_heap)
         while True:
             if self._cancelled():
                 self.close()
@@ -285,7 +287,9 @@ def iter_tile_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: i
     keep the order of ``tiles``; ``B <= batch_size`` because tiles whose
     valid fraction is below ``min_valid`` or (``skip_empty``) whose image is
     one constant colour are skipped, not yielded (a batch left empty is not
-    yielded at all). ``workers`` threads, each with its own dataset handle,
+    yielded at all). ``reader.options.workers`` may select reader processes
+    instead of threads (:mod:`engine.raster.workers`, same batches and bytes).
+    Otherwise ``workers`` threads, each with its own dataset handle,
     read whole batches; at most ``max(prefetch, workers)`` batches are read
     ahead, which bounds memory to about that many batches plus the one the
     consumer holds. The returned :class:`TileBatches` counts ``skipped``,
@@ -293,5 +297,12 @@ def iter_tile_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: i
     cancelled and :class:`RasterReadError` when a reader thread fails.
     Progress is left to the consumer (``job.step`` per scored batch).
     """
+    from .workers import ProcessTileBatches, resolve_workers
+    if not hasattr(tiles, "__len__"):
+        tiles = list(tiles)
+    procs = resolve_workers(getattr(reader.options, "workers", "auto"), len(tiles), reader.path)
+    if procs > 0:  # ReadOptions.workers: reader processes (engine.raster.workers)
+        return ProcessTileBatches(reader, tiles, batch_size, procs, job=job, prefetch=prefetch,
+                                  min_valid=min_valid, skip_empty=skip_empty)
     return TileBatches(reader, tiles, batch_size, job=job, prefetch=prefetch, workers=workers,
                        min_valid=min_valid, skip_empty=skip_empty)

@@ -1,0 +1,723 @@
+"""Reader processes: tiles read, decoded and cut in worker processes, handed
+back through shared memory.
+
+Why processes: GDAL releases the GIL while it decodes, but cutting tiles out
+of the decoded window and interleaving bands is Python and numpy work that
+holds it, so more reader *threads* made the reader slower (issue 16: 5,240
+tiles/s with one thread, 3,312 with two). Each reader process has its own
+interpreter, its own dataset handle and its own GDAL block cache.
+
+How it works (:class:`ProcessTileBatches`, made by
+:func:`engine.raster.reader.iter_tile_batches` when ``ReadOptions.workers`` selects
+processes):
+
+* ``workers`` processes are started from a ``forkserver`` context (``spawn``
+  where there is none), with the reader's band choice, stretch and validity
+  rules handed over once (a few kB); each opens the raster itself.
+* The consumer cuts the tile list into batches, exactly as the thread reader
+  does, and sends each worker the positions and windows of the batch's tiles
+  it owns (a small integer array; pixel data is never pickled).
+* Ownership follows the raster's internal blocks: on a tiled raster the
+  block columns are split into one stripe per worker, and a tile belongs to
+  the worker of the stripe it starts in. Each block is therefore decoded by
+  one process, once: while the tile rows that a block row holds are cut, the
+  block stays in that process's GDAL block cache (the reader caps it at
+  :data:`engine.raster.reader.GDAL_CACHE_MB`, well above one stripe's block row).
+  Rasters in strips (one block spans the width) or with fewer block columns
+  than workers hand out whole batches in turn instead.
+* Workers cut every tile of a run of tiles from one read (the thread
+  reader's ``RasterReader._read_group``, so the bytes are the same) straight
+  into a shared-memory slot (``multiprocessing.shared_memory``): the
+  consumer gets a numpy view of it, with no copy. A slot is reused once the
+  consumer no longer holds its array (the thread reader's rule).
+* Batches come out in order; at most ``depth`` batches are read ahead, so
+  memory stays bounded whatever the raster's size.
+
+Stopping: :meth:`ProcessTileBatches.close` (also on exhaustion, cancel and
+errors) sets a stop event the workers check between reads, joins them
+(terminating any that do not stop within :data:`STOP_TIMEOUT_S`) and
+unlinks every shared-memory slot, so nothing outlives the iterator; the
+resource tracker of :mod:`multiprocessing` unlinks what a killed parent
+leaves. An error in a worker reaches the caller as the same error the thread
+reader raises (:class:`engine.raster.reader.RasterReadError` for GDAL failures);
+a worker that dies is reported with its exit code.
+
+Choosing the number (``ReadOptions.workers``): ``"auto"`` uses
+``min(os.cpu_count() - 1, MAX_AUTO_WORKERS)`` processes (at least one) for
+jobs of at least :data:`AUTO_MIN_TILES` tiles from a local file, and the
+in-process reader threads otherwise (starting processes costs about half a
+second, more than a small job takes); ``0`` always uses threads; ``N`` uses
+``N`` processes. The environment variable ``MAPCLIP_READ_WORKERS`` overrides
+``"auto"`` (e.g. for benchmarks).
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import queue
+import secrets
+import shutil
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from typing import Dict, List, Optional, Sequence, Set
+
+import numpy as np
+
+from ..core.errors import Cancelled, MapClipError, UsageError
+
+#: "auto" uses threads below this many tiles (process start-up would dominate)
+AUTO_MIN_TILES = 1024
+#: "auto" never starts more reader processes than this
+MAX_AUTO_WORKERS = 16
+#: read-ahead memory (bytes of batches in flight) the reader aims to stay under
+READ_AHEAD_BYTES = 512 << 20
+#: seconds a worker gets to stop before it is terminated
+STOP_TIMEOUT_S = 2.0
+#: environment variable that overrides ReadOptions.workers == "auto"
+WORKERS_ENV = "MAPCLIP_READ_WORKERS"
+#: prefix of the reader's shared-memory names (in /dev/shm on Linux)
+SHM_PREFIX = "mapclip-rd"
+
+
+# ------------------------------------------------------------- choosing --
+def python_executable() -> Optional[str]:
+    """A Python interpreter for the reader processes, or None.
+
+    Inside QGIS ``sys.executable`` is the QGIS program, which cannot run a
+    child interpreter; the interpreter next to it (same prefix) is used then.
+    """
+    exe = sys.executable or ""
+    if os.path.basename(exe).lower().startswith("python"):
+        return exe
+    names = ("python.exe", "pythonw.exe") if os.name == "nt" else (
+        f"python{sys.version_info[0]}.{sys.version_info[1]}", "python3")
+    for prefix in (sys.exec_prefix, sys.base_exec_prefix):
+        for sub in ("bin", "", "apps/Python3%d%d" % sys.version_info[:2]):
+            for name in names:
+                cand = os.path.join(prefix, sub, name)
+                if os.path.isfile(cand):
+                    return cand
+    found = shutil.which(names[0])
+    return found
+
+
+def _local_file(path: str) -> bool:
+    return "://" not in path and not path.startswith("/vsi") and os.path.isfile(path)
+
+
+def resolve_workers(setting, n_tiles: int, path: str, cpu_count: Optional[int] = None) -> int:
+    """Reader processes for a job of ``n_tiles`` tiles from ``path``; 0 = threads.
+
+    ``setting`` is ``ReadOptions.workers`` (``"auto"``, or a whole number >= 0,
+    already checked by :func:`engine.core.options.check`). See the module doc.
+    """
+    if setting is None or setting == "auto":
+        env = os.environ.get(WORKERS_ENV, "").strip()
+        if env and env != "auto":
+            try:
+                setting = max(0, int(env))
+            except ValueError:
+                raise UsageError(f"{WORKERS_ENV}={env!r} is not a number of reader processes",
+                                 f"set {WORKERS_ENV} to auto, 0 (threads) or a whole number",
+                                 option="read_workers") from None
+    if setting is None or setting == "auto":
+        cpus = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+        if (cpus < 2 or n_tiles < AUTO_MIN_TILES or not _local_file(path)
+                or python_executable() is None):
+            return 0
+        return max(1, min(MAX_AUTO_WORKERS, cpus - 1))
+    n = int(setting)
+    if n > 0 and not _local_file(path):
+        raise UsageError(f"reader processes cannot open {path}: they need a file on disk",
+                         "read it with threads (read workers 0 or auto)", option="read_workers")
+    if n > 0 and python_executable() is None:
+        raise UsageError("no Python interpreter was found to run reader processes",
+                         "read with threads (read workers 0 or auto)", option="read_workers")
+    return n
+
+
+def _context():
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    exe = python_executable()
+    if exe and exe != sys.executable:
+        ctx.set_executable(exe)
+    if ctx.get_start_method() == "forkserver":
+        # the server imports the reader (and GDAL) once; each worker is a fork of it
+        ctx.set_forkserver_preload([__name__, __name__.rsplit(".", 1)[0] + ".reader",
+                                   __name__.rsplit(".", 1)[0] + ".batches"])
+    return ctx
+
+
+_MAIN_LOCK = threading.Lock()
+
+
+class _main_hidden:
+    """Start a worker without it re-running the caller's ``__main__`` script.
+
+    Spawned and forkserver children import the parent's main module by path
+    to unpickle objects defined there; the reader needs nothing from it
+    (its worker is :func:`_worker_main`), and a script without the
+    ``if __name__ == "__main__"`` guard would run itself again in every
+    worker. So the main module's ``__file__`` and ``__spec__`` are hidden
+    while a worker starts.
+    """
+
+    def __enter__(self):
+        _MAIN_LOCK.acquire()
+        self.main = sys.modules.get("__main__")
+        self.saved = {}
+        if self.main is not None:
+            for attr in ("__file__", "__spec__"):
+                if attr in vars(self.main):
+                    self.saved[attr] = vars(self.main)[attr]
+            self.main.__spec__ = None
+            vars(self.main).pop("__file__", None)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if self.main is not None:
+                vars(self.main).pop("__spec__", None)
+                for attr, val in self.saved.items():
+                    setattr(self.main, attr, val)
+        finally:
+            _MAIN_LOCK.release()
+
+
+# ---------------------------------------------------------------- memory --
+#: seconds between two heap trims while streaming
+TRIM_INTERVAL_S = 2.0
+_trim_state = {"last": 0.0, "fn": None}
+#: glibc's mallopt parameter number, and the fixed threshold the reader sets
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def trim_heap(force: bool = False) -> bool:
+    """Give freed heap memory back to the system (glibc ``malloc_trim``), at most
+    every TRIM_INTERVAL_S; True when it ran.
+
+    Streaming a large raster allocates and frees many same-sized buffers
+    (windows, model inputs); glibc raises its mmap threshold after the first
+    large free and then serves them from the heap, whose freed pages it keeps,
+    so a long run's peak memory crept up with the raster's size (issue 16).
+    The first call therefore also fixes glibc's mmap threshold at 1 MB (unless
+    ``MALLOC_MMAP_THRESHOLD_`` is set). The batch iterators call this once per
+    batch; off glibc it does nothing.
+    """
+    now = time.monotonic()
+    if not force and now - _trim_state["last"] < TRIM_INTERVAL_S:
+        return False
+    _trim_state["last"] = now
+    fn = _trim_state["fn"]
+    if fn is None:
+        fn = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+                libc = ctypes.CDLL("libc.so.6")
+                fn = libc.malloc_trim
+                if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+                    # a fixed threshold (no dynamic raise): big buffers are mapped and
+                    # unmapped on their own instead of fragmenting the heap
+                    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+            except (OSError, AttributeError):
+                fn = False
+        _trim_state["fn"] = fn
+    if fn:
+        fn(0)
+        return True
+    return False
+
+
+# ----------------------------------------------------------- ownership --
+def stripe_owner(info, n_workers: int):
+    """``f(tile) -> worker`` splitting block columns into stripes, or None when
+    the raster's layout calls for whole batches in turn (see the module doc)."""
+    bh, bw = info.block_shape
+    if n_workers < 2 or bw >= info.width:
+        return None
+    n_bc = math.ceil(info.width / bw)
+    if n_bc < n_workers:
+        return None
+    per = math.ceil(n_bc / n_workers)
+    return lambda t: min(n_workers - 1, (t.col // bw) // per)
+
+
+# --------------------------------------------------------------- worker --
+def _reader_state(reader) -> dict:
+    """What a worker needs of a RasterReader to read exactly as it does."""
+    keep = ("path", "options", "info", "bands", "unique_bands", "band_slot", "dtype",
+            "mask_mode", "nodata", "palette", "stretch", "_lut")
+    return {k: getattr(reader, k) for k in keep}
+
+
+def _worker_reader(state: dict):
+    from . import reader as R
+    r = R.RasterReader.__new__(R.RasterReader)
+    r.__dict__.update(state)
+    r._lock = threading.Lock()
+    r._local = threading.local()
+    r._handles = []
+    r._closed = False
+    r.warnings = []
+    return r
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    return shared_memory.SharedMemory(name=name, create=False)
+
+
+def worker_cache_bytes(info, n_workers: int, striped: bool, itemsize: int = 1) -> int:
+    """GDAL block cache for one worker: three block rows of the width it reads
+    (a tile row spans at most two), between 32 MB and GDAL_CACHE_MB, so that
+    many workers together do not hold many full-width caches."""
+    from .reader import GDAL_CACHE_MB
+    bh, bw = info.block_shape
+    width = math.ceil(info.width / n_workers) + bw if striped else info.width
+    need = 3 * min(bh, info.height) * width * info.count * max(1, itemsize)
+    return int(min(GDAL_CACHE_MB << 20, max(32 << 20, need)))
+
+
+def _worker_main(wid: int, state: dict, tasks, results, stop) -> None:
+    """Reader process: read the tiles of each task into its shared-memory slot."""
+    from . import reader as R
+    from ..geo.tiling import Tile
+    try:
+        cache = state.pop("gdal_cache_bytes", None)
+        if cache and "GDAL_CACHEMAX" not in os.environ:
+            from rasterio.env import set_gdal_config
+            set_gdal_config("GDAL_CACHEMAX", int(cache))
+        R._limit_gdal_cache()
+        reader = _worker_reader(state)
+        ds = R.open_dataset(reader.path)
+        scratch = R.Scratch()
+    except BaseException as exc:  # noqa: BLE001 - reported to the consumer
+        results.put((-1, wid, "error", _describe(exc)))
+        return
+    slots: Dict[str, shared_memory.SharedMemory] = {}
+    try:
+        while True:
+            msg = tasks.get()
+            if msg is None:
+                break
+            k, name, cap, n, S, rows = msg
+            if stop.is_set():
+                continue
+            try:
+                shm = slots.get(name)
+                if shm is None:
+                    shm = slots[name] = _attach(name)
+                frac = np.ndarray((n,), np.float64, buffer=shm.buf)
+                out = np.ndarray((n, S, S, 3), np.uint8, buffer=shm.buf, offset=8 * cap)
+                _read_rows(reader, ds, scratch, rows, S, out, frac, stop, Tile)
+                del frac, out
+                results.put((k, wid, "stopped" if stop.is_set() else "ok", time.process_time()))
+            except BaseException as exc:  # noqa: BLE001 - reported to the consumer
+                results.put((k, wid, "error", _describe(exc)))
+    finally:
+        for shm in slots.values():
+            try:
+                shm.close()
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            ds.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _read_rows(reader, ds, scratch, rows: np.ndarray, S: int, out: np.ndarray,
+               frac: np.ndarray, stop, Tile) -> None:
+    """Read the tiles ``rows`` (position, index, col, row, width, height) into
+    ``out``/``frac`` at their positions, one GDAL read per run of tiles."""
+    from .batches import group_end
+    pos = rows[:, 0]
+    # runs of consecutive batch positions; each run is cut like the thread reader cuts a batch
+    breaks = np.flatnonzero(np.diff(pos) != 1) + 1
+    for seg in np.split(np.arange(len(rows)), breaks):
+        if not len(seg):
+            continue
+        p0 = int(pos[seg[0]])
+        tiles = [Tile(int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), S) for r in rows[seg]]
+        o, f = out[p0:p0 + len(tiles)], frac[p0:p0 + len(tiles)]
+        i = 0
+        while i < len(tiles):
+            if stop.is_set():
+                return
+            j = group_end(tiles, i)
+            reader._read_group(ds, tiles, i, j, o, f, scratch)
+            i = j
+
+
+def _describe(exc: BaseException) -> dict:
+    from rasterio.errors import RasterioError
+
+    from .reader import gdal_message
+    kind = ("mapclip" if isinstance(exc, MapClipError) else
+            "rasterio" if isinstance(exc, RasterioError) else "other")
+    return {"kind": kind, "type": type(exc).__name__,
+            "usage": isinstance(exc, UsageError),
+            "message": getattr(exc, "message", None) or str(exc),
+            "fix": getattr(exc, "fix", "") or "",
+            "option": getattr(exc, "option", None),
+            "gdal": gdal_message(exc) if kind == "rasterio" else "",
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
+
+
+# ------------------------------------------------------------- consumer --
+class _Slot:
+    """One shared-memory batch buffer: B valid fractions then (B, S, S, 3) uint8."""
+
+    def __init__(self, cap: int, S: int):
+        self.cap, self.S = cap, S
+        size = 8 * cap + cap * S * S * 3
+        self.shm = shared_memory.SharedMemory(
+            name=f"{SHM_PREFIX}-{os.getpid()}-{secrets.token_hex(6)}", create=True, size=size)
+        self.name = self.shm.name
+        self.frac = np.ndarray((cap,), np.float64, buffer=self.shm.buf)
+        self.arr = np.ndarray((cap, S, S, 3), np.uint8, buffer=self.shm.buf, offset=8 * cap)
+
+    def free(self) -> bool:
+        # only this slot's attribute and getrefcount's argument refer to the array;
+        # a consumer's view or tensor of it adds one
+        return sys.getrefcount(self.arr) <= 2
+
+    def destroy(self) -> None:
+        """Unlink the name now; unmap once no array of the consumer uses it."""
+        try:
+            self.shm.unlink()
+        except FileNotFoundError:
+            pass
+        self.frac = None
+        if self.free():
+            self.arr = None
+            try:
+                self.shm.close()
+                return
+            except BufferError:  # pragma: no cover - an array still exported
+                pass
+        # the consumer still holds a batch: keep the mapping alive through its
+        # array (it owns a reference to the buffer) and only close the descriptor
+        self.arr = None
+        shm = self.shm
+        fd = getattr(shm, "_fd", -1)
+        if fd is not None and fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover
+                pass
+            shm._fd = -1
+        shm._buf = None
+        shm._mmap = None
+
+
+@dataclass
+class _Pending:
+    k: int
+    tiles: list
+    slot: _Slot
+    waiting: Set[int] = field(default_factory=set)
+    error: Optional[dict] = None
+    stopped: bool = False
+
+
+@dataclass
+class _Batch:
+    tiles: list
+    array: np.ndarray
+    valid: np.ndarray
+
+
+class ProcessTileBatches:
+    """:class:`engine.raster.reader.TileBatches`' twin whose tiles are read by worker
+    processes (see the module doc); same iteration, counters, cancel and errors."""
+
+    def __init__(self, reader, tiles: Sequence, batch_size: int, workers: int,
+                 job=None, prefetch: int = 2, min_valid: float = 0.5, skip_empty: bool = True):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if not (hasattr(tiles, "__getitem__") and hasattr(tiles, "__len__")):
+            tiles = list(tiles)
+        self._tiles = tiles
+        self._batch_size = int(batch_size)
+        self._out_px = tiles[0].out_px if len(tiles) else None
+        self.reader = reader
+        self.job = job
+        self.min_valid = float(min_valid)
+        self.skip_empty = skip_empty
+        self.total = len(tiles)
+        self.skipped = 0
+        self.yielded = 0
+        self.done = 0
+        self.n_workers = max(1, int(workers))
+        self._n_batches = (len(tiles) + batch_size - 1) // batch_size
+        self._next_submit = 0
+        self._in_flight: deque = deque()
+        self._slots: List[_Slot] = []
+        self._procs: list = []
+        self._task_qs: list = []
+        self._results = None
+        self._stop = None
+        self._closed = False
+        #: CPU seconds each worker had used at its last finished task (benchmarks)
+        self.worker_cpu_s: Dict[int, float] = {}
+        self._depth = self._read_ahead(prefetch)
+        self._owner = stripe_owner(reader.info, self.n_workers)
+        if self._n_batches:
+            try:
+                self._start()
+                self._fill()
+            except BaseException:
+                self.close()
+                raise
+
+    # -- setup --
+    def _read_ahead(self, prefetch: int) -> int:
+        """Batches in flight: enough for every worker to have work while the
+        consumer drains a row of tiles in order, within READ_AHEAD_BYTES."""
+        n = self.total
+        if not n:
+            return 1
+        row_len = 1
+        r0 = self._tiles[0].row
+        while row_len < min(n, 100_000) and self._tiles[row_len].row == r0:
+            row_len += 1
+        want = max(int(prefetch), 2 * self.n_workers)
+        if self.n_workers > 1 and stripe_owner(self.reader.info, self.n_workers) is not None:
+            # stripes: a batch may hold one stripe's tiles only; keep two rows in flight
+            want = max(want, math.ceil(2 * row_len / self._batch_size) + 1)
+        S = self._out_px
+        batch_bytes = self._batch_size * (S * S * 3 + 8)
+        return max(2, min(want, READ_AHEAD_BYTES // max(1, batch_bytes)))
+
+    def _start(self) -> None:
+        ctx = _context()
+        self._stop = ctx.Event()
+        self._results = ctx.Queue()
+        state = _reader_state(self.reader)
+        state["gdal_cache_bytes"] = worker_cache_bytes(
+            self.reader.info, self.n_workers, self._owner is not None, self.reader.dtype.itemsize)
+        for w in range(self.n_workers):
+            q = ctx.Queue()
+            p = ctx.Process(target=_worker_main, args=(w, state, q, self._results, self._stop),
+                            name=f"mapclip-reader-{w}", daemon=True)
+            with _main_hidden():
+                p.start()
+            self._task_qs.append(q)
+            self._procs.append(p)
+
+    # -- consumer side --
+    def _slot(self, S: int) -> _Slot:
+        busy = {id(p.slot) for p in self._in_flight}
+        for s in self._slots:
+            if id(s) not in busy and s.S == S and s.free():
+                return s
+        s = _Slot(self._batch_size, S)
+        self._slots.append(s)
+        return s
+
+    def _batch(self, k: int) -> list:
+        from .batches import TileBatches
+        return TileBatches._batch(self, k)
+
+    def _fill(self) -> None:
+        while (not self._closed and len(self._in_flight) < self._depth
+               and self._next_submit < self._n_batches):
+            k = self._next_submit
+            tiles = self._batch(k)
+            S = tiles[0].out_px
+            slot = self._slot(S)
+            rows = np.array([(p, t.index, t.col, t.row, t.width, t.height)
+                             for p, t in enumerate(tiles)], np.int64)
+            if self._owner is None:
+                parts = {k % self.n_workers: rows}
+            else:
+                own = np.array([self._owner(t) for t in tiles])
+                parts = {int(w): rows[own == w] for w in np.unique(own)}
+            pend = _Pending(k, tiles, slot, set(parts))
+            self._in_flight.append(pend)
+            for w, part in parts.items():
+                self._task_qs[w].put((k, slot.name, slot.cap, len(tiles), S, part))
+            self._next_submit += 1
+
+    def _cancelled(self) -> bool:
+        return self.job is not None and self.job.cancelled
+
+    def _collect(self, timeout: float) -> None:
+        """Take one result from the workers (or check their health on timeout)."""
+        try:
+            k, w, status, info = self._results.get(timeout=timeout)
+        except queue.Empty:
+            waiting = {w for p in self._in_flight for w in p.waiting}
+            for w in waiting:
+                p = self._procs[w]
+                if p.exitcode is not None:
+                    err = _died(self.reader.path, p)
+                    self.close()
+                    raise err
+            return
+        if k < 0:  # a worker failed to start
+            self.close()
+            raise self._error(None, info)
+        if status == "ok":
+            self.worker_cpu_s[w] = info   # CPU seconds the worker has used so far
+        for pend in self._in_flight:
+            if pend.k == k:
+                pend.waiting.discard(w)
+                if status == "error" and pend.error is None:
+                    pend.error = info
+                if status == "stopped":
+                    pend.stopped = True
+                break
+
+    def _error(self, tiles, info: dict) -> MapClipError:
+        from .reader import RasterReadError, ReaderThreadError
+        path = self.reader.path
+        where = ""
+        if tiles:
+            where = f" near pixel window col={tiles[0].col} row={tiles[0].row}"
+        cause = _WorkerTraceback(info["traceback"])
+        if info["kind"] == "mapclip":
+            cls = UsageError if info["usage"] else MapClipError
+            err = cls(info["message"], info["fix"], option=info["option"])
+        elif info["kind"] == "rasterio":
+            err = RasterReadError(
+                f"reading {path} failed{where}: {info['gdal']}",
+                "check that the file is complete and readable (gdalinfo -checksum FILE)")
+        else:
+            err = ReaderThreadError(
+                f"a raster reader process failed on {path}{where}: {info['type']}: "
+                f"{info['message']}",
+                "this is a bug or an I/O problem; the reader's traceback follows the error "
+                "(read workers 0 reads in threads instead)")
+        err.__cause__ = cause
+        return err
+
+    def __iter__(self) -> "ProcessTileBatches":
+        return self
+
+    def __next__(self):
+        trim_heap()
+        while True:
+            if self._cancelled():
+                self.close()
+                raise Cancelled()
+            if not self._in_flight:
+                self.close()
+                raise StopIteration
+            head = self._in_flight[0]
+            while head.waiting and head.error is None:
+                if self._cancelled():
+                    self.close()
+                    raise Cancelled()
+                self._collect(0.05)
+            if head.error is not None:
+                err = self._error(head.tiles, head.error)
+                self.close()
+                raise err
+            if head.stopped:
+                self.close()
+                raise Cancelled()
+            self._in_flight.popleft()
+            n = len(head.tiles)
+            batch = _Batch(head.tiles, head.slot.arr[:n], head.slot.frac[:n])
+            self._fill()
+            from .batches import TileBatches
+            keep = TileBatches._keep(self, batch)
+            n_keep = int(keep.sum())
+            self.skipped += n - n_keep
+            self.done += n
+            if n_keep == 0:
+                continue
+            self.yielded += n_keep
+            if n_keep == n:
+                return batch.tiles, batch.array
+            idx = np.flatnonzero(keep)
+            return [batch.tiles[i] for i in idx], batch.array[idx]
+
+    # -- closing --
+    def close(self) -> None:
+        """Stop the workers (terminating stragglers), unlink every slot."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stop is not None:
+            self._stop.set()
+        for q in self._task_qs:
+            try:
+                q.put(None)
+            except Exception:  # noqa: BLE001 - a closed queue
+                pass
+        deadline = STOP_TIMEOUT_S
+        t0 = time.monotonic()
+        for p in self._procs:
+            p.join(max(0.0, deadline - (time.monotonic() - t0)))
+        for p in self._procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(1.0)
+            if p.is_alive():  # pragma: no cover - ignores SIGTERM
+                p.kill()
+                p.join(1.0)
+        for q in self._task_qs + ([self._results] if self._results is not None else []):
+            try:
+                q.cancel_join_thread()
+                q.close()
+            except Exception:  # noqa: BLE001
+                pass
+        for p in self._procs:
+            try:
+                p.close()
+            except Exception:  # noqa: BLE001 - still running (cannot happen after kill)
+                pass
+        self._procs = []
+        self._task_qs = []
+        self._in_flight.clear()
+        slots, self._slots = self._slots, []
+        for s in slots:
+            s.destroy()
+
+    @property
+    def pids(self) -> List[int]:
+        """Process ids of the running workers (for tests)."""
+        return [p.pid for p in self._procs]
+
+    @property
+    def slot_names(self) -> List[str]:
+        return [s.name for s in self._slots]
+
+    def __enter__(self) -> "ProcessTileBatches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class _WorkerTraceback(Exception):
+    """The traceback of a failure in a reader process (chained as the cause)."""
+
+    def __str__(self) -> str:
+        return "in the reader process:\n" + (self.args[0] if self.args else "")
+
+
+def _died(path: str, proc) -> MapClipError:
+    from .reader import ReaderThreadError
+    return ReaderThreadError(
+        f"a raster reader process (pid {proc.pid}) stopped unexpectedly with exit code "
+        f"{proc.exitcode} while reading {path}",
+        "the system may have run out of memory or GDAL crashed on this file; check it with "
+        "gdalinfo -checksum FILE, or read with threads (read workers 0)")

@@ -1,0 +1,147 @@
+"""engine.model.accel: what runs where (selected by device), the CPU path unchanged in
+fp32, batch sizes from free memory, and the text-embedding cache."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mapclip.engine.model import accel
+from mapclip.engine.model.accel import TEXT_CACHE, Plan, TextCache, batch_from_memory, choose
+from mapclip.engine.model.encode import encode_images, encode_text, to_model_input
+from mapclip.engine.core.errors import UsageError
+from mapclip.engine.core.options import DetectOptions, check
+from mapclip.engine.model.scoring import encode_prompts
+
+
+# -------------------------------------------------------------- selection --
+def test_cpu_plan_is_plain_fp32_eager():
+    for vit in (True, False):
+        assert choose("cpu", "fp32", vit, compile=True) == Plan("cpu")
+    assert choose("mps", "fp32", True) == Plan("mps")
+
+
+def test_cuda_plan_autocasts_in_the_model_precision_and_honours_fp32():
+    p = choose("cuda", "bf16", is_vit=True)
+    assert p.autocast == "bf16" and not p.channels_last and not p.compile
+    assert choose("cuda", "fp16", is_vit=True).autocast == "fp16"
+    assert choose("cuda", "fp32", is_vit=True).autocast is None       # the user asked for fp32
+
+
+def test_channels_last_only_for_convolutional_towers_on_cuda():
+    assert choose("cuda", "bf16", is_vit=False).channels_last
+    assert not choose("cuda", "bf16", is_vit=True).channels_last
+    assert not choose("cpu", "fp32", is_vit=False).channels_last
+
+
+def test_compile_is_opt_in_and_cuda_only(tiny_model):
+    assert choose("cuda", "bf16", True, compile=True).compile
+    assert not choose("cuda", "bf16", True).compile
+    notes = accel.prepare(tiny_model, compile=True)
+    assert notes and "CUDA only" in notes[0]
+    assert accel.plan_for(tiny_model) == Plan("cpu")
+    with pytest.raises(UsageError) as e:
+        check(DetectOptions(compile="yes"))
+    assert e.value.option == "compile"
+
+
+@pytest.mark.parametrize("free,per,want", [
+    (80 << 30, 2 << 20, 1024),          # an H100/H200 with a small model: capped
+    (1 << 30, 2 << 20, 256),            # half of 1 GiB at 2 MiB per image
+    (1 << 30, 3 << 20, 168),            # 170 -> a multiple of 8
+    (20 << 20, 3 << 20, 3),             # under 8: not rounded to 0
+    (0, 3 << 20, 1),                    # nothing free: still 1 (OOM halving takes over)
+])
+def test_batch_from_free_memory(free, per, want):
+    assert batch_from_memory(free, per) == want
+
+
+def test_no_auto_batch_off_cuda(tiny_model):
+    called = []
+    assert accel.auto_batch_size(tiny_model, mem_get_info=lambda d: called.append(d)) is None
+    assert not called
+
+
+# ------------------------------------------------------------ CPU = fp32 --
+def test_cpu_image_path_equals_the_plain_model_exactly(tiny_model):
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (5, 40, 40, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        x = to_model_input(tiny_model, batch)
+        plain = torch.nn.functional.normalize(tiny_model.model.encode_image(x).float(), dim=-1)
+        ours = encode_images(tiny_model, batch)
+        direct = accel.encode_image(tiny_model, x)
+    assert ours.dtype == torch.float32 and x.dtype == torch.float32
+    assert torch.equal(ours, plain)
+    assert torch.equal(direct, tiny_model.model.encode_image(x))
+    conv = tiny_model.model.visual.conv1.weight               # no channels-last on the CPU
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_attention_report_names_the_fused_path(tiny_model):
+    text = accel.attention_report(tiny_model)
+    assert "scaled" in text or "convolutional" in text
+    n_mha = sum(isinstance(m, torch.nn.MultiheadAttention) for m in tiny_model.model.visual.modules())
+    if n_mha:
+        assert f"{n_mha} nn.MultiheadAttention" in text
+
+
+# ------------------------------------------------------------ text cache --
+class _Counting:
+    """Counts encode_text calls of a model (wraps the bound method)."""
+
+    def __init__(self, lm, monkeypatch):
+        self.calls = 0
+        real = lm.model.encode_text
+
+        def wrapped(tokens, *a, **kw):
+            self.calls += 1
+            return real(tokens, *a, **kw)
+        monkeypatch.setattr(lm.model, "encode_text", wrapped)
+
+
+def test_same_prompt_set_is_encoded_once(tiny_model, monkeypatch):
+    TEXT_CACHE.clear()
+    count = _Counting(tiny_model, monkeypatch)
+    a = encode_text(tiny_model, ["a road", "a lake"])
+    b = encode_text(tiny_model, ["a road", "a lake"])
+    assert count.calls == 1 and torch.equal(a, b) and TEXT_CACHE.hits == 1
+    with torch.inference_mode():
+        b.zero_()                                              # callers get their own copy
+    assert torch.equal(encode_text(tiny_model, ["a road", "a lake"]), a)
+    encode_text(tiny_model, ["a lake", "a road"])              # another set (order matters)
+    assert count.calls == 2
+
+
+def test_templates_are_part_of_the_key(tiny_model, monkeypatch):
+    TEXT_CACHE.clear()
+    count = _Counting(tiny_model, monkeypatch)
+    raw = encode_prompts(tiny_model, ["tanks"], "raw")
+    rs = encode_prompts(tiny_model, ["tanks"], "remote-sensing")
+    assert count.calls == 2 and not torch.equal(raw, rs)
+    assert torch.equal(encode_prompts(tiny_model, ["tanks"], "raw"), raw)
+    assert count.calls == 2
+
+
+def test_changed_weights_miss_the_cache(tiny_model):
+    TEXT_CACHE.clear()
+    before = encode_text(tiny_model, ["a farm"])
+    p = next(tiny_model.model.transformer.parameters())
+    with torch.no_grad():
+        p.add_(0.5)
+    try:
+        after = encode_text(tiny_model, ["a farm"])
+        assert not torch.equal(before, after)
+    finally:
+        with torch.no_grad():
+            p.sub_(0.5)
+
+
+def test_cache_is_lru_bounded(tiny_model):
+    cache = TextCache(size=2)
+    e = torch.ones(1, 4)
+    for i in range(3):
+        cache.put(tiny_model, [f"p{i}"], e * i)
+    assert len(cache) == 2
+    assert cache.get(tiny_model, ["p0"]) is None               # evicted, oldest
+    assert torch.equal(cache.get(tiny_model, ["p2"]), e * 2)

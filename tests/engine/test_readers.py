@@ -1,0 +1,257 @@
+"""engine.raster.workers: reader processes give the thread reader's tiles, in its order,
+byte for byte; they stop on cancel, report errors clearly and leave no process
+or shared memory behind."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from mapclip.engine.core.errors import Cancelled, UsageError
+from mapclip.engine.core.jobs import Job
+from mapclip.engine.core.options import ReadOptions, check
+from mapclip.engine.raster.reader import RasterReadError, ReaderThreadError, open_raster
+from mapclip.engine.raster.batches import TileBatches, iter_tile_batches
+from mapclip.engine.raster.workers import (AUTO_MIN_TILES, MAX_AUTO_WORKERS, SHM_PREFIX, WORKERS_ENV, ProcessTileBatches, resolve_workers, stripe_owner)
+from tests.raster_fixtures import make_raster, noise
+
+
+def _shm_left() -> list:
+    prefix = f"{SHM_PREFIX}-{os.getpid()}-"
+    try:
+        return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    except FileNotFoundError:  # pragma: no cover - not Linux
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone for our purposes only once reaped; check its state
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read().lower()
+    except FileNotFoundError:
+        return False
+
+
+def _read_all(path, workers, tile=64, batch=7, hold=False, **ropts):
+    """(tile indices per batch, batches, skipped, reader type) for one pass."""
+    with open_raster(path, ReadOptions(workers=workers, **ropts), quiet=True) as r:
+        grid = r.grid(tile_px=tile)
+        idx, arrays = [], []
+        with iter_tile_batches(r, grid.tiles, batch, min_valid=0.5) as it:
+            kind = type(it)
+            for tiles, arr in it:
+                idx.append([t.index for t in tiles])
+                arrays.append(arr if hold else arr.copy())
+            skipped = it.skipped
+    return idx, arrays, skipped, kind
+
+
+# --------------------------------------------------------------- choosing --
+def test_auto_uses_threads_for_small_jobs_and_processes_for_large_ones(tmp_path, monkeypatch):
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    p = str(make_raster(tmp_path / "a.tif", 64, 64))
+    assert resolve_workers("auto", AUTO_MIN_TILES - 1, p, cpu_count=8) == 0
+    assert resolve_workers("auto", AUTO_MIN_TILES, p, cpu_count=8) == 7
+    assert resolve_workers("auto", 10 ** 6, p, cpu_count=64) == MAX_AUTO_WORKERS
+    assert resolve_workers("auto", 10 ** 6, p, cpu_count=2) == 1
+    assert resolve_workers("auto", 10 ** 6, p, cpu_count=1) == 0   # one core: threads
+    assert resolve_workers("auto", 10 ** 6, "/vsimem/x.tif", cpu_count=8) == 0
+    assert resolve_workers(0, 10 ** 6, p, cpu_count=8) == 0
+    assert resolve_workers(3, 5, p, cpu_count=1) == 3               # what the user asked
+    monkeypatch.setenv(WORKERS_ENV, "2")
+    assert resolve_workers("auto", 5, p, cpu_count=8) == 2
+    monkeypatch.setenv(WORKERS_ENV, "many")
+    with pytest.raises(UsageError) as e:
+        resolve_workers("auto", 5, p)
+    assert WORKERS_ENV in e.value.message and e.value.option == "read_workers"
+
+
+def test_explicit_processes_need_a_file_on_disk():
+    with pytest.raises(UsageError) as e:
+        resolve_workers(2, 10, "/vsimem/x.tif")
+    assert "file on disk" in e.value.message and "0" in e.value.hint
+
+
+@pytest.mark.parametrize("bad", [-1, "many", 1.5, True])
+def test_read_workers_option_is_checked(bad):
+    with pytest.raises(UsageError) as e:
+        check(ReadOptions(workers=bad))
+    assert e.value.option == "read_workers" and "auto" in e.value.hint
+    for good in ("auto", 0, 4):
+        check(ReadOptions(workers=good))
+
+
+def test_stripes_follow_block_columns(tmp_path):
+    p = make_raster(tmp_path / "s.tif", 512, 64, block=64)        # 8 block columns
+    with open_raster(p) as r:
+        own = stripe_owner(r.info, 2)
+        tiles = r.grid(tile_px=32).tiles
+        owners = [own(t) for t in tiles if t.row == 0]
+    assert owners == [0] * 8 + [1] * 8                            # 4 block columns each
+    strips = make_raster(tmp_path / "strips.tif", 512, 64, block=None)
+    with open_raster(strips) as r:
+        assert stripe_owner(r.info, 2) is None                    # whole batches in turn
+
+
+# ------------------------------------------------------------ same bytes --
+@pytest.mark.parametrize("case", ["tiled-deflate-nodata", "strips", "uint16-gsd"])
+def test_processes_give_the_thread_readers_tiles_order_and_bytes(tmp_path, case):
+    if case == "tiled-deflate-nodata":
+        p = make_raster(tmp_path / "t.tif", 520, 330, block=64, compress="deflate",
+                        nodata=0, nodata_box=(100, 60, 200, 150), fill_box=(400, 0, 120, 70))
+        kw = {}
+    elif case == "strips":
+        p = make_raster(tmp_path / "t.tif", 400, 300, block=None)
+        kw = {}
+    else:
+        p = make_raster(tmp_path / "t.tif", 400, 300, block=64, dtype="uint16")
+        kw = {"gsd": 0.37}
+    idx0, arr0, skip0, kind0 = _read_all(p, 0, **kw)
+    idx2, arr2, skip2, kind2 = _read_all(p, 2, **kw)
+    assert kind0 is TileBatches and kind2 is ProcessTileBatches
+    assert idx2 == idx0 and skip2 == skip0 and len(arr2) == len(arr0)
+    if case == "tiled-deflate-nodata":
+        assert skip0 > 0                                          # nodata and fill were skipped
+    for a, b in zip(arr0, arr2):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    assert not _shm_left()
+
+
+def test_arrays_the_consumer_keeps_are_never_overwritten(tmp_path):
+    p = make_raster(tmp_path / "k.tif", 512, 384, block=64)
+    _, ref, _, _ = _read_all(p, 0)
+    idx, held, _, _ = _read_all(p, 2, hold=True)           # no copies: views of the slots
+    assert len(held) == len(ref)
+    for a, b in zip(ref, held):
+        assert np.array_equal(a, b)
+    del held
+    assert not _shm_left()
+
+
+# ------------------------------------------------- stopping and failures --
+def _big(tmp_path):
+    return make_raster(tmp_path / "big.tif", 1024, 1024, block=64, compress="deflate")
+
+
+def test_cancel_stops_workers_promptly_and_frees_everything(tmp_path):
+    p = _big(tmp_path)
+    stop = threading.Event()
+    with open_raster(p, ReadOptions(workers=2)) as r:
+        tiles = r.grid(tile_px=32).tiles
+        it = iter_tile_batches(r, tiles, 8, job=Job(cancel=stop))
+        assert isinstance(it, ProcessTileBatches)
+        pids = it.pids
+        next(it)
+        assert _shm_left()
+        stop.set()
+        t0 = time.monotonic()
+        with pytest.raises(Cancelled):
+            next(it)
+        assert time.monotonic() - t0 < 3.0
+    assert it.done < len(tiles)
+    assert not any(_alive(pid) for pid in pids)
+    assert not _shm_left()
+
+
+def test_closing_early_frees_everything(tmp_path):
+    p = _big(tmp_path)
+    with open_raster(p, ReadOptions(workers=2)) as r:
+        with iter_tile_batches(r, r.grid(tile_px=32).tiles, 16) as it:
+            pids = it.pids
+            tiles, arr = next(it)
+        assert arr.sum() > 0                                   # still readable after close
+    assert not any(_alive(pid) for pid in pids)
+    assert not _shm_left()
+
+
+def test_a_read_error_in_a_worker_is_a_clear_raster_read_error(tmp_path):
+    p = make_raster(tmp_path / "c.tif", 512, 512, block=64, compress="deflate",
+                    data=noise(3, 512, 512))
+    size = p.stat().st_size
+    with open(p, "r+b") as f:                                   # garbage in the tile data
+        f.seek(size // 2)
+        f.write(b"\x00\xff" * 4000)
+    with pytest.raises(UsageError) as e:
+        with open_raster(p, ReadOptions(workers=2)) as r:
+            with iter_tile_batches(r, r.grid(tile_px=64).tiles, 4) as it:
+                assert isinstance(it, ProcessTileBatches)
+                pids = it.pids
+                for _ in it:
+                    pass
+    assert isinstance(e.value, RasterReadError)
+    assert "c.tif" in e.value.message and "near pixel window" in e.value.message
+    assert "gdalinfo" in e.value.hint
+    assert not any(_alive(pid) for pid in pids)
+    assert not _shm_left()
+
+
+def test_a_worker_that_dies_is_reported_with_its_exit_code(tmp_path):
+    p = _big(tmp_path)
+    with open_raster(p, ReadOptions(workers=2)) as r:
+        it = iter_tile_batches(r, r.grid(tile_px=16).tiles, 4, prefetch=2)
+        pids = it.pids
+        next(it)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ReaderThreadError) as e:
+            for _ in it:
+                pass
+    assert "stopped unexpectedly" in e.value.message and "-9" in e.value.message
+    assert "read workers 0" in e.value.hint
+    assert not _shm_left()
+
+
+# ------------------------------------------------------------ end to end --
+def test_detect_reads_through_processes_with_the_same_result(tmp_path):
+    from mapclip.engine.detect import DetectOptions, detect
+    from tests.rigged import RED, RED_PROMPT, rigged_model
+    data = noise(3, 256, 320, seed=3)
+    data[:, 140:180, 200:240] = np.array(RED, np.uint8)[:, None, None]
+    p = str(make_raster(tmp_path / "d.tif", data=data))
+    rig = rigged_model()
+    base = DetectOptions(tile_px=64, window=1, top_k=3, refine=False)
+    res = [detect(p, [RED_PROMPT], rig, options=replace(base, read=ReadOptions(workers=w)))
+           for w in (0, 2)]
+    assert [b.pixel for b in res[1].boxes] == [b.pixel for b in res[0].boxes]
+    assert [b.score for b in res[1].boxes] == [b.score for b in res[0].boxes]
+    assert res[1].boxes[0].pixel == (192, 128, 256, 192)
+    assert not _shm_left()
+
+
+def test_cli_read_workers_and_compile_flags(tmp_path, capsys):
+    import argparse
+
+    from mapclip.engine.cli import main as cli_main
+    from mapclip.engine.cli.detect import options_from_args, register
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["detect", "r.tif", "--prompt", "a", "--model", "m", "--out", "o.gpkg",
+                              "--read-workers", "3", "--compile"])
+    o = options_from_args(args)
+    assert o.read.workers == 3 and o.compile is True
+    args = parser.parse_args(["detect", "r.tif", "--prompt", "a", "--model", "m", "--out", "o.gpkg"])
+    assert options_from_args(args).read.workers == "auto"
+    p = make_raster(tmp_path / "c.tif", 64, 64)
+    code = cli_main(["detect", str(p), "--prompt", "a", "--model", "test-tiny",
+                     "--out", str(tmp_path / "o.gpkg"), "--read-workers", "many"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--read-workers" in err and "Traceback" not in err
+
+
+def test_heap_trim_runs_at_most_every_interval():
+    import sys
+
+    from mapclip.engine.raster.workers import trim_heap
+    ran = trim_heap(force=True)
+    assert ran == sys.platform.startswith("linux")
+    assert trim_heap() is False                 # within TRIM_INTERVAL_S of the last one
