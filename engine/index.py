@@ -1284,8 +1284,11 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
             job.set_total(sum(0 if st == "unchanged" else
                               sum(len(g) - int(e["progress"].get(str(s), 0)) for s, g in src.grids.items())
                               for src, e, st in plan))
+            if options.ray is not None:      # the same chunks of tiles, on Ray workers
+                from .distributed import embed_plan_on_ray
+                embed_plan_on_ray(writer, plan, lm, options, job, info)
             for src, entry, status in plan:
-                if status == "unchanged":
+                if status == "unchanged" or entry.get("complete"):
                     continue
                 with open_raster(str(src.path), read_opts) as reader:
                     for s, grid in src.grids.items():
@@ -1311,13 +1314,23 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     return info
 
 
+def embed_window_batch(lm, runner, raster_id: int, tile_px: int, tiles, arr: np.ndarray,
+                       ri) -> Tuple[np.ndarray, np.ndarray]:
+    """One batch of tile windows read by the raster reader -> (float16 (B, D)
+    embeddings, (B,) TILE_DTYPE records). The per-batch work of every build,
+    in this process (:func:`_embed_grid`) or on a Ray worker (engine.distributed)."""
+    import torch
+
+    from .encode import encode_images
+    e = runner(lambda b: encode_images(lm, b), torch.from_numpy(arr))
+    e = e.float().cpu().numpy().astype(np.float16)
+    return e, _tile_records(int(raster_id), tile_px, tiles, ri.transform, ri.crs)
+
+
 def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, reader, lm, layout,
                 options: IndexOptions, job: Job, info: IndexInfo) -> None:
     """Embed ``grid.tiles[start:]``, committing a shard every ``commit_tiles`` tiles."""
-    import torch
-
     from .detect import BatchRunner      # detect's batch runner: halves the batch on CUDA OOM
-    from .encode import encode_images
     from .errors import Cancelled
     from .raster import iter_tile_batches
     ri = reader.info
@@ -1341,10 +1354,9 @@ def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, read
     try:
         try:
             for tiles, arr in batches:
-                e = runner(lambda b: encode_images(lm, b), torch.from_numpy(arr))
-                e = e.float().cpu().numpy().astype(np.float16)
+                e, r = embed_window_batch(lm, runner, int(entry["id"]), tile_px, tiles, arr, ri)
                 embs.append(e)
-                recs.append(_tile_records(int(entry["id"]), tile_px, tiles, ri.transform, ri.crs))
+                recs.append(r)
                 pending += len(tiles)
                 info.embedded += len(tiles)
                 step = batches.done - consumed

@@ -1,0 +1,169 @@
+"""Index builds on Ray (engine/distributed.py): a local cluster, a worker killed on
+purpose, a driver interrupted; the result equals a build in one process."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import ray   # build.py installs it (requirements.txt)
+
+from engine import distributed
+from engine import index as ix
+from engine.errors import Cancelled, UsageError
+from engine.options import check
+from tests.raster_fixtures import WGS84, make_raster
+
+OPTS = dict(scales=[32, 48], batch_size=4, commit_tiles=5)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster: 2 CPUs, no GPU, no dashboard; shut down after the module."""
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=96 << 20,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def rasters(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src")
+    a = make_raster(src / "a.tif", 160, 128, seed=1)
+    b = make_raster(src / "b.tif", 96, 96, seed=2, crs=WGS84)
+    c = make_raster(src / "c.tif", 128, 64, seed=3)
+    return [a, b, c]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, rasters, tiny_model):
+    """The same rasters indexed in this process."""
+    out = tmp_path_factory.mktemp("one") / "idx"
+    ix.build_index(rasters, out, tiny_model, ix.IndexOptions(**OPTS))
+    return ix.Index(out)
+
+
+def _keys(index):
+    t = index.tiles()
+    paths = {rid: r["path"] for rid, r in index.rasters.items()}
+    return [(paths[int(r)], int(p), int(i)) for r, p, i in zip(t["raster"], t["tile_px"], t["tile"])]
+
+
+def assert_same_index(got, want):
+    """Same rows in the same order (raster, tile size, tile number, window, bounds),
+    embeddings equal within float16 rounding, each tile once, none missing."""
+    keys = _keys(got)
+    assert len(keys) == len(set(keys)), "a tile is stored twice"
+    assert keys == _keys(want)
+    for f in ("col", "row", "width", "height", "xmin", "ymin", "xmax", "ymax"):
+        np.testing.assert_array_equal(got.tiles()[f], want.tiles()[f])
+    np.testing.assert_allclose(got.embeddings().astype(np.float32),
+                               want.embeddings().astype(np.float32), atol=2e-3, rtol=0)
+    for r in got.manifest["rasters"]:
+        assert r["complete"]
+        for s, g in r["grids"].items():
+            assert r["progress"][s] == g["tiles"]        # every window of every size was read
+
+
+def test_ray_build_with_a_killed_worker_equals_the_single_process_build(
+        cluster, rasters, reference, tiny_model, tmp_path, monkeypatch):
+    marker = tmp_path / "worker-died"
+    monkeypatch.setattr(distributed, "FAULT_ONCE", str(marker))
+    out = tmp_path / "idx"
+    info = ix.build_index(rasters, out, tiny_model, ix.IndexOptions(**OPTS, ray="local", ray_workers=2))
+    assert marker.exists()                      # one worker really died mid-build
+    assert info.rows == reference.rows == info.embedded
+    assert info.added == [str(r) for r in rasters]
+    got = ix.Index(out)
+    got.verify()
+    assert_same_index(got, reference)
+    # one shard per chunk of commit_tiles windows, each written by a worker, all in the manifest
+    m = got.manifest
+    assert {p.name for p in (out / "shards").iterdir()} == \
+        {n.split("/")[1] for s in m["shards"] for n in (s["emb"], s["tiles"])}
+    assert all(s["next_tile"] - s["first_tile"] <= OPTS["commit_tiles"] for s in m["shards"])
+    # the same search from both
+    q = reference.embeddings()[7].astype(np.float32)
+    rows_a, _, _, _ = ix.ranked_rows(got, q, 5, "exact")
+    rows_b, _, _, _ = ix.ranked_rows(reference, q, 5, "exact")
+    assert rows_a.tolist() == rows_b.tolist()
+
+
+class StopAfter:
+    """A cancel flag that trips once ``n`` tiles are committed."""
+
+    def __init__(self, n: int):
+        self.n, self.done = n, 0
+
+    def progress(self, done, total):
+        self.done = done
+
+    def is_set(self) -> bool:
+        return self.done >= self.n
+
+
+def test_interrupted_ray_driver_resumes_from_its_committed_shards(
+        cluster, rasters, reference, tiny_model, tmp_path):
+    out = tmp_path / "idx"
+    stop = StopAfter(12)
+    opts = ix.IndexOptions(**OPTS, ray="local", ray_workers=2)
+    with pytest.raises(Cancelled):
+        ix.build_index(rasters, out, tiny_model, opts, progress=stop.progress, cancel=stop)
+    m = json.loads((out / "manifest.json").read_text())
+    committed = sum(s["rows"] for s in m["shards"])
+    assert 0 < committed < reference.rows
+    assert not any(r["complete"] for r in m["rasters"])
+    # a leftover of a chunk that finished after the driver stopped: no manifest names it
+    (out / "shards" / "999999.emb.npy").write_bytes(b"half")
+    calls = []
+    info = ix.build_index(rasters, out, tiny_model, opts, progress=lambda d, t: calls.append((d, t)))
+    assert info.embedded == reference.rows - committed     # nothing embedded twice
+    assert str(rasters[0]) in info.resumed
+    assert not (out / "shards" / "999999.emb.npy").exists()
+    assert calls[-1][0] == calls[-1][1]
+    assert_same_index(ix.Index(out), reference)
+    # and a finished index is left alone, with or without Ray
+    again = ix.build_index(rasters, out, tiny_model, opts)
+    assert again.embedded == 0 and len(again.unchanged) == 3
+
+
+def test_cli_index_on_ray(cluster, rasters, reference, tmp_path, capsys):
+    from engine.cli import main as cli_main
+    out = tmp_path / "idx"
+    code = cli_main(["index", *map(str, rasters), "--out", str(out), "--model", "test-tiny",
+                     "--device", "cpu", "--scales", "32,48", "--batch-size", "4",
+                     "--commit-tiles", "7", "--ray", "--ray-workers", "1", "--json"])
+    assert code == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["rows"] == reference.rows and info["embedded"] == reference.rows
+    assert_same_index(ix.Index(out), reference)
+    # --ray before the rasters would swallow the first one as its address
+    code = cli_main(["index", "--ray", str(rasters[0]), str(rasters[1]), "--out", str(tmp_path / "x"),
+                     "--model", "test-tiny"])
+    err = capsys.readouterr().err
+    assert code != 0 and "put --ray after the rasters" in err
+
+
+def test_ray_options_are_checked():
+    with pytest.raises(UsageError) as e:
+        check(ix.IndexOptions(ray_workers=2))
+    assert e.value.option == "ray_workers" and "--ray" in e.value.hint
+    with pytest.raises(UsageError) as e:
+        check(ix.IndexOptions(ray="host name:6379"))
+    assert e.value.option == "ray"
+    with pytest.raises(UsageError) as e:
+        check(ix.IndexOptions(ray="auto", ray_workers=0))
+    assert e.value.option == "ray_workers"
+    check(ix.IndexOptions(ray="auto", ray_workers=3))
+
+
+def test_default_workers_one_per_gpu_else_per_cpu():
+    o = ix.IndexOptions(ray="auto")
+    assert distributed.default_workers(o, {"CPU": 8.0}) == (8, 0)
+    assert distributed.default_workers(o, {"CPU": 32.0, "GPU": 4.0}) == (4, 1)
+    assert distributed.default_workers(ix.IndexOptions(ray="auto", device="cpu"),
+                                       {"CPU": 6.0, "GPU": 2.0}) == (6, 0)
+    assert distributed.default_workers(ix.IndexOptions(ray="auto", ray_workers=2),
+                                       {"CPU": 6.0, "GPU": 4.0}) == (2, 1)
