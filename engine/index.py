@@ -551,8 +551,12 @@ class Index:
         return self._emb
 
     def tiles(self) -> np.ndarray:
-        """(rows,) TILE_DTYPE records, in row order."""
-        self._load()
+        """(rows,) TILE_DTYPE records, in row order (read without the vectors)."""
+        if self._tiles is None:
+            store = self.store()
+            n = len(self.manifest["shards"])
+            self._tiles = (np.concatenate([np.asarray(store._shard(i)[1]) for i in range(n)])
+                           if n else np.zeros(0, TILE_DTYPE))
         return self._tiles
 
     def require_rows(self) -> None:
@@ -603,7 +607,33 @@ class Index:
 
     def rerank(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Exact scores of the given rows."""
-        return self.embeddings()[rows].astype(np.float32) @ np.asarray(q, np.float32)
+        return self.vectors(rows) @ np.asarray(q, np.float32)
+
+    # ---- rows without loading every shard (engine/ann.py) -------------------
+    def store(self):
+        """The rows read from the memory-mapped shards (engine.ann.ShardStore)."""
+        if getattr(self, "_store", None) is None:
+            from .ann import ShardStore
+            self._store = ShardStore(self)
+        return self._store
+
+    def vectors(self, rows) -> np.ndarray:
+        """float32 vectors of ``rows``: from memory when loaded, else from the shards."""
+        if self._emb is not None:
+            return self._emb[np.asarray(rows, np.int64)].astype(np.float32)
+        return self.store().vectors(rows)
+
+    def tile_records(self, rows) -> np.ndarray:
+        if self._tiles is not None:
+            return self._tiles[np.asarray(rows, np.int64)]
+        return self.store().tiles(rows)
+
+    def ivf(self):
+        """The cached IVF-PQ index for this content (engine.ann; built and saved if missing)."""
+        if getattr(self, "_ivf", None) is None:
+            from .ann import load_or_build
+            self._ivf = load_or_build(self)
+        return self._ivf
 
     def approx(self):
         """The cached faiss index for this content (built and saved if missing)."""
@@ -612,7 +642,7 @@ class Index:
         return self._approx
 
     def hit(self, rank: int, row: int, score: float, cosine: float) -> Hit:
-        t = self.tiles()[row]
+        t = self.tile_records([row])[0]
         r = self.rasters[int(t["raster"])]
         wgs = (float(t["lon_min"]), float(t["lat_min"]), float(t["lon_max"]), float(t["lat_max"]))
         return Hit(rank=rank, score=float(score), cosine=float(cosine), row=int(row),
@@ -863,7 +893,7 @@ def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] 
         facts = {"image": str(p)}
     else:
         row = locate(index, like, like_crs)
-        q = index.embeddings()[row].astype(np.float32)
+        q = index.vectors([row])[0]
         q /= max(float(np.linalg.norm(q)), 1e-12)
         facts = {"like": list(_parse_point(like)), "crs": like_crs, "row": row}
     q = np.asarray(q, np.float32)
@@ -901,6 +931,10 @@ def ranked_rows(index: Index, score_q: np.ndarray, k: int, method: str = "auto"
     if use == "exact":
         rows, scores = index.exact_top(score_q, k)
         return rows, scores, "exact", params
+    from . import ann
+    if ann.use_ivf(n):        # IVF-PQ: codes in memory, vectors read from the shards
+        rows, scores, more = ann.ranked_rows(index, score_q, k)
+        return rows, scores, "approx", dict(params, **more)
     fi = index.approx()
     kc = approx_candidates(k, n)
     _, cand = fi.search(np.asarray(score_q, np.float32)[None], kc)
@@ -1300,6 +1334,9 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
                 writer.save()
             if options.footprints:
                 write_footprints(writer)
+            from . import ann
+            if ann.use_ivf(sum(int(s["rows"]) for s in writer.manifest["shards"])):
+                ann.load_or_build(Index(out))      # search's IVF-PQ index, built once here
             m = writer.manifest
             info.rows = int(sum(int(s["rows"]) for s in m["shards"]))
             info.rasters = len(m["rasters"])
