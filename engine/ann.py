@@ -13,16 +13,17 @@ up to ``IVF_MIN_ROWS``        flat PQ fast-scan over every code + exact re-rank
 ``IVF_MIN_ROWS`` and above    IVF-PQ (this module): a coarse k-means quantiser
                               of ``nlist`` lists; the query visits the
                               ``nprobe`` nearest lists, scans their 4-bit
-                              fast-scan PQ codes (D/2 bytes a vector), and the
+                              fast-scan PQ codes (D/4 bytes a vector), and the
                               best ``candidates`` are re-ranked exactly from
                               the float16 vectors, read from the memory-mapped
                               shards.
 ============================  =================================================
 
-In memory for IVF-PQ: the codes (D/2 bytes per vector: 256 B at 512-d, 2.6 GB
-per 10^7), 8-byte ids and the centroids; the float16 vectors (2*D bytes per
-vector, 10 GB per 10^7) stay in the shard files, of which only the
-re-ranked rows are read (``candidates`` rows per query). docs/scale.md has the
+In memory for IVF-PQ: the codes (D/2 sub-vectors of 4 bits: D/4 bytes per
+vector, 128 B at 512-d, 1.3 GB per 10^7), 8-byte ids and the centroids; the
+float16 vectors (2*D bytes per vector, 10 GB per 10^7) stay in the shard
+files, of which only the re-ranked rows are read (``candidates`` rows per
+query). docs/scale.md has the
 arithmetic for 10^8 and 10^9 vectors.
 
 The IVF-PQ index is built once per index content (on the first search, or at
@@ -46,12 +47,15 @@ IVF_MIN_LISTS, IVF_MAX_LISTS = 256, 65_536
 IVF_TRAIN_PER_LIST = 32
 IVF_TRAIN_MAX = 262_144
 IVF_KMEANS_ITER = 12
-#: lists visited per query: nlist / IVF_PROBE_DIVISOR, at least IVF_MIN_PROBE
-IVF_PROBE_DIVISOR = 8
+#: lists visited per query: nlist / IVF_PROBE_DIVISOR (a quarter of the codes are
+#: scanned, fast: 4-bit codes in SIMD registers), at least IVF_MIN_PROBE. Text queries
+#: sit far from every image vector (cosine ~0.3) and need that many lists for recall@100
+#: >= 0.95; queries by example reach 0.99 with far fewer (bench/bench_index_scale.py)
+IVF_PROBE_DIVISOR = 4
 IVF_MIN_PROBE = 32
 #: candidates re-ranked exactly: max(IVF_MIN_CANDIDATES, IVF_K_FACTOR * k)
-IVF_MIN_CANDIDATES = 1_000
-IVF_K_FACTOR = 10
+IVF_MIN_CANDIDATES = 2_000
+IVF_K_FACTOR = 20
 #: rows read from the shards at a time when streaming them
 BLOCK_ROWS = 1 << 16
 CACHE_PREFIX = "ann-"
@@ -174,8 +178,9 @@ def build_ivf(store: ShardStore, seed: int = 0, progress=None):
     ivf.cp.max_points_per_centroid = 1 << 30
     ivf.cp.verbose = False
     pq = getattr(faiss.downcast_index(ivf), "pq", None)
-    if pq is not None:
+    if pq is not None:   # 16 centroids of 2-d sub-vectors: 4096 points each are plenty
         pq.cp.min_points_per_centroid = 1
+        pq.cp.max_points_per_centroid = 256
         pq.cp.verbose = False
     rng = np.random.default_rng(seed)
     m = min(n, IVF_TRAIN_MAX, nlist * IVF_TRAIN_PER_LIST)
@@ -227,14 +232,20 @@ def ranked_rows(index, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray, D
     """(rows, exact scores, parameters) of the top ``k`` rows for ``q`` by IVF-PQ
     candidates re-ranked exactly from the stored float16 vectors."""
     import faiss
-    from .index import _top
+    from .index import NORM_TOLERANCE, _top
     fi = index.ivf()
     ivf = faiss.extract_index_ivf(fi)
     kc = ivf_candidates(k, index.rows)
     _, cand = fi.search(np.asarray(q, np.float32)[None], kc)
     cand = cand[0]
     cand = cand[cand >= 0]
-    exact = index.vectors(cand) @ np.asarray(q, np.float32)
+    vecs = index.vectors(cand)
+    norms = np.linalg.norm(vecs, axis=1)
+    if not np.all(np.abs(norms - 1.0) <= NORM_TOLERANCE):   # NaN fails too
+        from .index import _damaged
+        raise _damaged(index.path, "a shard holds rows that are not unit vectors (changed "
+                                   "after its search index was built)")
+    exact = vecs @ np.asarray(q, np.float32)
     top = _top(exact, k)
     return cand[top], exact[top], {
         "faiss": ivf_factory(index.embed_dim, index.rows), "nlist": int(ivf.nlist),

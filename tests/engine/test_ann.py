@@ -44,10 +44,10 @@ def test_choice_of_search_by_size_and_its_parameters():
     assert ann.describe(50_000, 512) == {"method": "exact"}
     assert ann.describe(500_000, 512) == {"method": "approx", "faiss": "PQ256x4fs"}
     d7 = ann.describe(10 ** 7, 512)
-    assert d7["faiss"] == "IVF2048,PQ256x4fs" and d7["nprobe"] == 256
+    assert d7["faiss"] == "IVF2048,PQ256x4fs" and d7["nprobe"] == 512
     assert ann.ivf_lists(10 ** 6) == 512 and ann.ivf_lists(10 ** 8) == 8192
     assert ann.ivf_lists(10 ** 9) == 16384 and ann.ivf_lists(10 ** 12) == ann.IVF_MAX_LISTS
-    assert ann.ivf_candidates(100, 10 ** 7) == 1000 and ann.ivf_candidates(500, 10 ** 7) == 5000
+    assert ann.ivf_candidates(100, 10 ** 7) == 2000 and ann.ivf_candidates(500, 10 ** 7) == 10000
 
 
 def test_shard_store_reads_any_rows_from_the_shards(big):
@@ -116,3 +116,18 @@ def test_damaged_shard_is_refused_when_the_ivf_index_is_built(big, small_ivf):
     with pytest.raises(MapClipError, match="damaged.*not a unit vector"):
         ix.ranked_rows(idx, clustered(1, 3)[0], 5, "auto")    # builds the IVF index: reads all
     assert not list(folder.glob("ann-*.faiss"))
+
+
+def test_a_shard_damaged_after_the_ivf_index_was_built_is_refused(big, small_ivf):
+    folder, emb = big
+    q = emb[4321]
+    rows, _, _, _ = ix.ranked_rows(ix.Index(folder), q, 5, "auto")     # builds and caches
+    assert rows[0] == 4321
+    m = json.loads((folder / "manifest.json").read_text())
+    path = folder / m["shards"][3]["emb"]                              # rows 3000..4999
+    bad = np.load(path)
+    bad[4321 - 3000] = np.nan
+    np.save(path, bad)
+    from engine.errors import MapClipError
+    with pytest.raises(MapClipError, match="damaged"):
+        ix.ranked_rows(ix.Index(folder), q, 5, "auto")

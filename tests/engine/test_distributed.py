@@ -84,11 +84,13 @@ def test_ray_build_with_a_killed_worker_equals_the_single_process_build(
     assert {p.name for p in (out / "shards").iterdir()} == \
         {n.split("/")[1] for s in m["shards"] for n in (s["emb"], s["tiles"])}
     assert all(s["next_tile"] - s["first_tile"] <= OPTS["commit_tiles"] for s in m["shards"])
-    # the same search from both
-    q = reference.embeddings()[7].astype(np.float32)
-    rows_a, _, _, _ = ix.ranked_rows(got, q, 5, "exact")
-    rows_b, _, _, _ = ix.ranked_rows(reference, q, 5, "exact")
-    assert rows_a.tolist() == rows_b.tolist()
+    # the same search from both, through the call the dock's Archive tab makes
+    # (plugin/dock.py: search_index(open_index(folder), text=..., model=...))
+    hits_a = ix.search_index(ix.open_index(out), text="fields", model=tiny_model)
+    hits_b = ix.search_index(reference, text="fields", model=tiny_model)
+    assert [(h.raster, h.tile_px, h.tile) for h in hits_a] == \
+        [(h.raster, h.tile_px, h.tile) for h in hits_b]
+    np.testing.assert_allclose([h.score for h in hits_a], [h.score for h in hits_b], atol=1e-3)
 
 
 class StopAfter:
