@@ -44,6 +44,10 @@ RAY_PIN = "ray==2.60.0"
 LOCAL_OBJECT_STORE_BYTES = 128 << 20
 #: chunks queued per worker (one running, one waiting: no idle gap between chunks)
 QUEUED_PER_WORKER = 2
+#: chunks per worker handed out ahead of the commit point, at most: a slow chunk
+#: (a worker restarting) holds the commits back, and what waits uncommitted is
+#: what an interrupted driver loses
+AHEAD_PER_WORKER = 4
 #: seconds the driver waits for results between checks of the cancel flag
 POLL_S = 0.25
 #: test hook: a marker file path. A worker that finds it absent creates it and
@@ -252,9 +256,10 @@ def _run(ray, writer, chunks: Sequence[Chunk], entries, lm, layout, options, job
     load = [0] * n
     done: Dict[int, Dict[str, Any]] = {}
     next_commit = 0
+    window = n * AHEAD_PER_WORKER      # chunks handed out beyond the last commit, at most
     while next_commit < len(chunks):
         for i in range(n):
-            while todo and load[i] < QUEUED_PER_WORKER:
+            while todo and load[i] < QUEUED_PER_WORKER and todo[-1].seq < next_commit + window:
                 c = todo.pop()
                 running[actors[i].run.remote(c)] = i
                 load[i] += 1
