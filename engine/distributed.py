@@ -104,12 +104,17 @@ class ChunkWorker:
         from .index import _read_options, model_identity, same_space
         from .errors import ModelError
         from .models import load_model
-        self.lm = load_model(spec, device=device, precision=precision)
-        mine = model_identity(self.lm)
-        if not same_space(identity, mine):
-            raise ModelError(f"a Ray worker loaded model {spec!r} with other weights than the "
-                             "driver's: its embeddings would not match the index",
-                             "give every node the same model files (the same path or preset)")
+        # an error here is kept and raised by run(): Ray reports an exception
+        # of a constructor only as a dead actor, without the engine's message
+        self.error: Optional[MapClipError] = None
+        try:
+            self.lm = load_model(spec, device=device, precision=precision)
+            if not same_space(identity, model_identity(self.lm)):
+                raise ModelError(f"a Ray worker loaded model {spec!r} with other weights than "
+                                 "the driver's: its embeddings would not match the index",
+                                 "give every node the same model files (the same path or preset)")
+        except MapClipError as exc:
+            self.error = exc
         self.read = _read_options({"read": read})
         self.min_valid = float(min_valid)
         self.batch_size = int(batch_size)
@@ -128,6 +133,8 @@ class ChunkWorker:
 
     def run(self, chunk: Chunk) -> Dict[str, Any]:
         """Embed one chunk and write its shard; returns what the driver commits."""
+        if self.error is not None:
+            raise self.error
         from .detect import BatchRunner
         from .index import SHARDS_DIR, TILE_DTYPE, _save_npy, embed_window_batch
         from .raster import iter_tile_batches, open_raster

@@ -64,9 +64,10 @@ def register(sub) -> None:
     p.add_argument("--ray", nargs="?", const=RAY_LOCAL, default=None, metavar="ADDRESS",
                    help="embed on the workers of a Ray cluster (docs/scale.md): --ray alone "
                         "uses $RAY_ADDRESS if set, else starts Ray on this machine; --ray auto "
-                        "joins the cluster this machine belongs to; --ray HOST:PORT or "
-                        "ray://HOST:10001 a remote one. The index folder and the rasters must "
-                        "be at the same path on every node. Same index, same rows as without it")
+                        "joins the cluster this machine belongs to; --ray HOST:PORT names its "
+                        "head (ray://HOST:10001 through Ray Client, which needs ray[client]). The index folder and the rasters must "
+                        "be at the same path on every node. Put it after the rasters. Same index, "
+                        "same rows as without it")
     p.add_argument("--ray-workers", type=int, default=None, metavar="N",
                    help="Ray model workers (each loads the model once); default: one per GPU "
                         "of the cluster, else one per CPU")

@@ -169,3 +169,20 @@ def test_default_workers_one_per_gpu_else_per_cpu():
                                        {"CPU": 6.0, "GPU": 2.0}) == (6, 0)
     assert distributed.default_workers(ix.IndexOptions(ray="auto", ray_workers=2),
                                        {"CPU": 6.0, "GPU": 4.0}) == (2, 1)
+
+
+def test_a_worker_with_other_model_weights_is_refused(cluster, rasters, tmp_path):
+    """A node whose model file differs from the driver's stops the build with the
+    engine's message; nothing of it reaches the index."""
+    from engine.errors import ModelError
+    from engine.models import load_model
+    from tests.rigged import save_rigged_folder
+    folder = save_rigged_folder(tmp_path / "model")
+    lm = load_model(str(folder), device="cpu")
+    tiny = load_model("test-tiny", device="cpu")
+    from engine.models import save_model_folder
+    save_model_folder(tiny.model, tiny.model_cfg, folder, arch=tiny.arch)   # "another node's" file
+    out = tmp_path / "idx"
+    with pytest.raises(ModelError, match="other weights than the driver's"):
+        ix.build_index(rasters[:1], out, lm, ix.IndexOptions(tile_px=32, ray="local", ray_workers=1))
+    assert not out.exists()          # a new index that failed before its first commit is removed
