@@ -155,7 +155,7 @@ class ChunkWorker:
             skipped = batches.skipped
         rows = int(sum(len(r) for r in recs))
         out = {"seq": chunk.seq, "rows": rows, "skipped": int(skipped), "notes": list(runner.notes),
-               "emb": None, "tiles": None, "pid": os.getpid()}
+               "emb": None, "tiles": None}
         if rows:
             emb_rel = f"{SHARDS_DIR}/{chunk.shard_id:06d}.emb.npy"
             tiles_rel = f"{SHARDS_DIR}/{chunk.shard_id:06d}.tiles.npy"
@@ -176,9 +176,33 @@ def import_ray():
     return ray
 
 
+#: seconds to wait for a cluster's head to accept a connection
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str) -> None:
+    """Refuse at once a HOST:PORT head that accepts no connection (ray.init
+    would retry for minutes before it gives up)."""
+    import socket
+    if address in (RAY_LOCAL, "auto") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"Ray address {address!r} is not HOST:PORT",
+                         "give the head node's address, e.g. --ray 10.0.0.5:6379, or --ray auto "
+                         "on a node of the cluster", option="ray")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UsageError(f"no Ray cluster answers at {address} ({exc.strerror or exc})",
+                         "start it first (ray start --head --port 6379 on the head node) and "
+                         "check the address and that the port is open", option="ray") from None
+
+
 def connect(address: str) -> bool:
     """Join (or start) the Ray cluster; True when this call started Ray here."""
     ray = import_ray()
+    check_reachable(address)
     if ray.is_initialized():
         return False
     kw: Dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
@@ -283,7 +307,7 @@ def _run(ray, writer, chunks: Sequence[Chunk], entries, lm, layout, options, job
                     f"a Ray worker failed: {exc}",
                     "run the same command again: the build resumes after its last commit")) from None
             except ray.exceptions.RayActorError as exc:
-                cause = _cause(exc) or _cause(getattr(exc, "cause", None) or exc)
+                cause = _cause(exc)
                 if cause is not None:
                     raise cause from None
                 raise MapClipError(

@@ -159,6 +159,17 @@ def test_ray_options_are_checked():
         check(ix.IndexOptions(ray="auto", ray_workers=0))
     assert e.value.option == "ray_workers"
     check(ix.IndexOptions(ray="auto", ray_workers=3))
+    # a head that answers nothing is refused at once, not after minutes of retries
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(UsageError, match=f"no Ray cluster answers at 127.0.0.1:{free}") as e:
+        distributed.check_reachable(f"127.0.0.1:{free}")
+    assert e.value.option == "ray"
+    with pytest.raises(UsageError, match="not HOST:PORT"):
+        distributed.check_reachable("headnode")
+    distributed.check_reachable("auto")
 
 
 def test_default_workers_one_per_gpu_else_per_cpu():
