@@ -55,8 +55,9 @@ from urllib.parse import unquote, urlparse
 REQUIRED: Dict[str, str] = {"torch": "torch", "open_clip": "open_clip_torch",
                             "rasterio": "rasterio"}
 #: requirements.txt entries that are for development only (pycocoevalcap: the demo
-#: captioner's metrics, 100 MB of Java jars), or that QGIS provides
-NOT_FOR_QGIS = {"pytest", "pytest-qt", "numpy", "pycocoevalcap"}
+#: captioner's metrics, 100 MB of Java jars; ray: cluster builds from the command
+#: line, which QGIS does not run), or that QGIS provides
+NOT_FOR_QGIS = {"pytest", "pytest-qt", "numpy", "pycocoevalcap", "ray"}
 #: requirements whose exact pin is kept (the engine is tested with these releases);
 #: the other ``==`` pins become upper bounds so pip can match QGIS's NumPy
 EXACT_PINS = {"torch", "torchvision", "open-clip-torch"}

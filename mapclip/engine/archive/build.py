@@ -147,7 +147,7 @@ def _stride_for(layout: Dict[str, Any], tile_px: int) -> int:
     return max(1, int(round(layout["stride_px"] * tile_px / base)))
 
 
-def _read_options(layout: Dict[str, Any]):
+def read_options(layout: Dict[str, Any]):
     from ..core.options import ReadOptions
     r = layout["read"]
     return ReadOptions(bands=r["bands"], stretch=r["stretch"], percentiles=tuple(r["percentiles"]),
@@ -189,7 +189,7 @@ def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any]) -> List[_Sourc
     """
     from ..raster.reader import open_raster
     from ..geo.tiling import TileGrid
-    read_opts = _read_options(layout)
+    read_opts = read_options(layout)
     out = []
     for p in paths:
         with open_raster(str(p), read_opts) as reader:
@@ -283,7 +283,7 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
                 m["options"] = _layout(options, m["options"], lm.image_size)
                 writer = IndexWriter(out, m)
             writer.clean()
-            read_opts = _read_options(writer.manifest["options"])
+            read_opts = read_options(writer.manifest["options"])
             plan = []
             for src in sources_:
                 entry, status = _reconcile(writer, src, options.reindex)
@@ -293,8 +293,11 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
             job.set_total(sum(0 if st == "unchanged" else
                               sum(len(g) - int(e["progress"].get(str(s), 0)) for s, g in src.grids.items())
                               for src, e, st in plan))
+            if options.ray is not None:      # the same chunks of tiles, on Ray workers
+                from .distributed import embed_plan_on_ray
+                embed_plan_on_ray(writer, plan, lm, options, job, info)
             for src, entry, status in plan:
-                if status == "unchanged":
+                if status == "unchanged" or entry.get("complete"):
                     continue
                 with open_raster(str(src.path), read_opts) as reader:
                     for s, grid in src.grids.items():
@@ -306,6 +309,9 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
                 writer.save()
             if options.footprints:
                 write_footprints(writer)
+            from . import ann
+            if ann.use_ivf(sum(int(s["rows"]) for s in writer.manifest["shards"])):
+                ann.load_or_build(Index(out))      # search's IVF-PQ index, built once here
             m = writer.manifest
             info.rows = int(sum(int(s["rows"]) for s in m["shards"]))
             info.rasters = len(m["rasters"])
@@ -320,13 +326,23 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     return info
 
 
+def embed_window_batch(lm, runner, raster_id: int, tile_px: int, tiles, arr: np.ndarray,
+                       ri) -> Tuple[np.ndarray, np.ndarray]:
+    """One batch of tile windows read by the raster reader -> (float16 (B, D)
+    embeddings, (B,) TILE_DTYPE records). The per-batch work of every build,
+    in this process (:func:`_embed_grid`) or on a Ray worker (archive/distributed.py)."""
+    import torch
+
+    from ..model.encode import encode_images
+    e = runner(lambda b: encode_images(lm, b), torch.from_numpy(arr))
+    e = e.float().cpu().numpy().astype(np.float16)
+    return e, tile_records(int(raster_id), tile_px, tiles, ri.transform, ri.crs)
+
+
 def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, reader, lm, layout,
                 options: IndexOptions, job: Job, info: IndexInfo) -> None:
     """Embed ``grid.tiles[start:]``, committing a shard every ``commit_tiles`` tiles."""
-    import torch
-
     from ..model.batching import BatchRunner
-    from ..model.encode import encode_images
     from ..core.errors import Cancelled
     from ..raster.batches import iter_tile_batches
     ri = reader.info
@@ -350,10 +366,9 @@ def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, read
     try:
         try:
             for tiles, arr in batches:
-                e = runner(lambda b: encode_images(lm, b), torch.from_numpy(arr))
-                e = e.float().cpu().numpy().astype(np.float16)
+                e, r = embed_window_batch(lm, runner, int(entry["id"]), tile_px, tiles, arr, ri)
                 embs.append(e)
-                recs.append(tile_records(int(entry["id"]), tile_px, tiles, ri.transform, ri.crs))
+                recs.append(r)
                 pending += len(tiles)
                 info.embedded += len(tiles)
                 step = batches.done - consumed

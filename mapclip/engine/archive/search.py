@@ -187,7 +187,7 @@ def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] 
         facts = {"image": str(p)}
     else:
         row = locate(index, like, like_crs)
-        q = index.embeddings()[row].astype(np.float32)
+        q = index.vectors([row])[0]
         q /= max(float(np.linalg.norm(q)), 1e-12)
         facts = {"like": list(_parse_point(like)), "crs": like_crs, "row": row}
     q = np.asarray(q, np.float32)
@@ -219,6 +219,10 @@ def ranked_rows(index: Index, score_q: np.ndarray, k: int, method: str = "auto"
     if use == "exact":
         rows, scores = index.exact_top(score_q, k)
         return rows, scores, "exact", params
+    from . import ann
+    if ann.use_ivf(n):        # IVF-PQ: codes in memory, vectors read from the shards
+        rows, scores, more = ann.ranked_rows(index, score_q, k)
+        return rows, scores, "approx", dict(params, **more)
     fi = index.approx()
     kc = approx.approx_candidates(k, n)
     _, cand = fi.search(np.asarray(score_q, np.float32)[None], kc)

@@ -160,7 +160,7 @@ def _fsync_write(path: Path, write) -> None:
         raise
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
     _fsync_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
@@ -307,22 +307,22 @@ def same_space(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
 NORM_TOLERANCE = 0.02
 
 
-def _check_vectors(path: Path, name: str, emb: np.ndarray, step: int = 1 << 16) -> None:
+def check_vectors(path: Path, name: str, emb: np.ndarray, step: int = 1 << 16) -> None:
     """Refuse a shard whose vectors are not finite unit vectors (random bytes,
     a foreign array): they would give cosines of 1883 or NaN scores."""
     for i in range(0, len(emb), step):
         block = np.asarray(emb[i:i + step], np.float32)
         if not np.isfinite(block).all():
-            raise _damaged(path, f"shard {name} holds NaN or infinite values")
+            raise damaged(path, f"shard {name} holds NaN or infinite values")
         norms = np.linalg.norm(block, axis=1)
         bad = np.abs(norms - 1.0) > NORM_TOLERANCE
         if bad.any():
             k = int(np.argmax(bad))
-            raise _damaged(path, f"shard {name} row {i + k} is not a unit vector (norm "
+            raise damaged(path, f"shard {name} row {i + k} is not a unit vector (norm "
                                  f"{norms[k]:.4g}): not embeddings this index wrote")
 
 
-def _damaged(path: Path, what: str) -> MapClipError:
+def damaged(path: Path, what: str) -> MapClipError:
     return MapClipError(f"index {path} is damaged: {what}",
                         "build it again into a new folder (python -m engine index ... --out NEW), "
                         "or delete the folder")
@@ -340,16 +340,16 @@ def read_manifest(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     try:
         m = json.loads(mf.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise _damaged(path, f"{MANIFEST} is not valid JSON ({exc})") from None
+        raise damaged(path, f"{MANIFEST} is not valid JSON ({exc})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise _damaged(path, f"{MANIFEST} is not a {FORMAT} manifest")
+        raise damaged(path, f"{MANIFEST} is not a {FORMAT} manifest")
     version = m.get("version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise MapClipError(f"index {path} has format version {version}; this MapCLIP reads "
                            f"up to {FORMAT_VERSION}", "update MapCLIP")
     for key, typ in (("model", dict), ("options", dict), ("rasters", list), ("shards", list)):
         if not isinstance(m.get(key), typ):
-            raise _damaged(path, f"{MANIFEST} lacks {key!r}")
+            raise damaged(path, f"{MANIFEST} lacks {key!r}")
     try:
         ids = {int(r["id"]) for r in m["rasters"]}
         for s in m["shards"]:
@@ -357,7 +357,7 @@ def read_manifest(path: Union[str, os.PathLike]) -> Dict[str, Any]:
                 raise ValueError(f"shard {s.get('id')}")
         int(m["model"]["embed_dim"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise _damaged(path, f"{MANIFEST} has a bad entry ({exc})") from None
+        raise damaged(path, f"{MANIFEST} has a bad entry ({exc})") from None
     return m
 
 
@@ -406,14 +406,14 @@ class Index:
             emb = np.load(self.path / s["emb"], mmap_mode="r", allow_pickle=False)
             tiles = np.load(self.path / s["tiles"], allow_pickle=False)
         except (OSError, ValueError) as exc:
-            raise _damaged(self.path, f"shard {s['id']} cannot be read ({exc})") from None
+            raise damaged(self.path, f"shard {s['id']} cannot be read ({exc})") from None
         n = int(s["rows"])
         if emb.shape != (n, d) or emb.dtype != np.float16:
-            raise _damaged(self.path, f"shard {s['emb']} holds {emb.dtype}{emb.shape}, "
+            raise damaged(self.path, f"shard {s['emb']} holds {emb.dtype}{emb.shape}, "
                                       f"the manifest says float16({n}, {d})")
         if tiles.dtype != TILE_DTYPE or tiles.shape != (n,):
-            raise _damaged(self.path, f"shard {s['tiles']} does not hold {n} tile records")
-        _check_vectors(self.path, s["emb"], emb)
+            raise damaged(self.path, f"shard {s['tiles']} does not hold {n} tile records")
+        check_vectors(self.path, s["emb"], emb)
         return emb, tiles
 
     def verify(self) -> None:
@@ -442,8 +442,12 @@ class Index:
         return self._emb
 
     def tiles(self) -> np.ndarray:
-        """(rows,) TILE_DTYPE records, in row order."""
-        self._load()
+        """(rows,) TILE_DTYPE records, in row order (read without the vectors)."""
+        if self._tiles is None:
+            store = self.store()
+            n = len(self.manifest["shards"])
+            self._tiles = (np.concatenate([np.asarray(store._shard(i)[1]) for i in range(n)])
+                           if n else np.zeros(0, TILE_DTYPE))
         return self._tiles
 
     def require_rows(self) -> None:
@@ -494,7 +498,33 @@ class Index:
 
     def rerank(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Exact scores of the given rows."""
-        return self.embeddings()[rows].astype(np.float32) @ np.asarray(q, np.float32)
+        return self.vectors(rows) @ np.asarray(q, np.float32)
+
+    # ---- rows without loading every shard (archive/ann.py) -------------------
+    def store(self):
+        """The rows read from the memory-mapped shards (engine.archive.ann.ShardStore)."""
+        if getattr(self, "_store", None) is None:
+            from .ann import ShardStore
+            self._store = ShardStore(self)
+        return self._store
+
+    def vectors(self, rows) -> np.ndarray:
+        """float32 vectors of ``rows``: from memory when loaded, else from the shards."""
+        if self._emb is not None:
+            return self._emb[np.asarray(rows, np.int64)].astype(np.float32)
+        return self.store().vectors(rows)
+
+    def tile_records(self, rows) -> np.ndarray:
+        if self._tiles is not None:
+            return self._tiles[np.asarray(rows, np.int64)]
+        return self.store().tiles(rows)
+
+    def ivf(self):
+        """The cached IVF-PQ index for this content (engine.archive.ann; built and saved if missing)."""
+        if getattr(self, "_ivf", None) is None:
+            from .ann import load_or_build
+            self._ivf = load_or_build(self)
+        return self._ivf
 
     def approx(self):
         """The cached faiss index for this content (built and saved if missing)."""
@@ -503,7 +533,7 @@ class Index:
         return self._approx
 
     def hit(self, rank: int, row: int, score: float, cosine: float) -> Hit:
-        t = self.tiles()[row]
+        t = self.tile_records([row])[0]
         r = self.rasters[int(t["raster"])]
         wgs = (float(t["lon_min"]), float(t["lat_min"]), float(t["lon_max"]), float(t["lat_max"]))
         return Hit(rank=rank, score=float(score), cosine=float(cosine), row=int(row),
@@ -674,8 +704,8 @@ class IndexWriter:
             sid = int(self.manifest["next_shard"])
             self.manifest["next_shard"] = sid + 1
             emb_rel, tiles_rel = f"{SHARDS_DIR}/{sid:06d}.emb.npy", f"{SHARDS_DIR}/{sid:06d}.tiles.npy"
-            _save_npy(self.folder / emb_rel, np.ascontiguousarray(emb, dtype=np.float16))
-            _save_npy(self.folder / tiles_rel, np.ascontiguousarray(tiles, dtype=TILE_DTYPE))
+            save_npy(self.folder / emb_rel, np.ascontiguousarray(emb, dtype=np.float16))
+            save_npy(self.folder / tiles_rel, np.ascontiguousarray(tiles, dtype=TILE_DTYPE))
             self.manifest["shards"].append({"id": sid, "raster": int(entry["id"]), "tile_px": int(tile_px),
                                             "rows": int(len(tiles)), "first_tile": int(first_tile),
                                             "next_tile": int(next_tile), "emb": emb_rel, "tiles": tiles_rel})

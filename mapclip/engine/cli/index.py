@@ -24,6 +24,7 @@ def _ints(text: Optional[str], what: str) -> Optional[List[int]]:
 def register(sub) -> None:
     from ..archive.approx import APPROX_MIN_ROWS
     from ..core.options import IndexOptions
+    from ..core.options import RAY_LOCAL
     d = IndexOptions()
     p = sub.add_parser(
         "index", help="embed every tile of rasters into a searchable index folder",
@@ -55,12 +56,25 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per model call; " + model_default_help("batch_size"))
     p.add_argument("--commit-tiles", type=int, default=d.commit_tiles, metavar="N",
-                   help=f"tiles per committed shard (work an interruption can lose); "
-                        f"default {d.commit_tiles}")
+                   help=f"tiles per committed shard (work an interruption can lose; with "
+                        f"--ray also the tiles one worker takes at a time); default {d.commit_tiles}")
     p.add_argument("--reindex", action="store_true",
                    help="re-embed the given rasters even when their checksum is unchanged")
     p.add_argument("--no-footprints", action="store_true",
                    help="do not rewrite INDEX/footprints.gpkg at the end")
+    p.add_argument("--ray", nargs="?", const=RAY_LOCAL, default=None, metavar="ADDRESS",
+                   help="embed on the workers of a Ray cluster (docs/scale.md): --ray alone "
+                        "uses $RAY_ADDRESS if set, else starts Ray on this machine; --ray auto "
+                        "joins the cluster this machine belongs to; --ray HOST:PORT names its "
+                        "head (ray://HOST:10001 through Ray Client, which needs ray[client]). The index folder and the rasters must "
+                        "be at the same path on every node. Put it after the rasters. Same index, "
+                        "same rows as without it")
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="Ray model workers (each loads the model once); default: one per GPU "
+                        "of the cluster, else one per CPU")
+    p.add_argument("--ray-retries", type=int, default=d.ray_retries, metavar="N",
+                   help="times a Ray worker that died is restarted (its tiles run again); "
+                        f"default {d.ray_retries}")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (rows, rasters, embedded, skipped, "
                         "added/resumed/replaced/unchanged, seconds, tiles_per_s, model, ...)")
@@ -75,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     from ..core.options import IndexOptions
     from ..core.options import ReadOptions
 
+    if args.ray and Path(args.ray).exists():
+        raise UsageError(f"--ray took {args.ray!r} as the cluster address, but it is a file or folder",
+                         "put --ray after the rasters, or write --ray=ADDRESS")
     if args.tile is not None and args.scales:
         raise UsageError("--tile and --scales both given", "use --scales alone for several sizes")
     from ..core.jobs import check_outputs
@@ -91,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         tile_px=args.tile, scales=_ints(args.scales, "--scales"), stride_px=args.stride,
         gsd=args.gsd, read=ReadOptions(bands=parse_bands(args.bands)) if args.bands else None,
         batch_size=args.batch_size, commit_tiles=args.commit_tiles, reindex=args.reindex,
-        footprints=not args.no_footprints, device=args.device, precision=args.precision)
+        footprints=not args.no_footprints, device=args.device, precision=args.precision,
+        ray=args.ray, ray_workers=args.ray_workers, ray_retries=args.ray_retries)
     bar = tqdm_progress("index", unit="tile")
     try:
         info = build_index(args.sources, out, model, opts, progress=bar, cancel=cancel_event())

@@ -8,6 +8,7 @@ from ..core.errors import UsageError
 
 
 def register(sub) -> None:
+    from ..archive.ann import IVF_MIN_ROWS
     from ..archive.approx import APPROX_MIN_ROWS
     from ..core.options import SearchOptions
     d = SearchOptions()
@@ -18,7 +19,8 @@ def register(sub) -> None:
                     "negative coordinates as --like=-73.9,40.7). Optional negative prompts are "
                     "subtracted. Exact search (one matrix product) below "
                     f"{APPROX_MIN_ROWS} tiles, approximate (faiss PQ fast-scan, re-ranked "
-                    "exactly) above; the faiss index is cached in the index folder.")
+                    f"exactly) above, and from {IVF_MIN_ROWS} tiles IVF-PQ with the vectors "
+                    "left on disk (docs/scale.md); the faiss index is cached in the index folder.")
     p.add_argument("index", metavar="INDEX", help="index folder")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--text", metavar="T", help="describe what to find, e.g. \"a quarry\"")

@@ -291,6 +291,17 @@ class IndexOptions:
     footprints: bool = True               # write footprints.gpkg at the end
     device: Optional[str] = None
     precision: Optional[str] = None
+    # Ray (mapclip/engine/archive/distributed.py, docs/scale.md): None builds in this process;
+    # RAY_LOCAL ("local") uses Ray's default (RAY_ADDRESS if set, else a new
+    # cluster on this machine); anything else is a cluster address for ray.init
+    # ("auto", "HOST:PORT", "ray://HOST:10001").
+    ray: Optional[str] = None
+    ray_workers: Optional[int] = None     # model workers; default: one per GPU, else per CPU
+    ray_retries: int = 3                  # restarts of a worker that died, per worker
+
+
+#: IndexOptions.ray for "Ray's default cluster" (--ray with no address)
+RAY_LOCAL = "local"
 
 
 @dataclass
@@ -567,6 +578,17 @@ def check(options: Any) -> Any:
         _within("min_valid", o.min_valid, 0.0, 1.0)
         _at_least("commit_tiles", o.commit_tiles, 1)
         _check_read(o.read)
+        if o.ray is not None and (not isinstance(o.ray, str) or not o.ray.strip()
+                                  or any(c.isspace() for c in o.ray)):
+            raise _bad("ray", f"Ray address {o.ray!r} is not an address",
+                       f"give {RAY_LOCAL} (this machine), auto (the cluster this machine is part "
+                       "of), HOST:PORT or ray://HOST:10001")
+        _at_least("ray_workers", o.ray_workers, 1)
+        _at_least("ray_retries", o.ray_retries, 0)
+        if o.ray is None and o.ray_workers is not None:
+            raise _bad("ray_workers", "ray_workers given without a Ray cluster",
+                       "add --ray (or --ray ADDRESS) to build on Ray workers, or leave out "
+                       "--ray-workers")
     elif isinstance(options, SearchOptions):
         o = options
         _at_least("top_k", o.top_k, 1)
