@@ -52,15 +52,19 @@ if str(ROOT) not in sys.path:
 DEMO_TEMPLATES = "raw"
 DEMO_DEFAULTS = {"tile_px": 24, "window": 2, "top_k": 15, "threshold": 0.3, "dense_tile_px": 64}
 RECIPE = {
-    "arch": "mapclip-demo",
-    "train_seeds": list(range(1000, 1010)),     # one 2048 x 2048 scene each
+    "arch": "mapclip-demo2",                    # 64 px input, 8 px patches: an 8 x 8 dense grid
+    "train_seeds": list(range(1000, 1014)),     # one 2048 x 2048 scene each
     "scene_px": 2048,
     "chips_per_scene": {"object": 320, "near": 160, "random": 90},
     "chip_px": [64, 128],
+    # hard negatives (engine.synthetic.make_cover_chips): ground without its objects,
+    # captioned by what it is, so "ships" leaves the runway marks and "airplanes" the apron
+    "cover_chips": {"covers": ["runway", "apron", "water", "bare-ground"], "per_scene": 30},
+    # counting chips: their count sentences are their only captions
     "count_chips": {"classes": ["storage-tank", "vehicle", "building", "ship", "airplane"],
-                    "counts": list(range(1, 11)), "repeats": 3},
+                    "counts": list(range(1, 11)), "repeats": 12},
     "heldout_seeds": [7001, 7002],              # the dedup `against` set (tests use 9001+)
-    "epochs": 30,
+    "epochs": 32,
     "batch_size": 128,
     "lr": 5e-4,
     "weight_decay": 0.1,
@@ -133,6 +137,11 @@ def extra_captions(chip, rng) -> list:
     return caps
 
 
+def cover_captions(cover: str) -> list:
+    """A hard negative's captions: what the ground is, in the words a prompt would use."""
+    return [p for ph in LANDCOVER_PHRASES[cover] for p in (ph, f"an aerial photo of {ph}")]
+
+
 def stage_data(work: Path) -> Path:
     import numpy as np
     import rasterio
@@ -149,13 +158,18 @@ def stage_data(work: Path) -> Path:
     scenes.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(RECIPE["seed"])
     chips = []
+    cover_names = {}   # hard-negative chip -> its land cover
     for seed in RECIPE["train_seeds"]:
         t = S.make_scene(str(scenes / f"train_{seed}.tif"), RECIPE["scene_px"], seed=seed, overwrite=True)
         cps = S.make_chips(t, size=tuple(RECIPE["chip_px"]), n_object=RECIPE["chips_per_scene"]["object"],
                            n_random=RECIPE["chips_per_scene"]["random"],
                            n_near=RECIPE["chips_per_scene"]["near"], seed=seed)
         chips.extend(cps)
-        say(f"scene {seed}: {len(t.boxes)} objects, {len(cps)} chips")
+        neg = S.make_cover_chips(t, RECIPE["cover_chips"]["covers"], n=RECIPE["cover_chips"]["per_scene"],
+                                 size=tuple(RECIPE["chip_px"]), seed=seed)
+        chips.extend(neg)
+        cover_names.update({c.name: c.name.rsplit("_", 2)[-2] for c in neg})
+        say(f"scene {seed}: {len(t.boxes)} objects, {len(cps)} chips, {len(neg)} hard negatives")
     count_rows = []
     cc = RECIPE["count_chips"]
     for cls in cc["classes"]:
@@ -214,9 +228,17 @@ def stage_data(work: Path) -> Path:
                 if (keep is None or k in keep) and not r["caption"].startswith("There is nothing"):
                     rows.append((name, r["caption"]))
     by_name = {c.name: c for c in chips}
-    rows += count_rows
+    count_names = {n for n, _ in count_rows}
+    # a counting chip is captioned by its count sentences only (they teach numbers);
+    # a hard negative by its land cover's phrases (and the Mask-to-Box captions)
+    rows = [(n, c) for n, c in rows if n not in count_names] + count_rows
     for ch in chips:
-        rows += [(ch.name, c) for c in extra_captions(ch, rng)]
+        if ch.name in count_names:
+            continue
+        if ch.name in cover_names:
+            rows += [(ch.name, c) for c in cover_captions(cover_names[ch.name])]
+        else:
+            rows += [(ch.name, c) for c in extra_captions(ch, rng)]
     rows = [(n, c) for n, c in rows if n not in drop and n in by_name]
     out = work / "captions.csv"
     with open(out, "w", encoding="utf-8", newline="") as fh:
@@ -230,7 +252,7 @@ def stage_data(work: Path) -> Path:
         "chips": len(chips), "images": n_img, "captions": len(rows), "dropped_dedup": len(drop),
         "dedup_groups": len(dd.groups), "contaminated": len(dd.contaminated),
         "b2c_captions": b2c.captions, "m2b_boxes": m2b.boxes,
-        "count_captions": len(count_rows), "seconds": round(time.time() - t0, 1)}, indent=1))
+        "count_captions": len(count_rows), "cover_chips": len(cover_names), "seconds": round(time.time() - t0, 1)}, indent=1))
     return out
 
 
@@ -323,6 +345,8 @@ def stage_eval(work: Path, model: str) -> dict:
         out["templates"][name] = {"map50_window": Q.mean(w, "ap50"), "hit10_window": Q.mean(w, "hit@10"),
                                   "hit10_dense": Q.mean(d, "hit@10"), "mean_p_at_10": Q.mean(r)}
     lm.templates = "raw"
+    # land-cover maps (engine.classify): scripts/eval_classify_demo.py's protocol
+    out["classify"] = _classify_eval().measure(lm, ev / "classify")
     out["summary"] = {"map50_window": Q.mean(out["detect_window"], "ap50"),
                       "hit10_window": Q.mean(out["detect_window"], "hit@10"),
                       "map50_dense": Q.mean(out["detect_dense"], "ap50"),
@@ -332,7 +356,9 @@ def stage_eval(work: Path, model: str) -> dict:
                       "map50_window_unfitted": Q.mean(out["detect_window_unfitted"], "ap50"),
                       "map50_dense_unfitted": Q.mean(out["detect_dense_unfitted"], "ap50"),
                       "count_within_1_uncalibrated": out["counting_uncalibrated"]["within_1"],
-                      "count_exact_uncalibrated": out["counting_uncalibrated"]["exact"]}
+                      "count_exact_uncalibrated": out["counting_uncalibrated"]["exact"],
+                      "classify_pixel_accuracy": out["classify"]["rows"][0]["pixel_accuracy"],
+                      "classify_miou": out["classify"]["rows"][0]["miou"]}
     out["seconds"] = round(time.time() - t0, 1)
     (work / "eval.json").write_text(json.dumps(out, indent=1))
     say(json.dumps(out, indent=1))
@@ -381,7 +407,7 @@ def stage_card(work: Path, dest: Path) -> Path:
     lines = [
         "# MapCLIP demo model",
         "",
-        "A small CLIP (open_clip architecture `mapclip-demo`, engine/configs/mapclip-demo.json) trained",
+        f"A small CLIP (open_clip architecture `{RECIPE['arch']}`, engine/configs/{RECIPE['arch']}.json) trained",
         "**from scratch, only on MapCLIP's own synthetic scenes** (engine/synthetic.py), so that the",
         "plugin, the command line and the test suite can show and check text search offline.",
         "",
@@ -419,7 +445,7 @@ def stage_card(work: Path, dest: Path) -> Path:
         "```",
         "",
         "The training step is `engine.finetune.finetune` (the routine behind `python -m engine finetune`)",
-        "with model `mapclip-demo:random`. The equivalent command line is",
+        f"with model `{RECIPE['arch']}:random`. The equivalent command line is",
         "",
         "```",
         f"python -m engine finetune --model {RECIPE['arch']}:random --data build/demo-train/captions.csv "
@@ -434,7 +460,11 @@ def stage_card(work: Path, dest: Path) -> Path:
         "## Data",
         "",
         f"{stats['chips']} chips ({RECIPE['chip_px'][0]}-{RECIPE['chip_px'][1]} px) from "
-        f"{len(RECIPE['train_seeds'])} scenes plus counting chips with 1-10 objects; "
+        f"{len(RECIPE['train_seeds'])} scenes, among them {stats.get('cover_chips', 0)} hard negatives "
+        f"(chips of {', '.join(RECIPE['cover_chips']['covers'])} without any object, captioned by their "
+        "ground: \"a runway\", \"an airport apron\", \"water\", \"bare ground\"), plus "
+        f"{stats['count_captions'] // 2} counting chips with 1-10 objects (their count sentences their only "
+        "captions); "
         f"{stats['captions']} captions for {stats['images']} images: Box-to-Caption "
         f"({stats['b2c_captions']} captions), Mask-to-Box over the land-cover masks "
         f"({stats['m2b_boxes']} boxes, captions 1 and 3 of each image kept), RemoteCount sentences "
@@ -512,8 +542,21 @@ def eval_lines(ev: dict) -> list:
         "",
         "The test thresholds in tests/engine/test_quality.py sit below these numbers with a margin.",
         "",
-    ] + template_lines(ev.get("templates")) + LIMITS
+    ] + template_lines(ev.get("templates")) + classify_lines(ev.get("classify")) + LIMITS
     return lines
+
+
+def _classify_eval():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("eval_classify_demo", ROOT / "scripts" / "eval_classify_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def classify_lines(res) -> list:
+    """The card's land-cover section (scripts/eval_classify_demo.py)."""
+    return _classify_eval().card_lines(res, DEMO_DEFAULTS["dense_tile_px"]) if res else []
 
 
 #: the card's last section: what holds this model back, and what would reach the goals (issue 14)
