@@ -79,7 +79,7 @@ def card_lines(res: dict, default_tile: int) -> list:
         CLASSIFY_HEADING, "",
         "`engine.classify` (docs/classify.md) with this model, classes `" + "; ".join(res["names"])
         + "` (templates `raw`, ClearCLIP block, overlap 0.25), against the land-cover masks",
-        f"of three held-out {SCENE_PX} px scenes (seeds {SEEDS[0]}-{SEEDS[-1]}); objects count as the land "
+        f"of {len(SEEDS)} held-out {SCENE_PX} px scenes (seeds {SEEDS[0]}-{SEEDS[-1]}); objects count as the land "
         "cover they stand on",
         "(ships water, buildings and pools urban, vehicles road, storage tanks bare ground, sports fields",
         "grass); runway and apron pixels are not counted. Reproduce with `scripts/eval_classify_demo.py`.",
