@@ -603,16 +603,17 @@ LIMITS = [
     "(window 0.50), for retrieval of buildings, water, trees and fields, and for window hit@10 of "
     "buildings; it is better than the previous model on every summary measure but dense hit@10 "
     "(table above), and misses the rest. What limits it:", "",
-    "- **Storage tanks.** Window AP50 fell from 0.19 to 0.00 and hit@10 from 0.80 to 0.33: the best tank "
-    "windows now land on bare tank-farm ground beside the tanks. Bare ground without tanks is one of "
-    "the four hard-negative covers, captioned \"bare ground\"; tanks stand on that same ground and "
-    "are small at the training chips' scale (64-128 px chips shrunk to 64 px), so 22 epochs did not "
-    "separate them. Tank chips at the detection scale (24 px tiles, 48 px windows: no shrinking) and "
-    "more epochs are the next change.",
+    "- **Storage tanks.** Window AP50 fell from 0.19 to 0.00 and hit@10 from 0.80 to 0.33. In the "
+    "demo scene (scripts/demo.py) the tank windows do sit on the tank farm (centre precision 0.90) "
+    "but their boxes are fitted to groups of touching tanks, not single ones (AP50 0.02). Tank-farm "
+    "ground without tanks is one of the four hard-negative covers (\"bare ground\"), and tanks are "
+    "small at the training chips' scale (64-128 px chips shrunk to 64 px); which of the two costs "
+    "more was not measured here. Tank chips at the detection scale (48 px windows) and more epochs "
+    "are the next change to try.",
     "- **Dense mode.** The 8 x 8 grid (8 px patches) gives dense maps cells to outline objects "
     "(airplanes 0.55 AP50, fitted boxes beat unfitted ones 0.14 to 0.09), but small objects (tanks, "
-    "ships) cover one or two cells of a 64 px tile and their patch scores stay under the 0.3 "
-    "threshold: dense hit@10 fell to 0.18. A 96-128 px input with 8 px patches (12-16 cells a "
+    "ships: 16-34 px, two to four cells of a 64 px tile) score 0.00 dense AP50, and dense hit@10 "
+    "fell from 0.30 to 0.17. A 96-128 px input with 8 px patches (12-16 cells a "
     "side) would help; it costs 2.5-4x the training time per step on this CPU (measured: 2.0-3.0 s "
     "against 0.8 s per 128-image step), i.e. 2.5-4 h here, minutes on a GPU.",
     "- **Training signal.** 22 epochs of 9720 images (1650 steps, 63 samples/s while other jobs loaded "
@@ -621,7 +622,7 @@ LIMITS = [
     "the 96 px index tile than the scene chips taught; 50-100 epochs and more object-centred chips "
     "at index scale would be the way there.",
     "- **Counting.** Counting chips captioned only by their count sentences (600 chips) raised "
-    "within-one from 0.53 to 0.73 (exact 0.23 to 0.38); a batch holds few chips of one class with "
+    "within-one from 0.53 to 0.72 (exact 0.23 to 0.38); a batch holds few chips of one class with "
     "different counts, so numbers are learnt slowly. Batches that group counting chips of one "
     "class would teach them directly (a sampler change in engine.finetune).",
     "",
