@@ -997,6 +997,52 @@ def make_chips(truth: SceneTruth, size: int | Tuple[int, int] = 96, n_object: in
     return chips
 
 
+def make_cover_chips(truth: SceneTruth, covers: Sequence[str], n: int = 50,
+                     size: int | Tuple[int, int] = 96, seed: int = 0, min_cover: float = 0.5,
+                     tries: int = 40) -> List[Chip]:
+    """Hard negatives: up to ``n`` chips per land cover in ``covers`` (names of
+    :data:`LANDCOVER_CLASSES`) that hold NO object pixel and at least ``min_cover``
+    of that cover, centred on a random pixel of it: a runway with its centre-line
+    marks but no ship, an empty apron, open water, a tank farm's bare ground
+    without tanks. A contrastive model that sees them captioned by what they show
+    ("a runway", "an airport apron", "water") stops answering "ships" or
+    "airplanes" with the ground those objects stand on. Chips are named
+    ``<scene>_<cover>_<k>``; a cover the scene lacks (or that never fits) gives fewer.
+    """
+    import rasterio
+    unknown = [c for c in covers if c not in LANDCOVER_CLASSES]
+    if unknown:
+        raise UsageError(f"unknown land cover {', '.join(unknown)}",
+                         f"use one of {', '.join(LANDCOVER_CLASSES)}")
+    rng = np.random.default_rng([seed, 11])
+    lo, hi = (size, size) if isinstance(size, int) else size
+    with rasterio.open(truth.mask_path) as msrc:
+        full = msrc.read(1)
+    chips: List[Chip] = []
+    stem = Path(truth.path).stem
+    with rasterio.open(truth.path) as src:
+        for cover in covers:
+            value = CLASS_VALUE[cover]
+            rows, cols = np.nonzero(full == value)
+            got = 0
+            for _ in range(n * tries if rows.size else 0):
+                if got >= n:
+                    break
+                s = min(int(rng.integers(lo, hi + 1)), truth.width, truth.height)
+                i = int(rng.integers(rows.size))
+                c0 = int(min(max(0, cols[i] - s // 2), truth.width - s))
+                r0 = int(min(max(0, rows[i] - s // 2), truth.height - s))
+                m = full[r0:r0 + s, c0:c0 + s]
+                if (m >= OBJECT_BASE).any() or float((m == value).mean()) < min_cover:
+                    continue
+                win = rasterio.windows.Window(c0, r0, s, s)
+                img = np.moveaxis(src.read(window=win), 0, -1)
+                chips.append(Chip(f"{stem}_{cover}_{got:04d}", np.ascontiguousarray(img), m.copy(), [],
+                                  c0, r0, truth.path))
+                got += 1
+    return chips
+
+
 def chip_boxes(boxes: Sequence[TruthBox], c0: int, r0: int, s: int,
                min_visible: float = 0.6) -> List[Tuple[str, Tuple[int, int, int, int]]]:
     """Boxes of objects at least ``min_visible`` (by box area) inside the chip, clipped, chip coordinates."""

@@ -158,7 +158,7 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "CoCa ViT-L/14 (LAION-2B, fine-tuned on MS-COCO captions): writes captions; "
            "general-purpose, not remote sensing", tag="mscoco_finetuned_laion2b_s13b_b90k",
            family="CoCa", reference="https://github.com/mlfoundations/open_clip"),
-    Preset("demo", "mapclip-demo", "folder",
+    Preset("demo", "mapclip-demo2", "folder",
            "MapCLIP demo model, trained on synthetic scenes (a demo of the pipeline, "
            "not a remote-sensing model)", path="models/demo", family="MapCLIP",
            templates="raw", reference="mapclip/resources/models/demo/MODEL_CARD.md"),
