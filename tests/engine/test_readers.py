@@ -255,3 +255,31 @@ def test_heap_trim_runs_at_most_every_interval():
     ran = trim_heap(force=True)
     assert ran == sys.platform.startswith("linux")
     assert trim_heap() is False                 # within TRIM_INTERVAL_S of the last one
+
+
+def test_index_builds_read_as_asked_and_get_the_same_rows(tmp_path, tiny_model, monkeypatch, capsys):
+    """An index build takes this run's --read-workers (not the index's stored layout): reader
+    processes and threads give the same index; a bad value is refused in the CLI's words."""
+    from mapclip.engine.archive import build
+    from mapclip.engine.archive.build import build_index
+    from mapclip.engine.archive.store import open_index
+    from mapclip.engine.cli import main as cli_main
+    from mapclip.engine.core.options import IndexOptions
+    from mapclip.engine.raster import workers
+    p = make_raster(tmp_path / "r.tif", 192, 160, data=noise(3, 160, 192, seed=4), block=64)
+    seen = []
+    real = workers.resolve_workers
+    monkeypatch.setattr(workers, "resolve_workers", lambda w, n, path: seen.append(w) or real(w, n, path))
+    out = {}
+    for w in (0, 1):
+        opts = IndexOptions(tile_px=32, footprints=False, read=ReadOptions(workers=w))
+        build_index([str(p)], tmp_path / f"ix{w}", tiny_model, opts)
+        out[w] = open_index(tmp_path / f"ix{w}")
+    assert seen == [0, 1]
+    assert out[0].rows == out[1].rows > 0
+    assert np.array_equal(out[0].embeddings(), out[1].embeddings())
+    assert build.read_options(out[1].manifest["options"], 2).workers == 2
+    code = cli_main(["index", str(p), "--model", "test-tiny", "--out", str(tmp_path / "bad"),
+                     "--read-workers", "many"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--read-workers" in err and "Traceback" not in err

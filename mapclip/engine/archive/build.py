@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
@@ -147,11 +147,13 @@ def _stride_for(layout: Dict[str, Any], tile_px: int) -> int:
     return max(1, int(round(layout["stride_px"] * tile_px / base)))
 
 
-def read_options(layout: Dict[str, Any]):
+def read_options(layout: Dict[str, Any], workers: Any = "auto"):
+    """The index's stored reading rules; ``workers`` (how to read, not what) is this run's."""
     from ..core.options import ReadOptions
     r = layout["read"]
     return ReadOptions(bands=r["bands"], stretch=r["stretch"], percentiles=tuple(r["percentiles"]),
-                       fixed_range=tuple(r["fixed_range"]) if r["fixed_range"] else None)
+                       fixed_range=tuple(r["fixed_range"]) if r["fixed_range"] else None,
+                       workers=workers)
 
 
 def _existing_manifest(out: Path) -> Optional[Dict[str, Any]]:
@@ -258,6 +260,9 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     existing = _existing_manifest(out)
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=options.device,
                                                                  precision=options.precision)
+    if options.batch_size is None:       # on CUDA: from free GPU memory (model/accel.py)
+        from ..model import accel
+        options = replace(options, batch_size=accel.auto_batch_size(lm))
     options = with_model_defaults(options, lm.defaults)
     identity = model_identity(lm)
     if existing is not None:
@@ -283,7 +288,8 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
                 m["options"] = _layout(options, m["options"], lm.image_size)
                 writer = IndexWriter(out, m)
             writer.clean()
-            read_opts = read_options(writer.manifest["options"])
+            read_opts = read_options(writer.manifest["options"],
+                                     options.read.workers if options.read is not None else "auto")
             plan = []
             for src in sources_:
                 entry, status = _reconcile(writer, src, options.reindex)

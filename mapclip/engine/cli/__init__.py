@@ -172,6 +172,24 @@ def cancel_event() -> threading.Event:
     return threading.Event()
 
 
+def add_read_workers_arg(p) -> None:
+    """--read-workers (ReadOptions.workers), shared by the commands that read rasters."""
+    p.add_argument("--read-workers", default="auto", metavar="N|auto",
+                   help="reader processes: auto (one per core but one, for jobs of 1024 tiles "
+                        "or more), 0 (read in threads of this process) or N; default auto")
+
+
+def read_workers(args):
+    """--read-workers as ReadOptions.workers ("auto" or a whole number; checked by the engine)."""
+    text = str(args.read_workers).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        return text   # engine.core.options.check names the flag and the fix
+
+
 def add_extent_args(p) -> None:
     """--extent and --extent-crs, shared by the commands that read part of a raster."""
     p.add_argument("--extent", default=None, metavar="XMIN,YMIN,XMAX,YMAX",

@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import (add_extent_args, add_model_args, model_default_help, parse_bands, parse_extent, print_json, tqdm_progress)
+from . import (add_extent_args, add_model_args, add_read_workers_arg, model_default_help, parse_bands,
+               parse_extent, print_json, read_workers, tqdm_progress)
 from ..core.errors import UsageError
 
 
@@ -76,9 +77,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per model call; " + model_default_help("batch_size")
                         + "; on CUDA, when left out, sized from the free GPU memory")
-    p.add_argument("--read-workers", default="auto", metavar="N|auto",
-                   help="reader processes: auto (one per core but one, for jobs of 1024 tiles "
-                        "or more), 0 (read in threads of this process) or N; default auto")
+    add_read_workers_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="CUDA: compile the image model with torch.compile (compiled kernels are "
                         "cached under $MAPCLIP_CACHE/inductor for later runs)")
@@ -105,7 +104,7 @@ def options_from_args(args: argparse.Namespace):
                    dense_slide=bool(args.dense_slide),
                    refine=bool(args.refine), refine_min=args.refine_min,
                    read=ReadOptions(bands=parse_bands(args.bands), gsd=args.gsd,
-                                    workers=_workers(args.read_workers)),
+                                    workers=read_workers(args)),
                    compile=bool(args.compile),
                    device=args.device, precision=args.precision, heatmap=bool(args.heatmap))
     if args.background:
@@ -113,15 +112,7 @@ def options_from_args(args: argparse.Namespace):
     return replace(DetectOptions(), **changes)
 
 
-def _workers(text):
-    """--read-workers as ReadOptions.workers ("auto" or a whole number; checked by the engine)."""
-    text = str(text).strip().lower()
-    if text == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        return text   # engine.options.check names the flag and the fix
+
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import add_model_args, cancel_event, model_default_help, parse_bands, print_json, tqdm_progress
+from . import (add_model_args, add_read_workers_arg, cancel_event, model_default_help, parse_bands,
+               print_json, read_workers, tqdm_progress)
 from ..core.errors import UsageError
 
 
@@ -50,6 +51,7 @@ def register(sub) -> None:
                         "default: the tile size (no overlap)")
     p.add_argument("--gsd", type=float, default=None, metavar="M",
                    help="resample to this many metres per pixel on read (default: native)")
+    add_read_workers_arg(p)
     p.add_argument("--bands", default=None, metavar="R,G,B",
                    help="1-based bands read as R,G,B (or one band as grey); default: RGB by "
                         "colour interpretation, else the first three")
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("no model given", "pass --model (see `python -m engine models`)")
     opts = IndexOptions(
         tile_px=args.tile, scales=_ints(args.scales, "--scales"), stride_px=args.stride,
-        gsd=args.gsd, read=ReadOptions(bands=parse_bands(args.bands)) if args.bands else None,
+        gsd=args.gsd, read=ReadOptions(bands=parse_bands(args.bands), workers=read_workers(args)),
         batch_size=args.batch_size, commit_tiles=args.commit_tiles, reindex=args.reindex,
         footprints=not args.no_footprints, device=args.device, precision=args.precision,
         ray=args.ray, ray_workers=args.ray_workers, ray_retries=args.ray_retries)
