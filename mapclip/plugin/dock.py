@@ -711,13 +711,16 @@ class MapClipDock(QgsDockWidget):
             item.setData(0, ROLE_RASTER, raster)
             item.setData(0, ROLE_FEATURE, features.get((box.prompt, int(box.rank))))
             self.results.addTopLevelItem(item)
-        for col in range(3):
-            self.results.resizeColumnToContents(col)
+        self._fit_result_columns()
         rate = result.tiles / result.seconds if result.seconds else 0.0
         self.progress.setValue(100)
         self.status_label.setText(f"{len(result.boxes)} boxes · {result.tiles} tiles in "
                                   f"{result.seconds:.1f} s ({rate:.1f} tiles/s) · {result.device}")
         self._finish("done")
+
+    def _fit_result_columns(self) -> None:
+        for col in range(3):
+            self.results.resizeColumnToContents(col)
 
     def _classes_done(self, req: tasks.ClassifyRequest, layer_crs, result) -> None:
         self.last_result = result
@@ -735,6 +738,7 @@ class MapClipDock(QgsDockWidget):
         for name, share in result.shares.items():
             item = QTreeWidgetItem(["", name, f"{share:.1%}"])
             self.results.addTopLevelItem(item)
+        self._fit_result_columns()      # shares read whole ("48.2%", not "48....")
         self.progress.setValue(100)
         self.status_label.setText(f"Land cover: {len(result.classes)} classes · {result.tiles} tiles "
                                   f"in {result.seconds:.1f} s · {result.device}")

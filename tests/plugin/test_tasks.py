@@ -467,6 +467,8 @@ def test_classes_mode_adds_a_paletted_land_cover_layer_named_by_class(qtbot, ifa
         dock._set_combo_data(dock.mode_combo, "classes")
         dock._set_combo_data(dock.area_combo, "layer")
         dock.prompt_combo.setEditText("water; forest; farmland")
+        # as a box search leaves it: the score column fitted to "0.525"
+        dock.results.setColumnWidth(2, dock.results.fontMetrics().horizontalAdvance("0.525"))
         assert _run(qtbot, dock, timeout=120000) == "done", dock.status_label.text()
         (layer,) = dock.last_layers
         assert layer.isValid() and isinstance(layer.renderer(), QgsPalettedRasterRenderer)
@@ -475,6 +477,12 @@ def test_classes_mode_adds_a_paletted_land_cover_layer_named_by_class(qtbot, ifa
         assert layer.crs().authid() == "EPSG:32633"
         rows = [dock.results.topLevelItem(i).text(1) for i in range(dock.results.topLevelItemCount())]
         assert {"water", "forest", "farmland"} <= set(rows)
+        # each share is shown whole, not cut to "48...." by a narrow column
+        fm = dock.results.fontMetrics()
+        for i in range(dock.results.topLevelItemCount()):
+            text = dock.results.topLevelItem(i).text(2)
+            assert text.endswith("%")
+            assert dock.results.columnWidth(2) >= fm.horizontalAdvance(text), text
     finally:
         dock.shutdown()
         dock.deleteLater()
