@@ -99,6 +99,13 @@ class MapClipDock(QgsDockWidget):
         row.addWidget(self.deps_install_button)
         return self.deps_banner
 
+    def _packages_ready(self) -> bool:
+        """True when the engine's packages import; else say what is missing in the bar."""
+        missing = deps.missing_modules()
+        if missing:
+            log.bar_warning(self.iface, deps.missing_message(missing))
+        return not missing
+
     def refresh_deps(self) -> List[str]:
         """Show what is missing, with an Install button, at the top of the dock."""
         missing = deps.missing_modules()
@@ -525,9 +532,7 @@ class MapClipDock(QgsDockWidget):
         if not prompts:
             log.bar_warning(self.iface, "type what to look for in the prompt field")
             return False
-        missing = deps.missing_modules()
-        if missing:
-            log.bar_warning(self.iface, deps.missing_message(missing))
+        if not self._packages_ready():
             return False
         try:
             params = self.params()
@@ -826,9 +831,7 @@ class MapClipDock(QgsDockWidget):
             if not out:
                 return False
             self.index_widget.setFilePath(out)
-        missing = deps.missing_modules()
-        if missing:
-            log.bar_warning(self.iface, deps.missing_message(missing))
+        if not self._packages_ready():
             return False
         model = self.current_model()
         device = None if self.device_combo.currentText() == "auto" else self.device_combo.currentText()
@@ -856,9 +859,7 @@ class MapClipDock(QgsDockWidget):
         if like is None and not text:
             log.bar_warning(self.iface, "type a query, or click a place on the map")
             return False
-        missing = deps.missing_modules()
-        if missing:
-            log.bar_warning(self.iface, deps.missing_message(missing))
+        if not self._packages_ready():
             return False
         self.save_settings()
         model = self.current_model()
@@ -1073,9 +1074,7 @@ class MapClipDock(QgsDockWidget):
         if self.task is not None or self.renderer is not None:
             log.bar_warning(self.iface, "a job is running: wait for it, or cancel it")
             return False
-        missing = deps.missing_modules()
-        if missing:
-            log.bar_warning(self.iface, deps.missing_message(missing))
+        if not self._packages_ready():
             return False
         try:
             params = self.params()

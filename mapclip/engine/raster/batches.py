@@ -56,6 +56,29 @@ class _Batch:
     valid: np.ndarray
 
 
+def setup_batches(it, reader, tiles: Sequence[Tile], batch_size: int, job: Optional[Job],
+                  min_valid: float, skip_empty: bool) -> None:
+    """What every tile-batch iterator (threads here, processes in raster.workers) sets up
+    alike: the tiles, the batch cut, the validity rules and the counters."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if not (hasattr(tiles, "__getitem__") and hasattr(tiles, "__len__")):
+        tiles = list(tiles)
+    # a grid's tiles are made on demand: nothing here grows with the tile count
+    it._tiles = tiles
+    it._batch_size = int(batch_size)
+    it._out_px = tiles[0].out_px if len(tiles) else None
+    it.reader = reader
+    it.job = job
+    it.min_valid = float(min_valid)
+    it.skip_empty = skip_empty
+    it.total = len(tiles)
+    it.skipped = 0
+    it.yielded = 0
+    it.done = 0
+    it._n_batches = (len(tiles) + it._batch_size - 1) // it._batch_size
+
+
 class TileBatches:
     """Iterator of ``(tiles, uint8 array (B, S, S, 3))``, read ahead by threads.
 
@@ -71,23 +94,7 @@ class TileBatches:
     def __init__(self, reader: RasterReader, tiles: Sequence[Tile], batch_size: int,
                  job: Optional[Job] = None, prefetch: int = 2, workers: int = 2,
                  min_valid: float = 0.5, skip_empty: bool = True):
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        if not (hasattr(tiles, "__getitem__") and hasattr(tiles, "__len__")):
-            tiles = list(tiles)
-        # a grid's tiles are made on demand: nothing here grows with the tile count
-        self._tiles = tiles
-        self._batch_size = int(batch_size)
-        self._out_px = tiles[0].out_px if len(tiles) else None
-        self.reader = reader
-        self.job = job
-        self.min_valid = float(min_valid)
-        self.skip_empty = skip_empty
-        self.total = len(tiles)
-        self.skipped = 0
-        self.yielded = 0
-        self.done = 0
-        self._n_batches = (len(tiles) + batch_size - 1) // batch_size
+        setup_batches(self, reader, tiles, batch_size, job, min_valid, skip_empty)
         self._next_submit = 0
         self._in_flight: deque = deque()
         self._stop = threading.Event()

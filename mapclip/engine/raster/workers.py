@@ -442,23 +442,9 @@ class ProcessTileBatches:
 
     def __init__(self, reader, tiles: Sequence, batch_size: int, workers: int,
                  job=None, prefetch: int = 2, min_valid: float = 0.5, skip_empty: bool = True):
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        if not (hasattr(tiles, "__getitem__") and hasattr(tiles, "__len__")):
-            tiles = list(tiles)
-        self._tiles = tiles
-        self._batch_size = int(batch_size)
-        self._out_px = tiles[0].out_px if len(tiles) else None
-        self.reader = reader
-        self.job = job
-        self.min_valid = float(min_valid)
-        self.skip_empty = skip_empty
-        self.total = len(tiles)
-        self.skipped = 0
-        self.yielded = 0
-        self.done = 0
+        from .batches import setup_batches
+        setup_batches(self, reader, tiles, batch_size, job, min_valid, skip_empty)
         self.n_workers = max(1, int(workers))
-        self._n_batches = (len(tiles) + batch_size - 1) // batch_size
         self._next_submit = 0
         self._in_flight: deque = deque()
         self._slots: List[_Slot] = []
