@@ -24,7 +24,6 @@ from .reader import Scratch, RasterReadError, RasterReader, ReaderThreadError, g
 EMPTY_FILL_VALUES = (0, 255)
 
 
-
 def group_end(tiles: Sequence[Tile], i: int, max_width: int = 16384) -> int:
     """End (exclusive) of the run of tiles from ``i`` that can share one read.
 
@@ -56,30 +55,50 @@ class _Batch:
     valid: np.ndarray
 
 
-def setup_batches(it, reader, tiles: Sequence[Tile], batch_size: int, job: Optional[Job],
-                  min_valid: float, skip_empty: bool) -> None:
-    """What every tile-batch iterator (threads here, processes in raster.workers) sets up
-    alike: the tiles, the batch cut, the validity rules and the counters."""
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    if not (hasattr(tiles, "__getitem__") and hasattr(tiles, "__len__")):
-        tiles = list(tiles)
-    # a grid's tiles are made on demand: nothing here grows with the tile count
-    it._tiles = tiles
-    it._batch_size = int(batch_size)
-    it._out_px = tiles[0].out_px if len(tiles) else None
-    it.reader = reader
-    it.job = job
-    it.min_valid = float(min_valid)
-    it.skip_empty = skip_empty
-    it.total = len(tiles)
-    it.skipped = 0
-    it.yielded = 0
-    it.done = 0
-    it._n_batches = (len(tiles) + it._batch_size - 1) // it._batch_size
+class BatchIterator:
+    """What both tile-batch iterators (threads here, processes in raster.workers) share:
+    the tiles, the batch cut, the validity rules, the counters, and closing on exit."""
+
+    def __init__(self, reader, tiles: Sequence[Tile], batch_size: int, job: Optional[Job],
+                 min_valid: float, skip_empty: bool):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if not (hasattr(tiles, "__getitem__") and hasattr(tiles, "__len__")):
+            tiles = list(tiles)
+        # a grid's tiles are made on demand: nothing here grows with the tile count
+        self._tiles = tiles
+        self._batch_size = int(batch_size)
+        self._out_px = tiles[0].out_px if len(tiles) else None
+        self.reader = reader
+        self.job = job
+        self.min_valid = float(min_valid)
+        self.skip_empty = skip_empty
+        self.total = len(tiles)
+        self.skipped = 0
+        self.yielded = 0
+        self.done = 0
+        self._n_batches = (len(tiles) + self._batch_size - 1) // self._batch_size
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __iter__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
-class TileBatches:
+class TileBatches(BatchIterator):
     """Iterator of ``(tiles, uint8 array (B, S, S, 3))``, read ahead by threads.
 
     Made by :func:`iter_tile_batches`. Attributes, updated as it goes:
@@ -94,7 +113,7 @@ class TileBatches:
     def __init__(self, reader: RasterReader, tiles: Sequence[Tile], batch_size: int,
                  job: Optional[Job] = None, prefetch: int = 2, workers: int = 2,
                  min_valid: float = 0.5, skip_empty: bool = True):
-        setup_batches(self, reader, tiles, batch_size, job, min_valid, skip_empty)
+        super().__init__(reader, tiles, batch_size, job, min_valid, skip_empty)
         self._next_submit = 0
         self._in_flight: deque = deque()
         self._stop = threading.Event()
@@ -185,9 +204,6 @@ class TileBatches:
             except FutureTimeout:
                 continue
 
-    def __iter__(self) -> "TileBatches":
-        return self
-
     def __next__(self) -> Tuple[List[Tile], np.ndarray]:
         from .workers import trim_heap
         trim_heap()   # memory flat in raster size (raster.workers.trim_heap)
@@ -270,18 +286,6 @@ class TileBatches:
                 ds.close()
             except Exception:  # pragma: no cover
                 pass
-
-    def __enter__(self) -> "TileBatches":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def iter_tile_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: int,

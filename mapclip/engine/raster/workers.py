@@ -70,6 +70,7 @@ from typing import Dict, List, Optional, Sequence, Set
 import numpy as np
 
 from ..core.errors import Cancelled, MapClipError, UsageError
+from .batches import BatchIterator
 
 #: "auto" uses threads below this many tiles (process start-up would dominate)
 AUTO_MIN_TILES = 1024
@@ -436,14 +437,13 @@ class _Batch:
     valid: np.ndarray
 
 
-class ProcessTileBatches:
-    """:class:`engine.raster.reader.TileBatches`' twin whose tiles are read by worker
+class ProcessTileBatches(BatchIterator):
+    """:class:`engine.raster.batches.TileBatches`' twin whose tiles are read by worker
     processes (see the module doc); same iteration, counters, cancel and errors."""
 
     def __init__(self, reader, tiles: Sequence, batch_size: int, workers: int,
                  job=None, prefetch: int = 2, min_valid: float = 0.5, skip_empty: bool = True):
-        from .batches import setup_batches
-        setup_batches(self, reader, tiles, batch_size, job, min_valid, skip_empty)
+        super().__init__(reader, tiles, batch_size, job, min_valid, skip_empty)
         self.n_workers = max(1, int(workers))
         self._next_submit = 0
         self._in_flight: deque = deque()
@@ -587,9 +587,6 @@ class ProcessTileBatches:
         err.__cause__ = cause
         return err
 
-    def __iter__(self) -> "ProcessTileBatches":
-        return self
-
     def __next__(self):
         trim_heap()
         while True:
@@ -679,18 +676,6 @@ class ProcessTileBatches:
     @property
     def slot_names(self) -> List[str]:
         return [s.name for s in self._slots]
-
-    def __enter__(self) -> "ProcessTileBatches":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class _WorkerTraceback(Exception):
