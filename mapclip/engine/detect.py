@@ -156,6 +156,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
     """
     from .model.encode import clean_prompts
     from .model.models import LoadedModel, load_model
+    from .geo.extent import extent_to_window
     from .raster.reader import open_raster
     from .model.scoring import build_bank
     from .model.dense import dense_unsupported
@@ -168,7 +169,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
     with reader:
         info = reader.info
         notes.extend(reader.warnings)
-        area = _extent_window(info, extent, extent_crs)
+        area = extent_to_window(info, extent, extent_crs)
         job.check()
         lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=opts.device, precision=opts.precision)
@@ -199,11 +200,6 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
                         precision=lm.precision, model=lm.spec, mode=mode, refined=refined,
                         prompts=list(bank.prompts), background=list(bank.background),
                         warnings=notes)
-
-
-def _extent_window(info, extent, extent_crs) -> PixelWindow:
-    from .geo.extent import extent_to_window
-    return extent_to_window(info, extent, extent_crs)
 
 
 def _grid(info, area: PixelWindow, opts: DetectOptions, stride_px: Optional[int] = None) -> TileGrid:
