@@ -271,8 +271,29 @@ def session():
 
     @step("search_boxes")
     def _boxes():
-        info, added = run_search({"Model": "demo", "Prompts": "storage tanks", "Mode": "Boxes",
-                                  "Area": "Whole layer"})
+        # the scene's 1,764 tiles make "auto" read with reader processes on a machine of 2 or
+        # more cores: seen here, inside QGIS (its own program is not a Python interpreter)
+        from mapclip.engine.raster import workers as W
+        started = []
+        real_init = W.ProcessTileBatches.__init__
+
+        def spy(self, *a, **k):
+            started.append(a[3] if len(a) > 3 else k.get("workers"))
+            return real_init(self, *a, **k)
+        W.ProcessTileBatches.__init__ = spy
+        try:
+            info, added = run_search({"Model": "demo", "Prompts": "storage tanks", "Mode": "Boxes",
+                                      "Area": "Whole layer"})
+        finally:
+            W.ProcessTileBatches.__init__ = real_init
+        import multiprocessing
+        info["reader_processes"] = started
+        info["children_left"] = [c.name for c in multiprocessing.active_children()]
+        if (os.cpu_count() or 1) >= 2:
+            check(started and all(n >= 1 for n in started),
+                  f"the search did not read with reader processes: {started}")
+        check(not any(n.startswith("mapclip-reader") for n in info["children_left"]),
+              f"reader processes left behind: {info['children_left']}")
         boxes = [l for l in added if isinstance(l, QgsVectorLayer)]
         check(len(boxes) == 1, f"one boxes layer expected, got {info['added']}")
         layer = boxes[0]

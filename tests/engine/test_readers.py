@@ -17,7 +17,7 @@ from mapclip.engine.core.jobs import Job
 from mapclip.engine.core.options import ReadOptions, check
 from mapclip.engine.raster.reader import RasterReadError, ReaderThreadError, open_raster
 from mapclip.engine.raster.batches import TileBatches, iter_tile_batches
-from mapclip.engine.raster.workers import (AUTO_MIN_TILES, MAX_AUTO_WORKERS, SHM_PREFIX, WORKERS_ENV, ProcessTileBatches, resolve_workers, stripe_owner)
+from mapclip.engine.raster.workers import (AUTO_MIN_TILES, MAX_AUTO_WORKERS, SHM_PREFIX, WORKERS_ENV, ProcessTileBatches, resolve_workers, stripe_owner, balanced_cuts)
 from tests.raster_fixtures import make_raster, noise
 
 
@@ -98,9 +98,40 @@ def test_stripes_follow_block_columns(tmp_path):
         tiles = r.grid(tile_px=32).tiles
         owners = [own(t) for t in tiles if t.row == 0]
     assert owners == [0] * 8 + [1] * 8                            # 4 block columns each
+    # 48-px tiles straddle block boundaries: contiguous stripes, both used
+    with open_raster(p) as r:
+        row = [t for t in r.grid(tile_px=48).tiles if t.row == 0]
+        own = stripe_owner(r.info, 2, [(t.col, t.width) for t in row])
+        owners = [own(t) for t in row]
+    assert owners == sorted(owners) and set(owners) == {0, 1}
     strips = make_raster(tmp_path / "strips.tif", 512, 64, block=None)
     with open_raster(strips) as r:
         assert stripe_owner(r.info, 2) is None                    # whole batches in turn
+
+
+def _decoded(spans, bw, width, cuts):
+    """Block-column pixels each stripe decodes for these cuts."""
+    b = list(cuts) + [len(spans)]
+    return [min(width, -(-max(c + w for c, w in spans[b[k]:b[k + 1]]) // bw) * bw)
+            - spans[b[k]][0] // bw * bw for k in range(len(cuts))]
+
+
+@pytest.mark.parametrize("width,tile,bw,n", [(16000, 224, 512, 2), (8000, 224, 512, 2),
+                                             (512, 48, 64, 2), (3000, 100, 256, 3),
+                                             (5000, 224, 512, 4)])
+def test_stripe_cuts_minimise_the_widest_stripes_decoding(width, tile, bw, n):
+    """The cut between stripes is the best one: no other split into n contiguous
+    stripes makes the widest stripe decode fewer block-column pixels (brute force)."""
+    import itertools
+    spans = [(c, min(tile, width - c)) for c in range(0, width, tile)]
+    cuts = balanced_cuts(spans, bw, width, n)
+    assert cuts[0] == 0 and cuts == sorted(set(cuts)) and len(cuts) == n
+    best = min(max(_decoded(spans, bw, width, (0,) + rest))
+               for rest in itertools.combinations(range(1, len(spans)), n - 1))
+    assert max(_decoded(spans, bw, width, cuts)) == best
+    even = [0] + [next(i for i, (c, _) in enumerate(spans) if c >= k * -(-width // bw // n) * bw)
+                  for k in range(1, n)]
+    assert best <= max(_decoded(spans, bw, width, even))      # never worse than block columns shared evenly
 
 
 # ------------------------------------------------------------ same bytes --

@@ -18,9 +18,12 @@ processes):
   does, and sends each worker the positions and windows of the batch's tiles
   it owns (a small integer array; pixel data is never pickled).
 * Ownership follows the raster's internal blocks: on a tiled raster the
-  block columns are split into one stripe per worker, and a tile belongs to
-  the worker of the stripe it starts in. Each block is therefore decoded by
-  one process, once: while the tile rows that a block row holds are cut, the
+  tile columns are split into one stripe per worker, and a tile belongs to
+  the worker of its stripe. The cuts are chosen so that the stripe that
+  decodes the most block columns decodes as few as possible
+  (:func:`stripe_owner`): only the block column that a tile straddles at a
+  cut is decoded by both neighbours, every other block by one process, once:
+  while the tile rows that a block row holds are cut, the
   block stays in that process's GDAL block cache (the reader caps it at
   :data:`engine.raster.reader.GDAL_CACHE_MB`, well above one stripe's block row).
   Rasters in strips (one block spans the width) or with fewer block columns
@@ -52,6 +55,7 @@ second, more than a small job takes); ``0`` always uses threads; ``N`` uses
 """
 from __future__ import annotations
 
+import bisect
 import math
 import multiprocessing as mp
 import os
@@ -239,17 +243,72 @@ def trim_heap(force: bool = False) -> bool:
 
 
 # ----------------------------------------------------------- ownership --
-def stripe_owner(info, n_workers: int):
-    """``f(tile) -> worker`` splitting block columns into stripes, or None when
-    the raster's layout calls for whole batches in turn (see the module doc)."""
+def stripe_owner(info, n_workers: int, spans: Sequence = ()):
+    """``f(tile) -> worker`` splitting the raster into one stripe of columns per
+    worker, or None when the raster's layout calls for whole batches in turn
+    (see the module doc).
+
+    ``spans`` are the (col, width) of one row of tiles. The stripes are cut
+    between tile columns so that the widest stripe *decodes* as little as it
+    can: a stripe decodes every block column its tiles touch, so a tile that
+    straddles a block boundary makes its stripe decode that block column too;
+    the cut with the smallest largest stripe is found by bisection on the
+    stripe's decoded width (:func:`balanced_cuts`). Without spans the block
+    columns are shared out evenly."""
     bh, bw = info.block_shape
     if n_workers < 2 or bw >= info.width:
         return None
     n_bc = math.ceil(info.width / bw)
     if n_bc < n_workers:
         return None
-    per = math.ceil(n_bc / n_workers)
-    return lambda t: min(n_workers - 1, (t.col // bw) // per)
+    spans = sorted({(int(c), int(w)) for c, w in spans})
+    if len(spans) >= n_workers:
+        starts = [spans[i][0] for i in balanced_cuts(spans, bw, info.width, n_workers)]
+    else:
+        per = math.ceil(n_bc / n_workers)
+        starts = [k * per * bw for k in range(n_workers)]
+    starts[0] = -1 << 62
+    last = n_workers - 1
+    return lambda t: min(last, bisect.bisect_right(starts, t.col) - 1)
+
+
+def balanced_cuts(spans: Sequence, bw: int, width: int, n: int) -> List[int]:
+    """Indices of ``spans`` (sorted (col, width) tile columns) that start each
+    of at most ``n`` stripes, the largest stripe's decoded width (pixels of the
+    block columns its tiles touch) as small as possible."""
+    def greedy(limit: int) -> Optional[List[int]]:
+        cuts, lo, hi = [0], None, 0
+        for j, (c, w) in enumerate(spans):
+            start = c // bw * bw if lo is None else lo
+            end = max(hi, c + w)
+            if min(width, -(-end // bw) * bw) - start > limit:      # spans[cut:j+1] too wide
+                if lo is None:
+                    return None                                      # one tile column alone
+                cuts.append(j)
+                if len(cuts) > n:
+                    return None
+                start, end = c // bw * bw, c + w
+                if min(width, -(-end // bw) * bw) - start > limit:
+                    return None
+            lo, hi = start, end
+        return cuts
+
+    lo, hi = 1, width + 2 * bw
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if greedy(mid) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    cuts = greedy(lo) or [0]
+    # fewer stripes than workers: split the widest further (never wider than before)
+    while len(cuts) < n:
+        bounds = cuts + [len(spans)]
+        k = max(range(len(cuts)), key=lambda q: (bounds[q + 1] - bounds[q], -q))
+        if bounds[k + 1] - bounds[k] < 2:
+            break
+        cuts.insert(k + 1, (bounds[k] + bounds[k + 1]) // 2)
+    return cuts
 
 
 # --------------------------------------------------------------- worker --
@@ -455,8 +514,9 @@ class ProcessTileBatches(BatchIterator):
         self._closed = False
         #: CPU seconds each worker had used at its last finished task (benchmarks)
         self.worker_cpu_s: Dict[int, float] = {}
-        self._depth = self._read_ahead(prefetch)
-        self._owner = stripe_owner(reader.info, self.n_workers)
+        row = self._first_row()
+        self._owner = stripe_owner(reader.info, self.n_workers, [(t.col, t.width) for t in row])
+        self._depth = self._read_ahead(prefetch, len(row))
         if self._n_batches:
             try:
                 self._start()
@@ -466,18 +526,24 @@ class ProcessTileBatches(BatchIterator):
                 raise
 
     # -- setup --
-    def _read_ahead(self, prefetch: int) -> int:
+    def _first_row(self) -> list:
+        """The tiles of the first row (at most 100,000 of them)."""
+        n = min(self.total, 100_000)
+        if not n:
+            return []
+        r0 = self._tiles[0].row
+        k = 1
+        while k < n and self._tiles[k].row == r0:
+            k += 1
+        return [self._tiles[i] for i in range(k)]
+
+    def _read_ahead(self, prefetch: int, row_len: int) -> int:
         """Batches in flight: enough for every worker to have work while the
         consumer drains a row of tiles in order, within READ_AHEAD_BYTES."""
-        n = self.total
-        if not n:
+        if not self.total:
             return 1
-        row_len = 1
-        r0 = self._tiles[0].row
-        while row_len < min(n, 100_000) and self._tiles[row_len].row == r0:
-            row_len += 1
         want = max(int(prefetch), 2 * self.n_workers)
-        if self.n_workers > 1 and stripe_owner(self.reader.info, self.n_workers) is not None:
+        if self._owner is not None:
             # stripes: a batch may hold one stripe's tiles only; keep two rows in flight
             want = max(want, math.ceil(2 * row_len / self._batch_size) + 1)
         S = self._out_px
