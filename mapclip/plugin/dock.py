@@ -31,7 +31,7 @@ from qgis.PyQt.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QCo
                                  QSpinBox, QTabWidget, QToolButton, QTreeWidget,
                                  QTreeWidgetItem, QVBoxLayout, QWidget)
 
-from ..engine.core.options import split_prompts
+from ..engine.core.options import parse_read_workers, split_prompts
 from . import deps, layers, log, render, runtime, tasks
 from .layers import crs_text
 from .settings import DEVICES, FIELD_LABELS, METHODS, SearchParams, Settings, model_defaults
@@ -214,6 +214,15 @@ class MapClipDock(QgsDockWidget):
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 4096)
         adv.addRow("Batch size", self.batch_spin)
+        self.readers_spin = QSpinBox()
+        self.readers_spin.setRange(-1, 64)
+        self.readers_spin.setSpecialValueText("auto")
+        self.readers_spin.setToolTip("Processes that read and decode tiles: auto (one per core but "
+                                     "one, for large searches), 0 (read in QGIS's own threads) or "
+                                     "a number")
+        adv.addRow("Reader processes", self.readers_spin)
+        self.compile_check = QCheckBox("Compile the model on CUDA (slower first search, then cached)")
+        adv.addRow("Compile (CUDA)", self.compile_check)
         save_row = QHBoxLayout()
         self.save_check = QCheckBox("Save to GeoPackage")
         self.gpkg_widget = QgsFileWidget()
@@ -398,6 +407,9 @@ class MapClipDock(QgsDockWidget):
         self.bands_edit.setText(p.bands or "")
         self.device_combo.setCurrentText(p.device or "auto")
         self.batch_spin.setValue(int(p.batch_size))
+        readers = parse_read_workers(p.read_workers)
+        self.readers_spin.setValue(readers if isinstance(readers, int) else -1)
+        self.compile_check.setChecked(bool(p.compile))
 
     def params(self) -> SearchParams:
         return SearchParams(tile_px=self.tile_spin.value(), window=self.window_spin.value(),
@@ -406,6 +418,9 @@ class MapClipDock(QgsDockWidget):
                             bands=self.bands_edit.text().strip(),
                             device=self.device_combo.currentText(),
                             batch_size=self.batch_spin.value(),
+                            read_workers=("auto" if self.readers_spin.value() < 0
+                                          else self.readers_spin.value()),
+                            compile=self.compile_check.isChecked(),
                             method=self.method_combo.currentText())
 
     def save_settings(self) -> None:
@@ -835,11 +850,13 @@ class MapClipDock(QgsDockWidget):
             return False
         model = self.current_model()
         device = None if self.device_combo.currentText() == "auto" else self.device_combo.currentText()
+        readers = self.params().read_workers
 
         def job(progress, cancel):
             from ..engine.archive.build import build_index
-            from ..engine.core.options import IndexOptions
-            options = IndexOptions(device=device)
+            from ..engine.core.options import IndexOptions, ReadOptions
+            options = IndexOptions(device=device,
+                                   read=None if readers == "auto" else ReadOptions(workers=readers))
             return build_index([folder], out, tasks.get_model(model, device), options,
                                       progress=progress, cancel=cancel)
 

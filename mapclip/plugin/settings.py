@@ -21,7 +21,8 @@ from qgis.core import QgsSettings
 from ..engine.model.models import DEFAULT_MODEL
 from ..engine.model.models import model_defaults as engine_model_defaults
 from ..engine.core.errors import UsageError, worded
-from ..engine.core.options import (MODES, ClassifyOptions, CountOptions, DetectOptions, ReadOptions, parse_bands, with_model_defaults)
+from ..engine.core.options import (MODES, ClassifyOptions, CountOptions, DetectOptions, ReadOptions, parse_bands,
+                                   parse_read_workers, with_model_defaults)
 
 GROUP = "mapclip"
 HISTORY_SIZE = 20
@@ -32,7 +33,8 @@ METHODS = MODES
 FIELD_LABELS = {"tile_px": "Tile size", "window": "Window", "stride": "Stride", "gsd": "GSD",
                 "top_k": "Top-k", "threshold": "Threshold", "bands": "Bands", "read": "Bands",
                 "device": "Device", "batch_size": "Batch size", "mode": "Method",
-                "dense_tile_px": "Tile size", "bank": "Caption bank"}
+                "dense_tile_px": "Tile size", "bank": "Caption bank",
+                "read_workers": "Reader processes", "compile": "Compile (CUDA)"}
 
 
 @dataclass
@@ -49,6 +51,8 @@ class SearchParams:
     gsd: float = 0.0
     bands: str = ""
     device: str = "auto"
+    read_workers: Any = "auto"          # ReadOptions.workers: "auto", 0 (threads) or N processes
+    compile: bool = False               # DetectOptions.compile (CUDA)
 
     def band_list(self) -> Optional[List[int]]:
         """The bands text ("4,3,2") as 1-based ints, None for automatic (engine.core.options.parse_bands);
@@ -65,7 +69,8 @@ class SearchParams:
                 if getattr(self, f.name) != getattr(base, f.name)}
 
     def read_options(self) -> ReadOptions:
-        return ReadOptions(bands=self.band_list(), gsd=self.gsd or None)
+        return ReadOptions(bands=self.band_list(), gsd=self.gsd or None,
+                           workers=parse_read_workers(self.read_workers))
 
     def detect_options(self, model: str, heatmap: bool = False) -> DetectOptions:
         """The engine's options for this search: only what differs from ``model``'s
@@ -77,7 +82,7 @@ class SearchParams:
             keep["threshold"] = 0.0  # "off" where the model has a threshold
         return replace(DetectOptions(), mode=self.method, read=self.read_options(),
                        device=None if self.device in ("", "auto") else self.device,
-                       heatmap=heatmap, **keep)
+                       compile=bool(self.compile), heatmap=heatmap, **keep)
 
     def classify_options(self) -> ClassifyOptions:
         """The engine's classify options: bands, GSD and device from the dock; tiles and the

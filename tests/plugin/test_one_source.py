@@ -118,6 +118,46 @@ def test_option_errors_are_worded_for_each_front_end(mapclip):
     assert text.startswith("TILE ") and "--" not in text
 
 
+def test_reader_processes_and_compile_are_set_alike_from_every_front_end(iface, mapclip):
+    """--read-workers / READ_WORKERS / "Reader processes" and --compile / COMPILE /
+    "Compile (CUDA)" reach the same engine options; a bad reader count is refused in
+    each front end's words."""
+    from mapclip.engine.cli import flag
+    from mapclip.engine.core.errors import UsageError, worded
+    from mapclip.engine.core.options import check
+    from mapclip.plugin.dock import MapClipDock
+    from mapclip.plugin.processing.common import error_text
+    from mapclip.plugin.settings import FIELD_LABELS
+    model = "demo"
+    dock = MapClipDock(iface, iface.main_window)
+    try:
+        dock.select_model(model)
+        default_dock = dock.params().detect_options(model)
+        assert dock.readers_spin.text() == "auto" and not dock.compile_check.isChecked()
+        dock.readers_spin.setValue(0)
+        dock.compile_check.setChecked(True)
+        set_dock = dock.params().detect_options(model)
+        dock.save_settings()
+        dock.readers_spin.setValue(3)
+        dock.select_model(model)                     # the model's remembered values come back
+        assert dock.readers_spin.value() == 0 and dock.compile_check.isChecked()
+    finally:
+        dock.shutdown()
+        dock.deleteLater()
+    for o in (cli_options(model), processing_options(model), default_dock):
+        assert (o.read.workers, o.compile) == ("auto", False)
+    for o in (cli_options(model, "--read-workers", "0", "--compile"),
+              processing_options(model, READ_WORKERS="0", COMPILE=True), set_dock):
+        assert (o.read.workers, o.compile) == (0, True)
+    assert processing_options(model, READ_WORKERS=" 3 ").read.workers == 3
+    with pytest.raises(UsageError) as err:
+        check(processing_options(model, READ_WORKERS="many"))
+    assert err.value.option == "read_workers"
+    assert error_text(err.value).startswith("READ_WORKERS ")
+    assert worded(err.value, FIELD_LABELS.get)[0].startswith("Reader processes ")
+    assert worded(err.value, flag)[0].startswith("--read-workers ")
+
+
 def test_the_demo_model_finds_the_same_boxes_from_the_cli_processing_and_the_dock(
         iface, mapclip, tmp_path, provider):
     """Not only the same options: the same boxes, from three real runs on one scene."""

@@ -181,13 +181,8 @@ def add_read_workers_arg(p) -> None:
 
 def read_workers(args):
     """--read-workers as ReadOptions.workers ("auto" or a whole number; checked by the engine)."""
-    text = str(args.read_workers).strip().lower()
-    if text == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        return text   # engine.core.options.check names the flag and the fix
+    from ..core.options import parse_read_workers
+    return parse_read_workers(args.read_workers)
 
 
 def add_extent_args(p) -> None:

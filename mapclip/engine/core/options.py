@@ -120,6 +120,21 @@ def split_prompts(text: str) -> List[str]:
     return out
 
 
+def parse_read_workers(text: Any) -> Any:
+    """Reader processes typed as text ("auto", "0", "3"; empty: "auto") as
+    ReadOptions.workers; anything else is returned as typed for :func:`check` to refuse
+    with the fix."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    t = str(text if text is not None else "").strip().lower()
+    if t in ("", "auto"):
+        return "auto"
+    try:
+        return int(t)
+    except ValueError:
+        return t
+
+
 def parse_bands(text: Optional[str]) -> Optional[List[int]]:
     """Band numbers typed as "4,3,2" (commas, spaces or ';'); empty: None (the reader's choice).
 
@@ -508,7 +523,7 @@ def _check_read(read: Optional[ReadOptions]) -> None:
     _choice("stretch", read.stretch, STRETCHES)
     w = getattr(read, "workers", "auto")
     if w != "auto" and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
-        raise _bad("read_workers", f"read workers {w!r} is not auto or a whole number >= 0",
+        raise _bad("read_workers", f"read_workers {w!r} is not auto or a whole number >= 0",
                    "give auto (processes for large jobs), 0 (read in threads) or a number of "
                    "reader processes")
 

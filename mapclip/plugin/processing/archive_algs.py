@@ -16,7 +16,8 @@ from qgis.core import (QgsFeatureSink, QgsFields, QgsProcessing, QgsProcessingEx
                        QgsProcessingParameterMultipleLayers, QgsProcessingParameterNumber,
                        QgsProcessingParameterPoint, QgsProcessingParameterString, QgsWkbTypes)
 
-from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model, optional_number, parse_bands, raster_path, split_prompts)
+from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model, optional_number, parse_bands, raster_path,
+                     read_workers_param, read_workers_value, split_prompts)
 from ...engine.core import outputs
 from ..layers import crs_text, engine_crs, feature, fields_of
 
@@ -50,6 +51,7 @@ class BuildIndexAlgorithm(MapClipAlgorithm):
 
     INPUT, FOLDER, MODEL, TILE, SCALES, STRIDE, GSD = "INPUT", "FOLDER", "MODEL", "TILE", "SCALES", "STRIDE", "GSD"
     BANDS, DEVICE, BATCH_SIZE, REINDEX, OUTPUT = "BANDS", "DEVICE", "BATCH_SIZE", "REINDEX", "OUTPUT"
+    READ_WORKERS = "READ_WORKERS"
     ROWS, EMBEDDED, RASTERS = "ROWS", "EMBEDDED", "RASTERS"
 
     def initAlgorithm(self, config=None):  # noqa: N802
@@ -77,6 +79,7 @@ class BuildIndexAlgorithm(MapClipAlgorithm):
         self.addParameter(_advanced(QgsProcessingParameterNumber(
             self.BATCH_SIZE, "Batch size (empty: the model's)", QgsProcessingParameterNumber.Integer,
             optional=True, minValue=1)))
+        self.addParameter(read_workers_param(self.READ_WORKERS))
         self.addParameter(_advanced(QgsProcessingParameterBoolean(
             self.REINDEX, "Re-embed the given rasters even when unchanged", defaultValue=False)))
         self.addParameter(QgsProcessingParameterFolderDestination(
@@ -114,10 +117,11 @@ class BuildIndexAlgorithm(MapClipAlgorithm):
             from ...engine.archive.build import build_index
             from ...engine.core.options import ReadOptions
             bands = parse_bands(self.parameterAsString(parameters, self.BANDS, context))
+            workers = read_workers_value(self, parameters, self.READ_WORKERS, context)
             options = IndexOptions(
                 tile_px=_optional_int(self, parameters, self.TILE, context), scales=scales,
                 stride_px=_optional_int(self, parameters, self.STRIDE, context), gsd=gsd,
-                read=ReadOptions(bands=bands) if bands else None,
+                read=ReadOptions(bands=bands, workers=workers) if bands or workers != "auto" else None,
                 batch_size=self.optional_int(parameters, self.BATCH_SIZE, context),
                 reindex=self.parameterAsBool(parameters, self.REINDEX, context), device=device)
             spec = self.parameterAsString(parameters, self.MODEL, context).strip() or default_model()

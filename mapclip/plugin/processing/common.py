@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from typing import Any, Iterator, List, Optional
 
 from qgis.core import (QgsProcessingAlgorithm, QgsProcessingException,
-                       QgsProcessingFeedback, QgsRasterLayer)
+                       QgsProcessingFeedback, QgsProcessingParameterDefinition,
+                       QgsProcessingParameterString, QgsRasterLayer)
 from qgis.PyQt.QtGui import QIcon
 
 from ...engine.core.errors import Cancelled, MapClipError
@@ -69,7 +70,8 @@ PARAMETERS = {"tile_px": "TILE", "window": "WINDOW", "stride": "STRIDE", "top_k"
               "read": "BANDS", "gsd": "GSD", "device": "DEVICE", "iou": "IOU", "mode": "MODE",
               "attention": "ATTENTION", "background": "BACKGROUND", "merge": "MERGE",
               "min_area": "MIN_AREA", "dense_tile_px": "TILE", "templates": "TEMPLATES",
-              "epochs": "EPOCHS", "lr": "LR", "accum": "ACCUM", "val_split": "VAL_SPLIT"}
+              "epochs": "EPOCHS", "lr": "LR", "accum": "ACCUM", "val_split": "VAL_SPLIT",
+              "read_workers": "READ_WORKERS", "compile": "COMPILE"}
 
 
 def error_text(exc: MapClipError) -> str:
@@ -130,6 +132,24 @@ def parse_bands(text: str) -> Optional[List[int]]:
     from ...engine.core.options import parse_bands as parse
     with engine_errors():
         return parse(text)
+
+
+def read_workers_param(name: str) -> QgsProcessingParameterString:
+    """The advanced READ_WORKERS parameter (ReadOptions.workers) of the algorithms that read
+    rasters; empty is auto."""
+    param = QgsProcessingParameterString(
+        name, "Reader processes: auto, 0 (threads) or a number (empty: auto)", optional=True)
+    param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+    return param
+
+
+def read_workers_value(alg, parameters, name: str, context) -> Any:
+    """READ_WORKERS as ReadOptions.workers (engine.core.options.parse_read_workers; the engine's
+    check refuses anything else, naming the parameter)."""
+    from ...engine.core.options import parse_read_workers
+    if alg.parameterDefinition(name) is None:
+        return "auto"
+    return parse_read_workers(alg.parameterAsString(parameters, name, context))
 
 
 def raster_path(layer: Optional[QgsRasterLayer], what: str = "raster") -> str:

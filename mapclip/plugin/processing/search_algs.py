@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 from qgis.core import (QgsFeatureSink,
                        QgsFields, QgsProcessing, QgsProcessingException,
                        QgsProcessingOutputNumber, QgsProcessingOutputString,
-                       QgsProcessingParameterDefinition,
+                       QgsProcessingParameterBoolean, QgsProcessingParameterDefinition,
                        QgsProcessingParameterEnum, QgsProcessingParameterExtent,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination,
@@ -32,7 +32,8 @@ from ...engine.core.options import TEMPLATE_SETS
 from ...engine.core.options import CountOptions, DetectOptions
 from ...engine.core import outputs
 from ..layers import ENGINE_BOX_FIELDS, crs_text, engine_crs, feature, fields_of
-from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model, optional_number, parse_bands, split_prompts)
+from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model, optional_number, parse_bands, read_workers_param,
+                     read_workers_value, split_prompts)
 
 D = DetectOptions()
 MODES, MERGES, ATTENTION_MODES, COUNT_METHODS = (list(MODES_), list(MERGES_), list(ATTENTION_),
@@ -61,7 +62,7 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
     """Parameters shared by detect, heatmap and count: raster, model, area, reading."""
 
     INPUT, MODEL, EXTENT, GSD, BANDS = "INPUT", "MODEL", "EXTENT", "GSD", "BANDS"
-    DEVICE, BATCH_SIZE = "DEVICE", "BATCH_SIZE"
+    DEVICE, BATCH_SIZE, READ_WORKERS = "DEVICE", "BATCH_SIZE", "READ_WORKERS"
 
     def add_input_params(self) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
@@ -81,6 +82,7 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
         self.add_advanced(QgsProcessingParameterNumber(
             self.BATCH_SIZE, "Batch size (empty: the model's)", QgsProcessingParameterNumber.Integer,
             optional=True, minValue=1))
+        self.add_advanced(read_workers_param(self.READ_WORKERS))
 
     def add_advanced(self, param) -> None:
         param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -144,7 +146,8 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
     def read_options(self, parameters, context, gsd=None):
         from ...engine.core.options import ReadOptions
         bands = parse_bands(self.parameterAsString(parameters, self.BANDS, context))
-        return ReadOptions(bands=bands, gsd=gsd or None)
+        return ReadOptions(bands=bands, gsd=gsd or None,
+                           workers=read_workers_value(self, parameters, self.READ_WORKERS, context))
 
     def model(self, parameters, context, feedback):
         spec = self.parameterAsString(parameters, self.MODEL, context).strip() or default_model()
@@ -157,7 +160,7 @@ class DetectBase(RasterSearchAlgorithm):
 
     PROMPTS, MODE, TILE, WINDOW, STRIDE = "PROMPTS", "MODE", "TILE", "WINDOW", "STRIDE"
     TOP_K, THRESHOLD, MERGE, BACKGROUND = "TOP_K", "THRESHOLD", "MERGE", "BACKGROUND"
-    IOU, ATTENTION, TEMPLATES = "IOU", "ATTENTION", "TEMPLATES"
+    IOU, ATTENTION, TEMPLATES, COMPILE = "IOU", "ATTENTION", "TEMPLATES", "COMPILE"
     DEFAULT_MODE = D.mode
 
     def add_detect_params(self) -> None:
@@ -190,6 +193,9 @@ class DetectBase(RasterSearchAlgorithm):
         self.add_advanced(QgsProcessingParameterString(
             self.TEMPLATES, "Prompt templates: " + ", ".join(TEMPLATE_SETS)
             + " or one template with {} (empty: the model's)", optional=True))
+        self.add_advanced(QgsProcessingParameterBoolean(
+            self.COMPILE, "CUDA: compile the model (torch.compile; slower first run, then cached)",
+            defaultValue=D.compile))
 
     def prompts(self, parameters, context) -> List[str]:
         prompts = split_prompts(self.parameterAsString(parameters, self.PROMPTS, context))
@@ -212,6 +218,7 @@ class DetectBase(RasterSearchAlgorithm):
             attention=ATTENTION_MODES[self.parameterAsEnum(parameters, self.ATTENTION, context)],
             read=self.read_options(parameters, context, gsd),
             device=self.parameterAsString(parameters, self.DEVICE, context).strip() or None,
+            compile=self.parameterAsBool(parameters, self.COMPILE, context),
             top_k=top_k, threshold=threshold, heatmap=heatmap)
         background = split_prompts(self.parameterAsString(parameters, self.BACKGROUND, context))
         if background:
