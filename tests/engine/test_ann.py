@@ -86,6 +86,22 @@ def test_ivf_search_recall_and_exact_scores_without_loading_the_vectors(big, sma
     np.testing.assert_allclose(scores, tscores[3], atol=1e-5)
 
 
+
+def test_exact_method_above_the_cache_size_streams_the_shards(big, monkeypatch):
+    """--method exact on an index whose float32 copy would not fit EXACT_CACHE_BYTES reads
+    the shards block by block: the in-memory answer, with no vector set loaded whole."""
+    from mapclip.engine.archive import store as S
+    folder, emb = big
+    q = clustered(1, seed=11)[0]
+    want_rows, want_scores = index_from_arrays(emb).exact_top(q, 25)
+    monkeypatch.setattr(S, "EXACT_CACHE_BYTES", emb.shape[0] * emb.shape[1] * 4 - 1)
+    idx = Index(folder)
+    rows, scores, method, _ = ranked_rows(idx, q, 25, "exact")
+    assert method == "exact" and rows.tolist() == want_rows.tolist()
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    assert idx._emb is None and idx._emb32 is None
+
+
 def test_search_through_the_engine_caches_the_ivf_file(big, small_ivf, capsys):
     folder, emb = big
     res = search(folder, like=(224 * 4321 + 100, -100))      # the tile of row 4321 is the query

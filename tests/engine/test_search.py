@@ -174,7 +174,8 @@ def test_approximate_search_agrees_with_exact_on_random_data(monkeypatch):
     assert np.mean(recalls) >= 0.95
     # the re-ranked scores are exact scores
     np.testing.assert_allclose(as_, emb[approx].astype(np.float16).astype(np.float32) @ q, atol=1e-5)
-    # above the float32 cache size, exact search scans the float16 values with faiss: same answer
+    # above the float32 cache size, exact search streams the float16 values block by block:
+    # same answer, no float32 copy
     monkeypatch.setattr(store, "EXACT_CACHE_BYTES", 0)
     big = index_from_arrays(emb)
     rows16, s16, _, _ = ranked_rows(big, q, 10, "exact")

@@ -379,7 +379,6 @@ class Index:
         self.manifest = read_manifest(self.path)
         self._emb: Optional[np.ndarray] = None
         self._emb32: Optional[np.ndarray] = None
-        self._flat16 = None
         self._tiles: Optional[np.ndarray] = None
         self._approx = None
         self.rasters: Dict[int, Dict[str, Any]] = {int(r["id"]): r for r in self.manifest["rasters"]}
@@ -471,30 +470,20 @@ class Index:
         """Rows and scores of the ``k`` best rows for ``q``, over every row.
 
         Up to EXACT_CACHE_BYTES of float32 the matrix product runs on a cached
-        float32 copy; above, a faiss flat scan over the stored float16 values
-        (``SQfp16``: the same numbers, no float32 copy) does it.
+        float32 copy; above, the vectors are read block by block from the
+        memory-mapped shards (engine.archive.ann.exact_top_streaming): the same
+        numbers and order, in the memory of one block whatever the index's size.
         """
-        emb = self.embeddings()
         q = np.asarray(q, np.float32)
-        if emb.size * 4 <= EXACT_CACHE_BYTES:
+        if self.rows * self.embed_dim * 4 <= EXACT_CACHE_BYTES:
             if self._emb32 is None:
-                self._emb32 = emb.astype(np.float32)
+                self._emb32 = self.embeddings().astype(np.float32)
             scores = self._emb32 @ q
             top = top_rows(scores, k)
             return top, scores[top]
-        if self._flat16 is None:
-            import faiss
-            flat = faiss.IndexScalarQuantizer(emb.shape[1], faiss.ScalarQuantizer.QT_fp16,
-                                              faiss.METRIC_INNER_PRODUCT)
-            step = 1 << 16
-            for i in range(0, len(emb), step):
-                flat.add(np.ascontiguousarray(emb[i:i + step], dtype=np.float32))
-            self._flat16 = flat
-        scores, rows = self._flat16.search(q[None], min(k, len(emb)))
-        keep = rows[0] >= 0
-        rows, scores = rows[0][keep], scores[0][keep]
-        order = np.lexsort((rows, -scores))
-        return rows[order], scores[order]
+        from .ann import exact_top_streaming
+        rows, scores = exact_top_streaming(self.store(), q[None], k)
+        return rows[0], scores[0]
 
     def rerank(self, rows: np.ndarray, q: np.ndarray) -> np.ndarray:
         """Exact scores of the given rows."""
@@ -556,7 +545,7 @@ def index_from_arrays(emb: np.ndarray, tiles: Optional[np.ndarray] = None,
                     "shards": [{"id": 1, "raster": 0, "rows": n, "emb": "", "tiles": ""}]}
     idx.rasters = {}
     idx._emb = emb
-    idx._emb32 = idx._flat16 = None
+    idx._emb32 = None
     idx._tiles = tiles if tiles is not None else np.zeros(n, TILE_DTYPE)
     idx._approx = None
     return idx
@@ -767,7 +756,7 @@ def write_footprints(writer: IndexWriter) -> None:
     final = folder / FOOTPRINTS
     idx = Index.__new__(Index)
     idx.path, idx.manifest = folder, m
-    idx._emb = idx._emb32 = idx._flat16 = idx._tiles = idx._approx = None
+    idx._emb = idx._emb32 = idx._tiles = idx._approx = None
     idx.rasters = {int(r["id"]): r for r in m["rasters"]}
     if idx.rows == 0:
         final.unlink(missing_ok=True)
