@@ -157,41 +157,6 @@ class Space:
         return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
-def write_index(folder: Path, blocks, dim: int) -> Path:
-    """An index folder in the real format from (rows, dim) float32 unit-vector
-    blocks: one shard per block, tile records numbering the rows (one
-    pretend raster without CRS). For benchmarks and tests of search at scale."""
-    import numpy as np
-
-    from mapclip.engine.archive.store import IndexWriter, TILE_DTYPE
-    identity = {"spec": "synthetic", "arch": "synthetic", "embed_dim": int(dim),
-                "probe_text": [1.0] + [0.0] * (dim - 1), "probe_image": [1.0] + [0.0] * (dim - 1)}
-    layout = {"scales": [224], "stride_px": 224, "gsd": None,
-              "read": {"bands": None, "stretch": "percentile", "percentiles": [2, 98], "fixed_range": None},
-              "min_valid": 0.5}
-    w = IndexWriter.create(Path(folder), identity, layout)
-    entry = {"id": 1, "path": str(Path(folder) / "synthetic.tif"), "name": "synthetic.tif",
-             "checksum": "", "progress": {}, "complete": False, "crs": None,
-             "transform": [1.0, 0.0, 0.0, 0.0, -1.0, 0.0], "width": 0, "height": 0}
-    w.manifest["rasters"].append(entry)
-    w.manifest["next_raster"] = 2
-    at = 0
-    for block in blocks:
-        n = len(block)
-        rec = np.zeros(n, TILE_DTYPE)
-        rec["raster"], rec["tile_px"], rec["tile"] = 1, 224, np.arange(at, at + n)
-        rec["width"] = rec["height"] = 224
-        rec["xmin"] = np.arange(at, at + n) * 224.0
-        rec["xmax"] = rec["xmin"] + 224.0
-        rec["ymin"], rec["ymax"] = -224.0, 0.0
-        rec["lon_min"] = rec["lat_min"] = rec["lon_max"] = rec["lat_max"] = np.nan
-        w.commit(entry, 224, block.astype(np.float16), rec, at, at + n)
-        at += n
-    entry["complete"] = True
-    w.save()
-    return Path(folder)
-
-
 def _nice(n: int) -> str:
     e = len(str(n)) - 1
     return f"10^{e}" if n == 10 ** e else f"{n:,}"
@@ -203,7 +168,7 @@ def bench_search(args, tmp: Path) -> None:
 
     from mapclip.engine.archive import ann
     from mapclip.engine.archive.search import ranked_rows
-    from mapclip.engine.archive.store import Index
+    from mapclip.engine.archive.store import Index, index_folder_from_blocks
 
     sizes = ([int(float(s)) for s in args.sizes.split(",")] if args.sizes else
              [10 ** 6, 10 ** 7] if args.full else [10 ** 6])
@@ -223,7 +188,7 @@ def bench_search(args, tmp: Path) -> None:
         def blocks():
             for i, a in enumerate(range(0, n, SHARD_ROWS)):
                 yield space.sample(min(SHARD_ROWS, n - a), seed=i + 1)
-        write_index(folder, blocks(), DIM)
+        index_folder_from_blocks(folder, blocks(), DIM)
         gen_s = time.perf_counter() - t0
         disk = sum(p.stat().st_size for p in (folder / "shards").glob("*.emb.npy"))
         idx = Index(folder)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.bench_index_scale import write_index
+from mapclip.engine.archive.store import index_folder_from_blocks
 from mapclip.engine.archive import ann, approx
 from mapclip.engine.archive.search import ranked_rows, search
 from mapclip.engine.archive.store import Index, index_from_arrays, open_index
@@ -37,7 +37,7 @@ def small_ivf(monkeypatch):
 def big(tmp_path):
     """An index folder of 6000 rows in 5 shards (uneven sizes)."""
     blocks = [clustered(n, seed) for seed, n in enumerate([1000, 1700, 300, 2000, 1000])]
-    folder = write_index(tmp_path / "idx", blocks, DIM)
+    folder = index_folder_from_blocks(tmp_path / "idx", blocks, DIM)
     return folder, np.concatenate(blocks).astype(np.float16).astype(np.float32)
 
 
