@@ -213,7 +213,7 @@ def caption(raster: str, model: Union[str, LoadedModel], places: Sequence[Option
     generation even with a bank (refused for non-CoCa models).
     """
     from .core.jobs import Job
-    from .model.models import LoadedModel, load_model
+    from .model.models import as_loaded
     from .raster.reader import open_raster
     t0 = time.perf_counter()
     opts = check(options or CaptionOptions())
@@ -233,8 +233,7 @@ def caption(raster: str, model: Union[str, LoadedModel], places: Sequence[Option
         from .geo.extent import extent_to_window
         for ext in places:  # a place outside the raster is refused before any work
             extent_to_window(info, ext, extent_crs)
-        lm = model if isinstance(model, LoadedModel) else load_model(
-            model, device=opts.device, precision=opts.precision)
+        lm = as_loaded(model, opts.device, opts.precision)
         gen = can_generate(lm) if generate is None else bool(generate)
         if texts is not None and generate is None:
             gen = False

@@ -387,7 +387,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
     ``progress(done, total)`` counts tiles; ``cancel`` stops within a batch.
     """
     from .model.batching import BatchRunner
-    from .model.models import LoadedModel, load_model
+    from .model.models import as_loaded
     from .raster.reader import open_raster
     from .model.scoring import build_bank
     from .model.dense import dense_unsupported
@@ -428,8 +428,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
                 raise UsageError("the polygons do not overlap the extent",
                                  "give polygons inside the extent, or leave the extent out")
         job.check()
-        lm = model if isinstance(model, LoadedModel) else load_model(
-            model, device=opts.device, precision=opts.precision)
+        lm = as_loaded(model, opts.device, opts.precision)
         opts = check(with_model_defaults(opts, lm.defaults))
         check_class_lengths(lm, names, opts.templates)
         bank = build_bank(lm, names, (), opts.templates)

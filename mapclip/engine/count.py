@@ -408,7 +408,7 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
     ``extent_crs``, default the raster's CRS) by ``method``: ``prompt``,
     ``dense`` or ``both`` (see the module doc). ``read`` (ReadOptions) is a
     shortcut for ``options.read``."""
-    from .model.models import LoadedModel, load_model
+    from .model.models import as_loaded
     from .geo.extent import extent_to_window
     from .raster.reader import open_raster
 
@@ -428,8 +428,7 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
         notes.extend(reader.warnings)
         info = reader.info
         area = extent_to_window(info, extent, extent_crs)
-        lm = model if isinstance(model, LoadedModel) else load_model(
-            model, device=options.device, precision=options.precision)
+        lm = as_loaded(model, options.device, options.precision)
         options = check(with_model_defaults(options, lm.defaults))
         prompt_res = _prompt_count(reader, area, lm, name, options, job) if method in ("prompt", "both") else None
     dense_res = None

@@ -155,7 +155,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
     within one batch (raising :class:`engine.core.errors.Cancelled`).
     """
     from .model.encode import clean_prompts
-    from .model.models import LoadedModel, load_model
+    from .model.models import as_loaded
     from .geo.extent import extent_to_window
     from .raster.reader import open_raster
     from .model.scoring import build_bank
@@ -171,8 +171,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
         notes.extend(reader.warnings)
         area = extent_to_window(info, extent, extent_crs)
         job.check()
-        lm = model if isinstance(model, LoadedModel) else load_model(
-            model, device=opts.device, precision=opts.precision)
+        lm = as_loaded(model, opts.device, opts.precision)
         from .model import accel   # the device's fast path: autocast, compile, batch from free memory
         notes.extend(accel.prepare(lm, compile=opts.compile))
         if opts.batch_size is None and (opts.mode == "window" or opts.dense_input_px is None):

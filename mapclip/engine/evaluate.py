@@ -28,14 +28,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .core.errors import UsageError
+from .model.models import as_loaded
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
-
-
-def _model(model, device=None, precision=None):
-    """A LoadedModel as is, or load a spec (after the data was read, so bad data fails fast)."""
-    from .model.models import LoadedModel, load_model
-    return model if isinstance(model, LoadedModel) else load_model(model, device=device, precision=precision)
 
 
 def _embed_images(lm, paths: Sequence[str], batch_size: int, progress=None):
@@ -128,7 +123,7 @@ def eval_retrieval(model, data: str, images: Optional[str] = None, split: Option
     if ties not in TIE_MODES:
         raise UsageError(f"unknown tie rule {ties!r}", f"use one of {', '.join(TIE_MODES)}")
     paths, captions, owner = read_retrieval_data(data, images, split)
-    lm = _model(model, device, precision)
+    lm = as_loaded(model, device, precision)  # after the data was read: bad data fails fast
     img = _embed_images(lm, paths, batch_size, progress)
     with torch.inference_mode():
         txt = encode_text(lm, captions)   # captions are whole sentences: no templates (the protocol)
@@ -189,7 +184,7 @@ def eval_classify(model, folder: str, classes: Optional[str] = None, templates=N
     bad = template_error(templates)
     if bad:
         raise UsageError(bad, f"use one of {', '.join(TEMPLATE_SETS)}, or a template holding {{}}")
-    lm = _model(model, device, precision)
+    lm = as_loaded(model, device, precision)  # after the data was read: bad data fails fast
     temps = resolve_templates(templates, lm)
     with torch.inference_mode():
         text = encode_prompts(lm, names, temps)
@@ -249,7 +244,7 @@ def eval_count(model, data: str, images: Optional[str] = None, batch_size: int =
     from .count import COUNT_RANGE, VARIANTS, argmax_count, count_captions
     from .model.scoring import encode_prompts
     rows = read_count_data(data, images)
-    lm = _model(model, device, precision)
+    lm = as_loaded(model, device, precision)  # after the data was read: bad data fails fast
     img = _embed_images(lm, [r[0] for r in rows], batch_size, progress)
     counts = list(COUNT_RANGE)
     text_by_obj = {}

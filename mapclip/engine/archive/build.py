@@ -249,7 +249,7 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     """
     import shutil
 
-    from ..model.models import LoadedModel, load_model
+    from ..model.models import as_loaded
     from ..raster.reader import open_raster
 
     t0 = time.perf_counter()
@@ -258,8 +258,7 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     paths = expand_sources(sources, exclude=out)
     job = Job(progress, cancel)
     existing = _existing_manifest(out)
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=options.device,
-                                                                 precision=options.precision)
+    lm = as_loaded(model, options.device, options.precision)
     if options.batch_size is None:       # on CUDA: from free GPU memory (model/accel.py)
         from ..model import accel
         options = replace(options, batch_size=accel.auto_batch_size(lm))

@@ -44,7 +44,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from ..core.errors import MapClipError, ModelError, UsageError, reason
 from ..core.options import DEFAULT_TEMPLATES
@@ -993,6 +993,14 @@ def load_model(spec: str, device: Optional[str] = None, precision: Optional[str]
                        device=dev, precision=prec, model_cfg=resolved.model_cfg,
                        templates=resolved.templates or DEFAULT_TEMPLATES,
                        defaults=model_defaults(spec))
+
+
+def as_loaded(model: Union[str, LoadedModel], device: Optional[str] = None,
+              precision: Optional[str] = None) -> LoadedModel:
+    """A LoadedModel as given, or the spec ``model`` loaded (:func:`load_model`): what every
+    job accepts as its model."""
+    return model if isinstance(model, LoadedModel) else load_model(model, device=device,
+                                                                   precision=precision)
 
 
 def save_model_folder(model, model_cfg: Dict[str, Any], folder: Path, arch: str,
