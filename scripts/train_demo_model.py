@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train MapCLIP's demo model from scratch on synthetic scenes: the exact recipe.
 
-    .venv/bin/python scripts/train_demo_model.py            # all stages (about 1.5 h on 2 shared CPU cores)
+    .venv/bin/python scripts/train_demo_model.py            # all stages (about 45 min on 2 CPU cores)
     .venv/bin/python scripts/train_demo_model.py --stage data|train|export|calibrate|eval|card
 
 1. data:   seeded synthetic scenes (engine.data.synthetic) -> chips centred on
@@ -19,7 +19,7 @@
 2. train:  engine.finetune.finetune (the routine behind `python -m engine
            finetune`) from a random initialisation of
            mapclip/engine/model/configs/mapclip-demo2.json (``mapclip-demo2:random``), on the
-           CPU, one torch thread.
+           CPU (RECIPE["threads"] torch threads).
 3. export: the run's best/ model as fp16 safetensors in mapclip/resources/models/demo/.
 4. calibrate: the prompt count method's per-count offsets (engine.count.fit_count_bias)
            on calibration chips -> ``count_bias`` in the model folder's defaults.
@@ -68,7 +68,7 @@ RECIPE = {
     "count_chips": {"classes": ["storage-tank", "vehicle", "building", "ship", "airplane"],
                     "counts": list(range(1, 11)), "repeats": 12},
     "heldout_seeds": [7001, 7002],              # the dedup `against` set (tests use 9001+)
-    "epochs": 22,
+    "epochs": 36,
     "batch_size": 128,
     "lr": 5e-4,
     "weight_decay": 0.1,
@@ -76,7 +76,7 @@ RECIPE = {
     "val_split": 0.05,
     "crop_scale": [0.8, 1.0],
     "seed": 0,
-    "threads": 1,
+    "threads": 2,
 }
 
 COUNT_CHIP_PX = {"storage-tank": 160, "vehicle": 96, "building": 128, "ship": 160, "airplane": 192}
@@ -333,6 +333,7 @@ def stage_eval(work: Path, model: str) -> dict:
     out = {"model": model,
            "detect_window": Q.measure_detect(lm, truth, "window"),
            "detect_dense": Q.measure_detect(lm, truth, "dense", Q.DENSE_CLASSES)}
+    out["detect_more"] = more_scenes(lm, ev)
     itruth = S_make_scene(ev, Q.INDEX_SIZE, Q.INDEX_SEED)
     out["retrieval_p_at_10"] = Q.measure_retrieval(lm, itruth, ev / "index")
     out["counting"] = Q.measure_counting(lm, ev)
@@ -377,6 +378,31 @@ def stage_eval(work: Path, model: str) -> dict:
         head = text.split(EVAL_HEADING)[0]
         card.write_text(head + "\n".join(eval_lines(out)), encoding="utf-8")
         say(f"updated the evaluation in {card}")
+    return out
+
+
+#: further held-out detection scenes: one 1280 px scene holds only 6-8 objects of most classes,
+#: so the card also gives the mean over these (never used in training or by the tests)
+MORE_SEEDS = (9201, 9202, 9203)
+
+
+def more_scenes(lm, ev: Path) -> dict:
+    """Mean AP50 and hit@10 per mode and class over MORE_SEEDS (the protocol of quality.py)."""
+    from mapclip.engine import quality as Q
+    per: dict = {}
+    for seed in MORE_SEEDS:
+        truth = Q.demo_scene(ev, seed=seed)
+        for mode, classes in (("window", tuple(Q.DETECT_CLASSES)), ("dense", Q.DENSE_CLASSES)):
+            for cls, m in Q.measure_detect(lm, truth, mode, classes).items():
+                if truth.of(cls):
+                    per.setdefault(mode, {}).setdefault(cls, []).append((m["ap50"], m["hit@10"]))
+    out = {}
+    for mode, by_cls in per.items():
+        cls_means = {c: {"ap50": sum(a for a, _ in v) / len(v), "hit@10": sum(h for _, h in v) / len(v)}
+                     for c, v in by_cls.items()}
+        out[mode] = {"classes": cls_means,
+                     "map50": sum(m["ap50"] for m in cls_means.values()) / len(cls_means),
+                     "hit10": sum(m["hit@10"] for m in cls_means.values()) / len(cls_means)}
     return out
 
 
@@ -486,8 +512,9 @@ def stage_card(work: Path, dest: Path) -> Path:
         "",
         f"Data stage {stats['seconds'] / 60:.1f} min; training {train['epochs_run']} epochs, "
         f"{train['steps']} steps, batch {RECIPE['batch_size']}, "
-        f"{train['wall_seconds'] / 60:.1f} min on {ev.get('machine') or MACHINE}, one torch thread, "
-        f"while other jobs shared the machine ({train['samples_per_s']:.0f} samples/s). Best epoch "
+        f"{train['wall_seconds'] / 60:.1f} min on {ev.get('machine') or MACHINE}, "
+        f"{RECIPE['threads']} torch thread{'s' if RECIPE['threads'] > 1 else ''}, with light other "
+        f"work on the machine ({train['samples_per_s']:.0f} samples/s). Best epoch "
         f"{train['best_epoch']} by mean recall on the {train['eval_split']} split "
         f"({train['eval_images']} images):",
         "",
@@ -534,6 +561,7 @@ def eval_lines(ev: dict) -> list:
         f"**{s['hit10_window']:.2f}** | **{s['map50_dense']:.3f}** | "
         f"{s.get('map50_dense_unfitted', float('nan')):.3f} | **{s['hit10_dense']:.2f}** |",
         "",
+    ] + more_lines(ev.get("detect_more")) + [
         "Text retrieval from an index of 96 px tiles of another held-out scene, precision@10:",
         "",
         "| query | P@10 |",
@@ -555,11 +583,27 @@ def eval_lines(ev: dict) -> list:
     return lines
 
 
-#: the previous demo model (architecture mapclip-demo: 16 px patches, 10 scenes, 30 epochs,
-#: no ground-only hard negatives, 150 counting chips), measured by the same protocol
-PREVIOUS = {"map50_window": 0.285, "map50_dense": 0.075, "hit10_window": 0.60, "hit10_dense": 0.30,
-            "mean_p_at_10": 0.74, "count_within_1": 0.53, "count_exact": 0.23,
-            "classify_pixel_accuracy": 0.701, "classify_miou": 0.510}
+def more_lines(more) -> list:
+    """The card's lines on the further held-out scenes (MORE_SEEDS)."""
+    if not more:
+        return []
+    w, d = more["window"], more["dense"]
+    cls = ", ".join(f"{c} {w['classes'][c]['ap50']:.2f}" for c in w["classes"])
+    return [f"On three further held-out scenes (seeds {', '.join(map(str, MORE_SEEDS))}; a class counts "
+            f"where a scene holds it), the same protocol gives window mean AP50 {w['map50']:.3f} "
+            f"(hit@10 {w['hit10']:.2f}; per class {cls}) and dense mean AP50 {d['map50']:.3f} "
+            f"(hit@10 {d['hit10']:.2f}); the previous model: window {PREVIOUS_MORE['map50_window']:.3f} "
+            f"(hit@10 {PREVIOUS_MORE['hit10_window']:.2f}), dense {PREVIOUS_MORE['map50_dense']:.3f} "
+            f"(hit@10 {PREVIOUS_MORE['hit10_dense']:.2f}).", ""]
+
+
+#: the previous demo model (the same architecture, data and recipe trained for 22 epochs instead
+#: of 36), measured by the same protocol
+PREVIOUS = {"map50_window": 0.477, "map50_dense": 0.138, "hit10_window": 0.68, "hit10_dense": 0.17,
+            "mean_p_at_10": 0.75, "count_within_1": 0.72, "count_exact": 0.38,
+            "classify_pixel_accuracy": 0.869, "classify_miou": 0.624}
+#: the previous demo model on the further scenes (MORE_SEEDS)
+PREVIOUS_MORE = {"map50_window": 0.438, "hit10_window": 0.71, "map50_dense": 0.153, "hit10_dense": 0.17}
 COMPARED = (("window mean AP50", "map50_window", "{:.3f}", 0.5), ("dense mean AP50", "map50_dense", "{:.3f}", 0.4),
             ("hit@10 window", "hit10_window", "{:.2f}", 0.9), ("hit@10 dense", "hit10_dense", "{:.2f}", 0.9),
             ("retrieval P@10", "mean_p_at_10", "{:.2f}", 0.9), ("counting within one", "count_within_1", "{:.2f}", 0.8),
@@ -576,9 +620,9 @@ def previous_lines(s: dict) -> list:
             rows.append(f"| {label} | {f.format(PREVIOUS[key])} | {f.format(s[key])} | "
                         f"{'' if goal is None else f'{goal:g}'} |")
     return ["## Compared with the previous demo model", "",
-            "The previous demo model (`mapclip-demo`: 16 px patches, a 4 x 4 grid; 10 scenes; no ground-only "
-            "hard negatives; 150 counting chips; 30 epochs), measured by the same protocol on the same "
-            "held-out seeds:", "",
+            "The previous demo model (the same architecture, data and recipe, trained for 22 epochs on a "
+            "loaded machine; before it, `mapclip-demo` with 16 px patches had window mAP50 0.285 and "
+            "counting within one 0.53), measured by the same protocol on the same held-out seeds:", "",
             "| measure | previous | this model | goal (issue 14) |", "| --- | --- | --- | --- |"] + rows + [""]
 
 
@@ -599,33 +643,40 @@ def classify_lines(res) -> list:
 LIMITS = [
     "## Limits and what would reach the goals", "",
     "Goals on held-out scenes (issue 14): AP50 per class >= 0.5 (window) and >= 0.4 (dense), "
-    "hit@10 >= 0.9, retrieval P@10 >= 0.9, counting within one >= 0.8. This model (trained in 58 min "
-    "on a shared 2-core CPU, no GPU) reaches them for airplanes (window AP50 1.00, dense 0.55) and ships "
-    "(window 0.50), for retrieval of buildings, water, trees and fields, and for window hit@10 of "
-    "buildings; it is better than the previous model on every summary measure but dense hit@10 "
-    "(table above), and misses the rest. What limits it:", "",
-    "- **Storage tanks.** Window AP50 fell from 0.19 to 0.00 and hit@10 from 0.80 to 0.33. In the "
-    "demo scene (scripts/demo.py) the tank windows do sit on the tank farm (centre precision 0.90) "
-    "but their boxes are fitted to groups of touching tanks, not single ones (AP50 0.02). Tank-farm "
-    "ground without tanks is one of the four hard-negative covers (\"bare ground\"), and tanks are "
-    "small at the training chips' scale (64-128 px chips shrunk to 64 px); which of the two costs "
-    "more was not measured here. Tank chips at the detection scale (48 px windows) and more epochs "
-    "are the next change to try.",
-    "- **Dense mode.** The 8 x 8 grid (8 px patches) gives dense maps cells to outline objects "
-    "(airplanes 0.55 AP50, fitted boxes beat unfitted ones 0.14 to 0.09), but small objects (tanks, "
-    "ships: 16-34 px, two to four cells of a 64 px tile) score 0.00 dense AP50, and dense hit@10 "
-    "fell from 0.30 to 0.17. A 96-128 px input with 8 px patches (12-16 cells a "
-    "side) would help; it costs 2.5-4x the training time per step on this CPU (measured: 2.0-3.0 s "
-    "against 0.8 s per 128-image step), i.e. 2.5-4 h here, minutes on a GPU.",
-    "- **Training signal.** 22 epochs of 9720 images (1650 steps, 63 samples/s while other jobs loaded "
-    "the machine to a load average of 6-10) reach a val mean recall of 21 %; the training loss still "
-    "fell (2.68 to 2.64 over the last six epochs) as the learning rate decayed to zero. Retrieval of tanks, airplanes and ships (P@10 0.2-0.6) needs objects that fill more of "
-    "the 96 px index tile than the scene chips taught; 50-100 epochs and more object-centred chips "
-    "at index scale would be the way there.",
-    "- **Counting.** Counting chips captioned only by their count sentences (600 chips) raised "
-    "within-one from 0.53 to 0.72 (exact 0.23 to 0.38); a batch holds few chips of one class with "
-    "different counts, so numbers are learnt slowly. Batches that group counting chips of one "
-    "class would teach them directly (a sampler change in engine.finetune).",
+    "hit@10 >= 0.9, retrieval P@10 >= 0.9, counting within one >= 0.8. This model (36 epochs, 30 min "
+    "on a 2-core CPU, no GPU) reaches the window mean AP50 goal on the protocol scene (0.57; 0.48 over "
+    "the three further scenes) and, per class in window mode, airplanes (1.00), ships (0.69) and "
+    "sports fields (0.67); retrieval of buildings, water, trees and fields; window hit@10 of buildings "
+    "and sports fields. The same recipe trained for 22 epochs (the previous model) was better only in "
+    "dense mode on the protocol scene (airplanes) and in exact counts (0.38 against 0.33). It misses the "
+    "other goals. What limits it:", "",
+    "- **Storage tanks.** Window AP50 0.25 (from 0.00), hit@10 0.80: in the demo scene the boxes now fit "
+    "single tanks (AP50 0.28, precision 0.70 at IoU 0.5), but tanks of 40-50 px in 48 px windows leave "
+    "little room, and the per-class AP stays below 0.5. Tried and not shipped: 100 more chips per "
+    "scene at the detection windows' scale (40-64 px; tanks, ships, buildings, vehicles), 28 epochs: "
+    "window mAP50 0.40 on the protocol scene and 0.50 on the further scenes, tank AP50 0.00-0.02, "
+    "dense mAP50 down to 0.00-0.01.",
+    "- **Runway marks.** In the demo scene most wrong airplane boxes, and 6-8 of the 15 ship boxes, sit "
+    "on the runway's centre-line marks (white dashes on grey, the size of a small plane or ship). The "
+    "\"a runway\" hard negatives (30 chips per scene, 64-128 px) have not taught the model that the marks "
+    "are not objects; runway chips at the objects' scale with the marks centred, captioned as runway "
+    "marks, are the next change to try (airport background prompts at search time were tried: airplane "
+    "hit@10 rose, AP fell).",
+    "- **Dense mode.** The 8 x 8 grid (8 px patches) outlines large objects only: dense mAP50 0.07 on the "
+    "protocol scene (airplanes 0.10, down from 0.55) and 0.15 over the further scenes (airplanes 0.32, "
+    "ships 0.27); small objects (tanks, ships: 16-34 px, two to four cells of a 64 px tile) rarely get "
+    "a component of their own. A 96-128 px input with 8 px patches (12-16 cells a side) would help; it "
+    "costs 2.5-4x the training time per step on this CPU (2.0-3.0 s against 0.8 s per 128-image step), "
+    "hours here, minutes on a GPU.",
+    "- **Training signal.** 36 epochs of 9720 images (2700 steps) reach a val mean recall of 21 %; "
+    "retrieval of tanks, airplanes and ships (P@10 0.2-0.6) needs objects that fill more of the 96 px "
+    "index tile than the scene chips taught; more object-centred chips at index scale and more epochs "
+    "(a GPU) would be the way there.",
+    "- **Counting.** Within one 0.78 (0.72 before), exact 0.33: counting chips captioned only by their "
+    "count sentences teach numbers; the calibration (`count_bias`, fitted on other chips) no longer "
+    "helps on the held-out chips (one chip of 40 either way), so the model's own scores carry the "
+    "count. A batch holds few chips of one class with different counts; batches that group counting "
+    "chips of one class would teach them directly (a sampler change in engine.finetune).",
     "",
 ]
 
