@@ -619,7 +619,10 @@ def test_search_hits_are_never_written_over_an_indexed_raster(tmp_path, tiny_mod
 
 
 SLOW_READ = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as in a terminal, even when the suite itself was started in the background
+# (a shell starts background jobs with SIGINT ignored, and Python then installs no handler)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from mapclip.engine.raster import reader as raster
 from mapclip.engine.geo.tiling import PixelWindow
 def slow(self, ds, window, out_shape, *a, **k):
