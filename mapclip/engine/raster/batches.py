@@ -57,7 +57,8 @@ class _Batch:
 
 class BatchIterator:
     """What both tile-batch iterators (threads here, processes in raster.workers) share:
-    the tiles, the batch cut, the validity rules, the counters, and closing on exit."""
+    the tiles, the batch cut, the validity rules, the counters, stopping on cancel or at the
+    end, and closing on exit."""
 
     def __init__(self, reader, tiles: Sequence[Tile], batch_size: int, job: Optional[Job],
                  min_valid: float, skip_empty: bool):
@@ -81,6 +82,64 @@ class BatchIterator:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    # -- shared by both iterators --
+    def _batch(self, k: int) -> List[Tile]:
+        """Batch ``k``, made and checked when it is submitted."""
+        bs = self._batch_size
+        tiles = list(self._tiles[k * bs:(k + 1) * bs])
+        for t in tiles:
+            if t.out_px != self._out_px:
+                raise ValueError(f"tiles have different out_px ({self._out_px}, {t.out_px}); "
+                                 "batch them separately")
+            self.reader._check_window(t.window())
+        return tiles
+
+    def _cancelled(self) -> bool:
+        return self.job is not None and self.job.cancelled
+
+    def _stop_if_cancelled(self) -> None:
+        if self._cancelled():
+            self.close()
+            raise Cancelled()
+
+    def _next_check(self) -> None:
+        """The start of each ``__next__``: keep the heap trimmed (memory flat in raster
+        size, raster.workers.trim_heap), stop when cancelled or when nothing is left."""
+        from .workers import trim_heap
+        trim_heap()
+        self._stop_if_cancelled()
+        if not self._in_flight:
+            self.close()
+            raise StopIteration
+
+    def _keep(self, batch: _Batch) -> np.ndarray:
+        keep = batch.valid >= self.min_valid
+        if self.skip_empty:
+            flat = batch.array.reshape(len(batch.tiles), -1)
+            # cheap test on a strided sample first, full test only for candidates
+            sample = flat[:, ::97]
+            cand = np.flatnonzero(keep & (sample == sample[:, :1]).all(axis=1))
+            for i in cand:
+                row = flat[i]
+                if row[0] in EMPTY_FILL_VALUES and (row == row[0]).all():
+                    keep[i] = False
+        return keep
+
+    def _kept(self, batch: _Batch) -> Optional[Tuple[List[Tile], np.ndarray]]:
+        """Count ``batch`` and drop its tiles below ``min_valid`` or empty: what to yield,
+        or None when no tile is left."""
+        keep = self._keep(batch)
+        n, n_keep = len(batch.tiles), int(keep.sum())
+        self.skipped += n - n_keep
+        self.done += n
+        if n_keep == 0:
+            return None
+        self.yielded += n_keep
+        if n_keep == n:
+            return batch.tiles, batch.array
+        idx = np.flatnonzero(keep)
+        return [batch.tiles[i] for i in idx], batch.array[idx]
 
     def __iter__(self):
         return self
@@ -180,40 +239,17 @@ class TileBatches(BatchIterator):
             self._in_flight.append((tiles, self._pool.submit(self._work, tiles)))
             self._next_submit += 1
 
-    def _batch(self, k: int) -> List[Tile]:
-        """Batch ``k``, made and checked when it is submitted."""
-        bs = self._batch_size
-        tiles = list(self._tiles[k * bs:(k + 1) * bs])
-        for t in tiles:
-            if t.out_px != self._out_px:
-                raise ValueError(f"tiles have different out_px ({self._out_px}, {t.out_px}); "
-                                 "batch them separately")
-            self.reader._check_window(t.window())
-        return tiles
-
-    def _cancelled(self) -> bool:
-        return self.job is not None and self.job.cancelled
-
     def _wait(self, fut: Future):
         while True:
-            if self._cancelled():
-                self.close()
-                raise Cancelled()
+            self._stop_if_cancelled()
             try:
                 return fut.result(timeout=0.05)
             except FutureTimeout:
                 continue
 
     def __next__(self) -> Tuple[List[Tile], np.ndarray]:
-        from .workers import trim_heap
-        trim_heap()   # memory flat in raster size (raster.workers.trim_heap)
         while True:
-            if self._cancelled():
-                self.close()
-                raise Cancelled()
-            if not self._in_flight:
-                self.close()
-                raise StopIteration
+            self._next_check()
             tiles, fut = self._in_flight.popleft()
             try:
                 batch = self._wait(fut)
@@ -243,32 +279,10 @@ class TileBatches(BatchIterator):
             if batch is None:  # stopped meanwhile
                 self.close()
                 raise Cancelled()
-            keep = self._keep(batch)
-            n_keep = int(keep.sum())
-            self.skipped += len(tiles) - n_keep
-            self.done += len(tiles)
-            if n_keep == 0:
-                self._release(batch.array)
-                continue
-            self.yielded += n_keep
-            self._release(batch.array)
-            if n_keep == len(tiles):
-                return batch.tiles, batch.array
-            idx = np.flatnonzero(keep)
-            return [batch.tiles[i] for i in idx], batch.array[idx]
-
-    def _keep(self, batch: _Batch) -> np.ndarray:
-        keep = batch.valid >= self.min_valid
-        if self.skip_empty:
-            flat = batch.array.reshape(len(batch.tiles), -1)
-            # cheap test on a strided sample first, full test only for candidates
-            sample = flat[:, ::97]
-            cand = np.flatnonzero(keep & (sample == sample[:, :1]).all(axis=1))
-            for i in cand:
-                row = flat[i]
-                if row[0] in EMPTY_FILL_VALUES and (row == row[0]).all():
-                    keep[i] = False
-        return keep
+            out = self._kept(batch)
+            self._release(batch.array)   # reused once the consumer no longer holds it
+            if out is not None:
+                return out
 
     def close(self) -> None:
         """Stop the reader threads, drop read-ahead batches, close their handles."""

@@ -576,10 +576,6 @@ class ProcessTileBatches(BatchIterator):
         self._slots.append(s)
         return s
 
-    def _batch(self, k: int) -> list:
-        from .batches import TileBatches
-        return TileBatches._batch(self, k)
-
     def _fill(self) -> None:
         while (not self._closed and len(self._in_flight) < self._depth
                and self._next_submit < self._n_batches):
@@ -599,9 +595,6 @@ class ProcessTileBatches(BatchIterator):
             for w, part in parts.items():
                 self._task_qs[w].put((k, slot.name, slot.cap, len(tiles), S, part))
             self._next_submit += 1
-
-    def _cancelled(self) -> bool:
-        return self.job is not None and self.job.cancelled
 
     def _collect(self, timeout: float) -> None:
         """Take one result from the workers (or check their health on timeout)."""
@@ -654,19 +647,11 @@ class ProcessTileBatches(BatchIterator):
         return err
 
     def __next__(self):
-        trim_heap()
         while True:
-            if self._cancelled():
-                self.close()
-                raise Cancelled()
-            if not self._in_flight:
-                self.close()
-                raise StopIteration
+            self._next_check()
             head = self._in_flight[0]
             while head.waiting and head.error is None:
-                if self._cancelled():
-                    self.close()
-                    raise Cancelled()
+                self._stop_if_cancelled()
                 self._collect(0.05)
             if head.error is not None:
                 err = self._error(head.tiles, head.error)
@@ -679,18 +664,9 @@ class ProcessTileBatches(BatchIterator):
             n = len(head.tiles)
             batch = _Batch(head.tiles, head.slot.arr[:n], head.slot.frac[:n])
             self._fill()
-            from .batches import TileBatches
-            keep = TileBatches._keep(self, batch)
-            n_keep = int(keep.sum())
-            self.skipped += n - n_keep
-            self.done += n
-            if n_keep == 0:
-                continue
-            self.yielded += n_keep
-            if n_keep == n:
-                return batch.tiles, batch.array
-            idx = np.flatnonzero(keep)
-            return [batch.tiles[i] for i in idx], batch.array[idx]
+            out = self._kept(batch)
+            if out is not None:
+                return out
 
     # -- closing --
     def close(self) -> None:
