@@ -25,12 +25,8 @@ build/captioner-train/ (git-ignored).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
-import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -183,7 +179,8 @@ def stage_train(work: Path, steps: int) -> Path:
 def stage_export(work: Path, dest: Path) -> Path:
     import torch
 
-    from mapclip.engine.model.models import (OPENAI_MEAN, OPENAI_STD, arch_config, build_model, save_model_folder)
+    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD, arch_config, build_model
+    from recipe_stages import machine, write_model_folder
     cfg = arch_config(RECIPE["arch"])
     model = build_model(cfg)
     model.load_state_dict(torch.load(work / "run" / "last.pt", map_location="cpu", weights_only=True))
@@ -192,18 +189,9 @@ def stage_export(work: Path, dest: Path) -> Path:
     stats = json.loads((work / "data_stats.json").read_text())
     extra = {"trained_by": "scripts/train_demo_captioner.py", "templates": "raw", "recipe": RECIPE,
              "defaults": DEFAULTS, "train_seconds": train["wall_seconds"], "data": stats,
-             "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch {torch.__version__}"}
-    tmp = dest.with_name(dest.name + ".part")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model_folder(model, cfg, tmp, RECIPE["arch"], mean=OPENAI_MEAN, std=OPENAI_STD, extra=extra, half=True)
-    card = dest / "MODEL_CARD.md"
-    if card.exists():
-        shutil.copy(card, tmp / "MODEL_CARD.md")
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    say(f"exported {dest} ({(dest / 'open_clip_model.safetensors').stat().st_size / 1e6:.1f} MB)")
+             "machine": machine()}
+    size = write_model_folder(model, cfg, dest, RECIPE["arch"], OPENAI_MEAN, OPENAI_STD, extra)
+    say(f"exported {dest} ({size:.1f} MB)")
     return dest
 
 
@@ -336,26 +324,15 @@ def stage_card(work: Path, dest: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=["all", "data", "train", "export", "eval", "card"], default="all")
-    ap.add_argument("--model", default=None, help="eval: model to measure (default: the exported one)")
-    ap.add_argument("--work", default=str(ROOT / "build" / "captioner-train"))
-    ap.add_argument("--out", default=str(ROOT / "mapclip" / "resources" / "models" / "demo-captioner"))
-    ap.add_argument("--steps", type=int, default=RECIPE["steps"])
-    a = ap.parse_args(argv)
-    work = Path(a.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    if a.stage in ("all", "data"):
-        stage_data(work)
-    if a.stage in ("all", "train"):
-        stage_train(work, a.steps)
-    if a.stage in ("all", "export"):
-        stage_export(work, Path(a.out))
-    if a.stage in ("all", "eval"):
-        stage_eval(work, a.model or str(Path(a.out)))
-    if a.stage in ("all", "card"):
-        stage_card(work, Path(a.out))
-    return 0
+    from recipe_stages import run_stages
+    return run_stages(argv, __doc__.split("\n")[0], {
+        "data": lambda a, work: stage_data(work),
+        "train": lambda a, work: stage_train(work, a.steps),
+        "export": lambda a, work: stage_export(work, Path(a.out)),
+        "eval": lambda a, work: stage_eval(work, a.model or str(Path(a.out))),
+        "card": lambda a, work: stage_card(work, Path(a.out)),
+    }, ROOT / "build" / "captioner-train", ROOT / "mapclip" / "resources" / "models" / "demo-captioner",
+        lambda ap: ap.add_argument("--steps", type=int, default=RECIPE["steps"]))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ build/demo-train/ (git-ignored).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -289,31 +288,17 @@ def stage_train(work: Path, epochs: int) -> Path:
 
 
 def stage_export(work: Path, dest: Path) -> Path:
-    import platform
-    from mapclip.engine.model.models import load_model, save_model_folder
-    best = work / "run" / "best"
-    lm = load_model(str(best), device="cpu")
+    from mapclip.engine.model.models import load_model
+    from recipe_stages import machine, write_model_folder
+    lm = load_model(str(work / "run" / "best"), device="cpu")
     train = json.loads((work / "train_result.json").read_text())
     stats = json.loads((work / "data_stats.json").read_text())
     extra = {"trained_by": "scripts/train_demo_model.py", "templates": DEMO_TEMPLATES,
              "recipe": RECIPE, "defaults": DEMO_DEFAULTS,
              "train_seconds": train.get("wall_seconds"), "best_epoch": train.get("best_epoch"),
-             "metrics_after": train.get("metrics_after"), "data": stats,
-             "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch "
-                        f"{__import__('torch').__version__}"}
-    tmp = dest.with_name(dest.name + ".part")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model_folder(lm.model, lm.model_cfg, tmp, RECIPE["arch"], mean=lm.mean, std=lm.std,
-                      extra=extra, half=True)
-    card = dest / "MODEL_CARD.md"
-    if card.exists():
-        shutil.copy(card, tmp / "MODEL_CARD.md")
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    size = (dest / "open_clip_model.safetensors").stat().st_size
-    say(f"exported {dest} ({size / 1e6:.1f} MB)")
+             "metrics_after": train.get("metrics_after"), "data": stats, "machine": machine()}
+    size = write_model_folder(lm.model, lm.model_cfg, dest, RECIPE["arch"], lm.mean, lm.std, extra)
+    say(f"exported {dest} ({size:.1f} MB)")
     return dest
 
 
@@ -723,29 +708,16 @@ def S_make_scene(folder: Path, size: int, seed: int):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=["all", "data", "train", "export", "calibrate", "eval", "card"],
-                    default="all")
-    ap.add_argument("--model", default=None, help="eval: model to measure (default: the exported one)")
-    ap.add_argument("--work", default=str(ROOT / "build" / "demo-train"))
-    ap.add_argument("--out", default=str(ROOT / "mapclip" / "resources" / "models" / "demo"))
-    ap.add_argument("--epochs", type=int, default=RECIPE["epochs"])
-    a = ap.parse_args(argv)
-    work = Path(a.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    if a.stage in ("all", "data"):
-        stage_data(work)
-    if a.stage in ("all", "train"):
-        stage_train(work, a.epochs)
-    if a.stage in ("all", "export"):
-        stage_export(work, Path(a.out))
-    if a.stage in ("all", "calibrate"):
-        stage_calibrate(work, Path(a.model or a.out))
-    if a.stage in ("all", "eval"):
-        stage_eval(work, a.model or str(Path(a.out)))
-    if a.stage in ("all", "card"):
-        stage_card(work, Path(a.out))
-    return 0
+    from recipe_stages import run_stages
+    return run_stages(argv, __doc__.split("\n")[0], {
+        "data": lambda a, work: stage_data(work),
+        "train": lambda a, work: stage_train(work, a.epochs),
+        "export": lambda a, work: stage_export(work, Path(a.out)),
+        "calibrate": lambda a, work: stage_calibrate(work, Path(a.model or a.out)),
+        "eval": lambda a, work: stage_eval(work, a.model or str(Path(a.out))),
+        "card": lambda a, work: stage_card(work, Path(a.out)),
+    }, ROOT / "build" / "demo-train", ROOT / "mapclip" / "resources" / "models" / "demo",
+        lambda ap: ap.add_argument("--epochs", type=int, default=RECIPE["epochs"]))
 
 
 if __name__ == "__main__":
