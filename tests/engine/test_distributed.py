@@ -15,6 +15,7 @@ from mapclip.engine.archive.store import Index, open_index
 from mapclip.engine.core.options import IndexOptions
 from mapclip.engine.core.errors import Cancelled, UsageError
 from mapclip.engine.core.options import check
+from tests.interrupt import StopAfter
 from tests.raster_fixtures import WGS84, make_raster
 
 OPTS = dict(scales=[32, 48], batch_size=4, commit_tiles=5)
@@ -94,19 +95,6 @@ def test_ray_build_with_a_killed_worker_equals_the_single_process_build(
     assert [(h.raster, h.tile_px, h.tile) for h in hits_a] == \
         [(h.raster, h.tile_px, h.tile) for h in hits_b]
     np.testing.assert_allclose([h.score for h in hits_a], [h.score for h in hits_b], atol=1e-3)
-
-
-class StopAfter:
-    """A cancel flag that trips once ``n`` tiles are committed."""
-
-    def __init__(self, n: int):
-        self.n, self.done = n, 0
-
-    def progress(self, done, total):
-        self.done = done
-
-    def is_set(self) -> bool:
-        return self.done >= self.n
 
 
 def test_interrupted_ray_driver_resumes_from_its_committed_shards(

@@ -13,25 +13,13 @@ from mapclip.engine.archive.store import (FORMAT_VERSION, LOCK, content_id, file
 from mapclip.engine.core.options import IndexOptions
 from mapclip.engine.core.outputs import _pyogrio_raw
 from mapclip.engine.core.errors import Cancelled, MapClipError, ModelError, UsageError
+from tests.interrupt import StopAfter
 from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, WGS84, make_raster
 
 OPTS = dict(tile_px=32, batch_size=4, commit_tiles=6)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class StopAt:
-    """A cancel flag that trips once ``n`` tiles are reported done."""
-
-    def __init__(self, n: int):
-        self.n, self.done = n, 0
-
-    def progress(self, done, total):
-        self.done = done
-
-    def is_set(self) -> bool:
-        return self.done >= self.n
 
 
 @pytest.fixture
@@ -91,7 +79,7 @@ def test_interrupted_build_resumes_to_the_index_built_in_one_go(tmp_path, raster
     a, b = rasters
     full = build_index([a, b], tmp_path / "full", tiny_model, IndexOptions(**OPTS))
     part = tmp_path / "part"
-    stop = StopAt(12)   # three batches of four tiles, then cancel
+    stop = StopAfter(12)   # three batches of four tiles, then cancel
     with pytest.raises(Cancelled):
         build_index([a, b], part, tiny_model, IndexOptions(**OPTS), progress=stop.progress,
                        cancel=stop)
