@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from qgis.core import (QgsCoordinateReferenceSystem, QgsPointXY, QgsRasterLayer,
-                       QgsRectangle)
+from qgis.core import QgsCoordinateReferenceSystem, QgsPointXY, QgsRasterLayer
 from qgis.PyQt.QtCore import Qt
 
 from .conftest import make_geotiff
@@ -62,13 +61,18 @@ def _scene_layer(tmp_path, project):
     return layer
 
 
-def test_describe_a_result_row_writes_the_caption_in_the_dock_and_the_layer(
-        qtbot, dock, tmp_path, clean_project):
+def _searched(qtbot, dock, tmp_path, clean_project):
+    """A "red roof" search of the whole scene layer from the dock; its boxes layer."""
     raster = _scene_layer(tmp_path, clean_project)
     dock.layer_combo.setLayer(raster)
     dock.area_combo.setCurrentIndex(dock.area_combo.findData("layer"))
     assert _wait(qtbot, dock, dock.run) == "done"
-    boxes = next(lyr for lyr in clean_project.mapLayers().values() if lyr.name() == "red roof")
+    return next(lyr for lyr in clean_project.mapLayers().values() if lyr.name() == "red roof")
+
+
+def test_describe_a_result_row_writes_the_caption_in_the_dock_and_the_layer(
+        qtbot, dock, tmp_path, clean_project):
+    boxes = _searched(qtbot, dock, tmp_path, clean_project)
     assert boxes.fields().indexOf("caption") < 0           # added by Describe, not before
     bank = tmp_path / "bank.txt"
     bank.write_text("\n".join(BANK) + "\n", encoding="utf-8")
@@ -93,11 +97,7 @@ def test_describe_a_result_row_writes_the_caption_in_the_dock_and_the_layer(
 
 def test_describe_without_a_bank_for_a_model_that_cannot_write_says_so_in_dock_terms(
         qtbot, dock, tmp_path, clean_project):
-    raster = _scene_layer(tmp_path, clean_project)
-    dock.layer_combo.setLayer(raster)
-    dock.area_combo.setCurrentIndex(dock.area_combo.findData("layer"))
-    assert _wait(qtbot, dock, dock.run) == "done"
-    boxes = next(lyr for lyr in clean_project.mapLayers().values() if lyr.name() == "red roof")
+    boxes = _searched(qtbot, dock, tmp_path, clean_project)
     dock.bank_widget.setFilePath("")
     assert _wait(qtbot, dock, lambda: dock.describe_item(dock.results.topLevelItem(0))) == "error"
     text = dock.status_label.text()
