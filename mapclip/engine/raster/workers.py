@@ -276,21 +276,24 @@ def balanced_cuts(spans: Sequence, bw: int, width: int, n: int) -> List[int]:
     """Indices of ``spans`` (sorted (col, width) tile columns) that start each
     of at most ``n`` stripes, the largest stripe's decoded width (pixels of the
     block columns its tiles touch) as small as possible."""
+    def decoded(start: int, end: int) -> int:       # block-column pixels of [start, end)
+        return min(width, -(-end // bw) * bw) - start
+
     def greedy(limit: int) -> Optional[List[int]]:
-        cuts, lo, hi = [0], None, 0
+        """Stripes as wide as ``limit`` allows, from the left; None when they need more
+        than ``n`` or one tile column alone is wider."""
+        cuts, start, end = [0], None, 0
         for j, (c, w) in enumerate(spans):
-            start = c // bw * bw if lo is None else lo
-            end = max(hi, c + w)
-            if min(width, -(-end // bw) * bw) - start > limit:      # spans[cut:j+1] too wide
-                if lo is None:
-                    return None                                      # one tile column alone
+            if start is not None and decoded(start, max(end, c + w)) <= limit:
+                end = max(end, c + w)
+                continue
+            if start is not None:                      # spans[j] starts the next stripe
                 cuts.append(j)
                 if len(cuts) > n:
                     return None
-                start, end = c // bw * bw, c + w
-                if min(width, -(-end // bw) * bw) - start > limit:
-                    return None
-            lo, hi = start, end
+            start, end = c // bw * bw, c + w
+            if decoded(start, end) > limit:
+                return None
         return cuts
 
     lo, hi = 1, width + 2 * bw

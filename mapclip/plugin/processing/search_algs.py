@@ -82,7 +82,7 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
         self.add_advanced(QgsProcessingParameterNumber(
             self.BATCH_SIZE, "Batch size (empty: the model's)", QgsProcessingParameterNumber.Integer,
             optional=True, minValue=1))
-        self.add_advanced(read_workers_param(self.READ_WORKERS))
+        self.addParameter(read_workers_param(self.READ_WORKERS))   # advanced already
 
     def add_advanced(self, param) -> None:
         param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
