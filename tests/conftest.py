@@ -22,6 +22,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "mapclip-cache"
     monkeypatch.setenv("MAPCLIP_CACHE", str(cache))
     yield cache
+    store = sys.modules.get("mapclip.engine.cache.store")
+    if store is not None:   # each test starts without another test's embeddings
+        store.CACHE.clear()
 
 
 @pytest.fixture(scope="session")

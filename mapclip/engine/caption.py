@@ -213,8 +213,7 @@ def caption(raster: str, model: Union[str, LoadedModel], places: Sequence[Option
     generation even with a bank (refused for non-CoCa models).
     """
     from .core.jobs import Job
-    from .model.models import as_loaded
-    from .raster.reader import open_raster
+    from .rasterjob import raster_job
     t0 = time.perf_counter()
     opts = check(options or CaptionOptions())
     places = list(places) or [None]
@@ -225,15 +224,11 @@ def caption(raster: str, model: Union[str, LoadedModel], places: Sequence[Option
             [" ".join(str(c).split()) for c in bank if str(c).strip()]
         if not texts:
             raise UsageError("the caption bank is empty", "give at least one caption")
-    notes: List[str] = []
-    reader = open_raster(raster, opts.read, quiet=True)  # warnings kept in reader.warnings
-    with reader:
-        notes.extend(reader.warnings)
-        info = reader.info
+    with raster_job(raster, model, options=opts, job=job) as rj:
+        reader, info, lm, notes = rj.reader, rj.info, rj.lm, rj.notes
         from .geo.extent import extent_to_window
         for ext in places:  # a place outside the raster is refused before any work
             extent_to_window(info, ext, extent_crs)
-        lm = as_loaded(model, opts.device, opts.precision)
         gen = can_generate(lm) if generate is None else bool(generate)
         if texts is not None and generate is None:
             gen = False

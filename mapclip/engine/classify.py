@@ -51,7 +51,7 @@ import numpy as np
 
 from .core.errors import UsageError
 from .core.jobs import Job, atomic_path, check_output_path
-from .core.options import MAX_CLASSES, ClassifyOptions, check, with_model_defaults
+from .core.options import MAX_CLASSES, ClassifyOptions, check
 from .core.outputs import VECTOR_DRIVERS
 
 if TYPE_CHECKING:
@@ -387,10 +387,9 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
     ``progress(done, total)`` counts tiles; ``cancel`` stops within a batch.
     """
     from .model.batching import BatchRunner
-    from .model.models import as_loaded
-    from .raster.reader import open_raster
     from .model.scoring import build_bank
     from .model.dense import dense_unsupported
+    from .rasterjob import raster_job
     t0 = time.perf_counter()
     opts = check(options or ClassifyOptions())
     names = clean_classes(classes)
@@ -412,14 +411,10 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
     for p in (out, scores_out, polygons_out, _style_path(out) if out else None):
         if p is not None:
             check_output_path(p, overwrite)
-    job = Job(progress, cancel)
-    notes: List[str] = []
-    reader = open_raster(raster, opts.read, quiet=True)  # warnings kept in reader.warnings
-    with reader:
-        info = reader.info
-        notes.extend(reader.warnings)
-        from .geo.extent import extent_to_window
-        area = extent_to_window(info, extent, extent_crs)
+    from .geo.extent import extent_to_window
+    with raster_job(raster, model, extent, extent_crs, options=opts, progress=progress,
+                    cancel=cancel) as rj:
+        reader, info, area, lm, job, notes = rj.reader, rj.info, rj.area, rj.lm, rj.job, rj.notes
         geoms = None
         if within is not None:
             geoms = _within_in_raster_crs(within, within_crs, info)
@@ -428,8 +423,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
                 raise UsageError("the polygons do not overlap the extent",
                                  "give polygons inside the extent, or leave the extent out")
         job.check()
-        lm = as_loaded(model, opts.device, opts.precision)
-        opts = check(with_model_defaults(opts, lm.defaults))
+        opts = rj.with_defaults(opts, auto_batch=False)
         check_class_lengths(lm, names, opts.templates)
         bank = build_bank(lm, names, (), opts.templates)
         reason = dense_unsupported(lm)

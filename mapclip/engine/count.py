@@ -44,7 +44,7 @@ import numpy as np
 from .data.grammar import plural, with_count
 from .core.errors import UsageError
 from .core.jobs import Job
-from .core.options import DENSE_THRESHOLD, CountOptions, check, with_model_defaults
+from .core.options import DENSE_THRESHOLD, CountOptions, check
 
 METHODS = ("prompt", "dense", "both")
 #: RemoteCount's counts
@@ -227,10 +227,12 @@ class DenseCount:
     mode: str = "dense"
     method: str = "dense"
     peaks: bool = False                # one object per heatmap peak (else per component)
+    cache: str = "off"                 # where the dense features came from (engine.rasterjob)
 
     def to_json(self) -> Dict[str, Any]:
         return {"method": self.method, "count": self.count, "threshold": self.threshold,
                 "min_area": self.min_area, "mode": self.mode, "peaks": self.peaks,
+                "cache": self.cache,
                 "boxes": [b.to_json() for b in self.boxes]}
 
 
@@ -388,16 +390,17 @@ def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountO
     opts = DetectOptions(mode="dense", tile_px=int(options.dense_tile_px or lm.image_size), top_k=1, threshold=thr,
                          batch_size=int(options.batch_size), read=options.read or ReadOptions(),
                          device=options.device, precision=options.precision, heatmap=True,
-                         refine=False, templates=getattr(options, "templates", None))
+                         refine=False, templates=getattr(options, "templates", None),
+                         cache=options.cache)
     res = detect(raster, [plural(singular(name), 2)], lm, extent=extent, extent_crs=extent_crs,
                  options=opts, progress=progress, cancel=cancel)
     if res.heatmap is None:
-        return (DenseCount(0, thr, int(options.min_area), [], mode=res.mode, peaks=bool(options.peaks)),
-                list(res.warnings))
+        return (DenseCount(0, thr, int(options.min_area), [], mode=res.mode, peaks=bool(options.peaks),
+                           cache=res.cache), list(res.warnings))
     boxes = heatmap_count(res.heatmap[0], res.heatmap_transform, thr, options.min_area,
                           raster_transform, peaks=options.peaks, peak_distance=options.peak_distance)
-    return (DenseCount(len(boxes), thr, int(options.min_area), boxes, mode=res.mode, peaks=bool(options.peaks)),
-            list(res.warnings))
+    return (DenseCount(len(boxes), thr, int(options.min_area), boxes, mode=res.mode,
+                       peaks=bool(options.peaks), cache=res.cache), list(res.warnings))
 
 
 def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, float, float, float]] = None,
@@ -408,9 +411,7 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
     ``extent_crs``, default the raster's CRS) by ``method``: ``prompt``,
     ``dense`` or ``both`` (see the module doc). ``read`` (ReadOptions) is a
     shortcut for ``options.read``."""
-    from .model.models import as_loaded
-    from .geo.extent import extent_to_window
-    from .raster.reader import open_raster
+    from .rasterjob import raster_job
 
     t0 = time.perf_counter()
     options = options or CountOptions()
@@ -421,16 +422,12 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
     name = str(object_name or "").strip()
     if not name:
         raise UsageError("no object name", "give --object, e.g. --object airplane")
-    job = Job(progress, cancel)
-    notes: List[str] = []
-    reader = open_raster(raster, options.read, quiet=True)  # warnings kept in reader.warnings
-    with reader:
-        notes.extend(reader.warnings)
-        info = reader.info
-        area = extent_to_window(info, extent, extent_crs)
-        lm = as_loaded(model, options.device, options.precision)
-        options = check(with_model_defaults(options, lm.defaults))
-        prompt_res = _prompt_count(reader, area, lm, name, options, job) if method in ("prompt", "both") else None
+    with raster_job(raster, model, extent, extent_crs, options=options, progress=progress,
+                    cancel=cancel) as rj:
+        notes, info, area, lm = rj.notes, rj.info, rj.area, rj.lm
+        options = rj.with_defaults(options, auto_batch=False)
+        prompt_res = (_prompt_count(rj.reader, area, lm, name, options, rj.job)
+                      if method in ("prompt", "both") else None)
     dense_res = None
     if method in ("dense", "both"):
         dense_res, more = _dense_count(raster, lm, name, extent, extent_crs, options, progress, cancel,

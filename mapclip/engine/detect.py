@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -58,7 +58,7 @@ import numpy as np
 from .geo.boxes import heatmap_components, nms, object_proposals, pixel_to_bounds, union_merge
 from .core.errors import UsageError
 from .core.jobs import Job
-from .core.options import DetectOptions, check, with_model_defaults
+from .core.options import DetectOptions, check
 from .core.outputs import BOX_FIELDS, box_rows, write_heatmap_tif, write_vector
 from .model.batching import BatchRunner
 from .model.scoring import PromptBank
@@ -120,6 +120,11 @@ class DetectResult:
     prompts: List[str] = field(default_factory=list)
     background: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    cache: str = "off"                     # where the embeddings came from (engine.rasterjob.CACHE_STATES)
+
+    @property
+    def from_cache(self) -> bool:
+        return self.cache in ("memory", "disk")
 
     @property
     def tiles_per_s(self) -> float:
@@ -131,7 +136,7 @@ class DetectResult:
             "precision": self.precision, "prompts": list(self.prompts),
             "background": list(self.background), "crs": self.crs,
             "tiles": self.tiles, "windows": self.windows, "skipped": self.skipped,
-            "refined": self.refined,
+            "refined": self.refined, "cache": self.cache, "from_cache": self.from_cache,
             "seconds": round(self.seconds, 4), "tiles_per_s": round(self.tiles_per_s, 2),
             "windows_per_s": round(self.windows / self.seconds, 2) if self.seconds > 0 else 0.0,
             "boxes": [b.to_json() for b in self.boxes],
@@ -154,43 +159,32 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
     window mode, tiles in dense mode); setting ``cancel`` stops the run
     within one batch (raising :class:`engine.core.errors.Cancelled`).
     """
-    from .model.encode import clean_prompts
-    from .model.models import as_loaded
-    from .geo.extent import extent_to_window
-    from .raster.reader import open_raster
-    from .model.scoring import build_bank
+    from .model import accel
     from .model.dense import dense_unsupported
+    from .model.encode import clean_prompts
+    from .model.scoring import build_bank
+    from .rasterjob import raster_job
     t0 = time.perf_counter()
     opts = check(options or DetectOptions())
     prompts = clean_prompts(prompts)
-    job = Job(progress, cancel)
-    notes: List[str] = []
-    reader = open_raster(raster, opts.read, quiet=True)  # warnings kept in reader.warnings
-    with reader:
-        info = reader.info
-        notes.extend(reader.warnings)
-        area = extent_to_window(info, extent, extent_crs)
-        job.check()
-        lm = as_loaded(model, opts.device, opts.precision)
-        from .model import accel   # the device's fast path: autocast, compile, batch from free memory
-        notes.extend(accel.prepare(lm, compile=opts.compile))
-        if opts.batch_size is None and (opts.mode == "window" or opts.dense_input_px is None):
-            opts = replace(opts, batch_size=accel.auto_batch_size(lm))  # None off CUDA
-        opts = check(with_model_defaults(opts, lm.defaults))
+    with raster_job(raster, model, extent, extent_crs, options=opts, progress=progress,
+                    cancel=cancel) as rj:
+        lm, info = rj.lm, rj.info
+        opts = rj.with_defaults(opts, auto_batch=opts.mode == "window" or opts.dense_input_px is None)
         bank = build_bank(lm, prompts, opts.background, getattr(opts, "templates", None))
         mode = opts.mode
         if mode == "dense":
             reason = dense_unsupported(lm)
             if reason:
-                notes.append(f"dense mode is not available: {reason}; used window mode instead")
+                rj.notes.append(f"dense mode is not available: {reason}; used window mode instead")
                 mode = "window"
         runner = BatchRunner(opts.batch_size)
         run = _run_window if mode == "window" else _run_dense
-        out = run(reader, area, lm, bank, opts, job, runner)
-        boxes, heat, heat_tf, n_tiles, n_windows, skipped = out
+        boxes, heat, heat_tf, n_tiles, n_windows, skipped = run(rj, bank, opts, runner)
         refined = 0
         if opts.refine and boxes:
-            boxes, refined = _refine(reader, boxes, lm, bank, opts, job, runner)
+            boxes, refined = _refine(rj.reader, boxes, lm, bank, opts, rj.job, runner)
+        notes = rj.notes
         notes.extend(runner.notes)
         notes.extend(n for n in accel.notes(lm) if n not in notes)
     return DetectResult(boxes=boxes, crs=info.crs, heatmap=heat, heatmap_transform=heat_tf,
@@ -198,7 +192,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
                         seconds=time.perf_counter() - t0, device=str(lm.device),
                         precision=lm.precision, model=lm.spec, mode=mode, refined=refined,
                         prompts=list(bank.prompts), background=list(bank.background),
-                        warnings=notes)
+                        warnings=notes, cache=rj.cache)
 
 
 def _grid(info, area: PixelWindow, opts: DetectOptions, stride_px: Optional[int] = None) -> TileGrid:
@@ -246,7 +240,10 @@ def _window_starts(n: int, k: int, stride: int) -> List[int]:
     return starts
 
 
-def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job, runner: BatchRunner):
+def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner):
+    """Score every window (module doc). The windows' embeddings are one pass
+    (engine.rasterjob): kept after the first run, every later prompt on the same
+    extent scores the kept vectors without reading or encoding anything."""
     import torch
     import torch.nn.functional as F
 
@@ -254,7 +251,7 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
     from .model.encode import to_model_input
     from .raster.batches import iter_tile_batches
     from .model.scoring import score_embeddings
-    info = reader.info
+    info, area, lm, job = rj.info, rj.area, rj.lm, rj.job
     grid = _grid(info, area, opts)
     cov = grid.covered()
     S = grid.out_px
@@ -292,35 +289,50 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
     heat = np.full((P, cell_rows, cell_cols), -1.0, np.float32) if opts.heatmap else None
     cell_cx = (np.arange(cell_cols) * S + np.minimum(np.arange(1, cell_cols + 1) * S, Wm)) / 2.0
     cell_cy = (np.arange(cell_rows) * S + np.minimum(np.arange(1, cell_rows + 1) * S, Hm)) / 2.0
-    n_scored = 0
+    # the pass kept for later prompts: window positions and embeddings, in scoring order
+    key = rj.key("detect-window", {"tile_px": int(opts.tile_px), "window": k, "stride": int(opts.stride),
+                                   "min_valid": float(opts.min_valid)})
+    kept_meta: Optional[List[np.ndarray]] = [] if key is not None else None
+    kept_emb: List[np.ndarray] = []
+    kept_bytes = 0
 
     def encode(batch: torch.Tensor):
-        emb = F.normalize(accel.encode_image(lm, to_model_input(lm, batch)).float(), dim=-1)
-        return score_embeddings(emb, bank)
+        return F.normalize(accel.encode_image(lm, to_model_input(lm, batch)).float(), dim=-1)
+
+    def consume(meta, emb: torch.Tensor) -> None:
+        """Scores, boxes and heat of windows at mosaic positions ``meta`` from their embeddings."""
+        probs, cos = score_embeddings(emb, bank)
+        probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
+        boxes = np.array([[cov.col + x0 / sx, cov.row + y0 / sy,
+                           cov.col + (x0 + wx) / sx, cov.row + (y0 + wy) / sy]
+                          for x0, y0 in meta], dtype=np.float64).reshape(-1, 4)
+        win_boxes.append(boxes)
+        win_probs.append(probs)
+        win_cos.append(cos)
+        if heat is not None:
+            for (x0, y0), pr in zip(meta, probs):
+                # cells whose centre (of the part inside the raster) the window covers
+                j0, j1 = np.searchsorted(cell_cx, [x0, x0 + wx])
+                i0, i1 = np.searchsorted(cell_cy, [y0, y0 + wy])
+                view = heat[:, i0:i1, j0:j1]
+                np.maximum(view, pr[:, None, None], out=view)
 
     def flush(force: bool = False) -> None:
-        nonlocal pending, pending_meta, n_scored
+        nonlocal pending, pending_meta, kept_meta, kept_emb, kept_bytes
         while pending and (force or len(pending) >= opts.batch_size):
             take = pending[:opts.batch_size]
             meta = pending_meta[:opts.batch_size]
             pending, pending_meta = pending[opts.batch_size:], pending_meta[opts.batch_size:]
             with torch.inference_mode():
-                probs, cos = runner(encode, torch.stack(take))
-            probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
-            boxes = np.array([[cov.col + x0 / sx, cov.row + y0 / sy,
-                               cov.col + (x0 + wx) / sx, cov.row + (y0 + wy) / sy]
-                              for x0, y0 in meta], dtype=np.float64)
-            win_boxes.append(boxes)
-            win_probs.append(probs)
-            win_cos.append(cos)
-            if heat is not None:
-                for (x0, y0), pr in zip(meta, probs):
-                    # cells whose centre (of the part inside the raster) the window covers
-                    j0, j1 = np.searchsorted(cell_cx, [x0, x0 + wx])
-                    i0, i1 = np.searchsorted(cell_cy, [y0, y0 + wy])
-                    view = heat[:, i0:i1, j0:j1]
-                    np.maximum(view, pr[:, None, None], out=view)
-            n_scored += len(take)
+                emb = runner(encode, torch.stack(take))
+                consume(meta, emb)
+            if kept_meta is not None:
+                kept_emb.append(emb.cpu().numpy())
+                kept_meta.append(np.asarray(meta, np.int64).reshape(-1, 2))
+                kept_bytes += kept_emb[-1].nbytes
+                if not rj.room_for(kept_bytes):
+                    kept_meta, kept_emb = None, []
+                    rj.cache = "too large"
             job.step(len(take))
 
     def window_row(a: int) -> None:
@@ -355,36 +367,63 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
             if last_need.get(r) == a:
                 strips.pop(r, None)
 
-    next_row = 0
-    batches = iter_tile_batches(reader, grid.tiles, opts.batch_size, job=job,
-                                prefetch=opts.prefetch, workers=opts.workers,
-                                min_valid=opts.min_valid)
-    with batches:
-        for tiles, arr in batches:
-            data = torch.from_numpy(arr)
-            if dev.type == "cuda":
-                data = data.pin_memory().to(dev, non_blocking=True)
-            for t, img in zip(tiles, data):
-                r, c = divmod(t.index, grid.n_cols)
-                strip = strips.get(r)
-                if strip is None:
-                    strip = strips[r] = torch.zeros((S, Wm, 3), dtype=torch.uint8, device=dev)
-                strip[:, posx[c]:posx[c] + S] = img
-                valid[r, c] = True
-            done_rows = tiles[-1].index // grid.n_cols  # rows before this one are complete
-            while next_row < len(ys) and max(rows_of[next_row]) < done_rows:
-                window_row(next_row)
-                next_row += 1
-            job.check()
-        skipped = batches.skipped
-    while next_row < len(ys):
-        window_row(next_row)
-        next_row += 1
-    flush(force=True)
+    hit = rj.cached(key)
+    if hit is not None:
+        meta_all, emb_all = hit.arrays["meta"], hit.arrays["emb"]
+        skipped = int(hit.meta["skipped"])
+        with torch.inference_mode():     # the same chunks as the pass that kept them
+            for i in range(0, len(meta_all), opts.batch_size):
+                consume(meta_all[i:i + opts.batch_size].tolist(),
+                        torch.from_numpy(emb_all[i:i + opts.batch_size]).to(dev))
+        job.step(len(xs) * len(ys))
+    else:
+        next_row = 0
+        batches = iter_tile_batches(rj.reader, grid.tiles, opts.batch_size, job=job,
+                                    prefetch=opts.prefetch, workers=opts.workers,
+                                    min_valid=opts.min_valid)
+        with batches:
+            for tiles, arr in batches:
+                data = torch.from_numpy(arr)
+                if dev.type == "cuda":
+                    data = data.pin_memory().to(dev, non_blocking=True)
+                for t, img in zip(tiles, data):
+                    r, c = divmod(t.index, grid.n_cols)
+                    strip = strips.get(r)
+                    if strip is None:
+                        strip = strips[r] = torch.zeros((S, Wm, 3), dtype=torch.uint8, device=dev)
+                    strip[:, posx[c]:posx[c] + S] = img
+                    valid[r, c] = True
+                done_rows = tiles[-1].index // grid.n_cols  # rows before this one are complete
+                while next_row < len(ys) and max(rows_of[next_row]) < done_rows:
+                    window_row(next_row)
+                    next_row += 1
+                job.check()
+            skipped = batches.skipped
+        while next_row < len(ys):
+            window_row(next_row)
+            next_row += 1
+        flush(force=True)
+        if kept_meta is not None:
+            emb_dim = kept_emb[0].shape[1] if kept_emb else lm.embed_dim
+            rj.keep(key, {"meta": np.concatenate(kept_meta) if kept_meta else np.zeros((0, 2), np.int64),
+                          "emb": np.concatenate(kept_emb) if kept_emb else np.zeros((0, emb_dim), np.float32)},
+                    {"skipped": int(skipped)})
 
     boxes_all = np.concatenate(win_boxes) if win_boxes else np.zeros((0, 4))
     probs_all = np.concatenate(win_probs) if win_probs else np.zeros((0, P), np.float32)
     cos_all = np.concatenate(win_cos) if win_cos else np.zeros((0, P), np.float32)
+    out_boxes = _window_boxes(boxes_all, probs_all, cos_all, bank, opts, info)
+    heat_out, heat_tf = None, None
+    if heat is not None:
+        heat[heat < 0] = np.nan
+        heat_out, heat_tf = _crop_heat(heat, (cov.col, cov.row), (S / sx, S / sy), area,
+                                       info.transform)
+    return out_boxes, heat_out, heat_tf, len(grid.tiles), len(boxes_all), skipped
+
+
+def _window_boxes(boxes_all: np.ndarray, probs_all: np.ndarray, cos_all: np.ndarray,
+                  bank: PromptBank, opts: DetectOptions, info) -> List[Box]:
+    """Scored windows (native px) -> the boxes of each prompt, merged, best first."""
     out_boxes: List[Box] = []
     for p, prompt in enumerate(bank.prompts):
         sc, co = probs_all[:, p].astype(np.float64), cos_all[:, p].astype(np.float64)
@@ -401,13 +440,7 @@ def _run_window(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Jo
             pix, _, seeds = union_merge(b, s, iou=opts.iou, max_keep=opts.top_k, tiebreak=c)
             s, c = s[seeds], c[seeds]
         out_boxes.extend(_make_boxes(prompt, pix, s, c, info.transform, (info.width, info.height)))
-
-    heat_out, heat_tf = None, None
-    if heat is not None:
-        heat[heat < 0] = np.nan
-        heat_out, heat_tf = _crop_heat(heat, (cov.col, cov.row), (S / sx, S / sy), area,
-                                       info.transform)
-    return out_boxes, heat_out, heat_tf, len(grid.tiles), n_scored, skipped
+    return out_boxes
 
 
 # --------------------------------------------------------------------------- #
@@ -420,14 +453,14 @@ def _ramp(n: int, ramp: float) -> np.ndarray:
     return np.maximum(w, 1e-3).astype(np.float32)
 
 
-def _run_dense(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job, runner: BatchRunner):
+def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner):
     import torch
     import torch.nn.functional as F
 
     from .model.dense import dense_features
     from .raster.batches import iter_tile_batches
     from .model.scoring import score_maps
-    info = reader.info
+    info, area, lm, job = rj.info, rj.area, rj.lm, rj.job
     t = int(opts.tile_px)
     ov = int(round(t * opts.overlap))
     grid = _grid(info, area, opts, stride_px=max(1, t - ov))
@@ -449,36 +482,74 @@ def _run_dense(reader, area, lm, bank: PromptBank, opts: DetectOptions, job: Job
     ramp_cells = max(1.0, ov / max(cx, 1e-9))
     weight = np.outer(_ramp(hh, ramp_cells), _ramp(hw, ramp_cells))
     job.set_total(len(grid.tiles))
+    # the pass kept for later prompts: each valid tile's patch features
+    key = rj.key("detect-dense", {"tile_px": t, "overlap": float(opts.overlap), "input_px": size,
+                                  "crop": crop, "attention": opts.attention,
+                                  "cls_weight": float(opts.cls_weight),
+                                  "min_valid": float(opts.min_valid)})
+    kept_idx: Optional[List[np.ndarray]] = [] if key is not None else None
+    kept_feats: List[np.ndarray] = []
+    kept_bytes = 0
 
-    def encode(batch: torch.Tensor):
-        feats = dense_features(lm, batch, mode=opts.attention, cls_weight=opts.cls_weight,
-                               input_size=size, crop=crop)
+    def features(batch: torch.Tensor):
+        return dense_features(lm, batch, mode=opts.attention, cls_weight=opts.cls_weight,
+                              input_size=size, crop=crop).float()
+
+    def score_features(feats: torch.Tensor):
         probs, cos = score_maps(feats, bank)
         both = torch.cat([probs, cos], dim=1)
         both = F.interpolate(both, size=(hh, hw), mode="bilinear", align_corners=False)
         return both[:, :P], both[:, P:]
 
-    batches = iter_tile_batches(reader, grid.tiles, opts.batch_size, job=job,
-                                prefetch=opts.prefetch, workers=opts.workers,
-                                min_valid=opts.min_valid)
-    done = 0
-    with batches:
-        for tiles, arr in batches:
-            probs, cos = runner(encode, torch.from_numpy(arr))
-            probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
-            for tile, pr, co in zip(tiles, probs, cos):
-                x = int(round((tile.col - cov.col) / cx))
-                y = int(round((tile.row - cov.row) / cy))
-                x1, y1 = min(Wh, x + hw), min(Hh, y + hh)
-                w = weight[:y1 - y, :x1 - x]
-                acc[:, y:y1, x:x1] += pr[:, :y1 - y, :x1 - x] * w
-                acc_cos[:, y:y1, x:x1] += co[:, :y1 - y, :x1 - x] * w
-                wsum[y:y1, x:x1] += w
+    def consume(tiles, feats: torch.Tensor) -> None:
+        probs, cos = runner(score_features, feats)
+        probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
+        for tile, pr, co in zip(tiles, probs, cos):
+            x = int(round((tile.col - cov.col) / cx))
+            y = int(round((tile.row - cov.row) / cy))
+            x1, y1 = min(Wh, x + hw), min(Hh, y + hh)
+            w = weight[:y1 - y, :x1 - x]
+            acc[:, y:y1, x:x1] += pr[:, :y1 - y, :x1 - x] * w
+            acc_cos[:, y:y1, x:x1] += co[:, :y1 - y, :x1 - x] * w
+            wsum[y:y1, x:x1] += w
+
+    hit = rj.cached(key)
+    if hit is not None:
+        idx_all, feats_all = hit.arrays["tiles"], hit.arrays["feats"]
+        skipped = int(hit.meta["skipped"])
+        tiles_all = grid.tiles
+        with torch.inference_mode():
+            for i in range(0, len(idx_all), opts.batch_size):
+                consume([tiles_all[int(j)] for j in idx_all[i:i + opts.batch_size]],
+                        torch.from_numpy(feats_all[i:i + opts.batch_size]).to(lm.device))
+        job.step(len(grid.tiles))
+    else:
+        batches = iter_tile_batches(rj.reader, grid.tiles, opts.batch_size, job=job,
+                                    prefetch=opts.prefetch, workers=opts.workers,
+                                    min_valid=opts.min_valid)
+        done = 0
+        with batches:
+            for tiles, arr in batches:
+                with torch.inference_mode():
+                    feats = runner(features, torch.from_numpy(arr))
+                    consume(tiles, feats)
+                if kept_idx is not None:
+                    kept_feats.append(feats.cpu().numpy())
+                    kept_idx.append(np.array([tl.index for tl in tiles], np.int64))
+                    kept_bytes += kept_feats[-1].nbytes
+                    if not rj.room_for(kept_bytes):
+                        kept_idx, kept_feats = None, []
+                        rj.cache = "too large"
+                job.step(batches.done - done)
+                done = batches.done
+            skipped = batches.skipped
+        if batches.done > done:
             job.step(batches.done - done)
-            done = batches.done
-        skipped = batches.skipped
-    if batches.done > done:
-        job.step(batches.done - done)
+        if kept_idx is not None:
+            feats_all = (np.concatenate(kept_feats) if kept_feats
+                         else np.zeros((0, gh, gw, lm.embed_dim), np.float32))
+            rj.keep(key, {"tiles": np.concatenate(kept_idx) if kept_idx else np.zeros(0, np.int64),
+                          "feats": feats_all}, {"skipped": int(skipped)})
     covered = wsum > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         heat = np.where(covered, acc / np.where(covered, wsum, 1.0), np.nan).astype(np.float32)

@@ -204,7 +204,7 @@ def test_cuda_out_of_memory_halves_the_batch_then_gives_up_clearly(tmp_path, rig
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(x, *a, **k)
     monkeypatch.setattr(rig.model, "encode_image", small_only)
-    res = run(path, rig, tile_px=64, window=1, batch_size=8)
+    res = run(path, rig, tile_px=64, window=1, batch_size=8, cache=False)  # encode again
     assert [b.pixel for b in res.boxes] == [b.pixel for b in ref.boxes]
     assert res.boxes[0].pixel == (64, 0, 128, 64)
     assert any("batch of 2" in w for w in res.warnings)
@@ -213,7 +213,7 @@ def test_cuda_out_of_memory_halves_the_batch_then_gives_up_clearly(tmp_path, rig
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
     monkeypatch.setattr(rig.model, "encode_image", never)
     with pytest.raises(MapClipError) as err:
-        run(path, rig, tile_px=64, window=1, batch_size=8)
+        run(path, rig, tile_px=64, window=1, batch_size=8, cache=False)
     assert "out of memory" in err.value.message and "--device cpu" in err.value.hint
 
 

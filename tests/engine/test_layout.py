@@ -20,6 +20,7 @@ ALLOWED = {
     "model": {"core"},
     "data": {"core"},
     "archive": {"model", "raster", "geo", "core"},
+    "cache": {"model", "raster", "geo", "core"},
 }
 
 
@@ -55,7 +56,7 @@ def test_sub_packages_import_only_downwards():
 
 def test_every_engine_module_sits_in_a_sub_package_or_is_a_job():
     jobs = {"__init__", "__main__", "detect", "count", "classify", "caption", "finetune",
-            "evaluate", "quality", "caption_eval"}
+            "evaluate", "quality", "caption_eval", "rasterjob"}
     loose = sorted(p.stem for p in ENGINE.glob("*.py") if p.stem not in jobs)
     assert not loose, f"modules outside the sub-packages: {loose}"
     for pkg in ALLOWED:
@@ -92,3 +93,13 @@ def test_one_import_name_for_the_engine():
     assert __version__ in lines[0]                    # the entry point ran the CLI
     assert lines[-2] == "[]"                          # nothing of the engine under the short name
     assert lines[-1] == "mapclip.engine.core.errors"
+
+
+def test_raster_jobs_start_through_the_one_setup():
+    """detect, count, classify and caption open the raster, load the model and prepare
+    the device through engine.rasterjob (the embedding cache lives there), never by hand."""
+    for name in ("detect", "count", "classify", "caption"):
+        text = (ENGINE / f"{name}.py").read_text(encoding="utf-8")
+        assert "raster_job(" in text, name
+        for by_hand in ("open_raster(", "as_loaded(", "accel.prepare("):
+            assert by_hand not in text, (name, by_hand)

@@ -517,7 +517,8 @@ def test_a_fine_tuned_copy_is_not_the_same_model_for_append_or_search(tmp_path, 
 
     from mapclip.engine.archive.build import build_index
     from mapclip.engine.archive.search import search
-    from mapclip.engine.archive.store import (model_identity, read_manifest, same_space, same_weights, weights_fingerprint)
+    from mapclip.engine.archive.store import model_identity, read_manifest, same_space
+    from mapclip.engine.model.identity import same_weights, weights_fingerprint
     from mapclip.engine.core.options import IndexOptions
     from mapclip.engine.core.errors import ModelError
     a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))

@@ -38,6 +38,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 from ..core.errors import MapClipError, ModelError, UsageError
 from ..core.outputs import WGS84, _pyogrio_raw, output_crs, polygon_wkb, same_crs
+from ..model.identity import same_weights, weights_fingerprint
 from . import approx
 
 
@@ -225,65 +226,13 @@ def model_identity(lm) -> Dict[str, Any]:
     return facts
 
 
-#: weight precisions a fingerprint is kept for, finest first
-FINGERPRINT_DTYPES = ("fp32", "bf16", "fp16")
-
-
-def weights_fingerprint(lm) -> Dict[str, str]:
-    """SHA-256 of the model's weights (every parameter and buffer, by name), per
-    precision: ``fp32`` when all floating tensors are fp32, and ``bf16``/``fp16``
-    with every fp32 tensor rounded to that type the way a model loaded at that
-    precision is (tensors already in it kept), so that an index built in fp32
-    recognises the same weights loaded in bf16 or fp16 on a GPU, also when some
-    layers stay fp32 there. Two models with any weight different (a fine-tuned
-    copy) never share a fingerprint. Cached on the loaded model."""
-    import torch
-    cached = getattr(lm, "_mapclip_fingerprint", None)
-    if cached is not None:
-        return dict(cached)
-    tensors = sorted(lm.model.state_dict().items(), key=lambda kv: kv[0])
-    floats = {t.dtype for _, t in tensors if t.is_floating_point()}
-    wide = {torch.float32, torch.float64}
-    out: Dict[str, str] = {}
-    for key, cast in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        if not floats <= (wide | ({cast} if cast is not None else set())):
-            continue   # some tensor is already in another reduced precision
-        h = hashlib.sha256()
-        for name, t in tensors:
-            t = t.detach()
-            if cast is not None and t.dtype in wide:
-                t = t.to(cast)
-            t = t.cpu().contiguous().reshape(-1)
-            h.update(f"{name}|{t.numel()}|{t.dtype}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        out[key] = h.hexdigest()
-    try:
-        lm._mapclip_fingerprint = dict(out)
-    except AttributeError:  # pragma: no cover - a frozen object
-        pass
-    return out
-
-
-def same_weights(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[bool]:
-    """Whether two identities have the same weights by fingerprint: True/False at
-    the finest precision both recorded; None when they share none (an index
-    written before fingerprints, or bf16 against fp16 weights)."""
-    fa, fb = a.get("weights") or {}, b.get("weights") or {}
-    if not isinstance(fa, dict) or not isinstance(fb, dict):
-        return None
-    for key in FINGERPRINT_DTYPES:
-        if key in fa and key in fb:
-            return fa[key] == fb[key]
-    return None
-
-
 def describe_model(m: Dict[str, Any]) -> str:
     return f"{m.get('spec') or m.get('model')!r} ({m.get('arch')}, {m.get('embed_dim')}-d)"
 
 
 def same_space(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     """True when two model identities embed into the same space: the same weights
-    by fingerprint (:func:`weights_fingerprint`) where both have one, and the
+    by fingerprint (:func:`engine.model.identity.weights_fingerprint`) where both have one, and the
     probe embeddings agree. A fine-tuned copy of a model has probes close to its
     parent's but other weights: it is not the same space."""
     if int(a.get("embed_dim", -1)) != int(b.get("embed_dim", -2)):

@@ -216,6 +216,11 @@ GENERIC_DEFAULTS = ModelDefaults(tile_px=128, window=2, batch_size=64, top_k=20,
 # --------------------------------------------------------------------------- #
 # Option values.
 # --------------------------------------------------------------------------- #
+#: the embedding cache's bounds (engine.cache.store): in memory and on disk, MB
+CACHE_MEMORY_MB = 512
+CACHE_DISK_MB = 4096
+
+
 @dataclass
 class ReadOptions:
     """How raster bands become 8-bit RGB tiles (see engine.raster.reader)."""
@@ -258,6 +263,7 @@ class DetectOptions:
     refine: bool = True                  # fit each box to the object inside it (engine.detect's module doc)
     refine_min: float = 0.3              # a fitted box must keep this share of its window's score
     compile: bool = False                # CUDA: torch.compile the image tower (engine.model.accel; cached)
+    cache: bool = True                   # keep/reuse the raster's embeddings (engine.cache)
 
 
 @dataclass
@@ -280,6 +286,7 @@ class CountOptions:
     calibrate: bool = True               # prompt method: apply the model's count_bias, if it has one
     peaks: bool = True                   # dense method: one object per heatmap peak, not per blob
     peak_distance: int = 2               # dense method: least distance between peaks, heatmap cells
+    cache: bool = True                   # keep/reuse the raster's embeddings (engine.cache)
 
 
 @dataclass
@@ -398,6 +405,7 @@ class ClassifyOptions:
     templates: Any = None                # prompt templates; None: the model's
     workers: int = 2
     prefetch: int = 2
+    cache: bool = True                   # keep/reuse the raster's embeddings (engine.cache)
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""What an embedding pass is: the key its cached arrays are kept under.
+
+A key names everything the arrays depend on and nothing they do not:
+
+* the raster's identity (:func:`raster_identity`): for each file GDAL reads
+  for it (a VRT's sources, an .aux.xml, a world file) the real path, size,
+  modification and change times, inode, and a digest of its bytes (the whole
+  file up to :data:`FULL_HASH_BYTES`, else its head, its tail and evenly
+  spaced samples). A file rewritten in place changes its change time (which
+  no user tool can set back) and, nearly always, its digest;
+* the area in raster pixels, the read options (bands, stretch, GSD) and the
+  job's tiling (tile, window, stride, overlap, dense settings);
+* the model: its weights' fingerprint (:func:`engine.model.identity.weights_fingerprint`;
+  a fine-tuned copy never shares it), architecture, input size and
+  normalisation, the precision and the device's path (bf16, int8, fp32).
+
+Remote rasters (``/vsicurl/``, URLs) have no file to stat: they are not cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import asdict, is_dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+#: files up to this size are hashed whole; larger ones by head, tail and samples
+FULL_HASH_BYTES = 64 << 20
+#: bytes read from the head and the tail of a larger file, and per sample
+EDGE_BYTES = 1 << 20
+SAMPLE_BYTES = 64 << 10
+SAMPLES = 64
+#: bumped when what a cached pass holds changes: older entries then never match
+FORMAT = 1
+
+_memo: Dict[Tuple, str] = {}
+_memo_lock = threading.Lock()
+
+
+def _stat_key(st: os.stat_result) -> Tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def file_digest(path: str, size: int) -> str:
+    """BLAKE2b of the file (whole up to FULL_HASH_BYTES, else head + tail + samples)."""
+    h = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            step = (size - 2 * EDGE_BYTES) // (SAMPLES + 1)
+            spans = [(0, EDGE_BYTES), (size - EDGE_BYTES, EDGE_BYTES)]
+            spans += [(EDGE_BYTES + (i + 1) * step, SAMPLE_BYTES) for i in range(SAMPLES)]
+            for off, n in spans:
+                f.seek(off)
+                h.update(f.read(n))
+    return h.hexdigest()
+
+
+def _file_fact(path: str) -> List[Any]:
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    sk = _stat_key(st)
+    with _memo_lock:
+        digest = _memo.get((real,) + sk)
+    if digest is None:
+        digest = file_digest(real, st.st_size)
+        with _memo_lock:
+            _memo[(real,) + sk] = digest
+    return [real, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest]
+
+
+def raster_identity(path: str) -> Optional[List[List[Any]]]:
+    """The identity of every file GDAL reads for ``path``; None for a remote raster
+    (or a file that cannot be read), which is then not cached."""
+    from ..raster.reader import raster_files
+    p = os.fspath(path)
+    if "://" in p or p.startswith("/vsi") or not os.path.isfile(p):
+        return None
+    try:
+        files = [f for f in raster_files(p) if os.path.isfile(f)]
+        return [_file_fact(f) for f in sorted(set(os.path.realpath(f) for f in files))]
+    except OSError:
+        return None
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
+def model_facts(lm) -> Dict[str, Any]:
+    """What of a loaded model its embeddings depend on."""
+    from ..model import accel
+    from ..model.identity import weights_fingerprint
+    return {"weights": weights_fingerprint(lm), "arch": lm.arch, "image_size": lm.image_size,
+            "mean": list(lm.mean), "std": list(lm.std), "precision": lm.precision,
+            "device": lm.device.type, "path": accel.plan_for(lm).describe()}
+
+
+def pass_key(kind: str, identity: List[List[Any]], area, read, params: Dict[str, Any],
+             model: Dict[str, Any]) -> Dict[str, Any]:
+    """The full key of one embedding pass (plain JSON values)."""
+    read = _plain(read) if read is not None else {}
+    if isinstance(read, dict):
+        read.pop("workers", None)          # how tiles are read does not change them
+    return {"format": FORMAT, "kind": kind, "raster": identity,
+            "area": [area.col, area.row, area.width, area.height], "read": read,
+            "params": _plain(params), "model": _plain(model)}
+
+
+def key_digest(key: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:40]

@@ -1,0 +1,122 @@
+"""One setup for every raster job, and the embedding pass it keeps.
+
+detect, count, classify and caption start the same way: check the options,
+open the raster, turn the extent (any CRS) into raster pixels, load the model,
+fix the device's path (autocast, compile), size batches from free GPU memory
+and fill in the model's own defaults. :func:`raster_job` does that once and
+hands the job a :class:`RasterJob`.
+
+The part of a job that does not depend on the prompt (read, resize, encode)
+is an *embedding pass*. ``RasterJob.cached(kind, params)`` looks a pass up in
+the embedding cache (engine.cache) under a key made of the raster's identity,
+the area, the read options, the job's tiling ``params`` and the model's
+fingerprint; ``RasterJob.keep`` stores what a pass computed. A job that finds
+its pass answers a new prompt with one matrix product over the kept vectors.
+``RasterJob.cache`` says what happened, for the result's JSON: ``"off"``
+(turned off, or a remote raster), ``"computed"`` (embedded now, kept for the
+next question), ``"too large"`` (embedded now, larger than the cache's
+bounds), ``"memory"`` or ``"disk"`` (the embeddings came from the cache).
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
+
+from .core.jobs import Job
+from .core.options import check, with_model_defaults
+
+if TYPE_CHECKING:
+    from .cache.store import Entry
+
+#: the values RasterJob.cache takes (see the module doc)
+CACHE_STATES = ("off", "computed", "too large", "memory", "disk")
+
+
+@dataclass
+class RasterJob:
+    """An opened raster, the area to work on, the model and the job's plumbing."""
+
+    raster: str
+    reader: Any                     # engine.raster.reader.RasterReader (open)
+    area: Any                       # engine.geo.tiling.PixelWindow
+    lm: Any                         # engine.model.models.LoadedModel
+    job: Job
+    use_cache: bool = True
+    notes: List[str] = field(default_factory=list)
+    cache: str = "off"
+    _identity: Any = None
+
+    @property
+    def info(self):
+        return self.reader.info
+
+    def with_defaults(self, options, auto_batch: bool = True):
+        """``options`` with the model's defaults filled in (and, on CUDA, a batch
+        size from free memory where none was given), checked."""
+        from .model import accel
+        if auto_batch and getattr(options, "batch_size", "x") is None:
+            options = replace(options, batch_size=accel.auto_batch_size(self.lm))  # None off CUDA
+        return check(with_model_defaults(options, self.lm.defaults))
+
+    # ------------------------------------------------------------ the cache --
+    def key(self, kind: str, params: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The cache key of this job's pass ``kind`` with ``params``; None when not cached."""
+        if not self.use_cache:
+            return None
+        from .cache.keys import model_facts, pass_key, raster_identity
+        if self._identity is None:
+            self._identity = raster_identity(self.raster) or False
+        if not self._identity:
+            return None
+        return pass_key(kind, self._identity, self.area, self.reader.options, params,
+                        model_facts(self.lm))
+
+    def cached(self, key: Optional[Dict[str, Any]]) -> Optional["Entry"]:
+        """The kept pass for ``key`` (None: compute it)."""
+        if key is None:
+            return None
+        from .cache.store import CACHE
+        entry = CACHE.get(key)
+        if entry is not None:
+            self.cache = entry.source
+        return entry
+
+    def keep(self, key: Optional[Dict[str, Any]], arrays, meta: Dict[str, Any]) -> None:
+        """Store a pass just computed (``arrays``: name -> NumPy array)."""
+        if key is None:
+            return
+        from .cache.store import CACHE
+        self.cache = "computed" if CACHE.put(key, arrays, meta) else "too large"
+
+    def room_for(self, nbytes: int) -> bool:
+        """Whether a pass of ``nbytes`` can still be kept (else the job stops collecting it)."""
+        from .cache.store import CACHE
+        return CACHE.fits(nbytes)
+
+
+@contextmanager
+def raster_job(raster: str, model, extent=None, extent_crs: Optional[str] = None, *,
+               options, read=None, progress=None, cancel: Optional[threading.Event] = None,
+               job: Optional[Job] = None) -> Iterator[RasterJob]:
+    """Open ``raster`` for a job (module doc); the reader closes when the block ends.
+
+    ``options`` carries ``device``, ``precision`` and, where the job has them,
+    ``compile`` and ``cache``; ``read`` (ReadOptions) defaults to ``options.read``.
+    """
+    from .geo.extent import extent_to_window
+    from .model import accel
+    from .model.models import as_loaded
+    from .raster.reader import open_raster
+    job = job or Job(progress, cancel)
+    reader = open_raster(raster, read if read is not None else getattr(options, "read", None),
+                         quiet=True)  # warnings kept in reader.warnings
+    with reader:
+        notes = list(reader.warnings)
+        area = extent_to_window(reader.info, extent, extent_crs)
+        job.check()
+        lm = as_loaded(model, options.device, options.precision)
+        notes.extend(accel.prepare(lm, compile=bool(getattr(options, "compile", False))))
+        yield RasterJob(str(raster), reader, area, lm, job,
+                        use_cache=bool(getattr(options, "cache", False)), notes=notes)

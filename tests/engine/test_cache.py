@@ -1,0 +1,223 @@
+"""The embedding cache (engine.cache, engine.rasterjob): a second prompt on the same
+extent is answered from the kept embeddings, exactly as an uncached run answers it,
+and a kept pass never answers for a changed raster, another model or other options."""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from mapclip.engine.cache import store
+from mapclip.engine.cache.keys import key_digest
+from mapclip.engine.count import count
+from mapclip.engine.core.options import CountOptions
+from mapclip.engine.detect import DetectOptions, detect
+from tests.engine.test_detect import scene
+from tests.rigged import BLUE, BLUE_PROMPT, RED, RED_PROMPT, rigged_model
+
+SQUARES = [(70, 10, 40, RED), (200, 150, 40, BLUE)]
+
+
+@pytest.fixture(scope="module")
+def rig():
+    return rigged_model()
+
+
+def opts(**kw):
+    kw.setdefault("tile_px", 32)
+    kw.setdefault("window", 2)
+    kw.setdefault("batch_size", 8)
+    return DetectOptions(**kw)
+
+
+def same(a, b):
+    """Two detect results give the same boxes, scores and heatmap."""
+    assert [(x.prompt, x.pixel, x.rank) for x in a.boxes] == [(x.prompt, x.pixel, x.rank) for x in b.boxes]
+    assert [x.score for x in a.boxes] == [x.score for x in b.boxes]
+    assert a.windows == b.windows and a.skipped == b.skipped and a.tiles == b.tiles
+    if a.heatmap is not None or b.heatmap is not None:
+        np.testing.assert_array_equal(a.heatmap, b.heatmap)
+        assert a.heatmap_transform == b.heatmap_transform
+
+
+def entries():
+    folder = store.CACHE.folder
+    return sorted(folder.glob("*.npz")) if folder.is_dir() else []
+
+
+@pytest.mark.parametrize("mode", ["window", "dense"])
+def test_a_second_prompt_is_answered_from_the_kept_pass_as_an_uncached_run_answers_it(tmp_path, rig, mode):
+    path = scene(tmp_path / "s.tif", squares=SQUARES)
+    first = detect(path, [RED_PROMPT], rig, options=opts(mode=mode))
+    assert first.cache == "computed" and not first.from_cache
+    assert len(entries()) == 1
+    second = detect(path, [BLUE_PROMPT], rig, options=opts(mode=mode))
+    assert second.cache == "memory" and second.from_cache
+    assert second.to_json()["from_cache"] is True and second.to_json()["cache"] == "memory"
+    fresh = detect(path, [BLUE_PROMPT], rig, options=opts(mode=mode, cache=False))
+    assert fresh.cache == "off"
+    same(second, fresh)
+    assert second.boxes and second.boxes[0].prompt == BLUE_PROMPT
+    # the found object is the blue square, not the red one
+    c0, r0, c1, r1 = second.boxes[0].pixel
+    assert c0 <= 220 <= c1 and r0 <= 170 <= r1
+    # both prompts at once, from the cache, equal both prompts uncached
+    both = detect(path, [RED_PROMPT, BLUE_PROMPT], rig, options=opts(mode=mode))
+    assert both.from_cache
+    same(both, detect(path, [RED_PROMPT, BLUE_PROMPT], rig, options=opts(mode=mode, cache=False)))
+
+
+def test_the_kept_pass_survives_the_process_on_disk_and_switches_modes_apart(tmp_path, rig):
+    path = scene(tmp_path / "s.tif", squares=SQUARES)
+    detect(path, [RED_PROMPT], rig, options=opts())
+    with store.CACHE._lock:
+        store.CACHE._mem.clear()          # as a new process (a QGIS restart, a second CLI run)
+    again = detect(path, [RED_PROMPT], rig, options=opts(refine=False))
+    assert again.cache == "disk"
+    # another tiling, another mode or another extent is another pass
+    assert detect(path, [RED_PROMPT], rig, options=opts(window=1)).cache == "computed"
+    assert detect(path, [RED_PROMPT], rig, options=opts(mode="dense")).cache == "computed"
+    from mapclip.engine.raster.reader import open_raster
+    with open_raster(path) as r:
+        x0, y0, x1, y1 = r.info.bounds
+    left = (x0, y0, (x0 + x1) / 2, y1)
+    assert detect(path, [RED_PROMPT], rig, extent=left, options=opts()).cache == "computed"
+    assert detect(path, [BLUE_PROMPT], rig, extent=left, options=opts()).cache == "memory"
+    assert len(entries()) == 4
+
+
+def test_a_raster_rewritten_in_place_with_the_same_size_and_time_is_embedded_again(tmp_path, rig):
+    path = scene(tmp_path / "s.tif", squares=[(70, 10, 40, RED)])
+    st = os.stat(path)
+    first = detect(path, [RED_PROMPT], rig, options=opts())
+    assert first.boxes[0].pixel[0] < 160
+    # the same file name, size and modification time; the red square moved
+    moved = scene(tmp_path / "m.tif", squares=[(220, 150, 40, RED)])
+    with open(moved, "rb") as src:
+        data = src.read()
+    assert len(data) == st.st_size
+    with open(path, "r+b") as dst:
+        dst.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size == st.st_size
+    again = detect(path, [RED_PROMPT], rig, options=opts())
+    assert again.cache == "computed"
+    same(again, detect(path, [RED_PROMPT], rig, options=opts(cache=False)))
+    assert again.boxes[0].pixel[0] >= 160
+
+
+def test_a_fine_tuned_copy_of_the_model_never_answers_from_its_parents_pass(tmp_path, rig):
+    path = scene(tmp_path / "s.tif", squares=SQUARES)
+    detect(path, [RED_PROMPT], rig, options=opts())
+    tuned = copy.deepcopy(rig)
+    with torch.no_grad():
+        next(tuned.model.visual.parameters()).add_(1e-3)   # one step of training
+    res = detect(path, [RED_PROMPT], tuned, options=opts())
+    assert res.cache == "computed"
+    same(res, detect(path, [RED_PROMPT], tuned, options=opts(cache=False)))
+    # and a model trained in place (same object) is not its old self either
+    with torch.no_grad():
+        next(tuned.model.visual.parameters()).add_(1e-3)
+    assert detect(path, [RED_PROMPT], tuned, options=opts()).cache == "computed"
+
+
+def test_damaged_or_foreign_entries_are_never_a_hit_and_are_rebuilt(tmp_path, rig):
+    path = scene(tmp_path / "s.tif", squares=SQUARES)
+    ref = detect(path, [RED_PROMPT], rig, options=opts(cache=False))
+    detect(path, [RED_PROMPT], rig, options=opts())
+    (entry,) = entries()
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])     # a torn file
+    with store.CACHE._lock:
+        store.CACHE._mem.clear()
+    res = detect(path, [RED_PROMPT], rig, options=opts())
+    assert res.cache == "computed"
+    same(res, ref)
+    # an entry stored under this pass's name but made for another key is a miss
+    (entry,) = entries()
+    other = scene(tmp_path / "o.tif", squares=[(220, 150, 40, RED)])
+    detect(other, [RED_PROMPT], rig, options=opts())
+    other_entry = [e for e in entries() if e != entry][0]
+    os.replace(other_entry, entry)
+    with store.CACHE._lock:
+        store.CACHE._mem.clear()
+    res = detect(path, [RED_PROMPT], rig, options=opts())
+    assert res.cache == "computed"
+    same(res, ref)
+
+
+def test_the_cache_is_bounded_on_disk_and_in_memory(tmp_path, rig, monkeypatch):
+    paths = [scene(tmp_path / f"s{i}.tif", squares=SQUARES, seed=i) for i in range(3)]
+    detect(paths[0], [RED_PROMPT], rig, options=opts())
+    size = entries()[0].stat().st_size
+    with np.load(entries()[0]) as z:     # the arrays alone, as held in memory
+        held = sum(z[k].nbytes for k in z.files if not k.startswith("__"))
+    # room for two entries on disk and one in memory
+    monkeypatch.setenv(store.DISK_ENV, str((2 * size + size // 2) / 2 ** 20))
+    monkeypatch.setenv(store.MEMORY_ENV, str((held + held // 2) / 2 ** 20))
+    for p in paths[1:]:
+        detect(p, [RED_PROMPT], rig, options=opts())
+    info = store.CACHE.info()
+    assert info["entries"] == 2 and info["memory_entries"] == 1
+    # the oldest (the first raster's) was evicted; the newest answers from memory
+    assert detect(paths[2], [RED_PROMPT], rig, options=opts()).cache == "memory"
+    assert detect(paths[1], [RED_PROMPT], rig, options=opts()).cache == "disk"
+    assert detect(paths[0], [RED_PROMPT], rig, options=opts()).cache == "computed"
+    # a pass larger than both bounds is not kept, and says so
+    monkeypatch.setenv(store.DISK_ENV, "0")
+    monkeypatch.setenv(store.MEMORY_ENV, "0")
+    big = scene(tmp_path / "big.tif", squares=SQUARES, seed=9)
+    assert detect(big, [RED_PROMPT], rig, options=opts()).cache == "too large"
+    assert store.CACHE.clear() == 2 and not entries()
+
+
+def test_turned_off_nothing_is_kept_or_read(tmp_path, rig):
+    path = scene(tmp_path / "s.tif", squares=SQUARES)
+    assert detect(path, [RED_PROMPT], rig, options=opts(cache=False)).cache == "off"
+    assert not entries() and store.CACHE.info()["memory_entries"] == 0
+    detect(path, [RED_PROMPT], rig, options=opts())
+    assert detect(path, [RED_PROMPT], rig, options=opts(cache=False)).cache == "off"
+
+
+def test_count_by_dense_method_reuses_the_dense_search_pass(tmp_path, rig):
+    path = scene(tmp_path / "s.tif", squares=SQUARES)
+    detect(path, [RED_PROMPT], rig, options=opts(mode="dense", tile_px=64, batch_size=4, refine=False))
+    res = count(path, "red roof", rig, method="dense",
+                options=CountOptions(dense_tile_px=64, batch_size=4))
+    assert res.dense.cache == "memory"
+    fresh = count(path, "red roof", rig, method="dense",
+                  options=CountOptions(dense_tile_px=64, batch_size=4, cache=False))
+    assert res.dense.cache != fresh.dense.cache == "off"
+    assert res.count == fresh.count
+    assert [b.bounds for b in res.dense.boxes] == [b.bounds for b in fresh.dense.boxes]
+
+
+def test_the_key_names_everything_the_embeddings_depend_on(tmp_path, rig):
+    from mapclip.engine.cache.keys import model_facts, pass_key, raster_identity
+    from mapclip.engine.core.options import ReadOptions
+    from mapclip.engine.geo.tiling import PixelWindow
+    path = scene(tmp_path / "s.tif", squares=SQUARES)
+    ident = raster_identity(path)
+    area = PixelWindow(0, 0, 320, 256)
+    base = pass_key("detect-window", ident, area, ReadOptions(), {"tile_px": 32}, model_facts(rig))
+    variants = [
+        pass_key("detect-dense", ident, area, ReadOptions(), {"tile_px": 32}, model_facts(rig)),
+        pass_key("detect-window", ident, PixelWindow(0, 0, 320, 128), ReadOptions(), {"tile_px": 32},
+                 model_facts(rig)),
+        pass_key("detect-window", ident, area, ReadOptions(bands=[3, 2, 1]), {"tile_px": 32},
+                 model_facts(rig)),
+        pass_key("detect-window", ident, area, ReadOptions(gsd=0.5), {"tile_px": 32}, model_facts(rig)),
+        pass_key("detect-window", ident, area, ReadOptions(), {"tile_px": 64}, model_facts(rig)),
+        pass_key("detect-window", ident, area, ReadOptions(), {"tile_px": 32},
+                 dict(model_facts(rig), precision="bf16")),
+    ]
+    digests = {key_digest(k) for k in variants}
+    assert key_digest(base) not in digests and len(digests) == len(variants)
+    # how tiles are read (threads or processes) does not change them
+    same_pass = pass_key("detect-window", ident, area, ReadOptions(workers=0), {"tile_px": 32},
+                         model_facts(rig))
+    assert key_digest(same_pass) == key_digest(base)
+    assert raster_identity("/vsicurl/http://127.0.0.1:9/x.tif") is None
