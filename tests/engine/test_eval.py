@@ -3,6 +3,7 @@ on tiny synthetic datasets made here, with the rigged model (red/blue answer the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,22 +91,48 @@ def test_eval_retrieval_json_and_csv_with_repeated_captions(tmp_path, rig_folder
     assert "mean recall" in out and "ties: order" in out
 
 
-def test_eval_count_remotecount_protocol(tmp_path, rig_folder, capsys):
+def _count_data(tmp_path, truth):
+    """A RemoteCount CSV (image,object,count) over red-square images, rows in ``truth``'s order."""
     rows = []
-    for i, n in enumerate((1, 2, 3)):
-        _image(tmp_path / f"c{i}.png", RED, seed=i)
-        rows.append(f"c{i}.png,red roof,{n}")
+    for name, n in truth.items():
+        _image(tmp_path / name, RED, seed=int(name[1]))
+        rows.append(f"{name},red roof,{n}")
     data = tmp_path / "count.csv"
     data.write_text("image,object,count\n" + "\n".join(rows) + "\n")
+    return data
+
+
+def test_eval_count_remotecount_protocol(tmp_path, rig_folder, capsys):
+    truth = {"c0.png": 1, "c1.png": 2, "c2.png": 3}      # what the file says, kept here
+    data = _count_data(tmp_path, truth)
     rc, out, _ = _run(capsys, ["eval", "count", str(data), "--model", str(rig_folder), "--device", "cpu", "--json"])
     assert rc == 0
     res = json.loads(out)
-    preds = [p["predicted"] for p in res["predictions"]]
-    truth = [p["count"] for p in res["predictions"]]
-    assert res["images"] == 3 and all(1 <= p <= 10 for p in preds)
-    assert res["top1"] == pytest.approx(100 * np.mean([p == t for p, t in zip(preds, truth)]))
-    assert res["mae"] == pytest.approx(np.mean([abs(p - t) for p, t in zip(preds, truth)]))
+    preds = {Path(p["image"]).name: p["predicted"] for p in res["predictions"]}
+    assert res["images"] == 3 and set(preds) == set(truth) and all(1 <= p <= 10 for p in preds.values())
+    # the truth each row reports is the file's, and the scores are from the file's truth
+    assert {Path(p["image"]).name: p["count"] for p in res["predictions"]} == truth
+    assert res["top1"] == pytest.approx(100 * np.mean([preds[k] == n for k, n in truth.items()]))
+    assert res["mae"] == pytest.approx(np.mean([abs(preds[k] - n) for k, n in truth.items()]))
     bad = tmp_path / "bad.csv"
     bad.write_text("image,object,count\nc0.png,red roof,many\n")
     rc, _, err = _run(capsys, ["eval", "count", str(bad), "--model", str(rig_folder), "--device", "cpu"])
     assert rc == 2 and "integer count" in err
+
+
+def test_eval_count_scores_known_predictions_against_the_file_by_hand(tmp_path, rig_folder, capsys,
+                                                                       monkeypatch):
+    """The model's answers are fixed (3, 2, 5 in the file's order), so MAE and top-1
+    follow from the file alone: truth 1, 2, 3 -> errors 2, 0, 2 -> MAE 4/3;
+    one of three exact -> top-1 33.3 %."""
+    from mapclip.engine import count as ct
+    data = _count_data(tmp_path, {"c2.png": 1, "c0.png": 2, "c1.png": 3})   # not in name order
+    answers = iter((3, 2, 5))
+    monkeypatch.setattr(ct, "argmax_count", lambda sims, counts=None, bias=None: (next(answers), None))
+    rc, out, _ = _run(capsys, ["eval", "count", str(data), "--model", str(rig_folder), "--device", "cpu", "--json"])
+    assert rc == 0
+    res = json.loads(out)
+    assert res["mae"] == pytest.approx(4 / 3)
+    assert res["top1"] == pytest.approx(100 / 3)
+    assert [(Path(p["image"]).name, p["count"], p["predicted"]) for p in res["predictions"]] == \
+        [("c2.png", 1, 3), ("c0.png", 2, 2), ("c1.png", 3, 5)]

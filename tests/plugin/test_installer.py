@@ -344,10 +344,12 @@ def test_cpu_plan_pins_the_cpu_build_by_its_local_version_from_the_cpu_index_onl
     assert cmd[:4] == ["/usr/bin/python3", "-m", "pip", "install"]
     assert _after(cmd, "--target") == ["/t"] and "--upgrade" in cmd
     assert _after(cmd, "--extra-index-url") == [deps.TORCH_CPU_INDEX]
+    assert deps.TORCH_CPU_INDEX == "https://download.pytorch.org/whl/cpu"
     assert "--index-url" not in cmd                      # the user's pip configuration stays
     reqs = open(deps.REQUIREMENTS).read().splitlines()
     torch_version = next(l for l in reqs if l.startswith("torch==")).split("==")[1]
     vision_version = next(l for l in reqs if l.startswith("torchvision==")).split("==")[1]
+    # only the CPU index has these: no CUDA fallback
     assert f"torch=={torch_version}+cpu" in cmd and f"torchvision=={vision_version}+cpu" in cmd
     assert plan.torch_build == "CPU" and not plan.cuda
     # pip 23 has no raw progress: its bar, forced into the pipe, carries the bytes
@@ -376,7 +378,8 @@ def test_cuda_plan_uses_the_cuda_index_and_macos_uses_pypi_torch(mapclip, monkey
     from mapclip.plugin import deps
     monkeypatch.setattr(deps.shutil, "which",
                         lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
-    assert deps.has_cuda("linux")
+    monkeypatch.setattr(deps.sys, "platform", "linux")
+    assert deps.has_cuda("linux") and deps.has_cuda()    # without a platform: this machine's
     plan = deps.pip_plan(target="/x", numpy_version="2.1.0", python="py", platform="linux",
                          pip=(24, 2))
     cmd = plan.command()
@@ -393,7 +396,7 @@ def test_cuda_plan_uses_the_cuda_index_and_macos_uses_pypi_torch(mapclip, monkey
     assert not any("+cpu" in a for a in mac.command())
     # no NVIDIA driver: CPU
     monkeypatch.setattr(deps.shutil, "which", lambda name: None)
-    assert not deps.has_cuda("linux")
+    assert not deps.has_cuda("linux") and not deps.has_cuda()
     assert deps.pip_plan(target="/x", numpy_version="1.26.4", python="py",
                          platform="linux").torch_build == "CPU"
 
@@ -506,13 +509,17 @@ def test_linux_sys_executable_is_the_python(mapclip, monkeypatch):
 # --------------------------------------------------------------------------- #
 # sys.path order and the clean-up of QGIS's own packages
 # --------------------------------------------------------------------------- #
-def test_deps_folder_goes_to_the_front_of_sys_path_once(mapclip, tmp_path, monkeypatch):
+def test_deps_folder_is_in_the_qgis_profile_and_goes_to_the_front_of_sys_path_once(
+        mapclip, qgis_app, tmp_path, monkeypatch):
+    from qgis.core import QgsApplication
     from mapclip.plugin import deps
+    assert deps.deps_dir().startswith(QgsApplication.qgisSettingsDirPath())
+    assert deps.deps_dir().endswith("mapclip-deps")
     folder = tmp_path / "mapclip-deps"
     folder.mkdir()
     monkeypatch.setattr(sys, "path", [*sys.path, str(folder)])   # where the old installer put it
     assert deps.add_deps_path(str(folder)) == str(folder)
-    assert sys.path[0] == str(folder) and sys.path.count(str(folder)) == 1
+    assert sys.path[0] == str(folder) and sys.path.count(str(folder)) == 1   # its copies win
     deps.add_deps_path(str(folder))
     assert sys.path.count(str(folder)) == 1
     order = deps.qgis_path(str(folder), ["/usr/share/qgis/python", str(folder),

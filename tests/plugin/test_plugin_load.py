@@ -103,54 +103,8 @@ def test_fine_tune_menu_entry_opens_the_dialog_from_plugin_dialogs(plugin, iface
 
 
 # --------------------------------------------------------------------------- #
-# Installing missing dependencies: the command and the failure messages
+# Installing missing dependencies: the failure messages (the pip command: test_installer.py)
 # --------------------------------------------------------------------------- #
-def test_pip_command_pins_requirements_numpy_and_cpu_torch_index(mapclip, tmp_path):
-    from mapclip.plugin import deps
-    plan = deps.pip_plan(target=str(tmp_path / "deps"), cuda=False, numpy_version="1.26.4",
-                         python="/usr/bin/python3", platform="linux")
-    cmd = plan.command()
-    assert cmd[:4] == ["/usr/bin/python3", "-m", "pip", "install"]
-    assert cmd[cmd.index("--target") + 1] == str(tmp_path / "deps")
-    assert cmd[cmd.index("--extra-index-url") + 1] == "https://download.pytorch.org/whl/cpu"
-    assert "numpy==1.26.4" in cmd                # QGIS's NumPy, exactly
-    # versions come from the shipped requirements.txt; test tools are left out
-    reqs = open(deps.REQUIREMENTS).read()
-    torch_pin = next(l.strip() for l in reqs.splitlines() if l.startswith("torch=="))
-    assert torch_pin + "+cpu" in cmd             # only the CPU index has it: no CUDA fallback
-    assert any(a.startswith("open_clip_torch") for a in cmd)
-    assert any(a.startswith("rasterio") for a in cmd)
-    assert not any(a.startswith("pytest") for a in cmd)
-    assert sum(a.startswith("numpy") for a in cmd) == 1
-
-
-def test_pip_command_uses_cuda_wheels_when_nvidia_smi_exists(mapclip, monkeypatch):
-    from mapclip.plugin import deps
-    monkeypatch.setattr(deps.shutil, "which",
-                        lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
-    assert deps.has_cuda()
-    plan = deps.pip_plan(target="/x", numpy_version="2.1.0", python="py", platform="linux")
-    cmd = plan.command()
-    assert plan.cuda and cmd[cmd.index("--extra-index-url") + 1] == deps.TORCH_CUDA_INDEX
-    assert "numpy==2.1.0" in cmd
-    monkeypatch.setattr(deps.shutil, "which", lambda name: None)
-    monkeypatch.setattr(deps.sys, "platform", "linux")
-    assert not deps.has_cuda()
-
-
-def test_deps_folder_is_in_the_qgis_profile_and_put_first_on_sys_path(mapclip, tmp_path, monkeypatch):
-    import sys
-    from qgis.core import QgsApplication
-    from mapclip.plugin import deps
-    assert deps.deps_dir().startswith(QgsApplication.qgisSettingsDirPath())
-    assert deps.deps_dir().endswith("mapclip-deps")
-    folder = tmp_path / "mapclip-deps"
-    folder.mkdir()
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    deps.add_deps_path(str(folder))
-    assert sys.path[0] == str(folder)           # its copies win over older system ones
-
-
 @pytest.mark.parametrize("output, words", [
     ("ERROR: ProxyError('Cannot connect to proxy.')", "proxy"),
     ("WARNING: Retrying ... Failed to establish a new connection: [Errno -3] "

@@ -348,7 +348,9 @@ def test_saving_to_geopackage(qtbot, search_dock, tmp_path, clean_project):
 
 def test_count_mode_shows_counts_per_method_in_dock_and_layer_metadata(qtbot, search_dock, tmp_path,
                                                                         clean_project):
-    tif = make_geotiff(tmp_path / "scene.tif", squares=((32, 32, 24, "red"), (160, 160, 24, "red")))
+    # three red squares, far apart, planted on grey: dense counting must find three
+    planted = ((32, 32, 24, "red"), (160, 160, 24, "red"), (176, 24, 24, "red"))
+    tif = make_geotiff(tmp_path / "scene.tif", squares=planted)
     raster = QgsRasterLayer(tif, "scene", "gdal")
     clean_project.addMapLayer(raster)
     search_dock.layer_combo.setLayer(raster)
@@ -359,12 +361,18 @@ def test_count_mode_shows_counts_per_method_in_dock_and_layer_metadata(qtbot, se
     assert _run(qtbot, search_dock) == "done"
     text = search_dock.last_count
     result = search_dock.last_result
-    assert text == f"prompt: {result.prompt.count}, dense: {result.dense.count}"
+    assert result.dense.count == len(planted) == 3
+    assert text == f"prompt: {result.prompt.count}, dense: 3"
     assert text in search_dock.status_label.text()
     layer = next(l for l in clean_project.mapLayers().values() if "(count" in l.name())
     assert text in layer.metadata().abstract() and text in layer.name()
     assert layer.crs().authid() == "EPSG:32633"
-    assert layer.featureCount() == (len(result.boxes) or 1)
+    assert layer.featureCount() == len(result.boxes) == 3
+    # one box on each planted square (map y falls from the top edge, 4000000, at 1 m a pixel)
+    for col, row, size, _ in planted:
+        square = QgsRectangle(500000 + col, 4000000 - row - size, 500000 + col + size, 4000000 - row)
+        assert sum(f.geometry().boundingBox().intersects(square) for f in layer.getFeatures()) == 1, \
+            (col, row)
 
 
 def test_archive_tab_builds_an_index_and_finds_the_red_place_by_text_and_by_click(
