@@ -155,3 +155,35 @@ def test_subprocess_stdout_is_exactly_one_json_object(tmp_path, raster, rig_fold
     assert JSON_KEYS <= set(info) and info["prompts"] == [RED_PROMPT, "blue pool"]
     assert {b["prompt"] for b in info["boxes"]} == {RED_PROMPT, "blue pool"}
     assert out.exists()
+
+
+def test_a_second_cli_run_reuses_the_first_runs_embeddings_from_disk(tmp_path, raster, rig_folder):
+    """Two separate processes: the second prompt is answered from $MAPCLIP_CACHE/embeddings,
+    with the boxes an uncached run gives; `cache info` / `cache clear` show and empty it."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+
+    def cli(*argv):
+        proc = subprocess.run([sys.executable, "-m", "engine", *argv], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    def detect(name, *extra):
+        out = cli("detect", raster, "--prompt", RED_PROMPT, "--model", rig_folder, "--tile", "64",
+                  "--window", "1", "--out", str(tmp_path / name), "--device", "cpu", "--json",
+                  "--no-refine", *extra)
+        return json.loads(out)
+
+    first = detect("a.gpkg")
+    assert first["cache"] == "computed" and first["from_cache"] is False
+    info = json.loads(cli("cache", "info", "--json"))
+    assert info["entries"] == 1 and info["folder"].startswith(os.environ["MAPCLIP_CACHE"])
+    second = detect("b.gpkg", "--prompt", "blue pool")
+    assert second["cache"] == "disk" and second["from_cache"] is True
+    fresh = detect("c.gpkg", "--prompt", "blue pool", "--no-cache")
+    assert fresh["cache"] == "off"
+    assert [(b["prompt"], b["pixel"], b["score"]) for b in second["boxes"]] == \
+        [(b["prompt"], b["pixel"], b["score"]) for b in fresh["boxes"]]
+    assert second["boxes"][0]["pixel"] == [192, 128, 256, 192]
+    assert "removed 1 cached" in cli("cache", "clear")
+    assert json.loads(cli("cache", "info", "--json"))["entries"] == 0

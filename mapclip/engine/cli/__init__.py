@@ -23,7 +23,7 @@ from ..core.errors import Cancelled, MapClipError, UsageError, worded
 
 #: subcommand modules, in the order ``--help`` lists them
 COMMANDS = ("models", "detect", "index", "search", "count", "classify", "caption", "finetune", "convert",
-            "dedup", "eval")
+            "dedup", "eval", "cache")
 
 
 def _command_module(name: str):
@@ -177,6 +177,13 @@ def add_read_workers_arg(p) -> None:
     p.add_argument("--read-workers", default="auto", metavar="N|auto",
                    help="reader processes: auto (one per core but one, for jobs of 1024 tiles "
                         "or more), 0 (read in threads of this process) or N; default auto")
+
+
+def add_cache_arg(p) -> None:
+    """--no-cache (the jobs' ``cache`` option), shared by the commands that embed a raster."""
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="neither reuse nor keep this raster's embeddings (by default a later "
+                        "prompt on the same extent and model reuses them; see `cache info`)")
 
 
 def read_workers(args):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import (add_extent_args, add_model_args, cancel_event, model_default_help, parse_bands, parse_extent, print_json, tqdm_progress)
+from . import (add_cache_arg, add_extent_args, add_model_args, cancel_event, model_default_help, parse_bands, parse_extent, print_json, tqdm_progress)
 from ..core.errors import UsageError
 
 
@@ -48,6 +48,7 @@ def register(sub) -> None:
                         "one template holding {} (default: the model's; see docs/models.md)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per model call; " + model_default_help("batch_size"))
+    add_cache_arg(p)
     p.add_argument("--out", default=None, metavar="boxes.gpkg",
                    help="dense method: write the counted objects' boxes (.gpkg or .geojson)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                         peaks=bool(args.peaks), peak_distance=args.peak_distance,
                         calibrate=bool(args.calibrate),
                         read=ReadOptions(bands=parse_bands(args.bands)), device=args.device,
-                        precision=args.precision, templates=args.templates)
+                        precision=args.precision, templates=args.templates, cache=bool(args.cache))
     bar = tqdm_progress("count", unit="img")
     try:
         result = count(args.raster, args.object, args.model, extent=extent,

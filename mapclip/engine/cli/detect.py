@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import (add_extent_args, add_model_args, add_read_workers_arg, model_default_help, parse_bands,
+from . import (add_cache_arg, add_extent_args, add_model_args, add_read_workers_arg, model_default_help, parse_bands,
                parse_extent, print_json, read_workers, tqdm_progress)
 from ..core.errors import UsageError
 
@@ -78,6 +78,7 @@ def register(sub) -> None:
                    help="images per model call; " + model_default_help("batch_size")
                         + "; on CUDA, when left out, sized from the free GPU memory")
     add_read_workers_arg(p)
+    add_cache_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="CUDA: compile the image model with torch.compile (compiled kernels are "
                         "cached under $MAPCLIP_CACHE/inductor for later runs)")
@@ -105,7 +106,7 @@ def options_from_args(args: argparse.Namespace):
                    refine=bool(args.refine), refine_min=args.refine_min,
                    read=ReadOptions(bands=parse_bands(args.bands), gsd=args.gsd,
                                     workers=read_workers(args)),
-                   compile=bool(args.compile),
+                   compile=bool(args.compile), cache=bool(args.cache),
                    device=args.device, precision=args.precision, heatmap=bool(args.heatmap))
     if args.background:
         changes["background"] = tuple(args.background)
@@ -158,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
               + (f", heatmap -> {args.heatmap}" if args.heatmap else ""))
         print(f"{result.tiles} tiles, {result.windows} windows, {result.skipped} skipped, "
               f"{result.seconds:.1f} s ({result.tiles_per_s:.1f} tiles/s) on {result.device} "
-              f"{result.precision}")
+              f"{result.precision}"
+              + ("; embeddings from the cache" if result.from_cache else ""))
         for b in result.boxes[:10]:
             print(f"  #{b.rank} {b.prompt!r} score {b.score:.3f} cosine {b.cosine:.3f} "
                   f"bounds {', '.join(f'{v:.6g}' for v in b.bounds)}")

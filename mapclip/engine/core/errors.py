@@ -49,7 +49,8 @@ class Cancelled(MapClipError):
 #: Engine messages name options as the command line does (``--tile``);
 #: these are the options whose flag is not ``--`` + the name in kebab case.
 FLAGS = {"classes": "--class", "tile_px": "--tile", "dense_tile_px": "--dense-tile", "stride_px": "--stride",
-         "scales": "--scale", "read": "--bands", "negative": "--negative", "background": "--background"}
+         "scales": "--scale", "read": "--bands", "negative": "--negative", "background": "--background",
+         "cache": "--no-cache"}
 
 
 def flag(option: str) -> str:
