@@ -223,6 +223,12 @@ class MapClipDock(QgsDockWidget):
         adv.addRow("Reader processes", self.readers_spin)
         self.compile_check = QCheckBox("Compile the model on CUDA (slower first search, then cached)")
         adv.addRow("Compile (CUDA)", self.compile_check)
+        self.cache_check = QCheckBox("Embed the area once; later prompts reuse it")
+        self.cache_check.setToolTip("A second prompt, or another mode's search, on the same area "
+                                    "and model is answered from the embeddings kept by the first "
+                                    "one (in memory, and on disk under the MapCLIP cache folder) "
+                                    "instead of another pass over the raster")
+        adv.addRow("Reuse embeddings", self.cache_check)
         save_row = QHBoxLayout()
         self.save_check = QCheckBox("Save to GeoPackage")
         self.gpkg_widget = QgsFileWidget()
@@ -410,6 +416,7 @@ class MapClipDock(QgsDockWidget):
         readers = parse_read_workers(p.read_workers)
         self.readers_spin.setValue(readers if isinstance(readers, int) else -1)
         self.compile_check.setChecked(bool(p.compile))
+        self.cache_check.setChecked(bool(p.cache))
 
     def params(self) -> SearchParams:
         return SearchParams(tile_px=self.tile_spin.value(), window=self.window_spin.value(),
@@ -421,6 +428,7 @@ class MapClipDock(QgsDockWidget):
                             read_workers=("auto" if self.readers_spin.value() < 0
                                           else self.readers_spin.value()),
                             compile=self.compile_check.isChecked(),
+                            cache=self.cache_check.isChecked(),
                             method=self.method_combo.currentText())
 
     def save_settings(self) -> None:
@@ -734,8 +742,11 @@ class MapClipDock(QgsDockWidget):
         self._fit_result_columns()
         rate = result.tiles / result.seconds if result.seconds else 0.0
         self.progress.setValue(100)
-        self.status_label.setText(f"{len(result.boxes)} boxes · {result.tiles} tiles in "
-                                  f"{result.seconds:.1f} s ({rate:.1f} tiles/s) · {result.device}")
+        if getattr(result, "from_cache", False):   # no pass over the raster: no tile rate
+            how = f"{result.tiles} tiles from the kept embeddings in {result.seconds:.1f} s"
+        else:
+            how = f"{result.tiles} tiles in {result.seconds:.1f} s ({rate:.1f} tiles/s)"
+        self.status_label.setText(f"{len(result.boxes)} boxes · {how} · {result.device}")
         self._finish("done")
 
     def _fit_result_columns(self) -> None:

@@ -34,7 +34,8 @@ FIELD_LABELS = {"tile_px": "Tile size", "window": "Window", "stride": "Stride", 
                 "top_k": "Top-k", "threshold": "Threshold", "bands": "Bands", "read": "Bands",
                 "device": "Device", "batch_size": "Batch size", "mode": "Method",
                 "dense_tile_px": "Tile size", "bank": "Caption bank",
-                "read_workers": "Reader processes", "compile": "Compile (CUDA)"}
+                "read_workers": "Reader processes", "compile": "Compile (CUDA)",
+                "cache": "Reuse embeddings"}
 
 
 @dataclass
@@ -53,6 +54,7 @@ class SearchParams:
     device: str = "auto"
     read_workers: Any = "auto"          # ReadOptions.workers: "auto", 0 (threads) or N processes
     compile: bool = False               # DetectOptions.compile (CUDA)
+    cache: bool = DetectOptions().cache  # DetectOptions.cache / CountOptions.cache (engine.cache)
 
     def band_list(self) -> Optional[List[int]]:
         """The bands text ("4,3,2") as 1-based ints, None for automatic (engine.core.options.parse_bands);
@@ -82,7 +84,7 @@ class SearchParams:
             keep["threshold"] = 0.0  # "off" where the model has a threshold
         return replace(DetectOptions(), mode=self.method, read=self.read_options(),
                        device=None if self.device in ("", "auto") else self.device,
-                       compile=bool(self.compile), heatmap=heatmap, **keep)
+                       compile=bool(self.compile), cache=bool(self.cache), heatmap=heatmap, **keep)
 
     def classify_options(self) -> ClassifyOptions:
         """The engine's classify options: bands, GSD and device from the dock; tiles and the
@@ -95,7 +97,7 @@ class SearchParams:
         terms (the dock's window threshold is not a dense one), bands, GSD and device."""
         changed = self._changed(model)
         return replace(CountOptions(), read=self.read_options(),
-                       batch_size=changed.get("batch_size"),
+                       batch_size=changed.get("batch_size"), cache=bool(self.cache),
                        device=None if self.device in ("", "auto") else self.device)
 
 

@@ -48,7 +48,7 @@ def dock_options(iface, model: str):
 
 SEARCH_FIELDS = ("mode", "tile_px", "window", "stride", "batch_size", "top_k", "threshold",
                  "merge", "iou", "attention", "background", "overlap", "cls_weight", "min_valid",
-                 "refine", "refine_min", "templates")
+                 "refine", "refine_min", "templates", "cache")
 
 
 def resolved(options, model: str):
@@ -156,6 +156,31 @@ def test_reader_processes_and_compile_are_set_alike_from_every_front_end(iface, 
     assert error_text(err.value).startswith("READ_WORKERS ")
     assert worded(err.value, FIELD_LABELS.get)[0].startswith("Reader processes ")
     assert worded(err.value, flag)[0].startswith("--read-workers ")
+
+
+def test_reusing_embeddings_is_on_by_default_and_turned_off_alike_from_every_front_end(iface, mapclip):
+    """--no-cache / CACHE / "Reuse embeddings": on unless the user turns it off; the dock
+    remembers the choice per model; count options follow the dock's setting too."""
+    from mapclip.plugin.dock import MapClipDock
+    model = "demo"
+    dock = MapClipDock(iface, iface.main_window)
+    try:
+        dock.select_model(model)
+        assert dock.cache_check.isChecked()
+        on = dock.params().detect_options(model)
+        dock.cache_check.setChecked(False)
+        off = dock.params().detect_options(model)
+        assert dock.params().count_options(model).cache is False
+        dock.save_settings()
+        dock.cache_check.setChecked(True)
+        dock.select_model(model)
+        assert not dock.cache_check.isChecked()
+    finally:
+        dock.shutdown()
+        dock.deleteLater()
+    assert cli_options(model).cache and processing_options(model).cache and on.cache
+    for o in (cli_options(model, "--no-cache"), processing_options(model, CACHE=False), off):
+        assert o.cache is False
 
 
 def test_the_demo_model_finds_the_same_boxes_from_the_cli_processing_and_the_dock(

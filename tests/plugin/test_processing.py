@@ -574,3 +574,44 @@ def test_caption_adds_a_caption_field_to_boxes(provider, tmp_path):
     assert [f["name"] for f in feats] == ["a", "b"]
     assert all(f["caption"] in ("a red roof", "grey ground", "water") for f in feats)
     assert all(-1.0 <= f["caption_score"] <= 1.0 for f in feats)
+
+
+def test_a_second_detect_or_a_heatmap_on_the_same_area_reuses_the_embeddings(provider, tmp_path,
+                                                                             rigged_folder):
+    """Processing runs share the engine's embedding cache: the second prompt and the switch
+    to a heatmap skip the pass over the raster (and say so); CACHE off does not."""
+    from qgis.core import QgsProcessingFeedback, QgsRasterLayer, QgsVectorLayer
+
+    class Log(QgsProcessingFeedback):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def pushInfo(self, info):  # noqa: N802
+            self.lines.append(info)
+            super().pushInfo(info)
+
+    raster = scene(tmp_path / "scene.tif")
+    layer = QgsRasterLayer(str(raster), "scene")
+    common = {"INPUT": layer, "MODEL": rigged_folder, "MODE": 0, "TILE": 32, "WINDOW": 2,
+              "STRIDE": 1, "DEVICE": "cpu"}
+    cached = "embeddings from the cache"
+
+    def detect(prompt, out, **extra):
+        log = Log()
+        res = run("detect", {**common, "PROMPTS": prompt, "TOP_K": 1, "OUTPUT": str(tmp_path / out),
+                             **extra}, log)
+        return res, log
+    first, log = detect("blue pool", "a.gpkg")
+    assert not any(cached in line for line in log.lines)
+    second, log = detect("red roof", "b.gpkg")
+    assert any(cached in line for line in log.lines)
+    box = next(QgsVectorLayer(str(tmp_path / "b.gpkg"), "b", "ogr").getFeatures())
+    assert box.geometry().boundingBox().contains(*map_xy(176, 80))
+    _, log = detect("red roof", "c.gpkg", CACHE=False)
+    assert not any(cached in line for line in log.lines)
+    c = next(QgsVectorLayer(str(tmp_path / "c.gpkg"), "c", "ogr").getFeatures())
+    assert c.geometry().boundingBox() == box.geometry().boundingBox() and c["score"] == box["score"]
+    heat = Log()
+    run("heatmap", {**common, "PROMPTS": "red roof", "OUTPUT": str(tmp_path / "h.tif")}, heat)
+    assert any(cached in line for line in heat.lines)

@@ -71,7 +71,7 @@ PARAMETERS = {"tile_px": "TILE", "window": "WINDOW", "stride": "STRIDE", "top_k"
               "attention": "ATTENTION", "background": "BACKGROUND", "merge": "MERGE",
               "min_area": "MIN_AREA", "dense_tile_px": "TILE", "templates": "TEMPLATES",
               "epochs": "EPOCHS", "lr": "LR", "accum": "ACCUM", "val_split": "VAL_SPLIT",
-              "read_workers": "READ_WORKERS", "compile": "COMPILE"}
+              "read_workers": "READ_WORKERS", "compile": "COMPILE", "cache": "CACHE"}
 
 
 def error_text(exc: MapClipError) -> str:

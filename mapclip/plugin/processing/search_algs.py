@@ -62,7 +62,7 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
     """Parameters shared by detect, heatmap and count: raster, model, area, reading."""
 
     INPUT, MODEL, EXTENT, GSD, BANDS = "INPUT", "MODEL", "EXTENT", "GSD", "BANDS"
-    DEVICE, BATCH_SIZE, READ_WORKERS = "DEVICE", "BATCH_SIZE", "READ_WORKERS"
+    DEVICE, BATCH_SIZE, READ_WORKERS, CACHE = "DEVICE", "BATCH_SIZE", "READ_WORKERS", "CACHE"
 
     def add_input_params(self) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster layer"))
@@ -83,6 +83,12 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
             self.BATCH_SIZE, "Batch size (empty: the model's)", QgsProcessingParameterNumber.Integer,
             optional=True, minValue=1))
         self.addParameter(read_workers_param(self.READ_WORKERS))   # advanced already
+        self.add_advanced(QgsProcessingParameterBoolean(
+            self.CACHE, "Reuse embeddings (a later run on the same area and model skips the "
+            "pass over the raster)", defaultValue=D.cache))
+
+    def use_cache(self, parameters, context) -> bool:
+        return self.parameterAsBool(parameters, self.CACHE, context)
 
     def add_advanced(self, param) -> None:
         param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
@@ -219,6 +225,7 @@ class DetectBase(RasterSearchAlgorithm):
             read=self.read_options(parameters, context, gsd),
             device=self.parameterAsString(parameters, self.DEVICE, context).strip() or None,
             compile=self.parameterAsBool(parameters, self.COMPILE, context),
+            cache=self.use_cache(parameters, context),
             top_k=top_k, threshold=threshold, heatmap=heatmap)
         background = split_prompts(self.parameterAsString(parameters, self.BACKGROUND, context))
         if background:
@@ -249,7 +256,8 @@ class DetectBase(RasterSearchAlgorithm):
         for warning in getattr(result, "warnings", []):
             feedback.pushWarning(warning)
         feedback.pushInfo(f"{result.tiles} tiles, {getattr(result, 'windows', 0)} windows, "
-                          f"{len(result.boxes)} boxes in {result.seconds:.1f} s on {result.device}")
+                          f"{len(result.boxes)} boxes in {result.seconds:.1f} s on {result.device}"
+                          + ("; embeddings from the cache" if result.from_cache else ""))
         return result
 
 
@@ -373,7 +381,8 @@ class CountAlgorithm(RasterSearchAlgorithm):
                 read=self.read_options(parameters, context, gsd),
                 tile_px=self.optional_int(parameters, self.TILE, context),
                 threshold=self.optional_float(parameters, self.THRESHOLD, context),
-                device=self.parameterAsString(parameters, self.DEVICE, context).strip() or None)
+                device=self.parameterAsString(parameters, self.DEVICE, context).strip() or None,
+                cache=self.use_cache(parameters, context))
             lm = self.model(parameters, context, feedback)
             bridge = FeedbackBridge(feedback)
             result = count(path, name, lm, extent=extent, extent_crs=extent_crs, method=method,
