@@ -80,6 +80,8 @@ REFINE_MIN_AREA = 0.15
 REFINE_MAX_AREA = 1.5
 REFINE_CONTEXT = 0.25
 REFINE_SAME_IOU = 0.5
+#: window mode: least seconds between two previews of the boxes found so far
+PREVIEW_SECONDS = 2.0
 
 
 @dataclass
@@ -151,13 +153,16 @@ class DetectResult:
 def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
            extent: Optional[Tuple[float, float, float, float]] = None,
            extent_crs: Optional[str] = None, options: Optional[DetectOptions] = None,
-           progress=None, cancel=None) -> DetectResult:
+           progress=None, cancel=None, preview=None) -> DetectResult:
     """Score ``raster`` (within ``extent``) against ``prompts``; see the module doc.
 
     ``model`` is a spec for :func:`engine.model.models.load_model` or a loaded
     model. ``progress(done, total)`` is called once per batch (windows in
     window mode, tiles in dense mode); setting ``cancel`` stops the run
     within one batch (raising :class:`engine.core.errors.Cancelled`).
+    ``preview(boxes, done, total)``, in window mode, is called during a pass over the
+    raster at most every :data:`PREVIEW_SECONDS` with the best boxes so far (merged,
+    not yet fitted), so a front end can show them while the pass goes on.
     """
     from .model import accel
     from .model.dense import dense_unsupported
@@ -180,7 +185,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
                 mode = "window"
         runner = BatchRunner(opts.batch_size)
         run = _run_window if mode == "window" else _run_dense
-        boxes, heat, heat_tf, n_tiles, n_windows, skipped = run(rj, bank, opts, runner)
+        boxes, heat, heat_tf, n_tiles, n_windows, skipped = run(rj, bank, opts, runner, preview)
         refined = 0
         if opts.refine and boxes:
             boxes, refined = _refine(rj.reader, boxes, lm, bank, opts, rj.job, runner)
@@ -240,7 +245,7 @@ def _window_starts(n: int, k: int, stride: int) -> List[int]:
     return starts
 
 
-def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner):
+def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview=None):
     """Score every window (module doc). The windows' embeddings are one pass
     (engine.rasterjob): kept after the first run, every later prompt on the same
     extent scores the kept vectors without reading or encoding anything."""
@@ -334,6 +339,17 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner):
                     kept_meta, kept_emb = None, []
                     rj.cache = "too large"
             job.step(len(take))
+            show_preview()
+
+    last_preview = [time.perf_counter()]
+
+    def show_preview() -> None:
+        if preview is None or time.perf_counter() - last_preview[0] < PREVIEW_SECONDS:
+            return
+        so_far = _window_boxes(np.concatenate(win_boxes), np.concatenate(win_probs),
+                               np.concatenate(win_cos), bank, opts, info)
+        preview(so_far, job.done, job.total)
+        last_preview[0] = time.perf_counter()
 
     def window_row(a: int) -> None:
         y0 = ys[a]
@@ -453,7 +469,7 @@ def _ramp(n: int, ramp: float) -> np.ndarray:
     return np.maximum(w, 1e-3).astype(np.float32)
 
 
-def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner):
+def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview=None):
     import torch
     import torch.nn.functional as F
 

@@ -34,6 +34,7 @@ from qgis.PyQt.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QCo
 from ..engine.core.options import parse_read_workers, split_prompts
 from . import deps, layers, log, render, runtime, tasks
 from .layers import crs_text
+from .preview import SearchPreview
 from .settings import DEVICES, FIELD_LABELS, METHODS, SearchParams, Settings, model_defaults
 
 MODES = (("boxes", "Boxes"), ("heatmap", "Heatmap (and boxes)"), ("count", "Count"),
@@ -74,6 +75,7 @@ class MapClipDock(QgsDockWidget):
         self._prev_tool = None
         self._temp_files: List[str] = []
         self._status: QLabel = QLabel()
+        self._preview: Optional[SearchPreview] = None   # the boxes so far of the search running
         self.tabs = QTabWidget()
         self.tabs.addTab(self._build_search_tab(), "Search")
         self.tabs.addTab(self._build_archive_tab(), "Archive")
@@ -685,7 +687,21 @@ class MapClipDock(QgsDockWidget):
         self.task = tasks.EngineTask(title, fn, on_done=on_done, on_error=self._job_error,
                                      on_cancel=self._job_cancelled, iface=self.iface)
         self.task.stepped.connect(self._stepped)
+        if isinstance(req, tasks.DetectRequest):   # the best boxes so far, during the pass
+            self._preview = SearchPreview(req.prompts, model, layer_crs)
+            req.preview = self.task.previewed.emit
+            self.task.previewed.connect(self._show_preview)
         tasks.start(self.task)
+
+    def _show_preview(self, boxes, done: int, total: int) -> None:
+        if self._preview is None or self.task is None:
+            return
+        self._preview.show(boxes, done, total)
+
+    def _drop_preview(self) -> None:
+        if self._preview is not None:
+            self._preview.discard()
+            self._preview = None
 
     def _preload(self, status: QLabel) -> bool:
         """Import torch and friends on the main thread before the first job (never in a
@@ -708,7 +724,10 @@ class MapClipDock(QgsDockWidget):
             return
         self.progress.setValue(int(100 * done / total) if total else 0)
         device = getattr(self, "_run_info", {}).get("device") or self.device_combo.currentText()
-        self._status.setText(f"{done}/{total} tiles · {task.rate():.1f} tiles/s · {device}")
+        so_far = ""
+        if self._preview is not None and self._preview.layer is not None:
+            so_far = f" · {self._preview.boxes} boxes so far"
+        self._status.setText(f"{done}/{total} tiles · {task.rate():.1f} tiles/s · {device}{so_far}")
 
     def _finish(self, outcome: str) -> None:
         self.task = None
@@ -718,6 +737,7 @@ class MapClipDock(QgsDockWidget):
 
     def _detect_done(self, req: tasks.DetectRequest, layer_crs, run_time, gpkg, mode, result) -> None:
         self.last_result = result
+        self._drop_preview()
         try:
             _, made = layers.add_detect_result(result, req.prompts, req.model_name, crs=layer_crs,
                                                gpkg=gpkg or None, boxes=True,
@@ -792,12 +812,18 @@ class MapClipDock(QgsDockWidget):
         self._finish("done")
 
     def _job_error(self, exc: BaseException, details: str) -> None:
+        self._drop_preview()
         text = log.bar_error(self.iface, "search failed", exc, details, names=FIELD_LABELS)
         self.status_label.setText(text)
         self._finish("error")
 
     def _job_cancelled(self) -> None:
-        self._status.setText("Cancelled: nothing added")
+        kept = self._preview.keep_partial() if self._preview is not None else 0
+        self._preview = None
+        if kept:
+            self._status.setText(f"Cancelled: kept the {kept} boxes found so far (partial, not fitted)")
+        else:
+            self._status.setText("Cancelled: nothing added")
         self.progress.setValue(0)
         self._finish("cancelled")
 

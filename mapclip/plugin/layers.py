@@ -111,12 +111,20 @@ def layer_name(prompt: str, suffix: str = "") -> str:
 def boxes_layer(boxes: Iterable[Any], prompt: str, model: str, crs: QgsCoordinateReferenceSystem,
                 run_time: Optional[_dt.datetime] = None) -> QgsVectorLayer:
     """A memory polygon layer of the boxes of one prompt, styled by score."""
-    run_time = run_time or _dt.datetime.now(_dt.timezone.utc)
     layer = QgsVectorLayer("Polygon", layer_name(prompt), "memory")
     layer.setCrs(crs)
-    provider = layer.dataProvider()
-    provider.addAttributes(list(fields_of(BOX_FIELDS)))
+    layer.dataProvider().addAttributes(list(fields_of(BOX_FIELDS)))
     layer.updateFields()
+    set_boxes(layer, boxes, model, run_time)
+    return layer
+
+
+def set_boxes(layer: QgsVectorLayer, boxes: Iterable[Any], model: str,
+              run_time: Optional[_dt.datetime] = None) -> None:
+    """Replace the features of a boxes layer (the preview during a search is updated in place)."""
+    run_time = run_time or _dt.datetime.now(_dt.timezone.utc)
+    provider = layer.dataProvider()
+    provider.truncate()
     stamp = QDateTime(run_time.astimezone(_dt.timezone.utc).replace(tzinfo=None))
     stamp.setTimeSpec(Qt.UTC)
     rows, bounds = outputs.box_rows(boxes, model)
@@ -125,7 +133,6 @@ def boxes_layer(boxes: Iterable[Any], prompt: str, model: str, crs: QgsCoordinat
                           for row, b in zip(rows, bounds)])
     layer.updateExtents()
     style_boxes(layer)
-    return layer
 
 
 def _update_classes(renderer: QgsGraduatedSymbolRenderer, layer: QgsVectorLayer, n: int,

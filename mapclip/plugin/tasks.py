@@ -44,6 +44,7 @@ class EngineTask(QgsTask):
     """Run ``fn(progress, cancel)`` in a worker thread; deliver results on the main thread."""
 
     stepped = pyqtSignal(int, int)  # done, total; emitted from the worker thread
+    previewed = pyqtSignal(object, int, int)  # boxes so far, done, total; from the worker thread
 
     def __init__(self, description: str, fn: JobFn,
                  on_done: Optional[Callable[[Any], None]] = None,
@@ -222,6 +223,8 @@ class DetectRequest:
     extent_crs: Optional[str] = None
     #: filled by the job for the status line: "device" once the model is loaded
     info: Dict[str, str] = field(default_factory=dict)
+    #: preview(boxes, done, total): the best boxes so far during the pass (engine.detect)
+    preview: Optional[Callable[[Any, int, int], None]] = None
 
 
 def _loaded(model: Any, device: Optional[str], info: Dict[str, str], cancel: threading.Event):
@@ -238,7 +241,7 @@ def run_detect(req: DetectRequest, progress: ProgressFn, cancel: threading.Event
     from ..engine.detect import detect
     lm = _loaded(req.model, req.options.device, req.info, cancel)
     return detect(req.raster, req.prompts, lm, extent=req.extent, extent_crs=req.extent_crs,
-                  options=req.options, progress=progress, cancel=cancel)
+                  options=req.options, progress=progress, cancel=cancel, preview=req.preview)
 
 
 @dataclass

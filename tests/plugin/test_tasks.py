@@ -265,6 +265,8 @@ def test_cancel_adds_no_layer(qtbot, search_dock, tmp_path, clean_project, monke
         return real(req, prog, cancel)
 
     monkeypatch.setattr(tasks, "run_detect", slow)
+    import mapclip.engine.detect as engine_detect
+    monkeypatch.setattr(engine_detect, "PREVIEW_SECONDS", 1e9)   # no preview before the click
     before = set(clean_project.mapLayers())
     outcomes = []
     search_dock.run_finished.connect(outcomes.append)
@@ -280,6 +282,85 @@ def test_cancel_adds_no_layer(qtbot, search_dock, tmp_path, clean_project, monke
     assert clean_project.layerTreeRoot().findGroups() == []
     assert search_dock.results.topLevelItemCount() == 0
     assert search_dock.run_button.isEnabled() and not search_dock.cancel_button.isEnabled()
+
+
+def test_the_best_boxes_so_far_show_in_one_layer_during_the_pass_and_cancel_keeps_them(
+        qtbot, search_dock, tmp_path, clean_project, monkeypatch):
+    """A long first pass: one preview layer, refilled in place, shows the boxes found so far;
+    a finished search replaces it with its result; Cancel keeps it, named as partial."""
+    import mapclip.engine.detect as engine_detect
+    from mapclip.plugin import tasks
+    monkeypatch.setattr(engine_detect, "PREVIEW_SECONDS", 0.0)
+    # the square in the first tile row: the first windows scored find it
+    tif = make_geotiff(tmp_path / "scene.tif", width=512, height=512, squares=((96, 0, 32, "red"),))
+    raster = QgsRasterLayer(tif, "scene", "gdal")
+    clean_project.addMapLayer(raster)
+    search_dock.layer_combo.setLayer(raster)
+    search_dock.area_combo.setCurrentIndex(search_dock.area_combo.findData("layer"))
+    search_dock.batch_spin.setValue(4)
+    search_dock.cache_check.setChecked(False)          # every run makes a pass over the raster
+    real = tasks.run_detect
+    seen = []                                          # (layer ids, names) at each progress step
+
+    def slow(req, progress, cancel):
+        def prog(done, total):
+            progress(done, total)
+            time.sleep(0.03)
+        return real(req, prog, cancel)
+    monkeypatch.setattr(tasks, "run_detect", slow)
+
+    def previews():
+        return [l for l in clean_project.mapLayers().values() if "so far" in l.name()]
+    outcomes = []
+    search_dock.run_finished.connect(outcomes.append)
+    assert search_dock.run()
+    search_dock.task.previewed.connect(lambda *a: seen.append([(l.id(), l.featureCount())
+                                                               for l in previews()]))
+    qtbot.waitUntil(lambda: len(seen) >= 3, timeout=30000)
+    ids = {i for step in seen[1:] for i, _ in step}
+    assert len(ids) == 1                                # one layer, updated in place
+    assert "boxes so far" in search_dock.status_label.text()
+    qtbot.waitUntil(lambda: bool(outcomes), timeout=60000)
+    assert outcomes == ["done"] and not previews()      # the result replaced the preview
+    boxes = [l for l in clean_project.mapLayers().values() if l.name() == "red roof"]
+    assert len(boxes) == 1 and boxes[0].featureCount() >= 1
+    # cancelled mid-pass: the boxes so far stay, as a partial result
+    outcomes.clear()
+    seen.clear()
+    search_dock.prompt_combo.setEditText("red roof")
+    assert search_dock.run()
+    search_dock.task.previewed.connect(lambda *a: seen.append(1))
+    qtbot.waitUntil(lambda: len(seen) >= 2, timeout=30000)
+    search_dock.cancel_button.click()
+    qtbot.waitUntil(lambda: bool(outcomes), timeout=30000)
+    assert outcomes == ["cancelled"]
+    partial = [l for l in clean_project.mapLayers().values() if "partial" in l.name()]
+    assert len(partial) == 1 and partial[0].featureCount() >= 1 and not previews()
+    best = min(partial[0].getFeatures(), key=lambda f: -f["score"])
+    assert best.geometry().boundingBox().intersects(QgsRectangle(500096, 3999968, 500128, 4000000))
+    assert "kept the" in search_dock.status_label.text() and "partial" in search_dock.status_label.text()
+
+
+def test_a_second_prompt_in_the_dock_is_answered_from_the_kept_embeddings(
+        qtbot, search_dock, tmp_path, clean_project):
+    tif = make_geotiff(tmp_path / "scene.tif", squares=((96, 64, 32, "red"), (200, 200, 32, "blue")))
+    raster = QgsRasterLayer(tif, "scene", "gdal")
+    clean_project.addMapLayer(raster)
+    search_dock.layer_combo.setLayer(raster)
+    search_dock.area_combo.setCurrentIndex(search_dock.area_combo.findData("layer"))
+    assert _run(qtbot, search_dock) == "done"
+    assert not search_dock.last_result.from_cache and "tiles/s" in search_dock.status_label.text()
+    search_dock.prompt_combo.setEditText("blue pool")
+    assert _run(qtbot, search_dock) == "done"
+    assert search_dock.last_result.from_cache
+    assert "from the kept embeddings" in search_dock.status_label.text()
+    layer = next(l for l in clean_project.mapLayers().values() if l.name() == "blue pool")
+    best = min(layer.getFeatures(), key=lambda f: f["rank"])
+    assert best.geometry().boundingBox().intersects(QgsRectangle(500200, 3999768, 500232, 3999800))
+    # a mode switch on the same area (boxes -> heatmap) reuses the same pass
+    search_dock.mode_combo.setCurrentIndex(search_dock.mode_combo.findData("heatmap"))
+    assert _run(qtbot, search_dock) == "done"
+    assert search_dock.last_result.from_cache
 
 
 def test_xyz_basemap_is_rendered_then_searched(qtbot, search_dock, tmp_path, clean_project):
