@@ -8,7 +8,8 @@ call :meth:`Job.step` once per batch: it reports progress and raises
 Outputs: :func:`check_outputs` is the one guard every command runs before its
 work (no output is an input of the run, every output writable, an existing
 one only with overwrite); :func:`atomic_path` writes under a temporary name
-and renames into place, and removes temporary files that killed runs left.
+and renames into place, and removes temporary files that killed runs left;
+:func:`all_or_none` keeps outputs written one after another all or none.
 """
 from __future__ import annotations
 
