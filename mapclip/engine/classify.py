@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 import numpy as np
 
 from .core.errors import UsageError
-from .core.jobs import Job, atomic_path, check_output_path
+from .core.jobs import Job, atomic_path, check_outputs
 from .core.options import MAX_CLASSES, ClassifyOptions, check
 from .core.outputs import VECTOR_DRIVERS
 
@@ -405,12 +405,10 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
             raise UsageError("polygons need the class map written to a file", "give out= (--out)")
     if scores_out is not None and out is None:
         raise UsageError("scores are written beside the class map", "give out= (--out) too")
-    given = [Path(p).resolve() for p in (out, scores_out, polygons_out) if p]
-    if len(set(given)) < len(given):
-        raise UsageError("two outputs name the same file", "give each output its own path")
-    for p in (out, scores_out, polygons_out, _style_path(out) if out else None):
-        if p is not None:
-            check_output_path(p, overwrite)
+    from .raster.reader import raster_files
+    check_outputs([("--out", out), ("--scores", scores_out), ("--polygons", polygons_out),
+                   ("style", _style_path(out) if out else None)],
+                  [("raster", f) for f in raster_files(raster)], overwrite=overwrite)
     from .geo.extent import extent_to_window
     with raster_job(raster, model, extent, extent_crs, options=opts, progress=progress,
                     cancel=cancel) as rj:

@@ -552,8 +552,11 @@ def options_from_run(run_dir: Union[str, os.PathLike], **overrides: Any) -> Fine
 
 def _write_json(path: Path, obj: Any) -> None:
     part = path.with_name(path.name + ".part")
-    part.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    os.replace(part, path)
+    try:
+        part.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def _read_run(run_dir: Path) -> Optional[Dict[str, Any]]:
@@ -664,7 +667,11 @@ def _save_best(run_dir: Path, lm: LoadedModel, model, extra: Dict[str, Any]) -> 
     old = run_dir / (BEST_DIR + ".old")
     shutil.rmtree(part, ignore_errors=True)
     extra = dict(extra, defaults=lm.defaults.to_json())  # the base model's search defaults carry over
-    save_model_folder(model, lm.model_cfg, part, lm.arch, mean=lm.mean, std=lm.std, extra=extra)
+    try:
+        save_model_folder(model, lm.model_cfg, part, lm.arch, mean=lm.mean, std=lm.std, extra=extra)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)  # a full disk leaves no half-written folder
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)

@@ -669,9 +669,10 @@ class MapClipDock(QgsDockWidget):
             if gpkg:
                 from ..engine.core.errors import MapClipError
                 from ..engine.core.jobs import check_outputs
+                from ..engine.raster.reader import raster_files
                 try:  # the engine's output guard: never an input, writable (layers are added)
-                    check_outputs([("Save to GeoPackage", gpkg)], [("Layer", source)],
-                                  overwrite=True)
+                    check_outputs([("Save to GeoPackage", gpkg)],
+                                  [("Layer", f) for f in raster_files(source)], overwrite=True)
                 except MapClipError as exc:
                     log.bar_warning(self.iface, log.error_text(exc, FIELD_LABELS))
                     self._finish("error")

@@ -9,6 +9,7 @@ pool (they mostly wait on imports), with tiny rasters and the rigged model.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -168,6 +169,7 @@ def world(tmp_path_factory):
     _image(tmp / "in" / "s2" / "a.png", 8)
     _image(tmp / "in" / "s2" / "b.png", 9)
     os.symlink("s2", tmp / "in" / "s2link")
+    (tmp / "in" / "random.pt").write_bytes(np.random.default_rng(4).bytes(4096))
     w["ro"] = _readonly_dir(tmp)
     w["digest"] = _digest(tmp / "in")
     return w
@@ -266,6 +268,12 @@ CASES = [
                                "{out}/r.csv"], 2, ["same file"]),
     ("dedup_cache_is_an_image", ["dedup", "{in}/s2", "--out", "{out}/r.csv", "--cache",
                                  "{in}/s2/a.png"], 2, ["input"]),
+    ("read_workers_too_many", ["detect", "{in}/scene.tif", "--prompt", "x", "--model", "{model}",
+                               "--out", "{out}/b.gpkg", "--read-workers", "1000"], 2,
+     ["--read-workers 1000", "more than"]),
+    ("random_bytes_checkpoint", ["detect", "{in}/scene.tif", "--prompt", "x", "--model",
+                                 "mapclip-tiny:{in}/random.pt", "--out", "{out}/b.gpkg"], 2,
+     ["is not a checkpoint"]),
     ("dedup_against_itself", ["dedup", "{in}/s2", "--against", "{in}/s2link", "--out",
                               "{out}/r.csv", "--no-cache"], 2, ["overlaps"]),
 ]
@@ -725,3 +733,202 @@ def test_a_checkpoint_error_is_one_clean_complete_line(tmp_path, world):
     long = Exception("The first part of the message. \x1b[1mSecond\x1b[0m part, " + "word " * 80)
     assert reason(long, 60) == "The first part of the message."
     assert reason(Exception("a " * 100), 30).endswith(" ...") and "\x1b" not in reason(long)
+
+
+# ------------------------------------------------ outputs that are inputs, any depth --
+def _vrt(path: Path, source: Path) -> Path:
+    """A one-band VRT of ``source`` (64 x 64), its source named relative to the VRT."""
+    path.write_text(
+        '<VRTDataset rasterXSize="64" rasterYSize="64"><SRS>EPSG:32633</SRS>'
+        '<GeoTransform>500000, 0.5, 0, 4000000, 0, -0.5</GeoTransform>'
+        '<VRTRasterBand dataType="Byte" band="1"><SimpleSource>'
+        f'<SourceFilename relativeToVRT="1">{source.name}</SourceFilename><SourceBand>1</SourceBand>'
+        '<SrcRect xOff="0" yOff="0" xSize="64" ySize="64"/><DstRect xOff="0" yOff="0" '
+        'xSize="64" ySize="64"/></SimpleSource></VRTRasterBand></VRTDataset>')
+    return path
+
+
+def test_no_command_writes_over_an_input_at_any_depth(world, tmp_path):
+    """Every file a command reads is an input, whatever --overwrite says: the
+    raster, --within, a VRT's sources followed to the bottom, an image in an
+    --images folder, and a symlink to any of them."""
+    from mapclip.engine.core.outputs import write_vector
+    d = tmp_path / "in"
+    d.mkdir()
+    x = make_raster(d / "x.tif", width=64, height=64, data=noise(3, 64, 64, seed=5))
+    src = make_raster(d / "src.tif", width=64, height=64, data=noise(3, 64, 64, seed=6))
+    _vrt(d / "outer.vrt", _vrt(d / "inner.vrt", src))
+    write_vector(d / "w.gpkg", [("name", "str")], [{"name": "w"}], [(500000, 3999980, 500020, 4000000)],
+                 "EPSG:32633", "within")
+    os.symlink(x, d / "link.tif")
+    _image(d / "MI2" / "m0.png", 3)
+    Image.fromarray(np.pad(np.ones((8, 8), np.uint8), 20)).save(_image(d / "M" / "m0.png", 4))
+    (d / "M" / "classes.json").write_text(json.dumps({"0": "background", "1": "building"}))
+    before = _digest(d)
+    model, env = world["model"], world["env"]
+    cls = ["--class", "water", "--class", "forest", "--model", model, "--overwrite"]
+    cases = {
+        "classify_out": (["classify", x, "--out", x, *cls], "--out"),
+        "classify_scores": (["classify", x, "--out", "{out}/c.tif", "--scores", x, *cls], "--scores"),
+        "classify_polygons_within": (["classify", x, "--out", "{out}/c.tif", "--polygons",
+                                      d / "w.gpkg", "--within", d / "w.gpkg", *cls], "--polygons"),
+        "classify_symlink_out": (["classify", x, "--out", d / "link.tif", *cls], "--out"),
+        "classify_nested_vrt": (["classify", d / "outer.vrt", "--out", src, *cls], "--out"),
+        "detect_nested_vrt": (["detect", d / "outer.vrt", "--prompt", "x", "--model", model,
+                               "--out", "{out}/b.gpkg", "--heatmap", src, "--overwrite"], "--heatmap"),
+        "m2b_out_in_images": (["convert", "m2b", "--masks", d / "M", "--classes",
+                               d / "M" / "classes.json", "--images", d / "MI2", "--out",
+                               d / "MI2" / "m0.png", "--overwrite"], "--out"),
+    }
+    outs = {name: _outs(tmp_path) for name in cases}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        runs = {name: pool.submit(_cli, [str(a).format(out=outs[name]) for a in argv], tmp_path, env)
+                for name, (argv, _) in cases.items()}
+        for name, fut in runs.items():
+            run = fut.result()
+            run.refused(2, cases[name][1], "also an input")
+            _assert_empty(outs[name])
+    assert _digest(d) == before
+
+
+def test_the_guard_follows_vrts_and_input_folders_without_refusing_other_files(tmp_path):
+    from mapclip.engine.core.errors import UsageError
+    from mapclip.engine.core.jobs import check_outputs
+    from mapclip.engine.raster.reader import raster_files
+    src = make_raster(tmp_path / "src.tif", width=64, height=64)
+    outer = _vrt(tmp_path / "outer.vrt", _vrt(tmp_path / "inner.vrt", src))
+    files = raster_files(outer)
+    assert [Path(f).name for f in files] == ["outer.vrt", "inner.vrt", "src.tif"]
+    folder = tmp_path / "images"
+    _image(folder / "deep" / "a.png", 1)
+    (folder / "notes.json").write_text("{}")
+    with pytest.raises(UsageError, match="a file in --images"):
+        check_outputs([("--out", folder / "deep" / "a.png")], [("--images", folder)], overwrite=True)
+    # what the run does not read stays writable: a report beside the images, a new image
+    assert check_outputs([("--out", folder / "notes.json"), ("--captions", folder / "new.png")],
+                         [("--images", folder)], overwrite=True)
+
+
+def test_dedup_never_leaves_an_input_symlink_dangling(world, tmp_path):
+    """A file an input symlink points at is kept (or, if two such files are
+    duplicates, left in place and named in the report): no link dangles."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        _image(folder / "y.png", 11)
+        _image(folder / "z.png", 11)
+    os.symlink("z.png", one / "0link.png")
+    os.symlink("z.png", two / "0link.png")
+    os.symlink("y.png", two / "1link.png")
+    for folder, moved in ((one, 1), (two, 0)):
+        q, report = tmp_path / f"q-{folder.name}", tmp_path / f"{folder.name}.csv"
+        run = _cli(["dedup", folder, "--out", report, "--move-to", q, "--no-cache", "--json"],
+                   tmp_path, world["env"])
+        assert run.rc == 0, run.err
+        info = json.loads(run.out)
+        assert info["pairs"] == 1 and info["move"]["moved"] == moved
+        for link in folder.glob("*link.png"):
+            assert link.exists(), f"{link} dangles"
+    assert not (one / "y.png").exists() and (one / "z.png").is_file()
+    assert (two / "y.png").is_file() and (two / "z.png").is_file()
+    assert "not moved: linked from" in (tmp_path / "two.csv").read_text()
+
+
+# ------------------------------------------------------------- writes that fail --
+NO_SPACE = os.strerror(errno.ENOSPC)
+
+
+def _main(argv, capsys) -> Run:
+    from mapclip.engine.cli import main
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return Run(rc, out, err)
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, NO_SPACE)
+
+
+class _LibraryError(Exception):
+    """A write error as GDAL or safetensors raise it: the errno only in its text."""
+
+
+def _no_space_in_words(*args, **kwargs):
+    raise _LibraryError(f"Error while serializing: IoError(Os {{ code: 28, message: \"{NO_SPACE}\" }})")
+
+
+def _leftovers(folder: Path):
+    return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".part") or "mapclip-" in p.name)
+
+
+def test_a_full_disk_is_one_error_and_nothing_half_written(tmp_path, capsys, monkeypatch,
+                                                            one_torch_thread):
+    import numpy
+    import pyogrio.raw
+    import safetensors.torch
+
+    from mapclip.engine import detect as detect_mod
+    a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))
+    b = make_raster(tmp_path / "b.tif", width=64, height=64, data=noise(3, 64, 64, seed=3))
+    idx = tmp_path / "idx"
+    index = ["index", a, "--model", "test-tiny", "--device", "cpu", "--out", idx, "--tile", "32",
+             "--no-footprints"]
+    assert _main(index, capsys).rc == 0
+    with monkeypatch.context() as m:                       # numpy.save of a shard: ENOSPC
+        m.setattr(numpy, "save", _no_space)
+        run = _main([*index[:2], b, *index[2:]], capsys)
+    run.refused(1, NO_SPACE)
+    assert "free disk space" in run.err and _leftovers(idx) == []
+    before = _digest(idx)
+    with monkeypatch.context() as m:                       # a GeoPackage write: no errno
+        m.setattr(pyogrio.raw, "write", _no_space_in_words)
+        run = _main(["search", idx, "--text", "a field", "--out", tmp_path / "hits.gpkg"], capsys)
+    run.refused(1, NO_SPACE)
+    assert not (tmp_path / "hits.gpkg").exists() and _leftovers(tmp_path) == []
+    assert _digest(idx) == before
+    # detect --overwrite onto good outputs: a failed heatmap keeps both old files
+    det = ["detect", a, "--prompt", "a field", "--model", "test-tiny", "--device", "cpu",
+           "--out", tmp_path / "b.gpkg", "--heatmap", tmp_path / "h.tif", "--overwrite"]
+    assert _main(det, capsys).rc == 0
+    good = {p: p.read_bytes() for p in (tmp_path / "b.gpkg", tmp_path / "h.tif")}
+    with monkeypatch.context() as m:
+        m.setattr(detect_mod, "write_heatmap_tif", _no_space_in_words)
+        run = _main(det, capsys)
+    run.refused(1, NO_SPACE)
+    assert {p: p.read_bytes() for p in good} == good and _leftovers(tmp_path) == []
+    # finetune: safetensors fails writing best/; no best.part/ is left
+    data = tmp_path / "data"
+    rows = ["image,caption"] + [f"{n}.png,a {n} square" for n in ("red", "green", "blue", "white")]
+    for k, n in enumerate(("red", "green", "blue", "white")):
+        _image(data / f"{n}.png", k)
+    (data / "captions.csv").write_text("\n".join(rows) + "\n")
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", _no_space_in_words)
+        run = _main(["finetune", "--model", "test-tiny", "--device", "cpu", "--data",
+                     data / "captions.csv", "--out", tmp_path / "run", "--epochs", "1",
+                     "--batch-size", "2", "--val-split", "0", "--workers", "0"], capsys)
+    run.refused(1, NO_SPACE)
+    assert not (tmp_path / "run" / "best").exists() and _leftovers(tmp_path / "run") == []
+
+
+def test_a_file_name_that_is_not_utf8_is_an_error_line(world, tmp_path):
+    bad = os.fsdecode(b"bad\xff")
+    raster = tmp_path / f"{bad}.tif"
+    raster.write_bytes(world["raster"].read_bytes())
+    (tmp_path / "imgs").mkdir()
+    _image(tmp_path / "imgs" / "a.png", 1)
+    _image(tmp_path / "imgs" / "b.png", 1)
+    before = _digest(tmp_path)
+    runs = [_cli(["detect", raster, "--prompt", "x", "--model", world["model"], "--out",
+                  tmp_path / "o.gpkg"], tmp_path, world["env"]),
+            _cli(["dedup", tmp_path / "imgs", "--out", tmp_path / "r.csv", "--no-cache",
+                  "--move-to", tmp_path / f"q{bad}"], tmp_path, world["env"])]
+    for run in runs:
+        run.refused(2, "not valid UTF-8", "\\xff")
+    assert _digest(tmp_path) == before
+    # a name met inside a folder is reported the same way (the report is never half-written)
+    from mapclip.engine.core.errors import from_foreign
+    try:
+        f"1,duplicate,/data/{bad}.png,/data/a.png".encode("utf-8")
+    except UnicodeEncodeError as exc:
+        err = from_foreign(exc)
+    assert err is not None and err.message == "the file name '/data/bad\\xff.png' is not valid UTF-8"

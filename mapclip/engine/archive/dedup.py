@@ -322,14 +322,18 @@ def input_roots(dirs: Sequence[PathLike]) -> List[str]:
     return out
 
 
-def list_images(dirs: Sequence[PathLike]) -> List[Tuple[str, str]]:
+def list_images(dirs: Sequence[PathLike],
+                links: Optional[Dict[str, List[str]]] = None) -> List[Tuple[str, str]]:
     """(absolute path, real root folder) of every image under ``dirs`` (recursive,
     sorted), each FILE once: files are identified by device and inode before
     anything is paired, so a symlink to an image, a hard link, a folder given
     twice or through a symlink never makes an image its own duplicate. Where a
     file is reached both directly and through a symlink, the real path is used;
-    symlinked folders are not followed."""
+    symlinked folders are not followed. ``links``, when given, is filled with
+    listed path -> the input symlinks that point at it (moving that file would
+    leave them dangling)."""
     found: Dict[Tuple[int, int], Tuple[str, str, bool]] = {}
+    linked: Dict[Tuple[int, int], List[str]] = defaultdict(list)
     for d in dirs:
         if not os.path.exists(d):
             raise UsageError(f"folder not found: {d}", "check the folder path")
@@ -352,9 +356,14 @@ def list_images(dirs: Sequence[PathLike]) -> List[Tuple[str, str]]:
                 continue
             link = os.path.islink(p)
             key = (st.st_dev, st.st_ino)
+            if link:
+                linked[key].append(p)
             prev = found.get(key)
             if prev is None or (prev[2] and not link):
                 found[key] = (p, root, link)
+    if links is not None:
+        links.update({found[k][0]: sorted(set(v) - {found[k][0]}) for k, v in linked.items()
+                      if set(v) - {found[k][0]}})
     return sorted((p, root) for p, root, _ in found.values())
 
 
@@ -434,6 +443,9 @@ class DedupResult:
     hash_size: int
     report: Optional[str]
     seconds: float
+    #: duplicates or contaminated images left in place: input symlinks point at them
+    #: (path -> the links), so moving them would leave the links dangling
+    linked: Dict[str, List[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -490,7 +502,8 @@ def find_duplicates(dirs: Sequence[PathLike], out: Optional[PathLike] = None,
                             [("input", d) for d in list(dirs) + list(against or [])],
                             overwrite=o.overwrite, may_exist=["--cache"])
     out_path = checked.get("--out")
-    files = list_images(dirs)
+    links: Dict[str, List[str]] = {}
+    files = list_images(dirs, links)
     test_files = list_images(against) if against else []
     for label, path in checked.items():
         if any(same_file(path, p) for p, _ in files + test_files):
@@ -546,13 +559,15 @@ def find_duplicates(dirs: Sequence[PathLike], out: Optional[PathLike] = None,
     for idx in members.values():
         if len(idx) < 2:
             continue
-        ordered = sorted((good[i] for i in idx), key=_keep_key)
+        ordered = sorted((good[i] for i in idx), key=lambda r: (r.path not in links, _keep_key(r)))
         clean = [r for r in ordered if r.path not in contaminated]
         kept = clean[0] if clean else None
         rest = [r for r in ordered if r is not kept]
         groups.append(([kept.path] if kept else []) + [r.path for r in rest])
         remove.update(r.path for r in rest)
     groups.sort()
+    pinned = {p: links[p] for p in sorted(remove) if p in links}
+    remove.difference_update(pinned)
     result = DedupResult(
         roots=sorted({r for _, r in list_images_roots(dirs)}),
         against_roots=sorted({r for _, r in list_images_roots(against or [])}),
@@ -560,7 +575,8 @@ def find_duplicates(dirs: Sequence[PathLike], out: Optional[PathLike] = None,
         contaminated=dict(sorted(contaminated.items())), remove=sorted(remove),
         unreadable=unreadable, hashed=len(recs) + len(test_recs) - hits - test_hits - len(unreadable),
         from_cache=hits + test_hits, segments=n_seg, max_distance=o.max_distance,
-        hash_size=o.hash_size, report=str(out_path) if out_path else None, seconds=0.0)
+        hash_size=o.hash_size, report=str(out_path) if out_path else None, seconds=0.0,
+        linked=pinned)
     if out_path is not None:
         write_report(result, {r.path: r for r in recs + test_recs}, out_path)
     result.seconds = time.perf_counter() - t0
@@ -583,6 +599,8 @@ def write_report(result: DedupResult, records: Dict[str, ImageRecord], out: Path
 
     def row(group, action, path, dup_of="", dist="", note=""):
         r = records.get(path)
+        if path in result.linked:
+            note = f"not moved: linked from {', '.join(result.linked[path])}"
         h = format(r.hash, f"0{hex_width}x") if r is not None and r.hash is not None else ""
         return [group, action, path, dup_of, dist, r.width if r else "", r.height if r else "",
                 h, note]

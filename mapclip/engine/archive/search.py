@@ -280,8 +280,10 @@ def write_hits(result: SearchResult, path: Union[str, os.PathLike], overwrite: b
     """
     vector_driver(path, "hits")
     from ..core.jobs import check_outputs
+    from ..raster.reader import raster_files
     inputs = [("--image", result.query.get("image"))]
-    inputs += [("indexed raster", r) for r in sorted({h.raster for h in result.hits})]
+    inputs += [("indexed raster", f) for r in sorted({h.raster for h in result.hits})
+               for f in raster_files(r)]
     check_outputs([("--out", path)], inputs, overwrite=overwrite)   # never over an input
     crs = output_crs(h.crs for h in result.hits)
     rows, bounds = hit_rows(result.hits, result.model, hit_query(result.query), crs)

@@ -10,7 +10,6 @@ nothing else is caught, so real bugs keep their tracebacks.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import json
 import re
@@ -19,7 +18,7 @@ import sys
 import threading
 from typing import Any, List, Optional, Tuple
 
-from ..core.errors import Cancelled, MapClipError, UsageError, worded
+from ..core.errors import Cancelled, MapClipError, UsageError, from_foreign, worded
 
 #: subcommand modules, in the order ``--help`` lists them
 COMMANDS = ("models", "detect", "index", "search", "count", "classify", "caption", "finetune", "convert",
@@ -57,6 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     previous = _terminate_as_interrupt()
     try:
+        _refuse_undecodable(args)
         return int(args.func(args) or 0)
     except Cancelled:
         print("cancelled", file=sys.stderr)
@@ -72,22 +72,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         print_error("out of memory",
                     "work on less at once: a smaller --tile, --batch-size or --extent")
         return 1
-    except OSError as exc:
-        if exc.errno not in _USER_ERRNOS:
-            raise
-        where = f" {exc.filename}" if exc.filename else ""
-        print_error(f"{exc.strerror or exc}:{where}",
-                    "check the path, its permissions and the free disk space, then run again")
-        return 1
+    except Exception as exc:  # noqa: BLE001 - only the user's file-system errors are caught
+        error = from_foreign(exc)
+        if error is None:
+            raise  # a bug keeps its traceback
+        print_error(*worded(error, flag))
+        return error.exit_code
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-#: errors of the user's files and disks, reported as error/fix lines rather than tracebacks
-_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-                errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EXDEV,
-                errno.ENAMETOOLONG, errno.ELOOP, errno.EIO}
+def _refuse_undecodable(args: argparse.Namespace) -> None:
+    """A path typed with bytes that are not UTF-8 is refused before any work:
+    GDAL, the reports and the manifests could not write it."""
+    from ..core.errors import is_utf8, not_utf8
+    for value in vars(args).values():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and not is_utf8(v):
+                raise not_utf8(v)
 
 
 def _one_line(text: str) -> str:

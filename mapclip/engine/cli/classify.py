@@ -86,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
     clean_classes(args.classes)  # bad classes are refused before the model loads
     if not Path(args.raster).exists():
         raise UsageError(f"raster {args.raster} does not exist", "check the path")
+    from ..core.jobs import check_outputs
+    # classify() checks its outputs against the raster; the polygons file is read here
+    check_outputs([("--out", args.out), ("--scores", args.scores), ("--polygons", args.polygons)],
+                  [("--within", args.within)], overwrite=args.overwrite)
     extent = parse_extent(args)
     within = within_crs = None
     if args.within:

@@ -118,7 +118,7 @@ def options_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..detect import detect, write_boxes, write_heatmap
-    from ..core.jobs import check_outputs
+    from ..core.jobs import all_or_none, check_outputs
     from ..core.outputs import vector_driver
     from ..raster.reader import raster_files
     from . import cancel_event
@@ -140,13 +140,10 @@ def run(args: argparse.Namespace) -> int:
                         cancel=cancel_event())
     finally:
         bar.close()
-    write_boxes(result, args.out, overwrite=args.overwrite)
-    if args.heatmap:
-        try:
+    with all_or_none([args.out, args.heatmap]):  # both outputs or neither, old ones kept
+        write_boxes(result, args.out, overwrite=args.overwrite)
+        if args.heatmap:
             write_heatmap(result, args.heatmap, overwrite=args.overwrite)
-        except BaseException:
-            Path(args.out).unlink(missing_ok=True)  # both outputs or neither
-            raise
     for note in result.warnings:
         print(f"warning: {note}", file=sys.stderr)
     if args.json:

@@ -111,3 +111,77 @@ def reason(exc: BaseException, limit: int = 240) -> str:
     if end >= limit // 3:
         return head[:end + 1].rstrip(";")
     return head[:head.rfind(" ")].rstrip(",;:") + " ..."
+
+
+#: errno values of the user's files and disks: reported with a fix, never a traceback
+USER_ERRNOS = frozenset({"EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOENT", "ENOTDIR",
+                         "EISDIR", "EEXIST", "EXDEV", "ENAMETOOLONG", "ELOOP", "EIO"})
+#: errno values a write can fail with that mean the disk is full
+_FULL = ("ENOSPC", "EDQUOT")
+#: the other write failures a library may state only in its message
+_WRITE = ("EROFS", "EACCES")
+#: fixes for a failed file-system call, by errno name (the rest get the generic one)
+_FS_FIXES = {name: "free disk space (or write to another disk) and run again; nothing was "
+                   "left half-written" for name in _FULL}
+_FS_FIX = "check the path, its permissions and the free disk space, then run again"
+
+
+def _errno_named(exc: BaseException) -> "str | None":
+    """The errno name of an OSError, or the one a library's write error states only
+    in its text (GDAL through pyogrio or rasterio, safetensors, numpy: they lose
+    the errno), or None."""
+    import errno
+    import os
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and isinstance(code, int):
+        return errno.errorcode.get(code)
+    text = str(exc)
+    if "disk is full" in text:  # SQLite's words (GeoPackage writes through GDAL)
+        return "ENOSPC"
+    for name in _FULL + _WRITE:
+        value = getattr(errno, name, None)
+        if value is not None and os.strerror(value) in text:
+            return name
+    return None
+
+
+def is_utf8(text: str) -> bool:
+    """False for text holding bytes that are not UTF-8 (Python keeps them as
+    surrogates in file names and command-line arguments)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def not_utf8(name: "str | bytes") -> UsageError:
+    """The error for a file name that is not valid UTF-8 (shown with its bad bytes escaped)."""
+    if isinstance(name, str):
+        name = name.encode("utf-8", "surrogateescape")
+    shown = bytes(name).decode("utf-8", "backslashreplace")
+    return UsageError(f"the file name '{shown}' is not valid UTF-8",
+                      "rename the file or folder to a UTF-8 name (GDAL, the reports and the "
+                      "manifests need one) and run again")
+
+
+def from_foreign(exc: BaseException) -> "MapClipError | None":
+    """The :class:`MapClipError` for an exception a library raised about the
+    user's files (a disk that is full, a folder that is read-only, a file name
+    that is not UTF-8), or None for anything else (a bug keeps its traceback)."""
+    if isinstance(exc, UnicodeError) and "surrogates not allowed" in str(exc):
+        text, i = getattr(exc, "object", ""), getattr(exc, "start", 0)
+        if isinstance(text, str):  # the name alone, from the line being written
+            cuts = ',;"\n\t'
+            lo = max(text.rfind(c, 0, i) for c in cuts) + 1
+            hi = min([j for j in (text.find(c, i) for c in cuts) if j >= 0] or [len(text)])
+            text = text[lo:hi]
+        return not_utf8(text)
+    if not isinstance(exc, Exception):
+        return None
+    name = _errno_named(exc)
+    if name not in USER_ERRNOS:
+        return None
+    where = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+    what = (exc.strerror if isinstance(exc, OSError) and exc.strerror else reason(exc))
+    return MapClipError(f"{what}" + (f": {where}" if where else ""), _FS_FIXES.get(name, _FS_FIX))

@@ -8,7 +8,8 @@ call :meth:`Job.step` once per batch: it reports progress and raises
 Outputs: :func:`check_outputs` is the one guard every command runs before its
 work (no output is an input of the run, every output writable, an existing
 one only with overwrite); :func:`atomic_path` writes under a temporary name
-and renames into place, and removes temporary files that killed runs left.
+and renames into place, and removes temporary files that killed runs left;
+:func:`all_or_none` keeps outputs written one after another all or none.
 """
 from __future__ import annotations
 
@@ -121,6 +122,30 @@ def check_writable(label: str, path: Union[str, os.PathLike], folder: bool = Fal
                          "again; nothing was done") from None
 
 
+#: files a command reads from a folder it is given (images, masks, rasters): an
+#: existing one of these inside an input folder, at any depth, is an input
+FOLDER_INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif",
+                         ".jp2", ".img", ".vrt")
+
+
+def input_of(output: Union[str, os.PathLike], inputs: Sequence[InputSpec]) -> Optional[str]:
+    """Which input ``output`` is, or None: the same file (symlinks resolved, hard
+    links, ``..``), or an existing image or raster inside an input folder at any
+    depth (the run reads it). ``inputs``: (label, path) pairs; give every file the
+    run reads (a VRT's sources at every level: ``raster.reader.raster_files``)."""
+    p = Path(os.fspath(output))
+    exists = p.exists() or p.is_symlink()
+    for label, q in inputs:
+        if q is None or str(q) == "":
+            continue
+        if same_file(p, q):
+            return f"{label} {q}"
+        if (exists and os.path.isdir(q) and not os.path.isdir(p) and is_inside(p, q)
+                and _real(p).lower().endswith(FOLDER_INPUT_SUFFIXES)):
+            return f"a file in {label} {q}"
+    return None
+
+
 def check_outputs(outputs: Sequence[InputSpec], inputs: Sequence[InputSpec] = (), *,
                   overwrite: bool = False, folders: Sequence[str] = (),
                   sealed: Sequence[InputSpec] = (), may_exist: Sequence[str] = ()
@@ -143,11 +168,11 @@ def check_outputs(outputs: Sequence[InputSpec], inputs: Sequence[InputSpec] = ()
             if same_file(p, q):
                 raise UsageError(f"{label2} and {label} name the same file {p}",
                                  "give each output its own path")
-        for in_label, q in ins:
-            if same_file(p, q):
-                raise UsageError(f"{label} {p} is also an input of this run ({in_label} {q})",
-                                 "write the output to another path: an input is never "
-                                 "overwritten, even with --overwrite")
+        hit = input_of(p, ins)
+        if hit is not None:
+            raise UsageError(f"{label} {p} is also an input of this run ({hit})",
+                             "write the output to another path: an input is never "
+                             "overwritten, even with --overwrite")
         for in_label, q in sealed:
             if q is not None and is_inside(p, q):
                 raise UsageError(f"{label} {p} is inside {in_label} {q}, which this run reads",
@@ -255,3 +280,40 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
                 side.unlink()
             except OSError:
                 pass
+
+
+@contextmanager
+def all_or_none(paths: Sequence[Union[str, os.PathLike, None]]) -> Iterator[None]:
+    """Outputs written one after another, all or none: on any error every one of
+    ``paths`` is put back as it was (a file that existed before is restored, a new
+    one removed), so a failed second write (a full disk) costs neither the first
+    output nor the good files that ``--overwrite`` was replacing. The earlier
+    versions are kept as hard links (copies where links are not possible) under
+    temporary names until the block ends."""
+    saved: List[Tuple[Path, Optional[Path]]] = []
+    try:
+        for p in paths:
+            if p is None or str(p) == "":
+                continue
+            p = Path(os.fspath(p))
+            backup = None
+            if p.is_file():
+                tag = f"{TEMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+                backup = p.with_name(f".{p.stem}.{tag}{p.suffix}.part")
+                try:
+                    os.link(p, backup)
+                except OSError:
+                    shutil.copy2(p, backup)
+            saved.append((p, backup))
+        yield
+    except BaseException:
+        for p, backup in saved:
+            if backup is not None:
+                os.replace(backup, p)
+            else:
+                p.unlink(missing_ok=True)
+        raise
+    finally:
+        for _, backup in saved:
+            if backup is not None:
+                backup.unlink(missing_ok=True)

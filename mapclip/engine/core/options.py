@@ -120,6 +120,10 @@ def split_prompts(text: str) -> List[str]:
     return out
 
 
+#: the most reader processes ReadOptions.workers may ask for (each holds about 15 MB)
+MAX_READ_WORKERS = 64
+
+
 def parse_read_workers(text: Any) -> Any:
     """Reader processes typed as text ("auto", "0", "3"; empty: "auto") as
     ReadOptions.workers; anything else is returned as typed for :func:`check` to refuse
@@ -533,6 +537,10 @@ def _check_read(read: Optional[ReadOptions]) -> None:
         raise _bad("read_workers", f"read_workers {w!r} is not auto or a whole number >= 0",
                    "give auto (processes for large jobs), 0 (read in threads) or a number of "
                    "reader processes")
+    if w != "auto" and w > MAX_READ_WORKERS:
+        raise _bad("read_workers", f"read_workers {w} is more than {MAX_READ_WORKERS} reader "
+                   "processes (each holds about 15 MB)",
+                   f"give at most {MAX_READ_WORKERS}, or auto (one per core but one)")
 
 
 def _check_common(options: Any) -> None:

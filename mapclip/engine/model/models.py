@@ -865,6 +865,11 @@ def read_state_dict(path: Path) -> Dict[str, Any]:
                          "release), not a state dict",
                          "use the openai-vit-b-32 / openai-vit-l-14 presets or ARCH-quickgelu:openai, "
                          "which load the same weights as a plain state dict")
+    if path.is_file() and not _looks_like_checkpoint(path):
+        raise ModelError(f"{path} is not a checkpoint: it is neither a PyTorch file (a zip "
+                         "archive or a pickle) nor safetensors",
+                         "give the model's weights (.pt, .pth, .bin or .safetensors) or a "
+                         "model folder")
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
@@ -891,6 +896,19 @@ def read_state_dict(path: Path) -> Dict[str, Any]:
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def _looks_like_checkpoint(path: Path) -> bool:
+    """True when ``path`` starts like a PyTorch checkpoint (a zip archive, or the
+    pickle of torch's legacy format) or a safetensors file (an 8-byte header size,
+    then its JSON header)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"\x80\x02" or zipfile.is_zipfile(path):
+        return True
+    if len(head) == 9 and head[8:9] == b"{":
+        return 0 < int.from_bytes(head[:8], "little") <= max(path.stat().st_size - 8, 0)
+    return False
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -739,16 +739,25 @@ def open_raster(path: str | os.PathLike, options: Optional[ReadOptions] = None,
 
 def raster_files(path: str | os.PathLike) -> List[str]:
     """Every file GDAL reads for ``path`` (a VRT's sources, a world file, an
-    .aux.xml, overviews), for the output guard: none of them may be an output."""
-    files = [os.fspath(path)]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with rasterio.open(os.fspath(path)) as ds:
-                files.extend(ds.files or [])
-    except Exception:  # noqa: BLE001 - an unreadable raster is reported by its reader
-        pass
-    return list(dict.fromkeys(files))
+    .aux.xml, overviews), VRTs followed to the bottom (a VRT of VRTs), for the
+    output guard: none of them may be an output."""
+    files: List[str] = []
+    todo = [os.path.abspath(os.fspath(path))]
+    while todo:
+        f = todo.pop()
+        if f in files:
+            continue  # a VRT that names itself, or a source shared by two VRTs
+        files.append(f)
+        if f != files[0] and not f.lower().endswith(".vrt"):
+            continue  # only the raster itself and VRTs name further files
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with rasterio.open(f) as ds:
+                    todo.extend(reversed([os.path.abspath(x) for x in ds.files or []]))
+        except Exception:  # noqa: BLE001 - an unreadable raster is reported by its reader
+            pass
+    return files
 
 class Scratch:
     """Per-thread reusable buffers (avoid page-faulting fresh memory per read)."""

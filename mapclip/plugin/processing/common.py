@@ -29,7 +29,7 @@ from qgis.core import (QgsProcessingAlgorithm, QgsProcessingException,
                        QgsProcessingParameterString, QgsRasterLayer)
 from qgis.PyQt.QtGui import QIcon
 
-from ...engine.core.errors import Cancelled, MapClipError
+from ...engine.core.errors import Cancelled, MapClipError, from_foreign
 
 ICON_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                          "resources", "icon.svg")
@@ -99,6 +99,11 @@ def engine_errors() -> Iterator[None]:
             f"MapCLIP needs the Python package '{REQUIRED.get(name, name)}', which QGIS's "
             f"Python cannot import ({exc}).\nFix: install it with Raster > MapCLIP > "
             f"Install dependencies, or with pip into QGIS's Python.") from exc
+    except Exception as exc:  # noqa: BLE001 - only the user's file-system errors are caught
+        error = from_foreign(exc)  # a full disk, a read-only folder, a name that is not UTF-8
+        if error is None:
+            raise
+        raise QgsProcessingException(error_text(error)) from exc
 
 
 # ------------------------------------------------------------------ models --

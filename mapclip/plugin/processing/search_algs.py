@@ -243,7 +243,8 @@ class DetectBase(RasterSearchAlgorithm):
         with engine_errors(), self.raster_input(parameters, context, feedback) as (
                 path, extent, extent_crs, gsd):
             from ...engine.core.jobs import check_outputs
-            check_outputs(list(outputs), [("INPUT", path)], overwrite=True)
+            from ...engine.raster.reader import raster_files
+            check_outputs(list(outputs), [("INPUT", f) for f in raster_files(path)], overwrite=True)
             from ...engine.detect import detect
             options = self.detect_options(parameters, context, heatmap, top_k, threshold, gsd)
             lm = self.model(parameters, context, feedback)
