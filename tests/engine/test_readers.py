@@ -238,7 +238,7 @@ def test_a_worker_that_dies_is_reported_with_its_exit_code(tmp_path):
             for _ in it:
                 pass
     assert "stopped unexpectedly" in e.value.message and "-9" in e.value.message
-    assert "read workers 0" in e.value.hint
+    assert "--read-workers 0" in e.value.hint and e.value.option == "read_workers"
     assert not _shm_left()
 
 

@@ -386,7 +386,7 @@ def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, read
                 flush(start + consumed)
             raise
         info.skipped += batches.skipped
-        info.warnings.extend(n for n in runner.notes if n not in info.warnings)
+        info.warnings.extend(n for n in [*runner.notes, *batches.notes] if n not in info.warnings)
         flush(len(grid))
         tail = len(grid) - start - consumed
         if tail:

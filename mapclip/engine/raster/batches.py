@@ -78,6 +78,8 @@ class BatchIterator:
         self.skipped = 0
         self.yielded = 0
         self.done = 0
+        #: notes for the job's result (reader processes that gave way to threads)
+        self.notes: List[str] = []
         self._n_batches = (len(tiles) + self._batch_size - 1) // self._batch_size
 
     def close(self) -> None:
@@ -313,7 +315,9 @@ def iter_tile_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: i
     valid fraction is below ``min_valid`` or (``skip_empty``) whose image is
     one constant colour are skipped, not yielded (a batch left empty is not
     yielded at all). ``reader.options.workers`` may select reader processes
-    instead of threads (:mod:`engine.raster.workers`, same batches and bytes).
+    instead of threads (:mod:`engine.raster.workers`, same batches and bytes;
+    where they cannot start, threads read instead and the iterator's ``notes``
+    and ``reader.warnings`` say so).
     Otherwise ``workers`` threads, each with its own dataset handle,
     read whole batches; at most ``max(prefetch, workers)`` batches are read
     ahead, which bounds memory to about that many batches plus the one the
@@ -328,6 +332,6 @@ def iter_tile_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: i
     procs = resolve_workers(getattr(reader.options, "workers", "auto"), len(tiles), reader.path)
     if procs > 0:  # ReadOptions.workers: reader processes (engine.raster.workers)
         return ProcessTileBatches(reader, tiles, batch_size, procs, job=job, prefetch=prefetch,
-                                  min_valid=min_valid, skip_empty=skip_empty)
+                                  min_valid=min_valid, skip_empty=skip_empty, threads=workers)
     return TileBatches(reader, tiles, batch_size, job=job, prefetch=prefetch, workers=workers,
                        min_valid=min_valid, skip_empty=skip_empty)

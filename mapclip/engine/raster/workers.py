@@ -43,7 +43,11 @@ unlinks every shared-memory slot, so nothing outlives the iterator; the
 resource tracker of :mod:`multiprocessing` unlinks what a killed parent
 leaves. An error in a worker reaches the caller as the same error the thread
 reader raises (:class:`engine.raster.reader.RasterReadError` for GDAL failures);
-a worker that dies is reported with its exit code.
+a worker that dies while reading is reported with its exit code. Processes
+that cannot start never fail a job: the children run the running interpreter
+as a program, found by what it is (:mod:`engine.core.interpreter`), and where
+there is none, or a child dies before it opened the raster, the rest is read
+with threads and the job's result says so (:func:`threads_note`).
 
 Choosing the number (``ReadOptions.workers``): ``"auto"`` uses
 ``min(os.cpu_count() - 1, MAX_AUTO_WORKERS)`` processes (at least one) for
@@ -61,7 +65,6 @@ import multiprocessing as mp
 import os
 import queue
 import secrets
-import shutil
 import sys
 import threading
 import time
@@ -91,25 +94,22 @@ SHM_PREFIX = "mapclip-rd"
 
 
 # ------------------------------------------------------------- choosing --
-def python_executable() -> Optional[str]:
-    """A Python interpreter for the reader processes, or None.
+#: the fix every message about reading with threads instead of processes gives
+THREADS_FIX = "--read-workers 0 reads with threads"
 
-    Inside QGIS ``sys.executable`` is the QGIS program, which cannot run a
-    child interpreter; the interpreter next to it (same prefix) is used then.
-    """
-    exe = sys.executable or ""
-    if os.path.basename(exe).lower().startswith("python"):
-        return exe
-    names = ("python.exe", "pythonw.exe") if os.name == "nt" else (
-        f"python{sys.version_info[0]}.{sys.version_info[1]}", "python3")
-    for prefix in (sys.exec_prefix, sys.base_exec_prefix):
-        for sub in ("bin", "", "apps/Python3%d%d" % sys.version_info[:2]):
-            for name in names:
-                cand = os.path.join(prefix, sub, name)
-                if os.path.isfile(cand):
-                    return cand
-    found = shutil.which(names[0])
-    return found
+
+def threads_note(why: str) -> str:
+    """The note a job's result carries when its reader processes gave way to threads."""
+    return (f"reader processes could not be used ({why}); the tiles were read with threads "
+            f"instead, which is slower on large rasters ({THREADS_FIX} from the start)")
+
+
+class _CannotStart(Exception):
+    """The reader processes could not start: read with threads instead."""
+
+
+#: why reader processes could not start in this process (later jobs read with threads at once)
+_START_FAILED: List[str] = []
 
 
 def _local_file(path: str) -> bool:
@@ -133,26 +133,22 @@ def resolve_workers(setting, n_tiles: int, path: str, cpu_count: Optional[int] =
                                  option="read_workers") from None
     if setting is None or setting == "auto":
         cpus = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
-        if (cpus < 2 or n_tiles < AUTO_MIN_TILES or not _local_file(path)
-                or python_executable() is None):
+        if cpus < 2 or n_tiles < AUTO_MIN_TILES or not _local_file(path):
             return 0
         return max(1, min(MAX_AUTO_WORKERS, cpus - 1))
     n = int(setting)
     if n > 0 and not _local_file(path):
         raise UsageError(f"reader processes cannot open {path}: they need a file on disk",
-                         "read it with threads (read workers 0 or auto)", option="read_workers")
-    if n > 0 and python_executable() is None:
-        raise UsageError("no Python interpreter was found to run reader processes",
-                         "read with threads (read workers 0 or auto)", option="read_workers")
+                         f"{THREADS_FIX} (or --read-workers auto)", option="read_workers")
     return n
 
 
-def _context():
+def _context(python: str):
+    """A multiprocessing context whose children run ``python`` (the running interpreter as
+    a program, engine.core.interpreter: never a Python that comes first on PATH)."""
     methods = mp.get_all_start_methods()
     ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-    exe = python_executable()
-    if exe and exe != sys.executable:
-        ctx.set_executable(exe)
+    ctx.set_executable(python)
     if ctx.get_start_method() == "forkserver":
         # the server imports the reader (and GDAL) once; each worker is a fork of it
         ctx.set_forkserver_preload([__name__, __name__.rsplit(".", 1)[0] + ".reader",
@@ -365,6 +361,7 @@ def _worker_main(wid: int, state: dict, tasks, results, stop) -> None:
     except BaseException as exc:  # noqa: BLE001 - reported to the consumer
         results.put((-1, wid, "error", _describe(exc)))
         return
+    results.put((-1, wid, "ready", None))
     slots: Dict[str, shared_memory.SharedMemory] = {}
     try:
         while True:
@@ -501,12 +498,23 @@ class _Batch:
 
 class ProcessTileBatches(BatchIterator):
     """:class:`engine.raster.batches.TileBatches`' twin whose tiles are read by worker
-    processes (see the module doc); same iteration, counters, cancel and errors."""
+    processes (see the module doc); same iteration, counters, cancel and errors.
+
+    Processes that cannot start (no interpreter matching this one, a start that
+    fails, a worker that dies or fails before it opened the raster) never fail the
+    job: the tiles not yet handed out are read by ``threads`` reader threads
+    instead, and :func:`threads_note` goes to ``notes`` and ``reader.warnings``."""
 
     def __init__(self, reader, tiles: Sequence, batch_size: int, workers: int,
-                 job=None, prefetch: int = 2, min_valid: float = 0.5, skip_empty: bool = True):
+                 job=None, prefetch: int = 2, min_valid: float = 0.5, skip_empty: bool = True,
+                 threads: int = 2):
         super().__init__(reader, tiles, batch_size, job, min_valid, skip_empty)
         self.n_workers = max(1, int(workers))
+        self._prefetch, self._threads = prefetch, threads
+        #: the thread reader that took over when the processes could not start
+        self._fallback = None
+        self._counted = (0, 0, 0)            # skipped, yielded, done before it took over
+        self._ready: Set[int] = set()
         self._next_submit = 0
         self._in_flight: deque = deque()
         self._slots: List[_Slot] = []
@@ -524,6 +532,8 @@ class ProcessTileBatches(BatchIterator):
             try:
                 self._start()
                 self._fill()
+            except _CannotStart as exc:
+                self._use_threads(str(exc))
             except BaseException:
                 self.close()
                 raise
@@ -554,7 +564,19 @@ class ProcessTileBatches(BatchIterator):
         return max(2, min(want, READ_AHEAD_BYTES // max(1, batch_bytes)))
 
     def _start(self) -> None:
-        ctx = _context()
+        from ..core.errors import reason
+        from ..core.interpreter import qgis_python
+        if _START_FAILED:
+            raise _CannotStart(_START_FAILED[0])
+        python = qgis_python()
+        if python.path is None:
+            raise _CannotStart(python.why_none())
+        try:
+            self._spawn(_context(python.path))
+        except Exception as exc:  # noqa: BLE001 - any failure to start: threads instead
+            raise _CannotStart(f"starting them with {python.path} failed: {reason(exc)}") from exc
+
+    def _spawn(self, ctx) -> None:
         self._stop = ctx.Event()
         self._results = ctx.Queue()
         state = _reader_state(self.reader)
@@ -607,12 +629,21 @@ class ProcessTileBatches(BatchIterator):
             waiting = {w for p in self._in_flight for w in p.waiting}
             for w in waiting:
                 p = self._procs[w]
+                if p.exitcode is not None and w not in self._ready:
+                    raise _CannotStart(f"a reader process exited with code {p.exitcode} "
+                                       f"before it opened the raster")
                 if p.exitcode is not None:
                     err = _died(self.reader.path, p)
                     self.close()
                     raise err
             return
-        if k < 0:  # a worker failed to start
+        if k < 0 and status == "ready":
+            self._ready.add(w)
+            return
+        if k < 0:  # a worker failed to set up
+            if info["kind"] == "other":           # not the raster's fault: threads instead
+                raise _CannotStart(f"a reader process could not start: {info['type']}: "
+                                   f"{info['message']}")
             self.close()
             raise self._error(None, info)
         if status == "ok":
@@ -645,11 +676,42 @@ class ProcessTileBatches(BatchIterator):
                 f"a raster reader process failed on {path}{where}: {info['type']}: "
                 f"{info['message']}",
                 "this is a bug or an I/O problem; the reader's traceback follows the error "
-                "(read workers 0 reads in threads instead)")
+                f"({THREADS_FIX} instead)", option="read_workers")
         err.__cause__ = cause
         return err
 
     def __next__(self):
+        if self._fallback is None:
+            try:
+                return self._next_from_processes()
+            except _CannotStart as exc:
+                self._use_threads(str(exc))
+        try:
+            return next(self._fallback)
+        finally:
+            fb, (skipped, yielded, done) = self._fallback, self._counted
+            self.skipped, self.yielded, self.done = (skipped + fb.skipped, yielded + fb.yielded,
+                                                     done + fb.done)
+
+    def _use_threads(self, why: str) -> None:
+        """Stop the processes; threads read the batches not yet handed out."""
+        from .batches import TileBatches
+        first = self._in_flight[0].k if self._in_flight else self._next_submit
+        self._stop_processes()
+        start = first * self._batch_size
+        rest = self._tiles[start:] if start else self._tiles
+        self._counted = (self.skipped, self.yielded, self.done)
+        self._fallback = TileBatches(self.reader, rest, self._batch_size, job=self.job,
+                                     prefetch=self._prefetch, workers=self._threads,
+                                     min_valid=self.min_valid, skip_empty=self.skip_empty)
+        if why not in _START_FAILED:
+            _START_FAILED[:] = [why]
+        note = threads_note(why)
+        for notes in (self.notes, self.reader.warnings):
+            if note not in notes:
+                notes.append(note)
+
+    def _next_from_processes(self):
         while True:
             self._next_check()
             head = self._in_flight[0]
@@ -677,6 +739,11 @@ class ProcessTileBatches(BatchIterator):
         if self._closed:
             return
         self._closed = True
+        self._stop_processes()
+        if self._fallback is not None:
+            self._fallback.close()
+
+    def _stop_processes(self) -> None:
         if self._stop is not None:
             self._stop.set()
         for q in self._task_qs:
@@ -708,6 +775,7 @@ class ProcessTileBatches(BatchIterator):
                 pass
         self._procs = []
         self._task_qs = []
+        self._results = None
         self._in_flight.clear()
         slots, self._slots = self._slots, []
         for s in slots:
@@ -736,4 +804,4 @@ def _died(path: str, proc) -> MapClipError:
         f"a raster reader process (pid {proc.pid}) stopped unexpectedly with exit code "
         f"{proc.exitcode} while reading {path}",
         "the system may have run out of memory or GDAL crashed on this file; check it with "
-        "gdalinfo -checksum FILE, or read with threads (read workers 0)")
+        f"gdalinfo -checksum FILE, or {THREADS_FIX}", option="read_workers")
