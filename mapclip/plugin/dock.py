@@ -31,6 +31,7 @@ from qgis.PyQt.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QCo
                                  QSpinBox, QTabWidget, QToolButton, QTreeWidget,
                                  QTreeWidgetItem, QVBoxLayout, QWidget)
 
+from ..engine.core.errors import renamed
 from ..engine.core.options import parse_read_workers, split_prompts
 from . import deps, layers, log, render, runtime, tasks
 from .layers import crs_text
@@ -748,8 +749,7 @@ class MapClipDock(QgsDockWidget):
             self._finish("error")
             return
         self.last_layers = made
-        for note in getattr(result, "warnings", None) or []:
-            log.bar_warning(self.iface, str(note))
+        self._notes(getattr(result, "warnings", None))
         crs = layers.result_crs(result.crs, layer_crs)
         features = _features_by(made, ("prompt", "rank"))
         raster = req.raster if req.raster not in self._temp_files else None  # rendered: deleted
@@ -770,6 +770,11 @@ class MapClipDock(QgsDockWidget):
         self.status_label.setText(f"{len(result.boxes)} boxes · {how} · {result.device}")
         self._finish("done")
 
+    def _notes(self, notes) -> None:
+        """A job's notes in the message bar, the options named as the dock names them."""
+        for note in notes or []:
+            log.bar_warning(self.iface, renamed(str(note), FIELD_LABELS.get))
+
     def _fit_result_columns(self) -> None:
         for col in range(3):
             self.results.resizeColumnToContents(col)
@@ -785,8 +790,7 @@ class MapClipDock(QgsDockWidget):
             log.bar_error(self.iface, "adding the land-cover layer failed", exc)
             self._finish("error")
             return
-        for note in result.warnings:
-            log.bar_warning(self.iface, str(note))
+        self._notes(result.warnings)
         for name, share in result.shares.items():
             item = QTreeWidgetItem(["", name, f"{share:.1%}"])
             self.results.addTopLevelItem(item)
@@ -902,6 +906,7 @@ class MapClipDock(QgsDockWidget):
             self.archive_status.setText(f"Index written: {out}")
             self.settings.set("index_path", out)
             log.bar_success(self.iface, f"index built: {out}")
+            self._notes(info.warnings)
 
         return self._start_archive_task(f"MapCLIP: index {folder}", job, done)
 

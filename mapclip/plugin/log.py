@@ -1,7 +1,10 @@
 """One place for MapCLIP's messages: the log panel (tag "MapCLIP") and the message bar.
 
-Errors are shown short in the message bar and in full (traceback included) in
-the log panel, so a user sees what went wrong and a developer sees where.
+No message is ever cut where it is kept: the log panel gets every text whole
+(an error's traceback too), and so does the dock's status line. The message
+bar shows a text of up to MAX_BAR_TEXT characters as it is; a longer one is
+shown up to a sentence or word end, with a "Show more" button that opens the
+whole text (a path at its end is never lost).
 """
 from __future__ import annotations
 
@@ -35,31 +38,71 @@ def _bar(iface):
         return None
 
 
+#: the longest text the message bar shows as it is (longer: cut, with "Show more")
+MAX_BAR_TEXT = 400
+#: the name of the message-bar button that opens a text whole
+SHOW_MORE = "mapclipShowMore"
+
+
+def short_text(text: str, limit: int = MAX_BAR_TEXT) -> str:
+    """``text`` as the message bar shows it: whole up to ``limit`` characters, else cut at
+    a sentence end (else a word end) with "…"."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit - 1]
+    end = max(head.rfind(". "), head.rfind("; "))
+    if end < limit // 2:
+        end = head.rfind(" ")
+    return head[:end + 1 if end > 0 else len(head)].rstrip(" ;,:") + " …"
+
+
+def _push(iface, title: str, text: str, level, seconds: int, more: str = "") -> None:
+    """Show ``text`` in the message bar; a long one, or one with ``more`` to it, gets a
+    "Show more" button that opens the whole text (plus ``more``)."""
+    bar = _bar(iface)
+    if bar is None:
+        return
+    whole = text + ("\n\n" + more if more else "")
+    short = short_text(text)
+    if whole == short:
+        bar.pushMessage(title, text, level, seconds)
+        return
+    from qgis.PyQt.QtWidgets import QPushButton
+    item = bar.createMessage(title, short)
+    item.setProperty("mapclipText", whole)
+    button = QPushButton("Show more", item)
+    button.setObjectName(SHOW_MORE)
+    button.clicked.connect(lambda: _show_whole(bar, title, whole))
+    item.layout().addWidget(button)
+    bar.pushWidget(item, level, seconds)
+
+
+def _show_whole(parent, title: str, text: str):
+    from qgis.gui import QgsMessageViewer
+    viewer = QgsMessageViewer(parent)
+    viewer.setWindowTitle(title)
+    viewer.setMessageAsPlainText(text + "\n\n(also in the log panel, tab MapCLIP)")
+    viewer.show()
+    return viewer
+
+
 def bar_success(iface, text: str, title: str = TAG, seconds: int = BAR_SECONDS) -> None:
     info(text)
-    bar = _bar(iface)
-    if bar is not None:
-        bar.pushMessage(title, text, Qgis.Success, seconds)
+    _push(iface, title, text, Qgis.Success, seconds)
 
 
 def bar_warning(iface, text: str, title: str = TAG, seconds: int = BAR_SECONDS) -> None:
     warning(text)
-    bar = _bar(iface)
-    if bar is not None:
-        bar.pushMessage(title, text, Qgis.Warning, seconds)
-
-
-MAX_BAR_TEXT = 400
+    _push(iface, title, text, Qgis.Warning, seconds)
 
 
 def error_text(exc: BaseException, names: Optional[Dict[str, str]] = None) -> str:
-    """The one line a user reads: MapClipError message and fix, else type and message.
+    """The one line a user reads, whole: MapClipError message and fix, else type and message.
 
     ``names`` maps engine options to the front end's own names for them (the
     dock's field labels), so an error about ``tile_px`` speaks of "Tile size".
     """
-    text = _error_text(exc, names)
-    return text if len(text) <= MAX_BAR_TEXT else text[:MAX_BAR_TEXT - 1] + "…"
+    return _error_text(exc, names)
 
 
 INSTALL_HINT = "install MapCLIP's packages: Raster > MapCLIP > Install dependencies…"
@@ -95,10 +138,10 @@ def _is_user_error(exc: Optional[BaseException]) -> bool:
 
 def bar_error(iface, what: str, exc: Optional[BaseException] = None,
               details: Optional[str] = None, names: Optional[Dict[str, str]] = None) -> str:
-    """Show ``what`` failed in the message bar; log the full story. Returns the bar text.
+    """Show ``what`` failed in the message bar; log the full story. Returns the text whole
+    (for the dock's status line).
 
-    The bar shows the first line in full (it wraps; a long text is not cut off) and
-    keeps the details one click away ("Show more")."""
+    The bar keeps the whole text and the details one click away ("Show more")."""
     text = what if exc is None else f"{what}: {error_text(exc, names)}"
     full = text
     if _is_user_error(exc):
@@ -108,11 +151,5 @@ def bar_error(iface, what: str, exc: Optional[BaseException] = None,
     elif exc is not None and exc.__traceback__ is not None:
         full += "\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     critical(full)
-    bar = _bar(iface)
-    if bar is not None:
-        if full != text:
-            bar.pushMessage(TAG, text, full + "\n\n(also in the log panel, tab MapCLIP)",
-                            Qgis.Critical, 0)
-        else:
-            bar.pushMessage(TAG, text, Qgis.Critical, 0)
+    _push(iface, TAG, text, Qgis.Critical, 0, full[len(text):].strip())
     return text

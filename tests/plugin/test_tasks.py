@@ -575,3 +575,36 @@ def test_classes_mode_adds_a_paletted_land_cover_layer_named_by_class(qtbot, ifa
     finally:
         dock.shutdown()
         dock.deleteLater()
+
+
+def test_a_long_error_is_never_cut_where_it_is_kept(qtbot, iface, mapclip):
+    """The default model offline: a message of many hundred characters ending in the path to
+    put the file at keeps that path in the log, the status line and behind "Show more"."""
+    from qgis.gui import QgsMessageViewer
+    from qgis.PyQt.QtWidgets import QApplication, QPushButton
+    from mapclip.engine.core.errors import ModelError
+    from mapclip.plugin import log
+    path = "/home/analyst/.cache/mapclip/models/remoteclip/RemoteCLIP-ViT-B-32.pt"
+    tries = " ".join(f"try {k}: connection to huggingface.co timed out after 10 s;" for k in range(8))
+    exc = ModelError(f"the model remoteclip-vit-b-32 could not be downloaded ({tries})",
+                     f"download it on a machine with internet access and put it at {path}")
+
+    def job(progress, cancel):
+        raise exc
+
+    task, logged = _run_logged(qtbot, iface, "offline search", job)
+    assert task.outcome == "error"
+    assert any(path in msg for tag, msg in logged if tag == "MapCLIP")          # the log: whole
+    item = iface.bar.items()[-1]
+    assert len(item.text()) <= log.MAX_BAR_TEXT + 2 and item.text().endswith("…")
+    button = item.findChild(QPushButton, log.SHOW_MORE)
+    assert button is not None and button.text() == "Show more"
+    assert path in item.property("mapclipText")
+    button.click()
+    viewers = [w for w in QApplication.topLevelWidgets()
+               if isinstance(w, QgsMessageViewer) and w.isVisible()]
+    assert viewers
+    for w in viewers:
+        w.close()
+    status = log.bar_error(iface, "search failed", exc)                       # the status line
+    assert path in status and "try 7" in status

@@ -69,23 +69,8 @@ def worded(exc: MapClipError, name_of) -> "tuple[str, str | None]":
     engine messages mention (``--bands 4,3,2``) are replaced by the front end's
     name for the same option where it has one.
     """
-    import re
-
     option = getattr(exc, "option", None)
     message, hint = exc.message, exc.hint
-    options_of_flags = {v: k for k, v in FLAGS.items()}
-
-    def renamed(text):
-        if not text:
-            return text
-
-        def swap(match):
-            flag_text = match.group(0)
-            opt = options_of_flags.get(flag_text, flag_text[2:].replace("-", "_"))
-            name = name_of(opt)
-            return name if name else flag_text
-        return re.sub(r"--[a-z][a-z-]*", swap, text)
-
     if option:
         name = name_of(option) or option
         if message.startswith(option):
@@ -94,7 +79,23 @@ def worded(exc: MapClipError, name_of) -> "tuple[str, str | None]":
             message = f"unknown {name} " + message[len(f"unknown {option} "):]
         if hint and name not in hint:
             hint = f"{name}: {hint}"
-    return renamed(message), renamed(hint)
+    return renamed(message, name_of), renamed(hint, name_of)
+
+
+def renamed(text, name_of):
+    """``text`` (an engine message or note) with the command-line flags it mentions
+    (``--read-workers 0``) replaced by a front end's names for the same options
+    (``name_of(option)``, as in :func:`worded`); flags it has no name for stay."""
+    import re
+    if not text:
+        return text
+    options_of_flags = {v: k for k, v in FLAGS.items()}
+
+    def swap(match):
+        flag_text = match.group(0)
+        name = name_of(options_of_flags.get(flag_text, flag_text[2:].replace("-", "_")))
+        return name if name else flag_text
+    return re.sub(r"--[a-z][a-z-]*", swap, text)
 
 
 def reason(exc: BaseException, limit: int = 240) -> str:

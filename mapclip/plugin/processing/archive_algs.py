@@ -17,7 +17,7 @@ from qgis.core import (QgsFeatureSink, QgsFields, QgsProcessing, QgsProcessingEx
                        QgsProcessingParameterPoint, QgsProcessingParameterString, QgsWkbTypes)
 
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model, optional_number, parse_bands, raster_path,
-                     read_workers_param, read_workers_value, split_prompts)
+                     push_notes, read_workers_param, read_workers_value, split_prompts)
 from ...engine.core import outputs
 from ..layers import crs_text, engine_crs, feature, fields_of
 
@@ -130,6 +130,7 @@ class BuildIndexAlgorithm(MapClipAlgorithm):
             info = build_index(sources, out, lm, options, progress=bridge.progress, cancel=bridge)
         feedback.pushInfo(f"{info.embedded} tiles embedded ({info.skipped} empty skipped); the "
                           f"index holds {info.rows} tiles of {info.rasters} rasters")
+        push_notes(feedback, info.warnings)
         for label, items in (("added", info.added), ("resumed", info.resumed),
                              ("replaced", info.replaced), ("unchanged", info.unchanged)):
             if items:

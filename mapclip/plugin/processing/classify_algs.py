@@ -23,7 +23,8 @@ from ...engine.core.options import CAPTION_METHODS as CAPTION_METHODS_
 from ...engine.core.options import TEMPLATE_SETS, CaptionOptions, ClassifyOptions
 from ...engine.core.outputs import CAPTION_FIELDS
 from ..layers import crs_text
-from .common import (FeedbackBridge, default_model, engine_errors, get_model, optional_number, raster_path, split_prompts)
+from .common import (FeedbackBridge, default_model, engine_errors, get_model, optional_number, push_notes, raster_path,
+                     split_prompts)
 from .search_algs import RasterSearchAlgorithm
 
 C = ClassifyOptions()
@@ -118,8 +119,7 @@ class ClassifyAlgorithm(RasterSearchAlgorithm):
                                   progress=bridge.progress, cancel=bridge, out=out,
                                   scores_out=scores, polygons_out=polygons, overwrite=True,
                                   within=within, within_crs=within_crs)
-        for note in result.warnings:
-            feedback.pushWarning(note)
+        push_notes(feedback, result.warnings)
         feedback.pushInfo(", ".join(f"{k}: {100 * v:.1f}%" for k, v in result.shares.items()))
         outputs = {self.OUTPUT: out}
         if scores:

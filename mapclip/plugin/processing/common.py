@@ -74,6 +74,13 @@ PARAMETERS = {"tile_px": "TILE", "window": "WINDOW", "stride": "STRIDE", "top_k"
               "read_workers": "READ_WORKERS", "compile": "COMPILE", "cache": "CACHE"}
 
 
+def push_notes(feedback, notes) -> None:
+    """A job's notes as warnings, the options named by their Processing parameter."""
+    from ...engine.core.errors import renamed
+    for note in notes or []:
+        feedback.pushWarning(renamed(str(note), PARAMETERS.get))
+
+
 def error_text(exc: MapClipError) -> str:
     """The message and the fix, with options named by their Processing parameter."""
     from ...engine.core.errors import worded

@@ -32,7 +32,7 @@ from ...engine.core.options import TEMPLATE_SETS
 from ...engine.core.options import CountOptions, DetectOptions
 from ...engine.core import outputs
 from ..layers import ENGINE_BOX_FIELDS, crs_text, engine_crs, feature, fields_of
-from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model, optional_number, parse_bands, read_workers_param,
+from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model, optional_number, parse_bands, push_notes, read_workers_param,
                      read_workers_value, split_prompts)
 
 D = DetectOptions()
@@ -254,8 +254,7 @@ class DetectBase(RasterSearchAlgorithm):
                             options=options, progress=bridge.progress, cancel=bridge)
         if feedback.isCanceled():
             raise QgsProcessingException("Cancelled: nothing was written.")
-        for warning in getattr(result, "warnings", []):
-            feedback.pushWarning(warning)
+        push_notes(feedback, getattr(result, "warnings", []))
         feedback.pushInfo(f"{result.tiles} tiles, {getattr(result, 'windows', 0)} windows, "
                           f"{len(result.boxes)} boxes in {result.seconds:.1f} s on {result.device}"
                           + ("; embeddings from the cache" if result.from_cache else ""))
@@ -388,8 +387,7 @@ class CountAlgorithm(RasterSearchAlgorithm):
             bridge = FeedbackBridge(feedback)
             result = count(path, name, lm, extent=extent, extent_crs=extent_crs, method=method,
                            options=options, progress=bridge.progress, cancel=bridge)
-        for warning in result.warnings:
-            feedback.pushWarning(warning)
+        push_notes(feedback, result.warnings)
         summary = result.summary()
         feedback.pushInfo(summary)
         out = {self.COUNT_PROMPT: result.prompt.count if result.prompt is not None else -1,
