@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import unquote, urlparse
 
+from ..engine.core.errors import UsageError
+
 #: import name -> pip name, for the packages whose absence stops the plugin
 REQUIRED: Dict[str, str] = {"torch": "torch", "open_clip": "open_clip_torch",
                             "rasterio": "rasterio"}
@@ -477,63 +479,31 @@ def pip_wheel() -> Optional[str]:
     return None
 
 
-def _python_names(platform: str, version_info) -> List[str]:
-    if platform.startswith("win"):
-        return ["python.exe", "python3.exe"]
-    major, minor = version_info[0], version_info[1]
-    return [f"python{major}.{minor}", f"python{major}", "python3", "python"]
+def python_program() -> str:
+    """QGIS's Python as a program, for pip and the check after it: the engine's one finder
+    (engine.core.interpreter.qgis_python: the running interpreter, checked by running it,
+    never merely the first Python on PATH). A UsageError, with the hand-install command,
+    where there is none."""
+    from ..engine.core.interpreter import qgis_python
+    found = qgis_python()
+    if found.path is None:
+        raise UsageError(
+            f"the installer runs pip with QGIS's own Python, and {found.why_none()}",
+            "start QGIS without another Python (pyenv, conda, a virtual environment) first on "
+            "PATH and install again, or install the packages by hand with QGIS's Python: "
+            f"{hand_install_command('python3', deps_dir(), read_requirements())}")
+    return found.path
 
 
-def python_executable(executable: Optional[str] = None, platform: Optional[str] = None,
-                      exec_prefix: Optional[str] = None, version_info=None) -> str:
-    """The Python interpreter behind QGIS (sys.executable is the QGIS binary on Windows/macOS).
-
-    - Linux: sys.executable is the Python (``/usr/bin/python3``).
-    - Windows (OSGeo4W and the standalone installer): ``qgis-bin.exe`` is in
-      ``<root>/bin``; Python is ``<root>/bin/python.exe`` (OSGeo4W) or
-      ``<root>/apps/Python3x/python.exe``.
-    - macOS: ``QGIS.app/Contents/MacOS/QGIS``; Python is
-      ``QGIS.app/Contents/MacOS/bin/python3``, else in the bundled framework.
-    """
-    exe = sys.executable if executable is None else executable
-    exe = exe or ""
-    platform = sys.platform if platform is None else platform
-    exec_prefix = sys.exec_prefix if exec_prefix is None else exec_prefix
-    version_info = sys.version_info if version_info is None else version_info
-    if re.split(r"[\\/]", exe)[-1].lower().startswith("python"):
-        return exe
-    names = _python_names(platform, version_info)
-    exe_dir = os.path.dirname(exe) if exe else ""
-    folders: List[str] = []
-    if platform.startswith("win"):
-        folders += [exe_dir, exec_prefix]                        # <root>/bin, PYTHONHOME
-        root = os.path.dirname(exe_dir) if exe_dir else ""
-        if root:
-            apps = os.path.join(root, "apps")
-            try:
-                pythons = [d for d in os.listdir(apps) if re.fullmatch(r"(?i)python3\d*", d)]
-            except OSError:
-                pythons = []
-            want = f"python{version_info[0]}{version_info[1]}"
-            pythons.sort(key=lambda d: (d.lower() != want, -int(d[7:] or 0)))
-            folders += [os.path.join(apps, d) for d in pythons]
-    else:
-        if exe_dir:
-            folders += [os.path.join(exe_dir, "bin"), exe_dir]     # QGIS.app/Contents/MacOS/bin
-        folders += [os.path.join(exec_prefix, "bin"), exec_prefix]
-        if platform == "darwin" and exe_dir:
-            fw = os.path.join(os.path.dirname(exe_dir), "Frameworks", "Python.framework",
-                              "Versions")
-            ver = f"{version_info[0]}.{version_info[1]}"
-            folders += [os.path.join(fw, ver, "bin"), os.path.join(fw, "Current", "bin")]
-    for folder in folders:
-        if not folder:
-            continue
-        for name in names:
-            cand = os.path.join(folder, name)
-            if os.path.isfile(cand):
-                return cand
-    return shutil.which("python3") or shutil.which("python") or "python3"
+def hand_install_command(python: str, target: str, packages: Sequence[str],
+                         index_args: Sequence[str] = ()) -> str:
+    """The pip command line that installs ``packages`` into ``target`` by hand, quoted for
+    this system's shell."""
+    import shlex
+    cmd = [python, "-m", "pip", "install", "--target", target, *index_args, *packages]
+    if sys.platform.startswith("win"):
+        return subprocess.list2cmdline(cmd)
+    return shlex.join(cmd)
 
 
 @dataclass
@@ -562,6 +532,27 @@ class PipPlan:
 
     def command(self) -> List[str]:
         return [self.program, *self.args]
+
+    def indexes(self) -> List[Tuple[str, str]]:
+        """(what it is, URL) of each index pip asks: the package index, then PyTorch's."""
+        def after(flag):
+            return self.args[self.args.index(flag) + 1] if flag in self.args else None
+        out = [("the package index", after("--index-url") or PYPI_INDEX)]
+        if after("--extra-index-url"):
+            out.append((f"the PyTorch {self.torch_build or 'CPU'} wheel index",
+                        after("--extra-index-url")))
+        return out
+
+    def hand_command(self, packages: Optional[Sequence[str]] = None,
+                     indexes: Optional[Sequence[str]] = None) -> str:
+        """The pip command line that does this install by hand (``packages`` and ``indexes``
+        default to the plan's own)."""
+        urls = [u for _, u in self.indexes()] if indexes is None else list(indexes)
+        index_args = ["--index-url", urls[0]] if urls and urls[0] != PYPI_INDEX else []
+        for url in urls[1:]:
+            index_args += ["--extra-index-url", url]
+        return hand_install_command(self.program, self.target,
+                                    self.packages if packages is None else packages, index_args)
 
     def summary(self) -> str:
         """What the install will do, in one line for the message bar."""
@@ -625,7 +616,7 @@ def pip_plan(target: Optional[str] = None, cuda: Optional[bool] = None,
     if choice.index:
         args += ["--extra-index-url", choice.index]
     args += packages
-    plan = PipPlan(python or python_executable(), args, target, choice.build == "CUDA", packages,
+    plan = PipPlan(python or python_program(), args, target, choice.build == "CUDA", packages,
                    torch_build=choice.build, torch_index=choice.index,
                    numpy_version=numpy_version.split("+", 1)[0], env=env, protected=protected)
     if verify_modules is not None:
@@ -664,6 +655,44 @@ _CONNECT = ("Failed to establish a new connection", "Connection refused", "timed
             "Temporary failure in name resolution", "Name or service not known",
             "Network is unreachable", "No route to host", "getaddrinfo failed",
             "ConnectTimeoutError", "ProxyError", "Max retries exceeded")
+
+
+#: pip's default index, and the host its files come from
+PYPI_INDEX = "https://pypi.org/simple"
+PYPI_FILES = "files.pythonhosted.org"
+
+
+def _hosts(line: str) -> List[str]:
+    """Host names a line of pip's output mentions (host='...' and URLs)."""
+    return re.findall(r"host='([^']+)'", line) + re.findall(r"https?://([^/\s:'\"]+)", line)
+
+
+def _index_failure(output: str, plan: Optional[PipPlan],
+                   probe: Optional[Callable[[str], Optional[str]]]) -> Optional[str]:
+    """pip could not connect to some of the plan's indexes: which failed, which answered,
+    the exact command to install by hand and the folder it installs into."""
+    if plan is None:
+        return None
+    failed_hosts = {h for line in output.splitlines() if any(c in line for c in _CONNECT)
+                    for h in _hosts(line)}
+    if not failed_hosts:
+        return None
+    failed, answered, hosts = [], [], []
+    for label, url in plan.indexes():
+        host = urlparse(url).hostname or url
+        files = {host} | ({PYPI_FILES} if url == PYPI_INDEX else set())
+        if files & failed_hosts:
+            failed.append(f"{host} ({label}, {url})")
+            hosts.append(host)
+        elif probe is not None and probe(url) is None:
+            answered.append(f"{host} ({label})")
+    if not failed:
+        return None
+    cause = f"pip could not connect to {' or '.join(failed)}"
+    cause += f"; {', '.join(answered)} answered." if answered else " (no network?)."
+    return (f"{cause} Nothing was installed. Fix: make {' and '.join(hosts)} reachable from this machine "
+            f"(proxy: set HTTPS_PROXY in Settings > Options > System > Environment) and install "
+            f"again, or install by hand: {plan.hand_command()} (target folder: {plan.target})")
 
 
 def index_error(url: str, timeout: float = 4.0) -> Optional[str]:
@@ -715,8 +744,8 @@ def _torch_pin_failure(output: str, plan: Optional[PipPlan],
                  f"OS. Nothing was installed.")
     fix = (f"Fix: make {parts.hostname or index} reachable from this machine (proxy: set "
            f"HTTPS_PROXY in Settings > Options > System > Environment) and install again, or "
-           f"install it by hand: python -m pip install --target \"{plan.target}\" "
-           f"--index-url {index} {pin}")
+           f"install it by hand: {plan.hand_command([pin], [index])} (target folder: "
+           f"{plan.target})")
     return f"{cause} {fix}"
 
 
@@ -727,7 +756,7 @@ def explain_failure(output: str, exit_code: int, plan: Optional[PipPlan] = None,
     With the ``plan``, a torch build pip could not find is explained (the
     PyTorch index unreachable, checked with ``probe``, or without that build).
     """
-    torch = _torch_pin_failure(output, plan, probe)
+    torch = _torch_pin_failure(output, plan, probe) or _index_failure(output, plan, probe)
     if torch:
         return torch
     m = re.search(r"No matching distribution found for numpy\s*==\s*([^\s]+)", output)
@@ -1255,7 +1284,7 @@ def verify_install(target: str, python: Optional[str] = None,
 
     The blocking form of the check the installer runs after pip.
     """
-    python = python or python_executable()
+    python = python or python_program()
     path = list(path) if path is not None else qgis_path(target)
     cmd = verify_command(python, target, modules, path, if_present)
     env = dict(os.environ, PYTHONNOUSERSITE="1")
@@ -1265,6 +1294,11 @@ def verify_install(target: str, python: Optional[str] = None,
         err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
         return parse_verify("", err, 124, target, path, python)
     return parse_verify(proc.stdout, proc.stderr, proc.returncode, target, path, python)
+
+
+def _python_or_name() -> str:
+    from ..engine.core.interpreter import qgis_python
+    return qgis_python().path or "python"
 
 
 def explain_import_error(exc: BaseException, target: Optional[str] = None) -> Optional[str]:
@@ -1294,7 +1328,7 @@ def explain_import_error(exc: BaseException, target: Optional[str] = None) -> Op
            "name": getattr(exc, "name", None), "path": getattr(exc, "path", None),
            "frames": frames}
     problems = diagnose({"errors": [err], "loaded": loaded, "versions": versions},
-                        target, sys.path, python_executable())
+                        target, sys.path, _python_or_name())
     if not problems or "pip did not install it" in problems[0].cause:
         return None
     p = problems[0]

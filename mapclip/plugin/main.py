@@ -207,7 +207,12 @@ class MapClipPlugin:
         """pip install the engine's packages into the plugin's folder (QProcess)."""
         if self.installer is not None:
             return
-        plan = deps.pip_plan()
+        from ..engine.core.errors import MapClipError
+        try:
+            plan = deps.pip_plan()
+        except MapClipError as exc:       # no QGIS Python to run pip with: how to do it by hand
+            log.bar_error(self.iface, "installing MapCLIP's packages failed", exc)
+            return
         log.info("running: " + " ".join(plan.command()))
         bar = self.iface.messageBar()
         if self.deps_item is not None:

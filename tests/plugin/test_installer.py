@@ -448,7 +448,8 @@ def test_installer_requirements_keeps_specifiers_it_does_not_pin(mapclip):
 
 
 # --------------------------------------------------------------------------- #
-# QGIS's Python on Windows (OSGeo4W, standalone) and macOS
+# QGIS's Python as a program (the engine's finder; its platform lists are tested in
+# tests/engine/test_interpreter.py)
 # --------------------------------------------------------------------------- #
 def _touch(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -456,54 +457,51 @@ def _touch(path: Path) -> Path:
     return path
 
 
-def test_windows_osgeo4w_python_next_to_qgis_bin(mapclip, tmp_path, monkeypatch):
+def _fake_python_first(tmp_path, monkeypatch) -> Path:
+    """sys.executable and PATH as QGIS has them with pyenv first on PATH: a python3 that
+    is not QGIS's (here one that cannot even start)."""
+    from mapclip.engine.core import interpreter
+    fake = tmp_path / "shims" / "python3"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    monkeypatch.setenv("PATH", os.pathsep.join([str(fake.parent), os.environ.get("PATH", "")]))
+    monkeypatch.setattr(interpreter, "_CACHE", [])
+    return fake
+
+
+def test_pip_runs_with_qgis_python_not_the_first_python_on_path(mapclip, tmp_path, monkeypatch):
+    from mapclip.engine.core.interpreter import identity, running
     from mapclip.plugin import deps
-    root = tmp_path / "OSGeo4W"
-    qgis = _touch(root / "bin" / "qgis-bin.exe")
-    python = _touch(root / "bin" / "python.exe")
-    _touch(root / "apps" / "Python312" / "python.exe")
-    monkeypatch.setattr(deps.sys, "executable", str(qgis))
-    monkeypatch.setattr(deps.sys, "platform", "win32")
-    monkeypatch.setattr(deps.sys, "exec_prefix", str(tmp_path / "nowhere"))
-    assert deps.python_executable() == str(python)
+    fake = _fake_python_first(tmp_path, monkeypatch)
+    plan = deps.pip_plan(target=str(tmp_path / "t"), cuda=False, numpy_version="1.24.2",
+                         platform="linux", pip=(24, 1))
+    assert plan.program != str(fake)
+    got, _ = identity(plan.program)
+    assert got is not None and got.same_as(running())
 
 
-def test_windows_standalone_python_in_apps_python3x(mapclip, tmp_path, monkeypatch):
+def test_without_qgis_python_the_installer_says_how_to_install_by_hand(
+        mapclip, iface, tmp_path, monkeypatch):
+    from mapclip.engine.core import interpreter
     from mapclip.plugin import deps
-    root = tmp_path / "QGIS 3.34"
-    qgis = _touch(root / "bin" / "qgis-ltr-bin.exe")
-    _touch(root / "apps" / "Python39" / "python.exe")
-    newest = _touch(root / "apps" / "Python312" / "python.exe")
-    _touch(root / "apps" / "qgis-ltr" / "python" / "qgis" / "__init__.py")
-    monkeypatch.setattr(deps.sys, "executable", str(qgis))
-    monkeypatch.setattr(deps.sys, "platform", "win32")
-    monkeypatch.setattr(deps.sys, "exec_prefix", str(tmp_path / "nowhere"))
-    assert deps.python_executable(version_info=(3, 12)) == str(newest)
-    # the folder matching the running Python's version wins over a newer one
-    assert deps.python_executable(version_info=(3, 9)) == str(root / "apps" / "Python39" /
-                                                               "python.exe")
-
-
-def test_macos_python_inside_the_qgis_app(mapclip, tmp_path, monkeypatch):
-    from mapclip.plugin import deps
-    app = tmp_path / "QGIS.app" / "Contents"
-    qgis = _touch(app / "MacOS" / "QGIS")
-    python = _touch(app / "MacOS" / "bin" / "python3")
-    monkeypatch.setattr(deps.sys, "executable", str(qgis))
-    monkeypatch.setattr(deps.sys, "platform", "darwin")
-    monkeypatch.setattr(deps.sys, "exec_prefix", str(tmp_path / "nowhere"))
-    assert deps.python_executable() == str(python)
-    python.unlink()                   # newer bundles: the Python framework inside the app
-    framework = _touch(app / "Frameworks" / "Python.framework" / "Versions" / "3.11" / "bin" /
-                       "python3.11")
-    assert deps.python_executable(version_info=(3, 11)) == str(framework)
-
-
-def test_linux_sys_executable_is_the_python(mapclip, monkeypatch):
-    from mapclip.plugin import deps
-    monkeypatch.setattr(deps.sys, "executable", "/usr/bin/python3")
-    monkeypatch.setattr(deps.sys, "platform", "linux")
-    assert deps.python_executable() == "/usr/bin/python3"
+    fake = _fake_python_first(tmp_path, monkeypatch)
+    monkeypatch.setattr(interpreter, "candidates", lambda: [str(fake)])
+    monkeypatch.setattr(deps, "deps_dir", lambda: str(tmp_path / "mapclip-deps"))
+    plugin = mapclip.classFactory(iface)
+    plugin.initGui()
+    try:
+        plugin.install_deps()
+        assert plugin.installer is None                       # pip never ran
+        item = iface.bar.items()[-1]
+        text = item.property("mapclipText")                   # the whole text ("Show more")
+        assert text.startswith(item.text()[:100]) and len(item.text()) < len(text)
+        assert "installing MapCLIP's packages failed" in text and str(fake) in text
+        assert "exited with code 1" in text and "Traceback" not in text
+        assert f"pip install --target {tmp_path / 'mapclip-deps'}" in text and "torch" in text
+    finally:
+        plugin.unload()
 
 
 # --------------------------------------------------------------------------- #
@@ -732,6 +730,42 @@ def test_unreachable_cpu_index_is_named_and_not_confused_with_no_network(mapclip
     assert "QGIS's exact NumPy (1.24.2)" in text and "Fix:" in text
     # without a plan the old explanations hold
     assert "no network" in deps.explain_failure(output, 1)
+
+
+def test_only_the_pytorch_index_failing_names_it_the_index_that_answered_and_the_hand_command(
+        mapclip):
+    """The package index answered; the download from PyTorch's index timed out: not "no
+    network?", but which host failed, which answered, the command and the folder."""
+    from mapclip.plugin import deps
+    plan = deps.pip_plan(target="/home/a/mapclip-deps", cuda=False, numpy_version="1.24.2",
+                         python="/usr/bin/python3", platform="linux", pip=(24, 1),
+                         requirements=["torch==2.14.1", "open-clip-torch==3.3.0"])
+    output = ("Looking in indexes: https://pypi.org/simple, https://download.pytorch.org/whl/cpu\n"
+              "Collecting open-clip-torch==3.3.0\n"
+              "  Downloading open_clip_torch-3.3.0-py3-none-any.whl (1.5 MB)\n"
+              "Collecting torch==2.14.1+cpu\n"
+              "  Downloading https://download.pytorch.org/whl/cpu/torch-2.14.1%2Bcpu-cp311-cp311-"
+              "linux_x86_64.whl (190.0 MB)\n"
+              "ERROR: Exception:\n"
+              "pip._vendor.urllib3.exceptions.ReadTimeoutError: HTTPSConnectionPool("
+              "host='download.pytorch.org', port=443): Read timed out.\n")
+    probed = []
+    text = deps.explain_failure(output, 2, plan, probe=lambda url: probed.append(url))
+    assert "no network" not in text
+    assert ("could not connect to download.pytorch.org (the PyTorch CPU wheel index, "
+            "https://download.pytorch.org/whl/cpu)") in text
+    assert "pypi.org (the package index) answered" in text and probed == [deps.PYPI_INDEX]
+    assert ("install by hand: /usr/bin/python3 -m pip install --target /home/a/mapclip-deps "
+            "--extra-index-url https://download.pytorch.org/whl/cpu torch==2.14.1+cpu "
+            "open-clip-torch==3.3.0 numpy==1.24.2") in text
+    assert "target folder: /home/a/mapclip-deps" in text
+    # both unreachable: that is no network, and both hosts are named
+    text = deps.explain_failure(output + "WARNING: Retrying after connection broken by "
+                                "'NewConnectionError(Failed to establish a new connection)': "
+                                "https://pypi.org/simple/open-clip-torch/\n", 2, plan,
+                                probe=lambda url: None)
+    assert "no network?" in text and "pypi.org (the package index" in text
+    assert "make pypi.org and download.pytorch.org reachable" in text
 
 
 def test_diagnosis_of_a_numpy_mismatch_names_the_package_and_qgis_numpy(mapclip, tmp_path):
