@@ -114,6 +114,8 @@ def raster_job(raster: str, model, extent=None, extent_crs: Optional[str] = None
                          quiet=True)  # warnings kept in reader.warnings
     with reader:
         notes = list(reader.warnings)
+        # what reading adds later (reader processes that gave way to threads) is a job note too
+        reader.warnings = notes
         area = extent_to_window(reader.info, extent, extent_crs)
         job.check()
         lm = as_loaded(model, options.device, options.precision)

@@ -151,9 +151,10 @@ CHILD = textwrap.dedent('''
                                  "warnings": list(r.warnings),
                                  "processes": getattr(it, "_fallback", 1) is None}
     rig = rigged_model()
-    opts = DetectOptions(tile_px=32, window=1, top_k=3, refine=False)
+    opts = DetectOptions(tile_px=32, window=1, top_k=3, refine=False, cache=False)  # read each time
     res = detect(raster, [RED_PROMPT], rig, options=replace(opts, read=ReadOptions(workers="auto")))
     out["boxes"] = [list(b.pixel) for b in res.boxes]
+    out["search_notes"] = [n for n in res.warnings if "reader processes" in n]
     print(json.dumps(out))
 ''')
 
@@ -188,6 +189,7 @@ def test_another_python_first_on_path_reads_through_qgis_own_python(tmp_path, la
     assert auto["processes"] and auto["notes"] == [] and auto["warnings"] == []
     assert auto["batches"] == threads["batches"] and threads["kind"] == "TileBatches"
     assert out["boxes"] and out["boxes"][0] == [320, 608, 352, 640]
+    assert out["search_notes"] == []
 
 
 @pytest.mark.parametrize("mode", ["none", "broken"])
@@ -205,7 +207,9 @@ def test_reader_processes_that_cannot_start_give_way_to_threads_with_one_note(
         assert "pyenv/shims/python3 exited with code 1" in note
     else:
         assert "pyenv/shims/python3" in note and "failed" in note
+    # the search itself succeeds, reading with threads, and its result says so once
     assert out["boxes"] and out["boxes"][0] == [320, 608, 352, 640]
+    assert out["search_notes"] == [note]
 
 
 def test_an_index_build_without_a_matching_python_reads_with_threads_and_says_so_once(
