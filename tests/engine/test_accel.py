@@ -145,3 +145,69 @@ def test_cache_is_lru_bounded(tiny_model):
     assert len(cache) == 2
     assert cache.get(tiny_model, ["p0"]) is None               # evicted, oldest
     assert torch.equal(cache.get(tiny_model, ["p2"]), e * 2)
+
+
+# ------------------------------------------------------------- the CPU path --
+def _vit_b32(auto: bool = True):
+    """ViT-B-32 (QuickGELU) with seeded random weights, as load_model gives it on the CPU."""
+    from open_clip.tokenizer import SimpleTokenizer
+    from mapclip.engine.model import models
+    cfg = models.arch_config("ViT-B-32-quickgelu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = models.build_model(cfg).eval().requires_grad_(False)
+    return models.LoadedModel(model=model, tokenizer=SimpleTokenizer(), spec="vit-b-32-random",
+                              arch="ViT-B-32-quickgelu", image_size=224, mean=models.OPENAI_MEAN,
+                              std=models.OPENAI_STD, embed_dim=512, device=torch.device("cpu"),
+                              precision="fp32", model_cfg=cfg, auto_precision=auto)
+
+
+@pytest.fixture(scope="module")
+def vit_b32():
+    return _vit_b32()
+
+
+def test_the_cpu_path_runs_a_large_image_tower_in_bf16_only_where_it_agrees_with_fp32(vit_b32, monkeypatch):
+    monkeypatch.delenv(accel.CPU_PATH_ENV, raising=False)
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    copy, facts = accel.cpu_path(vit_b32)
+    assert facts["gflop"] > accel.CPU_BF16_MIN_GFLOP
+    if not native:         # a CPU without bf16 arithmetic keeps fp32 and says why
+        assert copy is None and "no native bf16" in facts["reason"]
+        return
+    assert copy is not None and facts["path"] == "bf16"
+    assert facts["cosine"] >= accel.CPU_AGREEMENT and facts["same_top10"]
+    x = accel.probe_images(224, n=6, seed=7)                # images the check did not see
+    with torch.inference_mode():
+        ref = vit_b32.model.visual(x)
+        got = copy(x.to(torch.bfloat16)).float()
+    cos, _ = accel.agreement(ref, got)
+    assert got.dtype == torch.float32 and cos >= accel.CPU_AGREEMENT
+    # a stricter agreement than bf16 can give: fp32 stays, with the measured cosine
+    monkeypatch.setattr(accel, "CPU_AGREEMENT", 1.0)
+    copy, facts = accel.cpu_path(vit_b32)
+    assert copy is None and "disagrees" in facts["reason"] and facts["cosine"] < 1.0
+
+
+def test_the_cpu_path_leaves_small_models_asked_precisions_and_the_override_at_fp32(tiny_model, monkeypatch):
+    monkeypatch.delenv(accel.CPU_PATH_ENV, raising=False)
+    tiny = accel.cpu_path(type(tiny_model)(**{**tiny_model.__dict__, "auto_precision": True}))
+    assert tiny[0] is None and "small model" in tiny[1]["reason"]
+    assert accel.cpu_path(_vit_b32(auto=False))[1]["reason"] == "fp32 asked"   # --precision fp32
+    monkeypatch.setenv(accel.CPU_PATH_ENV, "fp32")
+    assert accel.cpu_path(_vit_b32())[0] is None
+
+
+def test_the_cpu_path_follows_weights_changed_in_place():
+    lm = _vit_b32()
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert not accel.plan_for(lm).cpu_bf16
+        return
+    assert accel.plan_for(lm).cpu_bf16 and "bf16 image tower" in accel.plan_for(lm).describe()
+    x = accel.probe_images(224, n=2, seed=3)
+    before = accel.encode_image(lm, x)
+    with torch.no_grad():
+        lm.model.visual.proj.mul_(-1.0)      # a training step that flips every embedding
+    after = accel.encode_image(lm, x)
+    cos = torch.nn.functional.cosine_similarity(before, after).max()
+    assert cos < -0.99

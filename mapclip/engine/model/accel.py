@@ -1,4 +1,4 @@
-"""The image model near the hardware's limit on CUDA; unchanged fp32 on the CPU.
+"""The image model near the hardware's limit on CUDA, and a checked bf16 path on the CPU.
 
 Everything here is selected by the model's device (:func:`choose`):
 
@@ -7,7 +7,17 @@ Everything here is selected by the model's device (:func:`choose`):
   under ``torch.autocast`` in that dtype, so the few float32 leftovers (a
   fine-tuned model's fp32 parts, inputs) run on the tensor cores too. A user
   who asks for fp32 on CUDA gets fp32 (no autocast). On the CPU: fp32, no
-  autocast.
+  autocast, unless the CPU path below applies.
+* **The CPU path** (:func:`cpu_path`): on a CPU with native bf16 arithmetic
+  (AVX512_BF16 or AMX, as oneDNN reports it), a model loaded without an asked
+  precision whose image tower costs at least :data:`CPU_BF16_MIN_GFLOP` per
+  image runs its image tower from a bf16 copy of the weights (the measured
+  gain on ViT-B-32 is in docs/performance.md; autocast alone does not pay on
+  the CPU). It is kept only when a probe batch agrees with fp32: every
+  embedding's cosine to fp32 at least :data:`CPU_AGREEMENT` and the same
+  top-10 order of the probe images; else fp32 stays. ``$MAPCLIP_CPU_PATH``
+  (``auto``, ``fp32``, ``bf16``) overrides the choice; int8 dynamic
+  quantisation was measured (bench/bench_interactive.py) and is not chosen.
 * **Channels-last.** Convolutional image towers (ResNet/ConvNeXt CLIPs) run
   faster in NHWC with cuDNN in bf16; on CUDA they and their inputs are
   switched to ``torch.channels_last``. A ViT has one convolution (the patch
@@ -39,6 +49,7 @@ Everything here is selected by the model's device (:func:`choose`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 import weakref
@@ -48,6 +59,12 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 #: largest batch auto_batch_size chooses (beyond this nothing is gained)
 MAX_AUTO_BATCH = 1024
+#: the CPU path: least image-tower cost (GFLOP per image) worth a bf16 copy, least
+#: cosine of a probe embedding to fp32, probe images compared, and the override variable
+CPU_BF16_MIN_GFLOP = 1.0
+CPU_AGREEMENT = 0.999
+CPU_PROBE_IMAGES = 16
+CPU_PATH_ENV = "MAPCLIP_CPU_PATH"
 #: share of the free GPU memory auto_batch_size plans to use
 AUTO_BATCH_MEMORY_SHARE = 0.5
 #: prompt sets kept in the text-embedding cache
@@ -63,9 +80,11 @@ class Plan:
     autocast: Optional[str] = None       # "bf16"/"fp16" on CUDA, else None
     channels_last: bool = False
     compile: bool = False
+    cpu_bf16: bool = False               # CPU: the image tower runs from a bf16 copy (cpu_path)
 
     def describe(self) -> str:
         parts = [self.device, f"autocast {self.autocast}" if self.autocast else "no autocast",
+                 *(["bf16 image tower"] if self.cpu_bf16 else []),
                  "channels-last" if self.channels_last else "contiguous (NCHW)",
                  "torch.compile" if self.compile else "eager"]
         return ", ".join(parts)
@@ -95,6 +114,9 @@ def batch_from_memory(free_bytes: int, per_image_bytes: int, share: float = AUTO
 @dataclass
 class _State:
     plan: Plan
+    visual_bf16: Any = None              # the CPU path's bf16 copy of the image tower
+    weights_version: Optional[int] = None  # of the weights the copy was made from
+    cpu_check: Optional[dict] = None     # what cpu_path measured (agreement, GFLOP, reason)
     compiled: Optional[Callable] = None
     compile_failed: bool = False
     notes: List[str] = field(default_factory=list)
@@ -125,6 +147,12 @@ def _state(lm, compile: Optional[bool] = None) -> _State:
             st = _State(plan)
             if old is not None:
                 st.batch = old.batch
+                st.visual_bf16, st.cpu_check = old.visual_bf16, old.cpu_check
+            elif plan.device == "cpu":
+                st.visual_bf16, st.cpu_check = cpu_path(lm)
+                st.weights_version = _weights_version(lm)
+            if st.visual_bf16 is not None:
+                plan = st.plan = Plan("cpu", cpu_bf16=True)
             _STATES[lm.model] = st
             if plan.channels_last:
                 import torch
@@ -159,6 +187,13 @@ def encode_image(lm, x):
     """
     st = _state(lm)
     plan = st.plan
+    if plan.cpu_bf16:
+        import torch
+        if _weights_version(lm) != st.weights_version:      # trained in place: copy again
+            with _LOCK:
+                st.visual_bf16 = copy.deepcopy(lm.model.visual).to(torch.bfloat16).eval()
+                st.weights_version = _weights_version(lm)
+        return st.visual_bf16(x.to(torch.bfloat16)).float()
     if plan.device != "cuda":
         return lm.model.encode_image(x)
     import torch
@@ -179,6 +214,84 @@ def encode_image(lm, x):
                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); "
                                 "ran without it")
         return lm.model.encode_image(x)
+
+
+def _weights_version(lm) -> Optional[int]:
+    from .identity import weights_version
+    return weights_version(lm)
+
+
+def image_gflop(lm) -> float:
+    """GFLOP of one image through the image tower (counted by torch's FLOP counter)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.zeros(1, 3, lm.image_size, lm.image_size, device=lm.device, dtype=lm.dtype)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        lm.model.visual(x)
+    return counter.get_total_flops() / 1e9
+
+
+def probe_images(size: int, n: int = CPU_PROBE_IMAGES, seed: int = 0):
+    """``n`` fixed model inputs (smooth colour fields with edges and noise, normalised
+    like photos): the probe batch the CPU path is checked on."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    x = x + 0.1 * torch.randn(n, 3, size, size, generator=g)
+    return (x - 0.45) / 0.27
+
+
+def agreement(ref, other, top: int = 10) -> Tuple[float, bool]:
+    """(least cosine of ``other``'s rows to ``ref``'s, whether both rank the rows alike
+    (the top ``top`` rows by similarity to ``ref``'s mean embedding, in order))."""
+    import torch.nn.functional as F
+    a, b = F.normalize(ref.float(), dim=-1), F.normalize(other.float(), dim=-1)
+    cos = float((a * b).sum(-1).min())
+    q = F.normalize(a.mean(0), dim=0)
+    k = min(top, len(a))
+    same = (a @ q).topk(k).indices.tolist() == (b @ q).topk(k).indices.tolist()
+    return cos, same
+
+
+def cpu_path(lm) -> Tuple[Any, dict]:
+    """(bf16 copy of ``lm``'s image tower, or None; what was checked) -- see the module doc."""
+    import torch
+    want = os.environ.get(CPU_PATH_ENV, "auto").strip().lower() or "auto"
+    facts: dict = {"path": "fp32", "asked": want}
+    if lm.device.type != "cpu" or lm.precision != "fp32":
+        facts["reason"] = "not an fp32 model on the CPU"
+        return None, facts
+    if want == "fp32" or (want == "auto" and not getattr(lm, "auto_precision", False)):
+        facts["reason"] = "fp32 asked"
+        return None, facts
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        facts["reason"] = "this CPU has no native bf16 arithmetic (AVX512_BF16 or AMX)"
+        return None, facts
+    if want == "auto":
+        facts["gflop"] = round(image_gflop(lm), 3)
+        if facts["gflop"] < CPU_BF16_MIN_GFLOP:
+            facts["reason"] = f"a small model ({facts['gflop']} GFLOP per image): fp32 is as fast"
+            return None, facts
+    visual = copy.deepcopy(lm.model.visual).to(torch.bfloat16).eval()
+    x = probe_images(lm.image_size)
+    with torch.inference_mode():
+        ref = lm.model.visual(x)
+        got = visual(x.to(torch.bfloat16))
+    cos, same = agreement(ref, got)
+    facts.update(cosine=round(cos, 6), same_top10=same)
+    if cos < CPU_AGREEMENT or not same:
+        facts["reason"] = (f"bf16 disagrees with fp32 on the probe images (cosine {cos:.5f}, "
+                           f"same top-10 {same})")
+        return None, facts
+    facts.update(path="bf16", reason="native bf16 and agreement with fp32")
+    return visual, facts
+
+
+def cpu_check(lm) -> Optional[dict]:
+    """What :func:`cpu_path` found for ``lm`` (None off the CPU)."""
+    return _state(lm).cpu_check
 
 
 def notes(lm) -> List[str]:

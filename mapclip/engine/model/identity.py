@@ -10,7 +10,7 @@ import hashlib
 from typing import Any, Dict, Optional
 
 
-def _version(lm) -> Optional[int]:
+def weights_version(lm) -> Optional[int]:
     """Sum of the parameters' in-place update counters (None for inference tensors)."""
     try:
         return sum(int(p._version) for p in lm.model.parameters())
@@ -33,7 +33,7 @@ def weights_fingerprint(lm) -> Dict[str, str]:
     changes in place (a training step)."""
     import torch
     cached = getattr(lm, "_mapclip_fingerprint", None)
-    version = _version(lm)
+    version = weights_version(lm)
     if cached is not None and cached[0] == version:
         return dict(cached[1])
     tensors = sorted(lm.model.state_dict().items(), key=lambda kv: kv[0])

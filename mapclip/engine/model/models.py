@@ -418,6 +418,7 @@ class LoadedModel:
     model_cfg: Dict[str, Any] = field(default_factory=dict)
     templates: str = DEFAULT_TEMPLATES  # the prompt template ensemble used by default
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
+    auto_precision: bool = False     # loaded without an asked precision (engine.model.accel's CPU path)
 
     @property
     def dtype(self):
@@ -1010,7 +1011,7 @@ def load_model(spec: str, device: Optional[str] = None, precision: Optional[str]
                        embed_dim=int(resolved.model_cfg.get("embed_dim", 0)),
                        device=dev, precision=prec, model_cfg=resolved.model_cfg,
                        templates=resolved.templates or DEFAULT_TEMPLATES,
-                       defaults=model_defaults(spec))
+                       defaults=model_defaults(spec), auto_precision=precision in (None, "", "auto"))
 
 
 def as_loaded(model: Union[str, LoadedModel], device: Optional[str] = None,
