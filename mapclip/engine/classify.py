@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence,
 import numpy as np
 
 from .core.errors import UsageError
-from .core.jobs import Job, atomic_path, check_outputs
+from .core.jobs import atomic_path, check_outputs
 from .core.options import MAX_CLASSES, ClassifyOptions, check
 from .core.outputs import VECTOR_DRIVERS
 
@@ -193,6 +193,11 @@ class ClassifyResult:
     style_out: Optional[str] = None
     polygons: int = 0
     warnings: List[str] = field(default_factory=list)
+    cache: str = "off"                       # where the tiles' features came from (engine.rasterjob)
+
+    @property
+    def from_cache(self) -> bool:
+        return self.cache in ("memory", "disk")
 
     @property
     def shares(self) -> Dict[str, float]:
@@ -213,6 +218,7 @@ class ClassifyResult:
             "device": self.device, "precision": self.precision, "model": self.model,
             "out": self.out, "scores_out": self.scores_out, "polygons_out": self.polygons_out,
             "style_out": self.style_out, "polygons": self.polygons,
+            "cache": self.cache, "from_cache": self.from_cache,
             "warnings": list(self.warnings),
         }
 
@@ -275,14 +281,17 @@ def _ramp(n: int, ramp: float) -> np.ndarray:
     return np.maximum(w, 1e-3).astype(np.float32)
 
 
-def _score_bands(reader, plan: _Plan, encode, P: int, opts: ClassifyOptions, job: Job,
-                 runner, facts: Dict[str, int]) -> Iterator[Tuple[int, np.ndarray]]:
+def _score_bands(rj, plan: _Plan, encoder, P: int, opts: ClassifyOptions, runner,
+                 facts: Dict[str, int]) -> Iterator[Tuple[int, np.ndarray]]:
     """Yield ``(row0, probs)``: final blended scores (P, k, W) of output rows
     [row0, row0 + k), in order, NaN where no tile scored. ``facts["skipped"]``
-    counts the tiles the reader skipped (nodata, blank)."""
+    counts the tiles the reader skipped (nodata, blank). The tiles' features are the
+    job's embedding pass (engine.rasterjob): kept, another set of classes on the same
+    area scores them without reading the raster again."""
     import cv2
 
-    from .raster.batches import iter_tile_batches
+    features, scores, _, _, params = encoder
+    job = rj.job
     grid, hh, hw = plan.grid, plan.hh, plan.hw
     Hb = hh + 2
     acc = np.zeros((P, Hb, plan.Wh), np.float32)
@@ -316,35 +325,30 @@ def _score_bands(reader, plan: _Plan, encode, P: int, opts: ClassifyOptions, job
             band_y0 += k
 
     job.set_total(len(grid.tiles))
-    batches = iter_tile_batches(reader, grid.tiles, opts.batch_size, job=job,
-                                prefetch=opts.prefetch, workers=opts.workers,
-                                min_valid=opts.min_valid)
-    done = 0
-    with batches:
-        for tiles, arr in batches:
-            job.check()
-            probs = runner(encode, arr).numpy()
-            for tile, pr in zip(tiles, probs):
-                r = tile.index // grid.n_cols
-                yield from flush(row_y[r])  # rows above this tile row are final
-                if sigma > 0:
-                    pr = np.stack([cv2.GaussianBlur(m, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
-                                   for m in pr])
-                x = _cell_pos(tile.col, plan.cov.col, grid.tile_width, plan.cov.col_end, plan.cx,
-                              plan.Wh, hw)
-                y = row_y[r] - band_y0
-                x1, y1 = min(plan.Wh, x + hw), min(Hb, y + hh, plan.Hh - band_y0)
-                if y1 <= y or x1 <= x:
-                    continue
-                w = weight[:y1 - y, :x1 - x]
-                acc[:, y:y1, x:x1] += pr[:, :y1 - y, :x1 - x] * w
-                wsum[y:y1, x:x1] += w
-            job.step(batches.done - done)
-            done = batches.done
-        yield from flush(plan.Hh)
-        facts["skipped"] = batches.skipped
-    if batches.done > done:
-        job.step(batches.done - done)
+    params = dict(params, tile_px=int(opts.tile_px), overlap=float(opts.overlap),
+                  min_valid=float(opts.min_valid))
+    for tiles, feats in rj.tile_features("classify", params, grid.tiles, lambda b: runner(features, b),
+                                         opts.batch_size, prefetch=opts.prefetch,
+                                         workers=opts.workers, min_valid=opts.min_valid):
+        job.check()
+        probs = runner(scores, feats).numpy()
+        for tile, pr in zip(tiles, probs):
+            r = tile.index // grid.n_cols
+            yield from flush(row_y[r])  # rows above this tile row are final
+            if sigma > 0:
+                pr = np.stack([cv2.GaussianBlur(m, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+                               for m in pr])
+            x = _cell_pos(tile.col, plan.cov.col, grid.tile_width, plan.cov.col_end, plan.cx,
+                          plan.Wh, hw)
+            y = row_y[r] - band_y0
+            x1, y1 = min(plan.Wh, x + hw), min(Hb, y + hh, plan.Hh - band_y0)
+            if y1 <= y or x1 <= x:
+                continue
+            w = weight[:y1 - y, :x1 - x]
+            acc[:, y:y1, x:x1] += pr[:, :y1 - y, :x1 - x] * w
+            wsum[y:y1, x:x1] += w
+    yield from flush(plan.Hh)
+    facts["skipped"] = rj.skipped
 
 
 def _classify_band(probs: np.ndarray, threshold: Optional[float]) -> Tuple[np.ndarray, np.ndarray]:
@@ -412,7 +416,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
     from .geo.extent import extent_to_window
     with raster_job(raster, model, extent, extent_crs, options=opts, progress=progress,
                     cancel=cancel) as rj:
-        reader, info, area, lm, job, notes = rj.reader, rj.info, rj.area, rj.lm, rj.job, rj.notes
+        info, area, lm, job, notes = rj.info, rj.area, rj.lm, rj.job, rj.notes
         geoms = None
         if within is not None:
             geoms = _within_in_raster_crs(within, within_crs, info)
@@ -429,7 +433,8 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
         if reason:
             notes.append(f"patch-level scores are not available: {reason}; each tile got one "
                          "score per class instead (a coarse map)")
-        encode, hh, hw = _encoder(lm, bank, opts, method)
+        encoder = _encoder(lm, bank, opts, method)
+        hh, hw = encoder[2], encoder[3]
         plan = _plan(info, area, int(opts.tile_px), opts.overlap, opts.read.gsd, hh, hw)
         H, W = plan.shape
         if out is None and H * W * (1 + (len(names) if opts.scores else 0)) > MAX_MEMORY_CELLS:
@@ -463,7 +468,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
                 stack.callback(sinks[-1].close)
                 tmp_poly = stack.enter_context(atomic_path(polygons_out))
             facts = {"skipped": 0}
-            for row0, probs in _score_bands(reader, plan, encode, len(names), opts, job, runner,
+            for row0, probs in _score_bands(rj, plan, encoder, len(names), opts, runner,
                                             facts):
                 cls_band, conf = _classify_band(probs, opts.threshold)
                 if geoms is not None:
@@ -506,7 +511,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
         out=str(out) if out else None, scores_out=str(scores_out) if scores_out else None,
         polygons_out=str(polygons_out) if polygons_out else None,
         style_out=str(_style_path(out)) if out else None, polygons=n_poly if out else 0,
-        warnings=notes)
+        warnings=notes, cache=rj.cache)
 
 
 def _within_in_raster_crs(within, within_crs, info) -> List[Dict[str, Any]]:
@@ -623,7 +628,9 @@ def read_within(path) -> Tuple[List[Dict[str, Any]], Optional[str]]:
 
 
 def _encoder(lm: LoadedModel, bank, opts: ClassifyOptions, method: str):
-    """A batch function uint8 (B, S, S, 3) -> (B, P, hh, hw) float32 CPU scores, and hh, hw."""
+    """``(features, scores, hh, hw, params)``: ``features`` takes a uint8 batch (B, S, S, 3)
+    to what the pass keeps (dense: patch features; tile: one embedding per tile), ``scores``
+    those to (B, P, hh, hw) float32 CPU class scores; ``params`` name the pass (engine.rasterjob)."""
     import torch
     import torch.nn.functional as F
 
@@ -634,13 +641,14 @@ def _encoder(lm: LoadedModel, bank, opts: ClassifyOptions, method: str):
     if method == "tile":
         hh = hw = 2 * int(opts.upsample)
 
-        def encode_tile(arr):
+        def tile_features(arr):
+            return F.normalize(lm.model.encode_image(to_model_input(lm, arr)).float(), dim=-1)
+
+        def tile_scores(emb):
             with torch.inference_mode():
-                emb = F.normalize(lm.model.encode_image(to_model_input(lm, torch.from_numpy(arr)))
-                                  .float(), dim=-1)
                 probs, _ = score_embeddings(emb, bank)
             return probs.float().cpu()[:, :, None, None].expand(-1, P, hh, hw).contiguous()
-        return encode_tile, hh, hw
+        return tile_features, tile_scores, hh, hw, {"method": "tile"}
     size = int(opts.dense_input_px or lm.image_size)
     if lm.patch_size and size % lm.patch_size:
         raise UsageError(f"dense input {size} px is not a multiple of {lm.arch}'s "
@@ -650,14 +658,18 @@ def _encoder(lm: LoadedModel, bank, opts: ClassifyOptions, method: str):
     g = max(1, size // max(1, lm.patch_size))
     hh = hw = g * int(opts.upsample)
 
-    def encode_dense(arr):
+    def features(arr):
+        return dense_features(lm, arr, mode=opts.attention, cls_weight=opts.cls_weight,
+                              input_size=size, crop=crop).float()
+
+    def scores(feats):
         with torch.inference_mode():
-            feats = dense_features(lm, torch.from_numpy(arr), mode=opts.attention,
-                                   cls_weight=opts.cls_weight, input_size=size, crop=crop)
             probs, _ = score_maps(feats, bank)
             probs = F.interpolate(probs, size=(hh, hw), mode="bilinear", align_corners=False)
         return probs.float().cpu()
-    return encode_dense, hh, hw
+    return features, scores, hh, hw, {"method": "dense", "input_px": size, "crop": crop,
+                                      "attention": opts.attention,
+                                      "cls_weight": float(opts.cls_weight)}
 
 
 # --------------------------------------------------------------------------- #

@@ -474,7 +474,6 @@ def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, p
     import torch.nn.functional as F
 
     from .model.dense import dense_features
-    from .raster.batches import iter_tile_batches
     from .model.scoring import score_maps
     info, area, lm, job = rj.info, rj.area, rj.lm, rj.job
     t = int(opts.tile_px)
@@ -499,17 +498,13 @@ def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, p
     weight = np.outer(_ramp(hh, ramp_cells), _ramp(hw, ramp_cells))
     job.set_total(len(grid.tiles))
     # the pass kept for later prompts: each valid tile's patch features
-    key = rj.key("detect-dense", {"tile_px": t, "overlap": float(opts.overlap), "input_px": size,
-                                  "crop": crop, "attention": opts.attention,
-                                  "cls_weight": float(opts.cls_weight),
-                                  "min_valid": float(opts.min_valid)})
-    kept_idx: Optional[List[np.ndarray]] = [] if key is not None else None
-    kept_feats: List[np.ndarray] = []
-    kept_bytes = 0
+    params = {"tile_px": t, "overlap": float(opts.overlap), "input_px": size, "crop": crop,
+              "attention": opts.attention, "cls_weight": float(opts.cls_weight),
+              "min_valid": float(opts.min_valid)}
 
     def features(batch: torch.Tensor):
-        return dense_features(lm, batch, mode=opts.attention, cls_weight=opts.cls_weight,
-                              input_size=size, crop=crop).float()
+        return runner(lambda b: dense_features(lm, b, mode=opts.attention, cls_weight=opts.cls_weight,
+                                               input_size=size, crop=crop).float(), batch)
 
     def score_features(feats: torch.Tensor):
         probs, cos = score_maps(feats, bank)
@@ -517,8 +512,11 @@ def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, p
         both = F.interpolate(both, size=(hh, hw), mode="bilinear", align_corners=False)
         return both[:, :P], both[:, P:]
 
-    def consume(tiles, feats: torch.Tensor) -> None:
-        probs, cos = runner(score_features, feats)
+    for tiles, feats in rj.tile_features("detect-dense", params, grid.tiles, features, opts.batch_size,
+                                         prefetch=opts.prefetch, workers=opts.workers,
+                                         min_valid=opts.min_valid):
+        with torch.inference_mode():
+            probs, cos = runner(score_features, feats)
         probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
         for tile, pr, co in zip(tiles, probs, cos):
             x = int(round((tile.col - cov.col) / cx))
@@ -528,44 +526,7 @@ def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, p
             acc[:, y:y1, x:x1] += pr[:, :y1 - y, :x1 - x] * w
             acc_cos[:, y:y1, x:x1] += co[:, :y1 - y, :x1 - x] * w
             wsum[y:y1, x:x1] += w
-
-    hit = rj.cached(key)
-    if hit is not None:
-        idx_all, feats_all = hit.arrays["tiles"], hit.arrays["feats"]
-        skipped = int(hit.meta["skipped"])
-        tiles_all = grid.tiles
-        with torch.inference_mode():
-            for i in range(0, len(idx_all), opts.batch_size):
-                consume([tiles_all[int(j)] for j in idx_all[i:i + opts.batch_size]],
-                        torch.from_numpy(feats_all[i:i + opts.batch_size]).to(lm.device))
-        job.step(len(grid.tiles))
-    else:
-        batches = iter_tile_batches(rj.reader, grid.tiles, opts.batch_size, job=job,
-                                    prefetch=opts.prefetch, workers=opts.workers,
-                                    min_valid=opts.min_valid)
-        done = 0
-        with batches:
-            for tiles, arr in batches:
-                with torch.inference_mode():
-                    feats = runner(features, torch.from_numpy(arr))
-                    consume(tiles, feats)
-                if kept_idx is not None:
-                    kept_feats.append(feats.cpu().numpy())
-                    kept_idx.append(np.array([tl.index for tl in tiles], np.int64))
-                    kept_bytes += kept_feats[-1].nbytes
-                    if not rj.room_for(kept_bytes):
-                        kept_idx, kept_feats = None, []
-                        rj.cache = "too large"
-                job.step(batches.done - done)
-                done = batches.done
-            skipped = batches.skipped
-        if batches.done > done:
-            job.step(batches.done - done)
-        if kept_idx is not None:
-            feats_all = (np.concatenate(kept_feats) if kept_feats
-                         else np.zeros((0, gh, gw, lm.embed_dim), np.float32))
-            rj.keep(key, {"tiles": np.concatenate(kept_idx) if kept_idx else np.zeros(0, np.int64),
-                          "feats": feats_all}, {"skipped": int(skipped)})
+    skipped = rj.skipped
     covered = wsum > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         heat = np.where(covered, acc / np.where(covered, wsum, 1.0), np.nan).astype(np.float32)

@@ -46,6 +46,7 @@ class RasterJob:
     use_cache: bool = True
     notes: List[str] = field(default_factory=list)
     cache: str = "off"
+    skipped: int = 0                # tiles the last tile_features pass skipped
     _identity: Any = None
 
     @property
@@ -89,6 +90,55 @@ class RasterJob:
             return
         from .cache.store import CACHE
         self.cache = "computed" if CACHE.put(key, arrays, meta) else "too large"
+
+    def tile_features(self, kind: str, params: Dict[str, Any], tiles, features, batch_size: int, *,
+                      prefetch: int = 2, workers: int = 2, min_valid: float = 0.5):
+        """Yield ``(tiles, feats)`` (a torch tensor on the model's device, one row per tile)
+        for every valid tile of ``tiles``, in order: read and computed by ``features(uint8
+        batch)`` and kept at the end, or, when this pass was kept, from the cache without
+        reading anything. Counts progress per tile (job.set_total is the caller's);
+        ``self.skipped`` ends as the tiles the reader skipped (nodata, blank)."""
+        import numpy as np
+        import torch
+
+        from .raster.batches import iter_tile_batches
+        key = self.key(kind, params)
+        hit = self.cached(key)
+        if hit is not None:
+            idx, feats = hit.arrays["tiles"], hit.arrays["feats"]
+            self.skipped = int(hit.meta["skipped"])
+            for i in range(0, len(idx), batch_size):
+                chunk = [tiles[int(j)] for j in idx[i:i + batch_size]]
+                yield chunk, torch.from_numpy(feats[i:i + batch_size]).to(self.lm.device)
+                self.job.step(len(chunk))
+            self.job.step(self.skipped)
+            return
+        kept_idx: Optional[List[Any]] = [] if key is not None else None
+        kept: List[Any] = []
+        kept_bytes = 0
+        batches = iter_tile_batches(self.reader, tiles, batch_size, job=self.job, prefetch=prefetch,
+                                    workers=workers, min_valid=min_valid)
+        done = 0
+        with batches:
+            for chunk, arr in batches:
+                with torch.inference_mode():
+                    feats = features(torch.from_numpy(arr))
+                yield chunk, feats
+                if kept_idx is not None:
+                    kept.append(feats.float().cpu().numpy())
+                    kept_idx.append(np.array([t.index for t in chunk], np.int64))
+                    kept_bytes += kept[-1].nbytes
+                    if not self.room_for(kept_bytes):
+                        kept_idx, kept = None, []
+                        self.cache = "too large"
+                self.job.step(batches.done - done)
+                done = batches.done
+            self.skipped = batches.skipped
+        if batches.done > done:
+            self.job.step(batches.done - done)
+        if kept_idx is not None and kept:
+            self.keep(key, {"tiles": np.concatenate(kept_idx), "feats": np.concatenate(kept)},
+                      {"skipped": int(self.skipped)})
 
     def room_for(self, nbytes: int) -> bool:
         """Whether a pass of ``nbytes`` can still be kept (else the job stops collecting it)."""

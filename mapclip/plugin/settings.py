@@ -89,7 +89,7 @@ class SearchParams:
     def classify_options(self) -> ClassifyOptions:
         """The engine's classify options: bands, GSD and device from the dock; tiles and the
         rest are the model's (its dense tile)."""
-        return replace(ClassifyOptions(), read=self.read_options(),
+        return replace(ClassifyOptions(), read=self.read_options(), cache=bool(self.cache),
                        device=None if self.device in ("", "auto") else self.device)
 
     def count_options(self, model: str) -> CountOptions:

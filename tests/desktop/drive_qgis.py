@@ -304,6 +304,10 @@ def session():
         check(layer.featureCount() >= 1, "no boxes")
         check(renderer == "graduatedSymbol", f"boxes are not styled by score ({renderer})")
         info["screenshot"] = screenshot("desktop-boxes.png")
+        result = dock().last_result
+        info.update(cache=result.cache, engine_seconds=round(result.seconds, 3))
+        STATE["first_engine_seconds"] = info["engine_seconds"]
+        check(result.cache == "computed", f"the first search was not kept for later prompts: {info}")
         import torch
         info["torch"] = torch.__version__
         info["torch_cuda_build"] = torch.version.cuda
@@ -340,9 +344,30 @@ def session():
         return info
 
 
+    @step("second_prompt")
+    def _second_prompt():
+        """Another prompt on the same area: answered from the embeddings the first search
+        kept (no pass over the raster), boxes on the map in a fraction of the first's time."""
+        t0 = time.perf_counter()
+        info, added = run_search({"Mode": "Boxes", "Prompts": "ships"})
+        info["seconds_to_boxes"] = round(time.perf_counter() - t0, 3)
+        result = dock().last_result
+        info.update(from_cache=result.from_cache, cache=result.cache,
+                    engine_seconds=round(result.seconds, 3), boxes=len(result.boxes),
+                    first_engine_seconds=STATE.get("first_engine_seconds"))
+        check(result.from_cache and "from the kept embeddings" in info["status"],
+              f"the second prompt made another pass: {info}")
+        check(any(isinstance(l, QgsVectorLayer) and l.name() == "ships" for l in added),
+              f"no ships layer: {info}")
+        info["screenshot"] = screenshot("desktop-second-prompt.png")
+        return info
+
+
     @step("search_heatmap")
     def _heatmap():
         info, added = run_search({"Mode": "Heatmap (and boxes)", "Prompts": "storage tanks"})
+        info["from_cache"] = dock().last_result.from_cache   # a mode switch: the same pass
+        check(info["from_cache"], f"the heatmap made another pass: {info}")
         heat = [l for l in added if isinstance(l, QgsRasterLayer)]
         check(len(heat) == 1, f"one heatmap layer expected: {info['added']}")
         info["heatmap_renderer"] = heat[0].renderer().type()
@@ -396,9 +421,14 @@ def session():
         check(wait(lambda: d.task is not None and d.task.done_units > 0, 120), "the search did not start")
         click(button(d, "Cancel"))
         check(wait(lambda: STATE["outcomes"], 60), "cancel did not finish the run")
-        added = set(QgsProject.instance().mapLayers()) - before
-        info = {"outcome": STATE["outcomes"][-1], "status": d.status_label.text(), "added": len(added)}
-        check(info["outcome"] == "cancelled" and not added, f"cancel left {info}")
+        added = [QgsProject.instance().mapLayer(i) for i in set(QgsProject.instance().mapLayers()) - before]
+        info = {"outcome": STATE["outcomes"][-1], "status": d.status_label.text(), "added": len(added),
+                "added_names": [l.name() for l in added]}
+        # what was found before the click may stay, as one layer named partial; nothing else
+        check(info["outcome"] == "cancelled" and len(added) <= 1
+              and all("partial" in l.name() for l in added), f"cancel left {info}")
+        for layer in added:
+            QgsProject.instance().removeMapLayer(layer)
         click(button(d, "Defaults for this model"))
         info["tile_after_reset"] = d.tile_spin.value()
         d.advanced.setCollapsed(True)

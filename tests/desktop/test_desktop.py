@@ -41,11 +41,8 @@ SESSION_TIMEOUT = 900
 
 
 def _deps_module():
-    spec = importlib.util.spec_from_file_location("mapclip_deps_for_tests", ROOT / "mapclip" / "plugin" / "deps.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The installer module, imported as the plugin imports it (it reaches the engine's core)."""
+    return importlib.import_module("mapclip.plugin.deps")
 
 
 def lay_out_packages(target: Path) -> None:
@@ -160,7 +157,14 @@ def desktop():
     lay_out_packages(profile / "python" / "mapclip-deps")
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "VIRTUAL_ENV", "QT_QPA_PLATFORM", "PYTHONHOME")}
-    env.update(PATH="/usr/local/bin:/usr/bin:/bin", HOME=str(home),
+    # another Python first on PATH (a user's pyenv, conda or venv): here one that cannot
+    # even start, so only QGIS's own interpreter, found by what it is, can run the readers
+    wrong = work / "another-python"
+    wrong.mkdir()
+    for name in ("python3", "python"):
+        (wrong / name).write_text("#!/bin/sh\necho 'not the Python QGIS runs' >&2\nexit 1\n")
+        (wrong / name).chmod(0o755)
+    env.update(PATH=f"{wrong}:/usr/local/bin:/usr/bin:/bin", HOME=str(home),
                XDG_RUNTIME_DIR=str(work / "runtime"), MAPCLIP_CACHE=str(work / "cache"),
                MAPCLIP_E2E_OUT=str(out), MAPCLIP_E2E_DATA=str(work / "data"),
                PYTHONFAULTHANDLER="1", OMP_NUM_THREADS="2")
@@ -228,7 +232,7 @@ def test_a_search_from_the_dock_adds_a_styled_layer_with_the_models_defaults(des
     assert Path(boxes["screenshot"]).stat().st_size > 20000
 
 
-STEPS = ["open_dock", "describe", "search_heatmap", "count", "land_cover", "cancel", "try_the_demo", "error_empty_prompt",
+STEPS = ["open_dock", "describe", "second_prompt", "search_heatmap", "count", "land_cover", "cancel", "try_the_demo", "error_empty_prompt",
          "error_bad_bands", "error_missing_checkpoint", "archive_build", "archive_search_button",
          "archive_map_tool", "dialog_convert", "dialog_dedup", "dialog_finetune",
          "processing_toolbox", "unload"]
@@ -239,6 +243,16 @@ def test_step(desktop, name):
     entry = desktop["steps"].get(name)
     assert entry is not None, f"step {name} never ran (QGIS stopped before it)"
     assert entry["ok"], entry.get("traceback") or entry
+
+
+def test_a_second_prompt_and_a_mode_switch_reuse_the_first_searchs_embeddings(desktop):
+    first, second = desktop["steps"]["search_boxes"], desktop["steps"]["second_prompt"]
+    assert first["ok"] and second["ok"], (first, second)
+    assert first["cache"] == "computed" and second["from_cache"] and second["cache"] == "memory"
+    assert second["boxes"] >= 1
+    assert desktop["steps"]["search_heatmap"]["from_cache"]
+    print(f"first search {first['engine_seconds']} s; second prompt {second['engine_seconds']} s "
+          f"in the engine, {second['seconds_to_boxes']} s from Run to the layer")
 
 
 def test_processing_dialog_labels_fit(desktop):

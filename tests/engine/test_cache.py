@@ -221,3 +221,22 @@ def test_the_key_names_everything_the_embeddings_depend_on(tmp_path, rig):
                          model_facts(rig))
     assert key_digest(same_pass) == key_digest(base)
     assert raster_identity("/vsicurl/http://127.0.0.1:9/x.tif") is None
+
+
+def test_another_set_of_classes_on_the_same_area_is_mapped_from_the_kept_pass(tmp_path, rig):
+    from mapclip.engine.classify import classify
+    from mapclip.engine.core.options import ClassifyOptions
+    path = scene(tmp_path / "s.tif", squares=SQUARES)
+    o = ClassifyOptions(tile_px=64, batch_size=4, scores=True)
+    first = classify(path, ["red roof", "blue pool"], rig, options=o)
+    assert first.cache == "computed" and first.to_json()["cache"] == "computed"
+    second = classify(path, ["blue pool", "grey ground", "red roof"], rig, options=o)
+    assert second.from_cache and second.cache == "memory"
+    fresh = classify(path, ["blue pool", "grey ground", "red roof"], rig,
+                     options=replace(o, cache=False))
+    np.testing.assert_array_equal(second.class_map, fresh.class_map)
+    np.testing.assert_array_equal(second.scores, fresh.scores)
+    assert second.counts == fresh.counts and second.counts["red roof"] > 0
+    # another overlap is another pass
+    assert classify(path, ["red roof", "blue pool"], rig,
+                    options=replace(o, overlap=0.125)).cache == "computed"

@@ -89,17 +89,16 @@ def test_rows_are_streamed_in_bands(tmp_path, tiny_model, one_torch_thread):
     """Scores are handed on one band of tile rows at a time, never as one grid."""
     from mapclip.engine.classify import _encoder, _plan
     from mapclip.engine.model.batching import BatchRunner
-    from mapclip.engine.core.jobs import Job
-    from mapclip.engine.raster.reader import open_raster
     from mapclip.engine.model.scoring import build_bank
+    from mapclip.engine.rasterjob import raster_job
     path = make_raster(tmp_path / "tall.tif", width=96, height=600, data=noise(3, 600, 96, seed=1))
     opts = check(replace(ClassifyOptions(), tile_px=64, batch_size=4))
     bank = build_bank(tiny_model, CLASSES, ())
-    encode, hh, hw = _encoder(tiny_model, bank, opts, "dense")
-    with open_raster(path) as reader:
-        plan = _plan(reader.info, reader.info.window, 64, opts.overlap, None, hh, hw)
-        bands = list(_score_bands(reader, plan, encode, 3, opts, Job(), BatchRunner(4),
-                                  {"skipped": 0}))
+    encoder = _encoder(tiny_model, bank, opts, "dense")
+    hh, hw = encoder[2], encoder[3]
+    with raster_job(path, tiny_model, options=opts) as rj:
+        plan = _plan(rj.info, rj.info.window, 64, opts.overlap, None, hh, hw)
+        bands = list(_score_bands(rj, plan, encoder, 3, opts, BatchRunner(4), {"skipped": 0}))
     assert len(bands) > 5 and max(b.shape[1] for _, b in bands) <= hh + 2
     rows = [r0 for r0, _ in bands]
     assert rows == sorted(rows) and rows[0] == 0

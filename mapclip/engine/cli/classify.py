@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import (add_extent_args, add_model_args, model_default_help, parse_bands, parse_extent, print_json, tqdm_progress)
+from . import (add_cache_arg, add_extent_args, add_model_args, model_default_help, parse_bands, parse_extent, print_json, tqdm_progress)
 from ..core.errors import UsageError
 
 
@@ -61,6 +61,7 @@ def register(sub) -> None:
                    help="1-based bands read as R,G,B (default: by colour interpretation)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per model call; " + model_default_help("batch_size"))
+    add_cache_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (classes, values, colours, counts, "
@@ -77,7 +78,8 @@ def options_from_args(args: argparse.Namespace):
                    attention=args.attention, templates=args.templates,
                    batch_size=args.batch_size,
                    read=ReadOptions(bands=parse_bands(args.bands), gsd=args.gsd),
-                   device=args.device, precision=args.precision, scores=bool(args.scores))
+                   device=args.device, precision=args.precision, scores=bool(args.scores),
+                   cache=bool(args.cache))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -409,6 +409,7 @@ class ClassifyOptions:
     templates: Any = None                # prompt templates; None: the model's
     workers: int = 2
     prefetch: int = 2
+    cache: bool = True                   # keep/reuse the raster's embeddings (engine.cache)
 
 
 @dataclass

@@ -113,7 +113,8 @@ class ClassifyAlgorithm(RasterSearchAlgorithm):
                     templates=self.parameterAsString(parameters, self.TEMPLATES, context).strip()
                     or None,
                     batch_size=self.optional_int(parameters, self.BATCH_SIZE, context),
-                    read=self.read_options(parameters, context, gsd), scores=bool(scores))
+                    read=self.read_options(parameters, context, gsd), scores=bool(scores),
+                    cache=self.use_cache(parameters, context))
                 lm = self.model(parameters, context, feedback)
                 result = classify(path, classes, lm, extent=extent, extent_crs=crs, options=opts,
                                   progress=bridge.progress, cancel=bridge, out=out,
