@@ -66,13 +66,13 @@ class RasterJob:
         """The cache key of this job's pass ``kind`` with ``params``; None when not cached."""
         if not self.use_cache:
             return None
-        from .cache.keys import model_facts, pass_key, raster_identity
+        from .cache.keys import model_facts, pass_key, raster_identity, reader_facts
         if self._identity is None:
             self._identity = raster_identity(self.raster) or False
         if not self._identity:
             return None
         return pass_key(kind, self._identity, self.area, self.reader.options, params,
-                        model_facts(self.lm))
+                        model_facts(self.lm), reader_facts(self.reader))
 
     def cached(self, key: Optional[Dict[str, Any]]) -> Optional["Entry"]:
         """The kept pass for ``key`` (None: compute it)."""

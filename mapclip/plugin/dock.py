@@ -764,7 +764,7 @@ class MapClipDock(QgsDockWidget):
         rate = result.tiles / result.seconds if result.seconds else 0.0
         self.progress.setValue(100)
         if getattr(result, "from_cache", False):   # no pass over the raster: no tile rate
-            how = f"{result.tiles} tiles from the kept embeddings in {result.seconds:.1f} s"
+            how = f"{result.tiles} tiles from the kept embeddings in {result.seconds:.2f} s"
         else:
             how = f"{result.tiles} tiles in {result.seconds:.1f} s ({rate:.1f} tiles/s)"
         self.status_label.setText(f"{len(result.boxes)} boxes · {how} · {result.device}")

@@ -12,6 +12,7 @@ step does not hide the others.
 import faulthandler
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -225,7 +226,8 @@ def session():
         return {"plugins": sorted(utils.plugins), "deps_dir": deps,
                 "deps_index": sys.path.index(deps) if deps in sys.path else -1,
                 "sys_path_head": sys.path[:6], "triton_blocked": sys.modules.get("triton", 0) is None,
-                "profile": QgsApplication.qgisSettingsDirPath()}
+                "profile": QgsApplication.qgisSettingsDirPath(), "sys_executable": sys.executable,
+                "first_python_on_path": shutil.which("python3")}
 
 
     def dock():

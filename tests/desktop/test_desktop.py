@@ -221,6 +221,16 @@ def test_the_installed_packages_come_first_and_triton_stays_out(desktop):
     assert boxes["triton_blocked"]
 
 
+def test_reader_processes_run_qgis_own_python_with_another_python_first_on_path(desktop):
+    """The first python3 on PATH is one that cannot start; the dock's search (1,849 tiles)
+    still reads with reader processes, through QGIS's own interpreter found by what it is."""
+    start, boxes = desktop["steps"]["start"], desktop["steps"]["search_boxes"]
+    assert start["ok"] and boxes["ok"], (start, boxes)
+    assert "another-python" in start["first_python_on_path"], start
+    if (os.cpu_count() or 1) >= 2:
+        assert boxes["reader_processes"] and all(n >= 1 for n in boxes["reader_processes"]), boxes
+
+
 def test_a_search_from_the_dock_adds_a_styled_layer_with_the_models_defaults(desktop):
     boxes = desktop["steps"]["search_boxes"]
     assert boxes["ok"], boxes

@@ -240,3 +240,21 @@ def test_another_set_of_classes_on_the_same_area_is_mapped_from_the_kept_pass(tm
     # another overlap is another pass
     assert classify(path, ["red roof", "blue pool"], rig,
                     options=replace(o, overlap=0.125)).cache == "computed"
+
+
+def test_display_statistics_beside_the_raster_keep_the_pass_but_a_changed_nodata_does_not(tmp_path, rig):
+    """QGIS writes an .aux.xml of statistics while it shows a layer: the pass stays valid.
+    An .aux.xml that changes how the raster reads (here its nodata) is another pass."""
+    path = scene(tmp_path / "s.tif", squares=SQUARES)
+    detect(path, [RED_PROMPT], rig, options=opts())
+    stats = "".join(f'<PAMRasterBand band="{b}"><Metadata><MDI key="STATISTICS_MEAN">100</MDI>'
+                    f'</Metadata></PAMRasterBand>' for b in (1, 2, 3))
+    aux = tmp_path / "s.tif.aux.xml"
+    aux.write_text(f"<PAMDataset>{stats}</PAMDataset>")
+    assert detect(path, [BLUE_PROMPT], rig, options=opts()).cache == "memory"
+    nodata = "".join(f'<PAMRasterBand band="{b}"><NoDataValue>0</NoDataValue></PAMRasterBand>'
+                     for b in (1, 2, 3))
+    aux.write_text(f"<PAMDataset>{nodata}</PAMDataset>")
+    res = detect(path, [BLUE_PROMPT], rig, options=opts())
+    assert res.cache == "computed"
+    same(res, detect(path, [BLUE_PROMPT], rig, options=opts(cache=False)))

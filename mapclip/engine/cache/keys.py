@@ -3,11 +3,16 @@
 A key names everything the arrays depend on and nothing they do not:
 
 * the raster's identity (:func:`raster_identity`): for each file GDAL reads
-  for it (a VRT's sources, an .aux.xml, a world file) the real path, size,
+  for it (a VRT's sources, overviews, a world file) the real path, size,
   modification and change times, inode, and a digest of its bytes (the whole
   file up to :data:`FULL_HASH_BYTES`, else its head, its tail and evenly
   spaced samples). A file rewritten in place changes its change time (which
-  no user tool can set back) and, nearly always, its digest;
+  no user tool can set back) and, nearly always, its digest. ``.aux.xml``
+  files are left out: QGIS writes display statistics there while showing the
+  layer; what they can change about reading (georeferencing, nodata, bands)
+  is in the key as the reader's facts instead;
+* how the reader reads it: size, bands, data type, CRS, transform, nodata and
+  the stretch it computed;
 * the area in raster pixels, the read options (bands, stretch, GSD) and the
   job's tiling (tile, window, stride, overlap, dense settings);
 * the model: its weights' fingerprint (:func:`engine.model.identity.weights_fingerprint`;
@@ -33,6 +38,8 @@ SAMPLE_BYTES = 64 << 10
 SAMPLES = 64
 #: bumped when what a cached pass holds changes: older entries then never match
 FORMAT = 1
+#: sidecar files left out of a raster's identity (see the module doc)
+AUX_SUFFIX = ".aux.xml"
 
 _memo: Dict[Tuple, str] = {}
 _memo_lock = threading.Lock()
@@ -80,7 +87,8 @@ def raster_identity(path: str) -> Optional[List[List[Any]]]:
     if "://" in p or p.startswith("/vsi") or not os.path.isfile(p):
         return None
     try:
-        files = [f for f in raster_files(p) if os.path.isfile(f)]
+        files = [f for f in raster_files(p) if os.path.isfile(f)
+                 and not f.lower().endswith(AUX_SUFFIX)]
         return [_file_fact(f) for f in sorted(set(os.path.realpath(f) for f in files))]
     except OSError:
         return None
@@ -107,13 +115,21 @@ def model_facts(lm) -> Dict[str, Any]:
             "device": lm.device.type, "path": accel.plan_for(lm).describe()}
 
 
+def reader_facts(reader) -> Dict[str, Any]:
+    """What the open reader makes of the raster (sidecar metadata included)."""
+    info = reader.info
+    return {"size": [info.width, info.height, info.count], "dtype": info.dtype, "crs": info.crs,
+            "transform": _plain(tuple(info.transform)[:6]), "nodata": _plain(info.nodata),
+            "bands": list(info.bands), "stretch": _plain(getattr(reader, "stretch", None))}
+
+
 def pass_key(kind: str, identity: List[List[Any]], area, read, params: Dict[str, Any],
-             model: Dict[str, Any]) -> Dict[str, Any]:
+             model: Dict[str, Any], reads: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The full key of one embedding pass (plain JSON values)."""
     read = _plain(read) if read is not None else {}
     if isinstance(read, dict):
         read.pop("workers", None)          # how tiles are read does not change them
-    return {"format": FORMAT, "kind": kind, "raster": identity,
+    return {"format": FORMAT, "kind": kind, "raster": identity, "reads": reads or {},
             "area": [area.col, area.row, area.width, area.height], "read": read,
             "params": _plain(params), "model": _plain(model)}
 
