@@ -17,7 +17,7 @@ Prints, in one run (nothing is asserted):
     clock x FLOP per cycle, from /proc/cpuinfo, printed with its assumptions); and which
     path the engine picks here.
 
-``--full`` makes (a) a 3072 px scene (16,384 tiles) and (b) 4480 px.
+``--full`` makes (a) a 3072 px scene (16,384 tiles) and (b) 8960 px (1,600 tiles).
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def _scene(tmp: Path, side: int) -> str:
 def bench_vit(full: bool, tmp: Path) -> None:
     from mapclip.engine.core.options import DetectOptions
     from mapclip.engine.model import accel
-    side = 4480 if full else 2240
+    side = 8960 if full else 4480
     lm = _vit_b32()
     accel.prepare(lm)
     _loop(f"(b) ViT-B-32 (random weights), 224-px tiles, {side} px raster, image tower: "
@@ -194,7 +194,9 @@ def bench_cpu_paths(tmp: Path) -> None:
             return visual(a)
     paths = {"fp32": lambda a: visual(a), "bf16 autocast": autocast,
              "bf16 weights (engine)": lambda a: bf16_copy(a.to(torch.bfloat16)), "int8 dynamic": int8}
-    raster = _scene(tmp, 2240)
+    from mapclip.engine.data.synthetic import make_scene
+    raster = str(tmp / "paths_2240.tif")     # a scene with objects: noise ties every window
+    make_scene(raster, width=2240, seed=9008, mask_path=None, coco_path=None)
     opts = DetectOptions(tile_px=224, window=1, batch_size=32, top_k=10, refine=False, cache=False)
     with torch.inference_mode():
         ref = visual(x).float()
@@ -221,11 +223,12 @@ def bench_cpu_paths(tmp: Path) -> None:
             lm = None
         boxes = ""
         if lm is not None:
-            top = _boxes(detect(raster, ["storage tanks"], lm, options=opts))
-            top = [(p, px) for p, px, _ in top]
+            top = [(p, px) for p, px, _ in _boxes(detect(raster, ["storage tanks"], lm, options=opts))]
             if top_ref is None:
                 top_ref = top
-            boxes = "  top-10 boxes: " + ("same" if top == top_ref else "CHANGED")
+            shared = sum(b in top_ref for b in top)
+            boxes = (f"  top-10 boxes: {shared} of {len(top_ref)} the same, "
+                     f"order {'same' if top == top_ref else 'changed'}")
         share = rate * gflop / fp32_peak()[0]
         print(f"  {name:22s} {rate:7.1f} img/s  {rate / rates['fp32']:5.2f}x fp32  least cosine "
               f"{cos:.6f}  ({share:.0%} of the fp32 FLOP limit){boxes}")
@@ -240,6 +243,45 @@ def bench_cpu_paths(tmp: Path) -> None:
     auto = _vit_b32(auto=True)
     accel.prepare(auto)
     print(f"  the engine picks here: {accel.plan_for(auto).describe()} -- {accel.cpu_check(auto)}")
+    bench_trained_bf16(tmp)
+
+
+def bench_trained_bf16(tmp: Path) -> None:
+    """Random weights score every window nearly alike, so their top-10 reorders under any
+    rounding; the trained demo model says whether bf16 changes what a search finds."""
+    from mapclip.engine.core.options import DetectOptions
+    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.detect import detect
+    from mapclip.engine.model import accel
+    from mapclip.engine.model.models import load_model
+    raster = str(tmp / "trained_1536.tif")
+    make_scene(raster, width=1536, seed=9008, mask_path=None, coco_path=None)
+    import torch
+    fp32 = load_model("demo", device="cpu", precision="fp32")
+    bf16 = load_model("demo", device="cpu", precision="fp32")
+
+    class Bf16Tower(torch.nn.Module):   # the CPU path's bf16 copy, forced for the comparison
+        def __init__(self, visual):
+            super().__init__()
+            self.inner = visual.to(torch.bfloat16)
+
+        def forward(self, x):
+            return self.inner(x.to(torch.bfloat16)).float()
+    x = accel.probe_images(fp32.image_size)
+    with torch.inference_mode():
+        ref = fp32.model.visual(x)
+        bf16.model.visual = Bf16Tower(bf16.model.visual)
+        cos, same_probe = accel.agreement(ref, bf16.model.visual(x))
+    opts = DetectOptions(cache=False, top_k=10)
+    prompts = ["storage tanks", "ships", "airplanes"]
+    a = detect(raster, prompts, fp32, options=opts)
+    b = detect(raster, prompts, bf16, options=opts)
+    for p in prompts:
+        pa = [x.pixel for x in a.boxes if x.prompt == p]
+        pb = [x.pixel for x in b.boxes if x.prompt == p]
+        print(f"  trained demo model, bf16 image tower (probe: least cosine {cos:.6f}, same "
+              f"top-10 {same_probe}): top-10 {p!r} boxes "
+              f"{'same' if pa == pb else 'CHANGED'} ({sum(x in pa for x in pb)} of {len(pa)} shared)")
 
 
 def run(argv) -> None:

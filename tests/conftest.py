@@ -25,6 +25,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     store = sys.modules.get("mapclip.engine.cache.store")
     if store is not None:   # each test starts without another test's embeddings
         store.CACHE.clear()
+    accel = sys.modules.get("mapclip.engine.model.accel")
+    if accel is not None:   # nor another test's text embeddings (some tests stub the encoder)
+        accel.TEXT_CACHE.clear()
 
 
 @pytest.fixture(scope="session")

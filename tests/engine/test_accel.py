@@ -113,6 +113,30 @@ def test_same_prompt_set_is_encoded_once(tiny_model, monkeypatch):
     assert count.calls == 2
 
 
+def test_a_new_prompt_beside_the_same_background_encodes_only_itself(tiny_model, monkeypatch):
+    """A second search's prompts are one new prompt and the same background prompts: only
+    the new prompt's templates go through the text tower, and the bank equals a fresh one."""
+    from mapclip.engine.model.scoring import build_bank, resolve_templates
+    TEXT_CACHE.clear()
+    seen = []
+    real = tiny_model.model.encode_text
+
+    def wrapped(tokens, *a, **kw):
+        seen.append(len(tokens))
+        return real(tokens, *a, **kw)
+    monkeypatch.setattr(tiny_model.model, "encode_text", wrapped)
+    first = build_bank(tiny_model, ["storage tanks"])
+    n_temps = len(resolve_templates(None, tiny_model))
+    assert seen == [n_temps * (1 + len(first.background))]
+    second = build_bank(tiny_model, ["ships"])
+    assert seen[1:] == [n_temps] and second.background == first.background
+    TEXT_CACHE.clear()
+    fresh = build_bank(tiny_model, ["ships"])
+    assert torch.allclose(second.text, fresh.text, atol=1e-6)
+    assert build_bank(tiny_model, ["ships", "storage tanks"]).text.shape[0] == 2 + len(first.background)
+    assert seen[-1] == n_temps                       # "storage tanks" was kept too
+
+
 def test_templates_are_part_of_the_key(tiny_model, monkeypatch):
     TEXT_CACHE.clear()
     count = _Counting(tiny_model, monkeypatch)
@@ -209,5 +233,4 @@ def test_the_cpu_path_follows_weights_changed_in_place():
     with torch.no_grad():
         lm.model.visual.proj.mul_(-1.0)      # a training step that flips every embedding
     after = accel.encode_image(lm, x)
-    cos = torch.nn.functional.cosine_similarity(before, after).max()
-    assert cos < -0.99
+    assert torch.nn.functional.cosine_similarity(before, after).max() < -0.99

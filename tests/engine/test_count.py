@@ -99,7 +99,7 @@ def test_prompt_count_plumbing_picks_the_caption_that_matches(scene, rigged, mon
     from mapclip.engine.model import encode as enc
     seen = {}
 
-    def fake_text(lm, prompts, batch_size=256):
+    def fake_text(lm, prompts, batch_size=256, cache=True):
         seen["prompts"] = list(prompts)
         out = torch.zeros(len(prompts), 4)
         for i, p in enumerate(prompts):
@@ -207,7 +207,7 @@ def test_prompt_count_adds_the_models_count_bias_unless_told_not_to(scene, rigge
 
     from mapclip.engine.model import encode as enc
 
-    def fake_text(lm, prompts, batch_size=256):
+    def fake_text(lm, prompts, batch_size=256, cache=True):
         out = torch.zeros(len(prompts), 4)
         for i, p in enumerate(prompts):
             out[i, 0 if (" three " in p or " 3 " in p) else 1] = 1.0

@@ -13,9 +13,11 @@ Everything here is selected by the model's device (:func:`choose`):
   precision whose image tower costs at least :data:`CPU_BF16_MIN_GFLOP` per
   image runs its image tower from a bf16 copy of the weights (the measured
   gain on ViT-B-32 is in docs/performance.md; autocast alone does not pay on
-  the CPU). It is kept only when a probe batch agrees with fp32: every
-  embedding's cosine to fp32 at least :data:`CPU_AGREEMENT` and the same
-  top-10 order of the probe images; else fp32 stays. ``$MAPCLIP_CPU_PATH``
+  the CPU, and the text tower in bf16 was measured slower than fp32 here, so
+  it stays fp32). It is kept only when a probe batch agrees with fp32: every
+  probe embedding at a cosine of at least :data:`CPU_AGREEMENT` to fp32, and
+  the same top-10 order of the probe images; else fp32 stays. The fp32 model
+  stays loaded (text, dense maps and training use it). ``$MAPCLIP_CPU_PATH``
   (``auto``, ``fp32``, ``bf16``) overrides the choice; int8 dynamic
   quantisation was measured (bench/bench_interactive.py) and is not chosen.
 * **Channels-last.** Convolutional image towers (ResNet/ConvNeXt CLIPs) run
@@ -68,7 +70,7 @@ CPU_PATH_ENV = "MAPCLIP_CPU_PATH"
 #: share of the free GPU memory auto_batch_size plans to use
 AUTO_BATCH_MEMORY_SHARE = 0.5
 #: prompt sets kept in the text-embedding cache
-TEXT_CACHE_SIZE = 64
+TEXT_CACHE_SIZE = 1024
 
 
 # ------------------------------------------------------------ selection --
@@ -189,11 +191,7 @@ def encode_image(lm, x):
     plan = st.plan
     if plan.cpu_bf16:
         import torch
-        if _weights_version(lm) != st.weights_version:      # trained in place: copy again
-            with _LOCK:
-                st.visual_bf16 = copy.deepcopy(lm.model.visual).to(torch.bfloat16).eval()
-                st.weights_version = _weights_version(lm)
-        return st.visual_bf16(x.to(torch.bfloat16)).float()
+        return _bf16_visual(lm, st)(x.to(torch.bfloat16)).float()
     if plan.device != "cuda":
         return lm.model.encode_image(x)
     import torch
@@ -277,9 +275,7 @@ def cpu_path(lm) -> Tuple[Any, dict]:
     visual = copy.deepcopy(lm.model.visual).to(torch.bfloat16).eval()
     x = probe_images(lm.image_size)
     with torch.inference_mode():
-        ref = lm.model.visual(x)
-        got = visual(x.to(torch.bfloat16))
-    cos, same = agreement(ref, got)
+        cos, same = agreement(lm.model.visual(x), visual(x.to(torch.bfloat16)))
     facts.update(cosine=round(cos, 6), same_top10=same)
     if cos < CPU_AGREEMENT or not same:
         facts["reason"] = (f"bf16 disagrees with fp32 on the probe images (cosine {cos:.5f}, "
@@ -292,6 +288,16 @@ def cpu_path(lm) -> Tuple[Any, dict]:
 def cpu_check(lm) -> Optional[dict]:
     """What :func:`cpu_path` found for ``lm`` (None off the CPU)."""
     return _state(lm).cpu_check
+
+
+def _bf16_visual(lm, st: _State):
+    """The CPU path's copy, made again when the weights changed in place (a training step)."""
+    if _weights_version(lm) != st.weights_version:
+        import torch
+        with _LOCK:
+            st.visual_bf16 = copy.deepcopy(lm.model.visual).to(torch.bfloat16).eval()
+            st.weights_version = _weights_version(lm)
+    return st.visual_bf16
 
 
 def notes(lm) -> List[str]:

@@ -26,11 +26,13 @@ def clean_prompts(prompts: Sequence[str]) -> List[str]:
 
 
 @torch.inference_mode()
-def encode_text(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """(N, D) normalised text embeddings, float32 on the model's device."""
+def encode_text(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 256,
+                cache: bool = True) -> torch.Tensor:
+    """(N, D) normalised text embeddings, float32 on the model's device (kept in the text
+    cache unless ``cache`` is False: a caller that keeps its own rows)."""
     from .accel import TEXT_CACHE
     prompts = clean_prompts(prompts)
-    hit = TEXT_CACHE.get(lm, prompts)       # the same prompt set for the same model: once
+    hit = TEXT_CACHE.get(lm, prompts) if cache else None  # the same prompt set for the same model: once
     if hit is not None:
         return hit
     chunks = []
@@ -38,7 +40,8 @@ def encode_text(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 256) 
         tokens = lm.tokenizer(list(prompts[i:i + batch_size])).to(lm.device)
         chunks.append(lm.model.encode_text(tokens).float())
     out = F.normalize(torch.cat(chunks), dim=-1)
-    TEXT_CACHE.put(lm, prompts, out)
+    if cache:
+        TEXT_CACHE.put(lm, prompts, out)
     return out
 
 

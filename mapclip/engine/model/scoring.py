@@ -104,22 +104,39 @@ def resolve_templates(templates: Templates = None, lm: Any = None) -> Tuple[str,
     return tuple(str(t) for t in templates)
 
 
+#: marks a prompt's template-ensemble embedding in the text cache (engine.model.accel.TEXT_CACHE)
+ENSEMBLE_KEY = "\x00ensemble"
+
+
 def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates = None):
     """(N, D) normalised embeddings of ``prompts``, each the normalised mean of its
     normalised template embeddings (the ensemble of :func:`resolve_templates`).
 
     Every prompt times every template is encoded in one batched pass.
     """
+    import torch
     import torch.nn.functional as F
 
+    from .accel import TEXT_CACHE
     from .encode import clean_prompts, encode_text
     prompts = clean_prompts(prompts)
     temps = resolve_templates(templates, lm)
-    if temps == ("{}",):
-        return encode_text(lm, prompts)
-    filled = [t.replace("{}", p) for p in prompts for t in temps]
-    emb = encode_text(lm, filled).reshape(len(prompts), len(temps), -1)
-    return F.normalize(emb.mean(dim=1), dim=-1)
+    # each prompt's ensemble embedding is kept on its own: a new prompt beside the same
+    # background prompts encodes only itself (the text tower is most of a cached search)
+    keys = [(ENSEMBLE_KEY, *temps, p) for p in prompts]
+    rows = [TEXT_CACHE.get(lm, k) for k in keys]
+    todo = [i for i, r in enumerate(rows) if r is None]
+    if todo:
+        if temps == ("{}",):
+            new = encode_text(lm, [prompts[i] for i in todo], cache=False)
+        else:
+            filled = [t.replace("{}", prompts[i]) for i in todo for t in temps]
+            emb = encode_text(lm, filled, cache=False).reshape(len(todo), len(temps), -1)
+            new = F.normalize(emb.mean(dim=1), dim=-1)
+        for j, i in enumerate(todo):
+            rows[i] = new[j:j + 1]
+            TEXT_CACHE.put(lm, keys[i], rows[i])
+    return torch.cat(rows)
 
 
 def build_bank(lm: LoadedModel, prompts: Sequence[str],
