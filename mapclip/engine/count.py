@@ -43,7 +43,6 @@ import numpy as np
 
 from .data.grammar import plural, with_count
 from .core.errors import UsageError
-from .core.jobs import Job
 from .core.options import DENSE_THRESHOLD, CountOptions, check
 
 METHODS = ("prompt", "dense", "both")
@@ -209,6 +208,7 @@ class PromptCount:
     tiles: List[Dict[str, Any]] = field(default_factory=list)   # per tile: pixel, bounds, count
     method: str = "prompt"
     calibrated: bool = False           # the model's count_bias was added to the scores
+    cache: str = "off"                 # tiled: where the tiles' embeddings came from (engine.rasterjob)
 
     def to_json(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -323,14 +323,14 @@ def _check(method: str, options: CountOptions) -> None:
     check(options)
 
 
-def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) -> PromptCount:
+def _prompt_count(rj, name: str, options: CountOptions) -> PromptCount:
     import torch
 
     from .model.encode import encode_images
-    from .raster.batches import iter_tile_batches
     from .model.scoring import encode_prompts
     from .geo.tiling import TileGrid
 
+    reader, area, lm, job = rj.reader, rj.area, rj.lm, rj.job
     tiled = options.tile_px is not None
     zero = options.zero if options.zero is not None else tiled
     counts = ([0] if zero else []) + list(COUNT_RANGE)
@@ -359,27 +359,23 @@ def _prompt_count(reader, area, lm, name: str, options: CountOptions, job: Job) 
     per_tile: List[Dict[str, Any]] = []
     total_scores = np.zeros(n)
     by = {v: 0 for v in VARIANTS}
-    done = 0
-    batches = iter_tile_batches(reader, grid.tiles, int(options.batch_size), job=job)
-    with batches:
-        for tiles, arr in batches:
-            with torch.inference_mode():
-                sims = (encode_images(lm, arr) @ text.T).reshape(len(tiles), len(VARIANTS), n).cpu().numpy()
-            for t, sm in zip(tiles, sims):
-                c, s = argmax_count(sm, counts, bias)
-                total_scores += s
-                for i, v in enumerate(VARIANTS):
-                    by[v] += int(counts[int(np.argmax(sm[i]))])
-                per_tile.append({"tile": t.index, "pixel": [t.col, t.row, t.col + t.width, t.row + t.height],
-                                 "bounds": list(t.bounds(info.transform)), "count": c})
-            job.step(batches.done - done)
-            done = batches.done
-    if batches.done > done:
-        job.step(batches.done - done)
+    # the tiles' embeddings are the job's pass (engine.rasterjob): another object on the
+    # same tiles is counted from them without reading the raster again
+    for tiles, emb in rj.tile_features("count-tiles", {"tile_px": int(options.tile_px)}, grid.tiles,
+                                       lambda b: encode_images(lm, b), int(options.batch_size)):
+        with torch.inference_mode():
+            sims = (emb @ text.T).reshape(len(tiles), len(VARIANTS), n).cpu().numpy()
+        for t, sm in zip(tiles, sims):
+            c, s = argmax_count(sm, counts, bias)
+            total_scores += s
+            for i, v in enumerate(VARIANTS):
+                by[v] += int(counts[int(np.argmax(sm[i]))])
+            per_tile.append({"tile": t.index, "pixel": [t.col, t.row, t.col + t.width, t.row + t.height],
+                             "bounds": list(t.bounds(info.transform)), "count": c})
     k = max(1, len(per_tile))
     return PromptCount(count=int(sum(t["count"] for t in per_tile)), counts=counts,
                        scores=[float(x) for x in total_scores / k], by_variant=by, captions=caps,
-                       tiles=per_tile, calibrated=bias is not None)
+                       tiles=per_tile, calibrated=bias is not None, cache=rj.cache)
 
 
 def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountOptions,
@@ -426,8 +422,7 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
                     cancel=cancel) as rj:
         notes, info, area, lm = rj.notes, rj.info, rj.area, rj.lm
         options = rj.with_defaults(options, auto_batch=False)
-        prompt_res = (_prompt_count(rj.reader, area, lm, name, options, rj.job)
-                      if method in ("prompt", "both") else None)
+        prompt_res = (_prompt_count(rj, name, options) if method in ("prompt", "both") else None)
     dense_res = None
     if method in ("dense", "both"):
         dense_res, more = _dense_count(raster, lm, name, extent, extent_crs, options, progress, cancel,

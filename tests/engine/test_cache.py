@@ -258,3 +258,16 @@ def test_display_statistics_beside_the_raster_keep_the_pass_but_a_changed_nodata
     res = detect(path, [BLUE_PROMPT], rig, options=opts())
     assert res.cache == "computed"
     same(res, detect(path, [BLUE_PROMPT], rig, options=opts(cache=False)))
+
+
+def test_counting_another_object_on_the_same_tiles_uses_the_kept_tile_embeddings(tmp_path, rig):
+    path = scene(tmp_path / "s.tif", squares=SQUARES)
+    o = CountOptions(tile_px=64, batch_size=4)
+    first = count(path, "red roof", rig, method="prompt", options=o)
+    assert first.prompt.cache == "computed"
+    second = count(path, "blue pool", rig, method="prompt", options=o)
+    assert second.prompt.cache == "memory" and second.prompt.to_json()["cache"] == "memory"
+    fresh = count(path, "blue pool", rig, method="prompt", options=replace(o, cache=False))
+    assert fresh.prompt.cache == "off"
+    assert second.prompt.tiles == fresh.prompt.tiles and second.count == fresh.count
+    assert second.prompt.scores == pytest.approx(fresh.prompt.scores, abs=1e-6)
