@@ -297,9 +297,7 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
     # the pass kept for later prompts: window positions and embeddings, in scoring order
     key = rj.key("detect-window", {"tile_px": int(opts.tile_px), "window": k, "stride": int(opts.stride),
                                    "min_valid": float(opts.min_valid)})
-    kept_meta: Optional[List[np.ndarray]] = [] if key is not None else None
-    kept_emb: List[np.ndarray] = []
-    kept_bytes = 0
+    recorder = rj.recorder(key)
 
     def encode(batch: torch.Tensor):
         return F.normalize(accel.encode_image(lm, to_model_input(lm, batch)).float(), dim=-1)
@@ -323,7 +321,7 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
                 np.maximum(view, pr[:, None, None], out=view)
 
     def flush(force: bool = False) -> None:
-        nonlocal pending, pending_meta, kept_meta, kept_emb, kept_bytes
+        nonlocal pending, pending_meta
         while pending and (force or len(pending) >= opts.batch_size):
             take = pending[:opts.batch_size]
             meta = pending_meta[:opts.batch_size]
@@ -331,13 +329,7 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
             with torch.inference_mode():
                 emb = runner(encode, torch.stack(take))
                 consume(meta, emb)
-            if kept_meta is not None:
-                kept_emb.append(emb.cpu().numpy())
-                kept_meta.append(np.asarray(meta, np.int64).reshape(-1, 2))
-                kept_bytes += kept_emb[-1].nbytes
-                if not rj.room_for(kept_bytes):
-                    kept_meta, kept_emb = None, []
-                    rj.cache = "too large"
+            recorder.add(np.asarray(meta, np.int64).reshape(-1, 2), emb)
             job.step(len(take))
             show_preview()
 
@@ -385,7 +377,7 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
 
     hit = rj.cached(key)
     if hit is not None:
-        meta_all, emb_all = hit.arrays["meta"], hit.arrays["emb"]
+        meta_all, emb_all = hit.arrays["rows"], hit.arrays["values"]
         skipped = int(hit.meta["skipped"])
         with torch.inference_mode():     # the same chunks as the pass that kept them
             for i in range(0, len(meta_all), opts.batch_size):
@@ -419,11 +411,7 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
             window_row(next_row)
             next_row += 1
         flush(force=True)
-        if kept_meta is not None:
-            emb_dim = kept_emb[0].shape[1] if kept_emb else lm.embed_dim
-            rj.keep(key, {"meta": np.concatenate(kept_meta) if kept_meta else np.zeros((0, 2), np.int64),
-                          "emb": np.concatenate(kept_emb) if kept_emb else np.zeros((0, emb_dim), np.float32)},
-                    {"skipped": int(skipped)})
+        recorder.keep({"skipped": int(skipped)})
 
     boxes_all = np.concatenate(win_boxes) if win_boxes else np.zeros((0, 4))
     probs_all = np.concatenate(win_probs) if win_probs else np.zeros((0, P), np.float32)

@@ -57,7 +57,7 @@ class RasterJob:
         """``options`` with the model's defaults filled in (and, on CUDA, a batch
         size from free memory where none was given), checked."""
         from .model import accel
-        if auto_batch and getattr(options, "batch_size", "x") is None:
+        if auto_batch and options.batch_size is None:
             options = replace(options, batch_size=accel.auto_batch_size(self.lm))  # None off CUDA
         return check(with_model_defaults(options, self.lm.defaults))
 
@@ -98,14 +98,13 @@ class RasterJob:
         batch)`` and kept at the end, or, when this pass was kept, from the cache without
         reading anything. Counts progress per tile (job.set_total is the caller's);
         ``self.skipped`` ends as the tiles the reader skipped (nodata, blank)."""
-        import numpy as np
         import torch
 
         from .raster.batches import iter_tile_batches
         key = self.key(kind, params)
         hit = self.cached(key)
         if hit is not None:
-            idx, feats = hit.arrays["tiles"], hit.arrays["feats"]
+            idx, feats = hit.arrays["rows"], hit.arrays["values"]
             self.skipped = int(hit.meta["skipped"])
             for i in range(0, len(idx), batch_size):
                 chunk = [tiles[int(j)] for j in idx[i:i + batch_size]]
@@ -113,9 +112,7 @@ class RasterJob:
                 self.job.step(len(chunk))
             self.job.step(self.skipped)
             return
-        kept_idx: Optional[List[Any]] = [] if key is not None else None
-        kept: List[Any] = []
-        kept_bytes = 0
+        recorder = self.recorder(key)
         batches = iter_tile_batches(self.reader, tiles, batch_size, job=self.job, prefetch=prefetch,
                                     workers=workers, min_valid=min_valid)
         done = 0
@@ -124,26 +121,55 @@ class RasterJob:
                 with torch.inference_mode():
                     feats = features(torch.from_numpy(arr))
                 yield chunk, feats
-                if kept_idx is not None:
-                    kept.append(feats.float().cpu().numpy())
-                    kept_idx.append(np.array([t.index for t in chunk], np.int64))
-                    kept_bytes += kept[-1].nbytes
-                    if not self.room_for(kept_bytes):
-                        kept_idx, kept = None, []
-                        self.cache = "too large"
+                recorder.add([t.index for t in chunk], feats)
                 self.job.step(batches.done - done)
                 done = batches.done
             self.skipped = batches.skipped
         if batches.done > done:
             self.job.step(batches.done - done)
-        if kept_idx is not None and kept:
-            self.keep(key, {"tiles": np.concatenate(kept_idx), "feats": np.concatenate(kept)},
-                      {"skipped": int(self.skipped)})
+        recorder.keep({"skipped": int(self.skipped)})
+
+    def recorder(self, key: Optional[Dict[str, Any]]) -> "PassRecorder":
+        """Collects a pass while it is computed, to :meth:`keep` it under ``key``."""
+        return PassRecorder(self, key)
 
     def room_for(self, nbytes: int) -> bool:
         """Whether a pass of ``nbytes`` can still be kept (else the job stops collecting it)."""
         from .cache.store import CACHE
         return CACHE.fits(nbytes)
+
+
+class PassRecorder:
+    """A pass being computed: ``rows`` (what each value belongs to: tile indices, window
+    positions) and ``values`` (embeddings, patch features), collected while they fit the
+    cache's bounds (past them the job says ``"too large"`` and stops collecting)."""
+
+    def __init__(self, rj: RasterJob, key: Optional[Dict[str, Any]]):
+        self.rj, self.key = rj, key
+        self.rows: List[Any] = []
+        self.values: List[Any] = []
+        self.nbytes = 0
+
+    @property
+    def on(self) -> bool:
+        return self.key is not None
+
+    def add(self, rows, values) -> None:
+        import numpy as np
+        if not self.on:
+            return
+        self.rows.append(np.asarray(rows, np.int64))
+        self.values.append(values.float().cpu().numpy())
+        self.nbytes += self.values[-1].nbytes + self.rows[-1].nbytes
+        if not self.rj.room_for(self.nbytes):
+            self.key, self.rows, self.values = None, [], []
+            self.rj.cache = "too large"
+
+    def keep(self, meta: Dict[str, Any]) -> None:
+        import numpy as np
+        if self.on and self.values:
+            self.rj.keep(self.key, {"rows": np.concatenate(self.rows),
+                                    "values": np.concatenate(self.values)}, meta)
 
 
 @contextmanager
