@@ -424,6 +424,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
             if area.is_empty():
                 raise UsageError("the polygons do not overlap the extent",
                                  "give polygons inside the extent, or leave the extent out")
+            rj.area = area          # the pass (and its cache key) is over this area
         job.check()
         opts = rj.with_defaults(opts, auto_batch=False)
         check_class_lengths(lm, names, opts.templates)

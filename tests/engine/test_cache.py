@@ -237,6 +237,17 @@ def test_another_set_of_classes_on_the_same_area_is_mapped_from_the_kept_pass(tm
     np.testing.assert_array_equal(second.class_map, fresh.class_map)
     np.testing.assert_array_equal(second.scores, fresh.scores)
     assert second.counts == fresh.counts and second.counts["red roof"] > 0
+    # within polygons (a smaller area than the extent): another pass, never the whole area's
+    from mapclip.engine.raster.reader import open_raster
+    with open_raster(path) as r:
+        x0, y0, x1, y1 = r.info.bounds
+    square = {"type": "Polygon", "coordinates": [[(x0, y1), (x0 + 60, y1), (x0 + 60, y1 - 60),
+                                                  (x0, y1 - 60), (x0, y1)]]}
+    inside = classify(path, ["red roof", "blue pool"], rig, options=o, within=[square])
+    assert inside.cache == "computed"
+    fresh_inside = classify(path, ["red roof", "blue pool"], rig, options=replace(o, cache=False),
+                            within=[square])
+    np.testing.assert_array_equal(inside.class_map, fresh_inside.class_map)
     # another overlap is another pass
     assert classify(path, ["red roof", "blue pool"], rig,
                     options=replace(o, overlap=0.125)).cache == "computed"
