@@ -24,11 +24,11 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, Qgs
                        QgsMapLayerProxyModel, QgsProject, QgsRasterLayer, QgsRectangle)
 from qgis.gui import (QgsCollapsibleGroupBox, QgsDockWidget, QgsFileWidget,
                       QgsMapLayerComboBox)
-from qgis.PyQt.QtCore import Qt, QTimer, pyqtSignal
+from qgis.PyQt.QtCore import QEvent, QSize, Qt, QTimer, pyqtSignal
 from qgis.PyQt.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QComboBox, QDoubleSpinBox,
-                                 QFileDialog, QFormLayout, QHBoxLayout, QLabel,
+                                 QFileDialog, QFormLayout, QFrame, QHBoxLayout, QLabel,
                                  QLineEdit, QMenu, QProgressBar, QPushButton,
-                                 QSpinBox, QTabWidget, QToolButton, QTreeWidget,
+                                 QScrollArea, QSpinBox, QTabWidget, QToolButton, QTreeWidget,
                                  QTreeWidgetItem, QVBoxLayout, QWidget)
 
 from ..engine.core.errors import renamed
@@ -50,6 +50,51 @@ ROLE_RASTER = Qt.UserRole + 3
 ROLE_FEATURE = Qt.UserRole + 4
 #: the results lists' caption column (Describe)
 CAPTION_COLUMN = 3
+#: the results lists keep at least this height however tall the fields above them grow
+RESULTS_MIN_HEIGHT = 120
+
+
+class FieldsScroll(QScrollArea):
+    """A tab's fields in a frameless vertical scroll area. It asks for at most
+    ``HINT_HEIGHT`` pixels (the dock fits a small screen, whatever is expanded), grows no
+    taller than its fields need, and scrolls when the dock is shorter than they are."""
+
+    HINT_HEIGHT = 220
+
+    def __init__(self, inner: QWidget):
+        super().__init__()
+        self.setWidget(inner)
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        inner.installEventFilter(self)
+        self._fit()
+
+    def _fit(self) -> None:
+        self.setMaximumHeight(self.widget().sizeHint().height())
+        self.updateGeometry()
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 (Qt's name)
+        if obj is self.widget() and event.type() == QEvent.LayoutRequest:
+            self._fit()      # Advanced opened or closed: as tall as the fields now need
+        return super().eventFilter(obj, event)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        hint = self.widget().sizeHint()
+        return QSize(hint.width() + self.verticalScrollBar().sizeHint().width(),
+                     min(hint.height(), self.HINT_HEIGHT))
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        return QSize(self.widget().minimumSizeHint().width(),
+                     min(self.widget().sizeHint().height(), RESULTS_MIN_HEIGHT))
+
+
+class ResultsList(QTreeWidget):
+    """A results list that asks for no more height than it needs to be useful (the dock
+    fits a small screen) and takes whatever the dock has left."""
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        return QSize(super().sizeHint().width(), RESULTS_MIN_HEIGHT + 20)
 
 
 class MapClipDock(QgsDockWidget):
@@ -75,6 +120,7 @@ class MapClipDock(QgsDockWidget):
         self.last_caption: Optional[str] = None
         self._prev_tool = None
         self._temp_files: List[str] = []
+        self._run_unit = "tiles"      # what the running job's progress counts
         self._status: QLabel = QLabel()
         self._preview: Optional[SearchPreview] = None   # the boxes so far of the search running
         self.tabs = QTabWidget()
@@ -85,6 +131,7 @@ class MapClipDock(QgsDockWidget):
         box.setContentsMargins(0, 0, 0, 0)
         box.addWidget(self._build_deps_banner())
         box.addWidget(self.tabs, 1)
+        box.addWidget(self._build_describe_box())
         self.setWidget(page)
         self._load_settings()
         self.refresh_deps()
@@ -172,7 +219,6 @@ class MapClipDock(QgsDockWidget):
         self.polygon_combo.setAllowEmptyLayer(True)
         self.polygon_label = QLabel("Polygons")
         form.addRow(self.polygon_label, self.polygon_combo)
-        outer.addLayout(form)
 
         self.advanced = QgsCollapsibleGroupBox("Advanced")
         self.advanced.setObjectName("mapclipAdvanced")
@@ -244,7 +290,14 @@ class MapClipDock(QgsDockWidget):
         self.reset_button.clicked.connect(self.reset_params)
         adv.addRow(self.reset_button)
         self.advanced.setCollapsed(True)
-        outer.addWidget(self.advanced)
+        fields_box = QWidget()
+        fields = QVBoxLayout(fields_box)
+        fields.setContentsMargins(0, 0, 0, 0)
+        fields.addLayout(form)
+        fields.addWidget(self.advanced)
+        fields.addStretch(0)
+        self.search_scroll = FieldsScroll(fields_box)
+        outer.addWidget(self.search_scroll, 1)
 
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run")
@@ -265,15 +318,15 @@ class MapClipDock(QgsDockWidget):
         outer.addWidget(self.status_label)
         self._status = self.status_label
 
-        self.results = QTreeWidget()
+        self.results = ResultsList()
         self.results.setHeaderLabels(["#", "Prompt", "Score", "Caption"])
         self.results.setRootIsDecorated(False)
         self.results.setSelectionMode(QAbstractItemView.SingleSelection)
         self.results.setToolTip("double-click a result to zoom to it; right-click to describe it")
         self.results.itemDoubleClicked.connect(self.zoom_to_item)
+        self.results.setMinimumHeight(RESULTS_MIN_HEIGHT)
         self._results_menu(self.results)
         outer.addWidget(self.results, 1)
-        outer.addWidget(self._build_describe_box())
 
         self.mode_combo.currentIndexChanged.connect(self._mode_changed)
         self.area_combo.currentIndexChanged.connect(self._area_changed)
@@ -307,7 +360,11 @@ class MapClipDock(QgsDockWidget):
         self.archive_topk.setRange(1, 10000)
         self.archive_topk.setValue(int(self.settings.get("archive_top_k", 20)))
         form.addRow("Top-k", self.archive_topk)
-        outer.addLayout(form)
+        form_box = QWidget()
+        form_box.setLayout(form)
+        form.setContentsMargins(0, 0, 0, 0)
+        self.archive_scroll = FieldsScroll(form_box)
+        outer.addWidget(self.archive_scroll, 1)
         row = QHBoxLayout()
         self.archive_search_button = QPushButton("Search")
         self.archive_search_button.clicked.connect(lambda _checked=False: self.search_archive())
@@ -321,18 +378,13 @@ class MapClipDock(QgsDockWidget):
         self.archive_status = QLabel("")
         self.archive_status.setWordWrap(True)
         outer.addWidget(self.archive_status)
-        self.archive_results = QTreeWidget()
+        self.archive_results = ResultsList()
         self.archive_results.setHeaderLabels(["#", "Source", "Score", "Caption"])
         self.archive_results.setRootIsDecorated(False)
         self.archive_results.itemDoubleClicked.connect(self.zoom_to_item)
+        self.archive_results.setMinimumHeight(RESULTS_MIN_HEIGHT)
         self._results_menu(self.archive_results)
         outer.addWidget(self.archive_results, 1)
-        self.archive_describe_button = QPushButton("Describe")
-        self.archive_describe_button.setToolTip("caption the selected hit (model and caption bank "
-                                                "of the Search tab)")
-        self.archive_describe_button.clicked.connect(
-            lambda _checked=False: self.describe_item(self.archive_results.currentItem()))
-        outer.addWidget(self.archive_describe_button)
         return page
 
     # ------------------------------------------------------------ settings --
@@ -349,6 +401,14 @@ class MapClipDock(QgsDockWidget):
             self.model_combo.addItem(item["label"], item["spec"])
             self.model_combo.setItemData(self.model_combo.count() - 1, item["spec"], Qt.ToolTipRole)
         self.model_combo.blockSignals(False)
+        current = self.caption_model() if self.caption_model_combo.count() else None
+        self.caption_model_combo.clear()
+        for i in range(self.model_combo.count()):
+            self.caption_model_combo.addItem(self.model_combo.itemText(i), self.model_combo.itemData(i))
+            self.caption_model_combo.setItemData(i, self.model_combo.itemData(i, Qt.ToolTipRole),
+                                                 Qt.ToolTipRole)
+        if current is not None:
+            self._pick(self.caption_model_combo, current)
 
     def show_demo(self, layer, prompt: str) -> None:
         """Set the search up for the demo: this layer, the demo model, a prompt, the whole layer."""
@@ -361,14 +421,23 @@ class MapClipDock(QgsDockWidget):
         self.status_label.setText("Demo ready: press Run to search the scene with the demo model "
                                   "(trained on synthetic scenes; use a RemoteCLIP model on real imagery).")
 
+    @staticmethod
+    def _pick(combo: QComboBox, spec: str) -> None:
+        """Make ``spec`` current in a model picker, adding it if unknown."""
+        idx = combo.findData(spec)
+        if idx < 0:
+            combo.addItem(spec, spec)
+            idx = combo.count() - 1
+        combo.setCurrentIndex(idx)
+
     def select_model(self, spec: str) -> None:
         """Make ``spec`` current in the picker, adding it if unknown."""
-        idx = self.model_combo.findData(spec)
-        if idx < 0:
-            self.model_combo.addItem(spec, spec)
-            idx = self.model_combo.count() - 1
-        self.model_combo.setCurrentIndex(idx)
+        self._pick(self.model_combo, spec)
         self._model_changed()
+
+    def select_caption_model(self, spec: str) -> None:
+        """Make ``spec`` Describe's model (the Caption model field), adding it if unknown."""
+        self._pick(self.caption_model_combo, spec)
 
     def refresh_models(self) -> None:
         """Re-read presets and added models (after the fine-tune dialog adds one)."""
@@ -389,6 +458,7 @@ class MapClipDock(QgsDockWidget):
         self._set_combo_data(self.count_method_combo, self.settings.get("count_method", "both"))
         self.index_widget.setFilePath(self.settings.get("index_path", ""))
         self.bank_widget.setFilePath(self.settings.get("caption_bank", ""))
+        self._pick(self.caption_model_combo, self.settings.caption_model)
         self.show_params(self.settings.params(self.current_model()))
         self._mode_changed()
         self._area_changed()
@@ -444,6 +514,7 @@ class MapClipDock(QgsDockWidget):
         self.settings.set("index_path", self.index_widget.filePath())
         self.settings.set("archive_top_k", self.archive_topk.value())
         self.settings.set("caption_bank", self.caption_bank() or "")
+        self.settings.caption_model = self.caption_model()
 
     def reset_params(self) -> None:
         self.settings.reset_params(self.current_model())
@@ -546,6 +617,15 @@ class MapClipDock(QgsDockWidget):
         if running:
             self.progress.setValue(0)
 
+    def _refuse(self, text: str, bar: bool = True) -> bool:
+        """A run that does not start: say why in the message bar and in the status line (no
+        earlier run's result is left there to be taken for this one's). False."""
+        if bar:
+            log.bar_warning(self.iface, text)
+        self.status_label.setText(f"Not started: {text}")
+        self.progress.setValue(0)
+        return False
+
     def run(self) -> bool:
         """Start a search with the dock's values; False (and a message) if it cannot start."""
         if self.task is not None or self.renderer is not None:
@@ -553,20 +633,21 @@ class MapClipDock(QgsDockWidget):
         layer = self.layer_combo.currentLayer()
         prompts = self.prompts()
         if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
-            log.bar_warning(self.iface, "choose a raster layer to search")
-            return False
+            return self._refuse("choose a raster layer to search")
         if not prompts:
-            log.bar_warning(self.iface, "type what to look for in the prompt field")
-            return False
+            return self._refuse("type what to look for in the prompt field")
         if not self._packages_ready():
-            return False
+            return self._refuse("MapCLIP's packages are missing (see the top of the dock)",
+                                bar=False)
         try:
             params = self.params()
             bands = params.band_list()
             rect, rect_crs = self.area()
         except ValueError as exc:
-            log.bar_warning(self.iface, str(exc))
-            return False
+            return self._refuse(str(exc))
+        self.caption_view.clear()          # the caption of an earlier result is not this run's
+        self.caption_view.setToolTip("")
+        self.last_caption = None
         self.save_settings()
         self.settings.add_prompt("; ".join(prompts))
         self._refresh_history("; ".join(prompts))
@@ -589,8 +670,7 @@ class MapClipDock(QgsDockWidget):
                                       params.gsd or self._canvas_gsd(layer))
         except ValueError as exc:
             self._set_running(False)
-            log.bar_warning(self.iface, str(exc))
-            return False
+            return self._refuse(str(exc))
         self.status_label.setText(f"Rendering {layer.name()} at {plan.gsd:.2f} m/px "
                                   f"({plan.width}×{plan.height} px)…")
         self.renderer = render.AsyncRender(layer, plan, parent=self)
@@ -634,14 +714,14 @@ class MapClipDock(QgsDockWidget):
         run_time = _dt.datetime.now(_dt.timezone.utc)
         if mode == "classes":
             import json
-            import tempfile
             options = params.classify_options()
             options = replace(options, read=replace(options.read, gsd=gsd))
             within = within_crs = None
             if getattr(self, "_selection", None) is not None and extent is not None:
                 geom, sel_crs = self._selection
                 within, within_crs = [json.loads(geom.asJson())], crs_text(sel_crs)
-            out = os.path.join(tempfile.mkdtemp(prefix="mapclip-classes-"), "classes.tif")
+            out = layers.unique_path(layers.results_place()[1],
+                                     f"classes_{run_time.astimezone():%Y%m%d_%H%M%S}", ".tif")
             req = tasks.ClassifyRequest(raster=source, classes=prompts, model=model,
                                         model_name=model, options=options, out=out,
                                         extent=extent, extent_crs=extent_crs, within=within,
@@ -667,7 +747,9 @@ class MapClipDock(QgsDockWidget):
             fn = partial(tasks.run_detect, req)
             title = f"MapCLIP: search '{'; '.join(prompts)[:40]}'"
             gpkg = self.gpkg_widget.filePath() if self.save_check.isChecked() else None
-            if gpkg:
+            if not gpkg:     # results are kept: the project's results GeoPackage
+                gpkg = layers.results_place()[0]
+            else:
                 from ..engine.core.errors import MapClipError
                 from ..engine.core.jobs import check_outputs
                 from ..engine.raster.reader import raster_files
@@ -685,6 +767,9 @@ class MapClipDock(QgsDockWidget):
             return
         self.status_label.setText(f"Loading {model}…")
         self._run_info = req.info
+        # window mode counts windows (tiles x tiles, stride apart) as it scores them, not tiles
+        self._run_unit = ("windows" if isinstance(req, tasks.DetectRequest)
+                          and req.options.mode == "window" else "tiles")
         self._status = self.status_label
         self.task = tasks.EngineTask(title, fn, on_done=on_done, on_error=self._job_error,
                                      on_cancel=self._job_cancelled, iface=self.iface)
@@ -710,14 +795,23 @@ class MapClipDock(QgsDockWidget):
         worker thread; see mapclip/plugin/runtime.py). False, with the reason shown, if they fail."""
         if runtime.preloaded():
             return True
+        # the import holds the GUI for seconds: say why before it, painted, with Run off
+        run_was_on = self.run_button.isEnabled()
+        self.run_button.setEnabled(False)
         status.setText("Loading PyTorch (first search only)…")
+        status.repaint()
+        self.run_button.repaint()
         QApplication.processEvents()
+        QApplication.setOverrideCursor(Qt.WaitCursor)
         try:
             runtime.preload()
         except ImportError as exc:
             text = log.bar_error(self.iface, "search failed", exc)
             status.setText(text)
+            self.run_button.setEnabled(run_was_on)
             return False
+        finally:
+            QApplication.restoreOverrideCursor()
         return True
 
     def _stepped(self, done: int, total: int) -> None:
@@ -729,7 +823,8 @@ class MapClipDock(QgsDockWidget):
         so_far = ""
         if self._preview is not None and self._preview.layer is not None:
             so_far = f" · {self._preview.boxes} boxes so far"
-        self._status.setText(f"{done}/{total} tiles · {task.rate():.1f} tiles/s · {device}{so_far}")
+        unit = getattr(self, "_run_unit", "tiles")
+        self._status.setText(f"{done}/{total} {unit} · {task.rate():.1f} {unit}/s · {device}{so_far}")
 
     def _finish(self, outcome: str) -> None:
         self.task = None
@@ -742,8 +837,9 @@ class MapClipDock(QgsDockWidget):
         self._drop_preview()
         try:
             _, made = layers.add_detect_result(result, req.prompts, req.model_name, crs=layer_crs,
-                                               gpkg=gpkg or None, boxes=True,
-                                               heatmap=(mode == "heatmap"), run_time=run_time)
+                                               gpkg=gpkg, boxes=True,
+                                               heatmap=(mode == "heatmap"), run_time=run_time,
+                                               folder=layers.results_place()[1])
         except Exception as exc:
             log.bar_error(self.iface, "adding the result layers failed", exc)
             self._finish("error")
@@ -767,7 +863,8 @@ class MapClipDock(QgsDockWidget):
             how = f"{result.tiles} tiles from the kept embeddings in {result.seconds:.2f} s"
         else:
             how = f"{result.tiles} tiles in {result.seconds:.1f} s ({rate:.1f} tiles/s)"
-        self.status_label.setText(f"{len(result.boxes)} boxes · {how} · {result.device}")
+        self.status_label.setText(f"{len(result.boxes)} boxes · {how} · {result.device} · "
+                                  f"saved in {gpkg}")
         self._finish("done")
 
     def _notes(self, notes) -> None:
@@ -958,7 +1055,7 @@ class MapClipDock(QgsDockWidget):
             finally:
                 self._finish("done")
 
-        self._run_info = {}
+        self._run_info, self._run_unit = {}, "tiles"
         self.task = tasks.EngineTask(title, job, on_done=on_done, on_error=self._archive_error,
                                      on_cancel=self._job_cancelled, iface=self.iface)
         self.task.stepped.connect(self._stepped)
@@ -1024,7 +1121,13 @@ class MapClipDock(QgsDockWidget):
         box = QWidget()
         box.setObjectName("mapclipDescribe")
         form = QFormLayout(box)
-        form.setContentsMargins(0, 0, 0, 0)
+        margins = form.contentsMargins()
+        form.setContentsMargins(margins.left(), 0, margins.right(), 0)
+        self.caption_model_combo = QComboBox()
+        self.caption_model_combo.setToolTip("the model that describes: a captioning model (CoCa, "
+                                            "e.g. demo-captioner) writes the caption; another "
+                                            "model ranks the captions of the caption bank")
+        form.addRow(FIELD_LABELS["caption_model"], self.caption_model_combo)
         self.bank_widget = QgsFileWidget()
         self.bank_widget.setStorageMode(QgsFileWidget.GetFile)
         self.bank_widget.setFilter("Caption banks (*.csv *.tsv *.txt *.json *.jsonl)")
@@ -1035,11 +1138,12 @@ class MapClipDock(QgsDockWidget):
         form.addRow(FIELD_LABELS["bank"], self.bank_widget)
         row = QHBoxLayout()
         self.describe_button = QPushButton("Describe")
-        self.describe_button.setToolTip("caption the selected result: its box, in the raster "
-                                        "it was found in; the caption goes into the list and "
-                                        "into the layer's caption field")
+        self.describe_button.setToolTip("caption the selected result of the tab shown (a box, "
+                                        "an archive hit), in the raster it was found in; the "
+                                        "caption goes into the list and into the layer's "
+                                        "caption field")
         self.describe_button.clicked.connect(
-            lambda _checked=False: self.describe_item(self.results.currentItem()))
+            lambda _checked=False: self.describe_item(self._shown_results().currentItem()))
         self.describe_place_button = QPushButton("Describe a place…")
         self.describe_place_button.setCheckable(True)
         self.describe_place_button.setToolTip("click the map: the tile around the point "
@@ -1069,6 +1173,18 @@ class MapClipDock(QgsDockWidget):
             menu.exec_(tree.viewport().mapToGlobal(pos))
 
         tree.customContextMenuRequested.connect(show)
+
+    def _shown_results(self) -> QTreeWidget:
+        """The results list of the tab shown (Search: boxes; Archive: hits)."""
+        return self.archive_results if self.tabs.currentIndex() == 1 else self.results
+
+    def caption_model(self) -> str:
+        return str(self.caption_model_combo.currentData() or self.caption_model_combo.currentText())
+
+    def _caption_tile_px(self) -> int:
+        """Describe a place: the caption model's own window (tile size x window), in pixels."""
+        d = model_defaults(self.caption_model())
+        return int(d.tile_px) * int(d.window)
 
     def caption_bank(self) -> Optional[str]:
         path = self.bank_widget.filePath().strip()
@@ -1103,8 +1219,7 @@ class MapClipDock(QgsDockWidget):
             from .describe_tool import DescribePlaceTool
             if self.describe_tool is None:
                 self.describe_tool = DescribePlaceTool(
-                    canvas, self.layer_combo.currentLayer,
-                    lambda: self.tile_spin.value() * self.window_spin.value())
+                    canvas, self.layer_combo.currentLayer, self._caption_tile_px)
                 self.describe_tool.place.connect(self._describe_place)
                 self.describe_tool.failed.connect(self._describe_refused)
             self._prev_tool = canvas.mapTool()
@@ -1136,17 +1251,12 @@ class MapClipDock(QgsDockWidget):
             return False
         if not self._packages_ready():
             return False
-        try:
-            params = self.params()
-            read = params.read_options()
-        except ValueError as exc:
-            log.bar_warning(self.iface, str(exc))
-            return False
         from ..engine.core.options import CaptionOptions
         self.save_settings()
-        model = self.current_model()
-        options = replace(CaptionOptions(), read=read,
-                          device=None if params.device in ("", "auto") else params.device)
+        model = self.caption_model()
+        device = self.device_combo.currentText()
+        # the caption model's own reading of the raster: nothing of the Search tab's bands or GSD
+        options = replace(CaptionOptions(), device=None if device in ("", "auto") else device)
         req = tasks.CaptionRequest(raster=raster, places=[tuple(bounds)], model=model,
                                    model_name=model, options=options, extent_crs=extent_crs,
                                    bank=self.caption_bank())
@@ -1154,7 +1264,7 @@ class MapClipDock(QgsDockWidget):
             return False
         status.setText(f"Describing with {model}…")
         self._status = status
-        self._run_info = req.info
+        self._run_info, self._run_unit = req.info, "tiles"
         feature = item.data(0, ROLE_FEATURE) if item is not None else None
         self.task = tasks.EngineTask(f"MapCLIP: describe ({os.path.basename(raster)})",
                                      partial(tasks.run_caption, req),

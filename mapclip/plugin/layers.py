@@ -3,8 +3,10 @@
 - Boxes: one polygon layer per prompt, named after the prompt, in the raster's
   CRS, fields prompt, score, cosine, rank, model, run_time; styled from
   ``mapclip/resources/styles/boxes.qml`` (graduated by score, score labels) with the
-  classes recomputed for the run's scores. Memory layers by default; saved to
-  a GeoPackage when the user asks.
+  classes recomputed for the run's scores, in the prompt's own colour, labelled
+  "prompt #rank score". Written to a GeoPackage (the results' one beside the
+  project, or the one the user names: :func:`results_place`), a new table per
+  prompt and run.
 - Heatmap: a single-band GeoTIFF per prompt with a pseudocolour ramp whose low
   end is transparent, so only high-scoring places tint the map.
 - Archive hits: footprint polygons with the engine's hit fields (rank, score, raster, ...).
@@ -15,7 +17,6 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
-import tempfile
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 from qgis.core import (QgsColorRampShader, QgsCoordinateReferenceSystem, QgsFeature,
@@ -49,6 +50,24 @@ HEAT_LOW_QUANTILE = 0.5  # scores below the median are fully transparent
 BOX_RAMP = ("#ffd000", "#d7191c")
 HIT_RAMP = ("#6baed6", "#08306b")
 FILL_ALPHA = 40
+#: each prompt of a run has its own colour, by its place in the run (a qualitative palette,
+#: ColorBrewer Set1 without its yellow, which the map's light areas swallow)
+PROMPT_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628",
+                  "#f781bf", "#17becf")
+#: the layer property holding the prompt's place in its run (its colour, kept when refilled)
+PROMPT_INDEX = "mapclip/prompt_index"
+#: box labels name their prompt, shortened: "ships #1 0.95"
+LABEL_PROMPT_CHARS = 20
+BOX_LABEL = (f"concat(if(length(\"prompt\") > {LABEL_PROMPT_CHARS}, "
+             f"trim(left(\"prompt\", {LABEL_PROMPT_CHARS - 1})) || '…', \"prompt\"), "
+             "' #', \"rank\", ' ', format_number(\"score\", 2))")
+
+
+def prompt_ramp(index: int) -> Tuple[str, str]:
+    """The outline ramp (lowest score class, highest) of the prompt at ``index`` in its run:
+    a pale and a full shade of the prompt's own colour."""
+    colour = QColor(PROMPT_COLOURS[int(index) % len(PROMPT_COLOURS)])
+    return colour.lighter(160).name(), colour.name()
 
 
 def engine_crs(crs: Any) -> QgsCoordinateReferenceSystem:
@@ -109,10 +128,12 @@ def layer_name(prompt: str, suffix: str = "") -> str:
 
 
 def boxes_layer(boxes: Iterable[Any], prompt: str, model: str, crs: QgsCoordinateReferenceSystem,
-                run_time: Optional[_dt.datetime] = None) -> QgsVectorLayer:
-    """A memory polygon layer of the boxes of one prompt, styled by score."""
+                run_time: Optional[_dt.datetime] = None, index: int = 0) -> QgsVectorLayer:
+    """A memory polygon layer of the boxes of one prompt, styled by score in the colour of
+    the prompt's place ``index`` in its run."""
     layer = QgsVectorLayer("Polygon", layer_name(prompt), "memory")
     layer.setCrs(crs)
+    layer.setCustomProperty(PROMPT_INDEX, int(index))
     layer.dataProvider().addAttributes(list(fields_of(BOX_FIELDS)))
     layer.updateFields()
     set_boxes(layer, boxes, model, run_time)
@@ -155,7 +176,10 @@ def _update_classes(renderer: QgsGraduatedSymbolRenderer, layer: QgsVectorLayer,
 
 
 def style_boxes(layer: QgsVectorLayer) -> None:
-    """Apply boxes.qml, then spread its graduated classes over this layer's scores."""
+    """Apply boxes.qml, then spread its graduated classes over this layer's scores in its
+    prompt's colour, and label each box with its prompt, rank and score."""
+    from qgis.core import QgsVectorLayerSimpleLabeling
+    index = int(layer.customProperty(PROMPT_INDEX, 0) or 0)    # the style file resets it
     if os.path.isfile(BOXES_STYLE):
         _, ok = layer.loadNamedStyle(BOXES_STYLE)
         if not ok:
@@ -163,7 +187,13 @@ def style_boxes(layer: QgsVectorLayer) -> None:
     renderer = layer.renderer()
     if isinstance(renderer, QgsGraduatedSymbolRenderer) and layer.featureCount():
         classes = max(1, min(5, len(renderer.ranges()) or 5, layer.featureCount()))
-        _update_classes(renderer, layer, classes)
+        _update_classes(renderer, layer, classes, prompt_ramp(index))
+    layer.setCustomProperty(PROMPT_INDEX, index)
+    labeling = layer.labeling()
+    if isinstance(labeling, QgsVectorLayerSimpleLabeling) and layer.fields().indexOf("prompt") >= 0:
+        settings = labeling.settings()
+        settings.fieldName, settings.isExpression = BOX_LABEL, True
+        layer.setLabeling(QgsVectorLayerSimpleLabeling(settings))
     layer.triggerRepaint()
 
 
@@ -189,9 +219,66 @@ def add_to_group(layer: QgsMapLayer, group: Optional[QgsLayerTreeGroup],
     return layer
 
 
+#: where results go while the project is unsaved: a folder of the QGIS profile
+RESULTS_FOLDER = "mapclip-results"
+
+
+def results_place(project: Optional[QgsProject] = None) -> Tuple[str, str]:
+    """Where a run's results are kept: (the GeoPackage of its boxes, the folder of its rasters).
+
+    Beside the saved project (``site.qgz`` -> ``site.mapclip.gpkg`` and ``site_mapclip/``);
+    for an unsaved project, or one in a folder that cannot be written, the profile's
+    ``mapclip-results/`` folder (``results.gpkg`` in it)."""
+    from qgis.core import QgsApplication
+    project = project or QgsProject.instance()
+    path = project.fileName()
+    if path and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        base = os.path.splitext(os.path.abspath(path))[0]
+        return base + ".mapclip.gpkg", base + "_mapclip"
+    folder = os.path.join(QgsApplication.qgisSettingsDirPath(), RESULTS_FOLDER)
+    return os.path.join(folder, "results.gpkg"), folder
+
+
+def _slug(text: str, default: str) -> str:
+    return re.sub(r"[^0-9A-Za-z]+", "_", text).strip("_")[:40] or default
+
+
+def _stamp(run_time: Optional[_dt.datetime]) -> str:
+    return (run_time or _dt.datetime.now(_dt.timezone.utc)).astimezone().strftime("%Y%m%d_%H%M%S")
+
+
+def unique_path(folder: str, stem: str, ext: str) -> str:
+    """A new file ``folder/stem.ext`` (``stem_2.ext``, ... when taken); the folder is made."""
+    os.makedirs(folder, exist_ok=True)
+    path, n = os.path.join(folder, stem + ext), 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(folder, f"{stem}_{n}{ext}")
+    return path
+
+
+def gpkg_tables(path: str) -> List[str]:
+    """The tables of the GeoPackage ``path`` (none when it does not exist yet)."""
+    if not os.path.exists(path):
+        return []
+    from osgeo import ogr
+    ds = ogr.Open(path)
+    if ds is None:
+        return []
+    return [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())]
+
+
 def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> QgsVectorLayer:
-    """Write ``layer`` into the GeoPackage ``path`` (as table ``table``); return the saved layer."""
-    table = table or re.sub(r"[^0-9A-Za-z_]+", "_", layer.name()).strip("_") or "boxes"
+    """Write ``layer`` into the GeoPackage ``path`` as a new table (``table``, or the layer's
+    name; ``_2``, ... added when taken: an earlier run's table is never overwritten); return
+    the saved layer."""
+    base = (table or _slug(layer.name(), "boxes")).lower()
+    taken = {t.lower() for t in gpkg_tables(path)}
+    table, n = base, 1
+    while table in taken:
+        n += 1
+        table = f"{base}_{n}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     opts = QgsVectorFileWriter.SaveVectorOptions()
     opts.driverName = "GPKG"
     opts.layerName = table
@@ -208,6 +295,7 @@ def save_gpkg(layer: QgsVectorLayer, path: str, table: Optional[str] = None) -> 
     saved.setLabeling(layer.labeling().clone() if layer.labeling() else None)
     saved.setLabelsEnabled(layer.labelsEnabled())
     saved.setMetadata(layer.metadata())
+    saved.setCustomProperty(PROMPT_INDEX, layer.customProperty(PROMPT_INDEX, 0))
     return saved
 
 
@@ -243,9 +331,8 @@ def heatmap_layers(result: Any, prompts: Sequence[str],
     """One styled raster layer per prompt, all reading band i of the one heatmap GeoTIFF
     the engine writes (engine.core.outputs.write_heatmap_tif: atomic, band names = prompts)."""
     import numpy as np
-    folder = folder or tempfile.mkdtemp(prefix="mapclip-heat-")
-    slug = re.sub(r"[^0-9A-Za-z]+", "_", "_".join(prompts)).strip("_")[:40] or "heatmap"
-    path = os.path.join(folder, f"{slug}.tif")
+    path = unique_path(folder or results_place()[1], f"heatmap_{_slug('_'.join(prompts), 'run')}_"
+                       f"{_stamp(None)}", ".tif")
     heat = np.asarray(result.heatmap, dtype="float32")
     outputs.write_heatmap_tif(heat, result.heatmap_transform, result.crs, list(prompts), path)
     made = []
@@ -268,26 +355,29 @@ def add_detect_result(result: Any, prompts: Sequence[str], model: str,
                       crs: Optional[QgsCoordinateReferenceSystem] = None,
                       gpkg: Optional[str] = None, boxes: bool = True, heatmap: bool = False,
                       project: Optional[QgsProject] = None,
-                      run_time: Optional[_dt.datetime] = None) -> Tuple[QgsLayerTreeGroup, List[QgsMapLayer]]:
-    """Add one run's layers (boxes per prompt, heatmaps on request) in a new group."""
+                      run_time: Optional[_dt.datetime] = None,
+                      folder: Optional[str] = None) -> Tuple[QgsLayerTreeGroup, List[QgsMapLayer]]:
+    """Add one run's layers (boxes per prompt, heatmaps on request) in a new group. The boxes
+    are written to the GeoPackage ``gpkg`` (one new table per prompt and run) and loaded
+    from it, memory layers without one; heatmaps go to ``folder``."""
     project = project or QgsProject.instance()
     run_time = run_time or _dt.datetime.now(_dt.timezone.utc)
     crs = result_crs(getattr(result, "crs", None), crs)
     title = f"MapCLIP {run_time.astimezone().strftime('%H:%M:%S')}: {'; '.join(prompts)[:50]}"
     made: List[QgsMapLayer] = []
     if boxes:
-        for prompt in prompts:
+        for index, prompt in enumerate(prompts):
             own = [b for b in result.boxes if b.prompt == prompt]
-            layer = boxes_layer(own, prompt, model, crs, run_time)
+            layer = boxes_layer(own, prompt, model, crs, run_time, index)
             set_abstract(layer, f"MapCLIP boxes for '{prompt}', model {model}, "
                                 f"{len(own)} boxes, {result.tiles} tiles in {result.seconds:.1f} s "
                                 f"on {result.device}.")
             if gpkg:
-                layer = save_gpkg(layer, gpkg)
+                layer = save_gpkg(layer, gpkg, f"{_slug(prompt, 'boxes')}_{_stamp(run_time)}")
             made.append(layer)
     heat = getattr(result, "heatmap", None)
     if heatmap and heat is not None and getattr(result, "heatmap_transform", None) is not None:
-        made.extend(heatmap_layers(result, prompts, crs))
+        made.extend(heatmap_layers(result, prompts, crs, folder))
     group = run_group(title, project)
     for layer in made:
         add_to_group(layer, group, project)

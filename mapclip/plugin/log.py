@@ -15,6 +15,8 @@ from qgis.core import Qgis, QgsMessageLog
 
 TAG = "MapCLIP"
 BAR_SECONDS = 8
+#: an error stays longer than a note, then goes (it is in the log panel, whole)
+ERROR_SECONDS = 30
 
 
 def info(message: str) -> None:
@@ -56,24 +58,36 @@ def short_text(text: str, limit: int = MAX_BAR_TEXT) -> str:
     return head[:end + 1 if end > 0 else len(head)].rstrip(" ;,:") + " …"
 
 
+#: the MapCLIP error each message bar shows ({id(bar): item}): a new error replaces it
+_LAST_ERROR: Dict[int, object] = {}
+
+
+def _drop_last_error(bar) -> None:
+    from qgis.PyQt import sip
+    item = _LAST_ERROR.pop(id(bar), None)
+    if item is not None and not sip.isdeleted(item) and item in bar.items():
+        bar.popWidget(item)
+
+
 def _push(iface, title: str, text: str, level, seconds: int, more: str = "") -> None:
     """Show ``text`` in the message bar; a long one, or one with ``more`` to it, gets a
-    "Show more" button that opens the whole text (plus ``more``)."""
+    "Show more" button that opens the whole text (plus ``more``). An error replaces the
+    previous MapCLIP error rather than stacking under it."""
     bar = _bar(iface)
     if bar is None:
         return
     whole = text + ("\n\n" + more if more else "")
-    short = short_text(text)
-    if whole == short:
-        bar.pushMessage(title, text, level, seconds)
-        return
-    from qgis.PyQt.QtWidgets import QPushButton
-    item = bar.createMessage(title, short)
-    item.setProperty("mapclipText", whole)
-    button = QPushButton("Show more", item)
-    button.setObjectName(SHOW_MORE)
-    button.clicked.connect(lambda: _show_whole(bar, title, whole))
-    item.layout().addWidget(button)
+    item = bar.createMessage(title, short_text(text))
+    if whole != item.text():
+        from qgis.PyQt.QtWidgets import QPushButton
+        item.setProperty("mapclipText", whole)
+        button = QPushButton("Show more", item)
+        button.setObjectName(SHOW_MORE)
+        button.clicked.connect(lambda: _show_whole(bar, title, whole))
+        item.layout().addWidget(button)
+    if level == Qgis.Critical:
+        _drop_last_error(bar)
+        _LAST_ERROR[id(bar)] = item
     bar.pushWidget(item, level, seconds)
 
 
@@ -151,5 +165,5 @@ def bar_error(iface, what: str, exc: Optional[BaseException] = None,
     elif exc is not None and exc.__traceback__ is not None:
         full += "\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     critical(full)
-    _push(iface, TAG, text, Qgis.Critical, 0, full[len(text):].strip())
+    _push(iface, TAG, text, Qgis.Critical, ERROR_SECONDS, full[len(text):].strip())
     return text

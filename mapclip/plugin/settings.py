@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from qgis.core import QgsSettings
 
-from ..engine.model.models import DEFAULT_MODEL
+from ..engine.model.models import DEFAULT_MODEL, PRESETS
 from ..engine.model.models import model_defaults as engine_model_defaults
 from ..engine.core.errors import UsageError, worded
 from ..engine.core.options import (MODES, ClassifyOptions, CountOptions, DetectOptions, ReadOptions, parse_bands,
@@ -28,12 +28,14 @@ GROUP = "mapclip"
 HISTORY_SIZE = 20
 DEVICES = ("auto", "cpu", "cuda", "mps")
 METHODS = MODES
+#: Describe's model until the user picks one: a captioning model, so no caption bank is needed
+DEFAULT_CAPTION_MODEL = "demo-captioner"
 
 #: dock field label of each engine option, for errors worded in the dock's terms
 FIELD_LABELS = {"tile_px": "Tile size", "window": "Window", "stride": "Stride", "gsd": "GSD",
                 "top_k": "Top-k", "threshold": "Threshold", "bands": "Bands", "read": "Bands",
                 "device": "Device", "batch_size": "Batch size", "mode": "Method",
-                "dense_tile_px": "Tile size", "bank": "Caption bank",
+                "dense_tile_px": "Tile size", "bank": "Caption bank", "caption_model": "Caption model",
                 "read_workers": "Reader processes", "compile": "Compile (CUDA)",
                 "cache": "Reuse embeddings"}
 
@@ -163,6 +165,17 @@ class Settings:
     @model.setter
     def model(self, spec: str) -> None:
         self.set("model", spec)
+
+    @property
+    def caption_model(self) -> str:
+        """The model Describe uses: the user's last choice, else demo-captioner (it writes
+        captions, no bank needed) where the engine has it, else the default model."""
+        return str(self.get("caption_model", DEFAULT_CAPTION_MODEL if DEFAULT_CAPTION_MODEL in PRESETS
+                            else DEFAULT_MODEL))
+
+    @caption_model.setter
+    def caption_model(self, spec: str) -> None:
+        self.set("caption_model", spec)
 
     def custom_models(self) -> List[Dict[str, str]]:
         """Checkpoints and model folders the user added: [{"label", "spec"}]."""

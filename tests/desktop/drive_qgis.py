@@ -652,6 +652,30 @@ def session():
         return info
 
 
+    @step("small_screen")
+    def _small_screen():
+        """A 1600 x 1000 main window with Advanced open: the dock stays inside it, Run and
+        Describe are in view, and the results list keeps a useful height."""
+        d = dock()
+        tab(d.tabs, "Search")
+        win = iface.mainWindow()
+        win.showNormal()
+        win.resize(1600, 1000)
+        d.advanced.setCollapsed(False)
+        pump(0.5)
+
+        def in_view(w):
+            return w.isVisible() and w.visibleRegion().boundingRect().height() == w.height()
+        info = {"window_height": win.height(), "dock_height": d.height(),
+                "dock_hint": d.sizeHint().height(), "results_height": d.results.height(),
+                "run_visible": in_view(button(d, "Run")),
+                "describe_visible": in_view(button(d, "Describe")),
+                "screenshot": screenshot("desktop-small-screen.png")}
+        d.advanced.setCollapsed(True)
+        pump(0.2)
+        return info
+
+
     @step("unload")
     def _unload():
         from qgis import utils

@@ -235,7 +235,8 @@ def test_a_search_from_the_dock_adds_a_styled_layer_with_the_models_defaults(des
     boxes = desktop["steps"]["search_boxes"]
     assert boxes["ok"], boxes
     assert boxes["features"] >= 1 and boxes["renderer"] == "graduatedSymbol"
-    assert boxes["fields"][:5] == ["prompt", "score", "cosine", "rank", "model"]
+    assert [f for f in boxes["fields"] if f != "fid"][:5] == ["prompt", "score", "cosine", "rank",
+                                                             "model"]
     assert boxes["results_rows"] == boxes["features"]
     # nothing changed in the dock: the engine fills in the demo model's own tile size
     assert boxes["request"]["tile_px"] is None
@@ -276,3 +277,11 @@ def test_the_archive_map_tool_does_not_move_the_map(desktop):
     step = desktop["steps"]["archive_map_tool"]
     assert step["ok"], step
     assert step["extent_moved"] == 0 and step["tool_restored"]
+
+
+def test_the_dock_with_advanced_open_fits_a_1000_px_window(desktop):
+    step = desktop["steps"]["small_screen"]
+    assert step["ok"], step.get("traceback") or step
+    assert step["window_height"] <= 1000 and step["dock_height"] < step["window_height"], step
+    assert step["dock_hint"] < 700 and step["results_height"] >= 120, step
+    assert step["run_visible"] and step["describe_visible"], step

@@ -200,8 +200,9 @@ def test_detect_run_adds_boxes_layer_with_fields_crs_and_the_red_square(qtbot, s
     assert len(boxes) == 1
     layer = boxes[0]
     assert groups[0].findLayer(layer.id()) is not None
-    assert [f.name() for f in layer.fields()] == ["prompt", "score", "cosine", "rank", "model",
-                                                  "run_time"]
+    # kept in the results GeoPackage (its "fid" first)
+    assert [f.name() for f in layer.fields()] == ["fid", "prompt", "score", "cosine", "rank",
+                                                  "model", "run_time"]
     assert layer.crs().authid() == "EPSG:32633"
     feats = sorted(layer.getFeatures(), key=lambda f: f["rank"])
     assert 1 <= len(feats) <= 3
