@@ -99,8 +99,36 @@ class MapClipPlugin:
         for key in ("finetune", "convert", "dedup", "models"):
             self._action(DIALOG_LABELS[key], lambda _=False, k=key: self.open_dialog(k))
         self._action("Try the demo", self.try_demo)
+        self._action("Kept embeddings…", self.manage_cache)
         self._action("Install dependencies…", self.install_deps)
         self.check_deps()
+
+    def manage_cache(self) -> bool:
+        """Say where the kept embeddings are and how big (engine.cache), and empty them on
+        request: what `python -m engine cache info|clear` does, without a terminal.
+        True when they were emptied."""
+        from qgis.PyQt.QtWidgets import QMessageBox
+
+        from ..engine.cache.store import CACHE
+        info = CACHE.info()
+        text = (f"MapCLIP keeps each searched area's embeddings so that later prompts, and the same "
+                f"search as a heatmap, need no new pass over the raster.\n\n"
+                f"On disk: {info['entries']} kept passes, {info['disk_mb']:.1f} MB of "
+                f"{info['disk_limit_mb']:.0f} MB, in {info['folder']}\n"
+                f"In this QGIS session: {info['memory_entries']} passes, {info['memory_mb']:.1f} MB "
+                f"of {info['memory_limit_mb']:.0f} MB.\n\n"
+                "Empty them? Later searches embed their areas again. (Advanced > Reuse embeddings "
+                "in the search dock turns keeping them off.)")
+        box = QMessageBox(QMessageBox.Question, "MapCLIP: kept embeddings", text,
+                          QMessageBox.Yes | QMessageBox.No, self.iface.mainWindow())
+        box.setDefaultButton(QMessageBox.No)
+        box.button(QMessageBox.Yes).setText("Empty")
+        box.button(QMessageBox.No).setText("Keep")
+        if box.exec_() != QMessageBox.Yes:
+            return False
+        removed = CACHE.clear()
+        log.bar_success(self.iface, f"removed {removed} kept embedding passes from {info['folder']}")
+        return True
 
     def check_deps(self) -> List[str]:
         """Say in the message bar what is missing, with an Install button."""

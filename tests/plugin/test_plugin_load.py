@@ -185,3 +185,27 @@ def test_install_button_runs_pip_and_shows_its_failure_in_the_message_bar(plugin
     texts = iface.bar_texts()
     assert any("installing MapCLIP's packages failed" in t and "proxy" in t for t in texts), texts
     plugin.unload()
+
+
+def test_the_menu_shows_and_empties_the_kept_embeddings(plugin, iface, monkeypatch):
+    """Plugins > MapCLIP > Kept embeddings…: where, how many, how big; Empty removes them,
+    Keep does not (what `python -m engine cache info|clear` does, without a terminal)."""
+    import numpy as np
+    from qgis.PyQt.QtWidgets import QMessageBox
+    from mapclip.engine.cache.store import CACHE
+    plugin.initGui()
+    labels = [a.text() for a in iface.menus.get(("raster", "&MapCLIP"), [])]
+    assert "Kept embeddings…" in labels
+    key = {"format": 0, "kind": "test", "n": 1}
+    assert CACHE.put(key, {"values": np.ones((4, 8), np.float32)}, {"skipped": 0})
+    shown, answer = [], [QMessageBox.No]
+
+    def fake_exec(box):
+        shown.append(box.text())
+        return answer[0]
+    monkeypatch.setattr(QMessageBox, "exec_", fake_exec)
+    assert plugin.manage_cache() is False and CACHE.info()["entries"] == 1
+    assert "1 kept passes" in shown[-1] and str(CACHE.folder) in shown[-1]
+    answer[0] = QMessageBox.Yes
+    assert plugin.manage_cache() is True
+    assert CACHE.info()["entries"] == 0 and CACHE.get(key) is None
