@@ -264,6 +264,18 @@ def session():
         return info, added
 
 
+    def layer_boxes(layer):
+        """(rank, score, xmin, ymin, xmax, ymax) of a result layer's features, best first."""
+        rows = []
+        for f in layer.getFeatures():
+            bb = f.geometry().boundingBox()
+            names = f.fields().names()
+            rows.append([int(f["rank"]) if "rank" in names else 0,
+                         float(f["score"]) if "score" in names else 0.0,
+                         bb.xMinimum(), bb.yMinimum(), bb.xMaximum(), bb.yMaximum()])
+        return sorted(rows, key=lambda r: (r[0], -r[1]))
+
+
     def request_options():
         req = dock().last_request
         o = req.options
@@ -302,7 +314,7 @@ def session():
         renderer = layer.renderer().type() if layer.renderer() else None
         info.update(features=layer.featureCount(), renderer=renderer, request=request_options(),
                     fields=[f.name() for f in layer.fields()], crs=layer.crs().authid(),
-                    results_rows=dock().results.topLevelItemCount())
+                    results_rows=dock().results.topLevelItemCount(), boxes=layer_boxes(layer))
         check(layer.featureCount() >= 1, "no boxes")
         check(renderer == "graduatedSymbol", f"boxes are not styled by score ({renderer})")
         info["screenshot"] = screenshot("desktop-boxes.png")
@@ -357,6 +369,10 @@ def session():
         info.update(from_cache=result.from_cache, cache=result.cache,
                     engine_seconds=round(result.seconds, 3), boxes=len(result.boxes),
                     first_engine_seconds=STATE.get("first_engine_seconds"))
+        ships = [l for l in added if isinstance(l, QgsVectorLayer) and l.name() == "ships"]
+        if ships:
+            info["ship_boxes"] = layer_boxes(ships[0])
+            info["crs"] = ships[0].crs().authid()
         check(result.from_cache and "from the kept embeddings" in info["status"],
               f"the second prompt made another pass: {info}")
         check(any(isinstance(l, QgsVectorLayer) and l.name() == "ships" for l in added),
@@ -387,9 +403,13 @@ def session():
         from qgis.core import QgsRenderContext
         sym = layer.renderer().symbols(QgsRenderContext()) if layer.renderer() else []
         fills = [s.color().alpha() for s in sym]
+        result = dock().last_result
         info.update(layer=layer.name(), features=layer.featureCount(),
                     renderer=layer.renderer().type(), fill_alpha=fills,
-                    labels=bool(layer.labelsEnabled()))
+                    labels=bool(layer.labelsEnabled()),
+                    counts={m: getattr(result, m).count for m in ("prompt", "dense")
+                            if getattr(result, m, None) is not None},
+                    count_boxes=layer_boxes(layer))
         check(all(a < 255 for a in fills), f"the count layer hides the map (fill alpha {fills})")
         info["screenshot"] = screenshot("desktop-count.png")
         return info
@@ -533,6 +553,18 @@ def session():
         check(d.status_label.text() == search_status_before,
               "the archive job wrote into the Search tab's status line")
         info["hits"] = d.archive_results.topLevelItemCount()
+        layers = [l for l in QgsProject.instance().mapLayers().values()
+                  if isinstance(l, QgsVectorLayer) and l.name() in info["added"]]
+        if layers:
+            feats = sorted(layers[0].getFeatures(), key=lambda f: -float(f["score"]))
+            info["hit_rows"] = [{"source": str(f["source"]) if "source" in f.fields().names() else "",
+                                 "score": float(f["score"]),
+                                 "bounds": [f.geometry().boundingBox().xMinimum(),
+                                            f.geometry().boundingBox().yMinimum(),
+                                            f.geometry().boundingBox().xMaximum(),
+                                            f.geometry().boundingBox().yMaximum()]}
+                                for f in feats]
+            info["hits_crs"] = layers[0].crs().authid()
         return info
 
 

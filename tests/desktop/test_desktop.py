@@ -75,6 +75,18 @@ def lay_out_packages(target: Path) -> None:
     assert "numpy" in removed, removed
 
 
+def _truth(t) -> dict:
+    """What the scene holds, in its CRS: class -> object boxes; the CRS and the bounds."""
+    from rasterio.crs import CRS
+    boxes = {}
+    for b in t.boxes:
+        boxes.setdefault(b.cls, []).append(list(b.bounds))
+    x0, y0 = t.affine * (0, 0)
+    x1, y1 = t.affine * (t.width, t.height)
+    return {"crs": CRS.from_user_input(t.crs).to_string(), "boxes": boxes,
+            "bounds": [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]}
+
+
 def make_data(data: Path) -> Path:
     """A synthetic scene, an archive of two scenes, chips with captions, duplicate images."""
     import numpy as np
@@ -83,12 +95,13 @@ def make_data(data: Path) -> Path:
     from mapclip.engine.data.synthetic import make_scene
     data.mkdir()
     scene = data / "scene.tif"
-    make_scene(str(scene), width=1024, seed=3)  # a tank farm, airplanes and ships
+    truth = {"scene": _truth(make_scene(str(scene), width=1024, seed=3))}  # tanks, airplanes, ships
     archive = data / "archive"
     archive.mkdir()
     for seed in (11, 12):
-        make_scene(str(archive / f"s{seed}.tif"), width=256, seed=seed, mask_path=None,
-                   coco_path=None)
+        truth[f"s{seed}.tif"] = _truth(make_scene(str(archive / f"s{seed}.tif"), width=256, seed=seed,
+                                                  mask_path=None, coco_path=None))
+    (data / "truth.json").write_text(json.dumps(truth))
     chips = data / "chips"
     chips.mkdir()
     import rasterio
@@ -191,6 +204,7 @@ def desktop():
     results["faults"] = (out / "faulthandler.log").read_text(errors="replace") \
         if (out / "faulthandler.log").exists() else ""
     results["out"] = str(out)
+    results["truth"] = json.loads((work / "data" / "truth.json").read_text())
     keep = os.environ.get("MAPCLIP_DESKTOP_KEEP")
     if keep:  # screenshots and logs for a person to look at
         shutil.copytree(out, keep, dirs_exist_ok=True, ignore=shutil.ignore_patterns("index"))
@@ -264,6 +278,43 @@ def test_a_second_prompt_and_a_mode_switch_reuse_the_first_searchs_embeddings(de
     assert desktop["steps"]["search_heatmap"]["from_cache"]
     print(f"first search {first['engine_seconds']} s; second prompt {second['engine_seconds']} s "
           f"in the engine, {second['seconds_to_boxes']} s from Run to the layer")
+
+
+def _overlaps(box, truth):
+    x0, y0, x1, y1 = box
+    return any(x0 < t[2] and t[0] < x1 and y0 < t[3] and t[1] < y1 for t in truth)
+
+
+def _holds_centre(box, truth):
+    x0, y0, x1, y1 = box
+    return any(x0 <= (t[0] + t[2]) / 2 <= x1 and y0 <= (t[1] + t[3]) / 2 <= y1 for t in truth)
+
+
+def test_what_the_analyst_sees_is_on_the_scenes_objects(desktop):
+    """Not only that layers appeared: the boxes lie on the scene's true objects, in the
+    scene's CRS; the caption names what is there; archive hits lie inside the indexed rasters.
+    Measured on the demo model (2026-12-07): the 4 tank boxes all overlap a tank, 2 hold a
+    tank's centre; 3 of the top 4 ship boxes hold a ship's centre. The floors keep a margin."""
+    truth = desktop["truth"]
+    scene = truth["scene"]
+    tanks, ships = scene["boxes"]["storage-tank"], scene["boxes"]["ship"]
+    boxes = desktop["steps"]["search_boxes"]
+    assert boxes["ok"] and boxes["crs"] == scene["crs"], (boxes.get("crs"), scene["crs"])
+    top = [b[2:] for b in boxes["boxes"][:4]]
+    assert sum(_overlaps(b, tanks) for b in top) >= min(3, len(top)), (top, tanks)
+    assert any(_holds_centre(b, tanks) for b in top), (top, tanks)
+    second = desktop["steps"]["second_prompt"]
+    assert second["ok"] and second["crs"] == scene["crs"]
+    top_ships = [b[2:] for b in second["ship_boxes"][:4]]
+    assert sum(_holds_centre(b, ships) for b in top_ships) >= 2, (top_ships, ships)
+    caption = desktop["steps"]["describe"]["caption"]
+    assert "storage tank" in caption, caption
+    hits = desktop["steps"]["archive_search_button"]
+    assert hits["ok"] and hits["hits_crs"] == truth["s11.tif"]["crs"] and hits["hit_rows"]
+    xmin, ymin, xmax, ymax = truth["s11.tif"]["bounds"]   # both archive scenes share these bounds
+    for h in hits["hit_rows"]:
+        b = h["bounds"]
+        assert xmin - 1e-6 <= b[0] < b[2] <= xmax + 1e-6 and ymin - 1e-6 <= b[1] < b[3] <= ymax + 1e-6, h
 
 
 def test_processing_dialog_labels_fit(desktop):
