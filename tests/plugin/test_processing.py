@@ -339,14 +339,34 @@ def test_count_reports_each_method_and_dense_boxes(provider, tmp_path, rigged_fo
     raster2 = scene(tmp_path / "two.tif", red=(32, 32, 24, 24), blue=None)
     res = run("count", {"INPUT": str(raster), "OBJECT": "red roof", "MODEL": rigged_folder,
                         "METHOD": 2, "OUTPUT": "memory:"})
-    assert res["COUNT_DENSE"] == 1 and 0 <= res["COUNT_PROMPT"] <= 10
-    assert "prompt" in res["SUMMARY"] and "dense" in res["SUMMARY"]
+    assert res["COUNT_DENSE"] == 1 == res["COUNT"] and 0 <= res["COUNT_PROMPT"] <= 10
+    assert res["SUMMARY"].startswith("count: 1 red roof (dense method")
+    assert "also run: " in res["SUMMARY"] and "(prompt method" in res["SUMMARY"]
     boxes = list(res["OUTPUT"].getFeatures())
     assert len(boxes) == 1 and boxes[0]["object"] == "red roof"
     assert boxes[0].geometry().boundingBox().contains(*map_xy(176, 80))
     res = run("count", {"INPUT": str(raster2), "OBJECT": "red roof", "MODEL": rigged_folder,
                         "METHOD": 1})
-    assert res["COUNT_DENSE"] == 1 and res["COUNT_PROMPT"] == -1 and "OUTPUT" not in res
+    assert res["COUNT_DENSE"] == 1 == res["COUNT"] and res["COUNT_PROMPT"] == -1 and "OUTPUT" not in res
+    res = run("count", {"INPUT": str(raster2), "OBJECT": "red roof", "MODEL": rigged_folder,
+                        "METHOD": 0})
+    assert res["COUNT"] == res["COUNT_PROMPT"] >= 0 and res["COUNT_DENSE"] == -1
+    assert res["SUMMARY"].startswith(f"count: {res['COUNT']} red roof") and "dense" not in res["SUMMARY"]
+
+
+def test_count_outputs_say_minus_one_only_for_a_method_not_run(provider, tmp_path, rigged_folder):
+    from qgis.core import QgsApplication, QgsProcessingException
+    alg = QgsApplication.processingRegistry().algorithmById("mapclip:count")
+    described = {o.name(): o.description() for o in alg.outputDefinitions()}
+    for method in ("prompt", "dense"):
+        assert f"-1 when the {method} method did not run" in described[f"COUNT_{method.upper()}"]
+    assert "dense method's when both ran" in described["COUNT"]
+    # the boxes output with the prompt method (no boxes): refused, in Processing's terms
+    with pytest.raises(QgsProcessingException) as err:
+        run("count", {"INPUT": str(scene(tmp_path / "s.tif")), "OBJECT": "red roof",
+                      "MODEL": rigged_folder, "METHOD": 0, "OUTPUT": "memory:"})
+    assert "OUTPUT holds the dense method's boxes" in str(err.value)
+    assert "Fix: add METHOD dense or both" in str(err.value) and "--" not in str(err.value)
 
 
 def test_detect_refuses_empty_prompt_and_non_file_layer(provider, tmp_path):
