@@ -284,6 +284,62 @@ def test_detect_puts_the_box_on_the_planted_square(provider, tmp_path, rigged_fo
     assert steps and max(steps) == pytest.approx(100.0)
 
 
+def _fill_alphas(layer):
+    """The fill opacity (0..255) of every symbol a vector layer draws with."""
+    from qgis.core import QgsRenderContext
+    renderer = layer.renderer()
+    symbols = renderer.symbols(QgsRenderContext())
+    return [sl.fillColor().alpha() if sl.brushStyle() else 0
+            for sym in symbols for sl in sym.symbolLayers() if hasattr(sl, "fillColor")]
+
+
+@pytest.mark.parametrize("alg, params", [
+    ("detect", {"PROMPTS": "red roof", "TILE": 32, "WINDOW": 2, "STRIDE": 1, "TOP_K": 1}),
+    ("count", {"OBJECT": "red roof", "METHOD": 1}),
+])
+def test_boxes_outputs_load_styled_so_the_objects_stay_visible(provider, tmp_path, rigged_folder,
+                                                               alg, params):
+    """Loaded on completion, the boxes get the dock's style (boxes.qml: graduated outlines over
+    a faint fill), not QGIS's default opaque fill."""
+    import processing
+    from qgis.core import QgsGraduatedSymbolRenderer, QgsProject
+    raster = scene(tmp_path / "scene.tif")
+    out = tmp_path / f"{alg}.gpkg"
+    res = processing.runAndLoadResults(f"mapclip:{alg}", dict(params, INPUT=str(raster),
+                                                               MODEL=rigged_folder, OUTPUT=str(out)))
+    loaded = [l for l in QgsProject.instance().mapLayers().values()
+              if l.source().split("|")[0] == res["OUTPUT"] == str(out)]
+    try:
+        assert len(loaded) == 1 and loaded[0].featureCount() >= 1
+        layer = loaded[0]
+        assert isinstance(layer.renderer(), QgsGraduatedSymbolRenderer)
+        assert layer.renderer().classAttribute() == "score"
+        alphas = _fill_alphas(layer)
+        assert alphas and max(alphas) <= 64            # outlines over a faint fill at most
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+
+
+def test_search_index_takes_manifest_json_as_its_folder(provider, tmp_path, rigged_folder):
+    from qgis.core import QgsProcessingException
+    index = tmp_path / "index"
+    run("buildindex", {"INPUT": [str(scene(tmp_path / "scene.tif"))], "MODEL": rigged_folder,
+                       "TILE": 64, "OUTPUT": str(index)})
+    res = run("searchindex", {"INDEX": str(index / "manifest.json"), "TEXT": "red roof",
+                              "TOP_K": 1, "OUTPUT": "memory:"})
+    assert res["COUNT"] == 1
+    hit = next(res["OUTPUT"].getFeatures())
+    assert (hit["px_col"], hit["px_row"]) == (128, 64)       # the red square's tile
+    # another file, or a folder that is no index: said in Processing's terms, no command line
+    for path, said in ((tmp_path / "scene.tif", "is a file, not an index folder"),
+                       (tmp_path, "is not a MapCLIP index folder")):
+        with pytest.raises(QgsProcessingException) as err:
+            run("searchindex", {"INDEX": str(path), "TEXT": "red roof", "OUTPUT": "memory:"})
+        text = str(err.value)
+        assert said in text and "Fix: choose the" in text and "Index folder" in text
+        assert "python -m" not in text and "--" not in text
+
+
 def test_detect_in_an_extent_given_in_another_crs(provider, tmp_path, rigged_folder):
     """Extent in WGS84 around the left half: the red square (right half) is not found there."""
     from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProject,

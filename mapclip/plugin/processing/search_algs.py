@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from qgis.core import (QgsFeatureSink,
                        QgsFields, QgsProcessing, QgsProcessingException,
+                       QgsProcessingLayerPostProcessorInterface, QgsVectorLayer,
                        QgsProcessingOutputNumber, QgsProcessingOutputString,
                        QgsProcessingParameterBoolean, QgsProcessingParameterDefinition,
                        QgsProcessingParameterEnum, QgsProcessingParameterExtent,
@@ -31,7 +32,7 @@ from ...engine.core.options import MODES as MODES_
 from ...engine.core.options import TEMPLATE_SETS
 from ...engine.core.options import CountOptions, DetectOptions
 from ...engine.core import outputs
-from ..layers import ENGINE_BOX_FIELDS, crs_text, engine_crs, feature, fields_of
+from ..layers import ENGINE_BOX_FIELDS, crs_text, engine_crs, feature, fields_of, style_boxes
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model, optional_number, parse_bands, push_notes, read_workers_param,
                      read_workers_value, split_prompts)
 
@@ -45,13 +46,38 @@ def box_fields() -> QgsFields:
     return fields_of(ENGINE_BOX_FIELDS)
 
 
+class BoxesStyle(QgsProcessingLayerPostProcessorInterface):
+    """Styles a boxes output as QGIS loads it, as the dock styles its boxes (boxes.qml:
+    outlines graduated by score over a faint fill, so the objects stay visible)."""
+
+    #: the context owns (and deletes) its post-processors, but would lose their Python half
+    #: to the garbage collector: held here until the context has deleted them
+    pending: List["BoxesStyle"] = []
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802
+        if isinstance(layer, QgsVectorLayer):
+            style_boxes(layer)
+
+
+def style_boxes_on_load(context, dest: str) -> None:
+    """Give the sink ``dest`` the boxes' style when QGIS loads it on completion."""
+    from qgis.PyQt import sip
+    BoxesStyle.pending[:] = [p for p in BoxesStyle.pending if not sip.isdeleted(p)]
+    if context.willLoadLayerOnCompletion(dest):
+        post = BoxesStyle()
+        BoxesStyle.pending.append(post)
+        context.layerToLoadOnCompletionDetails(dest).setPostProcessor(post)
+
+
 def write_boxes_to_sink(alg, parameters, context, key: str, boxes, crs: Optional[str],
                         model: str):
-    """Create the sink ``key`` and add one polygon per engine box; returns (sink, dest_id)."""
+    """Create the sink ``key`` (styled as boxes when it is loaded) and add one polygon per
+    engine box; returns (sink, dest_id)."""
     sink, dest = alg.parameterAsSink(parameters, key, context, box_fields(),
                                      QgsWkbTypes.Polygon, engine_crs(crs))
     if sink is None:
         raise QgsProcessingException(alg.invalidSinkError(parameters, key))
+    style_boxes_on_load(context, dest)
     rows, bounds = outputs.box_rows(boxes, model)
     for row, b in zip(rows, bounds):
         sink.addFeature(feature(box_fields(), ENGINE_BOX_FIELDS, row, b), QgsFeatureSink.FastInsert)
@@ -411,6 +437,7 @@ class CountAlgorithm(RasterSearchAlgorithm):
             sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, count_fields(),
                                               QgsWkbTypes.Polygon, engine_crs(result.crs))
             if sink is not None:
+                style_boxes_on_load(context, dest)
                 from ...engine.count import singular
                 rows, bounds = outputs.count_rows(result.boxes, singular(result.object), result.model)
                 for row, b in zip(rows, bounds):
