@@ -167,6 +167,19 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def map_bounds(bounds, crs: Optional[str]) -> str:
+    """Map coordinates to print: 7 decimals in degrees (about 1 cm), else (metres, feet,
+    pixel coordinates) 2, never exponents ("500128.00, 5299966.00", not "5.29966e+06")."""
+    decimals = 2
+    if crs:
+        try:
+            from rasterio.crs import CRS
+            decimals = 7 if CRS.from_user_input(crs).is_geographic else 2
+        except Exception:  # noqa: BLE001 - a CRS rasterio cannot parse prints as projected
+            pass
+    return ", ".join(f"{float(v):.{decimals}f}" for v in bounds)
+
+
 def cancel_event() -> threading.Event:
     """The engine's cancel flag for a command-line run. Nothing sets it: Ctrl-C and
     SIGTERM arrive as KeyboardInterrupt, which stops the run where it is (main()

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import add_model_args, parse_bands, parse_floats, print_json
+from . import add_model_args, map_bounds, parse_bands, parse_floats, print_json
 from ..core.errors import UsageError
 
 
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(result.to_json())
         return 0
     for place in result.places:
-        print(f"{', '.join(f'{v:.6g}' for v in place.bounds)}:")
+        print(f"{map_bounds(place.bounds, result.crs)}:")
         for c in place.captions:
             extra = "" if result.method == "generation" else f"  (cosine {c.cosine:.3f})"
             print(f"  #{c.rank} {c.text}{extra}")

@@ -1,0 +1,38 @@
+"""What the command line prints in words: map coordinates, defaults, help."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from mapclip.engine.cli import main, map_bounds
+from tests.raster_fixtures import WGS84, make_raster
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_map_bounds_print_whole_metres_to_the_cm_and_degrees_to_7_decimals():
+    assert map_bounds((500000.0, 5299966.25, 500128.0, 5300000.0), "EPSG:32633") == \
+        "500000.00, 5299966.25, 500128.00, 5300000.00"
+    assert map_bounds((13.4012345678, 52.5, 13.42, 52.51), WGS84) == \
+        "13.4012346, 52.5000000, 13.4200000, 52.5100000"
+    assert map_bounds((0, -64, 32, -32), None) == "0.00, -64.00, 32.00, -32.00"   # pixels
+
+
+@pytest.mark.parametrize("crs, decimals", [("EPSG:32633", 2), (WGS84, 7)])
+def test_cli_detect_prints_box_bounds_with_every_digit(tmp_path, capsys, crs, decimals):
+    kw = {} if crs != WGS84 else {"origin": (13.4, 52.5), "res": 1e-5}
+    raster = make_raster(tmp_path / "r.tif", 64, 64, crs=crs, **kw)
+    args = ["detect", str(raster), "--prompt", "a roof", "--model", "test-tiny", "--tile", "32",
+            "--out", str(tmp_path / "b.gpkg"), "--no-cache"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    printed = re.findall(r"bounds (.*)", out)
+    assert printed and "e+" not in out
+    assert main(args + ["--overwrite", "--json"]) == 0
+    boxes = json.loads(capsys.readouterr().out)["boxes"]
+    for text, box in zip(printed, boxes):
+        values = [float(v) for v in text.split(", ")]
+        assert all(len(v.split(".")[1]) == decimals for v in text.split(", "))
+        assert values == pytest.approx(box["bounds"], abs=10 ** -decimals)
