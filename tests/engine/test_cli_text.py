@@ -36,3 +36,36 @@ def test_cli_detect_prints_box_bounds_with_every_digit(tmp_path, capsys, crs, de
         values = [float(v) for v in text.split(", ")]
         assert all(len(v.split(".")[1]) == decimals for v in text.split(", "))
         assert values == pytest.approx(box["bounds"], abs=10 ** -decimals)
+
+
+@pytest.mark.parametrize("command", [["detect", "r.tif", "--prompt", "a", "--out", "b.gpkg"],
+                                     ["count", "r.tif", "--object", "a"],
+                                     ["classify", "r.tif", "--class", "a", "--out", "c.tif"],
+                                     ["caption", "r.tif"],
+                                     ["finetune", "--data", "c.csv", "--out", "run"]])
+def test_model_defaults_to_the_preset_the_help_calls_default(command, capsys):
+    from mapclip.engine.cli import build_parser
+    from mapclip.engine.model.models import DEFAULT_MODEL, PRESETS
+    assert "the default" in PRESETS[DEFAULT_MODEL].description
+    parser = build_parser()
+    assert parser.parse_args(command).model == DEFAULT_MODEL
+    with pytest.raises(SystemExit):
+        build_parser(command[0]).parse_args([command[0], "--help"])
+    assert f"default {DEFAULT_MODEL}" in " ".join(capsys.readouterr().out.split())
+
+
+def test_index_takes_the_index_model_when_adding_else_the_default(tmp_path, capsys, monkeypatch):
+    from mapclip.engine.cli import build_parser
+    from mapclip.engine.cli import index as cli_index
+    from mapclip.engine.model.models import DEFAULT_MODEL
+    raster = make_raster(tmp_path / "r.tif", 64, 64)
+    assert main(["index", str(raster), "--model", "test-tiny", "--tile", "32", "--out",
+                 str(tmp_path / "old")]) == 0
+    seen = []
+    monkeypatch.setattr("mapclip.engine.archive.build.build_index",
+                        lambda sources, out, model, *a, **k: seen.append(model) or 1 / 0)
+    for out in ("old", "new"):
+        args = build_parser("index").parse_args(["index", str(raster), "--out", str(tmp_path / out)])
+        with pytest.raises(ZeroDivisionError):
+            cli_index.run(args)
+    assert seen == ["test-tiny", DEFAULT_MODEL]
