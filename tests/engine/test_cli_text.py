@@ -69,3 +69,36 @@ def test_index_takes_the_index_model_when_adding_else_the_default(tmp_path, caps
         with pytest.raises(ZeroDivisionError):
             cli_index.run(args)
     assert seen == ["test-tiny", DEFAULT_MODEL]
+
+
+def _help(command: str, capsys) -> str:
+    from mapclip.engine.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser(command).parse_args([command, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("command", ["detect", "classify", "caption", "count"])
+def test_bands_help_names_the_order_it_reads(command, capsys):
+    text = _help(command, capsys)
+    assert "--bands R,G,B" in text and "B,G,R" not in text
+
+
+def test_classify_tile_help_reads_as_one_sentence(capsys):
+    text = _help("classify", capsys)
+    tile = text[text.index("--tile PX "):text.index("--overlap F ")]
+    assert tile.count("default:") == 1 and tile.count("(") == tile.count(")") == 1
+
+
+def test_engine_messages_name_flags_that_exist():
+    from mapclip.engine.classify import clean_classes
+    from mapclip.engine.cli import build_parser
+    from mapclip.engine.core.errors import UsageError, flag, renamed, worded
+    detect_flags = build_parser("detect")._subparsers._group_actions[0].choices["detect"]._option_string_actions
+    assert flag("dense_input_px") in detect_flags            # --dense-input, not --dense-input-px
+    # m2b's --classes stays itself on the command line (classify's flag is --class)
+    assert renamed("check the --classes path", flag) == "check the --classes path"
+    assert renamed("give --class twice", lambda o: {"classes": "Classes"}.get(o)) == "give Classes twice"
+    with pytest.raises(UsageError) as err:
+        clean_classes(["water", "unknown"])
+    assert "use --threshold" in worded(err.value, flag)[1]

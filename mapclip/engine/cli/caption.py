@@ -49,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--sample-top-k", type=int, default=d.sample_top_k, metavar="K",
                    help=f"top_k sampling; default {d.sample_top_k}")
     p.add_argument("--seed", type=int, default=d.seed, help=f"sampling seed; default {d.seed}")
-    p.add_argument("--bands", default=None, metavar="B,G,R",
+    p.add_argument("--bands", default=None, metavar="R,G,B",
                    help="1-based bands read as R,G,B (default: by colour interpretation)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (method, model, places with caption and captions)")

@@ -35,7 +35,7 @@ def register(sub) -> None:
                    help=f"window mode: stride in tiles; default {d.stride}")
     p.add_argument("--gsd", type=float, default=None, metavar="M",
                    help="resample to this many metres per pixel on read (default: native)")
-    p.add_argument("--bands", default=None, metavar="B,G,R",
+    p.add_argument("--bands", default=None, metavar="R,G,B",
                    help="1-based bands read as R,G,B (or one band as grey); default: RGB by "
                         "colour interpretation, else the first three")
     add_extent_args(p)
