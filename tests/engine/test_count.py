@@ -92,9 +92,9 @@ def test_heatmap_components_are_counted_exactly_with_map_boxes():
 
 
 # ------------------------------------------------------------ end to end --
-def test_prompt_count_plumbing_picks_the_caption_that_matches(scene, rigged, monkeypatch):
-    """Stub encoders: the image embedding equals the text embedding of the captions
-    for three; the count must come back as 3, from both variants."""
+def images_show_three(monkeypatch) -> dict:
+    """Stub encoders: every image embeds as the captions for three do; returns what they saw
+    (``prompts``: the captions encoded, ``shapes``: the image batches)."""
     from mapclip.engine.model import encode as enc
     seen = {}
 
@@ -113,6 +113,13 @@ def test_prompt_count_plumbing_picks_the_caption_that_matches(scene, rigged, mon
 
     monkeypatch.setattr(enc, "encode_text", fake_text)
     monkeypatch.setattr(enc, "encode_images", fake_images)
+    return seen
+
+
+def test_prompt_count_plumbing_picks_the_caption_that_matches(scene, rigged, monkeypatch):
+    """Stub encoders: the image embedding equals the text embedding of the captions
+    for three; the count must come back as 3, from both variants."""
+    seen = images_show_three(monkeypatch)
     res = ct.count(str(scene), "ships", rigged, method="prompt")
     assert res.count == 3 and res.prompt.count == 3 and res.method == "prompt"
     assert res.prompt.by_variant == {"words": 3, "digits": 3} and res.dense is None
@@ -215,21 +222,7 @@ def test_summary_says_which_method_gives_the_count_in_digits():
 def test_cli_prints_the_count_as_a_number_as_json_does(scene, tmp_path, capsys, monkeypatch):
     """18 objects over 6 tiles: the text line says 18, as the JSON does (not "many ships")."""
     from mapclip.engine.cli import main
-    from mapclip.engine.model import encode as enc
-
-    def fake_text(lm, prompts, batch_size=256, cache=True):
-        out = torch.zeros(len(prompts), 4)
-        for i, p in enumerate(prompts):
-            out[i, 0 if (" three " in p or " 3 " in p) else 1] = 1.0
-        return out
-
-    def fake_images(lm, batch):
-        e = torch.zeros(len(batch), 4)
-        e[:, 0] = 1.0
-        return e
-
-    monkeypatch.setattr(enc, "encode_text", fake_text)
-    monkeypatch.setattr(enc, "encode_images", fake_images)
+    images_show_three(monkeypatch)
     spec = str(save_rigged_folder(tmp_path / "model"))
     args = ["count", str(scene), "--object", "ships", "--model", spec, "--tile", "64", "--no-cache"]
     assert main(args + ["--json"]) == 0
