@@ -236,7 +236,7 @@ def test_checksum_sees_content_size_and_time():
         assert file_checksum(p) != c1
 
 
-def test_cli_index_contract(tmp_path, rasters, capsys):
+def test_cli_index_contract(tmp_path, rasters, capsys, monkeypatch):
     from mapclip.engine.cli import main
     a, b = rasters
     out = tmp_path / "idx"
@@ -253,8 +253,12 @@ def test_cli_index_contract(tmp_path, rasters, capsys):
     assert main(["index", str(a), "--out", str(out), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["unchanged"] == [str(a)] and again["embedded"] == 0
-    assert main(["index", str(a), "--out", str(tmp_path / "new")]) == 2       # new index needs --model
-    assert "no model" in capsys.readouterr().err
+    # a new index without --model: the default preset (offline and not downloaded: its fix)
+    monkeypatch.setenv("MAPCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["index", str(a), "--out", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert "RemoteCLIP-ViT-B-32" in err and "fix:" in err and not (tmp_path / "new").exists()
 
 
 def test_plain_images_give_one_note_on_georeferencing_and_no_python_warning(tmp_path, tiny_model):
