@@ -7,7 +7,9 @@
     python3 build.py bench     setup, then the benchmarks (figures printed, nothing asserted)
     python3 build.py package   the plugin zip in dist/, installable with QGIS "Install from ZIP"
 
-Extra arguments after `test` go to pytest, after `bench` and `demo` to their scripts.
+Extra arguments after `test` go to pytest (`build.py test tests/engine/test_count.py -x` runs
+that file alone; without a test path, the whole `tests` folder), after `bench` and `demo`
+to their scripts.
 """
 from __future__ import annotations
 
@@ -132,9 +134,17 @@ def venv_env() -> dict:
     return env
 
 
+def pytest_args(extra) -> list:
+    """pytest's arguments for `build.py test EXTRA`: the whole `tests` folder unless EXTRA
+    names tests (a file, a folder, a node id like tests/x.py::test_y); options pass as given."""
+    def names_tests(arg: str) -> bool:
+        return not arg.startswith("-") and (ROOT / arg.split("::")[0]).exists()
+    return list(extra) if any(names_tests(a) for a in extra) else ["tests", *extra]
+
+
 def cmd_test(extra) -> int:
     setup()
-    rc = run([VENV_PY, "-m", "pytest", "tests", *extra], cwd=ROOT, env=venv_env())
+    rc = run([VENV_PY, "-m", "pytest", *pytest_args(extra)], cwd=ROOT, env=venv_env())
     return 0 if rc == 5 and extra else rc  # 5: no test selected by the caller's filter
 
 

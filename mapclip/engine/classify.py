@@ -113,7 +113,7 @@ def clean_classes(classes: Sequence[str]) -> List[str]:
         seen[n.lower()] = n
     if UNKNOWN_NAME in seen:
         raise UsageError(f"{UNKNOWN_NAME!r} is reserved for cells below the threshold",
-                         "name the class differently, or use threshold for unknown cells",
+                         "name the class differently, or use --threshold for unknown cells",
                          option="classes")
     if len(names) > MAX_CLASSES:
         raise UsageError(f"{len(names)} classes: a class map holds at most {MAX_CLASSES}",

@@ -29,9 +29,10 @@ offset per count 1..10, engine.core.options.ModelDefaults), fitted by
 counts are known (scripts/train_demo_model.py ``--stage calibrate``); it is
 added to the scores before the argmax unless ``CountOptions.calibrate`` is off.
 
-Both report their method. Plurals and articles come from
-:mod:`engine.data.grammar` (``plural``, ``with_count``), so captions, summaries and Box-to-Caption agree on "a ship",
-"3 ships", "an airplane", "boxes", "ferries", "people".
+Both report their method; the result's ``count`` is the dense count when both
+ran (it localises its objects), and its summary says so. Plurals come from
+:mod:`engine.data.grammar` (``plural``), so captions, summaries and Box-to-Caption agree on
+"ships", "boxes", "ferries", "people"; a summary gives counts in digits ("36 storage tanks").
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .data.grammar import plural, with_count
+from .data.grammar import plural
 from .core.errors import UsageError
 from .core.options import DENSE_THRESHOLD, CountOptions, check
 
@@ -60,6 +61,13 @@ VARIANTS = ("words", "digits")
 # --------------------------------------------------------------------------- #
 # Words.
 # --------------------------------------------------------------------------- #
+def counted(name: str, n: int) -> str:
+    """``n`` objects named ``name`` in digits at any size ("1 ship", "36 storage tanks",
+    "0 ships"): a count is a number, never grammar's vague "many ships"."""
+    one = singular(name)
+    return f"{n} {plural(one, n)}"
+
+
 def number_word(n: int) -> str:
     """"one" .. "twenty"; digits beyond."""
     return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
@@ -260,15 +268,29 @@ class CountResult:
     def boxes(self) -> List[CountBox]:
         return list(self.dense.boxes) if self.dense is not None else []
 
+    @property
+    def counted_by(self) -> str:
+        """The method whose number is :attr:`count` ("dense" when both ran)."""
+        return "dense" if self.dense is not None else "prompt"
+
+    def method_summary(self, method: str) -> str:
+        """One method's number in words, with how it was found: "3 ships (prompt method:
+        RemoteCount captions, the area as one image)"; digits at any size ("36 storage tanks")."""
+        part = self.prompt if method == "prompt" else self.dense
+        if method == "prompt":
+            how = (f"summed over {len(part.tiles)} tiles" if part.tiles
+                   else f"the area as one image, {COUNT_RANGE[0]} to {COUNT_RANGE[-1]}")
+            how = f"RemoteCount captions, {how}"
+        else:
+            how = f"heatmap {'peaks' if part.peaks else 'components'} >= {part.threshold:g}"
+        return f"{counted(self.object, part.count)} ({method} method: {how})"
+
     def summary(self) -> str:
-        parts = []
-        if self.prompt is not None:
-            parts.append(f"prompt (RemoteCount captions): {with_count(singular(self.object), self.prompt.count)}")
-        if self.dense is not None:
-            what = "peaks" if self.dense.peaks else "components"
-            parts.append(f"dense (heatmap {what} >= {self.dense.threshold:g}): "
-                         f"{with_count(singular(self.object), self.dense.count)}")
-        return "; ".join(parts)
+        """Which method's number is the count, then the other method's, if it ran:
+        "count: 53 storage tanks (dense method: ...); also run: 1 storage tank (prompt method: ...)"."""
+        text = f"count: {self.method_summary(self.counted_by)}"
+        others = [m for m in ("prompt", "dense") if m != self.counted_by and getattr(self, m) is not None]
+        return text + "".join(f"; also run: {self.method_summary(m)}" for m in others)
 
     def __str__(self) -> str:
         return self.summary()
@@ -431,6 +453,13 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
     return CountResult(object=name, method=method, prompt=prompt_res, dense=dense_res, crs=info.crs,
                        model=str(lm.spec), device=str(lm.device), seconds=time.perf_counter() - t0,
                        extent=area.bounds(info.transform), warnings=notes)
+
+
+def check_boxes_output(method: str) -> None:
+    """Refuse an output of counted objects' boxes for a method that gives none (prompt)."""
+    if (method or "prompt").lower() == "prompt":
+        raise UsageError("--out holds the dense method's boxes; the prompt method does not localise",
+                         "add --method dense or both")
 
 
 def write_count_boxes(result: CountResult, path, overwrite: bool = False):

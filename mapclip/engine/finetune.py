@@ -69,6 +69,7 @@ from .core.jobs import CancelFlag, Job, ProgressFn
 from .core.options import FinetuneOptions, check  # noqa: F401
 from .model.models import (MODEL_CONFIG_FILE, OPENAI_MEAN, OPENAI_STD, LoadedModel, Resolved, arch_config, make_tokenizer, build_model, load_model, resolve_device, save_model_folder)
 from .archive.retrieval import retrieval_metrics
+from .archive.store import LOCK, WriteLock
 
 RANDOM_INIT_TAG = "random"
 RUN_FILE = "run.json"
@@ -605,7 +606,7 @@ def _check_run_dir(run_dir: Path, fingerprint: Dict[str, Any], resume: bool) -> 
         raise UsageError(f"{run_dir} holds an unfinished run ({done} of "
                          f"{run['fingerprint'].get('epochs')} epochs done)",
                          "pass --resume to continue it, or choose a new --out")
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if run_dir.exists() and (not run_dir.is_dir() or any(p.name != LOCK for p in run_dir.iterdir())):
         raise UsageError(f"{run_dir} exists and is not an empty folder",
                          "choose a new or empty folder for --out")
     return None
@@ -712,6 +713,25 @@ def _check_options(o: FinetuneOptions) -> None:
         raise UsageError("--workers must be 0 or more", "0 decodes in the main process")
 
 
+class RunLock(WriteLock):
+    """The trainer's lock on its run folder (RUN_DIR/.lock holding its pid): a second
+    trainer on the same folder (a --resume while the run still trains) is refused instead
+    of training the same epochs again. A lock whose process has ended is taken over."""
+
+    def __enter__(self) -> "RunLock":
+        try:
+            return super().__enter__()
+        except UsageError:
+            try:
+                pid = int(self.path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            who = f"process {pid}" if pid else "another process"
+            raise UsageError(f"the run in {self.path.parent} is still training ({who})",
+                             "wait for it to finish (or stop it), then continue it with --resume; "
+                             "or choose a new --out") from None
+
+
 def finetune(options: FinetuneOptions, progress: Optional[ProgressFn] = None,
              cancel: Optional[CancelFlag] = None,
              on_metrics: Optional[MetricsFn] = None) -> FinetuneResult:
@@ -720,8 +740,25 @@ def finetune(options: FinetuneOptions, progress: Optional[ProgressFn] = None,
     ``progress(done, total)`` counts optimizer steps over the whole run;
     ``cancel`` stops within one (micro-)batch, leaving the last completed
     epoch's state for ``resume=True``; ``on_metrics`` receives every record
-    written to metrics.jsonl (steps, epochs, evaluations).
+    written to metrics.jsonl (steps, epochs, evaluations). The run folder is
+    locked while it trains (:class:`RunLock`).
     """
+    run_dir = Path(options.out).expanduser()
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return _finetune(options, progress, cancel, on_metrics)  # the run's own checks say why
+    try:
+        with RunLock(run_dir):
+            return _finetune(options, progress, cancel, on_metrics)
+    finally:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()                 # a new run refused before it began leaves no folder
+
+
+def _finetune(options: FinetuneOptions, progress: Optional[ProgressFn],
+              cancel: Optional[CancelFlag], on_metrics: Optional[MetricsFn]) -> FinetuneResult:
     o = options
     _check_options(o)
     t_start = time.perf_counter()

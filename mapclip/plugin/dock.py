@@ -899,8 +899,17 @@ class MapClipDock(QgsDockWidget):
 
     def _count_done(self, req: tasks.CountRequest, layer_crs, run_time, result) -> None:
         self.last_result = result
-        text = layers.count_text(result)
+        text = result.summary()      # which method's number is the count, and the other's
         self.last_count = text
+        crs = layers.result_crs(result.crs, layer_crs)
+        # the counted objects (dense), else the counted area: a double-click zooms to each
+        rows = [(str(i), b.bounds, f"{b.score:.3f}") for i, b in enumerate(result.boxes, 1)]
+        for rank, bounds, score in rows or [("", result.extent, str(result.count))]:
+            item = QTreeWidgetItem([rank, req.object_name, score])
+            item.setData(0, ROLE_BOUNDS, list(bounds) if bounds else None)
+            item.setData(0, ROLE_CRS, crs)
+            self.results.addTopLevelItem(item)
+        self._fit_result_columns()
         try:
             layer = layers.count_layer(result, req.model_name, layer_crs, run_time)
             group = layers.run_group(f"MapCLIP count: {req.object_name}")

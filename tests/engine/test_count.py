@@ -36,9 +36,8 @@ def scene(tmp_path_factory):
 
 # ----------------------------------------------------------------- words --
 def test_plurals_articles_and_counts_read_right():
-    assert ct.with_count("ship", 1) == "a ship"
-    assert ct.with_count("ship", 3) == "3 ships"
-    assert ct.with_count("airplane", 1) == "an airplane"
+    assert ct.counted("ships", 1) == "1 ship" and ct.counted("ship", 3) == "3 ships"
+    assert ct.counted("storage tanks", 36) == "36 storage tanks"      # digits, never "many"
     assert ct.plural("box", 2) == "boxes" and ct.plural("ferry", 2) == "ferries"
     assert ct.plural("person", 4) == "people" and ct.plural("storage tank", 2) == "storage tanks"
     for many, one in (("ships", "ship"), ("ferries", "ferry"), ("boxes", "box"), ("people", "person"),
@@ -93,9 +92,9 @@ def test_heatmap_components_are_counted_exactly_with_map_boxes():
 
 
 # ------------------------------------------------------------ end to end --
-def test_prompt_count_plumbing_picks_the_caption_that_matches(scene, rigged, monkeypatch):
-    """Stub encoders: the image embedding equals the text embedding of the captions
-    for three; the count must come back as 3, from both variants."""
+def images_show_three(monkeypatch) -> dict:
+    """Stub encoders: every image embeds as the captions for three do; returns what they saw
+    (``prompts``: the captions encoded, ``shapes``: the image batches)."""
     from mapclip.engine.model import encode as enc
     seen = {}
 
@@ -114,17 +113,26 @@ def test_prompt_count_plumbing_picks_the_caption_that_matches(scene, rigged, mon
 
     monkeypatch.setattr(enc, "encode_text", fake_text)
     monkeypatch.setattr(enc, "encode_images", fake_images)
+    return seen
+
+
+def test_prompt_count_plumbing_picks_the_caption_that_matches(scene, rigged, monkeypatch):
+    """Stub encoders: the image embedding equals the text embedding of the captions
+    for three; the count must come back as 3, from both variants."""
+    seen = images_show_three(monkeypatch)
     res = ct.count(str(scene), "ships", rigged, method="prompt")
     assert res.count == 3 and res.prompt.count == 3 and res.method == "prompt"
     assert res.prompt.by_variant == {"words": 3, "digits": 3} and res.dense is None
     assert seen["prompts"][:10] == ct.count_captions("ship")["words"]
     assert seen["prompts"][10:] == ct.count_captions("ship")["digits"]
     assert seen["shapes"] == [(1, 64, 64, 3)]            # the extent as one model-size image
-    assert "3 ships" in res.summary()
+    assert res.summary() == ("count: 3 ships (prompt method: RemoteCount captions, "
+                             "the area as one image, 1 to 10)")
     # per tile: 6 tiles of 64 px, each "three", with the zero caption added
     res = ct.count(str(scene), "ship", rigged, method="prompt", options=ct.CountOptions(tile_px=64))
     assert res.prompt.counts[0] == 0 and len(res.prompt.tiles) == 6
     assert res.prompt.count == 18 and all(t["count"] == 3 for t in res.prompt.tiles)
+    assert res.summary().startswith("count: 18 ships (prompt method: RemoteCount captions, summed over 6 tiles)")
 
 
 def test_dense_count_finds_each_planted_object(scene, rigged):
@@ -137,12 +145,15 @@ def test_dense_count_finds_each_planted_object(scene, rigged):
         inside = [b for b in res.dense.boxes
                   if b.bounds[0] <= cx <= b.bounds[2] and b.bounds[1] <= cy <= b.bounds[3]]
         assert len(inside) == 1
-    assert "dense (heatmap peaks >= 0.5): 3 red roofs" in res.summary() and res.dense.peaks
+    assert res.summary().startswith("count: 3 red roofs (dense method: heatmap peaks >= 0.5); "
+                                    "also run: ") and res.dense.peaks
+    assert f"also run: {ct.counted('red roof', res.prompt.count)} (prompt method" in res.summary()
     # an extent around one square counts one
     c, r = SQUARES[1]
     ext = (x0 + (c - 8) * UTM_RES, y0 - (r + 20) * UTM_RES, x0 + (c + 20) * UTM_RES, y0 - (r - 8) * UTM_RES)
     one = ct.count(str(scene), "red roof", rigged, extent=ext, method="dense")
-    assert one.dense.count == 1 and "a red roof" in one.summary()
+    assert one.dense.count == 1 and one.summary().startswith("count: 1 red roof (dense method")
+    assert "also run" not in one.summary()
 
 
 def test_bad_count_input(scene, rigged):
@@ -174,7 +185,7 @@ def test_cli_count_contract(scene, tmp_path, capsys):
                  str(tmp_path / "x.gpkg")]) == 2                      # prompt method has no boxes
     assert "--method dense" in capsys.readouterr().err
     assert main(["count", str(scene), "--object", "red roof", "--model", spec]) == 0
-    assert capsys.readouterr().out.startswith("prompt (RemoteCount captions):")
+    assert capsys.readouterr().out.startswith("count: ")
     assert main(["count", str(scene), "--object", "red roof", "--model", spec, "--method", "dense",
                  "--no-peaks", "--no-calibrate", "--json"]) == 0
     blobs = json.loads(capsys.readouterr().out)["dense"]
@@ -182,6 +193,43 @@ def test_cli_count_contract(scene, tmp_path, capsys):
     assert main(["count", str(scene), "--object", "red roof", "--model", spec, "--method", "dense",
                  "--peak-distance", "0"]) == 2
     assert "--peak-distance" in capsys.readouterr().err
+
+
+def _result(prompt_count=None, dense_count=None, tiles=0):
+    prompt = (ct.PromptCount(count=prompt_count, counts=list(ct.COUNT_RANGE), scores=[0.0] * 10,
+                             by_variant={}, captions={}, tiles=[{"count": 0}] * tiles)
+              if prompt_count is not None else None)
+    dense = (ct.DenseCount(count=dense_count, threshold=0.5, min_area=1, boxes=[], peaks=True)
+             if dense_count is not None else None)
+    method = "both" if prompt and dense else ("prompt" if prompt else "dense")
+    return ct.CountResult(object="storage tanks", method=method, prompt=prompt, dense=dense,
+                          crs=None, model="m", device="cpu", seconds=0.0)
+
+
+def test_summary_says_which_method_gives_the_count_in_digits():
+    both = _result(prompt_count=1, dense_count=53)
+    assert both.count == 53 and both.counted_by == "dense"
+    assert both.summary() == ("count: 53 storage tanks (dense method: heatmap peaks >= 0.5); "
+                              "also run: 1 storage tank (prompt method: RemoteCount captions, "
+                              "the area as one image, 1 to 10)")
+    tiled = _result(prompt_count=18, tiles=6)
+    assert tiled.counted_by == "prompt" and "many" not in tiled.summary()
+    assert tiled.summary() == ("count: 18 storage tanks (prompt method: RemoteCount captions, "
+                               "summed over 6 tiles)")
+    assert tiled.to_json()["summary"] == tiled.summary() and tiled.to_json()["count"] == 18
+
+
+def test_cli_prints_the_count_as_a_number_as_json_does(scene, tmp_path, capsys, monkeypatch):
+    """18 objects over 6 tiles: the text line says 18, as the JSON does (not "many ships")."""
+    from mapclip.engine.cli import main
+    images_show_three(monkeypatch)
+    spec = str(save_rigged_folder(tmp_path / "model"))
+    args = ["count", str(scene), "--object", "ships", "--model", spec, "--tile", "64", "--no-cache"]
+    assert main(args + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 18
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("count: 18 ships (prompt method") and "many" not in out
 
 
 # ----------------------------------------------------------- calibration --

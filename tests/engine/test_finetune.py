@@ -181,6 +181,37 @@ def test_run_dir_refusals(tmp_path):
         ft.finetune(opts(data, other))
     with pytest.raises(UsageError, match="no run to resume"):
         ft.finetune(opts(data, tmp_path / "fresh", resume=True))
+    assert not (tmp_path / "fresh").exists()         # refused before it began: no folder left
+
+
+def test_a_run_still_training_refuses_a_second_trainer(tmp_path):
+    """--resume while the first trainer (another process) still holds the run: refused, naming
+    --resume, nothing trained twice; once that process has ended its lock is stale and taken over."""
+    import subprocess
+    import sys
+    data = make_pairs(tmp_path / "data", names=("red", "green", "blue", "white"))
+    run = tmp_path / "run"
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):        # an unfinished run, as a trainer leaves it mid-way
+        ft.finetune(opts(data, run, epochs=2, batch_size=2), cancel=cancel,
+                    progress=lambda done, total: cancel.set() if done >= 2 else None)
+    assert not (run / ft.LOCK).exists()    # released by the trainer that stopped
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (run / ft.LOCK).write_text(str(trainer.pid))     # that process trains the run now
+        before = (run / ft.METRICS_FILE).read_text()
+        with pytest.raises(UsageError) as err:
+            ft.finetune(opts(data, run, epochs=2, batch_size=2, resume=True))
+        assert "still training" in err.value.message and str(trainer.pid) in err.value.message
+        assert "--resume" in err.value.hint
+        assert (run / ft.METRICS_FILE).read_text() == before and (run / ft.LOCK).exists()
+    finally:
+        trainer.kill()
+        trainer.wait()
+    result = ft.finetune(opts(data, run, epochs=2, batch_size=2, resume=True))
+    epochs = [r["epoch"] for r in read_metrics(run) if r["type"] == "epoch"]
+    assert result.epochs_run >= 1 and epochs == sorted(set(epochs))    # no epoch twice
+    assert not (run / ft.LOCK).exists()
 
 
 class _NotATensor:

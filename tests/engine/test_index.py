@@ -236,7 +236,7 @@ def test_checksum_sees_content_size_and_time():
         assert file_checksum(p) != c1
 
 
-def test_cli_index_contract(tmp_path, rasters, capsys):
+def test_cli_index_contract(tmp_path, rasters, capsys, monkeypatch):
     from mapclip.engine.cli import main
     a, b = rasters
     out = tmp_path / "idx"
@@ -253,5 +253,34 @@ def test_cli_index_contract(tmp_path, rasters, capsys):
     assert main(["index", str(a), "--out", str(out), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["unchanged"] == [str(a)] and again["embedded"] == 0
-    assert main(["index", str(a), "--out", str(tmp_path / "new")]) == 2       # new index needs --model
-    assert "no model" in capsys.readouterr().err
+    # a new index without --model: the default preset (offline and not downloaded: its fix)
+    monkeypatch.setenv("MAPCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["index", str(a), "--out", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert "RemoteCLIP-ViT-B-32" in err and "fix:" in err and not (tmp_path / "new").exists()
+
+
+def test_plain_images_give_one_note_on_georeferencing_and_no_python_warning(tmp_path, tiny_model):
+    """Sixteen PNGs without georeferencing: no warning per image and opening (they read as
+    crashes in QGIS's Python log), one note on the build naming the count."""
+    import warnings
+
+    from PIL import Image
+    src = tmp_path / "photos"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(src / f"im{i:02d}.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        info = build_index(src, tmp_path / "idx", tiny_model, IndexOptions(**OPTS))
+    assert [str(w.message) for w in caught] == []
+    assert info.rows == 16
+    notes = [n for n in info.warnings if "georeferencing" in n]
+    assert len(notes) == 1 and notes[0].startswith("16 images have no georeferencing: im00.png, ")
+    assert "and 11 more" in notes[0] and "im15.png" not in notes[0]
+    # a georeferenced raster beside them is not named
+    make_raster(src / "geo.tif", 32, 32, seed=3)
+    info = build_index(src, tmp_path / "idx", tiny_model, IndexOptions(**OPTS))
+    assert [n for n in info.warnings if "georeferencing" in n] == [notes[0]]

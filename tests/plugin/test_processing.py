@@ -284,6 +284,62 @@ def test_detect_puts_the_box_on_the_planted_square(provider, tmp_path, rigged_fo
     assert steps and max(steps) == pytest.approx(100.0)
 
 
+def _fill_alphas(layer):
+    """The fill opacity (0..255) of every symbol a vector layer draws with."""
+    from qgis.core import QgsRenderContext
+    renderer = layer.renderer()
+    symbols = renderer.symbols(QgsRenderContext())
+    return [sl.fillColor().alpha() if sl.brushStyle() else 0
+            for sym in symbols for sl in sym.symbolLayers() if hasattr(sl, "fillColor")]
+
+
+@pytest.mark.parametrize("alg, params", [
+    ("detect", {"PROMPTS": "red roof", "TILE": 32, "WINDOW": 2, "STRIDE": 1, "TOP_K": 1}),
+    ("count", {"OBJECT": "red roof", "METHOD": 1}),
+])
+def test_boxes_outputs_load_styled_so_the_objects_stay_visible(provider, tmp_path, rigged_folder,
+                                                               alg, params):
+    """Loaded on completion, the boxes get the dock's style (boxes.qml: graduated outlines over
+    a faint fill), not QGIS's default opaque fill."""
+    import processing
+    from qgis.core import QgsGraduatedSymbolRenderer, QgsProject
+    raster = scene(tmp_path / "scene.tif")
+    out = tmp_path / f"{alg}.gpkg"
+    res = processing.runAndLoadResults(f"mapclip:{alg}", dict(params, INPUT=str(raster),
+                                                               MODEL=rigged_folder, OUTPUT=str(out)))
+    loaded = [l for l in QgsProject.instance().mapLayers().values()
+              if l.source().split("|")[0] == res["OUTPUT"] == str(out)]
+    try:
+        assert len(loaded) == 1 and loaded[0].featureCount() >= 1
+        layer = loaded[0]
+        assert isinstance(layer.renderer(), QgsGraduatedSymbolRenderer)
+        assert layer.renderer().classAttribute() == "score"
+        alphas = _fill_alphas(layer)
+        assert alphas and max(alphas) <= 64            # outlines over a faint fill at most
+    finally:
+        QgsProject.instance().removeAllMapLayers()
+
+
+def test_search_index_takes_manifest_json_as_its_folder(provider, tmp_path, rigged_folder):
+    from qgis.core import QgsProcessingException
+    index = tmp_path / "index"
+    run("buildindex", {"INPUT": [str(scene(tmp_path / "scene.tif"))], "MODEL": rigged_folder,
+                       "TILE": 64, "OUTPUT": str(index)})
+    res = run("searchindex", {"INDEX": str(index / "manifest.json"), "TEXT": "red roof",
+                              "TOP_K": 1, "OUTPUT": "memory:"})
+    assert res["COUNT"] == 1
+    hit = next(res["OUTPUT"].getFeatures())
+    assert (hit["px_col"], hit["px_row"]) == (128, 64)       # the red square's tile
+    # another file, or a folder that is no index: said in Processing's terms, no command line
+    for path, said in ((tmp_path / "scene.tif", "is a file, not an index folder"),
+                       (tmp_path, "is not a MapCLIP index folder")):
+        with pytest.raises(QgsProcessingException) as err:
+            run("searchindex", {"INDEX": str(path), "TEXT": "red roof", "OUTPUT": "memory:"})
+        text = str(err.value)
+        assert said in text and "Fix: choose the" in text and "Index folder" in text
+        assert "python -m" not in text and "--" not in text
+
+
 def test_detect_in_an_extent_given_in_another_crs(provider, tmp_path, rigged_folder):
     """Extent in WGS84 around the left half: the red square (right half) is not found there."""
     from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProject,
@@ -339,14 +395,34 @@ def test_count_reports_each_method_and_dense_boxes(provider, tmp_path, rigged_fo
     raster2 = scene(tmp_path / "two.tif", red=(32, 32, 24, 24), blue=None)
     res = run("count", {"INPUT": str(raster), "OBJECT": "red roof", "MODEL": rigged_folder,
                         "METHOD": 2, "OUTPUT": "memory:"})
-    assert res["COUNT_DENSE"] == 1 and 0 <= res["COUNT_PROMPT"] <= 10
-    assert "prompt" in res["SUMMARY"] and "dense" in res["SUMMARY"]
+    assert res["COUNT_DENSE"] == 1 == res["COUNT"] and 0 <= res["COUNT_PROMPT"] <= 10
+    assert res["SUMMARY"].startswith("count: 1 red roof (dense method")
+    assert "also run: " in res["SUMMARY"] and "(prompt method" in res["SUMMARY"]
     boxes = list(res["OUTPUT"].getFeatures())
     assert len(boxes) == 1 and boxes[0]["object"] == "red roof"
     assert boxes[0].geometry().boundingBox().contains(*map_xy(176, 80))
     res = run("count", {"INPUT": str(raster2), "OBJECT": "red roof", "MODEL": rigged_folder,
                         "METHOD": 1})
-    assert res["COUNT_DENSE"] == 1 and res["COUNT_PROMPT"] == -1 and "OUTPUT" not in res
+    assert res["COUNT_DENSE"] == 1 == res["COUNT"] and res["COUNT_PROMPT"] == -1 and "OUTPUT" not in res
+    res = run("count", {"INPUT": str(raster2), "OBJECT": "red roof", "MODEL": rigged_folder,
+                        "METHOD": 0})
+    assert res["COUNT"] == res["COUNT_PROMPT"] >= 0 and res["COUNT_DENSE"] == -1
+    assert res["SUMMARY"].startswith(f"count: {res['COUNT']} red roof") and "dense" not in res["SUMMARY"]
+
+
+def test_count_outputs_say_minus_one_only_for_a_method_not_run(provider, tmp_path, rigged_folder):
+    from qgis.core import QgsApplication, QgsProcessingException
+    alg = QgsApplication.processingRegistry().algorithmById("mapclip:count")
+    described = {o.name(): o.description() for o in alg.outputDefinitions()}
+    for method in ("prompt", "dense"):
+        assert f"-1 when the {method} method did not run" in described[f"COUNT_{method.upper()}"]
+    assert "dense method's when both ran" in described["COUNT"]
+    # the boxes output with the prompt method (no boxes): refused, in Processing's terms
+    with pytest.raises(QgsProcessingException) as err:
+        run("count", {"INPUT": str(scene(tmp_path / "s.tif")), "OBJECT": "red roof",
+                      "MODEL": rigged_folder, "METHOD": 0, "OUTPUT": "memory:"})
+    assert "OUTPUT holds the dense method's boxes" in str(err.value)
+    assert "Fix: add METHOD dense or both" in str(err.value) and "--" not in str(err.value)
 
 
 def test_detect_refuses_empty_prompt_and_non_file_layer(provider, tmp_path):

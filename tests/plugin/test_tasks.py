@@ -444,10 +444,18 @@ def test_count_mode_shows_counts_per_method_in_dock_and_layer_metadata(qtbot, se
     text = search_dock.last_count
     result = search_dock.last_result
     assert result.dense.count == len(planted) == 3
-    assert text == f"prompt: {result.prompt.count}, dense: 3"
+    # the text says which method's number is the count (dense, as it localises), then the other's
+    assert text == result.summary()
+    assert text.startswith("count: 3 red roofs (dense method") and "also run: " in text
+    assert f"{result.prompt.count} red roof" in text.split("also run: ")[1]
     assert text in search_dock.status_label.text()
+    # the results list holds the counted objects, each zooming to its box
+    from mapclip.plugin.dock import ROLE_BOUNDS
+    items = [search_dock.results.topLevelItem(i) for i in range(search_dock.results.topLevelItemCount())]
+    assert [it.text(0) for it in items] == ["1", "2", "3"]
+    assert sorted(tuple(it.data(0, ROLE_BOUNDS)) for it in items) == sorted(b.bounds for b in result.boxes)
     layer = next(l for l in clean_project.mapLayers().values() if "(count" in l.name())
-    assert text in layer.metadata().abstract() and text in layer.name()
+    assert text in layer.metadata().abstract()
     assert layer.crs().authid() == "EPSG:32633"
     assert layer.featureCount() == len(result.boxes) == 3
     # one box on each planted square (map y falls from the top edge, 4000000, at 1 m a pixel)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -184,25 +185,56 @@ class _Source:
     grids: Dict[int, Any]
 
 
-def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any]) -> List[_Source]:
-    """Open every raster once (metadata only): checksum, georeferencing, tile grids.
+def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any]) -> Tuple[List[_Source], List[str]]:
+    """Open every raster once (metadata only): checksum, georeferencing, tile grids;
+    and the build's notes about them (:func:`_raster_notes`).
 
     Runs before anything is written, so an unreadable raster leaves no trace.
     """
     from ..raster.reader import open_raster
     from ..geo.tiling import TileGrid
     read_opts = read_options(layout)
-    out = []
+    out, no_georef, no_crs, notes = [], [], [], []
     for p in paths:
-        with open_raster(str(p), read_opts) as reader:
+        with open_raster(str(p), read_opts, quiet=True) as reader:   # noted once per build, below
             ri = reader.info
             grids = {int(s): TileGrid.for_raster(ri, None, int(s), _stride_for(layout, int(s)),
                                                  layout["gsd"], max_tiles=None)
                      for s in layout["scales"]}
+            if not ri.georeferenced:
+                no_georef.append(p)
+            elif ri.crs is None:
+                no_crs.append(p)
+            else:
+                notes.extend(reader.warnings)
         georef = {"crs": ri.crs, "transform": [float(v) for v in list(ri.transform)[:6]],
                   "width": int(ri.width), "height": int(ri.height)}
         out.append(_Source(p, file_checksum(p), georef, grids))
-    return out
+    return out, _raster_notes(no_georef, no_crs) + list(dict.fromkeys(notes))
+
+
+#: rasters named in a note, the rest counted
+NOTE_NAMES = 5
+
+
+def _raster_notes(no_georef: Sequence[Path], no_crs: Sequence[Path]) -> List[str]:
+    """One note per kind for the build ("16 images have no georeferencing: a.png, ...")
+    instead of a warning per raster and per opening."""
+    def named(paths: Sequence[Path]) -> str:
+        names = ", ".join(p.name for p in paths[:NOTE_NAMES])
+        return names + (f" and {len(paths) - NOTE_NAMES} more" if len(paths) > NOTE_NAMES else "")
+
+    def some(paths: Sequence[Path]) -> str:
+        return "1 image has" if len(paths) == 1 else f"{len(paths)} images have"
+
+    notes = []
+    if no_georef:
+        notes.append(f"{some(no_georef)} no georeferencing: {named(no_georef)}; indexed in pixel "
+                     "coordinates (x = column, y = -row)")
+    if no_crs:
+        notes.append(f"{some(no_crs)} a geotransform but no CRS: {named(no_crs)}; their "
+                     "coordinates are in an unknown CRS")
+    return notes
 
 
 def _reconcile(writer: IndexWriter, src: _Source, reindex: bool) -> Tuple[Dict[str, Any], str]:
@@ -268,12 +300,12 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
         _check_append(out, existing, identity)
         Index(out).verify()      # a damaged index is refused before anything is written
     layout = _layout(options, existing["options"] if existing else None, lm.image_size)
-    sources_ = _probe_sources(paths, layout)
+    sources_, notes = _probe_sources(paths, layout)
     job.check()
 
     info = IndexInfo(path=str(out), rows=0, rasters=0, shards=0, embedded=0, skipped=0,
                      model=str(lm.spec), device=str(lm.device), precision=lm.precision,
-                     embed_dim=int(lm.embed_dim), scales=list(layout["scales"]))
+                     embed_dim=int(lm.embed_dim), scales=list(layout["scales"]), warnings=notes)
     created = existing is None and not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     writer = None
@@ -304,7 +336,7 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
             for src, entry, status in plan:
                 if status == "unchanged" or entry.get("complete"):
                     continue
-                with open_raster(str(src.path), read_opts) as reader:
+                with open_raster(str(src.path), read_opts, quiet=True) as reader:   # noted in probe
                     for s, grid in src.grids.items():
                         start = int(entry["progress"].get(str(s), 0))
                         if start < len(grid):
@@ -313,7 +345,9 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
                 entry["complete"] = True
                 writer.save()
             if options.footprints:
-                write_footprints(writer)
+                with warnings.catch_warnings():   # no CRS: said in the note on georeferencing
+                    warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
+                    write_footprints(writer)
             from . import ann
             if ann.use_ivf(sum(int(s["rows"]) for s in writer.manifest["shards"])):
                 ann.load_or_build(Index(out))      # search's IVF-PQ index, built once here

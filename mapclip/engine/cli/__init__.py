@@ -132,13 +132,13 @@ def model_default_help(name: str) -> str:
             f"`python -m engine models` lists each model's defaults)")
 
 
-def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """--model, --device, --precision, shared by every command that runs a model."""
+def add_model_args(p: argparse.ArgumentParser, default_help: str = "") -> None:
+    """--model (default: the default preset; ``default_help`` says what comes first),
+    --device, --precision, shared by every command that runs a model."""
     from ..model.models import DEFAULT_MODEL
-    p.add_argument("--model", required=required, default=None if required else DEFAULT_MODEL,
-                   metavar="SPEC",
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
                    help="preset name, ARCH:TAG, ARCH:CHECKPOINT, hf-hub:ORG/NAME or a model folder "
-                        "(see `python -m engine models`)")
+                        f"(see `python -m engine models`); default {default_help}{DEFAULT_MODEL}")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
                    help="default: bf16 on CUDA (fp16 without bf16), fp32 elsewhere")
@@ -165,6 +165,19 @@ def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def map_bounds(bounds, crs: Optional[str]) -> str:
+    """Map coordinates to print: 7 decimals in degrees (about 1 cm), else (metres, feet,
+    pixel coordinates) 2, never exponents ("500128.00, 5299966.00", not "5.29966e+06")."""
+    decimals = 2
+    if crs:
+        try:
+            from rasterio.crs import CRS
+            decimals = 7 if CRS.from_user_input(crs).is_geographic else 2
+        except Exception:  # noqa: BLE001 - a CRS rasterio cannot parse prints as projected
+            pass
+    return ", ".join(f"{float(v):.{decimals}f}" for v in bounds)
 
 
 def cancel_event() -> threading.Event:

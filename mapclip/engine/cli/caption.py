@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import add_model_args, parse_bands, parse_floats, print_json
+from . import add_model_args, map_bounds, parse_bands, parse_floats, print_json
 from ..core.errors import UsageError
 
 
@@ -49,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--sample-top-k", type=int, default=d.sample_top_k, metavar="K",
                    help=f"top_k sampling; default {d.sample_top_k}")
     p.add_argument("--seed", type=int, default=d.seed, help=f"sampling seed; default {d.seed}")
-    p.add_argument("--bands", default=None, metavar="B,G,R",
+    p.add_argument("--bands", default=None, metavar="R,G,B",
                    help="1-based bands read as R,G,B (default: by colour interpretation)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (method, model, places with caption and captions)")
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(result.to_json())
         return 0
     for place in result.places:
-        print(f"{', '.join(f'{v:.6g}' for v in place.bounds)}:")
+        print(f"{map_bounds(place.bounds, result.crs)}:")
         for c in place.captions:
             extra = "" if result.method == "generation" else f"  (cosine {c.cosine:.3f})"
             print(f"  #{c.rank} {c.text}{extra}")

@@ -42,8 +42,9 @@ def register(sub) -> None:
                    help=f"Gaussian smoothing of each tile's scores, sigma in cells; default "
                         f"{d.smoothing:g} (none)")
     p.add_argument("--tile", type=int, default=None, metavar="PX",
-                   help="tile size in pixels; default: the model's dense tile ("
-                        + model_default_help("dense_tile_px") + ")")
+                   help="tile size in pixels; default: the model's dense tile size (its input "
+                        "size unless the model says otherwise; `python -m engine models` lists "
+                        "each model's defaults)")
     p.add_argument("--overlap", type=float, default=d.overlap, metavar="F",
                    help=f"tile overlap, share of a tile (0..0.49); default {d.overlap:g}")
     p.add_argument("--upsample", type=int, default=d.upsample, metavar="K",
@@ -57,7 +58,7 @@ def register(sub) -> None:
                         "(default: the model's)")
     p.add_argument("--gsd", type=float, default=None, metavar="M",
                    help="resample to this many metres per pixel on read (default: native)")
-    p.add_argument("--bands", default=None, metavar="B,G,R",
+    p.add_argument("--bands", default=None, metavar="R,G,B",
                    help="1-based bands read as R,G,B (default: by colour interpretation)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per model call; " + model_default_help("batch_size"))

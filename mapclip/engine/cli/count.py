@@ -59,14 +59,13 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..count import CountOptions, count, write_count_boxes
+    from ..count import CountOptions, check_boxes_output, count, write_count_boxes
     from ..core.jobs import check_outputs
     from ..core.options import ReadOptions
     from ..raster.reader import raster_files
 
     if args.out:
-        if args.method == "prompt":
-            raise UsageError("--out writes the dense method's boxes", "add --method dense or both")
+        check_boxes_output(args.method)
         if Path(args.out).suffix.lower() not in (".gpkg", ".geojson", ".json"):
             raise UsageError(f"cannot write boxes to {args.out}", "name the output .gpkg or .geojson")
         if not Path(args.raster).exists():

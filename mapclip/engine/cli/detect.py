@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import (add_cache_arg, add_extent_args, add_model_args, add_read_workers_arg, model_default_help, parse_bands,
+from . import (add_cache_arg, add_extent_args, add_model_args, add_read_workers_arg, map_bounds, model_default_help, parse_bands,
                parse_extent, print_json, read_workers, tqdm_progress)
 from ..core.errors import UsageError
 
@@ -35,7 +35,7 @@ def register(sub) -> None:
                    help=f"window mode: stride in tiles; default {d.stride}")
     p.add_argument("--gsd", type=float, default=None, metavar="M",
                    help="resample to this many metres per pixel on read (default: native)")
-    p.add_argument("--bands", default=None, metavar="B,G,R",
+    p.add_argument("--bands", default=None, metavar="R,G,B",
                    help="1-based bands read as R,G,B (or one band as grey); default: RGB by "
                         "colour interpretation, else the first three")
     add_extent_args(p)
@@ -160,5 +160,5 @@ def run(args: argparse.Namespace) -> int:
               + ("; embeddings from the cache" if result.from_cache else ""))
         for b in result.boxes[:10]:
             print(f"  #{b.rank} {b.prompt!r} score {b.score:.3f} cosine {b.cosine:.3f} "
-                  f"bounds {', '.join(f'{v:.6g}' for v in b.bounds)}")
+                  f"bounds {map_bounds(b.bounds, result.crs)}")
     return 0

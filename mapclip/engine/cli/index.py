@@ -38,7 +38,7 @@ def register(sub) -> None:
                     f"(exact below {APPROX_MIN_ROWS} tiles, approximate above).")
     p.add_argument("sources", nargs="+", metavar="RASTER|FOLDER",
                    help="raster files, or folders searched recursively for rasters")
-    add_model_args(p, required=False)
+    add_model_args(p, default_help="the index's own model when adding to one, else ")
     p.set_defaults(model=None)
     p.add_argument("--out", required=True, metavar="INDEX", help="index folder (created if new)")
     p.add_argument("--tile", type=int, default=None, metavar="PX",
@@ -102,10 +102,10 @@ def run(args: argparse.Namespace) -> int:
     check_outputs([("--out", out)], [("source", s) for s in args.sources], folders=["--out"],
                   may_exist=["--out"])
     if model is None:
+        from ..model.models import DEFAULT_MODEL
         if (out / MANIFEST).is_file():
             model = read_manifest(out)["model"].get("spec")
-        if not model:
-            raise UsageError("no model given", "pass --model (see `python -m engine models`)")
+        model = model or DEFAULT_MODEL
     opts = IndexOptions(
         tile_px=args.tile, scales=_ints(args.scales, "--scales"), stride_px=args.stride,
         gsd=args.gsd, read=ReadOptions(bands=parse_bands(args.bands), workers=read_workers(args)),

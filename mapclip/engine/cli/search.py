@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import print_json
+from . import map_bounds, print_json
 from ..core.errors import UsageError
 
 
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(result.hits)} hits from {result.rows} tiles ({result.method} search, "
           f"{result.seconds * 1000:.0f} ms)" + (f" -> {args.out}" if args.out else ""))
     for h in result.hits:
-        b = ", ".join(f"{v:.6g}" for v in h.bounds)
+        b = map_bounds(h.bounds, h.crs)
         print(f"  #{h.rank} score {h.score:.4f} cosine {h.cosine:.4f}  {h.raster}  "
               f"tile {h.tile_px}px at col {h.pixel[0]} row {h.pixel[1]}  bounds {b}")
     return 0

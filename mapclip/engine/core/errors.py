@@ -50,7 +50,7 @@ class Cancelled(MapClipError):
 #: these are the options whose flag is not ``--`` + the name in kebab case.
 FLAGS = {"classes": "--class", "tile_px": "--tile", "dense_tile_px": "--dense-tile", "stride_px": "--stride",
          "scales": "--scale", "read": "--bands", "negative": "--negative", "background": "--background",
-         "cache": "--no-cache"}
+         "cache": "--no-cache", "dense_input_px": "--dense-input"}
 
 
 def flag(option: str) -> str:
@@ -93,7 +93,10 @@ def renamed(text, name_of):
 
     def swap(match):
         flag_text = match.group(0)
-        name = name_of(options_of_flags.get(flag_text, flag_text[2:].replace("-", "_")))
+        option = options_of_flags.get(flag_text, flag_text[2:].replace("-", "_"))
+        if flag(option) != flag_text:
+            return flag_text    # another command's flag (m2b's --classes is not classify's --class)
+        name = name_of(option)
         return name if name else flag_text
     return re.sub(r"--[a-z][a-z-]*", swap, text)
 

@@ -167,6 +167,9 @@ def _pyogrio_raw():
 
 
 _DTYPES = {"str": object, "float": "float64", "int": "int64"}
+#: dataset creation options per OGR driver: GeoPackage 1.2, which every GDAL QGIS 3.22 ships
+#: with reads without a warning (newer GDAL writes 1.4, which older GDAL warns about on every open)
+DATASET_OPTIONS = {"GPKG": {"VERSION": "1.2"}}
 
 
 def write_vector(path, fields: Fields, rows: Sequence[Dict[str, Any]], bounds: Sequence[Bounds],
@@ -189,7 +192,8 @@ def write_vector(path, fields: Fields, rows: Sequence[Dict[str, Any]], bounds: S
             with warnings.catch_warnings():  # no CRS is expected for ungeoreferenced images
                 warnings.filterwarnings("ignore", message=".*'crs' was not provided")
                 _pyogrio_raw().write(str(tmp_file), geoms, data, names(fields), layer=layer,
-                                     driver=driver, geometry_type="Polygon", crs=crs)
+                                     driver=driver, geometry_type="Polygon", crs=crs,
+                                     dataset_options=DATASET_OPTIONS.get(driver))
             tmp_file.replace(tmp)
         finally:
             tmp_file.unlink(missing_ok=True)

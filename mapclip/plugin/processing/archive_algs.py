@@ -7,6 +7,7 @@ appends new rasters, finishes an interrupted build and re-embeds changed ones.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Optional
 
 from qgis.core import (QgsFeatureSink, QgsFields, QgsProcessing, QgsProcessingException,
@@ -196,9 +197,27 @@ class SearchIndexAlgorithm(MapClipAlgorithm):
                 f"Fix: fill in one of text, example image or location")
         return {"text": text, "image": image, "like": like, "like_crs": like_crs}
 
+    def index_folder(self, parameters, context) -> str:
+        """The INDEX folder; a manifest.json chosen in it means the folder (the file
+        dialog shows files, and the manifest is the file that makes a folder an index)."""
+        from ...engine.archive.store import MANIFEST
+        path = self.parameterAsFile(parameters, self.INDEX, context)
+        if os.path.isfile(path):
+            if os.path.basename(path) == MANIFEST:
+                return os.path.dirname(path)
+            raise QgsProcessingException(
+                f"{path} is a file, not an index folder\nFix: choose the index folder (the one "
+                f"'{BuildIndexAlgorithm.DISPLAY}' wrote, holding {MANIFEST}) as Index folder")
+        if not os.path.isfile(os.path.join(path, MANIFEST)):
+            what = "is not a MapCLIP index folder (it holds no" if os.path.isdir(path) else "does not exist (no"
+            raise QgsProcessingException(
+                f"{path} {what} {MANIFEST})\nFix: choose the folder '{BuildIndexAlgorithm.DISPLAY}' "
+                "wrote as Index folder, or build an index there")
+        return path
+
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         query = self.query(parameters, context)
-        index = self.parameterAsFile(parameters, self.INDEX, context)
+        index = self.index_folder(parameters, context)
         device = self.parameterAsString(parameters, self.DEVICE, context).strip() or None
         with engine_errors():
             from ...engine.archive.search import search

@@ -71,7 +71,8 @@ PARAMETERS = {"tile_px": "TILE", "window": "WINDOW", "stride": "STRIDE", "top_k"
               "attention": "ATTENTION", "background": "BACKGROUND", "merge": "MERGE",
               "min_area": "MIN_AREA", "dense_tile_px": "TILE", "templates": "TEMPLATES",
               "epochs": "EPOCHS", "lr": "LR", "accum": "ACCUM", "val_split": "VAL_SPLIT",
-              "read_workers": "READ_WORKERS", "compile": "COMPILE", "cache": "CACHE"}
+              "read_workers": "READ_WORKERS", "compile": "COMPILE", "cache": "CACHE",
+              "method": "METHOD", "out": "OUTPUT"}
 
 
 def push_notes(feedback, notes) -> None:

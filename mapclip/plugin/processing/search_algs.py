@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from qgis.core import (QgsFeatureSink,
                        QgsFields, QgsProcessing, QgsProcessingException,
+                       QgsProcessingLayerPostProcessorInterface, QgsVectorLayer,
                        QgsProcessingOutputNumber, QgsProcessingOutputString,
                        QgsProcessingParameterBoolean, QgsProcessingParameterDefinition,
                        QgsProcessingParameterEnum, QgsProcessingParameterExtent,
@@ -31,7 +32,7 @@ from ...engine.core.options import MODES as MODES_
 from ...engine.core.options import TEMPLATE_SETS
 from ...engine.core.options import CountOptions, DetectOptions
 from ...engine.core import outputs
-from ..layers import ENGINE_BOX_FIELDS, crs_text, engine_crs, feature, fields_of
+from ..layers import ENGINE_BOX_FIELDS, crs_text, engine_crs, feature, fields_of, style_boxes
 from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model, optional_number, parse_bands, push_notes, read_workers_param,
                      read_workers_value, split_prompts)
 
@@ -45,13 +46,38 @@ def box_fields() -> QgsFields:
     return fields_of(ENGINE_BOX_FIELDS)
 
 
+class BoxesStyle(QgsProcessingLayerPostProcessorInterface):
+    """Styles a boxes output as QGIS loads it, as the dock styles its boxes (boxes.qml:
+    outlines graduated by score over a faint fill, so the objects stay visible)."""
+
+    #: the context owns (and deletes) its post-processors, but would lose their Python half
+    #: to the garbage collector: held here until the context has deleted them
+    pending: List["BoxesStyle"] = []
+
+    def postProcessLayer(self, layer, context, feedback):  # noqa: N802
+        if isinstance(layer, QgsVectorLayer):
+            style_boxes(layer)
+
+
+def style_boxes_on_load(context, dest: str) -> None:
+    """Give the sink ``dest`` the boxes' style when QGIS loads it on completion."""
+    from qgis.PyQt import sip
+    BoxesStyle.pending[:] = [p for p in BoxesStyle.pending if not sip.isdeleted(p)]
+    if context.willLoadLayerOnCompletion(dest):
+        post = BoxesStyle()
+        BoxesStyle.pending.append(post)
+        context.layerToLoadOnCompletionDetails(dest).setPostProcessor(post)
+
+
 def write_boxes_to_sink(alg, parameters, context, key: str, boxes, crs: Optional[str],
                         model: str):
-    """Create the sink ``key`` and add one polygon per engine box; returns (sink, dest_id)."""
+    """Create the sink ``key`` (styled as boxes when it is loaded) and add one polygon per
+    engine box; returns (sink, dest_id)."""
     sink, dest = alg.parameterAsSink(parameters, key, context, box_fields(),
                                      QgsWkbTypes.Polygon, engine_crs(crs))
     if sink is None:
         raise QgsProcessingException(alg.invalidSinkError(parameters, key))
+    style_boxes_on_load(context, dest)
     rows, bounds = outputs.box_rows(boxes, model)
     for row, b in zip(rows, bounds):
         sink.addFeature(feature(box_fields(), ENGINE_BOX_FIELDS, row, b), QgsFeatureSink.FastInsert)
@@ -340,12 +366,15 @@ class CountAlgorithm(RasterSearchAlgorithm):
             "over the whole area as one image, or per tile and summed when a tile size is "
             "given.<br><b>dense</b>: connected components of the dense heatmap above a "
             "threshold, with their boxes (the optional output layer).<br><b>both</b> runs both. "
-            "The counts per method are outputs COUNT_PROMPT and COUNT_DENSE (-1 when a method "
-            "did not run), SUMMARY says it in words ('a ship', '3 ships').<br>"
+            "COUNT is the count: the dense method's when both ran (it localises its objects), "
+            "else the one method's. COUNT_PROMPT and COUNT_DENSE give each method's number, -1 "
+            "for a method that did not run; SUMMARY says which method's number is the count "
+            "('count: 3 ships (dense method: ...)').<br>"
             "Same engine call as <code>python -m engine count</code>.")
 
     OBJECT, METHOD, TILE, THRESHOLD, MIN_AREA = "OBJECT", "METHOD", "TILE", "THRESHOLD", "MIN_AREA"
-    OUTPUT, COUNT_PROMPT, COUNT_DENSE, SUMMARY = "OUTPUT", "COUNT_PROMPT", "COUNT_DENSE", "SUMMARY"
+    OUTPUT, COUNT, SUMMARY = "OUTPUT", "COUNT", "SUMMARY"
+    COUNT_PROMPT, COUNT_DENSE = "COUNT_PROMPT", "COUNT_DENSE"
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.add_input_params()
@@ -365,13 +394,23 @@ class CountAlgorithm(RasterSearchAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSink(
             self.OUTPUT, "Counted objects (dense method)", QgsProcessing.TypeVectorPolygon,
             optional=True, createByDefault=False))
-        self.addOutput(QgsProcessingOutputNumber(self.COUNT_PROMPT, "Count (prompt method)"))
-        self.addOutput(QgsProcessingOutputNumber(self.COUNT_DENSE, "Count (dense method)"))
-        self.addOutput(QgsProcessingOutputString(self.SUMMARY, "Summary"))
+        self.addOutput(QgsProcessingOutputNumber(
+            self.COUNT, "Count (the dense method's when both ran, else the method run)"))
+        self.addOutput(QgsProcessingOutputNumber(
+            self.COUNT_PROMPT, "Count by the prompt method (-1 when the prompt method did not run)"))
+        self.addOutput(QgsProcessingOutputNumber(
+            self.COUNT_DENSE, "Count by the dense method (-1 when the dense method did not run)"))
+        self.addOutput(QgsProcessingOutputString(
+            self.SUMMARY, "Summary (which method's number is the count, and each method's)"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         name = self.parameterAsString(parameters, self.OBJECT, context).strip()
         method = COUNT_METHODS[self.parameterAsEnum(parameters, self.METHOD, context)]
+        boxes = parameters.get(self.OUTPUT) not in (None, "")
+        if boxes:
+            with engine_errors():
+                from ...engine.count import check_boxes_output
+                check_boxes_output(method)
         with engine_errors(), self.raster_input(parameters, context, feedback) as (
                 path, extent, extent_crs, gsd):
             from ...engine.count import count
@@ -390,13 +429,15 @@ class CountAlgorithm(RasterSearchAlgorithm):
         push_notes(feedback, result.warnings)
         summary = result.summary()
         feedback.pushInfo(summary)
-        out = {self.COUNT_PROMPT: result.prompt.count if result.prompt is not None else -1,
+        out = {self.COUNT: result.count,
+               self.COUNT_PROMPT: result.prompt.count if result.prompt is not None else -1,
                self.COUNT_DENSE: result.dense.count if result.dense is not None else -1,
                self.SUMMARY: summary}
-        if parameters.get(self.OUTPUT) not in (None, ""):
+        if boxes:
             sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, count_fields(),
                                               QgsWkbTypes.Polygon, engine_crs(result.crs))
             if sink is not None:
+                style_boxes_on_load(context, dest)
                 from ...engine.count import singular
                 rows, bounds = outputs.count_rows(result.boxes, singular(result.object), result.model)
                 for row, b in zip(rows, bounds):
