@@ -127,7 +127,11 @@ class _Collector:
         texts = []
         for c in captions:
             text = c.get("raw") if isinstance(c, dict) else c
-            text = " ".join(str(text).split()) if text is not None else ""
+            if text is not None and not isinstance(text, str):   # a number, a list: not a caption
+                self.report.add("bad_record", f"{where}: a caption is {type(text).__name__} "
+                                f"{text!r:.40}, not text", self.strict)
+                continue
+            text = " ".join(text.split()) if text is not None else ""
             if text:
                 texts.append(text)
             else:
