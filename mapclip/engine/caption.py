@@ -63,16 +63,19 @@ def _table_captions(p: Path, delimiter: str) -> List[str]:
     with open(p, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh, delimiter=delimiter, strict=True)
         start = 1
-        for r in reader:
-            if any("\n" in c or "\r" in c for c in r):
-                raise UsageError(f"caption bank {p}, line {start}: a quote opened there is "
-                                 f"closed only on line {reader.line_num}, so the lines between "
-                                 "would be one caption",
-                                 "close the quote on its line, or name the bank .txt (one "
-                                 "caption a line, no quoting)")
-            if any(c.strip() for c in r):
-                rows.append(r)
-            start = reader.line_num + 1
+        fix = "close the quote on its line, or name the bank .txt (one caption a line, no quoting)"
+        try:
+            for r in reader:
+                if any("\n" in c or "\r" in c for c in r):
+                    raise UsageError(f"caption bank {p}, line {start}: a quote opened there is "
+                                     f"closed only on line {reader.line_num}, so the lines "
+                                     "between would be one caption", fix)
+                if any(c.strip() for c in r):
+                    rows.append(r)
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise UsageError(f"caption bank {p}, line {start}: a quote is left open or "
+                             f"misplaced ({exc})", fix) from None
     if not rows:
         return []
     head = [c.strip().lower() for c in rows[0]]
@@ -113,11 +116,6 @@ def read_caption_bank(path: Union[str, Path]) -> List[str]:
     except UnicodeDecodeError as exc:
         raise UsageError(f"caption bank {p} is not UTF-8 text ({exc.reason})",
                          "save it as UTF-8") from None
-    except csv.Error as exc:
-        raise UsageError(f"caption bank {p} is not readable CSV ({exc}): a quote is "
-                         "left open or misplaced",
-                         "close or remove the quote, or name the bank .txt (one caption a "
-                         "line, no quoting)") from None
     except OSError as exc:
         raise UsageError(f"cannot read caption bank {p} ({exc.strerror or exc})",
                          "check the file and its permissions") from None

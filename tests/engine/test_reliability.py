@@ -170,6 +170,29 @@ def world(tmp_path_factory):
     _image(tmp / "in" / "s2" / "b.png", 9)
     os.symlink("s2", tmp / "in" / "s2link")
     (tmp / "in" / "random.pt").write_bytes(np.random.default_rng(4).bytes(4096))
+    # records that would be read silently wrong: ids shared, a quote left open, a null
+    # sentence, a sentence as a string, a Latin-1 CSV, counts outside RemoteCount's 1..10
+    two = {"images": [{"id": 1, "file_name": "a.png", "width": 48, "height": 48},
+                      {"id": 1, "file_name": "b.png", "width": 48, "height": 48}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}],
+           "categories": [{"id": 1, "name": "ship"}]}
+    (ann / "same_image_id.json").write_text(json.dumps(two))
+    two["images"].pop()
+    two["categories"].append({"id": 1, "name": "tank"})
+    (ann / "same_category_id.json").write_text(json.dumps(two))
+    (tmp / "in" / "open_quote.csv").write_text('ships in a harbour\n"oil tanks by a road\n'
+                                               'a river\nbare land\n')
+    ev = tmp / "in" / "eval"
+    _image(ev / "a.png", 1)
+    for name, images in (("ints", [1, 2, 3]), ("no_filename", [{"sentences": [{"raw": "x"}]}]),
+                         ("null_sentence", [{"filename": "a.png", "split": "test",
+                                             "sentences": [{"raw": None}]}]),
+                         ("string_sentences", [{"filename": "a.png", "split": "test",
+                                                "sentences": "a ship"}])):
+        (ev / f"{name}.json").write_text(json.dumps({"images": images}))
+    (ev / "latin1.csv").write_bytes("filepath,caption\na.png,un caf\xe9\n".encode("latin-1"))
+    for n in (0, 57, -3):
+        (ev / f"count{n}.csv").write_text(f"image,object,count\na.png,car,3\na.png,car,{n}\n")
     w["ro"] = _readonly_dir(tmp)
     w["digest"] = _digest(tmp / "in")
     return w
@@ -274,6 +297,34 @@ CASES = [
     ("random_bytes_checkpoint", ["detect", "{in}/scene.tif", "--prompt", "x", "--model",
                                  "mapclip-tiny:{in}/random.pt", "--out", "{out}/b.gpkg"], 2,
      ["is not a checkpoint"]),
+    ("background_is_the_prompt", ["detect", "{in}/scene.tif", "--prompt", "tanks", "--model",
+                                  "{model}", "--out", "{out}/b.gpkg", "--background", " Tanks "], 2,
+     ["--background", "'Tanks'", "is also a prompt"]),
+    ("coco_images_share_an_id", ["convert", "b2c", "--annotations", "{in}/ann/same_image_id.json",
+                                 "--format", "coco", "--out", "{out}/c.csv"], 2,
+     ["two images share id 1", "a.png", "b.png"]),
+    ("coco_categories_share_an_id", ["convert", "b2c", "--annotations",
+                                     "{in}/ann/same_category_id.json", "--format", "coco",
+                                     "--out", "{out}/c.csv"], 2,
+     ["two categories share id 1", "ship", "tank"]),
+    ("caption_bank_open_quote", ["caption", "{in}/scene.tif", "--model", "{model}", "--bank",
+                                 "{in}/open_quote.csv"], 2, ["line 2", "quote"]),
+    ("eval_images_not_objects", ["eval", "retrieval", "{in}/eval/ints.json", "--model", "{model}"],
+     2, ["images[0] is int 1"]),
+    ("eval_image_without_filename", ["eval", "retrieval", "{in}/eval/no_filename.json", "--model",
+                                     "{model}"], 2, ["images[0] has no filename"]),
+    ("eval_null_sentence", ["eval", "retrieval", "{in}/eval/null_sentence.json", "--model",
+                            "{model}"], 2, ["sentences[0]", "NoneType", "not a caption"]),
+    ("eval_sentences_a_string", ["eval", "retrieval", "{in}/eval/string_sentences.json",
+                                 "--model", "{model}"], 2, ["'sentences' is str, not a list"]),
+    ("eval_latin1_csv", ["eval", "retrieval", "{in}/eval/latin1.csv", "--model", "{model}"], 2,
+     ["not UTF-8"]),
+    ("eval_count_0", ["eval", "count", "{in}/eval/count0.csv", "--model", "{model}"], 2,
+     ["line 3", "count 0", "1 to 10"]),
+    ("eval_count_57", ["eval", "count", "{in}/eval/count57.csv", "--model", "{model}"], 2,
+     ["line 3", "count 57"]),
+    ("eval_count_negative", ["eval", "count", "{in}/eval/count-3.csv", "--model", "{model}"], 2,
+     ["line 3", "count -3"]),
     ("dedup_against_itself", ["dedup", "{in}/s2", "--against", "{in}/s2link", "--out",
                               "{out}/r.csv", "--no-cache"], 2, ["overlaps"]),
 ]
@@ -932,3 +983,124 @@ def test_a_file_name_that_is_not_utf8_is_an_error_line(world, tmp_path):
     except UnicodeEncodeError as exc:
         err = from_foreign(exc)
     assert err is not None and err.message == "the file name '/data/bad\\xff.png' is not valid UTF-8"
+
+
+# ------------------------------------------------------ silent wrong results --
+def test_a_txt_caption_bank_is_one_caption_a_line_as_written(tmp_path):
+    from mapclip.engine.caption import read_caption_bank
+    lines = ['"oil tanks beside a road', "Raw land by a river", "caption", "ships, in a harbour"]
+    (tmp_path / "bank.txt").write_text("\n".join(lines) + "\n")
+    assert read_caption_bank(tmp_path / "bank.txt") == lines
+    # a CSV bank still knows a header of column names, and only that
+    (tmp_path / "bank.csv").write_text("Raw land by a river\nships in a harbour\n")
+    assert read_caption_bank(tmp_path / "bank.csv") == ["Raw land by a river", "ships in a harbour"]
+    (tmp_path / "named.csv").write_text("image,caption_1\na.png,ships in a harbour\n")
+    assert read_caption_bank(tmp_path / "named.csv") == ["ships in a harbour"]
+
+
+def test_a_negative_prompt_equal_to_the_query_is_refused(world, tmp_path):
+    idx = tmp_path / "idx"
+    built = _cli(["index", world["raster"], "--model", world["model"], "--out", idx, "--tile", "32",
+                  "--no-footprints"], tmp_path, world["env"])
+    assert built.rc == 0, built.err
+    run = _cli(["search", idx, "--text", "oil tanks", "--negative", " Oil  Tanks", "--model",
+                world["model"]], tmp_path, world["env"])
+    run.refused(2, "'Oil Tanks'", "query text itself")
+
+
+def test_resume_after_the_training_images_were_replaced_is_refused(tmp_path, one_torch_thread):
+    import threading
+
+    from mapclip.engine import finetune as ft
+    from mapclip.engine.core.errors import Cancelled, UsageError
+    data = tmp_path / "data"
+    rows = ["image,caption"]
+    for k, name in enumerate(("red", "green", "blue", "white")):
+        _image(data / f"{name}.png", k)
+        rows.append(f"{name}.png,a {name} square")
+    (data / "captions.csv").write_text("\n".join(rows) + "\n")
+    o = dict(model="test-tiny", data=str(data / "captions.csv"), out=str(tmp_path / "run"),
+             epochs=2, batch_size=2, val_split=0.0, workers=0, device="cpu")
+    cancel = threading.Event()
+    with pytest.raises(Cancelled):
+        ft.finetune(ft.FinetuneOptions(**o), cancel=cancel,
+                    on_metrics=lambda r: cancel.set() if r["type"] == "eval" and r.get("epoch") == 1
+                    else None)
+    original = (data / "blue.png").read_bytes()
+    _image(data / "blue.png", 99)                       # another picture, same name and captions
+    state = _digest(tmp_path / "run")
+    with pytest.raises(UsageError, match=r"1 training image\(s\) changed .*blue\.png"):
+        ft.finetune(ft.FinetuneOptions(**o, resume=True))
+    assert _digest(tmp_path / "run") == state
+    (data / "blue.png").write_bytes(original)           # restored (a new mtime): the run resumes
+    assert ft.finetune(ft.FinetuneOptions(**o, resume=True)).resumed_from_epoch == 1
+
+
+#: the CLI with IVF-PQ from 3000 rows (not 10^6), as tests/engine/test_ann.py sets it
+SMALL_IVF = """
+import sys
+from mapclip.engine.archive import ann, approx
+ann.IVF_MIN_ROWS, ann.IVF_MIN_LISTS, ann.IVF_MIN_PROBE, ann.IVF_MIN_CANDIDATES = 3000, 16, 4, 200
+approx.APPROX_MIN_ROWS = 1000
+from mapclip.engine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _small_ivf(args, cwd: Path, env: dict) -> Run:
+    p = subprocess.run([sys.executable, "-c", SMALL_IVF, *map(str, args)], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=240)
+    return Run(p.returncode, p.stdout, p.stderr)
+
+
+def _unit_blocks(seed: int, sizes):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in sizes:
+        x = rng.standard_normal((n, 32)).astype(np.float32)
+        out.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    return out
+
+
+def test_caches_and_shards_are_tied_to_their_index(tmp_path):
+    """A search cache copied from another index of as many rows (under this index's
+    cache name) is rebuilt, not used; two shards whose files were swapped are a
+    damaged index, refused with a fix, not hits on the wrong raster."""
+    from mapclip.engine.archive.store import index_folder_from_blocks, open_index
+    env = _env(tmp_path)
+    a = index_folder_from_blocks(tmp_path / "a", _unit_blocks(1, [1500, 1500]), 32)
+    b = index_folder_from_blocks(tmp_path / "b", _unit_blocks(2, [1500, 1500]), 32)
+    assert open_index(a).content_id != open_index(b).content_id
+    like = ["--like", f"{224 * 2000 + 100},-100", "--top-k", "3", "--json"]    # row 2000's tile
+    run = _small_ivf(["search", a, *like], tmp_path, env)
+    assert run.rc == 0, run.err
+    (cache_a,) = a.glob("ann-*.faiss")
+    mine = b / f"ann-{open_index(b).content_id}.faiss"
+    mine.write_bytes(cache_a.read_bytes())              # A's cache, named as B's
+    run = _small_ivf(["search", b, *like], tmp_path, env)
+    assert run.rc == 0, run.err
+    out = json.loads(run.out)
+    assert out["method"] == "approx" and out["hits"][0]["row"] == 2000, out["hits"]
+    assert mine.read_bytes() != cache_a.read_bytes()     # rebuilt for B
+    # the flat PQ cache (1000 to 3000 rows) is checked the same way
+    c = index_folder_from_blocks(tmp_path / "c", _unit_blocks(3, [1200]), 32)
+    d = index_folder_from_blocks(tmp_path / "d", _unit_blocks(4, [1200]), 32)
+    near = ["--like", f"{224 * 700 + 100},-100", "--top-k", "3", "--json"]
+    assert _small_ivf(["search", c, *near], tmp_path, env).rc == 0
+    (cache_c,) = c.glob("approx-*.faiss")
+    (d / f"approx-{open_index(d).content_id}.faiss").write_bytes(cache_c.read_bytes())
+    run = _small_ivf(["search", d, *near], tmp_path, env)
+    assert run.rc == 0 and json.loads(run.out)["hits"][0]["row"] == 700, run.err
+    # two shards of as many rows, their files swapped: refused, whichever search runs
+    shards = b / "shards"
+    for kind in ("emb", "tiles"):
+        one, two = shards / f"000001.{kind}.npy", shards / f"000002.{kind}.npy"
+        tmp = shards / "swap"
+        one.rename(tmp)
+        two.rename(one)
+        tmp.rename(two)
+    before = _digest(b)
+    for method in ("approx", "exact"):
+        run = _small_ivf(["search", b, *like, "--method", method], tmp_path, env)
+        run.refused(1, "is damaged", "shard 1")
+    assert _digest(b) == before

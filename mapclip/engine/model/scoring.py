@@ -87,9 +87,10 @@ def effective_background(prompts: Sequence[str], background: Sequence[str]) -> L
             out.append(b)
     if given and not out:
         raise UsageError(
-            f"every background prompt ({', '.join(repr(b) for b in given)}) is also a prompt: "
-            "with nothing left to compare against, the scores would say nothing "
-            "(a lone prompt scores 1.000 everywhere)",
+            f"background {', '.join(repr(b) for b in given)} "
+            f"{'is' if len(given) == 1 else 'are each'} also a prompt: nothing is left to "
+            "compare against, so the scores would say nothing (a lone prompt scores 1.000 "
+            "everywhere)",
             "give background prompts that differ from the prompts, or leave --background out "
             "for the defaults", option="background")
     return out
