@@ -1104,3 +1104,47 @@ def test_caches_and_shards_are_tied_to_their_index(tmp_path):
         run = _small_ivf(["search", b, *like, "--method", method], tmp_path, env)
         run.refused(1, "is damaged", "shard 1")
     assert _digest(b) == before
+
+
+# ------------------------------------------------------------ Ctrl-C, quietly --
+CTRL_C = """
+import signal, sys
+# Ctrl-C as in a terminal, even when the suite itself was started in the background
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from mapclip.engine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _children(pid: int):
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out.extend(int(c) for c in fh.read().split())
+    except OSError:
+        pass
+    return out + [g for c in out for g in _children(c)]
+
+
+def test_ctrl_c_with_reader_processes_is_one_line(world, tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the reader processes
+    ignore it (the command stops them), so stderr holds one line, no traceback."""
+    big = make_raster(tmp_path / "big.tif", width=2048, height=2048,
+                      data=noise(3, 2048, 2048, seed=5))                  # 16384 tiles of 16 px
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C, "index", big, "--model", world["model"],
+                          "--out", tmp_path / "idx", "--tile", "16", "--read-workers", "2",
+                          "--no-footprints"], cwd=tmp_path, env=world["env"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(_children(p.pid)) < 3 and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)                  # the fork server and its two readers
+    assert p.poll() is None, p.communicate()
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode != 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert len([ln for ln in lines if ln.startswith("error:")]) <= 1, err
+    assert any("interrupt" in ln or "cancel" in ln for ln in lines), (p.returncode, out, err)
