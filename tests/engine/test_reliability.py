@@ -325,6 +325,9 @@ CASES = [
      ["line 3", "count 57"]),
     ("eval_count_negative", ["eval", "count", "{in}/eval/count-3.csv", "--model", "{model}"], 2,
      ["line 3", "count -3"]),
+    ("huge_dense_input", ["detect", "{in}/scene.tif", "--prompt", "x", "--model", "{model}",
+                          "--out", "{out}/b.gpkg", "--mode", "dense", "--dense-input", "8192"], 2,
+     ["--dense-input 8192 px", "GB for each tile"]),
     ("dedup_against_itself", ["dedup", "{in}/s2", "--against", "{in}/s2link", "--out",
                               "{out}/r.csv", "--no-cache"], 2, ["overlaps"]),
 ]

@@ -50,7 +50,7 @@ class Cancelled(MapClipError):
 #: these are the options whose flag is not ``--`` + the name in kebab case.
 FLAGS = {"classes": "--class", "tile_px": "--tile", "dense_tile_px": "--dense-tile", "stride_px": "--stride",
          "scales": "--scale", "read": "--bands", "negative": "--negative", "background": "--background",
-         "cache": "--no-cache"}
+         "cache": "--no-cache", "dense_input_px": "--dense-input"}
 
 
 def flag(option: str) -> str:
