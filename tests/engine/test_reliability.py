@@ -1151,3 +1151,56 @@ def test_ctrl_c_with_reader_processes_is_one_line(world, tmp_path):
     assert p.returncode != 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert len([ln for ln in lines if ln.startswith("error:")]) <= 1, err
     assert any("interrupt" in ln or "cancel" in ln for ln in lines), (p.returncode, out, err)
+
+
+# ----------------------------------------------------------------- residue --
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_partial_copies_of_a_killed_move_or_undo_are_removed_by_the_next_run(world, tmp_path):
+    """A kill -9 during a cross-filesystem copy leaves its .part file (one beside an
+    image in the input folder when it was an undo): the next undo of that manifest,
+    or the next move into that quarantine, removes it and says so; another's stays."""
+    data = tmp_path / "data"
+    _image(data / "a.png", 3)
+    _image(data / "b.png", 3)                                 # a duplicate of a.png
+    q = tmp_path / "q"
+    run = _cli(["dedup", data, "--out", tmp_path / "r.csv", "--move-to", q, "--no-cache"],
+               tmp_path, world["env"])
+    assert run.rc == 0, run.err
+    (manifest,) = q.glob("manifest-*.json")
+    move = json.loads(manifest.read_text())["moves"][0]
+    src, dst = Path(move["from"]), Path(move["to"])
+    stamp = manifest.stem[len("manifest-"):]
+    dead = _dead_pid()
+    # what a killed undo leaves in the input folder, and a killed move in the quarantine
+    undo_part = src.parent / f".{src.name}.mapclip-dedup-{stamp}-{dead}.part"
+    move_part = dst.parent / f".{dst.name}.mapclip-dedup-{stamp}-{dead}.part"
+    alive = src.parent / f".{src.name}.mapclip-dedup-{stamp}-{os.getpid()}.part"   # still running
+    other = src.parent / f".{src.name}.mapclip-dedup-20000101T000000000000Z-{dead}.part"
+    for p in (undo_part, move_part, alive, other):
+        p.write_bytes(dst.read_bytes()[:100])
+    undo = _cli(["dedup", "--undo", manifest], tmp_path, world["env"])
+    assert undo.rc == 0, undo.err
+    assert not undo_part.exists() and not move_part.exists()
+    assert alive.exists() and other.exists()      # a live run's and another manifest's stay
+    assert f"removed {undo_part}" in undo.err and f"removed {move_part}" in undo.err
+    assert "Traceback" not in undo.err and src.is_file()
+    alive.unlink()
+    other.unlink()
+    # a killed move's copy in the quarantine: the next move into it removes it
+    again = _cli(["dedup", data, "--out", tmp_path / "r2.csv", "--move-to", q, "--no-cache"],
+                 tmp_path, world["env"])
+    assert again.rc == 0, again.err
+    move_part.write_bytes(b"partial")
+    third_data = tmp_path / "more"
+    _image(third_data / "c.png", 4)
+    _image(third_data / "d.png", 4)
+    third = _cli(["dedup", third_data, "--out", tmp_path / "r3.csv", "--move-to", q, "--no-cache"],
+                 tmp_path, world["env"])
+    assert third.rc == 0, third.err
+    assert not move_part.exists() and f"removed {move_part}" in third.err
+    assert not [p.name for p in tmp_path.rglob("*.part")]
