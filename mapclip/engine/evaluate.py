@@ -287,7 +287,7 @@ def read_count_data(path: str, images: Optional[str] = None) -> List[Tuple[str, 
         try:
             img, obj, n = str(r["image"]), str(r["object"]).strip(), _whole(r["count"])
         except (KeyError, ValueError, TypeError, OverflowError):
-            raise UsageError(f"{where} ({r!r:.80}) lacks image, object or a whole-number count",
+            raise UsageError(f"{where} ({r!r:.80}) lacks image, object or an integer count",
                              "columns: image,object,count") from None
         if not lo <= n <= hi:
             raise UsageError(f"{where} ({img}, {obj}) has count {n}: RemoteCount counts are "
