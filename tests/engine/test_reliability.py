@@ -638,11 +638,13 @@ def test_the_system_pyproj_finds_its_data_in_the_venv(tmp_path):
     assert not build.link_system_proj_data(venv)                # idempotent
 
 
-def test_resume_after_the_caption_file_changed_is_refused(tmp_path, one_torch_thread):
+def _interrupted_run(tmp_path: Path):
+    """A fine-tuning run of 2 epochs on four images, cancelled after its first:
+    (its options, the caption rows, the caption file)."""
     import threading
 
     from mapclip.engine import finetune as ft
-    from mapclip.engine.core.errors import Cancelled, UsageError
+    from mapclip.engine.core.errors import Cancelled
     data = tmp_path / "data"
     rows = ["image,caption"]
     for k, name in enumerate(("red", "green", "blue", "white")):
@@ -657,6 +659,13 @@ def test_resume_after_the_caption_file_changed_is_refused(tmp_path, one_torch_th
         ft.finetune(ft.FinetuneOptions(**o), cancel=cancel,
                     on_metrics=lambda r: cancel.set() if r["type"] == "eval" and r.get("epoch") == 1
                     else None)
+    return o, rows, captions
+
+
+def test_resume_after_the_caption_file_changed_is_refused(tmp_path, one_torch_thread):
+    from mapclip.engine import finetune as ft
+    from mapclip.engine.core.errors import UsageError
+    o, rows, captions = _interrupted_run(tmp_path)
     captions.write_text("\n".join(rows[:-1] + ["white.png,a black square"]) + "\n")
     state = _digest(tmp_path / "run")
     with pytest.raises(UsageError, match="changed since the run"):
@@ -1012,23 +1021,10 @@ def test_a_negative_prompt_equal_to_the_query_is_refused(world, tmp_path):
 
 
 def test_resume_after_the_training_images_were_replaced_is_refused(tmp_path, one_torch_thread):
-    import threading
-
     from mapclip.engine import finetune as ft
-    from mapclip.engine.core.errors import Cancelled, UsageError
-    data = tmp_path / "data"
-    rows = ["image,caption"]
-    for k, name in enumerate(("red", "green", "blue", "white")):
-        _image(data / f"{name}.png", k)
-        rows.append(f"{name}.png,a {name} square")
-    (data / "captions.csv").write_text("\n".join(rows) + "\n")
-    o = dict(model="test-tiny", data=str(data / "captions.csv"), out=str(tmp_path / "run"),
-             epochs=2, batch_size=2, val_split=0.0, workers=0, device="cpu")
-    cancel = threading.Event()
-    with pytest.raises(Cancelled):
-        ft.finetune(ft.FinetuneOptions(**o), cancel=cancel,
-                    on_metrics=lambda r: cancel.set() if r["type"] == "eval" and r.get("epoch") == 1
-                    else None)
+    from mapclip.engine.core.errors import UsageError
+    o, _, captions = _interrupted_run(tmp_path)
+    data = captions.parent
     original = (data / "blue.png").read_bytes()
     _image(data / "blue.png", 99)                       # another picture, same name and captions
     state = _digest(tmp_path / "run")
