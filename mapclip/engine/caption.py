@@ -10,10 +10,11 @@ ranked by cosine similarity with the place's image embedding; the ``top``
 best are returned with their cosine and their softmax share among the bank
 (the model's logit scale). A bank is read by :func:`read_caption_bank`:
 
-- a CSV / TSV / TXT: the caption columns of a caption file (a header with
-  ``caption*`` / ``text*`` / ``title*`` / ``sentence*`` / ``raw*`` columns, as
-  Box-to-Caption and fine-tuning files have), else one caption a line (the
-  first column);
+- a TXT: one caption a line, exactly as written (no quoting, no header);
+- a CSV / TSV: the caption columns of a caption file (a header of column
+  names such as ``caption``, ``caption_2``, ``text``, ``title``, ``sentence``,
+  ``raw``, as Box-to-Caption and fine-tuning files have), else the first
+  column of every row; a quote left open over a line break is refused;
 - a JSON / JSONL caption dataset: RSICD / UCM / RSITMD's
   ``{"images": [{"sentences": [{"raw": ...}]}]}`` or JSONL records
   (engine.data.captions reads them; images need not exist).
@@ -27,6 +28,7 @@ sampling (top-k / top-p), see :class:`engine.core.options.CaptionOptions`.
 from __future__ import annotations
 
 import csv
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +50,50 @@ TEXT_BATCH = 256
 # --------------------------------------------------------------------------- #
 # Banks.
 # --------------------------------------------------------------------------- #
+#: a header cell of a caption column: ``caption``, ``captions``, ``caption_2``, ``raw``, ...
+_CAPTION_HEADER = re.compile(r"^(caption|text|title|sentence|raw)s?[ _-]?\d*$")
+
+
+def _table_captions(p: Path, delimiter: str) -> List[str]:
+    """The caption cells of a CSV / TSV bank: the caption columns under a header
+    made of column names, else the first column of every row. A cell running over
+    a line break is a quote never closed, and refused with its line."""
+    from .data.captions import IMAGE_KEYS
+    rows = []
+    with open(p, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh, delimiter=delimiter, strict=True)
+        start = 1
+        fix = "close the quote on its line, or name the bank .txt (one caption a line, no quoting)"
+        try:
+            for r in reader:
+                if any("\n" in c or "\r" in c for c in r):
+                    raise UsageError(f"caption bank {p}, line {start}: a quote opened there is "
+                                     f"closed only on line {reader.line_num}, so the lines "
+                                     "between would be one caption", fix)
+                if any(c.strip() for c in r):
+                    rows.append(r)
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise UsageError(f"caption bank {p}, line {start}: a quote is left open or "
+                             f"misplaced ({exc})", fix) from None
+    if not rows:
+        return []
+    head = [c.strip().lower() for c in rows[0]]
+    cols = [i for i, h in enumerate(head) if _CAPTION_HEADER.match(h)]
+    if cols:
+        body = rows[1:]
+    elif len(head) >= 2 and any(k in head for k in IMAGE_KEYS):
+        raise UsageError(f"caption bank {p} has no caption column",
+                         "name the caption column 'caption' (or text, title)")
+    else:
+        cols, body = [0], rows
+    return [r[i] for r in body for i in cols if i < len(r)]
+
+
 def read_caption_bank(path: Union[str, Path]) -> List[str]:
     """The unique captions of a caption bank file (see the module doc); UsageError
     when the file is missing, unreadable or holds no caption."""
-    from .data.captions import CAPTION_PREFIXES, IMAGE_KEYS, read_captions
+    from .data.captions import read_captions
     p = Path(path).expanduser()
     if not p.is_file():
         raise UsageError(f"caption bank {p} does not exist", "check the --bank path")
@@ -62,22 +104,11 @@ def read_caption_bank(path: Union[str, Path]) -> List[str]:
             cs = read_captions(p, check_exists=False)
             for item in cs.items:
                 captions.extend(item.captions)
-        elif suffix in (".csv", ".tsv", ".txt"):
-            delimiter = "," if suffix == ".csv" else "\t"
-            with open(p, newline="", encoding="utf-8-sig") as fh:
-                rows = [r for r in csv.reader(fh, delimiter=delimiter) if any(c.strip() for c in r)]
-            if rows:
-                head = [c.strip().lower() for c in rows[0]]
-                cols = [i for i, h in enumerate(head) if h.startswith(CAPTION_PREFIXES)]
-                if cols:
-                    body = rows[1:]
-                elif len(head) >= 2 and any(k in head for k in IMAGE_KEYS):
-                    raise UsageError(f"caption bank {p} has no caption column",
-                                     "name the caption column 'caption' (or text, title)")
-                else:
-                    cols, body = [0], rows
-                for r in body:
-                    captions.extend(r[i] for i in cols if i < len(r))
+        elif suffix == ".txt":
+            # one caption a line, as written: no quoting, no header
+            captions.extend(p.read_text(encoding="utf-8-sig").splitlines())
+        elif suffix in (".csv", ".tsv"):
+            captions.extend(_table_captions(p, "," if suffix == ".csv" else "\t"))
         else:
             raise UsageError(f"unknown caption bank type {suffix or '(none)'} ({p})",
                              "use a .csv/.tsv/.txt (one caption a line, or a caption column) "
@@ -85,9 +116,6 @@ def read_caption_bank(path: Union[str, Path]) -> List[str]:
     except UnicodeDecodeError as exc:
         raise UsageError(f"caption bank {p} is not UTF-8 text ({exc.reason})",
                          "save it as UTF-8") from None
-    except csv.Error as exc:
-        raise UsageError(f"caption bank {p} is not readable CSV ({exc})",
-                         "check the file's quoting") from None
     except OSError as exc:
         raise UsageError(f"cannot read caption bank {p} ({exc.strerror or exc})",
                          "check the file and its permissions") from None

@@ -21,6 +21,7 @@ resized to the model's input, centre crop: engine.model.encode.encode_image_file
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -48,6 +49,64 @@ def _embed_images(lm, paths: Sequence[str], batch_size: int, progress=None):
 # --------------------------------------------------------------------------- #
 # Retrieval.
 # --------------------------------------------------------------------------- #
+RSICD_LAYOUT = 'the RSICD layout is {"images": [{"filename": "a.jpg", "split": "test", ' \
+               '"sentences": [{"raw": "a caption"}]}]}'
+
+
+def _read_text(p: Path) -> str:
+    """A data file's text; one error line when it is not UTF-8."""
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                         "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _csv_records(p: Path, delimiter: str = ",") -> Tuple[List[str], List[Dict[str, Any]]]:
+    """(header, rows as dicts) of a CSV with a header row."""
+    try:
+        reader = csv.DictReader(io.StringIO(_read_text(p), newline=""), delimiter=delimiter,
+                                strict=True)
+        rows = list(reader)
+    except csv.Error as exc:
+        raise UsageError(f"{p} is not readable CSV ({exc}, line {reader.line_num})",
+                         "check the file's quotes") from None
+    return list(reader.fieldnames or []), rows
+
+
+def _rsicd_rows(p: Path, split: Optional[str]) -> List[Tuple[str, str]]:
+    """(file name, caption) of each sentence of the images of ``split`` in an RSICD
+    JSON, its shape and types checked first: a record that is not what the layout
+    says is refused, named, never read as text ("None", or a string's letters)."""
+    try:
+        data = json.loads(_read_text(p))
+    except ValueError as exc:
+        raise UsageError(f"{p} is not valid JSON ({exc})", RSICD_LAYOUT) from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise UsageError(f"{p} has no 'images' list", RSICD_LAYOUT)
+    rows = []
+    for n, e in enumerate(data["images"]):
+        where = f"{p.name}: images[{n}]"
+        if not isinstance(e, dict):
+            raise UsageError(f"{where} is {type(e).__name__} {e!r:.40}, not an object", RSICD_LAYOUT)
+        name, sentences = e.get("filename"), e.get("sentences")
+        if not isinstance(name, str) or not name.strip():
+            raise UsageError(f"{where} has no filename", RSICD_LAYOUT)
+        if not isinstance(sentences, list):
+            raise UsageError(f"{where} ({name}): 'sentences' is "
+                             f"{type(sentences).__name__}, not a list", RSICD_LAYOUT)
+        if split and e.get("split") != split:
+            continue
+        for k, sent in enumerate(sentences):
+            text = sent.get("raw") if isinstance(sent, dict) else sent
+            if not isinstance(text, str):
+                raise UsageError(f"{where}.sentences[{k}] ({name}) is {type(text).__name__}, "
+                                 "not a caption text", RSICD_LAYOUT)
+            if text.strip():
+                rows.append((name, text.strip()))
+    return rows
+
+
 def read_retrieval_data(path: str, images: Optional[str] = None,
                         split: Optional[str] = "test") -> Tuple[List[str], List[str], List[int]]:
     """(image paths, captions, owner image index per caption) from a caption JSON or CSV.
@@ -65,34 +124,22 @@ def read_retrieval_data(path: str, images: Optional[str] = None,
     root = Path(images) if images else p.parent
     rows: List[Tuple[str, str]] = []
     if p.suffix.lower() == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-            entries = data["images"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"{p} is not a caption JSON ({exc})",
-                             'expected {"images": [{"filename", "split", "sentences": [{"raw"}]}]}') from None
-        for e in entries:
-            if split and e.get("split") != split:
-                continue
-            for sent in e.get("sentences", []):
-                text = sent.get("raw") if isinstance(sent, dict) else str(sent)
-                if text and str(text).strip():
-                    rows.append((str(e["filename"]), str(text).strip()))
+        rows = _rsicd_rows(p, split)
         if not images:
             for sub in ("", "images", "imgs", "RSICD_images"):
                 if rows and (p.parent / sub / rows[0][0]).is_file():
                     root = p.parent / sub
                     break
     elif p.suffix.lower() in (".csv", ".tsv"):
-        with open(p, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if p.suffix.lower() == ".tsv" else ",")
-            fields = {f.lower(): f for f in reader.fieldnames or []}
-            img_col = next((fields[c] for c in ("filepath", "image", "filename", "path") if c in fields), None)
-            cap_col = next((fields[c] for c in ("caption", "title", "text", "raw") if c in fields), None)
-            if not img_col or not cap_col:
-                raise UsageError(f"{p} has no image and caption columns",
-                                 "name them e.g. filepath,caption (a header row)")
-            rows = [(r[img_col], r[cap_col].strip()) for r in reader if r[img_col] and (r[cap_col] or "").strip()]
+        header, reader = _csv_records(p, "\t" if p.suffix.lower() == ".tsv" else ",")
+        fields = {f.lower(): f for f in header}
+        img_col = next((fields[c] for c in ("filepath", "image", "filename", "path") if c in fields), None)
+        cap_col = next((fields[c] for c in ("caption", "title", "text", "raw") if c in fields), None)
+        if not img_col or not cap_col:
+            raise UsageError(f"{p} has no image and caption columns",
+                             "name them e.g. filepath,caption (a header row)")
+        rows = [(r[img_col], r[cap_col].strip()) for r in reader
+                if r[img_col] and (r[cap_col] or "").strip()]
     else:
         raise UsageError(f"cannot read retrieval data {p}", "give a .json caption file or a .csv")
     if not rows:
@@ -205,6 +252,16 @@ def eval_classify(model, folder: str, classes: Optional[str] = None, templates=N
 # --------------------------------------------------------------------------- #
 # RemoteCount.
 # --------------------------------------------------------------------------- #
+def _whole(value: Any) -> int:
+    """A count as written: 3, "3" or 3.0; not 2.7, "2.7", true or null."""
+    if isinstance(value, bool) or value is None:
+        raise TypeError(value)
+    f = float(value)
+    if f != int(f):
+        raise ValueError(value)
+    return int(f)
+
+
 def read_count_data(path: str, images: Optional[str] = None) -> List[Tuple[str, str, int]]:
     """(image path, object name, count) rows from a CSV with ``image,object,count`` columns
     (or a JSON list of such objects); paths relative to ``images`` or the file's folder."""
@@ -214,19 +271,28 @@ def read_count_data(path: str, images: Optional[str] = None) -> List[Tuple[str, 
     root = Path(images) if images else p.parent
     if p.suffix.lower() == ".json":
         try:
-            raw = json.loads(p.read_text(encoding="utf-8"))
+            raw = json.loads(_read_text(p))
         except ValueError as exc:
             raise UsageError(f"{p} is not JSON ({exc})", "a list of {image, object, count} objects") from None
+        if not isinstance(raw, list):
+            raise UsageError(f"{p} is a JSON {type(raw).__name__}, not a list of rows",
+                             "a list of {image, object, count} objects")
     else:
-        with open(p, newline="", encoding="utf-8") as fh:
-            raw = list(csv.DictReader(fh))
+        raw = _csv_records(p)[1]
+    from .count import COUNT_RANGE
     rows = []
-    for r in raw:
+    lo, hi = COUNT_RANGE[0], COUNT_RANGE[-1]
+    for k, r in enumerate(raw, start=1 if p.suffix.lower() == ".json" else 2):
+        where = f"{p.name}: {'row' if p.suffix.lower() == '.json' else 'line'} {k}"
         try:
-            img, obj, n = str(r["image"]), str(r["object"]).strip(), int(r["count"])
-        except (KeyError, ValueError, TypeError):
-            raise UsageError(f"{p}: row {r} lacks image, object or an integer count",
+            img, obj, n = str(r["image"]), str(r["object"]).strip(), _whole(r["count"])
+        except (KeyError, ValueError, TypeError, OverflowError):
+            raise UsageError(f"{where} ({r!r:.80}) lacks image, object or an integer count",
                              "columns: image,object,count") from None
+        if not lo <= n <= hi:
+            raise UsageError(f"{where} ({img}, {obj}) has count {n}: RemoteCount counts are "
+                             f"{lo} to {hi}", f"fix that row, or remove it (the model "
+                             f"chooses among {lo}..{hi} objects)")
         full = root / img if not Path(img).is_absolute() else Path(img)
         if not full.is_file():
             raise UsageError(f"image {full} does not exist", "give the image folder with --images")

@@ -527,11 +527,31 @@ def evaluate_model(lm: LoadedModel, data: Union[str, Sequence[str]], image_root:
 # --------------------------------------------------------------------------- #
 # The run folder: identity, refusal rules, atomic writes, training state.
 # --------------------------------------------------------------------------- #
+def _images_digest(o: FinetuneOptions, data: List[str]) -> Dict[str, Optional[str]]:
+    """Each training image's size and SHA-256 (its first 16 hex digits), by path: a
+    run resumed after its images were replaced, its captions unchanged, would
+    train on other data. The bytes are hashed, not the modification time, so a
+    copied data set (new times, same bytes) still resumes."""
+    from .data.captions import file_digest
+    try:
+        cs = read_captions(data, image_root=o.image_root, strict=False, check_exists=False)
+    except UsageError:
+        return {}                     # the caption file itself is refused where it is read
+    out: Dict[str, Optional[str]] = {}
+    for item in cs.items:
+        try:
+            out[item.path] = f"{os.path.getsize(item.path)}:{file_digest(item.path)[:16]}"
+        except OSError:
+            out[item.path] = None
+    return out
+
+
 def _fingerprint(o: FinetuneOptions, data: List[str]) -> Dict[str, Any]:
     fp = {k: getattr(o, k) for k in FINGERPRINT_FIELDS}
     fp["data"] = data
     from .data.captions import caption_files_digest
     fp["data_sha256"] = caption_files_digest(data)   # a changed caption file is another run
+    fp["images"] = _images_digest(o, data)           # and so is a replaced image
     fp["crop_scale"] = list(o.crop_scale)
     fp["image_root"] = str(Path(o.image_root).expanduser().resolve()) if o.image_root else None
     return fp
@@ -581,7 +601,7 @@ def _check_run_dir(run_dir: Path, fingerprint: Dict[str, Any], resume: bool) -> 
             raise UsageError(f"{run_dir} holds no run to resume", "drop --resume to start a new run there")
         diffs = [f"{k}: {run['fingerprint'].get(k)!r} -> {fingerprint.get(k)!r}"
                  for k in fingerprint if run["fingerprint"].get(k) != fingerprint.get(k)
-                 and k != "data_sha256"]
+                 and k not in ("data_sha256", "images")]
         old_sha = run["fingerprint"].get("data_sha256")
         if old_sha is not None and old_sha != fingerprint.get("data_sha256"):
             changed = [d for d, a, b in zip(fingerprint["data"], old_sha,
@@ -590,6 +610,15 @@ def _check_run_dir(run_dir: Path, fingerprint: Dict[str, Any], resume: bool) -> 
                              f"run in {run_dir} started: resuming would train on other data",
                              "restore the caption file as it was, or start a new run with "
                              "another --out")
+        old_images, images = run["fingerprint"].get("images"), fingerprint.get("images") or {}
+        if old_images is not None and old_images != images:
+            changed = sorted(k for k in set(old_images) | set(images)
+                             if old_images.get(k) != images.get(k))
+            raise UsageError(f"{len(changed)} training image(s) changed since the run in {run_dir} "
+                             f"started ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}"
+                             "): resuming would train on other data",
+                             "restore the images as they were, or start a new run with another "
+                             "--out")
         if diffs:
             raise UsageError(f"{run_dir} holds a run with other settings ({'; '.join(diffs)})",
                              "resume with the settings of that run, or choose a new --out")

@@ -170,6 +170,29 @@ def world(tmp_path_factory):
     _image(tmp / "in" / "s2" / "b.png", 9)
     os.symlink("s2", tmp / "in" / "s2link")
     (tmp / "in" / "random.pt").write_bytes(np.random.default_rng(4).bytes(4096))
+    # records that would be read silently wrong: ids shared, a quote left open, a null
+    # sentence, a sentence as a string, a Latin-1 CSV, counts outside RemoteCount's 1..10
+    two = {"images": [{"id": 1, "file_name": "a.png", "width": 48, "height": 48},
+                      {"id": 1, "file_name": "b.png", "width": 48, "height": 48}],
+           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}],
+           "categories": [{"id": 1, "name": "ship"}]}
+    (ann / "same_image_id.json").write_text(json.dumps(two))
+    two["images"].pop()
+    two["categories"].append({"id": 1, "name": "tank"})
+    (ann / "same_category_id.json").write_text(json.dumps(two))
+    (tmp / "in" / "open_quote.csv").write_text('ships in a harbour\n"oil tanks by a road\n'
+                                               'a river\nbare land\n')
+    ev = tmp / "in" / "eval"
+    _image(ev / "a.png", 1)
+    for name, images in (("ints", [1, 2, 3]), ("no_filename", [{"sentences": [{"raw": "x"}]}]),
+                         ("null_sentence", [{"filename": "a.png", "split": "test",
+                                             "sentences": [{"raw": None}]}]),
+                         ("string_sentences", [{"filename": "a.png", "split": "test",
+                                                "sentences": "a ship"}])):
+        (ev / f"{name}.json").write_text(json.dumps({"images": images}))
+    (ev / "latin1.csv").write_bytes("filepath,caption\na.png,un caf\xe9\n".encode("latin-1"))
+    for n in (0, 57, -3):
+        (ev / f"count{n}.csv").write_text(f"image,object,count\na.png,car,3\na.png,car,{n}\n")
     w["ro"] = _readonly_dir(tmp)
     w["digest"] = _digest(tmp / "in")
     return w
@@ -274,6 +297,37 @@ CASES = [
     ("random_bytes_checkpoint", ["detect", "{in}/scene.tif", "--prompt", "x", "--model",
                                  "mapclip-tiny:{in}/random.pt", "--out", "{out}/b.gpkg"], 2,
      ["is not a checkpoint"]),
+    ("background_is_the_prompt", ["detect", "{in}/scene.tif", "--prompt", "tanks", "--model",
+                                  "{model}", "--out", "{out}/b.gpkg", "--background", " Tanks "], 2,
+     ["--background", "'Tanks'", "is also a prompt"]),
+    ("coco_images_share_an_id", ["convert", "b2c", "--annotations", "{in}/ann/same_image_id.json",
+                                 "--format", "coco", "--out", "{out}/c.csv"], 2,
+     ["two images share id 1", "a.png", "b.png"]),
+    ("coco_categories_share_an_id", ["convert", "b2c", "--annotations",
+                                     "{in}/ann/same_category_id.json", "--format", "coco",
+                                     "--out", "{out}/c.csv"], 2,
+     ["two categories share id 1", "ship", "tank"]),
+    ("caption_bank_open_quote", ["caption", "{in}/scene.tif", "--model", "{model}", "--bank",
+                                 "{in}/open_quote.csv"], 2, ["line 2", "quote"]),
+    ("eval_images_not_objects", ["eval", "retrieval", "{in}/eval/ints.json", "--model", "{model}"],
+     2, ["images[0] is int 1"]),
+    ("eval_image_without_filename", ["eval", "retrieval", "{in}/eval/no_filename.json", "--model",
+                                     "{model}"], 2, ["images[0] has no filename"]),
+    ("eval_null_sentence", ["eval", "retrieval", "{in}/eval/null_sentence.json", "--model",
+                            "{model}"], 2, ["sentences[0]", "NoneType", "not a caption"]),
+    ("eval_sentences_a_string", ["eval", "retrieval", "{in}/eval/string_sentences.json",
+                                 "--model", "{model}"], 2, ["'sentences' is str, not a list"]),
+    ("eval_latin1_csv", ["eval", "retrieval", "{in}/eval/latin1.csv", "--model", "{model}"], 2,
+     ["not UTF-8"]),
+    ("eval_count_0", ["eval", "count", "{in}/eval/count0.csv", "--model", "{model}"], 2,
+     ["line 3", "count 0", "1 to 10"]),
+    ("eval_count_57", ["eval", "count", "{in}/eval/count57.csv", "--model", "{model}"], 2,
+     ["line 3", "count 57"]),
+    ("eval_count_negative", ["eval", "count", "{in}/eval/count-3.csv", "--model", "{model}"], 2,
+     ["line 3", "count -3"]),
+    ("huge_dense_input", ["detect", "{in}/scene.tif", "--prompt", "x", "--model", "{model}",
+                          "--out", "{out}/b.gpkg", "--mode", "dense", "--dense-input", "8192"], 2,
+     ["--dense-input 8192 px", "GB for each tile"]),
     ("dedup_against_itself", ["dedup", "{in}/s2", "--against", "{in}/s2link", "--out",
                               "{out}/r.csv", "--no-cache"], 2, ["overlaps"]),
 ]
@@ -584,11 +638,13 @@ def test_the_system_pyproj_finds_its_data_in_the_venv(tmp_path):
     assert not build.link_system_proj_data(venv)                # idempotent
 
 
-def test_resume_after_the_caption_file_changed_is_refused(tmp_path, one_torch_thread):
+def _interrupted_run(tmp_path: Path):
+    """A fine-tuning run of 2 epochs on four images, cancelled after its first:
+    (its options, the caption rows, the caption file)."""
     import threading
 
     from mapclip.engine import finetune as ft
-    from mapclip.engine.core.errors import Cancelled, UsageError
+    from mapclip.engine.core.errors import Cancelled
     data = tmp_path / "data"
     rows = ["image,caption"]
     for k, name in enumerate(("red", "green", "blue", "white")):
@@ -603,6 +659,13 @@ def test_resume_after_the_caption_file_changed_is_refused(tmp_path, one_torch_th
         ft.finetune(ft.FinetuneOptions(**o), cancel=cancel,
                     on_metrics=lambda r: cancel.set() if r["type"] == "eval" and r.get("epoch") == 1
                     else None)
+    return o, rows, captions
+
+
+def test_resume_after_the_caption_file_changed_is_refused(tmp_path, one_torch_thread):
+    from mapclip.engine import finetune as ft
+    from mapclip.engine.core.errors import UsageError
+    o, rows, captions = _interrupted_run(tmp_path)
     captions.write_text("\n".join(rows[:-1] + ["white.png,a black square"]) + "\n")
     state = _digest(tmp_path / "run")
     with pytest.raises(UsageError, match="changed since the run"):
@@ -932,3 +995,208 @@ def test_a_file_name_that_is_not_utf8_is_an_error_line(world, tmp_path):
     except UnicodeEncodeError as exc:
         err = from_foreign(exc)
     assert err is not None and err.message == "the file name '/data/bad\\xff.png' is not valid UTF-8"
+
+
+# ------------------------------------------------------ silent wrong results --
+def test_a_txt_caption_bank_is_one_caption_a_line_as_written(tmp_path):
+    from mapclip.engine.caption import read_caption_bank
+    lines = ['"oil tanks beside a road', "Raw land by a river", "caption", "ships, in a harbour"]
+    (tmp_path / "bank.txt").write_text("\n".join(lines) + "\n")
+    assert read_caption_bank(tmp_path / "bank.txt") == lines
+    # a CSV bank still knows a header of column names, and only that
+    (tmp_path / "bank.csv").write_text("Raw land by a river\nships in a harbour\n")
+    assert read_caption_bank(tmp_path / "bank.csv") == ["Raw land by a river", "ships in a harbour"]
+    (tmp_path / "named.csv").write_text("image,caption_1\na.png,ships in a harbour\n")
+    assert read_caption_bank(tmp_path / "named.csv") == ["ships in a harbour"]
+
+
+def test_a_negative_prompt_equal_to_the_query_is_refused(world, tmp_path):
+    idx = tmp_path / "idx"
+    built = _cli(["index", world["raster"], "--model", world["model"], "--out", idx, "--tile", "32",
+                  "--no-footprints"], tmp_path, world["env"])
+    assert built.rc == 0, built.err
+    run = _cli(["search", idx, "--text", "oil tanks", "--negative", " Oil  Tanks", "--model",
+                world["model"]], tmp_path, world["env"])
+    run.refused(2, "'Oil Tanks'", "query text itself")
+
+
+def test_resume_after_the_training_images_were_replaced_is_refused(tmp_path, one_torch_thread):
+    from mapclip.engine import finetune as ft
+    from mapclip.engine.core.errors import UsageError
+    o, _, captions = _interrupted_run(tmp_path)
+    data = captions.parent
+    original = (data / "blue.png").read_bytes()
+    _image(data / "blue.png", 99)                       # another picture, same name and captions
+    state = _digest(tmp_path / "run")
+    with pytest.raises(UsageError, match=r"1 training image\(s\) changed .*blue\.png"):
+        ft.finetune(ft.FinetuneOptions(**o, resume=True))
+    assert _digest(tmp_path / "run") == state
+    (data / "blue.png").write_bytes(original)           # restored (a new mtime): the run resumes
+    assert ft.finetune(ft.FinetuneOptions(**o, resume=True)).resumed_from_epoch == 1
+
+
+#: the CLI with IVF-PQ from 3000 rows (not 10^6), as tests/engine/test_ann.py sets it
+SMALL_IVF = """
+import sys
+from mapclip.engine.archive import ann, approx
+ann.IVF_MIN_ROWS, ann.IVF_MIN_LISTS, ann.IVF_MIN_PROBE, ann.IVF_MIN_CANDIDATES = 3000, 16, 4, 200
+approx.APPROX_MIN_ROWS = 1000
+from mapclip.engine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _small_ivf(args, cwd: Path, env: dict) -> Run:
+    p = subprocess.run([sys.executable, "-c", SMALL_IVF, *map(str, args)], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=240)
+    return Run(p.returncode, p.stdout, p.stderr)
+
+
+def _unit_blocks(seed: int, sizes):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in sizes:
+        x = rng.standard_normal((n, 32)).astype(np.float32)
+        out.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    return out
+
+
+def test_caches_and_shards_are_tied_to_their_index(tmp_path):
+    """A search cache copied from another index of as many rows (under this index's
+    cache name) is rebuilt, not used; two shards whose files were swapped are a
+    damaged index, refused with a fix, not hits on the wrong raster."""
+    from mapclip.engine.archive.store import index_folder_from_blocks, open_index
+    env = _env(tmp_path)
+    a = index_folder_from_blocks(tmp_path / "a", _unit_blocks(1, [1500, 1500]), 32)
+    b = index_folder_from_blocks(tmp_path / "b", _unit_blocks(2, [1500, 1500]), 32)
+    assert open_index(a).content_id != open_index(b).content_id
+    like = ["--like", f"{224 * 2000 + 100},-100", "--top-k", "3", "--json"]    # row 2000's tile
+    run = _small_ivf(["search", a, *like], tmp_path, env)
+    assert run.rc == 0, run.err
+    (cache_a,) = a.glob("ann-*.faiss")
+    mine = b / f"ann-{open_index(b).content_id}.faiss"
+    mine.write_bytes(cache_a.read_bytes())              # A's cache, named as B's
+    run = _small_ivf(["search", b, *like], tmp_path, env)
+    assert run.rc == 0, run.err
+    out = json.loads(run.out)
+    assert out["method"] == "approx" and out["hits"][0]["row"] == 2000, out["hits"]
+    assert mine.read_bytes() != cache_a.read_bytes()     # rebuilt for B
+    # the flat PQ cache (1000 to 3000 rows) is checked the same way
+    c = index_folder_from_blocks(tmp_path / "c", _unit_blocks(3, [1200]), 32)
+    d = index_folder_from_blocks(tmp_path / "d", _unit_blocks(4, [1200]), 32)
+    near = ["--like", f"{224 * 700 + 100},-100", "--top-k", "3", "--json"]
+    assert _small_ivf(["search", c, *near], tmp_path, env).rc == 0
+    (cache_c,) = c.glob("approx-*.faiss")
+    (d / f"approx-{open_index(d).content_id}.faiss").write_bytes(cache_c.read_bytes())
+    run = _small_ivf(["search", d, *near], tmp_path, env)
+    assert run.rc == 0 and json.loads(run.out)["hits"][0]["row"] == 700, run.err
+    # two shards of as many rows, their files swapped: refused, whichever search runs
+    shards = b / "shards"
+    for kind in ("emb", "tiles"):
+        one, two = shards / f"000001.{kind}.npy", shards / f"000002.{kind}.npy"
+        tmp = shards / "swap"
+        one.rename(tmp)
+        two.rename(one)
+        tmp.rename(two)
+    before = _digest(b)
+    for method in ("approx", "exact"):
+        run = _small_ivf(["search", b, *like, "--method", method], tmp_path, env)
+        run.refused(1, "is damaged", "shard 1")
+    assert _digest(b) == before
+
+
+# ------------------------------------------------------------ Ctrl-C, quietly --
+CTRL_C = """
+import signal, sys
+# Ctrl-C as in a terminal, even when the suite itself was started in the background
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from mapclip.engine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _children(pid: int):
+    out = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out.extend(int(c) for c in fh.read().split())
+    except OSError:
+        pass
+    return out + [g for c in out for g in _children(c)]
+
+
+def test_ctrl_c_with_reader_processes_is_one_line(world, tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the reader processes
+    ignore it (the command stops them), so stderr holds one line, no traceback."""
+    big = make_raster(tmp_path / "big.tif", width=2048, height=2048,
+                      data=noise(3, 2048, 2048, seed=5))                  # 16384 tiles of 16 px
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C, "index", big, "--model", world["model"],
+                          "--out", tmp_path / "idx", "--tile", "16", "--read-workers", "2",
+                          "--no-footprints"], cwd=tmp_path, env=world["env"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(_children(p.pid)) < 3 and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)                  # the fork server and its two readers
+    assert p.poll() is None, p.communicate()
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode != 0 and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert len([ln for ln in lines if ln.startswith("error:")]) <= 1, err
+    assert any("interrupt" in ln or "cancel" in ln for ln in lines), (p.returncode, out, err)
+
+
+# ----------------------------------------------------------------- residue --
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_partial_copies_of_a_killed_move_or_undo_are_removed_by_the_next_run(world, tmp_path):
+    """A kill -9 during a cross-filesystem copy leaves its .part file (one beside an
+    image in the input folder when it was an undo): the next undo of that manifest,
+    or the next move into that quarantine, removes it and says so; another's stays."""
+    data = tmp_path / "data"
+    _image(data / "a.png", 3)
+    _image(data / "b.png", 3)                                 # a duplicate of a.png
+    q = tmp_path / "q"
+    run = _cli(["dedup", data, "--out", tmp_path / "r.csv", "--move-to", q, "--no-cache"],
+               tmp_path, world["env"])
+    assert run.rc == 0, run.err
+    (manifest,) = q.glob("manifest-*.json")
+    move = json.loads(manifest.read_text())["moves"][0]
+    src, dst = Path(move["from"]), Path(move["to"])
+    stamp = manifest.stem[len("manifest-"):]
+    dead = _dead_pid()
+    # what a killed undo leaves in the input folder, and a killed move in the quarantine
+    undo_part = src.parent / f".{src.name}.mapclip-dedup-{stamp}-{dead}.part"
+    move_part = dst.parent / f".{dst.name}.mapclip-dedup-{stamp}-{dead}.part"
+    alive = src.parent / f".{src.name}.mapclip-dedup-{stamp}-{os.getpid()}.part"   # still running
+    other = src.parent / f".{src.name}.mapclip-dedup-20000101T000000000000Z-{dead}.part"
+    for p in (undo_part, move_part, alive, other):
+        p.write_bytes(dst.read_bytes()[:100])
+    undo = _cli(["dedup", "--undo", manifest], tmp_path, world["env"])
+    assert undo.rc == 0, undo.err
+    assert not undo_part.exists() and not move_part.exists()
+    assert alive.exists() and other.exists()      # a live run's and another manifest's stay
+    assert f"removed {undo_part}" in undo.err and f"removed {move_part}" in undo.err
+    assert "Traceback" not in undo.err and src.is_file()
+    alive.unlink()
+    other.unlink()
+    # a killed move's copy in the quarantine: the next move into it removes it
+    again = _cli(["dedup", data, "--out", tmp_path / "r2.csv", "--move-to", q, "--no-cache"],
+                 tmp_path, world["env"])
+    assert again.rc == 0, again.err
+    move_part.write_bytes(b"partial")
+    third_data = tmp_path / "more"
+    _image(third_data / "c.png", 4)
+    _image(third_data / "d.png", 4)
+    third = _cli(["dedup", third_data, "--out", tmp_path / "r3.csv", "--move-to", q, "--no-cache"],
+                 tmp_path, world["env"])
+    assert third.rc == 0, third.err
+    assert not move_part.exists() and f"removed {move_part}" in third.err
+    assert not [p.name for p in tmp_path.rglob("*.part")]

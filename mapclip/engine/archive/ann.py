@@ -106,7 +106,7 @@ class ShardStore:
             return self.index._emb, self.index._tiles
         got = self._maps.get(i)
         if got is None:
-            from .store import TILE_DTYPE, damaged
+            from .store import TILE_DTYPE, damaged, verify_shard
             s = self.index.manifest["shards"][i]
             n = int(s["rows"])
             try:
@@ -118,6 +118,7 @@ class ShardStore:
                     tiles.shape != (n,) or tiles.dtype != TILE_DTYPE:
                 raise damaged(self.index.path, f"shard {s['id']} does not hold the {n} rows "
                                                 "its manifest entry says")
+            verify_shard(self.index.path, s, emb, tiles)
             got = self._maps[i] = (emb, tiles)
         return got
 
@@ -196,6 +197,18 @@ def build_ivf(store: ShardStore, seed: int = 0, progress=None):
     return index
 
 
+def serves(index, fi, candidates: int) -> bool:
+    """Whether the cached faiss index ``fi`` indexes ``index``'s rows: its first,
+    middle and last rows, searched with their own stored vectors, are each among
+    their own candidates. A cache built from another index (even one with as
+    many rows, under this index's name) fails and is rebuilt."""
+    n = int(index.rows)
+    rows = np.array(sorted({0, n // 2, n - 1}), np.int64)
+    _, cand = fi.search(np.ascontiguousarray(index.vectors(rows), dtype=np.float32),
+                        int(min(n, candidates)))
+    return all(r in c for r, c in zip(rows.tolist(), cand.tolist()))
+
+
 def cache_path(index) -> Optional[Path]:
     return None if index.path is None else index.path / f"{CACHE_PREFIX}{index.content_id}.faiss"
 
@@ -211,7 +224,8 @@ def load_or_build(index, progress=None):
             fi = faiss.read_index(str(path))
             if fi.ntotal == index.rows and fi.d == index.embed_dim:
                 faiss.extract_index_ivf(fi).nprobe = ivf_probe(int(faiss.extract_index_ivf(fi).nlist))
-                return fi
+                if serves(index, fi, ivf_candidates(1, index.rows)):
+                    return fi
         except RuntimeError:
             pass
     fi = build_ivf(index.store(), progress=progress)

@@ -79,7 +79,8 @@ def approx_path(index: Index) -> Path:
 def load_or_build_approx(index: Index):
     """Read the cached faiss index for the index's content, or build and cache it.
 
-    Stale caches (other content) are removed. A read-only index folder still
+    Stale caches (other content) are removed; a cache that does not find the
+    index's own rows (:func:`engine.archive.ann.serves`) is rebuilt. A read-only index folder still
     works: the faiss index is then built in memory for this session only.
     """
     import faiss
@@ -89,7 +90,9 @@ def load_or_build_approx(index: Index):
     if path.is_file():
         try:
             fi = faiss.read_index(str(path))
-            if fi.ntotal == index.rows and fi.d == index.embed_dim:
+            from .ann import serves
+            if fi.ntotal == index.rows and fi.d == index.embed_dim and \
+                    serves(index, fi, approx_candidates(1, index.rows)):
                 return fi
         except RuntimeError:
             pass

@@ -42,6 +42,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -56,7 +57,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..core.errors import UsageError
-from ..core.jobs import (TEMP_TAG, CancelFlag, Job, ProgressFn, atomic_path, check_outputs, is_inside, same_file)
+from ..core.jobs import (TEMP_TAG, CancelFlag, _pid_alive, Job, ProgressFn, atomic_path, check_outputs, is_inside, same_file)
 
 PathLike = Union[str, os.PathLike]
 
@@ -641,9 +642,47 @@ class MoveResult:
     manifest: str
     moved: int
     skipped: List[str] = field(default_factory=list)   # entries not acted on, with reason
+    #: partial copies an interrupted run left (its process gone), removed by this one
+    removed_partial: List[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _partial_name(dst: Path, run: str) -> Path:
+    """The temporary name of a cross-filesystem copy to ``dst`` by run ``run`` (the
+    manifest's id): recognisable as this run's, so a later run can remove it."""
+    return dst.with_name(f".{dst.name}.{TEMP_TAG}dedup-{run}-{os.getpid()}.part")
+
+
+def remove_stale_partials(manifest: PathLike) -> List[str]:
+    """Remove the partial copies (``.part`` files beside a move's source or target)
+    that a killed run of ``manifest`` left, whose process is gone; the paths removed.
+    A ``kill -9`` cannot remove its own; this is how they do not stay forever."""
+    mpath = Path(manifest)
+    run = mpath.stem[len("manifest-"):]
+    try:
+        moves = json.loads(mpath.read_text(encoding="utf-8"))["moves"]
+        names = [(Path(str(m["from"])), Path(str(m["to"]))) for m in moves]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    pattern = re.compile(rf"^\.(.+)\.{re.escape(TEMP_TAG)}dedup-{re.escape(run)}-(\d+)\.part$")
+    wanted: Dict[Path, set] = defaultdict(set)
+    for a, b in names:
+        for f in (a, b):
+            wanted[f.parent].add(f.name)
+    removed = []
+    for folder, files in wanted.items():
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue
+        for name in entries:
+            m = pattern.match(name)
+            if m and m.group(1) in files and not _pid_alive(int(m.group(2))):
+                (folder / name).unlink(missing_ok=True)
+                removed.append(str(folder / name))
+    return removed
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -690,12 +729,14 @@ def _matches(path: PathLike, size: Optional[int], sha: Optional[str]) -> bool:
 
 
 def safe_move(src: PathLike, dst: PathLike, size: Optional[int] = None,
-              sha: Optional[str] = None) -> None:
+              sha: Optional[str] = None, run: str = "") -> None:
     """Move one file without ever losing it. On one filesystem: a rename (atomic).
     Across filesystems: copy to a temporary name beside ``dst``, flush, verify
     size and SHA-256 against ``size``/``sha`` (the manifest's record), rename
     into place, and only then delete ``src``. A kill at any point leaves the
-    original in place or a verified copy, never only a truncated one."""
+    original in place or a verified copy, never only a truncated one; the
+    temporary copy is named with ``run`` (the manifest's id), so that the next
+    run of that manifest removes it (:func:`remove_stale_partials`)."""
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -704,7 +745,7 @@ def safe_move(src: PathLike, dst: PathLike, size: Optional[int] = None,
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    tmp = dst.with_name(f".{dst.name}.{TEMP_TAG}{os.getpid()}-copy.part")
+    tmp = _partial_name(dst, run or "0")
     try:
         with open(src, "rb") as fi, open(tmp, "wb") as fo:
             shutil.copyfileobj(fi, fo, 1 << 20)
@@ -749,6 +790,7 @@ def move_duplicates(result: DedupResult, quarantine: PathLike,
             raise UsageError(f"{m['to']} already exists in the quarantine",
                              "choose an empty quarantine folder, or undo the last move first")
     q.mkdir(parents=True, exist_ok=True)
+    removed = [p for old in sorted(q.glob("manifest-*.json")) for p in remove_stale_partials(old)]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     manifest = q / f"manifest-{stamp}.json"
     _write_manifest(manifest, {"version": MANIFEST_VERSION, "created": stamp,
@@ -760,12 +802,12 @@ def move_duplicates(result: DedupResult, quarantine: PathLike,
     for start in range(0, len(moves), BATCH):
         for m in moves[start:start + BATCH]:
             if os.path.islink(m["from"]):
-                safe_move(m["from"], m["to"])
+                safe_move(m["from"], m["to"], run=stamp)
             else:
-                safe_move(m["from"], m["to"], m["size"], m["sha256"])
+                safe_move(m["from"], m["to"], m["size"], m["sha256"], run=stamp)
             moved += 1
         job.step(len(moves[start:start + BATCH]))  # a cancel leaves a consistent manifest
-    return MoveResult(manifest=str(manifest), moved=moved)
+    return MoveResult(manifest=str(manifest), moved=moved, removed_partial=removed)
 
 
 def undo_move(manifest: PathLike, progress: Optional[ProgressFn] = None,
@@ -809,6 +851,8 @@ def undo_move(manifest: PathLike, progress: Optional[ProgressFn] = None,
             skipped.append(f"{src}: already in place")
         else:
             skipped.append(f"{src}: missing from the quarantine ({dst})")
+    removed = remove_stale_partials(mpath)
+    run = mpath.stem[len("manifest-"):]
     job = Job(progress, cancel, total=len(todo))
     job.set_total(len(todo))
     for dst in leftovers:
@@ -818,9 +862,9 @@ def undo_move(manifest: PathLike, progress: Optional[ProgressFn] = None,
     for start in range(0, len(todo), BATCH):
         for src, dst, size, sha, is_link in todo[start:start + BATCH]:
             if is_link:
-                safe_move(dst, src)
+                safe_move(dst, src, run=run)
             else:
-                safe_move(dst, src, size, sha)
+                safe_move(dst, src, size, sha, run=run)
             created.add(Path(dst).parent)
             moved += 1
         job.step(len(todo[start:start + BATCH]))
@@ -835,4 +879,4 @@ def undo_move(manifest: PathLike, progress: Optional[ProgressFn] = None,
             p = p.parent
     data["undone"] = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     _write_manifest(mpath, data)
-    return MoveResult(manifest=str(mpath), moved=moved, skipped=skipped)
+    return MoveResult(manifest=str(mpath), moved=moved, skipped=skipped, removed_partial=removed)

@@ -327,12 +327,14 @@ def _run(ray, writer, chunks: Sequence[Chunk], entries, lm, layout, options, job
 
 def _commit(writer, chunk: Chunk, res: Dict[str, Any], entries, job, info) -> None:
     """Record a finished chunk in the manifest (its shard, the raster's progress)."""
+    from .store import shard_file_check
     entry = entries[chunk.raster_id]
     if res["rows"]:
         writer.manifest["shards"].append({
             "id": chunk.shard_id, "raster": chunk.raster_id, "tile_px": chunk.tile_px,
             "rows": int(res["rows"]), "first_tile": chunk.first, "next_tile": chunk.stop,
-            "emb": res["emb"], "tiles": res["tiles"]})
+            "emb": res["emb"], "tiles": res["tiles"],
+            "check": shard_file_check(writer.folder, res["emb"], res["tiles"])})
     entry["progress"][str(chunk.tile_px)] = chunk.stop
     writer.save()
     info.embedded += int(res["rows"])

@@ -167,6 +167,12 @@ def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] 
     negatives = [str(n).strip() for n in options.negative or ()]
     if any(not n for n in negatives):
         raise UsageError("empty negative prompt", "give --negative a non-empty text")
+    from ..model.scoring import prompt_key
+    same = [n for n in negatives if text is not None and prompt_key(n) == prompt_key(text)]
+    if same:
+        raise UsageError(f"the negative prompt {same[0]!r} is the query text itself: it would "
+                         "cancel the query and rank the tiles by noise",
+                         "give --negative a text that differs from --text", option="negative")
     lm = None
     if text is not None:
         if not str(text).strip():

@@ -32,6 +32,7 @@ import json
 import os
 import struct
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -311,9 +312,42 @@ def read_manifest(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 
 
 def content_id(manifest: Dict[str, Any]) -> str:
-    """Names the rows an index holds (shards and their sizes, in order)."""
-    key = json.dumps([[s["id"], s["rows"]] for s in manifest["shards"]])
+    """Names the rows an index holds: the index's own id (another index with
+    shards of the same sizes has another content id) and its shards, their
+    sizes and checks, in order. Caches derived from the rows carry it."""
+    key = json.dumps([manifest.get("uid") or manifest.get("created"),
+                      [[s["id"], s["rows"], s.get("check")] for s in manifest["shards"]]])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def shard_check(emb: np.ndarray, tiles: np.ndarray) -> str:
+    """A shard's identity, cheap to verify on every open: a digest of its first,
+    middle and last rows (vectors and tile records). A shard file moved, swapped
+    with another or replaced no longer matches its manifest entry."""
+    n = len(tiles)
+    rows = sorted({0, n // 2, n - 1}) if n else []
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(np.asarray(emb[rows]), dtype=np.float16).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(tiles[rows]), dtype=TILE_DTYPE).tobytes())
+    return h.hexdigest()[:16]
+
+
+def shard_file_check(folder: Path, emb_rel: str, tiles_rel: str) -> str:
+    """:func:`shard_check` of a shard written to ``folder`` (by another process)."""
+    return shard_check(np.load(Path(folder) / emb_rel, mmap_mode="r", allow_pickle=False),
+                       np.load(Path(folder) / tiles_rel, mmap_mode="r", allow_pickle=False))
+
+
+def verify_shard(path: Path, s: Dict[str, Any], emb: np.ndarray, tiles: np.ndarray) -> None:
+    """Refuse shard files that are not the rows the manifest entry ``s`` names:
+    tile records of another raster, or another check (older indexes have none)."""
+    n = int(s["rows"])
+    if n and {int(tiles[0]["raster"]), int(tiles[n - 1]["raster"])} != {int(s["raster"])}:
+        raise damaged(path, f"shard {s['id']} holds the tiles of another raster than its "
+                            "manifest entry (its files were moved or swapped)")
+    if s.get("check") and shard_check(emb, tiles) != s["check"]:
+        raise damaged(path, f"shard {s['id']} does not hold the rows its manifest entry names "
+                            "(its files were moved, swapped or replaced)")
 
 
 class Index:
@@ -361,6 +395,7 @@ class Index:
                                       f"the manifest says float16({n}, {d})")
         if tiles.dtype != TILE_DTYPE or tiles.shape != (n,):
             raise damaged(self.path, f"shard {s['tiles']} does not hold {n} tile records")
+        verify_shard(self.path, s, emb, tiles)
         check_vectors(self.path, s["emb"], emb)
         return emb, tiles
 
@@ -624,7 +659,7 @@ class IndexWriter:
     @classmethod
     def create(cls, folder: Path, identity: Dict[str, Any], layout: Dict[str, Any]) -> "IndexWriter":
         folder.mkdir(parents=True, exist_ok=True)
-        m = {"format": FORMAT, "version": FORMAT_VERSION,
+        m = {"format": FORMAT, "version": FORMAT_VERSION, "uid": uuid.uuid4().hex,
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "model": identity, "options": layout, "rasters": [], "shards": [],
              "next_raster": 1, "next_shard": 1, "footprints": None,
@@ -674,11 +709,14 @@ class IndexWriter:
             sid = int(self.manifest["next_shard"])
             self.manifest["next_shard"] = sid + 1
             emb_rel, tiles_rel = f"{SHARDS_DIR}/{sid:06d}.emb.npy", f"{SHARDS_DIR}/{sid:06d}.tiles.npy"
-            save_npy(self.folder / emb_rel, np.ascontiguousarray(emb, dtype=np.float16))
-            save_npy(self.folder / tiles_rel, np.ascontiguousarray(tiles, dtype=TILE_DTYPE))
+            emb = np.ascontiguousarray(emb, dtype=np.float16)
+            tiles = np.ascontiguousarray(tiles, dtype=TILE_DTYPE)
+            save_npy(self.folder / emb_rel, emb)
+            save_npy(self.folder / tiles_rel, tiles)
             self.manifest["shards"].append({"id": sid, "raster": int(entry["id"]), "tile_px": int(tile_px),
                                             "rows": int(len(tiles)), "first_tile": int(first_tile),
-                                            "next_tile": int(next_tile), "emb": emb_rel, "tiles": tiles_rel})
+                                            "next_tile": int(next_tile), "emb": emb_rel, "tiles": tiles_rel,
+                                            "check": shard_check(emb, tiles)})
         entry["progress"][str(tile_px)] = int(next_tile)
         self.save()
 

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         res = dedup.undo_move(args.undo, progress=None, cancel=cancel_event())
         for s in res.skipped:
             print(f"skipped {s}", file=sys.stderr)
+        _removed_partials(res)
         if args.json:
             print_json(res.to_json())
         else:
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     moved = None
     if args.move_to:
         moved = dedup.move_duplicates(res, args.move_to, cancel=cancel)
+        _removed_partials(moved)
     if args.json:
         out = res.to_json()
         out["move"] = moved.to_json() if moved else None
@@ -91,3 +93,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"moved {moved.moved} file(s); undo with: python -m engine dedup --undo "
                   f"{moved.manifest}")
     return 0
+
+
+def _removed_partials(res) -> None:
+    for path in res.removed_partial:
+        print(f"removed {path}: a partial copy left by an interrupted move or undo",
+              file=sys.stderr)

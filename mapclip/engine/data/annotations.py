@@ -270,10 +270,18 @@ def read_coco(path: Path, images: Optional[Path] = None) -> AnnotationSet:
             if not isinstance(cname, str) or not cname.strip():
                 raise UsageError(f"{path}: category {c.get('id')} has no name ({cname!r})",
                                  "give every COCO category a non-empty name")
+            if c["id"] in cats:
+                raise UsageError(f"{path}: two categories share id {c['id']!r} "
+                                 f"({cats[c['id']]!r} and {cname!r})",
+                                 "give every COCO category its own id")
             cats[c["id"]] = cname
         by_id: Dict[object, ImageAnnotation] = {}
         for rec in data["images"]:
             name = str(rec["file_name"])
+            if rec["id"] in by_id:
+                raise UsageError(f"{path}: two images share id {rec['id']!r} "
+                                 f"({by_id[rec['id']].name!r} and {name!r})",
+                                 "give every COCO image its own id")
             by_id[rec["id"]] = ImageAnnotation(
                 name=name, path=str(root / name),
                 width=int(rec["width"]) if rec.get("width") else None,

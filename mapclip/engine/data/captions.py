@@ -127,7 +127,11 @@ class _Collector:
         texts = []
         for c in captions:
             text = c.get("raw") if isinstance(c, dict) else c
-            text = " ".join(str(text).split()) if text is not None else ""
+            if text is not None and not isinstance(text, str):   # a number, a list: not a caption
+                self.report.add("bad_record", f"{where}: a caption is {type(text).__name__} "
+                                f"{text!r:.40}, not text", self.strict)
+                continue
+            text = " ".join(text.split()) if text is not None else ""
             if text:
                 texts.append(text)
             else:
@@ -317,21 +321,25 @@ def check_images(items: Sequence[CaptionItem], report: SkipReport, strict: bool 
     return keep
 
 
+def file_digest(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 of a file's bytes (hex); OSError when it cannot be read."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def caption_files_digest(paths: Sequence[Union[str, os.PathLike]]) -> List[str]:
     """SHA-256 of each caption file's bytes, in order: what a run was trained on,
     so that resuming it after a caption file changed is refused rather than
     silently continued on other data."""
-    import hashlib
     out = []
     for p in paths:
-        h = hashlib.sha256()
         try:
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
+            out.append(file_digest(p))
         except OSError:
             out.append(None)
-            continue
-        out.append(h.hexdigest())
     return out
 

@@ -45,6 +45,7 @@ why another model does not (ResNets fall back to window mode in detect).
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
@@ -182,12 +183,80 @@ def dense_features(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
         if crop % p or stride % p or crop > size or stride < 1:
             raise ValueError(f"crop {crop} and stride {stride} must be multiples of the {p} px patch, "
                              f"the crop at most the input size {size}")
+    per_image, bound = dense_bytes(lm, size, crop), dense_memory_bound(lm)
+    if per_image > bound:
+        raise dense_too_large(lm, size, crop, per_image, bound)
+    chunk = max(1, int(bound // per_image))        # images whose features fit at once
+    if len(batch) > chunk:
+        return torch.cat([dense_features(lm, batch[i:i + chunk], mode, cls_weight, input_size,
+                                         crop, stride) for i in range(0, len(batch), chunk)])
     from .encode import to_model_input
     with torch.inference_mode():
         x = to_model_input(lm, batch, size)
         if crop is None or crop == size:
             return _dense_features(lm, x, mode, cls_weight, F)
         return _sliding(lm, x, mode, cls_weight, crop, stride, p, F)
+
+
+#: the share of the device's free memory one batch of dense features may take
+DENSE_MEMORY_SHARE = 0.5
+
+
+def dense_bytes(lm: LoadedModel, size: int, crop: Optional[int] = None) -> int:
+    """About the bytes one image of a dense batch takes at input ``size`` (crops of
+    ``crop``): the resized input, the tokens through a block, one attention
+    matrix (the largest single allocation when attention is not fused), and the
+    sliding crops' sum."""
+    p = lm.patch_size or 1
+    t = lm.model.visual.transformer
+    width = int(getattr(t, "width", 0) or lm.embed_dim)
+    heads = int(getattr(t.resblocks[0].attn, "num_heads", 1))
+    c = int(crop or size)
+    tokens = (c // p) ** 2 + 1
+    grid = (size // p) ** 2
+    return 4 * (2 * 3 * size * size + 12 * tokens * width + heads * tokens * tokens
+                + (grid * lm.embed_dim if crop else 0))
+
+
+def dense_memory_bound(lm: LoadedModel) -> int:
+    """Bytes a dense batch may take: :data:`DENSE_MEMORY_SHARE` of the model's
+    device's free memory (CUDA: free plus what torch holds unused; CPU: MemAvailable)."""
+    import torch
+    dev = getattr(lm, "device", None)
+    free = None
+    if dev is not None and getattr(dev, "type", str(dev)) == "cuda" and torch.cuda.is_available():
+        got, _ = torch.cuda.mem_get_info(dev)
+        free = got + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    else:
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        free = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        if free is None:
+            try:
+                free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):
+                free = 8 << 30
+    return int(free * DENSE_MEMORY_SHARE)
+
+
+def dense_too_large(lm: LoadedModel, size: int, crop: Optional[int], need: int,
+                    bound: int):
+    """The refusal of a dense input whose one image would not fit ``bound`` bytes."""
+    from ..core.errors import UsageError
+    p = lm.patch_size or 1
+    fits = next((s for s in range(size - p, p - 1, -p) if dense_bytes(lm, s, crop and min(crop, s))
+                 <= bound), p)
+    return UsageError(
+        f"dense_input_px {size} px needs about {need / 2 ** 30:.1f} GB for each tile "
+        f"({(int(crop or size) // p) ** 2} patches attending to each other), more than "
+        f"{bound / 2 ** 30:.1f} GB, half of the memory free on {lm.device}",
+        f"give a smaller --dense-input (at most {fits} px here; the model's own size is "
+        f"{lm.image_size} px), or --dense-slide to slide crops of the model's size over it; "
+        "--batch-size only sets how many tiles go together", option="dense_input_px")
 
 
 def _crop_starts(size: int, crop: int, stride: int):

@@ -65,15 +65,34 @@ class PromptBank:
         return len(self.prompts)
 
 
+def prompt_key(text: str) -> str:
+    """What makes two prompts the same prompt: case and runs of white space ignored."""
+    return " ".join(str(text).split()).casefold()
+
+
 def effective_background(prompts: Sequence[str], background: Sequence[str]) -> List[str]:
-    """Background prompts minus any that equal a user prompt, order kept, no repeats."""
-    taken = {p.strip().lower() for p in prompts}
+    """Background prompts minus any that equal a user prompt (:func:`prompt_key`),
+    order kept, no repeats.
+
+    A background given but left empty this way is refused: a lone prompt scored
+    against nothing scores 1.000 everywhere, and prompts scored only against each
+    other are not what was asked."""
+    from ..core.errors import UsageError
+    taken = {prompt_key(p) for p in prompts}
+    given = [" ".join(str(b).split()) for b in background or () if str(b).strip()]
     out: List[str] = []
-    for b in background or ():
-        b = str(b).strip()
-        if b and b.lower() not in taken:
-            taken.add(b.lower())
+    for b in given:
+        if prompt_key(b) not in taken:
+            taken.add(prompt_key(b))
             out.append(b)
+    if given and not out:
+        raise UsageError(
+            f"background {', '.join(repr(b) for b in given)} "
+            f"{'is' if len(given) == 1 else 'are each'} also a prompt: nothing is left to "
+            "compare against, so the scores would say nothing (a lone prompt scores 1.000 "
+            "everywhere)",
+            "give background prompts that differ from the prompts, or leave --background out "
+            "for the defaults", option="background")
     return out
 
 
@@ -149,8 +168,8 @@ def build_bank(lm: LoadedModel, prompts: Sequence[str],
     seen = set()
     unique = []
     for p in prompts:
-        if p.lower() not in seen:
-            seen.add(p.lower())
+        if prompt_key(p) not in seen:
+            seen.add(prompt_key(p))
             unique.append(p)
     bg = effective_background(unique, background)
     text = encode_prompts(lm, unique + bg, templates)

@@ -346,7 +346,13 @@ def worker_cache_bytes(info, n_workers: int, striped: bool, itemsize: int = 1) -
 
 
 def _worker_main(wid: int, state: dict, tasks, results, stop) -> None:
-    """Reader process: read the tiles of each task into its shared-memory slot."""
+    """Reader process: read the tiles of each task into its shared-memory slot.
+
+    Ctrl-C in a terminal reaches every process of its group: a reader ignores it
+    (and SIGTERM's default stays), the command that started it stops it
+    (:meth:`ProcessTileBatches.close`), so no reader prints a traceback."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from . import reader as R
     from ..geo.tiling import Tile
     try:
