@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 from ..core.errors import MapClipError, ModelError, UsageError
-from ..core.outputs import WGS84, _pyogrio_raw, output_crs, polygon_wkb, same_crs
+from ..core.outputs import DATASET_OPTIONS, WGS84, _pyogrio_raw, output_crs, polygon_wkb, same_crs
 from ..model.identity import same_weights, weights_fingerprint
 from . import approx
 
@@ -284,6 +284,9 @@ def read_manifest(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     mf = path / MANIFEST
     if not path.exists():
         raise UsageError(f"index {path} does not exist", "build it with python -m engine index")
+    if path.name == MANIFEST and path.is_file():
+        raise UsageError(f"{path} is the {MANIFEST} inside an index, not the index",
+                         f"name the index folder instead: {path.parent}")
     if not path.is_dir() or not mf.is_file():
         raise UsageError(f"{path} is not a MapCLIP index ({MANIFEST} is missing)",
                          "name the folder `python -m engine index --out` wrote")
@@ -799,7 +802,8 @@ def write_footprints(writer: IndexWriter) -> None:
     try:
         geom = polygon_wkb(boxes)
         raw.write(str(tmp), geom, list(cols.values()), list(cols.keys()),
-                          layer=FOOTPRINTS_LAYER, driver="GPKG", geometry_type="Polygon", crs=crs)
+                          layer=FOOTPRINTS_LAYER, driver="GPKG", geometry_type="Polygon", crs=crs,
+                          dataset_options=DATASET_OPTIONS["GPKG"])
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
