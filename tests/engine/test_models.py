@@ -378,6 +378,28 @@ def test_hub_download_uses_hf_endpoint_progress_cache_resume_and_offline(monkeyp
         models.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt")
     assert "offline" in err.value.message and "RemoteCLIP-ViT-L-14.pt" in err.value.message
     assert str(models.hf_cache_path("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt")) in err.value.hint
+    # no network, offline mode not set: a hub that cannot be reached is said at once (one
+    # connection attempt, no retries), the cached file still resolves, the path stays whole
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for var in models._PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    real = models.hub_unreachable
+    monkeypatch.setattr(models, "hub_unreachable", lambda url, **kw: calls.append(url) or real(url, **kw))
+    assert models.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-B-32.pt").read_bytes() == body
+    import huggingface_hub
+    asked = []
+    real_download = huggingface_hub.hf_hub_download
+
+    def recording(*a, **kw):
+        asked.append(kw.get("local_files_only"))
+        return real_download(*a, **kw)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording)
+    with pytest.raises(ModelError) as err:
+        models.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt")
+    assert asked == [True]                  # the cache only: no download and its retries
+    assert "127.0.0.1:9 cannot be reached" in err.value.message and calls == ["http://127.0.0.1:9"] * 2
+    assert str(models.hf_cache_path("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt")) in err.value.hint
 
 
 def test_hf_hub_model_folder_downloads_from_a_mirror(monkeypatch, tmp_path, tiny_model):

@@ -281,6 +281,28 @@ def _progress_tqdm(progress: Optional[DownloadProgress]):
     return _Bar
 
 
+#: seconds a connection to the hub may take before it counts as unreachable
+HUB_CONNECT_TIMEOUT = 3.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(endpoint: str, timeout: float = HUB_CONNECT_TIMEOUT) -> Optional[str]:
+    """Why ``endpoint`` cannot be reached (one TCP connection, at most ``timeout`` s), or
+    None when it can, or when a proxy is set (the proxy decides; huggingface_hub retries)."""
+    import socket
+    from urllib.parse import urlparse
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    url = urlparse(endpoint)
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port} cannot be reached ({reason(exc)})"
+
+
 def hf_download(repo: str, filename: str, progress: Optional[DownloadProgress] = None,
                 revision: str = "main") -> Path:
     """``filename`` of hub repo ``repo`` as a local file, through huggingface_hub.
@@ -295,13 +317,16 @@ def hf_download(repo: str, filename: str, progress: Optional[DownloadProgress] =
     from huggingface_hub import hf_hub_download
     cache = hf_hub_cache()
     offline = hf_offline()
+    unreachable = None if offline else hub_unreachable(hf_endpoint())
+    if unreachable:      # no network: the cached copy if there is one, without 30 s of retries
+        offline = True
     try:
         path = hf_hub_download(repo, filename, revision=revision, endpoint=hf_endpoint(),
                                cache_dir=str(cache) if cache else None, local_files_only=offline,
                                tqdm_class=_progress_tqdm(progress), library_name="mapclip")
     except Exception as exc:  # offline, network, hub or disk: one clear line
-        why = "offline mode ($HF_HUB_OFFLINE) and the file is not cached" if offline else \
-            reason(exc)
+        why = (f"{unreachable}, and the file is not cached" if unreachable else
+               "offline mode ($HF_HUB_OFFLINE) and the file is not cached" if offline else reason(exc))
         raise ModelError(
             f"could not download {repo}/{filename} from {hf_endpoint()} ({why})",
             f"with no network, download that file elsewhere and put it at {legacy} "
