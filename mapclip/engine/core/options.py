@@ -220,6 +220,10 @@ GENERIC_DEFAULTS = ModelDefaults(tile_px=128, window=2, batch_size=64, top_k=20,
 # --------------------------------------------------------------------------- #
 # Option values.
 # --------------------------------------------------------------------------- #
+#: how labelled examples move a prompt (engine.model.scoring.refine_query; measured in
+#: bench/bench_examples.py)
+EXAMPLE_METHODS = ("rocchio", "probe")
+
 #: the embedding cache's bounds (engine.cache.store): in memory and on disk, MB
 CACHE_MEMORY_MB = 512
 CACHE_DISK_MB = 4096
@@ -268,6 +272,7 @@ class DetectOptions:
     refine_min: float = 0.3              # a fitted box must keep this share of its window's score
     compile: bool = False                # CUDA: torch.compile the image tower (engine.model.accel; cached)
     cache: bool = True                   # keep/reuse the raster's embeddings (engine.cache)
+    examples_method: str = "rocchio"     # how labelled examples move a prompt (EXAMPLE_METHODS)
 
 
 @dataclass
@@ -562,6 +567,7 @@ def check(options: Any) -> Any:
         o = options
         _choice("mode", o.mode, MODES)
         _choice("merge", o.merge, MERGES)
+        _choice("examples_method", o.examples_method, EXAMPLE_METHODS)
         _choice("attention", ATTENTION_ALIASES.get(o.attention, o.attention), ATTENTION_MODES)
         _at_least("tile_px", o.tile_px, 8)
         _at_least("window", o.window, 1)
