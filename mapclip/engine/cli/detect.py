@@ -5,8 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import (add_cache_arg, add_extent_args, add_model_args, add_read_workers_arg, map_bounds, model_default_help, parse_bands,
-               parse_extent, print_json, read_workers, tqdm_progress)
+from . import (RASTER_HELP, add_cache_arg, add_extent_args, add_model_args, add_read_workers_arg, map_bounds,
+               model_default_help, parse_bands, parse_extent, print_json, raster_arg, read_workers,
+               tqdm_progress)
 from ..core.errors import UsageError
 
 
@@ -20,7 +21,7 @@ def register(sub) -> None:
                     "the raster's CRS, fields prompt, score, cosine, rank, model) and optionally "
                     "a heatmap GeoTIFF. Window mode slides windows of K x K tiles (the thesis "
                     "method); dense mode gets patch-level scores from one pass per tile.")
-    p.add_argument("raster", help="raster file GDAL can read (GeoTIFF, VRT, JPEG2000, PNG, ...)")
+    p.add_argument("raster", help=RASTER_HELP)
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="what to look for; repeat for several prompts that compete")
     add_model_args(p)
@@ -127,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
     vector_driver(args.out)
     if args.heatmap and Path(args.heatmap).suffix.lower() not in (".tif", ".tiff"):
         raise UsageError(f"heatmap {args.heatmap} must be a GeoTIFF", "name it .tif")
-    if not Path(args.raster).exists():
-        raise UsageError(f"raster {args.raster} does not exist", "check the path")
+    args.raster = raster_arg(args.raster)   # local, or remote opened by GDAL
     check_outputs([("--out", args.out), ("--heatmap", args.heatmap)],
                   [("raster", f) for f in raster_files(args.raster)], overwrite=args.overwrite)
     extent = parse_extent(args)
