@@ -272,7 +272,7 @@ def _examples_in_pixels(rj, examples, examples_crs, mode: str):
     inv = ~info.transform
     out, outside = [], 0
     for x, y, e in zip(xs, ys, examples):
-        c, r = inv * (x, y)
+        c, r = inv @ (x, y)
         if area.col <= c < area.col_end and area.row <= r < area.row_end:
             out.append((c, r, bool(e.positive)))
         else:
