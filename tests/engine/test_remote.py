@@ -217,3 +217,73 @@ def test_an_index_extent_leaves_out_rasters_it_misses_and_refuses_one_that_misse
     code, _, err = _run(["index", str(a), "--out", str(tmp_path / "idx3"),
                          "--extent-crs", "EPSG:4326", *common], capsys)
     assert code == 2 and "--extent" in err
+
+
+def _catalogue(www, server_url, with_thumbnail_only=False):
+    """A static STAC catalogue of the served COGs (written with pystac), beside them."""
+    import datetime as dt
+
+    import pystac
+    cat = pystac.Catalog(id="scenes", description="three COGs served over loopback")
+    days = {"scene_cog.tif": "2024-06-01", "other_cog.tif": "2024-07-15", "third_cog.tif": "2025-01-10"}
+    for name, day in days.items():
+        item = pystac.Item(id=name.split(".")[0], geometry=None, bbox=[14.9, 36.0, 15.1, 36.2],
+                           datetime=dt.datetime.fromisoformat(day + "T10:00:00+00:00"), properties={})
+        item.add_asset("thumbnail", pystac.Asset(href=f"{server_url}/{name}.png", roles=["thumbnail"],
+                                                 media_type="image/png"))
+        if not (with_thumbnail_only and name == "third_cog.tif"):
+            item.add_asset("image", pystac.Asset(href=f"{server_url}/{name}", roles=["visual"],
+                                                 media_type=pystac.MediaType.COG))
+        cat.add_item(item)
+    cat.normalize_hrefs(str(www))
+    cat.save(catalog_type=pystac.CatalogType.SELF_CONTAINED)
+    return f"{server_url}/catalog.json"
+
+
+def test_a_static_stac_catalogue_of_three_cogs_is_indexed_and_searched_like_the_files(
+        tmp_path, served, rig_folder, capsys):
+    server, www = served
+    write_cog(www / "third_cog.tif", noise(3, 128, 128, seed=7))
+    catalogue = _catalogue(www, server.url)
+    common = ["--model", rig_folder, "--tile", "64", "--device", "cpu", "--json", "--read-workers", "0"]
+    code, out, err = _run(["index", "--stac", catalogue, "--out", str(tmp_path / "stac_idx"), *common],
+                          capsys)
+    assert code == 0, err
+    added = json.loads(out)["added"]
+    assert sorted(added) == sorted(f"/vsicurl/{server.url}/{n}"
+                                   for n in ("scene_cog.tif", "other_cog.tif", "third_cog.tif"))
+    local = [str(www / n) for n in ("scene_cog.tif", "other_cog.tif", "third_cog.tif")]
+    assert _run(["index", *local, "--out", str(tmp_path / "local_idx"), *common], capsys)[0] == 0
+    hits = {}
+    for name in ("stac_idx", "local_idx"):
+        code, out, err = _run(["search", str(tmp_path / name), "--text", RED_PROMPT, "--top-k", "3",
+                               "--model", rig_folder, "--device", "cpu", "--json"], capsys)
+        assert code == 0, err
+        hits[name] = json.loads(out)["hits"]
+    assert hits["stac_idx"][0]["raster"].endswith("scene_cog.tif")
+    assert [(h["pixel"], h["bounds"], round(h["score"], 4)) for h in hits["stac_idx"]] == \
+           [(h["pixel"], h["bounds"], round(h["score"], 4)) for h in hits["local_idx"]]
+    # filters: a date range keeps the summer's two items; a box elsewhere keeps none
+    code, out, err = _run(["index", "--stac", catalogue, "--stac-datetime", "2024-06-01/2024-08-31",
+                           "--out", str(tmp_path / "summer"), *common], capsys)
+    assert code == 0, err
+    assert sorted(a.rsplit("/", 1)[-1] for a in json.loads(out)["added"]) == ["other_cog.tif", "scene_cog.tif"]
+    code, _, err = _run(["index", "--stac", catalogue, "--stac-bbox", "0,0,1,1",
+                         "--out", str(tmp_path / "none"), *common], capsys)
+    assert code == 2 and "gives no raster to index" in err and "--stac-bbox" in err
+
+
+def test_stac_items_without_a_visual_asset_are_left_out_with_a_note_and_a_bad_catalogue_is_refused(
+        tmp_path, served, rig_folder, capsys):
+    server, www = served
+    write_cog(www / "third_cog.tif", noise(3, 128, 128, seed=7))
+    catalogue = _catalogue(www, server.url, with_thumbnail_only=True)
+    code, out, err = _run(["index", "--stac", catalogue, "--out", str(tmp_path / "idx"), "--model",
+                           rig_folder, "--tile", "64", "--device", "cpu", "--json",
+                           "--read-workers", "0"], capsys)
+    assert code == 0, err
+    assert len(json.loads(out)["added"]) == 2
+    assert "1 STAC item(s) with no visual or single GeoTIFF data asset left out: third_cog" in err
+    code, _, err = _run(["index", "--stac", str(tmp_path / "nowhere.json"), "--out",
+                         str(tmp_path / "idx2"), "--model", rig_folder], capsys)
+    assert code == 2 and "cannot read the STAC catalogue" in err and "static STAC" in err
