@@ -313,8 +313,8 @@ def _refined_bank(bank: PromptBank, boxes: np.ndarray, emb, examples, method: st
     return PromptBank(list(bank.prompts), list(bank.background), text, bank.logit_scale)
 
 
-def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview=None,
-                scoring=None):
+def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview,
+                scoring: Dict[str, Any]):
     """Score every window (module doc). The windows' embeddings are one pass
     (engine.rasterjob): kept after the first run, every later prompt on the same
     extent scores the kept vectors without reading or encoding anything."""
@@ -371,19 +371,23 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
     def encode(batch: torch.Tensor):
         return F.normalize(accel.encode_image(lm, to_model_input(lm, batch)).float(), dim=-1)
 
-    examples = (scoring or {}).get("examples")
+    examples = scoring.get("examples")
     held: List[Tuple[np.ndarray, torch.Tensor]] = []    # with examples: scored after the pass
+
+    def native_boxes(meta) -> np.ndarray:
+        """Windows at mosaic positions ``meta`` as native pixel boxes."""
+        m = np.asarray(meta, np.float64).reshape(-1, 2)
+        return np.column_stack([cov.col + m[:, 0] / sx, cov.row + m[:, 1] / sy,
+                                cov.col + (m[:, 0] + wx) / sx, cov.row + (m[:, 1] + wy) / sy])
 
     def consume(meta, emb: torch.Tensor) -> None:
         """Scores, boxes and heat of windows at mosaic positions ``meta`` from their embeddings."""
         if examples is not None and not scoring.get("ready"):
             held.append((np.asarray(meta, np.int64).reshape(-1, 2), emb.cpu()))
             return
-        probs, cos = score_embeddings(emb, scoring["bank"] if scoring else bank)
+        probs, cos = score_embeddings(emb, scoring["bank"])
         probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
-        boxes = np.array([[cov.col + x0 / sx, cov.row + y0 / sy,
-                           cov.col + (x0 + wx) / sx, cov.row + (y0 + wy) / sy]
-                          for x0, y0 in meta], dtype=np.float64).reshape(-1, 4)
+        boxes = native_boxes(meta)
         win_boxes.append(boxes)
         win_probs.append(probs)
         win_cos.append(cos)
@@ -491,10 +495,8 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
     if examples is not None and held:     # move the prompts, then score every window
         meta_all = np.concatenate([m for m, _ in held])
         emb_all = torch.cat([e for _, e in held])
-        boxes = np.column_stack([cov.col + meta_all[:, 0] / sx, cov.row + meta_all[:, 1] / sy,
-                                 cov.col + (meta_all[:, 0] + wx) / sx, cov.row + (meta_all[:, 1] + wy) / sy])
-        scoring["bank"] = bank = _refined_bank(bank, boxes, emb_all, examples, opts.examples_method,
-                                               rj.notes)
+        scoring["bank"] = bank = _refined_bank(bank, native_boxes(meta_all), emb_all, examples,
+                                               opts.examples_method, rj.notes)
         scoring["ready"] = True
         with torch.inference_mode():
             for i in range(0, len(meta_all), opts.batch_size):
@@ -544,8 +546,8 @@ def _ramp(n: int, ramp: float) -> np.ndarray:
     return np.maximum(w, 1e-3).astype(np.float32)
 
 
-def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview=None,
-               scoring=None):
+def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview,
+               scoring: Dict[str, Any]):
     import torch
     import torch.nn.functional as F
 
