@@ -33,7 +33,8 @@ from qgis.PyQt.QtWidgets import (QAbstractItemView, QApplication, QCheckBox, QCo
 
 from ..engine.core.errors import renamed
 from ..engine.core.options import parse_read_workers, split_prompts
-from . import deps, layers, log, render, runtime, tasks
+from . import layers, log, render, runtime, tasks
+from .deps import missing as deps_missing
 from .layers import crs_text
 from .preview import SearchPreview
 from .settings import DEVICES, FIELD_LABELS, METHODS, SearchParams, Settings, model_defaults
@@ -151,15 +152,15 @@ class MapClipDock(QgsDockWidget):
 
     def _packages_ready(self) -> bool:
         """True when the engine's packages import; else say what is missing in the bar."""
-        missing = deps.missing_modules()
+        missing = deps_missing.missing_modules()
         if missing:
-            log.bar_warning(self.iface, deps.missing_message(missing))
+            log.bar_warning(self.iface, deps_missing.missing_message(missing))
         return not missing
 
     def refresh_deps(self) -> List[str]:
         """Show what is missing, with an Install button, at the top of the dock."""
-        missing = deps.missing_modules()
-        self.deps_label.setText(deps.missing_message(missing) if missing else "")
+        missing = deps_missing.missing_modules()
+        self.deps_label.setText(deps_missing.missing_message(missing) if missing else "")
         self.deps_banner.setVisible(bool(missing))
         return missing
 

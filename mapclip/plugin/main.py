@@ -21,7 +21,11 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction, QProgressBar
 
-from . import deps, log, runtime, tasks
+from . import log, runtime, tasks
+from .deps import activate as deps_activate
+from .deps import installer as deps_installer
+from .deps import missing as deps_missing
+from .deps import plan as deps_plan
 
 MENU = "&MapCLIP"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +64,7 @@ class MapClipPlugin:
         self.deps_item = None
         self.installer = None
         self.dialogs: Dict[str, Any] = {}
-        deps.add_deps_path()
+        deps_activate.add_deps_path()
         runtime.block_triton()
 
     # ------------------------------------------------------------ Processing --
@@ -132,9 +136,9 @@ class MapClipPlugin:
 
     def check_deps(self) -> List[str]:
         """Say in the message bar what is missing, with an Install button."""
-        self.missing = deps.missing_modules()
+        self.missing = deps_missing.missing_modules()
         if self.missing:
-            self.deps_item = deps.offer_install(self.iface, self.missing, self.install_deps)
+            self.deps_item = deps_installer.offer_install(self.iface, self.missing, self.install_deps)
         return self.missing
 
     # ------------------------------------------------------------------ dock --
@@ -237,7 +241,7 @@ class MapClipPlugin:
             return
         from ..engine.core.errors import MapClipError
         try:
-            plan = deps.pip_plan()
+            plan = deps_plan.pip_plan()
         except MapClipError as exc:       # no QGIS Python to run pip with: how to do it by hand
             log.bar_error(self.iface, "installing MapCLIP's packages failed", exc)
             return
@@ -254,7 +258,7 @@ class MapClipPlugin:
         progress.setRange(0, 0)  # busy until pip gives a measure
         item.layout().addWidget(progress)
         bar.pushWidget(item, Qgis.Info, 0)
-        self.installer = deps.PipInstaller(plan)
+        self.installer = deps_installer.PipInstaller(plan)
 
         def progressed(fraction: float, text: str) -> None:
             item.setText(text)
@@ -271,7 +275,7 @@ class MapClipPlugin:
                 pass
             self.installer = None
             if ok:
-                self.missing = deps.missing_modules()
+                self.missing = deps_missing.missing_modules()
                 if self.dock is not None:
                     self.dock.refresh_deps()
                 log.bar_success(self.iface, f"MapCLIP's packages: {message}", seconds=0)

@@ -183,9 +183,9 @@ def test_render_writes_a_georeferenced_geotiff_of_a_non_file_layer(tmp_path, map
 
 def test_whole_layer_of_a_web_basemap_is_refused_with_a_message(dock, iface, tmp_path, clean_project,
                                                                  monkeypatch):
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps import missing as deps_missing
     from .conftest import make_xyz_tiles
-    monkeypatch.setattr(deps, "missing_modules", lambda required=None: [])
+    monkeypatch.setattr(deps_missing, "missing_modules", lambda required=None: [])
     uri, tile = make_xyz_tiles(str(tmp_path / "tiles"))
     xyz = QgsRasterLayer(uri, "basemap", "wms")
     clean_project.addMapLayer(xyz)
