@@ -21,11 +21,15 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction, QProgressBar
 
+from ..engine.cache.store import CACHE
+from ..engine.core.errors import MapClipError
 from . import log, runtime, tasks
 from .deps import activate as deps_activate
 from .deps import installer as deps_installer
 from .deps import missing as deps_missing
 from .deps import plan as deps_plan
+from .dock.shell import MapClipDock
+from .settings import Settings
 
 MENU = "&MapCLIP"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,8 +116,6 @@ class MapClipPlugin:
         request: what `python -m engine cache info|clear` does, without a terminal.
         True when they were emptied."""
         from qgis.PyQt.QtWidgets import QMessageBox
-
-        from ..engine.cache.store import CACHE
         info = CACHE.info()
         text = (f"MapCLIP keeps each searched area's embeddings so that later prompts, and the same "
                 f"search as a heatmap, need no new pass over the raster.\n\n"
@@ -144,7 +146,6 @@ class MapClipPlugin:
     # ------------------------------------------------------------------ dock --
     def ensure_dock(self):
         if self.dock is None:
-            from .dock import MapClipDock
             self.dock = MapClipDock(self.iface, self.iface.mainWindow())
             self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
             self.dock.visibilityChanged.connect(self._dock_visibility)
@@ -193,7 +194,6 @@ class MapClipPlugin:
 
     def add_model(self, spec: str, label: Optional[str] = None) -> None:
         """Add a model (the fine-tune result) to the dock's picker."""
-        from .settings import Settings
         Settings().add_custom_model(spec, label)
         if self.dock is not None:
             self.dock.refresh_models()
@@ -239,7 +239,6 @@ class MapClipPlugin:
         """pip install the engine's packages into the plugin's folder (QProcess)."""
         if self.installer is not None:
             return
-        from ..engine.core.errors import MapClipError
         try:
             plan = deps_plan.pip_plan()
         except MapClipError as exc:       # no QGIS Python to run pip with: how to do it by hand
