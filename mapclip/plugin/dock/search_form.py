@@ -153,6 +153,7 @@ class SearchForm:
         self.gsd_spin.setDecimals(3)
         self.gsd_spin.setSpecialValueText("native")
         self.gsd_spin.setSuffix(" m/px")
+        self.gsd_spin.setToolTip("Metres on the ground per pixel; basemaps (EPSG:3857) are rendered at it, converted to map units at the area's latitude")
         adv.addRow("GSD", self.gsd_spin)
         self.topk_spin = QSpinBox()
         self.topk_spin.setRange(1, 10000)

@@ -73,7 +73,7 @@ class SearchRun:
         except ValueError as exc:
             self._set_running(False)
             return self._refuse(str(exc))
-        self.status_label.setText(f"Rendering {layer.name()} at {plan.gsd:.2f} m/px "
+        self.status_label.setText(f"Rendering {layer.name()} at {plan.ground_gsd or plan.gsd:.2f} m/px (ground) "
                                   f"({plan.width}×{plan.height} px)…")
         self.renderer = render.AsyncRender(layer, plan, parent=self)
         self._temp_files.append(self.renderer.path)
@@ -93,7 +93,9 @@ class SearchRun:
         if src != crs:
             ext = QgsCoordinateTransform(src, crs, QgsProject.instance()).transformBoundingBox(ext)
         width = max(1, canvas.width())
-        return ext.width() / width if ext.width() > 0 else None
+        if ext.width() <= 0:
+            return None
+        return ext.width() / width / render.units_per_metre(crs, ext)   # ground metres per pixel
 
     def _rendered(self, prompts, model, mode, params, bands, plan, path: str) -> None:
         self.renderer = None
