@@ -13,6 +13,9 @@ from typing import Dict, Optional
 
 from qgis.core import Qgis, QgsMessageLog
 
+from ..engine.core.errors import MapClipError, worded
+from .deps.verify import explain_import_error
+
 TAG = "MapCLIP"
 BAR_SECONDS = 8
 #: an error stays longer than a note, then goes (it is in the log panel, whole)
@@ -124,8 +127,7 @@ INSTALL_HINT = "install MapCLIP's packages: Raster > MapCLIP > Install dependenc
 
 def _error_text(exc: BaseException, names: Optional[Dict[str, str]] = None) -> str:
     if isinstance(exc, ImportError):
-        from . import deps
-        diagnosis = deps.explain_import_error(exc)  # a shadowing copy, a NumPy mismatch, ...
+        diagnosis = explain_import_error(exc)  # a shadowing copy, a NumPy mismatch, ...
         if diagnosis:
             return diagnosis
         name = getattr(exc, "name", None) or str(exc)
@@ -135,7 +137,6 @@ def _error_text(exc: BaseException, names: Optional[Dict[str, str]] = None) -> s
     if message is not None:
         hint = getattr(exc, "hint", None)
         if names is not None:
-            from ..engine.core.errors import worded
             message, hint = worded(exc, names.get)
             hint = (hint or "").replace("$MAPCLIP_CACHE", "the MAPCLIP_CACHE environment variable "
                                         "(Settings > Options > System > Environment)") or None
@@ -146,7 +147,6 @@ def _error_text(exc: BaseException, names: Optional[Dict[str, str]] = None) -> s
 
 def _is_user_error(exc: Optional[BaseException]) -> bool:
     """An engine MapClipError: the user's input or environment, with its fix."""
-    from ..engine.core.errors import MapClipError
     return isinstance(exc, MapClipError)
 
 

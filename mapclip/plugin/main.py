@@ -21,7 +21,15 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction, QProgressBar
 
-from . import deps, log, runtime, tasks
+from ..engine.cache.store import CACHE
+from ..engine.core.errors import MapClipError
+from . import log, runtime, tasks
+from .deps import activate as deps_activate
+from .deps import installer as deps_installer
+from .deps import missing as deps_missing
+from .deps import plan as deps_plan
+from .dock.shell import MapClipDock
+from .settings import Settings
 
 MENU = "&MapCLIP"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +68,7 @@ class MapClipPlugin:
         self.deps_item = None
         self.installer = None
         self.dialogs: Dict[str, Any] = {}
-        deps.add_deps_path()
+        deps_activate.add_deps_path()
         runtime.block_triton()
 
     # ------------------------------------------------------------ Processing --
@@ -108,8 +116,6 @@ class MapClipPlugin:
         request: what `python -m engine cache info|clear` does, without a terminal.
         True when they were emptied."""
         from qgis.PyQt.QtWidgets import QMessageBox
-
-        from ..engine.cache.store import CACHE
         info = CACHE.info()
         text = (f"MapCLIP keeps each searched area's embeddings so that later prompts, and the same "
                 f"search as a heatmap, need no new pass over the raster.\n\n"
@@ -132,15 +138,14 @@ class MapClipPlugin:
 
     def check_deps(self) -> List[str]:
         """Say in the message bar what is missing, with an Install button."""
-        self.missing = deps.missing_modules()
+        self.missing = deps_missing.missing_modules()
         if self.missing:
-            self.deps_item = deps.offer_install(self.iface, self.missing, self.install_deps)
+            self.deps_item = deps_installer.offer_install(self.iface, self.missing, self.install_deps)
         return self.missing
 
     # ------------------------------------------------------------------ dock --
     def ensure_dock(self):
         if self.dock is None:
-            from .dock import MapClipDock
             self.dock = MapClipDock(self.iface, self.iface.mainWindow())
             self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
             self.dock.visibilityChanged.connect(self._dock_visibility)
@@ -189,7 +194,6 @@ class MapClipPlugin:
 
     def add_model(self, spec: str, label: Optional[str] = None) -> None:
         """Add a model (the fine-tune result) to the dock's picker."""
-        from .settings import Settings
         Settings().add_custom_model(spec, label)
         if self.dock is not None:
             self.dock.refresh_models()
@@ -235,9 +239,8 @@ class MapClipPlugin:
         """pip install the engine's packages into the plugin's folder (QProcess)."""
         if self.installer is not None:
             return
-        from ..engine.core.errors import MapClipError
         try:
-            plan = deps.pip_plan()
+            plan = deps_plan.pip_plan()
         except MapClipError as exc:       # no QGIS Python to run pip with: how to do it by hand
             log.bar_error(self.iface, "installing MapCLIP's packages failed", exc)
             return
@@ -254,7 +257,7 @@ class MapClipPlugin:
         progress.setRange(0, 0)  # busy until pip gives a measure
         item.layout().addWidget(progress)
         bar.pushWidget(item, Qgis.Info, 0)
-        self.installer = deps.PipInstaller(plan)
+        self.installer = deps_installer.PipInstaller(plan)
 
         def progressed(fraction: float, text: str) -> None:
             item.setText(text)
@@ -271,7 +274,7 @@ class MapClipPlugin:
                 pass
             self.installer = None
             if ok:
-                self.missing = deps.missing_modules()
+                self.missing = deps_missing.missing_modules()
                 if self.dock is not None:
                     self.dock.refresh_deps()
                 log.bar_success(self.iface, f"MapCLIP's packages: {message}", seconds=0)

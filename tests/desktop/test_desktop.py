@@ -41,8 +41,8 @@ SESSION_TIMEOUT = 900
 
 
 def _deps_module():
-    """The installer module, imported as the plugin imports it (it reaches the engine's core)."""
-    return importlib.import_module("mapclip.plugin.deps")
+    """The deps folder module (prune_protected), imported as the plugin imports it."""
+    return importlib.import_module("mapclip.plugin.deps.folder")
 
 
 def lay_out_packages(target: Path) -> None:
@@ -50,7 +50,7 @@ def lay_out_packages(target: Path) -> None:
 
     Files are hard links (real files in the folder, as pip writes them; no
     copy of several GB), or copies across file systems. The installer's own
-    clean-up (plugin/deps.py prune_protected) then takes out what QGIS
+    clean-up (plugin/deps/folder.py prune_protected) then takes out what QGIS
     provides (NumPy, GDAL, Qt bindings), as it does after pip.
     """
     deps = _deps_module()

@@ -89,7 +89,7 @@ def test_ray_build_with_a_killed_worker_equals_the_single_process_build(
         {n.split("/")[1] for s in m["shards"] for n in (s["emb"], s["tiles"])}
     assert all(s["next_tile"] - s["first_tile"] <= OPTS["commit_tiles"] for s in m["shards"])
     # the same search from both, through the call the dock's Archive tab makes
-    # (mapclip/plugin/dock.py: search_index(open_index(folder), text=..., model=...))
+    # (mapclip/plugin/dock/archive.py: search_index(open_index(folder), text=..., model=...))
     hits_a = search_index(open_index(out), text="fields", model=tiny_model)
     hits_b = search_index(reference, text="fields", model=tiny_model)
     assert [(h.raster, h.tile_px, h.tile) for h in hits_a] == \

@@ -192,7 +192,7 @@ def test_loading_pytorch_is_said_before_the_wait_with_run_off(qtbot, search_dock
 def test_describe_uses_its_own_caption_model_remembered(qtbot, search_dock, tmp_path, clean_project,
                                                         monkeypatch):
     from mapclip.plugin import tasks
-    from mapclip.plugin.dock import MapClipDock
+    from mapclip.plugin.dock.shell import MapClipDock
     from mapclip.plugin.settings import Settings
     assert search_dock.caption_model() == "demo-captioner"          # writes: no bank needed
     raster = _scene(tmp_path, clean_project)

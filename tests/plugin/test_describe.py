@@ -31,7 +31,7 @@ def rigged(mapclip):
 @pytest.fixture
 def dock(iface, mapclip, qgis_settings, clean_project, rigged):
     from mapclip.plugin import tasks
-    from mapclip.plugin.dock import MapClipDock
+    from mapclip.plugin.dock.shell import MapClipDock
     tasks._MODELS[(RIGGED, "auto")] = rigged
     d = MapClipDock(iface, iface.main_window)
     d.select_model(RIGGED)
@@ -153,7 +153,7 @@ def test_describe_a_place_map_tool_captions_the_clicked_object_of_a_synthetic_sc
     """The map tool on a synthetic scene with the demo captioning model (CoCa: it writes)."""
     from mapclip.engine.data import synthetic as S
     from mapclip.plugin.describe_tool import DescribePlaceTool
-    from mapclip.plugin.dock import MapClipDock
+    from mapclip.plugin.dock.shell import MapClipDock
     truth = S.make_scene(str(tmp_path / "scene.tif"), 512, seed=9303)
     layer = QgsRasterLayer(truth.path, "synthetic", "gdal")
     clean_project.addMapLayer(layer)

@@ -13,7 +13,7 @@ from .conftest import make_geotiff
 
 @pytest.fixture
 def dock(iface, mapclip, qgis_settings, clean_project):
-    from mapclip.plugin.dock import MapClipDock
+    from mapclip.plugin.dock.shell import MapClipDock
     d = MapClipDock(iface, iface.main_window)
     yield d
     d.shutdown()
@@ -37,7 +37,7 @@ def test_dock_builds_with_raster_filter_collapsed_advanced_and_engine_defaults(d
 
 
 def test_widgets_reflect_settings_per_model(iface, mapclip, qgis_settings, clean_project):
-    from mapclip.plugin.dock import MapClipDock
+    from mapclip.plugin.dock.shell import MapClipDock
     from mapclip.plugin.settings import Settings, model_defaults
     s = Settings()
     s.model = "remoteclip-vit-l-14"
@@ -77,7 +77,7 @@ def test_widgets_reflect_settings_per_model(iface, mapclip, qgis_settings, clean
 
 
 def test_prompts_split_on_semicolons_and_lines(mapclip):
-    from mapclip.plugin.dock import split_prompts
+    from mapclip.engine.core.options import split_prompts
     assert split_prompts(" storage tanks ; ships\nships;;  a  harbor ") == \
         ["storage tanks", "ships", "a harbor"]
     assert split_prompts("  ") == []
@@ -183,9 +183,9 @@ def test_render_writes_a_georeferenced_geotiff_of_a_non_file_layer(tmp_path, map
 
 def test_whole_layer_of_a_web_basemap_is_refused_with_a_message(dock, iface, tmp_path, clean_project,
                                                                  monkeypatch):
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps import missing as deps_missing
     from .conftest import make_xyz_tiles
-    monkeypatch.setattr(deps, "missing_modules", lambda required=None: [])
+    monkeypatch.setattr(deps_missing, "missing_modules", lambda required=None: [])
     uri, tile = make_xyz_tiles(str(tmp_path / "tiles"))
     xyz = QgsRasterLayer(uri, "basemap", "wms")
     clean_project.addMapLayer(xyz)

@@ -1,4 +1,4 @@
-"""The dependency installer (plugin/deps.py), for real and in its parts.
+"""The dependency installer (plugin/deps/), for real and in its parts.
 
 The real tests run the installer's own code path: PipInstaller in a QProcess,
 real pip with QGIS's Python (/usr/bin/python3), against PEP 503 indexes served
@@ -172,15 +172,15 @@ def _clean_env() -> dict:
 
 def system_pip_wheel():
     """None when QGIS's Python has pip (python3-pip); else the pip wheel python3-venv brings."""
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.plan import pip_wheel
     has_pip = subprocess.run([SYSTEM_PY, "-c", "import pip"], capture_output=True,
                              env=_clean_env()).returncode == 0
-    return None if has_pip else deps.pip_wheel()
+    return None if has_pip else pip_wheel()
 
 
 def run_installer(qtbot, plan, timeout_ms=90000):
-    from mapclip.plugin import deps
-    inst = deps.PipInstaller(plan)
+    from mapclip.plugin.deps.installer import PipInstaller
+    inst = PipInstaller(plan)
     events, results = [], []
     inst.progress.connect(lambda f, text: events.append((f, text)))
     inst.finished.connect(lambda ok, msg: results.append((ok, msg)))
@@ -203,19 +203,21 @@ def fresh_python(path, code: str) -> dict:
 # --------------------------------------------------------------------------- #
 def test_real_install_wins_over_system_copies_keeps_qgis_numpy_and_reports_cpu_torch(
         mapclip, qtbot, tmp_path, local_index, monkeypatch):
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.folder import qgis_path
+    from mapclip.plugin.deps.plan import pip_plan
+    from mapclip.plugin.deps.verify import install_record, verify_install
     system_sympy = fresh_python(system_path(), "import sympy\nprint(json.dumps(sympy.__version__))")
     assert system_sympy.startswith("1.11"), "Debian's sympy is the older copy this test is about"
     system_numpy = fresh_python(system_path(), "import numpy\n"
                                 "print(json.dumps([numpy.__version__, numpy.__file__]))")
     target = tmp_path / "profile" / "python" / "mapclip-deps"
     qgis_paths = system_path()
-    plan = deps.pip_plan(target=str(target), cuda=False, numpy_version=system_numpy[0],
-                         python=SYSTEM_PY, requirements=["mapclip-standin==1.0", "torch==2.14.1"],
-                         platform="linux", index_url=local_index["simple"],
-                         torch_index=local_index["cpu"], env=isolated_pip_env(tmp_path),
-                         verify_modules=["numpy", "sympy", "mapclip_standin", "torch"],
-                         verify_path=[str(target), *qgis_paths], wheel=system_pip_wheel())
+    plan = pip_plan(target=str(target), cuda=False, numpy_version=system_numpy[0],
+                    python=SYSTEM_PY, requirements=["mapclip-standin==1.0", "torch==2.14.1"],
+                    platform="linux", index_url=local_index["simple"],
+                    torch_index=local_index["cpu"], env=isolated_pip_env(tmp_path),
+                    verify_modules=["numpy", "sympy", "mapclip_standin", "torch"],
+                    verify_path=[str(target), *qgis_paths], wheel=system_pip_wheel())
     cmd = plan.command()
     assert "torch==2.14.1+cpu" in cmd and f"numpy=={system_numpy[0]}" in cmd
     monkeypatch.setattr(sys, "path", list(sys.path))     # the installer adds the folder
@@ -225,7 +227,7 @@ def test_real_install_wins_over_system_copies_keeps_qgis_numpy_and_reports_cpu_t
     # which torch build it really installed, in the report and in the message
     assert inst.report.torch is not None and inst.report.torch.cuda is None
     assert inst.report.torch.version == "2.14.1+cpu"
-    record = deps.install_record(str(target))
+    record = install_record(str(target))
     assert record["numpy"] == system_numpy[0] and record["torch"]["cuda"] is None
     assert record["torch_build_asked"] == "CPU" and "torch==2.14.1+cpu" in record["packages"]
     assert "torch 2.14.1+cpu (CPU build)" in message
@@ -253,7 +255,7 @@ def test_real_install_wins_over_system_copies_keeps_qgis_numpy_and_reports_cpu_t
     assert sys.path[0] == str(target)
 
     # a fresh QGIS Python with the sys.path QGIS will have: the folder wins, NumPy stays QGIS's
-    got = fresh_python(deps.qgis_path(str(target), qgis_paths), """
+    got = fresh_python(qgis_path(str(target), qgis_paths), """
 import numpy, sympy, mapclip_standin, torch
 print(json.dumps({"sympy": sympy.__file__, "marker": getattr(sympy, "MAPCLIP_MARKER", None),
                   "numpy": numpy.__file__, "numpy_version": numpy.__version__,
@@ -266,8 +268,8 @@ print(json.dumps({"sympy": sympy.__file__, "marker": getattr(sympy, "MAPCLIP_MAR
 
     # the same folder at the END of the path (the old installer's layout) is what broke
     # searches: the check names the module, the error, the shadowing copy and a real fix
-    result = deps.verify_install(str(target), SYSTEM_PY, ["mapclip_standin"],
-                                 path=[*qgis_paths, str(target)], if_present=())
+    result = verify_install(str(target), SYSTEM_PY, ["mapclip_standin"],
+                            path=[*qgis_paths, str(target)], if_present=())
     assert not result.ok
     problem = result.problems[0]
     assert problem.module == "mapclip_standin"
@@ -279,14 +281,14 @@ print(json.dumps({"sympy": sympy.__file__, "marker": getattr(sympy, "MAPCLIP_MAR
 
 def test_real_install_fails_clearly_when_the_cpu_index_is_unreachable_and_takes_no_cuda_build(
         mapclip, qtbot, tmp_path, local_index):
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.plan import pip_plan
     target = tmp_path / "mapclip-deps"
     dead = f"http://127.0.0.1:{free_port()}/cpu/"
-    plan = deps.pip_plan(target=str(target), cuda=False, numpy_version="1.24.2",
-                         python=SYSTEM_PY, requirements=["torch==2.14.1"], platform="linux",
-                         index_url=local_index["simple"], torch_index=dead,
-                         env=isolated_pip_env(tmp_path), verify_path=[str(target)],
-                         wheel=system_pip_wheel())
+    plan = pip_plan(target=str(target), cuda=False, numpy_version="1.24.2",
+                    python=SYSTEM_PY, requirements=["torch==2.14.1"], platform="linux",
+                    index_url=local_index["simple"], torch_index=dead,
+                    env=isolated_pip_env(tmp_path), verify_path=[str(target)],
+                    wheel=system_pip_wheel())
     inst, events, (ok, message) = run_installer(qtbot, plan, timeout_ms=60000)
     assert not ok
     assert "could not reach the PyTorch CPU wheel index" in message and dead in message
@@ -302,16 +304,18 @@ def test_install_button_runs_the_real_installer_and_reports_the_torch_build(
         mapclip, iface, qgis_settings, qtbot, tmp_path, local_index, monkeypatch):
     """The plugin's own Install button: real pip, local index, the message bar's verdict."""
     from qgis.PyQt.QtWidgets import QPushButton
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.plan import pip_plan
+    from mapclip.plugin.deps import missing as deps_missing
+    from mapclip.plugin.deps import plan as deps_plan
     target = tmp_path / "mapclip-deps"
-    plan = deps.pip_plan(target=str(target), cuda=False, numpy_version="1.24.2",
-                         python=SYSTEM_PY, requirements=["mapclip-standin==1.0", "torch==2.14.1"],
-                         platform="linux", index_url=local_index["simple"],
-                         torch_index=local_index["cpu"], env=isolated_pip_env(tmp_path),
-                         verify_modules=["numpy", "mapclip_standin", "torch"],
-                         verify_path=[str(target), *system_path()], wheel=system_pip_wheel())
-    monkeypatch.setattr(deps, "missing_modules", lambda required=None: ["torch"])
-    monkeypatch.setattr(deps, "pip_plan", lambda **kw: plan)
+    plan = pip_plan(target=str(target), cuda=False, numpy_version="1.24.2",
+                    python=SYSTEM_PY, requirements=["mapclip-standin==1.0", "torch==2.14.1"],
+                    platform="linux", index_url=local_index["simple"],
+                    torch_index=local_index["cpu"], env=isolated_pip_env(tmp_path),
+                    verify_modules=["numpy", "mapclip_standin", "torch"],
+                    verify_path=[str(target), *system_path()], wheel=system_pip_wheel())
+    monkeypatch.setattr(deps_missing, "missing_modules", lambda required=None: ["torch"])
+    monkeypatch.setattr(deps_plan, "pip_plan", lambda **kw: plan)
     monkeypatch.setattr(sys, "path", list(sys.path))
     plugin = mapclip.classFactory(iface)
     plugin.initGui()
@@ -337,16 +341,16 @@ def _after(cmd, flag):
 
 
 def test_cpu_plan_pins_the_cpu_build_by_its_local_version_from_the_cpu_index_only(mapclip):
-    from mapclip.plugin import deps
-    plan = deps.pip_plan(target="/t", cuda=False, numpy_version="1.24.2", python="/usr/bin/python3",
-                         platform="linux", pip=(23, 0))
+    from mapclip.plugin.deps.plan import REQUIREMENTS, TORCH_CPU_INDEX, pip_plan
+    plan = pip_plan(target="/t", cuda=False, numpy_version="1.24.2", python="/usr/bin/python3",
+                    platform="linux", pip=(23, 0))
     cmd = plan.command()
     assert cmd[:4] == ["/usr/bin/python3", "-m", "pip", "install"]
     assert _after(cmd, "--target") == ["/t"] and "--upgrade" in cmd
-    assert _after(cmd, "--extra-index-url") == [deps.TORCH_CPU_INDEX]
-    assert deps.TORCH_CPU_INDEX == "https://download.pytorch.org/whl/cpu"
+    assert _after(cmd, "--extra-index-url") == [TORCH_CPU_INDEX]
+    assert TORCH_CPU_INDEX == "https://download.pytorch.org/whl/cpu"
     assert "--index-url" not in cmd                      # the user's pip configuration stays
-    reqs = open(deps.REQUIREMENTS).read().splitlines()
+    reqs = open(REQUIREMENTS).read().splitlines()
     torch_version = next(l for l in reqs if l.startswith("torch==")).split("==")[1]
     vision_version = next(l for l in reqs if l.startswith("torchvision==")).split("==")[1]
     # only the CPU index has these: no CUDA fallback
@@ -354,16 +358,16 @@ def test_cpu_plan_pins_the_cpu_build_by_its_local_version_from_the_cpu_index_onl
     assert plan.torch_build == "CPU" and not plan.cuda
     # pip 23 has no raw progress: its bar, forced into the pipe, carries the bytes
     assert _after(cmd, "--progress-bar") == ["on"] and plan.env["FORCE_COLOR"] == "1"
-    assert "CPU torch" in plan.summary() and deps.TORCH_CPU_INDEX in plan.summary()
+    assert "CPU torch" in plan.summary() and TORCH_CPU_INDEX in plan.summary()
 
 
 def test_other_pins_become_upper_bounds_and_numpy_is_pinned_to_qgis_exact_version(mapclip):
-    from mapclip.plugin import deps
-    plan = deps.pip_plan(target="/t", cuda=False, numpy_version="1.24.2", python="py",
-                         platform="linux", pip=(23, 0))
+    from mapclip.plugin.deps.plan import REQUIREMENTS, pip_plan
+    plan = pip_plan(target="/t", cuda=False, numpy_version="1.24.2", python="py",
+                    platform="linux", pip=(23, 0))
     cmd = plan.command()
     assert "numpy==1.24.2" in cmd and sum(a.startswith("numpy") for a in cmd) == 1
-    reqs = [l for l in open(deps.REQUIREMENTS).read().splitlines() if "==" in l]
+    reqs = [l for l in open(REQUIREMENTS).read().splitlines() if "==" in l]
     open_clip = next(l for l in reqs if l.startswith("open_clip_torch=="))
     assert open_clip in cmd                              # exact: the engine is tested with it
     faiss = next(l for l in reqs if l.startswith("faiss-cpu=="))
@@ -375,57 +379,59 @@ def test_other_pins_become_upper_bounds_and_numpy_is_pinned_to_qgis_exact_versio
 
 
 def test_cuda_plan_uses_the_cuda_index_and_macos_uses_pypi_torch(mapclip, monkeypatch):
-    from mapclip.plugin import deps
-    monkeypatch.setattr(deps.shutil, "which",
+    from mapclip.plugin.deps.plan import TORCH_CUDA_INDEX, has_cuda, pip_plan
+    from mapclip.plugin.deps import plan as deps_plan
+    monkeypatch.setattr(deps_plan.shutil, "which",
                         lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
-    monkeypatch.setattr(deps.sys, "platform", "linux")
-    assert deps.has_cuda("linux") and deps.has_cuda()    # without a platform: this machine's
-    plan = deps.pip_plan(target="/x", numpy_version="2.1.0", python="py", platform="linux",
-                         pip=(24, 2))
+    monkeypatch.setattr(deps_plan.sys, "platform", "linux")
+    assert has_cuda("linux") and has_cuda()    # without a platform: this machine's
+    plan = pip_plan(target="/x", numpy_version="2.1.0", python="py", platform="linux",
+                    pip=(24, 2))
     cmd = plan.command()
     assert plan.cuda and plan.torch_build == "CUDA"
-    assert _after(cmd, "--extra-index-url") == [deps.TORCH_CUDA_INDEX]
+    assert _after(cmd, "--extra-index-url") == [TORCH_CUDA_INDEX]
     assert any(a.startswith("torch==") and "+" not in a for a in cmd)
     assert "numpy==2.1.0" in cmd
     assert _after(cmd, "--progress-bar") == ["raw"]       # pip >= 24.1 reports bytes
     assert "FORCE_COLOR" not in plan.env
     # macOS: no CUDA build exists; PyPI's torch (CPU + MPS), no extra index
-    assert not deps.has_cuda("darwin")
-    mac = deps.pip_plan(target="/x", numpy_version="1.26.4", python="py", platform="darwin")
+    assert not has_cuda("darwin")
+    mac = pip_plan(target="/x", numpy_version="1.26.4", python="py", platform="darwin")
     assert mac.torch_build == "macOS" and "--extra-index-url" not in mac.command()
     assert not any("+cpu" in a for a in mac.command())
     # no NVIDIA driver: CPU
-    monkeypatch.setattr(deps.shutil, "which", lambda name: None)
-    assert not deps.has_cuda("linux") and not deps.has_cuda()
-    assert deps.pip_plan(target="/x", numpy_version="1.26.4", python="py",
-                         platform="linux").torch_build == "CPU"
+    monkeypatch.setattr(deps_plan.shutil, "which", lambda name: None)
+    assert not has_cuda("linux") and not has_cuda()
+    assert pip_plan(target="/x", numpy_version="1.26.4", python="py",
+                    platform="linux").torch_build == "CPU"
 
 
 def test_without_a_pip_module_pip_runs_from_the_bundled_wheel(mapclip, monkeypatch, tmp_path):
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.plan import pip_plan, pip_wheel
+    from mapclip.plugin.deps import plan as deps_plan
     wheels = tmp_path / "python-wheels"
     for name in ("pip-22.3.1-py3-none-any.whl", "pip-23.0.1-py3-none-any.whl",
                  "setuptools-66.1.1-py3-none-any.whl"):
         _touch(wheels / name)
     real_listdir = os.listdir
-    monkeypatch.setattr(deps.os, "listdir", lambda folder: real_listdir(wheels) if str(folder) in (
-        "/usr/share/python-wheels",) else real_listdir(folder))
+    monkeypatch.setattr(deps_plan.os, "listdir", lambda folder: real_listdir(wheels) if str(folder) in (
+             "/usr/share/python-wheels",) else real_listdir(folder))
     monkeypatch.setitem(sys.modules, "ensurepip", None)        # Debian strips ensurepip
     newest = str(wheels / "pip-23.0.1-py3-none-any.whl")
-    assert deps.pip_wheel() == "/usr/share/python-wheels/pip-23.0.1-py3-none-any.whl"
-    real_find_spec = deps.importlib.util.find_spec
-    monkeypatch.setattr(deps.importlib.util, "find_spec",
+    assert pip_wheel() == "/usr/share/python-wheels/pip-23.0.1-py3-none-any.whl"
+    real_find_spec = deps_plan.importlib.util.find_spec
+    monkeypatch.setattr(deps_plan.importlib.util, "find_spec",
                         lambda name, *a: None if name == "pip" else real_find_spec(name, *a))
-    monkeypatch.setattr(deps, "pip_wheel", lambda: newest)
-    plan = deps.pip_plan(target="/t", cuda=False, numpy_version="1.24.2", platform="linux")
+    monkeypatch.setattr(deps_plan, "pip_wheel", lambda: newest)
+    plan = pip_plan(target="/t", cuda=False, numpy_version="1.24.2", platform="linux")
     assert plan.env["PYTHONPATH"] == newest
     assert plan.command()[1:4] == ["-m", "pip", "install"]
     assert _after(plan.command(), "--progress-bar") == ["on"]    # the wheel's pip is 23.0
 
 
 def test_without_numpy_in_qgis_numpy_is_neither_pinned_nor_deleted(mapclip):
-    from mapclip.plugin import deps
-    plan = deps.pip_plan(target="/t", cuda=False, numpy_version="", python="py", platform="linux")
+    from mapclip.plugin.deps.plan import pip_plan
+    plan = pip_plan(target="/t", cuda=False, numpy_version="", python="py", platform="linux")
     assert not any(a.startswith("numpy") for a in plan.command())
     assert "numpy" not in plan.protected and "gdal" in plan.protected
 
@@ -434,15 +440,15 @@ def test_without_numpy_in_qgis_numpy_is_neither_pinned_nor_deleted(mapclip):
                                           ("1.26.4+mkl", "numpy==1.26.4"), ("", "numpy<2"),
                                           ("weird", "numpy<2")])
 def test_numpy_pin(mapclip, version, pin):
-    from mapclip.plugin import deps
-    assert deps.numpy_pin(version) == pin
+    from mapclip.plugin.deps.plan import numpy_pin
+    assert numpy_pin(version) == pin
 
 
 def test_installer_requirements_keeps_specifiers_it_does_not_pin(mapclip):
-    from mapclip.plugin import deps
-    got = deps.installer_requirements(["torch==2.14.1", "torchvision==0.29.1+cpu",
-                                       "open-clip-torch==3.3.0", "attrs==25.4.0", "tqdm>=4",
-                                       "rasterio"], torch_local="cpu")
+    from mapclip.plugin.deps.plan import installer_requirements
+    got = installer_requirements(["torch==2.14.1", "torchvision==0.29.1+cpu",
+                                  "open-clip-torch==3.3.0", "attrs==25.4.0", "tqdm>=4",
+                                  "rasterio"], torch_local="cpu")
     assert got == ["torch==2.14.1+cpu", "torchvision==0.29.1+cpu", "open-clip-torch==3.3.0",
                    "attrs<=25.4.0", "tqdm>=4", "rasterio"]
 
@@ -473,10 +479,10 @@ def _fake_python_first(tmp_path, monkeypatch) -> Path:
 
 def test_pip_runs_with_qgis_python_not_the_first_python_on_path(mapclip, tmp_path, monkeypatch):
     from mapclip.engine.core.interpreter import identity, running
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.plan import pip_plan
     fake = _fake_python_first(tmp_path, monkeypatch)
-    plan = deps.pip_plan(target=str(tmp_path / "t"), cuda=False, numpy_version="1.24.2",
-                         platform="linux", pip=(24, 1))
+    plan = pip_plan(target=str(tmp_path / "t"), cuda=False, numpy_version="1.24.2",
+                    platform="linux", pip=(24, 1))
     assert plan.program != str(fake)
     got, _ = identity(plan.program)
     assert got is not None and got.same_as(running())
@@ -485,10 +491,10 @@ def test_pip_runs_with_qgis_python_not_the_first_python_on_path(mapclip, tmp_pat
 def test_without_qgis_python_the_installer_says_how_to_install_by_hand(
         mapclip, iface, tmp_path, monkeypatch):
     from mapclip.engine.core import interpreter
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps import plan as deps_plan
     fake = _fake_python_first(tmp_path, monkeypatch)
     monkeypatch.setattr(interpreter, "candidates", lambda: [str(fake)])
-    monkeypatch.setattr(deps, "deps_dir", lambda: str(tmp_path / "mapclip-deps"))
+    monkeypatch.setattr(deps_plan, "deps_dir", lambda: str(tmp_path / "mapclip-deps"))
     plugin = mapclip.classFactory(iface)
     plugin.initGui()
     try:
@@ -510,18 +516,19 @@ def test_without_qgis_python_the_installer_says_how_to_install_by_hand(
 def test_deps_folder_is_in_the_qgis_profile_and_goes_to_the_front_of_sys_path_once(
         mapclip, qgis_app, tmp_path, monkeypatch):
     from qgis.core import QgsApplication
-    from mapclip.plugin import deps
-    assert deps.deps_dir().startswith(QgsApplication.qgisSettingsDirPath())
-    assert deps.deps_dir().endswith("mapclip-deps")
+    from mapclip.plugin.deps.activate import add_deps_path
+    from mapclip.plugin.deps.folder import deps_dir, qgis_path
+    assert deps_dir().startswith(QgsApplication.qgisSettingsDirPath())
+    assert deps_dir().endswith("mapclip-deps")
     folder = tmp_path / "mapclip-deps"
     folder.mkdir()
     monkeypatch.setattr(sys, "path", [*sys.path, str(folder)])   # where the old installer put it
-    assert deps.add_deps_path(str(folder)) == str(folder)
+    assert add_deps_path(str(folder)) == str(folder)
     assert sys.path[0] == str(folder) and sys.path.count(str(folder)) == 1   # its copies win
-    deps.add_deps_path(str(folder))
+    add_deps_path(str(folder))
     assert sys.path.count(str(folder)) == 1
-    order = deps.qgis_path(str(folder), ["/usr/share/qgis/python", str(folder),
-                                         "/usr/lib/python3/dist-packages"])
+    order = qgis_path(str(folder), ["/usr/share/qgis/python", str(folder),
+                                    "/usr/lib/python3/dist-packages"])
     assert order[:3] == [str(folder), "/usr/share/qgis/python", "/usr/lib/python3/dist-packages"]
 
 
@@ -534,7 +541,7 @@ def _fake_dist(target: Path, dist: str, version: str, files, extra_record=()):
 
 
 def test_prune_deletes_numpy_gdal_pyqt_sip_qgis_and_nothing_else(mapclip, tmp_path):
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.folder import prune_protected
     target = tmp_path / "deps"
     _fake_dist(target, "numpy", "1.26.4", ["numpy/__init__.py", "numpy.libs/libopenblas.so"],
                extra_record=["../../bin/f2py"])
@@ -549,7 +556,7 @@ def test_prune_deletes_numpy_gdal_pyqt_sip_qgis_and_nothing_else(mapclip, tmp_pa
     _fake_dist(target, "sympy", "1.14.0", keep[:1])
     for rel in keep[1:]:
         _touch(target / rel)
-    removed = deps.prune_protected(str(target))
+    removed = prune_protected(str(target))
     assert {"numpy", "numpy.libs", "numpy-1.26.4.dist-info", "bin/f2py", "osgeo", "osgeo_utils",
             "GDAL-3.6.2.dist-info", "PyQt5", "PyQt5-5.15.9.dist-info",
             "PyQt5_sip-12.11.1.dist-info", "sip.cpython-311-x86_64-linux-gnu.so",
@@ -559,37 +566,38 @@ def test_prune_deletes_numpy_gdal_pyqt_sip_qgis_and_nothing_else(mapclip, tmp_pa
 
 
 def test_add_deps_path_removes_numpy_an_older_installer_left(mapclip, tmp_path, monkeypatch):
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.activate import add_deps_path
     target = tmp_path / "deps"
     _fake_dist(target, "numpy", "1.26.4", ["numpy/__init__.py"])
     _touch(target / "sympy" / "__init__.py")
     monkeypatch.setattr(sys, "path", list(sys.path))
-    deps.add_deps_path(str(target))
+    add_deps_path(str(target))
     assert not (target / "numpy").exists() and (target / "sympy").exists()
     import numpy
     assert not numpy.__file__.startswith(str(target))
 
 
 def test_prune_keeps_numpy_when_qgis_has_none(mapclip, tmp_path, monkeypatch):
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.folder import prune_protected
+    from mapclip.plugin.deps import folder as deps_folder
     target = tmp_path / "deps"
     _fake_dist(target, "numpy", "1.26.4", ["numpy/__init__.py"])
-    monkeypatch.setattr(deps, "provided_elsewhere", lambda name, target, path=None: False)
-    assert deps.prune_protected(str(target), only_provided_elsewhere=True) == []
+    monkeypatch.setattr(deps_folder, "provided_elsewhere", lambda name, target, path=None: False)
+    assert prune_protected(str(target), only_provided_elsewhere=True) == []
     assert (target / "numpy" / "__init__.py").exists()
 
 
 def test_torch_build_is_read_from_version_py(mapclip, tmp_path):
-    from mapclip.plugin import deps
-    assert deps.torch_build(str(tmp_path)) is None
+    from mapclip.plugin.deps.verify import torch_build
+    assert torch_build(str(tmp_path)) is None
     _touch(tmp_path / "torch" / "version.py").write_text(
         "from typing import Optional\n__version__ = '2.14.1+cu130'\n"
         "cuda: Optional[str] = '13.0'\nhip: Optional[str] = None\n")
-    build = deps.torch_build(str(tmp_path))
+    build = torch_build(str(tmp_path))
     assert (build.version, build.cuda) == ("2.14.1+cu130", "13.0")
     assert build.describe() == "torch 2.14.1+cu130 (CUDA 13.0 build)"
     (tmp_path / "torch" / "version.py").write_text("__version__ = '2.14.1+cpu'\ncuda = None\n")
-    assert deps.torch_build(str(tmp_path)).describe() == "torch 2.14.1+cpu (CPU build)"
+    assert torch_build(str(tmp_path)).describe() == "torch 2.14.1+cpu (CPU build)"
 
 
 # --------------------------------------------------------------------------- #
@@ -618,8 +626,8 @@ Successfully installed mpmath-1.3.0 open_clip_torch-3.3.0 sympy-1.14.0 torch-2.1
 
 
 def test_progress_from_pip_23_bar_is_the_bytes_of_the_file_in_flight(mapclip):
-    from mapclip.plugin import deps
-    parser = deps.PipProgress()
+    from mapclip.plugin.deps.progress import PipProgress
+    parser = PipProgress()
     events = [e for e in map(parser.feed, PIP23_OUTPUT.splitlines()) if e]
     assert events[0] == (-1.0, "collecting torch==2.14.1+cpu (requirements so far: 1)")
     assert events[1] == (0.0, "downloading torch 2.14.1+cpu (184.5 MB)")
@@ -641,8 +649,8 @@ def test_progress_from_pip_23_bar_is_the_bytes_of_the_file_in_flight(mapclip):
 
 
 def test_progress_with_pip_raw_bytes(mapclip):
-    from mapclip.plugin import deps
-    parser = deps.PipProgress()
+    from mapclip.plugin.deps.progress import PipProgress, human_size
+    parser = PipProgress()
     parser.feed("Collecting torch")
     parser.feed("  Downloading torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl (200.0 MB)")
     f, text = parser.feed("Progress 50000000 of 200000000")
@@ -655,26 +663,26 @@ def test_progress_with_pip_raw_bytes(mapclip):
     assert f == -1 and text.startswith("downloading tiny 1.0 · file 2")
     f, text = parser.feed("Progress 1000000 of 2000000")
     assert f == pytest.approx(0.5) and text.startswith("downloading tiny 1.0: 1.0 MB of 2.0 MB")
-    assert deps.human_size(6.12e9) == "6.12 GB" and deps.human_size(1500) == "1.5 kB"
+    assert human_size(6.12e9) == "6.12 GB" and human_size(1500) == "1.5 kB"
 
 
 def test_long_lines_are_cut_at_words_after_the_package_name(mapclip):
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.progress import file_label, progress_line, shorten
     line = "Installing collected packages: " + ", ".join(f"package-number-{i}" for i in range(40))
-    text = deps.progress_line(line)
+    text = progress_line(line)
     assert text.startswith("unpacking 40 packages into the folder: package-number-0,")
     assert len(text) <= 110 and text.endswith("…")
     assert not text[:-1].endswith("package-number-")        # no name cut in half
     long_req = "collecting " + "x" * 200
-    assert deps.shorten(long_req).startswith("collecting x")
-    assert deps.file_label("https://h/whl/cpu/torchvision-0.29.1%2Bcpu-cp311-cp311-linux.whl") \
+    assert shorten(long_req).startswith("collecting x")
+    assert file_label("https://h/whl/cpu/torchvision-0.29.1%2Bcpu-cp311-cp311-linux.whl") \
         == "torchvision 0.29.1+cpu"
-    assert deps.file_label("affine-3.0.1.tar.gz") == "affine 3.0.1"
+    assert file_label("affine-3.0.1.tar.gz") == "affine 3.0.1"
 
 
 def test_installer_reads_lines_split_across_reads_and_emits_progress(mapclip, qtbot, tmp_path):
     """A real QProcess running a stand-in for pip that prints in odd chunks, then fails."""
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.plan import PipPlan
     fake = tmp_path / "fakepip.py"
     fake.write_text(
         "import sys, time\n"
@@ -684,7 +692,7 @@ def test_installer_reads_lines_split_across_reads_and_emits_progress(mapclip, qt
         "w('Collecting mpmath\\n'); sys.stdout.flush()\n"
         "w('ERROR: No space left on device\\n')\n"
         "sys.exit(1)\n")
-    plan = deps.PipPlan(sys.executable, [str(fake)], str(tmp_path / "deps"), False)
+    plan = PipPlan(sys.executable, [str(fake)], str(tmp_path / "deps"), False)
     inst, events, (ok, message) = run_installer(qtbot, plan, timeout_ms=20000)
     assert not ok and "disk is full" in message
     texts = [t for _, t in events]
@@ -697,9 +705,10 @@ def test_installer_reads_lines_split_across_reads_and_emits_progress(mapclip, qt
 # Explaining failures and diagnosing the check
 # --------------------------------------------------------------------------- #
 def test_unreachable_cpu_index_is_named_and_not_confused_with_no_network(mapclip):
-    from mapclip.plugin import deps
-    plan = deps.pip_plan(target="/t", cuda=False, numpy_version="1.24.2", python="py",
-                         platform="linux", pip=(23, 0))
+    from mapclip.plugin.deps.failures import explain_failure
+    from mapclip.plugin.deps.plan import pip_plan
+    plan = pip_plan(target="/t", cuda=False, numpy_version="1.24.2", python="py",
+                    platform="linux", pip=(23, 0))
     output = ("WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, "
               "status=None)) after connection broken by 'NewConnectionError(...: Failed to "
               "establish a new connection: [Errno -3] Temporary failure in name resolution')': "
@@ -711,7 +720,7 @@ def test_unreachable_cpu_index_is_named_and_not_confused_with_no_network(mapclip
               "(from versions: 2.14.1)\n"
               "ERROR: No matching distribution found for torch==2.14.1+cpu\n")
     probed = []
-    text = deps.explain_failure(output, 1, plan, probe=probed.append)
+    text = explain_failure(output, 1, plan, probe=probed.append)
     assert "could not reach the PyTorch CPU wheel index (https://download.pytorch.org/whl/cpu" \
         in text
     assert "does not fall back" in text and "download.pytorch.org" in text
@@ -719,27 +728,28 @@ def test_unreachable_cpu_index_is_named_and_not_confused_with_no_network(mapclip
     # pip said nothing about the connection (--retries 0): the probe decides
     quiet = ("ERROR: Could not find a version that satisfies the requirement torch==2.14.1+cpu "
              "(from versions: none)\nERROR: No matching distribution found for torch==2.14.1+cpu\n")
-    text = deps.explain_failure(quiet, 1, plan, probe=lambda url: "ConnectionRefusedError: refused")
+    text = explain_failure(quiet, 1, plan, probe=lambda url: "ConnectionRefusedError: refused")
     assert "could not reach" in text and "ConnectionRefusedError" in text
     # reachable index, but no such build for this Python/OS
-    text = deps.explain_failure(quiet, 1, plan, probe=lambda url: None)
+    text = explain_failure(quiet, 1, plan, probe=lambda url: None)
     assert "has no torch==2.14.1+cpu for this Python and OS" in text
     # QGIS's NumPy has no wheel on the index: said as such
-    text = deps.explain_failure("ERROR: No matching distribution found for numpy==1.24.2\n", 1,
-                                plan, probe=lambda url: None)
+    text = explain_failure("ERROR: No matching distribution found for numpy==1.24.2\n", 1,
+                           plan, probe=lambda url: None)
     assert "QGIS's exact NumPy (1.24.2)" in text and "Fix:" in text
     # without a plan the old explanations hold
-    assert "no network" in deps.explain_failure(output, 1)
+    assert "no network" in explain_failure(output, 1)
 
 
 def test_only_the_pytorch_index_failing_names_it_the_index_that_answered_and_the_hand_command(
         mapclip):
     """The package index answered; the download from PyTorch's index timed out: not "no
     network?", but which host failed, which answered, the command and the folder."""
-    from mapclip.plugin import deps
-    plan = deps.pip_plan(target="/home/a/mapclip-deps", cuda=False, numpy_version="1.24.2",
-                         python="/usr/bin/python3", platform="linux", pip=(24, 1),
-                         requirements=["torch==2.14.1", "open-clip-torch==3.3.0"])
+    from mapclip.plugin.deps.failures import explain_failure
+    from mapclip.plugin.deps.plan import PYPI_INDEX, pip_plan
+    plan = pip_plan(target="/home/a/mapclip-deps", cuda=False, numpy_version="1.24.2",
+                    python="/usr/bin/python3", platform="linux", pip=(24, 1),
+                    requirements=["torch==2.14.1", "open-clip-torch==3.3.0"])
     output = ("Looking in indexes: https://pypi.org/simple, https://download.pytorch.org/whl/cpu\n"
               "Collecting open-clip-torch==3.3.0\n"
               "  Downloading open_clip_torch-3.3.0-py3-none-any.whl (1.5 MB)\n"
@@ -750,26 +760,26 @@ def test_only_the_pytorch_index_failing_names_it_the_index_that_answered_and_the
               "pip._vendor.urllib3.exceptions.ReadTimeoutError: HTTPSConnectionPool("
               "host='download.pytorch.org', port=443): Read timed out.\n")
     probed = []
-    text = deps.explain_failure(output, 2, plan, probe=lambda url: probed.append(url))
+    text = explain_failure(output, 2, plan, probe=lambda url: probed.append(url))
     assert "no network" not in text
     assert ("could not connect to download.pytorch.org (the PyTorch CPU wheel index, "
             "https://download.pytorch.org/whl/cpu)") in text
-    assert "pypi.org (the package index) answered" in text and probed == [deps.PYPI_INDEX]
+    assert "pypi.org (the package index) answered" in text and probed == [PYPI_INDEX]
     assert ("install by hand: /usr/bin/python3 -m pip install --target /home/a/mapclip-deps "
             "--extra-index-url https://download.pytorch.org/whl/cpu torch==2.14.1+cpu "
             "open-clip-torch==3.3.0 numpy==1.24.2") in text
     assert "target folder: /home/a/mapclip-deps" in text
     # both unreachable: that is no network, and both hosts are named
-    text = deps.explain_failure(output + "WARNING: Retrying after connection broken by "
-                                "'NewConnectionError(Failed to establish a new connection)': "
-                                "https://pypi.org/simple/open-clip-torch/\n", 2, plan,
-                                probe=lambda url: None)
+    text = explain_failure(output + "WARNING: Retrying after connection broken by "
+                           "'NewConnectionError(Failed to establish a new connection)': "
+                           "https://pypi.org/simple/open-clip-torch/\n", 2, plan,
+                           probe=lambda url: None)
     assert "no network?" in text and "pypi.org (the package index" in text
     assert "make pypi.org and download.pytorch.org reachable" in text
 
 
 def test_diagnosis_of_a_numpy_mismatch_names_the_package_and_qgis_numpy(mapclip, tmp_path):
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.verify import RECORD_FILE, diagnose
     target = tmp_path / "deps"
     _fake_dist(target, "faiss_cpu", "1.15.1", ["faiss/__init__.py"])
     data = {"errors": [{"module": "faiss", "type": "ImportError",
@@ -780,8 +790,8 @@ def test_diagnosis_of_a_numpy_mismatch_names_the_package_and_qgis_numpy(mapclip,
             "loaded": {"numpy": "/usr/lib/python3/dist-packages/numpy/__init__.py",
                        "faiss": str(target / "faiss" / "__init__.py")},
             "versions": {"numpy": "1.24.2"}}
-    problems = deps.diagnose(data, str(target), [str(target), "/usr/lib/python3/dist-packages"],
-                             "/usr/bin/python3")
+    problems = diagnose(data, str(target), [str(target), "/usr/lib/python3/dist-packages"],
+                        "/usr/bin/python3")
     assert len(problems) == 1
     p = problems[0]
     assert p.module == "faiss" and "multiarray" in p.error
@@ -789,23 +799,23 @@ def test_diagnosis_of_a_numpy_mismatch_names_the_package_and_qgis_numpy(mapclip,
     # a folder from an older installer (no record of QGIS's NumPy): installing again helps
     assert "install MapCLIP's packages again" in p.fix and "another NumPy" in p.fix
     # a folder this installer made for QGIS's NumPy: it does not, an older release does
-    (target / deps.RECORD_FILE).write_text(json.dumps({"numpy": "1.24.2"}))
-    p = deps.diagnose(data, str(target), [str(target), "/usr/lib/python3/dist-packages"],
-                      "/usr/bin/python3")[0]
+    (target / RECORD_FILE).write_text(json.dumps({"numpy": "1.24.2"}))
+    p = diagnose(data, str(target), [str(target), "/usr/lib/python3/dist-packages"],
+                 "/usr/bin/python3")[0]
     assert "'faiss_cpu<1.15.1'" in p.fix and "again" not in p.fix
 
 
 def test_a_shadowed_copy_that_still_imports_is_a_warning_not_a_failure(mapclip, tmp_path):
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.verify import VERIFY_MARKER, parse_verify
     target = tmp_path / "deps"
     _touch(target / "certifi" / "__init__.py")
-    stdout = deps.VERIFY_MARKER + json.dumps({
-        "imported": {"requests": "x"}, "errors": [], "skipped": [],
-        "loaded": {"certifi": "/usr/lib/python3/dist-packages/certifi/__init__.py",
-                   "numpy": "/usr/lib/python3/dist-packages/numpy/__init__.py"},
+    stdout = VERIFY_MARKER + json.dumps({
+   "imported": {"requests": "x"}, "errors": [], "skipped": [],
+   "loaded": {"certifi": "/usr/lib/python3/dist-packages/certifi/__init__.py",
+              "numpy": "/usr/lib/python3/dist-packages/numpy/__init__.py"},
         "versions": {"certifi": "2022.09.24", "numpy": "1.24.2"}})
-    result = deps.parse_verify(stdout, "", 0, str(target),
-                               [str(target), "/usr/lib/python3/dist-packages"])
+    result = parse_verify(stdout, "", 0, str(target),
+                          [str(target), "/usr/lib/python3/dist-packages"])
     assert result.ok
     (p,) = result.problems
     assert p.severity == "warning" and p.module == "certifi"
@@ -813,7 +823,7 @@ def test_a_shadowed_copy_that_still_imports_is_a_warning_not_a_failure(mapclip, 
 
 
 def test_diagnosis_of_missing_module_and_missing_library(mapclip, tmp_path):
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.verify import diagnose
     target = tmp_path / "deps"
     target.mkdir()
     data = {"errors": [
@@ -829,7 +839,7 @@ def test_diagnosis_of_missing_module_and_missing_library(mapclip, tmp_path):
          "path": None, "frames": []}],
         "loaded": {"sympy": str(target / "sympy" / "__init__.py")}, "versions": {}}
     _touch(target / "sympy" / "__init__.py")
-    problems = deps.diagnose(data, str(target), [str(target)], "py")
+    problems = diagnose(data, str(target), [str(target)], "py")
     assert "pip did not install it" in problems[0].cause and "install again" in problems[0].fix
     assert "ftfy" in problems[0].fix
     assert "libgomp.so.1" in problems[1].cause and "cannot add it" in problems[1].fix
@@ -841,23 +851,23 @@ def test_diagnosis_of_missing_module_and_missing_library(mapclip, tmp_path):
 
 def test_the_check_keeps_triton_out_as_qgis_does(mapclip, tmp_path):
     """The check imports like QGIS: with triton blocked (plugin/runtime.py), deps folder first."""
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.verify import verify_install
     target = tmp_path / "deps"
     _touch(target / "triton" / "__init__.py").write_text("raise SystemExit('triton imported')\n")
     _touch(target / "uses_triton.py").write_text(
         "try:\n    import triton\n    HAS = True\nexcept ImportError:\n    HAS = False\n")
-    result = deps.verify_install(str(target), SYSTEM_PY, ["uses_triton"],
-                                 path=[str(target), *system_path()], if_present=())
+    result = verify_install(str(target), SYSTEM_PY, ["uses_triton"],
+                            path=[str(target), *system_path()], if_present=())
     assert result.ok, [p.text() for p in result.problems]
     assert result.data["imported"]["uses_triton"] == str(target / "uses_triton.py")
     assert "triton" not in result.data["loaded"]
 
 
 def test_a_crash_while_importing_names_the_module(mapclip, tmp_path):
-    from mapclip.plugin import deps
-    result = deps.parse_verify("", "importing numpy\nimporting torch\nimporting torchvision.ops\n"
-                               "Fatal Python error: Segmentation fault\n", -11, str(tmp_path),
-                               [str(tmp_path)])
+    from mapclip.plugin.deps.verify import parse_verify
+    result = parse_verify("", "importing numpy\nimporting torch\nimporting torchvision.ops\n"
+                          "Fatal Python error: Segmentation fault\n", -11, str(tmp_path),
+                          [str(tmp_path)])
     assert not result.ok
     assert result.problems[0].module == "torchvision.ops"
     assert "crashed (signal 11)" in result.problems[0].error
@@ -865,7 +875,7 @@ def test_a_crash_while_importing_names_the_module(mapclip, tmp_path):
 
 def test_explain_import_error_in_qgis_names_the_shadowing_copy(mapclip, tmp_path, monkeypatch):
     """The message a search shows for the sympy failure is not "install again"."""
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.verify import explain_import_error
     target = tmp_path / "deps"
     _touch(target / "sympy" / "__init__.py")
     system = tmp_path / "dist-packages"
@@ -878,7 +888,7 @@ def test_explain_import_error_in_qgis_names_the_shadowing_copy(mapclip, tmp_path
     try:
         from sympy.core.numbers import equal_valued  # noqa: F401
     except ImportError as exc:
-        text = deps.explain_import_error(exc, str(target))
+        text = explain_import_error(exc, str(target))
     else:
         pytest.fail("the stand-in sympy has no equal_valued")
     finally:
@@ -888,5 +898,5 @@ def test_explain_import_error_in_qgis_names_the_shadowing_copy(mapclip, tmp_path
     assert "equal_valued" in text and f"sympy is imported from {system}" in text
     assert "version 1.11.1" in text and "restart QGIS" in text
     # an ImportError that has nothing to do with the folder keeps the usual advice
-    assert deps.explain_import_error(ModuleNotFoundError("No module named 'nothere'",
-                                                         name="nothere"), str(target)) is None
+    assert explain_import_error(ModuleNotFoundError("No module named 'nothere'",
+                                                    name="nothere"), str(target)) is None

@@ -36,7 +36,7 @@ def processing_options(model: str, **params):
 
 
 def dock_options(iface, model: str):
-    from mapclip.plugin.dock import MapClipDock
+    from mapclip.plugin.dock.shell import MapClipDock
     dock = MapClipDock(iface, iface.main_window)
     try:
         dock.select_model(model)
@@ -125,7 +125,7 @@ def test_reader_processes_and_compile_are_set_alike_from_every_front_end(iface, 
     from mapclip.engine.cli import flag
     from mapclip.engine.core.errors import UsageError, worded
     from mapclip.engine.core.options import check
-    from mapclip.plugin.dock import MapClipDock
+    from mapclip.plugin.dock.shell import MapClipDock
     from mapclip.plugin.processing.common import error_text
     from mapclip.plugin.settings import FIELD_LABELS
     model = "demo"
@@ -161,7 +161,7 @@ def test_reader_processes_and_compile_are_set_alike_from_every_front_end(iface, 
 def test_reusing_embeddings_is_on_by_default_and_turned_off_alike_from_every_front_end(iface, mapclip):
     """--no-cache / CACHE / "Reuse embeddings": on unless the user turns it off; the dock
     remembers the choice per model; count options follow the dock's setting too."""
-    from mapclip.plugin.dock import MapClipDock
+    from mapclip.plugin.dock.shell import MapClipDock
     model = "demo"
     dock = MapClipDock(iface, iface.main_window)
     try:

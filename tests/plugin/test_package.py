@@ -70,7 +70,7 @@ def test_package_zip_installs_and_loads_in_qgis(tmp_path):
         names = zf.namelist()
         assert all(n.startswith("mapclip/") for n in names)
         for needed in ("mapclip/__init__.py", "mapclip/metadata.txt", "mapclip/plugin/main.py",
-                       "mapclip/plugin/dock.py", "mapclip/engine/model/models.py",
+                       "mapclip/plugin/dock/shell.py", "mapclip/engine/model/models.py",
                        "mapclip/resources/styles/boxes.qml", "mapclip/resources/icon.svg"):
             assert needed in names, needed
         assert not any("/tests/" in n or "__pycache__" in n or "/.venv/" in n or n.endswith(".pyc")

@@ -68,8 +68,8 @@ def test_init_gui_and_unload_twice_in_a_row(plugin, iface, mapclip):
 
 def test_missing_dependency_is_named_in_the_message_bar_with_an_install_offer(
         plugin, iface, monkeypatch):
-    from mapclip.plugin import deps
-    monkeypatch.setattr(deps, "missing_modules", lambda required=None: ["torch", "rasterio"])
+    from mapclip.plugin.deps import missing as deps_missing
+    monkeypatch.setattr(deps_missing, "missing_modules", lambda required=None: ["torch", "rasterio"])
     plugin.initGui()
     texts = iface.bar_texts()
     assert any("torch" in t and "rasterio" in t and "MapCLIP" in t for t in texts), texts
@@ -83,8 +83,8 @@ def test_missing_dependency_is_named_in_the_message_bar_with_an_install_offer(
 
 
 def test_no_message_when_dependencies_are_present(plugin, iface):
-    from mapclip.plugin import deps
-    assert deps.missing_modules() == []      # this venv has them all
+    from mapclip.plugin.deps.missing import missing_modules
+    assert missing_modules() == []      # this venv has them all
     plugin.initGui()
     assert not any("needs Python packages" in t for t in iface.bar_texts())
     plugin.unload()
@@ -114,20 +114,21 @@ def test_fine_tune_menu_entry_opens_the_dialog_from_plugin_dialogs(plugin, iface
     ("something odd\nthe last line", "exit code 1"),
 ])
 def test_pip_failures_are_explained(mapclip, output, words):
-    from mapclip.plugin import deps
-    assert words in deps.explain_failure(output, 1)
+    from mapclip.plugin.deps.failures import explain_failure
+    assert words in explain_failure(output, 1)
 
 
 def test_installer_reports_a_failed_pip_run_clearly(mapclip, qtbot, tmp_path):
     """A real QProcess running a stand-in for pip that fails like a machine without network."""
     import sys
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.installer import PipInstaller
+    from mapclip.plugin.deps.plan import PipPlan
     fake = tmp_path / "fakepip.py"
     fake.write_text("import sys\nprint('Collecting torch==2.14.1')\n"
                     "print('ERROR: Failed to establish a new connection: Network is unreachable')\n"
                     "sys.exit(1)\n")
-    plan = deps.PipPlan(sys.executable, [str(fake)], str(tmp_path / "deps"), False)
-    inst = deps.PipInstaller(plan)
+    plan = PipPlan(sys.executable, [str(fake)], str(tmp_path / "deps"), False)
+    inst = PipInstaller(plan)
     steps, results = [], []
     inst.step.connect(lambda n, line: steps.append(line))
     inst.finished.connect(lambda ok, msg: results.append((ok, msg)))
@@ -169,13 +170,15 @@ def test_install_button_runs_pip_and_shows_its_failure_in_the_message_bar(plugin
                                                                           qtbot, tmp_path):
     import sys
     from qgis.PyQt.QtWidgets import QPushButton
-    from mapclip.plugin import deps
+    from mapclip.plugin.deps.plan import PipPlan
+    from mapclip.plugin.deps import missing as deps_missing
+    from mapclip.plugin.deps import plan as deps_plan
     fake = tmp_path / "fakepip.py"
     fake.write_text("import sys\nprint('Collecting torch')\n"
                     "print(\"ERROR: ProxyError('Cannot connect to proxy.')\")\nsys.exit(1)\n")
-    monkeypatch.setattr(deps, "missing_modules", lambda required=None: ["torch"])
-    monkeypatch.setattr(deps, "pip_plan",
-                        lambda **kw: deps.PipPlan(sys.executable, [str(fake)], str(tmp_path / "d"), False))
+    monkeypatch.setattr(deps_missing, "missing_modules", lambda required=None: ["torch"])
+    monkeypatch.setattr(deps_plan, "pip_plan",
+                        lambda **kw: PipPlan(sys.executable, [str(fake)], str(tmp_path / "d"), False))
     plugin.initGui()
     button = next(b for b in iface.bar.findChildren(QPushButton)
                   if b.objectName() == "mapclipInstallDeps")

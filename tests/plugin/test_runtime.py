@@ -96,7 +96,7 @@ def test_toolbar_opens_the_dock_with_an_install_offer_when_packages_are_missing(
 
 def test_archive_search_button_searches_the_typed_query(iface, mapclip, qgis_settings, clean_project,
                                                          tmp_path, monkeypatch):
-    from mapclip.plugin.dock import MapClipDock
+    from mapclip.plugin.dock.shell import MapClipDock
     dock = MapClipDock(iface, iface.main_window)
     try:
         dock.index_widget.setFilePath(str(tmp_path))

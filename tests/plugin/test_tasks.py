@@ -152,7 +152,7 @@ def rigged(mapclip):
 @pytest.fixture
 def search_dock(iface, mapclip, qgis_settings, clean_project, rigged):
     from mapclip.plugin import tasks
-    from mapclip.plugin.dock import MapClipDock
+    from mapclip.plugin.dock.shell import MapClipDock
     tasks._MODELS[(RIGGED, "auto")] = rigged        # the dock's model cache holds the rigged model
     tasks._MODELS[(rigged.spec, "auto")] = rigged   # and under its own spec (what an index records)
     dock = MapClipDock(iface, iface.main_window)
@@ -450,7 +450,7 @@ def test_count_mode_shows_counts_per_method_in_dock_and_layer_metadata(qtbot, se
     assert f"{result.prompt.count} red roof" in text.split("also run: ")[1]
     assert text in search_dock.status_label.text()
     # the results list holds the counted objects, each zooming to its box
-    from mapclip.plugin.dock import ROLE_BOUNDS
+    from mapclip.plugin.dock.widgets import ROLE_BOUNDS
     items = [search_dock.results.topLevelItem(i) for i in range(search_dock.results.topLevelItemCount())]
     assert [it.text(0) for it in items] == ["1", "2", "3"]
     assert sorted(tuple(it.data(0, ROLE_BOUNDS)) for it in items) == sorted(b.bounds for b in result.boxes)
@@ -553,7 +553,7 @@ def test_classes_mode_adds_a_paletted_land_cover_layer_named_by_class(qtbot, ifa
     """Classes mode: a land-cover map from words, as a paletted layer whose legend names them."""
     from qgis.core import QgsPalettedRasterRenderer
     from mapclip.engine.data.synthetic import make_scene
-    from mapclip.plugin.dock import MapClipDock
+    from mapclip.plugin.dock.shell import MapClipDock
     path = tmp_path / "scene.tif"
     make_scene(str(path), width=256, seed=3, mask_path=None, coco_path=None)
     raster = QgsRasterLayer(str(path), "scene", "gdal")

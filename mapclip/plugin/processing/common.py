@@ -102,7 +102,7 @@ def engine_errors() -> Iterator[None]:
         name = (getattr(exc, "name", None) or "").split(".")[0]
         if not name or name == __name__.split(".")[0]:
             raise  # a broken MapCLIP module is a bug, not a missing package
-        from ..deps import REQUIRED
+        from ..deps.missing import REQUIRED
         raise QgsProcessingException(
             f"MapCLIP needs the Python package '{REQUIRED.get(name, name)}', which QGIS's "
             f"Python cannot import ({exc}).\nFix: install it with Raster > MapCLIP > "
