@@ -579,8 +579,8 @@ def test_a_fine_tuned_copy_is_not_the_same_model_for_append_or_search(tmp_path, 
 
     from mapclip.engine.archive.build import build_index
     from mapclip.engine.archive.search import search
-    from mapclip.engine.archive.store import model_identity, read_manifest, same_space
-    from mapclip.engine.model.identity import same_weights, weights_fingerprint
+    from mapclip.engine.archive.format import read_manifest
+    from mapclip.engine.model.identity import model_identity, same_space, same_weights, weights_fingerprint
     from mapclip.engine.core.options import IndexOptions
     from mapclip.engine.core.errors import ModelError
     a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))
@@ -1065,7 +1065,8 @@ def test_caches_and_shards_are_tied_to_their_index(tmp_path):
     """A search cache copied from another index of as many rows (under this index's
     cache name) is rebuilt, not used; two shards whose files were swapped are a
     damaged index, refused with a fix, not hits on the wrong raster."""
-    from mapclip.engine.archive.store import index_folder_from_blocks, open_index
+    from mapclip.engine.archive.store import open_index
+    from tests.index_factories import index_folder_from_blocks
     env = _env(tmp_path)
     a = index_folder_from_blocks(tmp_path / "a", _unit_blocks(1, [1500, 1500]), 32)
     b = index_folder_from_blocks(tmp_path / "b", _unit_blocks(2, [1500, 1500]), 32)
