@@ -421,7 +421,7 @@ def test_kill_during_cross_filesystem_move_then_undo_restores_everything(world, 
 
 
 def test_undo_refuses_a_quarantined_file_that_is_not_the_one_moved(tmp_path):
-    from mapclip.engine.archive import dedup
+    from mapclip.engine.dedup import duplicates as dedup
     from mapclip.engine.core.errors import UsageError
     data = tmp_path / "data"
     for k in range(3):
@@ -440,7 +440,7 @@ def test_undo_refuses_a_quarantined_file_that_is_not_the_one_moved(tmp_path):
 
 def test_safe_move_across_filesystems_verifies_before_deleting(tmp_path, monkeypatch):
     import errno as _errno
-    from mapclip.engine.archive import dedup
+    from mapclip.engine.dedup import duplicates as dedup
     from mapclip.engine.core.errors import UsageError
     src = _image(tmp_path / "a.png", 3)
     body = src.read_bytes()
@@ -580,7 +580,8 @@ def test_a_fine_tuned_copy_is_not_the_same_model_for_append_or_search(tmp_path, 
     from mapclip.engine.archive.build import build_index
     from mapclip.engine.archive.search import search
     from mapclip.engine.archive.format import read_manifest
-    from mapclip.engine.model.identity import model_identity, same_space, same_weights, weights_fingerprint
+    from mapclip.engine.model.identity import same_space, same_weights, weights_fingerprint
+    from mapclip.engine.model.space import model_identity
     from mapclip.engine.core.options import IndexOptions
     from mapclip.engine.core.errors import ModelError
     a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))

@@ -17,7 +17,8 @@ from ..core.errors import ModelError, UsageError
 from ..core.jobs import Job
 from ..core.options import IndexOptions, check, with_model_defaults
 from ..core.outputs import same_crs
-from ..model.identity import describe_model, model_identity, same_space
+from ..model.identity import describe_model, same_space
+from ..model.space import model_identity
 from . import ann
 from .distributed import embed_plan_on_ray
 from .embed import embed_window_batch, read_facts, read_options

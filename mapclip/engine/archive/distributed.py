@@ -36,7 +36,8 @@ import numpy as np
 
 from ..core.errors import MapClipError, ModelError, UsageError
 from ..core.options import RAY_LOCAL
-from ..model.identity import model_identity, same_space
+from ..model.identity import same_space
+from ..model.space import model_identity
 from .embed import embed_window_batch, read_options
 from .format import SHARDS_DIR, TILE_DTYPE, save_npy, shard_file_check
 

@@ -17,7 +17,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 
 from ..core.errors import ModelError, UsageError
-from ..model.identity import describe_model, model_identity, same_space
+from ..model.identity import describe_model, same_space
+from ..model.space import model_identity
 from . import ann, approx
 from .format import MANIFEST, TILE_DTYPE, content_id, load_shard, read_manifest, short_crs
 from .shards import ShardStore, exact_top_streaming, top_rows

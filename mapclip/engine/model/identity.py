@@ -1,15 +1,16 @@
 """Model identity: which weights a loaded model holds, as a fingerprint, and
 which embedding space it embeds into.
 
-An index (engine.archive) records :func:`model_identity` in its manifest to
-refuse mixing embedding spaces (:func:`same_space`); the embedding cache
+An index (engine.archive) records a model's identity in its manifest
+(engine.model.space.model_identity: the fingerprint, the embeddings of
+:data:`PROBE_TEXT` and :func:`probe_image`) to refuse mixing embedding spaces
+(:func:`same_space`); the embedding cache
 (engine.cache) keys passes by the fingerprint, so a fine-tuned copy of a
 model never answers from its parent's embeddings.
 """
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -91,26 +92,6 @@ def probe_image(size: int) -> np.ndarray:
     y, x = np.mgrid[0:size, 0:size].astype(np.float64) / max(size - 1, 1)
     img = np.stack([x, y, 0.5 + 0.5 * np.sin(6.0 * (x + y))], axis=-1)
     return (img * 255).round().astype(np.uint8)[None]
-
-
-def model_identity(lm) -> Dict[str, Any]:
-    """Model facts stored in the manifest: spec, preprocessing, embed dim, and
-    the embeddings of a fixed text and a fixed image, which identify the
-    embedding space whatever the spec was called (bf16 vs fp32 agree to 0.999)."""
-    from .encode import encode_images, encode_text
-    spec = lm.spec
-    p = Path(str(spec)).expanduser()
-    if p.exists():
-        spec = str(p.resolve())
-    facts = dict(lm.describe())
-    facts.update({"spec": spec, "mean": list(lm.mean), "std": list(lm.std),
-                  "probe_text": [round(float(v), 6) for v in encode_text(lm, [PROBE_TEXT])[0].cpu()],
-                  "probe_image": [round(float(v), 6)
-                                  for v in encode_images(lm, probe_image(lm.image_size))[0].cpu()]})
-    facts.pop("device", None)
-    facts.pop("precision", None)
-    facts["weights"] = weights_fingerprint(lm)
-    return facts
 
 
 def describe_model(m: Dict[str, Any]) -> str:
