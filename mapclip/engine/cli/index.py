@@ -5,8 +5,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import (add_model_args, add_read_workers_arg, cancel_event, model_default_help, parse_bands,
-               print_json, read_workers, tqdm_progress)
+from . import (add_extent_args, add_model_args, parse_floats, add_read_workers_arg, cancel_event, model_default_help,
+               parse_bands, parse_extent, print_json, read_workers, tqdm_progress)
 from ..core.errors import UsageError
 
 
@@ -36,9 +36,23 @@ def register(sub) -> None:
                     "finishes an interrupted build, appends new rasters, re-embeds changed ones "
                     "and skips unchanged ones. Search it with `python -m engine search` "
                     f"(exact below {APPROX_MIN_ROWS} tiles, approximate above).")
-    p.add_argument("sources", nargs="+", metavar="RASTER|FOLDER",
-                   help="raster files, or folders searched recursively for rasters")
+    p.add_argument("sources", nargs="*", metavar="RASTER|FOLDER|URL",
+                   help="raster files, folders searched recursively for rasters, or remote "
+                        "rasters (http(s) URLs, /vsicurl/, /vsis3/, /vsigs/, /vsiaz/ paths; "
+                        "recorded as given); a GDAL WMS/TMS XML needs --extent")
     add_model_args(p, default_help="the index's own model when adding to one, else ")
+    p.add_argument("--stac", default=None, metavar="CATALOG",
+                   help="index the COG assets of a static STAC catalogue's items (a catalog.json, "
+                        "collection.json or item; a file or an http(s) URL), beside any RASTERs")
+    p.add_argument("--stac-asset", default=None, metavar="KEY",
+                   help="the asset to index (default: the one with role 'visual', else keyed "
+                        "'visual', else the only GeoTIFF data asset)")
+    p.add_argument("--stac-bbox", default=None, metavar="W,S,E,N",
+                   help="only items whose bbox meets this WGS84 box")
+    p.add_argument("--stac-datetime", default=None, metavar="DATE[/DATE]",
+                   help="only items of this date or range, e.g. 2024-06-01/2024-08-31")
+    p.add_argument("--stac-collection", action="append", default=None, metavar="ID",
+                   help="only items of this collection (repeat for several)")
     p.set_defaults(model=None)
     p.add_argument("--out", required=True, metavar="INDEX", help="index folder (created if new)")
     p.add_argument("--tile", type=int, default=None, metavar="PX",
@@ -52,6 +66,7 @@ def register(sub) -> None:
     p.add_argument("--gsd", type=float, default=None, metavar="M",
                    help="resample to this many metres per pixel on read (default: native)")
     add_read_workers_arg(p)
+    add_extent_args(p)
     p.add_argument("--bands", default=None, metavar="R,G,B",
                    help="1-based bands read as R,G,B (or one band as grey); default: RGB by "
                         "colour interpretation, else the first three")
@@ -97,6 +112,16 @@ def run(args: argparse.Namespace) -> int:
     if args.tile is not None and args.scales:
         raise UsageError("--tile and --scales both given", "use --scales alone for several sizes")
     from ..core.jobs import check_outputs
+    notes = []
+    if args.stac:
+        from ..raster.stac import stac_sources
+        bbox = parse_floats(args.stac_bbox, 4, "--stac-bbox", "--stac-bbox 14.9,36.0,15.1,36.2") \
+            if args.stac_bbox else None
+        hrefs, notes = stac_sources(args.stac, args.stac_asset, bbox, args.stac_datetime,
+                                    args.stac_collection)
+        args.sources = list(args.sources) + hrefs
+    if not args.sources:
+        raise UsageError("no raster to index", "give rasters, folders or URLs, or --stac CATALOG")
     model = args.model
     out = Path(args.out)
     check_outputs([("--out", out)], [("source", s) for s in args.sources], folders=["--out"],
@@ -110,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         tile_px=args.tile, scales=_ints(args.scales, "--scales"), stride_px=args.stride,
         gsd=args.gsd, read=ReadOptions(bands=parse_bands(args.bands), workers=read_workers(args)),
         batch_size=args.batch_size, commit_tiles=args.commit_tiles, reindex=args.reindex,
+        extent=parse_extent(args), extent_crs=args.extent_crs,
         footprints=not args.no_footprints, device=args.device, precision=args.precision,
         ray=args.ray, ray_workers=args.ray_workers, ray_retries=args.ray_retries)
     bar = tqdm_progress("index", unit="tile")
@@ -117,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         info = build_index(args.sources, out, model, opts, progress=bar, cancel=cancel_event())
     finally:
         bar.close()
-    for note in info.warnings:
+    for note in notes + list(info.warnings):
         print(f"warning: {note}", file=sys.stderr)
     if args.json:
         print_json(info.to_json())
