@@ -115,6 +115,9 @@ KNOWN_CYCLES = [
     # batches hands reads to the worker processes (ProcessTileBatches, trim_heap);
     # workers.py builds on batches.BatchIterator and its helpers
     {"engine.raster.batches", "engine.raster.workers"},
+    # reader opens remote paths through remote (gdal_path, http_defaults); remote's
+    # checks open the dataset through reader.open_dataset
+    {"engine.raster.reader", "engine.raster.remote"},
 ]
 
 
