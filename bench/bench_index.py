@@ -60,7 +60,7 @@ def bench_build(args, tmp: Path) -> None:
     from mapclip.engine.archive.approx import APPROX_MIN_ROWS, approx_factory
     from mapclip.engine.archive.build import build_index
     from mapclip.engine.archive.search import ranked_rows
-    from mapclip.engine.archive.store import index_from_arrays
+    from tests.index_factories import index_from_arrays
     from mapclip.engine.core.options import IndexOptions
     from mapclip.engine.model.encode import encode_images
     from bench.fixtures import write_blockwise
@@ -116,7 +116,7 @@ def bench_query(args) -> None:
     from mapclip.engine.archive.approx import APPROX_MIN_ROWS, approx_factory
     from mapclip.engine.archive.build import build_index
     from mapclip.engine.archive.search import ranked_rows
-    from mapclip.engine.archive.store import index_from_arrays
+    from tests.index_factories import index_from_arrays
     from mapclip.engine.core.options import IndexOptions
     d, k = 512, 100
     sizes = [(100_000, True), (1_000_000, bool(args.full))]

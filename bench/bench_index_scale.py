@@ -168,7 +168,8 @@ def bench_search(args, tmp: Path) -> None:
 
     from mapclip.engine.archive import ann
     from mapclip.engine.archive.search import ranked_rows
-    from mapclip.engine.archive.store import Index, index_folder_from_blocks
+    from mapclip.engine.archive.store import Index
+    from tests.index_factories import index_folder_from_blocks
 
     sizes = ([int(float(s)) for s in args.sizes.split(",")] if args.sizes else
              [10 ** 6, 10 ** 7] if args.full else [10 ** 6])

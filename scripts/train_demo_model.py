@@ -14,7 +14,7 @@
            objects, engine.data.synthetic.make_cover_chips, captioned by its land
            cover) and
            land-cover / scene phrases ("water", "a harbor with ships",
-           "a runway") -> p-Hash de-duplication (engine.archive.dedup.find_duplicates,
+           "a runway") -> p-Hash de-duplication (engine.dedup.duplicates.find_duplicates,
            also against held-out chips) -> one caption CSV.
 2. train:  engine.finetune.finetune (the routine behind `python -m engine
            finetune`) from a random initialisation of
@@ -152,7 +152,8 @@ def stage_data(work: Path) -> Path:
     from mapclip.engine.data.box_caption import CaptionOptions, box_to_caption
     from mapclip.engine.data.mask_box import MaskOptions, mask_to_box
     from mapclip.engine.count import caption as count_caption
-    from mapclip.engine.archive.dedup import DedupOptions, find_duplicates
+    from mapclip.engine.core.options import DedupOptions
+    from mapclip.engine.dedup.duplicates import find_duplicates
 
     t0 = time.time()
     data = work / "data"

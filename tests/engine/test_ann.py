@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from mapclip.engine.archive.store import index_folder_from_blocks
+from tests.index_factories import index_folder_from_blocks, index_from_arrays
 from mapclip.engine.archive import ann, approx
 from mapclip.engine.archive.search import ranked_rows, search
-from mapclip.engine.archive.store import Index, index_from_arrays, open_index
+from mapclip.engine.archive.store import Index, open_index
 
 DIM = 32
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from mapclip.engine import __version__
-from mapclip.engine.archive.dedup import DEFAULT_MAX_DISTANCE
+from mapclip.engine.core.options import DEFAULT_MAX_DISTANCE
 
 ROOT = Path(__file__).resolve().parents[2]
 

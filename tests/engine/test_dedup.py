@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from mapclip.engine.cli import main as cli_main
-from mapclip.engine.archive.dedup import (DedupOptions, brute_force_pairs, check_segments, find_cross_pairs, find_duplicates, find_pairs, hamming, move_duplicates, phash_file, segment_layout, undo_move)
+from mapclip.engine.core.options import DedupOptions
+from mapclip.engine.dedup.duplicates import (brute_force_pairs, check_segments, find_cross_pairs, find_duplicates, find_pairs, hamming, move_duplicates, phash_file, segment_layout, undo_move)
 from mapclip.engine.core.errors import Cancelled, UsageError
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from mapclip.engine.archive.build import build_index
 from mapclip.engine.archive.search import search
-from mapclip.engine.archive.store import (FORMAT_VERSION, LOCK, content_id, file_checksum, open_index, read_manifest)
+from mapclip.engine.archive.format import FORMAT_VERSION, LOCK, content_id, file_checksum, read_manifest
+from mapclip.engine.archive.store import open_index
 from mapclip.engine.core.options import IndexOptions
 from mapclip.engine.core.outputs import _pyogrio_raw
 from mapclip.engine.core.errors import Cancelled, MapClipError, ModelError, UsageError

@@ -24,7 +24,7 @@ def test_geopackages_are_written_as_version_1_2(tmp_path):
 def test_an_index_footprints_file_is_a_version_1_2_geopackage_too(tmp_path, tiny_model):
     """The index writes footprints.gpkg beside its shards: QGIS opens it without a warning."""
     from mapclip.engine.archive.build import build_index
-    from mapclip.engine.archive.store import FOOTPRINTS, read_manifest
+    from mapclip.engine.archive.format import FOOTPRINTS, read_manifest
     from mapclip.engine.core.errors import UsageError
     from mapclip.engine.core.options import IndexOptions
     from tests.raster_fixtures import make_raster, noise

@@ -421,7 +421,7 @@ def test_kill_during_cross_filesystem_move_then_undo_restores_everything(world, 
 
 
 def test_undo_refuses_a_quarantined_file_that_is_not_the_one_moved(tmp_path):
-    from mapclip.engine.archive import dedup
+    from mapclip.engine.dedup import duplicates as dedup
     from mapclip.engine.core.errors import UsageError
     data = tmp_path / "data"
     for k in range(3):
@@ -440,7 +440,7 @@ def test_undo_refuses_a_quarantined_file_that_is_not_the_one_moved(tmp_path):
 
 def test_safe_move_across_filesystems_verifies_before_deleting(tmp_path, monkeypatch):
     import errno as _errno
-    from mapclip.engine.archive import dedup
+    from mapclip.engine.dedup import duplicates as dedup
     from mapclip.engine.core.errors import UsageError
     src = _image(tmp_path / "a.png", 3)
     body = src.read_bytes()
@@ -579,8 +579,9 @@ def test_a_fine_tuned_copy_is_not_the_same_model_for_append_or_search(tmp_path, 
 
     from mapclip.engine.archive.build import build_index
     from mapclip.engine.archive.search import search
-    from mapclip.engine.archive.store import model_identity, read_manifest, same_space
-    from mapclip.engine.model.identity import same_weights, weights_fingerprint
+    from mapclip.engine.archive.format import read_manifest
+    from mapclip.engine.model.identity import same_space, same_weights, weights_fingerprint
+    from mapclip.engine.model.space import model_identity
     from mapclip.engine.core.options import IndexOptions
     from mapclip.engine.core.errors import ModelError
     a = make_raster(tmp_path / "a.tif", width=64, height=64, data=noise(3, 64, 64, seed=2))
@@ -1065,7 +1066,8 @@ def test_caches_and_shards_are_tied_to_their_index(tmp_path):
     """A search cache copied from another index of as many rows (under this index's
     cache name) is rebuilt, not used; two shards whose files were swapped are a
     damaged index, refused with a fix, not hits on the wrong raster."""
-    from mapclip.engine.archive.store import index_folder_from_blocks, open_index
+    from mapclip.engine.archive.store import open_index
+    from tests.index_factories import index_folder_from_blocks
     env = _env(tmp_path)
     a = index_folder_from_blocks(tmp_path / "a", _unit_blocks(1, [1500, 1500]), 32)
     b = index_folder_from_blocks(tmp_path / "b", _unit_blocks(2, [1500, 1500]), 32)

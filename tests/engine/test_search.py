@@ -9,7 +9,8 @@ import pytest
 from mapclip.engine.archive.build import build_index
 from mapclip.engine.archive.search import ranked_rows, search, search_index
 from mapclip.engine.archive import approx, store
-from mapclip.engine.archive.store import index_from_arrays, open_index
+from mapclip.engine.archive.store import open_index
+from tests.index_factories import index_from_arrays
 from mapclip.engine.core.options import IndexOptions, SearchOptions
 from mapclip.engine.core.errors import ModelError, UsageError
 from mapclip.engine.core.outputs import _pyogrio_raw

@@ -6,10 +6,10 @@ Which search an index gets is decided by its size alone (``--method auto``):
 ============================  =================================================
 rows                          search
 ============================  =================================================
-below ``APPROX_MIN_ROWS``     exact: one matrix product (engine.archive.store)
+below ``APPROX_MIN_ROWS``     exact: one matrix product (engine.archive.store.Index)
 (100 000)
 up to ``IVF_MIN_ROWS``        flat PQ fast-scan over every code + exact re-rank
-(1 000 000)                   (engine.archive.store.build_approx)
+(1 000 000)                   (engine.archive.approx)
 ``IVF_MIN_ROWS`` and above    IVF-PQ (this module): a coarse k-means quantiser
                               of ``nlist`` lists; the query visits the
                               ``nprobe`` nearest lists, scans their 4-bit
@@ -35,9 +35,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+
+from .approx import APPROX_MIN_ROWS, approx_factory, serves
+from .format import NORM_TOLERANCE, damaged
+from .shards import ShardStore, exact_top_streaming, top_rows
 
 #: at and above this many rows, ``auto`` / ``approx`` search use IVF-PQ
 IVF_MIN_ROWS = 1_000_000
@@ -56,8 +60,6 @@ IVF_MIN_PROBE = 32
 #: candidates re-ranked exactly: max(IVF_MIN_CANDIDATES, IVF_K_FACTOR * k)
 IVF_MIN_CANDIDATES = 2_000
 IVF_K_FACTOR = 20
-#: rows read from the shards at a time when streaming them
-BLOCK_ROWS = 1 << 16
 CACHE_PREFIX = "ann-"
 
 
@@ -77,91 +79,11 @@ def ivf_candidates(k: int, rows: int) -> int:
 
 def ivf_factory(dim: int, rows: int) -> str:
     """faiss factory string: ``IVF{nlist},PQ{D/2}x4fs`` (``SQ8`` codes for odd D)."""
-    from .approx import approx_factory
     return f"IVF{ivf_lists(rows)},{approx_factory(dim)}"
 
 
 def use_ivf(rows: int) -> bool:
     return rows >= IVF_MIN_ROWS
-
-
-# --------------------------------------------------------------------------- #
-# The vectors and tile records, read from the shards without loading them all.
-# --------------------------------------------------------------------------- #
-class ShardStore:
-    """Rows of an index read from its memory-mapped shards (or from the arrays
-    of an in-memory index): any rows on demand, or all of them block by block."""
-
-    def __init__(self, index):
-        self.index = index
-        self.dim = int(index.embed_dim)
-        shards = index.manifest["shards"]
-        sizes = np.array([int(s["rows"]) for s in shards], np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.rows = int(self.starts[-1])
-        self._maps: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
-
-    def _shard(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
-        if self.index.path is None:   # an in-memory index (benchmarks, tests)
-            return self.index._emb, self.index._tiles
-        got = self._maps.get(i)
-        if got is None:
-            from .store import TILE_DTYPE, damaged, verify_shard
-            s = self.index.manifest["shards"][i]
-            n = int(s["rows"])
-            try:
-                emb = np.load(self.index.path / s["emb"], mmap_mode="r", allow_pickle=False)
-                tiles = np.load(self.index.path / s["tiles"], mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise damaged(self.index.path, f"shard {s['id']} cannot be read ({exc})") from None
-            if emb.shape != (n, self.dim) or emb.dtype != np.float16 or \
-                    tiles.shape != (n,) or tiles.dtype != TILE_DTYPE:
-                raise damaged(self.index.path, f"shard {s['id']} does not hold the {n} rows "
-                                                "its manifest entry says")
-            verify_shard(self.index.path, s, emb, tiles)
-            got = self._maps[i] = (emb, tiles)
-        return got
-
-    def _gather(self, rows, which: int, dtype) -> np.ndarray:
-        rows = np.asarray(rows, np.int64).ravel()
-        if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
-            raise IndexError("row out of range")
-        if self.index.path is None:
-            return np.asarray(self._shard(0)[which][rows], dtype)
-        shard = np.searchsorted(self.starts, rows, side="right") - 1
-        order = np.argsort(rows, kind="stable")
-        first = self._shard(0)[which] if len(self.index.manifest["shards"]) else None
-        out = np.empty((rows.size,) + (first.shape[1:] if first is not None else ()), dtype)
-        for i in np.unique(shard):
-            sel = order[shard[order] == i]            # ascending rows of shard i
-            local = rows[sel] - self.starts[i]
-            out[sel] = self._shard(int(i))[which][local]
-        return out
-
-    def vectors(self, rows) -> np.ndarray:
-        """(len(rows), D) float32 vectors of ``rows`` (any order, repeats allowed)."""
-        return self._gather(rows, 0, np.float32)
-
-    def tiles(self, rows) -> np.ndarray:
-        from .store import TILE_DTYPE
-        return self._gather(rows, 1, TILE_DTYPE)
-
-    def blocks(self, step: int = BLOCK_ROWS, check: bool = True) -> Iterator[Tuple[int, np.ndarray]]:
-        """(first row, float32 block) over every row in order; ``check``: refuse
-        rows that are not finite unit vectors, like loading the index does."""
-        from .store import check_vectors
-        if self.index.path is None:
-            emb = self.index._emb
-            for a in range(0, len(emb), step):
-                yield a, np.asarray(emb[a:a + step], np.float32)
-            return
-        for i, s in enumerate(self.index.manifest["shards"]):
-            emb = self._shard(i)[0]
-            for a in range(0, len(emb), step):
-                block = np.asarray(emb[a:a + step], np.float32)
-                if check:
-                    check_vectors(self.index.path, s["emb"], block)
-                yield int(self.starts[i]) + a, block
 
 
 # --------------------------------------------------------------------------- #
@@ -195,18 +117,6 @@ def build_ivf(store: ShardStore, seed: int = 0, progress=None):
             progress(done, n)
     ivf.nprobe = ivf_probe(nlist)
     return index
-
-
-def serves(index, fi, candidates: int) -> bool:
-    """Whether the cached faiss index ``fi`` indexes ``index``'s rows: its first,
-    middle and last rows, searched with their own stored vectors, are each among
-    their own candidates. A cache built from another index (even one with as
-    many rows, under this index's name) fails and is rebuilt."""
-    n = int(index.rows)
-    rows = np.array(sorted({0, n // 2, n - 1}), np.int64)
-    _, cand = fi.search(np.ascontiguousarray(index.vectors(rows), dtype=np.float32),
-                        int(min(n, candidates)))
-    return all(r in c for r, c in zip(rows.tolist(), cand.tolist()))
 
 
 def cache_path(index) -> Optional[Path]:
@@ -246,7 +156,6 @@ def ranked_rows(index, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray, D
     """(rows, exact scores, parameters) of the top ``k`` rows for ``q`` by IVF-PQ
     candidates re-ranked exactly from the stored float16 vectors."""
     import faiss
-    from .store import NORM_TOLERANCE, top_rows
     fi = index.ivf()
     ivf = faiss.extract_index_ivf(fi)
     kc = ivf_candidates(k, index.rows)
@@ -256,7 +165,6 @@ def ranked_rows(index, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray, D
     vecs = index.vectors(cand)
     norms = np.linalg.norm(vecs, axis=1)
     if not np.all(np.abs(norms - 1.0) <= NORM_TOLERANCE):   # NaN fails too
-        from .store import damaged
         raise damaged(index.path, "a shard holds rows that are not unit vectors (changed "
                                    "after its search index was built)")
     exact = vecs @ np.asarray(q, np.float32)
@@ -266,29 +174,8 @@ def ranked_rows(index, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray, D
         "nprobe": int(ivf.nprobe), "candidates": int(kc), "ivf_min_rows": IVF_MIN_ROWS}
 
 
-def exact_top_streaming(store: ShardStore, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` rows and scores for each of ``queries`` (m, D), reading
-    the vectors block by block (memory: one block, whatever the index size)."""
-    Q = np.asarray(queries, np.float32)
-    m = len(Q)
-    best_s = np.full((m, 0), -np.inf, np.float32)
-    best_r = np.zeros((m, 0), np.int64)
-    for a, block in store.blocks(check=False):
-        s = Q @ block.T
-        r = np.broadcast_to(np.arange(a, a + len(block), dtype=np.int64), s.shape)
-        s = np.concatenate([best_s, s], axis=1)
-        r = np.concatenate([best_r, r], axis=1)
-        if s.shape[1] > k:
-            part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-            s, r = np.take_along_axis(s, part, 1), np.take_along_axis(r, part, 1)
-        best_s, best_r = s, r
-    order = np.lexsort((best_r, -best_s), axis=1) if m else np.zeros((0, 0), np.int64)
-    return np.take_along_axis(best_r, order, 1), np.take_along_axis(best_s, order, 1)
-
-
 def describe(rows: int, dim: int) -> Dict[str, Any]:
     """What search ``auto`` uses for an index of this size (docs, --help, manifests)."""
-    from .approx import APPROX_MIN_ROWS, approx_factory
     if rows < APPROX_MIN_ROWS:
         return {"method": "exact"}
     if not use_ivf(rows):

@@ -3,16 +3,17 @@
 float16 vectors re-rank them exactly (:func:`approx_candidates`). It is used
 above :data:`APPROX_MIN_ROWS` rows, cached beside the index, named after the
 content it indexes, and rebuilt when the index changes.
+
+``index`` below is an :class:`engine.archive.store.Index` (its ``path``, ``rows``,
+``embed_dim``, ``content_id``, ``vectors`` and ``embeddings``); this module
+imports nothing of the archive.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-import numpy as np
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .store import Index
+import numpy as np
 
 
 #: above this many stored tiles, search uses the approximate (faiss) index;
@@ -72,15 +73,28 @@ def build_approx(emb: np.ndarray, seed: int = 0):
     return index
 
 
-def approx_path(index: Index) -> Path:
+def serves(index, fi, candidates: int) -> bool:
+    """Whether the cached faiss index ``fi`` indexes ``index``'s rows: its first,
+    middle and last rows, searched with their own stored vectors, are each among
+    their own candidates. A cache built from another index (even one with as
+    many rows, under this index's name) fails and is rebuilt."""
+    n = int(index.rows)
+    rows = np.array(sorted({0, n // 2, n - 1}), np.int64)
+    _, cand = fi.search(np.ascontiguousarray(index.vectors(rows), dtype=np.float32),
+                        int(min(n, candidates)))
+    return all(r in c for r, c in zip(rows.tolist(), cand.tolist()))
+
+
+
+def approx_path(index) -> Path:
     return index.path / f"approx-{index.content_id}.faiss"
 
 
-def load_or_build_approx(index: Index):
+def load_or_build_approx(index):
     """Read the cached faiss index for the index's content, or build and cache it.
 
     Stale caches (other content) are removed; a cache that does not find the
-    index's own rows (:func:`engine.archive.ann.serves`) is rebuilt. A read-only index folder still
+    index's own rows (:func:`serves`) is rebuilt. A read-only index folder still
     works: the faiss index is then built in memory for this session only.
     """
     import faiss
@@ -90,7 +104,6 @@ def load_or_build_approx(index: Index):
     if path.is_file():
         try:
             fi = faiss.read_index(str(path))
-            from .ann import serves
             if fi.ntotal == index.rows and fi.d == index.embed_dim and \
                     serves(index, fi, approx_candidates(1, index.rows)):
                 return fi

@@ -17,7 +17,14 @@ from ..core.errors import ModelError, UsageError
 from ..core.jobs import Job
 from ..core.options import IndexOptions, check, with_model_defaults
 from ..core.outputs import same_crs
-from .store import (Index, IndexWriter, LOCK, MANIFEST, TILE_DTYPE, WriteLock, describe_model, tile_records, file_checksum, model_identity, read_manifest, same_space, write_footprints)
+from ..model.identity import describe_model, same_space
+from ..model.space import model_identity
+from . import ann
+from .distributed import embed_plan_on_ray
+from .embed import embed_window_batch, read_facts, read_options
+from .format import LOCK, MANIFEST, TILE_DTYPE, file_checksum, read_manifest
+from .store import Index
+from .writer import IndexWriter, WriteLock, write_footprints
 
 
 #: rasters a FOLDER source contributes (searched recursively)
@@ -102,15 +109,6 @@ def expand_sources(sources: Union[str, os.PathLike, Sequence[Union[str, os.PathL
 # --------------------------------------------------------------------------- #
 # Building: create, append, resume.
 # --------------------------------------------------------------------------- #
-def _read_facts(read) -> Dict[str, Any]:
-    """The reader options that change pixels, as stored in the manifest."""
-    from ..core.options import ReadOptions
-    r = read or ReadOptions()
-    return {"bands": list(r.bands) if r.bands else None, "stretch": r.stretch,
-            "percentiles": list(r.percentiles),
-            "fixed_range": list(r.fixed_range) if r.fixed_range else None}
-
-
 def _layout(options: IndexOptions, stored: Optional[Dict[str, Any]], image_size: int) -> Dict[str, Any]:
     """The index's tiling layout: the stored one, checked against what was asked,
     or (new index) the asked one with defaults filled in."""
@@ -134,8 +132,8 @@ def _layout(options: IndexOptions, stored: Optional[Dict[str, Any]], image_size:
             mismatch.append(f"stride {options.stride_px} (index: {stored['stride_px']})")
         if options.gsd is not None and float(options.gsd) != stored["gsd"]:
             mismatch.append(f"GSD {options.gsd} (index: {stored['gsd']})")
-        if options.read is not None and _read_facts(options.read) != stored["read"]:
-            mismatch.append(f"band/stretch options {_read_facts(options.read)} (index: {stored['read']})")
+        if options.read is not None and read_facts(options.read) != stored["read"]:
+            mismatch.append(f"band/stretch options {read_facts(options.read)} (index: {stored['read']})")
         if options.min_valid is not None and float(options.min_valid) != stored["min_valid"]:
             mismatch.append(f"min_valid {options.min_valid} (index: {stored['min_valid']})")
         if mismatch:
@@ -146,7 +144,7 @@ def _layout(options: IndexOptions, stored: Optional[Dict[str, Any]], image_size:
     stride = int(options.stride_px) if options.stride_px is not None else scales[0]
     return {"scales": scales, "stride_px": stride,
             "gsd": float(options.gsd) if options.gsd is not None else None,
-            "read": _read_facts(options.read),
+            "read": read_facts(options.read),
             "min_valid": float(options.min_valid) if options.min_valid is not None else 0.5}
 
 
@@ -154,15 +152,6 @@ def _stride_for(layout: Dict[str, Any], tile_px: int) -> int:
     """Stride of one scale: the first scale's stride, same overlap fraction for the others."""
     base = layout["scales"][0]
     return max(1, int(round(layout["stride_px"] * tile_px / base)))
-
-
-def read_options(layout: Dict[str, Any], workers: Any = "auto"):
-    """The index's stored reading rules; ``workers`` (how to read, not what) is this run's."""
-    from ..core.options import ReadOptions
-    r = layout["read"]
-    return ReadOptions(bands=r["bands"], stretch=r["stretch"], percentiles=tuple(r["percentiles"]),
-                       fixed_range=tuple(r["fixed_range"]) if r["fixed_range"] else None,
-                       workers=workers)
 
 
 def _existing_manifest(out: Path) -> Optional[Dict[str, Any]]:
@@ -383,7 +372,6 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
                               sum(len(g) - int(e["progress"].get(str(s), 0)) for s, g in src.grids.items())
                               for src, e, st in plan))
             if options.ray is not None:      # the same chunks of tiles, on Ray workers
-                from .distributed import embed_plan_on_ray
                 embed_plan_on_ray(writer, plan, lm, options, job, info)
             for src, entry, status in plan:
                 if status == "unchanged" or entry.get("complete"):
@@ -400,7 +388,6 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
                 with warnings.catch_warnings():   # no CRS: said in the note on georeferencing
                     warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
                     write_footprints(writer)
-            from . import ann
             if ann.use_ivf(sum(int(s["rows"]) for s in writer.manifest["shards"])):
                 ann.load_or_build(Index(out))      # search's IVF-PQ index, built once here
             m = writer.manifest
@@ -415,19 +402,6 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
         raise
     info.seconds = time.perf_counter() - t0
     return info
-
-
-def embed_window_batch(lm, runner, raster_id: int, tile_px: int, tiles, arr: np.ndarray,
-                       ri) -> Tuple[np.ndarray, np.ndarray]:
-    """One batch of tile windows read by the raster reader -> (float16 (B, D)
-    embeddings, (B,) TILE_DTYPE records). The per-batch work of every build,
-    in this process (:func:`_embed_grid`) or on a Ray worker (archive/distributed.py)."""
-    import torch
-
-    from ..model.encode import encode_images
-    e = runner(lambda b: encode_images(lm, b), torch.from_numpy(arr))
-    e = e.float().cpu().numpy().astype(np.float16)
-    return e, tile_records(int(raster_id), tile_px, tiles, ri.transform, ri.crs)
 
 
 def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, reader, lm, layout,

@@ -6,7 +6,7 @@
 of tile numbers), and hands the chunks to Ray actors. Each actor
 (:class:`ChunkWorker`) loads the model once, reads its windows with the
 engine's own reader (:func:`engine.raster.reader.iter_tile_batches`), embeds them
-batch by batch with :func:`engine.archive.store.embed_window_batch` (the function a
+batch by batch with :func:`engine.archive.embed.embed_window_batch` (the function a
 build in one process calls too), and writes its chunk as one shard of the
 existing index format (``shards/NNNNNN.emb.npy`` and ``.tiles.npy``, written
 beside their names and renamed). Only the driver writes the manifest: it
@@ -34,8 +34,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..core.errors import MapClipError, UsageError
+from ..core.errors import MapClipError, ModelError, UsageError
 from ..core.options import RAY_LOCAL
+from ..model.identity import same_space
+from ..model.space import model_identity
+from .embed import embed_window_batch, read_options
+from .format import SHARDS_DIR, TILE_DTYPE, save_npy, shard_file_check
 
 #: Ray version the engine is tested with (requirements.txt)
 RAY_PIN = "ray==2.60.0"
@@ -101,9 +105,6 @@ class ChunkWorker:
     def __init__(self, spec: str, device: Optional[str], precision: Optional[str],
                  read: Dict[str, Any], min_valid: float, batch_size: int, folder: str,
                  identity: Dict[str, Any], fault: Optional[str] = None):
-        from .build import read_options
-        from .store import model_identity, same_space
-        from ..core.errors import ModelError
         from ..model.models import load_model
         # an error here is kept and raised by run(): Ray reports an exception
         # of a constructor only as a dead actor, without the engine's message
@@ -137,8 +138,6 @@ class ChunkWorker:
         if self.error is not None:
             raise self.error
         from ..model.batching import BatchRunner
-        from .store import SHARDS_DIR, TILE_DTYPE, save_npy
-        from .build import embed_window_batch
         from ..raster.batches import iter_tile_batches
         from ..raster.reader import open_raster
         runner = BatchRunner(self.batch_size)
@@ -269,7 +268,6 @@ def embed_plan_on_ray(writer, plan, lm, options, job, info) -> None:
 
 def _run(ray, writer, chunks: Sequence[Chunk], entries, lm, layout, options, job, info,
          actors: List[Any]) -> None:
-    from .store import model_identity
     n, gpus = default_workers(options, ray.cluster_resources())
     n = max(1, min(n, len(chunks)))
     spec = str(lm.spec)
@@ -327,7 +325,6 @@ def _run(ray, writer, chunks: Sequence[Chunk], entries, lm, layout, options, job
 
 def _commit(writer, chunk: Chunk, res: Dict[str, Any], entries, job, info) -> None:
     """Record a finished chunk in the manifest (its shard, the raster's progress)."""
-    from .store import shard_file_check
     entry = entries[chunk.raster_id]
     if res["rows"]:
         writer.manifest["shards"].append({

@@ -14,8 +14,9 @@ from ..core.errors import UsageError
 from ..core.jobs import Job
 from ..core.options import SearchOptions, check
 from ..core.outputs import HIT_FIELDS, hit_query, hit_rows, output_crs, same_crs, vector_driver, write_vector
-from . import approx
-from .store import Hit, Index, top_rows, open_index
+from . import ann, approx
+from .shards import top_rows
+from .store import Hit, Index, open_index
 
 
 @dataclass
@@ -225,7 +226,6 @@ def ranked_rows(index: Index, score_q: np.ndarray, k: int, method: str = "auto"
     if use == "exact":
         rows, scores = index.exact_top(score_q, k)
         return rows, scores, "exact", params
-    from . import ann
     if ann.use_ivf(n):        # IVF-PQ: codes in memory, vectors read from the shards
         rows, scores, more = ann.ranked_rows(index, score_q, k)
         return rows, scores, "approx", dict(params, **more)

@@ -8,7 +8,7 @@ from . import cancel_event, print_json, tqdm_progress
 
 
 def register(sub) -> None:
-    from ..archive.dedup import DEFAULT_HASH_SIZE, DEFAULT_MAX_DISTANCE
+    from ..core.options import DEFAULT_HASH_SIZE, DEFAULT_MAX_DISTANCE
     p = sub.add_parser("dedup", help="find near-duplicate images (p-Hash), optionally set them aside",
                        description="Hash every image (p-Hash), find pairs within a Hamming "
                                    "distance through a segment index, group them and keep one "
@@ -42,7 +42,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.errors import UsageError
-    from ..archive import dedup
+    from ..dedup import duplicates as dedup
     if args.undo:
         if args.dirs or args.move_to or args.against:
             raise UsageError("--undo takes only the manifest", "run the undo on its own")

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..archive.build import build_index
-    from ..archive.store import MANIFEST, read_manifest
+    from ..archive.format import MANIFEST, read_manifest
     from ..core.options import IndexOptions
     from ..core.options import ReadOptions
 

@@ -358,6 +358,24 @@ class SearchOptions:
     templates: Any = None                # prompt templates for text queries; None: the model's
 
 
+#: near-duplicate images (engine.dedup): RemoteCLIP's "Hamming distance below 2"
+DEFAULT_MAX_DISTANCE = 1
+#: p-Hash of DEFAULT_HASH_SIZE**2 bits
+DEFAULT_HASH_SIZE = 8
+
+
+@dataclass
+class DedupOptions:
+    """How :func:`engine.dedup.duplicates.find_duplicates` hashes and compares."""
+
+    max_distance: int = DEFAULT_MAX_DISTANCE   # duplicates: Hamming distance <= this
+    hash_size: int = DEFAULT_HASH_SIZE         # hash has hash_size**2 bits
+    segments: Optional[int] = None             # default max_distance + 1
+    cache: Optional[str] = "default"           # SQLite file; "default": default_cache_path(); None: off
+    workers: int = 2                           # hashing threads
+    overwrite: bool = False
+
+
 @dataclass
 class FinetuneOptions:
     """Everything one fine-tuning run needs; defaults suit ViT-B/32 on a GPU."""

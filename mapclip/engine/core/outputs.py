@@ -41,6 +41,12 @@ COUNT_FIELDS: Fields = (("object", "str"), ("rank", "int"), ("score", "float"), 
 #: score is the mean best-class score of its cells
 CLASS_FIELDS: Fields = (("class", "str"), ("value", "int"), ("score", "float"), ("cells", "int"),
                         ("model", "str"))
+#: an index's footprints.gpkg (engine.archive.writer.write_footprints): every stored tile,
+#: its row and raster, its pixel window and its bounds in the layer's CRS
+FOOTPRINT_FIELDS: Fields = (("row_id", "int"), ("raster_id", "int"), ("raster", "str"),
+                            ("tile_px", "int"), ("tile", "int"), ("px_col", "int"), ("px_row", "int"),
+                            ("px_width", "int"), ("px_height", "int"), ("xmin", "float"),
+                            ("ymin", "float"), ("xmax", "float"), ("ymax", "float"))
 #: what mapclip:caption adds to a box layer: the best caption and its cosine (empty if generated)
 CAPTION_FIELDS: Fields = (("caption", "str"), ("caption_score", "float"))
 
@@ -97,6 +103,21 @@ def count_rows(boxes: Iterable[Any], object_name: str, model: str,
                      "area": int(b.area), "method": method, "model": model})
         bounds.append(tuple(b.bounds))
     return rows, bounds
+
+
+def footprint_columns(tiles: Any, paths: Dict[int, str]) -> Dict[str, Any]:
+    """The columns of :data:`FOOTPRINT_FIELDS`, in field order, for an index's tile
+    records (NumPy, engine.archive.format.TILE_DTYPE; one row per tile, a whole
+    index at once); ``paths``: raster id -> raster path. ``xmin`` .. ``ymax`` are the
+    tile's bounds in its raster's CRS (the polygon is in the layer's CRS)."""
+    import numpy as np
+    ints = {"row_id": np.arange(len(tiles)), "raster_id": tiles["raster"], "tile_px": tiles["tile_px"],
+            "tile": tiles["tile"], "px_col": tiles["col"], "px_row": tiles["row"],
+            "px_width": tiles["width"], "px_height": tiles["height"]}
+    cols = {name: np.asarray(v).astype(np.int64) for name, v in ints.items()}
+    cols["raster"] = np.asarray([paths[int(r)] for r in tiles["raster"]], dtype=object)
+    cols.update({name: tiles[name] for name in ("xmin", "ymin", "xmax", "ymax")})
+    return {name: cols[name] for name in names(FOOTPRINT_FIELDS)}
 
 
 def values(fields: Fields, row: Dict[str, Any]) -> List[Any]:

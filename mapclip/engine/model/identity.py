@@ -1,13 +1,19 @@
-"""Model identity: which weights a loaded model holds, as a fingerprint.
+"""Model identity: which weights a loaded model holds, as a fingerprint, and
+which embedding space it embeds into.
 
-An index (engine.archive) records it to refuse mixing embedding spaces; the
-embedding cache (engine.cache) keys passes by it, so a fine-tuned copy of a
+An index (engine.archive) records a model's identity in its manifest
+(engine.model.space.model_identity: the fingerprint, the embeddings of
+:data:`PROBE_TEXT` and :func:`probe_image`) to refuse mixing embedding spaces
+(:func:`same_space`); the embedding cache
+(engine.cache) keys passes by the fingerprint, so a fine-tuned copy of a
 model never answers from its parent's embeddings.
 """
 from __future__ import annotations
 
 import hashlib
 from typing import Any, Dict, Optional
+
+import numpy as np
 
 
 def weights_version(lm) -> Optional[int]:
@@ -70,3 +76,43 @@ def same_weights(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[bool]:
         if key in fa and key in fb:
             return fa[key] == fb[key]
     return None
+
+
+# --------------------------------------------------------------------------- #
+# The embedding space: which space vectors live in.
+# --------------------------------------------------------------------------- #
+#: a query model is the index's model when both probe embeddings agree this well
+SAME_SPACE_COSINE = 0.99
+#: the fixed text whose embedding identifies a space (with :func:`probe_image`'s)
+PROBE_TEXT = "an aerial image of a city with roads, buildings, fields and a river"
+
+
+def probe_image(size: int) -> np.ndarray:
+    """A fixed, smooth RGB test image (1, size, size, 3) uint8."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) / max(size - 1, 1)
+    img = np.stack([x, y, 0.5 + 0.5 * np.sin(6.0 * (x + y))], axis=-1)
+    return (img * 255).round().astype(np.uint8)[None]
+
+
+def describe_model(m: Dict[str, Any]) -> str:
+    return f"{m.get('spec') or m.get('model')!r} ({m.get('arch')}, {m.get('embed_dim')}-d)"
+
+
+def same_space(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """True when two model identities embed into the same space: the same weights
+    by fingerprint (:func:`weights_fingerprint`) where both have one, and the
+    probe embeddings agree. A fine-tuned copy of a model has probes close to its
+    parent's but other weights: it is not the same space."""
+    if int(a.get("embed_dim", -1)) != int(b.get("embed_dim", -2)):
+        return False
+    if same_weights(a, b) is False:
+        return False
+    for key in ("probe_text", "probe_image"):
+        u, v = np.asarray(a.get(key) or [], np.float64), np.asarray(b.get(key) or [], np.float64)
+        if u.shape != v.shape or u.size == 0:
+            return False
+        cos = float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-12))
+        if cos < SAME_SPACE_COSINE:
+            return False
+    return True
+

@@ -1,12 +1,12 @@
 """The de-duplication dialog: find near-duplicate images, look at them, quarantine on request.
 
-"Find duplicates" runs ``engine.archive.dedup.find_duplicates`` (the function behind
+"Find duplicates" runs ``engine.dedup.duplicates.find_duplicates`` (the function behind
 ``python -m engine dedup``) in an :class:`plugin.tasks.EngineTask` and fills a
 table: one row per image in a duplicate group (the kept image first, with a
 thumbnail) and one per training image that duplicates an image of the test
 folder. Nothing moves until the user presses "Move to quarantine" (after a
 quarantine folder is chosen); that writes a manifest first, and "Undo move"
-puts every file back (``engine.archive.dedup.undo_move``).
+puts every file back (``engine.dedup.duplicates.undo_move``).
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ class DedupDialog(JobDialog):
         self.mode = "find"
         self.found: Any = None
         self.manifest: Optional[str] = None
-        from ...engine.archive.dedup import DEFAULT_MAX_DISTANCE
+        from ...engine.core.options import DEFAULT_MAX_DISTANCE
         self.distance.setValue(DEFAULT_MAX_DISTANCE)
 
     def _pick_folder(self) -> None:
@@ -178,7 +178,8 @@ class DedupDialog(JobDialog):
             distance = self.distance.value()
 
             def job(progress, cancel):
-                from ...engine.archive.dedup import DedupOptions, find_duplicates
+                from ...engine.core.options import DedupOptions
+                from ...engine.dedup.duplicates import find_duplicates
                 return find_duplicates(folders, report, against=[test] if test else None,
                                        options=DedupOptions(max_distance=distance),
                                        progress=progress, cancel=cancel)
@@ -187,13 +188,13 @@ class DedupDialog(JobDialog):
             found, quarantine = self.found, self.quarantine.filePath().strip()
 
             def job(progress, cancel):
-                from ...engine.archive.dedup import move_duplicates
+                from ...engine.dedup.duplicates import move_duplicates
                 return move_duplicates(found, quarantine, progress=progress, cancel=cancel)
             return job
         manifest = self.manifest
 
         def job(progress, cancel):
-            from ...engine.archive.dedup import undo_move
+            from ...engine.dedup.duplicates import undo_move
             return undo_move(manifest, progress=progress, cancel=cancel)
         return job
 

@@ -200,7 +200,7 @@ class SearchIndexAlgorithm(MapClipAlgorithm):
     def index_folder(self, parameters, context) -> str:
         """The INDEX folder; a manifest.json chosen in it means the folder (the file
         dialog shows files, and the manifest is the file that makes a folder an index)."""
-        from ...engine.archive.store import MANIFEST
+        from ...engine.archive.format import MANIFEST
         path = self.parameterAsFile(parameters, self.INDEX, context)
         if os.path.isfile(path):
             if os.path.basename(path) == MANIFEST:

@@ -18,11 +18,11 @@ from qgis.core import (QgsProcessingOutputFile, QgsProcessingParameterDefinition
 from .common import FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, optional_number
 
 from ...engine.data.mask_box import MaskOptions
-from ...engine.archive.dedup import DedupOptions
+from ...engine.core.options import DedupOptions
 from ...engine.core.options import FREEZE as FREEZE_
 from ...engine.core.options import FinetuneOptions
 
-#: the engine's defaults, read once (engine.core.options, engine.convert and engine.archive.dedup need no torch)
+#: the engine's defaults, read once (engine.core.options, engine.convert and engine.dedup.duplicates need no torch)
 FT = FinetuneOptions(model="", data="", out="")
 FREEZE = list(FREEZE_)
 B2C_FORMATS = ["coco", "dota", "yolo", "voc"]
@@ -298,7 +298,7 @@ class DeduplicateAlgorithm(MapClipAlgorithm):
         if optional_number(parameters.get(self.SEGMENTS)) not in (None, ""):
             segments = self.parameterAsInt(parameters, self.SEGMENTS, context)
         with engine_errors():
-            from ...engine.archive.dedup import find_duplicates, move_duplicates
+            from ...engine.dedup.duplicates import find_duplicates, move_duplicates
             options = DedupOptions(max_distance=self.parameterAsInt(parameters, self.DISTANCE, context),
                                    hash_size=self.parameterAsInt(parameters, self.HASH_SIZE, context),
                                    segments=segments, overwrite=True)

@@ -57,13 +57,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..core.errors import UsageError
+from ..core.options import DEFAULT_HASH_SIZE, DEFAULT_MAX_DISTANCE, DedupOptions
 from ..core.jobs import (TEMP_TAG, CancelFlag, _pid_alive, Job, ProgressFn, atomic_path, check_outputs, is_inside, same_file)
 
 PathLike = Union[str, os.PathLike]
 
-#: RemoteCLIP: duplicates have Hamming distance below 2
-DEFAULT_MAX_DISTANCE = 1
-DEFAULT_HASH_SIZE = 8
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 #: images per progress report / cancel check
 BATCH = 128
@@ -412,18 +410,6 @@ def hash_images(files: Sequence[Tuple[str, str]], hash_size: int = DEFAULT_HASH_
 
 
 # --------------------------------------------------------------- finding --
-@dataclass
-class DedupOptions:
-    """How :func:`find_duplicates` hashes and compares."""
-
-    max_distance: int = DEFAULT_MAX_DISTANCE   # duplicates: Hamming distance <= this
-    hash_size: int = DEFAULT_HASH_SIZE         # hash has hash_size**2 bits
-    segments: Optional[int] = None             # default max_distance + 1
-    cache: Optional[str] = "default"           # SQLite file; "default": default_cache_path(); None: off
-    workers: int = 2                           # hashing threads
-    overwrite: bool = False
-
-
 @dataclass
 class DedupResult:
     """Groups of duplicates, contamination and what to set aside."""
