@@ -166,7 +166,7 @@ def eval_retrieval(model, data: str, images: Optional[str] = None, split: Option
     import torch
 
     from .model.encode import encode_text
-    from .archive.retrieval import TIE_MODES, retrieval_metrics
+    from .data.metrics import TIE_MODES, retrieval_metrics
     if ties not in TIE_MODES:
         raise UsageError(f"unknown tie rule {ties!r}", f"use one of {', '.join(TIE_MODES)}")
     paths, captions, owner = read_retrieval_data(data, images, split)

@@ -68,7 +68,7 @@ from .core.errors import MapClipError, ModelError, UsageError, reason
 from .core.jobs import CancelFlag, Job, ProgressFn
 from .core.options import FinetuneOptions, check  # noqa: F401
 from .model.models import (MODEL_CONFIG_FILE, OPENAI_MEAN, OPENAI_STD, LoadedModel, Resolved, arch_config, make_tokenizer, build_model, load_model, resolve_device, save_model_folder)
-from .archive.retrieval import retrieval_metrics
+from .data.metrics import retrieval_metrics
 from .archive.store import LOCK, WriteLock
 
 RANDOM_INIT_TAG = "random"
