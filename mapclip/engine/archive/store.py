@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 from ..core.errors import MapClipError, ModelError, UsageError
-from ..core.outputs import DATASET_OPTIONS, WGS84, _pyogrio_raw, output_crs, polygon_wkb, same_crs
+from ..core.outputs import DATASET_OPTIONS, WGS84, _pyogrio_raw, output_crs, same_crs
+from ..core.wkb import polygon_wkb
 from ..model.identity import same_weights, weights_fingerprint
 from . import approx
 

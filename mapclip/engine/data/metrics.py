@@ -123,16 +123,29 @@ def centre_precision(boxes: Sequence[Sequence[float]], truth: Sequence[Sequence[
 # Class maps.
 # --------------------------------------------------------------------------- #
 
-def mask_agreement(pred: np.ndarray, mask: np.ndarray, values: Sequence[Sequence[int]],
-                   names: Sequence[str], nodata: int) -> Dict[str, Any]:
-    """Pixel accuracy, per-class IoU and mIoU of a class map ``pred`` (value i + 1 =
-    ``names[i]``, ``nodata`` = not scored) against a reference ``mask`` of the same shape.
+def mask_agreement(class_map: np.ndarray, transform, mask: np.ndarray, mask_transform,
+                   values: Sequence[Sequence[int]], names: Sequence[str], nodata: int) -> Dict[str, Any]:
+    """Pixel accuracy, per-class IoU and mIoU of a class map (value i + 1 = ``names[i]``,
+    ``nodata`` = not scored; affine ``transform``) against a reference ``mask``
+    (affine ``mask_transform``).
 
-    ``values[i]`` lists the mask values that are class ``names[i]``. Pixels whose
-    mask value is in no list, and pixels ``pred`` left unscored, are not counted;
-    other values of ``pred`` (unknown) count as wrong. Classes absent from both
-    are left out of the mean.
+    ``values[i]`` lists the mask values that are class ``names[i]``. The
+    comparison is at the mask's own pixels: each pixel takes the class of the
+    cell holding its centre. Pixels whose mask value is in no list, and pixels
+    the map left unscored, are not counted; other map values (unknown) count as
+    wrong. Classes absent from both are left out of the mean.
     """
+    h, w = mask.shape
+    cols, rows = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
+    mtf = mask_transform
+    xs = mtf.a * cols + mtf.b * rows + mtf.c
+    ys = mtf.d * cols + mtf.e * rows + mtf.f
+    inv = ~transform
+    ci = np.floor(inv.a * xs + inv.b * ys + inv.c).astype(np.int64)
+    ri = np.floor(inv.d * xs + inv.e * ys + inv.f).astype(np.int64)
+    inside = (ci >= 0) & (ri >= 0) & (ci < class_map.shape[1]) & (ri < class_map.shape[0])
+    pred = np.full(mask.shape, nodata, np.uint8)
+    pred[inside] = class_map[ri[inside], ci[inside]]
     truth = np.zeros(mask.shape, np.uint8)
     for i, vals in enumerate(values, start=1):
         truth[np.isin(mask, list(vals))] = i

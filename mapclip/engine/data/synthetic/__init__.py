@@ -44,9 +44,10 @@ from .chips import Chip, chip_boxes, make_chips, make_cover_chips, write_chips
 from .coco import coco_categories, read_truth, to_coco
 from .scene import make_chip, make_scene
 from .truth import (CLASS_VALUE, DEFAULT_CRS, DEFAULT_GSD, DEFAULT_ORIGIN, LANDCOVER_CLASSES, MASK_CLASSES,
-                    OBJECT_BASE, OBJECT_CLASSES, SceneTruth, TruthBox, pixel_to_map, scene_transform)
+                    OBJECT_BASE, OBJECT_CLASSES, SYNTHETIC_CLASSES, SceneTruth, TruthBox, pixel_to_map,
+                    scene_transform, synthetic_targets)
 
 __all__ = ["OBJECT_CLASSES", "LANDCOVER_CLASSES", "MASK_CLASSES", "CLASS_VALUE", "OBJECT_BASE", "DEFAULT_GSD",
            "DEFAULT_CRS", "DEFAULT_ORIGIN", "TruthBox", "SceneTruth", "Chip", "make_scene", "make_chip",
            "make_chips", "make_cover_chips", "chip_boxes", "write_chips", "to_coco", "coco_categories",
-           "read_truth", "scene_transform", "pixel_to_map"]
+           "read_truth", "scene_transform", "pixel_to_map", "SYNTHETIC_CLASSES", "synthetic_targets"]

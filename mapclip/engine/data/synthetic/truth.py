@@ -19,6 +19,21 @@ MASK_CLASSES: Dict[int, str] = {**{i + 1: n for i, n in enumerate(LANDCOVER_CLAS
                                 **{OBJECT_BASE + i: n for i, n in enumerate(OBJECT_CLASSES)}}
 CLASS_VALUE: Dict[str, int] = {n: v for v, n in MASK_CLASSES.items()}
 
+#: the classes a synthetic scene's land cover is measured with, each with
+#: the mask classes it covers: objects count as the land cover they stand on; runway and
+#: apron are not counted
+SYNTHETIC_CLASSES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("water", ("water", "ship")), ("forest", ("forest",)), ("field", ("field",)),
+    ("bare ground", ("bare-ground", "storage-tank")), ("grass", ("grass", "sports-field")),
+    ("urban", ("urban", "building", "swimming-pool")), ("road", ("road", "vehicle")))
+
+
+def synthetic_targets() -> Tuple[List[str], List[List[int]]]:
+    """(class names, mask values per class) for engine.classify.compare_to_mask on synthetic scenes."""
+    return ([n for n, _ in SYNTHETIC_CLASSES],
+            [[CLASS_VALUE[m] for m in masks] for _, masks in SYNTHETIC_CLASSES])
+
+
 DEFAULT_GSD = 0.5
 DEFAULT_CRS = "EPSG:32633"
 DEFAULT_ORIGIN = (500000.0, 5300000.0)   # upper-left corner in the CRS (metres)
