@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 from ..core.errors import MapClipError, ModelError, UsageError
+from ..core.options import MIN_VALID
 from ..core.outputs import DATASET_OPTIONS, WGS84, _pyogrio_raw, output_crs, same_crs
 from ..core.wkb import polygon_wkb
 from ..model.identity import same_weights, weights_fingerprint
@@ -547,7 +548,7 @@ def index_folder_from_blocks(folder, blocks, dim: int) -> Path:
                 "probe_text": [1.0] + [0.0] * (dim - 1), "probe_image": [1.0] + [0.0] * (dim - 1)}
     layout = {"scales": [224], "stride_px": 224, "gsd": None,
               "read": {"bands": None, "stretch": "percentile", "percentiles": [2, 98], "fixed_range": None},
-              "min_valid": 0.5}
+              "min_valid": MIN_VALID}
     w = IndexWriter.create(Path(folder), identity, layout)
     entry = {"id": 1, "path": str(Path(folder) / "synthetic.tif"), "name": "synthetic.tif",
              "checksum": "", "progress": {}, "complete": False, "crs": None,
