@@ -153,7 +153,8 @@ class DetectResult:
 def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
            extent: Optional[Tuple[float, float, float, float]] = None,
            extent_crs: Optional[str] = None, options: Optional[DetectOptions] = None,
-           progress=None, cancel=None, preview=None) -> DetectResult:
+           progress=None, cancel=None, preview=None, examples=None,
+           examples_crs: Optional[str] = None) -> DetectResult:
     """Score ``raster`` (within ``extent``) against ``prompts``; see the module doc.
 
     ``model`` is a spec for :func:`engine.model.models.load_model` or a loaded
@@ -163,6 +164,11 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
     ``preview(boxes, done, total)``, in window mode, is called during a pass over the
     raster at most every :data:`PREVIEW_SECONDS` with the best boxes so far (merged,
     not yet fitted), so a front end can show them while the pass goes on.
+    ``examples`` (engine.data.examples.Example: places marked 1 "what I mean" / 0 "not
+    this", in ``examples_crs``, default the raster's) move each prompt's text embedding
+    toward the windows at the positives and away from those at the negatives
+    (``options.examples_method``, engine.model.scoring.refine_query) before windows are
+    ranked; window mode only. With a kept pass no pixel is read again.
     """
     from .model import accel
     from .model.dense import dense_unsupported
@@ -184,8 +190,11 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
                 rj.notes.append(f"dense mode is not available: {reason}; used window mode instead")
                 mode = "window"
         runner = BatchRunner(opts.batch_size)
+        scoring = {"bank": bank, "examples": _examples_in_pixels(rj, examples, examples_crs, mode)}
         run = _run_window if mode == "window" else _run_dense
-        boxes, heat, heat_tf, n_tiles, n_windows, skipped = run(rj, bank, opts, runner, preview)
+        boxes, heat, heat_tf, n_tiles, n_windows, skipped = run(rj, bank, opts, runner, preview,
+                                                                scoring)
+        bank = scoring["bank"]          # moved by the examples, when there are any
         refined = 0
         if opts.refine and boxes:
             boxes, refined = _refine(rj.reader, boxes, lm, bank, opts, rj.job, runner)
@@ -245,7 +254,67 @@ def _window_starts(n: int, k: int, stride: int) -> List[int]:
     return starts
 
 
-def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview=None):
+def _examples_in_pixels(rj, examples, examples_crs, mode: str):
+    """Examples as (col, row, positive) in raster pixels; those outside the area are left
+    out with a note. None without examples."""
+    if not examples:
+        return None
+    if mode != "window":
+        raise UsageError("examples refine window-mode searches only",
+                         "search in window mode (--mode window) to use examples", option="examples")
+    info, area = rj.info, rj.area
+    xs, ys = [e.x for e in examples], [e.y for e in examples]
+    if examples_crs and info.crs:
+        from .core.outputs import same_crs
+        if not same_crs(examples_crs, info.crs):
+            from rasterio.warp import transform
+            xs, ys = transform(examples_crs, info.crs, xs, ys)
+    inv = ~info.transform
+    out, outside = [], 0
+    for x, y, e in zip(xs, ys, examples):
+        c, r = inv @ (x, y)
+        if area.col <= c < area.col_end and area.row <= r < area.row_end:
+            out.append((c, r, bool(e.positive)))
+        else:
+            outside += 1
+    if outside:
+        rj.notes.append(f"{outside} of {len(examples)} examples lie outside the searched area "
+                        "and were not used")
+    if not out:
+        raise UsageError("no example lies inside the searched area",
+                         "mark places inside the area you search", option="examples")
+    return out
+
+
+def _refined_bank(bank: PromptBank, boxes: np.ndarray, emb, examples, method: str,
+                  notes: List[str]) -> PromptBank:
+    """``bank`` with each prompt's text embedding moved by the windows at the examples
+    (the window holding the place whose centre is nearest to it)."""
+    import torch
+
+    from .model.scoring import refine_query
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    pos, neg = [], []
+    for c, r, positive in examples:
+        inside = np.flatnonzero((boxes[:, 0] <= c) & (c < boxes[:, 2]) & (boxes[:, 1] <= r) & (r < boxes[:, 3]))
+        if not len(inside):
+            continue                 # on a skipped (nodata) window
+        k = inside[np.argmin((cx[inside] - c) ** 2 + (cy[inside] - r) ** 2)]
+        (pos if positive else neg).append(int(k))
+    if not pos and not neg:
+        notes.append("no example lies on a scored window; the prompts were used as typed")
+        return bank
+    emb = torch.as_tensor(emb)
+    text = bank.text.clone()
+    for p in range(bank.n_prompts):
+        text[p] = refine_query(text[p], emb[pos] if pos else None, emb[neg] if neg else None,
+                               method, bank.logit_scale).to(text.dtype)
+    notes.append(f"refined by {len(pos)} positive and {len(neg)} negative examples ({method})")
+    return PromptBank(list(bank.prompts), list(bank.background), text, bank.logit_scale)
+
+
+def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview=None,
+                scoring=None):
     """Score every window (module doc). The windows' embeddings are one pass
     (engine.rasterjob): kept after the first run, every later prompt on the same
     extent scores the kept vectors without reading or encoding anything."""
@@ -302,9 +371,15 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
     def encode(batch: torch.Tensor):
         return F.normalize(accel.encode_image(lm, to_model_input(lm, batch)).float(), dim=-1)
 
+    examples = (scoring or {}).get("examples")
+    held: List[Tuple[np.ndarray, torch.Tensor]] = []    # with examples: scored after the pass
+
     def consume(meta, emb: torch.Tensor) -> None:
         """Scores, boxes and heat of windows at mosaic positions ``meta`` from their embeddings."""
-        probs, cos = score_embeddings(emb, bank)
+        if examples is not None and not scoring.get("ready"):
+            held.append((np.asarray(meta, np.int64).reshape(-1, 2), emb.cpu()))
+            return
+        probs, cos = score_embeddings(emb, scoring["bank"] if scoring else bank)
         probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
         boxes = np.array([[cov.col + x0 / sx, cov.row + y0 / sy,
                            cov.col + (x0 + wx) / sx, cov.row + (y0 + wy) / sy]
@@ -336,7 +411,7 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
     last_preview = [time.perf_counter()]
 
     def show_preview() -> None:
-        if preview is None or time.perf_counter() - last_preview[0] < PREVIEW_SECONDS:
+        if preview is None or examples is not None or time.perf_counter() - last_preview[0] < PREVIEW_SECONDS:
             return
         so_far = _window_boxes(np.concatenate(win_boxes), np.concatenate(win_probs),
                                np.concatenate(win_cos), bank, opts, info)
@@ -413,6 +488,18 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
         flush(force=True)
         recorder.keep({"skipped": int(skipped)})
 
+    if examples is not None and held:     # move the prompts, then score every window
+        meta_all = np.concatenate([m for m, _ in held])
+        emb_all = torch.cat([e for _, e in held])
+        boxes = np.column_stack([cov.col + meta_all[:, 0] / sx, cov.row + meta_all[:, 1] / sy,
+                                 cov.col + (meta_all[:, 0] + wx) / sx, cov.row + (meta_all[:, 1] + wy) / sy])
+        scoring["bank"] = bank = _refined_bank(bank, boxes, emb_all, examples, opts.examples_method,
+                                               rj.notes)
+        scoring["ready"] = True
+        with torch.inference_mode():
+            for i in range(0, len(meta_all), opts.batch_size):
+                consume(meta_all[i:i + opts.batch_size].tolist(),
+                        emb_all[i:i + opts.batch_size].to(dev))
     boxes_all = np.concatenate(win_boxes) if win_boxes else np.zeros((0, 4))
     probs_all = np.concatenate(win_probs) if win_probs else np.zeros((0, P), np.float32)
     cos_all = np.concatenate(win_cos) if win_cos else np.zeros((0, P), np.float32)
@@ -457,7 +544,8 @@ def _ramp(n: int, ramp: float) -> np.ndarray:
     return np.maximum(w, 1e-3).astype(np.float32)
 
 
-def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview=None):
+def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview=None,
+               scoring=None):
     import torch
     import torch.nn.functional as F
 

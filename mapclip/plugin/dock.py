@@ -244,6 +244,7 @@ class MapClipDock(QgsDockWidget):
         self.gsd_spin.setDecimals(3)
         self.gsd_spin.setSpecialValueText("native")
         self.gsd_spin.setSuffix(" m/px")
+        self.gsd_spin.setToolTip("Metres on the ground per pixel; basemaps (EPSG:3857) are rendered at it, converted to map units at the area's latitude")
         adv.addRow("GSD", self.gsd_spin)
         self.topk_spin = QSpinBox()
         self.topk_spin.setRange(1, 10000)
@@ -671,7 +672,7 @@ class MapClipDock(QgsDockWidget):
         except ValueError as exc:
             self._set_running(False)
             return self._refuse(str(exc))
-        self.status_label.setText(f"Rendering {layer.name()} at {plan.gsd:.2f} m/px "
+        self.status_label.setText(f"Rendering {layer.name()} at {plan.ground_gsd or plan.gsd:.2f} m/px (ground) "
                                   f"({plan.width}×{plan.height} px)…")
         self.renderer = render.AsyncRender(layer, plan, parent=self)
         self._temp_files.append(self.renderer.path)
@@ -691,7 +692,9 @@ class MapClipDock(QgsDockWidget):
         if src != crs:
             ext = QgsCoordinateTransform(src, crs, QgsProject.instance()).transformBoundingBox(ext)
         width = max(1, canvas.width())
-        return ext.width() / width if ext.width() > 0 else None
+        if ext.width() <= 0:
+            return None
+        return ext.width() / width / render.units_per_metre(crs, ext)   # ground metres per pixel
 
     def _rendered(self, prompts, model, mode, params, bands, plan, path: str) -> None:
         self.renderer = None

@@ -22,10 +22,16 @@ from typing import Optional, Tuple
 
 from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform,
                        QgsMapRendererCustomPainterJob, QgsMapRendererParallelJob,
-                       QgsMapSettings, QgsProject, QgsProviderRegistry, QgsRasterLayer,
-                       QgsRectangle)
+                       QgsMapSettings, QgsPointXY, QgsProject, QgsProviderRegistry, QgsRasterLayer,
+                       QgsRectangle, QgsUnitTypes)
 from qgis.PyQt.QtCore import QObject, QSize, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QImage, QPainter
+
+from ..engine.core.errors import MapClipError
+
+
+class RenderError(MapClipError):
+    """A layer QGIS rendered to nothing: the message names the source and the reason."""
 
 #: largest side of a rendered image, in pixels; a larger request raises the GSD
 MAX_RENDER_PX = 8192
@@ -63,6 +69,7 @@ class RenderPlan:
     width: int
     height: int
     gsd: float  # map units per pixel actually used
+    ground_gsd: Optional[float] = None  # the same in metres on the ground, at the centre
 
     def transform(self) -> Tuple[float, float, float, float, float, float]:
         """GDAL geotransform of the rendered image."""
@@ -101,7 +108,10 @@ def plan_render(layer: QgsRasterLayer, extent: Optional[QgsRectangle],
             extent = clipped
     if extent.isEmpty() or extent.width() <= 0 or extent.height() <= 0:
         raise ValueError("the search area does not overlap the layer")
-    if not gsd or gsd <= 0:
+    per_metre = units_per_metre(crs, extent)
+    if gsd and gsd > 0:
+        gsd = gsd * per_metre         # the GSD asked is metres on the ground
+    else:
         gsd = _native_gsd(layer, crs) or max(extent.width(), extent.height()) / 2048.0
     longest = max(extent.width(), extent.height()) / gsd
     if longest > max_px:
@@ -111,7 +121,20 @@ def plan_render(layer: QgsRasterLayer, extent: Optional[QgsRectangle],
     # snap the extent to whole pixels so the geotransform is exact
     extent = QgsRectangle(extent.xMinimum(), extent.yMaximum() - height * gsd,
                           extent.xMinimum() + width * gsd, extent.yMaximum())
-    return RenderPlan(extent, crs, width, height, gsd)
+    return RenderPlan(extent, crs, width, height, gsd, gsd / per_metre)
+
+
+def units_per_metre(crs: QgsCoordinateReferenceSystem, extent: QgsRectangle) -> float:
+    """CRS units per metre on the ground at the centre of ``extent``: Web Mercator's
+    metres are 1/cos(latitude) ground metres (EPSG:3857 is not metres); other
+    projected CRSs by their linear unit (feet, ...)."""
+    factor = QgsUnitTypes.fromUnitToUnitFactor(QgsUnitTypes.DistanceMeters, crs.mapUnits())
+    if "+proj=merc" in crs.toProj():
+        wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+        centre = QgsCoordinateTransform(crs, wgs84, QgsProject.instance()).transform(
+            QgsPointXY(extent.center()))
+        factor /= max(1e-6, math.cos(math.radians(centre.y())))
+    return factor
 
 
 def _native_gsd(layer: QgsRasterLayer, crs: QgsCoordinateReferenceSystem) -> Optional[float]:
@@ -144,15 +167,20 @@ def _blank_image(plan: RenderPlan) -> QImage:
     return image
 
 
-def image_to_geotiff(image: QImage, plan: RenderPlan, path: str) -> str:
-    """Write a rendered ARGB image as an RGB GeoTIFF; transparent pixels become nodata (0)."""
+def _rgba(image: QImage):
+    """(the RGBA8888 image, its pixels as a (H, W, 4) uint8 view of it)."""
     import numpy as np
-    from osgeo import gdal
     img = image.convertToFormat(QImage.Format_RGBA8888)
     ptr = img.constBits()
     ptr.setsize(img.sizeInBytes() if hasattr(img, "sizeInBytes") else img.byteCount())
     arr = np.frombuffer(ptr, dtype=np.uint8).reshape(img.height(), img.bytesPerLine())
-    arr = arr[:, : img.width() * 4].reshape(img.height(), img.width(), 4)
+    return img, arr[:, : img.width() * 4].reshape(img.height(), img.width(), 4)
+
+
+def image_to_geotiff(image: QImage, plan: RenderPlan, path: str) -> str:
+    """Write a rendered ARGB image as an RGB GeoTIFF; transparent pixels become nodata (0)."""
+    from osgeo import gdal
+    img, arr = _rgba(image)
     rgb, alpha = arr[..., :3].copy(), arr[..., 3]
     rgb[alpha == 0] = 0
     ds = gdal.GetDriverByName("GTiff").Create(path, img.width(), img.height(), 3, gdal.GDT_Byte,
@@ -174,17 +202,79 @@ def temp_tiff(prefix: str = "mapclip-render-") -> str:
     return path
 
 
+def layer_source_text(layer: QgsRasterLayer) -> str:
+    """How an error names a layer: its name and where it comes from (a service's URL)."""
+    source = layer.source()
+    try:
+        parts = QgsProviderRegistry.instance().decodeUri(layer.providerType(), source)
+        source = parts.get("url") or parts.get("path") or source
+    except Exception:  # noqa: BLE001 - a provider without URI decoding: the raw source
+        pass
+    return f"'{layer.name()}' ({source})"
+
+
+class NetworkErrors:
+    """The requests that failed while a layer rendered (an XYZ/WMS provider reports a
+    dead server there, not as a render-job error): ``with NetworkErrors() as net: ...``;
+    ``net.messages``: "reason (URL)", one per reason."""
+
+    def __init__(self):
+        self.failed: dict = {}
+
+    def _finished(self, reply) -> None:
+        if reply.error() != 0:
+            self.failed.setdefault(reply.errorString(), reply.request().url().toString())
+
+    def __enter__(self) -> "NetworkErrors":
+        from qgis.core import QgsNetworkAccessManager
+        QgsNetworkAccessManager.instance().finished.connect(self._finished)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from qgis.core import QgsNetworkAccessManager
+        from qgis.PyQt.QtCore import QCoreApplication
+        QCoreApplication.processEvents()      # replies finished in render threads
+        QgsNetworkAccessManager.instance().finished.disconnect(self._finished)
+
+    @property
+    def messages(self) -> list:
+        return [f"{reason} ({url})" for reason, url in self.failed.items()]
+
+
+def empty_render_error(layer: QgsRasterLayer, image: QImage, job_errors=(),
+                       logged=()) -> Optional[RenderError]:
+    """A RenderError when ``image`` holds no pixel at all (all transparent), with the
+    reasons the render job and the provider gave; None when something was drawn
+    (a basemap drawn from QGIS's tile cache while the server is down is fine)."""
+    img, arr = _rgba(image)          # img owns the pixels arr views
+    if arr[..., 3].any():
+        return None
+    reasons = [" ".join(str(e.message).split()) for e in job_errors if str(e.message).strip()]
+    provider = layer.dataProvider()
+    if provider is not None and not provider.error().isEmpty():
+        reasons.append(" ".join(provider.error().summary().split()))
+    reasons += [" ".join(m.split()) for m in logged][:3]
+    reason = "; ".join(dict.fromkeys(reasons)) or "the layer drew nothing in this area"
+    return RenderError(f"rendering {layer_source_text(layer)} gave no data: {reason}",
+                       "check that the server answers (open the layer in QGIS and look at the "
+                       "Log Messages panel) and that the area lies within the layer's coverage")
+
+
 def render_to_geotiff(layer: QgsRasterLayer, plan: RenderPlan, path: Optional[str] = None) -> str:
-    """Render ``layer`` for ``plan`` into a GeoTIFF, synchronously; returns the path."""
-    path = path or temp_tiff()
+    """Render ``layer`` for ``plan`` into a GeoTIFF, synchronously; returns the path.
+    A render that drew nothing raises :class:`RenderError` (nothing is written)."""
     image = _blank_image(plan)
     painter = QPainter(image)
     try:
-        job = QgsMapRendererCustomPainterJob(map_settings(layer, plan), painter)
-        job.renderSynchronously()
+        with NetworkErrors() as net:
+            job = QgsMapRendererCustomPainterJob(map_settings(layer, plan), painter)
+            job.renderSynchronously()
     finally:
         painter.end()
-    return image_to_geotiff(image, plan, path)
+    error = empty_render_error(layer, image, job.errors(), net.messages)
+    if error is not None:
+        raise error
+    return image_to_geotiff(image, plan, path or temp_tiff())
 
 
 class AsyncRender(QObject):
@@ -197,12 +287,14 @@ class AsyncRender(QObject):
                  parent: Optional[QObject] = None):
         super().__init__(parent)
         self.plan = plan
+        self.layer = layer
         self.path = path or temp_tiff()
         self.job = QgsMapRendererParallelJob(map_settings(layer, plan))
         self.job.finished.connect(self._finished)
         self._cancelled = False
 
     def start(self) -> None:
+        self.net = NetworkErrors().__enter__()     # closed when the job finishes
         self.job.start()
 
     def cancel(self) -> None:
@@ -210,11 +302,17 @@ class AsyncRender(QObject):
         self.job.cancelWithoutBlocking()
 
     def _finished(self) -> None:
+        self.net.__exit__(None, None, None)
         if self._cancelled:
             self.failed.emit("cancelled")
             return
+        image = self.job.renderedImage()
+        error = empty_render_error(self.layer, image, self.job.errors(), self.net.messages)
+        if error is not None:
+            self.failed.emit(f"{error}\nFix: {error.hint}" if error.hint else str(error))
+            return
         try:
-            image_to_geotiff(self.job.renderedImage(), self.plan, self.path)
+            image_to_geotiff(image, self.plan, self.path)
         except Exception as exc:  # disk full, GDAL error
             self.failed.emit(f"could not write the rendered layer to {self.path}: {exc}")
             return

@@ -534,8 +534,10 @@ def test_detect_renders_a_non_file_basemap_for_the_area(provider, tmp_path, rigg
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the render goes
     extent = f"{tile.xMinimum()},{tile.xMaximum()},{tile.yMinimum()},{tile.yMaximum()} [EPSG:3857]"
     px = tile.width() / 256
-    res = run("detect", {"INPUT": xyz, "PROMPTS": "red roof", "MODEL": rigged_folder, "TILE": 32,
-                         "TOP_K": 1, "EXTENT": extent, "GSD": px, "OUTPUT": "memory:"})
+    import math
+    lat = math.atan(math.sinh(tile.center().y() / 6378137.0))
+    res = run("detect", {"INPUT": xyz, "PROMPTS": "red roof", "MODEL": rigged_folder, "TILE": 32,   # GSD: ground metres
+                         "TOP_K": 1, "EXTENT": extent, "GSD": px * math.cos(lat), "OUTPUT": "memory:"})
     layer = res["OUTPUT"]
     assert layer.crs().authid() == "EPSG:3857" and layer.featureCount() == 1
     bb = next(layer.getFeatures()).geometry().boundingBox()
@@ -545,6 +547,15 @@ def test_detect_renders_a_non_file_basemap_for_the_area(provider, tmp_path, rigg
     with pytest.raises(QgsProcessingException, match="web map"):  # whole layer of a web map
         run("detect", {"INPUT": xyz, "PROMPTS": "red roof", "MODEL": rigged_folder,
                        "OUTPUT": "memory:"})
+    # the same tiles from a dead server: an error naming it and why, no empty result
+    from tests.rangeserver import dead_port
+    url = f"http://127.0.0.1:{dead_port()}/{{z}}/{{x}}/{{y}}.png"
+    dead = QgsRasterLayer(uri.split("&url=")[0] + f"&url={url}&zmin=16&zmax=16", "dead", "wms")
+    with pytest.raises(QgsProcessingException, match=r"'dead' \(http://127.0.0.1:\d+/.*gave no data: "
+                                                     r"Connection refused.*\nFix: check that the server"):
+        run("detect", {"INPUT": dead, "PROMPTS": "red roof", "MODEL": rigged_folder, "TILE": 32,
+                       "EXTENT": extent, "OUTPUT": "memory:"})
+    assert list(scratch.iterdir()) == []
 
 
 NO_TORCH_SCRIPT = r"""

@@ -617,3 +617,23 @@ def test_a_long_error_is_never_cut_where_it_is_kept(qtbot, iface, mapclip):
         w.close()
     status = log.bar_error(iface, "search failed", exc)                       # the status line
     assert path in status and "try 7" in status
+
+
+def test_the_default_gsd_of_a_basemap_is_the_maps_pixel_in_ground_metres(search_dock, clean_project):
+    """Left empty, the GSD follows the map's pixel: in Web Mercator at 60 degrees north a
+    map pixel of 2 CRS units is 1 ground metre (engine and dock speak ground metres)."""
+    import math
+    from qgis.core import QgsCoordinateTransform, QgsPointXY
+    canvas = search_dock.iface.mapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:3857"))
+    centre = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:4326"),
+                                    QgsCoordinateReferenceSystem("EPSG:3857"),
+                                    clean_project).transform(QgsPointXY(10.0, 60.0))
+    width = 2.0 * max(1, canvas.width())
+    canvas.setExtent(QgsRectangle(centre.x() - width / 2, centre.y() - width / 2,
+                                  centre.x() + width / 2, centre.y() + width / 2))
+    layer = QgsRasterLayer("type=xyz&url=http://127.0.0.1:9/{z}/{x}/{y}.png&zmax=19&zmin=0",
+                           "osm", "wms")
+    per_px = canvas.extent().width() / max(1, canvas.width())     # CRS units per map pixel
+    lat = math.radians(60.0)
+    assert search_dock._canvas_gsd(layer) == pytest.approx(per_px * math.cos(lat), rel=0.02)

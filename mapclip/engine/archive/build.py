@@ -61,13 +61,21 @@ class IndexInfo:
 
 
 def expand_sources(sources: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
-                   exclude: Optional[Path] = None) -> List[Path]:
-    """Raster files from files and folders (folders searched recursively, sorted)."""
+                   exclude: Optional[Path] = None) -> List[Union[Path, str]]:
+    """Raster files from files and folders (folders searched recursively, sorted);
+    remote rasters (raster/remote.py) as their GDAL path, never normalised."""
+    from ..raster.remote import gdal_path, is_remote
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
-    out: List[Path] = []
+    out: List[Union[Path, str]] = []
     seen = set()
     for s in sources or ():
+        if is_remote(s):
+            url = gdal_path(s)
+            if url not in seen:
+                seen.add(url)
+                out.append(url)
+            continue
         p = Path(s).expanduser()
         if p.is_dir():
             found = sorted(q for q in p.rglob("*")
@@ -179,26 +187,62 @@ def _check_append(out: Path, m: Dict[str, Any], identity: Dict[str, Any]) -> Non
 
 @dataclass
 class _Source:
-    path: Path
+    path: Union[Path, str]   # a str for a remote raster
     checksum: str
     georef: Dict[str, Any]
     grids: Dict[int, Any]
+    area: Optional[Dict[str, Any]] = None     # the asked extent ({"extent", "crs"}), None: all
 
 
-def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any]) -> Tuple[List[_Source], List[str]]:
-    """Open every raster once (metadata only): checksum, georeferencing, tile grids;
+def _source_area(reader, options: IndexOptions):
+    """The pixel window of the asked extent in one raster (None: the whole raster).
+    An unbounded web source (a GDAL WMS/TMS XML) without an extent is refused; an
+    extent that misses the raster raises ExtentMisses."""
+    from ..core.options import UNBOUNDED_DRIVERS
+    from ..geo.extent import extent_to_window
+    ri = reader.info
+    if options.extent is None:
+        if ri.driver in UNBOUNDED_DRIVERS:
+            raise UsageError(
+                f"{reader.path} is a web map service (GDAL {ri.driver}) of {ri.width} x {ri.height} "
+                "pixels: indexing all of it would fetch the whole world",
+                "give the area to index: --extent xmin,ymin,xmax,ymax (with --extent-crs EPSG:N "
+                "when it is not in the service's CRS)", option="extent")
+        return None
+    return extent_to_window(ri, tuple(options.extent), options.extent_crs)
+
+
+def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any],
+                   options: Optional[IndexOptions] = None) -> Tuple[List[_Source], List[str]]:
+    """Open every raster once (metadata only): checksum, georeferencing, tile grids
+    (over ``options.extent`` when given: rasters it misses are left out, with a note);
     and the build's notes about them (:func:`_raster_notes`).
 
     Runs before anything is written, so an unreadable raster leaves no trace.
     """
-    from ..raster.reader import open_raster
+    from contextlib import nullcontext
+
+    from ..geo.extent import ExtentMisses
     from ..geo.tiling import TileGrid
+    from ..raster.reader import open_raster
+    from ..raster.remote import fresh, remote_checksum
+    options = options or IndexOptions()
     read_opts = read_options(layout)
     out, no_georef, no_crs, notes = [], [], [], []
     for p in paths:
-        with open_raster(str(p), read_opts, quiet=True) as reader:   # noted once per build, below
+        # a remote raster is asked for again, not taken from GDAL's cache (raster/remote.py);
+        # warnings about georeferencing are noted once per build, below
+        with fresh(p) if isinstance(p, str) else nullcontext(), \
+                open_raster(str(p), read_opts, quiet=True) as reader:
             ri = reader.info
-            grids = {int(s): TileGrid.for_raster(ri, None, int(s), _stride_for(layout, int(s)),
+            try:
+                area = _source_area(reader, options)
+            except ExtentMisses as exc:
+                if len(paths) == 1:
+                    raise
+                notes.append(f"{p} left out: {exc}")
+                continue
+            grids = {int(s): TileGrid.for_raster(ri, area, int(s), _stride_for(layout, int(s)),
                                                  layout["gsd"], max_tiles=None)
                      for s in layout["scales"]}
             if not ri.georeferenced:
@@ -209,7 +253,14 @@ def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any]) -> Tuple[List[
                 notes.extend(reader.warnings)
         georef = {"crs": ri.crs, "transform": [float(v) for v in list(ri.transform)[:6]],
                   "width": int(ri.width), "height": int(ri.height)}
-        out.append(_Source(p, file_checksum(p), georef, grids))
+        asked = None if options.extent is None else \
+            {"extent": [float(v) for v in options.extent], "crs": options.extent_crs}
+        out.append(_Source(p, remote_checksum(p) if isinstance(p, str) else file_checksum(p),
+                           georef, grids, asked))
+    if not out:
+        raise UsageError(f"the extent {tuple(options.extent)} misses every raster given",
+                         "give an extent that overlaps the rasters (and --extent-crs if it is "
+                         "in another CRS)", option="extent")
     return out, _raster_notes(no_georef, no_crs) + list(dict.fromkeys(notes))
 
 
@@ -217,14 +268,14 @@ def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any]) -> Tuple[List[
 NOTE_NAMES = 5
 
 
-def _raster_notes(no_georef: Sequence[Path], no_crs: Sequence[Path]) -> List[str]:
+def _raster_notes(no_georef: Sequence, no_crs: Sequence) -> List[str]:
     """One note per kind for the build ("16 images have no georeferencing: a.png, ...")
     instead of a warning per raster and per opening."""
-    def named(paths: Sequence[Path]) -> str:
-        names = ", ".join(p.name for p in paths[:NOTE_NAMES])
+    def named(paths: Sequence) -> str:
+        names = ", ".join(str(p).replace("\\", "/").rsplit("/", 1)[-1] for p in paths[:NOTE_NAMES])
         return names + (f" and {len(paths) - NOTE_NAMES} more" if len(paths) > NOTE_NAMES else "")
 
-    def some(paths: Sequence[Path]) -> str:
+    def some(paths: Sequence) -> str:
         return "1 image has" if len(paths) == 1 else f"{len(paths)} images have"
 
     notes = []
@@ -245,18 +296,19 @@ def _reconcile(writer: IndexWriter, src: _Source, reindex: bool) -> Tuple[Dict[s
         g = src.georef
         same = (entry.get("checksum") == src.checksum and entry.get("width") == g["width"]
                 and entry.get("height") == g["height"] and same_crs(entry.get("crs"), g["crs"])
-                and np.allclose(entry.get("transform") or [0] * 6, g["transform"]))
+                and np.allclose(entry.get("transform") or [0] * 6, g["transform"])
+                and entry.get("area") == src.area)      # another extent: other tiles
         if same and not reindex:
             status = "unchanged" if entry.get("complete") else "resumed"
         else:
             writer.drop_rows(entry)
             status = "replaced"
-        entry.update(g, checksum=src.checksum)
+        entry.update(g, checksum=src.checksum, area=src.area)
     else:
         rid = int(writer.manifest["next_raster"])
         writer.manifest["next_raster"] = rid + 1
-        entry = dict({"id": rid, "path": key, "name": src.path.name, "checksum": src.checksum,
-                      "progress": {}, "complete": False}, **src.georef)
+        entry = dict({"id": rid, "path": key, "name": key.rsplit("/", 1)[-1] if isinstance(src.path, str) else src.path.name, "checksum": src.checksum,
+                      "progress": {}, "complete": False, "area": src.area}, **src.georef)
         writer.manifest["rasters"].append(entry)
         status = "added"
     entry["grids"] = {str(s): {"tiles": len(g), "cols": g.n_cols, "rows": g.n_rows,
@@ -300,7 +352,7 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
         _check_append(out, existing, identity)
         Index(out).verify()      # a damaged index is refused before anything is written
     layout = _layout(options, existing["options"] if existing else None, lm.image_size)
-    sources_, notes = _probe_sources(paths, layout)
+    sources_, notes = _probe_sources(paths, layout, options)
     job.check()
 
     info = IndexInfo(path=str(out), rows=0, rasters=0, shards=0, embedded=0, skipped=0,

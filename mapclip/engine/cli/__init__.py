@@ -188,6 +188,18 @@ def cancel_event() -> threading.Event:
     return threading.Event()
 
 
+#: help text of a raster argument that may be remote
+RASTER_HELP = ("raster file GDAL can read (GeoTIFF, VRT, JPEG2000, PNG, ...), or a remote one: "
+               "http(s) URL, /vsicurl/, /vsis3/, /vsigs/ or /vsiaz/ path")
+
+
+def raster_arg(text: str) -> str:
+    """A raster argument checked before any work (raster/remote.py): a local file that
+    exists, or a remote raster GDAL opens; URLs come back as /vsicurl/ paths."""
+    from ..raster.remote import check_raster_source
+    return check_raster_source(text)
+
+
 def add_read_workers_arg(p) -> None:
     """--read-workers (ReadOptions.workers), shared by the commands that read rasters."""
     p.add_argument("--read-workers", default="auto", metavar="N|auto",

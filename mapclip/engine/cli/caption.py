@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from . import add_model_args, map_bounds, parse_bands, parse_floats, print_json
+from . import RASTER_HELP, add_model_args, map_bounds, parse_bands, parse_floats, print_json, raster_arg
 from ..core.errors import UsageError
 
 
@@ -20,7 +19,7 @@ def register(sub) -> None:
                     "bank (a CSV, an RSICD-style JSON or Box-to-Caption output) by similarity "
                     "(any CLIP model); without it, a CoCa model writes a caption (beam search or "
                     "sampling). See docs/caption.md.")
-    p.add_argument("raster", help="raster file GDAL can read")
+    p.add_argument("raster", help=RASTER_HELP)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--extent", default=None, metavar="XMIN,YMIN,XMAX,YMAX",
                        help="the place (default: the whole raster)")
@@ -62,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from ..caption import caption, read_caption_bank
     from ..core.options import CaptionOptions, ReadOptions
     from . import cancel_event
-    if not Path(args.raster).exists():
-        raise UsageError(f"raster {args.raster} does not exist", "check the path")
+    args.raster = raster_arg(args.raster)   # local, or remote opened by GDAL
     example = "500000,4000000,501000,4001000"
     if args.box:
         places = [parse_floats(b, 4, "--box", f"--box {example}") for b in args.box]

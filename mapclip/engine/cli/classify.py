@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from . import (add_cache_arg, add_extent_args, add_model_args, model_default_help, parse_bands, parse_extent, print_json, tqdm_progress)
-from ..core.errors import UsageError
+from . import (add_cache_arg, add_extent_args, add_model_args, model_default_help, parse_bands, parse_extent, print_json, raster_arg, tqdm_progress, RASTER_HELP)
 
 
 def register(sub) -> None:
@@ -20,7 +18,7 @@ def register(sub) -> None:
                     "classes in the order given, 0 unknown, 255 not scored) with a colour table, "
                     "the class names in its metadata and a QGIS style (.qml) beside it. "
                     "See docs/classify.md.")
-    p.add_argument("raster", help="raster file GDAL can read")
+    p.add_argument("raster", help=RASTER_HELP)
     p.add_argument("--class", dest="classes", action="append", required=True, metavar="NAME",
                    help="a class, e.g. --class water --class forest (at least two; repeat); "
                         "the name is the text the image is matched against")
@@ -87,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ..classify import classify, clean_classes
     from . import cancel_event
     clean_classes(args.classes)  # bad classes are refused before the model loads
-    if not Path(args.raster).exists():
-        raise UsageError(f"raster {args.raster} does not exist", "check the path")
+    args.raster = raster_arg(args.raster)   # local, or remote opened by GDAL
     from ..core.jobs import check_outputs
     # classify() checks its outputs against the raster; the polygons file is read here
     check_outputs([("--out", args.out), ("--scores", args.scores), ("--polygons", args.polygons)],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import (add_cache_arg, add_extent_args, add_model_args, cancel_event, model_default_help, parse_bands, parse_extent, print_json, tqdm_progress)
+from . import (add_cache_arg, add_extent_args, add_model_args, cancel_event, model_default_help, parse_bands, parse_extent, print_json, raster_arg, tqdm_progress)
 from ..core.errors import UsageError
 
 
@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
         check_boxes_output(args.method)
         if Path(args.out).suffix.lower() not in (".gpkg", ".geojson", ".json"):
             raise UsageError(f"cannot write boxes to {args.out}", "name the output .gpkg or .geojson")
-        if not Path(args.raster).exists():
-            raise UsageError(f"raster {args.raster} does not exist", "check the path")
+        args.raster = raster_arg(args.raster)   # local, or remote opened by GDAL
         check_outputs([("--out", args.out)], [("raster", f) for f in raster_files(args.raster)],
                       overwrite=args.overwrite)
     extent = parse_extent(args)

@@ -5,13 +5,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import (add_cache_arg, add_extent_args, add_model_args, add_read_workers_arg, map_bounds, model_default_help, parse_bands,
-               parse_extent, print_json, read_workers, tqdm_progress)
+from . import (RASTER_HELP, add_cache_arg, add_extent_args, add_model_args, add_read_workers_arg, map_bounds,
+               model_default_help, parse_bands, parse_extent, print_json, raster_arg, read_workers,
+               tqdm_progress)
 from ..core.errors import UsageError
 
 
 def register(sub) -> None:
-    from ..core.options import ATTENTION_ALIASES, ATTENTION_MODES, DENSE_THRESHOLD, MERGES, MODES, DetectOptions
+    from ..core.options import (ATTENTION_ALIASES, ATTENTION_MODES, DENSE_THRESHOLD, EXAMPLE_METHODS, MERGES,
+                                MODES, DetectOptions)
     d = DetectOptions()
     p = sub.add_parser(
         "detect", help="find what text prompts describe in a raster: boxes and a heatmap",
@@ -20,7 +22,7 @@ def register(sub) -> None:
                     "the raster's CRS, fields prompt, score, cosine, rank, model) and optionally "
                     "a heatmap GeoTIFF. Window mode slides windows of K x K tiles (the thesis "
                     "method); dense mode gets patch-level scores from one pass per tile.")
-    p.add_argument("raster", help="raster file GDAL can read (GeoTIFF, VRT, JPEG2000, PNG, ...)")
+    p.add_argument("raster", help=RASTER_HELP)
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="what to look for; repeat for several prompts that compete")
     add_model_args(p)
@@ -79,6 +81,13 @@ def register(sub) -> None:
                         + "; on CUDA, when left out, sized from the free GPU memory")
     add_read_workers_arg(p)
     add_cache_arg(p)
+    p.add_argument("--examples", default=None, metavar="FILE",
+                   help="places marked by hand: any vector file OGR reads (points or polygons, any "
+                        "CRS) with a 'label' field, 1 = what I mean, 0 = not this; each prompt is "
+                        "moved toward the windows at the 1s and away from those at the 0s (window "
+                        "mode; with kept embeddings no pixel is read again)")
+    p.add_argument("--examples-method", choices=list(EXAMPLE_METHODS), default=d.examples_method,
+                   help=f"how examples move a prompt; default {d.examples_method}")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: compile the image model with torch.compile (compiled kernels are "
                         "cached under $MAPCLIP_CACHE/inductor for later runs)")
@@ -107,6 +116,7 @@ def options_from_args(args: argparse.Namespace):
                    read=ReadOptions(bands=parse_bands(args.bands), gsd=args.gsd,
                                     workers=read_workers(args)),
                    compile=bool(args.compile), cache=bool(args.cache),
+                   examples_method=args.examples_method,
                    device=args.device, precision=args.precision, heatmap=bool(args.heatmap))
     if args.background:
         changes["background"] = tuple(args.background)
@@ -127,15 +137,18 @@ def run(args: argparse.Namespace) -> int:
     vector_driver(args.out)
     if args.heatmap and Path(args.heatmap).suffix.lower() not in (".tif", ".tiff"):
         raise UsageError(f"heatmap {args.heatmap} must be a GeoTIFF", "name it .tif")
-    if not Path(args.raster).exists():
-        raise UsageError(f"raster {args.raster} does not exist", "check the path")
+    args.raster = raster_arg(args.raster)   # local, or remote opened by GDAL
     check_outputs([("--out", args.out), ("--heatmap", args.heatmap)],
-                  [("raster", f) for f in raster_files(args.raster)], overwrite=args.overwrite)
+                  [("raster", f) for f in raster_files(args.raster)] + [("--examples", args.examples)],
+                  overwrite=args.overwrite)
     extent = parse_extent(args)
     opts = options_from_args(args)
+    from ..data.examples import read_examples
+    examples, examples_crs = read_examples(args.examples) if args.examples else (None, None)
     bar = tqdm_progress("detect", unit="img")
     try:
-        result = detect(args.raster, args.prompt, args.model, extent=extent,
+        result = detect(args.raster, args.prompt, args.model, extent=extent, examples=examples,
+                        examples_crs=examples_crs,
                         extent_crs=args.extent_crs, options=opts, progress=bar,
                         cancel=cancel_event())
     finally:

@@ -5,8 +5,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import (add_model_args, add_read_workers_arg, cancel_event, model_default_help, parse_bands,
-               print_json, read_workers, tqdm_progress)
+from . import (add_extent_args, add_model_args, add_read_workers_arg, cancel_event, model_default_help,
+               parse_bands, parse_extent, print_json, read_workers, tqdm_progress)
 from ..core.errors import UsageError
 
 
@@ -36,8 +36,10 @@ def register(sub) -> None:
                     "finishes an interrupted build, appends new rasters, re-embeds changed ones "
                     "and skips unchanged ones. Search it with `python -m engine search` "
                     f"(exact below {APPROX_MIN_ROWS} tiles, approximate above).")
-    p.add_argument("sources", nargs="+", metavar="RASTER|FOLDER",
-                   help="raster files, or folders searched recursively for rasters")
+    p.add_argument("sources", nargs="+", metavar="RASTER|FOLDER|URL",
+                   help="raster files, folders searched recursively for rasters, or remote "
+                        "rasters (http(s) URLs, /vsicurl/, /vsis3/, /vsigs/, /vsiaz/ paths; "
+                        "recorded as given); a GDAL WMS/TMS XML needs --extent")
     add_model_args(p, default_help="the index's own model when adding to one, else ")
     p.set_defaults(model=None)
     p.add_argument("--out", required=True, metavar="INDEX", help="index folder (created if new)")
@@ -52,6 +54,7 @@ def register(sub) -> None:
     p.add_argument("--gsd", type=float, default=None, metavar="M",
                    help="resample to this many metres per pixel on read (default: native)")
     add_read_workers_arg(p)
+    add_extent_args(p)
     p.add_argument("--bands", default=None, metavar="R,G,B",
                    help="1-based bands read as R,G,B (or one band as grey); default: RGB by "
                         "colour interpretation, else the first three")
@@ -110,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         tile_px=args.tile, scales=_ints(args.scales, "--scales"), stride_px=args.stride,
         gsd=args.gsd, read=ReadOptions(bands=parse_bands(args.bands), workers=read_workers(args)),
         batch_size=args.batch_size, commit_tiles=args.commit_tiles, reindex=args.reindex,
+        extent=parse_extent(args), extent_crs=args.extent_crs,
         footprints=not args.no_footprints, device=args.device, precision=args.precision,
         ray=args.ray, ray_workers=args.ray_workers, ray_retries=args.ray_retries)
     bar = tqdm_progress("index", unit="tile")

@@ -224,6 +224,10 @@ GENERIC_DEFAULTS = ModelDefaults(tile_px=128, window=2, batch_size=64, top_k=20,
 # --------------------------------------------------------------------------- #
 # Option values.
 # --------------------------------------------------------------------------- #
+#: how labelled examples move a prompt (engine.model.scoring.refine_query; measured in
+#: bench/bench_examples.py)
+EXAMPLE_METHODS = ("rocchio", "probe")
+
 #: the embedding cache's bounds (engine.cache.store): in memory and on disk, MB
 CACHE_MEMORY_MB = 512
 CACHE_DISK_MB = 4096
@@ -272,6 +276,7 @@ class DetectOptions:
     refine_min: float = 0.3              # a fitted box must keep this share of its window's score
     compile: bool = False                # CUDA: torch.compile the image tower (engine.model.accel; cached)
     cache: bool = True                   # keep/reuse the raster's embeddings (engine.cache)
+    examples_method: str = "rocchio"     # how labelled examples move a prompt (EXAMPLE_METHODS)
 
 
 @dataclass
@@ -317,6 +322,10 @@ class IndexOptions:
     min_valid: Optional[float] = None     # default MIN_VALID
     batch_size: Optional[int] = None
     commit_tiles: int = 4096              # tiles per shard: work lost to a crash at most
+    # only the tiles of this area (xmin, ymin, xmax, ymax; in extent_crs, else each
+    # raster's CRS); mandatory for unbounded web sources (UNBOUNDED_DRIVERS)
+    extent: Optional[Sequence[float]] = None
+    extent_crs: Optional[str] = None
     reindex: bool = False                 # re-embed given rasters even when unchanged
     footprints: bool = True               # write footprints.gpkg at the end
     device: Optional[str] = None
@@ -329,6 +338,10 @@ class IndexOptions:
     ray_workers: Optional[int] = None     # model workers; default: one per GPU, else per CPU
     ray_retries: int = 3                  # restarts of a worker that died, per worker
 
+
+#: GDAL drivers of web map services (a GDAL WMS/TMS/XYZ XML, WMTS): the whole world at
+#: the finest zoom, so an index of them needs IndexOptions.extent
+UNBOUNDED_DRIVERS = ("WMS", "WMTS")
 
 #: IndexOptions.ray for "Ray's default cluster" (--ray with no address)
 RAY_LOCAL = "local"
@@ -591,6 +604,7 @@ def check(options: Any) -> Any:
         o = options
         _choice("mode", o.mode, MODES)
         _choice("merge", o.merge, MERGES)
+        _choice("examples_method", o.examples_method, EXAMPLE_METHODS)
         _choice("attention", ATTENTION_ALIASES.get(o.attention, o.attention), ATTENTION_MODES)
         _at_least("tile_px", o.tile_px, 8)
         _at_least("window", o.window, 1)
@@ -638,6 +652,14 @@ def check(options: Any) -> Any:
         _within("min_valid", o.min_valid, 0.0, 1.0)
         _at_least("commit_tiles", o.commit_tiles, 1)
         _check_read(o.read)
+        if o.extent is not None:
+            vals = [_finite("extent", v) for v in o.extent]
+            if len(vals) != 4 or not (vals[0] < vals[2] and vals[1] < vals[3]):
+                raise _bad("extent", f"extent {tuple(o.extent)!r} is not xmin,ymin,xmax,ymax "
+                           "with xmin < xmax and ymin < ymax", "e.g. --extent 500000,4000000,501000,4001000")
+        if o.extent_crs is not None and o.extent is None:
+            raise _bad("extent_crs", "extent_crs given without an extent",
+                       "add --extent xmin,ymin,xmax,ymax")
         if o.ray is not None and (not isinstance(o.ray, str) or not o.ray.strip()
                                   or any(c.isspace() for c in o.ray)):
             raise _bad("ray", f"Ray address {o.ray!r} is not an address",

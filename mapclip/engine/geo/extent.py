@@ -62,6 +62,10 @@ def native_tile_size(info: RasterInfo, tile_px: int, gsd: float) -> Tuple[int, i
 
 
 # ----------------------------------------------------------------- extent --
+class ExtentMisses(UsageError):
+    """An extent that lies outside the raster (a build over many rasters skips those)."""
+
+
 def extent_to_window(info: RasterInfo, extent: Optional[Tuple[float, float, float, float]],
                      extent_crs: Optional[str] = None) -> PixelWindow:
     """Pixel window of an extent (xmin, ymin, xmax, ymax), clipped to the raster.
@@ -123,7 +127,7 @@ def extent_to_window(info: RasterInfo, extent: Optional[Tuple[float, float, floa
     r1 = min(info.height, math.ceil(snap(max(rows))))
     if c1 <= c0 or r1 <= r0:
         b = info.bounds
-        raise UsageError(
+        raise ExtentMisses(
             f"the extent {xmin:g},{ymin:g},{xmax:g},{ymax:g} (raster CRS) misses the raster, "
             f"whose bounds are {b[0]:g},{b[1]:g},{b[2]:g},{b[3]:g}",
             "give an extent that overlaps the raster (and --extent-crs if it is in another CRS)")

@@ -197,3 +197,59 @@ def score_maps(features: torch.Tensor, bank: PromptBank) -> Tuple[torch.Tensor, 
     p = bank.n_prompts
     return (probs.reshape(b, h, w, p).permute(0, 3, 1, 2),
             cos.reshape(b, h, w, p).permute(0, 3, 1, 2))
+
+
+#: the Rocchio weights of the positive and negative centroids (the prompt's weight is 1)
+ROCCHIO_POSITIVE = 0.75
+ROCCHIO_NEGATIVE = 0.25
+#: probe: steps, learning rate and how strongly the weights are held near the prompt
+PROBE_STEPS = 100
+PROBE_LR = 0.05
+PROBE_PRIOR = 1.0
+
+
+def refine_query(text, positives, negatives, method: str = "rocchio", logit_scale: float = 100.0):
+    """A prompt's text embedding (D,) moved by example image embeddings (normalised rows):
+
+    ``rocchio``: ``text + 0.75 mean(positives) - 0.25 mean(negatives)``, normalised;
+    ``probe``: a logistic probe on the examples (positives 1, negatives 0) whose weights
+    start at the prompt and are held near it (an L2 pull of ``PROBE_PRIOR``), normalised;
+    with only positives or only negatives it is Rocchio. ``text`` may be None (examples
+    alone: the mean of the positives is the start).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from ..core.errors import UsageError
+    from ..core.options import EXAMPLE_METHODS
+    pos = positives.float() if positives is not None and len(positives) else None
+    neg = negatives.float() if negatives is not None and len(negatives) else None
+    if text is None:
+        if pos is None:
+            raise UsageError("examples alone need at least one positive", "mark a place you mean")
+        start = F.normalize(pos.mean(0), dim=0)
+    else:
+        start = F.normalize(text.float(), dim=0)
+    if method not in EXAMPLE_METHODS:
+        raise UsageError(f"unknown refinement {method!r}", f"use one of {', '.join(EXAMPLE_METHODS)}",
+                         option="examples_method")
+    if method == "rocchio" or pos is None or neg is None:
+        q = start.clone()
+        if pos is not None and text is not None:
+            q = q + ROCCHIO_POSITIVE * pos.mean(0)
+        if neg is not None:
+            q = q - ROCCHIO_NEGATIVE * neg.mean(0)
+        return F.normalize(q, dim=0)
+    x = torch.cat([pos, neg])
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(x.device)
+    w = start.detach().clone().requires_grad_(True)
+    b = torch.zeros((), device=x.device, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=PROBE_LR)
+    with torch.enable_grad():
+        for _ in range(PROBE_STEPS):
+            opt.zero_grad()
+            logits = logit_scale * (x @ F.normalize(w, dim=0)) + b
+            loss = F.binary_cross_entropy_with_logits(logits, y) + PROBE_PRIOR * (w - start).pow(2).sum()
+            loss.backward()
+            opt.step()
+    return F.normalize(w.detach(), dim=0)

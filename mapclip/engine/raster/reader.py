@@ -188,6 +188,9 @@ class Stretch:
 # ----------------------------------------------------------------- opening --
 def _usage_open_error(path: str, exc: Exception) -> UsageError:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    from .remote import is_remote, remote_error
+    if is_remote(path):
+        return remote_error(path, msg)
     return UsageError(f"cannot open {path} as a raster: {msg}",
                       "give a raster GDAL can read (GeoTIFF, JPEG2000, VRT, PNG, JPEG, ...); "
                       "check that the file is complete and readable (gdalinfo FILE)")
@@ -207,7 +210,12 @@ def _limit_gdal_cache() -> None:
 
 
 def open_dataset(path: str):
-    """rasterio.open with every failure turned into a UsageError."""
+    """rasterio.open with every failure turned into a UsageError; remote rasters
+    (raster/remote.py) with GDAL's HTTP retries."""
+    from .remote import gdal_path, http_defaults, is_remote
+    if is_remote(path):
+        http_defaults()
+        path = gdal_path(path)
     p = Path(path)
     if not p.exists() and "://" not in path and not path.startswith("/vsi"):
         raise UsageError(f"raster {path} does not exist", "check the path")
@@ -215,6 +223,15 @@ def open_dataset(path: str):
         raise UsageError(f"{path} is a folder, not a raster file", "give the path of a raster file")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except (RasterioError, OSError) as exc:
+        if not is_remote(path):
+            raise _usage_open_error(path, exc) from None
+    # GDAL remembers a URL that failed ("does not exist in the file system"): ask again,
+    # past that cache, for the server's answer now (it may be back) and its real reason
+    try:
+        with warnings.catch_warnings(), rasterio.Env(CPL_VSIL_CURL_NON_CACHED=path):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(path)
     except (RasterioError, OSError) as exc:
@@ -285,7 +302,8 @@ class RasterReader:
     """
 
     def __init__(self, path: str | os.PathLike, options: Optional[ReadOptions] = None):
-        self.path = str(path)
+        from .remote import gdal_path
+        self.path = gdal_path(path)      # a URL as /vsicurl/ (raster/remote.py)
         self.options = options or ReadOptions()
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -740,7 +758,10 @@ def open_raster(path: str | os.PathLike, options: Optional[ReadOptions] = None,
 def raster_files(path: str | os.PathLike) -> List[str]:
     """Every file GDAL reads for ``path`` (a VRT's sources, a world file, an
     .aux.xml, overviews), VRTs followed to the bottom (a VRT of VRTs), for the
-    output guard: none of them may be an output."""
+    output guard: none of them may be an output. None for a remote raster."""
+    from .remote import is_remote
+    if is_remote(path):
+        return []
     files: List[str] = []
     todo = [os.path.abspath(os.fspath(path))]
     while todo:

@@ -33,7 +33,7 @@ from ...engine.core.options import TEMPLATE_SETS
 from ...engine.core.options import CountOptions, DetectOptions
 from ...engine.core import outputs
 from ..layers import ENGINE_BOX_FIELDS, crs_text, engine_crs, feature, fields_of, style_boxes
-from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, get_model, optional_number, parse_bands, push_notes, read_workers_param,
+from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, error_text, get_model, optional_number, parse_bands, push_notes, read_workers_param,
                      read_workers_value, split_prompts)
 
 D = DetectOptions()
@@ -99,7 +99,8 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
         self.addParameter(QgsProcessingParameterExtent(
             self.EXTENT, "Area (empty: the whole raster)", optional=True))
         self.add_advanced(QgsProcessingParameterNumber(
-            self.GSD, "Read at GSD, m/px (empty: native)",
+            self.GSD, "Read at GSD, metres on the ground per pixel (empty: native; basemaps "
+                      "in EPSG:3857 are rendered at it, converted to map units at the area's latitude)",
             QgsProcessingParameterNumber.Double, optional=True, minValue=0.0))
         self.add_advanced(QgsProcessingParameterString(
             self.BANDS, "Bands, e.g. 4,3,2 (empty: RGB)", optional=True))
@@ -161,8 +162,11 @@ class RasterSearchAlgorithm(MapClipAlgorithm):
                                          f"for") from exc
         feedback.pushInfo(f"'{layer.name()}' is not a file: rendering {plan.width} x {plan.height} px "
                           f"at {plan.gsd:.3g} {QgsUnitTypes.toAbbreviatedString(plan.crs.mapUnits())}/px "
-                          f"({plan.crs.authid()}) first")
-        path = render.render_to_geotiff(layer, plan)
+                          f"({plan.crs.authid()}; {plan.ground_gsd:.3g} m on the ground) first")
+        try:
+            path = render.render_to_geotiff(layer, plan)
+        except render.RenderError as exc:     # a dead tile server is no silent success
+            raise QgsProcessingException(error_text(exc)) from None
         try:
             yield path, None, None, None
         finally:

@@ -1,0 +1,88 @@
+"""Labelled examples: places an analyst marked "what I mean" (1) or "not this" (0).
+
+A file of examples is any vector file OGR reads (GeoPackage, GeoJSON,
+Shapefile, ...), in any CRS, with a ``label`` field: 1 / true / yes / y / t
+for a positive, 0 / false / no / n / f for a negative. Points are used as
+they are; for lines and polygons their centroid is the place. What a search
+does with them: engine.detect (``examples=``) and engine.model.scoring.refine_query.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+from ..core.errors import UsageError
+
+#: the field that holds the label, and the values read as positive / negative
+LABEL_FIELD = "label"
+POSITIVE = ("1", "true", "yes", "y", "t")
+NEGATIVE = ("0", "false", "no", "n", "f")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One marked place: map coordinates (in the examples' CRS) and whether it is what is meant."""
+
+    x: float
+    y: float
+    positive: bool
+
+
+def parse_label(value) -> Optional[bool]:
+    """True / False for a label value (see the module doc); None when it is neither."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if value is not None else ""
+    if text.endswith(".0"):
+        text = text[:-2]
+    if text in POSITIVE:
+        return True
+    if text in NEGATIVE:
+        return False
+    return None
+
+
+def read_examples(path: Union[str, Path]) -> Tuple[List[Example], Optional[str]]:
+    """The examples in a vector file and its CRS (WKT, or None when it has none)."""
+    from osgeo import ogr
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"examples file {p} does not exist", "check the path", option="examples")
+    ds = ogr.Open(str(p))
+    if ds is None or ds.GetLayerCount() == 0:
+        raise UsageError(f"examples file {p} is not a vector file OGR can read",
+                         "give a GeoPackage, GeoJSON or Shapefile of points or polygons",
+                         option="examples")
+    layer = ds.GetLayer(0)
+    defn = layer.GetLayerDefn()
+    names = [defn.GetFieldDefn(i).GetName() for i in range(defn.GetFieldCount())]
+    field = next((n for n in names if n.lower() == LABEL_FIELD), None)
+    if field is None:
+        raise UsageError(f"examples file {p} has no '{LABEL_FIELD}' field (fields: "
+                         f"{', '.join(names) or 'none'})",
+                         f"add a '{LABEL_FIELD}' field: 1 for what you mean, 0 for what you do not",
+                         option="examples")
+    srs = layer.GetSpatialRef()
+    out: List[Example] = []
+    for feat in layer:
+        geom = feat.GetGeometryRef()
+        if geom is None or geom.IsEmpty():
+            continue
+        label = parse_label(feat.GetField(field))
+        if label is None:
+            raise UsageError(f"examples file {p}, feature {feat.GetFID()}: label "
+                             f"{feat.GetField(field)!r} is neither 1/true nor 0/false",
+                             "label each example 1 (what you mean) or 0 (not this)",
+                             option="examples")
+        c = geom.Centroid()
+        out.append(Example(float(c.GetX()), float(c.GetY()), label))
+    if not out:
+        raise UsageError(f"examples file {p} holds no example with a geometry",
+                         "mark at least one place", option="examples")
+    return out, (srs.ExportToWkt() if srs is not None else None)
+
+
+def split(examples: Sequence[Example]) -> Tuple[List[Example], List[Example]]:
+    """(positives, negatives)."""
+    return [e for e in examples if e.positive], [e for e in examples if not e.positive]

@@ -1,0 +1,219 @@
+"""Remote rasters (raster/remote.py): a COG served over loopback HTTP with byte
+ranges gives the CLI the same hits and boxes as the local file; a dead server or a
+missing object is refused with the URL and GDAL's reason."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mapclip.engine.cli import main as cli_main
+from tests.rangeserver import RangeServer, dead_port, write_cog
+from tests.raster_fixtures import noise
+from tests.rigged import RED, RED_PROMPT, save_rigged_folder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def rig_folder(tmp_path_factory):
+    return str(save_rigged_folder(tmp_path_factory.mktemp("models") / "rigged"))
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A folder of two COGs (one with a red patch) and a server for it."""
+    data = noise(3, 192, 256, seed=5)
+    data[:, 140:180, 200:240] = np.array(RED, np.uint8)[:, None, None]
+    write_cog(tmp_path / "www" / "scene_cog.tif", data)
+    write_cog(tmp_path / "www" / "other_cog.tif", noise(3, 128, 128, seed=6))
+    with RangeServer(tmp_path / "www") as server:
+        yield server, tmp_path / "www"
+
+
+def _run(argv, capsys):
+    code = cli_main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _detect(raster, out, rig_folder, capsys):
+    code, stdout, err = _run(["detect", raster, "--prompt", RED_PROMPT, "--model", rig_folder,
+                              "--tile", "64", "--window", "1", "--top-k", "2", "--out", str(out),
+                              "--device", "cpu", "--json", "--no-refine", "--read-workers", "0"],
+                             capsys)
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+@pytest.mark.parametrize("form", ["vsicurl", "http"])
+def test_detect_on_a_served_cog_finds_the_boxes_of_the_local_file(tmp_path, served, rig_folder,
+                                                                   capsys, form):
+    server, www = served
+    local = _detect(str(www / "scene_cog.tif"), tmp_path / "local.gpkg", rig_folder, capsys)
+    url = f"{server.url}/scene_cog.tif"
+    remote = _detect(url if form == "http" else "/vsicurl/" + url, tmp_path / "remote.gpkg",
+                     rig_folder, capsys)
+    assert server.ranged_gets() > 0                    # GDAL read parts, not a download
+    assert remote["boxes"] and remote["tiles"] == local["tiles"]
+    assert [(b["pixel"], b["bounds"], round(b["score"], 5)) for b in remote["boxes"]] == \
+           [(b["pixel"], b["bounds"], round(b["score"], 5)) for b in local["boxes"]]
+
+
+def test_a_dead_server_and_a_missing_object_are_refused_with_the_url_and_gdals_reason(
+        tmp_path, served, rig_folder, capsys, monkeypatch):
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "1")
+    monkeypatch.setenv("GDAL_HTTP_RETRY_DELAY", "0.1")
+    server, _ = served
+    dead = f"/vsicurl/http://127.0.0.1:{dead_port()}/scene_cog.tif"
+    missing = f"{server.url}/no_such_cog.tif"
+    for url, reason in [(dead, "connect"), (missing, "404")]:
+        for verb in (["detect", url, "--prompt", "x", "--model", rig_folder, "--out",
+                      str(tmp_path / "b.gpkg")],
+                     ["index", url, "--model", rig_folder, "--out", str(tmp_path / "idx")]):
+            code, _, err = _run(verb, capsys)
+            assert code == 2, err
+            line = err.splitlines()[0]
+            assert line.startswith("error: cannot read remote raster /vsicurl/http://127.0.0.1:")
+            assert reason in err.lower() and "does not exist" not in err
+            assert "GDAL_HTTP_MAX_RETRY" in err and "Traceback" not in err
+    assert not (tmp_path / "idx").exists() and not (tmp_path / "b.gpkg").exists()
+
+
+def test_index_records_the_url_resumes_and_rechecks_it_on_append(tmp_path, served, rig_folder,
+                                                                 capsys, monkeypatch):
+    server, www = served
+    url = f"{server.url}/scene_cog.tif"
+    remote_idx, local_idx = tmp_path / "remote_idx", tmp_path / "local_idx"
+    common = ["--model", rig_folder, "--tile", "64", "--device", "cpu", "--json",
+              "--read-workers", "0"]
+    code, out, err = _run(["index", url, f"/vsicurl/{server.url}/other_cog.tif",
+                           "--out", str(remote_idx), *common], capsys)
+    assert code == 0, err
+    built = json.loads(out)
+    assert built["added"] == [f"/vsicurl/{url}", f"/vsicurl/{server.url}/other_cog.tif"]
+    manifest = json.loads((remote_idx / "manifest.json").read_text())
+    assert [r["path"] for r in manifest["rasters"]] == built["added"]       # never http:/
+    assert manifest["rasters"][0]["name"] == "scene_cog.tif"
+    assert manifest["rasters"][0]["checksum"].startswith("remote1:")
+    assert _run(["index", str(www / "scene_cog.tif"), str(www / "other_cog.tif"),
+                 "--out", str(local_idx), *common], capsys)[0] == 0
+    hits = {}
+    for name, idx in (("remote", remote_idx), ("local", local_idx)):
+        code, out, err = _run(["search", str(idx), "--text", RED_PROMPT, "--top-k", "3",
+                               "--model", rig_folder, "--device", "cpu", "--json"], capsys)
+        assert code == 0, err
+        hits[name] = json.loads(out)["hits"]
+    assert hits["remote"][0]["raster"] == f"/vsicurl/{url}"
+    assert [(h["pixel"], h["bounds"], round(h["score"], 4)) for h in hits["remote"]] == \
+           [(h["pixel"], h["bounds"], round(h["score"], 4)) for h in hits["local"]]
+    # the same URL again: unchanged, checked by opening it (the server saw new requests)
+    seen = len(server.requests)
+    code, out, err = _run(["index", url, "--out", str(remote_idx), "--json", "--read-workers", "0"],
+                          capsys)
+    assert code == 0, err
+    assert json.loads(out)["unchanged"] == [f"/vsicurl/{url}"] and len(server.requests) > seen
+    # the object rewritten in place: replaced; gone: the append is refused, the index kept
+    write_cog(www / "scene_cog.tif", noise(3, 192, 256, seed=9))
+    code, out, err = _run(["index", url, "--out", str(remote_idx), "--json", "--read-workers", "0"],
+                          capsys)
+    assert code == 0, err
+    assert json.loads(out)["replaced"] == [f"/vsicurl/{url}"]
+    os.remove(www / "scene_cog.tif")
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")
+    code, _, err = _run(["index", url, "--out", str(remote_idx), "--read-workers", "0"], capsys)
+    assert code == 2 and "cannot read remote raster" in err and "404" in err
+    assert json.loads((remote_idx / "manifest.json").read_text())["rasters"][0]["path"] == \
+        f"/vsicurl/{url}"
+
+
+WORLD = 20037508.342789244
+LEVEL = 12
+
+
+def _xyz_xml(url: str) -> str:
+    """A GDAL TMS description of an XYZ tile service (EPSG:3857, zoom LEVEL)."""
+    return f"""<GDAL_WMS>
+  <Service name="TMS"><ServerUrl>{url}/${{z}}/${{x}}/${{y}}.png</ServerUrl></Service>
+  <DataWindow><UpperLeftX>{-WORLD}</UpperLeftX><UpperLeftY>{WORLD}</UpperLeftY>
+    <LowerRightX>{WORLD}</LowerRightX><LowerRightY>{-WORLD}</LowerRightY>
+    <TileLevel>{LEVEL}</TileLevel><TileCountX>1</TileCountX><TileCountY>1</TileCountY>
+    <YOrigin>top</YOrigin></DataWindow>
+  <Projection>EPSG:3857</Projection><BlockSizeX>256</BlockSizeX><BlockSizeY>256</BlockSizeY>
+  <BandsCount>3</BandsCount>
+</GDAL_WMS>
+"""
+
+
+def test_index_of_an_xyz_service_needs_an_extent_and_matches_the_same_pixels_on_disk(
+        tmp_path, rig_folder, capsys):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from tests.raster_fixtures import make_raster
+    x0, y0 = 2200, 1343                                # a 2 x 2 block of tiles at LEVEL
+    size = 2 * WORLD / 2 ** LEVEL
+    mosaic = noise(3, 512, 512, seed=7)
+    mosaic[:, 300:340, 80:120] = np.array(RED, np.uint8)[:, None, None]
+    for dx in (0, 1):
+        for dy in (0, 1):
+            tile = tmp_path / "www" / str(LEVEL) / str(x0 + dx) / f"{y0 + dy}.png"
+            tile.parent.mkdir(parents=True, exist_ok=True)
+            with rasterio.open(tile, "w", driver="PNG", width=256, height=256, count=3,
+                               dtype="uint8") as ds:
+                ds.write(mosaic[:, dy * 256:(dy + 1) * 256, dx * 256:(dx + 1) * 256])
+    xmin, ymax = -WORLD + x0 * size, WORLD - y0 * size
+    local = make_raster(tmp_path / "mosaic.tif", 512, 512, data=mosaic, crs="EPSG:3857",
+                        transform=from_origin(xmin, ymax, size / 256, size / 256))
+    extent = f"{xmin!r},{ymax - 2 * size!r},{xmin + 2 * size!r},{ymax!r}"
+    common = ["--model", rig_folder, "--tile", "64", "--device", "cpu", "--json", "--read-workers", "0"]
+    with RangeServer(tmp_path / "www") as server:
+        xml = tmp_path / "xyz.xml"
+        xml.write_text(_xyz_xml(server.url))
+        code, _, err = _run(["index", str(xml), "--out", str(tmp_path / "world"), *common], capsys)
+        assert code == 2 and "web map service" in err and "--extent" in err
+        assert not (tmp_path / "world").exists() and not server.requests   # nothing fetched
+        code, out, err = _run(["index", str(xml), "--out", str(tmp_path / "xyz_idx"),
+                               f"--extent={extent}", *common], capsys)
+        assert code == 0, err
+        assert json.loads(out)["rows"] == 64
+        assert {p for _, p, _ in server.requests} == {
+            f"/{LEVEL}/{x0 + dx}/{y0 + dy}.png" for dx in (0, 1) for dy in (0, 1)}
+    assert _run(["index", str(local), "--out", str(tmp_path / "local_idx"), *common], capsys)[0] == 0
+    hits = {}
+    for name in ("xyz_idx", "local_idx"):
+        code, out, err = _run(["search", str(tmp_path / name), "--text", RED_PROMPT, "--top-k", "3",
+                               "--model", rig_folder, "--device", "cpu", "--json"], capsys)
+        assert code == 0, err
+        hits[name] = json.loads(out)["hits"]
+    assert [([round(v, 3) for v in h["bounds"]], round(h["score"], 4)) for h in hits["xyz_idx"]] == \
+           [([round(v, 3) for v in h["bounds"]], round(h["score"], 4)) for h in hits["local_idx"]]
+    assert hits["xyz_idx"][0]["pixel"][2:] == [64, 64]
+
+
+def test_an_index_extent_leaves_out_rasters_it_misses_and_refuses_one_that_misses_all(
+        tmp_path, rig_folder, capsys):
+    from tests.raster_fixtures import UTM_ORIGIN, make_raster
+    a = make_raster(tmp_path / "a.tif", 128, 128, seed=1)
+    far = make_raster(tmp_path / "far.tif", 64, 64, seed=2, origin=(UTM_ORIGIN[0] + 10_000, UTM_ORIGIN[1]))
+    x, y = UTM_ORIGIN
+    common = ["--model", rig_folder, "--tile", "32", "--device", "cpu", "--json", "--read-workers", "0"]
+    code, out, err = _run(["index", str(a), str(far), "--out", str(tmp_path / "idx"),
+                           f"--extent={x},{y - 16},{x + 16},{y}", *common], capsys)   # 32 x 32 px
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["rows"] == 1 and info["added"] == [str(a)]
+    assert any(str(far) in w and "misses" in w for w in info["warnings"])
+    # the same raster with a larger extent: other tiles, so its rows are replaced
+    code, out, err = _run(["index", str(a), "--out", str(tmp_path / "idx"),
+                           f"--extent={x},{y - 32},{x + 32},{y}", *common], capsys)
+    assert code == 0, err
+    assert json.loads(out)["replaced"] == [str(a)] and json.loads(out)["rows"] == 4
+    code, _, err = _run(["index", str(far), "--out", str(tmp_path / "idx2"),
+                         f"--extent={x},{y - 32},{x + 32},{y}", *common], capsys)
+    assert code == 2 and "misses the raster" in err
+    code, _, err = _run(["index", str(a), "--out", str(tmp_path / "idx3"),
+                         "--extent-crs", "EPSG:4326", *common], capsys)
+    assert code == 2 and "--extent" in err
