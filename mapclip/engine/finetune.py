@@ -472,7 +472,7 @@ def _normalise(lm_facts, images: torch.Tensor, device: torch.device) -> torch.Te
 def evaluate(model, tokenizer, items: Sequence[CaptionItem], facts, device: torch.device,
              amp: Optional[torch.dtype] = None, batch_size: int = 128, workers: int = 0,
              job: Optional[Job] = None) -> Dict[str, float]:
-    """Retrieval metrics (engine.archive.retrieval) of ``model`` on ``items``: all captions count."""
+    """Retrieval metrics (engine.data.metrics) of ``model`` on ``items``: all captions count."""
     was_training = model.training
     model.eval()
     try:
