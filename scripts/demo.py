@@ -129,7 +129,8 @@ def main(argv=None) -> int:
         heat = write_heatmap(res, out / "heatmap.tif", overwrite=True)
         png = draw_png(truth.path, res, truth, out / "detections.png")
 
-        from mapclip.engine.classify import classify, compare_to_mask, synthetic_targets
+        from mapclip.engine.classify import classify, compare_to_mask
+        from mapclip.engine.data.synthetic import synthetic_targets
         from mapclip.engine.core.options import ClassifyOptions
         names, values = synthetic_targets()
         cls = classify(str(out / "scene.tif"), names, lm, options=ClassifyOptions(),

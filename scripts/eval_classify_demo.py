@@ -33,7 +33,7 @@ def _quality(lm, path: Path, names, values, opts) -> dict:
 def measure(model, out: Path) -> dict:
     """{"names", "rows": [{label, pixel_accuracy, miou, iou}], "test": {pixel_accuracy, miou}}."""
     import numpy as np
-    from mapclip.engine.classify import synthetic_targets
+    from mapclip.engine.data.synthetic import synthetic_targets
     from mapclip.engine.model.models import load_model
     from mapclip.engine.core.options import ClassifyOptions
     from mapclip.engine.data.synthetic import make_scene

@@ -149,8 +149,9 @@ def stage_data(work: Path) -> Path:
     import numpy as np
     import rasterio
     from mapclip.engine.data import synthetic as S
-    from mapclip.engine.data.box_caption import CaptionOptions, box_to_caption
-    from mapclip.engine.data.mask_box import MaskOptions, mask_to_box
+    from mapclip.engine.core.options import BoxCaptionOptions, MaskOptions
+    from mapclip.engine.data.box_caption import box_to_caption
+    from mapclip.engine.data.mask_box import mask_to_box
     from mapclip.engine.count import caption as count_caption
     from mapclip.engine.core.options import DedupOptions
     from mapclip.engine.dedup.duplicates import find_duplicates
@@ -210,7 +211,7 @@ def stage_data(work: Path) -> Path:
         f"{len(dd.contaminated)} near held-out images, {len(drop)} dropped")
 
     b2c = box_to_caption(paths["boxes"], str(work / "b2c.csv"),
-                         CaptionOptions(format="coco", images_dir=paths["images"], seed=RECIPE["seed"],
+                         BoxCaptionOptions(format="coco", images_dir=paths["images"], seed=RECIPE["seed"],
                                         overwrite=True))
     lc_classes = {str(S.CLASS_VALUE[k]): n for k, n in M2B_NAMES.items()}
     (work / "landcover_classes.json").write_text(json.dumps(lc_classes), encoding="utf-8")

@@ -73,7 +73,8 @@ def scene_chips(truth, n_object: int, n_near: int, n_random: int, seed: int,
     """Chips of a written synthetic scene (engine.data.synthetic.make_chips) with their references."""
     import rasterio
 
-    from .data.synthetic import _pixel_bounds, make_chips
+    from .data.synthetic import make_chips
+    from .data.synthetic.truth import _pixel_bounds
     with rasterio.open(truth.path) as src:
         transform = src.transform
     out = []

@@ -566,51 +566,11 @@ def _outside(geoms, plan: _Plan, row0: int, k: int) -> np.ndarray:
                          transform=plan.transform @ Affine.translation(0, row0))
 
 
-def _parse_wkb(buf: bytes, off: int = 0) -> Tuple[List[Dict[str, Any]], int]:
-    """GeoJSON polygons from WKB (ISO or EWKB; Polygon, MultiPolygon, collections of them;
-    Z and M dropped). Other geometry types raise a UsageError."""
-    import struct
-    bo = "<" if buf[off] == 1 else ">"
-    off += 1
-    (t,) = struct.unpack_from(bo + "I", buf, off)
-    off += 4
-    has_z, has_m = bool(t & 0x80000000), bool(t & 0x40000000)
-    if t & 0x20000000:
-        off += 4  # EWKB SRID
-    t &= 0x0FFFFFFF
-    if t >= 1000:
-        has_z |= t // 1000 in (1, 3)
-        has_m |= t // 1000 in (2, 3)
-        t %= 1000
-    nd = 2 + int(has_z) + int(has_m)
-    if t == 3:
-        (n,) = struct.unpack_from(bo + "I", buf, off)
-        off += 4
-        rings = []
-        for _ in range(n):
-            (m,) = struct.unpack_from(bo + "I", buf, off)
-            off += 4
-            pts = np.frombuffer(buf, dtype=bo + "f8", count=m * nd, offset=off).reshape(m, nd)
-            off += 8 * m * nd
-            rings.append([(float(x), float(y)) for x, y in pts[:, :2]])
-        return [{"type": "Polygon", "coordinates": rings}], off
-    if t in (6, 7):
-        (n,) = struct.unpack_from(bo + "I", buf, off)
-        off += 4
-        out: List[Dict[str, Any]] = []
-        for _ in range(n):
-            part, off = _parse_wkb(buf, off)
-            out.extend(part)
-        return out, off
-    names = {1: "points", 2: "lines", 4: "points", 5: "lines"}
-    raise UsageError(f"classify within needs polygons, not {names.get(t, f'geometry type {t}')}",
-                     "give a polygon layer (areas, not points or lines)")
-
-
 def read_within(path) -> Tuple[List[Dict[str, Any]], Optional[str]]:
     """The polygons of a vector file (.gpkg, .geojson, .shp, ...) as GeoJSON mappings,
     and the file's CRS (WKT, None if it has none), for ``classify(within=...)``."""
     from .core.outputs import _pyogrio_raw
+    from .core.wkb import read_polygons
     p = Path(path)
     if not p.exists():
         raise UsageError(f"polygon file {p} does not exist", "check the path")
@@ -622,7 +582,7 @@ def read_within(path) -> Tuple[List[Dict[str, Any]], Optional[str]]:
     geoms: List[Dict[str, Any]] = []
     for wkb in geometry if geometry is not None else ():
         if wkb is not None:
-            geoms.extend(_parse_wkb(bytes(wkb))[0])
+            geoms.extend(read_polygons(bytes(wkb))[0])
     if not geoms:
         raise UsageError(f"{p} holds no polygons", "give a file with at least one polygon")
     return geoms, meta.get("crs")
@@ -763,17 +723,6 @@ def read_class_names(path) -> List[str]:
     return list(json.loads(raw))
 
 
-def _ring_wkb(ring) -> bytes:
-    import struct
-    pts = [(float(x), float(y)) for x, y in ring]
-    return struct.pack("<I", len(pts)) + b"".join(struct.pack("<dd", x, y) for x, y in pts)
-
-
-def _polygon_wkb(rings) -> bytes:
-    import struct
-    return struct.pack("<BII", 1, 3, len(rings)) + b"".join(_ring_wkb(r) for r in rings)
-
-
 def write_polygons(class_tif, conf_tif, path, names: Sequence[str], model: str,
                    driver: str = "GPKG") -> int:
     """Vectorise a class map (rasterio.features.shapes, 4-connected) into ``path``.
@@ -787,6 +736,9 @@ def write_polygons(class_tif, conf_tif, path, names: Sequence[str], model: str,
     import cv2
     import rasterio
     from rasterio.features import shapes
+
+    from .core.outputs import CLASS_FIELDS, write_features
+    from .core.wkb import rings_wkb
     with rasterio.open(class_tif) as ds:
         cls = ds.read(1)
         tf, crs = ds.transform, ds.crs
@@ -809,93 +761,30 @@ def write_polygons(class_tif, conf_tif, path, names: Sequence[str], model: str,
     cells = np.bincount(labels.ravel(), minlength=n_labels)
     sums = np.bincount(labels.ravel(), weights=np.nan_to_num(conf, nan=0.0).ravel().astype(np.float64),
                        minlength=n_labels)
-    geoms, f_class, f_value, f_score, f_cells = [], [], [], [], []
+    geoms, rows = [], []
     for geom, lab in shapes(labels, mask=labels > 0, connectivity=4, transform=tf):
         lab = int(lab)
         v = label_value[lab]
-        geoms.append(_polygon_wkb(geom["coordinates"]))
-        f_class.append(UNKNOWN_NAME if v == UNKNOWN else names[v - 1])
-        f_value.append(v)
-        f_score.append(float(sums[lab] / cells[lab]) if cells[lab] else float("nan"))
-        f_cells.append(int(cells[lab]))
-    from .core.outputs import CLASS_FIELDS, _pyogrio_raw, names as field_names
-    data = [np.array(f_class, dtype=object), np.array(f_value, dtype=np.int64),
-            np.array(f_score, dtype=np.float64), np.array(f_cells, dtype=np.int64),
-            np.array([model] * len(geoms), dtype=object)]
-    path = Path(path)
-    tmp_file = path.with_name(path.name + VECTOR_SUFFIX[driver])  # GDAL picks options by suffix
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*'crs' was not provided")
-            _pyogrio_raw().write(str(tmp_file), np.array(geoms, dtype=object), data,
-                                 field_names(CLASS_FIELDS), driver=driver, geometry_type="Polygon",
-                                 crs=crs.to_wkt() if crs else None, layer="classes")
-        tmp_file.replace(path)
-    finally:
-        tmp_file.unlink(missing_ok=True)
+        geoms.append(rings_wkb(geom["coordinates"]))
+        rows.append({"class": UNKNOWN_NAME if v == UNKNOWN else names[v - 1], "value": v,
+                     "score": float(sums[lab] / cells[lab]) if cells[lab] else float("nan"),
+                     "cells": int(cells[lab]), "model": model})
+    write_features(path, CLASS_FIELDS, rows, geoms, crs.to_wkt() if crs else None, "classes", driver)
     return len(geoms)
-
-
-VECTOR_SUFFIX = {"GPKG": ".gpkg", "GeoJSON": ".geojson"}
 
 
 # --------------------------------------------------------------------------- #
 # Quality against a reference mask.
 # --------------------------------------------------------------------------- #
-#: the classes a synthetic scene's land cover is measured with (engine.data.synthetic), each with
-#: the mask classes it covers: objects count as the land cover they stand on; runway and
-#: apron are not counted
-SYNTHETIC_CLASSES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
-    ("water", ("water", "ship")), ("forest", ("forest",)), ("field", ("field",)),
-    ("bare ground", ("bare-ground", "storage-tank")), ("grass", ("grass", "sports-field")),
-    ("urban", ("urban", "building", "swimming-pool")), ("road", ("road", "vehicle")))
-
-
-def synthetic_targets() -> Tuple[List[str], List[List[int]]]:
-    """(class names, mask values per class) for :func:`compare_to_mask` on synthetic scenes."""
-    from .data.synthetic import CLASS_VALUE
-    return ([n for n, _ in SYNTHETIC_CLASSES],
-            [[CLASS_VALUE[m] for m in masks] for _, masks in SYNTHETIC_CLASSES])
-
-
 def compare_to_mask(class_map: np.ndarray, transform, mask_path,
                     values: Sequence[Sequence[int]], names: Sequence[str]) -> Dict[str, Any]:
-    """Pixel accuracy, per-class IoU and mIoU of a class map against a reference mask.
-
-    ``values[i]`` lists the mask values that are class ``names[i]`` (map
-    value i + 1). The comparison is at the mask's own pixels: each pixel
-    takes the class of the cell holding its centre. Pixels whose mask value
-    is in no list, and pixels the map left unscored, are not counted;
-    unknown cells count as wrong. Classes absent from both are left out of
-    the mean.
-    """
+    """Pixel accuracy, per-class IoU and mIoU of a class map against a reference mask file
+    (engine.data.metrics.mask_agreement: ``values[i]`` lists the mask values that are
+    class ``names[i]``, map value i + 1)."""
     import rasterio
+
+    from .data.metrics import mask_agreement
     with rasterio.open(mask_path) as ds:
         mask = ds.read(1)
         mtf = ds.transform
-    h, w = mask.shape
-    cols, rows = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
-    xs = mtf.a * cols + mtf.b * rows + mtf.c
-    ys = mtf.d * cols + mtf.e * rows + mtf.f
-    inv = ~transform
-    ci = np.floor(inv.a * xs + inv.b * ys + inv.c).astype(np.int64)
-    ri = np.floor(inv.d * xs + inv.e * ys + inv.f).astype(np.int64)
-    inside = (ci >= 0) & (ri >= 0) & (ci < class_map.shape[1]) & (ri < class_map.shape[0])
-    pred = np.full(mask.shape, NODATA, np.uint8)
-    pred[inside] = class_map[ri[inside], ci[inside]]
-    truth = np.zeros(mask.shape, np.uint8)
-    for i, vals in enumerate(values, start=1):
-        truth[np.isin(mask, list(vals))] = i
-    valid = (truth > 0) & (pred != NODATA)
-    t, p = truth[valid], pred[valid]
-    out: Dict[str, Any] = {"pixels": int(valid.sum()),
-                           "pixel_accuracy": float((t == p).mean()) if len(t) else 0.0}
-    ious = {}
-    for i, n in enumerate(names, start=1):
-        inter = int(((t == i) & (p == i)).sum())
-        union = int(((t == i) | (p == i)).sum())
-        if union:
-            ious[n] = inter / union
-    out["iou"] = ious
-    out["miou"] = float(np.mean(list(ious.values()))) if ious else 0.0
-    return out
+    return mask_agreement(class_map, transform, mask, mtf, values, names, NODATA)

@@ -3,7 +3,7 @@
 - :func:`eval_retrieval`: image-text retrieval on RSICD / RSITMD / UCM-Captions
   (their caption JSON, the Karpathy layout ``{"images": [{"filename",
   "split", "sentences": [{"raw"}]}]}``) or a CSV of ``image,caption`` rows;
-  recall@1/5/10 both ways and mean recall with :mod:`engine.archive.retrieval`
+  recall@1/5/10 both ways and mean recall with :mod:`engine.data.metrics`
   (ties broken by sort order as RemoteCLIP's evaluation does, or
   pessimistically).
 - :func:`eval_classify`: zero-shot classification on a folder-per-class
@@ -166,7 +166,7 @@ def eval_retrieval(model, data: str, images: Optional[str] = None, split: Option
     import torch
 
     from .model.encode import encode_text
-    from .archive.retrieval import TIE_MODES, retrieval_metrics
+    from .data.metrics import TIE_MODES, retrieval_metrics
     if ties not in TIE_MODES:
         raise UsageError(f"unknown tie rule {ties!r}", f"use one of {', '.join(TIE_MODES)}")
     paths, captions, owner = read_retrieval_data(data, images, split)

@@ -66,20 +66,18 @@ import torch.nn.functional as F
 from .data.captions import CaptionItem, SkipReport, check_images, read_captions
 from .core.errors import MapClipError, ModelError, UsageError, reason
 from .core.jobs import CancelFlag, Job, ProgressFn
-from .core.options import FinetuneOptions, check  # noqa: F401
-from .model.models import (MODEL_CONFIG_FILE, OPENAI_MEAN, OPENAI_STD, LoadedModel, Resolved, arch_config, make_tokenizer, build_model, load_model, resolve_device, save_model_folder)
-from .archive.retrieval import retrieval_metrics
+from .core.options import FREEZE, FinetuneOptions, check  # noqa: F401
+from .model.models import (MODEL_CONFIG_FILE, OPENAI_MEAN, OPENAI_STD, RANDOM_TAG, LoadedModel, Resolved, arch_config, make_tokenizer, build_model, load_model, resolve_device, save_model_folder)
+from .data.metrics import retrieval_metrics
 from .archive.format import LOCK
 from .archive.writer import WriteLock
 
-RANDOM_INIT_TAG = "random"
 RUN_FILE = "run.json"
 STATE_FILE = "last.pt"
 METRICS_FILE = "metrics.jsonl"
 BEST_DIR = "best"
 STATE_FORMAT = 1
 MAX_LOGIT_SCALE = math.log(100.0)
-FREEZE_CHOICES = ("none", "text", "vision")
 ADAM_BETAS = (0.9, 0.98)
 ADAM_EPS = 1e-6
 #: head parameters (after the last block) that --unlock-last keeps trainable
@@ -154,7 +152,7 @@ def _random_init_config(arch: str) -> Tuple[str, Dict[str, Any], Dict[str, Any]]
 def load_base_model(spec: str, seed: int = 0, device: Optional[str] = None) -> LoadedModel:
     """The model to fine-tune, fp32 on ``device``: ``load_model(spec)`` or ``ARCH:random``."""
     arch, sep, tag = str(spec).rpartition(":")
-    if not (sep and tag == RANDOM_INIT_TAG and arch):
+    if not (sep and tag == RANDOM_TAG and arch):
         return load_model(spec, device=device, precision="fp32")
     name, cfg, pre = _random_init_config(arch)
     dev = resolve_device(device)
@@ -192,7 +190,7 @@ def _block_index(name: str) -> Optional[int]:
 
 def set_trainable(model, freeze: str = "none", unlock_last: int = 0) -> Dict[str, int]:
     """Set ``requires_grad`` per parameter; returns trainable counts per tower."""
-    if freeze not in FREEZE_CHOICES:
+    if freeze not in FREEZE:
         raise UsageError(f"unknown --freeze {freeze!r}", "use none, text or vision")
     if unlock_last < 0:
         raise UsageError("--unlock-last must be 0 (everything) or a positive number of blocks",
@@ -475,7 +473,7 @@ def _normalise(lm_facts, images: torch.Tensor, device: torch.device) -> torch.Te
 def evaluate(model, tokenizer, items: Sequence[CaptionItem], facts, device: torch.device,
              amp: Optional[torch.dtype] = None, batch_size: int = 128, workers: int = 0,
              job: Optional[Job] = None) -> Dict[str, float]:
-    """Retrieval metrics (engine.archive.retrieval) of ``model`` on ``items``: all captions count."""
+    """Retrieval metrics (engine.data.metrics) of ``model`` on ``items``: all captions count."""
     was_training = model.training
     model.eval()
     try:

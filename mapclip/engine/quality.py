@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .data import synthetic as S
+from .data.metrics import average_precision, centre_precision, precision_recall
 
 #: held-out seeds (training used 1000-1009 and 50000+, the dedup check 7001-7002,
 #: count calibration 61000+, the demo 4216)
@@ -66,19 +67,11 @@ def demo_scene(folder: Path, seed: int = DETECT_SEED, size: int = DETECT_SIZE) -
     return S.make_scene(str(Path(folder) / f"scene_{seed}.tif"), size, seed=seed, overwrite=True)
 
 
-def centre_precision(boxes: Sequence[Sequence[float]], truth: Sequence[Sequence[float]], k: int = 10) -> float:
-    """Share of the first ``k`` boxes (best first) that hold the centre of a true object."""
-    cs = [((t[0] + t[2]) / 2, (t[1] + t[3]) / 2) for t in truth]
-    top = list(boxes)[:k]
-    good = sum(1 for b in top if any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for x, y in cs))
-    return good / len(top) if top else 0.0
-
-
 def score_boxes(boxes: Sequence[Tuple[float, Sequence[float]]], truth: Sequence[Sequence[float]],
                 iou: float = IOU) -> Dict[str, float]:
     """AP, precision and recall at ``iou`` of (score, pixel box) pairs against true boxes."""
-    p, r = S.precision_recall(list(boxes), list(truth), iou)
-    return {"ap50": S.average_precision(list(boxes), list(truth), iou), "precision": p, "recall": r,
+    p, r = precision_recall(list(boxes), list(truth), iou)
+    return {"ap50": average_precision(list(boxes), list(truth), iou), "precision": p, "recall": r,
             "boxes": len(boxes), "truth": len(truth)}
 
 
@@ -101,7 +94,7 @@ def measure_detect(lm, truth: S.SceneTruth, mode: str = "window",
             opts = DetectOptions(mode="dense", tile_px=64, top_k=200, threshold=0.3, heatmap=True, **extra)
         res = detect(truth.path, [prompt], lm, options=opts)
         gt = [b.pixel for b in truth.of(cls)]
-        out[cls] = {"ap50": S.average_precision([(b.score, b.pixel) for b in res.boxes], gt, IOU),
+        out[cls] = {"ap50": average_precision([(b.score, b.pixel) for b in res.boxes], gt, IOU),
                     "hit@10": centre_precision([b.pixel for b in res.boxes], gt, 10)}
     return out
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from .core.jobs import Job
-from .core.options import check, with_model_defaults
+from .core.options import MIN_VALID, check, with_model_defaults
 
 if TYPE_CHECKING:
     from .cache.store import Entry
@@ -92,7 +92,7 @@ class RasterJob:
         self.cache = "computed" if CACHE.put(key, arrays, meta) else "too large"
 
     def tile_features(self, kind: str, params: Dict[str, Any], tiles, features, batch_size: int, *,
-                      prefetch: int = 2, workers: int = 2, min_valid: float = 0.5):
+                      prefetch: int = 2, workers: int = 2, min_valid: float = MIN_VALID):
         """Yield ``(tiles, feats)`` (a torch tensor on the model's device, one row per tile)
         for every valid tile of ``tiles``, in order: read and computed by ``features(uint8
         batch)`` and kept at the end, or, when this pass was kept, from the cache without

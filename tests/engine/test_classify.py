@@ -168,7 +168,7 @@ def test_demo_model_land_cover_quality(tmp_path, one_torch_thread):
     """The demo model's class map against a held-out synthetic scene's mask
     (numbers in resources/models/demo/MODEL_CARD.md, "Land-cover maps")."""
     from mapclip.engine.data.synthetic import make_scene
-    from mapclip.engine.classify import synthetic_targets
+    from mapclip.engine.data.synthetic import synthetic_targets
     NAMES, CLASS_VALUES = synthetic_targets()
     make_scene(str(tmp_path / "s.tif"), width=512, seed=9103, coco_path=None)
     r = classify(str(tmp_path / "s.tif"), NAMES, "demo",
@@ -214,7 +214,7 @@ def test_within_polygons_only_their_cells_are_classified(raster, tmp_path, tiny_
     # written as a file in EPSG:4326 and read back: the same cells
     from rasterio.warp import transform_geom
     from mapclip.engine.core.outputs import _pyogrio_raw
-    from mapclip.engine.classify import _polygon_wkb
+    from mapclip.engine.core.wkb import rings_wkb as _polygon_wkb
     g = transform_geom("EPSG:32633", "EPSG:4326", tri)
     _pyogrio_raw().write(str(tmp_path / "w.gpkg"), np.array([_polygon_wkb(g["coordinates"])],
                          dtype=object), [], [], driver="GPKG", geometry_type="Polygon",

@@ -14,8 +14,9 @@ from PIL import Image
 
 from mapclip.engine.data.annotations import ImageAnnotation, ObjectBox
 from mapclip.engine.cli import main as cli_main
-from mapclip.engine.data.box_caption import CaptionOptions, box_to_caption, caption_image
-from mapclip.engine.data.mask_box import MaskOptions, mask_regions, mask_to_box
+from mapclip.engine.core.options import BoxCaptionOptions as CaptionOptions, MaskOptions
+from mapclip.engine.data.box_caption import box_to_caption, caption_image
+from mapclip.engine.data.mask_box import mask_regions, mask_to_box
 from mapclip.engine.data.grammar import normalise_class_name, plural, with_count
 from mapclip.engine.core.errors import Cancelled, UsageError
 

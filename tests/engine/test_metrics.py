@@ -16,8 +16,8 @@ import pytest
 
 from mapclip.engine import count as ct
 from mapclip.engine import quality as Q
-from mapclip.engine.archive.retrieval import retrieval_metrics
-from mapclip.engine.data import synthetic as S
+from mapclip.engine.data.metrics import retrieval_metrics
+from mapclip.engine.data import metrics as M
 
 # four true objects in a row, 10 x 10 px each, 10 px apart
 T0, T1, T2, T3 = (0, 0, 10, 10), (20, 0, 30, 10), (40, 0, 50, 10), (60, 0, 70, 10)
@@ -35,26 +35,26 @@ PREDS = [
 # ------------------------------------------------------------------ IoU --
 def test_box_iou_by_hand():
     # overlap 5 x 10 = 50; union 100 + 100 - 50 = 150
-    assert S.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert M.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
     # half of the box: 50 / (100 + 50 - 50) = 0.5
-    assert S.box_iou((0, 0, 10, 10), (0, 0, 10, 5)) == 0.5
-    assert S.box_iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0      # touching edges share no area
-    assert S.box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
-    assert S.box_iou((3, 3, 3, 3), (3, 3, 3, 3)) == 0.0            # empty boxes: no union, 0 not NaN
+    assert M.box_iou((0, 0, 10, 10), (0, 0, 10, 5)) == 0.5
+    assert M.box_iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0      # touching edges share no area
+    assert M.box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert M.box_iou((3, 3, 3, 3), (3, 3, 3, 3)) == 0.0            # empty boxes: no union, 0 not NaN
 
 
 # ------------------------------------------------------------- matching --
 def test_match_goes_best_score_first_and_takes_each_object_once():
     # in score order 0.9, 0.8, 0.7, 0.6, 0.5: hit, duplicate, hit, hit at IoU 0.5, miss
-    assert S._match(PREDS, TRUTH, 0.5).tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert M._match(PREDS, TRUTH, 0.5).tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
 
 
 def test_match_at_exactly_the_threshold_counts_and_just_below_does_not():
     # IoU (0,0,10,5) vs T0 = 50 / 100 = 0.5; (0,0,10,4.9) = 49 / 100 = 0.49
-    assert S._match([(1.0, (0, 0, 10, 5))], [T0], 0.5).tolist() == [1.0]
-    assert S._match([(1.0, (0, 0, 10, 4.9))], [T0], 0.5).tolist() == [0.0]
+    assert M._match([(1.0, (0, 0, 10, 5))], [T0], 0.5).tolist() == [1.0]
+    assert M._match([(1.0, (0, 0, 10, 4.9))], [T0], 0.5).tolist() == [0.0]
     # the same box against a stricter threshold
-    assert S._match([(1.0, (0, 0, 10, 5))], [T0], 0.51).tolist() == [0.0]
+    assert M._match([(1.0, (0, 0, 10, 5))], [T0], 0.51).tolist() == [0.0]
 
 
 def test_match_gives_a_box_the_object_it_overlaps_most():
@@ -62,18 +62,18 @@ def test_match_gives_a_box_the_object_it_overlaps_most():
     # P = (3,0,13,10): with a, overlap 7 x 10 = 70, union 200 - 70 = 130 -> 0.538;
     # with b, overlap 9 x 10 = 90, union 200 - 90 = 110 -> 0.818: P takes b
     p = (3, 0, 13, 10)
-    assert S.box_iou(p, a) == pytest.approx(70 / 130) and S.box_iou(p, b) == pytest.approx(90 / 110)
+    assert M.box_iou(p, a) == pytest.approx(70 / 130) and M.box_iou(p, b) == pytest.approx(90 / 110)
     # then a box exactly on a still finds a free a (hit); one exactly on b finds b taken
     # and a too far (IoU of b with a = 60 / 140 = 0.43 < 0.5) -> miss
     preds = [(0.9, p), (0.8, a), (0.7, b)]
-    assert S._match(preds, [a, b], 0.5).tolist() == [1.0, 1.0, 0.0]
+    assert M._match(preds, [a, b], 0.5).tolist() == [1.0, 1.0, 0.0]
 
 
 def test_match_keeps_the_given_order_among_equal_scores():
     # two boxes at the same score: the first given is matched first (a stable sort)
     far, on = (50, 50, 60, 60), T0
-    assert S._match([(0.5, far), (0.5, on)], [T0], 0.5).tolist() == [0.0, 1.0]
-    assert S._match([(0.5, on), (0.5, far)], [T0], 0.5).tolist() == [1.0, 0.0]
+    assert M._match([(0.5, far), (0.5, on)], [T0], 0.5).tolist() == [0.0, 1.0]
+    assert M._match([(0.5, on), (0.5, far)], [T0], 0.5).tolist() == [1.0, 0.0]
 
 
 # ------------------------------------------------- AP, precision, recall --
@@ -82,52 +82,52 @@ def test_average_precision_by_hand():
     # cumulative hits 1 1 2 3 3 -> recall .25 .25 .5 .75 .75, precision 1 .5 .667 .75 .6
     # envelope (max to the right): 1 .75 .75 .75 .6
     # AP = .25 x 1 + 0 x .75 + .25 x .75 + .25 x .75 + 0 x .6 = .25 + .1875 + .1875 = .625
-    assert S.average_precision(PREDS, TRUTH, 0.5) == pytest.approx(0.625)
+    assert M.average_precision(PREDS, TRUTH, 0.5) == pytest.approx(0.625)
     # precision 3 hits / 5 boxes = 0.6, recall 3 hits / 4 objects = 0.75
-    assert S.precision_recall(PREDS, TRUTH, 0.5) == pytest.approx((0.6, 0.75))
+    assert M.precision_recall(PREDS, TRUTH, 0.5) == pytest.approx((0.6, 0.75))
 
 
 def test_a_duplicate_detection_costs_precision_and_ap_but_no_recall():
     one = [(0.9, T0)]
     dup = [(0.9, T0), (0.8, T0)]
     # one box on T0 of 2 objects: precision 1/1, recall 1/2; AP = .5 x 1 = .5
-    assert S.precision_recall(one, [T0, T1]) == pytest.approx((1.0, 0.5))
-    assert S.average_precision(one, [T0, T1]) == pytest.approx(0.5)
+    assert M.precision_recall(one, [T0, T1]) == pytest.approx((1.0, 0.5))
+    assert M.average_precision(one, [T0, T1]) == pytest.approx(0.5)
     # the duplicate is a false positive: precision 1/2, recall still 1/2
-    assert S.precision_recall(dup, [T0, T1]) == pytest.approx((0.5, 0.5))
+    assert M.precision_recall(dup, [T0, T1]) == pytest.approx((0.5, 0.5))
     # ranks: hit (r .5, p 1), miss (r .5, p .5): envelope 1, .5; AP = .5 x 1 + 0 x .5 = .5
-    assert S.average_precision(dup, [T0, T1]) == pytest.approx(0.5)
+    assert M.average_precision(dup, [T0, T1]) == pytest.approx(0.5)
     # the looser box scored higher takes T0 (IoU .9) and the exact one is the duplicate: same .5
-    assert S.average_precision([(0.9, T0), (0.95, (0, 0, 10, 9))], [T0, T1]) == pytest.approx(0.5)
+    assert M.average_precision([(0.9, T0), (0.95, (0, 0, 10, 9))], [T0, T1]) == pytest.approx(0.5)
     # a false positive ranked above the hit: miss (r 0, p 0), hit (r .5, p .5): envelope .5 .5,
     # AP = .5 x .5 = .25
-    assert S.average_precision([(0.9, T0), (0.95, (50, 50, 60, 60))], [T0, T1]) == pytest.approx(0.25)
+    assert M.average_precision([(0.9, T0), (0.95, (50, 50, 60, 60))], [T0, T1]) == pytest.approx(0.25)
 
 
 def test_ties_in_score_keep_the_given_order_in_ap():
     far = (50, 50, 60, 60)
     # miss then hit (r 0 p 0, r 1 p .5): envelope .5 .5 -> AP = 1 x .5 = .5
-    assert S.average_precision([(0.5, far), (0.5, T0)], [T0]) == pytest.approx(0.5)
+    assert M.average_precision([(0.5, far), (0.5, T0)], [T0]) == pytest.approx(0.5)
     # hit then miss: AP = 1 x 1 = 1
-    assert S.average_precision([(0.5, T0), (0.5, far)], [T0]) == pytest.approx(1.0)
+    assert M.average_precision([(0.5, T0), (0.5, far)], [T0]) == pytest.approx(1.0)
 
 
 def test_every_object_found_once_and_nothing_else_is_perfect():
     preds = [(0.4, T3), (0.3, T2), (0.2, T1), (0.1, T0)]
     # recall .25 steps at precision 1: AP = 4 x .25 x 1 = 1
-    assert S.average_precision(preds, TRUTH) == pytest.approx(1.0)
-    assert S.precision_recall(preds, TRUTH) == (1.0, 1.0)
+    assert M.average_precision(preds, TRUTH) == pytest.approx(1.0)
+    assert M.precision_recall(preds, TRUTH) == (1.0, 1.0)
 
 
 def test_no_predictions_and_no_truth():
     # nothing predicted: AP 0, precision and recall 0 (no division by zero)
-    assert S.average_precision([], TRUTH) == 0.0
-    assert S.precision_recall([], TRUTH) == (0.0, 0.0)
+    assert M.average_precision([], TRUTH) == 0.0
+    assert M.precision_recall([], TRUTH) == (0.0, 0.0)
     # nothing to find: AP is undefined (NaN, left out of means), every box is a false positive
-    assert math.isnan(S.average_precision(PREDS, []))
-    assert S.precision_recall(PREDS, []) == (0.0, 0.0)
-    assert math.isnan(S.average_precision([], []))
-    assert S.precision_recall([], []) == (0.0, 0.0)
+    assert math.isnan(M.average_precision(PREDS, []))
+    assert M.precision_recall(PREDS, []) == (0.0, 0.0)
+    assert math.isnan(M.average_precision([], []))
+    assert M.precision_recall([], []) == (0.0, 0.0)
 
 
 # ------------------------------------------------- the quality protocol --
@@ -152,14 +152,14 @@ def test_centre_precision_by_hand():
              (4, 4, 5, 5),          # (5, 5) on its corner counts     good
              (50, 50, 60, 60),      # holds no centre                 bad
              (25, 25, 35, 35)]      # holds (30, 30)                  good
-    assert Q.centre_precision(boxes, truth, k=3) == pytest.approx(2 / 3)     # good, good, bad
-    assert Q.centre_precision(boxes, truth, k=10) == pytest.approx(3 / 4)    # only 4 boxes: 3 / 4
-    assert Q.centre_precision(boxes, truth, k=1) == 1.0
-    assert Q.centre_precision([(0, 0, 40, 40)], truth) == 1.0                # two centres, one box: 1 / 1
+    assert M.centre_precision(boxes, truth, k=3) == pytest.approx(2 / 3)     # good, good, bad
+    assert M.centre_precision(boxes, truth, k=10) == pytest.approx(3 / 4)    # only 4 boxes: 3 / 4
+    assert M.centre_precision(boxes, truth, k=1) == 1.0
+    assert M.centre_precision([(0, 0, 40, 40)], truth) == 1.0                # two centres, one box: 1 / 1
     # a duplicate on the same object counts again: it is about the boxes, not the objects
-    assert Q.centre_precision([(0, 0, 6, 6), (1, 1, 7, 7)], truth) == 1.0
-    assert Q.centre_precision([], truth) == 0.0
-    assert Q.centre_precision(boxes, []) == 0.0                               # 0 good of 4
+    assert M.centre_precision([(0, 0, 6, 6), (1, 1, 7, 7)], truth) == 1.0
+    assert M.centre_precision([], truth) == 0.0
+    assert M.centre_precision(boxes, []) == 0.0                               # 0 good of 4
 
 
 def test_mean_leaves_nan_out():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mapclip.engine.archive.retrieval import retrieval_metrics
+from mapclip.engine.data.metrics import retrieval_metrics
 
 
 def test_perfect_diagonal_scores_100_everywhere():

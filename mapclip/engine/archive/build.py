@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from ..core.errors import ModelError, UsageError
 from ..core.jobs import Job
-from ..core.options import IndexOptions, check, with_model_defaults
+from ..core.options import MIN_VALID, IndexOptions, check, with_model_defaults
 from ..core.outputs import same_crs
 from ..model.identity import describe_model, same_space
 from ..model.space import model_identity
@@ -123,7 +123,7 @@ def _layout(options: IndexOptions, stored: Optional[Dict[str, Any]], image_size:
     if options.gsd is not None and not float(options.gsd) > 0:
         raise UsageError(f"GSD must be positive, got {options.gsd}", "e.g. --gsd 0.5")
     if options.min_valid is not None and not 0.0 <= float(options.min_valid) <= 1.0:
-        raise UsageError(f"min_valid must lie in 0..1, got {options.min_valid}", "e.g. 0.5")
+        raise UsageError(f"min_valid must lie in 0..1, got {options.min_valid}", f"e.g. {MIN_VALID}")
     if stored is not None:
         mismatch = []
         if asked_scales is not None and asked_scales != stored["scales"]:
@@ -145,7 +145,7 @@ def _layout(options: IndexOptions, stored: Optional[Dict[str, Any]], image_size:
     return {"scales": scales, "stride_px": stride,
             "gsd": float(options.gsd) if options.gsd is not None else None,
             "read": read_facts(options.read),
-            "min_valid": float(options.min_valid) if options.min_valid is not None else 0.5}
+            "min_valid": float(options.min_valid) if options.min_valid is not None else MIN_VALID}
 
 
 def _stride_for(layout: Dict[str, Any], tile_px: int) -> int:

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..core.errors import UsageError
 from ..core.outputs import (DATASET_OPTIONS, WGS84, _pyogrio_raw, footprint_columns,
-                            output_crs, polygon_wkb, same_crs)
+                            output_crs, same_crs)
+from ..core.wkb import polygon_wkb
 from . import approx
 from .format import (FOOTPRINTS, FOOTPRINTS_LAYER, FORMAT, FORMAT_VERSION, LOCK, MANIFEST, SHARDS_DIR,
                      TILE_DTYPE, _fsync_write, content_id, load_shard, save_npy, shard_check,

@@ -68,8 +68,9 @@ def _report_empty(empty) -> None:
 
 
 def run_b2c(args: argparse.Namespace) -> int:
-    from ..data.box_caption import CaptionOptions, box_to_caption
-    opts = CaptionOptions(format=args.format, images_dir=args.images, seed=args.seed,
+    from ..core.options import BoxCaptionOptions
+    from ..data.box_caption import box_to_caption
+    opts = BoxCaptionOptions(format=args.format, images_dir=args.images, seed=args.seed,
                           include_difficult=not args.skip_difficult, overwrite=args.overwrite)
     bar = tqdm_progress("caption", unit="img")
     try:
@@ -86,7 +87,8 @@ def run_b2c(args: argparse.Namespace) -> int:
 
 
 def run_m2b(args: argparse.Namespace) -> int:
-    from ..data.mask_box import MaskOptions, mask_to_box
+    from ..core.options import MaskOptions
+    from ..data.mask_box import mask_to_box
     opts = MaskOptions(min_area=args.min_area, ignore_index=args.ignore_index,
                        images_dir=args.images, overwrite=args.overwrite,
                        captions=args.captions, seed=args.seed,

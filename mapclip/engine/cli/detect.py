@@ -12,8 +12,8 @@ from ..core.errors import UsageError
 
 
 def register(sub) -> None:
-    from ..core.options import (ATTENTION_ALIASES, ATTENTION_MODES, DENSE_THRESHOLD, EXAMPLE_METHODS, MODES,
-                                DetectOptions)
+    from ..core.options import (ATTENTION_ALIASES, ATTENTION_MODES, DENSE_THRESHOLD, EXAMPLE_METHODS, MERGES,
+                                MODES, DetectOptions)
     d = DetectOptions()
     p = sub.add_parser(
         "detect", help="find what text prompts describe in a raster: boxes and a heatmap",
@@ -46,7 +46,7 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, default=None, metavar="T",
                    help=f"minimum softmax score of a box, 0..1; dense mode: default "
                         f"{DENSE_THRESHOLD}; window mode: " + model_default_help("threshold"))
-    p.add_argument("--merge", choices=["nms", "union"], default=d.merge,
+    p.add_argument("--merge", choices=MERGES, default=d.merge,
                    help="window mode: keep the best window per object (nms) or the union of "
                         f"its strong neighbours (union); default {d.merge}")
     p.add_argument("--iou", type=float, default=d.iou,

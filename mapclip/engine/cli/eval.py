@@ -7,7 +7,7 @@ from . import add_model_args, print_json, tqdm_progress
 
 
 def register(sub) -> None:
-    from ..archive.retrieval import DEFAULT_TIES, TIE_MODES
+    from ..data.metrics import DEFAULT_TIES, TIE_MODES
     from ..model.scoring import TEMPLATE_SETS
     p = sub.add_parser(
         "eval", help="evaluate a model: retrieval, zero-shot classification, counting",

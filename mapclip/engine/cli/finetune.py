@@ -15,7 +15,7 @@ TUNABLE = ("epochs", "batch_size", "accum", "lr", "weight_decay", "warmup", "val
 
 
 def register(sub) -> None:
-    from ..finetune import FREEZE_CHOICES, FinetuneOptions
+    from ..core.options import FREEZE, FinetuneOptions
     d = FinetuneOptions(model="", data="", out="")
     p = sub.add_parser(
         "finetune", help="fine-tune a CLIP model on image-caption pairs",
@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--val-split", type=float, default=None,
                    help="fraction of images held out for evaluation when the data names no split; "
                         f"0 evaluates on the training images (default {d.val_split:g})")
-    p.add_argument("--freeze", choices=FREEZE_CHOICES, default=None,
+    p.add_argument("--freeze", choices=FREEZE, default=None,
                    help=f"freeze one tower (default {d.freeze})")
     p.add_argument("--unlock-last", type=int, default=None, metavar="N",
                    help="train only the last N blocks (+ final norm/projection) of unfrozen towers; "
@@ -82,7 +82,8 @@ def _print_metrics(name: str, m: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..finetune import FinetuneOptions, finetune
+    from ..core.options import FinetuneOptions
+    from ..finetune import finetune
     from ..finetune import options_from_run
     from ..core.jobs import check_outputs
     given = {k: getattr(args, k) for k in TUNABLE if getattr(args, k) is not None}

@@ -57,6 +57,10 @@ FREEZE = ("none", "text", "vision")
 #: how raster values become 8-bit colours
 STRETCHES = ("auto", "percentile", "minmax", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: tiles with a smaller share of valid (non-nodata) area are not scored (every raster job, the index)
+MIN_VALID = 0.5
+#: Box-to-Caption: side of an image's central region as a fraction of its side (0.5: the middle half)
+CENTRE_FRACTION = 0.5
 
 #: generic scene content a target is scored against (``background=`` replaces it)
 DEFAULT_BACKGROUND_PROMPTS: Tuple[str, ...] = (
@@ -259,7 +263,7 @@ class DetectOptions:
     precision: Optional[str] = None
     heatmap: bool = True
     iou: float = 0.0                     # windows overlapping more (IoU) are one object; 0 = any
-    min_valid: float = 0.5               # tiles with less valid (non-nodata) area are skipped
+    min_valid: float = MIN_VALID         # tiles with less valid (non-nodata) area are skipped
     overlap: float = 0.125               # dense: tile overlap, share of a tile
     attention: str = DEFAULT_ATTENTION   # dense: one of ATTENTION_MODES
     cls_weight: float = 0.0              # dense: SegEarth-OV's class-token weight (score - w cos(cls, t))
@@ -315,7 +319,7 @@ class IndexOptions:
     stride_px: Optional[int] = None
     gsd: Optional[float] = None
     read: Optional[ReadOptions] = None
-    min_valid: Optional[float] = None     # default 0.5 (the reader's)
+    min_valid: Optional[float] = None     # default MIN_VALID
     batch_size: Optional[int] = None
     commit_tiles: int = 4096              # tiles per shard: work lost to a crash at most
     # only the tiles of this area (xmin, ymin, xmax, ymax; in extent_crs, else each
@@ -432,7 +436,7 @@ class ClassifyOptions:
     read: ReadOptions = field(default_factory=ReadOptions)
     device: Optional[str] = None
     precision: Optional[str] = None
-    min_valid: float = 0.5               # tiles with less valid area are not scored
+    min_valid: float = MIN_VALID         # tiles with less valid area are not scored
     attention: str = DEFAULT_ATTENTION   # one of ATTENTION_MODES
     cls_weight: float = 0.0              # SegEarth-OV's class-token weight
     dense_input_px: Optional[int] = None  # model input side per tile; None: the model's
@@ -465,6 +469,31 @@ class CaptionOptions:
     device: Optional[str] = None
     precision: Optional[str] = None
     batch_size: Optional[int] = None
+
+
+@dataclass
+class BoxCaptionOptions:
+    """How Box-to-Caption (engine.data.box_caption) reads boxes and writes captions."""
+
+    format: str = "coco"                  # one of engine.data.annotations.FORMATS
+    images_dir: Optional[str] = None      # images folder: paths and sizes (needed for YOLO)
+    seed: int = 0
+    centre_fraction: float = CENTRE_FRACTION
+    include_difficult: bool = True        # DOTA / VOC "difficult" objects count too
+    overwrite: bool = False
+
+
+@dataclass
+class MaskOptions:
+    """How Mask-to-Box (engine.data.mask_box) finds regions."""
+
+    min_area: int = 0                      # regions with fewer class pixels are dropped
+    ignore_index: Optional[int] = None     # e.g. 0 (background) or 255 (void)
+    images_dir: Optional[str] = None       # images named like the masks (by stem)
+    overwrite: bool = False
+    captions: Optional[str] = None         # also write Box-to-Caption captions here
+    seed: int = 0                          # for the captions
+    keep_background: bool = False          # box a class named "background" too
 
 
 # --------------------------------------------------------------------------- #

@@ -15,13 +15,13 @@ pyogrio and rasterio when called.
 from __future__ import annotations
 
 import json
-import struct
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UsageError
 from .jobs import atomic_path, check_output_path
+from .wkb import polygon_wkb
 
 #: (name, kind) with kind one of "str", "float", "int"
 Fields = Tuple[Tuple[str, str], ...]
@@ -164,20 +164,6 @@ def vector_driver(path, what: str = "boxes") -> str:
     return VECTOR_DRIVERS[suffix]
 
 
-def polygon_wkb(bounds: Sequence[Bounds]):
-    """WKB polygons (little-endian, one ring of 5 points), one per (xmin, ymin, xmax, ymax)."""
-    import numpy as np
-    b = np.asarray(bounds, dtype=np.float64).reshape(-1, 4)
-    xmin, ymin, xmax, ymax = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
-    head = struct.pack("<BIII", 1, 3, 1, 5)
-    coords = np.stack([xmin, ymin, xmax, ymin, xmax, ymax, xmin, ymax, xmin, ymin], axis=1)
-    coords = np.ascontiguousarray(coords, dtype="<f8")
-    out = np.empty(len(coords), dtype=object)
-    for i in range(len(coords)):
-        out[i] = head + coords[i].tobytes()
-    return out
-
-
 def _pyogrio_raw():
     """pyogrio.raw, imported without the warning a system pyproj lacking its data prints
     (pyogrio imports pyproj only to describe CRSs, which we pass as WKT)."""
@@ -196,9 +182,22 @@ DATASET_OPTIONS = {"GPKG": {"VERSION": "1.2"}}
 def write_vector(path, fields: Fields, rows: Sequence[Dict[str, Any]], bounds: Sequence[Bounds],
                  crs: Optional[str], layer: str, overwrite: bool = False, what: str = "boxes") -> Path:
     """Polygons for ``bounds`` with ``fields`` from ``rows``, written atomically to ``path``."""
-    import numpy as np
     driver = vector_driver(path, what)
     out = check_output_path(path, overwrite)
+    with atomic_path(out) as tmp:
+        write_features(tmp, fields, rows, polygon_wkb(bounds), crs, layer, driver)
+    return out
+
+
+#: the file name suffix GDAL picks each driver's options by
+DRIVER_SUFFIX = {"GPKG": ".gpkg", "GeoJSON": ".geojson"}
+
+
+def write_features(path, fields: Fields, rows: Sequence[Dict[str, Any]], geoms, crs: Optional[str],
+                   layer: str, driver: str) -> None:
+    """WKB polygons ``geoms`` with ``fields`` from ``rows`` as one ``driver`` layer at ``path``
+    (written under the driver's suffix, then renamed: ``path`` may be any temporary name)."""
+    import numpy as np
     data = []
     for name, kind in fields:
         vals = [r[name] for r in rows]
@@ -206,19 +205,17 @@ def write_vector(path, fields: Fields, rows: Sequence[Dict[str, Any]], bounds: S
             data.append(np.asarray(["" if v is None else str(v) for v in vals], dtype=object))
         else:
             data.append(np.asarray(vals, dtype=_DTYPES[kind]))
-    geoms = polygon_wkb(bounds)
-    with atomic_path(out) as tmp:
-        tmp_file = tmp.with_suffix(out.suffix)  # GDAL picks layer options by extension
-        try:
-            with warnings.catch_warnings():  # no CRS is expected for ungeoreferenced images
-                warnings.filterwarnings("ignore", message=".*'crs' was not provided")
-                _pyogrio_raw().write(str(tmp_file), geoms, data, names(fields), layer=layer,
-                                     driver=driver, geometry_type="Polygon", crs=crs,
-                                     dataset_options=DATASET_OPTIONS.get(driver))
-            tmp_file.replace(tmp)
-        finally:
-            tmp_file.unlink(missing_ok=True)
-    return out
+    path = Path(path)
+    tmp_file = path.with_suffix(DRIVER_SUFFIX[driver])  # GDAL picks layer options by extension
+    try:
+        with warnings.catch_warnings():  # no CRS is expected for ungeoreferenced images
+            warnings.filterwarnings("ignore", message=".*'crs' was not provided")
+            _pyogrio_raw().write(str(tmp_file), np.asarray(geoms, dtype=object), data, names(fields),
+                                 layer=layer, driver=driver, geometry_type="Polygon", crs=crs,
+                                 dataset_options=DATASET_OPTIONS.get(driver))
+        tmp_file.replace(path)
+    finally:
+        tmp_file.unlink(missing_ok=True)
 
 
 def write_heatmap_tif(heat, transform, crs: Optional[str], band_names: Sequence[str], path,

@@ -8,7 +8,7 @@ into captions; this is its first step (Mask-to-Box, the second, is
 
 1. the objects whose box centre lies in the *central region*: the middle
    half of the image in each axis, ``[W/4, 3W/4] x [H/4, 3H/4]`` (bounds
-   included; :data:`CENTRE_FRACTION` is the side of that region as a fraction
+   included; :data:`engine.core.options.CENTRE_FRACTION` is the side of that region as a fraction
    of the image side), e.g. "There are 2 airplanes in the center of the
    image." or "There is nothing in the center of the image.";
 2. the objects whose centre lies outside that region ("... outside the
@@ -41,16 +41,11 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 from .annotations import AnnotationSet, ImageAnnotation, read_annotations, resolve_sizes
 from ..core.errors import UsageError
 from ..core.jobs import CancelFlag, Job, ProgressFn, atomic_path, check_outputs
+from ..core.options import CENTRE_FRACTION, BoxCaptionOptions
 from .grammar import join_words, normalise_class_name, with_count
 
 
 PathLike = Union[str, os.PathLike]
-
-
-#: side of the central region as a fraction of the image side (0.5: the middle half)
-CENTRE_FRACTION = 0.5
-
-
 
 
 #: captions 3-5: the template of each (``{things}`` is the list, ``{be}`` is/are)
@@ -82,18 +77,6 @@ BATCH = 64
 
 
 # --------------------------------------------------------- box-to-caption --
-@dataclass
-class CaptionOptions:
-    """How :func:`box_to_caption` reads and writes."""
-
-    format: str = "coco"                  # one of annotations.FORMATS
-    images_dir: Optional[str] = None      # images folder: paths and sizes (needed for YOLO)
-    seed: int = 0
-    centre_fraction: float = CENTRE_FRACTION
-    include_difficult: bool = True        # DOTA / VOC "difficult" objects count too
-    overwrite: bool = False
-
-
 @dataclass
 class CaptionResult:
     """What :func:`box_to_caption` wrote."""
@@ -168,10 +151,10 @@ def caption_image(image: ImageAnnotation, seed: int = 0,
     return caps
 
 
-def generate_captions(aset: AnnotationSet, options: Optional[CaptionOptions] = None,
+def generate_captions(aset: AnnotationSet, options: Optional[BoxCaptionOptions] = None,
                       job: Optional[Job] = None) -> List[Tuple[ImageAnnotation, List[str]]]:
     """Captions for every image of ``aset`` (images without objects get ``[]``)."""
-    o = options or CaptionOptions()
+    o = options or BoxCaptionOptions()
     job = job or Job()
     out = []
     for i, im in enumerate(aset.images):
@@ -213,14 +196,14 @@ def write_captions(rows: Iterable[Tuple[str, str]], out: Path) -> int:
 
 
 def box_to_caption(annotations: Union[PathLike, AnnotationSet], out: PathLike,
-                   options: Optional[CaptionOptions] = None,
+                   options: Optional[BoxCaptionOptions] = None,
                    progress: Optional[ProgressFn] = None,
                    cancel: Optional[CancelFlag] = None) -> CaptionResult:
     """Read annotations (a path in ``options.format``, or an :class:`AnnotationSet`)
     and write five captions per image with objects to ``out`` (columns image,
     caption; image paths relative to ``out``'s folder when possible)."""
     t0 = time.perf_counter()
-    o = options or CaptionOptions()
+    o = options or BoxCaptionOptions()
     if not 0 < o.centre_fraction <= 1:
         raise UsageError(f"centre fraction {o.centre_fraction} is not in (0, 1]",
                          "use e.g. 0.5 for the middle half")

@@ -30,24 +30,12 @@ import numpy as np
 from .annotations import AnnotationSet, ImageAnnotation, ObjectBox, find_image, image_size
 from ..core.errors import UsageError
 from ..core.jobs import CancelFlag, Job, ProgressFn, atomic_path, check_outputs
-from .box_caption import CaptionOptions, CaptionResult, PathLike, box_to_caption
+from ..core.options import BoxCaptionOptions, MaskOptions
+from .box_caption import CaptionResult, PathLike, box_to_caption
 
 
 # ------------------------------------------------------------ mask-to-box --
 MASK_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp", ".gif")
-
-
-@dataclass
-class MaskOptions:
-    """How :func:`mask_to_box` finds regions."""
-
-    min_area: int = 0                      # regions with fewer class pixels are dropped
-    ignore_index: Optional[int] = None     # e.g. 0 (background) or 255 (void)
-    images_dir: Optional[str] = None       # images named like the masks (by stem)
-    overwrite: bool = False
-    captions: Optional[str] = None         # also write Box-to-Caption captions here
-    seed: int = 0                          # for the captions
-    keep_background: bool = False          # box a class named "background" too
 
 
 @dataclass
@@ -280,7 +268,7 @@ def mask_to_box(masks: PathLike, classes: Union[PathLike, Mapping, Sequence], ou
     if cap_out is not None:
         aset = AnnotationSet("coco", str(out), aset_images, sorted(set(names.values())))
         try:
-            cap_result = box_to_caption(aset, cap_out, CaptionOptions(seed=o.seed,
+            cap_result = box_to_caption(aset, cap_out, BoxCaptionOptions(seed=o.seed,
                                                                       overwrite=o.overwrite))
         except BaseException:
             out.unlink(missing_ok=True)  # no half of a chained output

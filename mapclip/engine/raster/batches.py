@@ -16,6 +16,7 @@ import numpy as np
 from rasterio.errors import RasterioError
 from ..core.errors import Cancelled, MapClipError
 from ..core.jobs import Job
+from ..core.options import MIN_VALID
 from ..geo.tiling import Tile
 from .reader import Scratch, RasterReadError, RasterReader, ReaderThreadError, gdal_message, open_dataset
 
@@ -173,7 +174,7 @@ class TileBatches(BatchIterator):
 
     def __init__(self, reader: RasterReader, tiles: Sequence[Tile], batch_size: int,
                  job: Optional[Job] = None, prefetch: int = 2, workers: int = 2,
-                 min_valid: float = 0.5, skip_empty: bool = True):
+                 min_valid: float = MIN_VALID, skip_empty: bool = True):
         super().__init__(reader, tiles, batch_size, job, min_valid, skip_empty)
         self._next_submit = 0
         self._in_flight: deque = deque()
@@ -306,7 +307,7 @@ class TileBatches(BatchIterator):
 
 def iter_tile_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: int,
                       job: Optional[Job] = None, prefetch: int = 2, workers: int = 2,
-                      min_valid: float = 0.5, skip_empty: bool = True) -> TileBatches:
+                      min_valid: float = MIN_VALID, skip_empty: bool = True) -> TileBatches:
     """Stream ``tiles`` as ``(tiles, uint8 (B, S, S, 3))`` batches, read ahead in threads.
 
     ``S`` is the tiles' ``out_px`` (all tiles must share it); tiles are read

@@ -77,6 +77,7 @@ from typing import Dict, List, Optional, Sequence, Set
 import numpy as np
 
 from ..core.errors import Cancelled, MapClipError, UsageError
+from ..core.options import MIN_VALID
 from .batches import BatchIterator
 
 #: "auto" uses threads below this many tiles (process start-up would dominate)
@@ -512,7 +513,7 @@ class ProcessTileBatches(BatchIterator):
     instead, and :func:`threads_note` goes to ``notes`` and ``reader.warnings``."""
 
     def __init__(self, reader, tiles: Sequence, batch_size: int, workers: int,
-                 job=None, prefetch: int = 2, min_valid: float = 0.5, skip_empty: bool = True,
+                 job=None, prefetch: int = 2, min_valid: float = MIN_VALID, skip_empty: bool = True,
                  threads: int = 2):
         super().__init__(reader, tiles, batch_size, job, min_valid, skip_empty)
         self.n_workers = max(1, int(workers))

@@ -134,8 +134,9 @@ class ConvertDialog(JobDialog):
                           seed=self.b2c_seed.value())
 
             def job(progress, cancel):
-                from ...engine.data.box_caption import CaptionOptions, box_to_caption
-                return box_to_caption(ann, out, CaptionOptions(**kwargs), progress=progress,
+                from ...engine.core.options import BoxCaptionOptions
+                from ...engine.data.box_caption import box_to_caption
+                return box_to_caption(ann, out, BoxCaptionOptions(**kwargs), progress=progress,
                                       cancel=cancel)
             return job
         masks, classes = self.m2b_masks.filePath().strip(), self.m2b_classes.filePath().strip()
@@ -146,7 +147,8 @@ class ConvertDialog(JobDialog):
                       captions=self.m2b_captions.filePath().strip() or None)
 
         def job(progress, cancel):
-            from ...engine.data.mask_box import MaskOptions, mask_to_box
+            from ...engine.core.options import MaskOptions
+            from ...engine.data.mask_box import mask_to_box
             return mask_to_box(masks, classes, out, MaskOptions(**kwargs), progress=progress,
                                cancel=cancel)
         return job

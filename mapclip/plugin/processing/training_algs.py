@@ -17,8 +17,7 @@ from qgis.core import (QgsProcessingOutputFile, QgsProcessingParameterDefinition
 
 from .common import FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, optional_number
 
-from ...engine.data.mask_box import MaskOptions
-from ...engine.core.options import DedupOptions
+from ...engine.core.options import DedupOptions, MaskOptions
 from ...engine.core.options import FREEZE as FREEZE_
 from ...engine.core.options import FinetuneOptions
 
@@ -161,8 +160,9 @@ class BoxToCaptionAlgorithm(MapClipAlgorithm):
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         out = self.parameterAsFileOutput(parameters, self.OUTPUT, context)
         with engine_errors():
-            from ...engine.data.box_caption import CaptionOptions, box_to_caption
-            options = CaptionOptions(
+            from ...engine.core.options import BoxCaptionOptions
+            from ...engine.data.box_caption import box_to_caption
+            options = BoxCaptionOptions(
                 format=B2C_FORMATS[self.parameterAsEnum(parameters, self.FORMAT, context)],
                 images_dir=self.parameterAsFile(parameters, self.IMAGES, context) or None,
                 seed=self.parameterAsInt(parameters, self.SEED, context),
