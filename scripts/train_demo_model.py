@@ -22,7 +22,8 @@
            CPU (RECIPE["threads"] torch threads).
 3. export: the run's best/ model as fp16 safetensors in mapclip/resources/models/demo/.
 4. calibrate: the prompt count method's per-count offsets (engine.count.fit_count_bias)
-           on calibration chips -> ``count_bias`` in the model folder's defaults.
+           on calibration chips -> ``count_bias`` in the model folder's defaults, kept
+           only where it raises counting within one on the held-out chips.
 5. eval:   the protocol of mapclip/engine/quality.py (its measure_* functions, which
            tests/engine/test_quality.py uses too) and the land-cover maps of
            scripts/eval_classify_demo.py on held-out seeds -> eval.json (and
@@ -368,16 +369,13 @@ def stage_eval(work: Path, model: str) -> dict:
     return out
 
 
-#: further held-out detection scenes: one 1280 px scene holds only 6-8 objects of most classes,
-#: so the card also gives the mean over these (never used in training or by the tests)
-MORE_SEEDS = (9201, 9202, 9203)
 
 
 def more_scenes(lm, ev: Path) -> dict:
-    """Mean AP50 and hit@10 per mode and class over MORE_SEEDS (the protocol of quality.py)."""
+    """Mean AP50 and hit@10 per mode and class over Q.FURTHER_SEEDS (the protocol of quality.py)."""
     from mapclip.engine import quality as Q
     per: dict = {}
-    for seed in MORE_SEEDS:
+    for seed in Q.FURTHER_SEEDS:
         truth = Q.demo_scene(ev, seed=seed)
         for mode, classes in (("window", tuple(Q.DETECT_CLASSES)), ("dense", Q.DENSE_CLASSES)):
             for cls, m in Q.measure_detect(lm, truth, mode, classes).items():
@@ -396,7 +394,9 @@ def more_scenes(lm, ev: Path) -> dict:
 def stage_calibrate(work: Path, dest: Path) -> tuple:
     """The prompt count method's calibration (engine.count.fit_count_bias) on the model's own
     count sentences over calibration chips (seeds engine.quality.CALIBRATION_SEED+), stored
-    as ``count_bias`` in the model folder's defaults."""
+    as ``count_bias`` in the model folder's defaults only where it helps: counting within one
+    on the held-out chips (engine.quality.measure_counting) must rise with it, else the
+    bias is left out (and the card says so). Returns the bias kept (empty: none)."""
     import torch
     from mapclip.engine import quality as Q
     from mapclip.engine.model.models import load_model
@@ -406,12 +406,28 @@ def stage_calibrate(work: Path, dest: Path) -> tuple:
     folder.mkdir(parents=True, exist_ok=True)
     bias = Q.calibrate_counting(lm, folder)
     cfg_path = dest / "open_clip_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.setdefault("mapclip", {}).setdefault("defaults", {})["count_bias"] = list(bias)
-    tmp = cfg_path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmp, cfg_path)
-    say(f"count calibration (counts 1-10): {list(bias)} -> {cfg_path}")
+
+    def write(value) -> None:
+        cfg = json.loads(cfg_path.read_text())
+        defaults = cfg.setdefault("mapclip", {}).setdefault("defaults", {})
+        if value:
+            defaults["count_bias"] = list(value)
+        else:
+            defaults.pop("count_bias", None)
+        tmp = cfg_path.with_suffix(".json.part")
+        tmp.write_text(json.dumps(cfg, indent=2))
+        os.replace(tmp, cfg_path)
+    write(bias)
+    chips = work / "calibration-check"
+    with_bias = Q.measure_counting(load_model(str(dest), device="cpu"), chips, calibrate=True)
+    without = Q.measure_counting(lm, chips, calibrate=False)
+    if with_bias["within_1"] <= without["within_1"]:
+        write(None)
+        say(f"count calibration left out: within one {with_bias['within_1']:.3f} with it, "
+            f"{without['within_1']:.3f} without")
+        return ()
+    say(f"count calibration (counts 1-10): {list(bias)} -> {cfg_path} (within one "
+        f"{with_bias['within_1']:.3f}, {without['within_1']:.3f} without)")
     return bias
 
 
@@ -571,12 +587,13 @@ def eval_lines(ev: dict) -> list:
 
 
 def more_lines(more) -> list:
-    """The card's lines on the further held-out scenes (MORE_SEEDS)."""
+    """The card's lines on the further held-out scenes (Q.FURTHER_SEEDS)."""
+    from mapclip.engine import quality as Q
     if not more:
         return []
     w, d = more["window"], more["dense"]
     cls = ", ".join(f"{c} {w['classes'][c]['ap50']:.2f}" for c in w["classes"])
-    return [f"On three further held-out scenes (seeds {', '.join(map(str, MORE_SEEDS))}; a class counts "
+    return [f"On three further held-out scenes (seeds {', '.join(map(str, Q.FURTHER_SEEDS))}; a class counts "
             f"where a scene holds it), the same protocol gives window mean AP50 {w['map50']:.3f} "
             f"(hit@10 {w['hit10']:.2f}; per class {cls}) and dense mean AP50 {d['map50']:.3f} "
             f"(hit@10 {d['hit10']:.2f}); the previous model: window {PREVIOUS_MORE['map50_window']:.3f} "
@@ -589,7 +606,7 @@ def more_lines(more) -> list:
 PREVIOUS = {"map50_window": 0.477, "map50_dense": 0.138, "hit10_window": 0.68, "hit10_dense": 0.17,
             "mean_p_at_10": 0.75, "count_within_1": 0.72, "count_exact": 0.38,
             "classify_pixel_accuracy": 0.869, "classify_miou": 0.624}
-#: the previous demo model on the further scenes (MORE_SEEDS)
+#: the previous demo model on the further scenes (Q.FURTHER_SEEDS)
 PREVIOUS_MORE = {"map50_window": 0.438, "hit10_window": 0.71, "map50_dense": 0.153, "hit10_dense": 0.17}
 COMPARED = (("window mean AP50", "map50_window", "{:.3f}", 0.5), ("dense mean AP50", "map50_dense", "{:.3f}", 0.4),
             ("hit@10 window", "hit10_window", "{:.2f}", 0.9), ("hit@10 dense", "hit10_dense", "{:.2f}", 0.9),

@@ -17,21 +17,24 @@ import pytest
 from mapclip.engine import quality as Q
 from mapclip.engine.data import synthetic as S
 
-# thresholds: the values measured for the shipped model (MODEL_CARD.md) minus a margin.
-# Measured (boxes fitted to objects, count calibrated): window AP50 storage-tank 0.25, airplane
-# 1.00, ship 0.69, sports-field 0.67, building 0.22, mean 0.57 (unfitted 0.22), hit@10 0.78;
-# dense AP50 mean 0.07 (unfitted 0.02), hit@10 0.20; P@10 0.75; counting within one 0.78
-# (uncalibrated 0.80, chance about 0.28). Runs differ by about 0.02 (float order).
-MIN_AP50_WINDOW = {"storage-tank": 0.15, "airplane": 0.85, "ship": 0.55, "sports-field": 0.5,
-                   "building": 0.15}
-MIN_MAP50_WINDOW = 0.5
-MIN_FIT_GAIN = 0.25            # mean window AP50 fitted minus unfitted
-MIN_HIT10_WINDOW = 0.7
-MIN_HIT10_DENSE = 0.12
-MIN_MAP50_DENSE = 0.04
-MIN_P_AT_10 = 0.68
-MIN_COUNT_WITHIN_1 = 0.7
-MAX_CALIBRATION_COST = 0.05    # counting within one, uncalibrated minus calibrated (two chips of 40)
+# Floors: the values measured for the shipped model minus a margin of 0.03 (runs differ by
+# about 0.02: float order), over four held-out scenes (Q.DETECT_SEED and Q.FURTHER_SEEDS, 1280 px;
+# a class counts on the scenes that hold it: 17 window and 14 dense scene-class pairs).
+# Measured 2026-12-07 (boxes fitted to objects): window AP50 storage-tank 0.103, airplane 0.930,
+# ship 0.622, sports-field 0.537, building 0.343, mean 0.539 (unfitted 0.185), hit@10 0.766;
+# dense AP50 mean 0.149, hit@10 0.236; P@10 0.75 (one index scene); counting within one 0.80
+# without the count calibration (0.775 with it: it does not help this model and is left out
+# of its defaults; engine.count.fit_count_bias keeps its own tests).
+MARGIN = 0.03
+MIN_AP50_WINDOW = {"storage-tank": 0.103 - MARGIN, "airplane": 0.930 - MARGIN, "ship": 0.622 - MARGIN,
+                   "sports-field": 0.537 - MARGIN, "building": 0.343 - MARGIN}
+MIN_MAP50_WINDOW = 0.539 - MARGIN
+MIN_FIT_GAIN = (0.539 - 0.185) - MARGIN     # mean window AP50 fitted minus unfitted
+MIN_HIT10_WINDOW = 0.766 - MARGIN
+MIN_HIT10_DENSE = 0.236 - MARGIN
+MIN_MAP50_DENSE = 0.149 - MARGIN
+MIN_P_AT_10 = 0.75 - MARGIN
+MIN_COUNT_WITHIN_1 = 0.80 - MARGIN
 
 
 # --------------------------------------------------------------------------- #
@@ -45,8 +48,9 @@ def demo_model():
 
 
 @pytest.fixture(scope="module")
-def scene(tmp_path_factory):
-    return Q.demo_scene(tmp_path_factory.mktemp("quality"))
+def scenes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("quality")
+    return [Q.demo_scene(folder, seed=s) for s in (Q.DETECT_SEED, *Q.FURTHER_SEEDS)]
 
 
 def test_demo_model_loads_as_shipped(demo_model):
@@ -57,20 +61,21 @@ def test_demo_model_loads_as_shipped(demo_model):
     assert weights.stat().st_size <= 25 * 1024 * 1024
 
 
-def test_detect_window_ap50(demo_model, scene):
-    m = Q.measure_detect(demo_model, scene, "window")
+def test_detect_window_ap50(demo_model, scenes):
+    # fitted, then unfitted: the second run per scene and class scores the kept pass
+    m = [Q.measure_detect(demo_model, t, "window") for t in scenes]
+    raw = [Q.measure_detect(demo_model, t, "window", refine=False) for t in scenes]
     for cls, low in MIN_AP50_WINDOW.items():
-        assert m[cls]["ap50"] >= low, (cls, m)
-    assert Q.mean(m, "ap50") >= MIN_MAP50_WINDOW, m
-    assert Q.mean(m, "hit@10") >= MIN_HIT10_WINDOW, m
-    raw = Q.measure_detect(demo_model, scene, "window", refine=False)
-    assert Q.mean(m, "ap50") >= Q.mean(raw, "ap50") + MIN_FIT_GAIN, (m, raw)
+        assert Q.pooled(m, "ap50", cls) >= low, (cls, m)
+    assert Q.pooled(m, "ap50") >= MIN_MAP50_WINDOW, m
+    assert Q.pooled(m, "hit@10") >= MIN_HIT10_WINDOW, m
+    assert Q.pooled(m, "ap50") >= Q.pooled(raw, "ap50") + MIN_FIT_GAIN, (m, raw)
 
 
-def test_detect_dense_hits(demo_model, scene):
-    m = Q.measure_detect(demo_model, scene, "dense", Q.DENSE_CLASSES)
-    assert Q.mean(m, "hit@10") >= MIN_HIT10_DENSE, m
-    assert Q.mean(m, "ap50") >= MIN_MAP50_DENSE, m   # fitted boxes; window-sized components score 0
+def test_detect_dense_hits(demo_model, scenes):
+    m = [Q.measure_detect(demo_model, t, "dense", Q.DENSE_CLASSES) for t in scenes]
+    assert Q.pooled(m, "hit@10") >= MIN_HIT10_DENSE, m
+    assert Q.pooled(m, "ap50") >= MIN_MAP50_DENSE, m   # fitted boxes; window-sized components score 0
 
 
 def test_text_retrieval_precision_at_10(demo_model, tmp_path):
@@ -80,9 +85,6 @@ def test_text_retrieval_precision_at_10(demo_model, tmp_path):
 
 
 def test_counting_accuracy(demo_model, tmp_path):
+    assert demo_model.defaults.count_bias is None        # left out: it did not help this model
     acc = Q.measure_counting(demo_model, tmp_path)
     assert acc["within_1"] >= MIN_COUNT_WITHIN_1, acc
-    # the calibration (fitted on other chips) helped the previous model (0.60 -> 0.72); for this
-    # one it is within a chip either way: it must not cost more than that
-    raw = Q.measure_counting(demo_model, tmp_path, calibrate=False)
-    assert acc["within_1"] >= raw["within_1"] - MAX_CALIBRATION_COST, (acc, raw)
