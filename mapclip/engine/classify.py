@@ -368,7 +368,7 @@ def _classify_band(probs: np.ndarray, threshold: Optional[float]) -> Tuple[np.nd
 # --------------------------------------------------------------------------- #
 # Public API.
 # --------------------------------------------------------------------------- #
-def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel],
+def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel],  # long: outputs opened together, all or none
              extent: Optional[Tuple[float, float, float, float]] = None,
              extent_crs: Optional[str] = None, options: Optional[ClassifyOptions] = None,
              progress=None, cancel=None, out: Optional[str] = None,

@@ -313,7 +313,7 @@ def _refined_bank(bank: PromptBank, boxes: np.ndarray, emb, examples, method: st
     return PromptBank(list(bank.prompts), list(bank.background), text, bank.logit_scale)
 
 
-def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview,
+def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview,  # long: one streaming pass
                 scoring: Dict[str, Any]):
     """Score every window (module doc). The windows' embeddings are one pass
     (engine.rasterjob): kept after the first run, every later prompt on the same

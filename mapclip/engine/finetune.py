@@ -785,7 +785,7 @@ def finetune(options: FinetuneOptions, progress: Optional[ProgressFn] = None,
             run_dir.rmdir()                 # a new run refused before it began leaves no folder
 
 
-def _finetune(options: FinetuneOptions, progress: Optional[ProgressFn],
+def _finetune(options: FinetuneOptions, progress: Optional[ProgressFn],  # long: one resumable loop
               cancel: Optional[CancelFlag], on_metrics: Optional[MetricsFn]) -> FinetuneResult:
     o = options
     _check_options(o)

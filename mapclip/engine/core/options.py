@@ -611,7 +611,7 @@ def _check_common(options: Any) -> None:
         _at_least("batch_size", options.batch_size, 1)
 
 
-def check(options: Any) -> Any:
+def check(options: Any) -> Any:  # long: one range table per options class
     """Raise a UsageError naming the option when a value is out of range; else return ``options``."""
     _check_common(options)
     bad = template_error(getattr(options, "templates", None))
