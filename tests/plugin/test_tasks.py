@@ -637,3 +637,43 @@ def test_the_default_gsd_of_a_basemap_is_the_maps_pixel_in_ground_metres(search_
     per_px = canvas.extent().width() / max(1, canvas.width())     # CRS units per map pixel
     lat = math.radians(60.0)
     assert search_dock._canvas_gsd(layer) == pytest.approx(per_px * math.cos(lat), rel=0.02)
+
+
+def test_archive_tab_indexes_a_stac_catalogue_of_served_cogs(qtbot, search_dock, tmp_path, clean_project):
+    """Sources may be a STAC catalogue's URL: its items' visual COGs are indexed as URLs (served
+    over loopback), and a text search finds the red one."""
+    import json
+
+    import numpy as np
+    from tests.engine.test_remote import _catalogue
+    from tests.rangeserver import RangeServer, write_cog
+    from tests.raster_fixtures import noise
+    www = tmp_path / "www"
+    red = noise(3, 192, 256, seed=5)
+    red[:, 140:180, 200:240] = np.array((255, 0, 0), np.uint8)[:, None, None]
+    write_cog(www / "scene_cog.tif", red)
+    write_cog(www / "other_cog.tif", noise(3, 128, 128, seed=6))
+    write_cog(www / "third_cog.tif", noise(3, 128, 128, seed=7))
+    dock = search_dock
+    dock.tabs.setCurrentIndex(1)
+    outcomes = []
+    dock.run_finished.connect(outcomes.append)
+    with RangeServer(www) as server:
+        catalogue = _catalogue(www, server.url)
+        dock.build_sources.setFilePath(catalogue)
+        dock.index_widget.setFilePath(str(tmp_path / "idx"))
+        assert dock.build_index()
+        qtbot.waitUntil(lambda: bool(outcomes), timeout=120000)
+        assert outcomes == ["done"], dock.archive_status.text()
+        manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+        assert sorted(r["path"] for r in manifest["rasters"]) == sorted(
+            f"/vsicurl/{server.url}/{n}" for n in ("scene_cog.tif", "other_cog.tif", "third_cog.tif"))
+        dock.archive_query.setText("red roof")
+        assert dock.search_archive()
+        qtbot.waitUntil(lambda: len(outcomes) == 2, timeout=60000)
+    assert outcomes[1] == "done", dock.archive_status.text()
+    assert dock.archive_results.topLevelItem(0).text(1) == "scene_cog.tif"
+    # something that is none of a folder, a catalogue or a URL is refused in the dock's words
+    dock.build_sources.setFilePath(str(tmp_path / "missing"))
+    assert not dock.build_index()
+    assert any("STAC catalogue" in t for t in dock.iface.bar_texts())

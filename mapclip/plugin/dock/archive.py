@@ -35,7 +35,9 @@ class ArchiveTab:
         build_row = QHBoxLayout()
         self.build_sources = QgsFileWidget()
         self.build_sources.setStorageMode(QgsFileWidget.GetDirectory)
-        self.build_sources.setToolTip("a folder of rasters or images to index")
+        self.build_sources.setToolTip("a folder of rasters or images to index; or type a STAC "
+                                      "catalogue (catalog.json: a file or an http(s) URL; its items' "
+                                      "visual COG assets are indexed) or a raster's URL")
         self.build_button = QPushButton("Build index")
         self.build_button.clicked.connect(self.build_index)
         build_row.addWidget(self.build_sources, 1)
@@ -83,11 +85,18 @@ class ArchiveTab:
     def build_index(self) -> bool:
         folder = self.build_sources.filePath().strip()
         out = self.index_path()
-        if not folder or not os.path.isdir(folder):
-            log.bar_warning(self.iface, "choose a folder of rasters or images to index")
+        web = folder.lower().startswith(("http://", "https://", "/vsi"))
+        stac = folder.lower().endswith(".json") and (web or os.path.isfile(folder))
+        if not folder or not (stac or web or os.path.isdir(folder)):
+            log.bar_warning(self.iface, "Sources: choose a folder of rasters or images, or give a "
+                                        "STAC catalogue (.json file or URL) or a raster's URL")
             return False
+        if stac or web:
+            folder_for_dialog = os.path.expanduser("~")
+        else:
+            folder_for_dialog = folder
         if not out:
-            out = QFileDialog.getExistingDirectory(self, "Folder for the new index", folder)
+            out = QFileDialog.getExistingDirectory(self, "Folder for the new index", folder_for_dialog)
             if not out:
                 return False
             self.index_widget.setFilePath(out)
@@ -97,17 +106,24 @@ class ArchiveTab:
         device = None if self.device_combo.currentText() == "auto" else self.device_combo.currentText()
         readers = self.params().read_workers
 
+        stac_notes: list = []
+
         def job(progress, cancel):
             options = IndexOptions(device=device,
                                    read=None if readers == "auto" else ReadOptions(workers=readers))
-            return build_index([folder], out, tasks.get_model(model, device), options,
-                                      progress=progress, cancel=cancel)
+            sources = [folder]
+            if stac:      # the catalogue's COG assets (engine.raster.stac), read in this thread
+                from ...engine.raster.stac import stac_sources
+                sources, notes = stac_sources(folder)
+                stac_notes.extend(notes)
+            return build_index(sources, out, tasks.get_model(model, device), options,
+                               progress=progress, cancel=cancel)
 
         def done(info):
             self.archive_status.setText(f"Index written: {out}")
             self.settings.set("index_path", out)
             log.bar_success(self.iface, f"index built: {out}")
-            self._notes(info.warnings)
+            self._notes(stac_notes + list(info.warnings))
 
         return self._start_archive_task(f"MapCLIP: index {folder}", job, done)
 
