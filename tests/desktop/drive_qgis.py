@@ -600,6 +600,32 @@ def session():
 
 
 
+    @step("archive_stac")
+    def _archive_stac():
+        """Sources: a STAC catalogue's URL (three COGs served over loopback by the test)."""
+        d = dock()
+        tab(d.tabs, "Archive")
+        fill(d, {"Index": os.path.join(OUT, "stac_index"), "Sources": os.environ["MAPCLIP_E2E_STAC"]})
+        info = archive_job(lambda: click(button(d, "Build index")))
+        check(info["outcome"] == "done", f"STAC index build: {info}")
+        with open(os.path.join(OUT, "stac_index", "manifest.json")) as fh:
+            info["indexed"] = [r["path"] for r in json.load(fh)["rasters"]]
+        fill(d, {"Query": "storage tanks"})
+        found = archive_job(lambda: click(button(d, "Search")))
+        check(found["outcome"] == "done" and found["added"], f"STAC search: {found}")
+        layer = next(l for l in QgsProject.instance().mapLayers().values()
+                     if isinstance(l, QgsVectorLayer) and l.name() in found["added"])
+        feats = sorted(layer.getFeatures(), key=lambda f: int(f["rank"]))
+        info["hits"] = [{"raster": str(f["raster"]),
+                         "bounds": [f.geometry().boundingBox().xMinimum(), f.geometry().boundingBox().yMinimum(),
+                                    f.geometry().boundingBox().xMaximum(), f.geometry().boundingBox().yMaximum()]}
+                        for f in feats]
+        info["hits_crs"] = layer.crs().authid()
+        QgsProject.instance().removeMapLayer(layer)
+        return info
+
+
+
     def dialog_job(dlg, timeout=300):
         done = []
         dlg.job_finished.connect(lambda *_: done.append("done"))

@@ -38,6 +38,8 @@ QGIS = shutil.which("qgis") or "/usr/bin/qgis"
 SYSTEM_PY = "/usr/bin/python3"
 #: how long the whole desktop session may take (the CPU runs every model)
 SESSION_TIMEOUT = 900
+#: the COGs the desktop session indexes through a STAC catalogue served over loopback
+STAC_COGS = ("s11_cog.tif", "s12_cog.tif", "s13_cog.tif")
 
 
 def _deps_module():
@@ -102,6 +104,20 @@ def make_data(data: Path) -> Path:
         truth[f"s{seed}.tif"] = _truth(make_scene(str(archive / f"s{seed}.tif"), width=256, seed=seed,
                                                   mask_path=None, coco_path=None))
     (data / "truth.json").write_text(json.dumps(truth))
+    # three COGs of small scenes, to be served over loopback and listed by a STAC catalogue
+    import rasterio
+    www = data / "www"
+    www.mkdir()
+    for seed in (11, 12, 13):
+        src = archive / f"s{seed}.tif" if seed != 13 else data / "s13.tif"
+        if seed == 13:
+            make_scene(str(src), width=256, seed=seed, mask_path=None, coco_path=None)
+        with rasterio.open(src) as ds:
+            profile = dict(ds.profile, driver="COG", blocksize=128, compress="deflate")
+            for k in ("tiled", "blockxsize", "blockysize", "interleave"):
+                profile.pop(k, None)
+            with rasterio.open(www / f"s{seed}_cog.tif", "w", **profile) as out:
+                out.write(ds.read())
     chips = data / "chips"
     chips.mkdir()
     import rasterio
@@ -182,6 +198,10 @@ def desktop():
                MAPCLIP_E2E_OUT=str(out), MAPCLIP_E2E_DATA=str(work / "data"),
                PYTHONFAULTHANDLER="1", OMP_NUM_THREADS="2")
     (work / "runtime").mkdir(mode=0o700)
+    from tests.engine.test_remote import _catalogue
+    from tests.rangeserver import RangeServer
+    server = RangeServer(work / "data" / "www").__enter__()
+    env["MAPCLIP_E2E_STAC"] = _catalogue(work / "data" / "www", server.url, names=STAC_COGS)
     xvfb = start_xvfb(env)
     try:
         cmd = [QGIS, "--profiles-path", str(profiles), "--profile", "default", "--nologo",
@@ -197,6 +217,7 @@ def desktop():
     finally:
         xvfb.terminate()
         xvfb.wait(timeout=30)
+        server.__exit__(None, None, None)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {"steps": {}}
     results["exit_code"] = code
@@ -257,7 +278,7 @@ def test_a_search_from_the_dock_adds_a_styled_layer_with_the_models_defaults(des
     assert Path(boxes["screenshot"]).stat().st_size > 20000
 
 
-STEPS = ["open_dock", "describe", "second_prompt", "search_heatmap", "count", "land_cover", "cancel", "try_the_demo", "error_empty_prompt",
+STEPS = ["open_dock", "describe", "second_prompt", "search_heatmap", "archive_stac", "count", "land_cover", "cancel", "try_the_demo", "error_empty_prompt",
          "error_bad_bands", "error_missing_checkpoint", "archive_build", "archive_search_button",
          "archive_map_tool", "dialog_convert", "dialog_dedup", "dialog_finetune",
          "processing_toolbox", "unload"]
@@ -315,6 +336,31 @@ def test_what_the_analyst_sees_is_on_the_scenes_objects(desktop):
     for h in hits["hit_rows"]:
         b = h["bounds"]
         assert xmin - 1e-6 <= b[0] < b[2] <= xmax + 1e-6 and ymin - 1e-6 <= b[1] < b[3] <= ymax + 1e-6, h
+
+
+def test_the_archive_tab_indexes_a_stac_catalogue_and_finds_what_the_files_give(desktop):
+    """The dock's Archive tab, given a STAC catalogue's URL, indexes its three COGs over HTTP;
+    its search hits are the hits of an index of the same files on disk (built here, the same
+    engine calls)."""
+    step = desktop["steps"]["archive_stac"]
+    assert step["ok"], step.get("traceback") or step
+    assert sorted(r.rsplit("/", 1)[-1] for r in step["indexed"]) == sorted(STAC_COGS)
+    assert all(r.startswith("/vsicurl/http://127.0.0.1:") for r in step["indexed"])
+    assert len(step["hits"]) >= 10 and step["hits_crs"] == "EPSG:32633"
+    from mapclip.engine.archive.build import build_index
+    from mapclip.engine.archive.search import search_index
+    from mapclip.engine.archive.store import open_index
+    from mapclip.engine.model.models import load_model
+    work = ROOT / ".cache" / "desktop-tests"
+    local = [str(work / "data" / "www" / n) for n in STAC_COGS]
+    lm = load_model("demo", device="cpu")
+    build_index(local, work / "local_idx", lm)
+    from mapclip.engine.core.options import SearchOptions
+    hits = search_index(open_index(work / "local_idx"), text="storage tanks", model=lm,
+                        options=SearchOptions(top_k=len(step["hits"])))
+    mine = [(h["raster"].rsplit("/", 1)[-1], [round(v, 3) for v in h["bounds"]]) for h in step["hits"]]
+    theirs = [(str(h.raster).rsplit("/", 1)[-1], [round(v, 3) for v in h.bounds]) for h in hits]
+    assert mine == theirs
 
 
 def test_processing_dialog_labels_fit(desktop):

@@ -219,19 +219,20 @@ def test_an_index_extent_leaves_out_rasters_it_misses_and_refuses_one_that_misse
     assert code == 2 and "--extent" in err
 
 
-def _catalogue(www, server_url, with_thumbnail_only=False):
+def _catalogue(www, server_url, with_thumbnail_only=False,
+               names=("scene_cog.tif", "other_cog.tif", "third_cog.tif")):
     """A static STAC catalogue of the served COGs (written with pystac), beside them."""
     import datetime as dt
 
     import pystac
     cat = pystac.Catalog(id="scenes", description="three COGs served over loopback")
-    days = {"scene_cog.tif": "2024-06-01", "other_cog.tif": "2024-07-15", "third_cog.tif": "2025-01-10"}
+    days = dict(zip(names, ("2024-06-01", "2024-07-15", "2025-01-10")))
     for name, day in days.items():
         item = pystac.Item(id=name.split(".")[0], geometry=None, bbox=[14.9, 36.0, 15.1, 36.2],
                            datetime=dt.datetime.fromisoformat(day + "T10:00:00+00:00"), properties={})
         item.add_asset("thumbnail", pystac.Asset(href=f"{server_url}/{name}.png", roles=["thumbnail"],
                                                  media_type="image/png"))
-        if not (with_thumbnail_only and name == "third_cog.tif"):
+        if not (with_thumbnail_only and name == names[-1]):
             item.add_asset("image", pystac.Asset(href=f"{server_url}/{name}", roles=["visual"],
                                                  media_type=pystac.MediaType.COG))
         cat.add_item(item)
