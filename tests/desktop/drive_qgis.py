@@ -611,10 +611,12 @@ def session():
         with open(os.path.join(OUT, "stac_index", "manifest.json")) as fh:
             info["indexed"] = [r["path"] for r in json.load(fh)["rasters"]]
         fill(d, {"Query": "storage tanks"})
+        before = set(QgsProject.instance().mapLayers())
         found = archive_job(lambda: click(button(d, "Search")))
         check(found["outcome"] == "done" and found["added"], f"STAC search: {found}")
-        layer = next(l for l in QgsProject.instance().mapLayers().values()
-                     if isinstance(l, QgsVectorLayer) and l.name() in found["added"])
+        # this search's hits layer (an earlier archive search left one of the same name)
+        layer = next(QgsProject.instance().mapLayer(i) for i in set(QgsProject.instance().mapLayers()) - before
+                     if isinstance(QgsProject.instance().mapLayer(i), QgsVectorLayer))
         feats = sorted(layer.getFeatures(), key=lambda f: int(f["rank"]))
         info["hits"] = [{"raster": str(f["raster"]),
                          "bounds": [f.geometry().boundingBox().xMinimum(), f.geometry().boundingBox().yMinimum(),
