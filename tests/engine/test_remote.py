@@ -288,3 +288,21 @@ def test_stac_items_without_a_visual_asset_are_left_out_with_a_note_and_a_bad_ca
     code, _, err = _run(["index", "--stac", str(tmp_path / "nowhere.json"), "--out",
                          str(tmp_path / "idx2"), "--model", rig_folder], capsys)
     assert code == 2 and "cannot read the STAC catalogue" in err and "static STAC" in err
+
+
+def test_opening_a_remote_raster_leaves_local_sidecar_files_read(tmp_path, served):
+    """The no-folder-listing setting of remote opens stays with them: a local raster opened
+    afterwards in the same process still reads its .aux.xml (here its nodata)."""
+    from mapclip.engine.raster.reader import open_raster
+    from tests.raster_fixtures import make_raster
+    server, _ = served
+    with open_raster(f"/vsicurl/{server.url}/scene_cog.tif") as r:
+        assert r.info.width == 256
+    local = make_raster(tmp_path / "local.tif", data=noise(3, 64, 64, seed=1))
+    (tmp_path / "local.tif.aux.xml").write_text(
+        "<PAMDataset>" + "".join(f'<PAMRasterBand band="{b}"><NoDataValue>0</NoDataValue>'
+                                 "</PAMRasterBand>" for b in (1, 2, 3)) + "</PAMDataset>")
+    assert "GDAL_DISABLE_READDIR_ON_OPEN" not in os.environ or \
+        os.environ["GDAL_DISABLE_READDIR_ON_OPEN"] != "EMPTY_DIR"
+    with open_raster(str(local)) as r:
+        assert r.info.nodata == 0

@@ -212,8 +212,11 @@ def _limit_gdal_cache() -> None:
 def open_dataset(path: str):
     """rasterio.open with every failure turned into a UsageError; remote rasters
     (raster/remote.py) with GDAL's HTTP retries."""
-    from .remote import gdal_path, http_defaults, is_remote
-    if is_remote(path):
+    from contextlib import nullcontext
+
+    from .remote import gdal_path, http_defaults, is_remote, open_env
+    remote = is_remote(path)
+    if remote:
         http_defaults()
         path = gdal_path(path)
     p = Path(path)
@@ -222,16 +225,16 @@ def open_dataset(path: str):
     if p.is_dir():
         raise UsageError(f"{path} is a folder, not a raster file", "give the path of a raster file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_env() if remote else nullcontext():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(path)
     except (RasterioError, OSError) as exc:
-        if not is_remote(path):
+        if not remote:
             raise _usage_open_error(path, exc) from None
     # GDAL remembers a URL that failed ("does not exist in the file system"): ask again,
     # past that cache, for the server's answer now (it may be back) and its real reason
     try:
-        with warnings.catch_warnings(), rasterio.Env(CPL_VSIL_CURL_NON_CACHED=path):
+        with warnings.catch_warnings(), open_env(CPL_VSIL_CURL_NON_CACHED=path):
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(path)
     except (RasterioError, OSError) as exc:

@@ -28,8 +28,10 @@ HTTP_DEFAULTS = {
     "GDAL_HTTP_MAX_RETRY": "3",          # retries on 429/502/503/504 and dropped connections
     "GDAL_HTTP_RETRY_DELAY": "1",        # seconds, doubled on each retry
     "GDAL_HTTP_TIMEOUT": "60",
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",   # no directory listing for sidecar files
 }
+#: set only while a remote raster is opened (never process-wide: local rasters' sidecar
+#: files, .aux.xml, .ovr, world files, are found by listing their folder)
+OPEN_DEFAULTS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}   # no listing of a remote folder
 
 
 def is_remote(path: Union[str, os.PathLike]) -> bool:
@@ -60,6 +62,13 @@ def remote_error(path: str, reason: str) -> UsageError:
         f"{os.environ.get('GDAL_HTTP_MAX_RETRY', HTTP_DEFAULTS['GDAL_HTTP_MAX_RETRY'])} times "
         "(set GDAL_HTTP_MAX_RETRY / GDAL_HTTP_RETRY_DELAY for more); object stores need their "
         "credentials in the environment (AWS_*, GS_*, AZURE_*)")
+
+
+def open_env(**extra):
+    """The GDAL settings a remote raster is opened in (the environment's own win)."""
+    import rasterio
+    options = {k: os.environ.get(k, v) for k, v in OPEN_DEFAULTS.items()}
+    return rasterio.Env(**options, **extra)
 
 
 def fresh(path: str):
