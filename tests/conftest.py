@@ -45,3 +45,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def rig_folder(tmp_path_factory):
+    """The rigged test model (tests/rigged.py) saved as a model folder: its path, for the CLI."""
+    from tests.rigged import save_rigged_folder
+    return str(save_rigged_folder(tmp_path_factory.mktemp("models") / "rigged"))

@@ -133,11 +133,6 @@ class RasterJob:
         """Collects a pass while it is computed, to :meth:`keep` it under ``key``."""
         return PassRecorder(self, key)
 
-    def room_for(self, nbytes: int) -> bool:
-        """Whether a pass of ``nbytes`` can still be kept (else the job stops collecting it)."""
-        from .cache.store import CACHE
-        return CACHE.fits(nbytes)
-
 
 class PassRecorder:
     """A pass being computed: ``rows`` (what each value belongs to: tile indices, window
@@ -156,12 +151,14 @@ class PassRecorder:
 
     def add(self, rows, values) -> None:
         import numpy as np
+
+        from .cache.store import CACHE
         if not self.on:
             return
         self.rows.append(np.asarray(rows, np.int64))
         self.values.append(values.float().cpu().numpy())
         self.nbytes += self.values[-1].nbytes + self.rows[-1].nbytes
-        if not self.rj.room_for(self.nbytes):
+        if not CACHE.fits(self.nbytes):
             self.key, self.rows, self.values = None, [], []
             self.rj.cache = "too large"
 

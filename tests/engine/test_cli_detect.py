@@ -11,15 +11,10 @@ import pytest
 
 from mapclip.engine.cli import main as cli_main
 from tests.raster_fixtures import UTM_ORIGIN, UTM_RES, make_raster, noise
-from tests.rigged import RED, RED_PROMPT, save_rigged_folder
+from tests.rigged import RED, RED_PROMPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JSON_KEYS = {"tiles", "windows", "boxes", "seconds", "tiles_per_s", "device", "precision", "model"}
-
-
-@pytest.fixture(scope="module")
-def rig_folder(tmp_path_factory):
-    return str(save_rigged_folder(tmp_path_factory.mktemp("models") / "rigged"))
 
 
 @pytest.fixture

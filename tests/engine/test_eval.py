@@ -10,12 +10,7 @@ import pytest
 from PIL import Image
 
 from mapclip.engine.cli import main as cli_main
-from tests.rigged import BLUE, GREY, RED, save_rigged_folder
-
-
-@pytest.fixture(scope="module")
-def rig_folder(tmp_path_factory):
-    return save_rigged_folder(tmp_path_factory.mktemp("rig") / "rigged")
+from tests.rigged import BLUE, GREY, RED
 
 
 def _image(path, colour, size=(80, 64), seed=0):

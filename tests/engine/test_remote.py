@@ -12,14 +12,9 @@ import pytest
 from mapclip.engine.cli import main as cli_main
 from tests.rangeserver import RangeServer, dead_port, write_cog
 from tests.raster_fixtures import noise
-from tests.rigged import RED, RED_PROMPT, save_rigged_folder
+from tests.rigged import RED, RED_PROMPT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def rig_folder(tmp_path_factory):
-    return str(save_rigged_folder(tmp_path_factory.mktemp("models") / "rigged"))
 
 
 @pytest.fixture
