@@ -61,7 +61,7 @@ from .core.jobs import Job
 from .core.options import DetectOptions, check
 from .core.outputs import BOX_FIELDS, box_rows, write_heatmap_tif, write_vector
 from .model.batching import BatchRunner
-from .model.scoring import PromptBank
+from .model.scoring import PromptBank, Scorer
 from .geo.tiling import PixelWindow, TileGrid
 
 if TYPE_CHECKING:  # torch, rasterio and open_clip load on first use, not on import
@@ -190,14 +190,15 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
                 rj.notes.append(f"dense mode is not available: {reason}; used window mode instead")
                 mode = "window"
         runner = BatchRunner(opts.batch_size)
-        scoring = {"bank": bank, "examples": _examples_in_pixels(rj, examples, examples_crs, mode)}
+        scoring = {"bank": bank, "scorer": Scorer(bank),
+                   "examples": _examples_in_pixels(rj, examples, examples_crs, mode)}
         run = _run_window if mode == "window" else _run_dense
         boxes, heat, heat_tf, n_tiles, n_windows, skipped = run(rj, bank, opts, runner, preview,
                                                                 scoring)
         bank = scoring["bank"]          # moved by the examples, when there are any
         refined = 0
         if opts.refine and boxes:
-            boxes, refined = _refine(rj.reader, boxes, lm, bank, opts, rj.job, runner)
+            boxes, refined = _refine(rj.reader, boxes, lm, scoring["scorer"], opts, rj.job, runner)
         notes = rj.notes
         notes.extend(runner.notes)
         notes.extend(n for n in accel.notes(lm) if n not in notes)
@@ -286,13 +287,13 @@ def _examples_in_pixels(rj, examples, examples_crs, mode: str):
     return out
 
 
-def _refined_bank(bank: PromptBank, boxes: np.ndarray, emb, examples, method: str,
-                  notes: List[str]) -> PromptBank:
-    """``bank`` with each prompt's text embedding moved by the windows at the examples
-    (the window holding the place whose centre is nearest to it)."""
+def _example_scorer(bank: PromptBank, boxes: np.ndarray, emb, examples, method: str,
+                    notes: List[str]):
+    """The scorer of ``bank`` refined by the windows at the examples (the window holding
+    the place whose centre is nearest to it; engine.model.scoring.example_scorer)."""
     import torch
 
-    from .model.scoring import refine_query
+    from .model.scoring import Scorer, example_scorer
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     pos, neg = [], []
     for c, r, positive in examples:
@@ -303,14 +304,10 @@ def _refined_bank(bank: PromptBank, boxes: np.ndarray, emb, examples, method: st
         (pos if positive else neg).append(int(k))
     if not pos and not neg:
         notes.append("no example lies on a scored window; the prompts were used as typed")
-        return bank
+        return Scorer(bank)
     emb = torch.as_tensor(emb)
-    text = bank.text.clone()
-    for p in range(bank.n_prompts):
-        text[p] = refine_query(text[p], emb[pos] if pos else None, emb[neg] if neg else None,
-                               method, bank.logit_scale).to(text.dtype)
     notes.append(f"refined by {len(pos)} positive and {len(neg)} negative examples ({method})")
-    return PromptBank(list(bank.prompts), list(bank.background), text, bank.logit_scale)
+    return example_scorer(bank, emb[pos] if pos else None, emb[neg] if neg else None, method)
 
 
 def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview,  # long: one streaming pass
@@ -324,7 +321,6 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
     from .model import accel
     from .model.encode import to_model_input
     from .raster.batches import iter_tile_batches
-    from .model.scoring import score_embeddings
     info, area, lm, job = rj.info, rj.area, rj.lm, rj.job
     grid = _grid(info, area, opts)
     cov = grid.covered()
@@ -385,7 +381,7 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
         if examples is not None and not scoring.get("ready"):
             held.append((np.asarray(meta, np.int64).reshape(-1, 2), emb.cpu()))
             return
-        probs, cos = score_embeddings(emb, scoring["bank"])
+        probs, cos = scoring["scorer"](emb)
         probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
         boxes = native_boxes(meta)
         win_boxes.append(boxes)
@@ -418,7 +414,7 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
         if preview is None or examples is not None or time.perf_counter() - last_preview[0] < PREVIEW_SECONDS:
             return
         so_far = _window_boxes(np.concatenate(win_boxes), np.concatenate(win_probs),
-                               np.concatenate(win_cos), bank, opts, info)
+                               np.concatenate(win_cos), scoring["scorer"], opts, info)
         preview(so_far, job.done, job.total)
         last_preview[0] = time.perf_counter()
 
@@ -495,8 +491,9 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
     if examples is not None and held:     # move the prompts, then score every window
         meta_all = np.concatenate([m for m, _ in held])
         emb_all = torch.cat([e for _, e in held])
-        scoring["bank"] = bank = _refined_bank(bank, native_boxes(meta_all), emb_all, examples,
-                                               opts.examples_method, rj.notes)
+        scoring["scorer"] = _example_scorer(bank, native_boxes(meta_all), emb_all, examples,
+                                            opts.examples_method, rj.notes)
+        scoring["bank"] = bank = scoring["scorer"].bank
         scoring["ready"] = True
         with torch.inference_mode():
             for i in range(0, len(meta_all), opts.batch_size):
@@ -505,7 +502,7 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
     boxes_all = np.concatenate(win_boxes) if win_boxes else np.zeros((0, 4))
     probs_all = np.concatenate(win_probs) if win_probs else np.zeros((0, P), np.float32)
     cos_all = np.concatenate(win_cos) if win_cos else np.zeros((0, P), np.float32)
-    out_boxes = _window_boxes(boxes_all, probs_all, cos_all, bank, opts, info)
+    out_boxes = _window_boxes(boxes_all, probs_all, cos_all, scoring["scorer"], opts, info)
     heat_out, heat_tf = None, None
     if heat is not None:
         heat[heat < 0] = np.nan
@@ -515,14 +512,15 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
 
 
 def _window_boxes(boxes_all: np.ndarray, probs_all: np.ndarray, cos_all: np.ndarray,
-                  bank: PromptBank, opts: DetectOptions, info) -> List[Box]:
+                  scorer: Scorer, opts: DetectOptions, info) -> List[Box]:
     """Scored windows (native px) -> the boxes of each prompt, merged, best first."""
     out_boxes: List[Box] = []
-    for p, prompt in enumerate(bank.prompts):
+    threshold = scorer.threshold(opts.threshold)
+    for p, prompt in enumerate(scorer.bank.prompts):
         sc, co = probs_all[:, p].astype(np.float64), cos_all[:, p].astype(np.float64)
         keep_idx = np.arange(len(sc))
-        if opts.threshold is not None:
-            keep_idx = keep_idx[sc >= opts.threshold]
+        if threshold is not None:
+            keep_idx = keep_idx[sc >= threshold]
         if not len(keep_idx):
             continue
         b, s, c = boxes_all[keep_idx], sc[keep_idx], co[keep_idx]
@@ -671,17 +669,17 @@ def _proposals_for(reader, box: Box) -> Tuple[np.ndarray, List[np.ndarray]]:
     return props, crops
 
 
-def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions, job: Job,
+def _refine(reader, boxes: List[Box], lm, scorer: Scorer, opts: DetectOptions, job: Job,
             runner: BatchRunner) -> Tuple[List[Box], int]:
-    """Each box fitted to the best-scoring object proposal inside it (module doc)."""
+    """Each box fitted to the best-scoring object proposal inside it (module doc), scored
+    as the search scored its windows (``scorer``: the prompts, refined by any examples)."""
     import torch
     import torch.nn.functional as F
 
     from .model import accel
     from .model.encode import to_model_input
-    from .model.scoring import score_embeddings
     info = reader.info
-    which = {p: i for i, p in enumerate(bank.prompts)}
+    which = {p: i for i, p in enumerate(scorer.bank.prompts)}
     owner: List[int] = []
     props_all: List[np.ndarray] = []
     inputs: List[torch.Tensor] = []
@@ -696,7 +694,7 @@ def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions,
         return boxes, 0
 
     def encode(batch: torch.Tensor):
-        return score_embeddings(F.normalize(accel.encode_image(lm, batch).float(), dim=-1), bank)
+        return scorer(F.normalize(accel.encode_image(lm, batch).float(), dim=-1))
 
     with torch.inference_mode():
         probs, cos = runner(encode, torch.stack(inputs))
@@ -717,7 +715,7 @@ def _refine(reader, boxes: List[Box], lm, bank: PromptBank, opts: DetectOptions,
             n_fit += 1
         fitted.append(b)
     out: List[Box] = []
-    for prompt in bank.prompts:
+    for prompt in scorer.bank.prompts:
         mine = [b for b in fitted if b.prompt == prompt]
         if not mine:
             continue

@@ -225,6 +225,9 @@ class DetectRequest:
     info: Dict[str, str] = field(default_factory=dict)
     #: preview(boxes, done, total): the best boxes so far during the pass (engine.detect)
     preview: Optional[Callable[[Any, int, int], None]] = None
+    #: marked places (engine.data.examples.Example) that refine the ranking, in ``examples_crs``
+    examples: Optional[List[Any]] = None
+    examples_crs: Optional[str] = None
 
 
 def _loaded(model: Any, device: Optional[str], info: Dict[str, str], cancel: threading.Event):
@@ -241,7 +244,8 @@ def run_detect(req: DetectRequest, progress: ProgressFn, cancel: threading.Event
     from ..engine.detect import detect
     lm = _loaded(req.model, req.options.device, req.info, cancel)
     return detect(req.raster, req.prompts, lm, extent=req.extent, extent_crs=req.extent_crs,
-                  options=req.options, progress=progress, cancel=cancel, preview=req.preview)
+                  options=req.options, progress=progress, cancel=cancel, preview=req.preview,
+                  examples=req.examples, examples_crs=req.examples_crs)
 
 
 @dataclass

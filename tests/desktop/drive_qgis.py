@@ -381,6 +381,43 @@ def session():
         return info
 
 
+    @step("mark_examples")
+    def _mark_examples():
+        """Mark two results of the ships search ("Yes, like this" on the best box, "Not this"
+        on the last): each mark refreshes the ranking from the kept embeddings."""
+        from mapclip.plugin import marks
+        from mapclip.plugin.dock.widgets import ROLE_BOUNDS
+        d = dock()
+        tab(d.tabs, "Search")
+
+        def rows():
+            return [[d.results.topLevelItem(i).text(1), float(d.results.topLevelItem(i).text(2)),
+                     *d.results.topLevelItem(i).data(0, ROLE_BOUNDS)]
+                    for i in range(d.results.topLevelItemCount())]
+
+        info = {"before": rows(), "refreshes": []}
+        check(len(info["before"]) >= 2, f"too few results to mark: {info}")
+        for positive, row in ((True, 0), (False, d.results.topLevelItemCount() - 1)):
+            item = d.results.topLevelItem(row)
+            info["refreshes"].append({"positive": positive, "marked": item.data(0, ROLE_BOUNDS)})
+            STATE["outcomes"] = []
+            t0 = time.perf_counter()
+            check(d.mark_item(item, positive), f"the mark did not refresh the search: {d.status_label.text()}")
+            check(wait(lambda: STATE["outcomes"], 120), "no outcome after the mark")
+            info["refreshes"][-1].update(outcome=STATE["outcomes"][-1], rows=rows(),
+                                         seconds=round(time.perf_counter() - t0, 3),
+                                         from_cache=d.last_result.from_cache,
+                                         status=d.status_label.text())
+        layer = marks.examples_layer(create=False)
+        info["marks"] = marks.counts(layer)
+        info["examples_layer"] = layer.name() if layer else None
+        info["screenshot"] = screenshot("desktop-marks.png")
+        d.examples_check.setChecked(False)        # the later steps search without the marks
+        check(all(r["outcome"] == "done" and r["from_cache"] for r in info["refreshes"]),
+              f"a refresh failed or read the raster again: {info}")
+        return info
+
+
     @step("search_heatmap")
     def _heatmap():
         info, added = run_search({"Mode": "Heatmap (and boxes)", "Prompts": "storage tanks"})

@@ -278,7 +278,7 @@ def test_a_search_from_the_dock_adds_a_styled_layer_with_the_models_defaults(des
     assert Path(boxes["screenshot"]).stat().st_size > 20000
 
 
-STEPS = ["open_dock", "describe", "second_prompt", "search_heatmap", "archive_stac", "count", "land_cover", "cancel", "try_the_demo", "error_empty_prompt",
+STEPS = ["open_dock", "describe", "second_prompt", "mark_examples", "search_heatmap", "archive_stac", "count", "land_cover", "cancel", "try_the_demo", "error_empty_prompt",
          "error_bad_bands", "error_missing_checkpoint", "archive_build", "archive_search_button",
          "archive_map_tool", "dialog_convert", "dialog_dedup", "dialog_finetune",
          "processing_toolbox", "unload"]
@@ -299,6 +299,20 @@ def test_a_second_prompt_and_a_mode_switch_reuse_the_first_searchs_embeddings(de
     assert desktop["steps"]["search_heatmap"]["from_cache"]
     print(f"first search {first['engine_seconds']} s; second prompt {second['engine_seconds']} s "
           f"in the engine, {second['seconds_to_boxes']} s from Run to the layer")
+
+
+def test_two_marks_in_the_dock_change_the_ranking_from_the_kept_embeddings(desktop):
+    """Search, mark two results ("Yes, like this", "Not this"), see the ranking change: each
+    refresh answered from the kept embeddings; the box marked "not this" leaves the top three."""
+    step = desktop["steps"]["mark_examples"]
+    assert step["ok"], step
+    yes, no = step["refreshes"]
+    assert step["marks"] == [1, 1] and step["examples_layer"] == "MapCLIP examples"
+    assert yes["rows"] != step["before"] and no["rows"] != yes["rows"]
+    assert "refined by 1 yes / 0 not" in yes["status"] and "refined by 1 yes / 1 not" in no["status"]
+    assert all("from the kept embeddings" in r["status"] for r in (yes, no))
+    assert no["marked"] not in [r[2:] for r in no["rows"][:3]], no
+    print(f"refresh after a mark: {yes['seconds']} s and {no['seconds']} s from the mark to the layer")
 
 
 def _overlaps(box, truth):

@@ -224,9 +224,10 @@ GENERIC_DEFAULTS = ModelDefaults(tile_px=128, window=2, batch_size=64, top_k=20,
 # --------------------------------------------------------------------------- #
 # Option values.
 # --------------------------------------------------------------------------- #
-#: how labelled examples move a prompt (engine.model.scoring.refine_query; measured in
-#: bench/bench_examples.py)
-EXAMPLE_METHODS = ("rocchio", "probe")
+#: how labelled examples refine a search (engine.model.scoring.example_scorer; measured in
+#: bench/bench_examples.py): blend each score with the likeness to the examples, move the
+#: prompt (Rocchio), or fit a probe held near the prompt
+EXAMPLE_METHODS = ("affinity", "rocchio", "probe")
 
 #: the embedding cache's bounds (engine.cache.store): in memory and on disk, MB
 CACHE_MEMORY_MB = 512
@@ -276,7 +277,7 @@ class DetectOptions:
     refine_min: float = 0.3              # a fitted box must keep this share of its window's score
     compile: bool = False                # CUDA: torch.compile the image tower (engine.model.accel; cached)
     cache: bool = True                   # keep/reuse the raster's embeddings (engine.cache)
-    examples_method: str = "rocchio"     # how labelled examples move a prompt (EXAMPLE_METHODS)
+    examples_method: str = "affinity"    # how labelled examples refine the search (EXAMPLE_METHODS)
 
 
 @dataclass

@@ -30,7 +30,7 @@ encoded in one pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
 
 if TYPE_CHECKING:  # torch loads on first use, so importing the defaults stays cheap
     import torch
@@ -253,3 +253,73 @@ def refine_query(text, positives, negatives, method: str = "rocchio", logit_scal
             loss.backward()
             opt.step()
     return F.normalize(w.detach(), dim=0)
+
+
+#: affinity: how sharply an image's likeness to an example falls off (``exp(-beta (1 - cos))``,
+#: as in Tip-Adapter's cache model), the examples' weight beside the prompt's score, and a
+#: negative's weight beside a positive's; chosen on scenes 9401-9404 (bench/bench_examples.py)
+AFFINITY_BETA = 20.0
+AFFINITY_WEIGHT = 4.0
+AFFINITY_NEGATIVE = 0.5
+
+
+def example_affinity(image, positives, negatives, beta: float = AFFINITY_BETA,
+                     negative: float = AFFINITY_NEGATIVE):
+    """(N,) how much each image embedding (normalised rows) looks like the positive examples
+    and not like the negatives: ``mean_p exp(-beta (1 - cos(x, p))) - negative *
+    mean_n exp(-beta (1 - cos(x, n)))``, in [-negative, 1]."""
+    import torch
+    x = image.float()
+    out = torch.zeros(len(x), device=x.device)
+    if positives is not None and len(positives):
+        out = out + torch.exp(-beta * (1 - x @ positives.to(x.device).float().T)).mean(1)
+    if negatives is not None and len(negatives):
+        out = out - negative * torch.exp(-beta * (1 - x @ negatives.to(x.device).float().T)).mean(1)
+    return out
+
+
+@dataclass
+class Scorer:
+    """How a search scores image embeddings: ``(probs, cosine)`` as :func:`score_embeddings`.
+
+    Without examples (``method`` empty) the bank's prompts as typed. With examples,
+    ``rocchio`` and ``probe`` have moved the bank's text embeddings (:func:`refine_query`);
+    ``affinity`` keeps the prompts and blends each score with the image's likeness to the
+    examples (:func:`example_affinity`): ``(p + w a) / (1 + w)``, clipped at 0, so a score
+    stays in [0, 1]; a search's score threshold then applies as ``t / (1 + w)`` (what the
+    prompt alone keeps is kept, plus what looks like the positives). The cosine reported is
+    always the (moved) prompt's."""
+
+    bank: PromptBank
+    method: str = ""
+    positives: Any = None
+    negatives: Any = None
+
+    def __call__(self, image) -> Tuple["torch.Tensor", "torch.Tensor"]:
+        probs, cos = score_embeddings(image, self.bank)
+        if self.method == "affinity":
+            a = example_affinity(image, self.positives, self.negatives)
+            probs = ((probs + AFFINITY_WEIGHT * a[:, None]) / (1 + AFFINITY_WEIGHT)).clamp_min(0)
+        return probs, cos
+
+    def threshold(self, t: Optional[float]) -> Optional[float]:
+        """The score threshold ``t`` of the prompts alone on this scorer's scale."""
+        if t is None or self.method != "affinity":
+            return t
+        return t / (1 + AFFINITY_WEIGHT)
+
+
+def example_scorer(bank: PromptBank, positives, negatives, method: str) -> Scorer:
+    """The :class:`Scorer` of ``bank`` refined by example embeddings (rows, normalised; either
+    may be None) with ``method`` (core.options.EXAMPLE_METHODS)."""
+    from ..core.errors import UsageError
+    from ..core.options import EXAMPLE_METHODS
+    if method not in EXAMPLE_METHODS:
+        raise UsageError(f"unknown refinement {method!r}", f"use one of {', '.join(EXAMPLE_METHODS)}",
+                         option="examples_method")
+    if method == "affinity":
+        return Scorer(bank, method, positives, negatives)
+    text = bank.text.clone()
+    for p in range(bank.n_prompts):
+        text[p] = refine_query(text[p], positives, negatives, method, bank.logit_scale).to(text.dtype)
+    return Scorer(PromptBank(list(bank.prompts), list(bank.background), text, bank.logit_scale), method)

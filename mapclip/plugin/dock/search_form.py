@@ -81,6 +81,8 @@ class SearchForm:
         self.polygon_label = QLabel("Polygons")
         form.addRow(self.polygon_label, self.polygon_combo)
 
+        form.addRow("Examples", self._build_marks_row())
+
         self._build_advanced()
         fields_box = QWidget()
         fields = QVBoxLayout(fields_box)
@@ -114,7 +116,8 @@ class SearchForm:
         self.results.setHeaderLabels(["#", "Prompt", "Score", "Caption"])
         self.results.setRootIsDecorated(False)
         self.results.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.results.setToolTip("double-click a result to zoom to it; right-click to describe it")
+        self.results.setToolTip("double-click a result to zoom to it; right-click to describe it "
+                                "or mark it \"Yes, like this\" / \"Not this\"")
         self.results.itemDoubleClicked.connect(self.zoom_to_item)
         self.results.setMinimumHeight(RESULTS_MIN_HEIGHT)
         self._results_menu(self.results)

@@ -146,8 +146,15 @@ class SearchRun:
         else:
             options = params.detect_options(model, heatmap=(mode == "heatmap"))
             options = replace(options, read=replace(options.read, gsd=gsd))
+            try:
+                examples, examples_crs = self.marked_examples(options.mode == "window")
+            except ValueError as exc:
+                log.bar_warning(self.iface, str(exc))
+                self._finish("error")
+                return
             req = tasks.DetectRequest(raster=source, prompts=prompts, model=model, model_name=model,
-                                      options=options, extent=extent, extent_crs=extent_crs)
+                                      options=options, extent=extent, extent_crs=extent_crs,
+                                      examples=examples, examples_crs=examples_crs)
             fn = partial(tasks.run_detect, req)
             title = f"MapCLIP: search '{'; '.join(prompts)[:40]}'"
             gpkg = self.gpkg_widget.filePath() if self.save_check.isChecked() else None
@@ -267,7 +274,11 @@ class SearchRun:
             how = f"{result.tiles} tiles from the kept embeddings in {result.seconds:.2f} s"
         else:
             how = f"{result.tiles} tiles in {result.seconds:.1f} s ({rate:.1f} tiles/s)"
-        self.status_label.setText(f"{len(result.boxes)} boxes · {how} · {result.device} · "
+        refined = ""
+        if req.examples:
+            yes = sum(1 for e in req.examples if e.positive)
+            refined = f" · refined by {yes} yes / {len(req.examples) - yes} not"
+        self.status_label.setText(f"{len(result.boxes)} boxes · {how}{refined} · {result.device} · "
                                   f"saved in {gpkg}")
         self._finish("done")
 

@@ -29,11 +29,12 @@ from ..preview import SearchPreview
 from ..settings import Settings
 from .archive import ArchiveTab
 from .describe import DescribePanel
+from .marks_panel import MarksPanel
 from .search_form import SearchForm
 from .search_run import SearchRun
 
 
-class MapClipDock(SearchForm, SearchRun, ArchiveTab, DescribePanel, QgsDockWidget):
+class MapClipDock(SearchForm, SearchRun, MarksPanel, ArchiveTab, DescribePanel, QgsDockWidget):
     """The search dock. ``run_finished(outcome)`` fires after every run ("done", "error", "cancelled")."""
 
     run_finished = pyqtSignal(str)
@@ -72,6 +73,9 @@ class MapClipDock(SearchForm, SearchRun, ArchiveTab, DescribePanel, QgsDockWidge
         self.setWidget(page)
         self._load_settings()
         self.refresh_deps()
+        self._show_mark_counts()
+        if self.canvas() is not None:     # the map's right-click menu: mark a place
+            self.canvas().contextMenuAboutToShow.connect(self._canvas_menu)
 
     def _build_deps_banner(self) -> QWidget:
         self.deps_banner = QWidget()
@@ -144,6 +148,11 @@ class MapClipDock(SearchForm, SearchRun, ArchiveTab, DescribePanel, QgsDockWidge
             self.renderer.cancel()
             self.renderer = None
         canvas = self.canvas()
+        if canvas is not None:
+            try:
+                canvas.contextMenuAboutToShow.disconnect(self._canvas_menu)
+            except (TypeError, RuntimeError):
+                pass
         if canvas is not None and self.pick_tool is not None:
             if canvas.mapTool() is self.pick_tool:
                 canvas.unsetMapTool(self.pick_tool)

@@ -23,12 +23,14 @@ from qgis.core import (QgsFeatureSink,
                        QgsProcessingParameterFeatureSink, QgsProcessingParameterNumber,
                        QgsProcessingParameterRasterDestination,
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
+                       QgsProcessingParameterVectorLayer,
                        QgsUnitTypes, QgsWkbTypes)
 
 from ...engine.core.options import ATTENTION_MODES as ATTENTION_
 from ...engine.core.options import COUNT_METHODS as COUNT_METHODS_
 from ...engine.core.options import MERGES as MERGES_
 from ...engine.core.options import MODES as MODES_
+from ...engine.core.options import EXAMPLE_METHODS as EXAMPLE_METHODS_
 from ...engine.core.options import TEMPLATE_SETS
 from ...engine.core.options import CountOptions, DetectOptions
 from ...engine.core import outputs
@@ -39,6 +41,7 @@ from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_err
 D = DetectOptions()
 MODES, MERGES, ATTENTION_MODES, COUNT_METHODS = (list(MODES_), list(MERGES_), list(ATTENTION_),
                                                  list(COUNT_METHODS_))
+EXAMPLE_METHODS = list(EXAMPLE_METHODS_)
 
 
 def box_fields() -> QgsFields:
@@ -197,6 +200,7 @@ class DetectBase(RasterSearchAlgorithm):
     PROMPTS, MODE, TILE, WINDOW, STRIDE = "PROMPTS", "MODE", "TILE", "WINDOW", "STRIDE"
     TOP_K, THRESHOLD, MERGE, BACKGROUND = "TOP_K", "THRESHOLD", "MERGE", "BACKGROUND"
     IOU, ATTENTION, TEMPLATES, COMPILE = "IOU", "ATTENTION", "TEMPLATES", "COMPILE"
+    EXAMPLES, EXAMPLES_METHOD = "EXAMPLES", "EXAMPLES_METHOD"
     DEFAULT_MODE = D.mode
 
     def add_detect_params(self) -> None:
@@ -215,6 +219,12 @@ class DetectBase(RasterSearchAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(
             self.STRIDE, "Stride, tiles", QgsProcessingParameterNumber.Integer,
             defaultValue=D.stride, minValue=1))
+        self.addParameter(QgsProcessingParameterVectorLayer(
+            self.EXAMPLES, "Examples (marks with a label field)",
+            [QgsProcessing.TypeVectorPoint, QgsProcessing.TypeVectorPolygon], optional=True))
+        self.add_advanced(QgsProcessingParameterEnum(
+            self.EXAMPLES_METHOD, "How examples refine the search", options=EXAMPLE_METHODS,
+            defaultValue=EXAMPLE_METHODS.index(D.examples_method)))
         self.add_advanced(QgsProcessingParameterEnum(
             self.MERGE, "Merge overlapping windows", options=MERGES,
             defaultValue=MERGES.index(D.merge)))
@@ -240,6 +250,17 @@ class DetectBase(RasterSearchAlgorithm):
                                          "e.g. 'storage tanks'")
         return prompts
 
+    def examples(self, parameters, context):
+        """(examples, CRS WKT) of the EXAMPLES layer, or (None, None) when none is given."""
+        layer = self.parameterAsVectorLayer(parameters, self.EXAMPLES, context)
+        if layer is None:
+            return None, None
+        from ..marks import read_layer
+        try:
+            return read_layer(layer)
+        except ValueError as exc:
+            raise QgsProcessingException(f"EXAMPLES: {exc}") from None
+
     def detect_options(self, parameters, context, heatmap: bool, top_k=None, threshold=None,
                        gsd=None) -> DetectOptions:
         """DetectOptions from the parameters; empty ones stay None (the model's default)."""
@@ -256,6 +277,7 @@ class DetectBase(RasterSearchAlgorithm):
             device=self.parameterAsString(parameters, self.DEVICE, context).strip() or None,
             compile=self.parameterAsBool(parameters, self.COMPILE, context),
             cache=self.use_cache(parameters, context),
+            examples_method=EXAMPLE_METHODS[self.parameterAsEnum(parameters, self.EXAMPLES_METHOD, context)],
             top_k=top_k, threshold=threshold, heatmap=heatmap)
         background = split_prompts(self.parameterAsString(parameters, self.BACKGROUND, context))
         if background:
@@ -270,6 +292,7 @@ class DetectBase(RasterSearchAlgorithm):
         """Run detect; ``outputs`` (parameter, path) are checked first by the engine's
         output guard (never an input of the run, writable)."""
         prompts = self.prompts(parameters, context)
+        examples, examples_crs = self.examples(parameters, context)
         with engine_errors(), self.raster_input(parameters, context, feedback) as (
                 path, extent, extent_crs, gsd):
             from ...engine.core.jobs import check_outputs
@@ -281,7 +304,8 @@ class DetectBase(RasterSearchAlgorithm):
             bridge = FeedbackBridge(feedback)
             feedback.pushInfo(f"Scoring {path} for {prompts} ({options.mode} mode)")
             result = detect(path, prompts, lm, extent=extent, extent_crs=extent_crs,
-                            options=options, progress=bridge.progress, cancel=bridge)
+                            options=options, progress=bridge.progress, cancel=bridge,
+                            examples=examples, examples_crs=examples_crs)
         if feedback.isCanceled():
             raise QgsProcessingException("Cancelled: nothing was written.")
         push_notes(feedback, getattr(result, "warnings", []))
@@ -302,7 +326,9 @@ class DetectAlgorithm(DetectBase):
             "one pass per tile with patch-level similarity and boxes thresholded components of "
             "the heatmap.<br>A single prompt is scored against generic background prompts; "
             "several prompts compete with each other. <i>score</i> is the softmax, <i>cosine</i> "
-            "the raw similarity.<br>Same engine call as <code>python -m engine detect</code>.")
+            "the raw similarity.<br><b>Examples</b> (window mode): points or polygons with a "
+            "<i>label</i> field, 1 = like this, 0 = not this (e.g. the dock's MapCLIP examples "
+            "layer) refine the ranking.<br>Same engine call as <code>python -m engine detect</code>.")
 
     OUTPUT, COUNT = "OUTPUT", "COUNT"
 

@@ -1,0 +1,105 @@
+"""Marked examples in QGIS: the "MapCLIP examples" layer and reading any point or polygon
+layer as examples (engine.data.examples: a ``label`` field, 1 = "Yes, like this",
+0 = "Not this").
+
+The dock adds marks from its results list and from the map's right-click menu; a search
+in window mode refines its ranking with them from the kept embeddings (engine.detect,
+``examples=``); Processing's detect and heatmap algorithms take the same layer (EXAMPLES).
+The layer is an ordinary editable layer: delete a mark, change its label, save it to a file.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from qgis.core import (QgsCategorizedSymbolRenderer, QgsCoordinateReferenceSystem,
+                       QgsCoordinateTransform, QgsFeature, QgsField, QgsGeometry, QgsMarkerSymbol,
+                       QgsPointXY, QgsProject, QgsRendererCategory, QgsVectorLayer)
+from qgis.PyQt.QtCore import QVariant
+
+from ..engine.data.examples import LABEL_FIELD, Example, parse_label
+
+#: the name of the layer the dock keeps marks in, and its labels' words
+LAYER_NAME = "MapCLIP examples"
+WORDS = {True: "Yes, like this", False: "Not this"}
+COLOURS = {True: "#1a9850", False: "#d73027"}
+LAYER_PROPERTY = "mapclip/examples"
+
+
+def examples_layer(create: bool = True) -> Optional[QgsVectorLayer]:
+    """The project's examples layer (made, styled and added on first use when ``create``)."""
+    for layer in QgsProject.instance().mapLayers().values():
+        if isinstance(layer, QgsVectorLayer) and layer.customProperty(LAYER_PROPERTY):
+            return layer
+    if not create:
+        return None
+    crs = QgsProject.instance().crs()
+    uri = f"Point?crs={crs.authid()}" if crs.isValid() and crs.authid() else "Point"
+    layer = QgsVectorLayer(uri, LAYER_NAME, "memory")
+    layer.dataProvider().addAttributes([QgsField(LABEL_FIELD, QVariant.Int),
+                                        QgsField("prompt", QVariant.String)])
+    layer.updateFields()
+    layer.setCustomProperty(LAYER_PROPERTY, True)
+    cats = []
+    for value in (True, False):
+        symbol = QgsMarkerSymbol.createSimple({"name": "circle" if value else "cross2",
+                                               "color": COLOURS[value], "size": "4",
+                                               "outline_color": "white" if value else COLOURS[value],
+                                               "outline_width": "0.6"})
+        cats.append(QgsRendererCategory(int(value), symbol, WORDS[value]))
+    layer.setRenderer(QgsCategorizedSymbolRenderer(LABEL_FIELD, cats))
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def add_mark(point: QgsPointXY, crs: QgsCoordinateReferenceSystem, positive: bool,
+             prompt: str = "") -> QgsVectorLayer:
+    """A mark at ``point`` (in ``crs``) in the examples layer; the layer."""
+    layer = examples_layer()
+    if crs.isValid() and layer.crs().isValid() and crs != layer.crs():
+        point = QgsCoordinateTransform(crs, layer.crs(), QgsProject.instance()).transform(point)
+    f = QgsFeature(layer.fields())
+    f.setGeometry(QgsGeometry.fromPointXY(point))
+    f.setAttribute(LABEL_FIELD, int(bool(positive)))
+    f.setAttribute("prompt", prompt)
+    layer.dataProvider().addFeatures([f])
+    layer.updateExtents()
+    layer.triggerRepaint()
+    return layer
+
+
+def read_layer(layer: QgsVectorLayer) -> Tuple[List[Example], Optional[str]]:
+    """The examples of a point or polygon layer (centroids) and its CRS as WKT.
+
+    Raises ValueError naming the problem and the fix (no ``label`` field, a label that is
+    neither 1/true nor 0/false)."""
+    names = [f.name() for f in layer.fields()]
+    field = next((n for n in names if n.lower() == LABEL_FIELD), None)
+    if field is None:
+        raise ValueError(f"layer '{layer.name()}' has no '{LABEL_FIELD}' field (fields: "
+                         f"{', '.join(names) or 'none'})\nFix: add a '{LABEL_FIELD}' field: "
+                         "1 for what you mean, 0 for what you do not")
+    out: List[Example] = []
+    for f in layer.getFeatures():
+        geom = f.geometry()
+        if geom is None or geom.isEmpty():
+            continue
+        label = parse_label(f[field])
+        if label is None:
+            raise ValueError(f"layer '{layer.name()}', feature {f.id()}: label {f[field]!r} is "
+                             "neither 1/true nor 0/false\nFix: label each example 1 (what you "
+                             "mean) or 0 (not this)")
+        c = geom.centroid().asPoint()
+        out.append(Example(float(c.x()), float(c.y()), label))
+    crs = layer.crs()
+    return out, (crs.toWkt() if crs.isValid() else None)
+
+
+def counts(layer: Optional[QgsVectorLayer]) -> Tuple[int, int]:
+    """(positives, negatives) in ``layer`` (labels that parse); (0, 0) without one."""
+    if layer is None:
+        return 0, 0
+    field = next((f.name() for f in layer.fields() if f.name().lower() == LABEL_FIELD), None)
+    if field is None:
+        return 0, 0
+    labels = [parse_label(f[field]) for f in layer.getFeatures()]
+    return sum(1 for v in labels if v is True), sum(1 for v in labels if v is False)
