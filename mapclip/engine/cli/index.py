@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import (add_extent_args, add_model_args, parse_floats, add_read_workers_arg, cancel_event, model_default_help,
+from . import (add_extent_args, add_model_args, add_read_workers_arg, cancel_event, model_default_help,
                parse_bands, parse_extent, print_json, read_workers, tqdm_progress)
 from ..core.errors import UsageError
 
@@ -116,11 +116,9 @@ def run(args: argparse.Namespace) -> int:
     from ..core.jobs import check_outputs
     notes = []
     if args.stac:
-        from ..raster.stac import stac_sources
-        bbox = parse_floats(args.stac_bbox, 4, "--stac-bbox", "--stac-bbox 14.9,36.0,15.1,36.2") \
-            if args.stac_bbox else None
-        hrefs, notes = stac_sources(args.stac, args.stac_asset, bbox, args.stac_datetime,
-                                    args.stac_collection)
+        from ..raster.stac import parse_bbox, stac_sources
+        hrefs, notes = stac_sources(args.stac, args.stac_asset, parse_bbox(args.stac_bbox),
+                                    args.stac_datetime, args.stac_collection)
         args.sources = list(args.sources) + hrefs
     if not args.sources:
         raise UsageError("no raster to index", "give rasters, folders or URLs, or --stac CATALOG|SEARCH")

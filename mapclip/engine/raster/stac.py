@@ -63,6 +63,20 @@ def _dates(text: Optional[str]) -> Optional[Tuple[_dt.datetime, _dt.datetime]]:
     return lo.replace(tzinfo=None), hi.replace(tzinfo=None)
 
 
+def parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, float]]:
+    """A WGS84 box typed as "W,S,E,N" (None when empty), checked."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        vals = tuple(float(v) for v in str(text).replace(" ", "").split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 4 or not (vals[0] <= vals[2] and vals[1] <= vals[3]):
+        raise UsageError(f"stac_bbox {text!r} is not a WGS84 box west,south,east,north",
+                         "e.g. 14.9,36.0,15.1,36.2", option="stac_bbox")
+    return vals  # type: ignore[return-value]
+
+
 def _in_dates(item, span) -> bool:
     if span is None:
         return True
