@@ -400,3 +400,18 @@ def test_a_stac_api_at_a_dead_port_or_answering_an_error_is_refused_naming_the_u
     code, _, err = _run(["index", "--stac", f"{server.url}/search", "--out", str(tmp_path / "idx"),
                          "--model", rig_folder], capsys)
     assert code == 2 and f"the STAC API search {server.url}/search?limit=100 answered HTTP 404" in err
+
+
+def test_stac_api_items_with_relative_hrefs_and_dates_with_zones_are_read_as_the_api_means(
+        tmp_path, served):
+    from mapclip.engine.raster.stac import _api_interval, _dates, stac_sources
+    server, www = served
+    _stac_api(www, server.url)
+    api = json.loads((www / "stac-api.json").read_text())
+    api["items"][0]["assets"]["image"]["href"] = "scene_cog.tif"          # relative to /search
+    (www / "stac-api.json").write_text(json.dumps(api))
+    hrefs, _ = stac_sources(f"{server.url}/search", datetime="2024-06-01T12:00:00+02:00/..")
+    assert hrefs == [f"{server.url}/scene_cog.tif", f"{server.url}/other_cog.tif",
+                     f"{server.url}/third_cog.tif"]
+    assert _api_interval(_dates("2024-06-01T12:00:00+02:00/..")) == "2024-06-01T10:00:00Z/.."
+    assert _searches(server)[0]["datetime"] == "2024-06-01T10:00:00Z/.."

@@ -47,20 +47,30 @@ _API_FIX = ("check the URL (a STAC API's /search or landing page) and that the s
             "or give a static catalog.json")
 
 
+def _utc(when: _dt.datetime) -> _dt.datetime:
+    """A datetime in UTC without its zone (one that names none is taken as UTC)."""
+    if when.tzinfo is not None:
+        when = when.astimezone(_dt.timezone.utc)
+    return when.replace(tzinfo=None)
+
+
 def _dates(text: Optional[str]) -> Optional[Tuple[_dt.datetime, _dt.datetime]]:
+    """A date or range typed by the user as a (start, end) span in UTC (open ends: min, max)."""
     if not text:
         return None
     parts = [p.strip() for p in str(text).split("/")]
     try:
-        lo = _dt.datetime.fromisoformat(parts[0]) if parts[0] not in ("", "..") else _dt.datetime.min
+        lo = _utc(_dt.datetime.fromisoformat(parts[0].replace("Z", "+00:00"))) \
+            if parts[0] not in ("", "..") else _dt.datetime.min
         hi_text = parts[-1] if len(parts) > 1 else parts[0]
-        hi = _dt.datetime.fromisoformat(hi_text) if hi_text not in ("", "..") else _dt.datetime.max
+        hi = _utc(_dt.datetime.fromisoformat(hi_text.replace("Z", "+00:00"))) \
+            if hi_text not in ("", "..") else _dt.datetime.max
     except ValueError:
         raise UsageError(f"STAC date {text!r} is not a date or a range", "e.g. 2024-06-01 or "
                          "2024-06-01/2024-08-31", option="stac_datetime") from None
     if len(parts) == 1 or len(hi_text) == 10:     # a day: all of it
         hi = hi + _dt.timedelta(days=1) - _dt.timedelta(microseconds=1) if hi != _dt.datetime.max else hi
-    return lo.replace(tzinfo=None), hi.replace(tzinfo=None)
+    return lo, hi
 
 
 def parse_bbox(text: Optional[str]) -> Optional[Tuple[float, float, float, float]]:
@@ -85,7 +95,7 @@ def _in_dates(item, span) -> bool:
     end = item.datetime or _parse(props.get("end_datetime")) or start
     if start is None:
         return False
-    return start.replace(tzinfo=None) <= span[1] and end.replace(tzinfo=None) >= span[0]
+    return _utc(start) <= span[1] and _utc(end) >= span[0]
 
 
 def _parse(text) -> Optional[_dt.datetime]:
@@ -244,7 +254,7 @@ def search_items(url: str, bbox: Optional[Sequence[float]] = None, span=None,
                              f"({feature.get('id', '?')}): {reason(exc)}", _API_FIX,
                              option="stac") from None
         for asset in item.assets.values():      # relative hrefs: against the page's URL
-            if not _http_url(asset.href) and not asset.href.startswith("/"):
+            if not urlsplit(asset.href).scheme and not asset.href.startswith("/vsi"):
                 asset.href = urljoin(where, asset.href)
         items.append(item)
     return items, notes
