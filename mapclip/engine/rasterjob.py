@@ -14,9 +14,11 @@ fingerprint; ``RasterJob.keep`` stores what a pass computed. A job that finds
 its pass answers a new prompt with one matrix product over the kept vectors.
 ``RasterJob.cache`` says what happened, for the result's JSON: ``"off"``
 (turned off, or a raster whose identity cannot be had: a remote one without
-GDAL's Python bindings or whose server does not answer), ``"computed"`` (embedded now, kept for the
-next question), ``"too large"`` (embedded now, larger than the cache's
-bounds), ``"memory"`` or ``"disk"`` (the embeddings came from the cache).
+GDAL's Python bindings or whose server does not answer), ``"computed"``
+(embedded now, kept for the next question), ``"too large"`` (embedded now,
+larger than the cache's bounds), ``"memory"`` or ``"disk"`` (the embeddings
+came from the cache). A remote raster is opened past GDAL's in-process cache
+of remote files at the job's start, so a replaced object is read as it is now.
 """
 from __future__ import annotations
 
