@@ -1,12 +1,19 @@
 """A loopback HTTP server for a folder, the way object stores serve files to GDAL:
-HEAD with Content-Length, GET with ``Range: bytes=A-B`` answered by 206 and
-Content-Range. Records every request (method, path, Range).
+HEAD with Content-Length, ETag and Last-Modified, GET with ``Range: bytes=A-B``
+answered by 206 and Content-Range. Records every request (method, path with its
+query, Range; a POST's body in place of the Range).
+
+With a ``stac-api.json`` in the folder (``{"items": [...], "page_size": N,
+"next": "GET"|"POST"}``) it is also a STAC API: ``/`` is its landing page and
+``/search`` its item search (GET or POST; bbox, datetime, collections, limit),
+at most ``page_size`` items a page with a ``next`` link carrying a token.
 
 It runs in its own process (``python tests/rangeserver.py ROOT LOG``): some of
 rasterio's calls (a checksum, mask flags) hold the GIL while GDAL waits for the
 server, so a server thread in the test's process would never answer them."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -17,6 +24,7 @@ import tempfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import List, Tuple
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 
 class _Server:
@@ -47,6 +55,20 @@ class _Server:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
+            def _stamp(self):
+                path = (server.root / self.path.split("?", 1)[0].lstrip("/")).resolve()
+                st = path.stat()
+                self.send_header("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"')
+                self.send_header("Last-Modified", self.date_time_string(int(st.st_mtime)))
+
+            def _json(self, answer):
+                data = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/geo+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_HEAD(self):
                 server.record("HEAD", self.path, "")
                 body = self._body()
@@ -55,11 +77,30 @@ class _Server:
                 self.send_response(200)
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Length", str(len(body)))
+                self._stamp()
                 self.end_headers()
+
+            def do_POST(self):
+                sent = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                server.record("POST", self.path, sent)
+                api = server.api()
+                if api is None or urlsplit(self.path).path != "/search":
+                    return self._missing()
+                self._json(server.search(api, json.loads(sent or "{}"), self._base(), post=True))
+
+            def _base(self):
+                return f"http://{self.headers.get('Host')}"
 
             def do_GET(self):
                 rng = self.headers.get("Range", "")
                 server.record("GET", self.path, rng)
+                api = server.api()
+                route = urlsplit(self.path).path
+                if api is not None and route in ("/", "/search"):
+                    if route == "/":
+                        return self._json(server.landing(self._base()))
+                    params = dict(parse_qsl(urlsplit(self.path).query))
+                    return self._json(server.search(api, params, self._base()))
                 body = self._body()
                 if body is None:
                     return self._missing()
@@ -75,12 +116,64 @@ class _Server:
                     self.send_response(200)
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Length", str(len(part)))
+                self._stamp()
                 self.end_headers()
                 self.wfile.write(part)
 
         self.log = log
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+
+    def api(self):
+        """The STAC API's items and paging, or None when the folder serves none."""
+        path = self.root / "stac-api.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    @staticmethod
+    def landing(base):
+        return {"type": "Catalog", "id": "api", "stac_version": "1.0.0", "description": "test API",
+                "conformsTo": ["https://api.stacspec.org/v1.0.0/core",
+                               "https://api.stacspec.org/v1.0.0/item-search"],
+                "links": [{"rel": "self", "href": base + "/"}, {"rel": "root", "href": base + "/"},
+                          {"rel": "search", "href": base + "/search",
+                           "type": "application/geo+json", "method": "GET"}]}
+
+    @staticmethod
+    def search(api, params, base, post=False):
+        """One page of the item search: the filters as a STAC API applies them."""
+        def listed(value):
+            return value if isinstance(value, list) else str(value).split(",")
+
+        def when(text, end):
+            if text in ("", ".."):
+                return dt.datetime.max if end else dt.datetime.min
+            return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).replace(tzinfo=None)
+
+        items = api["items"]
+        if params.get("bbox"):
+            w, s, e, n = (float(v) for v in listed(params["bbox"]))
+            items = [i for i in items if i["bbox"][0] <= e and i["bbox"][2] >= w
+                     and i["bbox"][1] <= n and i["bbox"][3] >= s]
+        if params.get("datetime"):
+            lo, _, hi = params["datetime"].partition("/")
+            lo, hi = when(lo, False), when(hi or lo, True)
+            items = [i for i in items if lo <= when(i["properties"]["datetime"], False) <= hi]
+        if params.get("collections"):
+            wanted = set(listed(params["collections"]))
+            items = [i for i in items if i.get("collection") in wanted]
+        start = int(params.get("token", 0))
+        size = min(int(params.get("limit", 10)), int(api.get("page_size", 10)))
+        links = []
+        if start + size < len(items):
+            if api.get("next", "GET") == "POST":
+                links.append({"rel": "next", "href": base + "/search", "method": "POST",
+                              "body": {"token": start + size}, "merge": True})
+            else:
+                query = {k: (",".join(map(str, v)) if isinstance(v, list) else v)
+                         for k, v in params.items()}
+                query["token"] = start + size
+                links.append({"rel": "next", "href": base + "/search?" + urlencode(query)})
+        return {"type": "FeatureCollection", "features": items[start:start + size], "links": links}
 
     def record(self, method, path, rng):
         if self.log:

@@ -13,9 +13,12 @@ the area, the read options, the job's tiling ``params`` and the model's
 fingerprint; ``RasterJob.keep`` stores what a pass computed. A job that finds
 its pass answers a new prompt with one matrix product over the kept vectors.
 ``RasterJob.cache`` says what happened, for the result's JSON: ``"off"``
-(turned off, or a remote raster), ``"computed"`` (embedded now, kept for the
-next question), ``"too large"`` (embedded now, larger than the cache's
-bounds), ``"memory"`` or ``"disk"`` (the embeddings came from the cache).
+(turned off, or a raster whose identity cannot be had: a remote one without
+GDAL's Python bindings or whose server does not answer), ``"computed"``
+(embedded now, kept for the next question), ``"too large"`` (embedded now,
+larger than the cache's bounds), ``"memory"`` or ``"disk"`` (the embeddings
+came from the cache). A remote raster is opened past GDAL's in-process cache
+of remote files at the job's start, so a replaced object is read as it is now.
 """
 from __future__ import annotations
 
@@ -182,7 +185,10 @@ def raster_job(raster: str, model, extent=None, extent_crs: Optional[str] = None
     from .model import accel
     from .model.models import as_loaded
     from .raster.reader import open_raster
+    from .raster.remote import check_raster_source, is_remote
     job = job or Job(progress, cancel)
+    if is_remote(raster):     # the object as the server has it now, never GDAL's memory of an
+        check_raster_source(raster)     # older one (a replaced object is read afresh)
     reader = open_raster(raster, read if read is not None else getattr(options, "read", None),
                          quiet=True)  # warnings kept in reader.warnings
     with reader:

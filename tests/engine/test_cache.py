@@ -282,3 +282,57 @@ def test_counting_another_object_on_the_same_tiles_uses_the_kept_tile_embeddings
     assert fresh.prompt.cache == "off"
     assert second.prompt.tiles == fresh.prompt.tiles and second.count == fresh.count
     assert second.prompt.scores == pytest.approx(fresh.prompt.scores, abs=1e-6)
+
+
+def _served_bytes(server, since=0):
+    """Bytes the server sent in answer to ranged GETs after the first ``since`` requests."""
+    import re
+    total = 0
+    for method, _, rng in server.requests[since:]:
+        m = re.match(r"bytes=(\d+)-(\d+)$", rng) if method == "GET" else None
+        total += int(m.group(2)) - int(m.group(1)) + 1 if m else 0
+    return total
+
+
+def test_a_remote_raster_is_kept_by_what_its_server_says_and_a_replaced_one_is_embedded_again(
+        tmp_path, rig):
+    from mapclip.engine.cache.keys import _remote_spans, raster_identity
+    from tests.rangeserver import RangeServer, write_cog
+    from tests.raster_fixtures import noise
+
+    def cog(path, seed):
+        data = noise(3, 768, 1024, seed=seed)
+        data[:, 400:440, 600:640] = np.array(RED, np.uint8)[:, None, None]
+        return write_cog(path, data)
+
+    www = tmp_path / "www"
+    cog(www / "scene_cog.tif", 1)
+    o = opts(tile_px=64, window=1, refine=False)     # box fitting reads pixels: not a pass
+    with RangeServer(www) as server:
+        url = f"{server.url}/scene_cog.tif"
+        ident = raster_identity(url)
+        assert ident and ident[0][0] == "/vsicurl/" + url and ident[0][1] == os.path.getsize(
+            www / "scene_cog.tif") and ident[0][3]["etag"]
+        first = detect("/vsicurl/" + url, [RED_PROMPT], rig, options=o)
+        assert first.cache == "computed" and first.boxes
+        first_bytes, seen = _served_bytes(server), len(server.requests)
+        assert first_bytes > os.path.getsize(www / "scene_cog.tif") // 2      # the tiles were read
+        second = detect("/vsicurl/" + url, [BLUE_PROMPT, RED_PROMPT], rig, options=o)
+        assert second.from_cache and second.cache == "memory"
+        assert [b.pixel for b in second.boxes if b.prompt == RED_PROMPT] == \
+            [b.pixel for b in first.boxes]
+        # the second run read nothing but the identity's byte ranges (head, tail, samples)
+        spans = _remote_spans(ident[0][1])
+        gets = [tuple(map(int, r[6:].split("-"))) for m, _, r in server.requests[seen:] if m == "GET"]
+        assert gets and all(any(a < off + n and b >= off for off, n in spans) for a, b in gets)
+        assert _served_bytes(server, seen) < first_bytes // 4
+        # the object replaced at the server (other bytes): embedded again, as the new file is
+        cog(tmp_path / "new.tif", 2)
+        os.replace(tmp_path / "new.tif", www / "scene_cog.tif")
+        assert raster_identity(url) != ident
+        third = detect("/vsicurl/" + url, [RED_PROMPT], rig, options=o)
+        assert third.cache == "computed" and not third.from_cache
+        cog(tmp_path / "local.tif", 2)
+        same(third, detect(str(tmp_path / "local.tif"), [RED_PROMPT], rig,
+                           options=replace(o, cache=False)))
+    assert raster_identity(url) is None                       # the server gone: not cached

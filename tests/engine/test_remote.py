@@ -301,3 +301,117 @@ def test_opening_a_remote_raster_leaves_local_sidecar_files_read(tmp_path, serve
         os.environ["GDAL_DISABLE_READDIR_ON_OPEN"] != "EMPTY_DIR"
     with open_raster(str(local)) as r:
         assert r.info.nodata == 0
+
+
+def _stac_api(www, server_url, page_size=2, next_method="GET"):
+    """The served COGs as the items of a STAC API (tests/rangeserver.py answers / and /search)."""
+    import datetime as dt
+
+    import pystac
+    items = []
+    for name, day, coll in (("scene_cog.tif", "2024-06-01", "summer"),
+                            ("other_cog.tif", "2024-07-15", "summer"),
+                            ("third_cog.tif", "2025-01-10", "winter")):
+        box = {"type": "Polygon", "coordinates": [[[14.9, 36.0], [15.1, 36.0], [15.1, 36.2],
+                                                   [14.9, 36.2], [14.9, 36.0]]]}
+        item = pystac.Item(id=name.split(".")[0], geometry=box, bbox=[14.9, 36.0, 15.1, 36.2],
+                           datetime=dt.datetime.fromisoformat(day + "T10:00:00+00:00"),
+                           properties={}, collection=coll)
+        item.add_asset("image", pystac.Asset(href=f"{server_url}/{name}", roles=["visual"],
+                                             media_type=pystac.MediaType.COG))
+        items.append(item.to_dict(include_self_link=False))
+    (www / "stac-api.json").write_text(json.dumps({"items": items, "page_size": page_size,
+                                                   "next": next_method}))
+
+
+def _searches(server):
+    from urllib.parse import parse_qsl, urlsplit
+    return [dict(parse_qsl(urlsplit(p).query)) for m, p, _ in server.requests
+            if m == "GET" and urlsplit(p).path == "/search"]
+
+
+def test_a_stac_api_search_is_indexed_like_the_files_with_filters_sent_and_pages_followed(
+        tmp_path, served, rig_folder, capsys):
+    server, www = served
+    write_cog(www / "third_cog.tif", noise(3, 128, 128, seed=7))
+    _stac_api(www, server.url)
+    names = ("scene_cog.tif", "other_cog.tif", "third_cog.tif")
+    common = ["--model", rig_folder, "--tile", "64", "--device", "cpu", "--json", "--read-workers", "0"]
+    code, out, err = _run(["index", "--stac", f"{server.url}/search", "--out",
+                           str(tmp_path / "api_idx"), *common], capsys)
+    assert code == 0, err
+    assert sorted(json.loads(out)["added"]) == sorted(f"/vsicurl/{server.url}/{n}" for n in names)
+    pages = _searches(server)
+    assert [p.get("token") for p in pages] == [None, "2"]             # two pages of two, one
+    assert pages[0]["limit"] == "100" and "bbox" not in pages[0]
+    assert _run(["index", *[str(www / n) for n in names], "--out", str(tmp_path / "local_idx"),
+                 *common], capsys)[0] == 0
+    hits = {}
+    for name in ("api_idx", "local_idx"):
+        code, out, err = _run(["search", str(tmp_path / name), "--text", RED_PROMPT, "--top-k", "3",
+                               "--model", rig_folder, "--device", "cpu", "--json"], capsys)
+        assert code == 0, err
+        hits[name] = json.loads(out)["hits"]
+    assert hits["api_idx"][0]["raster"] == f"/vsicurl/{server.url}/scene_cog.tif"
+    assert [(h["pixel"], h["bounds"], round(h["score"], 4)) for h in hits["api_idx"]] == \
+           [(h["pixel"], h["bounds"], round(h["score"], 4)) for h in hits["local_idx"]]
+    # the filters go to the server, which answers with what passes them; the landing page
+    # leads to the same search
+    seen = len(_searches(server))
+    code, out, err = _run(["index", "--stac", f"{server.url}/", "--stac-bbox", "14.95,36.05,15,36.1",
+                           "--stac-datetime", "2024-06-01/2024-06-30", "--stac-collection", "summer",
+                           "--out", str(tmp_path / "june"), *common], capsys)
+    assert code == 0, err
+    assert json.loads(out)["added"] == [f"/vsicurl/{server.url}/scene_cog.tif"]
+    sent = _searches(server)[seen:]
+    assert len(sent) == 1 and sent[0]["bbox"] == "14.95,36.05,15.0,36.1"
+    assert sent[0]["datetime"] == "2024-06-01T00:00:00Z/2024-06-30T23:59:59.999999Z"
+    assert sent[0]["collections"] == "summer"
+    code, _, err = _run(["index", "--stac", f"{server.url}/search", "--stac-collection", "autumn",
+                         "--out", str(tmp_path / "none"), *common], capsys)
+    assert code == 2 and "STAC API search" in err and "gives no raster to index (0 items" in err
+    assert "--stac-collection" in err and not (tmp_path / "none").exists()
+
+
+def test_a_stac_api_that_pages_by_post_is_followed_with_the_filters_merged(tmp_path, served):
+    from mapclip.engine.raster.stac import stac_sources
+    server, www = served
+    _stac_api(www, server.url, page_size=1, next_method="POST")
+    hrefs, notes = stac_sources(f"{server.url}/search", collections=["summer", "winter"],
+                                bbox=[14, 35, 16, 37])
+    assert hrefs == [f"{server.url}/{n}" for n in ("scene_cog.tif", "other_cog.tif", "third_cog.tif")]
+    posts = [json.loads(body) for m, _, body in server.requests if m == "POST"]
+    assert [p["token"] for p in posts] == [1, 2]
+    assert all(p["collections"] == ["summer", "winter"] and p["bbox"] == [14, 35, 16, 37]
+               for p in posts) and not notes
+
+
+def test_a_stac_api_at_a_dead_port_or_answering_an_error_is_refused_naming_the_url(
+        tmp_path, served, rig_folder, capsys):
+    server, _ = served
+    dead = f"http://127.0.0.1:{dead_port()}/search"
+    code, _, err = _run(["index", "--stac", dead, "--out", str(tmp_path / "idx"), "--model",
+                         rig_folder], capsys)
+    assert code == 2 and "Traceback" not in err
+    line = err.splitlines()[0]
+    assert line.startswith(f"error: cannot reach the STAC API search {dead}?limit=100: ")
+    assert "refused" in line.lower() and "--stac" in err and not (tmp_path / "idx").exists()
+    # no stac-api.json: the server answers 404 to /search
+    code, _, err = _run(["index", "--stac", f"{server.url}/search", "--out", str(tmp_path / "idx"),
+                         "--model", rig_folder], capsys)
+    assert code == 2 and f"the STAC API search {server.url}/search?limit=100 answered HTTP 404" in err
+
+
+def test_stac_api_items_with_relative_hrefs_and_dates_with_zones_are_read_as_the_api_means(
+        tmp_path, served):
+    from mapclip.engine.raster.stac import _api_interval, _dates, stac_sources
+    server, www = served
+    _stac_api(www, server.url)
+    api = json.loads((www / "stac-api.json").read_text())
+    api["items"][0]["assets"]["image"]["href"] = "scene_cog.tif"          # relative to /search
+    (www / "stac-api.json").write_text(json.dumps(api))
+    hrefs, _ = stac_sources(f"{server.url}/search", datetime="2024-06-01T12:00:00+02:00/..")
+    assert hrefs == [f"{server.url}/scene_cog.tif", f"{server.url}/other_cog.tif",
+                     f"{server.url}/third_cog.tif"]
+    assert _api_interval(_dates("2024-06-01T12:00:00+02:00/..")) == "2024-06-01T10:00:00Z/.."
+    assert _searches(server)[0]["datetime"] == "2024-06-01T10:00:00Z/.."

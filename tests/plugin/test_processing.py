@@ -702,3 +702,39 @@ def test_a_second_detect_or_a_heatmap_on_the_same_area_reuses_the_embeddings(pro
     heat = Log()
     run("heatmap", {**common, "PROMPTS": "red roof", "OUTPUT": str(tmp_path / "h.tif")}, heat)
     assert any(cached in line for line in heat.lines)
+
+
+def test_build_index_takes_a_stac_api_search_with_its_filters(provider, tmp_path, rigged_folder):
+    """The STAC parameters reach the same engine call as `index --stac`: the filters go to
+    the API's search, every page is read, the items' COGs are indexed as URLs; a bad box is
+    named by its parameter."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from qgis.core import QgsProcessingException
+
+    from tests.engine.test_remote import _stac_api
+    from tests.rangeserver import RangeServer, write_cog
+    from tests.raster_fixtures import noise
+    www = tmp_path / "www"
+    for seed, name in enumerate(("scene_cog.tif", "other_cog.tif", "third_cog.tif")):
+        write_cog(www / name, noise(3, 128, 128, seed=seed))
+    with RangeServer(www) as server:
+        _stac_api(www, server.url, page_size=1)
+        res = run("buildindex", {"STAC": f"{server.url}/search", "STAC_COLLECTIONS": "summer,winter",
+                                 "STAC_BBOX": "14,35,16,37", "STAC_DATETIME": "2024-06-01/2024-12-31",
+                                 "MODEL": rigged_folder, "TILE": 64, "OUTPUT": str(tmp_path / "idx")})
+        searches = [dict(parse_qsl(urlsplit(p).query)) for m, p, _ in server.requests
+                    if m == "GET" and urlsplit(p).path == "/search"]
+        with pytest.raises(QgsProcessingException) as err:
+            run("buildindex", {"STAC": f"{server.url}/search", "STAC_BBOX": "14,35,16",
+                               "MODEL": rigged_folder, "OUTPUT": str(tmp_path / "idx2")})
+    assert res["RASTERS"] == 2 and res["ROWS"] == 8                     # the summer's two COGs
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert sorted(r["path"] for r in manifest["rasters"]) == sorted(
+        f"/vsicurl/{server.url}/{n}" for n in ("scene_cog.tif", "other_cog.tif"))
+    assert [s.get("token") for s in searches] == [None, "1"]
+    assert all(s["collections"] == "summer,winter" and s["bbox"] == "14.0,35.0,16.0,37.0"
+               and s["datetime"].startswith("2024-06-01T00:00:00Z/2024-12-31T23:59:59")
+               for s in searches)
+    assert str(err.value).startswith("STAC_BBOX '14,35,16' is not a WGS84 box")
+    assert not (tmp_path / "idx2").exists()

@@ -677,3 +677,46 @@ def test_archive_tab_indexes_a_stac_catalogue_of_served_cogs(qtbot, search_dock,
     dock.build_sources.setFilePath(str(tmp_path / "missing"))
     assert not dock.build_index()
     assert any("STAC catalogue" in t for t in dock.iface.bar_texts())
+
+
+def test_archive_tab_indexes_the_items_of_a_stac_api_search_url(qtbot, search_dock, tmp_path,
+                                                                 clean_project):
+    """Sources may be a STAC API's search URL, its filters in the query: every page is read,
+    the filters reach the server, the items' COGs are indexed as URLs; a server that does not
+    answer is named in the dock's words."""
+    import json
+    from urllib.parse import parse_qsl, urlsplit
+
+    from tests.engine.test_remote import _stac_api
+    from tests.rangeserver import RangeServer, dead_port, write_cog
+    from tests.raster_fixtures import noise
+    www = tmp_path / "www"
+    for seed, name in enumerate(("scene_cog.tif", "other_cog.tif", "third_cog.tif")):
+        write_cog(www / name, noise(3, 128, 128, seed=seed))
+    dock = search_dock
+    dock.tabs.setCurrentIndex(1)
+    outcomes = []
+    dock.run_finished.connect(outcomes.append)
+    with RangeServer(www) as server:
+        _stac_api(www, server.url, page_size=1)
+        dock.build_sources.setFilePath(f"{server.url}/search?collections=summer")
+        dock.index_widget.setFilePath(str(tmp_path / "idx"))
+        assert dock.build_index()
+        qtbot.waitUntil(lambda: bool(outcomes), timeout=120000)
+        assert outcomes == ["done"], dock.archive_status.text()
+        searches = [dict(parse_qsl(urlsplit(p).query)) for m, p, _ in server.requests
+                    if m == "GET" and urlsplit(p).path == "/search"]
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert sorted(r["path"] for r in manifest["rasters"]) == sorted(
+        f"/vsicurl/{server.url}/{n}" for n in ("scene_cog.tif", "other_cog.tif"))
+    assert [s.get("token") for s in searches] == [None, "1"]       # two pages of one item
+    assert all(s["collections"] == "summer" for s in searches)
+    dead = f"http://127.0.0.1:{dead_port()}/search"
+    dock.build_sources.setFilePath(dead)
+    dock.index_widget.setFilePath(str(tmp_path / "idx2"))
+    assert dock.build_index()
+    qtbot.waitUntil(lambda: len(outcomes) == 2, timeout=60000)
+    assert outcomes[1] == "error"
+    status = dock.archive_status.text()
+    assert f"cannot reach the STAC API search {dead}" in status and "Sources:" in status
+    assert not (tmp_path / "idx2").exists()

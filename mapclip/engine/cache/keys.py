@@ -19,7 +19,16 @@ A key names everything the arrays depend on and nothing they do not:
   a fine-tuned copy never shares it), architecture, input size and
   normalisation, the precision and the device's path (bf16, int8, fp32).
 
-Remote rasters (``/vsicurl/``, URLs) have no file to stat: they are not cached.
+A remote raster (an http(s) URL, ``/vsicurl/``, ``/vsis3/``, ``/vsigs/``,
+``/vsiaz/``) is known by what the server says about it, asked afresh for every
+job (:func:`remote_identity`): GDAL's ``VSIStatL`` size and modification time,
+the response headers that name the object's version (ETag, Last-Modified,
+Content-Length, and the object stores' version ids) and a digest of sampled
+byte ranges read through GDAL's virtual file system (head, tail and evenly
+spaced samples, about 256 KiB in a dozen range requests). A replaced object
+has a new ETag or Last-Modified at the server and, nearly always, new bytes.
+It is read with GDAL's Python bindings (``osgeo.gdal``, which QGIS ships);
+without them a remote raster is not cached.
 """
 from __future__ import annotations
 
@@ -36,6 +45,13 @@ FULL_HASH_BYTES = 64 << 20
 EDGE_BYTES = 1 << 20
 SAMPLE_BYTES = 64 << 10
 SAMPLES = 64
+#: a remote raster's digest: bytes read from its head and tail, and per sample
+REMOTE_EDGE_BYTES = 64 << 10
+REMOTE_SAMPLE_BYTES = 16 << 10
+REMOTE_SAMPLES = 8
+#: response headers that name the version of a remote object (lower case)
+VERSION_HEADERS = ("etag", "last-modified", "content-length", "content-md5", "x-amz-version-id",
+                   "x-goog-generation", "x-ms-version-id")
 #: bumped when what a cached pass holds changes: older entries then never match
 FORMAT = 1
 #: sidecar files left out of a raster's identity (see the module doc)
@@ -79,11 +95,72 @@ def _file_fact(path: str) -> List[Any]:
     return [real, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest]
 
 
+def _remote_spans(size: int) -> List[Tuple[int, int]]:
+    """(offset, length) of the byte ranges a remote raster's digest reads."""
+    if size <= 2 * REMOTE_EDGE_BYTES + REMOTE_SAMPLES * REMOTE_SAMPLE_BYTES:
+        return [(0, size)]
+    step = (size - 2 * REMOTE_EDGE_BYTES) // (REMOTE_SAMPLES + 1)
+    return ([(0, REMOTE_EDGE_BYTES), (size - REMOTE_EDGE_BYTES, REMOTE_EDGE_BYTES)]
+            + [(REMOTE_EDGE_BYTES + (i + 1) * step, REMOTE_SAMPLE_BYTES)
+               for i in range(REMOTE_SAMPLES)])
+
+
+def remote_digest(gdal, path: str, size: int) -> Optional[str]:
+    """BLAKE2b of the sampled byte ranges of a remote file, read through GDAL's
+    virtual file system (``VSIFOpenL``/``VSIFSeekL``/``VSIFReadL``); None when a read fails."""
+    f = gdal.VSIFOpenL(path, "rb")
+    if f is None:
+        return None
+    h = hashlib.blake2b(digest_size=20)
+    try:
+        for off, n in _remote_spans(size):
+            if gdal.VSIFSeekL(f, off, 0) != 0:
+                return None
+            data = gdal.VSIFReadL(1, n, f)
+            if data is None or len(data) != n:
+                return None
+            h.update(data)
+    finally:
+        gdal.VSIFCloseL(f)
+    return h.hexdigest()
+
+
+def remote_identity(path: str) -> Optional[List[List[Any]]]:
+    """What the server says a remote raster is (module doc), asked past GDAL's
+    in-process cache; None when it cannot be asked (the raster is then not cached)."""
+    try:
+        from osgeo import gdal
+    except ImportError:
+        return None
+    from ..raster.remote import gdal_path
+    p = gdal_path(os.fspath(path))
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        clear = getattr(gdal, "VSICurlPartialClearCache", None)
+        if clear is not None:
+            clear(p)                      # the server's answer now, not an earlier one
+        st = gdal.VSIStatL(p)
+        if st is None or st.size <= 0:
+            return None
+        headers = gdal.GetFileMetadata(p, "HEADERS") or {}
+        version = {k.lower(): v for k, v in headers.items() if k.lower() in VERSION_HEADERS}
+        digest = remote_digest(gdal, p, st.size)
+        return [[p, st.size, st.mtime, version, digest]] if digest else None
+    except Exception:  # noqa: BLE001 - a remote raster that cannot be asked is just not cached
+        return None
+    finally:
+        gdal.PopErrorHandler()
+
+
 def raster_identity(path: str) -> Optional[List[List[Any]]]:
-    """The identity of every file GDAL reads for ``path``; None for a remote raster
-    (or a file that cannot be read), which is then not cached."""
+    """The identity of every file GDAL reads for ``path`` (a remote raster: what
+    its server says, :func:`remote_identity`); None for a file that cannot be
+    read, which is then not cached."""
     from ..raster.reader import raster_files
+    from ..raster.remote import is_remote
     p = os.fspath(path)
+    if is_remote(p):
+        return remote_identity(p)
     if "://" in p or p.startswith("/vsi") or not os.path.isfile(p):
         return None
     try:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import (add_extent_args, add_model_args, parse_floats, add_read_workers_arg, cancel_event, model_default_help,
+from . import (add_extent_args, add_model_args, add_read_workers_arg, cancel_event, model_default_help,
                parse_bands, parse_extent, print_json, read_workers, tqdm_progress)
 from ..core.errors import UsageError
 
@@ -41,9 +41,11 @@ def register(sub) -> None:
                         "rasters (http(s) URLs, /vsicurl/, /vsis3/, /vsigs/, /vsiaz/ paths; "
                         "recorded as given); a GDAL WMS/TMS XML needs --extent")
     add_model_args(p, default_help="the index's own model when adding to one, else ")
-    p.add_argument("--stac", default=None, metavar="CATALOG",
-                   help="index the COG assets of a static STAC catalogue's items (a catalog.json, "
-                        "collection.json or item; a file or an http(s) URL), beside any RASTERs")
+    p.add_argument("--stac", default=None, metavar="CATALOG|SEARCH",
+                   help="index the COG assets of STAC items, beside any RASTERs: a static "
+                        "catalogue (a catalog.json, collection.json or item; a file or an http(s) "
+                        "URL) or a STAC API (its item-search URL .../search, or its landing page), "
+                        "which is sent the --stac-bbox/--stac-datetime/--stac-collection filters")
     p.add_argument("--stac-asset", default=None, metavar="KEY",
                    help="the asset to index (default: the one with role 'visual', else keyed "
                         "'visual', else the only GeoTIFF data asset)")
@@ -114,14 +116,12 @@ def run(args: argparse.Namespace) -> int:
     from ..core.jobs import check_outputs
     notes = []
     if args.stac:
-        from ..raster.stac import stac_sources
-        bbox = parse_floats(args.stac_bbox, 4, "--stac-bbox", "--stac-bbox 14.9,36.0,15.1,36.2") \
-            if args.stac_bbox else None
-        hrefs, notes = stac_sources(args.stac, args.stac_asset, bbox, args.stac_datetime,
-                                    args.stac_collection)
+        from ..raster.stac import parse_bbox, stac_sources
+        hrefs, notes = stac_sources(args.stac, args.stac_asset, parse_bbox(args.stac_bbox),
+                                    args.stac_datetime, args.stac_collection)
         args.sources = list(args.sources) + hrefs
     if not args.sources:
-        raise UsageError("no raster to index", "give rasters, folders or URLs, or --stac CATALOG")
+        raise UsageError("no raster to index", "give rasters, folders or URLs, or --stac CATALOG|SEARCH")
     model = args.model
     out = Path(args.out)
     check_outputs([("--out", out)], [("source", s) for s in args.sources], folders=["--out"],

@@ -13,6 +13,7 @@ from ...engine.archive.build import build_index
 from ...engine.archive.search import search_index
 from ...engine.archive.store import open_index
 from ...engine.core.options import IndexOptions, ReadOptions, SearchOptions
+from ...engine.raster.stac import is_search_url
 from .. import layers, log, tasks
 from ..layers import crs_text
 from ..maptool import PickPlaceTool
@@ -36,8 +37,11 @@ class ArchiveTab:
         self.build_sources = QgsFileWidget()
         self.build_sources.setStorageMode(QgsFileWidget.GetDirectory)
         self.build_sources.setToolTip("a folder of rasters or images to index; or type a STAC "
-                                      "catalogue (catalog.json: a file or an http(s) URL; its items' "
-                                      "visual COG assets are indexed) or a raster's URL")
+                                      "catalogue (catalog.json: a file or an http(s) URL), a STAC "
+                                      "API's search URL (https://.../search, filters such as "
+                                      "?collections=ID&bbox=W,S,E,N&datetime=A/B in its query; "
+                                      "every page is read) - their items' visual COG assets are "
+                                      "indexed - or a raster's URL")
         self.build_button = QPushButton("Build index")
         self.build_button.clicked.connect(self.build_index)
         build_row.addWidget(self.build_sources, 1)
@@ -86,10 +90,12 @@ class ArchiveTab:
         folder = self.build_sources.filePath().strip()
         out = self.index_path()
         web = folder.lower().startswith(("http://", "https://", "/vsi"))
-        stac = folder.lower().endswith(".json") and (web or os.path.isfile(folder))
+        stac = (folder.lower().endswith(".json") and (web or os.path.isfile(folder))
+                or is_search_url(folder))
         if not folder or not (stac or web or os.path.isdir(folder)):
             log.bar_warning(self.iface, "Sources: choose a folder of rasters or images, or give a "
-                                        "STAC catalogue (.json file or URL) or a raster's URL")
+                                        "STAC catalogue (.json file or URL), a STAC API's search "
+                                        "URL or a raster's URL")
             return False
         if stac or web:
             folder_for_dialog = os.path.expanduser("~")
@@ -112,7 +118,7 @@ class ArchiveTab:
             options = IndexOptions(device=device,
                                    read=None if readers == "auto" else ReadOptions(workers=readers))
             sources = [folder]
-            if stac:      # the catalogue's COG assets (engine.raster.stac), read in this thread
+            if stac:      # the catalogue's or search's COG assets (engine.raster.stac), this thread
                 from ...engine.raster.stac import stac_sources
                 sources, notes = stac_sources(folder)
                 stac_notes.extend(notes)

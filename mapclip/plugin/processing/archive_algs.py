@@ -48,11 +48,17 @@ class BuildIndexAlgorithm(MapClipAlgorithm):
             "missed) and re-embeds rasters whose checksum changed. An index holds one model's "
             "embeddings: appending with another model is refused.<br>Tile size (empty: the "
             "model's input size), several scales, stride and GSD are fixed when the index is "
-            "created.<br>Same engine call as <code>python -m engine index</code>.")
+            "created.<br>STAC: a static catalogue (catalog.json, a file or URL) or a STAC "
+            "API's search URL (https://.../search, or its landing page); its items' visual COG "
+            "assets are indexed as URLs, filtered by the WGS84 box, dates and collections "
+            "(sent to the API with the search).<br>Same engine call as "
+            "<code>python -m engine index</code>.")
 
     INPUT, FOLDER, MODEL, TILE, SCALES, STRIDE, GSD = "INPUT", "FOLDER", "MODEL", "TILE", "SCALES", "STRIDE", "GSD"
     BANDS, DEVICE, BATCH_SIZE, REINDEX, OUTPUT = "BANDS", "DEVICE", "BATCH_SIZE", "REINDEX", "OUTPUT"
     READ_WORKERS = "READ_WORKERS"
+    STAC, STAC_ASSET, STAC_BBOX = "STAC", "STAC_ASSET", "STAC_BBOX"
+    STAC_DATETIME, STAC_COLLECTIONS = "STAC_DATETIME", "STAC_COLLECTIONS"
     ROWS, EMBEDDED, RASTERS = "ROWS", "EMBEDDED", "RASTERS"
 
     def initAlgorithm(self, config=None):  # noqa: N802
@@ -61,6 +67,14 @@ class BuildIndexAlgorithm(MapClipAlgorithm):
         self.addParameter(QgsProcessingParameterFile(
             self.FOLDER, "Folder of rasters (searched recursively)",
             behavior=QgsProcessingParameterFile.Folder, optional=True))
+        self.addParameter(QgsProcessingParameterString(
+            self.STAC, "STAC catalogue or STAC API search URL", optional=True))
+        for key, label in ((self.STAC_ASSET, "STAC asset key (empty: the visual one)"),
+                           (self.STAC_BBOX, "STAC items within W,S,E,N (WGS84)"),
+                           (self.STAC_DATETIME, "STAC items of a date or range, e.g. "
+                                                "2024-06-01/2024-08-31"),
+                           (self.STAC_COLLECTIONS, "STAC collections, comma-separated")):
+            self.addParameter(_advanced(QgsProcessingParameterString(key, label, optional=True)))
         self.addParameter(QgsProcessingParameterString(self.MODEL, "Model", defaultValue=default_model()))
         self.addParameter(QgsProcessingParameterNumber(
             self.TILE, "Tile size, px (empty: the model's input size)",
@@ -95,14 +109,28 @@ class BuildIndexAlgorithm(MapClipAlgorithm):
         folder = self.parameterAsFile(parameters, self.FOLDER, context)
         if folder:
             sources.append(folder)
+        stac = self.parameterAsString(parameters, self.STAC, context).strip()
+        if stac:      # the items' COG assets (engine.raster.stac), as `index --stac` finds them
+            from ...engine.raster.stac import parse_bbox, stac_sources
+            text = {k: self.parameterAsString(parameters, k, context).strip()
+                    for k in (self.STAC_ASSET, self.STAC_BBOX, self.STAC_DATETIME,
+                              self.STAC_COLLECTIONS)}
+            collections = [c.strip() for c in text[self.STAC_COLLECTIONS].split(",") if c.strip()]
+            hrefs, self.stac_notes = stac_sources(stac, text[self.STAC_ASSET] or None,
+                                                  parse_bbox(text[self.STAC_BBOX]),
+                                                  text[self.STAC_DATETIME] or None, collections)
+            sources.extend(hrefs)
         if not sources:
-            raise QgsProcessingException("no rasters given\nFix: choose raster layers or a folder "
-                                         "of rasters")
+            raise QgsProcessingException("no rasters given\nFix: choose raster layers, a folder "
+                                         "of rasters or a STAC catalogue or search")
         return sources
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         out = self.parameterAsString(parameters, self.OUTPUT, context)
-        sources = self.sources(parameters, context)
+        self.stac_notes: List[str] = []
+        with engine_errors():
+            sources = self.sources(parameters, context)
+        push_notes(feedback, self.stac_notes)
         scales_text = self.parameterAsString(parameters, self.SCALES, context).strip()
         try:
             scales = [int(s) for s in scales_text.replace(";", ",").split(",") if s.strip()] or None

@@ -72,7 +72,9 @@ PARAMETERS = {"tile_px": "TILE", "window": "WINDOW", "stride": "STRIDE", "top_k"
               "min_area": "MIN_AREA", "dense_tile_px": "TILE", "templates": "TEMPLATES",
               "epochs": "EPOCHS", "lr": "LR", "accum": "ACCUM", "val_split": "VAL_SPLIT",
               "read_workers": "READ_WORKERS", "compile": "COMPILE", "cache": "CACHE",
-              "method": "METHOD", "out": "OUTPUT"}
+              "method": "METHOD", "out": "OUTPUT", "stac": "STAC", "stac_asset": "STAC_ASSET",
+              "stac_bbox": "STAC_BBOX", "stac_datetime": "STAC_DATETIME",
+              "stac_collection": "STAC_COLLECTIONS"}
 
 
 def push_notes(feedback, notes) -> None:
