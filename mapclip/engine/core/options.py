@@ -96,7 +96,7 @@ DEFAULT_BACKGROUND_PROMPTS: Tuple[str, ...] = (
 
 #: prompt template ensembles (the named sets, a template file): engine.core.templates
 from .templates import (DEFAULT_TEMPLATES, REMOTE_SENSING_TEMPLATES, TEMPLATE_SETS,  # noqa: E402,F401
-                        TEMPLATES_FIX, template_error, template_strings)
+                        template_error, template_strings)
 
 
 # --------------------------------------------------------------------------- #
