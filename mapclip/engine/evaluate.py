@@ -31,6 +31,7 @@ import numpy as np
 
 from .core.errors import UsageError
 from .core.options import DEFAULT_RETRIEVAL_ORDER, RETRIEVAL_ORDERS
+from .core.templates import DEFAULT_ENSEMBLE_MEAN, ENSEMBLE_MEANS
 from .model.models import as_loaded
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -237,18 +238,24 @@ def read_class_folder(folder: str, classes: Optional[str] = None) -> Tuple[List[
 
 
 def eval_classify(model, folder: str, classes: Optional[str] = None, templates=None,
-                  batch_size: int = 64, progress=None, device=None, precision=None) -> Dict[str, Any]:
-    """Zero-shot top-1 / top-5 accuracy (percent) with the template ensemble."""
+                  batch_size: int = 64, progress=None, device=None, precision=None,
+                  mean: str = DEFAULT_ENSEMBLE_MEAN) -> Dict[str, Any]:
+    """Zero-shot top-1 / top-5 accuracy (percent) with the template ensemble, its template
+    embeddings averaged as ``mean`` says (engine.core.templates.ENSEMBLE_MEANS)."""
     import torch
 
     from .core.options import template_strings
     from .model.scoring import encode_prompts, resolve_templates
     names, paths, labels = read_class_folder(folder, classes)
     template_strings(templates)          # a bad set name or template file fails before the model loads
+    if mean not in ENSEMBLE_MEANS:
+        raise UsageError(f"unknown ensemble mean {mean!r}",
+                         f"use --ensemble-mean {' or --ensemble-mean '.join(ENSEMBLE_MEANS)}",
+                         option="ensemble_mean")
     lm = as_loaded(model, device, precision)  # after the data was read: bad data fails fast
     temps = resolve_templates(templates, lm)
     with torch.inference_mode():
-        text = encode_prompts(lm, names, temps)
+        text = encode_prompts(lm, names, temps, mean)
     img = _embed_images(lm, paths, batch_size, progress)
     sims = (img @ text.T).cpu()
     y = torch.as_tensor(labels)
@@ -259,7 +266,8 @@ def eval_classify(model, folder: str, classes: Optional[str] = None, templates=N
     per_class = {n: round(float((top[y == i, 0] == i).float().mean()) * 100.0, 2)
                  for i, n in enumerate(names) if (y == i).any()}
     return {"task": "classify", "data": str(folder), "model": lm.spec, "classes": len(names),
-            "images": len(paths), "templates": list(temps), "top1": top1, f"top{k5}": top5,
+            "images": len(paths), "templates": list(temps), "ensemble_mean": mean,
+            "top1": top1, f"top{k5}": top5,
             "per_class_top1": per_class}
 
 

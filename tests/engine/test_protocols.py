@@ -103,6 +103,23 @@ def test_default_stays_the_models_and_a_name_or_file_reaches_the_encoder(tmp_pat
         assert not np.allclose(got.numpy(), encode_prompts(tiny_model, ["ships"], "raw").numpy(), atol=1e-4)
 
 
+def test_raw_ensemble_mean_averages_the_text_towers_embeddings_as_georsclip_does(tiny_model):
+    import torch
+    import torch.nn.functional as F
+    temps = list(TEMPLATE_SETS["rs5m"][:6])
+    with torch.no_grad():
+        tokens = tiny_model.tokenizer([t.replace("{}", "harbour") for t in temps]).to(tiny_model.device)
+        emb = tiny_model.model.encode_text(tokens).float()
+    want_raw = F.normalize(emb.mean(dim=0), dim=-1)                      # GeoRSCLIP's zeroshot_classifier
+    want_each = F.normalize(F.normalize(emb, dim=-1).mean(dim=0), dim=-1)  # CLIP's notebook
+    raw = encode_prompts(tiny_model, ["harbour"], temps, mean="raw")[0]
+    each = encode_prompts(tiny_model, ["harbour"], temps)[0]
+    assert torch.allclose(raw, want_raw, atol=1e-5) and torch.allclose(each, want_each, atol=1e-5)
+    assert not torch.allclose(raw, each, atol=1e-4)
+    with pytest.raises(ValueError):
+        encode_prompts(tiny_model, ["harbour"], temps, mean="median")
+
+
 def test_eval_classify_takes_every_named_ensemble_and_a_file(tmp_path, rig_folder, capsys):
     data = tmp_path / "scenes"
     for i in range(2):
@@ -124,6 +141,8 @@ def test_eval_classify_takes_every_named_ensemble_and_a_file(tmp_path, rig_folde
     f.write_text("a drone photo of {}.\nan orthophoto\n")
     rc, _, err = _cli(capsys, base + ["--templates", str(f)])
     assert rc == 2 and "line 2" in err and "--templates" in err
+    rc, out, _ = _cli(capsys, base + ["--templates", "rs5m", "--ensemble-mean", "raw"])
+    assert rc == 0 and json.loads(out)["ensemble_mean"] == "raw"
     rc, _, err = _cli(capsys, base + ["--templates", "nonsense"])
     assert rc == 2 and "unknown prompt template set" in err and "rs5m" in err
 

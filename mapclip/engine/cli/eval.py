@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from . import add_model_args, print_json, tqdm_progress
-from ..core.templates import TEMPLATES_HELP
+from ..core.templates import DEFAULT_ENSEMBLE_MEAN, ENSEMBLE_MEANS, TEMPLATES_HELP
 
 
 def register(sub) -> None:
@@ -41,6 +41,10 @@ def register(sub) -> None:
                    help="class names: one per line in sorted folder order, or folder<TAB>name lines "
                         "(default: folder names, _ and - as spaces)")
     c.add_argument("--templates", default=None, metavar="SET|FILE", help=TEMPLATES_HELP)
+    c.add_argument("--ensemble-mean", choices=list(ENSEMBLE_MEANS), default=DEFAULT_ENSEMBLE_MEAN,
+                   help="how a class's template embeddings are averaged: normalised: each "
+                        "normalised first (CLIP, CLIP_benchmark, RemoteCLIP; default); raw: as the "
+                        "text tower gives them (GeoRSCLIP's zero-shot evaluation)")
 
     n = tasks.add_parser("count", help="RemoteCount counting accuracy",
                          description="RemoteCount: each image is scored against 'there are {n} "
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                                           args.ties, args.batch_size, bar, order=args.order, **kw)
         elif args.task == "classify":
             res = evaluate.eval_classify(lm, args.data, args.classes, args.templates,
-                                         args.batch_size, bar, **kw)
+                                         args.batch_size, bar, mean=args.ensemble_mean, **kw)
         else:
             res = evaluate.eval_count(lm, args.data, args.images, args.batch_size, bar, **kw)
     finally:

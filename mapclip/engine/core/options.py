@@ -95,8 +95,8 @@ DEFAULT_BACKGROUND_PROMPTS: Tuple[str, ...] = (
 )
 
 #: prompt template ensembles (the named sets, a template file): engine.core.templates
-from .templates import (DEFAULT_TEMPLATES, REMOTE_SENSING_TEMPLATES, TEMPLATE_SETS,  # noqa: E402,F401
-                        template_error, template_strings)
+from .templates import (DEFAULT_ENSEMBLE_MEAN, DEFAULT_TEMPLATES, ENSEMBLE_MEANS,  # noqa: E402,F401
+                        REMOTE_SENSING_TEMPLATES, TEMPLATE_SETS, template_error, template_strings)
 
 
 # --------------------------------------------------------------------------- #

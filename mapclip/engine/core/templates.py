@@ -111,6 +111,12 @@ TEMPLATE_SETS: Dict[str, Tuple[str, ...]] = {
 }
 DEFAULT_TEMPLATES = "remote-sensing"
 
+#: how a prompt's template embeddings become one: "normalised" normalises each before the mean
+#: (CLIP's notebook, CLIP_benchmark, RemoteCLIP, MapCLIP); "raw" averages them as the text tower
+#: gives them (GeoRSCLIP's zeroshot_classifier); the mean is normalised either way
+ENSEMBLE_MEANS = ("normalised", "raw")
+DEFAULT_ENSEMBLE_MEAN = "normalised"
+
 #: the front ends' help for a template choice
 TEMPLATES_HELP = ("prompt template ensemble: " + ", ".join(n for n in TEMPLATE_SETS if n != "remote-sensing")
                   + " (old name of mapclip: remote-sensing; raw: the prompt as typed), one template "

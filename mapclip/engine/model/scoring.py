@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # torch loads on first use, so importing the defaults stays c
 from ..core.options import DEFAULT_BACKGROUND_PROMPTS  # noqa: E402,F401 (the one editable default)
 
 from ..core.options import DEFAULT_TEMPLATES, TEMPLATE_SETS, template_strings  # noqa: F401
+from ..core.templates import DEFAULT_ENSEMBLE_MEAN, ENSEMBLE_MEANS
 
 Templates = Union[str, Sequence[str], None]
 
@@ -121,9 +122,12 @@ def resolve_templates(templates: Templates = None, lm: Any = None) -> Tuple[str,
 ENSEMBLE_KEY = "\x00ensemble"
 
 
-def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates = None):
+def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates = None,
+                   mean: str = DEFAULT_ENSEMBLE_MEAN):
     """(N, D) normalised embeddings of ``prompts``, each the normalised mean of its
-    normalised template embeddings (the ensemble of :func:`resolve_templates`).
+    template embeddings (the ensemble of :func:`resolve_templates`), normalised each
+    before the mean or, ``mean="raw"``, averaged as the text tower gives them
+    (engine.core.templates.ENSEMBLE_MEANS).
 
     Every prompt times every template is encoded in one batched pass.
     """
@@ -136,7 +140,10 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates
     temps = resolve_templates(templates, lm)
     # each prompt's ensemble embedding is kept on its own: a new prompt beside the same
     # background prompts encodes only itself (the text tower is most of a cached search)
-    keys = [(ENSEMBLE_KEY, *temps, p) for p in prompts]
+    if mean not in ENSEMBLE_MEANS:
+        raise ValueError(f"unknown ensemble mean {mean!r}; use one of {', '.join(ENSEMBLE_MEANS)}")
+    tag = ENSEMBLE_KEY if mean == DEFAULT_ENSEMBLE_MEAN else ENSEMBLE_KEY + mean
+    keys = [(tag, *temps, p) for p in prompts]
     rows = [TEXT_CACHE.get(lm, k) for k in keys]
     todo = [i for i, r in enumerate(rows) if r is None]
     if todo:
@@ -144,7 +151,8 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates
             new = encode_text(lm, [prompts[i] for i in todo], cache=False)
         else:
             filled = [t.replace("{}", prompts[i]) for i in todo for t in temps]
-            emb = encode_text(lm, filled, cache=False).reshape(len(todo), len(temps), -1)
+            emb = encode_text(lm, filled, cache=False, normalize=mean == "normalised")
+            emb = emb.reshape(len(todo), len(temps), -1)
             new = F.normalize(emb.mean(dim=1), dim=-1)
         for j, i in enumerate(todo):
             rows[i] = new[j:j + 1]
