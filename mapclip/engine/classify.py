@@ -51,7 +51,7 @@ import numpy as np
 
 from .core.errors import UsageError
 from .core.jobs import atomic_path, check_outputs
-from .core.options import MAX_CLASSES, ClassifyOptions, check
+from .core.options import MAX_CLASSES, ClassifyOptions, check, cls_token_lambda_for
 from .core.outputs import VECTOR_DRIVERS
 
 if TYPE_CHECKING:
@@ -618,9 +618,10 @@ def _encoder(lm: LoadedModel, bank, opts: ClassifyOptions, method: str):
     crop = lm.image_size if opts.dense_slide and size > lm.image_size else None
     g = max(1, size // max(1, lm.patch_size))
     hh = hw = g * int(opts.upsample)
+    lam = cls_token_lambda_for(opts.attention, opts.cls_token_lambda)
 
     def features(arr):
-        return dense_features(lm, arr, mode=opts.attention, cls_weight=opts.cls_weight,
+        return dense_features(lm, arr, mode=opts.attention, cls_token_lambda=lam,
                               input_size=size, crop=crop).float()
 
     def scores(feats):
@@ -630,7 +631,7 @@ def _encoder(lm: LoadedModel, bank, opts: ClassifyOptions, method: str):
         return probs.float().cpu()
     return features, scores, hh, hw, {"method": "dense", "input_px": size, "crop": crop,
                                       "attention": opts.attention,
-                                      "cls_weight": float(opts.cls_weight)}
+                                      "cls_token_lambda": lam}
 
 
 # --------------------------------------------------------------------------- #

@@ -58,7 +58,7 @@ import numpy as np
 from .geo.boxes import heatmap_components, nms, object_proposals, pixel_to_bounds, union_merge
 from .core.errors import UsageError
 from .core.jobs import Job
-from .core.options import DetectOptions, check
+from .core.options import DetectOptions, check, cls_token_lambda_for
 from .core.outputs import BOX_FIELDS, box_rows, write_heatmap_tif, write_vector
 from .model.batching import BatchRunner
 from .model.scoring import PromptBank, Scorer
@@ -573,13 +573,14 @@ def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, p
     ramp_cells = max(1.0, ov / max(cx, 1e-9))
     weight = np.outer(_ramp(hh, ramp_cells), _ramp(hw, ramp_cells))
     job.set_total(len(grid.tiles))
+    lam = cls_token_lambda_for(opts.attention, opts.cls_token_lambda)
     # the pass kept for later prompts: each valid tile's patch features
     params = {"tile_px": t, "overlap": float(opts.overlap), "input_px": size, "crop": crop,
-              "attention": opts.attention, "cls_weight": float(opts.cls_weight),
+              "attention": opts.attention, "cls_token_lambda": lam,
               "min_valid": float(opts.min_valid)}
 
     def features(batch: torch.Tensor):
-        return runner(lambda b: dense_features(lm, b, mode=opts.attention, cls_weight=opts.cls_weight,
+        return runner(lambda b: dense_features(lm, b, mode=opts.attention, cls_token_lambda=lam,
                                                input_size=size, crop=crop).float(), batch)
 
     def score_features(feats: torch.Tensor):

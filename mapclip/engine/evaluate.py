@@ -5,7 +5,8 @@
   "split", "sentences": [{"raw"}]}]}``) or a CSV of ``image,caption`` rows;
   recall@1/5/10 both ways and mean recall with :mod:`engine.data.metrics`
   (ties broken by sort order as RemoteCLIP's evaluation does, or
-  pessimistically).
+  pessimistically), images sorted by file name as RemoteCLIP's retrieval.py
+  reads them (or in the data's order).
 - :func:`eval_classify`: zero-shot classification on a folder-per-class
   dataset (EuroSAT, RESISC45, AID, UCM ...): every class name goes through
   the prompt template ensemble (engine.model.scoring), top-1 and top-5 accuracy.
@@ -29,6 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .core.errors import UsageError
+from .core.options import DEFAULT_RETRIEVAL_ORDER, RETRIEVAL_ORDERS
+from .core.templates import DEFAULT_ENSEMBLE_MEAN, ENSEMBLE_MEANS
 from .model.models import as_loaded
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -107,9 +110,16 @@ def _rsicd_rows(p: Path, split: Optional[str]) -> List[Tuple[str, str]]:
     return rows
 
 
-def read_retrieval_data(path: str, images: Optional[str] = None,
-                        split: Optional[str] = "test") -> Tuple[List[str], List[str], List[int]]:
+def read_retrieval_data(path: str, images: Optional[str] = None, split: Optional[str] = "test",
+                        order: str = "name") -> Tuple[List[str], List[str], List[int]]:
     """(image paths, captions, owner image index per caption) from a caption JSON or CSV.
+
+    ``order`` (RETRIEVAL_ORDERS): ``"name"`` reads the data as RemoteCLIP's
+    retrieval.py does: when an image has more than one caption, the images are
+    sorted by file name as written in the data (its ``np.unique``) and each
+    image's captions follow together, in the data's order; otherwise the data's
+    order stays. ``"data"`` keeps the file's order. With ties broken by order
+    (``--ties order``) the order decides which of two equal scores is first.
 
     JSON (RSICD, RSITMD, UCM-Captions): images of ``split`` (None: all), each
     with its sentences; image files are looked up in ``images`` (default: the
@@ -118,6 +128,9 @@ def read_retrieval_data(path: str, images: Optional[str] = None,
     caption column (``caption``, ``title``, ``text`` or ``raw``); paths are
     relative to ``images`` or the CSV's folder.
     """
+    if order not in RETRIEVAL_ORDERS:
+        raise UsageError(f"unknown image order {order!r}",
+                         f"use --order {' or --order '.join(RETRIEVAL_ORDERS)}", option="order")
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"retrieval data {p} does not exist", "give a caption JSON (RSICD/RSITMD/UCM) or a CSV")
@@ -145,13 +158,16 @@ def read_retrieval_data(path: str, images: Optional[str] = None,
     if not rows:
         raise UsageError(f"{p} holds no captions" + (f" in split {split!r}" if split else ""),
                          "check --split (RSICD/UCM/RSITMD use train/val/test)")
-    order: Dict[str, int] = {}
+    if order == "name" and len({name for name, _ in rows}) < len(rows):
+        rank = {name: i for i, name in enumerate(sorted({name for name, _ in rows}))}
+        rows = sorted(rows, key=lambda row: rank[row[0]])       # stable: captions keep their order
+    seen: Dict[str, int] = {}
     captions, owner = [], []
     for name, text in rows:
         full = str((root / name) if not Path(name).is_absolute() else Path(name))
-        owner.append(order.setdefault(full, len(order)))
+        owner.append(seen.setdefault(full, len(seen)))
         captions.append(text)
-    paths = list(order)
+    paths = list(seen)
     missing = [q for q in paths if not Path(q).is_file()]
     if missing:
         raise UsageError(f"{len(missing)} images are missing, e.g. {missing[0]}",
@@ -161,22 +177,23 @@ def read_retrieval_data(path: str, images: Optional[str] = None,
 
 def eval_retrieval(model, data: str, images: Optional[str] = None, split: Optional[str] = "test",
                    ties: str = "order", batch_size: int = 64, progress=None,
-                   device=None, precision=None) -> Dict[str, Any]:
-    """Recall@1/5/10 both ways and mean recall (percent) on a retrieval dataset."""
+                   device=None, precision=None, order: str = DEFAULT_RETRIEVAL_ORDER) -> Dict[str, Any]:
+    """Recall@1/5/10 both ways and mean recall (percent) on a retrieval dataset; images
+    and captions in ``order`` (:func:`read_retrieval_data`)."""
     import torch
 
     from .model.encode import encode_text
     from .data.metrics import TIE_MODES, retrieval_metrics
     if ties not in TIE_MODES:
         raise UsageError(f"unknown tie rule {ties!r}", f"use one of {', '.join(TIE_MODES)}")
-    paths, captions, owner = read_retrieval_data(data, images, split)
+    paths, captions, owner = read_retrieval_data(data, images, split, order)
     lm = as_loaded(model, device, precision)  # after the data was read: bad data fails fast
     img = _embed_images(lm, paths, batch_size, progress)
     with torch.inference_mode():
         txt = encode_text(lm, captions)   # captions are whole sentences: no templates (the protocol)
     metrics = retrieval_metrics((img @ txt.T).cpu(), owner, ties=ties)
     return {"task": "retrieval", "data": str(data), "split": split, "model": lm.spec,
-            "ties": ties, "distinct_captions": len(set(captions)), **metrics}
+            "ties": ties, "order": order, "distinct_captions": len(set(captions)), **metrics}
 
 
 # --------------------------------------------------------------------------- #
@@ -221,20 +238,24 @@ def read_class_folder(folder: str, classes: Optional[str] = None) -> Tuple[List[
 
 
 def eval_classify(model, folder: str, classes: Optional[str] = None, templates=None,
-                  batch_size: int = 64, progress=None, device=None, precision=None) -> Dict[str, Any]:
-    """Zero-shot top-1 / top-5 accuracy (percent) with the template ensemble."""
+                  batch_size: int = 64, progress=None, device=None, precision=None,
+                  mean: str = DEFAULT_ENSEMBLE_MEAN) -> Dict[str, Any]:
+    """Zero-shot top-1 / top-5 accuracy (percent) with the template ensemble, its template
+    embeddings averaged as ``mean`` says (engine.core.templates.ENSEMBLE_MEANS)."""
     import torch
 
-    from .core.options import TEMPLATE_SETS, template_error
+    from .core.options import template_strings
     from .model.scoring import encode_prompts, resolve_templates
     names, paths, labels = read_class_folder(folder, classes)
-    bad = template_error(templates)
-    if bad:
-        raise UsageError(bad, f"use one of {', '.join(TEMPLATE_SETS)}, or a template holding {{}}")
+    template_strings(templates)          # a bad set name or template file fails before the model loads
+    if mean not in ENSEMBLE_MEANS:
+        raise UsageError(f"unknown ensemble mean {mean!r}",
+                         f"use --ensemble-mean {' or --ensemble-mean '.join(ENSEMBLE_MEANS)}",
+                         option="ensemble_mean")
     lm = as_loaded(model, device, precision)  # after the data was read: bad data fails fast
     temps = resolve_templates(templates, lm)
     with torch.inference_mode():
-        text = encode_prompts(lm, names, temps)
+        text = encode_prompts(lm, names, temps, mean)
     img = _embed_images(lm, paths, batch_size, progress)
     sims = (img @ text.T).cpu()
     y = torch.as_tensor(labels)
@@ -245,7 +266,8 @@ def eval_classify(model, folder: str, classes: Optional[str] = None, templates=N
     per_class = {n: round(float((top[y == i, 0] == i).float().mean()) * 100.0, 2)
                  for i, n in enumerate(names) if (y == i).any()}
     return {"task": "classify", "data": str(folder), "model": lm.spec, "classes": len(names),
-            "images": len(paths), "templates": list(temps), "top1": top1, f"top{k5}": top5,
+            "images": len(paths), "templates": list(temps), "ensemble_mean": mean,
+            "top1": top1, f"top{k5}": top5,
             "per_class_top1": per_class}
 
 

@@ -60,7 +60,7 @@ def test_dense_features_shape_norm_and_modes(tiny_model):
         assert torch.allclose(f.norm(dim=-1), torch.ones(3, 4, 4), atol=1e-5)
     assert not torch.allclose(out["clearclip"], out["vv"])
     assert torch.equal(dense.dense_features(tiny_model, batch, mode="qq"), out["clearclip"])   # old name
-    assert not torch.allclose(dense.dense_features(tiny_model, batch, cls_weight=0.3), out["clearclip"])
+    assert not torch.allclose(dense.dense_features(tiny_model, batch, cls_token_lambda=-0.3), out["clearclip"])
     with pytest.raises(ValueError):
         dense.dense_features(tiny_model, batch, mode="qk")
     assert dense.patch_grid(tiny_model) == 4
@@ -205,7 +205,7 @@ def test_segearth_class_token_correction_is_lambda_cos_cls_text(tiny_model):
         plain = _reference_dense(tiny_model, x, "segearth")
         cls_only = _reference_dense(tiny_model, x, "segearth", lam=1.0) - plain
     want = plain @ text.T - 0.3 * (cls_only @ text.T)      # lambda = -0.3 (SegEarth-OV's configs)
-    got = dense.similarity_maps(dense.dense_features(tiny_model, batch, mode="segearth", cls_weight=0.3), text)
+    got = dense.similarity_maps(dense.dense_features(tiny_model, batch, mode="segearth", cls_token_lambda=-0.3), text)
     assert torch.allclose(got.reshape(1, 5, -1).transpose(1, 2), want, atol=1e-5)
     # not the old formula (raw class token subtracted from raw patches)
     assert not torch.allclose(got.reshape(1, 5, -1).transpose(1, 2), plain @ text.T, atol=1e-3)

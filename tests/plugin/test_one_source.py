@@ -47,7 +47,7 @@ def dock_options(iface, model: str):
 
 
 SEARCH_FIELDS = ("mode", "tile_px", "window", "stride", "batch_size", "top_k", "threshold",
-                 "merge", "iou", "attention", "background", "overlap", "cls_weight", "min_valid",
+                 "merge", "iou", "attention", "background", "overlap", "cls_token_lambda", "min_valid",
                  "refine", "refine_min", "templates", "cache")
 
 

@@ -448,6 +448,31 @@ def test_detect_prompt_templates_parameter(provider, tmp_path, rigged_folder):
         run("detect", dict(base, TEMPLATES="nonsense", OUTPUT=str(tmp_path / "b.gpkg")))
 
 
+def test_heatmap_class_token_weight_and_template_file_parameters(provider, tmp_path, rigged_folder):
+    """CLS_TOKEN_LAMBDA reaches the dense pass (empty: the segearth mode's -0.3), and TEMPLATES
+    takes a named ensemble or a template file, as the command line does."""
+    import rasterio
+    from qgis.core import QgsProcessingException
+    from mapclip.engine.core.options import ATTENTION_MODES
+    raster = scene(tmp_path / "scene.tif")
+    base = {"INPUT": str(raster), "PROMPTS": "red roof", "MODEL": rigged_folder, "MODE": 1, "TILE": 64,
+            "DEVICE": "cpu", "CACHE": False, "ATTENTION": list(ATTENTION_MODES).index("segearth")}
+
+    def heat(name, **kw):
+        run("heatmap", dict(base, OUTPUT=str(tmp_path / name), **kw))
+        with rasterio.open(tmp_path / name) as ds:
+            return ds.read(1)
+    default, ref, none = heat("d.tif"), heat("r.tif", CLS_TOKEN_LAMBDA=-0.3), heat("n.tif", CLS_TOKEN_LAMBDA=0.0)
+    assert np.array_equal(default, ref) and not np.array_equal(default, none)
+    temps = tmp_path / "templates.txt"
+    temps.write_text("a drone photo of {}.\n")
+    assert heat("f.tif", TEMPLATES=str(temps)).shape == default.shape
+    assert heat("o.tif", TEMPLATES="rs5m").shape == default.shape
+    temps.write_text("a drone photo\n")
+    with pytest.raises(QgsProcessingException, match="line 1"):
+        heat("b.tif", TEMPLATES=str(temps))
+
+
 # ------------------------------------------------------- cancel, modeler --
 class CancelOnFirstProgress:
     """A feedback that presses Cancel as soon as the engine reports progress."""

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from . import (add_cache_arg, add_extent_args, add_model_args, cancel_event, model_default_help, parse_bands, parse_extent, print_json, raster_arg, tqdm_progress)
+from ..core.templates import TEMPLATES_HELP
 from ..core.errors import UsageError
 
 
@@ -43,9 +44,7 @@ def register(sub) -> None:
                    help="prompt method: add the model's count calibration (count_bias in its "
                         "defaults, if it has one) before picking the count; default on")
     p.add_argument("--bands", default=None, metavar="R,G,B", help="1-based bands read as R,G,B")
-    p.add_argument("--templates", default=None, metavar="SET",
-                   help="dense method: prompt template ensemble: remote-sensing, raw (the prompt as typed) or "
-                        "one template holding {} (default: the model's; see docs/models.md)")
+    p.add_argument("--templates", default=None, metavar="SET|FILE", help="dense method: " + TEMPLATES_HELP)
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per model call; " + model_default_help("batch_size"))
     add_cache_arg(p)

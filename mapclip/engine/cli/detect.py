@@ -8,12 +8,13 @@ from pathlib import Path
 from . import (RASTER_HELP, add_cache_arg, add_extent_args, add_model_args, add_read_workers_arg, map_bounds,
                model_default_help, parse_bands, parse_extent, print_json, raster_arg, read_workers,
                tqdm_progress)
+from ..core.templates import TEMPLATES_HELP
 from ..core.errors import UsageError
 
 
 def register(sub) -> None:
-    from ..core.options import (ATTENTION_ALIASES, ATTENTION_MODES, DENSE_THRESHOLD, EXAMPLE_METHODS, MERGES,
-                                MODES, DetectOptions)
+    from ..core.options import (ATTENTION_ALIASES, ATTENTION_MODES, CLS_TOKEN_LAMBDA_HELP, DENSE_THRESHOLD,
+                                EXAMPLE_METHODS, MERGES, MODES, DetectOptions)
     d = DetectOptions()
     p = sub.add_parser(
         "detect", help="find what text prompts describe in a raster: boxes and a heatmap",
@@ -60,9 +61,8 @@ def register(sub) -> None:
                         f"(clearclip = ClearCLIP, sclip-style = SCLIP's attention without residual, "
                         f"sclip = SCLIP, segearth = SegEarth-OV's q+k+v; old names qq, qq+kk "
                         f"accepted); default {d.attention}")
-    p.add_argument("--templates", default=None, metavar="SET",
-                   help="prompt template ensemble: remote-sensing, raw (the prompt as typed) or "
-                        "one template holding {} (default: the model's; see docs/models.md)")
+    p.add_argument("--templates", default=None, metavar="SET|FILE", help=TEMPLATES_HELP)
+    p.add_argument("--cls-token-lambda", type=float, default=None, metavar="L", help=CLS_TOKEN_LAMBDA_HELP)
     p.add_argument("--dense-input", type=int, default=None, metavar="PX",
                    help="dense mode: resize each tile to PX (a multiple of the model's patch; "
                         "position embeddings are interpolated); default the model's input size")
@@ -109,7 +109,7 @@ def options_from_args(args: argparse.Namespace):
     from ..core.options import DetectOptions, ReadOptions
     changes = dict(mode=args.mode, tile_px=args.tile, window=args.window, stride=args.stride,
                    batch_size=args.batch_size, top_k=args.top_k, threshold=args.threshold,
-                   merge=args.merge, iou=args.iou, attention=args.attention,
+                   merge=args.merge, iou=args.iou, attention=args.attention, cls_token_lambda=args.cls_token_lambda,
                    templates=args.templates, dense_input_px=args.dense_input,
                    dense_slide=bool(args.dense_slide),
                    refine=bool(args.refine), refine_min=args.refine_min,

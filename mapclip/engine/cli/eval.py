@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 
 from . import add_model_args, print_json, tqdm_progress
+from ..core.templates import DEFAULT_ENSEMBLE_MEAN, ENSEMBLE_MEANS, TEMPLATES_HELP
 
 
 def register(sub) -> None:
+    from ..core.options import DEFAULT_RETRIEVAL_ORDER, RETRIEVAL_ORDERS
     from ..data.metrics import DEFAULT_TIES, TIE_MODES
-    from ..model.scoring import TEMPLATE_SETS
     p = sub.add_parser(
         "eval", help="evaluate a model: retrieval, zero-shot classification, counting",
         description="Evaluate a model with the protocols of the published tables: "
@@ -27,6 +28,10 @@ def register(sub) -> None:
     r.add_argument("--ties", choices=list(TIE_MODES), default=DEFAULT_TIES,
                    help="order: ties broken by sort order like RemoteCLIP's evaluation (default); "
                         "pessimistic: every tie counts against the query")
+    r.add_argument("--order", choices=list(RETRIEVAL_ORDERS), default=DEFAULT_RETRIEVAL_ORDER,
+                   help="image order, which decides ties under --ties order: name: sorted by file "
+                        "name, each image's captions together, as RemoteCLIP's retrieval.py reads "
+                        "the data (default); data: the file's order")
 
     c = tasks.add_parser("classify", help="zero-shot classification accuracy",
                          description="Zero-shot top-1 / top-5 accuracy on a folder with one sub-folder "
@@ -35,9 +40,11 @@ def register(sub) -> None:
     c.add_argument("--classes", default=None, metavar="FILE",
                    help="class names: one per line in sorted folder order, or folder<TAB>name lines "
                         "(default: folder names, _ and - as spaces)")
-    c.add_argument("--templates", default=None, metavar="SET",
-                   help=f"prompt template set: {', '.join(TEMPLATE_SETS)}, or one template with {{}} "
-                        "(default: the model's)")
+    c.add_argument("--templates", default=None, metavar="SET|FILE", help=TEMPLATES_HELP)
+    c.add_argument("--ensemble-mean", choices=list(ENSEMBLE_MEANS), default=DEFAULT_ENSEMBLE_MEAN,
+                   help="how a class's template embeddings are averaged: normalised: each "
+                        "normalised first (CLIP, CLIP_benchmark, RemoteCLIP; default); raw: as the "
+                        "text tower gives them (GeoRSCLIP's zero-shot evaluation)")
 
     n = tasks.add_parser("count", help="RemoteCount counting accuracy",
                          description="RemoteCount: each image is scored against 'there are {n} "
@@ -61,10 +68,10 @@ def run(args: argparse.Namespace) -> int:
         if args.task == "retrieval":
             res = evaluate.eval_retrieval(lm, args.data, args.images,
                                           None if args.split == "all" else args.split,
-                                          args.ties, args.batch_size, bar, **kw)
+                                          args.ties, args.batch_size, bar, order=args.order, **kw)
         elif args.task == "classify":
             res = evaluate.eval_classify(lm, args.data, args.classes, args.templates,
-                                         args.batch_size, bar, **kw)
+                                         args.batch_size, bar, mean=args.ensemble_mean, **kw)
         else:
             res = evaluate.eval_count(lm, args.data, args.images, args.batch_size, bar, **kw)
     finally:
@@ -74,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.task == "retrieval":
         print(f"{res['images']} images, {res['texts']} captions ({res['distinct_captions']} distinct), "
-              f"ties: {res['ties']}")
+              f"ties: {res['ties']}, order: {res['order']}")
         print(f"image->text R@1/5/10 {res['i2t_r1']:5.2f} {res['i2t_r5']:5.2f} {res['i2t_r10']:5.2f}")
         print(f"text->image R@1/5/10 {res['t2i_r1']:5.2f} {res['t2i_r5']:5.2f} {res['t2i_r10']:5.2f}")
         print(f"mean recall          {res['mean_recall']:5.2f}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from . import map_bounds, print_json
+from ..core.templates import TEMPLATES_HELP
 from ..core.errors import UsageError
 
 
@@ -37,9 +38,7 @@ def register(sub) -> None:
                         f"{d.negative_weight}")
     p.add_argument("--method", choices=["auto", "exact", "approx"], default=d.method,
                    help=f"default auto: exact below {APPROX_MIN_ROWS} tiles, approximate above")
-    p.add_argument("--templates", default=None, metavar="SET",
-                   help="--text and --negative: prompt template ensemble: remote-sensing, raw (the prompt as typed) or "
-                        "one template holding {} (default: the model's; see docs/models.md)")
+    p.add_argument("--templates", default=None, metavar="SET|FILE", help="--text and --negative: " + TEMPLATES_HELP)
     p.add_argument("--model", default=None, metavar="SPEC",
                    help="model for --text/--image (default: the index's own; another model "
                         "is refused unless it embeds into the same space)")

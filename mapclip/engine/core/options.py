@@ -46,6 +46,27 @@ def canonical_attention(mode: str) -> str:
     if name not in ATTENTION_MODES:
         raise ValueError(f"unknown attention mode {mode!r}; use one of {', '.join(ATTENTION_MODES)}")
     return name
+#: dense mode: SegEarth-OV's class-token weight (its ``cls_token_lambda``: score = cos(patch, t)
+#: + lambda cos(cls, t)) where a mode is named after a reference that sets one; else 0
+DEFAULT_CLS_TOKEN_LAMBDA = {"segearth": -0.3}
+
+
+#: the front ends' help for the class-token weight
+CLS_TOKEN_LAMBDA_HELP = ("dense mode: SegEarth-OV's class-token weight L (its cls_token_lambda): a patch "
+                         "scores cos(patch, prompt) + L cos(class token, prompt); default: the "
+                         "attention mode's (" + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_CLS_TOKEN_LAMBDA.items())
+                         + " as in SegEarth-OV's configs; 0 for the others)")
+
+
+def cls_token_lambda_for(attention: str, value: Optional[float] = None) -> float:
+    """The class-token weight a dense pass uses: ``value``, or (None) the mode's default."""
+    if value is not None:
+        return float(value)
+    return float(DEFAULT_CLS_TOKEN_LAMBDA.get(ATTENTION_ALIASES.get(attention, attention), 0.0))
+#: eval retrieval: the order of images (and so of each image's captions), which decides ties:
+#: "name" sorts images by file name, as RemoteCLIP's retrieval.py does; "data" keeps the file's order
+RETRIEVAL_ORDERS = ("name", "data")
+DEFAULT_RETRIEVAL_ORDER = "name"
 #: dense mode's default threshold on the softmax score
 DENSE_THRESHOLD = 0.5
 #: count methods
@@ -73,40 +94,9 @@ DEFAULT_BACKGROUND_PROMPTS: Tuple[str, ...] = (
     "water",
 )
 
-#: the remote-sensing prompt template ensemble applied to every prompt by
-#: default (engine.model.scoring.encode_prompts); "{}" is replaced by the prompt as
-#: typed (no article is added, so plurals and mass nouns read right)
-REMOTE_SENSING_TEMPLATES: Tuple[str, ...] = (
-    "a satellite image of {}.",
-    "an aerial photo of {}.",
-    "a remote sensing image of {}.",
-    "a satellite photo of {}.",
-    "an aerial image of {}.",
-    "a top-down view of {}.",
-    "a photo of {}.",
-)
-#: named template sets; "raw" is the prompt exactly as typed
-TEMPLATE_SETS: Dict[str, Tuple[str, ...]] = {
-    "remote-sensing": REMOTE_SENSING_TEMPLATES,
-    "raw": ("{}",),
-}
-DEFAULT_TEMPLATES = "remote-sensing"
-
-
-def template_error(templates: Any) -> Optional[str]:
-    """None if ``templates`` is a valid template choice (None: the model's default; a set
-    name; a template holding "{}"; a list of such templates), else what is wrong."""
-    if templates is None:
-        return None
-    if isinstance(templates, str):
-        name = templates.strip()
-        if not name or name in TEMPLATE_SETS or "{}" in name:
-            return None
-        return f"unknown prompt template set {name!r}"
-    items = [str(t) for t in templates]
-    if not items or any("{}" not in t for t in items):
-        return "every prompt template must hold {} where the prompt goes"
-    return None
+#: prompt template ensembles (the named sets, a template file): engine.core.templates
+from .templates import (DEFAULT_ENSEMBLE_MEAN, DEFAULT_TEMPLATES, ENSEMBLE_MEANS,  # noqa: E402,F401
+                        REMOTE_SENSING_TEMPLATES, TEMPLATE_SETS, template_error, template_strings)
 
 
 # --------------------------------------------------------------------------- #
@@ -267,7 +257,7 @@ class DetectOptions:
     min_valid: float = MIN_VALID         # tiles with less valid (non-nodata) area are skipped
     overlap: float = 0.125               # dense: tile overlap, share of a tile
     attention: str = DEFAULT_ATTENTION   # dense: one of ATTENTION_MODES
-    cls_weight: float = 0.0              # dense: SegEarth-OV's class-token weight (score - w cos(cls, t))
+    cls_token_lambda: Optional[float] = None  # dense: + lambda cos(cls, t); None: the mode's (cls_token_lambda_for)
     workers: int = 2                     # reader threads
     prefetch: int = 2                    # batches read ahead
     templates: Any = None                # prompt template set, template or list; None: the model's
@@ -439,7 +429,7 @@ class ClassifyOptions:
     precision: Optional[str] = None
     min_valid: float = MIN_VALID         # tiles with less valid area are not scored
     attention: str = DEFAULT_ATTENTION   # one of ATTENTION_MODES
-    cls_weight: float = 0.0              # SegEarth-OV's class-token weight
+    cls_token_lambda: Optional[float] = None  # + lambda cos(cls, t); None: the mode's (cls_token_lambda_for)
     dense_input_px: Optional[int] = None  # model input side per tile; None: the model's
     dense_slide: bool = False
     templates: Any = None                # prompt templates; None: the model's
@@ -615,10 +605,7 @@ def _check_common(options: Any) -> None:
 def check(options: Any) -> Any:  # long: one range table per options class
     """Raise a UsageError naming the option when a value is out of range; else return ``options``."""
     _check_common(options)
-    bad = template_error(getattr(options, "templates", None))
-    if bad:
-        raise _bad("templates", bad, f"use one of {', '.join(TEMPLATE_SETS)}, or a template "
-                   "holding {}, e.g. \"an aerial photo of {}\"")
+    template_strings(getattr(options, "templates", None))    # a UsageError naming the problem
     if isinstance(options, DetectOptions):
         o = options
         _choice("mode", o.mode, MODES)
@@ -633,7 +620,7 @@ def check(options: Any) -> Any:  # long: one range table per options class
         _within("iou", o.iou, 0.0, 1.0)
         _within("min_valid", o.min_valid, 0.0, 1.0)
         _within("overlap", o.overlap, 0.0, 0.49)
-        _within("cls_weight", o.cls_weight, -10.0, 10.0)
+        _within("cls_token_lambda", o.cls_token_lambda, -10.0, 10.0)
         _at_least("workers", o.workers, 1)
         _at_least("dense_input_px", o.dense_input_px, 8)
         if not isinstance(o.refine, bool):
@@ -721,7 +708,7 @@ def check(options: Any) -> Any:  # long: one range table per options class
         _at_least("upsample", o.upsample, 1)
         _within("upsample", o.upsample, 1, 16)
         _within("min_valid", o.min_valid, 0.0, 1.0)
-        _within("cls_weight", o.cls_weight, -10.0, 10.0)
+        _within("cls_token_lambda", o.cls_token_lambda, -10.0, 10.0)
         _at_least("dense_input_px", o.dense_input_px, 8)
         _at_least("workers", o.workers, 1)
         _check_read(o.read)

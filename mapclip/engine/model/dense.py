@@ -20,12 +20,13 @@ text-comparable. The modes (``mode=``), each named for what it is:
 - ``"kk"`` and ``"vv"``: single self-self attentions, no residual, no FFN.
 
 The result goes through ``ln_post`` and ``proj`` like the class token. With
-``cls_weight`` w, SegEarth-OV's global-bias removal is applied: the score of
-a patch for a text t is ``cos(patch, t) - w * cos(cls, t)`` with the class
-token of the same changed block (SegEarth-OV's ``cls_token_lambda = -w``);
-the returned feature is then ``normalise(patch) - w * normalise(cls)``, so
-any dot product with a unit text vector gives exactly that score (such
-features are not unit length).
+``cls_token_lambda`` (SegEarth-OV's name and sign; its configs use -0.3, the
+``segearth`` mode's default in the options, engine.core.options.cls_token_lambda_for),
+SegEarth-OV's global-bias removal is applied: the score of a patch for a text t
+is ``cos(patch, t) + lambda * cos(cls, t)`` with the class token of the same
+changed block; the returned feature is then ``normalise(patch) + lambda *
+normalise(cls)``, so any dot product with a unit text vector gives exactly that
+score (such features are not unit length).
 
 Input size: by default the batch is resized to the model's image size. Any
 ``input_size`` that is a multiple of the patch works: the position
@@ -154,7 +155,7 @@ def _self_self_attention(block, x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def dense_features(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
-                   mode: str = DEFAULT_ATTENTION, cls_weight: float = 0.0,
+                   mode: str = DEFAULT_ATTENTION, cls_token_lambda: float = 0.0,
                    input_size: Optional[int] = None, crop: Optional[int] = None,
                    stride: Optional[int] = None) -> torch.Tensor:
     """(B, h, w, D) patch embeddings for a uint8 batch (B, H, W, 3).
@@ -162,9 +163,9 @@ def dense_features(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
     The batch is resized to ``input_size`` (default: the model's image size;
     any multiple of the patch) on the device; ``h, w`` is that size's patch
     grid (7 x 7 for ViT-B/32 at 224 px). ``mode`` picks the changed last
-    block (see module doc; old names accepted); ``cls_weight`` applies
+    block (see module doc; old names accepted); ``cls_token_lambda`` applies
     SegEarth-OV's class-token correction; ``crop`` / ``stride`` slide crops
-    over the input. Features are L2-normalised unless ``cls_weight`` or
+    over the input. Features are L2-normalised unless ``cls_token_lambda`` or
     ``crop`` is used (then scores stay the references' linear combinations).
     """
     import torch
@@ -188,14 +189,14 @@ def dense_features(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
         raise dense_too_large(lm, size, crop, per_image, bound)
     chunk = max(1, int(bound // per_image))        # images whose features fit at once
     if len(batch) > chunk:
-        return torch.cat([dense_features(lm, batch[i:i + chunk], mode, cls_weight, input_size,
+        return torch.cat([dense_features(lm, batch[i:i + chunk], mode, cls_token_lambda, input_size,
                                          crop, stride) for i in range(0, len(batch), chunk)])
     from .encode import to_model_input
     with torch.inference_mode():
         x = to_model_input(lm, batch, size)
         if crop is None or crop == size:
-            return _dense_features(lm, x, mode, cls_weight, F)
-        return _sliding(lm, x, mode, cls_weight, crop, stride, p, F)
+            return _dense_features(lm, x, mode, cls_token_lambda, F)
+        return _sliding(lm, x, mode, cls_token_lambda, crop, stride, p, F)
 
 
 #: the share of the device's free memory one batch of dense features may take
@@ -265,14 +266,14 @@ def _crop_starts(size: int, crop: int, stride: int):
     return sorted({min(i * stride, size - crop) for i in range(n)})
 
 
-def _sliding(lm, x, mode: str, cls_weight: float, crop: int, stride: int, p: int, F):
+def _sliding(lm, x, mode: str, cls_token_lambda: float, crop: int, stride: int, p: int, F):
     import torch
     b, _, h, w = x.shape
     acc = None
     count = torch.zeros(h // p, w // p, 1, device=x.device)
     for y0 in _crop_starts(h, crop, stride):
         for x0 in _crop_starts(w, crop, stride):
-            f = _dense_features(lm, x[:, :, y0:y0 + crop, x0:x0 + crop], mode, cls_weight, F)
+            f = _dense_features(lm, x[:, :, y0:y0 + crop, x0:x0 + crop], mode, cls_token_lambda, F)
             if acc is None:
                 acc = torch.zeros(b, h // p, w // p, f.shape[-1], device=x.device)
             acc[:, y0 // p:(y0 + crop) // p, x0 // p:(x0 + crop) // p] += f
@@ -280,7 +281,7 @@ def _sliding(lm, x, mode: str, cls_weight: float, crop: int, stride: int, p: int
     return acc / count
 
 
-def _dense_features(lm, x, mode: str, cls_weight: float, F):
+def _dense_features(lm, x, mode: str, cls_token_lambda: float, F):
     """Features of a normalised model input x (B, 3, H, W)."""
     visual = lm.model.visual
     gh, gw = x.shape[-2] // (lm.patch_size or 1), x.shape[-1] // (lm.patch_size or 1)
@@ -300,8 +301,8 @@ def _dense_features(lm, x, mode: str, cls_weight: float, F):
         x = x @ visual.proj
     x = x.float()
     patches = F.normalize(x[:, 1:], dim=-1)
-    if cls_weight:
-        patches = patches - float(cls_weight) * F.normalize(x[:, :1], dim=-1)
+    if cls_token_lambda:
+        patches = patches + float(cls_token_lambda) * F.normalize(x[:, :1], dim=-1)
     return patches.reshape(x.shape[0], gh, gw, -1)
 
 

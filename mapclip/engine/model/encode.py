@@ -27,11 +27,13 @@ def clean_prompts(prompts: Sequence[str]) -> List[str]:
 
 @torch.inference_mode()
 def encode_text(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 256,
-                cache: bool = True) -> torch.Tensor:
+                cache: bool = True, normalize: bool = True) -> torch.Tensor:
     """(N, D) normalised text embeddings, float32 on the model's device (kept in the text
-    cache unless ``cache`` is False: a caller that keeps its own rows)."""
+    cache unless ``cache`` is False: a caller that keeps its own rows). ``normalize=False``:
+    the text tower's embeddings as they are (never cached)."""
     from .accel import TEXT_CACHE
     prompts = clean_prompts(prompts)
+    cache = cache and normalize
     hit = TEXT_CACHE.get(lm, prompts) if cache else None  # the same prompt set for the same model: once
     if hit is not None:
         return hit
@@ -39,7 +41,8 @@ def encode_text(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 256,
     for i in range(0, len(prompts), batch_size):
         tokens = lm.tokenizer(list(prompts[i:i + batch_size])).to(lm.device)
         chunks.append(lm.model.encode_text(tokens).float())
-    out = F.normalize(torch.cat(chunks), dim=-1)
+    out = torch.cat(chunks)
+    out = F.normalize(out, dim=-1) if normalize else out
     if cache:
         TEXT_CACHE.put(lm, prompts, out)
     return out

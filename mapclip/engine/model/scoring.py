@@ -21,8 +21,10 @@ thesis ("a photo of a {}") and RemoteCLIP's zero-shot evaluation, a prompt
 is not encoded as typed but put into every template of an ensemble, each
 filled template encoded, normalised, averaged in embedding space and
 normalised again (:func:`encode_prompts`). The default ensemble is
-``"remote-sensing"`` (:data:`REMOTE_SENSING_TEMPLATES`); ``"raw"`` encodes the
-prompt exactly as typed; a model preset names its own default
+``"remote-sensing"`` (:data:`REMOTE_SENSING_TEMPLATES`, also named ``"mapclip"``);
+``"raw"`` encodes the prompt exactly as typed; ``"openai"``, ``"rs5m"`` and
+``"clip_benchmark"`` are the references' ensembles, and a text file of templates
+works too (engine.core.templates); a model preset names its own default
 (``Preset.templates``). Prompts and background prompts go through the same
 ensemble, so they compete on equal terms. All prompts times all templates are
 encoded in one pass.
@@ -39,7 +41,8 @@ if TYPE_CHECKING:  # torch loads on first use, so importing the defaults stays c
 
 from ..core.options import DEFAULT_BACKGROUND_PROMPTS  # noqa: E402,F401 (the one editable default)
 
-from ..core.options import DEFAULT_TEMPLATES, TEMPLATE_SETS, template_error
+from ..core.options import DEFAULT_TEMPLATES, TEMPLATE_SETS, template_strings  # noqa: F401
+from ..core.templates import DEFAULT_ENSEMBLE_MEAN, ENSEMBLE_MEANS
 
 Templates = Union[str, Sequence[str], None]
 
@@ -107,29 +110,24 @@ def model_logit_scale(lm: LoadedModel) -> float:
 
 
 def resolve_templates(templates: Templates = None, lm: Any = None) -> Tuple[str, ...]:
-    """The template strings for ``templates``: a set name, a list of templates
-    holding "{}", or None for the model's default (``lm.templates``, else
-    :data:`DEFAULT_TEMPLATES`)."""
-    from ..core.errors import UsageError
-    if templates is None or (isinstance(templates, str) and not templates.strip()):
-        templates = getattr(lm, "templates", None) or DEFAULT_TEMPLATES
-    bad = template_error(templates)
-    if bad:
-        raise UsageError(bad, f"use one of {', '.join(TEMPLATE_SETS)}, or a template holding {{}}, "
-                              "e.g. \"an aerial photo of {}\"")
-    if isinstance(templates, str):
-        name = templates.strip()
-        return TEMPLATE_SETS.get(name, (name,))
-    return tuple(str(t) for t in templates)
+    """The template strings for ``templates``: a set name, a template or a list of
+    templates holding "{}", a template file, or None for the model's default
+    (``lm.templates``, else :data:`DEFAULT_TEMPLATES`); a UsageError for a bad choice
+    (engine.core.templates)."""
+    return (template_strings(templates)
+            or template_strings(getattr(lm, "templates", None) or DEFAULT_TEMPLATES))
 
 
 #: marks a prompt's template-ensemble embedding in the text cache (engine.model.accel.TEXT_CACHE)
 ENSEMBLE_KEY = "\x00ensemble"
 
 
-def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates = None):
+def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates = None,
+                   mean: str = DEFAULT_ENSEMBLE_MEAN):
     """(N, D) normalised embeddings of ``prompts``, each the normalised mean of its
-    normalised template embeddings (the ensemble of :func:`resolve_templates`).
+    template embeddings (the ensemble of :func:`resolve_templates`), normalised each
+    before the mean or, ``mean="raw"``, averaged as the text tower gives them
+    (engine.core.templates.ENSEMBLE_MEANS).
 
     Every prompt times every template is encoded in one batched pass.
     """
@@ -142,7 +140,10 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates
     temps = resolve_templates(templates, lm)
     # each prompt's ensemble embedding is kept on its own: a new prompt beside the same
     # background prompts encodes only itself (the text tower is most of a cached search)
-    keys = [(ENSEMBLE_KEY, *temps, p) for p in prompts]
+    if mean not in ENSEMBLE_MEANS:
+        raise ValueError(f"unknown ensemble mean {mean!r}; use one of {', '.join(ENSEMBLE_MEANS)}")
+    tag = ENSEMBLE_KEY if mean == DEFAULT_ENSEMBLE_MEAN else ENSEMBLE_KEY + mean
+    keys = [(tag, *temps, p) for p in prompts]
     rows = [TEXT_CACHE.get(lm, k) for k in keys]
     todo = [i for i, r in enumerate(rows) if r is None]
     if todo:
@@ -150,7 +151,8 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates
             new = encode_text(lm, [prompts[i] for i in todo], cache=False)
         else:
             filled = [t.replace("{}", prompts[i]) for i in todo for t in temps]
-            emb = encode_text(lm, filled, cache=False).reshape(len(todo), len(temps), -1)
+            emb = encode_text(lm, filled, cache=False, normalize=mean == "normalised")
+            emb = emb.reshape(len(todo), len(temps), -1)
             new = F.normalize(emb.mean(dim=1), dim=-1)
         for j, i in enumerate(todo):
             rows[i] = new[j:j + 1]

@@ -23,8 +23,8 @@ from ...engine.core.options import CAPTION_METHODS as CAPTION_METHODS_
 from ...engine.core.options import TEMPLATE_SETS, CaptionOptions, ClassifyOptions
 from ...engine.core.outputs import CAPTION_FIELDS
 from ..layers import crs_text
-from .common import (FeedbackBridge, default_model, engine_errors, get_model, optional_number, push_notes, raster_path,
-                     split_prompts)
+from .common import (TEMPLATES_LABEL, FeedbackBridge, cls_token_lambda_param, default_model, engine_errors,
+                     get_model, optional_number, push_notes, raster_path, split_prompts)
 from .search_algs import RasterSearchAlgorithm
 
 C = ClassifyOptions()
@@ -45,6 +45,7 @@ class ClassifyAlgorithm(RasterSearchAlgorithm):
 
     CLASSES, TILE, THRESHOLD, SMOOTHING, OVERLAP = "CLASSES", "TILE", "THRESHOLD", "SMOOTHING", "OVERLAP"
     ATTENTION, TEMPLATES, WITHIN = "ATTENTION", "TEMPLATES", "WITHIN"
+    CLS_TOKEN_LAMBDA = "CLS_TOKEN_LAMBDA"
     OUTPUT, SCORES, POLYGONS = "OUTPUT", "SCORES", "POLYGONS"
 
     def initAlgorithm(self, config=None):  # noqa: N802
@@ -71,9 +72,9 @@ class ClassifyAlgorithm(RasterSearchAlgorithm):
         self.add_advanced(QgsProcessingParameterEnum(
             self.ATTENTION, "Last block (ClearCLIP, SCLIP-style, SegEarth-OV q+k+v, SCLIP, kk, vv)",
             options=ATTENTION_MODES, defaultValue=ATTENTION_MODES.index(C.attention)))
+        self.add_advanced(cls_token_lambda_param(self.CLS_TOKEN_LAMBDA))
         self.add_advanced(QgsProcessingParameterString(
-            self.TEMPLATES, "Prompt templates: " + ", ".join(TEMPLATE_SETS)
-            + " or one template with {} (empty: the model's)", optional=True))
+            self.TEMPLATES, TEMPLATES_LABEL.format(", ".join(TEMPLATE_SETS)), optional=True))
         self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, "Class map"))
         self.addParameter(QgsProcessingParameterRasterDestination(
             self.SCORES, "Scores per class", optional=True, createByDefault=False))
@@ -110,6 +111,7 @@ class ClassifyAlgorithm(RasterSearchAlgorithm):
                     overlap=self.parameterAsDouble(parameters, self.OVERLAP, context),
                     attention=ATTENTION_MODES[self.parameterAsEnum(parameters, self.ATTENTION,
                                                                    context)],
+                    cls_token_lambda=self.optional_float(parameters, self.CLS_TOKEN_LAMBDA, context),
                     templates=self.parameterAsString(parameters, self.TEMPLATES, context).strip()
                     or None,
                     batch_size=self.optional_int(parameters, self.BATCH_SIZE, context),

@@ -74,7 +74,23 @@ PARAMETERS = {"tile_px": "TILE", "window": "WINDOW", "stride": "STRIDE", "top_k"
               "read_workers": "READ_WORKERS", "compile": "COMPILE", "cache": "CACHE",
               "method": "METHOD", "out": "OUTPUT", "stac": "STAC", "stac_asset": "STAC_ASSET",
               "stac_bbox": "STAC_BBOX", "stac_datetime": "STAC_DATETIME",
-              "stac_collection": "STAC_COLLECTIONS"}
+              "stac_collection": "STAC_COLLECTIONS", "cls_token_lambda": "CLS_TOKEN_LAMBDA",
+              "examples": "EXAMPLES", "examples_method": "EXAMPLES_METHOD"}
+
+
+def cls_token_lambda_param(name: str = "CLS_TOKEN_LAMBDA"):
+    """The dense modes' class-token weight (SegEarth-OV's cls_token_lambda); empty: the mode's."""
+    from qgis.core import QgsProcessingParameterNumber
+    from ...engine.core.options import DEFAULT_CLS_TOKEN_LAMBDA
+    modes = ", ".join(f"{k} {v:g}" for k, v in DEFAULT_CLS_TOKEN_LAMBDA.items())
+    return QgsProcessingParameterNumber(
+        name, f"Dense mode: class-token weight (SegEarth-OV's cls_token_lambda; empty: the mode's, "
+              f"{modes}, else 0)", QgsProcessingParameterNumber.Double, optional=True,
+        minValue=-10.0, maxValue=10.0)
+
+
+#: a template choice, as the Processing parameters word it
+TEMPLATES_LABEL = "Prompt templates: {} (empty: the model's), one template with {{}}, or a text file of them"
 
 
 def push_notes(feedback, notes) -> None:

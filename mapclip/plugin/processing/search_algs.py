@@ -35,8 +35,9 @@ from ...engine.core.options import TEMPLATE_SETS
 from ...engine.core.options import CountOptions, DetectOptions
 from ...engine.core import outputs
 from ..layers import ENGINE_BOX_FIELDS, crs_text, engine_crs, feature, fields_of, style_boxes
-from .common import (FeedbackBridge, MapClipAlgorithm, default_model, engine_errors, error_text, get_model, optional_number, parse_bands, push_notes, read_workers_param,
-                     read_workers_value, split_prompts)
+from .common import (TEMPLATES_LABEL, FeedbackBridge, MapClipAlgorithm, cls_token_lambda_param, default_model,
+                     engine_errors, error_text, get_model, optional_number, parse_bands, push_notes,
+                     read_workers_param, read_workers_value, split_prompts)
 
 D = DetectOptions()
 MODES, MERGES, ATTENTION_MODES, COUNT_METHODS = (list(MODES_), list(MERGES_), list(ATTENTION_),
@@ -201,6 +202,7 @@ class DetectBase(RasterSearchAlgorithm):
     TOP_K, THRESHOLD, MERGE, BACKGROUND = "TOP_K", "THRESHOLD", "MERGE", "BACKGROUND"
     IOU, ATTENTION, TEMPLATES, COMPILE = "IOU", "ATTENTION", "TEMPLATES", "COMPILE"
     EXAMPLES, EXAMPLES_METHOD = "EXAMPLES", "EXAMPLES_METHOD"
+    CLS_TOKEN_LAMBDA = "CLS_TOKEN_LAMBDA"
     DEFAULT_MODE = D.mode
 
     def add_detect_params(self) -> None:
@@ -234,11 +236,11 @@ class DetectBase(RasterSearchAlgorithm):
         self.add_advanced(QgsProcessingParameterEnum(
             self.ATTENTION, "Dense mode: last block (ClearCLIP, SCLIP-style, SegEarth-OV q+k+v, SCLIP, kk, vv)", options=ATTENTION_MODES,
             defaultValue=ATTENTION_MODES.index(D.attention)))
+        self.add_advanced(cls_token_lambda_param(self.CLS_TOKEN_LAMBDA))
         self.add_advanced(QgsProcessingParameterString(
             self.BACKGROUND, "Background prompts (; separated; empty: generic set)", optional=True))
         self.add_advanced(QgsProcessingParameterString(
-            self.TEMPLATES, "Prompt templates: " + ", ".join(TEMPLATE_SETS)
-            + " or one template with {} (empty: the model's)", optional=True))
+            self.TEMPLATES, TEMPLATES_LABEL.format(", ".join(TEMPLATE_SETS)), optional=True))
         self.add_advanced(QgsProcessingParameterBoolean(
             self.COMPILE, "CUDA: compile the model (torch.compile; slower first run, then cached)",
             defaultValue=D.compile))
@@ -273,6 +275,7 @@ class DetectBase(RasterSearchAlgorithm):
             merge=MERGES[self.parameterAsEnum(parameters, self.MERGE, context)],
             iou=self.parameterAsDouble(parameters, self.IOU, context),
             attention=ATTENTION_MODES[self.parameterAsEnum(parameters, self.ATTENTION, context)],
+            cls_token_lambda=self.optional_float(parameters, self.CLS_TOKEN_LAMBDA, context),
             read=self.read_options(parameters, context, gsd),
             device=self.parameterAsString(parameters, self.DEVICE, context).strip() or None,
             compile=self.parameterAsBool(parameters, self.COMPILE, context),
