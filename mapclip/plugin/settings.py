@@ -37,7 +37,7 @@ FIELD_LABELS = {"tile_px": "Tile size", "window": "Window", "stride": "Stride", 
                 "device": "Device", "batch_size": "Batch size", "mode": "Method",
                 "dense_tile_px": "Tile size", "bank": "Caption bank", "caption_model": "Caption model",
                 "read_workers": "Reader processes", "compile": "Compile (CUDA)",
-                "cache": "Reuse embeddings", "stac": "Sources"}
+                "cache": "Reuse embeddings", "stac": "Sources", "examples": "Examples"}
 
 
 @dataclass
