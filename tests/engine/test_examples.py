@@ -210,3 +210,127 @@ def test_marks_lift_the_ranking_of_the_objects_not_marked_on_held_out_scenes(tmp
     assert mean("affinity_found") - mean("alone_found") >= MIN_FOUND_GAIN, rows
     assert mean("affinity") >= MIN_HIT10_AFFINITY, rows
     assert {r["affinity_cache"] for r in rows} == {"memory"}               # no second pass
+
+
+# --------------------------------------------------------------------------- #
+# Archive search with marked places (engine.archive.search, `search --examples/--like/--unlike`).
+# --------------------------------------------------------------------------- #
+A_TILE = 32
+A_RED = ((96, 32), (160, 128))          # tiles (col, row) holding a red square
+A_BLUE = ((32, 96), (0, 0))
+
+
+@pytest.fixture(scope="module")
+def marked_index(tmp_path_factory, rig):
+    from mapclip.engine.archive.build import build_index
+    from mapclip.engine.core.options import IndexOptions
+    from tests.raster_fixtures import make_raster
+    d = tmp_path_factory.mktemp("marked")
+    rng = np.random.default_rng(0)
+    data = np.repeat((128 + rng.integers(-12, 12, (1, 160, 192))).astype(np.uint8), 3, axis=0)
+    for tiles, colour in ((A_RED, RED), (A_BLUE, BLUE)):
+        for c, r in tiles:
+            data[:, r + 6:r + 26, c + 6:c + 26] = np.array(colour, np.uint8)[:, None, None]
+    raster = make_raster(d / "scene.tif", data=data)
+    build_index([raster], d / "idx", rig, IndexOptions(tile_px=A_TILE, batch_size=16))
+    return d / "idx"
+
+
+def _centre_of(index, tile):
+    from mapclip.engine.archive.store import open_index
+    idx = open_index(index)
+    t = idx.tiles()
+    row = int(np.flatnonzero((t["col"] == tile[0]) & (t["row"] == tile[1]))[0])
+    b = idx.hit(1, row, 0.0, 0.0).bounds
+    return (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+
+
+def _tile(h):
+    return (h.pixel[0], h.pixel[1])
+
+
+def test_archive_search_with_marks_alone_finds_more_like_them(marked_index, rig):
+    from mapclip.engine.archive.search import search
+    from mapclip.engine.core.options import SearchOptions
+    x, y = _centre_of(marked_index, A_BLUE[0])
+    for method in EXAMPLE_METHODS:
+        res = search(marked_index, examples=[Example(x, y, True)],
+                     options=SearchOptions(top_k=2, examples_method=method))
+        assert {_tile(h) for h in res.hits} == set(A_BLUE), method     # both blue tiles first
+        assert res.query["examples"] == {"positive": 1, "negative": 0, "outside": 0, "method": method}
+    with pytest.raises(UsageError) as err:                             # "not this" alone is no query
+        search(marked_index, examples=[Example(x, y, False)])
+    assert err.value.option == "examples" and "at least one 'like this'" in err.value.message
+    with pytest.raises(UsageError) as err:
+        search(marked_index, examples=[Example(x + 1e6, y, True)])
+    assert err.value.option == "examples" and "none of the 1 marked places" in err.value.message
+
+
+def test_archive_search_text_refined_by_a_not_this_mark_scores_by_affinity(marked_index, rig):
+    from mapclip.engine.archive.search import search
+    from mapclip.engine.archive.store import open_index
+    from mapclip.engine.model.encode import encode_text
+    from mapclip.engine.model.scoring import example_affinity
+    from mapclip.engine.core.options import SearchOptions
+    plain = search(marked_index, text=RED_PROMPT, model=rig, options=SearchOptions(top_k=3))
+    assert {_tile(h) for h in plain.hits[:2]} == set(A_RED)
+    first = _tile(plain.hits[0])
+    x, y = _centre_of(marked_index, first)
+    far = (x + 1e6, y)                                                 # outside: counted, left out
+    res = search(marked_index, text=RED_PROMPT, model=rig, options=SearchOptions(top_k=3),
+                 examples=[Example(x, y, False), Example(*far, True)])
+    assert res.query["examples"]["outside"] == 1 and res.query["examples"]["negative"] == 1
+    ranked = [_tile(h) for h in res.hits]
+    assert not set(ranked) & set(A_RED)      # the marked square, and the one like it, drop out
+    # each score by hand: (cos(tile, text) + 4 a) / 5 with a = -0.5 exp(-20 (1 - cos(tile, mark)))
+    idx = open_index(marked_index)
+    emb = idx.embeddings().astype(np.float32)
+    q = encode_text(rig, [RED_PROMPT])[0].numpy()
+    marked = emb[plain.hits[0].row] / np.linalg.norm(emb[plain.hits[0].row])
+    for h in res.hits:
+        v = emb[h.row] / np.linalg.norm(emb[h.row])
+        a = float(example_affinity(torch.as_tensor(v[None]), None, torch.as_tensor(marked[None]))[0])
+        assert a == pytest.approx(-0.5 * np.exp(-20 * (1 - float(v @ marked))), abs=1e-5)
+        assert h.score == pytest.approx((float(v @ q) + 4 * a) / 5, abs=1e-5)
+        assert h.cosine == pytest.approx(float(v @ q), abs=1e-5)
+
+
+def test_cli_search_takes_examples_likes_and_unlikes(marked_index, tmp_path, capsys):
+    import json
+
+    from osgeo import ogr, osr
+    from mapclip.engine.cli import main as cli_main
+    from mapclip.engine.archive.store import open_index
+    bx, by = _centre_of(marked_index, A_BLUE[0])
+    rx, ry = _centre_of(marked_index, A_RED[0])
+    # an examples file in WGS84: the blue tile "like this"
+    crs = next(iter(open_index(marked_index).rasters.values()))["crs"]
+    src, dst = osr.SpatialReference(), osr.SpatialReference()
+    src.ImportFromWkt(crs) if crs.startswith(("PROJCS", "GEOGCS", "PROJCRS")) else src.SetFromUserInput(crs)
+    dst.ImportFromEPSG(4326)
+    for s_ in (src, dst):
+        s_.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    lon, lat, _ = osr.CoordinateTransformation(src, dst).TransformPoint(bx, by)
+    marks = tmp_path / "marks.geojson"
+    ds = ogr.GetDriverByName("GeoJSON").CreateDataSource(str(marks))
+    layer = ds.CreateLayer("marks", dst, ogr.wkbPoint)
+    layer.CreateField(ogr.FieldDefn("label", ogr.OFTInteger))
+    f = ogr.Feature(layer.GetLayerDefn())
+    f.SetGeometry(ogr.CreateGeometryFromWkt(f"POINT ({lon} {lat})"))
+    f.SetField("label", 1)
+    layer.CreateFeature(f)
+    ds = None
+    assert cli_main(["search", str(marked_index), "--examples", str(marks), "--unlike", f"{rx},{ry}",
+                     "--top-k", "2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["query"]["examples"] == {"positive": 1, "negative": 1, "outside": 0, "method": "affinity"}
+    assert {tuple(h["pixel"][:2]) for h in info["hits"]} == set(A_BLUE)
+    # two --like are marks (more like these), not one location query
+    assert cli_main(["search", str(marked_index), "--like", f"{bx},{by}", "--like",
+                     f"{rx},{ry}", "--top-k", "4", "--examples-method", "rocchio"]) == 0
+    out = capsys.readouterr().out
+    assert "refined by 2 'like this' and 0 'not this' places (rocchio)" in out
+    assert cli_main(["search", str(marked_index), "--unlike", "abc"]) == 2
+    assert "--unlike 'abc' is not a point" in capsys.readouterr().err
+    assert cli_main(["search", str(marked_index)]) == 2
+    assert "no query given" in capsys.readouterr().err

@@ -233,8 +233,11 @@ def test_cli_search_contract(rigged_index, tmp_path, capsys):
     assert main(["search", str(tmp_path / "nowhere"), "--text", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit) as ex:                          # two queries at once: argparse
-        main(["search", str(rigged_index), "--text", "x", "--like", "1,2"])
+        main(["search", str(rigged_index), "--text", "x", "--image", "a.png"])
     assert ex.value.code == 2
+    # --like beside --text marks a place "like this"; one outside every tile is said
+    assert main(["search", str(rigged_index), "--text", "x", "--like", "1,2", "--model", spec]) == 2
+    assert "none of the 1 marked places lies on an indexed tile" in capsys.readouterr().err
 
 
 def test_text_queries_go_through_the_prompt_templates(tiny_index, tiny_model):

@@ -52,7 +52,7 @@ def _encode_query_image(lm, p: Path) -> np.ndarray:
     try:
         with open_raster(str(p)) as reader:
             rgb, _ = reader.read(reader.info.window, out_shape=(lm.image_size, lm.image_size))
-    except UsageError as exc:
+    except UsageError:
         raise UsageError(f"cannot read image {p} as a query: it is neither a picture (PNG, "
                          "JPEG, 8-bit TIFF) nor a raster GDAL can open",
                          "give an image file, or a raster GDAL can open (check it with "
@@ -155,15 +155,20 @@ def locate(index: Index, point, crs: Optional[str] = None) -> int:
 
 def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] = None,
                  like=None, like_crs: Optional[str] = None, model=None,
-                 options: Optional[SearchOptions] = None) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
-    """(score vector, cosine vector, query facts) for exactly one of text/image/like.
+                 options: Optional[SearchOptions] = None, examples: bool = False
+                 ) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Dict[str, Any]]:
+    """(score vector, cosine vector, query facts) for exactly one of text/image/like
+    (or none of them when ``examples`` will give the query: then (None, None, {})).
 
     The score vector folds in the negative prompts: ``q - w * mean(neg)``.
     """
     options = check(options or SearchOptions())
     given = [k for k, v in (("text", text), ("image", image), ("like", like)) if v is not None]
+    if not given and examples and not options.negative:
+        return None, None, {}
     if len(given) != 1:
-        raise UsageError("give exactly one query: --text, --image or --like",
+        raise UsageError("give exactly one query: --text, --image or --like (or marked places: "
+                         "--examples, several --like, --unlike)",
                          f"got {', '.join(given) if given else 'none'}")
     negatives = [str(n).strip() for n in options.negative or ()]
     if any(not n for n in negatives):
@@ -244,28 +249,114 @@ def ranked_rows(index: Index, score_q: np.ndarray, k: int, method: str = "auto"
 def search(index: Union[str, os.PathLike, Index], text: Optional[str] = None,
            image: Optional[str] = None, like=None, like_crs: Optional[str] = None,
            model=None, options: Optional[SearchOptions] = None,
-           progress=None, cancel=None) -> SearchResult:
+           progress=None, cancel=None, examples=None, examples_crs: Optional[str] = None
+           ) -> SearchResult:
     """Rank the index's tiles for one query (text, image file, or a location).
 
     ``model``: a spec or LoadedModel for text/image queries (default: the
     index's own model); refused when it embeds into another space. A
     location query (``like``, x,y in ``like_crs``) needs no model: the stored
     embedding of the tile containing the point is the query.
+
+    ``examples`` (engine.data.examples.Example, in ``examples_crs`` unless one names its
+    own): places marked "like this" / "not this"; the stored embedding of the tile at each
+    refines the ranking by ``options.examples_method`` (:func:`refine_by_examples`). With
+    no text, image or location the examples alone are the query ("more like these").
     """
     t0 = time.perf_counter()
     options = check(options or SearchOptions())
     job = Job(progress, cancel, total=2)
     idx = open_index(index)
     idx.require_rows()
-    score_q, q, facts = query_vector(idx, text, image, like, like_crs, model, options)
+    score_q, q, facts = query_vector(idx, text, image, like, like_crs, model, options,
+                                     examples=bool(examples))
     job.step()
-    rows, scores, method, params = ranked_rows(idx, score_q, int(options.top_k), options.method)
-    cos = idx.rerank(rows, q) if len(rows) else np.zeros(0, np.float32)
+    k = int(options.top_k)
+    if examples:
+        rows, scores, cos, method, params, more = refine_by_examples(
+            idx, score_q, q, examples, examples_crs, options)
+        facts["examples"] = more
+    else:
+        rows, scores, method, params = ranked_rows(idx, score_q, k, options.method)
+        cos = idx.rerank(rows, q) if len(rows) else np.zeros(0, np.float32)
     hits = [idx.hit(i + 1, int(r), float(s), float(c)) for i, (r, s, c) in enumerate(zip(rows, scores, cos))]
     job.step()
     return SearchResult(hits=hits, query=facts, method=method, rows=idx.rows,
                         seconds=time.perf_counter() - t0, model=str(idx.model.get("spec")),
                         params=params)
+
+
+#: affinity over an index: candidates from the query moved by Rocchio, this many per hit
+#: asked (every row below the approximate-search threshold), then re-scored exactly
+AFFINITY_CANDIDATES = 50
+
+
+def example_rows(index: Index, examples, crs: Optional[str]) -> Tuple[List[int], List[int], int]:
+    """(rows of the positives, rows of the negatives, places outside every tile)."""
+    pos: List[int] = []
+    neg: List[int] = []
+    outside = 0
+    for e in examples:
+        try:
+            own = getattr(e, "crs", None)          # "": the rasters' own CRS
+            row = locate(index, (e.x, e.y), crs if own is None else (own or None))
+        except UsageError as exc:
+            if "outside every indexed tile" not in exc.message:
+                raise
+            outside += 1
+            continue
+        (pos if e.positive else neg).append(row)
+    if not pos and not neg:
+        raise UsageError(f"none of the {len(examples)} marked places lies on an indexed tile",
+                         "mark places inside the indexed rasters (give --crs if the points are "
+                         "not in the rasters' CRS)", option="examples")
+    return pos, neg, outside
+
+
+def refine_by_examples(index: Index, score_q: Optional[np.ndarray], q: Optional[np.ndarray],
+                       examples, crs: Optional[str], options: SearchOptions):
+    """The ranking refined by marked places: (rows, scores, cosines, method, params, facts).
+
+    ``rocchio`` / ``probe`` move the query (engine.model.scoring.refine_query) and search
+    with it as usual. ``affinity`` blends each tile's cosine ``c`` to the query with its
+    likeness ``a`` to the marks (engine.model.scoring.example_affinity) as ``(c + w a) / (1 + w)``,
+    over the candidates of the Rocchio-moved query. Without a query the mean of the
+    positives is the start. Cosines are to the query (the moved one without a query)."""
+    import torch
+
+    from ..model.scoring import AFFINITY_WEIGHT, example_affinity, refine_query
+    pos, neg, outside = example_rows(index, examples, crs)
+    if score_q is None and not pos:
+        raise UsageError("marked places alone need at least one 'like this'",
+                         "mark a place you mean (label 1, or --like X,Y), or add --text",
+                         option="examples")
+
+    def unit(rows):
+        v = index.vectors(rows) if rows else np.zeros((0, index.embed_dim), np.float32)
+        return torch.as_tensor(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
+
+    P, N = unit(pos), unit(neg)
+    start = None if score_q is None else torch.as_tensor(np.asarray(score_q, np.float32))
+    method = options.examples_method
+    moved = refine_query(start, P if len(P) else None, N if len(N) else None,
+                         "rocchio" if method == "affinity" else method).numpy().astype(np.float32)
+    k = int(options.top_k)
+    facts = {"positive": len(pos), "negative": len(neg), "outside": outside, "method": method}
+    if method != "affinity":
+        rows, scores, used, params = ranked_rows(index, moved, k, options.method)
+        cos = index.rerank(rows, q if q is not None else moved) if len(rows) else np.zeros(0, np.float32)
+        return rows, scores, cos, used, params, facts
+    n_cand = index.rows if index.rows < approx.APPROX_MIN_ROWS else min(index.rows, AFFINITY_CANDIDATES * k)
+    cand, _, used, params = ranked_rows(index, moved, n_cand, options.method)
+    base = np.asarray(score_q if score_q is not None else moved, np.float32)
+    vec = index.vectors(cand)
+    vec = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+    a = example_affinity(torch.as_tensor(vec), P if len(P) else None, N if len(N) else None).numpy()
+    scores = (vec @ base + AFFINITY_WEIGHT * a) / (1 + AFFINITY_WEIGHT)
+    top = top_rows(scores, k)
+    rows = cand[top]
+    cos = vec[top] @ np.asarray(q if q is not None else moved, np.float32)
+    return rows, scores[top].astype(np.float32), cos, used, dict(params, candidates=int(len(cand))), facts
 
 
 def search_index(index, text: Optional[str] = None, image: Optional[str] = None, like=None,

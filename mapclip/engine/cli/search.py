@@ -11,7 +11,7 @@ from ..core.errors import UsageError
 def register(sub) -> None:
     from ..archive.ann import IVF_MIN_ROWS
     from ..archive.approx import APPROX_MIN_ROWS
-    from ..core.options import SearchOptions
+    from ..core.options import EXAMPLE_METHODS, SearchOptions
     d = SearchOptions()
     p = sub.add_parser(
         "search", help="search an index by text, an example image, or a location",
@@ -23,12 +23,21 @@ def register(sub) -> None:
                     f"exactly) above, and from {IVF_MIN_ROWS} tiles IVF-PQ with the vectors "
                     "left on disk (docs/scale.md); the faiss index is cached in the index folder.")
     p.add_argument("index", metavar="INDEX", help="index folder")
-    q = p.add_mutually_exclusive_group(required=True)
+    q = p.add_mutually_exclusive_group()
     q.add_argument("--text", metavar="T", help="describe what to find, e.g. \"a quarry\"")
     q.add_argument("--image", metavar="PATH", help="an example image file (PNG, JPEG, TIFF)")
-    q.add_argument("--like", metavar="X,Y", help="a location: its tile's embedding is the query")
+    p.add_argument("--like", metavar="X,Y", action="append", default=None,
+                   help="a location: its tile's embedding is the query; repeat it (or add "
+                        "--unlike / --examples) to mark several places \"like this\"")
+    p.add_argument("--unlike", metavar="X,Y", action="append", default=None,
+                   help="a location marked \"not this\" (repeat for several)")
+    p.add_argument("--examples", metavar="FILE", default=None,
+                   help="marked places: any vector file OGR reads with a 'label' field "
+                        "(1 = like this, 0 = not this), in any CRS (docs/examples.md)")
+    p.add_argument("--examples-method", choices=list(EXAMPLE_METHODS), default=d.examples_method,
+                   help=f"how marked places refine the ranking; default {d.examples_method}")
     p.add_argument("--crs", default=None, metavar="EPSG:N",
-                   help="CRS of --like (default: the CRS the index's rasters share)")
+                   help="CRS of --like/--unlike (default: the CRS the index's rasters share)")
     p.add_argument("--top-k", type=int, default=d.top_k, metavar="N",
                    help=f"number of hits; default {d.top_k}")
     p.add_argument("--negative", action="append", default=None, metavar="T",
@@ -63,15 +72,26 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot write hits to {args.out}", "name the output .gpkg or .geojson")
         check_outputs([("--out", args.out)], [("--image", args.image)], overwrite=args.overwrite,
                       sealed=[("the index", args.index)])
-    if args.crs and args.like is None:
-        raise UsageError("--crs given without --like", "--crs is the CRS of the --like point")
+    likes, unlikes = list(args.like or ()), list(args.unlike or ())
+    if args.crs and not likes and not unlikes:
+        raise UsageError("--crs given without --like or --unlike", "--crs is the CRS of those points")
+    like, examples, examples_crs = _marks(args, likes, unlikes)
+    if like is None and examples is None and args.text is None and args.image is None:
+        raise UsageError("no query given", "give --text, --image, --like X,Y or --examples FILE")
     opts = SearchOptions(top_k=args.top_k, negative=tuple(args.negative or ()),
-                            negative_weight=args.negative_weight, method=args.method,
-                            device=args.device, precision=args.precision, templates=args.templates)
-    result = search(args.index, text=args.text, image=args.image, like=args.like,
-                       like_crs=args.crs, model=args.model, options=opts, cancel=cancel_event())
+                         negative_weight=args.negative_weight, method=args.method,
+                         device=args.device, precision=args.precision, templates=args.templates,
+                         examples_method=args.examples_method)
+    result = search(args.index, text=args.text, image=args.image, like=like,
+                    like_crs=args.crs, model=args.model, options=opts, cancel=cancel_event(),
+                    examples=examples, examples_crs=examples_crs)
     if args.out:
         write_hits(result, args.out, overwrite=args.overwrite)
+    marks = result.query.get("examples")
+    if marks and not args.json:
+        print(f"refined by {marks['positive']} 'like this' and {marks['negative']} 'not this' "
+              f"places ({marks['method']})" + (f"; {marks['outside']} outside every indexed tile"
+                                                if marks["outside"] else ""))
     if args.json:
         info = result.to_json()
         info["out"] = str(args.out) if args.out else None
@@ -84,3 +104,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"  #{h.rank} score {h.score:.4f} cosine {h.cosine:.4f}  {h.raster}  "
               f"tile {h.tile_px}px at col {h.pixel[0]} row {h.pixel[1]}  bounds {b}")
     return 0
+
+
+def _marks(args, likes, unlikes):
+    """(like, examples, examples' CRS): one --like alone is a location query, as ever;
+    several, or beside --text/--image/--unlike/--examples, they are marked places
+    (engine.data.examples) that refine the ranking."""
+    from ..archive.search import _parse_point
+    from ..data.examples import Example, read_examples
+    if len(likes) == 1 and not unlikes and not args.examples and args.text is None and args.image is None:
+        return likes[0], None, None
+    if not likes and not unlikes and not args.examples:
+        return None, None, None
+    examples, crs = [], None
+    if args.examples:
+        examples, crs = read_examples(args.examples)
+    for points, positive in ((likes, True), (unlikes, False)):
+        for text in points:
+            try:
+                x, y = _parse_point(text)
+            except UsageError as exc:
+                flag = "--like" if positive else "--unlike"
+                raise UsageError(exc.message.replace("--like", flag), exc.hint.replace("--like", flag)) from None
+            examples.append(Example(x, y, positive, crs=args.crs or ""))   # "": the rasters' CRS
+    return None, examples, crs

@@ -351,6 +351,7 @@ class SearchOptions:
     device: Optional[str] = None
     precision: Optional[str] = None
     templates: Any = None                # prompt templates for text queries; None: the model's
+    examples_method: str = "affinity"    # how marked places refine the ranking (EXAMPLE_METHODS)
 
 
 #: near-duplicate images (engine.dedup): RemoteCLIP's "Hamming distance below 2"
@@ -682,6 +683,7 @@ def check(options: Any) -> Any:  # long: one range table per options class
         _at_least("top_k", o.top_k, 1)
         _finite("negative_weight", o.negative_weight)
         _choice("method", o.method, SEARCH_METHODS)
+        _choice("examples_method", o.examples_method, EXAMPLE_METHODS)
     elif isinstance(options, FinetuneOptions):
         o = options
         _at_least("epochs", o.epochs, 1)

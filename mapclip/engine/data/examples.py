@@ -4,7 +4,8 @@ A file of examples is any vector file OGR reads (GeoPackage, GeoJSON,
 Shapefile, ...), in any CRS, with a ``label`` field: 1 / true / yes / y / t
 for a positive, 0 / false / no / n / f for a negative. Points are used as
 they are; for lines and polygons their centroid is the place. What a search
-does with them: engine.detect (``examples=``) and engine.model.scoring.refine_query.
+does with them: engine.detect and engine.archive.search (``examples=``), through
+engine.model.scoring.example_scorer / refine_query.
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ NEGATIVE = ("0", "false", "no", "n", "f")
 
 @dataclass(frozen=True)
 class Example:
-    """One marked place: map coordinates (in the examples' CRS) and whether it is what is meant."""
+    """One marked place: map coordinates and whether it is what is meant. ``crs``: the
+    place's own CRS where it differs from the one its search is given (archive search:
+    ``--like``/``--unlike`` points beside an examples file; ``""``: the rasters' own CRS)."""
 
     x: float
     y: float
     positive: bool
+    crs: Optional[str] = None
 
 
 def parse_label(value) -> Optional[bool]:
