@@ -197,3 +197,93 @@ def test_the_prior_file_round_trips_and_a_wrong_one_is_refused(tmp_path):
                                                           "text_cfg": dict(TEXT)}))
     assert json.loads(json.dumps(meta))  # plain JSON, as the run folder records it
     assert np.isfinite(meta["accuracy"])
+
+
+# --------------------------------------------------------------------------- #
+# The recipe end to end: train, then detect, index and search with the model folder.
+# --------------------------------------------------------------------------- #
+COLOURS = {"red": (220, 30, 30), "orange": (230, 120, 20), "blue": (30, 40, 220),
+           "cyan": (30, 200, 220), "green": (30, 200, 40), "olive": (120, 140, 30)}
+SCENES = {"red": "warm", "orange": "warm", "blue": "water", "cyan": "water", "green": "field",
+          "olive": "field"}
+
+
+def labelled_pairs(folder: Path, labels: bool = True) -> Path:
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["image,caption" + (",label" if labels else "")]
+    for name, colour in COLOURS.items():
+        a = np.zeros((40, 40, 3), np.uint8)
+        a[:] = colour
+        a[18:22] = np.array(colour) // 2
+        Image.fromarray(a).save(folder / f"{name}.png")
+        rows.append(f"{name}.png,a {name} square" + (f",{SCENES[name]}" if labels else ""))
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder / "captions.csv"
+
+
+def tiny_pir_config(path: Path) -> str:
+    """The tiny test ViT with a small prior (the reference's RN50 shape is the default)."""
+    from mapclip.engine.model.models import CONFIG_DIR
+    cfg = json.loads((CONFIG_DIR / "mapclip-tiny.json").read_text())
+    cfg["pir_cfg"] = {"res_layers": [1, 1, 1, 1], "res_width": 8, "head_width": 64}
+    path.write_text(json.dumps(cfg))
+    return f"{path}:random"
+
+
+def test_cli_recipe_pir_trains_and_its_model_detects_and_searches(tmp_path, capsys):
+    from mapclip.engine.cli import main
+    from mapclip.engine.model.models import load_model
+    from tests.raster_fixtures import make_raster
+    data = labelled_pairs(tmp_path / "data")
+    spec = tiny_pir_config(tmp_path / "pir-tiny.json")
+    run = tmp_path / "run"
+    argv = ["finetune", "--model", spec, "--recipe", "pir", "--data", str(data), "--out", str(run),
+            "--epochs", "1", "--batch-size", "3", "--lr", "1e-3", "--val-split", "0", "--workers", "0",
+            "--pir-prior-epochs", "1", "--device", "cpu", "--json"]
+    assert main(argv) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["recipe"] == "pir" and obj["steps"] == 2
+    assert obj["prior"]["classes"] == ["field", "warm", "water"]
+    assert Path(obj["prior"]["file"]) == run / pir_recipe.PRIOR_FILE
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in records][:2] == ["prior", "eval"]      # the first stage, then training
+    best = obj["best_path"]
+    meta = json.loads(Path(best, "open_clip_config.json").read_text())
+    assert meta["model_cfg"]["pir_cfg"]["res_width"] == 8 and meta["mapclip"]["recipe"] == "pir"
+    lm = load_model(best, device="cpu")
+    assert has_prior(lm.model)
+    trained = dict(lm.model.state_dict())
+    from mapclip.engine.finetune import load_base_model
+    raw = load_base_model(spec, seed=0, device="cpu").model.state_dict()   # the same init, untrained
+    assert not torch.equal(trained["visual.prior.attnpool.c_proj.weight"],
+                           raw["visual.prior.attnpool.c_proj.weight"])
+    # detect (window mode; dense mode falls back to it, saying why) and an index searched
+    raster = make_raster(tmp_path / "r.tif", 96, 64)
+    for mode in ("window", "dense"):
+        assert main(["detect", str(raster), "--prompt", "a red square", "--model", best, "--tile", "32",
+                     "--mode", mode, "--out", str(tmp_path / f"{mode}.gpkg"), "--json",
+                     "--device", "cpu"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert (tmp_path / f"{mode}.gpkg").is_file()
+        assert any("PIR model" in w for w in out["warnings"]) == (mode == "dense")
+    assert main(["index", str(raster), "--model", best, "--tile", "32", "--out",
+                 str(tmp_path / "idx"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "idx"), "--text", "a red square", "--model", best,
+                 "--top-k", "2", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert [h["rank"] for h in hits] == [1, 2]
+    # the prior of this run reused: no first stage; without labels the recipe is refused
+    argv2 = argv[:argv.index("--out") + 1] + [str(tmp_path / "run2")] + argv[argv.index("--out") + 2:]
+    assert main(argv2 + ["--pir-prior", str(run / pir_recipe.PRIOR_FILE)]) == 0
+    obj2 = json.loads(capsys.readouterr().out)
+    assert obj2["prior"]["file"] == str(run / pir_recipe.PRIOR_FILE) and "accuracy" not in obj2["prior"]
+    assert "prior" not in {json.loads(x)["type"] for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()}
+    bare = labelled_pairs(tmp_path / "bare", labels=False)
+    argv3 = [bare if a == str(data) else a for a in argv]
+    argv3 = [str(a) for a in argv3]
+    argv3[argv3.index("--out") + 1] = str(tmp_path / "run3")
+    assert main(argv3) == 2
+    err = capsys.readouterr().err
+    assert "scene class" in err and "label" in err and "--recipe clip" in err
