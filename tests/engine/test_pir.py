@@ -287,3 +287,36 @@ def test_cli_recipe_pir_trains_and_its_model_detects_and_searches(tmp_path, caps
     assert main(argv3) == 2
     err = capsys.readouterr().err
     assert "scene class" in err and "label" in err and "--recipe clip" in err
+
+
+def test_a_pir_run_cancelled_and_resumed_equals_one_that_ran_through(tmp_path):
+    """accum 2: the affiliation loss sees the labels of the whole contrastive batch."""
+    import threading
+    from mapclip.engine import finetune as ft
+    from mapclip.engine.core.errors import Cancelled
+    data = labelled_pairs(tmp_path / "data")
+    spec = tiny_pir_config(tmp_path / "pir-tiny.json")
+
+    def opts(out, **kw):
+        return ft.FinetuneOptions(model=spec, data=str(data), out=str(tmp_path / out), epochs=2,
+                                  batch_size=2, accum=2, lr=1e-3, val_split=0.0, workers=0,
+                                  device="cpu", recipe="pir", pir_prior_epochs=1, **kw)
+    whole = ft.finetune(opts("whole"))
+    cancel = threading.Event()
+
+    def stop_after_epoch_1(record):
+        if record["type"] == "eval" and record["epoch"] == 1:
+            cancel.set()
+    with pytest.raises(Cancelled):
+        ft.finetune(opts("cut"), cancel=cancel, on_metrics=stop_after_epoch_1)
+    with pytest.raises(UsageError, match="recipe: 'pir' -> None"):   # the recipe is part of the run
+        ft.finetune(ft.FinetuneOptions(**dict(opts("cut", resume=True).__dict__, recipe="clip",
+                                              weight_decay=0.5)))
+    resumed = ft.finetune(ft.options_from_run(tmp_path / "cut", device="cpu", workers=0))
+    assert resumed.resumed_from_epoch == 1 and resumed.recipe == "pir"
+    a = torch.load(str(tmp_path / "whole" / ft.STATE_FILE), weights_only=True)["model"]
+    b = torch.load(str(tmp_path / "cut" / ft.STATE_FILE), weights_only=True)["model"]
+    assert a.keys() == b.keys() and any(k.startswith("visual.prior.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.metrics_after == whole.metrics_after

@@ -1,10 +1,18 @@
-"""Contrastive fine-tuning of a CLIP model on image-caption pairs (RemoteCLIP's recipe).
+"""Contrastive fine-tuning of a CLIP model on image-caption pairs (RemoteCLIP's recipe,
+or PIR-CLIP's with ``recipe="pir"``).
 
 One call, :func:`finetune`, reads a caption dataset (:mod:`engine.data.captions`),
 holds out a validation split, evaluates retrieval before training, trains with
 symmetric InfoNCE and the model's own learnable temperature, evaluates after
 every epoch and keeps the best model by mean recall as a model folder that
-:func:`engine.model.models.load_model` reads.
+:func:`engine.model.models.load_model` reads. Recipe ``pir`` (:mod:`.pir`) first
+makes the model PIR-CLIP (:mod:`engine.model.pir`) and trains its scene prior,
+then adds the cluster-wise affiliation loss to InfoNCE.
+
+The package: :mod:`.train` (the model, what trains, AdamW, the schedule, the losses,
+one step), :mod:`.data` (decoding, augmentation, the epoch plan, the split, the
+evaluation), :mod:`.rundir` (the run folder: fingerprint, refusals, state, best/,
+lock), :mod:`.pir` (PIR's labels, prior and its checkpoint), :mod:`.run` (the run).
 
 Training details
 ----------------

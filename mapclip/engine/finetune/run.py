@@ -16,7 +16,7 @@ import torch
 
 from ..core.errors import UsageError, reason
 from ..core.jobs import CancelFlag, Job, ProgressFn
-from ..core.options import FinetuneOptions
+from ..core.options import RECIPES, FinetuneOptions
 from ..data.captions import SkipReport, check_images, read_captions
 from .data import PairDataset, _loader, _normalise, epoch_plan, evaluate, split_items
 from .rundir import (BEST_DIR, METRICS_FILE, RUN_FILE, STATE_FILE, STATE_FORMAT, RunLock,
@@ -84,6 +84,15 @@ def _check_options(o: FinetuneOptions) -> None:
                          "e.g. (0.5, 1.0)")
     if o.workers < 0:
         raise UsageError("--workers must be 0 or more", "0 decodes in the main process")
+    if o.recipe not in RECIPES:
+        raise UsageError(f"unknown --recipe {o.recipe!r}", f"use one of {', '.join(RECIPES)}",
+                         option="recipe")
+    if o.recipe == "pir":
+        if int(o.pir_prior_epochs) < 1 or not o.pir_prior_lr > 0 or not o.pir_cal_weight >= 0:
+            raise UsageError(f"recipe pir needs --pir-prior-epochs >= 1, --pir-prior-lr > 0 and "
+                             f"--pir-cal-weight >= 0 (got {o.pir_prior_epochs}, {o.pir_prior_lr}, "
+                             f"{o.pir_cal_weight})", "e.g. --pir-prior-epochs 5 --pir-prior-lr 1e-3 "
+                             "--pir-cal-weight 1")
 
 
 

@@ -111,7 +111,8 @@ def _check_run_dir(run_dir: Path, fingerprint: Dict[str, Any], resume: bool) -> 
         if run is None:
             raise UsageError(f"{run_dir} holds no run to resume", "drop --resume to start a new run there")
         diffs = [f"{k}: {run['fingerprint'].get(k)!r} -> {fingerprint.get(k)!r}"
-                 for k in fingerprint if run["fingerprint"].get(k) != fingerprint.get(k)
+                 for k in [*fingerprint, *(k for k in run["fingerprint"] if k not in fingerprint)]
+                 if run["fingerprint"].get(k) != fingerprint.get(k)
                  and k not in ("data_sha256", "images")]
         old_sha = run["fingerprint"].get("data_sha256")
         if old_sha is not None and old_sha != fingerprint.get("data_sha256"):
