@@ -163,6 +163,16 @@ def test_labels_come_from_the_caption_file_and_their_absence_is_refused(tmp_path
     with pytest.raises(UsageError) as err:
         pir_recipe.scene_classes(read_captions(str(tmp_path / "without.csv")).items)
     assert "scene class" in str(err.value) and "`label`" in err.value.hint
+    # PIR-CLIP's own rule: the file name's part before the first "_"
+    for n in ("airport_1", "airport_2", "beach_10"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{n}.png")
+    (tmp_path / "named.csv").write_text("image,caption\nairport_1.png,x\nairport_2.png,y\nbeach_10.png,z\n")
+    named = read_captions(str(tmp_path / "named.csv")).items
+    assert pir_recipe.scene_classes(named, "filename") == ["airport", "beach"]
+    assert [pir_recipe.scene_label(i, "filename") for i in named] == ["airport", "airport", "beach"]
+    with pytest.raises(UsageError, match="file names have none") as err:
+        pir_recipe.scene_classes(items, "filename")                    # a.png, b.png, c.png
+    assert "CLASS_N" in err.value.hint
     (tmp_path / "one.csv").write_text("image,caption,label\na.png,x,harbour\nb.png,y,harbour\n")
     with pytest.raises(UsageError, match="at least two scene classes"):
         pir_recipe.scene_classes(read_captions(str(tmp_path / "one.csv")).items)

@@ -114,7 +114,8 @@ def test_finetune_dialog_offers_recipe_and_runs_pir(qtbot, tmp_path):
     dlg.val_split.setValue(0.0)
     dlg.device.setText("cpu")
     assert dlg.validate() == []
-    assert dlg.options_kwargs()["recipe"] == "pir"
+    assert dlg.options_kwargs()["recipe"] == "pir" and dlg.options_kwargs()["pir_labels"] == "column"
+    assert [dlg.pir_labels.itemText(i) for i in range(dlg.pir_labels.count())] == ["column", "filename"]
     assert dlg.start() is not None
     assert wait_task(qtbot, dlg) == "done", dlg.last_error
     meta = json.loads((tmp_path / "run" / "best" / "open_clip_config.json").read_text())

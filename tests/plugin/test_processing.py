@@ -143,6 +143,8 @@ def test_finetune_recipe_pir_passes_the_recipe_and_refuses_data_without_labels(p
               "OUTPUT": str(tmp_path / "bare")}
     with pytest.raises(QgsProcessingException, match="scene class"):
         run("finetune", params)
+    with pytest.raises(QgsProcessingException, match="file names have none"):   # im0.png: no CLASS_
+        run("finetune", dict(params, PIR_LABELS=1))
     rows = data.read_text().splitlines()
     data.write_text("\n".join([rows[0] + ",label"] + [f"{r},{'warm' if i % 2 else 'cool'}"
                                                        for i, r in enumerate(rows[1:])]) + "\n")

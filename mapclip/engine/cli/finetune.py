@@ -12,11 +12,11 @@ from . import add_model_args, cancel_event, print_json, tqdm_progress
 TUNABLE = ("epochs", "batch_size", "accum", "lr", "weight_decay", "warmup", "val_split", "freeze",
            "crop_scale",
            "unlock_last", "seed", "recipe", "pir_prior", "pir_prior_epochs", "pir_prior_lr",
-           "pir_cal_weight")
+           "pir_cal_weight", "pir_labels")
 
 
 def register(sub) -> None:
-    from ..core.options import FREEZE, RECIPE_WEIGHT_DECAY, RECIPES, FinetuneOptions
+    from ..core.options import FREEZE, PIR_LABELS, RECIPE_WEIGHT_DECAY, RECIPES, FinetuneOptions
     d = FinetuneOptions(model="", data="", out="")
     p = sub.add_parser(
         "finetune", help="fine-tune a CLIP model on image-caption pairs",
@@ -59,6 +59,10 @@ def register(sub) -> None:
                    help="recipe pir: the scene classifier's checkpoint (a prior.safetensors of an "
                         "earlier run, a PIR model folder, or a PIR-CLIP checkpoint); default: "
                         "trained first on the same data")
+    p.add_argument("--pir-labels", choices=PIR_LABELS, default=None,
+                   help="recipe pir: each image's scene class from the caption file's label (or "
+                        "class) column, or from the file name's part before the first _ (PIR-CLIP's "
+                        f"rule, RSITMD's airport_12.tif) (default {d.pir_labels})")
     p.add_argument("--pir-prior-epochs", type=int, default=None, metavar="N",
                    help=f"recipe pir: epochs of the scene classifier's stage (default {d.pir_prior_epochs})")
     p.add_argument("--pir-prior-lr", type=float, default=None, metavar="X",

@@ -57,6 +57,9 @@ FREEZE = ("none", "text", "vision")
 #: fine-tuning recipes: RemoteCLIP's symmetric InfoNCE, or PIR (PIR-CLIP: a scene prior
 #: instructs the image tower; InfoNCE plus the cluster-wise affiliation loss)
 RECIPES = ("clip", "pir")
+#: where recipe pir reads each image's scene class: a label/class column of the caption file,
+#: or the file name's part before the first "_" (PIR-CLIP's code: RSITMD's airport_12.tif)
+PIR_LABELS = ("column", "filename")
 #: the weight decay each recipe uses when none is given (PIR-CLIP's README trains with 0.5)
 RECIPE_WEIGHT_DECAY = {"clip": 0.2, "pir": 0.5}
 #: how raster values become 8-bit colours
@@ -416,6 +419,7 @@ class FinetuneOptions:
     pir_prior_epochs: int = 5         # PIR: epochs of the first stage (the scene classifier)
     pir_prior_lr: float = 1e-3        # PIR: the first stage's learning rate
     pir_cal_weight: float = 1.0       # PIR: weight of the cluster-wise affiliation loss
+    pir_labels: str = "column"        # PIR: where the scene classes come from (PIR_LABELS)
 
     @property
     def decay(self) -> float:
@@ -722,6 +726,7 @@ def check(options: Any) -> Any:  # long: one range table per options class
         _within("val_split", o.val_split, 0.0, 0.9)
         _choice("freeze", o.freeze, FREEZE)
         _choice("recipe", o.recipe, RECIPES)
+        _choice("pir_labels", o.pir_labels, PIR_LABELS)
         _at_least("pir_prior_epochs", o.pir_prior_epochs, 1)
         _positive("pir_prior_lr", o.pir_prior_lr)
         _at_least("pir_cal_weight", o.pir_cal_weight, 0.0, whole=False)

@@ -7,11 +7,14 @@ Three layouts are read, chosen by the file's suffix:
   ``filepath``, ``filename``, ``path``, ``file`` or ``img``; every column whose
   name starts with ``caption``, ``text``, ``title``, ``sentence`` or ``raw`` is
   a caption (so ``caption_1 .. caption_5`` in one row works), and a ``split``
-  column is honoured. Without a header: column 1 image, column 2 caption.
+  column is honoured, as is a ``label`` (or ``class``) column naming the image's
+  scene class (fine-tuning's PIR recipe). Without a header: column 1 image,
+  column 2 caption.
   ``.csv`` is comma-separated, ``.tsv``/``.txt`` tab-separated.
 - ``.jsonl`` / ``.ndjson``: one object per line with an image key (as above)
   and ``caption``/``text``/``title`` (a string) or ``captions``/``sentences``
-  (a list of strings or of ``{"raw": ...}``), optional ``split``.
+  (a list of strings or of ``{"raw": ...}``), optional ``split`` and
+  ``label``/``class`` (all three JSON layouts).
 - ``.json``: the RSICD / UCM / RSITMD (Karpathy) layout,
   ``{"images": [{"filename", "sentences": [{"raw"}], "split"}]}`` (an
   optional ``filepath`` is a sub-folder), or a JSON list of JSONL-style records.

@@ -41,15 +41,32 @@ PRIOR_PREFIXES = ("prior.", "visual.prior.", "module.res_visual.", "res_visual."
 _PRIOR_SALT = 1_000_003
 
 
-def scene_classes(items: Sequence[CaptionItem]) -> List[str]:
+def scene_label(item: CaptionItem, source: str = "column") -> Optional[str]:
+    """An image's scene class: its label/class column, or (``source`` "filename") its file
+    name's part before the first "_", as PIR-CLIP's code derives it (``airport_12.tif``)."""
+    if source == "filename":
+        name = Path(item.path).name
+        return name.split("_")[0] if "_" in name else None
+    return str(item.label) if item.label else None
+
+
+def scene_classes(items: Sequence[CaptionItem], source: str = "column") -> List[str]:
     """The sorted scene classes of ``items``; a clear error when some image has none."""
-    missing = [it for it in items if not it.label]
+    missing = [it for it in items if not scene_label(it, source)]
+    if missing and source == "filename":
+        raise UsageError(f"--pir-labels filename takes the scene class from the file name's part "
+                         f"before the first \"_\"; {len(missing)} of {len(items)} file names have "
+                         f"none (e.g. {Path(missing[0].path).name})",
+                         "name the images CLASS_N.ext (as RSITMD's airport_12.tif), or give a "
+                         "`label` column and --pir-labels column")
     if missing:
         raise UsageError(f"--recipe pir needs each training image's scene class; {len(missing)} of "
                          f"{len(items)} images have none (e.g. {missing[0].path})",
                          "add a `label` (or `class`) column to the caption file naming each "
-                         "image's scene class (JSON/JSONL: a \"label\" key), or use --recipe clip")
-    classes = sorted({str(it.label) for it in items})
+                         "image's scene class (JSON/JSONL: a \"label\" key), or pass --pir-labels "
+                         "filename when the file names start with it (airport_12.tif), or use "
+                         "--recipe clip")
+    classes = sorted({scene_label(it, source) for it in items})
     if len(classes) < 2:
         raise UsageError(f"--recipe pir needs at least two scene classes, the data names "
                          f"{len(classes)} ({', '.join(classes)})",
@@ -197,7 +214,7 @@ def train_prior(model, items: Sequence[CaptionItem], classes: List[str], o: Fine
     optimizer = make_optimizer(pair, o.pir_prior_lr, o.decay)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     index = {name: i for i, name in enumerate(classes)}
-    label_of = {it.path: str(it.label) for it in items}
+    label_of = {it.path: scene_label(it, o.pir_labels) for it in items}
     per_epoch = max(1, math.ceil(len(items) / int(o.batch_size)))
     total, step, accuracy = per_epoch * int(o.pir_prior_epochs), 0, None
     warmup = int(round(o.warmup * total))

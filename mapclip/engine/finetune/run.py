@@ -16,7 +16,7 @@ import torch
 
 from ..core.errors import UsageError, reason
 from ..core.jobs import CancelFlag, Job, ProgressFn
-from ..core.options import RECIPES, FinetuneOptions
+from ..core.options import PIR_LABELS, RECIPES, FinetuneOptions
 from ..data.captions import SkipReport, check_images, read_captions
 from .data import PairDataset, _loader, _normalise, epoch_plan, evaluate, split_items
 from .rundir import (BEST_DIR, METRICS_FILE, RUN_FILE, STATE_FILE, STATE_FORMAT, RunLock,
@@ -87,6 +87,9 @@ def _check_options(o: FinetuneOptions) -> None:
     if o.recipe not in RECIPES:
         raise UsageError(f"unknown --recipe {o.recipe!r}", f"use one of {', '.join(RECIPES)}",
                          option="recipe")
+    if o.pir_labels not in PIR_LABELS:
+        raise UsageError(f"unknown --pir-labels {o.pir_labels!r}", f"use one of {', '.join(PIR_LABELS)}",
+                         option="pir_labels")
     if o.recipe == "pir":
         if int(o.pir_prior_epochs) < 1 or not o.pir_prior_lr > 0 or not o.pir_cal_weight >= 0:
             raise UsageError(f"recipe pir needs --pir-prior-epochs >= 1, --pir-prior-lr > 0 and "
@@ -154,8 +157,9 @@ def _finetune(options: FinetuneOptions, progress: Optional[ProgressFn],  # long:
     total_steps = steps_per_epoch * o.epochs
     warmup_steps = int(round(o.warmup * total_steps))
     pir = o.recipe == "pir"
-    classes = pir_recipe.scene_classes(train_items) if pir else []
-    label_of = {it.path: classes.index(str(it.label)) for it in train_items} if pir else {}
+    classes = pir_recipe.scene_classes(train_items, o.pir_labels) if pir else []
+    label_of = {it.path: classes.index(pir_recipe.scene_label(it, o.pir_labels))
+                for it in train_items} if pir else {}
 
     # ---- model
     lm = load_base_model(o.model, o.seed, o.device)

@@ -25,7 +25,8 @@ METRICS_FILE = "metrics.jsonl"
 BEST_DIR = "best"
 STATE_FORMAT = 1
 #: options that must match for --resume to continue a run
-PIR_FINGERPRINT_FIELDS = ("recipe", "pir_prior", "pir_prior_epochs", "pir_prior_lr", "pir_cal_weight")
+PIR_FINGERPRINT_FIELDS = ("recipe", "pir_prior", "pir_prior_epochs", "pir_prior_lr", "pir_cal_weight",
+                          "pir_labels")
 FINGERPRINT_FIELDS = ("model", "data", "image_root", "epochs", "batch_size", "accum", "lr",
                       "weight_decay", "warmup", "min_lr_ratio", "val_split", "freeze",
                       "unlock_last", "seed", "crop_scale")

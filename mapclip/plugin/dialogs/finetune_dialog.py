@@ -20,7 +20,7 @@ from qgis.PyQt.QtGui import QColor, QPainter, QPen, QPolygonF
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QPushButton,
                                  QSizePolicy, QSpinBox, QWidget)
 
-from ...engine.core.options import FREEZE, RECIPES
+from ...engine.core.options import FREEZE, PIR_LABELS, RECIPES
 from .base import JobDialog, file_widget, need_file
 
 LOSS_COLOR = QColor(200, 60, 40)
@@ -159,6 +159,10 @@ class FinetuneDialog(JobDialog):
         self.pir_prior = file_widget(QgsFileWidget.GetFile,
                                      "Prior checkpoints (*.safetensors *.pt *.pth);;All files (*)")
         self.pir_prior.lineEdit().setPlaceholderText("trained first on the same data")
+        self.pir_labels = QComboBox()
+        self.pir_labels.addItems(PIR_LABELS)
+        self.pir_labels.setToolTip("column: the caption file's label (or class) column; filename: "
+                                   "the file name's part before the first _ (airport_12.tif)")
         self.recipe.currentTextChanged.connect(self._recipe_changed)
         self.freeze = QComboBox()
         self.freeze.addItems(FREEZE)
@@ -173,6 +177,7 @@ class FinetuneDialog(JobDialog):
         self.form.addRow("Images folder (relative paths)", self.images)
         self.form.addRow("Base model", self.model)
         self.form.addRow("Recipe", self.recipe)
+        self.form.addRow("PIR scene labels", self.pir_labels)
         self.form.addRow("PIR prior checkpoint", self.pir_prior)
         self.form.addRow("Epochs", self.epochs)
         self.form.addRow("Batch size", self.batch_size)
@@ -204,6 +209,9 @@ class FinetuneDialog(JobDialog):
         freeze = str(defaults.get("freeze", "none"))
         if freeze in FREEZE:
             self.freeze.setCurrentText(freeze)
+        labels = str(defaults.get("pir_labels", PIR_LABELS[0]))
+        if labels in PIR_LABELS:
+            self.pir_labels.setCurrentText(labels)
         recipe = str(defaults.get("recipe", RECIPES[0]))
         if recipe in RECIPES:
             self.recipe.setCurrentText(recipe)
@@ -211,8 +219,9 @@ class FinetuneDialog(JobDialog):
         self.unlock_last.setValue(int(defaults.get("unlock_last", 0) or 0))
 
     def _recipe_changed(self, recipe: str) -> None:
-        """The prior checkpoint is PIR's alone."""
+        """The prior checkpoint and the scene labels are PIR's alone."""
         self.pir_prior.setEnabled(recipe == "pir")
+        self.pir_labels.setEnabled(recipe == "pir")
 
     # -- checks --------------------------------------------------------------
     def learning_rate(self) -> Optional[float]:
@@ -247,7 +256,7 @@ class FinetuneDialog(JobDialog):
                     out=self.out.filePath().strip(), epochs=self.epochs.value(),
                     batch_size=self.batch_size.value(), lr=self.learning_rate(),
                     val_split=self.val_split.value(), freeze=self.freeze.currentText(),
-                    recipe=self.recipe.currentText(),
+                    recipe=self.recipe.currentText(), pir_labels=self.pir_labels.currentText(),
                     pir_prior=(self.pir_prior.filePath().strip() or None
                                if self.recipe.currentText() == "pir" else None),
                     unlock_last=self.unlock_last.value(), resume=self.resume.isChecked(),

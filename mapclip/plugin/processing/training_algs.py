@@ -19,6 +19,7 @@ from .common import FeedbackBridge, MapClipAlgorithm, default_model, engine_erro
 
 from ...engine.core.options import DedupOptions, MaskOptions
 from ...engine.core.options import FREEZE as FREEZE_
+from ...engine.core.options import PIR_LABELS as PIR_LABELS_
 from ...engine.core.options import RECIPES as RECIPES_
 from ...engine.core.options import FinetuneOptions
 
@@ -26,6 +27,7 @@ from ...engine.core.options import FinetuneOptions
 FT = FinetuneOptions(model="", data="", out="")
 FREEZE = list(FREEZE_)
 RECIPES = list(RECIPES_)
+PIR_LABELS = list(PIR_LABELS_)
 B2C_FORMATS = ["coco", "dota", "yolo", "voc"]
 
 
@@ -57,7 +59,7 @@ class FinetuneAlgorithm(MapClipAlgorithm):
     VAL_SPLIT, FREEZE_P, UNLOCK_LAST, RESUME, DEVICE = "VAL_SPLIT", "FREEZE", "UNLOCK_LAST", "RESUME", "DEVICE"
     BEST, MEAN_RECALL = "BEST_MODEL", "MEAN_RECALL"
     IMAGES, ACCUM = "IMAGES", "ACCUM"
-    RECIPE, PIR_PRIOR = "RECIPE", "PIR_PRIOR"
+    RECIPE, PIR_PRIOR, PIR_LABELS_P = "RECIPE", "PIR_PRIOR", "PIR_LABELS"
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterFile(self.DATA, "Image-caption file (CSV, TSV, JSONL, JSON)"))
@@ -68,6 +70,10 @@ class FinetuneAlgorithm(MapClipAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(
             self.RECIPE, "Recipe (clip: InfoNCE; pir: PIR-CLIP, needs scene labels)",
             options=RECIPES, defaultValue=RECIPES.index(FT.recipe)))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.PIR_LABELS_P, "PIR scene labels (column: a label/class column; filename: the "
+                               "name's part before the first _)",
+            options=PIR_LABELS, defaultValue=PIR_LABELS.index(FT.pir_labels)))
         self.addParameter(QgsProcessingParameterFile(
             self.PIR_PRIOR, "PIR prior checkpoint (empty: trained first on the same data)",
             optional=True))
@@ -123,6 +129,7 @@ class FinetuneAlgorithm(MapClipAlgorithm):
                 resume=self.parameterAsBool(parameters, self.RESUME, context),
                 recipe=RECIPES[self.parameterAsEnum(parameters, self.RECIPE, context)],
                 pir_prior=self.parameterAsFile(parameters, self.PIR_PRIOR, context) or None,
+                pir_labels=PIR_LABELS[self.parameterAsEnum(parameters, self.PIR_LABELS_P, context)],
                 device=device)
             bridge = FeedbackBridge(feedback)
 
