@@ -302,7 +302,7 @@ def test_random_init_specs(tmp_path):
     assert a.arch == "mapclip-tiny" and a.image_size == 64 and a.precision == "fp32"
     assert torch.equal(a.model.visual.proj, b.model.visual.proj)
     assert not torch.equal(a.model.visual.proj, c.model.visual.proj)
-    cfg = json.loads((Path(ft.__file__).parent / "model" / "configs" / "mapclip-tiny.json").read_text())
+    cfg = json.loads((Path(ft.__file__).parents[1] / "model" / "configs" / "mapclip-tiny.json").read_text())
     cfg["vision_cfg"]["image_size"] = 32
     cfg["vision_cfg"]["patch_size"] = 8
     (tmp_path / "small.json").write_text(json.dumps(cfg))

@@ -83,6 +83,46 @@ def test_finetune_dialog_runs_plots_and_offers_the_model(qtbot, tmp_path):
     assert (tmp_path / "run" / "best" / "open_clip_config.json").is_file()
 
 
+def test_finetune_dialog_offers_recipe_and_runs_pir(qtbot, tmp_path):
+    from mapclip.engine.core.options import RECIPES
+    from mapclip.plugin.dialogs.finetune_dialog import FinetuneDialog
+    dlg = FinetuneDialog()
+    qtbot.addWidget(dlg)
+    assert [dlg.recipe.itemText(i) for i in range(dlg.recipe.count())] == list(RECIPES)
+    assert dlg.recipe.currentText() == "clip" and not dlg.pir_prior.isEnabled()
+    assert dlg.options_kwargs()["recipe"] == "clip" and dlg.options_kwargs()["pir_prior"] is None
+    # scene labels beside the captions: two classes of four images each
+    data = caption_set(tmp_path)
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join([rows[0] + ",label"] + [f"{r},{'warm' if i % 2 else 'cool'}"
+                                                       for i, r in enumerate(rows[1:])]) + "\n")
+    cfg = json.loads((Path(__file__).parents[2] / "mapclip" / "engine" / "model" / "configs"
+                      / "mapclip-tiny.json").read_text())
+    cfg["pir_cfg"] = {"res_layers": [1, 1, 1, 1], "res_width": 8, "head_width": 64}
+    (tmp_path / "pir-tiny.json").write_text(json.dumps(cfg))
+    dlg.data.setFilePath(str(data))
+    dlg.model.setCurrentText(f"{tmp_path / 'pir-tiny.json'}:random")
+    dlg.recipe.setCurrentText("pir")
+    assert dlg.pir_prior.isEnabled()
+    dlg.pir_prior.setFilePath(str(tmp_path / "no-prior.safetensors"))
+    dlg.out.setFilePath(str(tmp_path / "run"))
+    assert any("PIR prior checkpoint" in p for p in dlg.validate())
+    dlg.pir_prior.setFilePath("")
+    dlg.epochs.setValue(1)
+    dlg.batch_size.setValue(8)
+    dlg.lr.setText("1e-3")
+    dlg.val_split.setValue(0.0)
+    dlg.device.setText("cpu")
+    assert dlg.validate() == []
+    assert dlg.options_kwargs()["recipe"] == "pir" and dlg.options_kwargs()["pir_labels"] == "column"
+    assert [dlg.pir_labels.itemText(i) for i in range(dlg.pir_labels.count())] == ["column", "filename"]
+    assert dlg.start() is not None
+    assert wait_task(qtbot, dlg) == "done", dlg.last_error
+    meta = json.loads((tmp_path / "run" / "best" / "open_clip_config.json").read_text())
+    assert meta["mapclip"]["recipe"] == "pir" and "pir_cfg" in meta["model_cfg"]
+    assert (tmp_path / "run" / "prior.safetensors").is_file()
+
+
 def test_finetune_dialog_resume_needs_existing_run(qtbot, tmp_path):
     from mapclip.plugin.dialogs.finetune_dialog import FinetuneDialog
     dlg = FinetuneDialog()

@@ -131,6 +131,28 @@ def test_finetune_writes_a_loadable_best_model(provider, tmp_path):
     assert (out / "metrics.jsonl").read_text().count('"type": "step"') >= 1
 
 
+def test_finetune_recipe_pir_passes_the_recipe_and_refuses_data_without_labels(provider, tmp_path):
+    from qgis.core import QgsProcessingException
+    data = caption_set(tmp_path)
+    cfg = json.loads((Path(__file__).parents[2] / "mapclip" / "engine" / "model" / "configs"
+                      / "mapclip-tiny.json").read_text())
+    cfg["pir_cfg"] = {"res_layers": [1, 1, 1, 1], "res_width": 8, "head_width": 64}
+    (tmp_path / "pir-tiny.json").write_text(json.dumps(cfg))
+    params = {"DATA": str(data), "MODEL": f"{tmp_path / 'pir-tiny.json'}:random", "RECIPE": 1,
+              "EPOCHS": 1, "BATCH_SIZE": 8, "LR": 1e-3, "VAL_SPLIT": 0.0, "DEVICE": "cpu",
+              "OUTPUT": str(tmp_path / "bare")}
+    with pytest.raises(QgsProcessingException, match="scene class"):
+        run("finetune", params)
+    with pytest.raises(QgsProcessingException, match="file names have none"):   # im0.png: no CLASS_
+        run("finetune", dict(params, PIR_LABELS=1))
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join([rows[0] + ",label"] + [f"{r},{'warm' if i % 2 else 'cool'}"
+                                                       for i, r in enumerate(rows[1:])]) + "\n")
+    res = run("finetune", dict(params, OUTPUT=str(tmp_path / "run")))
+    meta = json.loads((Path(res["BEST_MODEL"]) / "open_clip_config.json").read_text())
+    assert meta["mapclip"]["recipe"] == "pir" and "pir_cfg" in meta["model_cfg"]
+
+
 def test_deduplicate_reports_and_moves_only_when_asked(provider, tmp_path, near_duplicate_folders):
     train, test = near_duplicate_folders
     report = tmp_path / "report.csv"

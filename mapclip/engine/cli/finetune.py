@@ -11,11 +11,12 @@ from . import add_model_args, cancel_event, print_json, tqdm_progress
 #: options that default to FinetuneOptions' values, or to the run's with --resume
 TUNABLE = ("epochs", "batch_size", "accum", "lr", "weight_decay", "warmup", "val_split", "freeze",
            "crop_scale",
-           "unlock_last", "seed")
+           "unlock_last", "seed", "recipe", "pir_prior", "pir_prior_epochs", "pir_prior_lr",
+           "pir_cal_weight", "pir_labels")
 
 
 def register(sub) -> None:
-    from ..core.options import FREEZE, FinetuneOptions
+    from ..core.options import FREEZE, PIR_LABELS, RECIPE_WEIGHT_DECAY, RECIPES, FinetuneOptions
     d = FinetuneOptions(model="", data="", out="")
     p = sub.add_parser(
         "finetune", help="fine-tune a CLIP model on image-caption pairs",
@@ -37,7 +38,8 @@ def register(sub) -> None:
                         f"(default {d.accum})")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr:g})")
     p.add_argument("--weight-decay", type=float, default=None,
-                   help=f"AdamW weight decay (default {d.weight_decay:g})")
+                   help="AdamW weight decay (default: the recipe's, "
+                        + ", ".join(f"{k} {v:g}" for k, v in RECIPE_WEIGHT_DECAY.items()) + ")")
     p.add_argument("--warmup", type=float, default=None,
                    help=f"fraction of steps for linear warm-up (default {d.warmup:g})")
     p.add_argument("--val-split", type=float, default=None,
@@ -48,6 +50,26 @@ def register(sub) -> None:
     p.add_argument("--unlock-last", type=int, default=None, metavar="N",
                    help="train only the last N blocks (+ final norm/projection) of unfrozen towers; "
                         "0 = all (default)")
+    p.add_argument("--recipe", choices=RECIPES, default=None,
+                   help="clip: symmetric InfoNCE (RemoteCLIP); pir: PIR-CLIP, a scene classifier "
+                        "instructs the image tower, InfoNCE plus the cluster-wise affiliation loss; "
+                        "needs a label (or class) column with each image's scene class "
+                        f"(default {d.recipe})")
+    p.add_argument("--pir-prior", default=None, metavar="FILE",
+                   help="recipe pir: the scene classifier's checkpoint (a prior.safetensors of an "
+                        "earlier run, a PIR model folder, or a PIR-CLIP checkpoint); default: "
+                        "trained first on the same data")
+    p.add_argument("--pir-labels", choices=PIR_LABELS, default=None,
+                   help="recipe pir: each image's scene class from the caption file's label (or "
+                        "class) column, or from the file name's part before the first _ (PIR-CLIP's "
+                        f"rule, RSITMD's airport_12.tif) (default {d.pir_labels})")
+    p.add_argument("--pir-prior-epochs", type=int, default=None, metavar="N",
+                   help=f"recipe pir: epochs of the scene classifier's stage (default {d.pir_prior_epochs})")
+    p.add_argument("--pir-prior-lr", type=float, default=None, metavar="X",
+                   help=f"recipe pir: that stage's learning rate (default {d.pir_prior_lr:g})")
+    p.add_argument("--pir-cal-weight", type=float, default=None, metavar="X",
+                   help="recipe pir: weight of the cluster-wise affiliation loss "
+                        f"(default {d.pir_cal_weight:g}, as the reference sums the two losses)")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run in RUN_DIR (settings not given again are "
                         "taken from the run)")
@@ -91,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     model_files = [m for m in {args.model, args.model.split(":", 1)[-1]} if Path(m).exists()]
     check_outputs([("--out", args.out)],
                   [("--data", d) for d in args.data] + [("--images", args.images)]
-                  + [("--model", m) for m in model_files],
+                  + [("--model", m) for m in model_files]
+                  + ([("--pir-prior", args.pir_prior)] if args.pir_prior else []),
                   folders=["--out"], may_exist=["--out"])
     common = dict(model=args.model, data=args.data, device=args.device, precision=args.precision,
                   strict=args.strict, workers=args.workers)
@@ -119,6 +142,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"data:     {result.train_images} training images ({result.train_captions} captions), "
           f"evaluated on {result.eval_split}: {result.eval_images} images, {result.eval_texts} captions")
     print(f"skipped:  {skipped.summary()}")
+    if result.prior:
+        acc = result.prior.get("accuracy")
+        print(f"prior:    {len(result.prior['classes'])} scene classes"
+              + (f", training accuracy {acc:.1f} %" if acc is not None else "")
+              + (f" -> {result.prior['file']}" if result.prior.get("file") else ""))
     _print_metrics("before", result.metrics_before)
     _print_metrics("after", result.metrics_after)
     print(f"training: {result.epochs_run} epoch(s) run"

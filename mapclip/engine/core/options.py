@@ -75,6 +75,14 @@ COUNT_METHODS = ("prompt", "dense", "both")
 SEARCH_METHODS = ("auto", "exact", "approx")
 #: fine-tuning: which tower stays frozen
 FREEZE = ("none", "text", "vision")
+#: fine-tuning recipes: RemoteCLIP's symmetric InfoNCE, or PIR (PIR-CLIP: a scene prior
+#: instructs the image tower; InfoNCE plus the cluster-wise affiliation loss)
+RECIPES = ("clip", "pir")
+#: where recipe pir reads each image's scene class: a label/class column of the caption file,
+#: or the file name's part before the first "_" (PIR-CLIP's code: RSITMD's airport_12.tif)
+PIR_LABELS = ("column", "filename")
+#: the weight decay each recipe uses when none is given (PIR-CLIP's README trains with 0.5)
+RECIPE_WEIGHT_DECAY = {"clip": 0.2, "pir": 0.5}
 #: how raster values become 8-bit colours
 STRETCHES = ("auto", "percentile", "minmax", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -383,7 +391,7 @@ class FinetuneOptions:
     batch_size: int = 64          # pairs per forward pass (micro-batch)
     accum: int = 1                # micro-batches per step: contrastive batch = batch_size * accum
     lr: float = 1e-5
-    weight_decay: float = 0.2
+    weight_decay: Optional[float] = None   # None: the recipe's (RECIPE_WEIGHT_DECAY)
     warmup: float = 0.05          # fraction of all steps spent warming up
     min_lr_ratio: float = 0.0     # cosine decays to lr * min_lr_ratio
     val_split: float = 0.1        # fraction of images held out when the data names no split
@@ -398,6 +406,19 @@ class FinetuneOptions:
     image_root: Optional[str] = None  # base folder for relative image paths
     crop_scale: Tuple[float, float] = (0.5, 1.0)
     eval_batch_size: int = 128
+    recipe: str = "clip"              # one of RECIPES
+    pir_prior: Optional[str] = None   # PIR: the scene classifier's checkpoint; None: trained first
+    pir_prior_epochs: int = 5         # PIR: epochs of the first stage (the scene classifier)
+    pir_prior_lr: float = 1e-3        # PIR: the first stage's learning rate
+    pir_cal_weight: float = 1.0       # PIR: weight of the cluster-wise affiliation loss
+    pir_labels: str = "column"        # PIR: where the scene classes come from (PIR_LABELS)
+
+    @property
+    def decay(self) -> float:
+        """The weight decay in force: the one given, else the recipe's."""
+        if self.weight_decay is not None:
+            return float(self.weight_decay)
+        return RECIPE_WEIGHT_DECAY.get(self.recipe, RECIPE_WEIGHT_DECAY["clip"])
 
 
 #: classify: the most classes a uint8 class map holds (0 = unknown, 255 = not scored)
@@ -694,6 +715,11 @@ def check(options: Any) -> Any:  # long: one range table per options class
         _within("min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
         _within("val_split", o.val_split, 0.0, 0.9)
         _choice("freeze", o.freeze, FREEZE)
+        _choice("recipe", o.recipe, RECIPES)
+        _choice("pir_labels", o.pir_labels, PIR_LABELS)
+        _at_least("pir_prior_epochs", o.pir_prior_epochs, 1)
+        _positive("pir_prior_lr", o.pir_prior_lr)
+        _at_least("pir_cal_weight", o.pir_cal_weight, 0.0, whole=False)
         _at_least("unlock_last", o.unlock_last, 0)
         _at_least("workers", o.workers, 0)
         lo, hi = (_finite("crop_scale", v) for v in o.crop_scale)

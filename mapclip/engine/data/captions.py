@@ -7,11 +7,14 @@ Three layouts are read, chosen by the file's suffix:
   ``filepath``, ``filename``, ``path``, ``file`` or ``img``; every column whose
   name starts with ``caption``, ``text``, ``title``, ``sentence`` or ``raw`` is
   a caption (so ``caption_1 .. caption_5`` in one row works), and a ``split``
-  column is honoured. Without a header: column 1 image, column 2 caption.
+  column is honoured, as is a ``label`` (or ``class``) column naming the image's
+  scene class (fine-tuning's PIR recipe). Without a header: column 1 image,
+  column 2 caption.
   ``.csv`` is comma-separated, ``.tsv``/``.txt`` tab-separated.
 - ``.jsonl`` / ``.ndjson``: one object per line with an image key (as above)
   and ``caption``/``text``/``title`` (a string) or ``captions``/``sentences``
-  (a list of strings or of ``{"raw": ...}``), optional ``split``.
+  (a list of strings or of ``{"raw": ...}``), optional ``split`` and
+  ``label``/``class`` (all three JSON layouts).
 - ``.json``: the RSICD / UCM / RSITMD (Karpathy) layout,
   ``{"images": [{"filename", "sentences": [{"raw"}], "split"}]}`` (an
   optional ``filepath`` is a sub-folder), or a JSON list of JSONL-style records.
@@ -35,6 +38,8 @@ from ..core.errors import UsageError
 
 IMAGE_KEYS = ("image", "filepath", "filename", "path", "file", "img", "image_path")
 CAPTION_PREFIXES = ("caption", "text", "title", "sentence", "raw")
+#: the column (key) naming an image's scene class (fine-tuning's PIR recipe)
+LABEL_KEYS = ("label", "class")
 CAPTION_LIST_KEYS = ("captions", "sentences", "texts")
 SKIP_REASONS = ("missing_image", "unreadable_image", "empty_caption", "no_caption", "bad_record")
 #: how many examples of skipped records a report keeps
@@ -48,6 +53,7 @@ class CaptionItem:
     path: str
     captions: List[str]
     split: Optional[str] = None
+    label: Optional[str] = None   # the scene class (a label/class column), if the data names one
 
 
 @dataclass
@@ -110,7 +116,8 @@ class _Collector:
         self.items: Dict[str, CaptionItem] = {}
         self.missing: set = set()
 
-    def add(self, image: Any, captions: Iterable[Any], split: Any, where: str) -> None:
+    def add(self, image: Any, captions: Iterable[Any], split: Any, where: str,
+            label: Any = None) -> None:
         if not isinstance(image, str) or not image.strip():
             self.report.add("bad_record", f"{where}: no image path", self.strict)
             return
@@ -144,6 +151,8 @@ class _Collector:
                 item.captions.append(t)
         if split not in (None, "") and item.split is None:
             item.split = str(split).strip().lower()
+        if label not in (None, "") and item.label is None:
+            item.label = " ".join(str(label).split())
 
     def finish(self, where: str) -> List[CaptionItem]:
         out = []
@@ -160,6 +169,10 @@ def _image_value(lower: Dict[str, Any]) -> Any:
         if key in lower:
             return lower[key]
     return None
+
+
+def _label_value(lower: Dict[str, Any]) -> Any:
+    return next((lower[k] for k in LABEL_KEYS if isinstance(lower.get(k), (str, int))), None)
 
 
 def _record_fields(record: Dict[str, Any]) -> Tuple[Any, List[Any], Any]:
@@ -195,9 +208,11 @@ def _read_delimited(path: Path, col: _Collector) -> None:
     caption_cols = [i for i, h in enumerate(head) if h.startswith(CAPTION_PREFIXES)]
     if image_col is not None and caption_cols:
         split_col = head.index("split") if "split" in head else None
+        label_col = next((head.index(k) for k in LABEL_KEYS if k in head), None)
         body, first_line = rows[1:], 2
     else:
         image_col, caption_cols, split_col, body, first_line = 0, [1], None, rows, 1
+        label_col = None
     for n, row in enumerate(body, start=first_line):
         where = f"{path.name}:{n}"
         if len(row) <= max([image_col] + caption_cols[:1]):
@@ -205,7 +220,8 @@ def _read_delimited(path: Path, col: _Collector) -> None:
             continue
         caps = [row[i] if i < len(row) else "" for i in caption_cols]
         split = row[split_col] if split_col is not None and split_col < len(row) else None
-        col.add(row[image_col], caps, split, where)
+        label = row[label_col] if label_col is not None and label_col < len(row) else None
+        col.add(row[image_col], caps, split, where, label)
 
 
 def _read_jsonl(path: Path, col: _Collector) -> None:
@@ -223,7 +239,8 @@ def _read_jsonl(path: Path, col: _Collector) -> None:
                 col.report.add("bad_record", f"{where}: not a JSON object", col.strict)
                 continue
             image, caps, split = _record_fields(record)
-            col.add(image, caps, split, where)
+            col.add(image, caps, split, where, _label_value({str(k).lower(): v
+                                                             for k, v in record.items()}))
 
 
 def _read_json(path: Path, col: _Collector) -> None:
@@ -246,7 +263,8 @@ def _read_json(path: Path, col: _Collector) -> None:
             col.report.add("bad_record", f"{where}: not an object", col.strict)
             continue
         image, caps, split = _record_fields(record)
-        col.add(image, caps, split, where)
+        col.add(image, caps, split, where, _label_value({str(k).lower(): v
+                                                         for k, v in record.items()}))
 
 
 READERS = {".csv": _read_delimited, ".tsv": _read_delimited, ".txt": _read_delimited,
@@ -289,6 +307,7 @@ def read_captions(paths: Union[str, os.PathLike, Sequence[Union[str, os.PathLike
                 have = items[item.path]
                 have.captions.extend(c for c in item.captions if c not in have.captions)
                 have.split = have.split or item.split
+                have.label = have.label or item.label
             else:
                 items[item.path] = item
         sources.append(str(path))

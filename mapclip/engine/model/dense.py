@@ -69,6 +69,9 @@ def dense_unsupported(lm: LoadedModel) -> Optional[str]:
                  "ln_post", "proj"):
         if not hasattr(visual, name):
             return f"{lm.arch}'s image tower has no {name} (not an open_clip VisionTransformer)"
+    if getattr(visual, "prior", None) is not None:
+        return (f"{lm.arch} is a PIR model (its image tower weighs the tokens by a scene prior, "
+                "so the patch tokens alone are not its features)")
     if getattr(visual, "attn_pool", None) is not None:
         return f"{lm.arch} pools with attention (dense mode needs token pooling)"
     blocks = getattr(visual.transformer, "resblocks", None)

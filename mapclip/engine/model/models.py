@@ -966,7 +966,12 @@ def build_model(model_cfg: Dict[str, Any]):
         return model
     custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     cfg.pop("tokenizer_kwargs", None)
-    return (CustomTextCLIP if custom else CLIP)(**cfg)
+    pir = cfg.pop("pir_cfg", None)      # a PIR model (engine.model.pir): CLIP plus its prior
+    model = (CustomTextCLIP if custom else CLIP)(**cfg)
+    if pir is not None:
+        from .pir import add_prior
+        add_prior(model, pir)
+    return model
 
 
 def load_weights(model, state_dict: Dict[str, Any], source: str, arch: str) -> None:

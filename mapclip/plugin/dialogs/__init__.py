@@ -10,7 +10,7 @@
 
 Each takes ``(iface=None, parent=None)``; all run their engine job through
 :class:`plugin.tasks.EngineTask` (:mod:`.base`). The engine's torch-heavy modules
-are imported inside the jobs, except that the fine-tune dialog reads its
-defaults from ``engine.finetune.FinetuneOptions`` when it opens (falling back
-to fixed values where torch is missing).
+are imported inside the jobs; the fine-tune dialog reads its defaults and choices
+(``FinetuneOptions``, ``FREEZE``, ``RECIPES``, ``PIR_LABELS``) from
+``engine.core.options``, which needs only the standard library.
 """

@@ -1,4 +1,4 @@
-"""The fine-tuning dialog: data, base model, schedule, freezing; a live loss/recall plot.
+"""The fine-tuning dialog: data, base model, recipe, schedule, freezing; a live loss/recall plot.
 
 The job is ``engine.finetune.finetune`` (the function behind ``python -m engine
 finetune``) in a :class:`plugin.tasks.EngineTask`: progress per step, Cancel
@@ -20,9 +20,9 @@ from qgis.PyQt.QtGui import QColor, QPainter, QPen, QPolygonF
 from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit, QPushButton,
                                  QSizePolicy, QSpinBox, QWidget)
 
+from ...engine.core.options import FREEZE, PIR_LABELS, RECIPES
 from .base import JobDialog, file_widget, need_file
 
-FREEZE_CHOICES = ("none", "text", "vision")
 LOSS_COLOR = QColor(200, 60, 40)
 RECALL_COLOR = QColor(40, 110, 200)
 
@@ -150,8 +150,22 @@ class FinetuneDialog(JobDialog):
         self.val_split = QDoubleSpinBox()
         self.val_split.setRange(0.0, 0.9)
         self.val_split.setSingleStep(0.05)
+        self.recipe = QComboBox()
+        self.recipe.addItems(RECIPES)
+        self.recipe.setToolTip("clip: symmetric InfoNCE (RemoteCLIP). pir: PIR-CLIP, a scene "
+                               "classifier instructs the image tower, InfoNCE plus the cluster-wise "
+                               "affiliation loss; the caption file needs a label (or class) column "
+                               "with each image's scene class")
+        self.pir_prior = file_widget(QgsFileWidget.GetFile,
+                                     "Prior checkpoints (*.safetensors *.pt *.pth);;All files (*)")
+        self.pir_prior.lineEdit().setPlaceholderText("trained first on the same data")
+        self.pir_labels = QComboBox()
+        self.pir_labels.addItems(PIR_LABELS)
+        self.pir_labels.setToolTip("column: the caption file's label (or class) column; filename: "
+                                   "the file name's part before the first _ (airport_12.tif)")
+        self.recipe.currentTextChanged.connect(self._recipe_changed)
         self.freeze = QComboBox()
-        self.freeze.addItems(FREEZE_CHOICES)
+        self.freeze.addItems(FREEZE)
         self.unlock_last = QSpinBox()
         self.unlock_last.setRange(0, 48)
         self.resume = QCheckBox("Resume the run in the output folder")
@@ -162,6 +176,9 @@ class FinetuneDialog(JobDialog):
         self.form.addRow("Image-caption file", self.data)
         self.form.addRow("Images folder (relative paths)", self.images)
         self.form.addRow("Base model", self.model)
+        self.form.addRow("Recipe", self.recipe)
+        self.form.addRow("PIR scene labels", self.pir_labels)
+        self.form.addRow("PIR prior checkpoint", self.pir_prior)
         self.form.addRow("Epochs", self.epochs)
         self.form.addRow("Batch size", self.batch_size)
         self.form.addRow("Learning rate", self.lr)
@@ -190,9 +207,21 @@ class FinetuneDialog(JobDialog):
         self.lr.setText(f"{defaults.get('lr', 1e-5):g}")
         self.val_split.setValue(float(defaults.get("val_split", 0.1)))
         freeze = str(defaults.get("freeze", "none"))
-        if freeze in FREEZE_CHOICES:
+        if freeze in FREEZE:
             self.freeze.setCurrentText(freeze)
+        labels = str(defaults.get("pir_labels", PIR_LABELS[0]))
+        if labels in PIR_LABELS:
+            self.pir_labels.setCurrentText(labels)
+        recipe = str(defaults.get("recipe", RECIPES[0]))
+        if recipe in RECIPES:
+            self.recipe.setCurrentText(recipe)
+        self._recipe_changed(self.recipe.currentText())
         self.unlock_last.setValue(int(defaults.get("unlock_last", 0) or 0))
+
+    def _recipe_changed(self, recipe: str) -> None:
+        """The prior checkpoint and the scene labels are PIR's alone."""
+        self.pir_prior.setEnabled(recipe == "pir")
+        self.pir_labels.setEnabled(recipe == "pir")
 
     # -- checks --------------------------------------------------------------
     def learning_rate(self) -> Optional[float]:
@@ -207,6 +236,8 @@ class FinetuneDialog(JobDialog):
         need_file(problems, "Image-caption file", self.data.filePath())
         if self.images.filePath().strip():
             need_file(problems, "Images folder", self.images.filePath(), folder=True)
+        if self.recipe.currentText() == "pir" and self.pir_prior.filePath().strip():
+            need_file(problems, "PIR prior checkpoint", self.pir_prior.filePath())
         if not self.model.currentText().strip():
             problems.append("Base model: empty (choose a preset or give a model folder)")
         if self.learning_rate() is None:
@@ -225,6 +256,9 @@ class FinetuneDialog(JobDialog):
                     out=self.out.filePath().strip(), epochs=self.epochs.value(),
                     batch_size=self.batch_size.value(), lr=self.learning_rate(),
                     val_split=self.val_split.value(), freeze=self.freeze.currentText(),
+                    recipe=self.recipe.currentText(), pir_labels=self.pir_labels.currentText(),
+                    pir_prior=(self.pir_prior.filePath().strip() or None
+                               if self.recipe.currentText() == "pir" else None),
                     unlock_last=self.unlock_last.value(), resume=self.resume.isChecked(),
                     device=self.device.text().strip() or None,
                     image_root=self.images.filePath().strip() or None)
@@ -263,7 +297,7 @@ def finetune_defaults() -> Dict[str, Any]:
     """FinetuneOptions' defaults, or {} where the engine cannot be imported."""
     try:
         import dataclasses
-        from ...engine.finetune import FinetuneOptions
+        from ...engine.core.options import FinetuneOptions
         return {f.name: f.default for f in dataclasses.fields(FinetuneOptions)
                 if f.default is not dataclasses.MISSING}
     except ImportError:

@@ -19,11 +19,15 @@ from .common import FeedbackBridge, MapClipAlgorithm, default_model, engine_erro
 
 from ...engine.core.options import DedupOptions, MaskOptions
 from ...engine.core.options import FREEZE as FREEZE_
+from ...engine.core.options import PIR_LABELS as PIR_LABELS_
+from ...engine.core.options import RECIPES as RECIPES_
 from ...engine.core.options import FinetuneOptions
 
 #: the engine's defaults, read once (engine.core.options, engine.convert and engine.dedup.duplicates need no torch)
 FT = FinetuneOptions(model="", data="", out="")
 FREEZE = list(FREEZE_)
+RECIPES = list(RECIPES_)
+PIR_LABELS = list(PIR_LABELS_)
 B2C_FORMATS = ["coco", "dota", "yolo", "voc"]
 
 
@@ -45,12 +49,17 @@ class FinetuneAlgorithm(MapClipAlgorithm):
             "file's folder.<br>Checkpoints are written every epoch into the run folder; "
             "<i>run folder</i>/best is a model folder you can give to every MapCLIP algorithm "
             "and to the dock. Resume continues an interrupted run in the same folder.<br>"
+            "<b>Recipe</b> pir trains PIR-CLIP (a scene classifier instructs the image tower; "
+            "InfoNCE plus the cluster-wise affiliation loss): the data needs a label (or class) "
+            "column with each image's scene class; the classifier is trained first on the same "
+            "data, or read from the prior checkpoint.<br>"
             "Same engine call as <code>python -m engine finetune</code>.")
 
     DATA, MODEL, OUTPUT, EPOCHS, BATCH_SIZE, LR = "DATA", "MODEL", "OUTPUT", "EPOCHS", "BATCH_SIZE", "LR"
     VAL_SPLIT, FREEZE_P, UNLOCK_LAST, RESUME, DEVICE = "VAL_SPLIT", "FREEZE", "UNLOCK_LAST", "RESUME", "DEVICE"
     BEST, MEAN_RECALL = "BEST_MODEL", "MEAN_RECALL"
     IMAGES, ACCUM = "IMAGES", "ACCUM"
+    RECIPE, PIR_PRIOR, PIR_LABELS_P = "RECIPE", "PIR_PRIOR", "PIR_LABELS"
 
     def initAlgorithm(self, config=None):  # noqa: N802
         self.addParameter(QgsProcessingParameterFile(self.DATA, "Image-caption file (CSV, TSV, JSONL, JSON)"))
@@ -58,6 +67,16 @@ class FinetuneAlgorithm(MapClipAlgorithm):
             self.IMAGES, "Image folder for relative paths (empty: the data file's folder)",
             behavior=QgsProcessingParameterFile.Folder, optional=True))
         self.addParameter(QgsProcessingParameterString(self.MODEL, "Base model", defaultValue=default_model()))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.RECIPE, "Recipe (clip: InfoNCE; pir: PIR-CLIP, needs scene labels)",
+            options=RECIPES, defaultValue=RECIPES.index(FT.recipe)))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.PIR_LABELS_P, "PIR scene labels (column: a label/class column; filename: the "
+                               "name's part before the first _)",
+            options=PIR_LABELS, defaultValue=PIR_LABELS.index(FT.pir_labels)))
+        self.addParameter(QgsProcessingParameterFile(
+            self.PIR_PRIOR, "PIR prior checkpoint (empty: trained first on the same data)",
+            optional=True))
         self.addParameter(QgsProcessingParameterNumber(
             self.EPOCHS, "Epochs", QgsProcessingParameterNumber.Integer,
             defaultValue=FT.epochs, minValue=1))
@@ -108,6 +127,9 @@ class FinetuneAlgorithm(MapClipAlgorithm):
                 freeze=FREEZE[self.parameterAsEnum(parameters, self.FREEZE_P, context)],
                 unlock_last=self.parameterAsInt(parameters, self.UNLOCK_LAST, context),
                 resume=self.parameterAsBool(parameters, self.RESUME, context),
+                recipe=RECIPES[self.parameterAsEnum(parameters, self.RECIPE, context)],
+                pir_prior=self.parameterAsFile(parameters, self.PIR_PRIOR, context) or None,
+                pir_labels=PIR_LABELS[self.parameterAsEnum(parameters, self.PIR_LABELS_P, context)],
                 device=device)
             bridge = FeedbackBridge(feedback)
 
