@@ -23,6 +23,8 @@ LAYER_NAME = "MapCLIP examples"
 WORDS = {True: "Yes, like this", False: "Not this"}
 COLOURS = {True: "#1a9850", False: "#d73027"}
 LAYER_PROPERTY = "mapclip/examples"
+#: the layer property naming the raster the last mark was made on (the fine-tune dialog's default)
+RASTER_PROPERTY = "mapclip/examples-raster"
 
 
 def examples_layer(create: bool = True) -> Optional[QgsVectorLayer]:
@@ -36,7 +38,8 @@ def examples_layer(create: bool = True) -> Optional[QgsVectorLayer]:
     uri = f"Point?crs={crs.authid()}" if crs.isValid() and crs.authid() else "Point"
     layer = QgsVectorLayer(uri, LAYER_NAME, "memory")
     layer.dataProvider().addAttributes([QgsField(LABEL_FIELD, QVariant.Int),
-                                        QgsField("prompt", QVariant.String)])
+                                        QgsField("prompt", QVariant.String),
+                                        QgsField("caption", QVariant.String)])
     layer.updateFields()
     layer.setCustomProperty(LAYER_PROPERTY, True)
     cats = []
@@ -52,9 +55,12 @@ def examples_layer(create: bool = True) -> Optional[QgsVectorLayer]:
 
 
 def add_mark(point: QgsPointXY, crs: QgsCoordinateReferenceSystem, positive: bool,
-             prompt: str = "") -> QgsVectorLayer:
-    """A mark at ``point`` (in ``crs``) in the examples layer; the layer."""
+             prompt: str = "", raster: str = "") -> QgsVectorLayer:
+    """A mark at ``point`` (in ``crs``) in the examples layer, made on ``raster`` (a file);
+    the layer."""
     layer = examples_layer()
+    if raster:
+        layer.setCustomProperty(RASTER_PROPERTY, raster)
     if crs.isValid() and layer.crs().isValid() and crs != layer.crs():
         point = QgsCoordinateTransform(crs, layer.crs(), QgsProject.instance()).transform(point)
     f = QgsFeature(layer.fields())
@@ -103,3 +109,20 @@ def counts(layer: Optional[QgsVectorLayer]) -> Tuple[int, int]:
         return 0, 0
     labels = [parse_label(f[field]) for f in layer.getFeatures()]
     return sum(1 for v in labels if v is True), sum(1 for v in labels if v is False)
+
+
+def marked_raster(layer: QgsVectorLayer) -> str:
+    """The raster file the layer's last mark was made on ('' when unknown)."""
+    return str(layer.customProperty(RASTER_PROPERTY) or "")
+
+
+def save_layer(layer: QgsVectorLayer, path: str) -> str:
+    """The layer written to a GeoPackage at ``path`` (for the engine, which reads files)."""
+    from qgis.core import QgsCoordinateTransformContext, QgsVectorFileWriter
+    opts = QgsVectorFileWriter.SaveVectorOptions()
+    opts.driverName = "GPKG"
+    opts.layerName = "marks"
+    err = QgsVectorFileWriter.writeAsVectorFormatV3(layer, path, QgsCoordinateTransformContext(), opts)
+    if err[0] != QgsVectorFileWriter.NoError:
+        raise OSError(f"cannot write the marks to {path}: {err[1]}")
+    return path

@@ -334,3 +334,78 @@ def test_cli_search_takes_examples_likes_and_unlikes(marked_index, tmp_path, cap
     assert "--unlike 'abc' is not a point" in capsys.readouterr().err
     assert cli_main(["search", str(marked_index)]) == 2
     assert "no query given" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# Marks as training data (engine.finetune.marks, `finetune --data marks.gpkg --raster R`).
+# --------------------------------------------------------------------------- #
+def _marks_file(path, tf, wkt, marks):
+    from osgeo import ogr, osr
+    ds = ogr.GetDriverByName("GPKG").CreateDataSource(str(path))
+    srs = osr.SpatialReference()
+    srs.ImportFromWkt(wkt)
+    layer = ds.CreateLayer("marks", srs, ogr.wkbPoint)
+    for name, kind in (("label", ogr.OFTInteger), ("prompt", ogr.OFTString), ("caption", ogr.OFTString)):
+        layer.CreateField(ogr.FieldDefn(name, kind))
+    for (c, r), label, prompt, caption in marks:
+        f = ogr.Feature(layer.GetLayerDefn())
+        x, y = tf @ (c, r)
+        f.SetGeometry(ogr.CreateGeometryFromWkt(f"POINT ({x} {y})"))
+        f.SetField("label", label)
+        if prompt:
+            f.SetField("prompt", prompt)
+        if caption:
+            f.SetField("caption", caption)
+        layer.CreateFeature(f)
+    ds = None
+    return path
+
+
+def test_finetune_trains_on_marks_cut_from_their_raster(tmp_path, capsys):
+    import csv
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+    from mapclip.engine.cli import main as cli_main
+    from mapclip.engine.raster.reader import open_raster
+    path = scene(tmp_path / "s.tif", squares=[(40, 40, 32, RED), (200, 40, 32, RED), (40, 180, 32, BLUE),
+                                              (200, 180, 32, BLUE)])
+    with open_raster(path) as r:
+        tf, wkt, width = r.info.transform, r.info.crs, r.info.width
+    marks = _marks_file(tmp_path / "marks.gpkg", tf, wkt, [
+        ((56, 56), 1, "red roof", None),           # "like this": captioned by its search
+        ((216, 56), 1, None, None),                # no prompt: --marks-caption
+        ((56, 196), 0, "red roof", "blue pool"),   # "not this", typed what it is: a hard negative
+        ((216, 196), 0, "red roof", None),         # "not this" without words: left out
+        ((width + 500, 56), 1, "red roof", None),  # outside the raster
+    ])
+    run = tmp_path / "run"
+    rest = ["--epochs", "1", "--batch-size", "3", "--lr", "1e-3", "--val-split", "0", "--workers", "0",
+            "--device", "cpu"]
+    marked = ["finetune", "--model", "test-tiny", "--data", str(marks), "--marks-caption", "a red roof",
+              "--marks-chip", "48"]
+    argv = marked + ["--raster", path, "--out", str(run)] + rest
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "marks:    2 'like this' and 1 captioned 'not this' pairs (1 'not this' without a caption " \
+           "left out, 1 outside the raster)" in out
+    with open(run / "marks" / "captions_0.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["caption"] for r in rows] == ["red roof", "a red roof", "blue pool"]
+    chips = [Image.open(run / "marks" / r["image"]) for r in rows]
+    assert all(c.size == (48, 48) for c in chips)
+    # the chip of the first mark is centred on its red square, the third's on the blue one
+    first, third = (np.asarray(c.convert("RGB"))[24, 24] for c in (chips[0], chips[2]))
+    assert tuple(first) == RED and tuple(third) == BLUE
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "finished" and Path(record["fingerprint"]["data"][0]).parent == run / "marks"
+    assert (run / "best" / "open_clip_config.json").is_file()
+    # refusals in the CLI's words
+    assert cli_main(marked + ["--out", str(tmp_path / "r2")] + rest) == 2
+    assert "give that raster with --raster" in capsys.readouterr().err
+    other = tmp_path / "taken"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli_main(marked + ["--raster", path, "--out", str(other)] + rest) == 2
+    assert "not an empty folder" in capsys.readouterr().err and not (other / "marks").exists()

@@ -158,3 +158,37 @@ def test_processing_detect_takes_an_examples_layer(provider, tmp_path, rigged_fo
     bad.dataProvider().addFeatures([QgsFeature(bad.fields())])
     with pytest.raises(QgsProcessingException, match="EXAMPLES: layer 'bad' has no 'label' field"):
         processing.run("mapclip:detect", dict(params, OUTPUT=str(tmp_path / "x.gpkg"), EXAMPLES=bad))
+
+
+def test_the_fine_tune_dialog_trains_on_the_examples_layer(qtbot, mapclip, clean_project, tmp_path):
+    from mapclip.plugin import marks
+    from mapclip.plugin.dialogs.finetune_dialog import FinetuneDialog
+    raster = make_geotiff(tmp_path / "scene.tif", squares=SQUARES)
+    dlg = FinetuneDialog()
+    qtbot.addWidget(dlg)
+    assert not dlg.use_marks_layer() and "no marks yet" in dlg.status.text()
+    crs = QgsRasterLayer(raster, "scene", "gdal").crs()
+    for (col, row, _, colour), positive in zip(SQUARES, (True, True, True, False)):
+        marks.add_mark(_centre(col, row), crs, positive, "red roof", raster)
+    assert dlg.use_marks_layer()
+    assert dlg.data.filePath().endswith(".gpkg") and dlg.marks_raster.filePath() == raster
+    assert dlg.marks_raster.isEnabled() and not dlg.images.isEnabled()
+    assert "3 'like this' and 1 'not this' marks saved" in dlg.status.text()
+    dlg.marks_raster.setFilePath("")
+    dlg.out.setFilePath(str(tmp_path / "run"))
+    assert any(p.startswith("Raster of the marks") for p in dlg.validate()), dlg.validate()
+    dlg.marks_raster.setFilePath(raster)
+    dlg.model.setCurrentText("test-tiny")
+    dlg.epochs.setValue(1)
+    dlg.batch_size.setValue(4)
+    dlg.lr.setText("1e-4")
+    dlg.val_split.setValue(0.0)
+    dlg.device.setText("cpu")
+    assert dlg.validate() == []
+    assert dlg.options_kwargs()["raster"] == raster
+    assert dlg.start() is not None
+    qtbot.waitUntil(lambda: dlg.task is not None and dlg.task.is_finished, timeout=120_000)
+    assert dlg.task.outcome == "done", dlg.last_error
+    made = (tmp_path / "run" / "marks" / "captions_0.csv").read_text().splitlines()
+    assert made[1:] == [f"m0_{k:05d}.png,red roof" for k in range(3)]     # "not this" without words: out
+    assert dlg.add_button.isEnabled()

@@ -26,7 +26,15 @@ def register(sub) -> None:
                     "to train an architecture from a random initialisation.")
     add_model_args(p)
     p.add_argument("--data", required=True, nargs="+", metavar="DATA",
-                   help="caption file(s): CSV/TSV (image, caption), JSONL, or RSICD/UCM/RSITMD JSON")
+                   help="caption file(s): CSV/TSV (image, caption), JSONL, or RSICD/UCM/RSITMD JSON; "
+                        "or a file of marked places (.gpkg, .geojson, .shp: a 'label' field, "
+                        "1 like this, 0 not this) with --raster")
+    p.add_argument("--raster", default=None, metavar="RASTER",
+                   help="the raster marked places were made on: each mark's chip is cut from it")
+    p.add_argument("--marks-caption", default=None, metavar="T",
+                   help="caption of a 'like this' mark without its own prompt or caption field")
+    p.add_argument("--marks-chip", type=int, default=None, metavar="PX",
+                   help="chip side around each mark in raster pixels (default: the model's window)")
     p.add_argument("--images", default=None, metavar="DIR",
                    help="folder for relative image paths (default: each caption file's folder)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (new or empty, or --resume)")
@@ -114,10 +122,12 @@ def run(args: argparse.Namespace) -> int:
     check_outputs([("--out", args.out)],
                   [("--data", d) for d in args.data] + [("--images", args.images)]
                   + [("--model", m) for m in model_files]
-                  + ([("--pir-prior", args.pir_prior)] if args.pir_prior else []),
+                  + ([("--pir-prior", args.pir_prior)] if args.pir_prior else [])
+                  + ([("--raster", args.raster)] if args.raster else []),
                   folders=["--out"], may_exist=["--out"])
     common = dict(model=args.model, data=args.data, device=args.device, precision=args.precision,
-                  strict=args.strict, workers=args.workers)
+                  strict=args.strict, workers=args.workers, raster=args.raster,
+                  marks_caption=args.marks_caption, marks_chip_px=args.marks_chip)
     if args.images:
         common["image_root"] = args.images
     if args.resume and Path(args.out, "run.json").is_file():
@@ -142,6 +152,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"data:     {result.train_images} training images ({result.train_captions} captions), "
           f"evaluated on {result.eval_split}: {result.eval_images} images, {result.eval_texts} captions")
     print(f"skipped:  {skipped.summary()}")
+    if result.marks:
+        m = result.marks
+        print(f"marks:    {m['positive']} 'like this' and {m['negative']} captioned 'not this' "
+              f"pairs ({m['left_out']} 'not this' without a caption left out, {m['outside']} "
+              "outside the raster)")
     if result.prior:
         acc = result.prior.get("accuracy")
         print(f"prior:    {len(result.prior['classes'])} scene classes"

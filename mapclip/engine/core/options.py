@@ -412,6 +412,9 @@ class FinetuneOptions:
     pir_prior_lr: float = 1e-3        # PIR: the first stage's learning rate
     pir_cal_weight: float = 1.0       # PIR: weight of the cluster-wise affiliation loss
     pir_labels: str = "column"        # PIR: where the scene classes come from (PIR_LABELS)
+    raster: Optional[str] = None      # marks given as data: the raster they were made on
+    marks_caption: Optional[str] = None   # marks: caption of a "like this" mark without a prompt
+    marks_chip_px: Optional[int] = None   # marks: chip side in native px; None: the model's window
 
     @property
     def decay(self) -> float:

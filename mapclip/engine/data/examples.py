@@ -19,6 +19,15 @@ from ..core.errors import UsageError
 LABEL_FIELD = "label"
 POSITIVE = ("1", "true", "yes", "y", "t")
 NEGATIVE = ("0", "false", "no", "n", "f")
+#: optional fields read beside the label (Example.prompt, Example.caption)
+TEXT_FIELDS = ("prompt", "caption")
+#: vector files read as marks where a caption file could be given (fine-tuning data;
+#: .json stays a caption file)
+MARK_SUFFIXES = (".gpkg", ".geojson", ".shp", ".fgb", ".gml", ".kml", ".sqlite")
+
+
+def is_marks_file(path) -> bool:
+    return Path(str(path)).suffix.lower() in MARK_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,10 @@ class Example:
     y: float
     positive: bool
     crs: Optional[str] = None
+    #: what the mark says in words, when its file has the fields: ``prompt`` (the search it
+    #: was made in: the dock writes it) and ``caption`` (what the place is, typed by the user)
+    prompt: Optional[str] = None
+    caption: Optional[str] = None
 
 
 def parse_label(value) -> Optional[bool]:
@@ -68,6 +81,7 @@ def read_examples(path: Union[str, Path]) -> Tuple[List[Example], Optional[str]]
                          f"add a '{LABEL_FIELD}' field: 1 for what you mean, 0 for what you do not",
                          option="examples")
     srs = layer.GetSpatialRef()
+    text = {k: next((n for n in names if n.lower() == k), None) for k in TEXT_FIELDS}
     out: List[Example] = []
     for feat in layer:
         geom = feat.GetGeometryRef()
@@ -80,7 +94,9 @@ def read_examples(path: Union[str, Path]) -> Tuple[List[Example], Optional[str]]
                              "label each example 1 (what you mean) or 0 (not this)",
                              option="examples")
         c = geom.Centroid()
-        out.append(Example(float(c.GetX()), float(c.GetY()), label))
+        words = {k: (str(feat.GetField(f)).strip() or None) if f and feat.GetField(f) is not None
+                 else None for k, f in text.items()}
+        out.append(Example(float(c.GetX()), float(c.GetY()), label, **words))
     if not out:
         raise UsageError(f"examples file {p} holds no example with a geometry",
                          "mark at least one place", option="examples")

@@ -24,6 +24,8 @@ from .rundir import (BEST_DIR, METRICS_FILE, RUN_FILE, STATE_FILE, STATE_FORMAT,
                      _set_rng_state, _write_json, load_state, save_state)
 from .train import load_base_model, lr_at, make_optimizer, resolve_amp, set_trainable, train_step
 from . import pir as pir_recipe
+from ..data.examples import is_marks_file
+from .marks import pairs_from_marks
 
 MetricsFn = Callable[[Dict[str, Any]], None]
 
@@ -56,6 +58,7 @@ class FinetuneResult:
     precision: str
     recipe: str = "clip"
     prior: Optional[Dict[str, Any]] = None   # recipe pir: the scene classifier (classes, accuracy, file)
+    marks: Optional[Dict[str, int]] = None   # marks given as data: pairs made (finetune.marks)
 
     def to_json(self) -> Dict[str, Any]:
         out = asdict(self)
@@ -134,6 +137,11 @@ def _finetune(options: FinetuneOptions, progress: Optional[ProgressFn],  # long:
     data = [o.data] if isinstance(o.data, (str, os.PathLike)) else list(o.data)
     data = [str(Path(d).expanduser().resolve()) for d in data]
     run_dir = Path(o.out).expanduser()
+    marks_made: Optional[Dict[str, int]] = None
+    if any(is_marks_file(d) for d in data):         # marks -> pairs in the run folder
+        if not o.resume:
+            _check_run_dir(run_dir, {}, False)      # never written into another run's folder
+        data, marks_made = pairs_from_marks(data, o, run_dir)
     fingerprint = _fingerprint(o, data)
     run = _check_run_dir(run_dir, fingerprint, o.resume)
 
@@ -307,7 +315,8 @@ def _finetune(options: FinetuneOptions, progress: Optional[ProgressFn],  # long:
         eval_images=len(eval_items), eval_texts=sum(len(i.captions) for i in eval_items),
         samples_per_s=train_samples / train_seconds if train_seconds else 0.0,
         seconds=time.perf_counter() - t_start, final_loss=last_loss, skipped=skipped,
-        model=o.model, device=str(device), precision=prec_name, recipe=o.recipe, prior=prior)
+        model=o.model, device=str(device), precision=prec_name, recipe=o.recipe, prior=prior,
+        marks=marks_made)
     run_record.update(status="finished", result=result.to_json())
     _write_json(run_dir / RUN_FILE, run_record)
     return result

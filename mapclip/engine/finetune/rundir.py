@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..archive.format import LOCK
+from .marks import MARKS_DIR
 from ..archive.writer import WriteLock
 from ..core.errors import UsageError, reason
 from ..core.options import FinetuneOptions
@@ -148,7 +149,8 @@ def _check_run_dir(run_dir: Path, fingerprint: Dict[str, Any], resume: bool) -> 
         raise UsageError(f"{run_dir} holds an unfinished run ({done} of "
                          f"{run['fingerprint'].get('epochs')} epochs done)",
                          "pass --resume to continue it, or choose a new --out")
-    if run_dir.exists() and (not run_dir.is_dir() or any(p.name != LOCK for p in run_dir.iterdir())):
+    if run_dir.exists() and (not run_dir.is_dir()
+                             or any(p.name not in (LOCK, MARKS_DIR) for p in run_dir.iterdir())):
         raise UsageError(f"{run_dir} exists and is not an empty folder",
                          "choose a new or empty folder for --out")
     return None

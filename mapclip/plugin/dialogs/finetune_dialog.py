@@ -21,6 +21,7 @@ from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QLineEdit
                                  QSizePolicy, QSpinBox, QWidget)
 
 from ...engine.core.options import FREEZE, PIR_LABELS, RECIPES
+from ...engine.data.examples import is_marks_file
 from .base import JobDialog, file_widget, need_file
 
 LOSS_COLOR = QColor(200, 60, 40)
@@ -135,7 +136,21 @@ class FinetuneDialog(JobDialog):
         super().__init__(iface, parent)
         from ...engine.model.models import DEFAULT_MODEL
         self.data = file_widget(QgsFileWidget.GetFile,
-                                "Caption files (*.csv *.tsv *.txt *.jsonl *.ndjson *.json);;All files (*)")
+                                "Caption files (*.csv *.tsv *.txt *.jsonl *.ndjson *.json);;"
+                                "Marked places (*.gpkg *.geojson *.shp);;All files (*)")
+        self.data.fileChanged.connect(lambda *_: self._data_changed())
+        self.marks_button = QPushButton("Use the MapCLIP examples layer")
+        self.marks_button.setToolTip("train on the places marked \"Yes, like this\" / \"Not this\" "
+                                     "in the dock: they are saved to a GeoPackage and their chips "
+                                     "cut from the raster they were marked on")
+        self.marks_button.clicked.connect(self.use_marks_layer)
+        self.marks_raster = file_widget(QgsFileWidget.GetFile,
+                                        "Rasters (*.tif *.tiff *.vrt *.jp2 *.img);;All files (*)")
+        self.marks_caption = QLineEdit()
+        self.marks_caption.setPlaceholderText("the mark's prompt")
+        self.marks_caption.setToolTip("caption of a \"like this\" mark that has no prompt or caption "
+                                      "field; \"not this\" marks train only where a caption says "
+                                      "what they are")
         self.images = file_widget(QgsFileWidget.GetDirectory)
         self.images.lineEdit().setPlaceholderText("the data file's folder")
         self.model = QComboBox()
@@ -174,6 +189,9 @@ class FinetuneDialog(JobDialog):
         self.out = file_widget(QgsFileWidget.GetDirectory)
         self.set_defaults()
         self.form.addRow("Image-caption file", self.data)
+        self.form.addRow("", self.marks_button)
+        self.form.addRow("Raster of the marks", self.marks_raster)
+        self.form.addRow("Caption of marks", self.marks_caption)
         self.form.addRow("Images folder (relative paths)", self.images)
         self.form.addRow("Base model", self.model)
         self.form.addRow("Recipe", self.recipe)
@@ -217,6 +235,34 @@ class FinetuneDialog(JobDialog):
             self.recipe.setCurrentText(recipe)
         self._recipe_changed(self.recipe.currentText())
         self.unlock_last.setValue(int(defaults.get("unlock_last", 0) or 0))
+        self._data_changed()
+
+    def _data_changed(self) -> None:
+        """A file of marked places needs its raster (and may give a caption)."""
+        marked = is_marks_file(self.data.filePath().strip())
+        self.marks_raster.setEnabled(marked)
+        self.marks_caption.setEnabled(marked)
+        self.images.setEnabled(not marked)
+
+    def use_marks_layer(self) -> bool:
+        """The project's MapCLIP examples layer as the data: saved to a GeoPackage beside the
+        results, its raster the one it was marked on. False, with the reason, without marks."""
+        from .. import layers, marks
+        layer = marks.examples_layer(create=False)
+        if layer is None or not layer.featureCount():
+            self.status.setText("no marks yet: right-click a search result or a place on the map "
+                                "and choose \"Yes, like this\" or \"Not this\"")
+            return False
+        path = layers.unique_path(layers.results_place()[1], "marks", ".gpkg")
+        marks.save_layer(layer, path)
+        self.data.setFilePath(path)
+        raster = marks.marked_raster(layer)
+        if raster:
+            self.marks_raster.setFilePath(raster)
+        self._data_changed()
+        yes, no = marks.counts(layer)
+        self.status.setText(f"{yes} 'like this' and {no} 'not this' marks saved to {path}")
+        return True
 
     def _recipe_changed(self, recipe: str) -> None:
         """The prior checkpoint and the scene labels are PIR's alone."""
@@ -234,6 +280,8 @@ class FinetuneDialog(JobDialog):
     def validate(self) -> List[str]:
         problems: List[str] = []
         need_file(problems, "Image-caption file", self.data.filePath())
+        if is_marks_file(self.data.filePath().strip()):
+            need_file(problems, "Raster of the marks", self.marks_raster.filePath())
         if self.images.filePath().strip():
             need_file(problems, "Images folder", self.images.filePath(), folder=True)
         if self.recipe.currentText() == "pir" and self.pir_prior.filePath().strip():
@@ -261,7 +309,15 @@ class FinetuneDialog(JobDialog):
                                if self.recipe.currentText() == "pir" else None),
                     unlock_last=self.unlock_last.value(), resume=self.resume.isChecked(),
                     device=self.device.text().strip() or None,
-                    image_root=self.images.filePath().strip() or None)
+                    image_root=(self.images.filePath().strip() or None
+                                if self.images.isEnabled() else None),
+                    **self._marks_kwargs())
+
+    def _marks_kwargs(self) -> Dict[str, Any]:
+        if not is_marks_file(self.data.filePath().strip()):
+            return {}
+        return dict(raster=self.marks_raster.filePath().strip() or None,
+                    marks_caption=self.marks_caption.text().strip() or None)
 
     def make_job(self) -> Callable:
         kwargs = self.options_kwargs()

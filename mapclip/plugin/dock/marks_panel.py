@@ -62,7 +62,9 @@ class MarksPanel:
             return False
         point, crs = place
         prompts = self.prompts()
-        marks.add_mark(point, crs, positive, "; ".join(prompts))
+        req = self.last_request
+        raster = req.raster if isinstance(req, tasks.DetectRequest) and req.raster not in self._temp_files else ""
+        marks.add_mark(point, crs, positive, "; ".join(prompts), raster)
         self.examples_check.setChecked(True)
         self._show_mark_counts()
         return self.refine_from_marks()

@@ -75,7 +75,8 @@ PARAMETERS = {"tile_px": "TILE", "window": "WINDOW", "stride": "STRIDE", "top_k"
               "method": "METHOD", "out": "OUTPUT", "stac": "STAC", "stac_asset": "STAC_ASSET",
               "stac_bbox": "STAC_BBOX", "stac_datetime": "STAC_DATETIME",
               "stac_collection": "STAC_COLLECTIONS", "cls_token_lambda": "CLS_TOKEN_LAMBDA",
-              "examples": "EXAMPLES", "examples_method": "EXAMPLES_METHOD"}
+              "examples": "EXAMPLES", "examples_method": "EXAMPLES_METHOD", "raster": "RASTER",
+              "marks_caption": "MARKS_CAPTION"}
 
 
 def cls_token_lambda_param(name: str = "CLS_TOKEN_LAMBDA"):

@@ -53,6 +53,10 @@ class FinetuneAlgorithm(MapClipAlgorithm):
             "InfoNCE plus the cluster-wise affiliation loss): the data needs a label (or class) "
             "column with each image's scene class; the classifier is trained first on the same "
             "data, or read from the prior checkpoint.<br>"
+            "<b>Marked places</b> (a GeoPackage, GeoJSON or Shapefile with a <i>label</i> field, "
+            "e.g. the dock's MapCLIP examples layer saved): each mark's chip is cut from the "
+            "raster it was made on; 'like this' marks are captioned by their prompt, 'not this' "
+            "marks only where a caption field says what they are.<br>"
             "Same engine call as <code>python -m engine finetune</code>.")
 
     DATA, MODEL, OUTPUT, EPOCHS, BATCH_SIZE, LR = "DATA", "MODEL", "OUTPUT", "EPOCHS", "BATCH_SIZE", "LR"
@@ -60,9 +64,14 @@ class FinetuneAlgorithm(MapClipAlgorithm):
     BEST, MEAN_RECALL = "BEST_MODEL", "MEAN_RECALL"
     IMAGES, ACCUM = "IMAGES", "ACCUM"
     RECIPE, PIR_PRIOR, PIR_LABELS_P = "RECIPE", "PIR_PRIOR", "PIR_LABELS"
+    RASTER, MARKS_CAPTION = "RASTER", "MARKS_CAPTION"
 
     def initAlgorithm(self, config=None):  # noqa: N802
-        self.addParameter(QgsProcessingParameterFile(self.DATA, "Image-caption file (CSV, TSV, JSONL, JSON)"))
+        self.addParameter(QgsProcessingParameterFile(self.DATA, "Image-caption file or marked places"))
+        self.addParameter(QgsProcessingParameterFile(
+            self.RASTER, "Raster of the marked places", optional=True))
+        self.addParameter(QgsProcessingParameterString(
+            self.MARKS_CAPTION, "Caption of marks without a prompt", optional=True))
         self.addParameter(QgsProcessingParameterFile(
             self.IMAGES, "Image folder for relative paths (empty: the data file's folder)",
             behavior=QgsProcessingParameterFile.Folder, optional=True))
@@ -130,6 +139,8 @@ class FinetuneAlgorithm(MapClipAlgorithm):
                 recipe=RECIPES[self.parameterAsEnum(parameters, self.RECIPE, context)],
                 pir_prior=self.parameterAsFile(parameters, self.PIR_PRIOR, context) or None,
                 pir_labels=PIR_LABELS[self.parameterAsEnum(parameters, self.PIR_LABELS_P, context)],
+                raster=self.parameterAsFile(parameters, self.RASTER, context) or None,
+                marks_caption=self.parameterAsString(parameters, self.MARKS_CAPTION, context).strip() or None,
                 device=device)
             bridge = FeedbackBridge(feedback)
 
