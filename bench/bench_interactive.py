@@ -103,11 +103,11 @@ def bench_demo(full: bool, tmp: Path) -> None:
 def _vit_b32(auto: bool = True, visual=None):
     import torch
     from open_clip.tokenizer import SimpleTokenizer
-    from mapclip.engine.model import models
-    cfg = models.arch_config("ViT-B-32-quickgelu")
+    from mapclip.engine.model import architectures, models
+    cfg = architectures.arch_config("ViT-B-32-quickgelu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = models.build_model(cfg).eval().requires_grad_(False)
+        model = architectures.build_model(cfg).eval().requires_grad_(False)
     if visual is not None:
         model.visual = visual
     return models.LoadedModel(model=model, tokenizer=SimpleTokenizer(), spec="ViT-B-32 (random)",

@@ -66,7 +66,7 @@ def stage_data(work: Path) -> Path:
 
     from mapclip.engine.data import synthetic as S
     from mapclip.engine.caption_eval import read_chip_images, scene_chips
-    from mapclip.engine.model.models import arch_config
+    from mapclip.engine.model.architectures import arch_config
     t0 = time.time()
     size = int(arch_config(RECIPE["arch"])["vision_cfg"]["image_size"])
     scenes = work / "scenes"
@@ -98,7 +98,9 @@ def stage_train(work: Path, steps: int) -> Path:
     import torch
     from open_clip.loss import CoCaLoss
 
-    from mapclip.engine.model.models import (OPENAI_MEAN, OPENAI_STD, arch_config, build_model, make_tokenizer, resolve)
+    from mapclip.engine.model.architectures import arch_config, build_model
+    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD, make_tokenizer
+    from mapclip.engine.model.specs import resolve
     torch.set_num_threads(RECIPE["threads"])
     torch.manual_seed(RECIPE["seed"])
     rng = np.random.default_rng(RECIPE["seed"])
@@ -179,7 +181,8 @@ def stage_train(work: Path, steps: int) -> Path:
 def stage_export(work: Path, dest: Path) -> Path:
     import torch
 
-    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD, arch_config, build_model
+    from mapclip.engine.model.architectures import arch_config, build_model
+    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD
     from recipe_stages import machine, write_model_folder
     cfg = arch_config(RECIPE["arch"])
     model = build_model(cfg)

@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:
 #: the demo model's search defaults (engine.core.options.ModelDefaults), stored in its folder so
 #: the CLI, the dock and Processing search it alike
 #: the model was trained on raw captions: its prompts are used as typed (stored with the model,
-#: as the preset says too; engine.model.models.PRESETS["demo"].templates)
+#: as the preset says too; engine.model.presets.PRESETS["demo"].templates)
 DEMO_TEMPLATES = "raw"
 DEMO_DEFAULTS = {"tile_px": 24, "window": 2, "top_k": 15, "threshold": 0.3, "dense_tile_px": 64}
 RECIPE = {

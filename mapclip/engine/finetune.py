@@ -67,7 +67,10 @@ from .data.captions import CaptionItem, SkipReport, check_images, read_captions
 from .core.errors import MapClipError, ModelError, UsageError, reason
 from .core.jobs import CancelFlag, Job, ProgressFn
 from .core.options import FREEZE, FinetuneOptions, check  # noqa: F401
-from .model.models import (MODEL_CONFIG_FILE, OPENAI_MEAN, OPENAI_STD, RANDOM_TAG, LoadedModel, Resolved, arch_config, make_tokenizer, build_model, load_model, resolve_device, save_model_folder)
+from .model.architectures import arch_config, build_model
+from .model.models import OPENAI_MEAN, OPENAI_STD, LoadedModel, load_model, make_tokenizer, resolve_device, save_model_folder
+from .model.presets import MODEL_CONFIG_FILE
+from .model.specs import RANDOM_TAG, Resolved
 from .data.metrics import retrieval_metrics
 from .archive.format import LOCK
 from .archive.writer import WriteLock

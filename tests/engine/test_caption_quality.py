@@ -16,7 +16,10 @@ import torch
 
 from mapclip.engine import caption_eval as CE
 from mapclip.engine.caption import caption, can_generate
-from mapclip.engine.model.models import (PRESETS, RESOURCES_DIR, arch_config, build_model, load_model, preset_available)
+from mapclip.engine.model.architectures import arch_config, build_model
+from mapclip.engine.model.hub import preset_available
+from mapclip.engine.model.models import load_model
+from mapclip.engine.model.presets import PRESETS, RESOURCES_DIR
 from mapclip.engine.data.synthetic import Chip
 
 CARD = RESOURCES_DIR / "models" / "demo-captioner" / "MODEL_CARD.md"

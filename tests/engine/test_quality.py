@@ -42,7 +42,9 @@ MIN_COUNT_WITHIN_1 = 0.80 - MARGIN
 # --------------------------------------------------------------------------- #
 @pytest.fixture(scope="module")
 def demo_model():
-    from mapclip.engine.model.models import PRESETS, load_model, preset_available
+    from mapclip.engine.model.hub import preset_available
+    from mapclip.engine.model.models import load_model
+    from mapclip.engine.model.presets import PRESETS
     assert preset_available(PRESETS["demo"]), "resources/models/demo is missing"
     return load_model("demo", device="cpu")
 
@@ -56,7 +58,7 @@ def scenes(tmp_path_factory):
 def test_demo_model_loads_as_shipped(demo_model):
     assert demo_model.arch == "mapclip-demo2"
     assert demo_model.is_vit and demo_model.image_size == 64
-    from mapclip.engine.model.models import RESOURCES_DIR
+    from mapclip.engine.model.presets import RESOURCES_DIR
     weights = RESOURCES_DIR / "models" / "demo" / "open_clip_model.safetensors"
     assert weights.stat().st_size <= 25 * 1024 * 1024
 

@@ -52,7 +52,7 @@ SEARCH_FIELDS = ("mode", "tile_px", "window", "stride", "batch_size", "top_k", "
 
 
 def resolved(options, model: str):
-    from mapclip.engine.model.models import model_defaults
+    from mapclip.engine.model.presets import model_defaults
     from mapclip.engine.core.options import with_model_defaults
     o = with_model_defaults(options, model_defaults(model))
     return {k: getattr(o, k) for k in SEARCH_FIELDS}

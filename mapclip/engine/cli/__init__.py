@@ -135,7 +135,7 @@ def model_default_help(name: str) -> str:
 def add_model_args(p: argparse.ArgumentParser, default_help: str = "") -> None:
     """--model (default: the default preset; ``default_help`` says what comes first),
     --device, --precision, shared by every command that runs a model."""
-    from ..model.models import DEFAULT_MODEL
+    from ..model.presets import DEFAULT_MODEL
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
                    help="preset name, ARCH:TAG, ARCH:CHECKPOINT, hf-hub:ORG/NAME or a model folder "
                         f"(see `python -m engine models`); default {default_help}{DEFAULT_MODEL}")

@@ -233,7 +233,7 @@ def brute_force_pairs(hashes: Sequence[int], max_distance: int = DEFAULT_MAX_DIS
 
 # --------------------------------------------------------------- hashing --
 def default_cache_path() -> Path:
-    from ..model.models import CACHE_ENV
+    from ..model.hub import CACHE_ENV
     root = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "mapclip")
     return Path(root) / "dedup" / "phash.sqlite"
 
