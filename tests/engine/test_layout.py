@@ -212,7 +212,6 @@ LONG = "# long:"
 #: only shrink: a listed module that is no longer long fails the test until it is taken off)
 LONG_MODULES = {
     "finetune.py": "the training loop, the run folder (lock, fingerprint, resume), the data pipeline",
-    "dedup/duplicates.py": "hash maths, hashing and its cache, finding pairs, the quarantine moves",
     "raster/workers.py": "choosing processes, the shared-memory batches, the worker loop",
 }
 
