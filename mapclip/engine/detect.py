@@ -323,7 +323,7 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
 
     from .model import accel
     from .model.encode import to_model_input
-    from .raster.batches import iter_tile_batches
+    from .raster.stream import iter_tile_batches
     from .model.scoring import score_embeddings
     info, area, lm, job = rj.info, rj.area, rj.lm, rj.job
     grid = _grid(info, area, opts)

@@ -100,7 +100,7 @@ class RasterJob:
         ``self.skipped`` ends as the tiles the reader skipped (nodata, blank)."""
         import torch
 
-        from .raster.batches import iter_tile_batches
+        from .raster.stream import iter_tile_batches
         key = self.key(kind, params)
         hit = self.cached(key)
         if hit is not None:

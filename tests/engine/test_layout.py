@@ -112,9 +112,6 @@ def _cycles(graph):
 KNOWN_CYCLES = [
     # tiling.TileGrid.for_raster imports extent.native_tile_size; extent imports tiling.PixelWindow
     {"engine.geo.extent", "engine.geo.tiling"},
-    # batches hands reads to the worker processes (ProcessTileBatches, trim_heap);
-    # workers.py builds on batches.BatchIterator and its helpers
-    {"engine.raster.batches", "engine.raster.workers"},
     # reader opens remote paths through remote (gdal_path, http_defaults); remote's
     # checks open the dataset through reader.open_dataset
     {"engine.raster.reader", "engine.raster.remote"},
@@ -212,7 +209,6 @@ LONG = "# long:"
 #: only shrink: a listed module that is no longer long fails the test until it is taken off)
 LONG_MODULES = {
     "finetune.py": "the training loop, the run folder (lock, fingerprint, resume), the data pipeline",
-    "raster/workers.py": "choosing processes, the shared-memory batches, the worker loop",
 }
 
 

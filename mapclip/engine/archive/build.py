@@ -314,7 +314,7 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     Creates the index, appends new rasters to an existing one, finishes an
     interrupted build where its last commit stopped, and replaces the rows
     of rasters whose checksum (or georeferencing) changed. Tiles stream
-    through :func:`engine.raster.batches.iter_tile_batches` and
+    through :func:`engine.raster.stream.iter_tile_batches` and
     :func:`engine.model.encode.encode_images`, like detect. On cancel the tiles
     embedded so far are committed (the index stays consistent and resumable)
     and :class:`Cancelled` is raised. A new index that fails before its first
@@ -409,7 +409,7 @@ def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, read
     """Embed ``grid.tiles[start:]``, committing a shard every ``commit_tiles`` tiles."""
     from ..model.batching import BatchRunner
     from ..core.errors import Cancelled
-    from ..raster.batches import iter_tile_batches
+    from ..raster.stream import iter_tile_batches
     ri = reader.info
     runner = BatchRunner(int(options.batch_size))
     todo = grid.tiles[start:]
