@@ -214,7 +214,8 @@ def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any],
     from ..geo.extent import ExtentMisses
     from ..geo.tiling import TileGrid
     from ..raster.reader import open_raster
-    from ..raster.remote import fresh, remote_checksum
+    from ..raster.remote import fresh
+    from ..raster.sources import remote_checksum
     options = options or IndexOptions()
     read_opts = read_options(layout)
     out, no_georef, no_crs, notes = [], [], [], []

@@ -194,9 +194,9 @@ RASTER_HELP = ("raster file GDAL can read (GeoTIFF, VRT, JPEG2000, PNG, ...), or
 
 
 def raster_arg(text: str) -> str:
-    """A raster argument checked before any work (raster/remote.py): a local file that
+    """A raster argument checked before any work (raster/sources.py): a local file that
     exists, or a remote raster GDAL opens; URLs come back as /vsicurl/ paths."""
-    from ..raster.remote import check_raster_source
+    from ..raster.sources import check_raster_source
     return check_raster_source(text)
 
 
