@@ -137,9 +137,24 @@ def test_sub_packages_import_only_downwards():
     assert not wrong, "imports against the layering of docs/architecture.md:\n" + "\n".join(wrong)
 
 
+#: the jobs (one user task each), the passes they share beneath them, the protocols above them
+JOBS = ("detect", "count", "classify", "caption")
+SHARED = ("rasterjob", "dense_pass")
+PROTOCOLS = ("finetune", "evaluate", "quality", "caption_eval")
+
+
+def test_jobs_do_not_import_each_other():
+    """Arrows point down: a job (or a pass the jobs share) imports no job; what two jobs
+    share lives beneath them (rasterjob, dense_pass). Protocols (quality, evaluate,
+    caption_eval) are front ends over the jobs and may import them."""
+    graph = _import_graph()
+    jobs = {f"engine.{j}" for j in JOBS}
+    wrong = {m: sorted(graph[m] & (jobs - {m})) for m in sorted(jobs | {f"engine.{s}" for s in SHARED})}
+    assert not any(wrong.values()), {m: t for m, t in wrong.items() if t}
+
+
 def test_every_engine_module_sits_in_a_sub_package_or_is_a_job():
-    jobs = {"__init__", "__main__", "detect", "count", "classify", "caption", "finetune",
-            "evaluate", "quality", "caption_eval", "rasterjob"}
+    jobs = {"__init__", "__main__", *JOBS, *SHARED, *PROTOCOLS}
     loose = sorted(p.stem for p in ENGINE.glob("*.py") if p.stem not in jobs)
     assert not loose, f"modules outside the sub-packages: {loose}"
     for pkg in ALLOWED:
