@@ -64,7 +64,7 @@ def say(msg: str) -> None:
 def stage_data(work: Path) -> Path:
     import numpy as np
 
-    from mapclip.engine.data import synthetic as S
+    from mapclip.engine.data.synthetic.scene import make_scene
     from mapclip.engine.caption_eval import read_chip_images, scene_chips
     from mapclip.engine.model.architectures import arch_config
     t0 = time.time()
@@ -74,7 +74,7 @@ def stage_data(work: Path) -> Path:
     images, caps, names = [], [], []
     n_obj = 0
     for seed in RECIPE["train_seeds"]:
-        t = S.make_scene(str(scenes / f"train_{seed}.tif"), RECIPE["scene_px"], seed=seed, overwrite=True)
+        t = make_scene(str(scenes / f"train_{seed}.tif"), RECIPE["scene_px"], seed=seed, overwrite=True)
         cs = scene_chips(t, seed=seed, chip_px=RECIPE["chip_px"], caption_seed=RECIPE["caption_seed"],
                          **RECIPE["chips_per_scene"])
         images.append(read_chip_images(t.path, cs, size))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from mapclip.engine import quality as Q
-from mapclip.engine.data import synthetic as S
+from mapclip.engine.data.synthetic.scene import make_scene
 
 # Floors: the values measured for the shipped model minus a margin of 0.03 (runs differ by
 # about 0.02: float order), over four held-out scenes (Q.DETECT_SEED and Q.FURTHER_SEEDS, 1280 px;
@@ -81,7 +81,7 @@ def test_detect_dense_hits(demo_model, scenes):
 
 
 def test_text_retrieval_precision_at_10(demo_model, tmp_path):
-    truth = S.make_scene(str(tmp_path / "idx_scene.tif"), Q.INDEX_SIZE, seed=Q.INDEX_SEED)
+    truth = make_scene(str(tmp_path / "idx_scene.tif"), Q.INDEX_SIZE, seed=Q.INDEX_SEED)
     p = Q.measure_retrieval(demo_model, truth, tmp_path / "index")
     assert Q.mean(p) >= MIN_P_AT_10, p
 
