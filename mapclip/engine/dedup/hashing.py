@@ -29,6 +29,7 @@ from ..core.jobs import Job
 from ..core.options import DEFAULT_HASH_SIZE
 
 PathLike = Union[str, os.PathLike]
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 #: images per progress report / cancel check
 BATCH = 128

@@ -22,6 +22,7 @@ from ..core.errors import UsageError
 from ..core.jobs import Job
 from ..core.options import DEFAULT_HASH_SIZE, DEFAULT_MAX_DISTANCE
 
+
 def segment_layout(bits: int, segments: int) -> List[Tuple[int, int]]:
     """(shift, width) of each of ``segments`` contiguous segments covering ``bits``
     bits, from the top; the first ``bits % segments`` are one bit longer."""

@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 from ..core.errors import ModelError, UsageError, reason
 from .architectures import arch_config, build_model, register_configs
 
+
 class CheckpointWarning(UserWarning):
     """A spec's architecture was corrected to the one a recognised checkpoint needs."""
 
@@ -36,6 +37,7 @@ class KnownCheckpoint:
 
 
 _OPENAI_RELEASES = r"(RN50|RN101|RN50x4|RN50x16|RN50x64|ViT-B-32|ViT-B-16|ViT-L-14|ViT-L-14-336px)"
+
 #: (pattern on the file name, family, architecture or None for the match's group 1,
 #: QuickGELU, note); first match wins
 KNOWN_CHECKPOINTS: Tuple[Tuple[str, str, Optional[str], bool, str], ...] = (

@@ -24,6 +24,7 @@ from .presets import MODEL_CONFIG_FILE, RESOURCES_DIR, Preset
 
 CACHE_ENV = "MAPCLIP_CACHE"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
 DownloadProgress = Callable[[int, int], None]
 
 

@@ -62,7 +62,10 @@ ARCH_DEFAULTS: Tuple[Tuple[str, ModelDefaults], ...] = (
     ("RN50", ModelDefaults(batch_size=32)),
     ("mapclip-tiny", ModelDefaults(tile_px=64, batch_size=16)),
 )
+
+
 SKYSCRIPT_BUCKET = "https://opendatasharing.s3.us-west-2.amazonaws.com/SkyScript/ckpt"
+
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
     # RemoteCLIP: plain open_clip state dicts continued from OpenAI CLIP, so
     # they need the QuickGELU variant of each architecture.
@@ -126,6 +129,7 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "tiny randomly initialised model for tests (seeded)", family="MapCLIP",
            reference="mapclip/engine/model/configs/mapclip-tiny.json", dev=True),
 )}
+
 DEFAULT_MODEL = "remoteclip-vit-b-32"
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from ..core.errors import MapClipError, UsageError
 from .batches import group_end
 
+
 def process_context(python: str):
     """A multiprocessing context whose children run ``python`` (the running interpreter as
     a program, engine.core.interpreter: never a Python that comes first on PATH)."""
