@@ -2,8 +2,8 @@
 
 Times finding every pair within the Hamming distance among N random 64-bit
 hashes (with planted near-duplicates at distances 0..D+1) with the segment
-index (``engine.dedup.duplicates.find_pairs``) and with a numpy brute force over all
-N(N-1)/2 pairs (``engine.dedup.duplicates.brute_force_pairs``) in the same run, checks
+index (``engine.dedup.segments.find_pairs``) and with a numpy brute force over all
+N(N-1)/2 pairs (``engine.dedup.segments.brute_force_pairs``) in the same run, checks
 that both find the same pairs and prints both times and their ratio. Also
 times hashing of image files (p-Hash, from disk) for scale.
 
@@ -46,7 +46,7 @@ def _planted(n: int, d: int, seed: int = 0):
 def _hash_files(count: int = 200) -> float:
     import numpy as np
     from PIL import Image
-    from mapclip.engine.dedup.duplicates import phash_file
+    from mapclip.engine.dedup.hashing import phash_file
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         paths = []
@@ -68,7 +68,7 @@ def run(argv) -> None:
     args, _ = ap.parse_known_args(list(argv))
     n = args.n or (100000 if args.full else 50000)
     d = args.distance
-    from mapclip.engine.dedup.duplicates import brute_force_pairs, find_pairs
+    from mapclip.engine.dedup.segments import brute_force_pairs, find_pairs
     print(f"machine: {_cpu()}, CPU only (no GPU used)")
     size = "--n" if args.n else ("--full" if args.full else "default; --full for 100000")
     print(f"size: {n} hashes ({size})")

@@ -57,12 +57,12 @@ def _args(argv):
 def _vit_b32(device, precision=None):
     """ViT-B-32 (QuickGELU) with random weights as a LoadedModel (no download)."""
     import torch
-    from mapclip.engine.model import models
+    from mapclip.engine.model import architectures, models
     dev = models.resolve_device(device)
     prec = models.resolve_precision(dev, precision)
-    cfg = models.arch_config("ViT-B-32-quickgelu")
+    cfg = architectures.arch_config("ViT-B-32-quickgelu")
     torch.manual_seed(0)
-    model = models.build_model(cfg).eval().requires_grad_(False)
+    model = architectures.build_model(cfg).eval().requires_grad_(False)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
     model = model.to(device=dev, dtype=dtype)
     from open_clip.tokenizer import SimpleTokenizer

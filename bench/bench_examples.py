@@ -64,7 +64,7 @@ def ceiling_at_10(centres, given) -> float:
 def run_scene(seed: int, size: int, tmp: Path, lm, methods):
     from mapclip.engine.core.options import DetectOptions, EXAMPLE_METHODS  # noqa: F401
     from mapclip.engine.data.examples import Example
-    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.data.synthetic.scene import make_scene
     from mapclip.engine.detect import detect
     from mapclip.engine.quality import DETECT_CLASSES
     path = str(tmp / f"ex_{seed}.tif")

@@ -33,7 +33,9 @@ def _args(argv):
 
 def bench_training(device: torch.device, batch: int, steps: int, accum: int) -> None:
     from mapclip.engine import finetune as ft
-    from mapclip.engine.model.models import arch_config, build_model, make_tokenizer, Resolved
+    from mapclip.engine.model.architectures import arch_config, build_model
+    from mapclip.engine.model.models import make_tokenizer
+    from mapclip.engine.model.specs import Resolved
     cfg = arch_config(ARCH)
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()

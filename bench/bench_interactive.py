@@ -90,7 +90,7 @@ def _loop(label, raster, lm, opts, first, second):
 
 def bench_demo(full: bool, tmp: Path) -> None:
     from mapclip.engine.core.options import DetectOptions
-    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.data.synthetic.scene import make_scene
     from mapclip.engine.model.models import load_model
     side = 3072 if full else 1536
     raster = str(tmp / f"scene_{side}.tif")
@@ -103,11 +103,11 @@ def bench_demo(full: bool, tmp: Path) -> None:
 def _vit_b32(auto: bool = True, visual=None):
     import torch
     from open_clip.tokenizer import SimpleTokenizer
-    from mapclip.engine.model import models
-    cfg = models.arch_config("ViT-B-32-quickgelu")
+    from mapclip.engine.model import architectures, models
+    cfg = architectures.arch_config("ViT-B-32-quickgelu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = models.build_model(cfg).eval().requires_grad_(False)
+        model = architectures.build_model(cfg).eval().requires_grad_(False)
     if visual is not None:
         model.visual = visual
     return models.LoadedModel(model=model, tokenizer=SimpleTokenizer(), spec="ViT-B-32 (random)",
@@ -194,7 +194,7 @@ def bench_cpu_paths(tmp: Path) -> None:
             return visual(a)
     paths = {"fp32": lambda a: visual(a), "bf16 autocast": autocast,
              "bf16 weights (engine)": lambda a: bf16_copy(a.to(torch.bfloat16)), "int8 dynamic": int8}
-    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.data.synthetic.scene import make_scene
     raster = str(tmp / "paths_2240.tif")     # a scene with objects: noise ties every window
     make_scene(raster, width=2240, seed=9008, mask_path=None, coco_path=None)
     opts = DetectOptions(tile_px=224, window=1, batch_size=32, top_k=10, refine=False, cache=False)
@@ -250,7 +250,7 @@ def bench_trained_bf16(tmp: Path) -> None:
     """Random weights score every window nearly alike, so their top-10 reorders under any
     rounding; the trained demo model says whether bf16 changes what a search finds."""
     from mapclip.engine.core.options import DetectOptions
-    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.data.synthetic.scene import make_scene
     from mapclip.engine.detect import detect
     from mapclip.engine.model import accel
     from mapclip.engine.model.models import load_model

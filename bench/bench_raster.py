@@ -58,7 +58,7 @@ def measure(path: Path, workers: int, threads: int = 1, tile: int = 224, batch: 
             min_tiles: int = 2000) -> dict:
     """Stream the grid (whole passes until ``min_tiles``); wall and CPU figures."""
     from mapclip.engine.core.options import ReadOptions
-    from mapclip.engine.raster.batches import iter_tile_batches
+    from mapclip.engine.raster.stream import iter_tile_batches
     from mapclip.engine.raster.reader import open_raster
     n = 0
     wall = worker_cpu = 0.0

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message="Valid PROJ data directory not found")
     import torch
     from mapclip.engine import quality as Q
-    from mapclip.engine.data import synthetic as S
+    from mapclip.engine.data.synthetic.scene import make_chip, make_scene
     from mapclip.engine.count import CountOptions, count
     from mapclip.engine.detect import DetectOptions, detect, write_boxes, write_heatmap
     from mapclip.engine.core.errors import MapClipError
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     try:
         say(f"MapCLIP demo: model {a.model}, scene {a.size} x {a.size} px, seed {a.seed}")
         t0 = time.time()
-        truth = S.make_scene(str(out / "scene.tif"), a.size, seed=a.seed, overwrite=True)
+        truth = make_scene(str(out / "scene.tif"), a.size, seed=a.seed, overwrite=True)
         c = truth.counts()
         say(f"  scene: {out / 'scene.tif'} ({time.time() - t0:.1f} s; "
             + ", ".join(f"{n} {k}" for k, n in c.items() if n) + ")")
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         png = draw_png(truth.path, res, truth, out / "detections.png")
 
         from mapclip.engine.classify import classify, compare_to_mask
-        from mapclip.engine.data.synthetic import synthetic_targets
+        from mapclip.engine.data.synthetic.truth import synthetic_targets
         from mapclip.engine.core.options import ClassifyOptions
         names, values = synthetic_targets()
         cls = classify(str(out / "scene.tif"), names, lm, options=ClassifyOptions(),
@@ -166,8 +166,8 @@ def main(argv=None) -> int:
             f"{q['pixel_accuracy']:.3f}, mIoU {q['miou']:.3f}")
         say("    IoU " + ", ".join(f"{n} {v:.2f}" for n, v in q["iou"].items()))
 
-        chip = S.make_chip(str(out / "count_chip.tif"), "storage-tank", COUNT_OBJECTS, size=160,
-                           seed=a.seed, overwrite=True)
+        chip = make_chip(str(out / "count_chip.tif"), "storage-tank", COUNT_OBJECTS, size=160,
+                         seed=a.seed, overwrite=True)
         cnt = count(chip.path, "storage tanks", lm, method="both", options=CountOptions())
         say("")
         say(f"  count: {out / 'count_chip.tif'} holds {len(chip.boxes)} storage tanks; "

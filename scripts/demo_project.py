@@ -113,9 +113,9 @@ def _write(out, scene, class_map, boxes, heatmap, prompts, colours, class_names,
     from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsVectorLayer
     out = Path(out).resolve()
     if class_names is None or class_colours is None:
-        from mapclip.engine.data import synthetic as S
+        from mapclip.engine.data.synthetic.truth import MASK_CLASSES
         from mapclip.engine.data.synthetic.coco import _mask_colormap
-        class_names = class_names or dict(S.MASK_CLASSES)
+        class_names = class_names or dict(MASK_CLASSES)
         class_colours = class_colours or _mask_colormap()
     colours = colours or {}
     project = QgsProject()

@@ -33,10 +33,10 @@ def _quality(lm, path: Path, names, values, opts) -> dict:
 def measure(model, out: Path) -> dict:
     """{"names", "rows": [{label, pixel_accuracy, miou, iou}], "test": {pixel_accuracy, miou}}."""
     import numpy as np
-    from mapclip.engine.data.synthetic import synthetic_targets
+    from mapclip.engine.data.synthetic.truth import synthetic_targets
     from mapclip.engine.model.models import load_model
     from mapclip.engine.core.options import ClassifyOptions
-    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.data.synthetic.scene import make_scene
     names, values = synthetic_targets()
     lm = load_model(model, device="cpu") if isinstance(model, str) else model
     out = Path(out)

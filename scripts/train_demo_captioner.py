@@ -64,9 +64,9 @@ def say(msg: str) -> None:
 def stage_data(work: Path) -> Path:
     import numpy as np
 
-    from mapclip.engine.data import synthetic as S
+    from mapclip.engine.data.synthetic.scene import make_scene
     from mapclip.engine.caption_eval import read_chip_images, scene_chips
-    from mapclip.engine.model.models import arch_config
+    from mapclip.engine.model.architectures import arch_config
     t0 = time.time()
     size = int(arch_config(RECIPE["arch"])["vision_cfg"]["image_size"])
     scenes = work / "scenes"
@@ -74,7 +74,7 @@ def stage_data(work: Path) -> Path:
     images, caps, names = [], [], []
     n_obj = 0
     for seed in RECIPE["train_seeds"]:
-        t = S.make_scene(str(scenes / f"train_{seed}.tif"), RECIPE["scene_px"], seed=seed, overwrite=True)
+        t = make_scene(str(scenes / f"train_{seed}.tif"), RECIPE["scene_px"], seed=seed, overwrite=True)
         cs = scene_chips(t, seed=seed, chip_px=RECIPE["chip_px"], caption_seed=RECIPE["caption_seed"],
                          **RECIPE["chips_per_scene"])
         images.append(read_chip_images(t.path, cs, size))
@@ -98,7 +98,9 @@ def stage_train(work: Path, steps: int) -> Path:
     import torch
     from open_clip.loss import CoCaLoss
 
-    from mapclip.engine.model.models import (OPENAI_MEAN, OPENAI_STD, arch_config, build_model, make_tokenizer, resolve)
+    from mapclip.engine.model.architectures import arch_config, build_model
+    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD, make_tokenizer
+    from mapclip.engine.model.specs import resolve
     torch.set_num_threads(RECIPE["threads"])
     torch.manual_seed(RECIPE["seed"])
     rng = np.random.default_rng(RECIPE["seed"])
@@ -179,7 +181,8 @@ def stage_train(work: Path, steps: int) -> Path:
 def stage_export(work: Path, dest: Path) -> Path:
     import torch
 
-    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD, arch_config, build_model
+    from mapclip.engine.model.architectures import arch_config, build_model
+    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD
     from recipe_stages import machine, write_model_folder
     cfg = arch_config(RECIPE["arch"])
     model = build_model(cfg)

@@ -11,7 +11,7 @@
            the land-cover masks (engine.convert.mask_to_box, chained into
            Box-to-Caption), RemoteCount sentences (engine.count.caption; the
            counting chips' only captions), hard negatives (ground without
-           objects, engine.data.synthetic.make_cover_chips, captioned by its land
+           objects, engine.data.synthetic.chips.make_cover_chips, captioned by its land
            cover) and
            land-cover / scene phrases ("water", "a harbor with ships",
            "a runway") -> p-Hash de-duplication (engine.dedup.duplicates.find_duplicates,
@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:
 #: the demo model's search defaults (engine.core.options.ModelDefaults), stored in its folder so
 #: the CLI, the dock and Processing search it alike
 #: the model was trained on raw captions: its prompts are used as typed (stored with the model,
-#: as the preset says too; engine.model.models.PRESETS["demo"].templates)
+#: as the preset says too; engine.model.presets.PRESETS["demo"].templates)
 DEMO_TEMPLATES = "raw"
 DEMO_DEFAULTS = {"tile_px": 24, "window": 2, "top_k": 15, "threshold": 0.3, "dense_tile_px": 64}
 RECIPE = {
@@ -61,7 +61,7 @@ RECIPE = {
     "scene_px": 2048,
     "chips_per_scene": {"object": 320, "near": 160, "random": 90},
     "chip_px": [64, 128],
-    # hard negatives (engine.data.synthetic.make_cover_chips): ground without its objects,
+    # hard negatives (engine.data.synthetic.chips.make_cover_chips): ground without its objects,
     # captioned by what it is, so "ships" leaves the runway marks and "airplanes" the apron
     "cover_chips": {"covers": ["runway", "apron", "water", "bare-ground"], "per_scene": 30},
     # counting chips: their count sentences are their only captions
@@ -120,9 +120,9 @@ def _article_name(cls: str, n: int) -> str:
 def extra_captions(chip, rng) -> list:
     """Land-cover and scene phrases, and class nouns, from a chip's mask and boxes."""
     import numpy as np
-    from mapclip.engine.data import synthetic as S
+    from mapclip.engine.data.synthetic.truth import MASK_CLASSES
     vals, counts = np.unique(chip.mask, return_counts=True)
-    frac = {S.MASK_CLASSES[int(v)]: c / chip.mask.size for v, c in zip(vals, counts)}
+    frac = {MASK_CLASSES[int(v)]: c / chip.mask.size for v, c in zip(vals, counts)}
     objs = Counter(cls for cls, _ in chip.boxes)
     caps = []
     land = sorted(((f, n) for n, f in frac.items() if n in LANDCOVER_PHRASES), reverse=True)
@@ -149,7 +149,9 @@ def cover_captions(cover: str) -> list:
 def stage_data(work: Path) -> Path:
     import numpy as np
     import rasterio
-    from mapclip.engine.data import synthetic as S
+    from mapclip.engine.data.synthetic.chips import Chip, make_chips, make_cover_chips, write_chips
+    from mapclip.engine.data.synthetic.scene import make_chip, make_scene
+    from mapclip.engine.data.synthetic.truth import CLASS_VALUE, OBJECT_CLASSES
     from mapclip.engine.core.options import BoxCaptionOptions, MaskOptions
     from mapclip.engine.data.box_caption import box_to_caption
     from mapclip.engine.data.mask_box import mask_to_box
@@ -167,13 +169,13 @@ def stage_data(work: Path) -> Path:
     chips = []
     cover_names = {}   # hard-negative chip -> its land cover
     for seed in RECIPE["train_seeds"]:
-        t = S.make_scene(str(scenes / f"train_{seed}.tif"), RECIPE["scene_px"], seed=seed, overwrite=True)
-        cps = S.make_chips(t, size=tuple(RECIPE["chip_px"]), n_object=RECIPE["chips_per_scene"]["object"],
-                           n_random=RECIPE["chips_per_scene"]["random"],
-                           n_near=RECIPE["chips_per_scene"]["near"], seed=seed)
+        t = make_scene(str(scenes / f"train_{seed}.tif"), RECIPE["scene_px"], seed=seed, overwrite=True)
+        cps = make_chips(t, size=tuple(RECIPE["chip_px"]), n_object=RECIPE["chips_per_scene"]["object"],
+                         n_random=RECIPE["chips_per_scene"]["random"],
+                         n_near=RECIPE["chips_per_scene"]["near"], seed=seed)
         chips.extend(cps)
-        neg = S.make_cover_chips(t, RECIPE["cover_chips"]["covers"], n=RECIPE["cover_chips"]["per_scene"],
-                                 size=tuple(RECIPE["chip_px"]), seed=seed)
+        neg = make_cover_chips(t, RECIPE["cover_chips"]["covers"], n=RECIPE["cover_chips"]["per_scene"],
+                               size=tuple(RECIPE["chip_px"]), seed=seed)
         chips.extend(neg)
         cover_names.update({c.name: c.name.rsplit("_", 2)[-2] for c in neg})
         say(f"scene {seed}: {len(t.boxes)} objects, {len(cps)} chips, {len(neg)} hard negatives")
@@ -182,17 +184,17 @@ def stage_data(work: Path) -> Path:
     for cls in cc["classes"]:
         for n in cc["counts"]:
             for r in range(cc["repeats"]):
-                seed = 50000 + 1000 * S.OBJECT_CLASSES.index(cls) + 10 * n + r
+                seed = 50000 + 1000 * OBJECT_CLASSES.index(cls) + 10 * n + r
                 p = scenes / f"count_{cls}_{n}_{r}.tif"
-                t = S.make_chip(str(p), cls, n, size=COUNT_CHIP_PX[cls], seed=seed, overwrite=True)
+                t = make_chip(str(p), cls, n, size=COUNT_CHIP_PX[cls], seed=seed, overwrite=True)
                 with rasterio.open(t.path) as src, rasterio.open(t.mask_path) as msrc:
                     img = np.ascontiguousarray(np.moveaxis(src.read(), 0, -1))
                     mask = msrc.read(1)
                 name = f"count_{cls}_{n:02d}_{r}"
-                chips.append(S.Chip(name, img, mask, [(b.cls, b.pixel) for b in t.boxes], 0, 0, t.path))
+                chips.append(Chip(name, img, mask, [(b.cls, b.pixel) for b in t.boxes], 0, 0, t.path))
                 count_rows += [(name, count_caption(cls.replace("-", " "), n, v))
                                for v in ("words", "digits")]
-    paths = S.write_chips(chips, str(data))
+    paths = write_chips(chips, str(data))
     say(f"{len(chips)} chips written in {time.time() - t0:.0f} s")
 
     # held-out chips: the dedup `against` set (contamination check)
@@ -201,9 +203,9 @@ def stage_data(work: Path) -> Path:
         shutil.rmtree(held)
     hchips = []
     for seed in RECIPE["heldout_seeds"]:
-        t = S.make_scene(str(scenes / f"heldout_{seed}.tif"), 1024, seed=seed, overwrite=True)
-        hchips += S.make_chips(t, size=96, n_object=60, n_random=20, seed=seed)
-    S.write_chips(hchips, str(held), masks=False)
+        t = make_scene(str(scenes / f"heldout_{seed}.tif"), 1024, seed=seed, overwrite=True)
+        hchips += make_chips(t, size=96, n_object=60, n_random=20, seed=seed)
+    write_chips(hchips, str(held), masks=False)
 
     dd = find_duplicates([paths["images"]], out=str(work / "dedup.csv"), against=[str(held / "images")],
                          options=DedupOptions(cache=None, overwrite=True, workers=1))
@@ -214,7 +216,7 @@ def stage_data(work: Path) -> Path:
     b2c = box_to_caption(paths["boxes"], str(work / "b2c.csv"),
                          BoxCaptionOptions(format="coco", images_dir=paths["images"], seed=RECIPE["seed"],
                                         overwrite=True))
-    lc_classes = {str(S.CLASS_VALUE[k]): n for k, n in M2B_NAMES.items()}
+    lc_classes = {str(CLASS_VALUE[k]): n for k, n in M2B_NAMES.items()}
     (work / "landcover_classes.json").write_text(json.dumps(lc_classes), encoding="utf-8")
     m2b = mask_to_box(paths["masks"], str(work / "landcover_classes.json"), str(work / "m2b.json"),
                       MaskOptions(min_area=300, images_dir=paths["images"], overwrite=True,
@@ -722,8 +724,8 @@ def ev_seed() -> int:
 
 
 def S_make_scene(folder: Path, size: int, seed: int):
-    from mapclip.engine.data import synthetic as S
-    return S.make_scene(str(folder / f"index_scene_{seed}.tif"), size, seed=seed, overwrite=True)
+    from mapclip.engine.data.synthetic.scene import make_scene
+    return make_scene(str(folder / f"index_scene_{seed}.tif"), size, seed=seed, overwrite=True)
 
 
 def main(argv=None) -> int:

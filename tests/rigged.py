@@ -181,7 +181,8 @@ def rigged_model():
     """The rigged model as a LoadedModel on the CPU in fp32 (see module doc)."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD, LoadedModel, build_model
+    from mapclip.engine.model.architectures import build_model
+    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD, LoadedModel
     torch.manual_seed(0)
     model = build_model(RIGGED_CFG)
     tokenizer = SimpleTokenizer(context_length=CONTEXT)
@@ -206,7 +207,8 @@ def tiny_resnet():
     """A small random open_clip ModifiedResNet as a LoadedModel (for fallbacks: no patch tokens)."""
     from open_clip.tokenizer import SimpleTokenizer
 
-    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD, LoadedModel, build_model
+    from mapclip.engine.model.architectures import build_model
+    from mapclip.engine.model.models import OPENAI_MEAN, OPENAI_STD, LoadedModel
     cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
            "text_cfg": {"context_length": CONTEXT, "vocab_size": 49408, "width": 32, "heads": 2,
                         "layers": 1}}

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-#: the main land cover of an empty chip, in words (engine.data.synthetic.LANDCOVER_CLASSES)
+#: the main land cover of an empty chip, in words (engine.data.synthetic.truth.LANDCOVER_CLASSES)
 LANDCOVER_WORDS: Dict[str, str] = {
     "water": "water", "forest": "a forest", "field": "fields", "bare-ground": "bare ground",
     "grass": "grass", "urban": "an urban area", "road": "a road", "runway": "a runway",
@@ -53,7 +53,7 @@ def chip_references(chip, seed: int = 0) -> List[str]:
     """Box-to-Caption's five captions of a chip's boxes, or two land-cover sentences when it has none."""
     from .data.annotations import ImageAnnotation, ObjectBox
     from .data.box_caption import caption_image
-    from .data.synthetic import MASK_CLASSES
+    from .data.synthetic.truth import MASK_CLASSES
     h, w = chip.mask.shape[:2]
     if chip.boxes:
         im = ImageAnnotation(chip.name, chip.name + ".png", int(w), int(h),
@@ -70,10 +70,10 @@ def chip_references(chip, seed: int = 0) -> List[str]:
 
 def scene_chips(truth, n_object: int, n_near: int, n_random: int, seed: int,
                 chip_px: Sequence[int] = CHIP_PX, caption_seed: int = 0) -> List[CaptionedChip]:
-    """Chips of a written synthetic scene (engine.data.synthetic.make_chips) with their references."""
+    """Chips of a written synthetic scene (engine.data.synthetic.chips.make_chips) with their references."""
     import rasterio
 
-    from .data.synthetic import make_chips
+    from .data.synthetic.chips import make_chips
     from .data.synthetic.truth import _pixel_bounds
     with rasterio.open(truth.path) as src:
         transform = src.transform
@@ -120,7 +120,7 @@ def bleu_cider(candidates: Sequence[str], references: Sequence[Sequence[str]]) -
 
 def named_classes(text: str) -> set:
     """The synthetic object classes a caption names (singular or plural: "ship", "2 ships")."""
-    from .data.synthetic import OBJECT_CLASSES
+    from .data.synthetic.truth import OBJECT_CLASSES
     t = words(text)
     return {c for c in OBJECT_CLASSES
             if re.search(r"\b" + c.replace("-", " ") + r"(s|es)?\b", t)}
@@ -150,7 +150,7 @@ def heldout_set(folder: Path, seeds: Sequence[int] = HELDOUT_SEEDS,
                 scene_px: int = HELDOUT_SCENE_PX, chips: Optional[Dict[str, int]] = None
                 ) -> List[Tuple[str, List[CaptionedChip]]]:
     """Held-out scenes written in ``folder`` and their chips: [(scene path, chips)]."""
-    from .data.synthetic import make_scene
+    from .data.synthetic.scene import make_scene
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n = dict(HELDOUT_CHIPS, **(chips or {}))

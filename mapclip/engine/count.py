@@ -14,11 +14,12 @@
     default only for tiles: ``CountOptions.zero``).
 
 ``dense``
-    The dense heatmap of :func:`engine.detect.detect` (mode ``dense``) for
-    the object's name; the count is the number of peaks of the heatmap at
+    The dense heatmap (:func:`engine.dense_pass.dense_heatmap`, the pass of
+    detect's dense mode) for the object's name; models without ViT patch
+    tokens cannot give one and are refused; the count is the number of peaks of the heatmap at
     least ``peak_distance`` cells apart (default 2) inside the connected
     components of ``heatmap >= threshold`` (default
-    :data:`engine.detect.DENSE_THRESHOLD`) of at least ``min_area`` cells,
+    :data:`engine.core.options.DENSE_THRESHOLD`) of at least ``min_area`` cells,
     each with its box (:func:`engine.geo.boxes.heatmap_peaks`), so touching
     objects that form one blob still count apart. ``peaks=False`` counts the
     components themselves (:func:`engine.geo.boxes.heatmap_components`).
@@ -402,23 +403,36 @@ def _prompt_count(rj, name: str, options: CountOptions) -> PromptCount:
 
 def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountOptions,
                  progress, cancel, raster_transform) -> Tuple[DenseCount, List[str]]:
-    from .detect import DetectOptions, detect
-    from .core.options import ReadOptions
+    """The dense pass (engine.dense_pass, the one detect's dense mode runs) for the
+    object's name, and its heatmap's peaks counted."""
+    from .core.options import DetectOptions, ReadOptions
+    from .dense_pass import dense_heatmap
+    from .model import accel
+    from .model.batching import BatchRunner
+    from .model.dense import dense_unsupported
+    from .model.scoring import build_bank
+    from .rasterjob import raster_job
     thr = DENSE_THRESHOLD if options.threshold is None else float(options.threshold)
-    opts = DetectOptions(mode="dense", tile_px=int(options.dense_tile_px or lm.image_size), top_k=1, threshold=thr,
-                         batch_size=int(options.batch_size), read=options.read or ReadOptions(),
-                         device=options.device, precision=options.precision, heatmap=True,
-                         refine=False, templates=getattr(options, "templates", None),
-                         cache=options.cache)
-    res = detect(raster, [plural(singular(name), 2)], lm, extent=extent, extent_crs=extent_crs,
-                 options=opts, progress=progress, cancel=cancel)
-    if res.heatmap is None:
-        return (DenseCount(0, thr, int(options.min_area), [], mode=res.mode, peaks=bool(options.peaks),
-                           cache=res.cache), list(res.warnings))
-    boxes = heatmap_count(res.heatmap[0], res.heatmap_transform, thr, options.min_area,
+    opts = check(DetectOptions(mode="dense", tile_px=int(options.dense_tile_px or lm.image_size), top_k=1,
+                               threshold=thr, batch_size=int(options.batch_size),
+                               read=options.read or ReadOptions(), device=options.device,
+                               precision=options.precision, heatmap=True, refine=False,
+                               templates=getattr(options, "templates", None), cache=options.cache))
+    with raster_job(raster, lm, extent, extent_crs, options=opts, progress=progress,
+                    cancel=cancel) as rj:
+        why = dense_unsupported(rj.lm)
+        if why:
+            raise UsageError(f"the dense count needs patch features: {why}",
+                             "count with --method prompt, or with a ViT model", option="method")
+        opts = rj.with_defaults(opts, auto_batch=opts.dense_input_px is None)
+        bank = build_bank(rj.lm, [plural(singular(name), 2)], opts.background, opts.templates)
+        runner = BatchRunner(opts.batch_size)
+        heat = dense_heatmap(rj, bank, opts, runner)
+        notes = rj.notes + runner.notes + accel.notes(rj.lm)
+    boxes = heatmap_count(heat.heat[0], heat.transform, thr, options.min_area,
                           raster_transform, peaks=options.peaks, peak_distance=options.peak_distance)
-    return (DenseCount(len(boxes), thr, int(options.min_area), boxes, mode=res.mode,
-                       peaks=bool(options.peaks), cache=res.cache), list(res.warnings))
+    return (DenseCount(len(boxes), thr, int(options.min_area), boxes, mode="dense",
+                       peaks=bool(options.peaks), cache=rj.cache), notes)
 
 
 def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, float, float, float]] = None,

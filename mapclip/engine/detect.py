@@ -58,11 +58,11 @@ import numpy as np
 from .geo.boxes import heatmap_components, nms, object_proposals, pixel_to_bounds, union_merge
 from .core.errors import UsageError
 from .core.jobs import Job
-from .core.options import DetectOptions, check, cls_token_lambda_for
+from .core.options import DetectOptions, check
 from .core.outputs import BOX_FIELDS, box_rows, write_heatmap_tif, write_vector
+from .dense_pass import crop_heat, dense_heatmap, tile_grid
 from .model.batching import BatchRunner
 from .model.scoring import PromptBank, Scorer
-from .geo.tiling import PixelWindow, TileGrid
 
 if TYPE_CHECKING:  # torch, rasterio and open_clip load on first use, not on import
     import torch
@@ -70,8 +70,6 @@ if TYPE_CHECKING:  # torch, rasterio and open_clip load on first use, not on imp
     from .model.models import LoadedModel
 
 
-#: dense heatmap cells per patch side
-DENSE_UPSAMPLE = 2
 #: fitting boxes: margin read around a box (share of its side), least area of a
 #: proposal and most (shares of the box's), context around a proposal when it is scored
 #: (share of its side), IoU above which two fitted boxes are one object
@@ -210,11 +208,6 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
                         warnings=notes, cache=rj.cache)
 
 
-def _grid(info, area: PixelWindow, opts: DetectOptions, stride_px: Optional[int] = None) -> TileGrid:
-    return TileGrid.for_raster(info, area, int(opts.tile_px), stride_px=stride_px,
-                               gsd=opts.read.gsd)
-
-
 def _make_boxes(prompt: str, pix: np.ndarray, scores: np.ndarray, cosine: np.ndarray,
                 transform, raster_size: Tuple[int, int], start_rank: int = 1) -> List[Box]:
     out = []
@@ -226,21 +219,6 @@ def _make_boxes(prompt: str, pix: np.ndarray, scores: np.ndarray, cosine: np.nda
         out.append(Box(prompt, float(scores[k]), float(cosine[k]), start_rank + k,
                        pixel_to_bounds(transform, (c0, r0, c1, r1)), (c0, r0, c1, r1)))
     return out
-
-
-def _crop_heat(heat: np.ndarray, origin: Tuple[float, float], cell: Tuple[float, float],
-               area: PixelWindow, transform):
-    """Crop a heat grid to the cells touching ``area``; return (heat, cell transform)."""
-    from affine import Affine
-    ox, oy = origin
-    cx, cy = cell
-    j0 = max(0, int(math.floor((area.col - ox) / cx + 1e-9)))
-    i0 = max(0, int(math.floor((area.row - oy) / cy + 1e-9)))
-    j1 = min(heat.shape[2], int(math.ceil((area.col_end - ox) / cx - 1e-9)))
-    i1 = min(heat.shape[1], int(math.ceil((area.row_end - oy) / cy - 1e-9)))
-    heat = np.ascontiguousarray(heat[:, i0:i1, j0:j1])
-    tf = transform @ Affine.translation(ox + j0 * cx, oy + i0 * cy) @ Affine.scale(cx, cy)
-    return heat, tf
 
 
 # --------------------------------------------------------------------------- #
@@ -320,9 +298,9 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
 
     from .model import accel
     from .model.encode import to_model_input
-    from .raster.batches import iter_tile_batches
+    from .raster.stream import iter_tile_batches
     info, area, lm, job = rj.info, rj.area, rj.lm, rj.job
-    grid = _grid(info, area, opts)
+    grid = tile_grid(info, area, opts)
     cov = grid.covered()
     S = grid.out_px
     sx, sy = S / grid.tile_width, S / grid.tile_height          # mosaic px per native px
@@ -506,7 +484,7 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
     heat_out, heat_tf = None, None
     if heat is not None:
         heat[heat < 0] = np.nan
-        heat_out, heat_tf = _crop_heat(heat, (cov.col, cov.row), (S / sx, S / sy), area,
+        heat_out, heat_tf = crop_heat(heat, (cov.col, cov.row), (S / sx, S / sy), area,
                                        info.transform)
     return out_boxes, heat_out, heat_tf, len(grid.tiles), len(boxes_all), skipped
 
@@ -537,84 +515,11 @@ def _window_boxes(boxes_all: np.ndarray, probs_all: np.ndarray, cos_all: np.ndar
 # --------------------------------------------------------------------------- #
 # Dense mode.
 # --------------------------------------------------------------------------- #
-def _ramp(n: int, ramp: float) -> np.ndarray:
-    """Blend weights along one tile axis: 1 inside, linear toward the borders."""
-    i = np.arange(n, dtype=np.float32) + 0.5
-    w = np.minimum(1.0, np.minimum(i, n - i) / max(ramp, 1.0))
-    return np.maximum(w, 1e-3).astype(np.float32)
-
-
 def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, preview,
                scoring: Dict[str, Any]):
-    import torch
-    import torch.nn.functional as F
-
-    from .model.dense import dense_features
-    from .model.scoring import score_maps
-    info, area, lm, job = rj.info, rj.area, rj.lm, rj.job
-    t = int(opts.tile_px)
-    ov = int(round(t * opts.overlap))
-    grid = _grid(info, area, opts, stride_px=max(1, t - ov))
-    cov = grid.covered()
-    size = int(opts.dense_input_px or lm.image_size)              # the model input per tile
-    if lm.patch_size and size % lm.patch_size:
-        raise UsageError(f"dense input {size} px is not a multiple of {lm.arch}'s {lm.patch_size} px patch",
-                         f"give a multiple of {lm.patch_size}, e.g. {2 * lm.image_size}",
-                         option="dense_input_px")
-    crop = lm.image_size if opts.dense_slide and size > lm.image_size else None
-    gh = gw = max(1, size // max(1, lm.patch_size))
-    hh, hw = gh * DENSE_UPSAMPLE, gw * DENSE_UPSAMPLE           # heat cells per tile
-    cx, cy = grid.tile_width / hw, grid.tile_height / hh         # native px per heat cell
-    Wh, Hh = int(math.ceil(cov.width / cx - 1e-9)), int(math.ceil(cov.height / cy - 1e-9))
-    P = bank.n_prompts
-    acc = np.zeros((P, Hh, Wh), np.float32)
-    acc_cos = np.zeros((P, Hh, Wh), np.float32)
-    wsum = np.zeros((Hh, Wh), np.float32)
-    ramp_cells = max(1.0, ov / max(cx, 1e-9))
-    weight = np.outer(_ramp(hh, ramp_cells), _ramp(hw, ramp_cells))
-    job.set_total(len(grid.tiles))
-    lam = cls_token_lambda_for(opts.attention, opts.cls_token_lambda)
-    # the pass kept for later prompts: each valid tile's patch features
-    params = {"tile_px": t, "overlap": float(opts.overlap), "input_px": size, "crop": crop,
-              "attention": opts.attention, "cls_token_lambda": lam,
-              "min_valid": float(opts.min_valid)}
-
-    def features(batch: torch.Tensor):
-        return runner(lambda b: dense_features(lm, b, mode=opts.attention, cls_token_lambda=lam,
-                                               input_size=size, crop=crop).float(), batch)
-
-    def score_features(feats: torch.Tensor):
-        probs, cos = score_maps(feats, bank)
-        both = torch.cat([probs, cos], dim=1)
-        both = F.interpolate(both, size=(hh, hw), mode="bilinear", align_corners=False)
-        return both[:, :P], both[:, P:]
-
-    for tiles, feats in rj.tile_features("detect-dense", params, grid.tiles, features, opts.batch_size,
-                                         prefetch=opts.prefetch, workers=opts.workers,
-                                         min_valid=opts.min_valid):
-        with torch.inference_mode():
-            probs, cos = runner(score_features, feats)
-        probs, cos = probs.cpu().numpy(), cos.cpu().numpy()
-        for tile, pr, co in zip(tiles, probs, cos):
-            x = int(round((tile.col - cov.col) / cx))
-            y = int(round((tile.row - cov.row) / cy))
-            x1, y1 = min(Wh, x + hw), min(Hh, y + hh)
-            w = weight[:y1 - y, :x1 - x]
-            acc[:, y:y1, x:x1] += pr[:, :y1 - y, :x1 - x] * w
-            acc_cos[:, y:y1, x:x1] += co[:, :y1 - y, :x1 - x] * w
-            wsum[y:y1, x:x1] += w
-    skipped = rj.skipped
-    covered = wsum > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        heat = np.where(covered, acc / np.where(covered, wsum, 1.0), np.nan).astype(np.float32)
-        heat_cos = np.where(covered, acc_cos / np.where(covered, wsum, 1.0), np.nan)
-    del acc, acc_cos
-    # boxes only from the cells that touch the requested area
-    heat_a, heat_tf = _crop_heat(heat, (cov.col, cov.row), (cx, cy), area, info.transform)
-    cos_a, _ = _crop_heat(heat_cos, (cov.col, cov.row), (cx, cy), area, info.transform)
-    j0 = int(math.floor((area.col - cov.col) / cx + 1e-9))
-    i0 = int(math.floor((area.row - cov.row) / cy + 1e-9))
-    base_c, base_r = cov.col + max(0, j0) * cx, cov.row + max(0, i0) * cy
+    dh = dense_heatmap(rj, bank, opts, runner)
+    heat_a, cos_a, info = dh.heat, dh.cosine, rj.info
+    (base_c, base_r), (cx, cy) = dh.origin, dh.cell
     thr = opts.threshold
     out_boxes: List[Box] = []
     for p, prompt in enumerate(bank.prompts):
@@ -635,8 +540,8 @@ def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, p
             cosines.append(float(np.nanmax(np.where(mask, sub_c, np.nan))))
         out_boxes.extend(_make_boxes(prompt, pix, scores, np.array(cosines), info.transform,
                                      (info.width, info.height)))
-    return (out_boxes, heat_a if opts.heatmap else None, heat_tf if opts.heatmap else None,
-            len(grid.tiles), 0, skipped)
+    return (out_boxes, heat_a if opts.heatmap else None, dh.transform if opts.heatmap else None,
+            dh.tiles, 0, dh.skipped)
 
 
 # --------------------------------------------------------------------------- #

@@ -23,7 +23,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .data import synthetic as S
+from .data.synthetic.chips import chip_boxes
+from .data.synthetic.scene import make_chip, make_scene
+from .data.synthetic.truth import CLASS_VALUE, OBJECT_CLASSES, SceneTruth
 from .data.metrics import average_precision, centre_precision, precision_recall
 
 #: held-out seeds (training used 1000-1009 and 50000+, the dedup check 7001-7002,
@@ -65,9 +67,9 @@ COUNT_REPEATS = 2
 IOU = 0.5
 
 
-def demo_scene(folder: Path, seed: int = DETECT_SEED, size: int = DETECT_SIZE) -> S.SceneTruth:
+def demo_scene(folder: Path, seed: int = DETECT_SEED, size: int = DETECT_SIZE) -> SceneTruth:
     """The held-out detection scene (written to ``folder``)."""
-    return S.make_scene(str(Path(folder) / f"scene_{seed}.tif"), size, seed=seed, overwrite=True)
+    return make_scene(str(Path(folder) / f"scene_{seed}.tif"), size, seed=seed, overwrite=True)
 
 
 def score_boxes(boxes: Sequence[Tuple[float, Sequence[float]]], truth: Sequence[Sequence[float]],
@@ -78,7 +80,7 @@ def score_boxes(boxes: Sequence[Tuple[float, Sequence[float]]], truth: Sequence[
             "boxes": len(boxes), "truth": len(truth)}
 
 
-def measure_detect(lm, truth: S.SceneTruth, mode: str = "window",
+def measure_detect(lm, truth: SceneTruth, mode: str = "window",
                    classes: Sequence[str] = tuple(DETECT_CLASSES),
                    refine: Optional[bool] = None) -> Dict[str, Dict[str, float]]:
     """Per class, one detect call (its prompt against the background prompts):
@@ -102,7 +104,7 @@ def measure_detect(lm, truth: S.SceneTruth, mode: str = "window",
     return out
 
 
-def measure_retrieval(lm, truth: S.SceneTruth, index_dir: Path, k: int = 10) -> Dict[str, float]:
+def measure_retrieval(lm, truth: SceneTruth, index_dir: Path, k: int = 10) -> Dict[str, float]:
     """precision@k per query of text search over an index of the scene's tiles."""
     import rasterio
 
@@ -119,9 +121,9 @@ def measure_retrieval(lm, truth: S.SceneTruth, index_dir: Path, k: int = 10) -> 
         for h in hits:
             c, r, w, hh = h.pixel
             if kind == "object":
-                good += bool(S.chip_boxes(truth.of(cls), c, r, w, min_visible=0.5))
+                good += bool(chip_boxes(truth.of(cls), c, r, w, min_visible=0.5))
             else:
-                good += float((mask[r:r + hh, c:c + w] == S.CLASS_VALUE[cls]).mean()) >= 0.3
+                good += float((mask[r:r + hh, c:c + w] == CLASS_VALUE[cls]).mean()) >= 0.3
         out[query] = good / max(1, len(hits))
     return out
 
@@ -132,9 +134,9 @@ def count_chips(folder: Path, seed: int = COUNT_SEED, repeats: int = COUNT_REPEA
     for cls, (name, size) in COUNT_CLASSES.items():
         for k in range(1, 11):
             for r in range(repeats):
-                s = seed + 100 * r + k + 1000 * S.OBJECT_CLASSES.index(cls)
-                chip = S.make_chip(str(Path(folder) / f"{tag}_{cls}_{k}_{r}.tif"), cls, k, size=size,
-                                   seed=s, overwrite=True)
+                s = seed + 100 * r + k + 1000 * OBJECT_CLASSES.index(cls)
+                chip = make_chip(str(Path(folder) / f"{tag}_{cls}_{k}_{r}.tif"), cls, k, size=size,
+                                 seed=s, overwrite=True)
                 out.append((chip, name, k))
     return out
 

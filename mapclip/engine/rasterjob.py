@@ -103,7 +103,7 @@ class RasterJob:
         ``self.skipped`` ends as the tiles the reader skipped (nodata, blank)."""
         import torch
 
-        from .raster.batches import iter_tile_batches
+        from .raster.stream import iter_tile_batches
         key = self.key(kind, params)
         hit = self.cached(key)
         if hit is not None:
@@ -185,7 +185,8 @@ def raster_job(raster: str, model, extent=None, extent_crs: Optional[str] = None
     from .model import accel
     from .model.models import as_loaded
     from .raster.reader import open_raster
-    from .raster.remote import check_raster_source, is_remote
+    from .raster.remote import is_remote
+    from .raster.sources import check_raster_source
     job = job or Job(progress, cancel)
     if is_remote(raster):     # the object as the server has it now, never GDAL's memory of an
         check_raster_source(raster)     # older one (a replaced object is read afresh)

@@ -213,7 +213,7 @@ class MapClipPlugin:
         path = os.path.join(folder, f"scene-{DEMO_SEED}.tif")
 
         def job(progress, cancel):
-            from ..engine.data.synthetic import make_scene
+            from ..engine.data.synthetic.scene import make_scene
             if not os.path.isfile(path):
                 os.makedirs(folder, exist_ok=True)
                 make_scene(path, width=DEMO_SIZE, seed=DEMO_SEED, mask_path=None, coco_path=None,

@@ -2,7 +2,7 @@
 
 Search parameters have defaults per model, and those are the engine's:
 engine.core.options (the options and their generic defaults) and
-engine.model.models.model_defaults (each model's own), both importable without
+engine.model.presets.model_defaults (each model's own), both importable without
 torch, so the dock shows them even before packages are installed. What the
 user changes in the dock's Advanced group is stored per model, so switching
 models brings back that model's values. A search hands the engine only what
@@ -18,8 +18,8 @@ from typing import Any, Dict, List, Optional
 
 from qgis.core import QgsSettings
 
-from ..engine.model.models import DEFAULT_MODEL, PRESETS
-from ..engine.model.models import model_defaults as engine_model_defaults
+from ..engine.model.presets import DEFAULT_MODEL, PRESETS
+from ..engine.model.presets import model_defaults as engine_model_defaults
 from ..engine.core.errors import UsageError, worded
 from ..engine.core.options import (MODES, ClassifyOptions, CountOptions, DetectOptions, ReadOptions, parse_bands,
                                    parse_read_workers, with_model_defaults)

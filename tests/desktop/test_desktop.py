@@ -94,7 +94,7 @@ def make_data(data: Path) -> Path:
     import numpy as np
     from PIL import Image
 
-    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.data.synthetic.scene import make_scene
     data.mkdir()
     scene = data / "scene.tif"
     truth = {"scene": _truth(make_scene(str(scene), width=1024, seed=3))}  # tanks, airplanes, ships

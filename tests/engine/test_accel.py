@@ -175,11 +175,11 @@ def test_cache_is_lru_bounded(tiny_model):
 def _vit_b32(auto: bool = True):
     """ViT-B-32 (QuickGELU) with seeded random weights, as load_model gives it on the CPU."""
     from open_clip.tokenizer import SimpleTokenizer
-    from mapclip.engine.model import models
-    cfg = models.arch_config("ViT-B-32-quickgelu")
+    from mapclip.engine.model import architectures, models
+    cfg = architectures.arch_config("ViT-B-32-quickgelu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = models.build_model(cfg).eval().requires_grad_(False)
+        model = architectures.build_model(cfg).eval().requires_grad_(False)
     return models.LoadedModel(model=model, tokenizer=SimpleTokenizer(), spec="vit-b-32-random",
                               arch="ViT-B-32-quickgelu", image_size=224, mean=models.OPENAI_MEAN,
                               std=models.OPENAI_STD, embed_dim=512, device=torch.device("cpu"),

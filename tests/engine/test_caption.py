@@ -17,7 +17,7 @@ BANK = ["water", "a forest", "buildings", "fields", "bare ground", "a road"]
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
-    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.data.synthetic.scene import make_scene
     d = tmp_path_factory.mktemp("caption")
     make_scene(str(d / "s.tif"), width=512, seed=9104, coco_path=None)
     return d / "s.tif"
@@ -38,7 +38,7 @@ def _pure_windows(mask_path, value, size=48, need=0.95, limit=3):
 
 
 def test_retrieval_names_the_land_cover_of_the_place(scene, one_torch_thread):
-    from mapclip.engine.data.synthetic import CLASS_VALUE
+    from mapclip.engine.data.synthetic.truth import CLASS_VALUE
     mask = str(scene).replace(".tif", "_mask.tif")
     checked = 0
     for value, word in ((CLASS_VALUE["water"], "water"), (CLASS_VALUE["forest"], "a forest")):

@@ -16,8 +16,11 @@ import torch
 
 from mapclip.engine import caption_eval as CE
 from mapclip.engine.caption import caption, can_generate
-from mapclip.engine.model.models import (PRESETS, RESOURCES_DIR, arch_config, build_model, load_model, preset_available)
-from mapclip.engine.data.synthetic import Chip
+from mapclip.engine.model.architectures import arch_config, build_model
+from mapclip.engine.model.hub import preset_available
+from mapclip.engine.model.models import load_model
+from mapclip.engine.model.presets import PRESETS, RESOURCES_DIR
+from mapclip.engine.data.synthetic.chips import Chip
 
 CARD = RESOURCES_DIR / "models" / "demo-captioner" / "MODEL_CARD.md"
 #: below the card's numbers (generation is deterministic; the margin covers other CPUs' float noise)
@@ -61,7 +64,7 @@ def test_demo_captioner_bleu4_and_cider_on_held_out_scenes(captioner, tmp_path):
 
 
 def test_demo_captioner_names_the_object_of_a_held_out_chip(captioner, tmp_path):
-    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.data.synthetic.scene import make_scene
     truth = make_scene(str(tmp_path / "s.tif"), 512, seed=9302)
     hits = 0
     tanks = [b for b in truth.boxes if b.cls in ("storage-tank", "airplane", "ship")][:4]

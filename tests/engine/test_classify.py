@@ -167,8 +167,8 @@ def test_cli_classify_json_and_errors(raster, tmp_path, capsys, one_torch_thread
 def test_demo_model_land_cover_quality(tmp_path, one_torch_thread):
     """The demo model's class map against a held-out synthetic scene's mask
     (numbers in resources/models/demo/MODEL_CARD.md, "Land-cover maps")."""
-    from mapclip.engine.data.synthetic import make_scene
-    from mapclip.engine.data.synthetic import synthetic_targets
+    from mapclip.engine.data.synthetic.scene import make_scene
+    from mapclip.engine.data.synthetic.truth import synthetic_targets
     NAMES, CLASS_VALUES = synthetic_targets()
     make_scene(str(tmp_path / "s.tif"), width=512, seed=9103, coco_path=None)
     r = classify(str(tmp_path / "s.tif"), NAMES, "demo",

@@ -45,7 +45,7 @@ def test_cli_detect_prints_box_bounds_with_every_digit(tmp_path, capsys, crs, de
                                      ["finetune", "--data", "c.csv", "--out", "run"]])
 def test_model_defaults_to_the_preset_the_help_calls_default(command, capsys):
     from mapclip.engine.cli import build_parser
-    from mapclip.engine.model.models import DEFAULT_MODEL, PRESETS
+    from mapclip.engine.model.presets import DEFAULT_MODEL, PRESETS
     assert "the default" in PRESETS[DEFAULT_MODEL].description
     parser = build_parser()
     assert parser.parse_args(command).model == DEFAULT_MODEL
@@ -57,7 +57,7 @@ def test_model_defaults_to_the_preset_the_help_calls_default(command, capsys):
 def test_index_takes_the_index_model_when_adding_else_the_default(tmp_path, capsys, monkeypatch):
     from mapclip.engine.cli import build_parser
     from mapclip.engine.cli import index as cli_index
-    from mapclip.engine.model.models import DEFAULT_MODEL
+    from mapclip.engine.model.presets import DEFAULT_MODEL
     raster = make_raster(tmp_path / "r.tif", 64, 64)
     assert main(["index", str(raster), "--model", "test-tiny", "--tile", "32", "--out",
                  str(tmp_path / "old")]) == 0

@@ -167,6 +167,16 @@ def test_bad_count_input(scene, rigged):
         ct.count(str(scene), "ship", rigged, method="dense", options=ct.CountOptions(threshold=3))
 
 
+def test_dense_count_refuses_a_model_without_patch_features(scene, rigged, monkeypatch):
+    """The dense method counts the dense pass's heatmap; a model that cannot give one (no
+    ViT patch tokens) is refused with the prompt method as the fix, before any tile is read."""
+    from mapclip.engine.model import dense
+    monkeypatch.setattr(dense, "dense_unsupported", lambda lm: "RN50 is not a ViT")
+    with pytest.raises(UsageError, match="RN50 is not a ViT") as err:
+        ct.count(str(scene), "red roof", rigged, method="dense")
+    assert err.value.option == "method" and "--method prompt" in err.value.hint
+
+
 def test_cli_count_contract(scene, tmp_path, capsys):
     from mapclip.engine.cli import main
     raw = _pyogrio_raw()

@@ -15,7 +15,10 @@ from PIL import Image
 
 from mapclip.engine.cli import main as cli_main
 from mapclip.engine.core.options import DedupOptions
-from mapclip.engine.dedup.duplicates import (brute_force_pairs, check_segments, find_cross_pairs, find_duplicates, find_pairs, hamming, move_duplicates, phash_file, segment_layout, undo_move)
+from mapclip.engine.dedup.duplicates import find_duplicates
+from mapclip.engine.dedup.hashing import phash_file
+from mapclip.engine.dedup.quarantine import move_duplicates, undo_move
+from mapclip.engine.dedup.segments import brute_force_pairs, check_segments, find_cross_pairs, find_pairs, hamming, segment_layout
 from mapclip.engine.core.errors import Cancelled, UsageError
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from mapclip.engine.data import synthetic as S
+from mapclip.engine.data.synthetic.scene import make_scene
+from mapclip.engine.data.synthetic.truth import MASK_CLASSES, SceneTruth
 from mapclip.engine.geo.boxes import pixel_to_bounds
 from mapclip.engine.detect import Box, DetectResult, write_boxes, write_heatmap
 from tests.plugin import conftest as _qgis_session  # noqa: F401  (one offscreen QgsApplication)
@@ -20,7 +21,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 PROMPTS = ["ships", "airplanes"]
 
 
-def _result(truth: S.SceneTruth) -> DetectResult:
+def _result(truth: SceneTruth) -> DetectResult:
     tf = truth.affine
     boxes = [Box(p, 0.9 - i / 10, 0.3, 1, pixel_to_bounds(tf, px), px)
              for i, (p, px) in enumerate([("ships", (10, 10, 40, 40)), ("airplanes", (100, 60, 160, 120))])]
@@ -33,7 +34,7 @@ def _result(truth: S.SceneTruth) -> DetectResult:
 def test_demo_project_loads_in_qgis_with_valid_styled_layers(tmp_path):
     from qgis.core import QgsProject
     from demo_project import write_project
-    truth = S.make_scene(str(tmp_path / "scene.tif"), 256, seed=11)
+    truth = make_scene(str(tmp_path / "scene.tif"), 256, seed=11)
     res = _result(truth)
     gpkg = write_boxes(res, tmp_path / "detections.gpkg")
     heat = write_heatmap(res, tmp_path / "heatmap.tif")
@@ -61,7 +62,7 @@ def test_demo_project_loads_in_qgis_with_valid_styled_layers(tmp_path):
         assert (r.classificationMin(), r.classificationMax()) == (0.0, 1.0)
     classes = layers["class map (ground truth)"].renderer()
     assert classes.type() == "paletted"
-    assert {c.label for c in classes.classes()} == set(S.MASK_CLASSES.values())
+    assert {c.label for c in classes.classes()} == set(MASK_CLASSES.values())
     assert layers["scene"].renderer().type() == "multibandcolor"
     # relative paths: the folder can move
     with zipfile.ZipFile(qgz) as z:
@@ -75,7 +76,7 @@ def test_demo_project_loads_in_qgis_with_valid_styled_layers(tmp_path):
 
 def test_demo_project_names_a_layer_qgis_cannot_open(tmp_path):
     from demo_project import write_project
-    truth = S.make_scene(str(tmp_path / "scene.tif"), 128, seed=12)
+    truth = make_scene(str(tmp_path / "scene.tif"), 128, seed=12)
     with pytest.raises(RuntimeError, match="heatmap"):
         write_project(tmp_path / "demo.qgz", truth.path, truth.mask_path, tmp_path / "none.gpkg",
                       tmp_path / "missing.tif", PROMPTS)

@@ -36,14 +36,14 @@ def python_blocks(path: Path):
 
 
 def make_scene_file(path: Path) -> None:
-    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.data.synthetic.scene import make_scene
     make_scene(str(path), 512, seed=7)
 
 
 def make_captions_file(path: Path) -> None:
     """Synthetic chips with counted objects and their captions, one row each."""
     from mapclip.engine.data.grammar import with_count
-    from mapclip.engine.data.synthetic import make_chip
+    from mapclip.engine.data.synthetic.scene import make_chip
     chips = path.parent / "chips"
     chips.mkdir()
     rows = ["image,caption"]

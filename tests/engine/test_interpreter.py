@@ -137,7 +137,7 @@ CHILD = textwrap.dedent('''
     from dataclasses import replace
     from mapclip.engine.core.options import DetectOptions, ReadOptions
     from mapclip.engine.detect import detect
-    from mapclip.engine.raster.batches import iter_tile_batches
+    from mapclip.engine.raster.stream import iter_tile_batches
     from mapclip.engine.raster.reader import open_raster
     from tests.rigged import RED_PROMPT, rigged_model
     out = {}

@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from mapclip.engine.model import models
+from mapclip.engine.model import architectures, checkpoints, hub, models, presets, specs
 from mapclip.engine.cli import main as cli_main
 from mapclip.engine.model.encode import encode_images, encode_text
 from mapclip.engine.core.errors import ModelError, UsageError
 
 
 def test_registry_has_required_presets_with_quickgelu_for_openai_descendants():
-    p = models.PRESETS
+    p = presets.PRESETS
     for name in ("remoteclip-rn50", "remoteclip-vit-b-32", "remoteclip-vit-l-14",
                  "georsclip-vit-b-32", "skyclip-vit-l-14", "openai-vit-b-32", "openai-vit-l-14", "demo"):
         assert name in p, name
@@ -24,7 +24,7 @@ def test_registry_has_required_presets_with_quickgelu_for_openai_descendants():
     assert p["remoteclip-vit-l-14"].arch == "ViT-L-14-quickgelu"
     assert p["remoteclip-vit-b-32"].repo == "chendelong/RemoteCLIP"
     assert p["remoteclip-vit-b-32"].filename == "RemoteCLIP-ViT-B-32.pt"
-    assert models.DEFAULT_MODEL in p
+    assert presets.DEFAULT_MODEL in p
 
 
 def test_tiny_model_loads_seeded_and_encodes(tiny_model):
@@ -42,13 +42,13 @@ def test_tiny_model_loads_seeded_and_encodes(tiny_model):
 
 def test_remoteclip_preset_loads_from_cached_checkpoint_in_real_layout(_isolated_cache):
     """The real preset path: a ViT-B-32-quickgelu state dict saved as RemoteCLIP-ViT-B-32.pt."""
-    preset = models.PRESETS["remoteclip-vit-b-32"]
-    dest = models.hf_cache_path(preset.repo, preset.filename)
+    preset = presets.PRESETS["remoteclip-vit-b-32"]
+    dest = hub.hf_cache_path(preset.repo, preset.filename)
     dest.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(1)
-    src = models.build_model(models.arch_config("ViT-B-32-quickgelu"))
+    src = architectures.build_model(architectures.arch_config("ViT-B-32-quickgelu"))
     torch.save(src.state_dict(), dest)
-    assert models.preset_available(preset)
+    assert hub.preset_available(preset)
     lm = models.load_model("remoteclip-vit-b-32", device="cpu")
     assert lm.arch == "ViT-B-32-quickgelu" and lm.embed_dim == 512 and lm.image_size == 224
     assert lm.model_cfg.get("quick_gelu") is True
@@ -100,22 +100,22 @@ def test_bad_specs_get_clear_errors(tmp_path, tiny_model):
     p = tmp_path / "x.pt"   # a name that is no published checkpoint's: activation unknown
     torch.save(tiny_model.model.state_dict(), p)
     with pytest.raises(UsageError, match="needs its architecture") as err:
-        models.resolve(str(p))
+        specs.resolve(str(p))
     assert "its weights are mapclip-tiny" in err.value.message and f"mapclip-tiny:{p}" in err.value.hint
     with pytest.raises(UsageError, match="does not exist"):
-        models.resolve("ViT-B-32:/no/such/file.pt")
+        specs.resolve("ViT-B-32:/no/such/file.pt")
     with pytest.raises(UsageError, match="unknown model"):
-        models.resolve("not-a-model")
+        specs.resolve("not-a-model")
     with pytest.raises(ModelError, match="unknown open_clip architecture"):
-        models.resolve("NoSuchArch:openai")
+        specs.resolve("NoSuchArch:openai")
     with pytest.raises(UsageError, match="no model"):
-        models.resolve("  ")
+        specs.resolve("  ")
 
 
 def test_download_failure_names_the_file_and_the_folder(tmp_path):
     dest = tmp_path / "cache" / "RemoteCLIP-ViT-B-32.pt"
     with pytest.raises(ModelError) as err:
-        models.download("http://127.0.0.1:9/RemoteCLIP-ViT-B-32.pt", dest, timeout=2)
+        hub.download("http://127.0.0.1:9/RemoteCLIP-ViT-B-32.pt", dest, timeout=2)
     assert "RemoteCLIP-ViT-B-32.pt" in err.value.message
     assert str(dest) in err.value.hint
     assert not dest.exists() and not dest.with_name(dest.name + ".part").exists()
@@ -130,9 +130,9 @@ def test_missing_hub_file_offline_reports_cache_path():
 def test_model_folder_round_trip(tmp_path, tiny_model):
     folder = models.save_model_folder(tiny_model.model, tiny_model.model_cfg, tmp_path / "run" / "best",
                                       arch="mapclip-tiny", extra={"note": "test"})
-    meta = json.loads((folder / models.MODEL_CONFIG_FILE).read_text())
+    meta = json.loads((folder / presets.MODEL_CONFIG_FILE).read_text())
     assert meta["mapclip"]["arch"] == "mapclip-tiny" and "model_cfg" in meta
-    assert oct((folder / models.MODEL_WEIGHTS_FILE).stat().st_mode & 0o777) == "0o644"
+    assert oct((folder / presets.MODEL_WEIGHTS_FILE).stat().st_mode & 0o777) == "0o644"
     lm = models.load_model(str(folder), device="cpu")
     x = torch.randint(0, 255, (2, 64, 64, 3), dtype=torch.uint8).numpy()
     assert torch.allclose(encode_images(lm, x), encode_images(tiny_model, x), atol=1e-6)
@@ -164,7 +164,7 @@ def test_cli_models_lists_presets_and_checks_one(capsys):
 
 def test_cli_error_is_one_line_with_fix_and_exit_code_2():
     r = subprocess.run([sys.executable, "-m", "engine", "models", "--check", "nope-model"],
-                       capture_output=True, text=True, cwd=models.RESOURCES_DIR.parent)
+                       capture_output=True, text=True, cwd=presets.RESOURCES_DIR.parent)
     assert r.returncode == 2
     assert r.stderr.startswith("error: unknown model 'nope-model'")
     assert "fix:" in r.stderr and "Traceback" not in r.stderr
@@ -184,7 +184,7 @@ def test_cli_runs_a_command_without_importing_the_others():
             "from mapclip.engine.cli import build_parser; build_parser('dedup'); "
             "print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=models.RESOURCES_DIR.parent)
+                       cwd=presets.RESOURCES_DIR.parent)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
 
@@ -222,7 +222,7 @@ def remoteclip_b32_file(tmp_path_factory):
     """A seeded ViT-B-32 state dict saved under RemoteCLIP's published file name."""
     folder = tmp_path_factory.mktemp("remoteclip")
     torch.manual_seed(5)
-    src = models.build_model(models.arch_config("ViT-B-32-quickgelu"))
+    src = architectures.build_model(architectures.arch_config("ViT-B-32-quickgelu"))
     path = folder / "RemoteCLIP-ViT-B-32.pt"
     torch.save(src.state_dict(), path)
     return path
@@ -250,7 +250,7 @@ def test_published_checkpoint_loads_right_by_path_alone_or_with_a_plain_architec
     assert torch.allclose(got, ref, atol=1e-6)
     del alone
     # RemoteCLIP's README spelling: the plain name, corrected with a warning naming both
-    with pytest.warns(models.CheckpointWarning) as rec:
+    with pytest.warns(checkpoints.CheckpointWarning) as rec:
         plain = models.load_model(f"ViT-B-32:{remoteclip_b32_file}", device="cpu")
     msg = str(rec[0].message)
     assert "ViT-B-32-quickgelu" in msg and "not ViT-B-32" in msg and "RemoteCLIP" in msg
@@ -260,24 +260,24 @@ def test_published_checkpoint_loads_right_by_path_alone_or_with_a_plain_architec
     del plain
     # the right name loads without a warning
     with w.catch_warnings():
-        w.simplefilter("error", models.CheckpointWarning)
-        models.resolve(f"ViT-B-32-quickgelu:{remoteclip_b32_file}")
+        w.simplefilter("error", checkpoints.CheckpointWarning)
+        specs.resolve(f"ViT-B-32-quickgelu:{remoteclip_b32_file}")
     # an architecture the shapes contradict is refused, with the right one in the fix
     with pytest.raises(ModelError) as err:
-        models.resolve(f"ViT-B-16:{remoteclip_b32_file}")
+        specs.resolve(f"ViT-B-16:{remoteclip_b32_file}")
     assert "holds ViT-B-32 weights, not ViT-B-16" in err.value.message
     assert f"ViT-B-32-quickgelu:{remoteclip_b32_file}" in err.value.hint
     # the same weights under a name no one published: the activation is asked for
     mine = remoteclip_b32_file.with_name("mine.pt")
     mine.symlink_to(remoteclip_b32_file)
     with pytest.raises(UsageError, match="needs its architecture: its weights are ViT-B-32") as err:
-        models.resolve(str(mine))
+        specs.resolve(str(mine))
     assert f"ViT-B-32-quickgelu:{mine}" in err.value.hint and f"ViT-B-32:{mine}" in err.value.hint
 
 
 def test_recognise_checkpoint_names():
     from pathlib import Path
-    r = models.recognise_checkpoint
+    r = checkpoints.recognise_checkpoint
     assert r(Path("RemoteCLIP-RN50.pt")).quick_gelu and r(Path("RemoteCLIP-RN50.pt")).family == "RemoteCLIP"
     assert r(Path("ckpt/RS5M_ViT-L-14.pt")).quick_gelu
     assert not r(Path("RS5M_ViT-H-14.pt")).quick_gelu
@@ -291,8 +291,8 @@ def test_recognise_checkpoint_names():
 
 
 def test_skyclip_is_quickgelu_from_the_authors_bucket_and_its_training_checkpoint_loads(tmp_path, tiny_model):
-    p = models.PRESETS["skyclip-vit-l-14"]
-    assert p.arch == "ViT-L-14-quickgelu" and models.arch_config(p.arch).get("quick_gelu")
+    p = presets.PRESETS["skyclip-vit-l-14"]
+    assert p.arch == "ViT-L-14-quickgelu" and architectures.arch_config(p.arch).get("quick_gelu")
     assert p.source == "url-zip" and p.filename == "epoch_20.pt"
     assert p.url.startswith("https://opendatasharing.s3.us-west-2.amazonaws.com/SkyScript/ckpt/")
     # the authors' layout: a zipped training checkpoint, "module."-prefixed state dict
@@ -311,13 +311,13 @@ def test_skyclip_is_quickgelu_from_the_authors_bucket_and_its_training_checkpoin
     assert lm.arch == "mapclip-tiny" and lm.model_cfg["quick_gelu"] is True
     assert torch.equal(lm.model.visual.conv1.weight, tiny_model.model.visual.conv1.weight)
     # an explicit GELU variant of the architecture is corrected to QuickGELU
-    gelu_cfg = dict(models.arch_config("mapclip-tiny"), quick_gelu=False)
+    gelu_cfg = dict(architectures.arch_config("mapclip-tiny"), quick_gelu=False)
     monkey_name = "mapclip-tiny-gelu-test"
     import open_clip
     open_clip.factory._MODEL_CONFIGS[monkey_name] = gelu_cfg
     try:
-        with pytest.warns(models.CheckpointWarning, match="SkyCLIP checkpoint trained with QuickGELU"):
-            fixed = models.resolve(f"{monkey_name}:{folder / 'epoch_20.pt'}")
+        with pytest.warns(checkpoints.CheckpointWarning, match="SkyCLIP checkpoint trained with QuickGELU"):
+            fixed = specs.resolve(f"{monkey_name}:{folder / 'epoch_20.pt'}")
     finally:
         del open_clip.factory._MODEL_CONFIGS[monkey_name]
     assert fixed.model_cfg["quick_gelu"] is True
@@ -332,10 +332,10 @@ def test_skyclip_is_quickgelu_from_the_authors_bucket_and_its_training_checkpoin
     with HubServer({"/ckpt/SkyCLIP_ViT_L14_top30pct_filtered_by_CLIP_laion_RS.zip": buf.getvalue()}) as srv:
         url = srv.url + "/ckpt/SkyCLIP_ViT_L14_top30pct_filtered_by_CLIP_laion_RS.zip"
         seen = []
-        path = models.download_zip_member(url, "epoch_20.pt", progress=lambda d, t: seen.append((d, t)))
+        path = hub.download_zip_member(url, "epoch_20.pt", progress=lambda d, t: seen.append((d, t)))
     assert path.name == "epoch_20.pt" and seen and seen[-1][0] == seen[-1][1] == len(buf.getvalue())
     assert not list(path.parent.glob("*.zip"))
-    assert models.read_state_dict(path).keys() == sd.keys()
+    assert checkpoints.read_state_dict(path).keys() == sd.keys()
 
 
 # --------------------------------------------------------------------------- #
@@ -356,7 +356,7 @@ def test_hub_download_uses_hf_endpoint_progress_cache_resume_and_offline(monkeyp
         monkeypatch.setenv("HF_ENDPOINT", srv.url)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         seen = []
-        path = models.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-B-32.pt",
+        path = hub.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-B-32.pt",
                                   progress=lambda d, t: seen.append((d, t)))
         assert path.read_bytes() == body
         assert str(path).startswith(str(_isolated_cache / "models" / "hub"))   # the hub cache layout
@@ -367,26 +367,26 @@ def test_hub_download_uses_hf_endpoint_progress_cache_resume_and_offline(monkeyp
         # (huggingface_hub resumes from whole chunks: make them small)
         from huggingface_hub import constants as hf_constants
         monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 500)
-        part = models.hf_download("chendelong/RemoteCLIP", "partial.bin")
+        part = hub.hf_download("chendelong/RemoteCLIP", "partial.bin")
         assert part.read_bytes() == other
         assert ("GET", "/chendelong/RemoteCLIP/resolve/main/partial.bin", "bytes=2000-") in srv.requests
     # offline: a cached file still resolves, a missing one fails clearly
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    assert models.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-B-32.pt").read_bytes() == body
+    assert hub.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-B-32.pt").read_bytes() == body
     with pytest.raises(ModelError) as err:
-        models.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt")
+        hub.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt")
     assert "offline" in err.value.message and "RemoteCLIP-ViT-L-14.pt" in err.value.message
-    assert str(models.hf_cache_path("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt")) in err.value.hint
+    assert str(hub.hf_cache_path("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt")) in err.value.hint
     # no network, offline mode not set: a hub that cannot be reached is said at once (one
     # connection attempt, no retries), the cached file still resolves, the path stays whole
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    for var in models._PROXY_VARS:
+    for var in hub._PROXY_VARS:
         monkeypatch.delenv(var, raising=False)
     calls = []
-    real = models.hub_unreachable
-    monkeypatch.setattr(models, "hub_unreachable", lambda url, **kw: calls.append(url) or real(url, **kw))
-    assert models.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-B-32.pt").read_bytes() == body
+    real = hub.hub_unreachable
+    monkeypatch.setattr(hub, "hub_unreachable", lambda url, **kw: calls.append(url) or real(url, **kw))
+    assert hub.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-B-32.pt").read_bytes() == body
     import huggingface_hub
     asked = []
     real_download = huggingface_hub.hf_hub_download
@@ -396,17 +396,17 @@ def test_hub_download_uses_hf_endpoint_progress_cache_resume_and_offline(monkeyp
         return real_download(*a, **kw)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", recording)
     with pytest.raises(ModelError) as err:
-        models.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt")
+        hub.hf_download("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt")
     assert asked == [True]                  # the cache only: no download and its retries
     assert "127.0.0.1:9 cannot be reached" in err.value.message and calls == ["http://127.0.0.1:9"] * 2
-    assert str(models.hf_cache_path("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt")) in err.value.hint
+    assert str(hub.hf_cache_path("chendelong/RemoteCLIP", "RemoteCLIP-ViT-L-14.pt")) in err.value.hint
 
 
 def test_hf_hub_model_folder_downloads_from_a_mirror(monkeypatch, tmp_path, tiny_model):
     from tests.hubserver import HubServer
     folder = models.save_model_folder(tiny_model.model, tiny_model.model_cfg, tmp_path / "m", "mapclip-tiny")
     files = {f"org/tiny/{n}": (folder / n).read_bytes()
-             for n in (models.MODEL_CONFIG_FILE, models.MODEL_WEIGHTS_FILE)}
+             for n in (presets.MODEL_CONFIG_FILE, presets.MODEL_WEIGHTS_FILE)}
     with HubServer(files) as srv:
         monkeypatch.setenv("HF_ENDPOINT", srv.url)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -436,21 +436,21 @@ def test_prompts_go_through_the_template_ensemble(tiny_model):
     assert torch.allclose(one, encode_text(tiny_model, ["an aerial photo of ships"]), atol=1e-6)
     with pytest.raises(UsageError, match="unknown prompt template set"):
         scoring.encode_prompts(tiny_model, ["ships"], "nope")
-    assert models.PRESETS["demo"].templates == "raw"          # trained on raw captions
-    assert models.PRESETS["remoteclip-vit-b-32"].templates == "remote-sensing"
+    assert presets.PRESETS["demo"].templates == "raw"          # trained on raw captions
+    assert presets.PRESETS["remoteclip-vit-b-32"].templates == "remote-sensing"
 
 
 def test_checkpoint_choice_for_the_add_checkpoint_dialogs(remoteclip_b32_file, tmp_path):
-    c = models.checkpoint_choice(str(remoteclip_b32_file))
+    c = specs.checkpoint_choice(str(remoteclip_b32_file))
     assert c.spec == str(remoteclip_b32_file) and not c.choices
     assert "RemoteCLIP" in c.label and "ViT-B-32-quickgelu" in c.label
     mine = tmp_path / "mine.pt"
     mine.symlink_to(remoteclip_b32_file)
-    c = models.checkpoint_choice(str(mine))
+    c = specs.checkpoint_choice(str(mine))
     assert c.spec is None and c.choices == [f"ViT-B-32-quickgelu:{mine}", f"ViT-B-32:{mine}"]
     junk = tmp_path / "junk.pt"
     torch.save({"w": torch.zeros(3)}, junk)
-    c = models.checkpoint_choice(str(junk))
+    c = specs.checkpoint_choice(str(junk))
     assert c.spec is None and not c.choices and "needs its architecture" in c.note
 
 
@@ -460,12 +460,12 @@ def test_plain_url_download_resumes_an_interrupted_transfer(tmp_path):
     dest = tmp_path / "cache" / "big.zip"
     with HubServer({"/ckpt/big.zip": body}, drop={"/ckpt/big.zip": 3000}) as srv:
         with pytest.raises(ModelError) as err:
-            models.download(srv.url + "/ckpt/big.zip", dest, timeout=5)
+            hub.download(srv.url + "/ckpt/big.zip", dest, timeout=5)
         assert "big.zip" in err.value.message and str(dest) in err.value.hint
         part = dest.with_name("big.zip.part")
         assert not dest.exists() and 0 < part.stat().st_size <= 3000    # kept for the next try
         have = part.stat().st_size
-        models.download(srv.url + "/ckpt/big.zip", dest, timeout=5)
+        hub.download(srv.url + "/ckpt/big.zip", dest, timeout=5)
         assert ("GET", "/ckpt/big.zip", f"bytes={have}-") in srv.requests
     assert dest.read_bytes() == body and not part.exists()
 

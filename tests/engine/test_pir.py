@@ -15,7 +15,7 @@ from mapclip.engine.core.errors import UsageError
 from mapclip.engine.data.captions import read_captions
 from mapclip.engine.finetune import pir as pir_recipe
 from mapclip.engine.finetune.train import affiliation_loss, recipe_loss, train_step
-from mapclip.engine.model.models import build_model
+from mapclip.engine.model.architectures import build_model
 from mapclip.engine.model.pir import has_prior, instruct
 from tests.fixtures.pir_reference import loss as ref_loss
 from tests.fixtures.pir_reference import model as ref_model
@@ -234,7 +234,7 @@ def labelled_pairs(folder: Path, labels: bool = True) -> Path:
 
 def tiny_pir_config(path: Path) -> str:
     """The tiny test ViT with a small prior (the reference's RN50 shape is the default)."""
-    from mapclip.engine.model.models import CONFIG_DIR
+    from mapclip.engine.model.architectures import CONFIG_DIR
     cfg = json.loads((CONFIG_DIR / "mapclip-tiny.json").read_text())
     cfg["pir_cfg"] = {"res_layers": [1, 1, 1, 1], "res_width": 8, "head_width": 64}
     path.write_text(json.dumps(cfg))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 
 from mapclip.engine import quality as Q
-from mapclip.engine.data import synthetic as S
+from mapclip.engine.data.synthetic.scene import make_scene
 
 # Floors: the values measured for the shipped model minus a margin of 0.03 (runs differ by
 # about 0.02: float order), over four held-out scenes (Q.DETECT_SEED and Q.FURTHER_SEEDS, 1280 px;
@@ -42,7 +42,9 @@ MIN_COUNT_WITHIN_1 = 0.80 - MARGIN
 # --------------------------------------------------------------------------- #
 @pytest.fixture(scope="module")
 def demo_model():
-    from mapclip.engine.model.models import PRESETS, load_model, preset_available
+    from mapclip.engine.model.hub import preset_available
+    from mapclip.engine.model.models import load_model
+    from mapclip.engine.model.presets import PRESETS
     assert preset_available(PRESETS["demo"]), "resources/models/demo is missing"
     return load_model("demo", device="cpu")
 
@@ -56,7 +58,7 @@ def scenes(tmp_path_factory):
 def test_demo_model_loads_as_shipped(demo_model):
     assert demo_model.arch == "mapclip-demo2"
     assert demo_model.is_vit and demo_model.image_size == 64
-    from mapclip.engine.model.models import RESOURCES_DIR
+    from mapclip.engine.model.presets import RESOURCES_DIR
     weights = RESOURCES_DIR / "models" / "demo" / "open_clip_model.safetensors"
     assert weights.stat().st_size <= 25 * 1024 * 1024
 
@@ -79,7 +81,7 @@ def test_detect_dense_hits(demo_model, scenes):
 
 
 def test_text_retrieval_precision_at_10(demo_model, tmp_path):
-    truth = S.make_scene(str(tmp_path / "idx_scene.tif"), Q.INDEX_SIZE, seed=Q.INDEX_SEED)
+    truth = make_scene(str(tmp_path / "idx_scene.tif"), Q.INDEX_SIZE, seed=Q.INDEX_SEED)
     p = Q.measure_retrieval(demo_model, truth, tmp_path / "index")
     assert Q.mean(p) >= MIN_P_AT_10, p
 

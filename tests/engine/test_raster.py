@@ -17,8 +17,9 @@ from mapclip.engine.core.errors import Cancelled, UsageError
 from mapclip.engine.core.jobs import Job
 from mapclip.engine.raster.reader import (PIXEL_TRANSFORM, RasterReadError, RasterWarning, ReaderThreadError, open_raster)
 from mapclip.engine.core.options import ReadOptions
-from mapclip.engine.geo.extent import extent_to_window, native_tile_size, pixel_size_m
-from mapclip.engine.raster.batches import iter_tile_batches
+from mapclip.engine.geo.extent import extent_to_window
+from mapclip.engine.geo.gsd import native_tile_size, pixel_size_m
+from mapclip.engine.raster.stream import iter_tile_batches
 from mapclip.engine.geo.tiling import PixelWindow, Tile, TileGrid
 from tests.raster_fixtures import (GEO_ORIGIN, GEO_RES, UTM_ORIGIN, make_raster, noise, plant)
 

@@ -16,8 +16,11 @@ from mapclip.engine.core.errors import Cancelled, UsageError
 from mapclip.engine.core.jobs import Job
 from mapclip.engine.core.options import ReadOptions, check
 from mapclip.engine.raster.reader import RasterReadError, ReaderThreadError, open_raster
-from mapclip.engine.raster.batches import TileBatches, iter_tile_batches
-from mapclip.engine.raster.workers import (AUTO_MIN_TILES, MAX_AUTO_WORKERS, SHM_PREFIX, WORKERS_ENV, ProcessTileBatches, resolve_workers, stripe_owner, balanced_cuts)
+from mapclip.engine.raster.batches import TileBatches
+from mapclip.engine.raster.process_plan import (AUTO_MIN_TILES, MAX_AUTO_WORKERS, WORKERS_ENV, balanced_cuts, resolve_workers,
+                                               stripe_owner)
+from mapclip.engine.raster.stream import iter_tile_batches
+from mapclip.engine.raster.workers import SHM_PREFIX, ProcessTileBatches
 from tests.raster_fixtures import make_raster, noise
 
 
@@ -282,7 +285,7 @@ def test_cli_read_workers_and_compile_flags(tmp_path, capsys):
 def test_heap_trim_runs_at_most_every_interval():
     import sys
 
-    from mapclip.engine.raster.workers import trim_heap
+    from mapclip.engine.raster.memory import trim_heap
     ran = trim_heap(force=True)
     assert ran == sys.platform.startswith("linux")
     assert trim_heap() is False                 # within TRIM_INTERVAL_S of the last one
@@ -296,11 +299,11 @@ def test_index_builds_read_as_asked_and_get_the_same_rows(tmp_path, tiny_model, 
     from mapclip.engine.archive.store import open_index
     from mapclip.engine.cli import main as cli_main
     from mapclip.engine.core.options import IndexOptions
-    from mapclip.engine.raster import workers
+    from mapclip.engine.raster import stream
     p = make_raster(tmp_path / "r.tif", 192, 160, data=noise(3, 160, 192, seed=4), block=64)
     seen = []
-    real = workers.resolve_workers
-    monkeypatch.setattr(workers, "resolve_workers", lambda w, n, path: seen.append(w) or real(w, n, path))
+    real = stream.resolve_workers
+    monkeypatch.setattr(stream, "resolve_workers", lambda w, n, path: seen.append(w) or real(w, n, path))
     out = {}
     for w in (0, 1):
         opts = IndexOptions(tile_px=32, footprints=False, read=ReadOptions(workers=w))

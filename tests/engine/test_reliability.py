@@ -421,26 +421,26 @@ def test_kill_during_cross_filesystem_move_then_undo_restores_everything(world, 
 
 
 def test_undo_refuses_a_quarantined_file_that_is_not_the_one_moved(tmp_path):
-    from mapclip.engine.dedup import duplicates as dedup
+    from mapclip.engine.dedup import duplicates as dedup, quarantine
     from mapclip.engine.core.errors import UsageError
     data = tmp_path / "data"
     for k in range(3):
         _image(data / f"{k}.png", 5)
     res = dedup.find_duplicates([data], tmp_path / "r.csv",
                                 options=dedup.DedupOptions(cache=None))
-    moved = dedup.move_duplicates(res, tmp_path / "q")
+    moved = quarantine.move_duplicates(res, tmp_path / "q")
     assert moved.moved == 2
     m = json.loads(Path(moved.manifest).read_text())
     victim = Path(m["moves"][0]["to"])
     victim.write_bytes(victim.read_bytes()[:100])           # a truncated copy
     with pytest.raises(UsageError, match="not the file that was moved"):
-        dedup.undo_move(moved.manifest)
+        quarantine.undo_move(moved.manifest)
     assert victim.exists() and not Path(m["moves"][1]["from"]).exists()   # nothing moved
 
 
 def test_safe_move_across_filesystems_verifies_before_deleting(tmp_path, monkeypatch):
     import errno as _errno
-    from mapclip.engine.dedup import duplicates as dedup
+    from mapclip.engine.dedup import quarantine as dedup
     from mapclip.engine.core.errors import UsageError
     src = _image(tmp_path / "a.png", 3)
     body = src.read_bytes()

@@ -151,10 +151,10 @@ def test_tile_around_is_the_tile_at_the_point_inside_the_layer(mapclip, tmp_path
 def test_describe_a_place_map_tool_captions_the_clicked_object_of_a_synthetic_scene(
         qtbot, iface, mapclip, qgis_settings, clean_project, tmp_path):
     """The map tool on a synthetic scene with the demo captioning model (CoCa: it writes)."""
-    from mapclip.engine.data import synthetic as S
+    from mapclip.engine.data.synthetic.scene import make_scene
     from mapclip.plugin.describe_tool import DescribePlaceTool
     from mapclip.plugin.dock.shell import MapClipDock
-    truth = S.make_scene(str(tmp_path / "scene.tif"), 512, seed=9303)
+    truth = make_scene(str(tmp_path / "scene.tif"), 512, seed=9303)
     layer = QgsRasterLayer(truth.path, "synthetic", "gdal")
     clean_project.addMapLayer(layer)
     dock = MapClipDock(iface, iface.main_window)

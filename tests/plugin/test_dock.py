@@ -22,7 +22,7 @@ def dock(iface, mapclip, qgis_settings, clean_project):
 
 def test_dock_builds_with_raster_filter_collapsed_advanced_and_engine_defaults(dock, mapclip):
     from qgis.core import QgsMapLayerProxyModel
-    from mapclip.engine.model.models import DEFAULT_MODEL, PRESETS
+    from mapclip.engine.model.presets import DEFAULT_MODEL, PRESETS
     assert dock.layer_combo.filters() == QgsMapLayerProxyModel.RasterLayer
     assert dock.advanced.isCollapsed()
     specs = [dock.model_combo.itemData(i) for i in range(dock.model_combo.count())]

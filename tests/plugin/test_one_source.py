@@ -52,7 +52,7 @@ SEARCH_FIELDS = ("mode", "tile_px", "window", "stride", "batch_size", "top_k", "
 
 
 def resolved(options, model: str):
-    from mapclip.engine.model.models import model_defaults
+    from mapclip.engine.model.presets import model_defaults
     from mapclip.engine.core.options import with_model_defaults
     o = with_model_defaults(options, model_defaults(model))
     return {k: getattr(o, k) for k in SEARCH_FIELDS}
@@ -189,7 +189,7 @@ def test_the_demo_model_finds_the_same_boxes_from_the_cli_processing_and_the_doc
     import processing
     from qgis.core import QgsProcessingFeedback
     from mapclip.engine.detect import detect
-    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.data.synthetic.scene import make_scene
     from mapclip.plugin import tasks
     scene = tmp_path / "scene.tif"
     make_scene(str(scene), width=256, seed=3, mask_path=None, coco_path=None)

@@ -49,7 +49,7 @@ LOAD_SCRIPT = textwrap.dedent("""
     plugin = qgis.utils.plugins["mapclip"]
     assert iface.menu, "no menu entries"
     plugin.ensure_dock()
-    from mapclip.engine.model.models import PRESETS
+    from mapclip.engine.model.presets import PRESETS
     assert "remoteclip-vit-b-32" in PRESETS
     assert qgis.utils.unloadPlugin("mapclip")
     assert iface.menu == [] and iface.docks == []

@@ -166,7 +166,7 @@ def test_deduplicate_reports_and_moves_only_when_asked(provider, tmp_path, near_
                               "MOVE_TO": str(quarantine)})
     assert sorted(p.name for p in train.iterdir()) in (["a.png"], ["a_copy.png"])
     assert Path(res["MANIFEST"]).is_file()
-    from mapclip.engine.dedup.duplicates import undo_move
+    from mapclip.engine.dedup.quarantine import undo_move
     undo_move(res["MANIFEST"])
     assert len(list(train.iterdir())) == 3
 

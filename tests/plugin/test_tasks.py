@@ -552,7 +552,7 @@ def test_classes_mode_adds_a_paletted_land_cover_layer_named_by_class(qtbot, ifa
                                                                      tmp_path):
     """Classes mode: a land-cover map from words, as a paletted layer whose legend names them."""
     from qgis.core import QgsPalettedRasterRenderer
-    from mapclip.engine.data.synthetic import make_scene
+    from mapclip.engine.data.synthetic.scene import make_scene
     from mapclip.plugin.dock.shell import MapClipDock
     path = tmp_path / "scene.tif"
     make_scene(str(path), width=256, seed=3, mask_path=None, coco_path=None)

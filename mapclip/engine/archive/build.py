@@ -214,7 +214,8 @@ def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any],
     from ..geo.extent import ExtentMisses
     from ..geo.tiling import TileGrid
     from ..raster.reader import open_raster
-    from ..raster.remote import fresh, remote_checksum
+    from ..raster.remote import fresh
+    from ..raster.sources import remote_checksum
     options = options or IndexOptions()
     read_opts = read_options(layout)
     out, no_georef, no_crs, notes = [], [], [], []
@@ -314,7 +315,7 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     Creates the index, appends new rasters to an existing one, finishes an
     interrupted build where its last commit stopped, and replaces the rows
     of rasters whose checksum (or georeferencing) changed. Tiles stream
-    through :func:`engine.raster.batches.iter_tile_batches` and
+    through :func:`engine.raster.stream.iter_tile_batches` and
     :func:`engine.model.encode.encode_images`, like detect. On cancel the tiles
     embedded so far are committed (the index stays consistent and resumable)
     and :class:`Cancelled` is raised. A new index that fails before its first
@@ -409,7 +410,7 @@ def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, read
     """Embed ``grid.tiles[start:]``, committing a shard every ``commit_tiles`` tiles."""
     from ..model.batching import BatchRunner
     from ..core.errors import Cancelled
-    from ..raster.batches import iter_tile_batches
+    from ..raster.stream import iter_tile_batches
     ri = reader.info
     runner = BatchRunner(int(options.batch_size))
     todo = grid.tiles[start:]

@@ -5,7 +5,7 @@
 *chunks* of ``commit_tiles`` tile windows (one raster, one tile size, a range
 of tile numbers), and hands the chunks to Ray actors. Each actor
 (:class:`ChunkWorker`) loads the model once, reads its windows with the
-engine's own reader (:func:`engine.raster.reader.iter_tile_batches`), embeds them
+engine's own reader (:func:`engine.raster.stream.iter_tile_batches`), embeds them
 batch by batch with :func:`engine.archive.embed.embed_window_batch` (the function a
 build in one process calls too), and writes its chunk as one shard of the
 existing index format (``shards/NNNNNN.emb.npy`` and ``.tiles.npy``, written
@@ -138,7 +138,7 @@ class ChunkWorker:
         if self.error is not None:
             raise self.error
         from ..model.batching import BatchRunner
-        from ..raster.batches import iter_tile_batches
+        from ..raster.stream import iter_tile_batches
         from ..raster.reader import open_raster
         runner = BatchRunner(self.batch_size)
         embs, recs = [], []

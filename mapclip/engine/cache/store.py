@@ -46,7 +46,7 @@ def _limit_bytes(env: str, default_mb: float) -> int:
 
 def cache_folder() -> Path:
     """``$MAPCLIP_CACHE/embeddings`` (the models' cache root, see engine.model.models)."""
-    from ..model.models import cache_dir
+    from ..model.hub import cache_dir
     return cache_dir().parent / "embeddings"
 
 

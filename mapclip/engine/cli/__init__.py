@@ -135,7 +135,7 @@ def model_default_help(name: str) -> str:
 def add_model_args(p: argparse.ArgumentParser, default_help: str = "") -> None:
     """--model (default: the default preset; ``default_help`` says what comes first),
     --device, --precision, shared by every command that runs a model."""
-    from ..model.models import DEFAULT_MODEL
+    from ..model.presets import DEFAULT_MODEL
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
                    help="preset name, ARCH:TAG, ARCH:CHECKPOINT, hf-hub:ORG/NAME or a model folder "
                         f"(see `python -m engine models`); default {default_help}{DEFAULT_MODEL}")
@@ -194,9 +194,9 @@ RASTER_HELP = ("raster file GDAL can read (GeoTIFF, VRT, JPEG2000, PNG, ...), or
 
 
 def raster_arg(text: str) -> str:
-    """A raster argument checked before any work (raster/remote.py): a local file that
+    """A raster argument checked before any work (raster/sources.py): a local file that
     exists, or a remote raster GDAL opens; URLs come back as /vsicurl/ paths."""
-    from ..raster.remote import check_raster_source
+    from ..raster.sources import check_raster_source
     return check_raster_source(text)
 
 

@@ -42,11 +42,14 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.errors import UsageError
-    from ..dedup import duplicates as dedup
+    from ..core.options import DedupOptions
+    from ..dedup.duplicates import find_duplicates
+    from ..dedup.hashing import input_roots
+    from ..dedup.quarantine import check_quarantine, move_duplicates, undo_move
     if args.undo:
         if args.dirs or args.move_to or args.against:
             raise UsageError("--undo takes only the manifest", "run the undo on its own")
-        res = dedup.undo_move(args.undo, progress=None, cancel=cancel_event())
+        res = undo_move(args.undo, progress=None, cancel=cancel_event())
         for s in res.skipped:
             print(f"skipped {s}", file=sys.stderr)
         _removed_partials(res)
@@ -60,17 +63,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         raise UsageError("--out is required", "name the report, e.g. --out report.csv")
     if args.move_to:  # refused before any work: no report is written for a bad quarantine
-        dedup.check_quarantine(args.move_to, dedup.input_roots(list(args.dirs)
-                                                               + list(args.against or [])))
-    opts = dedup.DedupOptions(max_distance=args.max_distance, hash_size=args.hash_size,
-                              segments=args.segments,
-                              cache=None if args.no_cache else args.cache,
-                              workers=args.workers, overwrite=args.overwrite)
+        check_quarantine(args.move_to, input_roots(list(args.dirs) + list(args.against or [])))
+    opts = DedupOptions(max_distance=args.max_distance, hash_size=args.hash_size,
+                        segments=args.segments, cache=None if args.no_cache else args.cache,
+                        workers=args.workers, overwrite=args.overwrite)
     cancel = cancel_event()
     bar = tqdm_progress("hash", unit="img")
     try:
-        res = dedup.find_duplicates(args.dirs, args.out, args.against, opts, progress=bar,
-                                    cancel=cancel)
+        res = find_duplicates(args.dirs, args.out, args.against, opts, progress=bar, cancel=cancel)
     finally:
         bar.close()
     for path, why in res.unreadable[:10]:
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"... {len(res.unreadable) - 10} more unreadable (see the report)", file=sys.stderr)
     moved = None
     if args.move_to:
-        moved = dedup.move_duplicates(res, args.move_to, cancel=cancel)
+        moved = move_duplicates(res, args.move_to, cancel=cancel)
         _removed_partials(moved)
     if args.json:
         out = res.to_json()

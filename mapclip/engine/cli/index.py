@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     check_outputs([("--out", out)], [("source", s) for s in args.sources], folders=["--out"],
                   may_exist=["--out"])
     if model is None:
-        from ..model.models import DEFAULT_MODEL
+        from ..model.presets import DEFAULT_MODEL
         if (out / MANIFEST).is_file():
             model = read_manifest(out)["model"].get("spec")
         model = model or DEFAULT_MODEL

@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model import models
+    from ..model import architectures, hub, models, presets
     if args.check:
         bar = tqdm_progress("download", unit="B")
         try:
@@ -40,18 +40,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.archs:
         import open_clip
-        models.register_configs()
+        architectures.register_configs()
         for name in open_clip.list_models():
             print(name)
         return 0
     from ..core.options import GENERIC_DEFAULTS
     rows = [{"name": p.name, "arch": p.arch, "family": p.family, "description": p.description,
-             "loads_from": models.preset_location(p), "available": models.preset_available(p),
-             "defaults": models.model_defaults(p.name).over(GENERIC_DEFAULTS).to_json(),
+             "loads_from": hub.preset_location(p), "available": hub.preset_available(p),
+             "defaults": presets.model_defaults(p.name).over(GENERIC_DEFAULTS).to_json(),
              "templates": p.templates, "reference": p.reference}
-            for p in models.list_presets()]
+            for p in presets.list_presets()]
     if args.json:
-        print_json({"presets": rows, "cache": str(models.cache_dir()), "default": models.DEFAULT_MODEL})
+        print_json({"presets": rows, "cache": str(hub.cache_dir()), "default": presets.DEFAULT_MODEL})
         return 0
     width = max(len(r["name"]) for r in rows)
     for r in rows:
@@ -59,6 +59,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{mark} {r['name']:<{width}}  {r['arch']:<20} {r['description']}")
         print(f"  {'':<{width}}  from {r['loads_from']}")
         print(f"  {'':<{width}}  defaults: " + ", ".join(f"{k} {v}" for k, v in r["defaults"].items()))
-    print(f"\n* = available offline. Cache folder: {models.cache_dir()} (set $MAPCLIP_CACHE to move it).")
+    print(f"\n* = available offline. Cache folder: {hub.cache_dir()} (set $MAPCLIP_CACHE to move it).")
     print("Other specs: ARCH:TAG (open_clip), ARCH:CHECKPOINT, hf-hub:ORG/NAME, or a model folder.")
     return 0

@@ -166,7 +166,7 @@ def parse_bands(text: Optional[str]) -> Optional[List[int]]:
 class ModelDefaults:
     """What a model does best with; ``None``: no opinion (the generic default).
 
-    Presets carry one (engine.model.models.PRESETS), a model folder may carry one in
+    Presets carry one (engine.model.presets.PRESETS), a model folder may carry one in
     its ``open_clip_config.json`` under ``mapclip.defaults``, and fine-tuning
     copies the base model's into the folder it writes.
     """

@@ -1,2 +1,3 @@
-"""Near-duplicate images by perceptual hash (engine.dedup.duplicates): find, report,
-quarantine and undo. Training-data hygiene; it never touches an index."""
+"""Near-duplicate images by perceptual hash: the hash maths (segments), images hashed
+and cached (hashing), groups found and reported (duplicates), moved aside and back
+(quarantine). Training-data hygiene; it never touches an index."""

@@ -28,7 +28,8 @@ from ..core.errors import UsageError, reason
 from ..core.jobs import Job
 from ..core.options import FinetuneOptions
 from ..data.captions import CaptionItem
-from ..model.models import RANDOM_TAG, LoadedModel
+from ..model.models import LoadedModel
+from ..model.specs import RANDOM_TAG
 from ..model.pir import add_prior, has_prior, pir_config
 from .data import PairDataset, _loader, _normalise, epoch_plan
 from .train import lr_at, make_optimizer

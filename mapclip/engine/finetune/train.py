@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from ..core.errors import MapClipError, ModelError, UsageError
 from ..core.options import FREEZE
-from ..model.models import (MODEL_CONFIG_FILE, OPENAI_MEAN, OPENAI_STD, RANDOM_TAG, LoadedModel,
-                            Resolved, arch_config, build_model, load_model, make_tokenizer,
-                            resolve_device)
+from ..model.architectures import arch_config, build_model
+from ..model.models import OPENAI_MEAN, OPENAI_STD, LoadedModel, load_model, make_tokenizer, resolve_device
+from ..model.presets import MODEL_CONFIG_FILE
+from ..model.specs import RANDOM_TAG, Resolved
 
 MAX_LOGIT_SCALE = math.log(100.0)
 ADAM_BETAS = (0.9, 0.98)

@@ -41,7 +41,7 @@ GSD: a tile of ``tile_px`` *output* pixels at a target ground sampling
 distance ``gsd`` (metres per pixel) covers ``round(tile_px * gsd / res_m)``
 native pixels per axis, where ``res_m`` is the raster's native pixel size in
 metres on that axis; :meth:`TileGrid.for_raster` does that conversion (see
-:func:`engine.geo.extent.native_tile_size`), and the tile's ``out_px`` stays
+:func:`engine.geo.gsd.native_tile_size`), and the tile's ``out_px`` stays
 ``tile_px``, so the reader resamples it on read.
 """
 from __future__ import annotations
@@ -261,7 +261,7 @@ class TileGrid:
         native pixels and is resampled to ``tile_px`` on read.
         """
         from ..core.errors import UsageError
-        from .extent import native_tile_size
+        from .gsd import native_tile_size
         if int(tile_px) <= 0 or (stride_px is not None and int(stride_px) <= 0):
             raise UsageError(f"tile size {tile_px} and stride {stride_px} must be positive",
                              "use e.g. --tile 224")

@@ -176,7 +176,7 @@ def prepare(lm, compile: bool = False) -> List[str]:
 def _compile_cache() -> None:
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         try:
-            from .models import cache_dir
+            from .hub import cache_dir
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
         except Exception:  # noqa: BLE001 - Inductor's own default then
             pass

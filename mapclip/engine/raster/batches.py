@@ -18,6 +18,7 @@ from ..core.errors import Cancelled, MapClipError
 from ..core.jobs import Job
 from ..core.options import MIN_VALID
 from ..geo.tiling import Tile
+from .memory import trim_heap
 from .reader import Scratch, RasterReadError, RasterReader, ReaderThreadError, gdal_message, open_dataset
 
 
@@ -50,7 +51,7 @@ def group_end(tiles: Sequence[Tile], i: int, max_width: int = 16384) -> int:
 
 # ---------------------------------------------------------------- batches --
 @dataclass
-class _Batch:
+class Batch:
     tiles: List[Tile]
     array: np.ndarray
     valid: np.ndarray
@@ -108,15 +109,14 @@ class BatchIterator:
 
     def _next_check(self) -> None:
         """The start of each ``__next__``: keep the heap trimmed (memory flat in raster
-        size, raster.workers.trim_heap), stop when cancelled or when nothing is left."""
-        from .workers import trim_heap
+        size, raster.memory.trim_heap), stop when cancelled or when nothing is left."""
         trim_heap()
         self._stop_if_cancelled()
         if not self._in_flight:
             self.close()
             raise StopIteration
 
-    def _keep(self, batch: _Batch) -> np.ndarray:
+    def _keep(self, batch: Batch) -> np.ndarray:
         keep = batch.valid >= self.min_valid
         if self.skip_empty:
             flat = batch.array.reshape(len(batch.tiles), -1)
@@ -129,7 +129,7 @@ class BatchIterator:
                     keep[i] = False
         return keep
 
-    def _kept(self, batch: _Batch) -> Optional[Tuple[List[Tile], np.ndarray]]:
+    def _kept(self, batch: Batch) -> Optional[Tuple[List[Tile], np.ndarray]]:
         """Count ``batch`` and drop its tiles below ``min_valid`` or empty: what to yield,
         or None when no tile is left."""
         keep = self._keep(batch)
@@ -217,7 +217,7 @@ class TileBatches(BatchIterator):
             if len(self._pool_bufs) < self._depth + 2:
                 self._pool_bufs.append(buf)
 
-    def _work(self, tiles: List[Tile]) -> Optional[_Batch]:
+    def _work(self, tiles: List[Tile]) -> Optional[Batch]:
         if self._stop.is_set():
             return None
         S = tiles[0].out_px
@@ -232,7 +232,7 @@ class TileBatches(BatchIterator):
             j = group_end(tiles, i)
             r._read_group(ds, tiles, i, j, out, frac, scratch)
             i = j
-        return _Batch(tiles, out, frac)
+        return Batch(tiles, out, frac)
 
     # consumer side
     def _fill(self) -> None:
@@ -303,36 +303,3 @@ class TileBatches(BatchIterator):
                 ds.close()
             except Exception:  # pragma: no cover
                 pass
-
-
-def iter_tile_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: int,
-                      job: Optional[Job] = None, prefetch: int = 2, workers: int = 2,
-                      min_valid: float = MIN_VALID, skip_empty: bool = True) -> TileBatches:
-    """Stream ``tiles`` as ``(tiles, uint8 (B, S, S, 3))`` batches, read ahead in threads.
-
-    ``S`` is the tiles' ``out_px`` (all tiles must share it); tiles are read
-    at their native window and resampled to ``S`` when it differs. Batches
-    keep the order of ``tiles``; ``B <= batch_size`` because tiles whose
-    valid fraction is below ``min_valid`` or (``skip_empty``) whose image is
-    one constant colour are skipped, not yielded (a batch left empty is not
-    yielded at all). ``reader.options.workers`` may select reader processes
-    instead of threads (:mod:`engine.raster.workers`, same batches and bytes;
-    where they cannot start, threads read instead and the iterator's ``notes``
-    and ``reader.warnings`` say so).
-    Otherwise ``workers`` threads, each with its own dataset handle,
-    read whole batches; at most ``max(prefetch, workers)`` batches are read
-    ahead, which bounds memory to about that many batches plus the one the
-    consumer holds. The returned :class:`TileBatches` counts ``skipped``,
-    ``yielded`` and ``done``; it raises :class:`Cancelled` once ``job`` is
-    cancelled and :class:`RasterReadError` when a reader thread fails.
-    Progress is left to the consumer (``job.step`` per scored batch).
-    """
-    from .workers import ProcessTileBatches, resolve_workers
-    if not hasattr(tiles, "__len__"):
-        tiles = list(tiles)
-    procs = resolve_workers(getattr(reader.options, "workers", "auto"), len(tiles), reader.path)
-    if procs > 0:  # ReadOptions.workers: reader processes (engine.raster.workers)
-        return ProcessTileBatches(reader, tiles, batch_size, procs, job=job, prefetch=prefetch,
-                                  min_valid=min_valid, skip_empty=skip_empty, threads=workers)
-    return TileBatches(reader, tiles, batch_size, job=job, prefetch=prefetch, workers=workers,
-                       min_valid=min_valid, skip_empty=skip_empty)

@@ -3,7 +3,7 @@
 Reading never loads a whole raster. :func:`open_raster` opens the file once
 to learn its shape, bands, nodata/masks and (for non-8-bit data) the stretch
 to 8 bit; :meth:`RasterReader.read` reads one pixel window;
-:func:`raster.batches.iter_tile_batches` streams tiles in batches, read ahead
+:func:`raster.stream.iter_tile_batches` streams tiles in batches, read ahead
 of the consumer by background threads.
 
 Georeferencing

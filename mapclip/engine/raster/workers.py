@@ -8,7 +8,7 @@ tiles/s with one thread, 3,312 with two). Each reader process has its own
 interpreter, its own dataset handle and its own GDAL block cache.
 
 How it works (:class:`ProcessTileBatches`, made by
-:func:`engine.raster.reader.iter_tile_batches` when ``ReadOptions.workers`` selects
+:func:`engine.raster.stream.iter_tile_batches` when ``ReadOptions.workers`` selects
 processes):
 
 * ``workers`` processes are started from a ``forkserver`` context (``spawn``
@@ -21,7 +21,7 @@ processes):
   tile columns are split into one stripe per worker, and a tile belongs to
   the worker of its stripe. The cuts are chosen so that the stripe that
   decodes the most block columns decodes as few as possible
-  (:func:`stripe_owner`): only the block column that a tile straddles at a
+  (:func:`engine.raster.process_plan.stripe_owner`): only the block column that a tile straddles at a
   cut is decoded by both neighbours, every other block by one process, once:
   while the tile rows that a block row holds are cut, the
   block stays in that process's GDAL block cache (the reader caps it at
@@ -47,28 +47,20 @@ a worker that dies while reading is reported with its exit code. Processes
 that cannot start never fail a job: the children run the running interpreter
 as a program, found by what it is (:mod:`engine.core.interpreter`), and where
 there is none, or a child dies before it opened the raster, the rest is read
-with threads and the job's result says so (:func:`threads_note`).
+with threads and the job's result says so (:func:`engine.raster.process_plan.threads_note`).
 
-Choosing the number (``ReadOptions.workers``): ``"auto"`` uses
-``min(os.cpu_count() - 1, MAX_AUTO_WORKERS)`` processes (at least one) for
-jobs of at least :data:`AUTO_MIN_TILES` tiles from a local file, and the
-in-process reader threads otherwise (starting processes costs about half a
-second, more than a small job takes); ``0`` always uses threads; ``N`` uses
-``N`` processes. The environment variable ``MAPCLIP_READ_WORKERS`` overrides
-``"auto"`` (e.g. for benchmarks).
+The pieces: how many processes and which tiles each reads
+(:mod:`engine.raster.process_plan`), the reader process itself
+(:mod:`engine.raster.process_worker`), and here the consumer side.
 """
 from __future__ import annotations
 
-import bisect
 import math
-import multiprocessing as mp
 import os
 import queue
 import secrets
 import sys
-import threading
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
@@ -78,31 +70,16 @@ import numpy as np
 
 from ..core.errors import Cancelled, MapClipError, UsageError
 from ..core.options import MIN_VALID
-from .batches import BatchIterator
+from .batches import Batch, BatchIterator, TileBatches
+from .process_plan import THREADS_FIX, stripe_owner, threads_note, worker_cache_bytes
+from .process_worker import main_hidden, process_context, reader_state, worker_main
 
-#: "auto" uses threads below this many tiles (process start-up would dominate)
-AUTO_MIN_TILES = 1024
-#: "auto" never starts more reader processes than this
-MAX_AUTO_WORKERS = 16
 #: read-ahead memory (bytes of batches in flight) the reader aims to stay under
 READ_AHEAD_BYTES = 512 << 20
 #: seconds a worker gets to stop before it is terminated
 STOP_TIMEOUT_S = 2.0
-#: environment variable that overrides ReadOptions.workers == "auto"
-WORKERS_ENV = "MAPCLIP_READ_WORKERS"
 #: prefix of the reader's shared-memory names (in /dev/shm on Linux)
 SHM_PREFIX = "mapclip-rd"
-
-
-# ------------------------------------------------------------- choosing --
-#: the fix every message about reading with threads instead of processes gives
-THREADS_FIX = "--read-workers 0 reads with threads"
-
-
-def threads_note(why: str) -> str:
-    """The note a job's result carries when its reader processes gave way to threads."""
-    return (f"reader processes could not be used ({why}); the tiles were read with threads "
-            f"instead, which is slower on large rasters ({THREADS_FIX} from the start)")
 
 
 class _CannotStart(Exception):
@@ -113,333 +90,6 @@ class _CannotStart(Exception):
 _START_FAILED: List[str] = []
 
 
-def _local_file(path: str) -> bool:
-    return "://" not in path and not path.startswith("/vsi") and os.path.isfile(path)
-
-
-def resolve_workers(setting, n_tiles: int, path: str, cpu_count: Optional[int] = None) -> int:
-    """Reader processes for a job of ``n_tiles`` tiles from ``path``; 0 = threads.
-
-    ``setting`` is ``ReadOptions.workers`` (``"auto"``, or a whole number >= 0,
-    already checked by :func:`engine.core.options.check`). See the module doc.
-    """
-    if setting is None or setting == "auto":
-        env = os.environ.get(WORKERS_ENV, "").strip()
-        if env and env != "auto":
-            try:
-                setting = max(0, int(env))
-            except ValueError:
-                raise UsageError(f"{WORKERS_ENV}={env!r} is not a number of reader processes",
-                                 f"set {WORKERS_ENV} to auto, 0 (threads) or a whole number",
-                                 option="read_workers") from None
-    if setting is None or setting == "auto":
-        cpus = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
-        if cpus < 2 or n_tiles < AUTO_MIN_TILES or not _local_file(path):
-            return 0
-        return max(1, min(MAX_AUTO_WORKERS, cpus - 1))
-    n = int(setting)
-    if n > 0 and not _local_file(path):
-        raise UsageError(f"reader processes cannot open {path}: they need a file on disk",
-                         f"{THREADS_FIX} (or --read-workers auto)", option="read_workers")
-    return n
-
-
-def _context(python: str):
-    """A multiprocessing context whose children run ``python`` (the running interpreter as
-    a program, engine.core.interpreter: never a Python that comes first on PATH)."""
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-    ctx.set_executable(python)
-    if ctx.get_start_method() == "forkserver":
-        # the server imports the reader (and GDAL) once; each worker is a fork of it
-        ctx.set_forkserver_preload([__name__, __name__.rsplit(".", 1)[0] + ".reader",
-                                   __name__.rsplit(".", 1)[0] + ".batches"])
-    return ctx
-
-
-_MAIN_LOCK = threading.Lock()
-
-
-class _main_hidden:
-    """Start a worker without it re-running the caller's ``__main__`` script.
-
-    Spawned and forkserver children import the parent's main module by path
-    to unpickle objects defined there; the reader needs nothing from it
-    (its worker is :func:`_worker_main`), and a script without the
-    ``if __name__ == "__main__"`` guard would run itself again in every
-    worker. So the main module's ``__file__`` and ``__spec__`` are hidden
-    while a worker starts.
-    """
-
-    def __enter__(self):
-        _MAIN_LOCK.acquire()
-        self.main = sys.modules.get("__main__")
-        self.saved = {}
-        if self.main is not None:
-            for attr in ("__file__", "__spec__"):
-                if attr in vars(self.main):
-                    self.saved[attr] = vars(self.main)[attr]
-            self.main.__spec__ = None
-            vars(self.main).pop("__file__", None)
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            if self.main is not None:
-                vars(self.main).pop("__spec__", None)
-                for attr, val in self.saved.items():
-                    setattr(self.main, attr, val)
-        finally:
-            _MAIN_LOCK.release()
-
-
-# ---------------------------------------------------------------- memory --
-#: seconds between two heap trims while streaming
-TRIM_INTERVAL_S = 2.0
-_trim_state = {"last": 0.0, "fn": None}
-#: glibc's mallopt parameter number, and the fixed threshold the reader sets
-M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def trim_heap(force: bool = False) -> bool:
-    """Give freed heap memory back to the system (glibc ``malloc_trim``), at most
-    every TRIM_INTERVAL_S; True when it ran.
-
-    Streaming a large raster allocates and frees many same-sized buffers
-    (windows, model inputs); glibc raises its mmap threshold after the first
-    large free and then serves them from the heap, whose freed pages it keeps,
-    so a long run's peak memory crept up with the raster's size (issue 16).
-    The first call therefore also fixes glibc's mmap threshold at 1 MB (unless
-    ``MALLOC_MMAP_THRESHOLD_`` is set). The batch iterators call this once per
-    batch; off glibc it does nothing.
-    """
-    now = time.monotonic()
-    if not force and now - _trim_state["last"] < TRIM_INTERVAL_S:
-        return False
-    _trim_state["last"] = now
-    fn = _trim_state["fn"]
-    if fn is None:
-        fn = False
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-                libc = ctypes.CDLL("libc.so.6")
-                fn = libc.malloc_trim
-                if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-                    # a fixed threshold (no dynamic raise): big buffers are mapped and
-                    # unmapped on their own instead of fragmenting the heap
-                    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-            except (OSError, AttributeError):
-                fn = False
-        _trim_state["fn"] = fn
-    if fn:
-        fn(0)
-        return True
-    return False
-
-
-# ----------------------------------------------------------- ownership --
-def stripe_owner(info, n_workers: int, spans: Sequence = ()):
-    """``f(tile) -> worker`` splitting the raster into one stripe of columns per
-    worker, or None when the raster's layout calls for whole batches in turn
-    (see the module doc).
-
-    ``spans`` are the (col, width) of one row of tiles. The stripes are cut
-    between tile columns so that the widest stripe *decodes* as little as it
-    can: a stripe decodes every block column its tiles touch, so a tile that
-    straddles a block boundary makes its stripe decode that block column too;
-    the cut with the smallest largest stripe is found by bisection on the
-    stripe's decoded width (:func:`balanced_cuts`). Without spans the block
-    columns are shared out evenly."""
-    bh, bw = info.block_shape
-    if n_workers < 2 or bw >= info.width:
-        return None
-    n_bc = math.ceil(info.width / bw)
-    if n_bc < n_workers:
-        return None
-    spans = sorted({(int(c), int(w)) for c, w in spans})
-    if len(spans) >= n_workers:
-        starts = [spans[i][0] for i in balanced_cuts(spans, bw, info.width, n_workers)]
-    else:
-        per = math.ceil(n_bc / n_workers)
-        starts = [k * per * bw for k in range(n_workers)]
-    starts[0] = -1 << 62
-    last = n_workers - 1
-    return lambda t: min(last, bisect.bisect_right(starts, t.col) - 1)
-
-
-def balanced_cuts(spans: Sequence, bw: int, width: int, n: int) -> List[int]:
-    """Indices of ``spans`` (sorted (col, width) tile columns) that start each
-    of at most ``n`` stripes, the largest stripe's decoded width (pixels of the
-    block columns its tiles touch) as small as possible."""
-    def decoded(start: int, end: int) -> int:       # block-column pixels of [start, end)
-        return min(width, -(-end // bw) * bw) - start
-
-    def greedy(limit: int) -> Optional[List[int]]:
-        """Stripes as wide as ``limit`` allows, from the left; None when they need more
-        than ``n`` or one tile column alone is wider."""
-        cuts, start, end = [0], None, 0
-        for j, (c, w) in enumerate(spans):
-            if start is not None and decoded(start, max(end, c + w)) <= limit:
-                end = max(end, c + w)
-                continue
-            if start is not None:                      # spans[j] starts the next stripe
-                cuts.append(j)
-                if len(cuts) > n:
-                    return None
-            start, end = c // bw * bw, c + w
-            if decoded(start, end) > limit:
-                return None
-        return cuts
-
-    lo, hi = 1, width + 2 * bw
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if greedy(mid) is None:
-            lo = mid + 1
-        else:
-            hi = mid
-    cuts = greedy(lo) or [0]
-    # fewer stripes than workers: split the widest further (never wider than before)
-    while len(cuts) < n:
-        bounds = cuts + [len(spans)]
-        k = max(range(len(cuts)), key=lambda q: (bounds[q + 1] - bounds[q], -q))
-        if bounds[k + 1] - bounds[k] < 2:
-            break
-        cuts.insert(k + 1, (bounds[k] + bounds[k + 1]) // 2)
-    return cuts
-
-
-# --------------------------------------------------------------- worker --
-def _reader_state(reader) -> dict:
-    """What a worker needs of a RasterReader to read exactly as it does."""
-    keep = ("path", "options", "info", "bands", "unique_bands", "band_slot", "dtype",
-            "mask_mode", "nodata", "palette", "stretch", "_lut")
-    return {k: getattr(reader, k) for k in keep}
-
-
-def _worker_reader(state: dict):
-    from . import reader as R
-    r = R.RasterReader.__new__(R.RasterReader)
-    r.__dict__.update(state)
-    r._lock = threading.Lock()
-    r._local = threading.local()
-    r._handles = []
-    r._closed = False
-    r.warnings = []
-    return r
-
-
-def _attach(name: str) -> shared_memory.SharedMemory:
-    return shared_memory.SharedMemory(name=name, create=False)
-
-
-def worker_cache_bytes(info, n_workers: int, striped: bool, itemsize: int = 1) -> int:
-    """GDAL block cache for one worker: three block rows of the width it reads
-    (a tile row spans at most two), between 32 MB and GDAL_CACHE_MB, so that
-    many workers together do not hold many full-width caches."""
-    from .reader import GDAL_CACHE_MB
-    bh, bw = info.block_shape
-    width = math.ceil(info.width / n_workers) + bw if striped else info.width
-    need = 3 * min(bh, info.height) * width * info.count * max(1, itemsize)
-    return int(min(GDAL_CACHE_MB << 20, max(32 << 20, need)))
-
-
-def _worker_main(wid: int, state: dict, tasks, results, stop) -> None:
-    """Reader process: read the tiles of each task into its shared-memory slot.
-
-    Ctrl-C in a terminal reaches every process of its group: a reader ignores it
-    (and SIGTERM's default stays), the command that started it stops it
-    (:meth:`ProcessTileBatches.close`), so no reader prints a traceback."""
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from . import reader as R
-    from ..geo.tiling import Tile
-    try:
-        cache = state.pop("gdal_cache_bytes", None)
-        if cache and "GDAL_CACHEMAX" not in os.environ:
-            from rasterio.env import set_gdal_config
-            set_gdal_config("GDAL_CACHEMAX", int(cache))
-        R._limit_gdal_cache()
-        reader = _worker_reader(state)
-        ds = R.open_dataset(reader.path)
-        scratch = R.Scratch()
-    except BaseException as exc:  # noqa: BLE001 - reported to the consumer
-        results.put((-1, wid, "error", _describe(exc)))
-        return
-    results.put((-1, wid, "ready", None))
-    slots: Dict[str, shared_memory.SharedMemory] = {}
-    try:
-        while True:
-            msg = tasks.get()
-            if msg is None:
-                break
-            k, name, cap, n, S, rows = msg
-            if stop.is_set():
-                continue
-            try:
-                shm = slots.get(name)
-                if shm is None:
-                    shm = slots[name] = _attach(name)
-                frac = np.ndarray((n,), np.float64, buffer=shm.buf)
-                out = np.ndarray((n, S, S, 3), np.uint8, buffer=shm.buf, offset=8 * cap)
-                _read_rows(reader, ds, scratch, rows, S, out, frac, stop, Tile)
-                del frac, out
-                results.put((k, wid, "stopped" if stop.is_set() else "ok", time.process_time()))
-            except BaseException as exc:  # noqa: BLE001 - reported to the consumer
-                results.put((k, wid, "error", _describe(exc)))
-    finally:
-        for shm in slots.values():
-            try:
-                shm.close()
-            except Exception:  # noqa: BLE001
-                pass
-        try:
-            ds.close()
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def _read_rows(reader, ds, scratch, rows: np.ndarray, S: int, out: np.ndarray,
-               frac: np.ndarray, stop, Tile) -> None:
-    """Read the tiles ``rows`` (position, index, col, row, width, height) into
-    ``out``/``frac`` at their positions, one GDAL read per run of tiles."""
-    from .batches import group_end
-    pos = rows[:, 0]
-    # runs of consecutive batch positions; each run is cut like the thread reader cuts a batch
-    breaks = np.flatnonzero(np.diff(pos) != 1) + 1
-    for seg in np.split(np.arange(len(rows)), breaks):
-        if not len(seg):
-            continue
-        p0 = int(pos[seg[0]])
-        tiles = [Tile(int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), S) for r in rows[seg]]
-        o, f = out[p0:p0 + len(tiles)], frac[p0:p0 + len(tiles)]
-        i = 0
-        while i < len(tiles):
-            if stop.is_set():
-                return
-            j = group_end(tiles, i)
-            reader._read_group(ds, tiles, i, j, o, f, scratch)
-            i = j
-
-
-def _describe(exc: BaseException) -> dict:
-    from rasterio.errors import RasterioError
-
-    from .reader import gdal_message
-    kind = ("mapclip" if isinstance(exc, MapClipError) else
-            "rasterio" if isinstance(exc, RasterioError) else "other")
-    return {"kind": kind, "type": type(exc).__name__,
-            "usage": isinstance(exc, UsageError),
-            "message": getattr(exc, "message", None) or str(exc),
-            "fix": getattr(exc, "fix", "") or "",
-            "option": getattr(exc, "option", None),
-            "gdal": gdal_message(exc) if kind == "rasterio" else "",
-            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
-
-
-# ------------------------------------------------------------- consumer --
 class _Slot:
     """One shared-memory batch buffer: B valid fractions then (B, S, S, 3) uint8."""
 
@@ -494,13 +144,6 @@ class _Pending:
     waiting: Set[int] = field(default_factory=set)
     error: Optional[dict] = None
     stopped: bool = False
-
-
-@dataclass
-class _Batch:
-    tiles: list
-    array: np.ndarray
-    valid: np.ndarray
 
 
 class ProcessTileBatches(BatchIterator):
@@ -579,21 +222,21 @@ class ProcessTileBatches(BatchIterator):
         if python.path is None:
             raise _CannotStart(python.why_none())
         try:
-            self._spawn(_context(python.path))
+            self._spawn(process_context(python.path))
         except Exception as exc:  # noqa: BLE001 - any failure to start: threads instead
             raise _CannotStart(f"starting them with {python.path} failed: {reason(exc)}") from exc
 
     def _spawn(self, ctx) -> None:
         self._stop = ctx.Event()
         self._results = ctx.Queue()
-        state = _reader_state(self.reader)
+        state = reader_state(self.reader)
         state["gdal_cache_bytes"] = worker_cache_bytes(
             self.reader.info, self.n_workers, self._owner is not None, self.reader.dtype.itemsize)
         for w in range(self.n_workers):
             q = ctx.Queue()
-            p = ctx.Process(target=_worker_main, args=(w, state, q, self._results, self._stop),
+            p = ctx.Process(target=worker_main, args=(w, state, q, self._results, self._stop),
                             name=f"mapclip-reader-{w}", daemon=True)
-            with _main_hidden():
+            with main_hidden():
                 p.start()
             self._task_qs.append(q)
             self._procs.append(p)
@@ -702,7 +345,6 @@ class ProcessTileBatches(BatchIterator):
 
     def _use_threads(self, why: str) -> None:
         """Stop the processes; threads read the batches not yet handed out."""
-        from .batches import TileBatches
         first = self._in_flight[0].k if self._in_flight else self._next_submit
         self._stop_processes()
         start = first * self._batch_size
@@ -734,7 +376,7 @@ class ProcessTileBatches(BatchIterator):
                 raise Cancelled()
             self._in_flight.popleft()
             n = len(head.tiles)
-            batch = _Batch(head.tiles, head.slot.arr[:n], head.slot.frac[:n])
+            batch = Batch(head.tiles, head.slot.arr[:n], head.slot.frac[:n])
             self._fill()
             out = self._kept(batch)
             if out is not None:

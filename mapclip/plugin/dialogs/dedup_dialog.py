@@ -6,7 +6,7 @@ table: one row per image in a duplicate group (the kept image first, with a
 thumbnail) and one per training image that duplicates an image of the test
 folder. Nothing moves until the user presses "Move to quarantine" (after a
 quarantine folder is chosen); that writes a manifest first, and "Undo move"
-puts every file back (``engine.dedup.duplicates.undo_move``).
+puts every file back (``engine.dedup.quarantine.undo_move``).
 """
 from __future__ import annotations
 
@@ -188,13 +188,13 @@ class DedupDialog(JobDialog):
             found, quarantine = self.found, self.quarantine.filePath().strip()
 
             def job(progress, cancel):
-                from ...engine.dedup.duplicates import move_duplicates
+                from ...engine.dedup.quarantine import move_duplicates
                 return move_duplicates(found, quarantine, progress=progress, cancel=cancel)
             return job
         manifest = self.manifest
 
         def job(progress, cancel):
-            from ...engine.dedup.duplicates import undo_move
+            from ...engine.dedup.quarantine import undo_move
             return undo_move(manifest, progress=progress, cancel=cancel)
         return job
 

@@ -118,7 +118,7 @@ def _finite(v: Any) -> bool:
 
 def model_choices() -> List[str]:
     """Preset names for the base-model picker (the engine's registry)."""
-    from ...engine.model.models import list_presets
+    from ...engine.model.presets import list_presets
     return [p.name for p in list_presets()]
 
 
@@ -134,7 +134,7 @@ class FinetuneDialog(JobDialog):
 
     def __init__(self, iface=None, parent=None, on_model_ready: Optional[Callable[[str, str], None]] = None):
         super().__init__(iface, parent)
-        from ...engine.model.models import DEFAULT_MODEL
+        from ...engine.model.presets import DEFAULT_MODEL
         self.data = file_widget(QgsFileWidget.GetFile,
                                 "Caption files (*.csv *.tsv *.txt *.jsonl *.ndjson *.json);;"
                                 "Marked places (*.gpkg *.geojson *.shp);;All files (*)")

@@ -38,7 +38,7 @@ def ask_checkpoint(parent) -> Optional[Tuple[str, str]]:
                                           "Checkpoints (*.pt *.pth *.bin *.safetensors)")
     if not path:
         return None
-    from ...engine.model.models import checkpoint_choice
+    from ...engine.model.specs import checkpoint_choice
     choice = checkpoint_choice(path)
     if choice.spec:
         return choice.spec, choice.label
@@ -90,7 +90,8 @@ class ModelManagerDialog(JobDialog):
     # -- the list ------------------------------------------------------------
     def rows(self) -> List[tuple]:
         """(spec, kind, available, location) for presets, then the user's models."""
-        from ...engine.model.models import list_presets, preset_available, preset_location
+        from ...engine.model.hub import preset_available, preset_location
+        from ...engine.model.presets import list_presets
         out = [(p.name, f"preset ({p.family or p.source})", preset_available(p), preset_location(p))
                for p in list_presets()]
         for item in self.settings.custom_models():

@@ -14,7 +14,7 @@ from qgis.PyQt.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubl
                                  QWidget)
 
 from ...engine.core.options import parse_read_workers
-from ...engine.model.models import list_presets
+from ...engine.model.presets import list_presets
 from .. import log
 from ..dialogs.model_manager import ask_checkpoint
 from ..settings import DEVICES, METHODS, SearchParams, model_defaults

@@ -147,7 +147,7 @@ def get_model(spec: str, device: Optional[str] = None,
 
 
 def default_model() -> str:
-    from ...engine.model.models import DEFAULT_MODEL
+    from ...engine.model.presets import DEFAULT_MODEL
     return DEFAULT_MODEL
 
 

@@ -331,7 +331,8 @@ class DeduplicateAlgorithm(MapClipAlgorithm):
         if optional_number(parameters.get(self.SEGMENTS)) not in (None, ""):
             segments = self.parameterAsInt(parameters, self.SEGMENTS, context)
         with engine_errors():
-            from ...engine.dedup.duplicates import find_duplicates, move_duplicates
+            from ...engine.dedup.duplicates import find_duplicates
+            from ...engine.dedup.quarantine import move_duplicates
             options = DedupOptions(max_distance=self.parameterAsInt(parameters, self.DISTANCE, context),
                                    hash_size=self.parameterAsInt(parameters, self.HASH_SIZE, context),
                                    segments=segments, overwrite=True)

@@ -36,18 +36,7 @@ same bytes.
 Modules: :mod:`.truth` (classes, mask values, boxes, georeferencing), :mod:`.shapes`
 (one object's pixels), :mod:`.plan` (fields, rectangles, placed objects),
 :mod:`.render` (strips of pixels), :mod:`.coco` (COCO JSON, mask colours),
-:mod:`.scene` (writing a scene), :mod:`.chips` (chips cut from a scene). This
-package is their one public face; the measures of detections (AP, precision,
-recall) are in :mod:`engine.data.metrics`.
+:mod:`.scene` (writing a scene), :mod:`.chips` (chips cut from a scene); each name
+is imported from its module. The measures of detections (AP, precision, recall) are
+in :mod:`engine.data.metrics`.
 """
-from .chips import Chip, chip_boxes, make_chips, make_cover_chips, write_chips
-from .coco import coco_categories, read_truth, to_coco
-from .scene import make_chip, make_scene
-from .truth import (CLASS_VALUE, DEFAULT_CRS, DEFAULT_GSD, DEFAULT_ORIGIN, LANDCOVER_CLASSES, MASK_CLASSES,
-                    OBJECT_BASE, OBJECT_CLASSES, SYNTHETIC_CLASSES, SceneTruth, TruthBox, pixel_to_map,
-                    scene_transform, synthetic_targets)
-
-__all__ = ["OBJECT_CLASSES", "LANDCOVER_CLASSES", "MASK_CLASSES", "CLASS_VALUE", "OBJECT_BASE", "DEFAULT_GSD",
-           "DEFAULT_CRS", "DEFAULT_ORIGIN", "TruthBox", "SceneTruth", "Chip", "make_scene", "make_chip",
-           "make_chips", "make_cover_chips", "chip_boxes", "write_chips", "to_coco", "coco_categories",
-           "read_truth", "scene_transform", "pixel_to_map", "SYNTHETIC_CLASSES", "synthetic_targets"]
