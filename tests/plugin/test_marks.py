@@ -192,3 +192,34 @@ def test_the_fine_tune_dialog_trains_on_the_examples_layer(qtbot, mapclip, clean
     made = (tmp_path / "run" / "marks" / "captions_0.csv").read_text().splitlines()
     assert made[1:] == [f"m0_{k:05d}.png,red roof" for k in range(3)]     # "not this" without words: out
     assert dlg.add_button.isEnabled()
+
+
+def test_marking_an_archive_hit_refreshes_the_archive_search(qtbot, search_dock, tmp_path, clean_project):
+    from mapclip.plugin import marks
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    make_geotiff(folder / "a.tif", squares=((64, 128, 64, "red"), (160, 0, 64, "red")))
+    make_geotiff(folder / "b.tif", origin=(600000.0, 4000000.0), squares=((0, 0, 64, "blue"),))
+    dock = search_dock
+    dock.tabs.setCurrentIndex(1)
+    dock.build_sources.setFilePath(str(folder))
+    dock.index_widget.setFilePath(str(tmp_path / "idx"))
+    outcomes = []
+    dock.run_finished.connect(outcomes.append)
+    assert dock.build_index()
+    qtbot.waitUntil(lambda: bool(outcomes), timeout=60000)
+    dock.archive_query.setText("red roof")
+    dock.archive_topk.setValue(3)
+    assert dock.search_archive()
+    qtbot.waitUntil(lambda: len(outcomes) == 2, timeout=60000)
+    hits = [dock.archive_results.topLevelItem(i) for i in range(3)]
+    assert [h.text(1) for h in hits[:2]] == ["a.tif", "a.tif"]
+    # "Yes, like this" on the blue place in b.tif: the refreshed hits bring it to the top
+    point = QgsPointXY(600032, 3999968)
+    crs = QgsRasterLayer(str(folder / "b.tif"), "b", "gdal").crs()
+    assert dock._mark((point, crs), True, archive=True)
+    qtbot.waitUntil(lambda: len(outcomes) == 3, timeout=60000)
+    assert outcomes[2] == "done", dock.archive_status.text()
+    assert dock.archive_results.topLevelItem(0).text(1) == "b.tif"
+    assert "(refined by 1 yes / 0 not)" in dock.archive_status.text()
+    assert marks.counts(marks.examples_layer(create=False)) == (1, 0)

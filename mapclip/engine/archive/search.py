@@ -361,9 +361,10 @@ def refine_by_examples(index: Index, score_q: Optional[np.ndarray], q: Optional[
 
 def search_index(index, text: Optional[str] = None, image: Optional[str] = None, like=None,
                  like_crs: Optional[str] = None, model=None, options: Optional[SearchOptions] = None,
-                 progress=None, cancel=None) -> List[Hit]:
+                 progress=None, cancel=None, examples=None, examples_crs: Optional[str] = None) -> List[Hit]:
     """The ranked hits of :func:`search` (the shared-interface entry point)."""
-    return search(index, text, image, like, like_crs, model, options, progress, cancel).hits
+    return search(index, text, image, like, like_crs, model, options, progress, cancel,
+                  examples=examples, examples_crs=examples_crs).hits
 
 
 # --------------------------------------------------------------------------- #

@@ -139,7 +139,12 @@ class ArchiveTab:
         if not index or not os.path.exists(index):
             log.bar_warning(self.iface, "open or build an index first")
             return False
-        if like is None and not text:
+        try:
+            examples, examples_crs = self.marked_examples(True)
+        except ValueError as exc:
+            log.bar_warning(self.iface, str(exc))
+            return False
+        if like is None and not text and not examples:
             log.bar_warning(self.iface, "type a query, or click a place on the map")
             return False
         if not self._packages_ready():
@@ -149,14 +154,18 @@ class ArchiveTab:
         device = None if self.device_combo.currentText() == "auto" else self.device_combo.currentText()
         top_k = self.archive_topk.value()
         query = text if like is None else "like ({:.1f}, {:.1f})".format(like[0], like[1])
+        if examples:
+            yes = sum(1 for e in examples if e.positive)
+            query = (query + " " if query else "") + f"(refined by {yes} yes / {len(examples) - yes} not)"
 
         def job(progress, cancel):
             idx = open_index(index)
             options = SearchOptions(top_k=top_k, device=device)
             kwargs = {"model": tasks.model_for_index(idx, model, device), "options": options,
-                      "progress": progress, "cancel": cancel}
+                      "progress": progress, "cancel": cancel, "examples": examples,
+                      "examples_crs": examples_crs}
             if like is None:
-                return search_index(idx, text=text, **kwargs)
+                return search_index(idx, text=text or None, **kwargs)
             return search_index(idx, like=(like[0], like[1]), like_crs=like[2], **kwargs)
 
         def done(hits):

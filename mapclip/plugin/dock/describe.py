@@ -80,9 +80,8 @@ class DescribePanel:
             menu = QMenu(tree)
             menu.addAction("Describe", lambda: self.describe_item(item))
             menu.addAction("Zoom to", lambda: self.zoom_to_item(item))
-            if tree is self.results:          # a box of a search: mark it
-                menu.addSeparator()
-                self._add_mark_actions(menu, lambda: self._item_place(item))
+            menu.addSeparator()                # a box or a hit: mark it
+            self._add_mark_actions(menu, lambda: self._item_place(item), archive=tree is not self.results)
             menu.exec_(tree.viewport().mapToGlobal(pos))
 
         tree.customContextMenuRequested.connect(show)

@@ -33,11 +33,12 @@ class MarksPanel:
         self.marks_label.setText(f"{yes} yes · {no} not" if yes or no else "no marks yet")
 
     # ----------------------------------------------------------- marking --
-    def _add_mark_actions(self, menu: QMenu, at) -> None:
-        """"Yes, like this" / "Not this" in ``menu``; ``at()`` gives (point, crs) or None."""
+    def _add_mark_actions(self, menu: QMenu, at, archive: bool = False) -> None:
+        """"Yes, like this" / "Not this" in ``menu``; ``at()`` gives (point, crs) or None;
+        ``archive``: the mark refreshes the Archive tab's search instead of the Search tab's."""
         for positive in (True, False):
             menu.addAction(f"MapCLIP: {marks.WORDS[positive]}",
-                           lambda positive=positive: self._mark(at(), positive))
+                           lambda positive=positive: self._mark(at(), positive, archive))
 
     def _item_place(self, item: QTreeWidgetItem) -> Optional[Tuple[QgsPointXY, QgsCoordinateReferenceSystem]]:
         bounds, crs = item.data(0, ROLE_BOUNDS), item.data(0, ROLE_CRS)
@@ -49,14 +50,15 @@ class MarksPanel:
         return QgsPointXY((x0 + x1) / 2, (y0 + y1) / 2), crs
 
     def mark_item(self, item: QTreeWidgetItem, positive: bool) -> bool:
-        """Mark a result row (its box's centre); the search refreshes with the marks."""
-        return self._mark(self._item_place(item), positive)
+        """Mark a result row (its box's or hit's centre); the search it came from (the Search
+        or the Archive tab's) refreshes with the marks."""
+        return self._mark(self._item_place(item), positive, item.treeWidget() is self.archive_results)
 
     def mark_place(self, point: QgsPointXY, crs: QgsCoordinateReferenceSystem, positive: bool) -> bool:
         """Mark a place on the map (``point`` in ``crs``); the search refreshes with the marks."""
         return self._mark((point, crs), positive)
 
-    def _mark(self, place, positive: bool) -> bool:
+    def _mark(self, place, positive: bool, archive: bool = False) -> bool:
         if place is None:
             log.bar_warning(self.iface, "this result has no place to mark")
             return False
@@ -67,6 +69,8 @@ class MarksPanel:
         marks.add_mark(point, crs, positive, "; ".join(prompts), raster)
         self.examples_check.setChecked(True)
         self._show_mark_counts()
+        if archive:
+            return self.task is None and self.search_archive()
         return self.refine_from_marks()
 
     def _canvas_menu(self, menu: QMenu, event) -> None:
@@ -77,7 +81,7 @@ class MarksPanel:
         crs = canvas.mapSettings().destinationCrs()
         point = QgsPointXY(event.mapPoint())
         menu.addSeparator()
-        self._add_mark_actions(menu, lambda: (point, crs))
+        self._add_mark_actions(menu, lambda: (point, crs), archive=self.tabs.currentIndex() == 1)
 
     # ---------------------------------------------------------- refining --
     def refine_from_marks(self) -> bool:
