@@ -184,34 +184,60 @@ def test_run_dir_refusals(tmp_path):
     assert not (tmp_path / "fresh").exists()         # refused before it began: no folder left
 
 
-def test_a_run_still_training_refuses_a_second_trainer(tmp_path):
-    """--resume while the first trainer (another process) still holds the run: refused, naming
-    --resume, nothing trained twice; once that process has ended its lock is stale and taken over."""
+def test_a_run_still_training_refuses_a_second_trainer_then_a_killed_one_resumes(tmp_path):
+    """A trainer (the CLI, another process) frozen right after it saved epoch 1 (the
+    named fault point finetune.epoch, core/faults.py, action stop): a --resume meanwhile
+    is refused, naming --resume, nothing trained twice. Killed there (kill -9), its lock
+    is stale and taken over: the resumed run continues at epoch 2 and ends with the
+    weights, optimizer state and log of an uninterrupted run."""
+    import os
+    import signal
     import subprocess
     import sys
+    root = Path(__file__).resolve().parents[2]
     data = make_pairs(tmp_path / "data", names=("red", "green", "blue", "white"))
     run = tmp_path / "run"
-    cancel = threading.Event()
-    with pytest.raises(Cancelled):        # an unfinished run, as a trainer leaves it mid-way
-        ft.finetune(opts(data, run, epochs=2, batch_size=2), cancel=cancel,
-                    progress=lambda done, total: cancel.set() if done >= 2 else None)
-    assert not (run / ft.LOCK).exists()    # released by the trainer that stopped
-    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    o = opts(data, run, batch_size=2)
+    argv = ["finetune", "--model", o.model, "--data", str(data), "--out", str(run),
+            "--epochs", str(o.epochs), "--batch-size", str(o.batch_size), "--lr", str(o.lr),
+            "--val-split", str(o.val_split), "--workers", str(o.workers), "--device", o.device,
+            "--warmup", str(o.warmup)]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1",
+               MAPCLIP_FAULT="finetune.epoch:1:stop")
+    with open(tmp_path / "trainer.err", "w") as err:
+        trainer = subprocess.Popen([sys.executable, "-m", "engine", *argv], cwd=root, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=err)
     try:
-        (run / ft.LOCK).write_text(str(trainer.pid))     # that process trains the run now
+        _, status = os.waitpid(trainer.pid, os.WUNTRACED)      # until it stops itself
+        assert os.WIFSTOPPED(status), (status, (tmp_path / "trainer.err").read_text())
+        assert (run / ft.LOCK).read_text().strip() == str(trainer.pid)   # it holds the run
+        assert json.loads((run / ft.RUN_FILE).read_text())["epochs_done"] == 1
         before = (run / ft.METRICS_FILE).read_text()
-        with pytest.raises(UsageError) as err:
-            ft.finetune(opts(data, run, epochs=2, batch_size=2, resume=True))
-        assert "still training" in err.value.message and str(trainer.pid) in err.value.message
-        assert "--resume" in err.value.hint
+        with pytest.raises(UsageError) as e:
+            ft.finetune(opts(data, run, batch_size=2, resume=True))
+        assert "still training" in e.value.message and str(trainer.pid) in e.value.message
+        assert "--resume" in e.value.hint
         assert (run / ft.METRICS_FILE).read_text() == before and (run / ft.LOCK).exists()
     finally:
         trainer.kill()
         trainer.wait()
-    result = ft.finetune(opts(data, run, epochs=2, batch_size=2, resume=True))
-    epochs = [r["epoch"] for r in read_metrics(run) if r["type"] == "epoch"]
-    assert result.epochs_run >= 1 and epochs == sorted(set(epochs))    # no epoch twice
+    assert trainer.returncode == -signal.SIGKILL
+    assert (run / ft.LOCK).exists()                   # a kill -9 cannot release its lock
+    result = ft.finetune(opts(data, run, batch_size=2, resume=True))
+    assert result.resumed_from_epoch == 1 and result.epochs_run == 1
     assert not (run / ft.LOCK).exists()
+    whole = ft.finetune(opts(data, tmp_path / "whole", batch_size=2))
+    a, b = state_model(tmp_path / "whole"), state_model(run)
+    assert a["step"] == b["step"] == whole.steps
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for pid, st in a["optimizer"]["state"].items():
+        for name, t in st.items():
+            assert torch.equal(t, b["optimizer"]["state"][pid][name]), (pid, name)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "step_samples_per_s")}
+                        for r in rs]   # noqa: E731
+    assert strip(read_metrics(run)) == strip(read_metrics(tmp_path / "whole"))
+    assert result.metrics_after == whole.metrics_after
 
 
 class _NotATensor:

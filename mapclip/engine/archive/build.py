@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from ..core.errors import ModelError, UsageError
+from ..core.faults import fault_point
 from ..core.jobs import Job
 from ..core.options import MIN_VALID, IndexOptions, check, with_model_defaults
 from ..core.outputs import same_crs
@@ -427,6 +428,7 @@ def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, read
         emb = np.concatenate(embs) if embs else np.zeros((0, lm.embed_dim), np.float16)
         rec = np.concatenate(recs) if recs else np.zeros(0, TILE_DTYPE)
         writer.commit(entry, tile_px, emb, rec, first, next_tile)
+        fault_point("index.commit")
         embs, recs, first, pending = [], [], next_tile, 0
 
     try:

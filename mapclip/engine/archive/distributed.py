@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..core.errors import MapClipError, ModelError, UsageError
+from ..core.faults import adopt as adopt_faults, fault_point, settings as fault_settings
 from ..core.options import RAY_LOCAL
 from ..model.identity import same_space
 from ..model.space import model_identity
@@ -54,10 +55,6 @@ QUEUED_PER_WORKER = 2
 AHEAD_PER_WORKER = 4
 #: seconds the driver waits for results between checks of the cancel flag
 POLL_S = 0.25
-#: test hook: a marker file path. A worker that finds it absent creates it and
-#: exits abruptly before embedding its first batch, like a killed process (set
-#: by tests/engine/test_distributed.py; None in normal use).
-FAULT_ONCE: Optional[str] = None
 
 
 @dataclass
@@ -104,8 +101,9 @@ class ChunkWorker:
 
     def __init__(self, spec: str, device: Optional[str], precision: Optional[str],
                  read: Dict[str, Any], min_valid: float, batch_size: int, folder: str,
-                 identity: Dict[str, Any], fault: Optional[str] = None):
+                 identity: Dict[str, Any], faults: Optional[Dict[str, str]] = None):
         from ..model.models import load_model
+        adopt_faults(faults)       # the driver's fault variables (core/faults.py), tests only
         # an error here is kept and raised by run(): Ray reports an exception
         # of a constructor only as a dead actor, without the engine's message
         self.error: Optional[MapClipError] = None
@@ -121,17 +119,6 @@ class ChunkWorker:
         self.min_valid = float(min_valid)
         self.batch_size = int(batch_size)
         self.folder = Path(folder)
-        self.fault = fault
-
-    def _maybe_die(self) -> None:
-        if not self.fault:
-            return
-        try:
-            fd = os.open(self.fault, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-        os._exit(17)     # a crash: no exception, no cleanup, the process is gone
 
     def run(self, chunk: Chunk) -> Dict[str, Any]:
         """Embed one chunk and write its shard; returns what the driver commits."""
@@ -147,7 +134,7 @@ class ChunkWorker:
             batches = iter_tile_batches(reader, chunk.tiles, self.batch_size, min_valid=self.min_valid)
             try:
                 for tiles, arr in batches:
-                    self._maybe_die()
+                    fault_point("ray.batch")
                     e, r = embed_window_batch(self.lm, runner, chunk.raster_id, chunk.tile_px,
                                               tiles, arr, ri)
                     embs.append(e)
@@ -282,7 +269,7 @@ def _run(ray, writer, chunks: Sequence[Chunk], entries, lm, layout, options, job
     for _ in range(n):
         actors.append(Worker.remote(spec, device, options.precision, layout["read"],
                                     layout["min_valid"], int(options.batch_size),
-                                    str(writer.folder), identity, FAULT_ONCE))
+                                    str(writer.folder), identity, fault_settings()))
     todo = list(chunks)[::-1]               # pop() takes the next in plan order
     running: Dict[Any, int] = {}            # object ref -> actor number
     load = [0] * n

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Union
 
 from .errors import Cancelled, UsageError
+from .faults import fault_point
 
 ProgressFn = Callable[[int, int], None]
 
@@ -269,6 +270,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     tmp_path = final.with_name(f".{final.stem}.{tag}{final.suffix}.part")
     try:
         yield tmp_path
+        fault_point("output.rename")
         os.replace(tmp_path, final)
     except BaseException:
         _remove_temp(tmp_path)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..core.errors import UsageError
+from ..core.faults import fault_point
 from ..core.jobs import TEMP_TAG, CancelFlag, Job, ProgressFn, _pid_alive, atomic_path, check_outputs, is_inside
 from .duplicates import DedupResult
 from .hashing import BATCH, PathLike
@@ -146,6 +147,7 @@ def safe_move(src: PathLike, dst: PathLike, size: Optional[int] = None,
             fo.flush()
             os.fsync(fo.fileno())
         shutil.copystat(src, tmp)
+        fault_point("dedup.copy")
         if not _matches(tmp, size if size is not None else os.path.getsize(src),
                         sha if sha is not None else file_sha256(src)):
             raise UsageError(f"the copy of {src} in {dst.parent} does not match the original",
@@ -200,6 +202,7 @@ def move_duplicates(result: DedupResult, quarantine: PathLike,
             else:
                 safe_move(m["from"], m["to"], m["size"], m["sha256"], run=stamp)
             moved += 1
+            fault_point("dedup.moved")
         job.step(len(moves[start:start + BATCH]))  # a cancel leaves a consistent manifest
     return MoveResult(manifest=str(manifest), moved=moved, removed_partial=removed)
 

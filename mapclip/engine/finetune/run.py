@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..core.errors import UsageError, reason
+from ..core.faults import fault_point
 from ..core.jobs import CancelFlag, Job, ProgressFn
 from ..core.options import PIR_LABELS, RECIPES, FinetuneOptions
 from ..data.captions import SkipReport, check_images, read_captions
@@ -305,6 +306,7 @@ def _finetune(options: FinetuneOptions, progress: Optional[ProgressFn],  # long:
             "metrics_offset": metrics_path.stat().st_size})
         run_record["epochs_done"] = epoch + 1
         _write_json(run_dir / RUN_FILE, run_record)
+        fault_point("finetune.epoch")
 
     result = FinetuneResult(
         run_dir=str(run_dir), best_path=str(run_dir / BEST_DIR) if best["epoch"] else None,

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from rasterio.errors import RasterioError
 from ..core.errors import Cancelled, MapClipError
+from ..core.faults import fault_point
 from ..core.jobs import Job
 from ..core.options import MIN_VALID
 from ..geo.tiling import Tile
@@ -132,6 +133,7 @@ class BatchIterator:
     def _kept(self, batch: Batch) -> Optional[Tuple[List[Tile], np.ndarray]]:
         """Count ``batch`` and drop its tiles below ``min_valid`` or empty: what to yield,
         or None when no tile is left."""
+        fault_point("read.batch")
         keep = self._keep(batch)
         n, n_keep = len(batch.tiles), int(keep.sum())
         self.skipped += n - n_keep

@@ -21,6 +21,7 @@ from typing import Dict
 import numpy as np
 
 from ..core.errors import MapClipError, UsageError
+from ..core.faults import fault_point
 from .batches import group_end
 
 
@@ -135,6 +136,7 @@ def worker_main(wid: int, state: dict, tasks, results, stop) -> None:
                 frac = np.ndarray((n,), np.float64, buffer=shm.buf)
                 out = np.ndarray((n, S, S, 3), np.uint8, buffer=shm.buf, offset=8 * cap)
                 _read_rows(reader, ds, scratch, rows, S, out, frac, stop, Tile)
+                fault_point("reader.task")
                 del frac, out
                 results.put((k, wid, "stopped" if stop.is_set() else "ok", time.process_time()))
             except BaseException as exc:  # noqa: BLE001 - reported to the consumer
