@@ -77,6 +77,8 @@ def test_marking_a_result_not_this_refreshes_the_search_from_the_kept_embeddings
     again = [s for b, s in _boxes(search_dock) if b == marked_bounds]
     assert not again or again[0] < marked_score
     assert not any(QgsProject.instance().mapLayer(i) for i in first_layers)
+    root = QgsProject.instance().layerTreeRoot()
+    assert all(g.children() for g in root.findGroups())         # no empty run group left behind
     # the layer draws yes and no in their own colours, with the dock's words
     cats = {c.value(): c.label() for c in layer.renderer().categories()}
     assert cats == {1: "Yes, like this", 0: "Not this"}

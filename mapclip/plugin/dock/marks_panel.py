@@ -94,7 +94,7 @@ class MarksPanel:
         old = [layer.id() for layer in self.last_layers if layer is not None]
         started = self.run()
         if started and old:
-            QgsProject.instance().removeMapLayers([i for i in old if QgsProject.instance().mapLayer(i)])
+            _remove_layers(old)
         return started
 
     def marked_examples(self, window_mode: bool) -> Tuple[Optional[List], Optional[str]]:
@@ -110,3 +110,18 @@ class MarksPanel:
                                         "search ran without them (Method: window to use them)")
             return None, None
         return marks.read_layer(layer)
+
+
+def _remove_layers(ids: List[str]) -> None:
+    """Take layers off the map, and the run groups they leave empty."""
+    project = QgsProject.instance()
+    root = project.layerTreeRoot()
+    groups = []
+    for i in ids:
+        node = root.findLayer(i)
+        if node is not None and node.parent() is not None and node.parent() is not root:
+            groups.append(node.parent())
+    project.removeMapLayers([i for i in ids if project.mapLayer(i)])
+    for g in groups:
+        if not g.children() and g.parent() is not None:
+            g.parent().removeChildNode(g)
