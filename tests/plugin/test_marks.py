@@ -11,7 +11,7 @@ from mapclip.plugin.dock.widgets import ROLE_BOUNDS
 
 from .conftest import make_geotiff
 from .test_processing import rigged_folder  # noqa: F401 (fixture)
-from .test_tasks import _run, rigged, search_dock  # noqa: F401 (fixtures)
+from .test_tasks import _run, archive_in_dock, rigged, search_dock  # noqa: F401 (fixtures)
 
 ORIGIN = (500000.0, 4000000.0)
 # three red squares and a blue one (tests.rigged: "red roof" answers red, blue answers "blue")
@@ -203,17 +203,7 @@ def test_marking_an_archive_hit_refreshes_the_archive_search(qtbot, search_dock,
     make_geotiff(folder / "a.tif", squares=((64, 128, 64, "red"), (160, 0, 64, "red")))
     make_geotiff(folder / "b.tif", origin=(600000.0, 4000000.0), squares=((0, 0, 64, "blue"),))
     dock = search_dock
-    dock.tabs.setCurrentIndex(1)
-    dock.build_sources.setFilePath(str(folder))
-    dock.index_widget.setFilePath(str(tmp_path / "idx"))
-    outcomes = []
-    dock.run_finished.connect(outcomes.append)
-    assert dock.build_index()
-    qtbot.waitUntil(lambda: bool(outcomes), timeout=60000)
-    dock.archive_query.setText("red roof")
-    dock.archive_topk.setValue(3)
-    assert dock.search_archive()
-    qtbot.waitUntil(lambda: len(outcomes) == 2, timeout=60000)
+    outcomes = archive_in_dock(qtbot, dock, folder, tmp_path / "idx", "red roof", 3)
     hits = [dock.archive_results.topLevelItem(i) for i in range(3)]
     assert [h.text(1) for h in hits[:2]] == ["a.tif", "a.tif"]
     # "Yes, like this" on the blue place in b.tif: the refreshed hits bring it to the top

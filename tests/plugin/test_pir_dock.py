@@ -6,7 +6,7 @@ from __future__ import annotations
 from qgis.core import QgsRasterLayer
 
 from .conftest import make_geotiff
-from .test_tasks import _run, rigged, search_dock  # noqa: F401 (fixtures)
+from .test_tasks import _run, archive_in_dock, rigged, search_dock  # noqa: F401 (fixtures)
 
 
 def _pir_model(tmp_path):
@@ -48,16 +48,5 @@ def test_a_pir_model_searches_in_the_dock_and_the_archive_tab(qtbot, search_dock
     folder = tmp_path / "archive"
     folder.mkdir()
     make_geotiff(folder / "a.tif")
-    dock.tabs.setCurrentIndex(1)
-    dock.build_sources.setFilePath(str(folder))
-    dock.index_widget.setFilePath(str(tmp_path / "idx"))
-    outcomes = []
-    dock.run_finished.connect(outcomes.append)
-    assert dock.build_index()
-    qtbot.waitUntil(lambda: bool(outcomes), timeout=60000)
-    assert outcomes == ["done"], dock.archive_status.text()
-    dock.archive_query.setText("a red square")
-    dock.archive_topk.setValue(2)
-    assert dock.search_archive()
-    qtbot.waitUntil(lambda: len(outcomes) == 2, timeout=60000)
-    assert outcomes[1] == "done" and dock.archive_results.topLevelItemCount() == 2
+    archive_in_dock(qtbot, dock, folder, tmp_path / "idx", "a red square", 2)
+    assert dock.archive_results.topLevelItemCount() == 2

@@ -465,6 +465,25 @@ def test_count_mode_shows_counts_per_method_in_dock_and_layer_metadata(qtbot, se
             (col, row)
 
 
+def archive_in_dock(qtbot, dock, folder, index, query: str, top_k: int) -> list:
+    """Build an index of ``folder`` in the Archive tab, then search it for ``query``; the
+    outcomes of both runs (more are appended as the test runs the tab again)."""
+    dock.tabs.setCurrentIndex(1)
+    dock.build_sources.setFilePath(str(folder))
+    dock.index_widget.setFilePath(str(index))
+    outcomes = []
+    dock.run_finished.connect(outcomes.append)
+    assert dock.build_index()
+    qtbot.waitUntil(lambda: bool(outcomes), timeout=60000)
+    assert outcomes == ["done"], dock.archive_status.text()
+    dock.archive_query.setText(query)
+    dock.archive_topk.setValue(top_k)
+    assert dock.search_archive()
+    qtbot.waitUntil(lambda: len(outcomes) == 2, timeout=60000)
+    assert outcomes[1] == "done", dock.archive_status.text()
+    return outcomes
+
+
 def test_archive_tab_builds_an_index_and_finds_the_red_place_by_text_and_by_click(
         qtbot, search_dock, tmp_path, clean_project):
     folder = tmp_path / "archive"
@@ -472,21 +491,8 @@ def test_archive_tab_builds_an_index_and_finds_the_red_place_by_text_and_by_clic
     make_geotiff(folder / "a.tif", squares=((64, 128, 64, "red"),))
     make_geotiff(folder / "b.tif", origin=(600000.0, 4000000.0), squares=((0, 0, 64, "blue"),))
     dock = search_dock
-    dock.tabs.setCurrentIndex(1)
-    dock.build_sources.setFilePath(str(folder))
-    dock.index_widget.setFilePath(str(tmp_path / "idx"))
-    outcomes = []
-    dock.run_finished.connect(outcomes.append)
-    assert dock.build_index()
-    qtbot.waitUntil(lambda: bool(outcomes), timeout=60000)
-    assert outcomes == ["done"], dock.archive_status.text()
+    outcomes = archive_in_dock(qtbot, dock, folder, tmp_path / "idx", "red roof", 3)
     assert (tmp_path / "idx" / "manifest.json").is_file()
-
-    dock.archive_query.setText("red roof")
-    dock.archive_topk.setValue(3)
-    assert dock.search_archive()
-    qtbot.waitUntil(lambda: len(outcomes) == 2, timeout=60000)
-    assert outcomes[1] == "done", dock.archive_status.text()
     assert dock.archive_results.topLevelItemCount() == 3
     top = dock.archive_results.topLevelItem(0)
     assert top.text(1) == "a.tif"

@@ -200,6 +200,18 @@ def raster_arg(text: str) -> str:
     return check_raster_source(text)
 
 
+def add_dense_input_args(p, mode_note: str = "") -> None:
+    """--cls-token-lambda, --dense-input, --dense-slide (detect's dense mode, classify)."""
+    from ..core.options import CLS_TOKEN_LAMBDA_HELP
+    p.add_argument("--cls-token-lambda", type=float, default=None, metavar="L", help=CLS_TOKEN_LAMBDA_HELP)
+    p.add_argument("--dense-input", type=int, default=None, metavar="PX",
+                   help=f"{mode_note}resize each tile to PX (a multiple of the model's patch; "
+                        "position embeddings are interpolated); default the model's input size")
+    p.add_argument("--dense-slide", action="store_true",
+                   help=f"{mode_note}with a --dense-input larger than the model's: slide crops of "
+                        "the model's size with half-crop stride and average them (SegEarth-OV)")
+
+
 def add_read_workers_arg(p) -> None:
     """--read-workers (ReadOptions.workers), shared by the commands that read rasters."""
     p.add_argument("--read-workers", default="auto", metavar="N|auto",

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import (add_cache_arg, add_extent_args, add_model_args, model_default_help, parse_bands, parse_extent, print_json, raster_arg, tqdm_progress, RASTER_HELP)
+from . import (add_cache_arg, add_dense_input_args, add_extent_args, add_model_args, model_default_help, parse_bands, parse_extent, print_json, raster_arg, tqdm_progress, RASTER_HELP)
 from ..core.templates import TEMPLATES_HELP
 
 
 def register(sub) -> None:
-    from ..core.options import ATTENTION_ALIASES, ATTENTION_MODES, CLS_TOKEN_LAMBDA_HELP, ClassifyOptions
+    from ..core.options import ATTENTION_ALIASES, ATTENTION_MODES, ClassifyOptions
     d = ClassifyOptions()
     p = sub.add_parser(
         "classify", help="a land-cover map from class names: a classified GeoTIFF with a legend",
@@ -53,13 +53,7 @@ def register(sub) -> None:
                    help=f"the changed last block ({', '.join(ATTENTION_MODES)}); default "
                         f"{d.attention}")
     p.add_argument("--templates", default=None, metavar="SET|FILE", help=TEMPLATES_HELP)
-    p.add_argument("--cls-token-lambda", type=float, default=None, metavar="L", help=CLS_TOKEN_LAMBDA_HELP)
-    p.add_argument("--dense-input", type=int, default=None, metavar="PX",
-                   help="resize each tile to PX (a multiple of the model's patch; position "
-                        "embeddings are interpolated); default the model's input size")
-    p.add_argument("--dense-slide", action="store_true",
-                   help="with a --dense-input larger than the model's: slide crops of the model's "
-                        "size with half-crop stride and average them (SegEarth-OV)")
+    add_dense_input_args(p)
     p.add_argument("--gsd", type=float, default=None, metavar="M",
                    help="resample to this many metres per pixel on read (default: native)")
     p.add_argument("--bands", default=None, metavar="R,G,B",

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import (RASTER_HELP, add_cache_arg, add_extent_args, add_model_args, add_read_workers_arg, map_bounds,
+from . import (RASTER_HELP, add_cache_arg, add_dense_input_args, add_extent_args, add_model_args, add_read_workers_arg, map_bounds,
                model_default_help, parse_bands, parse_extent, print_json, raster_arg, read_workers,
                tqdm_progress)
 from ..core.templates import TEMPLATES_HELP
@@ -13,7 +13,7 @@ from ..core.errors import UsageError
 
 
 def register(sub) -> None:
-    from ..core.options import (ATTENTION_ALIASES, ATTENTION_MODES, CLS_TOKEN_LAMBDA_HELP, DENSE_THRESHOLD,
+    from ..core.options import (ATTENTION_ALIASES, ATTENTION_MODES, DENSE_THRESHOLD,
                                 EXAMPLE_METHODS, MERGES, MODES, DetectOptions)
     d = DetectOptions()
     p = sub.add_parser(
@@ -62,13 +62,7 @@ def register(sub) -> None:
                         f"sclip = SCLIP, segearth = SegEarth-OV's q+k+v; old names qq, qq+kk "
                         f"accepted); default {d.attention}")
     p.add_argument("--templates", default=None, metavar="SET|FILE", help=TEMPLATES_HELP)
-    p.add_argument("--cls-token-lambda", type=float, default=None, metavar="L", help=CLS_TOKEN_LAMBDA_HELP)
-    p.add_argument("--dense-input", type=int, default=None, metavar="PX",
-                   help="dense mode: resize each tile to PX (a multiple of the model's patch; "
-                        "position embeddings are interpolated); default the model's input size")
-    p.add_argument("--dense-slide", action="store_true",
-                   help="dense mode with a --dense-input larger than the model's: slide crops of "
-                        "the model's size with half-crop stride and average them (SegEarth-OV)")
+    add_dense_input_args(p, "dense mode: ")
     p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=d.refine,
                    help="fit each box to the object inside it (the best-scoring object "
                         "proposal centred in the window or component; --no-refine keeps "

@@ -32,7 +32,7 @@ from ..model.models import LoadedModel
 from ..model.specs import RANDOM_TAG
 from ..model.pir import add_prior, has_prior, pir_config
 from .data import PairDataset, _loader, _normalise, epoch_plan
-from .train import lr_at, make_optimizer
+from .train import lr_at, make_optimizer, optimizer_step
 
 PRIOR_FILE = "prior.safetensors"
 PRIOR_FORMAT = "mapclip-pir-prior-1"
@@ -238,12 +238,7 @@ def train_prior(model, items: Sequence[CaptionItem], classes: List[str], o: Fine
                         logits = head(prior(_normalise(facts, images, device))).float()
                     loss = F.cross_entropy(logits, target)
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(optimizer, scaler)
                     losses.append(float(loss.detach()))
                     right += int((logits.argmax(1) == target).sum())
                     seen += len(names)

@@ -207,6 +207,16 @@ def _features(model, images: torch.Tensor, tokens: torch.Tensor, amp: Optional[t
     return img.float(), txt.float()
 
 
+def optimizer_step(optimizer, scaler) -> None:
+    """One optimizer step (through the fp16 grad scaler where there is one), gradients cleared."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_step(model, optimizer, micro: Sequence[Tuple[torch.Tensor, ...]],
                amp: Optional[torch.dtype] = None, scaler=None, grad_vision: bool = True,
                grad_text: bool = True, check: Optional[Callable[[], None]] = None,
@@ -244,12 +254,7 @@ def train_step(model, optimizer, micro: Sequence[Tuple[torch.Tensor, ...]],
             backward(loss)
             if j == 0:
                 value = float(loss.detach())
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(optimizer, scaler)
     with torch.no_grad():
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     return value
