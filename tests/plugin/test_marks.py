@@ -73,6 +73,7 @@ def test_marking_a_result_not_this_refreshes_the_search_from_the_kept_embeddings
     assert req.examples and not req.examples[0].positive
     status = search_dock.status_label.text()
     assert "refined by 0 yes / 1 not" in status and "from the kept embeddings" in status
+    assert not any("refined by" in t for t in search_dock.iface.bar_texts())   # said once, above
     # the box marked "not this" scores lower now; the earlier run's layers left the map
     again = [s for b, s in _boxes(search_dock) if b == marked_bounds]
     assert not again or again[0] < marked_score

@@ -256,7 +256,9 @@ class SearchRun:
             self._finish("error")
             return
         self.last_layers = made
-        self._notes(getattr(result, "warnings", None))
+        # what the marks did is said in the status line ("refined by N yes / M not"), not the bar
+        self._notes([n for n in getattr(result, "warnings", None) or []
+                     if not (req.examples and str(n).startswith("refined by "))])
         crs = layers.result_crs(result.crs, layer_crs)
         features = features_by(made, ("prompt", "rank"))
         raster = req.raster if req.raster not in self._temp_files else None  # rendered: deleted
