@@ -75,9 +75,9 @@ def make_dataset(root: Path, fmt: str) -> Path:
 def read_csv(path: Path):
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["image", "caption"]
+    assert rows[0] == ["image", "caption", "label"]
     out = {}
-    for image, caption in rows[1:]:
+    for image, caption, _ in rows[1:]:
         out.setdefault(image, []).append(caption)
     return out
 
@@ -151,6 +151,8 @@ def test_captions_readable_by_the_finetune_reader(tmp_path):
     cs = read_captions(out)
     by_name = {Path(i.path).name: i.captions for i in cs.items}
     assert by_name == EXPECTED[0]
+    # each image's scene class (its most numerous class): the labels --recipe pir trains with
+    assert {Path(i.path).name: i.label for i in cs.items} == {"s1.png": "storage tank", "s2.png": "ship"}
     assert all(Path(i.path).is_file() for i in cs.items)
 
 
@@ -160,6 +162,7 @@ def test_jsonl_output(tmp_path):
     box_to_caption(ann, out, CaptionOptions(format="coco", images_dir=str(tmp_path / "images")))
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["caption"] for r in recs if r["image"] == "images/s2.png"] == S2_CAPTIONS
+    assert {r["label"] for r in recs if r["image"] == "images/s2.png"} == {"ship"}
 
 
 def test_seed_and_order_independence():

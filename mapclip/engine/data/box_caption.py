@@ -151,6 +151,14 @@ def caption_image(image: ImageAnnotation, seed: int = 0,
     return caps
 
 
+def scene_label(image: ImageAnnotation, include_difficult: bool = True) -> str:
+    """The image's scene class for recipes that need one (PIR's ``label`` column): the class
+    with the most objects in it, the first by name on a tie; ``""`` without objects."""
+    c = Counter(normalise_class_name(o.category) for o in image.objects
+                if include_difficult or not o.difficult)
+    return min(c, key=lambda k: (-c[k], k)) if c else ""
+
+
 def generate_captions(aset: AnnotationSet, options: Optional[BoxCaptionOptions] = None,
                       job: Optional[Job] = None) -> List[Tuple[ImageAnnotation, List[str]]]:
     """Captions for every image of ``aset`` (images without objects get ``[]``)."""
@@ -174,21 +182,23 @@ def _relative(path: str, folder: Path) -> str:
     return Path(rel).as_posix()
 
 
-def write_captions(rows: Iterable[Tuple[str, str]], out: Path) -> int:
-    """Write (image, caption) rows as CSV (``.csv``), TSV (``.tsv``) or JSONL
-    (``.jsonl``), chosen by the suffix; atomically. Returns the row count."""
+def write_captions(rows: Iterable[Tuple[str, ...]], out: Path) -> int:
+    """Write (image, caption) or (image, caption, label) rows as CSV (``.csv``), TSV
+    (``.tsv``) or JSONL (``.jsonl``), chosen by the suffix; atomically. Returns the row count."""
     suffix = out.suffix.lower()
+    rows = list(rows)
+    columns = ["image", "caption", "label"][:max((len(r) for r in rows), default=2)]
     n = 0
     with atomic_path(out) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             if suffix in (".jsonl", ".ndjson"):
-                for image, caption in rows:
-                    f.write(json.dumps({"image": image, "caption": caption}) + "\n")
+                for row in rows:
+                    f.write(json.dumps(dict(zip(columns, row))) + "\n")
                     n += 1
             else:
                 writer = csv.writer(f, delimiter="\t" if suffix == ".tsv" else ",",
                                     lineterminator="\n")
-                writer.writerow(["image", "caption"])
+                writer.writerow(columns)
                 for row in rows:
                     writer.writerow(row)
                     n += 1
@@ -201,7 +211,8 @@ def box_to_caption(annotations: Union[PathLike, AnnotationSet], out: PathLike,
                    cancel: Optional[CancelFlag] = None) -> CaptionResult:
     """Read annotations (a path in ``options.format``, or an :class:`AnnotationSet`)
     and write five captions per image with objects to ``out`` (columns image,
-    caption; image paths relative to ``out``'s folder when possible)."""
+    caption, label; image paths relative to ``out``'s folder when possible; the label is
+    the image's scene class, :func:`scene_label`, which ``finetune --recipe pir`` reads)."""
     t0 = time.perf_counter()
     o = options or BoxCaptionOptions()
     if not 0 < o.centre_fraction <= 1:
@@ -221,7 +232,8 @@ def box_to_caption(annotations: Union[PathLike, AnnotationSet], out: PathLike,
     job = Job(progress, cancel, total=len(aset.images))
     job.set_total(len(aset.images))
     pairs = generate_captions(aset, o, job)
-    rows = [(_relative(im.path, out.parent), c) for im, caps in pairs for c in caps]
+    rows = [(_relative(im.path, out.parent), c, scene_label(im, o.include_difficult))
+            for im, caps in pairs for c in caps]
     job.check()
     n = write_captions(rows, out)
     empty = [im.name for im, caps in pairs if not caps]
