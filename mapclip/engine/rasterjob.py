@@ -4,7 +4,9 @@ detect, count, classify and caption start the same way: check the options,
 open the raster, turn the extent (any CRS) into raster pixels, load the model,
 fix the device's path (autocast, compile), size batches from free GPU memory
 and fill in the model's own defaults. :func:`raster_job` does that once and
-hands the job a :class:`RasterJob`.
+hands the job a :class:`RasterJob`; its two halves (engine.model.setup for the model,
+engine.raster.sources.open_job_raster for the raster) start the index build, which opens
+many rasters, too.
 
 The part of a job that does not depend on the prompt (read, resize, encode)
 is an *embedding pass*. ``RasterJob.cached(kind, params)`` looks a pass up in
@@ -24,11 +26,11 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from .core.jobs import Job
-from .core.options import MIN_VALID, check, with_model_defaults
+from .core.options import MIN_VALID
 
 if TYPE_CHECKING:
     from .cache.store import Entry
@@ -57,12 +59,9 @@ class RasterJob:
         return self.reader.info
 
     def with_defaults(self, options, auto_batch: bool = True):
-        """``options`` with the model's defaults filled in (and, on CUDA, a batch
-        size from free memory where none was given), checked."""
-        from .model import accel
-        if auto_batch and options.batch_size is None:
-            options = replace(options, batch_size=accel.auto_batch_size(self.lm))  # None off CUDA
-        return check(with_model_defaults(options, self.lm.defaults))
+        """``options`` with the model's defaults filled in (engine.model.setup.job_defaults)."""
+        from .model.setup import job_defaults
+        return job_defaults(options, self.lm, auto_batch)
 
     # ------------------------------------------------------------ the cache --
     def key(self, kind: str, params: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -182,23 +181,16 @@ def raster_job(raster: str, model, extent=None, extent_crs: Optional[str] = None
     ``compile`` and ``cache``; ``read`` (ReadOptions) defaults to ``options.read``.
     """
     from .geo.extent import extent_to_window
-    from .model import accel
-    from .model.models import as_loaded
-    from .raster.reader import open_raster
-    from .raster.remote import is_remote
-    from .raster.sources import check_raster_source
+    from .model.setup import job_model
+    from .raster.sources import open_job_raster
     job = job or Job(progress, cancel)
-    if is_remote(raster):     # the object as the server has it now, never GDAL's memory of an
-        check_raster_source(raster)     # older one (a replaced object is read afresh)
-    reader = open_raster(raster, read if read is not None else getattr(options, "read", None),
-                         quiet=True)  # warnings kept in reader.warnings
-    with reader:
+    with open_job_raster(raster, read if read is not None else getattr(options, "read", None)) as reader:
         notes = list(reader.warnings)
         # what reading adds later (reader processes that gave way to threads) is a job note too
         reader.warnings = notes
         area = extent_to_window(reader.info, extent, extent_crs)
         job.check()
-        lm = as_loaded(model, options.device, options.precision)
-        notes.extend(accel.prepare(lm, compile=bool(getattr(options, "compile", False))))
+        lm, model_notes = job_model(model, options)
+        notes.extend(model_notes)
         yield RasterJob(str(raster), reader, area, lm, job,
                         use_cache=bool(getattr(options, "cache", False)), notes=notes)

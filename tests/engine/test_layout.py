@@ -195,12 +195,17 @@ def test_one_import_name_for_the_engine():
 
 def test_raster_jobs_start_through_the_one_setup():
     """detect, count, classify and caption open the raster, load the model and prepare
-    the device through engine.rasterjob (the embedding cache lives there), never by hand."""
-    for name in ("detect", "count", "classify", "caption"):
+    the device through engine.rasterjob (the embedding cache lives there), never by hand;
+    the index build, which opens many rasters, through the setup's two halves
+    (engine.model.setup.job_model, engine.raster.sources.open_job_raster)."""
+    by_hand = ("open_raster(", "as_loaded(", "accel.prepare(", "auto_batch_size(")
+    for name in ("detect", "count", "classify", "caption", "archive/build"):
         text = (ENGINE / f"{name}.py").read_text(encoding="utf-8")
-        assert "raster_job(" in text, name
-        for by_hand in ("open_raster(", "as_loaded(", "accel.prepare("):
-            assert by_hand not in text, (name, by_hand)
+        uses = ("job_model(", "open_job_raster(") if name == "archive/build" else ("raster_job(",)
+        for use in uses:
+            assert use in text, (name, use)
+        for call in by_hand:
+            assert call not in text, (name, call)
 
 
 #: a module's and a function's size bound; a longer function says why on its def line

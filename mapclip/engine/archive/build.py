@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from ..core.errors import ModelError, UsageError
 from ..core.faults import fault_point
 from ..core.jobs import Job
-from ..core.options import MIN_VALID, IndexOptions, check, with_model_defaults
+from ..core.options import MIN_VALID, IndexOptions, check
 from ..core.outputs import same_crs
 from ..model.identity import describe_model, same_space
 from ..model.space import model_identity
@@ -210,21 +210,16 @@ def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any],
 
     Runs before anything is written, so an unreadable raster leaves no trace.
     """
-    from contextlib import nullcontext
-
     from ..geo.extent import ExtentMisses
     from ..geo.tiling import TileGrid
-    from ..raster.reader import open_raster
-    from ..raster.remote import fresh
-    from ..raster.sources import remote_checksum
+    from ..raster.sources import open_job_raster, remote_checksum
     options = options or IndexOptions()
     read_opts = read_options(layout)
     out, no_georef, no_crs, notes = [], [], [], []
     for p in paths:
-        # a remote raster is asked for again, not taken from GDAL's cache (raster/remote.py);
+        # a remote raster is asked for again, not taken from GDAL's cache (raster/sources.py);
         # warnings about georeferencing are noted once per build, below
-        with fresh(p) if isinstance(p, str) else nullcontext(), \
-                open_raster(str(p), read_opts, quiet=True) as reader:
+        with open_job_raster(str(p), read_opts) as reader:
             ri = reader.info
             try:
                 area = _source_area(reader, options)
@@ -324,8 +319,8 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     """
     import shutil
 
-    from ..model.models import as_loaded
-    from ..raster.reader import open_raster
+    from ..model.setup import job_defaults, job_model
+    from ..raster.sources import open_job_raster
 
     t0 = time.perf_counter()
     options = check(options or IndexOptions())
@@ -333,11 +328,10 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     paths = expand_sources(sources, exclude=out)
     job = Job(progress, cancel)
     existing = _existing_manifest(out)
-    lm = as_loaded(model, options.device, options.precision)
-    if options.batch_size is None:       # on CUDA: from free GPU memory (model/accel.py)
-        from ..model import accel
-        options = replace(options, batch_size=accel.auto_batch_size(lm))
-    options = with_model_defaults(options, lm.defaults)
+    # the model side of the one job setup (engine.model.setup): the device path, a batch
+    # size on CUDA from free GPU memory, the model's defaults
+    lm, model_notes = job_model(model, options)
+    options = job_defaults(options, lm)
     identity = model_identity(lm)
     if existing is not None:
         _check_append(out, existing, identity)
@@ -348,7 +342,8 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
 
     info = IndexInfo(path=str(out), rows=0, rasters=0, shards=0, embedded=0, skipped=0,
                      model=str(lm.spec), device=str(lm.device), precision=lm.precision,
-                     embed_dim=int(lm.embed_dim), scales=list(layout["scales"]), warnings=notes)
+                     embed_dim=int(lm.embed_dim), scales=list(layout["scales"]),
+                     warnings=model_notes + notes)
     created = existing is None and not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     writer = None
@@ -378,7 +373,7 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
             for src, entry, status in plan:
                 if status == "unchanged" or entry.get("complete"):
                     continue
-                with open_raster(str(src.path), read_opts, quiet=True) as reader:   # noted in probe
+                with open_job_raster(str(src.path), read_opts) as reader:   # noted in the probe
                     for s, grid in src.grids.items():
                         start = int(entry["progress"].get(str(s), 0))
                         if start < len(grid):

@@ -1,6 +1,7 @@
-"""Raster arguments checked before any work, and a remote raster's identity: both open
-the raster through the reader (engine.raster.reader.open_dataset), with GDAL asked
-afresh about a remote one (engine.raster.remote.fresh)."""
+"""Raster arguments checked before any work, a raster opened for a job (the raster side of
+every job's setup: engine.rasterjob, the index build), and a remote raster's identity: all
+open the raster through the reader (engine.raster.reader), with GDAL asked afresh about a
+remote one (engine.raster.remote.fresh)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +10,7 @@ import os
 from typing import Union
 
 from ..core.errors import UsageError
-from .reader import open_dataset
+from .reader import open_dataset, open_raster
 from .remote import fresh, gdal_path, is_remote
 
 
@@ -47,3 +48,12 @@ def remote_checksum(path: str) -> str:
                  "sums": [[ds.checksum(b, window=w) for w in (first, last)] for b in ds.indexes]}
     return "remote1:" + hashlib.sha256(json.dumps(facts, sort_keys=True, default=str)
                                        .encode()).hexdigest()
+
+
+def open_job_raster(raster, read=None):
+    """The raster side of a job's setup: ``raster`` opened for reading, quietly (warnings kept
+    in ``reader.warnings``); a remote one as its server has it now, never GDAL's memory of an
+    older object (a replaced object is read afresh). Use it as a context manager."""
+    if is_remote(raster):
+        check_raster_source(raster)
+    return open_raster(raster, read, quiet=True)
