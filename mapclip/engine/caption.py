@@ -38,6 +38,10 @@ import numpy as np
 
 from .core.errors import UsageError
 from .core.options import CaptionOptions, check
+from .core.jobs import Job
+from .data.captions import IMAGE_KEYS, read_captions
+from .model.scoring import encode_prompts, model_logit_scale
+from .rasterjob import raster_job
 
 if TYPE_CHECKING:
     from .model.models import LoadedModel
@@ -58,7 +62,6 @@ def _table_captions(p: Path, delimiter: str) -> List[str]:
     """The caption cells of a CSV / TSV bank: the caption columns under a header
     made of column names, else the first column of every row. A cell running over
     a line break is a quote never closed, and refused with its line."""
-    from .data.captions import IMAGE_KEYS
     rows = []
     with open(p, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh, delimiter=delimiter, strict=True)
@@ -93,7 +96,6 @@ def _table_captions(p: Path, delimiter: str) -> List[str]:
 def read_caption_bank(path: Union[str, Path]) -> List[str]:
     """The unique captions of a caption bank file (see the module doc); UsageError
     when the file is missing, unreadable or holds no caption."""
-    from .data.captions import read_captions
     p = Path(path).expanduser()
     if not p.is_file():
         raise UsageError(f"caption bank {p} does not exist", "check the --bank path")
@@ -146,7 +148,6 @@ def encode_bank(lm: LoadedModel, captions: Sequence[str], templates: Any = "raw"
     """Encode ``captions`` in batches of :data:`TEXT_BATCH` (cancellable between them)."""
     import torch
 
-    from .model.scoring import encode_prompts, model_logit_scale
     captions = list(captions)
     if not captions:
         raise UsageError("the caption bank is empty", "give a bank with at least one caption")
@@ -240,8 +241,6 @@ def caption(raster: str, model: Union[str, LoadedModel], places: Sequence[Option
     another model is refused (give a bank). ``generate=True`` asks for
     generation even with a bank (refused for non-CoCa models).
     """
-    from .core.jobs import Job
-    from .rasterjob import raster_job
     t0 = time.perf_counter()
     opts = check(options or CaptionOptions())
     places = list(places) or [None]

@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from .caption import generate_captions, read_places
+from .data.annotations import ImageAnnotation, ObjectBox
+from .data.box_caption import caption_image
+from .data.synthetic.truth import MASK_CLASSES, OBJECT_CLASSES, _pixel_bounds
 
 #: the main land cover of an empty chip, in words (engine.data.synthetic.truth.LANDCOVER_CLASSES)
 LANDCOVER_WORDS: Dict[str, str] = {
@@ -51,9 +55,6 @@ class CaptionedChip:
 
 def chip_references(chip, seed: int = 0) -> List[str]:
     """Box-to-Caption's five captions of a chip's boxes, or two land-cover sentences when it has none."""
-    from .data.annotations import ImageAnnotation, ObjectBox
-    from .data.box_caption import caption_image
-    from .data.synthetic.truth import MASK_CLASSES
     h, w = chip.mask.shape[:2]
     if chip.boxes:
         im = ImageAnnotation(chip.name, chip.name + ".png", int(w), int(h),
@@ -74,7 +75,6 @@ def scene_chips(truth, n_object: int, n_near: int, n_random: int, seed: int,
     import rasterio
 
     from .data.synthetic.chips import make_chips
-    from .data.synthetic.truth import _pixel_bounds
     with rasterio.open(truth.path) as src:
         transform = src.transform
     out = []
@@ -92,7 +92,6 @@ def scene_chips(truth, n_object: int, n_near: int, n_random: int, seed: int,
 
 def read_chip_images(raster: str, chips: Sequence[CaptionedChip], size: int) -> np.ndarray:
     """uint8 (N, size, size, 3): the chips read as `caption` reads a place."""
-    from .caption import read_places
     from .raster.reader import open_raster
     with open_raster(raster, quiet=True) as reader:
         images, _ = read_places(reader, [c.extent for c in chips], None, size)
@@ -120,7 +119,6 @@ def bleu_cider(candidates: Sequence[str], references: Sequence[Sequence[str]]) -
 
 def named_classes(text: str) -> set:
     """The synthetic object classes a caption names (singular or plural: "ship", "2 ships")."""
-    from .data.synthetic.truth import OBJECT_CLASSES
     t = words(text)
     return {c for c in OBJECT_CLASSES
             if re.search(r"\b" + c.replace("-", " ") + r"(s|es)?\b", t)}
@@ -167,7 +165,6 @@ def measure_captioning(lm, folder: Path, options=None, seeds: Sequence[int] = HE
     """Generate a caption (engine.caption.generate_captions, default options: beam search) for
     each held-out chip; BLEU-4 / CIDEr against its references, whether it names the chip's
     object classes (:func:`class_scores`), and examples."""
-    from .caption import generate_captions
     cands, refs, examples, chips_all = [], [], [], []
     n_chips = 0
     for path, cs in heldout_set(folder, seeds, scene_px, chips):

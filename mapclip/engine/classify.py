@@ -53,6 +53,14 @@ from .core.errors import UsageError
 from .core.jobs import atomic_path, check_outputs
 from .core.options import MAX_CLASSES, ClassifyOptions, check, cls_token_lambda_for
 from .core.outputs import VECTOR_DRIVERS
+from .core.outputs import CLASS_FIELDS, _pyogrio_raw, write_features
+from .core.wkb import read_polygons, rings_wkb
+from .data.metrics import mask_agreement
+from .geo.tiling import TileGrid
+from .model.batching import BatchRunner
+from .model.dense import dense_features
+from .model.scoring import build_bank, resolve_templates, score_embeddings, score_maps
+from .rasterjob import raster_job
 
 if TYPE_CHECKING:
     from .model.models import LoadedModel
@@ -124,7 +132,6 @@ def clean_classes(classes: Sequence[str]) -> List[str]:
 def check_class_lengths(lm: LoadedModel, classes: Sequence[str], templates: Any = None) -> None:
     """UsageError naming the first class that, put into the prompt templates, does not fit
     the model's text context (the tokenizer would cut it off silently)."""
-    from .model.scoring import resolve_templates
     tok = lm.tokenizer
     context = int(getattr(tok, "context_length", 0) or lm.model_cfg.get("text_cfg", {})
                   .get("context_length", 77))
@@ -250,7 +257,6 @@ class _Plan:
 def _plan(info, area, tile_px: int, overlap: float, gsd, hh: int, hw: int) -> _Plan:
     from affine import Affine
 
-    from .geo.tiling import TileGrid
     ov = int(round(tile_px * overlap))
     grid = TileGrid.for_raster(info, area, tile_px, stride_px=max(1, tile_px - ov), gsd=gsd)
     cov = grid.covered()
@@ -390,10 +396,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
     extent becomes the polygons' bounds (within ``extent`` when both are given).
     ``progress(done, total)`` counts tiles; ``cancel`` stops within a batch.
     """
-    from .model.batching import BatchRunner
-    from .model.scoring import build_bank
     from .model.dense import dense_unsupported
-    from .rasterjob import raster_job
     t0 = time.perf_counter()
     opts = check(options or ClassifyOptions())
     names = clean_classes(classes)
@@ -569,8 +572,6 @@ def _outside(geoms, plan: _Plan, row0: int, k: int) -> np.ndarray:
 def read_within(path) -> Tuple[List[Dict[str, Any]], Optional[str]]:
     """The polygons of a vector file (.gpkg, .geojson, .shp, ...) as GeoJSON mappings,
     and the file's CRS (WKT, None if it has none), for ``classify(within=...)``."""
-    from .core.outputs import _pyogrio_raw
-    from .core.wkb import read_polygons
     p = Path(path)
     if not p.exists():
         raise UsageError(f"polygon file {p} does not exist", "check the path")
@@ -595,9 +596,7 @@ def _encoder(lm: LoadedModel, bank, opts: ClassifyOptions, method: str):
     import torch
     import torch.nn.functional as F
 
-    from .model.dense import dense_features
     from .model.encode import to_model_input
-    from .model.scoring import score_embeddings, score_maps
     P = bank.n_prompts
     if method == "tile":
         hh = hw = 2 * int(opts.upsample)
@@ -738,8 +737,6 @@ def write_polygons(class_tif, conf_tif, path, names: Sequence[str], model: str,
     import rasterio
     from rasterio.features import shapes
 
-    from .core.outputs import CLASS_FIELDS, write_features
-    from .core.wkb import rings_wkb
     with rasterio.open(class_tif) as ds:
         cls = ds.read(1)
         tf, crs = ds.transform, ds.crs
@@ -784,7 +781,6 @@ def compare_to_mask(class_map: np.ndarray, transform, mask_path,
     class ``names[i]``, map value i + 1)."""
     import rasterio
 
-    from .data.metrics import mask_agreement
     with rasterio.open(mask_path) as ds:
         mask = ds.read(1)
         mtf = ds.transform

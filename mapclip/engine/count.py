@@ -46,6 +46,16 @@ import numpy as np
 from .data.grammar import plural
 from .core.errors import UsageError
 from .core.options import DENSE_THRESHOLD, CountOptions, check
+from .core.options import DetectOptions, ReadOptions
+from .core.outputs import COUNT_FIELDS, count_rows, vector_driver, write_vector
+from .data.grammar import IRREGULAR_PLURALS, O_ES, normalise_class_name
+from .dense_pass import dense_heatmap
+from .geo.boxes import heatmap_components, heatmap_peaks, pixel_to_bounds
+from .geo.tiling import TileGrid
+from .model import accel
+from .model.batching import BatchRunner
+from .model.scoring import build_bank, encode_prompts
+from .rasterjob import raster_job
 
 METHODS = ("prompt", "dense", "both")
 #: RemoteCount's counts
@@ -85,7 +95,6 @@ def singular(name: str) -> str:
     "-es" is dropped only after s/x/z/ch/sh ("boxes", "buses"), otherwise
     "-s" ("houses" -> "house").
     """
-    from .data.grammar import IRREGULAR_PLURALS, O_ES, normalise_class_name
     words = normalise_class_name(name).split()
     if not words:
         return ""
@@ -316,7 +325,6 @@ def heatmap_count(heat: np.ndarray, transform, threshold: float, min_area: int =
     ``peak_distance`` cells apart (engine.geo.boxes.heatmap_peaks: touching objects
     count apart); best peak first, boxes in map coordinates (and native pixels
     when ``raster_transform`` is given)."""
-    from .geo.boxes import heatmap_components, heatmap_peaks, pixel_to_bounds
     out = []
     inv = ~raster_transform if raster_transform is not None else None
     comps = (heatmap_peaks(heat, threshold, peak_distance, min_area=max(1, int(min_area))) if peaks
@@ -350,8 +358,6 @@ def _prompt_count(rj, name: str, options: CountOptions) -> PromptCount:
     import torch
 
     from .model.encode import encode_images
-    from .model.scoring import encode_prompts
-    from .geo.tiling import TileGrid
 
     reader, area, lm, job = rj.reader, rj.area, rj.lm, rj.job
     tiled = options.tile_px is not None
@@ -405,13 +411,7 @@ def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountO
                  progress, cancel, raster_transform) -> Tuple[DenseCount, List[str]]:
     """The dense pass (engine.dense_pass, the one detect's dense mode runs) for the
     object's name, and its heatmap's peaks counted."""
-    from .core.options import DetectOptions, ReadOptions
-    from .dense_pass import dense_heatmap
-    from .model import accel
-    from .model.batching import BatchRunner
     from .model.dense import dense_unsupported
-    from .model.scoring import build_bank
-    from .rasterjob import raster_job
     thr = DENSE_THRESHOLD if options.threshold is None else float(options.threshold)
     opts = check(DetectOptions(mode="dense", tile_px=int(options.dense_tile_px or lm.image_size), top_k=1,
                                threshold=thr, batch_size=int(options.batch_size),
@@ -443,7 +443,6 @@ def count(raster: str, object_name: str, model, extent: Optional[Tuple[float, fl
     ``extent_crs``, default the raster's CRS) by ``method``: ``prompt``,
     ``dense`` or ``both`` (see the module doc). ``read`` (ReadOptions) is a
     shortcut for ``options.read``."""
-    from .rasterjob import raster_job
 
     t0 = time.perf_counter()
     options = options or CountOptions()
@@ -479,7 +478,6 @@ def check_boxes_output(method: str) -> None:
 def write_count_boxes(result: CountResult, path, overwrite: bool = False):
     """Write the dense method's boxes (.gpkg or .geojson) in the raster's CRS, atomically.
     Fields: engine.core.outputs.COUNT_FIELDS."""
-    from .core.outputs import COUNT_FIELDS, count_rows, vector_driver, write_vector
     vector_driver(path)
     if result.dense is None:
         raise UsageError("this count has no boxes (the prompt method does not localise)",

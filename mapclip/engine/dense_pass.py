@@ -22,6 +22,8 @@ from .core.options import DetectOptions, cls_token_lambda_for
 from .geo.tiling import PixelWindow, TileGrid
 from .model.batching import BatchRunner
 from .model.scoring import PromptBank
+from .model.dense import dense_features
+from .model.scoring import score_maps
 
 #: dense heatmap cells per patch side
 DENSE_UPSAMPLE = 2
@@ -76,8 +78,6 @@ def dense_heatmap(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner
     import torch
     import torch.nn.functional as F
 
-    from .model.dense import dense_features
-    from .model.scoring import score_maps
     info, area, lm, job = rj.info, rj.area, rj.lm, rj.job
     t = int(opts.tile_px)
     ov = int(round(t * opts.overlap))

@@ -63,6 +63,10 @@ from .core.outputs import BOX_FIELDS, box_rows, write_heatmap_tif, write_vector
 from .dense_pass import crop_heat, dense_heatmap, tile_grid
 from .model.batching import BatchRunner
 from .model.scoring import PromptBank, Scorer
+from .geo.tiling import PixelWindow
+from .model import accel
+from .model.scoring import build_bank, example_scorer
+from .rasterjob import raster_job
 
 if TYPE_CHECKING:  # torch, rasterio and open_clip load on first use, not on import
     import torch
@@ -168,11 +172,8 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
     (``options.examples_method``, engine.model.scoring.refine_query) before windows are
     ranked; window mode only. With a kept pass no pixel is read again.
     """
-    from .model import accel
     from .model.dense import dense_unsupported
     from .model.encode import clean_prompts
-    from .model.scoring import build_bank
-    from .rasterjob import raster_job
     t0 = time.perf_counter()
     opts = check(options or DetectOptions())
     prompts = clean_prompts(prompts)
@@ -271,7 +272,6 @@ def _example_scorer(bank: PromptBank, boxes: np.ndarray, emb, examples, method: 
     the place whose centre is nearest to it; engine.model.scoring.example_scorer)."""
     import torch
 
-    from .model.scoring import Scorer, example_scorer
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     pos, neg = [], []
     for c, r, positive in examples:
@@ -296,7 +296,6 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
     import torch
     import torch.nn.functional as F
 
-    from .model import accel
     from .model.encode import to_model_input
     from .raster.stream import iter_tile_batches
     info, area, lm, job = rj.info, rj.area, rj.lm, rj.job
@@ -549,7 +548,6 @@ def _run_dense(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, p
 # --------------------------------------------------------------------------- #
 def _proposals_for(reader, box: Box) -> Tuple[np.ndarray, List[np.ndarray]]:
     """Proposals (native px) centred inside ``box`` and their crops with context."""
-    from .geo.tiling import PixelWindow
     info = reader.info
     c0, r0, c1, r1 = box.pixel
     m = int(round(REFINE_MARGIN * max(c1 - c0, r1 - r0)))
@@ -582,7 +580,6 @@ def _refine(reader, boxes: List[Box], lm, scorer: Scorer, opts: DetectOptions, j
     import torch
     import torch.nn.functional as F
 
-    from .model import accel
     from .model.encode import to_model_input
     info = reader.info
     which = {p: i for i, p in enumerate(scorer.bank.prompts)}

@@ -33,6 +33,10 @@ from .core.errors import UsageError
 from .core.options import DEFAULT_RETRIEVAL_ORDER, RETRIEVAL_ORDERS
 from .core.templates import DEFAULT_ENSEMBLE_MEAN, ENSEMBLE_MEANS
 from .model.models import as_loaded
+from .core.options import template_strings
+from .count import COUNT_RANGE
+from .data.metrics import TIE_MODES, retrieval_metrics
+from .model.scoring import encode_prompts, resolve_templates
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -183,7 +187,6 @@ def eval_retrieval(model, data: str, images: Optional[str] = None, split: Option
     import torch
 
     from .model.encode import encode_text
-    from .data.metrics import TIE_MODES, retrieval_metrics
     if ties not in TIE_MODES:
         raise UsageError(f"unknown tie rule {ties!r}", f"use one of {', '.join(TIE_MODES)}")
     paths, captions, owner = read_retrieval_data(data, images, split, order)
@@ -244,8 +247,6 @@ def eval_classify(model, folder: str, classes: Optional[str] = None, templates=N
     embeddings averaged as ``mean`` says (engine.core.templates.ENSEMBLE_MEANS)."""
     import torch
 
-    from .core.options import template_strings
-    from .model.scoring import encode_prompts, resolve_templates
     names, paths, labels = read_class_folder(folder, classes)
     template_strings(templates)          # a bad set name or template file fails before the model loads
     if mean not in ENSEMBLE_MEANS:
@@ -301,7 +302,6 @@ def read_count_data(path: str, images: Optional[str] = None) -> List[Tuple[str, 
                              "a list of {image, object, count} objects")
     else:
         raw = _csv_records(p)[1]
-    from .count import COUNT_RANGE
     rows = []
     lo, hi = COUNT_RANGE[0], COUNT_RANGE[-1]
     for k, r in enumerate(raw, start=1 if p.suffix.lower() == ".json" else 2):
@@ -330,7 +330,6 @@ def eval_count(model, data: str, images: Optional[str] = None, batch_size: int =
     import torch
 
     from .count import COUNT_RANGE, VARIANTS, argmax_count, count_captions
-    from .model.scoring import encode_prompts
     rows = read_count_data(data, images)
     lm = as_loaded(model, device, precision)  # after the data was read: bad data fails fast
     img = _embed_images(lm, [r[0] for r in rows], batch_size, progress)

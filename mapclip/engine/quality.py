@@ -27,6 +27,9 @@ from .data.synthetic.chips import chip_boxes
 from .data.synthetic.scene import make_chip, make_scene
 from .data.synthetic.truth import CLASS_VALUE, OBJECT_CLASSES, SceneTruth
 from .data.metrics import average_precision, centre_precision, precision_recall
+from .archive.search import search_index
+from .core.options import CountOptions, DetectOptions, IndexOptions
+from .detect import detect
 
 #: held-out seeds (training used 1000-1009 and 50000+, the dedup check 7001-7002,
 #: count calibration 61000+, the demo 4216)
@@ -86,8 +89,6 @@ def measure_detect(lm, truth: SceneTruth, mode: str = "window",
     """Per class, one detect call (its prompt against the background prompts):
     AP50 of all boxes, and the share of the best 10 boxes on a true object.
     ``refine``: fit boxes to objects (None: the engine's default, on)."""
-    from .detect import detect
-    from .core.options import DetectOptions
     out = {}
     extra: Dict[str, Any] = {} if refine is None else {"refine": bool(refine)}
     for cls in classes:
@@ -109,8 +110,6 @@ def measure_retrieval(lm, truth: SceneTruth, index_dir: Path, k: int = 10) -> Di
     import rasterio
 
     from .archive.build import build_index
-    from .archive.search import search_index
-    from .core.options import IndexOptions
     build_index([truth.path], str(index_dir), lm, IndexOptions(tile_px=RETRIEVAL_TILE))
     with rasterio.open(truth.mask_path) as m:
         mask = m.read(1)
@@ -144,7 +143,6 @@ def count_chips(folder: Path, seed: int = COUNT_SEED, repeats: int = COUNT_REPEA
 def measure_counting(lm, folder: Path, calibrate: bool = True) -> Dict[str, float]:
     """Prompt (RemoteCount) counting on chips with 1-10 objects: exact and within-one accuracy."""
     from .count import count
-    from .core.options import CountOptions
     errs: List[int] = []
     for chip, name, k in count_chips(folder):
         got = count(chip.path, name, lm, method="prompt", options=CountOptions(calibrate=calibrate)).count
@@ -158,7 +156,6 @@ def calibrate_counting(lm, folder: Path) -> Tuple[float, ...]:
     """The model's ``count_bias`` (engine.count.fit_count_bias), fitted on calibration
     chips (seeds CALIBRATION_SEED+, never the measured ones) from its uncalibrated scores."""
     from .count import count, fit_count_bias
-    from .core.options import CountOptions
     scores, truth = [], []
     for chip, name, k in count_chips(folder, CALIBRATION_SEED, CALIBRATION_REPEATS, tag="calib"):
         res = count(chip.path, name, lm, method="prompt", options=CountOptions(calibrate=False))

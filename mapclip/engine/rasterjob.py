@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from .core.jobs import Job
 from .core.options import MIN_VALID
+from .cache.keys import model_facts, pass_key, raster_identity, reader_facts
+from .cache.store import CACHE
+from .model.setup import job_defaults, job_model
 
 if TYPE_CHECKING:
     from .cache.store import Entry
@@ -60,7 +63,6 @@ class RasterJob:
 
     def with_defaults(self, options, auto_batch: bool = True):
         """``options`` with the model's defaults filled in (engine.model.setup.job_defaults)."""
-        from .model.setup import job_defaults
         return job_defaults(options, self.lm, auto_batch)
 
     # ------------------------------------------------------------ the cache --
@@ -68,7 +70,6 @@ class RasterJob:
         """The cache key of this job's pass ``kind`` with ``params``; None when not cached."""
         if not self.use_cache:
             return None
-        from .cache.keys import model_facts, pass_key, raster_identity, reader_facts
         if self._identity is None:
             self._identity = raster_identity(self.raster) or False
         if not self._identity:
@@ -80,7 +81,6 @@ class RasterJob:
         """The kept pass for ``key`` (None: compute it)."""
         if key is None:
             return None
-        from .cache.store import CACHE
         entry = CACHE.get(key)
         if entry is not None:
             self.cache = entry.source
@@ -90,7 +90,6 @@ class RasterJob:
         """Store a pass just computed (``arrays``: name -> NumPy array)."""
         if key is None:
             return
-        from .cache.store import CACHE
         self.cache = "computed" if CACHE.put(key, arrays, meta) else "too large"
 
     def tile_features(self, kind: str, params: Dict[str, Any], tiles, features, batch_size: int, *,
@@ -154,7 +153,6 @@ class PassRecorder:
     def add(self, rows, values) -> None:
         import numpy as np
 
-        from .cache.store import CACHE
         if not self.on:
             return
         self.rows.append(np.asarray(rows, np.int64))
@@ -181,7 +179,6 @@ def raster_job(raster: str, model, extent=None, extent_crs: Optional[str] = None
     ``compile`` and ``cache``; ``read`` (ReadOptions) defaults to ``options.read``.
     """
     from .geo.extent import extent_to_window
-    from .model.setup import job_model
     from .raster.sources import open_job_raster
     job = job or Job(progress, cancel)
     with open_job_raster(raster, read if read is not None else getattr(options, "read", None)) as reader:

@@ -26,6 +26,12 @@ from .embed import embed_window_batch, read_facts, read_options
 from .format import LOCK, MANIFEST, TILE_DTYPE, file_checksum, read_manifest
 from .store import Index
 from .writer import IndexWriter, WriteLock, write_footprints
+from ..core.errors import Cancelled
+from ..core.options import UNBOUNDED_DRIVERS
+from ..geo.tiling import TileGrid
+from ..model.batching import BatchRunner
+from ..model.setup import job_defaults, job_model
+from ..raster.remote import gdal_path, is_remote
 
 
 #: rasters a FOLDER source contributes (searched recursively)
@@ -72,7 +78,6 @@ def expand_sources(sources: Union[str, os.PathLike, Sequence[Union[str, os.PathL
                    exclude: Optional[Path] = None) -> List[Union[Path, str]]:
     """Raster files from files and folders (folders searched recursively, sorted);
     remote rasters (raster/remote.py) as their GDAL path, never normalised."""
-    from ..raster.remote import gdal_path, is_remote
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     out: List[Union[Path, str]] = []
@@ -188,7 +193,6 @@ def _source_area(reader, options: IndexOptions):
     """The pixel window of the asked extent in one raster (None: the whole raster).
     An unbounded web source (a GDAL WMS/TMS XML) without an extent is refused; an
     extent that misses the raster raises ExtentMisses."""
-    from ..core.options import UNBOUNDED_DRIVERS
     from ..geo.extent import extent_to_window
     ri = reader.info
     if options.extent is None:
@@ -211,7 +215,6 @@ def _probe_sources(paths: Sequence[Path], layout: Dict[str, Any],
     Runs before anything is written, so an unreadable raster leaves no trace.
     """
     from ..geo.extent import ExtentMisses
-    from ..geo.tiling import TileGrid
     from ..raster.sources import open_job_raster, remote_checksum
     options = options or IndexOptions()
     read_opts = read_options(layout)
@@ -319,7 +322,6 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
     """
     import shutil
 
-    from ..model.setup import job_defaults, job_model
     from ..raster.sources import open_job_raster
 
     t0 = time.perf_counter()
@@ -404,8 +406,6 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
 def _embed_grid(writer: IndexWriter, entry, tile_px: int, grid, start: int, reader, lm, layout,
                 options: IndexOptions, job: Job, info: IndexInfo) -> None:
     """Embed ``grid.tiles[start:]``, committing a shard every ``commit_tiles`` tiles."""
-    from ..model.batching import BatchRunner
-    from ..core.errors import Cancelled
     from ..raster.stream import iter_tile_batches
     ri = reader.info
     runner = BatchRunner(int(options.batch_size))

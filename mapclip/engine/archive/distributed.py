@@ -41,6 +41,8 @@ from ..model.identity import same_space
 from ..model.space import model_identity
 from .embed import embed_window_batch, read_options
 from .format import SHARDS_DIR, TILE_DTYPE, save_npy, shard_file_check
+from ..model.batching import BatchRunner
+from ..model.models import load_model
 
 #: Ray version the engine is tested with (requirements.txt)
 RAY_PIN = "ray==2.60.0"
@@ -102,7 +104,6 @@ class ChunkWorker:
     def __init__(self, spec: str, device: Optional[str], precision: Optional[str],
                  read: Dict[str, Any], min_valid: float, batch_size: int, folder: str,
                  identity: Dict[str, Any], faults: Optional[Dict[str, str]] = None):
-        from ..model.models import load_model
         adopt_faults(faults)       # the driver's fault variables (core/faults.py), tests only
         # an error here is kept and raised by run(): Ray reports an exception
         # of a constructor only as a dead actor, without the engine's message
@@ -124,7 +125,6 @@ class ChunkWorker:
         """Embed one chunk and write its shard; returns what the driver commits."""
         if self.error is not None:
             raise self.error
-        from ..model.batching import BatchRunner
         from ..raster.stream import iter_tile_batches
         from ..raster.reader import open_raster
         runner = BatchRunner(self.batch_size)

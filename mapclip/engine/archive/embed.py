@@ -11,11 +11,11 @@ import numpy as np
 
 from ..core.outputs import WGS84
 from .format import TILE_DTYPE
+from ..core.options import ReadOptions
 
 
 def read_facts(read) -> Dict[str, Any]:
     """The reader options that change pixels, as stored in the manifest."""
-    from ..core.options import ReadOptions
     r = read or ReadOptions()
     return {"bands": list(r.bands) if r.bands else None, "stretch": r.stretch,
             "percentiles": list(r.percentiles),
@@ -24,7 +24,6 @@ def read_facts(read) -> Dict[str, Any]:
 
 def read_options(layout: Dict[str, Any], workers: Any = "auto"):
     """The index's stored reading rules; ``workers`` (how to read, not what) is this run's."""
-    from ..core.options import ReadOptions
     r = layout["read"]
     return ReadOptions(bands=r["bands"], stretch=r["stretch"], percentiles=tuple(r["percentiles"]),
                        fixed_range=tuple(r["fixed_range"]) if r["fixed_range"] else None,

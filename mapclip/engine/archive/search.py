@@ -17,6 +17,9 @@ from ..core.outputs import HIT_FIELDS, hit_query, hit_rows, output_crs, same_crs
 from . import ann, approx
 from .shards import top_rows
 from .store import Hit, Index, open_index
+from ..core.jobs import check_outputs
+from ..model.models import LoadedModel, load_model
+from ..model.scoring import AFFINITY_WEIGHT, example_affinity, prompt_key, refine_query
 
 
 @dataclass
@@ -64,7 +67,6 @@ def _encode_query_image(lm, p: Path) -> np.ndarray:
 # Queries.
 # --------------------------------------------------------------------------- #
 def _load_query_model(index: Index, model, options: SearchOptions):
-    from ..model.models import LoadedModel, load_model
     if isinstance(model, LoadedModel):
         lm = model
     else:
@@ -173,7 +175,6 @@ def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] 
     negatives = [str(n).strip() for n in options.negative or ()]
     if any(not n for n in negatives):
         raise UsageError("empty negative prompt", "give --negative a non-empty text")
-    from ..model.scoring import prompt_key
     same = [n for n in negatives if text is not None and prompt_key(n) == prompt_key(text)]
     if same:
         raise UsageError(f"the negative prompt {same[0]!r} is the query text itself: it would "
@@ -324,7 +325,6 @@ def refine_by_examples(index: Index, score_q: Optional[np.ndarray], q: Optional[
     positives is the start. Cosines are to the query (the moved one without a query)."""
     import torch
 
-    from ..model.scoring import AFFINITY_WEIGHT, example_affinity, refine_query
     pos, neg, outside = example_rows(index, examples, crs)
     if score_q is None and not pos:
         raise UsageError("marked places alone need at least one 'like this'",
@@ -377,7 +377,6 @@ def write_hits(result: SearchResult, path: Union[str, os.PathLike], overwrite: b
     WGS84 (EPSG:4326) from the stored lon/lat bounds. Fields: engine.core.outputs.HIT_FIELDS.
     """
     vector_driver(path, "hits")
-    from ..core.jobs import check_outputs
     from ..raster.reader import raster_files
     inputs = [("--image", result.query.get("image"))]
     inputs += [("indexed raster", f) for r in sorted({h.raster for h in result.hits})

@@ -38,6 +38,9 @@ import os
 import threading
 from dataclasses import asdict, is_dataclass
 from typing import Any, Dict, List, Optional, Tuple
+from ..model import accel
+from ..model.identity import weights_fingerprint
+from ..raster.remote import gdal_path, is_remote
 
 #: files up to this size are hashed whole; larger ones by head, tail and samples
 FULL_HASH_BYTES = 64 << 20
@@ -132,7 +135,6 @@ def remote_identity(path: str) -> Optional[List[List[Any]]]:
         from osgeo import gdal
     except ImportError:
         return None
-    from ..raster.remote import gdal_path
     p = gdal_path(os.fspath(path))
     gdal.PushErrorHandler("CPLQuietErrorHandler")
     try:
@@ -157,7 +159,6 @@ def raster_identity(path: str) -> Optional[List[List[Any]]]:
     its server says, :func:`remote_identity`); None for a file that cannot be
     read, which is then not cached."""
     from ..raster.reader import raster_files
-    from ..raster.remote import is_remote
     p = os.fspath(path)
     if is_remote(p):
         return remote_identity(p)
@@ -185,8 +186,6 @@ def _plain(value: Any) -> Any:
 
 def model_facts(lm) -> Dict[str, Any]:
     """What of a loaded model its embeddings depend on."""
-    from ..model import accel
-    from ..model.identity import weights_fingerprint
     return {"weights": weights_fingerprint(lm), "arch": lm.arch, "image_size": lm.image_size,
             "mean": list(lm.mean), "std": list(lm.std), "precision": lm.precision,
             "device": lm.device.type, "path": accel.plan_for(lm).describe()}

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..core.options import CACHE_DISK_MB, CACHE_MEMORY_MB
 from .keys import key_digest
+from ..model.hub import cache_dir
 
 MEMORY_ENV = "MAPCLIP_CACHE_MEMORY_MB"
 DISK_ENV = "MAPCLIP_CACHE_DISK_MB"
@@ -46,7 +47,6 @@ def _limit_bytes(env: str, default_mb: float) -> int:
 
 def cache_folder() -> Path:
     """``$MAPCLIP_CACHE/embeddings`` (the models' cache root, see engine.model.models)."""
-    from ..model.hub import cache_dir
     return cache_dir().parent / "embeddings"
 
 

@@ -86,7 +86,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _refuse_undecodable(args: argparse.Namespace) -> None:
     """A path typed with bytes that are not UTF-8 is refused before any work:
     GDAL, the reports and the manifests could not write it."""
-    from ..core.errors import is_utf8, not_utf8
     for value in vars(args).values():
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, str) and not is_utf8(v):
@@ -121,6 +120,9 @@ def _terminate_as_interrupt():
 # ---------------------------------------------------------------- helpers --
 # the CLI's names for engine options are the engine messages' own (core.errors)
 from ..core.errors import FLAGS, flag  # noqa: E402,F401
+from ..core.errors import is_utf8, not_utf8
+from ..core.options import CLS_TOKEN_LAMBDA_HELP, parse_bands as parse, parse_read_workers
+from ..model.presets import DEFAULT_MODEL
 
 
 def model_default_help(name: str) -> str:
@@ -135,7 +137,6 @@ def model_default_help(name: str) -> str:
 def add_model_args(p: argparse.ArgumentParser, default_help: str = "") -> None:
     """--model (default: the default preset; ``default_help`` says what comes first),
     --device, --precision, shared by every command that runs a model."""
-    from ..model.presets import DEFAULT_MODEL
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
                    help="preset name, ARCH:TAG, ARCH:CHECKPOINT, hf-hub:ORG/NAME or a model folder "
                         f"(see `python -m engine models`); default {default_help}{DEFAULT_MODEL}")
@@ -202,7 +203,6 @@ def raster_arg(text: str) -> str:
 
 def add_dense_input_args(p, mode_note: str = "") -> None:
     """--cls-token-lambda, --dense-input, --dense-slide (detect's dense mode, classify)."""
-    from ..core.options import CLS_TOKEN_LAMBDA_HELP
     p.add_argument("--cls-token-lambda", type=float, default=None, metavar="L", help=CLS_TOKEN_LAMBDA_HELP)
     p.add_argument("--dense-input", type=int, default=None, metavar="PX",
                    help=f"{mode_note}resize each tile to PX (a multiple of the model's patch; "
@@ -228,7 +228,6 @@ def add_cache_arg(p) -> None:
 
 def read_workers(args):
     """--read-workers as ReadOptions.workers ("auto" or a whole number; checked by the engine)."""
-    from ..core.options import parse_read_workers
     return parse_read_workers(args.read_workers)
 
 
@@ -262,5 +261,4 @@ def parse_floats(text: str, n: int, what: str, example: str) -> Tuple[float, ...
 
 def parse_bands(text: Optional[str]) -> Optional[List[int]]:
     """--bands "1,2,3" -> [1, 2, 3]; empty -> None (engine.core.options.parse_bands)."""
-    from ..core.options import parse_bands as parse
     return parse(text)

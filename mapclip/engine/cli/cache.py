@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from . import print_json
+from ..cache.store import CACHE
 
 
 def register(sub) -> None:
@@ -23,7 +24,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cache.store import CACHE
     if args.action == "clear":
         removed = CACHE.clear()
         info = dict(CACHE.info(), removed=removed)

@@ -6,10 +6,11 @@ import sys
 
 from . import RASTER_HELP, add_model_args, map_bounds, parse_bands, parse_floats, print_json, raster_arg
 from ..core.errors import UsageError
+from ..caption import caption, read_caption_bank
+from ..core.options import CAPTION_METHODS, CaptionOptions, ReadOptions
 
 
 def register(sub) -> None:
-    from ..core.options import CAPTION_METHODS, CaptionOptions
     d = CaptionOptions()
     p = sub.add_parser(
         "caption", help="describe a place of a raster in words: the best captions of a bank, or "
@@ -58,8 +59,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from ..caption import caption, read_caption_bank
-    from ..core.options import CaptionOptions, ReadOptions
     from . import cancel_event
     args.raster = raster_arg(args.raster)   # local, or remote opened by GDAL
     example = "500000,4000000,501000,4001000"

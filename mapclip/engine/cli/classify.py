@@ -6,10 +6,12 @@ import sys
 
 from . import (add_cache_arg, add_dense_input_args, add_extent_args, add_model_args, model_default_help, parse_bands, parse_extent, print_json, raster_arg, tqdm_progress, RASTER_HELP)
 from ..core.templates import TEMPLATES_HELP
+from ..classify import classify, clean_classes
+from ..core.jobs import check_outputs
+from ..core.options import ATTENTION_ALIASES, ATTENTION_MODES, ClassifyOptions, ReadOptions
 
 
 def register(sub) -> None:
-    from ..core.options import ATTENTION_ALIASES, ATTENTION_MODES, ClassifyOptions
     d = ClassifyOptions()
     p = sub.add_parser(
         "classify", help="a land-cover map from class names: a classified GeoTIFF with a legend",
@@ -71,7 +73,6 @@ def register(sub) -> None:
 def options_from_args(args: argparse.Namespace):
     from dataclasses import replace
 
-    from ..core.options import ClassifyOptions, ReadOptions
     return replace(ClassifyOptions(), tile_px=args.tile, overlap=args.overlap,
                    threshold=args.threshold, smoothing=args.smoothing, upsample=args.upsample,
                    attention=args.attention, cls_token_lambda=args.cls_token_lambda, templates=args.templates,
@@ -83,11 +84,9 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..classify import classify, clean_classes
     from . import cancel_event
     clean_classes(args.classes)  # bad classes are refused before the model loads
     args.raster = raster_arg(args.raster)   # local, or remote opened by GDAL
-    from ..core.jobs import check_outputs
     # classify() checks its outputs against the raster; the polygons file is read here
     check_outputs([("--out", args.out), ("--scores", args.scores), ("--polygons", args.polygons)],
                   [("--within", args.within)], overwrite=args.overwrite)

@@ -5,10 +5,13 @@ import argparse
 import sys
 
 from . import cancel_event, print_json, tqdm_progress
+from ..core.options import BoxCaptionOptions, MaskOptions
+from ..data.annotations import FORMATS
+from ..data.box_caption import box_to_caption
+from ..data.mask_box import mask_to_box
 
 
 def register(sub) -> None:
-    from ..data.annotations import FORMATS
     p = sub.add_parser("convert", help="Box-to-Caption and Mask-to-Box dataset conversion",
                        description="Turn detection annotations into image-caption pairs "
                                    "(b2c) and segmentation masks into boxes (m2b), as in "
@@ -68,8 +71,6 @@ def _report_empty(empty) -> None:
 
 
 def run_b2c(args: argparse.Namespace) -> int:
-    from ..core.options import BoxCaptionOptions
-    from ..data.box_caption import box_to_caption
     opts = BoxCaptionOptions(format=args.format, images_dir=args.images, seed=args.seed,
                           include_difficult=not args.skip_difficult, overwrite=args.overwrite)
     bar = tqdm_progress("caption", unit="img")
@@ -87,8 +88,6 @@ def run_b2c(args: argparse.Namespace) -> int:
 
 
 def run_m2b(args: argparse.Namespace) -> int:
-    from ..core.options import MaskOptions
-    from ..data.mask_box import mask_to_box
     opts = MaskOptions(min_area=args.min_area, ignore_index=args.ignore_index,
                        images_dir=args.images, overwrite=args.overwrite,
                        captions=args.captions, seed=args.seed,

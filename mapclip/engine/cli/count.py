@@ -7,10 +7,12 @@ import sys
 from . import (add_cache_arg, add_extent_args, add_model_args, cancel_event, model_default_help, parse_bands, parse_extent, print_json, raster_arg, tqdm_progress)
 from ..core.templates import TEMPLATES_HELP
 from ..core.errors import UsageError
+from ..core.jobs import check_outputs
+from ..core.options import ReadOptions
+from ..count import CountOptions, METHODS
 
 
 def register(sub) -> None:
-    from ..count import METHODS, CountOptions
     d = CountOptions()
     p = sub.add_parser(
         "count", help="count objects of one kind in a raster or an extent of it",
@@ -59,8 +61,6 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..count import CountOptions, check_boxes_output, count, write_count_boxes
-    from ..core.jobs import check_outputs
-    from ..core.options import ReadOptions
     from ..raster.reader import raster_files
 
     if args.out:

@@ -5,10 +5,14 @@ import argparse
 import sys
 
 from . import cancel_event, print_json, tqdm_progress
+from ..core.errors import UsageError
+from ..core.options import DEFAULT_HASH_SIZE, DEFAULT_MAX_DISTANCE, DedupOptions
+from ..dedup.duplicates import find_duplicates
+from ..dedup.hashing import input_roots
+from ..dedup.quarantine import check_quarantine, move_duplicates, undo_move
 
 
 def register(sub) -> None:
-    from ..core.options import DEFAULT_HASH_SIZE, DEFAULT_MAX_DISTANCE
     p = sub.add_parser("dedup", help="find near-duplicate images (p-Hash), optionally set them aside",
                        description="Hash every image (p-Hash), find pairs within a Hamming "
                                    "distance through a segment index, group them and keep one "
@@ -41,11 +45,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.errors import UsageError
-    from ..core.options import DedupOptions
-    from ..dedup.duplicates import find_duplicates
-    from ..dedup.hashing import input_roots
-    from ..dedup.quarantine import check_quarantine, move_duplicates, undo_move
     if args.undo:
         if args.dirs or args.move_to or args.against:
             raise UsageError("--undo takes only the manifest", "run the undo on its own")

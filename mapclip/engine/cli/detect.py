@@ -10,11 +10,14 @@ from . import (RASTER_HELP, add_cache_arg, add_dense_input_args, add_extent_args
                tqdm_progress)
 from ..core.templates import TEMPLATES_HELP
 from ..core.errors import UsageError
+from ..core.jobs import all_or_none, check_outputs
+from ..core.options import ATTENTION_ALIASES, ATTENTION_MODES, DENSE_THRESHOLD, DetectOptions, EXAMPLE_METHODS, MERGES, MODES, ReadOptions
+from ..core.outputs import vector_driver
+from ..data.examples import read_examples
+from ..detect import detect, write_boxes, write_heatmap
 
 
 def register(sub) -> None:
-    from ..core.options import (ATTENTION_ALIASES, ATTENTION_MODES, DENSE_THRESHOLD,
-                                EXAMPLE_METHODS, MERGES, MODES, DetectOptions)
     d = DetectOptions()
     p = sub.add_parser(
         "detect", help="find what text prompts describe in a raster: boxes and a heatmap",
@@ -100,7 +103,6 @@ def options_from_args(args: argparse.Namespace):
     """The DetectOptions these flags ask for (flags left out stay the engine's defaults)."""
     from dataclasses import replace
 
-    from ..core.options import DetectOptions, ReadOptions
     changes = dict(mode=args.mode, tile_px=args.tile, window=args.window, stride=args.stride,
                    batch_size=args.batch_size, top_k=args.top_k, threshold=args.threshold,
                    merge=args.merge, iou=args.iou, attention=args.attention, cls_token_lambda=args.cls_token_lambda,
@@ -121,9 +123,6 @@ def options_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..detect import detect, write_boxes, write_heatmap
-    from ..core.jobs import all_or_none, check_outputs
-    from ..core.outputs import vector_driver
     from ..raster.reader import raster_files
     from . import cancel_event
 
@@ -137,7 +136,6 @@ def run(args: argparse.Namespace) -> int:
                   overwrite=args.overwrite)
     extent = parse_extent(args)
     opts = options_from_args(args)
-    from ..data.examples import read_examples
     examples, examples_crs = read_examples(args.examples) if args.examples else (None, None)
     bar = tqdm_progress("detect", unit="img")
     try:

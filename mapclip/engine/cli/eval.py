@@ -5,11 +5,11 @@ import argparse
 
 from . import add_model_args, print_json, tqdm_progress
 from ..core.templates import DEFAULT_ENSEMBLE_MEAN, ENSEMBLE_MEANS, TEMPLATES_HELP
+from ..core.options import DEFAULT_RETRIEVAL_ORDER, RETRIEVAL_ORDERS
+from ..data.metrics import DEFAULT_TIES, TIE_MODES
 
 
 def register(sub) -> None:
-    from ..core.options import DEFAULT_RETRIEVAL_ORDER, RETRIEVAL_ORDERS
-    from ..data.metrics import DEFAULT_TIES, TIE_MODES
     p = sub.add_parser(
         "eval", help="evaluate a model: retrieval, zero-shot classification, counting",
         description="Evaluate a model with the protocols of the published tables: "

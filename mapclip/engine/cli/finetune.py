@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 from . import add_model_args, cancel_event, print_json, tqdm_progress
+from ..core.jobs import check_outputs
+from ..core.options import FREEZE, FinetuneOptions, PIR_LABELS, RECIPES, RECIPE_WEIGHT_DECAY
 
 
 #: options that default to FinetuneOptions' values, or to the run's with --resume
@@ -16,7 +18,6 @@ TUNABLE = ("epochs", "batch_size", "accum", "lr", "weight_decay", "warmup", "val
 
 
 def register(sub) -> None:
-    from ..core.options import FREEZE, PIR_LABELS, RECIPE_WEIGHT_DECAY, RECIPES, FinetuneOptions
     d = FinetuneOptions(model="", data="", out="")
     p = sub.add_parser(
         "finetune", help="fine-tune a CLIP model on image-caption pairs",
@@ -112,10 +113,8 @@ def _print_metrics(name: str, m: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.options import FinetuneOptions
     from ..finetune import finetune
     from ..finetune import options_from_run
-    from ..core.jobs import check_outputs
     given = {k: getattr(args, k) for k in TUNABLE if getattr(args, k) is not None}
     # the model's files (a folder, or the checkpoint of ARCH:CHECKPOINT) are inputs too
     model_files = [m for m in {args.model, args.model.split(":", 1)[-1]} if Path(m).exists()]

@@ -8,6 +8,9 @@ from typing import List, Optional
 from . import (add_extent_args, add_model_args, add_read_workers_arg, cancel_event, model_default_help,
                parse_bands, parse_extent, print_json, read_workers, tqdm_progress)
 from ..core.errors import UsageError
+from ..archive.format import MANIFEST, read_manifest
+from ..core.jobs import check_outputs
+from ..core.options import IndexOptions, RAY_LOCAL, ReadOptions
 
 
 def _ints(text: Optional[str], what: str) -> Optional[List[int]]:
@@ -24,8 +27,6 @@ def _ints(text: Optional[str], what: str) -> Optional[List[int]]:
 
 def register(sub) -> None:
     from ..archive.approx import APPROX_MIN_ROWS
-    from ..core.options import IndexOptions
-    from ..core.options import RAY_LOCAL
     d = IndexOptions()
     p = sub.add_parser(
         "index", help="embed every tile of rasters into a searchable index folder",
@@ -104,16 +105,12 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..archive.build import build_index
-    from ..archive.format import MANIFEST, read_manifest
-    from ..core.options import IndexOptions
-    from ..core.options import ReadOptions
 
     if args.ray and Path(args.ray).exists():
         raise UsageError(f"--ray took {args.ray!r} as the cluster address, but it is a file or folder",
                          "put --ray after the rasters, or write --ray=ADDRESS")
     if args.tile is not None and args.scales:
         raise UsageError("--tile and --scales both given", "use --scales alone for several sizes")
-    from ..core.jobs import check_outputs
     notes = []
     if args.stac:
         from ..raster.stac import parse_bbox, stac_sources

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from . import print_json, tqdm_progress
+from ..model import architectures, hub, models, presets
 
 
 def register(sub) -> None:
@@ -20,7 +21,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..model import architectures, hub, models, presets
     if args.check:
         bar = tqdm_progress("download", unit="B")
         try:

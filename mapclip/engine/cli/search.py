@@ -6,12 +6,15 @@ import argparse
 from . import map_bounds, print_json
 from ..core.templates import TEMPLATES_HELP
 from ..core.errors import UsageError
+from ..archive.search import _parse_point, search, write_hits
+from ..core.jobs import check_outputs
+from ..core.options import EXAMPLE_METHODS, SearchOptions
+from ..data.examples import Example, read_examples
 
 
 def register(sub) -> None:
     from ..archive.ann import IVF_MIN_ROWS
     from ..archive.approx import APPROX_MIN_ROWS
-    from ..core.options import EXAMPLE_METHODS, SearchOptions
     d = SearchOptions()
     p = sub.add_parser(
         "search", help="search an index by text, an example image, or a location",
@@ -62,9 +65,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..archive.search import search, write_hits
-    from ..core.options import SearchOptions
-    from ..core.jobs import check_outputs
     from . import cancel_event
 
     if args.out:
@@ -110,8 +110,6 @@ def _marks(args, likes, unlikes):
     """(like, examples, examples' CRS): one --like alone is a location query, as ever;
     several, or beside --text/--image/--unlike/--examples, they are marked places
     (engine.data.examples) that refine the ranking."""
-    from ..archive.search import _parse_point
-    from ..data.examples import Example, read_examples
     if len(likes) == 1 and not unlikes and not args.examples and args.text is None and args.image is None:
         return likes[0], None, None
     if not likes and not unlikes and not args.examples:

@@ -27,6 +27,7 @@ import numpy as np
 from ..core.errors import UsageError
 from ..core.jobs import Job
 from ..core.options import DEFAULT_HASH_SIZE
+from ..model.hub import CACHE_ENV
 
 PathLike = Union[str, os.PathLike]
 
@@ -36,7 +37,6 @@ BATCH = 128
 
 
 def default_cache_path() -> Path:
-    from ..model.hub import CACHE_ENV
     root = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "mapclip")
     return Path(root) / "dedup" / "phash.sqlite"
 

@@ -22,6 +22,10 @@ import numpy as np
 from ..core.errors import UsageError
 from ..core.options import FinetuneOptions
 from ..data.examples import is_marks_file
+from ..core.outputs import same_crs
+from ..data.examples import read_examples
+from ..geo.tiling import PixelWindow
+from ..model.presets import model_defaults
 
 #: the folder of the run that holds the pairs made from marks
 MARKS_DIR = "marks"
@@ -37,7 +41,6 @@ def pairs_from_marks(data: List[str], o: FinetuneOptions, run_dir: Path) -> Tupl
         raise UsageError(f"{files[0]} is a file of marked places: its chips are cut from the "
                          "raster the marks were made on", "give that raster with --raster",
                          option="raster")
-    from ..data.examples import read_examples
     folder = run_dir / MARKS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     out, made = [], {"positive": 0, "negative": 0, "left_out": 0, "outside": 0}
@@ -67,8 +70,6 @@ def _chips(examples, crs, o: FinetuneOptions, folder: Path, tag: str,
            made: Dict[str, int]) -> List[Tuple[str, str]]:
     from PIL import Image
 
-    from ..core.outputs import same_crs
-    from ..geo.tiling import PixelWindow
     from ..raster.reader import open_raster
     rows: List[Tuple[str, str]] = []
     with open_raster(o.raster, quiet=True) as reader:
@@ -102,7 +103,6 @@ def _chips(examples, crs, o: FinetuneOptions, folder: Path, tag: str,
 def _model_window(spec: str) -> int:
     """The model's search window in pixels (tile size x window), as the dock describes a place."""
     from ..core.options import GENERIC_DEFAULTS
-    from ..model.presets import model_defaults
     d = model_defaults(str(spec)).over(GENERIC_DEFAULTS)
     return int(d.tile_px) * int(d.window)
 

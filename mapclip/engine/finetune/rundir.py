@@ -19,6 +19,7 @@ from ..core.errors import UsageError, reason
 from ..core.options import FinetuneOptions
 from ..data.captions import read_captions
 from ..model.models import LoadedModel, save_model_folder
+from ..data.captions import caption_files_digest, file_digest
 
 RUN_FILE = "run.json"
 STATE_FILE = "last.pt"
@@ -42,7 +43,6 @@ def _images_digest(o: FinetuneOptions, data: List[str]) -> Dict[str, Optional[st
     run resumed after its images were replaced, its captions unchanged, would
     train on other data. The bytes are hashed, not the modification time, so a
     copied data set (new times, same bytes) still resumes."""
-    from ..data.captions import file_digest
     try:
         cs = read_captions(data, image_root=o.image_root, strict=False, check_exists=False)
     except UsageError:
@@ -59,7 +59,6 @@ def _images_digest(o: FinetuneOptions, data: List[str]) -> Dict[str, Optional[st
 def _fingerprint(o: FinetuneOptions, data: List[str]) -> Dict[str, Any]:
     fp = {k: getattr(o, k) for k in FINGERPRINT_FIELDS}
     fp["data"] = data
-    from ..data.captions import caption_files_digest
     fp["data_sha256"] = caption_files_digest(data)   # a changed caption file is another run
     fp["images"] = _images_digest(o, data)           # and so is a replaced image
     fp["crop_scale"] = list(o.crop_scale)

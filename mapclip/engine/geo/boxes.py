@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
 import numpy as np
+from .tiling import window_bounds
 
 Bounds = Tuple[float, float, float, float]
 
@@ -150,7 +151,6 @@ def pixel_to_bounds(transform, box) -> Bounds:
     window_bounds, the one place that maps pixels to the map), so flipped
     transforms still give the box's true extent.
     """
-    from .tiling import window_bounds
     c0, r0, c1, r1 = (float(v) for v in box)
     return window_bounds(transform, c0, r0, c1 - c0, r1 - r0)
 

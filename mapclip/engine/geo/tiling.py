@@ -49,6 +49,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union, overload
+from ..core.errors import UsageError
+from .gsd import native_tile_size
 
 SizeLike = Union[int, Tuple[int, int]]
 
@@ -260,8 +262,6 @@ class TileGrid:
         *output* pixels: each tile covers ``round(tile_px * gsd / res_m)``
         native pixels and is resampled to ``tile_px`` on read.
         """
-        from ..core.errors import UsageError
-        from .gsd import native_tile_size
         if int(tile_px) <= 0 or (stride_px is not None and int(stride_px) <= 0):
             raise UsageError(f"tile size {tile_px} and stride {stride_px} must be positive",
                              "use e.g. --tile 224")

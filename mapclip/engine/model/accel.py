@@ -58,6 +58,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
+from .identity import weights_version
 
 #: largest batch auto_batch_size chooses (beyond this nothing is gained)
 MAX_AUTO_BATCH = 1024
@@ -215,7 +216,6 @@ def encode_image(lm, x):
 
 
 def _weights_version(lm) -> Optional[int]:
-    from .identity import weights_version
     return weights_version(lm)
 
 

@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # torch loads on first use (the CLI imports the constants che
     from .models import LoadedModel
 
 from ..core.options import ATTENTION_MODES, DEFAULT_ATTENTION, canonical_attention
+from ..core.errors import UsageError
 
 
 def dense_unsupported(lm: LoadedModel) -> Optional[str]:
@@ -250,7 +251,6 @@ def dense_memory_bound(lm: LoadedModel) -> int:
 def dense_too_large(lm: LoadedModel, size: int, crop: Optional[int], need: int,
                     bound: int):
     """The refusal of a dense input whose one image would not fit ``bound`` bytes."""
-    from ..core.errors import UsageError
     p = lm.patch_size or 1
     fits = next((s for s in range(size - p, p - 1, -p) if dense_bytes(lm, s, crop and min(crop, s))
                  <= bound), p)

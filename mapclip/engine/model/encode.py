@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..core.errors import UsageError
 from .models import LoadedModel
+from .accel import TEXT_CACHE
 
 
 def clean_prompts(prompts: Sequence[str]) -> List[str]:
@@ -31,7 +32,6 @@ def encode_text(lm: LoadedModel, prompts: Sequence[str], batch_size: int = 256,
     """(N, D) normalised text embeddings, float32 on the model's device (kept in the text
     cache unless ``cache`` is False: a caller that keeps its own rows). ``normalize=False``:
     the text tower's embeddings as they are (never cached)."""
-    from .accel import TEXT_CACHE
     prompts = clean_prompts(prompts)
     cache = cache and normalize
     hit = TEXT_CACHE.get(lm, prompts) if cache else None  # the same prompt set for the same model: once

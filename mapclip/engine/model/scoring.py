@@ -43,6 +43,9 @@ from ..core.options import DEFAULT_BACKGROUND_PROMPTS  # noqa: E402,F401 (the on
 
 from ..core.options import DEFAULT_TEMPLATES, TEMPLATE_SETS, template_strings  # noqa: F401
 from ..core.templates import DEFAULT_ENSEMBLE_MEAN, ENSEMBLE_MEANS
+from ..core.errors import UsageError
+from ..core.options import EXAMPLE_METHODS
+from .accel import TEXT_CACHE
 
 Templates = Union[str, Sequence[str], None]
 
@@ -80,7 +83,6 @@ def effective_background(prompts: Sequence[str], background: Sequence[str]) -> L
     A background given but left empty this way is refused: a lone prompt scored
     against nothing scores 1.000 everywhere, and prompts scored only against each
     other are not what was asked."""
-    from ..core.errors import UsageError
     taken = {prompt_key(p) for p in prompts}
     given = [" ".join(str(b).split()) for b in background or () if str(b).strip()]
     out: List[str] = []
@@ -134,7 +136,6 @@ def encode_prompts(lm: LoadedModel, prompts: Sequence[str], templates: Templates
     import torch
     import torch.nn.functional as F
 
-    from .accel import TEXT_CACHE
     from .encode import clean_prompts, encode_text
     prompts = clean_prompts(prompts)
     temps = resolve_templates(templates, lm)
@@ -222,8 +223,6 @@ def refine_query(text, positives, negatives, method: str = "rocchio", logit_scal
     import torch
     import torch.nn.functional as F
 
-    from ..core.errors import UsageError
-    from ..core.options import EXAMPLE_METHODS
     pos = positives.float() if positives is not None and len(positives) else None
     neg = negatives.float() if negatives is not None and len(negatives) else None
     if text is None:
@@ -314,8 +313,6 @@ class Scorer:
 def example_scorer(bank: PromptBank, positives, negatives, method: str) -> Scorer:
     """The :class:`Scorer` of ``bank`` refined by example embeddings (rows, normalised; either
     may be None) with ``method`` (core.options.EXAMPLE_METHODS)."""
-    from ..core.errors import UsageError
-    from ..core.options import EXAMPLE_METHODS
     if method not in EXAMPLE_METHODS:
         raise UsageError(f"unknown refinement {method!r}", f"use one of {', '.join(EXAMPLE_METHODS)}",
                          option="examples_method")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..core.options import check, with_model_defaults
+from .models import as_loaded
 
 
 def job_defaults(options, lm, auto_batch: bool = True):
@@ -23,6 +24,5 @@ def job_model(model, options):
     CUDA autocast, compile where ``options.compile``, the CPU's checked bf16 image tower).
     Returns (the LoadedModel, the notes it made)."""
     from . import accel
-    from .models import as_loaded
     lm = as_loaded(model, options.device, options.precision)
     return lm, list(accel.prepare(lm, compile=bool(getattr(options, "compile", False))))

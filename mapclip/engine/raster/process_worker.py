@@ -23,6 +23,7 @@ import numpy as np
 from ..core.errors import MapClipError, UsageError
 from ..core.faults import fault_point
 from .batches import group_end
+from ..geo.tiling import Tile
 
 
 def process_context(python: str):
@@ -106,7 +107,6 @@ def worker_main(wid: int, state: dict, tasks, results, stop) -> None:
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from . import reader as R
-    from ..geo.tiling import Tile
     try:
         cache = state.pop("gdal_cache_bytes", None)
         if cache and "GDAL_CACHEMAX" not in os.environ:

@@ -80,6 +80,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from ..core.errors import Cancelled, MapClipError, UsageError
 from ..core.options import STRETCHES, ReadOptions
 from ..geo.tiling import PixelWindow, Tile, TileGrid
+from .remote import gdal_path, http_defaults, is_remote, open_env, remote_error
 
 
 try:  # OpenCV interleaves bands into tiles fast; numpy is the fallback
@@ -188,7 +189,6 @@ class Stretch:
 # ----------------------------------------------------------------- opening --
 def _usage_open_error(path: str, exc: Exception) -> UsageError:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    from .remote import is_remote, remote_error
     if is_remote(path):
         return remote_error(path, msg)
     return UsageError(f"cannot open {path} as a raster: {msg}",
@@ -214,7 +214,6 @@ def open_dataset(path: str):
     (raster/remote.py) with GDAL's HTTP retries."""
     from contextlib import nullcontext
 
-    from .remote import gdal_path, http_defaults, is_remote, open_env
     remote = is_remote(path)
     if remote:
         http_defaults()
@@ -305,7 +304,6 @@ class RasterReader:
     """
 
     def __init__(self, path: str | os.PathLike, options: Optional[ReadOptions] = None):
-        from .remote import gdal_path
         self.path = gdal_path(path)      # a URL as /vsicurl/ (raster/remote.py)
         self.options = options or ReadOptions()
         self._lock = threading.Lock()
@@ -762,7 +760,6 @@ def raster_files(path: str | os.PathLike) -> List[str]:
     """Every file GDAL reads for ``path`` (a VRT's sources, a world file, an
     .aux.xml, overviews), VRTs followed to the bottom (a VRT of VRTs), for the
     output guard: none of them may be an output. None for a remote raster."""
-    from .remote import is_remote
     if is_remote(path):
         return []
     files: List[str] = []

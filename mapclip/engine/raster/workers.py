@@ -73,6 +73,8 @@ from ..core.options import MIN_VALID
 from .batches import Batch, BatchIterator, TileBatches
 from .process_plan import THREADS_FIX, stripe_owner, threads_note, worker_cache_bytes
 from .process_worker import main_hidden, process_context, reader_state, worker_main
+from ..core.errors import reason
+from ..core.interpreter import qgis_python
 
 #: read-ahead memory (bytes of batches in flight) the reader aims to stay under
 READ_AHEAD_BYTES = 512 << 20
@@ -214,8 +216,6 @@ class ProcessTileBatches(BatchIterator):
         return max(2, min(want, READ_AHEAD_BYTES // max(1, batch_bytes)))
 
     def _start(self) -> None:
-        from ..core.errors import reason
-        from ..core.interpreter import qgis_python
         if _START_FAILED:
             raise _CannotStart(_START_FAILED[0])
         python = qgis_python()
