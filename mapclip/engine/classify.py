@@ -396,7 +396,7 @@ def classify(raster: str, classes: Sequence[str], model: Union[str, LoadedModel]
     extent becomes the polygons' bounds (within ``extent`` when both are given).
     ``progress(done, total)`` counts tiles; ``cancel`` stops within a batch.
     """
-    from .model.dense import dense_unsupported
+    from .model.dense import dense_unsupported  # deferred: a test replaces it at call time
     t0 = time.perf_counter()
     opts = check(options or ClassifyOptions())
     names = clean_classes(classes)

@@ -411,7 +411,7 @@ def _dense_count(raster: str, lm, name: str, extent, extent_crs, options: CountO
                  progress, cancel, raster_transform) -> Tuple[DenseCount, List[str]]:
     """The dense pass (engine.dense_pass, the one detect's dense mode runs) for the
     object's name, and its heatmap's peaks counted."""
-    from .model.dense import dense_unsupported
+    from .model.dense import dense_unsupported  # deferred: a test replaces it at call time
     thr = DENSE_THRESHOLD if options.threshold is None else float(options.threshold)
     opts = check(DetectOptions(mode="dense", tile_px=int(options.dense_tile_px or lm.image_size), top_k=1,
                                threshold=thr, batch_size=int(options.batch_size),

@@ -67,6 +67,7 @@ from .geo.tiling import PixelWindow
 from .model import accel
 from .model.scoring import build_bank, example_scorer
 from .rasterjob import raster_job
+from .core.outputs import same_crs
 
 if TYPE_CHECKING:  # torch, rasterio and open_clip load on first use, not on import
     import torch
@@ -172,7 +173,7 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
     (``options.examples_method``, engine.model.scoring.refine_query) before windows are
     ranked; window mode only. With a kept pass no pixel is read again.
     """
-    from .model.dense import dense_unsupported
+    from .model.dense import dense_unsupported  # deferred: a test replaces it at call time
     from .model.encode import clean_prompts
     t0 = time.perf_counter()
     opts = check(options or DetectOptions())
@@ -245,7 +246,6 @@ def _examples_in_pixels(rj, examples, examples_crs, mode: str):
     info, area = rj.info, rj.area
     xs, ys = [e.x for e in examples], [e.y for e in examples]
     if examples_crs and info.crs:
-        from .core.outputs import same_crs
         if not same_crs(examples_crs, info.crs):
             from rasterio.warp import transform
             xs, ys = transform(examples_crs, info.crs, xs, ys)

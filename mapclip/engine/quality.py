@@ -109,7 +109,7 @@ def measure_retrieval(lm, truth: SceneTruth, index_dir: Path, k: int = 10) -> Di
     """precision@k per query of text search over an index of the scene's tiles."""
     import rasterio
 
-    from .archive.build import build_index
+    from .archive.build import build_index  # deferred: a test replaces it at call time
     build_index([truth.path], str(index_dir), lm, IndexOptions(tile_px=RETRIEVAL_TILE))
     with rasterio.open(truth.mask_path) as m:
         mask = m.read(1)
@@ -142,7 +142,7 @@ def count_chips(folder: Path, seed: int = COUNT_SEED, repeats: int = COUNT_REPEA
 
 def measure_counting(lm, folder: Path, calibrate: bool = True) -> Dict[str, float]:
     """Prompt (RemoteCount) counting on chips with 1-10 objects: exact and within-one accuracy."""
-    from .count import count
+    from .count import count  # deferred: a test replaces it at call time
     errs: List[int] = []
     for chip, name, k in count_chips(folder):
         got = count(chip.path, name, lm, method="prompt", options=CountOptions(calibrate=calibrate)).count
@@ -155,7 +155,7 @@ def measure_counting(lm, folder: Path, calibrate: bool = True) -> Dict[str, floa
 def calibrate_counting(lm, folder: Path) -> Tuple[float, ...]:
     """The model's ``count_bias`` (engine.count.fit_count_bias), fitted on calibration
     chips (seeds CALIBRATION_SEED+, never the measured ones) from its uncalibrated scores."""
-    from .count import count, fit_count_bias
+    from .count import count, fit_count_bias  # deferred: a test replaces it at call time
     scores, truth = [], []
     for chip, name, k in count_chips(folder, CALIBRATION_SEED, CALIBRATION_REPEATS, tag="calib"):
         res = count(chip.path, name, lm, method="prompt", options=CountOptions(calibrate=False))

@@ -215,7 +215,8 @@ def test_the_cpu_path_runs_a_large_image_tower_in_bf16_only_where_it_agrees_with
 
 def test_the_cpu_path_leaves_small_models_asked_precisions_and_the_override_at_fp32(tiny_model, monkeypatch):
     monkeypatch.delenv(accel.CPU_PATH_ENV, raising=False)
-    tiny = accel.cpu_path(type(tiny_model)(**{**tiny_model.__dict__, "auto_precision": True}))
+    import dataclasses
+    tiny = accel.cpu_path(dataclasses.replace(tiny_model, auto_precision=True))   # fields only
     assert tiny[0] is None and "small model" in tiny[1]["reason"]
     assert accel.cpu_path(_vit_b32(auto=False))[1]["reason"] == "fp32 asked"   # --precision fp32
     monkeypatch.setenv(accel.CPU_PATH_ENV, "fp32")

@@ -8,6 +8,7 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+from typing import Dict
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = ROOT / "mapclip" / "engine"
@@ -248,3 +249,63 @@ def test_every_option_class_lives_in_core_options():
             if isinstance(node, ast.ClassDef) and node.name.endswith("Options"):
                 stray.append(f"{path.relative_to(ENGINE)}: {node.name}")
     assert not stray, stray
+
+
+#: packages whose import costs seconds or may be missing when the plugin starts: an import of
+#: a project module that (through its module-level imports) pulls one of them in may stay
+#: inside a function
+HEAVY = {"torch", "torchvision", "open_clip", "faiss", "ray", "rasterio", "osgeo", "PIL", "cv2",
+         "pystac", "shapely", "pyogrio", "timm", "huggingface_hub", "safetensors", "tqdm"}
+DEFERRED = "# deferred:"
+
+
+def _dotted_name(path: Path) -> str:
+    parts = list(path.relative_to(ENGINE.parent.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _absolute(path: Path, node: ast.ImportFrom) -> str:
+    base = _dotted_name(path).split(".")
+    if path.name != "__init__.py":
+        base = base[:-1]
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def test_deferred_imports_of_the_projects_modules_have_a_heavy_package_behind_them():
+    """An import of one of the engine's own modules inside a function is kept there only when
+    that module pulls in a heavy package at import time (HEAVY), or its line says why
+    (``# deferred: reason``, e.g. a test replaces the name at call time); the rest sit at
+    the top of their file, where a reader sees a module's dependencies."""
+    top: Dict[str, set] = {}
+    for path in ENGINE.rglob("*.py"):
+        found = set()
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                full = _absolute(path, node) if node.level else node.module
+                found.update([f"{full}.{a.name}" for a in node.names] if node.module is None else [full])
+        top[_dotted_name(path)] = found
+    memo: Dict[str, bool] = {}
+
+    def heavy(mod: str, stack=()) -> bool:
+        if mod not in memo:
+            memo[mod] = any(t.split(".")[0] in HEAVY or (t in top and t not in stack and heavy(t, stack + (mod,)))
+                            for t in top.get(mod, ()))
+        return memo[mod]
+
+    light = []
+    for path in sorted(ENGINE.rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.level:
+                    full = _absolute(path, node)
+                    targets = [f"{full}.{a.name}" for a in node.names] if node.module is None else [full]
+                    if any(t in top and not heavy(t) for t in targets) and DEFERRED not in lines[node.lineno - 1]:
+                        light.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not light, ("imports of light modules inside functions (move them to the top, or say "
+                       f"why with '{DEFERRED} reason'):\n" + "\n".join(sorted(set(light))))

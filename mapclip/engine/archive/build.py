@@ -26,12 +26,12 @@ from .embed import embed_window_batch, read_facts, read_options
 from .format import LOCK, MANIFEST, TILE_DTYPE, file_checksum, read_manifest
 from .store import Index
 from .writer import IndexWriter, WriteLock, write_footprints
-from ..core.errors import Cancelled
 from ..core.options import UNBOUNDED_DRIVERS
 from ..geo.tiling import TileGrid
 from ..model.batching import BatchRunner
 from ..model.setup import job_defaults, job_model
 from ..raster.remote import gdal_path, is_remote
+from ..core.errors import Cancelled
 
 
 #: rasters a FOLDER source contributes (searched recursively)
@@ -394,7 +394,6 @@ def build_index(sources, out: Union[str, os.PathLike], model, options: Optional[
             info.rasters = len(m["rasters"])
             info.shards = len(m["shards"])
     except BaseException as exc:
-        from ..core.errors import Cancelled
         if created and not isinstance(exc, (Cancelled, KeyboardInterrupt)) and \
                 (writer is None or not writer.manifest["shards"]):
             shutil.rmtree(out, ignore_errors=True)

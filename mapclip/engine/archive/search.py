@@ -20,6 +20,7 @@ from .store import Hit, Index, open_index
 from ..core.jobs import check_outputs
 from ..model.models import LoadedModel, load_model
 from ..model.scoring import AFFINITY_WEIGHT, example_affinity, prompt_key, refine_query
+from ..model.scoring import encode_prompts
 
 
 @dataclass
@@ -184,7 +185,6 @@ def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] 
     if text is not None:
         if not str(text).strip():
             raise UsageError("empty query text", "give --text a non-empty description, e.g. --text quarry")
-        from ..model.scoring import encode_prompts
         lm = _load_query_model(index, model, options)
         q = encode_prompts(lm, [str(text).strip()], getattr(options, "templates", None))[0].cpu().numpy()
         facts = {"text": str(text).strip()}
@@ -206,7 +206,6 @@ def query_vector(index: Index, text: Optional[str] = None, image: Optional[str] 
     q = np.asarray(q, np.float32)
     score_q = q
     if negatives:
-        from ..model.scoring import encode_prompts
         lm = lm or _load_query_model(index, model, options)
         neg = encode_prompts(lm, negatives, getattr(options, "templates", None)).cpu().numpy().astype(np.float32)
         score_q = q - float(options.negative_weight) * neg.mean(axis=0)

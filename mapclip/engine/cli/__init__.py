@@ -127,7 +127,7 @@ from ..model.presets import DEFAULT_MODEL
 
 def model_default_help(name: str) -> str:
     """Help text for an option whose default comes from the model (engine.core.options.ModelDefaults)."""
-    from ..core.options import GENERIC_DEFAULTS
+    from ..core.options import GENERIC_DEFAULTS  # deferred: a test replaces it at call time
     generic = getattr(GENERIC_DEFAULTS, name)
     most = "none" if generic is None else generic
     return (f"default: the model's own ({most} unless the model says otherwise; "

@@ -9,6 +9,7 @@ from ..core.templates import TEMPLATES_HELP
 from ..classify import classify, clean_classes
 from ..core.jobs import check_outputs
 from ..core.options import ATTENTION_ALIASES, ATTENTION_MODES, ClassifyOptions, ReadOptions
+from ..classify import read_within
 
 
 def register(sub) -> None:
@@ -93,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
     extent = parse_extent(args)
     within = within_crs = None
     if args.within:
-        from ..classify import read_within
         within, within_crs = read_within(args.within)
     opts = options_from_args(args)
     bar = tqdm_progress("classify", unit="tile")

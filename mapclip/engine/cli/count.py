@@ -60,7 +60,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..count import CountOptions, check_boxes_output, count, write_count_boxes
+    from ..count import CountOptions, check_boxes_output, count, write_count_boxes  # deferred: a test replaces it at call time
     from ..raster.reader import raster_files
 
     if args.out:

@@ -7,6 +7,7 @@ from . import add_model_args, print_json, tqdm_progress
 from ..core.templates import DEFAULT_ENSEMBLE_MEAN, ENSEMBLE_MEANS, TEMPLATES_HELP
 from ..core.options import DEFAULT_RETRIEVAL_ORDER, RETRIEVAL_ORDERS
 from ..data.metrics import DEFAULT_TIES, TIE_MODES
+from .. import evaluate
 
 
 def register(sub) -> None:
@@ -60,7 +61,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import evaluate
     lm = args.model          # loaded by the evaluation once the data has been read
     kw = {"device": args.device, "precision": args.precision}
     bar = tqdm_progress(f"eval {args.task}", unit="img")

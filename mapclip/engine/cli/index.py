@@ -11,6 +11,8 @@ from ..core.errors import UsageError
 from ..archive.format import MANIFEST, read_manifest
 from ..core.jobs import check_outputs
 from ..core.options import IndexOptions, RAY_LOCAL, ReadOptions
+from ..raster.stac import parse_bbox, stac_sources
+from ..model.presets import DEFAULT_MODEL
 
 
 def _ints(text: Optional[str], what: str) -> Optional[List[int]]:
@@ -26,7 +28,7 @@ def _ints(text: Optional[str], what: str) -> Optional[List[int]]:
 
 
 def register(sub) -> None:
-    from ..archive.approx import APPROX_MIN_ROWS
+    from ..archive.approx import APPROX_MIN_ROWS  # deferred: a test replaces it at call time
     d = IndexOptions()
     p = sub.add_parser(
         "index", help="embed every tile of rasters into a searchable index folder",
@@ -104,7 +106,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..archive.build import build_index
+    from ..archive.build import build_index  # deferred: a test replaces it at call time
 
     if args.ray and Path(args.ray).exists():
         raise UsageError(f"--ray took {args.ray!r} as the cluster address, but it is a file or folder",
@@ -113,7 +115,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--tile and --scales both given", "use --scales alone for several sizes")
     notes = []
     if args.stac:
-        from ..raster.stac import parse_bbox, stac_sources
         hrefs, notes = stac_sources(args.stac, args.stac_asset, parse_bbox(args.stac_bbox),
                                     args.stac_datetime, args.stac_collection)
         args.sources = list(args.sources) + hrefs
@@ -124,7 +125,6 @@ def run(args: argparse.Namespace) -> int:
     check_outputs([("--out", out)], [("source", s) for s in args.sources], folders=["--out"],
                   may_exist=["--out"])
     if model is None:
-        from ..model.presets import DEFAULT_MODEL
         if (out / MANIFEST).is_file():
             model = read_manifest(out)["model"].get("spec")
         model = model or DEFAULT_MODEL

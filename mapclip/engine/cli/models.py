@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         for name in open_clip.list_models():
             print(name)
         return 0
-    from ..core.options import GENERIC_DEFAULTS
+    from ..core.options import GENERIC_DEFAULTS  # deferred: a test replaces it at call time
     rows = [{"name": p.name, "arch": p.arch, "family": p.family, "description": p.description,
              "loads_from": hub.preset_location(p), "available": hub.preset_available(p),
              "defaults": presets.model_defaults(p.name).over(GENERIC_DEFAULTS).to_json(),

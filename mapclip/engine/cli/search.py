@@ -13,8 +13,8 @@ from ..data.examples import Example, read_examples
 
 
 def register(sub) -> None:
-    from ..archive.ann import IVF_MIN_ROWS
-    from ..archive.approx import APPROX_MIN_ROWS
+    from ..archive.ann import IVF_MIN_ROWS  # deferred: a test replaces it at call time
+    from ..archive.approx import APPROX_MIN_ROWS  # deferred: a test replaces it at call time
     d = SearchOptions()
     p = sub.add_parser(
         "search", help="search an index by text, an example image, or a location",

@@ -102,7 +102,7 @@ def _chips(examples, crs, o: FinetuneOptions, folder: Path, tag: str,
 
 def _model_window(spec: str) -> int:
     """The model's search window in pixels (tile size x window), as the dock describes a place."""
-    from ..core.options import GENERIC_DEFAULTS
+    from ..core.options import GENERIC_DEFAULTS  # deferred: a test replaces it at call time
     d = model_defaults(str(spec)).over(GENERIC_DEFAULTS)
     return int(d.tile_px) * int(d.window)
 

@@ -59,6 +59,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 from .identity import weights_version
+from .hub import cache_dir
 
 #: largest batch auto_batch_size chooses (beyond this nothing is gained)
 MAX_AUTO_BATCH = 1024
@@ -177,7 +178,6 @@ def prepare(lm, compile: bool = False) -> List[str]:
 def _compile_cache() -> None:
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         try:
-            from .hub import cache_dir
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
         except Exception:  # noqa: BLE001 - Inductor's own default then
             pass

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from ..core.errors import ModelError
+from .pir import add_prior
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -49,6 +50,5 @@ def build_model(model_cfg: Dict[str, Any]):
     pir = cfg.pop("pir_cfg", None)      # a PIR model (engine.model.pir): CLIP plus its prior
     model = (CustomTextCLIP if custom else CLIP)(**cfg)
     if pir is not None:
-        from .pir import add_prior
         add_prior(model, pir)
     return model

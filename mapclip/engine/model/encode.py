@@ -102,7 +102,7 @@ def to_model_input(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor],
 @torch.inference_mode()
 def encode_images(lm: LoadedModel, batch: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     """(B, D) normalised image embeddings (float32, on the device) for a uint8 batch."""
-    from .accel import encode_image
+    from .accel import encode_image  # deferred: a test replaces it at call time
     x = to_model_input(lm, batch)
     return F.normalize(encode_image(lm, x).float(), dim=-1)   # engine.model.accel: the device's fast path
 
