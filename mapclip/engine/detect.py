@@ -67,7 +67,6 @@ from .geo.tiling import PixelWindow
 from .model import accel
 from .model.scoring import build_bank, example_scorer
 from .rasterjob import raster_job
-from .core.outputs import same_crs
 
 if TYPE_CHECKING:  # torch, rasterio and open_clip load on first use, not on import
     import torch
@@ -243,16 +242,11 @@ def _examples_in_pixels(rj, examples, examples_crs, mode: str):
     if mode != "window":
         raise UsageError("examples refine window-mode searches only",
                          "search in window mode (--mode window) to use examples", option="examples")
-    info, area = rj.info, rj.area
-    xs, ys = [e.x for e in examples], [e.y for e in examples]
-    if examples_crs and info.crs:
-        if not same_crs(examples_crs, info.crs):
-            from rasterio.warp import transform
-            xs, ys = transform(examples_crs, info.crs, xs, ys)
-    inv = ~info.transform
+    from .geo.extent import places_to_pixels
+    area = rj.area
+    pixels = places_to_pixels(rj.info, [e.x for e in examples], [e.y for e in examples], examples_crs)
     out, outside = [], 0
-    for x, y, e in zip(xs, ys, examples):
-        c, r = inv @ (x, y)
+    for (c, r), e in zip(pixels, examples):
         if area.col <= c < area.col_end and area.row <= r < area.row_end:
             out.append((c, r, bool(e.positive)))
         else:

@@ -22,7 +22,6 @@ import numpy as np
 from ..core.errors import UsageError
 from ..core.options import FinetuneOptions
 from ..data.examples import is_marks_file
-from ..core.outputs import same_crs
 from ..data.examples import read_examples
 from ..geo.tiling import PixelWindow
 from ..model.presets import model_defaults
@@ -70,22 +69,18 @@ def _chips(examples, crs, o: FinetuneOptions, folder: Path, tag: str,
            made: Dict[str, int]) -> List[Tuple[str, str]]:
     from PIL import Image
 
-    from ..raster.reader import open_raster
+    from ..geo.extent import places_to_pixels
+    from ..raster.sources import open_job_raster
     rows: List[Tuple[str, str]] = []
-    with open_raster(o.raster, quiet=True) as reader:
+    with open_job_raster(o.raster) as reader:
         info = reader.info
-        xs, ys = [e.x for e in examples], [e.y for e in examples]
-        if crs and info.crs and not same_crs(crs, info.crs):
-            from rasterio.warp import transform
-            xs, ys = transform(crs, info.crs, xs, ys)
+        pixels = places_to_pixels(info, [e.x for e in examples], [e.y for e in examples], crs)
         size = int(o.marks_chip_px or _model_window(o.model))
-        inv = ~info.transform
-        for k, (x, y, e) in enumerate(zip(xs, ys, examples)):
+        for k, ((c, r), e) in enumerate(zip(pixels, examples)):
             caption = _caption(e, o)
             if caption is None:
                 made["left_out"] += 1
                 continue
-            c, r = inv @ (x, y)
             if not (0 <= c < info.width and 0 <= r < info.height):
                 made["outside"] += 1
                 continue

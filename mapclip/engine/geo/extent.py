@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Optional, Tuple
 
 import rasterio
 from ..core.errors import UsageError
+from ..core.outputs import same_crs
 from .tiling import PixelWindow
 
 if TYPE_CHECKING:
@@ -14,6 +15,16 @@ if TYPE_CHECKING:
 
 class ExtentMisses(UsageError):
     """An extent that lies outside the raster (a build over many rasters skips those)."""
+
+
+def places_to_pixels(info: RasterInfo, xs, ys, crs: Optional[str] = None):
+    """Map coordinates (in ``crs``; None: the raster's) as fractional raster pixels
+    (col, row), one pair a place, in order."""
+    if crs and info.crs and not same_crs(crs, info.crs):
+        from rasterio.warp import transform
+        xs, ys = transform(crs, info.crs, list(xs), list(ys))
+    inv = ~info.transform
+    return [tuple(inv @ (x, y)) for x, y in zip(xs, ys)]
 
 
 def extent_to_window(info: RasterInfo, extent: Optional[Tuple[float, float, float, float]],
