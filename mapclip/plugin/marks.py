@@ -16,7 +16,8 @@ from qgis.core import (QgsCategorizedSymbolRenderer, QgsCoordinateReferenceSyste
                        QgsPointXY, QgsProject, QgsRendererCategory, QgsVectorLayer)
 from qgis.PyQt.QtCore import QVariant
 
-from ..engine.data.examples import LABEL_FIELD, Example, parse_label
+from ..engine.core.errors import UsageError
+from ..engine.data.examples import LABEL_FIELD, Example, label_field, label_of, parse_label
 
 #: the name of the layer the dock keeps marks in, and its labels' words
 LAYER_NAME = "MapCLIP examples"
@@ -78,24 +79,18 @@ def read_layer(layer: QgsVectorLayer) -> Tuple[List[Example], Optional[str]]:
 
     Raises ValueError naming the problem and the fix (no ``label`` field, a label that is
     neither 1/true nor 0/false)."""
-    names = [f.name() for f in layer.fields()]
-    field = next((n for n in names if n.lower() == LABEL_FIELD), None)
-    if field is None:
-        raise ValueError(f"layer '{layer.name()}' has no '{LABEL_FIELD}' field (fields: "
-                         f"{', '.join(names) or 'none'})\nFix: add a '{LABEL_FIELD}' field: "
-                         "1 for what you mean, 0 for what you do not")
+    source = f"layer '{layer.name()}'"
     out: List[Example] = []
-    for f in layer.getFeatures():
-        geom = f.geometry()
-        if geom is None or geom.isEmpty():
-            continue
-        label = parse_label(f[field])
-        if label is None:
-            raise ValueError(f"layer '{layer.name()}', feature {f.id()}: label {f[field]!r} is "
-                             "neither 1/true nor 0/false\nFix: label each example 1 (what you "
-                             "mean) or 0 (not this)")
-        c = geom.centroid().asPoint()
-        out.append(Example(float(c.x()), float(c.y()), label))
+    try:
+        field = label_field([f.name() for f in layer.fields()], source)
+        for f in layer.getFeatures():
+            geom = f.geometry()
+            if geom is None or geom.isEmpty():
+                continue
+            c = geom.centroid().asPoint()
+            out.append(Example(float(c.x()), float(c.y()), label_of(f[field], source, f.id())))
+    except UsageError as exc:
+        raise ValueError(f"{exc.message}\nFix: {exc.hint}") from None
     crs = layer.crs()
     return out, (crs.toWkt() if crs.isValid() else None)
 
@@ -104,8 +99,9 @@ def counts(layer: Optional[QgsVectorLayer]) -> Tuple[int, int]:
     """(positives, negatives) in ``layer`` (labels that parse); (0, 0) without one."""
     if layer is None:
         return 0, 0
-    field = next((f.name() for f in layer.fields() if f.name().lower() == LABEL_FIELD), None)
-    if field is None:
+    try:
+        field = label_field([f.name() for f in layer.fields()], layer.name())
+    except UsageError:
         return 0, 0
     labels = [parse_label(f[field]) for f in layer.getFeatures()]
     return sum(1 for v in labels if v is True), sum(1 for v in labels if v is False)

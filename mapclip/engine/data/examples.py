@@ -60,6 +60,27 @@ def parse_label(value) -> Optional[bool]:
     return None
 
 
+def label_field(names: Sequence[str], source: str) -> str:
+    """The name of the ``label`` field among ``names`` (any case); refused, naming ``source``
+    (a file or a layer) and its fields, when there is none."""
+    field = next((n for n in names if n.lower() == LABEL_FIELD), None)
+    if field is None:
+        raise UsageError(f"{source} has no '{LABEL_FIELD}' field (fields: {', '.join(names) or 'none'})",
+                         f"add a '{LABEL_FIELD}' field: 1 for what you mean, 0 for what you do not",
+                         option="examples")
+    return field
+
+
+def label_of(value, source: str, feature) -> bool:
+    """A feature's label (:func:`parse_label`); refused, naming ``source`` and the feature,
+    when it is neither 1/true nor 0/false."""
+    label = parse_label(value)
+    if label is None:
+        raise UsageError(f"{source}, feature {feature}: label {value!r} is neither 1/true nor 0/false",
+                         "label each example 1 (what you mean) or 0 (not this)", option="examples")
+    return label
+
+
 def read_examples(path: Union[str, Path]) -> Tuple[List[Example], Optional[str]]:
     """The examples in a vector file and its CRS (WKT, or None when it has none)."""
     from osgeo import ogr
@@ -74,12 +95,7 @@ def read_examples(path: Union[str, Path]) -> Tuple[List[Example], Optional[str]]
     layer = ds.GetLayer(0)
     defn = layer.GetLayerDefn()
     names = [defn.GetFieldDefn(i).GetName() for i in range(defn.GetFieldCount())]
-    field = next((n for n in names if n.lower() == LABEL_FIELD), None)
-    if field is None:
-        raise UsageError(f"examples file {p} has no '{LABEL_FIELD}' field (fields: "
-                         f"{', '.join(names) or 'none'})",
-                         f"add a '{LABEL_FIELD}' field: 1 for what you mean, 0 for what you do not",
-                         option="examples")
+    field = label_field(names, f"examples file {p}")
     srs = layer.GetSpatialRef()
     text = {k: next((n for n in names if n.lower() == k), None) for k in TEXT_FIELDS}
     out: List[Example] = []
@@ -87,12 +103,7 @@ def read_examples(path: Union[str, Path]) -> Tuple[List[Example], Optional[str]]
         geom = feat.GetGeometryRef()
         if geom is None or geom.IsEmpty():
             continue
-        label = parse_label(feat.GetField(field))
-        if label is None:
-            raise UsageError(f"examples file {p}, feature {feat.GetFID()}: label "
-                             f"{feat.GetField(field)!r} is neither 1/true nor 0/false",
-                             "label each example 1 (what you mean) or 0 (not this)",
-                             option="examples")
+        label = label_of(feat.GetField(field), f"examples file {p}", feat.GetFID())
         c = geom.Centroid()
         words = {k: (str(feat.GetField(f)).strip() or None) if f and feat.GetField(f) is not None
                  else None for k, f in text.items()}
