@@ -95,6 +95,12 @@ def read_layer(layer: QgsVectorLayer) -> Tuple[List[Example], Optional[str]]:
     return out, (crs.toWkt() if crs.isValid() else None)
 
 
+def refined_text(examples) -> str:
+    """What marks did to a search, in the dock's words: "refined by N yes / M not"."""
+    yes = sum(1 for e in examples if e.positive)
+    return f"refined by {yes} yes / {len(examples) - yes} not"
+
+
 def counts(layer: Optional[QgsVectorLayer]) -> Tuple[int, int]:
     """(positives, negatives) in ``layer`` (labels that parse); (0, 0) without one."""
     if layer is None:

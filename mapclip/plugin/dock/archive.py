@@ -14,7 +14,7 @@ from ...engine.archive.search import search_index
 from ...engine.archive.store import open_index
 from ...engine.core.options import IndexOptions, ReadOptions, SearchOptions
 from ...engine.raster.stac import is_search_url
-from .. import layers, log, tasks
+from .. import layers, log, marks, tasks
 from ..layers import crs_text
 from ..maptool import PickPlaceTool
 from ..settings import FIELD_LABELS
@@ -155,8 +155,7 @@ class ArchiveTab:
         top_k = self.archive_topk.value()
         query = text if like is None else "like ({:.1f}, {:.1f})".format(like[0], like[1])
         if examples:
-            yes = sum(1 for e in examples if e.positive)
-            query = (query + " " if query else "") + f"(refined by {yes} yes / {len(examples) - yes} not)"
+            query = (query + " " if query else "") + f"({marks.refined_text(examples)})"
 
         def job(progress, cancel):
             idx = open_index(index)

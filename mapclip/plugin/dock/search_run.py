@@ -14,7 +14,7 @@ from qgis.PyQt.QtWidgets import QApplication, QLabel, QTreeWidgetItem
 
 from ...engine.core.errors import renamed
 from ...engine.core.options import split_prompts
-from .. import layers, log, render, runtime, tasks
+from .. import layers, log, marks, render, runtime, tasks
 from ..layers import crs_text
 from ..preview import SearchPreview
 from ..settings import FIELD_LABELS, SearchParams
@@ -278,8 +278,7 @@ class SearchRun:
             how = f"{result.tiles} tiles in {result.seconds:.1f} s ({rate:.1f} tiles/s)"
         refined = ""
         if req.examples:
-            yes = sum(1 for e in req.examples if e.positive)
-            refined = f" · refined by {yes} yes / {len(req.examples) - yes} not"
+            refined = f" · {marks.refined_text(req.examples)}"
         self.status_label.setText(f"{len(result.boxes)} boxes · {how}{refined} · {result.device} · "
                                   f"saved in {gpkg}")
         self._finish("done")
