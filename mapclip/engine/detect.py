@@ -189,12 +189,12 @@ def detect(raster: str, prompts: Sequence[str], model: Union[str, LoadedModel],
                 rj.notes.append(f"dense mode is not available: {reason}; used window mode instead")
                 mode = "window"
         runner = BatchRunner(opts.batch_size)
-        scoring = {"bank": bank, "scorer": Scorer(bank),
+        scoring = {"scorer": Scorer(bank),
                    "examples": _examples_in_pixels(rj, examples, examples_crs, mode)}
         run = _run_window if mode == "window" else _run_dense
         boxes, heat, heat_tf, n_tiles, n_windows, skipped = run(rj, bank, opts, runner, preview,
                                                                 scoring)
-        bank = scoring["bank"]          # moved by the examples, when there are any
+        bank = scoring["scorer"].bank   # moved by the examples, when there are any
         refined = 0
         if opts.refine and boxes:
             boxes, refined = _refine(rj.reader, boxes, lm, scoring["scorer"], opts, rj.job, runner)
@@ -464,7 +464,7 @@ def _run_window(rj, bank: PromptBank, opts: DetectOptions, runner: BatchRunner, 
         emb_all = torch.cat([e for _, e in held])
         scoring["scorer"] = _example_scorer(bank, native_boxes(meta_all), emb_all, examples,
                                             opts.examples_method, rj.notes)
-        scoring["bank"] = bank = scoring["scorer"].bank
+        bank = scoring["scorer"].bank
         scoring["ready"] = True
         with torch.inference_mode():
             for i in range(0, len(meta_all), opts.batch_size):
